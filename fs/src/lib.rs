@@ -1,0 +1,1065 @@
+//! dm-fs: the FUSE adapter of dm.
+//!
+//! Translates kernel FUSE requests into calls on a [`dm_store::BranchFs`]
+//! (the working state of one branch of a dot). The adapter is thin: it maps
+//! inode numbers (the FUSE root is the mounted subdot's directory), converts
+//! attributes and errors, and keeps just enough bookkeeping (which inodes and
+//! directory entries the kernel has cached) to invalidate the kernel's caches
+//! when the mount is switched to another branch or the branch is reset.
+//!
+//! We are the only writer of a mounted branch, so attribute and entry TTLs are
+//! long; [`Mount::switch`] invalidates everything the kernel knows.
+
+use std::collections::HashMap;
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dm_store::{Attr, BranchFs, FileKind, SetAttr, TimeSet, Timestamp};
+use fuser::{
+    AccessFlags, BackgroundSession, BsdFileFlags, Config, Errno, FileAttr, FileHandle, FileType,
+    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, Notifier,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow,
+    WriteFlags,
+};
+use parking_lot::{Mutex, RwLock};
+use tracing::{debug, warn};
+
+/// How long the kernel may cache attributes and directory entries. We are
+/// the only writer of a mount and invalidate explicitly on [`Mount::switch`].
+const TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Largest write the kernel sends in one request (needs max_pages, Linux >= 4.20).
+const MAX_WRITE: u32 = 1024 * 1024;
+
+/// The subdot name that mounts the whole dot tree.
+pub const ROOT_SUBDOT: &str = "__root__";
+
+/// Options for [`Mount::mount`].
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// Let every user (not only the mounting one) use the mount, with the
+    /// kernel enforcing permissions (`default_permissions`). Needs root.
+    pub allow_other: bool,
+    /// Number of request loops (threads), each with its own `/dev/fuse` fd.
+    pub n_threads: usize,
+    /// The source name shown in `/proc/mounts`.
+    pub fsname: String,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        MountOptions {
+            allow_other: root,
+            n_threads: 2,
+            fsname: "dm".to_string(),
+        }
+    }
+}
+
+/// The branch a mount currently shows, and the store inode of its root.
+struct View {
+    fs: Arc<BranchFs>,
+    /// Store inode number of the mounted subdot's directory (FUSE inode 1).
+    root: u64,
+}
+
+impl View {
+    /// FUSE inode -> store inode (swap 1 <-> root).
+    fn to_store(&self, ino: INodeNo) -> u64 {
+        let ino = ino.0;
+        if ino == fuser::INodeNo::ROOT.0 {
+            self.root
+        } else if ino == self.root {
+            dm_store::ROOT_INO
+        } else {
+            ino
+        }
+    }
+
+    /// Store inode -> FUSE inode (the same swap; it is its own inverse).
+    fn to_fuse(&self, ino: u64) -> INodeNo {
+        if ino == self.root {
+            INodeNo::ROOT
+        } else if ino == dm_store::ROOT_INO {
+            INodeNo(self.root)
+        } else {
+            INodeNo(ino)
+        }
+    }
+
+    fn attr(&self, a: &Attr) -> FileAttr {
+        FileAttr {
+            ino: self.to_fuse(a.ino),
+            size: a.size,
+            blocks: a.blocks,
+            atime: to_system_time(a.atime),
+            mtime: to_system_time(a.mtime),
+            ctime: to_system_time(a.ctime),
+            crtime: to_system_time(a.crtime),
+            kind: file_type(a.kind),
+            perm: a.perm,
+            nlink: a.nlink,
+            uid: a.uid,
+            gid: a.gid,
+            rdev: a.rdev,
+            blksize: a.blksize,
+            flags: 0,
+        }
+    }
+}
+
+/// What the kernel has cached: lookup counts per FUSE inode and the names
+/// (parent FUSE inode, name) under which it knows each inode.
+#[derive(Default)]
+struct Known {
+    lookups: HashMap<u64, u64>,
+    names: HashMap<u64, Vec<(u64, Vec<u8>)>>,
+}
+
+/// State shared between the FUSE request loops and the [`Mount`] handle.
+struct Shared {
+    view: RwLock<View>,
+    subdot: String,
+    known: Mutex<Known>,
+}
+
+impl Shared {
+    /// Records that the kernel got an entry for `ino` under `(parent, name)`.
+    fn remember(&self, parent: INodeNo, name: &[u8], ino: INodeNo) {
+        let mut known = self.known.lock();
+        *known.lookups.entry(ino.0).or_insert(0) += 1;
+        let names = known.names.entry(ino.0).or_default();
+        if !names.iter().any(|(p, n)| *p == parent.0 && n == name) {
+            names.push((parent.0, name.to_vec()));
+        }
+    }
+
+    /// Records a name for `ino` without a lookup count (rename: the kernel
+    /// moves its dentry without a new lookup).
+    fn remember_name(&self, parent: INodeNo, name: &[u8], ino: INodeNo) {
+        let mut known = self.known.lock();
+        let names = known.names.entry(ino.0).or_default();
+        if !names.iter().any(|(p, n)| *p == parent.0 && n == name) {
+            names.push((parent.0, name.to_vec()));
+        }
+    }
+
+    fn forget(&self, ino: INodeNo, n: u64) {
+        let mut known = self.known.lock();
+        let gone = match known.lookups.get_mut(&ino.0) {
+            Some(count) => {
+                *count = count.saturating_sub(n);
+                *count == 0
+            }
+            None => false,
+        };
+        if gone {
+            known.lookups.remove(&ino.0);
+            known.names.remove(&ino.0);
+        }
+    }
+}
+
+/// The `fuser::Filesystem` implementation: a thin translation layer.
+struct DmFs {
+    shared: Arc<Shared>,
+}
+
+fn errno(e: &dm_store::Error) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+fn to_system_time(t: Timestamp) -> SystemTime {
+    if t.secs >= 0 {
+        UNIX_EPOCH + Duration::new(t.secs.unsigned_abs(), t.nanos.min(999_999_999))
+    } else {
+        // secs < 0: the instant is secs + nanos/1e9 before... i.e. -|secs| + nanos.
+        let before = Duration::from_secs(t.secs.unsigned_abs());
+        let after = Duration::from_nanos(u64::from(t.nanos.min(999_999_999)));
+        UNIX_EPOCH
+            .checked_sub(before)
+            .and_then(|x| x.checked_add(after))
+            .unwrap_or(UNIX_EPOCH)
+    }
+}
+
+fn to_timestamp(t: SystemTime) -> Timestamp {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timestamp {
+            secs: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            nanos: d.subsec_nanos(),
+        },
+        Err(e) => {
+            // Before 1970: floor to whole seconds plus positive nanos.
+            let d = e.duration();
+            let mut secs = -i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+            let mut nanos = d.subsec_nanos();
+            if nanos > 0 {
+                secs -= 1;
+                nanos = 1_000_000_000 - nanos;
+            }
+            Timestamp { secs, nanos }
+        }
+    }
+}
+
+fn time_set(t: TimeOrNow) -> TimeSet {
+    match t {
+        TimeOrNow::Now => TimeSet::Now,
+        TimeOrNow::SpecificTime(t) => TimeSet::At(to_timestamp(t)),
+    }
+}
+
+fn file_type(k: FileKind) -> FileType {
+    match k {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::CharDev => FileType::CharDevice,
+        FileKind::BlockDev => FileType::BlockDevice,
+        FileKind::Socket => FileType::Socket,
+    }
+}
+
+fn kind_of_mode(mode: u32) -> Option<FileKind> {
+    match mode & libc::S_IFMT {
+        libc::S_IFREG | 0 => Some(FileKind::File),
+        libc::S_IFDIR => Some(FileKind::Dir),
+        libc::S_IFLNK => Some(FileKind::Symlink),
+        libc::S_IFIFO => Some(FileKind::Fifo),
+        libc::S_IFCHR => Some(FileKind::CharDev),
+        libc::S_IFBLK => Some(FileKind::BlockDev),
+        libc::S_IFSOCK => Some(FileKind::Socket),
+        _ => None,
+    }
+}
+
+impl DmFs {
+    /// Owner and extra mode bits of a new inode in `parent`: the caller's
+    /// uid/gid, except that a set-group-ID directory passes on its group
+    /// (and, to new directories, its S_ISGID bit).
+    fn new_owner(view: &View, req: &Request, parent: u64, is_dir: bool) -> (u32, u32, u32) {
+        match view.fs.getattr(parent) {
+            Ok(p) if u32::from(p.perm) & libc::S_ISGID != 0 => {
+                (req.uid(), p.gid, if is_dir { libc::S_ISGID } else { 0 })
+            }
+            _ => (req.uid(), req.gid(), 0),
+        }
+    }
+
+    fn reply_entry(&self, view: &View, parent: INodeNo, name: &[u8], a: &Attr, reply: ReplyEntry) {
+        let attr = view.attr(a);
+        self.shared.remember(parent, name, attr.ino);
+        reply.entry(&TTL, &attr, Generation(0));
+    }
+}
+
+impl fuser::Filesystem for DmFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        if let Err(max) = config.set_max_write(MAX_WRITE) {
+            let _ = config.set_max_write(max);
+        }
+        // Readahead as large as the kernel allows, up to 1 MiB.
+        if let Err(max) = config.set_max_readahead(MAX_WRITE) {
+            let _ = config.set_max_readahead(max);
+        }
+        let _ = config.set_max_background(64);
+        // Optional capabilities: ignore what the kernel lacks.
+        for cap in [
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_ATOMIC_O_TRUNC,
+            InitFlags::FUSE_AUTO_INVAL_DATA,
+        ] {
+            if config.add_capabilities(cap).is_err() {
+                debug!("kernel lacks FUSE capability {cap:?}");
+            }
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let view = self.shared.view.read();
+        match view.fs.lookup(view.to_store(parent), name.as_bytes()) {
+            Ok(a) => self.reply_entry(&view, parent, name.as_bytes(), &a, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.shared.forget(ino, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let view = self.shared.view.read();
+        match view.fs.getattr(view.to_store(ino)) {
+            Ok(a) => reply.attr(&TTL, &view.attr(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let view = self.shared.view.read();
+        let set = SetAttr {
+            mode: mode.map(|m| m & 0o7777),
+            uid,
+            gid,
+            size,
+            atime: atime.map(time_set),
+            mtime: mtime.map(time_set),
+            ctime: ctime.map(to_timestamp),
+        };
+        match view.fs.setattr(view.to_store(ino), &set) {
+            Ok(a) => reply.attr(&TTL, &view.attr(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let view = self.shared.view.read();
+        match view.fs.readlink(view.to_store(ino)) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let Some(kind) = kind_of_mode(mode) else {
+            reply.error(Errno::EINVAL);
+            return;
+        };
+        if kind == FileKind::Dir || kind == FileKind::Symlink {
+            reply.error(Errno::EINVAL);
+            return;
+        }
+        let view = self.shared.view.read();
+        let p = view.to_store(parent);
+        let (uid, gid, _) = Self::new_owner(&view, req, p, false);
+        let perm = mode & 0o7777 & !umask;
+        match view
+            .fs
+            .mknod(p, name.as_bytes(), kind, perm, rdev, uid, gid)
+        {
+            Ok(a) => self.reply_entry(&view, parent, name.as_bytes(), &a, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let view = self.shared.view.read();
+        let p = view.to_store(parent);
+        let (uid, gid, extra) = Self::new_owner(&view, req, p, true);
+        let perm = (mode & 0o7777 & !umask) | extra;
+        match view.fs.mkdir(p, name.as_bytes(), perm, uid, gid) {
+            Ok(a) => self.reply_entry(&view, parent, name.as_bytes(), &a, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let view = self.shared.view.read();
+        match view.fs.unlink(view.to_store(parent), name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let view = self.shared.view.read();
+        match view.fs.rmdir(view.to_store(parent), name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let view = self.shared.view.read();
+        let p = view.to_store(parent);
+        let (uid, gid, _) = Self::new_owner(&view, req, p, false);
+        match view.fs.symlink(
+            p,
+            link_name.as_bytes(),
+            target.as_os_str().as_bytes(),
+            uid,
+            gid,
+        ) {
+            Ok(a) => self.reply_entry(&view, parent, link_name.as_bytes(), &a, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let mut store_flags = 0;
+        if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+            store_flags |= dm_store::RENAME_NOREPLACE;
+        }
+        if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+            store_flags |= dm_store::RENAME_EXCHANGE;
+        }
+        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            reply.error(Errno::EINVAL);
+            return;
+        }
+        let view = self.shared.view.read();
+        let (p, np) = (view.to_store(parent), view.to_store(newparent));
+        match view
+            .fs
+            .rename(p, name.as_bytes(), np, newname.as_bytes(), store_flags)
+        {
+            Ok(()) => {
+                // The kernel moves its dentries without a lookup: remember
+                // the new names so that switch() can invalidate them.
+                if let Ok(a) = view.fs.lookup(np, newname.as_bytes()) {
+                    self.shared
+                        .remember_name(newparent, newname.as_bytes(), view.to_fuse(a.ino));
+                }
+                if store_flags & dm_store::RENAME_EXCHANGE != 0 {
+                    if let Ok(a) = view.fs.lookup(p, name.as_bytes()) {
+                        self.shared
+                            .remember_name(parent, name.as_bytes(), view.to_fuse(a.ino));
+                    }
+                }
+                reply.ok()
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let view = self.shared.view.read();
+        match view.fs.link(
+            view.to_store(ino),
+            view.to_store(newparent),
+            newname.as_bytes(),
+        ) {
+            Ok(a) => self.reply_entry(&view, newparent, newname.as_bytes(), &a, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let view = self.shared.view.read();
+        let ino = view.to_store(ino);
+        // FUSE_ATOMIC_O_TRUNC: the kernel leaves O_TRUNC to us (it has
+        // already checked write permission).
+        if flags.0 & libc::O_TRUNC != 0 && flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            let set = SetAttr {
+                size: Some(0),
+                ..SetAttr::default()
+            };
+            if let Err(e) = view.fs.setattr(ino, &set) {
+                reply.error(errno(&e));
+                return;
+            }
+        }
+        match view.fs.open(ino) {
+            // KEEP_CACHE: we are the only writer; switch() drops the page cache.
+            Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let view = self.shared.view.read();
+        match view.fs.read(view.to_store(ino), offset, size) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let view = self.shared.view.read();
+        match view.fs.write(view.to_store(ino), offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        let view = self.shared.view.read();
+        match view.fs.flush(view.to_store(ino)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let view = self.shared.view.read();
+        match view.fs.release(view.to_store(ino)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let view = self.shared.view.read();
+        match view.fs.fsync(view.to_store(ino), datasync) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let view = self.shared.view.read();
+        let dir = view.to_store(ino);
+        let Ok(mut offset) = i64::try_from(offset) else {
+            reply.ok();
+            return;
+        };
+        const BATCH: usize = 256;
+        loop {
+            let entries = match view.fs.readdir(dir, offset, BATCH) {
+                Ok(e) => e,
+                Err(e) => {
+                    reply.error(errno(&e));
+                    return;
+                }
+            };
+            let n = entries.len();
+            for e in entries {
+                // Offsets come from the store and are >= 1 (0 = start).
+                let off = u64::try_from(e.offset).unwrap_or(0);
+                if reply.add(
+                    view.to_fuse(e.ino),
+                    off,
+                    file_type(e.kind),
+                    OsStr::from_bytes(&e.name),
+                ) {
+                    reply.ok();
+                    return;
+                }
+                offset = e.offset;
+            }
+            if n < BATCH {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let view = self.shared.view.read();
+        // Directory changes are metadata: fsync on the directory makes them durable.
+        if let Err(e) = view.fs.fsync(view.to_store(ino), datasync) {
+            debug!("fsyncdir: {e}");
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let view = self.shared.view.read();
+        match view.fs.statfs() {
+            Ok(s) => reply.statfs(
+                s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let view = self.shared.view.read();
+        match view
+            .fs
+            .setxattr(view.to_store(ino), name.as_bytes(), value, flags)
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let view = self.shared.view.read();
+        match view.fs.getxattr(view.to_store(ino), name.as_bytes()) {
+            Ok(v) => reply_xattr(&v, size, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let view = self.shared.view.read();
+        match view.fs.listxattr(view.to_store(ino)) {
+            Ok(names) => {
+                let mut buf = Vec::new();
+                for n in names {
+                    buf.extend_from_slice(&n);
+                    buf.push(0);
+                }
+                reply_xattr(&buf, size, reply)
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let view = self.shared.view.read();
+        match view.fs.removexattr(view.to_store(ino), name.as_bytes()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // With default_permissions the kernel checks permissions itself;
+        // only existence is ours to answer.
+        let view = self.shared.view.read();
+        match view.fs.getattr(view.to_store(ino)) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let view = self.shared.view.read();
+        let p = view.to_store(parent);
+        let (uid, gid, _) = Self::new_owner(&view, req, p, false);
+        let perm = mode & 0o7777 & !umask;
+        let a = match view
+            .fs
+            .mknod(p, name.as_bytes(), FileKind::File, perm, 0, uid, gid)
+        {
+            Ok(a) => a,
+            Err(e) => {
+                reply.error(errno(&e));
+                return;
+            }
+        };
+        if let Err(e) = view.fs.open(a.ino) {
+            reply.error(errno(&e));
+            return;
+        }
+        let attr = view.attr(&a);
+        self.shared.remember(parent, name.as_bytes(), attr.ino);
+        reply.created(
+            &TTL,
+            &attr,
+            Generation(0),
+            FileHandle(0),
+            FopenFlags::FOPEN_KEEP_CACHE,
+        );
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _length: u64,
+        _mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EOPNOTSUPP);
+    }
+}
+
+fn reply_xattr(value: &[u8], size: u32, reply: ReplyXattr) {
+    let Ok(len) = u32::try_from(value.len()) else {
+        reply.error(Errno::E2BIG);
+        return;
+    };
+    if size == 0 {
+        reply.size(len);
+    } else if len > size {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(value);
+    }
+}
+
+/// A live FUSE mount of one subdot of a branch. `Send + Sync`: the daemon
+/// keeps it in shared state and calls [`Mount::switch`] from any thread.
+pub struct Mount {
+    path: PathBuf,
+    shared: Arc<Shared>,
+    notifier: Notifier,
+    session: Mutex<Option<BackgroundSession>>,
+}
+
+impl std::fmt::Debug for Mount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mount")
+            .field("path", &self.path)
+            .field("subdot", &self.shared.subdot)
+            .field("branch", &self.branch())
+            .finish()
+    }
+}
+
+impl Mount {
+    /// Mounts `subdot` of `fs`'s branch at `path` (creates the subdot dir if
+    /// missing, unless "__root__" = whole dot tree).
+    #[allow(clippy::self_named_constructors)] // the name is part of the agreed API
+    pub fn mount(
+        path: &Path,
+        fs: Arc<BranchFs>,
+        subdot: &str,
+        opts: &MountOptions,
+    ) -> io::Result<Mount> {
+        let root = fs.subdot_ino(subdot, true).map_err(store_io_error)?;
+        let shared = Arc::new(Shared {
+            view: RwLock::new(View { fs, root }),
+            subdot: subdot.to_string(),
+            known: Mutex::new(Known::default()),
+        });
+        let mut config = Config::default();
+        config.mount_options = vec![
+            MountOption::FSName(opts.fsname.clone()),
+            MountOption::Subtype("dm".to_string()),
+            MountOption::DefaultPermissions,
+            MountOption::Dev,
+            MountOption::Suid,
+            MountOption::RW,
+        ];
+        config.acl = if opts.allow_other {
+            SessionACL::All
+        } else {
+            SessionACL::Owner
+        };
+        config.n_threads = Some(opts.n_threads.max(1));
+        config.clone_fd = opts.n_threads > 1;
+        let session = fuser::Session::new(
+            DmFs {
+                shared: shared.clone(),
+            },
+            path,
+            &config,
+        )?;
+        let notifier = session.notifier();
+        let bg = session.spawn()?;
+        Ok(Mount {
+            path: path.to_path_buf(),
+            shared,
+            notifier,
+            session: Mutex::new(Some(bg)),
+        })
+    }
+
+    /// Points the mount at another branch (checkout) or the same branch after
+    /// a reset: swaps the BranchFs and invalidates every inode and directory
+    /// entry the kernel has cached, so the same path shows the new state.
+    pub fn switch(&self, fs: Arc<BranchFs>) -> io::Result<()> {
+        let root = fs
+            .subdot_ino(&self.shared.subdot, true)
+            .map_err(store_io_error)?;
+        {
+            // Waits for requests in flight on the old branch to finish.
+            let mut view = self.shared.view.write();
+            *view = View { fs, root };
+        }
+        // Snapshot what the kernel knows; notify without holding any lock
+        // (the kernel may need a request of ours to finish first).
+        let (entries, inodes): (Vec<(u64, Vec<u8>)>, Vec<u64>) = {
+            let known = self.shared.known.lock();
+            let entries = known.names.values().flatten().cloned().collect();
+            let inodes = known.lookups.keys().copied().collect();
+            (entries, inodes)
+        };
+        for (parent, name) in &entries {
+            if let Err(e) = self
+                .notifier
+                .inval_entry(INodeNo(*parent), OsStr::from_bytes(name))
+            {
+                // ENOENT: the kernel already dropped it.
+                debug!("inval_entry({parent}, {:?}): {e}", OsStr::from_bytes(name));
+            }
+        }
+        for ino in inodes.iter().copied().chain([INodeNo::ROOT.0]) {
+            if let Err(e) = self.notifier.inval_inode(INodeNo(ino), 0, 0) {
+                debug!("inval_inode({ino}): {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The mount point.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The branch currently shown.
+    pub fn branch(&self) -> String {
+        self.shared.view.read().fs.branch().to_string()
+    }
+
+    /// Unmounts. If the mount is busy it is detached lazily (the kernel drops
+    /// it when the last user goes away) and this returns without waiting.
+    pub fn unmount(self) -> io::Result<()> {
+        let Some(bg) = self.session.lock().take() else {
+            return Ok(());
+        };
+        match umount2(&self.path, 0) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                warn!("{} is busy; detaching it lazily", self.path.display());
+                umount2(&self.path, libc::MNT_DETACH)?;
+                // The request loops end when the last user closes; don't wait.
+                drop(bg);
+                return Ok(());
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {} // not mounted any more
+            Err(e) => return Err(e),
+        }
+        bg.join()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Some(bg) = self.session.lock().take() {
+            if umount2(&self.path, 0).is_err() {
+                let _ = umount2(&self.path, libc::MNT_DETACH);
+                drop(bg);
+            } else if let Err(e) = bg.join() {
+                warn!("FUSE session for {} ended with {e}", self.path.display());
+            }
+        }
+    }
+}
+
+fn store_io_error(e: dm_store::Error) -> io::Error {
+    io::Error::new(
+        io::Error::from_raw_os_error(e.errno()).kind(),
+        e.to_string(),
+    )
+}
+
+fn umount2(path: &Path, flags: libc::c_int) -> io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    // SAFETY: c is a valid NUL-terminated string for the duration of the call.
+    let r = unsafe { libc::umount2(c.as_ptr(), flags) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Mount points from /proc/self/mountinfo (octal escapes decoded).
+fn mount_points() -> io::Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(OsStr::from_bytes(&unescape_mountinfo(p))))
+        .collect())
+}
+
+fn unescape_mountinfo(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            let oct = &b[i + 1..i + 4];
+            if oct.iter().all(|c| (b'0'..=b'7').contains(c)) {
+                let v = oct
+                    .iter()
+                    .fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0'));
+                if let Ok(byte) = u8::try_from(v) {
+                    out.push(byte);
+                    i += 4;
+                    continue;
+                }
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+/// If `path` is a dead FUSE mount left by a crashed daemon (stat gives
+/// ENOTCONN) or any leftover mount, unmount it (lazily) so it can be reused.
+pub fn cleanup_stale_mount(path: &Path) -> io::Result<()> {
+    // Absolute path without following the (possibly dead) last component.
+    let abs = match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) if !parent.as_os_str().is_empty() => {
+            parent.canonicalize()?.join(name)
+        }
+        _ => std::env::current_dir()?.join(path),
+    };
+    let dead = matches!(
+        std::fs::metadata(&abs),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN)
+    );
+    let mounted = mount_points()?.contains(&abs);
+    if dead || mounted {
+        warn!("unmounting leftover mount at {}", abs.display());
+        match umount2(&abs, libc::MNT_DETACH) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {} // raced: already gone
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_round_trip() {
+        for t in [
+            Timestamp { secs: 0, nanos: 0 },
+            Timestamp {
+                secs: 1_700_000_000,
+                nanos: 123,
+            },
+            Timestamp {
+                secs: -5,
+                nanos: 500,
+            },
+        ] {
+            assert_eq!(to_timestamp(to_system_time(t)), t);
+        }
+    }
+
+    #[test]
+    fn mountinfo_unescape() {
+        assert_eq!(unescape_mountinfo(r"/a\040b"), b"/a b");
+        assert_eq!(unescape_mountinfo(r"/plain"), b"/plain");
+        assert_eq!(unescape_mountinfo(r"/x\"), b"/x\\");
+    }
+}

@@ -1,0 +1,529 @@
+//! Real FUSE mounts of a temporary store, exercised through std::fs and libc.
+//! Needs root and /dev/fuse; skips (with a message) otherwise.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use dm_fs::{cleanup_stale_mount, Mount, MountOptions};
+use dm_store::{CommitRequest, DotName, Store};
+
+struct Fixture {
+    store: Arc<Store>,
+    dot: DotName,
+    mount: Option<Mount>,
+    mnt: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn p(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if let Some(m) = self.mount.take() {
+            if let Err(e) = m.unmount() {
+                eprintln!("unmount failed: {e}");
+            }
+        }
+    }
+}
+
+fn can_mount() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root || !Path::new("/dev/fuse").exists() {
+        eprintln!("skipping: needs root and /dev/fuse");
+        return false;
+    }
+    true
+}
+
+fn setup(subdot: &str) -> Option<Fixture> {
+    if !can_mount() {
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&dir.path().join("store")).expect("open store");
+    let dot = DotName::new("fstest").expect("dot name");
+    store.create_dot(&dot, None).expect("create dot");
+    let fs = store.branch_fs(&dot, "master").expect("branch fs");
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).expect("mkdir mnt");
+    let mount = Mount::mount(&mnt, fs, subdot, &MountOptions::default()).expect("mount");
+    Some(Fixture {
+        store,
+        dot,
+        mount: Some(mount),
+        mnt,
+        _dir: dir,
+    })
+}
+
+fn cpath(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).expect("no NUL in test paths")
+}
+
+#[test]
+fn create_write_read_append() {
+    let Some(f) = setup("__default__") else {
+        return;
+    };
+    let p = f.p("hello.txt");
+    fs::write(&p, b"hello").unwrap();
+    assert_eq!(fs::read(&p).unwrap(), b"hello");
+    let mut a = OpenOptions::new().append(true).open(&p).unwrap();
+    a.write_all(b" world").unwrap();
+    drop(a);
+    assert_eq!(fs::read(&p).unwrap(), b"hello world");
+    // Overwrite in the middle, read at an offset.
+    let mut w = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    w.seek(SeekFrom::Start(6)).unwrap();
+    w.write_all(b"WORLD").unwrap();
+    w.seek(SeekFrom::Start(4)).unwrap();
+    let mut buf = [0u8; 4];
+    w.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"o WO");
+    drop(w);
+    assert_eq!(fs::metadata(&p).unwrap().len(), 11);
+    // Create with O_EXCL on an existing name fails.
+    let e = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&p)
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EEXIST));
+}
+
+#[test]
+fn large_file_round_trip() {
+    let Some(f) = setup("__default__") else {
+        return;
+    };
+    // 5 MiB + a bit: many blocks, 1 MiB writes, a sparse hole.
+    let mut data = vec![0u8; 5 * 1024 * 1024 + 12345];
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = (i % 251) as u8;
+    }
+    let p = f.p("big.bin");
+    fs::write(&p, &data).unwrap();
+    assert_eq!(fs::read(&p).unwrap(), data);
+    let sparse = f.p("sparse.bin");
+    let mut s = File::create(&sparse).unwrap();
+    s.seek(SeekFrom::Start(3 * 1024 * 1024)).unwrap();
+    s.write_all(b"end").unwrap();
+    drop(s);
+    let back = fs::read(&sparse).unwrap();
+    assert_eq!(back.len(), 3 * 1024 * 1024 + 3);
+    assert!(back[..3 * 1024 * 1024].iter().all(|b| *b == 0));
+    assert_eq!(&back[3 * 1024 * 1024..], b"end");
+}
+
+#[test]
+fn mkdir_readdir_many() {
+    let Some(f) = setup("__default__") else {
+        return;
+    };
+    let d = f.p("many");
+    fs::create_dir(&d).unwrap();
+    let n = 1500;
+    for i in 0..n {
+        File::create(d.join(format!("file-{i:05}-with-a-longer-name"))).unwrap();
+    }
+    fs::create_dir(d.join("sub")).unwrap();
+    let mut names: Vec<String> = fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), n + 1);
+    assert_eq!(names[0], "file-00000-with-a-longer-name");
+    assert_eq!(names[n], "sub");
+    let mut dedup = names.clone();
+    dedup.dedup();
+    assert_eq!(dedup.len(), names.len(), "readdir returned duplicates");
+    assert_eq!(fs::metadata(&d).unwrap().nlink(), 3);
+    // rmdir of a non-empty dir fails; removing everything then works.
+    assert_eq!(
+        fs::remove_dir(&d).unwrap_err().raw_os_error(),
+        Some(libc::ENOTEMPTY)
+    );
+    fs::remove_dir_all(&d).unwrap();
+    assert!(!d.exists());
+}
+
+#[test]
+fn rename_and_overwrite() {
+    let Some(f) = setup("__default__") else {
+        return;
+    };
+    fs::write(f.p("a"), b"A").unwrap();
+    fs::write(f.p("b"), b"B").unwrap();
+    fs::rename(f.p("a"), f.p("c")).unwrap();
+    assert!(!f.p("a").exists());
+    assert_eq!(fs::read(f.p("c")).unwrap(), b"A");
+    // Overwrite an existing target.
+    fs::rename(f.p("c"), f.p("b")).unwrap();
+    assert_eq!(fs::read(f.p("b")).unwrap(), b"A");
+    assert!(!f.p("c").exists());
+    // Across directories, and a directory itself.
+    fs::create_dir(f.p("d1")).unwrap();
+    fs::create_dir(f.p("d2")).unwrap();
+    fs::rename(f.p("b"), f.p("d1/b")).unwrap();
+    fs::rename(f.p("d1"), f.p("d2/d1")).unwrap();
+    assert_eq!(fs::read(f.p("d2/d1/b")).unwrap(), b"A");
+    // RENAME_NOREPLACE refuses an existing target.
+    fs::write(f.p("x"), b"X").unwrap();
+    fs::write(f.p("y"), b"Y").unwrap();
+    let (x, y) = (cpath(&f.p("x")), cpath(&f.p("y")));
+    // SAFETY: valid C strings; AT_FDCWD with absolute paths.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            x.as_ptr(),
+            libc::AT_FDCWD,
+            y.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    assert_eq!(r, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EEXIST)
+    );
+    // RENAME_EXCHANGE swaps.
+    // SAFETY: as above.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            x.as_ptr(),
+            libc::AT_FDCWD,
+            y.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    assert_eq!(fs::read(f.p("x")).unwrap(), b"Y");
+    assert_eq!(fs::read(f.p("y")).unwrap(), b"X");
+}
+
+#[test]
+fn hard_links_and_symlinks() {
+    let Some(f) = setup("__default__") else {
+        return;
+    };
+    fs::write(f.p("orig"), b"data").unwrap();
+    fs::hard_link(f.p("orig"), f.p("link")).unwrap();
+    let m = fs::metadata(f.p("orig")).unwrap();
+    assert_eq!(m.nlink(), 2);
+    assert_eq!(m.ino(), fs::metadata(f.p("link")).unwrap().ino());
+    fs::remove_file(f.p("orig")).unwrap();
+    assert_eq!(fs::metadata(f.p("link")).unwrap().nlink(), 1);
+    assert_eq!(fs::read(f.p("link")).unwrap(), b"data");
+
+    std::os::unix::fs::symlink("link", f.p("sym")).unwrap();
+    assert_eq!(fs::read_link(f.p("sym")).unwrap(), Path::new("link"));
+    assert!(fs::symlink_metadata(f.p("sym"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(fs::read(f.p("sym")).unwrap(), b"data");
+    std::os::unix::fs::symlink("/nonexistent/target", f.p("dangling")).unwrap();
+    assert!(!f.p("dangling").exists());
+}
+
+#[test]
+fn chmod_chown_utimes_truncate() {
+    let Some(f) = setup("__default__") else {
+        return;
+    };
+    let p = f.p("file");
+    fs::write(&p, b"0123456789").unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
+    assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, 0o640);
+    std::os::unix::fs::chown(&p, Some(1234), Some(4321)).unwrap();
+    let m = fs::metadata(&p).unwrap();
+    assert_eq!((m.uid(), m.gid()), (1234, 4321));
+    // utimes with explicit times (incl. nanoseconds).
+    let c = cpath(&p);
+    let times = [
+        libc::timespec {
+            tv_sec: 1_000_000_000,
+            tv_nsec: 5,
+        },
+        libc::timespec {
+            tv_sec: 1_100_000_000,
+            tv_nsec: 7,
+        },
+    ];
+    // SAFETY: valid path and a two-element timespec array.
+    let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    let m = fs::metadata(&p).unwrap();
+    assert_eq!((m.atime(), m.atime_nsec()), (1_000_000_000, 5));
+    assert_eq!((m.mtime(), m.mtime_nsec()), (1_100_000_000, 7));
+    // UTIME_NOW.
+    let now = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+    ];
+    // SAFETY: as above.
+    let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), now.as_ptr(), 0) };
+    assert_eq!(r, 0);
+    assert!(fs::metadata(&p).unwrap().mtime() > 1_100_000_000);
+
+    // truncate down, up (zero fill), and via an open handle.
+    let file = OpenOptions::new().write(true).open(&p).unwrap();
+    file.set_len(4).unwrap();
+    assert_eq!(fs::read(&p).unwrap(), b"0123");
+    file.set_len(8).unwrap();
+    assert_eq!(fs::read(&p).unwrap(), b"0123\0\0\0\0");
+    drop(file);
+    // O_TRUNC
+    File::create(&p).unwrap();
+    assert_eq!(fs::metadata(&p).unwrap().len(), 0);
+    // umask applies to new files.
+    // SAFETY: umask has no preconditions (process-wide, restored below).
+    let old = unsafe { libc::umask(0o027) };
+    fs::write(f.p("masked"), b"").unwrap();
+    fs::create_dir(f.p("maskdir")).unwrap();
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    assert_eq!(fs::metadata(f.p("masked")).unwrap().mode() & 0o777, 0o640);
+    assert_eq!(fs::metadata(f.p("maskdir")).unwrap().mode() & 0o777, 0o750);
+}
+
+fn setxattr(p: &Path, name: &str, value: &[u8], flags: i32) -> std::io::Result<()> {
+    let (c, n) = (cpath(p), CString::new(name).expect("no NUL"));
+    // SAFETY: valid C strings and a valid buffer of value.len() bytes.
+    let r = unsafe {
+        libc::setxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn getxattr(p: &Path, name: &str) -> std::io::Result<Vec<u8>> {
+    let (c, n) = (cpath(p), CString::new(name).expect("no NUL"));
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: valid C strings and a buffer of buf.len() bytes.
+    let r = unsafe { libc::getxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    buf.truncate(r as usize);
+    Ok(buf)
+}
+
+fn listxattr(p: &Path) -> Vec<String> {
+    let c = cpath(p);
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: valid C string and buffer.
+    let r = unsafe { libc::listxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(r >= 0, "{}", std::io::Error::last_os_error());
+    buf.truncate(r as usize);
+    buf.split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
+#[test]
+fn xattrs() {
+    let Some(f) = setup("__default__") else {
+        return;
+    };
+    let p = f.p("x");
+    fs::write(&p, b"").unwrap();
+    setxattr(&p, "user.one", b"1", 0).unwrap();
+    setxattr(&p, "user.two", b"second", 0).unwrap();
+    assert_eq!(getxattr(&p, "user.one").unwrap(), b"1");
+    let mut names = listxattr(&p);
+    names.sort();
+    assert_eq!(names, ["user.one", "user.two"]);
+    assert_eq!(
+        setxattr(&p, "user.one", b"x", libc::XATTR_CREATE)
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EEXIST)
+    );
+    assert_eq!(
+        setxattr(&p, "user.none", b"x", libc::XATTR_REPLACE)
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::ENODATA)
+    );
+    // Size query (size 0) and ERANGE.
+    let (c, n) = (cpath(&p), CString::new("user.two").unwrap());
+    // SAFETY: a null buffer with size 0 asks for the size only.
+    let r = unsafe { libc::getxattr(c.as_ptr(), n.as_ptr(), std::ptr::null_mut(), 0) };
+    assert_eq!(r, 6);
+    let mut small = [0u8; 2];
+    // SAFETY: valid buffer of 2 bytes.
+    let r = unsafe { libc::getxattr(c.as_ptr(), n.as_ptr(), small.as_mut_ptr().cast(), 2) };
+    assert_eq!(r, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ERANGE)
+    );
+    let n1 = CString::new("user.one").unwrap();
+    // SAFETY: valid C strings.
+    assert_eq!(unsafe { libc::removexattr(c.as_ptr(), n1.as_ptr()) }, 0);
+    assert_eq!(
+        getxattr(&p, "user.one").unwrap_err().raw_os_error(),
+        Some(libc::ENODATA)
+    );
+}
+
+#[test]
+fn unlinked_open_file_stays_readable() {
+    let Some(f) = setup("__default__") else {
+        return;
+    };
+    let p = f.p("tmp");
+    fs::write(&p, b"still here").unwrap();
+    let mut h = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    fs::remove_file(&p).unwrap();
+    assert!(!p.exists());
+    let mut s = String::new();
+    h.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "still here");
+    h.write_all(b"!").unwrap();
+    h.seek(SeekFrom::Start(0)).unwrap();
+    s.clear();
+    h.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "still here!");
+    assert_eq!(h.metadata().unwrap().nlink(), 0);
+    drop(h);
+}
+
+#[test]
+fn statfs_and_special_files() {
+    let Some(f) = setup("__default__") else {
+        return;
+    };
+    let c = cpath(&f.mnt);
+    // SAFETY: zeroed statvfs is a valid out buffer.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and out pointer.
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    assert!(st.f_bsize > 0);
+    assert!(st.f_namemax >= 255);
+
+    let fifo = cpath(&f.p("fifo"));
+    // SAFETY: valid path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    use std::os::unix::fs::FileTypeExt;
+    assert!(fs::metadata(f.p("fifo")).unwrap().file_type().is_fifo());
+    let dev = cpath(&f.p("null"));
+    // SAFETY: valid path; creating a char device node as root.
+    let r = unsafe { libc::mknod(dev.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    let m = fs::metadata(f.p("null")).unwrap();
+    assert!(m.file_type().is_char_device());
+    assert_eq!(m.rdev(), libc::makedev(1, 3));
+}
+
+#[test]
+fn root_subdot_and_stale_cleanup() {
+    let Some(f) = setup("__root__") else {
+        return;
+    };
+    fs::create_dir(f.p("__default__")).unwrap();
+    fs::write(f.p("__default__/f"), b"x").unwrap();
+    assert_eq!(fs::read(f.p("__default__/f")).unwrap(), b"x");
+    // A second mount of a subdot shows the same tree.
+    let fs2 = f.store.branch_fs(&f.dot, "master").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let m2 = Mount::mount(dir.path(), fs2, "__default__", &MountOptions::default()).unwrap();
+    assert_eq!(fs::read(dir.path().join("f")).unwrap(), b"x");
+    assert_eq!(m2.path(), dir.path());
+    assert_eq!(m2.branch(), "master");
+    // A leftover mount gets cleaned up; the guard's own unmount then tolerates it.
+    cleanup_stale_mount(dir.path()).unwrap();
+    assert!(!dir.path().join("f").exists());
+    m2.unmount().unwrap();
+    cleanup_stale_mount(dir.path()).unwrap(); // not mounted: a no-op
+}
+
+#[test]
+fn switch_between_branches_and_after_reset() {
+    let Some(mut f) = setup("__default__") else {
+        return;
+    };
+    let msg = |m: &str| CommitRequest {
+        message: m.to_string(),
+        author: "test".to_string(),
+        metadata: BTreeMap::new(),
+    };
+    fs::write(f.p("data"), b"commit one").unwrap();
+    fs::create_dir(f.p("dir")).unwrap();
+    fs::write(f.p("dir/inner"), b"inner A").unwrap();
+    let c1 = f.store.commit(&f.dot, "master", msg("one")).unwrap();
+
+    f.store
+        .create_branch(&f.dot, "b", Some(c1.id))
+        .expect("create branch");
+    let fs_b = f.store.branch_fs(&f.dot, "b").unwrap();
+    let fs_a = f.store.branch_fs(&f.dot, "master").unwrap();
+    let mount = f.mount.take().expect("mounted");
+
+    // Keep kernel caches warm on A: stat and read everything first.
+    assert_eq!(fs::read(f.p("dir/inner")).unwrap(), b"inner A");
+
+    mount.switch(fs_b.clone()).unwrap();
+    assert_eq!(mount.branch(), "b");
+    assert_eq!(fs::read(f.p("data")).unwrap(), b"commit one");
+    fs::write(f.p("data"), b"branch B!").unwrap();
+    fs::write(f.p("dir/inner"), b"inner B").unwrap();
+    fs::write(f.p("only-b"), b"b").unwrap();
+    fs::remove_dir_all(f.p("dir")).unwrap();
+    fs::create_dir(f.p("dir")).unwrap();
+    fs::write(f.p("dir/inner"), b"inner B2").unwrap();
+
+    mount.switch(fs_a.clone()).unwrap();
+    assert_eq!(mount.branch(), "master");
+    assert_eq!(fs::read(f.p("data")).unwrap(), b"commit one");
+    assert_eq!(fs::read(f.p("dir/inner")).unwrap(), b"inner A");
+    assert!(!f.p("only-b").exists());
+
+    mount.switch(fs_b.clone()).unwrap();
+    assert_eq!(fs::read(f.p("data")).unwrap(), b"branch B!");
+    assert_eq!(fs::read(f.p("dir/inner")).unwrap(), b"inner B2");
+    assert!(f.p("only-b").exists());
+
+    // Dirty the mounted branch, then reset --hard and switch to the same BranchFs.
+    fs::write(f.p("data"), b"dirty").unwrap();
+    fs::write(f.p("new-file"), b"new").unwrap();
+    assert_eq!(fs::read(f.p("data")).unwrap(), b"dirty");
+    f.store.reset(&f.dot, "b", c1.id, true).unwrap();
+    mount.switch(fs_b).unwrap();
+    assert_eq!(fs::read(f.p("data")).unwrap(), b"commit one");
+    assert_eq!(fs::read(f.p("dir/inner")).unwrap(), b"inner A");
+    assert!(!f.p("new-file").exists());
+    assert!(!f.p("only-b").exists());
+    mount.unmount().unwrap();
+}
