@@ -1,0 +1,151 @@
+//! The command line grammar (clap derive).
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// dm: git for data. Datadots with commits, branches and subdots, mounted
+/// through FUSE.
+#[derive(Parser, Debug)]
+#[command(name = "dm", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Client config file (current dot, remotes).
+    #[arg(long, global = true, env = "DM_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The server's API socket.
+    #[arg(long, global = true, env = "DM_SOCKET", value_name = "SOCKET")]
+    pub server: Option<PathBuf>,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Every `dm` command.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon: the store, the mounts and the local API.
+    Server {
+        /// RocksDB and server state [default: /var/lib/dm as root]
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Where volumes are mounted [default: /run/dm/mnt as root]
+        #[arg(long, value_name = "DIR")]
+        mount_dir: Option<PathBuf>,
+        /// The local API socket [default: /run/dm/dm.sock as root]
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
+    /// Create an empty dot.
+    Init {
+        /// `[namespace/]dot`
+        dot: String,
+    },
+    /// List the dots.
+    #[command(alias = "ls")]
+    List {
+        /// Scripting output: tab-separated, raw byte counts, no header.
+        #[arg(short = 'H')]
+        scripting: bool,
+    },
+    /// Make DOT the current dot.
+    Switch {
+        /// The dot.
+        dot: String,
+    },
+    /// Snapshot the whole current dot (all subdots) on its current branch.
+    Commit {
+        /// Commit message.
+        #[arg(short, long)]
+        message: String,
+        /// Metadata `key=value` (keys start lowercase); repeatable.
+        #[arg(short = 'd', long = "metadata", value_name = "KEY=VALUE")]
+        metadata: Vec<String>,
+    },
+    /// Show the commits of the current branch, oldest first.
+    Log,
+    /// List branches, or delete one with -d.
+    Branch {
+        /// Delete this branch.
+        #[arg(short = 'd', long = "delete", value_name = "NAME")]
+        delete: Option<String>,
+        /// Delete even if other branches grew from it or it is mounted.
+        #[arg(short, long, requires = "delete")]
+        force: bool,
+    },
+    /// Switch the current dot to BRANCH (moving unpinned mounts with it).
+    Checkout {
+        /// Create the branch from the current head first.
+        #[arg(short = 'b')]
+        create: bool,
+        /// The branch.
+        branch: String,
+    },
+    /// Move the current branch back to REF, destroying later commits.
+    Reset {
+        /// Discard uncommitted changes too (refused without it when dirty).
+        #[arg(long)]
+        hard: bool,
+        /// HEAD, HEAD^, HEAD^^, HEAD~N, a commit id or unique prefix.
+        #[arg(value_name = "REF")]
+        rev: String,
+    },
+    /// Paths changed between two commits, or between a commit and the working state.
+    Diff {
+        /// From this commit [default: HEAD].
+        from: Option<String>,
+        /// To this commit [default: the working state].
+        to: Option<String>,
+    },
+    /// Uncommitted changes of the current branch.
+    Status,
+    /// Dot management.
+    Dot {
+        /// The dot command.
+        #[command(subcommand)]
+        command: DotCommand,
+    },
+    /// Mount DOT[@BRANCH][.SUBDOT] at PATH (printed; default under the server's mount dir).
+    Mount {
+        /// `[namespace/]dot[@branch][.subdot]`
+        volume: String,
+        /// Host path.
+        path: Option<PathBuf>,
+    },
+    /// Unmount a dm mount.
+    #[command(alias = "umount")]
+    Unmount {
+        /// The mount path.
+        path: PathBuf,
+    },
+    /// Reclaim space no commit or branch uses.
+    Gc,
+    /// Verify the store.
+    Fsck,
+    /// Client and server versions.
+    Version,
+    /// Print shell completions.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// `dm dot ...`.
+#[derive(Subcommand, Debug)]
+pub enum DotCommand {
+    /// Details of a dot (the current one by default).
+    Show {
+        /// Scripting output: `key<TAB>value` lines, raw numbers.
+        #[arg(short = 'H')]
+        scripting: bool,
+        /// The dot.
+        dot: Option<String>,
+    },
+    /// Delete a dot, its branches and commits.
+    Delete {
+        /// Do not ask for confirmation.
+        #[arg(short, long)]
+        force: bool,
+        /// The dot.
+        dot: String,
+    },
+}

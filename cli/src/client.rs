@@ -1,0 +1,117 @@
+//! HTTP+JSON client of the local API over the server's unix socket.
+
+use crate::api::ErrorBody;
+use anyhow::{anyhow, Context, Result};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// A connection-per-request client of `dm server`.
+pub struct Client {
+    socket: PathBuf,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Client {
+    /// A client for the server listening on `socket`.
+    pub fn new(socket: &Path) -> Result<Client> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the client runtime")?;
+        Ok(Client {
+            socket: socket.to_path_buf(),
+            rt,
+        })
+    }
+
+    /// `GET path`.
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.call(Method::GET, path, None)
+    }
+
+    /// `POST path` with a JSON body.
+    pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        let body = serde_json::to_vec(body).context("encoding the request")?;
+        self.call(Method::POST, path, Some(body))
+    }
+
+    /// `DELETE path`.
+    pub fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.call(Method::DELETE, path, None)
+    }
+
+    fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T> {
+        let (status, bytes) = self.rt.block_on(self.send(method, path, body))?;
+        if status.is_success() {
+            serde_json::from_slice(&bytes).with_context(|| {
+                format!(
+                    "the server sent an answer this client cannot read ({} bytes); are client and server the same version? (`dm version`)",
+                    bytes.len()
+                )
+            })
+        } else {
+            match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(e) => Err(anyhow!(e.error)),
+                Err(_) => Err(anyhow!(
+                    "server error {}: {}",
+                    status,
+                    String::from_utf8_lossy(&bytes).trim()
+                )),
+            }
+        }
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes)> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot reach the dm server at {}: is `dm server` running? (start it, or point --server / DM_SOCKET at its socket)",
+                    self.socket.display()
+                )
+            })?;
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .context("talking to the dm server")?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "localhost");
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .context("building the request")?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .context("the dm server closed the connection (did it crash? see its log)")?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .context("reading the server's answer")?
+            .to_bytes();
+        Ok((status, bytes))
+    }
+}

@@ -1,0 +1,50 @@
+//! `dm gc`, `dm fsck`, `dm version`, `dm completions`.
+
+use super::Ctx;
+use crate::api::{Empty, FsckResponse, GcResponse, VersionInfo};
+use crate::format::human_size;
+use anyhow::{bail, Result};
+use clap::CommandFactory;
+
+pub fn gc(ctx: &mut Ctx) -> Result<()> {
+    let r: GcResponse = ctx.client()?.post("/v1/gc", &Empty {})?;
+    println!(
+        "Deleted {} chunks and {} objects, freed {}",
+        r.chunks_deleted,
+        r.objects_deleted,
+        human_size(r.bytes_freed)
+    );
+    Ok(())
+}
+
+pub fn fsck(ctx: &mut Ctx) -> Result<()> {
+    let r: FsckResponse = ctx.client()?.post("/v1/fsck", &Empty {})?;
+    println!(
+        "Checked {} objects and {} chunks",
+        r.objects_checked, r.chunks_checked
+    );
+    if r.problems.is_empty() {
+        println!("No problems found");
+        return Ok(());
+    }
+    for p in &r.problems {
+        println!("problem: {p}");
+    }
+    bail!("fsck found {} problems", r.problems.len())
+}
+
+pub fn version(ctx: &mut Ctx) -> Result<()> {
+    println!("Client: dm {}", env!("CARGO_PKG_VERSION"));
+    let v: VersionInfo = ctx.client()?.get("/v1/version")?;
+    println!(
+        "Server: dm {} (API {}, server id {})",
+        v.version, v.api_version, v.server_id
+    );
+    Ok(())
+}
+
+pub fn completions(shell: clap_complete::Shell) -> Result<()> {
+    let mut cmd = crate::cli::Cli::command();
+    clap_complete::generate(shell, &mut cmd, "dm", &mut std::io::stdout());
+    Ok(())
+}

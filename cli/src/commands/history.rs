@@ -1,0 +1,211 @@
+//! Commits and branches of the current dot: `dm commit`, `dm log`,
+//! `dm branch`, `dm checkout`, `dm reset`, `dm diff`, `dm status`.
+
+use super::Ctx;
+use crate::api::{
+    self, BranchView, ChangeView, CheckoutRequest, CommitRequest, CommitView, DiffResponse,
+    DotDetail, Empty, ResetRequest, ResolveResponse, StatusResponse,
+};
+use crate::format::human_size;
+use anyhow::{anyhow, bail, Result};
+use dm_store::DotName;
+use std::collections::BTreeMap;
+
+/// The current dot and its details.
+fn current(ctx: &mut Ctx) -> Result<(DotName, DotDetail)> {
+    let dot = ctx.dot(None)?;
+    let detail = ctx.dot_detail(&dot)?;
+    Ok((dot, detail))
+}
+
+/// The author of commits: `admin` for root on the local socket (like
+/// Dotmesh), the user name otherwise.
+fn author() -> String {
+    if nix::unistd::geteuid().is_root() {
+        return "admin".to_string();
+    }
+    std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "admin".to_string())
+}
+
+pub fn commit(ctx: &mut Ctx, message: &str, metadata: &[String]) -> Result<()> {
+    let mut meta = BTreeMap::new();
+    for kv in metadata {
+        let Some((k, v)) = kv.split_once('=') else {
+            bail!("metadata {kv:?} is not key=value (e.g. -d ticket=1234)");
+        };
+        if !k.starts_with(|c: char| c.is_ascii_lowercase()) {
+            bail!("metadata key {k:?} must start with a lowercase letter");
+        }
+        meta.insert(k.to_string(), v.to_string());
+    }
+    let (dot, d) = current(ctx)?;
+    let path = format!(
+        "{}/commits",
+        api::branch_path(&dot.namespace, &dot.name, &d.summary.current_branch)
+    );
+    let c: CommitView = ctx.client()?.post(
+        &path,
+        &CommitRequest {
+            message: message.to_string(),
+            author: Some(author()),
+            metadata: meta,
+        },
+    )?;
+    println!("{}", c.id);
+    Ok(())
+}
+
+pub fn log(ctx: &mut Ctx) -> Result<()> {
+    let (dot, d) = current(ctx)?;
+    let path = format!(
+        "{}/commits",
+        api::branch_path(&dot.namespace, &dot.name, &d.summary.current_branch)
+    );
+    let commits: Vec<CommitView> = ctx.client()?.get(&path)?;
+    let mut out = String::new();
+    for c in &commits {
+        out.push_str(&format!(
+            "commit {}\nAuthor: {}\nDate: {}\n",
+            c.id, c.author, c.timestamp_ns
+        ));
+        for (k, v) in &c.metadata {
+            out.push_str(&format!("{k}: {v}\n"));
+        }
+        out.push('\n');
+        for line in c.message.lines() {
+            out.push_str(&format!("    {line}\n"));
+        }
+        out.push('\n');
+    }
+    print!("{out}");
+    Ok(())
+}
+
+pub fn list_branches(ctx: &mut Ctx) -> Result<()> {
+    let (_, d) = current(ctx)?;
+    for b in &d.branch_details {
+        let mark = if b.current { "*" } else { " " };
+        println!("{mark} {}", b.name);
+    }
+    Ok(())
+}
+
+pub fn delete_branch(ctx: &mut Ctx, branch: &str, force: bool) -> Result<()> {
+    dm_store::names::validate("branch", branch).map_err(|e| anyhow!("{e}"))?;
+    let (dot, d) = current(ctx)?;
+    if !d.summary.branches.iter().any(|b| b == branch) {
+        bail!(
+            "branch {branch} not found in dot {dot} (branches: {})",
+            d.summary.branches.join(", ")
+        );
+    }
+    let path = format!(
+        "{}?force={force}",
+        api::branch_path(&dot.namespace, &dot.name, branch)
+    );
+    let _: Empty = ctx.client()?.delete(&path)?;
+    Ok(())
+}
+
+pub fn checkout(ctx: &mut Ctx, branch: &str, create: bool) -> Result<()> {
+    dm_store::names::validate("branch", branch).map_err(|e| anyhow!("{e}"))?;
+    let (dot, d) = current(ctx)?;
+    let exists = d.summary.branches.iter().any(|b| b == branch);
+    if create && exists {
+        bail!(
+            "branch {branch} already exists in dot {dot}; switch to it with `dm checkout {branch}`"
+        );
+    }
+    if !create && !exists {
+        bail!(
+            "branch {branch} not found in dot {dot} (branches: {}); create it with `dm checkout -b {branch}`",
+            d.summary.branches.join(", ")
+        );
+    }
+    let path = format!("{}/checkout", api::dot_path(&dot.namespace, &dot.name));
+    let _: BranchView = ctx.client()?.post(
+        &path,
+        &CheckoutRequest {
+            branch: branch.to_string(),
+            create,
+        },
+    )?;
+    Ok(())
+}
+
+pub fn reset(ctx: &mut Ctx, rev: &str, hard: bool) -> Result<()> {
+    let (dot, d) = current(ctx)?;
+    let path = format!(
+        "{}/reset",
+        api::branch_path(&dot.namespace, &dot.name, &d.summary.current_branch)
+    );
+    let _: ResolveResponse = ctx.client()?.post(
+        &path,
+        &ResetRequest {
+            rev: rev.to_string(),
+            hard,
+        },
+    )?;
+    Ok(())
+}
+
+fn change_line(c: &ChangeView) -> String {
+    match (c.kind.as_str(), &c.from) {
+        ("renamed", Some(from)) => format!("R  {from} -> {}", c.path),
+        ("added", _) => format!("A  {}", c.path),
+        ("deleted", _) => format!("D  {}", c.path),
+        ("modified", _) => format!("M  {}", c.path),
+        (k, _) => format!("?  {} ({k})", c.path),
+    }
+}
+
+pub fn diff(ctx: &mut Ctx, from: Option<&str>, to: Option<&str>) -> Result<()> {
+    let (dot, d) = current(ctx)?;
+    let mut path = format!(
+        "{}/diff",
+        api::branch_path(&dot.namespace, &dot.name, &d.summary.current_branch)
+    );
+    let mut sep = '?';
+    if let Some(f) = from {
+        path.push_str(&format!("{sep}from={}", api::encode(f)));
+        sep = '&';
+    }
+    if let Some(t) = to {
+        path.push_str(&format!("{sep}to={}", api::encode(t)));
+    }
+    let r: DiffResponse = ctx.client()?.get(&path)?;
+    for c in &r.changes {
+        println!("{}", change_line(c));
+    }
+    Ok(())
+}
+
+pub fn status(ctx: &mut Ctx) -> Result<()> {
+    let (dot, d) = current(ctx)?;
+    let path = format!(
+        "{}/status",
+        api::branch_path(&dot.namespace, &dot.name, &d.summary.current_branch)
+    );
+    let s: StatusResponse = ctx.client()?.get(&path)?;
+    println!("On dot {}, branch {}", s.dot, s.branch);
+    match &s.head {
+        Some(h) => println!("HEAD: {h}"),
+        None => println!("HEAD: none (no commits yet)"),
+    }
+    if !s.dirty {
+        println!("Nothing to commit: the working state matches HEAD");
+        return Ok(());
+    }
+    println!(
+        "Uncommitted changes: {} in {} paths (commit them with `dm commit -m MSG`, discard them with `dm reset --hard HEAD`)",
+        human_size(s.dirty_bytes),
+        s.changes.len()
+    );
+    for c in &s.changes {
+        println!("  {}", change_line(c));
+    }
+    Ok(())
+}

@@ -1,0 +1,123 @@
+//! The client commands: each turns arguments into API calls and prints the
+//! answer.
+
+mod admin;
+mod dots;
+mod history;
+mod mounts;
+
+use crate::api::{self, DotDetail};
+use crate::cli::{Cli, Command, DotCommand};
+use crate::client::Client;
+use crate::config::Config;
+use anyhow::{anyhow, Result};
+use dm_store::DotName;
+use std::path::PathBuf;
+
+/// What every command needs: the config and a way to reach the server.
+pub struct Ctx {
+    /// Where the config lives.
+    pub config_path: PathBuf,
+    /// The loaded config.
+    pub config: Config,
+    socket: PathBuf,
+    client: Option<Client>,
+}
+
+impl Ctx {
+    /// The API client (connected lazily).
+    pub fn client(&mut self) -> Result<&Client> {
+        if self.client.is_none() {
+            self.client = Some(Client::new(&self.socket)?);
+        }
+        Ok(self.client.as_ref().expect("just set"))
+    }
+
+    /// The dot a command works on: `given`, else the current dot.
+    pub fn dot(&self, given: Option<&str>) -> Result<DotName> {
+        let name = match given {
+            Some(d) => d.to_string(),
+            None => self.config.current_dot.clone().ok_or_else(|| {
+                anyhow!("no current dot: choose one with `dm switch DOT` (see `dm list`), or create one with `dm init DOT`")
+            })?,
+        };
+        DotName::parse(&name).map_err(|e| anyhow!("{e}"))
+    }
+
+    /// The details of a dot, with an error that says what to do when it is missing.
+    pub fn dot_detail(&mut self, dot: &DotName) -> Result<DotDetail> {
+        let current = self.config.current_dot.clone();
+        let path = api::dot_path(&dot.namespace, &dot.name);
+        self.client()?.get(&path).map_err(|e| {
+            let msg = e.to_string();
+            if msg.contains("not found") && current.as_deref() == Some(&dot.to_string()) {
+                anyhow!("{msg}: the current dot {dot} does not exist any more; choose another with `dm switch DOT` (see `dm list`)")
+            } else if msg.contains("not found") {
+                anyhow!("{msg} (see `dm list`, or create it with `dm init {dot}`)")
+            } else {
+                e
+            }
+        })
+    }
+
+    /// Saves the config.
+    pub fn save_config(&self) -> Result<()> {
+        self.config.save(&self.config_path)
+    }
+}
+
+/// Runs one parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    let socket = cli
+        .server
+        .clone()
+        .unwrap_or_else(crate::paths::default_socket);
+    if let Command::Server {
+        data_dir,
+        mount_dir,
+        socket: server_socket,
+    } = cli.command
+    {
+        return crate::server::run(crate::server::ServerOptions {
+            data_dir: data_dir.unwrap_or_else(crate::paths::default_data_dir),
+            mount_dir: mount_dir.unwrap_or_else(crate::paths::default_mount_dir),
+            socket: server_socket.unwrap_or(socket),
+        });
+    }
+    if let Command::Completions { shell } = cli.command {
+        return admin::completions(shell);
+    }
+    let config_path = cli.config.clone().unwrap_or_else(Config::default_path);
+    let config = Config::load(&config_path)?;
+    let mut ctx = Ctx {
+        config_path,
+        config,
+        socket,
+        client: None,
+    };
+    match cli.command {
+        Command::Server { .. } | Command::Completions { .. } => unreachable!("handled above"),
+        Command::Init { dot } => dots::init(&mut ctx, &dot),
+        Command::List { scripting } => dots::list(&mut ctx, scripting),
+        Command::Switch { dot } => dots::switch(&mut ctx, &dot),
+        Command::Dot { command } => match command {
+            DotCommand::Show { scripting, dot } => dots::show(&mut ctx, dot.as_deref(), scripting),
+            DotCommand::Delete { force, dot } => dots::delete(&mut ctx, &dot, force),
+        },
+        Command::Commit { message, metadata } => history::commit(&mut ctx, &message, &metadata),
+        Command::Log => history::log(&mut ctx),
+        Command::Branch { delete, force } => match delete {
+            Some(name) => history::delete_branch(&mut ctx, &name, force),
+            None => history::list_branches(&mut ctx),
+        },
+        Command::Checkout { create, branch } => history::checkout(&mut ctx, &branch, create),
+        Command::Reset { hard, rev } => history::reset(&mut ctx, &rev, hard),
+        Command::Diff { from, to } => history::diff(&mut ctx, from.as_deref(), to.as_deref()),
+        Command::Status => history::status(&mut ctx),
+        Command::Mount { volume, path } => mounts::mount(&mut ctx, &volume, path),
+        Command::Unmount { path } => mounts::unmount(&mut ctx, &path),
+        Command::Gc => admin::gc(&mut ctx),
+        Command::Fsck => admin::fsck(&mut ctx),
+        Command::Version => admin::version(&mut ctx),
+    }
+}

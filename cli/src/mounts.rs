@@ -1,0 +1,395 @@
+//! The server's mount table: which volume is mounted where.
+//!
+//! Unpinned mounts (`dot`, `dot.subdot`) follow the dot's current branch: a
+//! checkout switches them to the new branch's filesystem. Pinned mounts
+//! (`dot@branch`) stay on their branch. The table is saved in the data dir
+//! so that mounts come back after a restart (also after a crash, once the
+//! stale FUSE mounts are cleaned up).
+
+use crate::api::MountView;
+use crate::server::error::{ApiError, ApiResult};
+use dm_fs::{Mount, MountOptions};
+use dm_store::{DotName, Store, VolumeName};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// A mount as saved in `mounts.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Record {
+    volume: String,
+    path: PathBuf,
+    managed: bool,
+}
+
+struct Entry {
+    volume: VolumeName,
+    path: PathBuf,
+    /// True when the path was chosen by the server (under the mount dir).
+    managed: bool,
+    mount: Mount,
+}
+
+impl Entry {
+    fn view(&self) -> MountView {
+        MountView {
+            volume: self.volume.to_string(),
+            dot: self.volume.dot.to_string(),
+            branch: self.mount.branch(),
+            pinned: self.volume.branch.is_some(),
+            subdot: self.volume.subdot.clone(),
+            path: self.path.display().to_string(),
+        }
+    }
+
+    fn record(&self) -> Record {
+        Record {
+            volume: self.volume.to_string(),
+            path: self.path.clone(),
+            managed: self.managed,
+        }
+    }
+}
+
+/// Owns every FUSE mount of the server. All methods block: call them from
+/// `spawn_blocking`.
+pub struct MountManager {
+    store: Arc<Store>,
+    mount_dir: PathBuf,
+    state_file: PathBuf,
+    entries: Mutex<Vec<Entry>>,
+}
+
+impl MountManager {
+    /// A manager mounting under `mount_dir` and saving its table in `state_file`.
+    pub fn new(store: Arc<Store>, mount_dir: &Path, state_file: &Path) -> MountManager {
+        MountManager {
+            store,
+            mount_dir: mount_dir.to_path_buf(),
+            state_file: state_file.to_path_buf(),
+            entries: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn options(volume: &VolumeName) -> MountOptions {
+        MountOptions {
+            allow_other: nix::unistd::geteuid().is_root(),
+            fsname: format!("dm:{volume}"),
+            ..MountOptions::default()
+        }
+    }
+
+    /// The path the server picks for a volume: `M/<ns>/<dot>[@<branch>]/<subdot>`.
+    pub fn default_path(&self, volume: &VolumeName) -> PathBuf {
+        let dot = match &volume.branch {
+            Some(b) => format!("{}@{}", volume.dot.name, b),
+            None => volume.dot.name.clone(),
+        };
+        self.mount_dir
+            .join(&volume.dot.namespace)
+            .join(dot)
+            .join(&volume.subdot)
+    }
+
+    /// Cleans up stale mounts left by a previous run (the saved table and
+    /// anything dead under the mount dir), then mounts the saved table again.
+    pub fn restore(&self) {
+        let records: Vec<Record> = match std::fs::read(&self.state_file) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!("ignoring unreadable {}: {e}", self.state_file.display());
+                Vec::new()
+            }),
+            Err(_) => Vec::new(),
+        };
+        for r in &records {
+            if let Err(e) = dm_fs::cleanup_stale_mount(&r.path) {
+                tracing::warn!("cleaning up {}: {e}", r.path.display());
+            }
+        }
+        self.cleanup_dead_under_mount_dir();
+        for r in records {
+            let res = VolumeName::parse(&r.volume)
+                .map_err(ApiError::from)
+                .and_then(|v| self.mount_inner(v, r.path.clone(), r.managed));
+            match res {
+                Ok(v) => tracing::info!("restored mount of {} at {}", v.volume, v.path),
+                Err(e) => tracing::warn!(
+                    "could not restore the mount of {} at {}: {}",
+                    r.volume,
+                    r.path.display(),
+                    e.message
+                ),
+            }
+        }
+        self.save(&self.lock());
+    }
+
+    /// Walks three levels under the mount dir and cleans up every directory
+    /// whose FUSE server is gone (stat fails with ENOTCONN).
+    fn cleanup_dead_under_mount_dir(&self) {
+        fn walk(dir: &Path, depth: u32) {
+            let Ok(rd) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for ent in rd.flatten() {
+                let p = ent.path();
+                match std::fs::metadata(&p) {
+                    Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+                        if let Err(e) = dm_fs::cleanup_stale_mount(&p) {
+                            tracing::warn!("cleaning up {}: {e}", p.display());
+                        }
+                    }
+                    Ok(m) if m.is_dir() && depth > 1 => walk(&p, depth - 1),
+                    _ => {}
+                }
+            }
+        }
+        walk(&self.mount_dir, 3);
+    }
+
+    fn save(&self, entries: &[Entry]) {
+        let records: Vec<Record> = entries.iter().map(Entry::record).collect();
+        let res = serde_json::to_vec_pretty(&records)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| {
+                let tmp = self.state_file.with_extension("json.tmp");
+                std::fs::write(&tmp, bytes)?;
+                std::fs::rename(&tmp, &self.state_file)
+            });
+        if let Err(e) = res {
+            tracing::error!("saving {}: {e}", self.state_file.display());
+        }
+    }
+
+    /// Every mount.
+    pub fn list(&self) -> Vec<MountView> {
+        self.lock().iter().map(Entry::view).collect()
+    }
+
+    /// The mounts of one dot.
+    pub fn list_dot(&self, dot: &DotName) -> Vec<MountView> {
+        self.lock()
+            .iter()
+            .filter(|e| &e.volume.dot == dot)
+            .map(Entry::view)
+            .collect()
+    }
+
+    /// Mounts `volume` at `path` (or at its default path). Mounting the same
+    /// volume at the same path again answers the existing mount.
+    pub fn mount(&self, volume: &str, path: Option<PathBuf>) -> ApiResult<MountView> {
+        let volume = VolumeName::parse(volume)?;
+        let (path, managed) = match path {
+            Some(p) => {
+                if !p.is_absolute() {
+                    return Err(ApiError::bad_request(format!(
+                        "mount path {} is not absolute",
+                        p.display()
+                    )));
+                }
+                (p, false)
+            }
+            None => (self.default_path(&volume), true),
+        };
+        let view = self.mount_inner(volume, path, managed)?;
+        self.save(&self.lock());
+        Ok(view)
+    }
+
+    fn mount_inner(
+        &self,
+        volume: VolumeName,
+        path: PathBuf,
+        managed: bool,
+    ) -> ApiResult<MountView> {
+        let mut entries = self.lock();
+        if let Some(e) = entries.iter().find(|e| e.path == path) {
+            if e.volume == volume {
+                return Ok(e.view());
+            }
+            return Err(ApiError::conflict(format!(
+                "{} is already the mount of {}; unmount it first (`dm unmount {}`)",
+                path.display(),
+                e.volume,
+                path.display()
+            )));
+        }
+        let info = self.store.dot_info(&volume.dot)?;
+        let branch = match &volume.branch {
+            Some(b) => {
+                self.store.branch_info(&volume.dot, b)?;
+                b.clone()
+            }
+            None => info.current_branch.clone(),
+        };
+        let fs = self.store.branch_fs(&volume.dot, &branch)?;
+        fs.subdot_ino(&volume.subdot, true)?;
+        std::fs::create_dir_all(&path).map_err(|e| {
+            ApiError::internal(format!("creating mount point {}: {e}", path.display()))
+        })?;
+        let mount =
+            Mount::mount(&path, fs, &volume.subdot, &Self::options(&volume)).map_err(|e| {
+                ApiError::internal(format!("mounting {volume} at {}: {e}", path.display()))
+            })?;
+        tracing::info!("mounted {volume} (branch {branch}) at {}", path.display());
+        let entry = Entry {
+            volume,
+            path,
+            managed,
+            mount,
+        };
+        let view = entry.view();
+        entries.push(entry);
+        Ok(view)
+    }
+
+    /// Unmounts the mount at `path`.
+    pub fn unmount(&self, path: &Path) -> ApiResult<()> {
+        let mut entries = self.lock();
+        let Some(i) = entries.iter().position(|e| e.path == path) else {
+            return Err(ApiError::not_found(format!(
+                "nothing is mounted by dm at {} (see `dm dot show` for the mounts)",
+                path.display()
+            )));
+        };
+        let entry = entries.remove(i);
+        let res = Self::unmount_entry(entry);
+        self.save(&entries);
+        res
+    }
+
+    fn unmount_entry(entry: Entry) -> ApiResult<()> {
+        let path = entry.path.clone();
+        entry.mount.unmount().map_err(|e| {
+            ApiError::internal(format!(
+                "unmounting {}: {e} (is a process still using it? try `umount -l {}`)",
+                path.display(),
+                path.display()
+            ))
+        })?;
+        if entry.managed {
+            let _ = std::fs::remove_dir(&path);
+        }
+        tracing::info!("unmounted {}", path.display());
+        Ok(())
+    }
+
+    /// Unmounts every mount of `dot` (before deleting it).
+    pub fn unmount_dot(&self, dot: &DotName) -> ApiResult<()> {
+        let mut entries = self.lock();
+        let mut first_err = None;
+        let mut i = 0;
+        while i < entries.len() {
+            if &entries[i].volume.dot == dot {
+                let e = entries.remove(i);
+                if let Err(err) = Self::unmount_entry(e) {
+                    first_err.get_or_insert(err);
+                }
+            } else {
+                i += 1;
+            }
+        }
+        self.save(&entries);
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Paths of the mounts pinned to `branch` of `dot`.
+    pub fn pinned_paths(&self, dot: &DotName, branch: &str) -> Vec<PathBuf> {
+        self.lock()
+            .iter()
+            .filter(|e| &e.volume.dot == dot && e.volume.branch.as_deref() == Some(branch))
+            .map(|e| e.path.clone())
+            .collect()
+    }
+
+    /// Makes `branch` the current branch of `dot` (creating it from the
+    /// current head first when `create`) and moves the unpinned mounts to it.
+    pub fn checkout(&self, dot: &DotName, branch: &str, create: bool) -> ApiResult<()> {
+        let entries = self.lock();
+        if create {
+            self.store.create_branch(dot, branch, None)?;
+        } else {
+            self.store.branch_info(dot, branch)?;
+        }
+        self.store.set_current_branch(dot, branch)?;
+        let fs = self.store.branch_fs(dot, branch)?;
+        for e in entries
+            .iter()
+            .filter(|e| &e.volume.dot == dot && e.volume.branch.is_none())
+        {
+            fs.subdot_ino(&e.volume.subdot, true)?;
+            e.mount.switch(fs.clone()).map_err(|err| {
+                ApiError::internal(format!(
+                    "switching the mount at {} to branch {branch}: {err}",
+                    e.path.display()
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Flushes the kernel's dirty pages of every mount showing `branch` of
+    /// `dot` into the store (before a commit).
+    pub fn sync_kernel(&self, dot: &DotName, branch: &str) {
+        let paths: Vec<PathBuf> = self
+            .lock()
+            .iter()
+            .filter(|e| &e.volume.dot == dot && e.mount.branch() == branch)
+            .map(|e| e.path.clone())
+            .collect();
+        for p in paths {
+            if let Ok(f) = std::fs::File::open(&p) {
+                use std::os::fd::AsRawFd;
+                // SAFETY: syncfs on an fd we own.
+                unsafe { libc::syncfs(f.as_raw_fd()) };
+            }
+        }
+    }
+
+    /// Runs `f` (a reset of `branch`) with the mount table locked, then makes
+    /// every mount showing that branch drop its cached view.
+    pub fn reset<T>(
+        &self,
+        dot: &DotName,
+        branch: &str,
+        f: impl FnOnce() -> ApiResult<T>,
+    ) -> ApiResult<T> {
+        let entries = self.lock();
+        let out = f()?;
+        let shown: Vec<&Entry> = entries
+            .iter()
+            .filter(|e| &e.volume.dot == dot && e.mount.branch() == branch)
+            .collect();
+        if !shown.is_empty() {
+            let fs = self.store.branch_fs(dot, branch)?;
+            for e in shown {
+                fs.subdot_ino(&e.volume.subdot, true)?;
+                e.mount.switch(fs.clone()).map_err(|err| {
+                    ApiError::internal(format!(
+                        "refreshing the mount at {}: {err}",
+                        e.path.display()
+                    ))
+                })?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Unmounts everything (server shutdown). The table stays saved so the
+    /// mounts come back at the next start.
+    pub fn shutdown(&self) {
+        let mut entries = self.lock();
+        for e in entries.drain(..) {
+            let path = e.path.clone();
+            if let Err(err) = e.mount.unmount() {
+                tracing::warn!("unmounting {}: {err}", path.display());
+            } else {
+                tracing::info!("unmounted {}", path.display());
+            }
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! Store types -> API views.
+
+use crate::api::{BranchView, ChangeView, CommitView, DotSummary, Origin};
+use dm_store::{BranchInfo, Change, ChangeKind, CommitInfo, DotInfo};
+
+/// A dot summary from its info and its current branch.
+pub fn dot_summary(info: &DotInfo, current: &BranchInfo, server: &str) -> DotSummary {
+    DotSummary {
+        namespace: info.name.namespace.clone(),
+        name: info.name.name.clone(),
+        full_name: info.name.to_string(),
+        id: info.id,
+        block_size: info.block_size,
+        created_ns: info.created_ns,
+        current_branch: info.current_branch.clone(),
+        branches: info.branches.clone(),
+        server: server.to_string(),
+        containers: Vec::new(),
+        size: current.size,
+        commits: current.commits,
+        dirty_bytes: current.dirty_bytes,
+    }
+}
+
+/// A branch view.
+pub fn branch_view(b: &BranchInfo, current: &str) -> BranchView {
+    BranchView {
+        name: b.name.clone(),
+        head: b.head.map(|h| h.to_hex()),
+        commits: b.commits,
+        origin: b.origin.as_ref().map(|(branch, id)| Origin {
+            branch: branch.clone(),
+            commit: id.to_hex(),
+        }),
+        dirty_bytes: b.dirty_bytes,
+        size: b.size,
+        current: b.name == current,
+        containers: Vec::new(),
+    }
+}
+
+/// A commit view.
+pub fn commit_view(c: &CommitInfo) -> CommitView {
+    CommitView {
+        id: c.id.to_hex(),
+        parents: c.parents.iter().map(|p| p.to_hex()).collect(),
+        author: c.author.clone(),
+        message: c.message.clone(),
+        timestamp_ns: c.timestamp_ns,
+        metadata: c.metadata.clone(),
+        generation: c.generation,
+    }
+}
+
+/// A change view.
+pub fn change_view(c: &Change) -> ChangeView {
+    let (kind, from) = match &c.kind {
+        ChangeKind::Added => ("added", None),
+        ChangeKind::Modified => ("modified", None),
+        ChangeKind::Deleted => ("deleted", None),
+        ChangeKind::Renamed { from } => ("renamed", Some(from.clone())),
+    };
+    ChangeView {
+        kind: kind.to_string(),
+        path: c.path.clone(),
+        from,
+    }
+}

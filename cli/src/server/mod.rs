@@ -1,0 +1,158 @@
+//! `dm server`: opens the store, restores the mounts and serves the local
+//! API on a unix socket until SIGINT/SIGTERM.
+
+pub mod convert;
+pub mod error;
+pub mod routes;
+
+use crate::mounts::MountManager;
+use anyhow::{bail, Context, Result};
+use dm_store::Store;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Where the server keeps its state.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// RocksDB and the server's own files.
+    pub data_dir: PathBuf,
+    /// Where volumes are mounted by default.
+    pub mount_dir: PathBuf,
+    /// The local API socket.
+    pub socket: PathBuf,
+}
+
+/// Shared state of the handlers.
+pub struct AppState {
+    /// The store.
+    pub store: Arc<Store>,
+    /// The mount table.
+    pub mounts: Arc<MountManager>,
+    /// This server's short id.
+    pub server_id: String,
+}
+
+fn server_id(data_dir: &Path) -> Result<String> {
+    let file = data_dir.join("server-id");
+    if let Ok(s) = std::fs::read_to_string(&file) {
+        let s = s.trim();
+        if !s.is_empty() {
+            return Ok(s.to_string());
+        }
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    // splitmix64 of time and pid: unique enough for a display id.
+    let mut x = (nanos as u64) ^ ((std::process::id() as u64) << 32);
+    x = x.wrapping_add(0x9e3779b97f4a7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d049bb133111eb);
+    x ^= x >> 31;
+    let id = format!("{x:016x}");
+    std::fs::write(&file, &id).with_context(|| format!("writing {}", file.display()))?;
+    Ok(id)
+}
+
+/// Removes a socket file left by a dead server; fails if a server answers.
+fn claim_socket(socket: &Path) -> Result<()> {
+    if socket.exists() {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            bail!(
+                "another dm server is already listening on {}; stop it first or use --socket",
+                socket.display()
+            );
+        }
+        std::fs::remove_file(socket)
+            .with_context(|| format!("removing the stale socket {}", socket.display()))?;
+    }
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Runs the server until SIGINT or SIGTERM.
+pub fn run(opts: ServerOptions) -> Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+
+    for dir in [&opts.data_dir, &opts.mount_dir] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    claim_socket(&opts.socket)?;
+    let store = Store::open(&opts.data_dir.join("store"))
+        .with_context(|| format!("opening the store in {}", opts.data_dir.display()))?;
+    let server_id = server_id(&opts.data_dir)?;
+    let mounts = Arc::new(MountManager::new(
+        store.clone(),
+        &opts.mount_dir,
+        &opts.data_dir.join("mounts.json"),
+    ));
+    mounts.restore();
+    tracing::info!(
+        data_dir = %opts.data_dir.display(),
+        mount_dir = %opts.mount_dir.display(),
+        socket = %opts.socket.display(),
+        "dm server {} started",
+        env!("CARGO_PKG_VERSION")
+    );
+
+    let state = Arc::new(AppState {
+        store: store.clone(),
+        mounts: mounts.clone(),
+        server_id,
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let served = rt.block_on(serve(state, &opts.socket));
+
+    tracing::info!("shutting down: unmounting everything");
+    mounts.shutdown();
+    if let Err(e) = store.sync() {
+        tracing::error!("final sync: {e}");
+    }
+    let _ = std::fs::remove_file(&opts.socket);
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    served?;
+    tracing::info!("dm server stopped");
+    Ok(())
+}
+
+async fn serve(state: Arc<AppState>, socket: &Path) -> Result<()> {
+    let listener = tokio::net::UnixListener::bind(socket)
+        .with_context(|| format!("listening on {}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", socket.display()))?;
+    let app = routes::router(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving the API")?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot watch SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+    }
+}

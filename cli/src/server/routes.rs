@@ -1,0 +1,483 @@
+//! The API's routes and handlers (see docs/api.md). Store calls block, so
+//! every handler runs its work in `spawn_blocking`.
+
+use super::convert::{branch_view, change_view, commit_view, dot_summary};
+use super::error::{ApiError, ApiResult};
+use super::AppState;
+use crate::api::*;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use dm_store::{DotName, Id, Store};
+use serde::Deserialize;
+use std::sync::Arc;
+
+type S = State<Arc<AppState>>;
+
+/// The API router.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/version", get(version))
+        .route("/v1/dots", get(list_dots).post(create_dot))
+        .route("/v1/dots/{ns}/{dot}", get(get_dot).delete(delete_dot))
+        .route(
+            "/v1/dots/{ns}/{dot}/branches",
+            get(list_branches).post(create_branch),
+        )
+        .route("/v1/dots/{ns}/{dot}/checkout", post(checkout))
+        .route(
+            "/v1/dots/{ns}/{dot}/branches/{branch}",
+            get(get_branch).delete(delete_branch),
+        )
+        .route(
+            "/v1/dots/{ns}/{dot}/branches/{branch}/commits",
+            get(log).post(commit),
+        )
+        .route(
+            "/v1/dots/{ns}/{dot}/branches/{branch}/resolve",
+            get(resolve),
+        )
+        .route("/v1/dots/{ns}/{dot}/branches/{branch}/reset", post(reset))
+        .route("/v1/dots/{ns}/{dot}/branches/{branch}/diff", get(diff))
+        .route("/v1/dots/{ns}/{dot}/branches/{branch}/status", get(status))
+        .route("/v1/commits/{id}", get(get_commit))
+        .route("/v1/mounts", get(list_mounts).post(mount))
+        .route("/v1/mounts/unmount", post(unmount))
+        .route("/v1/sync", post(sync))
+        .route("/v1/gc", post(gc))
+        .route("/v1/fsck", post(fsck))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!(
+        "no such API endpoint {uri}; is the client newer than the server? (`dm version`)"
+    ))
+}
+
+/// Runs blocking store work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<Json<T>> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map(Json),
+        Err(e) => Err(ApiError::internal(format!("internal error: {e}"))),
+    }
+}
+
+fn dot_name(ns: &str, dot: &str) -> ApiResult<DotName> {
+    Ok(DotName::parse(&format!("{ns}/{dot}"))?)
+}
+
+fn check_branch(branch: &str) -> ApiResult<()> {
+    Ok(dm_store::names::validate("branch", branch)?)
+}
+
+fn summary(st: &AppState, dot: &DotName) -> ApiResult<DotSummary> {
+    let info = st.store.dot_info(dot)?;
+    let cur = st.store.branch_info(dot, &info.current_branch)?;
+    Ok(dot_summary(&info, &cur, &st.server_id))
+}
+
+/// Resolves an optional revision on a branch, with an error naming both.
+fn resolve_rev(store: &Store, dot: &DotName, branch: &str, rev: &str) -> ApiResult<Id> {
+    store.resolve(dot, branch, rev).map_err(|e| {
+        let mut err = ApiError::from(e);
+        if !err.message.contains(rev) {
+            err.message = format!("{rev} on {dot}@{branch}: {}", err.message);
+        }
+        err
+    })
+}
+
+async fn version(State(st): S) -> Json<VersionInfo> {
+    Json(VersionInfo {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        api_version: API_VERSION,
+        server_id: st.server_id.clone(),
+    })
+}
+
+async fn list_dots(State(st): S) -> ApiResult<Json<Vec<DotSummary>>> {
+    blocking(move || {
+        let mut out = Vec::new();
+        for info in st.store.list_dots()? {
+            let cur = st.store.branch_info(&info.name, &info.current_branch)?;
+            out.push(dot_summary(&info, &cur, &st.server_id));
+        }
+        Ok(out)
+    })
+    .await
+}
+
+async fn create_dot(
+    State(st): S,
+    Json(req): Json<CreateDotRequest>,
+) -> ApiResult<(StatusCode, Json<DotSummary>)> {
+    let out = blocking(move || {
+        let dot = DotName::parse(&req.name)?;
+        st.store.create_dot(&dot, req.block_size)?;
+        summary(&st, &dot)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, out))
+}
+
+async fn get_dot(
+    State(st): S,
+    Path((ns, dot)): Path<(String, String)>,
+) -> ApiResult<Json<DotDetail>> {
+    blocking(move || {
+        let dot = dot_name(&ns, &dot)?;
+        let summary = summary(&st, &dot)?;
+        let branch_details = st
+            .store
+            .list_branches(&dot)?
+            .iter()
+            .map(|b| branch_view(b, &summary.current_branch))
+            .collect();
+        let mounts = st.mounts.list_dot(&dot);
+        Ok(DotDetail {
+            summary,
+            branch_details,
+            mounts,
+        })
+    })
+    .await
+}
+
+async fn delete_dot(
+    State(st): S,
+    Path((ns, dot)): Path<(String, String)>,
+) -> ApiResult<Json<Empty>> {
+    blocking(move || {
+        let dot = dot_name(&ns, &dot)?;
+        st.store.dot_info(&dot)?;
+        st.mounts.unmount_dot(&dot)?;
+        st.store.delete_dot(&dot)?;
+        tracing::info!("deleted dot {dot}");
+        Ok(Empty {})
+    })
+    .await
+}
+
+async fn list_branches(
+    State(st): S,
+    Path((ns, dot)): Path<(String, String)>,
+) -> ApiResult<Json<Vec<BranchView>>> {
+    blocking(move || {
+        let dot = dot_name(&ns, &dot)?;
+        let info = st.store.dot_info(&dot)?;
+        Ok(st
+            .store
+            .list_branches(&dot)?
+            .iter()
+            .map(|b| branch_view(b, &info.current_branch))
+            .collect())
+    })
+    .await
+}
+
+async fn create_branch(
+    State(st): S,
+    Path((ns, dot)): Path<(String, String)>,
+    Json(req): Json<CreateBranchRequest>,
+) -> ApiResult<(StatusCode, Json<BranchView>)> {
+    let out = blocking(move || {
+        let dot = dot_name(&ns, &dot)?;
+        check_branch(&req.name)?;
+        let info = st.store.dot_info(&dot)?;
+        let from = match &req.from {
+            Some(rev) => Some(resolve_rev(&st.store, &dot, &info.current_branch, rev)?),
+            None => None,
+        };
+        let b = st.store.create_branch(&dot, &req.name, from)?;
+        Ok(branch_view(&b, &info.current_branch))
+    })
+    .await?;
+    Ok((StatusCode::CREATED, out))
+}
+
+async fn get_branch(
+    State(st): S,
+    Path((ns, dot, branch)): Path<(String, String, String)>,
+) -> ApiResult<Json<BranchView>> {
+    blocking(move || {
+        let dot = dot_name(&ns, &dot)?;
+        check_branch(&branch)?;
+        let info = st.store.dot_info(&dot)?;
+        let b = st.store.branch_info(&dot, &branch)?;
+        Ok(branch_view(&b, &info.current_branch))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct ForceQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn delete_branch(
+    State(st): S,
+    Path((ns, dot, branch)): Path<(String, String, String)>,
+    Query(q): Query<ForceQuery>,
+) -> ApiResult<Json<Empty>> {
+    blocking(move || {
+        let dot = dot_name(&ns, &dot)?;
+        check_branch(&branch)?;
+        st.store.branch_info(&dot, &branch)?;
+        let pinned = st.mounts.pinned_paths(&dot, &branch);
+        if !pinned.is_empty() {
+            if !q.force {
+                return Err(ApiError::conflict(format!(
+                    "branch {branch} of {dot} is mounted at {}; unmount it first (`dm unmount PATH`) or use -f",
+                    pinned
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            for p in pinned {
+                st.mounts.unmount(&p)?;
+            }
+        }
+        st.store.delete_branch(&dot, &branch, q.force)?;
+        tracing::info!("deleted branch {branch} of {dot}");
+        Ok(Empty {})
+    })
+    .await
+}
+
+async fn checkout(
+    State(st): S,
+    Path((ns, dot)): Path<(String, String)>,
+    Json(req): Json<CheckoutRequest>,
+) -> ApiResult<Json<BranchView>> {
+    blocking(move || {
+        let dot = dot_name(&ns, &dot)?;
+        check_branch(&req.branch)?;
+        st.store.dot_info(&dot)?;
+        st.mounts.checkout(&dot, &req.branch, req.create)?;
+        let b = st.store.branch_info(&dot, &req.branch)?;
+        tracing::info!("dot {dot}: checked out {}", req.branch);
+        Ok(branch_view(&b, &req.branch))
+    })
+    .await
+}
+
+async fn log(
+    State(st): S,
+    Path((ns, dot, branch)): Path<(String, String, String)>,
+) -> ApiResult<Json<Vec<CommitView>>> {
+    blocking(move || {
+        let dot = dot_name(&ns, &dot)?;
+        check_branch(&branch)?;
+        Ok(st
+            .store
+            .log(&dot, &branch)?
+            .iter()
+            .map(commit_view)
+            .collect())
+    })
+    .await
+}
+
+async fn commit(
+    State(st): S,
+    Path((ns, dot, branch)): Path<(String, String, String)>,
+    Json(req): Json<CommitRequest>,
+) -> ApiResult<(StatusCode, Json<CommitView>)> {
+    let out = blocking(move || {
+        let dot = dot_name(&ns, &dot)?;
+        check_branch(&branch)?;
+        if req.message.trim().is_empty() {
+            return Err(ApiError::bad_request(
+                "a commit needs a message: dm commit -m \"what changed\"",
+            ));
+        }
+        for k in req.metadata.keys() {
+            if !k.starts_with(|c: char| c.is_ascii_lowercase())
+                || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+            {
+                return Err(ApiError::bad_request(format!(
+                    "invalid metadata key {k:?}: keys start with a lowercase letter and use A-Z, a-z, 0-9, '_', '-', '.'"
+                )));
+            }
+        }
+        st.store.branch_info(&dot, &branch)?;
+        st.mounts.sync_kernel(&dot, &branch);
+        let c = st.store.commit(
+            &dot,
+            &branch,
+            dm_store::CommitRequest {
+                message: req.message,
+                author: req.author.unwrap_or_else(|| "admin".to_string()),
+                metadata: req.metadata,
+            },
+        )?;
+        tracing::info!("dot {dot}@{branch}: commit {}", c.id.short());
+        Ok(commit_view(&c))
+    })
+    .await?;
+    Ok((StatusCode::CREATED, out))
+}
+
+async fn resolve(
+    State(st): S,
+    Path((ns, dot, branch)): Path<(String, String, String)>,
+    Query(q): Query<ResolveQuery>,
+) -> ApiResult<Json<ResolveResponse>> {
+    blocking(move || {
+        let dot = dot_name(&ns, &dot)?;
+        check_branch(&branch)?;
+        let id = resolve_rev(&st.store, &dot, &branch, &q.rev)?;
+        Ok(ResolveResponse { id: id.to_hex() })
+    })
+    .await
+}
+
+async fn reset(
+    State(st): S,
+    Path((ns, dot, branch)): Path<(String, String, String)>,
+    Json(req): Json<ResetRequest>,
+) -> ApiResult<Json<ResolveResponse>> {
+    blocking(move || {
+        let dot = dot_name(&ns, &dot)?;
+        check_branch(&branch)?;
+        let target = resolve_rev(&st.store, &dot, &branch, &req.rev)?;
+        if req.hard {
+            // Kernel-cached writes belong to the state being discarded, but
+            // flush them first so that nothing lands after the reset.
+            st.mounts.sync_kernel(&dot, &branch);
+        }
+        st.mounts.reset(&dot, &branch, || {
+            st.store.reset(&dot, &branch, target, req.hard)?;
+            Ok(())
+        })?;
+        tracing::info!("dot {dot}@{branch}: reset to {}", target.short());
+        Ok(ResolveResponse {
+            id: target.to_hex(),
+        })
+    })
+    .await
+}
+
+async fn diff(
+    State(st): S,
+    Path((ns, dot, branch)): Path<(String, String, String)>,
+    Query(q): Query<DiffQuery>,
+) -> ApiResult<Json<DiffResponse>> {
+    blocking(move || {
+        let dot = dot_name(&ns, &dot)?;
+        check_branch(&branch)?;
+        let from = match &q.from {
+            Some(r) => Some(resolve_rev(&st.store, &dot, &branch, r)?),
+            None => None,
+        };
+        let to = match &q.to {
+            Some(r) => Some(resolve_rev(&st.store, &dot, &branch, r)?),
+            None => None,
+        };
+        if to.is_none() {
+            st.mounts.sync_kernel(&dot, &branch);
+        }
+        let from_shown = match from {
+            Some(f) => Some(f),
+            None => st.store.branch_info(&dot, &branch)?.head,
+        };
+        let changes = st.store.diff(&dot, &branch, from, to)?;
+        Ok(DiffResponse {
+            from: from_shown.map(|i| i.to_hex()),
+            to: to.map(|i| i.to_hex()),
+            changes: changes.iter().map(change_view).collect(),
+        })
+    })
+    .await
+}
+
+async fn status(
+    State(st): S,
+    Path((ns, dot, branch)): Path<(String, String, String)>,
+) -> ApiResult<Json<StatusResponse>> {
+    blocking(move || {
+        let dot = dot_name(&ns, &dot)?;
+        check_branch(&branch)?;
+        st.mounts.sync_kernel(&dot, &branch);
+        let b = st.store.branch_info(&dot, &branch)?;
+        let dirty = st.store.is_dirty(&dot, &branch)?;
+        let changes = st.store.diff(&dot, &branch, None, None)?;
+        Ok(StatusResponse {
+            dot: dot.to_string(),
+            branch,
+            head: b.head.map(|h| h.to_hex()),
+            dirty,
+            dirty_bytes: b.dirty_bytes,
+            changes: changes.iter().map(change_view).collect(),
+        })
+    })
+    .await
+}
+
+async fn get_commit(State(st): S, Path(id): Path<String>) -> ApiResult<Json<CommitView>> {
+    blocking(move || {
+        let id = Id::from_hex(&id)?;
+        Ok(commit_view(&st.store.commit_info(&id)?))
+    })
+    .await
+}
+
+async fn list_mounts(State(st): S) -> ApiResult<Json<Vec<MountView>>> {
+    blocking(move || Ok(st.mounts.list())).await
+}
+
+async fn mount(State(st): S, Json(req): Json<MountRequest>) -> ApiResult<Json<MountView>> {
+    blocking(move || {
+        st.mounts
+            .mount(&req.volume, req.path.map(std::path::PathBuf::from))
+    })
+    .await
+}
+
+async fn unmount(State(st): S, Json(req): Json<UnmountRequest>) -> ApiResult<Json<Empty>> {
+    blocking(move || {
+        st.mounts.unmount(std::path::Path::new(&req.path))?;
+        Ok(Empty {})
+    })
+    .await
+}
+
+async fn sync(State(st): S) -> ApiResult<Json<Empty>> {
+    blocking(move || {
+        st.store.sync()?;
+        Ok(Empty {})
+    })
+    .await
+}
+
+async fn gc(State(st): S) -> ApiResult<Json<GcResponse>> {
+    blocking(move || {
+        let r = st.store.gc()?;
+        Ok(GcResponse {
+            chunks_deleted: r.chunks_deleted,
+            objects_deleted: r.objects_deleted,
+            bytes_freed: r.bytes_freed,
+        })
+    })
+    .await
+}
+
+async fn fsck(State(st): S) -> ApiResult<Json<FsckResponse>> {
+    blocking(move || {
+        let r = st.store.fsck()?;
+        Ok(FsckResponse {
+            objects_checked: r.objects_checked,
+            chunks_checked: r.chunks_checked,
+            problems: r.problems,
+        })
+    })
+    .await
+}
