@@ -36,6 +36,9 @@ const TTL: Duration = Duration::from_secs(24 * 3600);
 /// Largest write the kernel sends in one request (needs max_pages, Linux >= 4.20).
 const MAX_WRITE: u32 = 1024 * 1024;
 
+/// Longest file name (bytes), as statfs reports it.
+const NAME_MAX: usize = 255;
+
 /// The subdot name that mounts the whole dot tree.
 pub const ROOT_SUBDOT: &str = "__root__";
 
@@ -286,6 +289,10 @@ impl fuser::Filesystem for DmFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if name.len() > NAME_MAX {
+            reply.error(Errno::ENAMETOOLONG);
+            return;
+        }
         let view = self.shared.view.read();
         match view.fs.lookup(view.to_store(parent), name.as_bytes()) {
             Ok(a) => self.reply_entry(&view, parent, name.as_bytes(), &a, reply),
