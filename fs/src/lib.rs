@@ -36,6 +36,9 @@ const TTL: Duration = Duration::from_secs(24 * 3600);
 /// Largest write the kernel sends in one request (needs max_pages, Linux >= 4.20).
 const MAX_WRITE: u32 = 1024 * 1024;
 
+/// Default for the kernel writeback cache (see [`writeback_wanted`]).
+const WRITEBACK_DEFAULT: bool = false;
+
 /// Longest file name (bytes), as statfs reports it.
 const NAME_MAX: usize = 255;
 
@@ -129,9 +132,27 @@ struct Known {
 /// State shared between the FUSE request loops and the [`Mount`] handle.
 struct Shared {
     view: RwLock<View>,
+    /// The kernel writeback cache is on: dirty pages live in the kernel
+    /// until it writes them back, so switch() must sync them first.
+    writeback: bool,
     subdot: String,
     known: Mutex<Known>,
+    /// Store inodes known to have no `security.capability` xattr. The kernel
+    /// asks for it before every write(2) (to drop file capabilities), so we
+    /// answer from memory; we are the only writer of the xattrs.
+    no_caps: Mutex<NoCaps>,
 }
+
+/// Negative cache for `security.capability` (see [`Shared::no_caps`]).
+#[derive(Default)]
+struct NoCaps {
+    inos: std::collections::HashSet<u64>,
+    /// Bumped by every change of a `security.capability` xattr, so that a
+    /// lookup that raced with a change does not cache a stale answer.
+    generation: u64,
+}
+
+const XATTR_CAPS: &[u8] = b"security.capability";
 
 impl Shared {
     /// Records that the kernel got an entry for `ino` under `(parent, name)`.
@@ -173,6 +194,17 @@ impl Shared {
 /// The `fuser::Filesystem` implementation: a thin translation layer.
 struct DmFs {
     shared: Arc<Shared>,
+}
+
+/// Whether to ask for the kernel writeback cache (FUSE_WRITEBACK_CACHE).
+/// Default chosen by measurement (see docs in field-notes); the environment
+/// variable `DM_FUSE_WRITEBACK=0|1` overrides it for experiments.
+fn writeback_wanted() -> bool {
+    match std::env::var("DM_FUSE_WRITEBACK").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => WRITEBACK_DEFAULT,
+    }
 }
 
 fn errno(e: &dm_store::Error) -> Errno {
@@ -276,11 +308,16 @@ impl fuser::Filesystem for DmFs {
         }
         let _ = config.set_max_background(64);
         // Optional capabilities: ignore what the kernel lacks.
-        for cap in [
+        let mut caps = vec![
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_ATOMIC_O_TRUNC,
             InitFlags::FUSE_AUTO_INVAL_DATA,
-        ] {
+            InitFlags::FUSE_CACHE_SYMLINKS,
+        ];
+        if self.shared.writeback {
+            caps.push(InitFlags::FUSE_WRITEBACK_CACHE);
+        }
+        for cap in caps {
             if config.add_capabilities(cap).is_err() {
                 debug!("kernel lacks FUSE capability {cap:?}");
             }
@@ -696,10 +733,13 @@ impl fuser::Filesystem for DmFs {
         reply: ReplyEmpty,
     ) {
         let view = self.shared.view.read();
-        match view
-            .fs
-            .setxattr(view.to_store(ino), name.as_bytes(), value, flags)
-        {
+        let ino = view.to_store(ino);
+        if name.as_bytes() == XATTR_CAPS {
+            let mut nc = self.shared.no_caps.lock();
+            nc.generation += 1;
+            nc.inos.remove(&ino);
+        }
+        match view.fs.setxattr(ino, name.as_bytes(), value, flags) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -707,9 +747,29 @@ impl fuser::Filesystem for DmFs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let view = self.shared.view.read();
-        match view.fs.getxattr(view.to_store(ino), name.as_bytes()) {
+        let ino = view.to_store(ino);
+        let caps = name.as_bytes() == XATTR_CAPS;
+        let generation = if caps {
+            let nc = self.shared.no_caps.lock();
+            if nc.inos.contains(&ino) {
+                reply.error(Errno::ENODATA);
+                return;
+            }
+            nc.generation
+        } else {
+            0
+        };
+        match view.fs.getxattr(ino, name.as_bytes()) {
             Ok(v) => reply_xattr(&v, size, reply),
-            Err(e) => reply.error(errno(&e)),
+            Err(e) => {
+                if caps && e.errno() == libc::ENODATA {
+                    let mut nc = self.shared.no_caps.lock();
+                    if nc.generation == generation {
+                        nc.inos.insert(ino);
+                    }
+                }
+                reply.error(errno(&e))
+            }
         }
     }
 
@@ -846,7 +906,9 @@ impl Mount {
         let shared = Arc::new(Shared {
             view: RwLock::new(View { fs, root }),
             subdot: subdot.to_string(),
+            writeback: writeback_wanted(),
             known: Mutex::new(Known::default()),
+            no_caps: Mutex::new(NoCaps::default()),
         });
         let mut config = Config::default();
         config.mount_options = vec![
@@ -888,10 +950,17 @@ impl Mount {
         let root = fs
             .subdot_ino(&self.shared.subdot, true)
             .map_err(store_io_error)?;
+        if self.shared.writeback {
+            // Dirty pages cached by the kernel belong to the old branch.
+            syncfs(&self.path)?;
+        }
         {
             // Waits for requests in flight on the old branch to finish.
             let mut view = self.shared.view.write();
             *view = View { fs, root };
+            let mut nc = self.shared.no_caps.lock();
+            nc.generation += 1;
+            nc.inos.clear();
         }
         // Snapshot what the kernel knows; notify without holding any lock
         // (the kernel may need a request of ours to finish first).
@@ -968,6 +1037,17 @@ fn store_io_error(e: dm_store::Error) -> io::Error {
         io::Error::from_raw_os_error(e.errno()).kind(),
         e.to_string(),
     )
+}
+
+fn syncfs(path: &Path) -> io::Result<()> {
+    let dir = std::fs::File::open(path)?;
+    // SAFETY: dir is an open file descriptor for the duration of the call.
+    let r = unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 fn umount2(path: &Path, flags: libc::c_int) -> io::Result<()> {
