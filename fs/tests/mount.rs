@@ -527,3 +527,66 @@ fn switch_between_branches_and_after_reset() {
     assert!(!f.p("only-b").exists());
     mount.unmount().unwrap();
 }
+
+/// Not a test on its own: when DM_FS_CHILD_MOUNT is set, mounts a fresh store
+/// there and sleeps, so that `dead_mount_is_cleaned_up` can SIGKILL it.
+#[test]
+fn child_mount_helper() {
+    let Some(path) = std::env::var_os("DM_FS_CHILD_MOUNT") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open store");
+    let dot = DotName::new("child").expect("dot name");
+    store.create_dot(&dot, None).expect("create dot");
+    let fs = store.branch_fs(&dot, "master").expect("branch fs");
+    let _m = Mount::mount(
+        Path::new(&path),
+        fs,
+        "__default__",
+        &MountOptions::default(),
+    )
+    .expect("mount");
+    fs::write(Path::new(&path).join("alive"), b"1").expect("write");
+    std::thread::sleep(std::time::Duration::from_secs(60));
+}
+
+#[test]
+fn dead_mount_is_cleaned_up() {
+    if !can_mount() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_mount_helper", "--nocapture"])
+        .env("DM_FS_CHILD_MOUNT", &mnt)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !mnt.join("alive").exists() {
+        assert!(std::time::Instant::now() < deadline, "child never mounted");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap(); // SIGKILL: the mount stays, its server is gone
+    child.wait().unwrap();
+    // (The root's attributes may still be cached by the kernel: ask for a name.)
+    let e = fs::metadata(mnt.join("not-cached")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN));
+    cleanup_stale_mount(&mnt).unwrap();
+    assert!(fs::metadata(&mnt).unwrap().is_dir());
+    // The path can be mounted again.
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let dot = DotName::new("again").unwrap();
+    store.create_dot(&dot, None).unwrap();
+    let m = Mount::mount(
+        &mnt,
+        store.branch_fs(&dot, "master").unwrap(),
+        "__default__",
+        &MountOptions::default(),
+    )
+    .unwrap();
+    fs::write(mnt.join("x"), b"x").unwrap();
+    m.unmount().unwrap();
+}
