@@ -141,6 +141,11 @@ struct Shared {
     /// asks for it before every write(2) (to drop file capabilities), so we
     /// answer from memory; we are the only writer of the xattrs.
     no_caps: Mutex<NoCaps>,
+    /// Open files: FUSE file handle -> the branch and store inode it was
+    /// opened on. I/O and release on a handle go to that branch even after
+    /// switch(), so open counts (unlinked-but-open files) stay balanced.
+    handles: RwLock<HashMap<u64, (Arc<BranchFs>, u64)>>,
+    next_fh: std::sync::atomic::AtomicU64,
 }
 
 /// Negative cache for `security.capability` (see [`Shared::no_caps`]).
@@ -278,6 +283,26 @@ fn kind_of_mode(mode: u32) -> Option<FileKind> {
 }
 
 impl DmFs {
+    /// Registers an open file and returns its handle.
+    fn new_handle(&self, fs: Arc<BranchFs>, ino: u64) -> FileHandle {
+        let fh = self
+            .shared
+            .next_fh
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.shared.handles.write().insert(fh, (fs, ino));
+        FileHandle(fh)
+    }
+
+    /// The branch and store inode of an open file handle. Unknown handles
+    /// (not issued by us) fall back to the current branch.
+    fn handle(&self, fh: FileHandle, ino: INodeNo) -> (Arc<BranchFs>, u64) {
+        if let Some((fs, ino)) = self.shared.handles.read().get(&fh.0) {
+            return (fs.clone(), *ino);
+        }
+        let view = self.shared.view.read();
+        (view.fs.clone(), view.to_store(ino))
+    }
+
     /// Owner and extra mode bits of a new inode in `parent`: the caller's
     /// uid/gid, except that a set-group-ID directory passes on its group
     /// (and, to new directories, its S_ISGID bit).
@@ -562,7 +587,10 @@ impl fuser::Filesystem for DmFs {
         }
         match view.fs.open(ino) {
             // KEEP_CACHE: we are the only writer; switch() drops the page cache.
-            Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(()) => reply.opened(
+                self.new_handle(view.fs.clone(), ino),
+                FopenFlags::FOPEN_KEEP_CACHE,
+            ),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -571,15 +599,15 @@ impl fuser::Filesystem for DmFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let view = self.shared.view.read();
-        match view.fs.read(view.to_store(ino), offset, size) {
+        let (fs, ino) = self.handle(fh, ino);
+        match fs.read(ino, offset, size) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(errno(&e)),
         }
@@ -589,7 +617,7 @@ impl fuser::Filesystem for DmFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
@@ -597,8 +625,8 @@ impl fuser::Filesystem for DmFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let view = self.shared.view.read();
-        match view.fs.write(view.to_store(ino), offset, data) {
+        let (fs, ino) = self.handle(fh, ino);
+        match fs.write(ino, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),
         }
@@ -608,12 +636,12 @@ impl fuser::Filesystem for DmFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        let view = self.shared.view.read();
-        match view.fs.flush(view.to_store(ino)) {
+        let (fs, ino) = self.handle(fh, ino);
+        match fs.flush(ino) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -623,14 +651,15 @@ impl fuser::Filesystem for DmFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let view = self.shared.view.read();
-        match view.fs.release(view.to_store(ino)) {
+        let (fs, ino) = self.handle(fh, ino);
+        self.shared.handles.write().remove(&fh.0);
+        match fs.release(ino) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -640,12 +669,12 @@ impl fuser::Filesystem for DmFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let view = self.shared.view.read();
-        match view.fs.fsync(view.to_store(ino), datasync) {
+        let (fs, ino) = self.handle(fh, ino);
+        match fs.fsync(ino, datasync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -836,13 +865,8 @@ impl fuser::Filesystem for DmFs {
         }
         let attr = view.attr(&a);
         self.shared.remember(parent, name.as_bytes(), attr.ino);
-        reply.created(
-            &TTL,
-            &attr,
-            Generation(0),
-            FileHandle(0),
-            FopenFlags::FOPEN_KEEP_CACHE,
-        );
+        let fh = self.new_handle(view.fs.clone(), a.ino);
+        reply.created(&TTL, &attr, Generation(0), fh, FopenFlags::FOPEN_KEEP_CACHE);
     }
 
     fn fallocate(
@@ -909,6 +933,8 @@ impl Mount {
             writeback: writeback_wanted(),
             known: Mutex::new(Known::default()),
             no_caps: Mutex::new(NoCaps::default()),
+            handles: RwLock::new(HashMap::new()),
+            next_fh: std::sync::atomic::AtomicU64::new(1),
         });
         let mut config = Config::default();
         config.mount_options = vec![
