@@ -938,7 +938,11 @@ impl Mount {
         });
         let mut config = Config::default();
         config.mount_options = vec![
-            MountOption::FSName(opts.fsname.clone()),
+            // A comma or space would split the mount option string.
+            MountOption::FSName(
+                opts.fsname
+                    .replace(|c: char| c == ',' || c.is_whitespace(), "_"),
+            ),
             MountOption::Subtype("dm".to_string()),
             MountOption::DefaultPermissions,
             MountOption::Dev,
@@ -1167,6 +1171,12 @@ mod tests {
         ] {
             assert_eq!(to_timestamp(to_system_time(t)), t);
         }
+    }
+
+    #[test]
+    fn mount_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Mount>();
     }
 
     #[test]
