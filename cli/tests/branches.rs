@@ -1,0 +1,95 @@
+//! The seed's branch example: A, B on master; checkout -b newbranch; C;
+//! checkout master; D; checkout newbranch; E. The followed path shows the
+//! current branch; pinned `dot@branch` mounts stay.
+
+use dm_tests::{is_mounted, snapshot, write_synced, Server};
+use std::path::{Path, PathBuf};
+
+const DM: &str = env!("CARGO_BIN_EXE_dm");
+
+fn commit_letter(s: &Server, mnt: &Path, letter: &str) {
+    write_synced(&mnt.join(letter), letter.as_bytes());
+    let mut history = std::fs::read(mnt.join("history")).unwrap_or_default();
+    history.extend_from_slice(letter.as_bytes());
+    write_synced(&mnt.join("history"), &history);
+    s.ok(&["commit", "-m", letter]);
+}
+
+fn files(mnt: &Path) -> Vec<String> {
+    snapshot(mnt).into_keys().collect()
+}
+
+fn messages(s: &Server) -> Vec<String> {
+    s.ok(&["log"])
+        .lines()
+        .filter_map(|l| l.strip_prefix("    "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn branch_example() {
+    let s = Server::start(DM);
+    s.ok(&["init", "myapp"]);
+    s.ok(&["switch", "myapp"]);
+    let mnt = PathBuf::from(s.ok(&["mount", "myapp"]).trim());
+
+    commit_letter(&s, &mnt, "A");
+    let pinned_master = s.root().join("pinned-master");
+    let out = s.ok(&["mount", "myapp@master", pinned_master.to_str().unwrap()]);
+    assert_eq!(out.trim(), pinned_master.display().to_string());
+    commit_letter(&s, &mnt, "B");
+
+    s.ok(&["checkout", "-b", "newbranch"]);
+    let branches = s.ok(&["branch"]);
+    assert_eq!(branches, "  master\n* newbranch\n");
+    commit_letter(&s, &mnt, "C");
+    // The pinned mount still shows master.
+    assert_eq!(files(&pinned_master), ["A", "B", "history"]);
+    assert_eq!(std::fs::read(pinned_master.join("history")).unwrap(), b"AB");
+
+    s.ok(&["checkout", "master"]);
+    assert_eq!(files(&mnt), ["A", "B", "history"]);
+    commit_letter(&s, &mnt, "D");
+    let pinned_new = s.root().join("pinned-new");
+    s.ok(&["mount", "myapp@newbranch", pinned_new.to_str().unwrap()]);
+
+    s.ok(&["checkout", "newbranch"]);
+    commit_letter(&s, &mnt, "E");
+
+    // The followed path shows newbranch: A B C E.
+    assert_eq!(files(&mnt), ["A", "B", "C", "E", "history"]);
+    assert_eq!(std::fs::read(mnt.join("history")).unwrap(), b"ABCE");
+    assert_eq!(messages(&s), ["A", "B", "C", "E"]);
+    // Pinned mounts: master shows A B D, newbranch (pinned) follows its own commits.
+    assert_eq!(files(&pinned_master), ["A", "B", "D", "history"]);
+    assert_eq!(
+        std::fs::read(pinned_master.join("history")).unwrap(),
+        b"ABD"
+    );
+    assert_eq!(files(&pinned_new), ["A", "B", "C", "E", "history"]);
+
+    s.ok(&["checkout", "master"]);
+    assert_eq!(files(&mnt), ["A", "B", "D", "history"]);
+    assert_eq!(messages(&s), ["A", "B", "D"]);
+    assert!(is_mounted(&pinned_master) && is_mounted(&pinned_new));
+    assert_eq!(files(&pinned_new), ["A", "B", "C", "E", "history"]);
+
+    let show = s.ok(&["dot", "show"]);
+    assert!(show.contains("newbranch (4 commits"), "{show}");
+    assert!(show.contains("from master at"), "{show}");
+
+    // Branch deletion: not the current one, not while pinned-mounted without -f.
+    let err = s.fail(&["branch", "-d", "master"]);
+    assert!(err.contains("master"), "{err}");
+    let err = s.fail(&["branch", "-d", "newbranch"]);
+    assert!(err.contains("newbranch"), "{err}");
+    s.ok(&["checkout", "-b", "scratch"]);
+    s.ok(&["checkout", "master"]);
+    s.ok(&["branch", "-d", "scratch"]);
+    assert_eq!(s.ok(&["branch"]), "* master\n  newbranch\n");
+
+    // Unmount a pinned mount.
+    s.ok(&["unmount", pinned_new.to_str().unwrap()]);
+    assert!(!is_mounted(&pinned_new));
+}

@@ -1,0 +1,106 @@
+//! Bad names and bad refs: clear errors, exit code 1, nothing changed.
+
+use dm_tests::{write_synced, Server};
+use std::path::PathBuf;
+
+const DM: &str = env!("CARGO_BIN_EXE_dm");
+
+#[test]
+fn bad_input_changes_nothing() {
+    let s = Server::start(DM);
+
+    let err = s.fail(&["commit", "-m", "x"]);
+    assert!(err.contains("dm switch"), "{err}");
+
+    for bad in [
+        "bad name",
+        "a.b",
+        "",
+        "x/y/z",
+        "dot@branch",
+        &"x".repeat(65),
+    ] {
+        let err = s.fail(&["init", bad]);
+        assert!(err.contains("invalid"), "init {bad:?}: {err}");
+    }
+    assert_eq!(s.ok(&["list", "-H"]), "", "bad inits created dots");
+
+    s.ok(&["init", "myapp"]);
+    let err = s.fail(&["init", "myapp"]);
+    assert!(
+        err.contains("already exists") && err.contains("myapp"),
+        "{err}"
+    );
+    let err = s.fail(&["switch", "nosuch"]);
+    assert!(err.contains("nosuch"), "{err}");
+    s.ok(&["switch", "myapp"]);
+
+    let mnt = PathBuf::from(s.ok(&["mount", "myapp"]).trim());
+    write_synced(&mnt.join("f"), b"1");
+    s.ok(&["commit", "-m", "one"]);
+    write_synced(&mnt.join("f"), b"2");
+    s.ok(&["commit", "-m", "two"]);
+    let log = s.ok(&["log"]);
+
+    for bad in ["HEAD^^^", "HEAD~5", "deadbeef", "nonsense", "HEAD^x"] {
+        let err = s.fail(&["reset", "--hard", bad]);
+        assert!(
+            err.contains(bad) || err.contains("commit"),
+            "reset {bad}: {err}"
+        );
+        assert_eq!(s.ok(&["log"]), log, "reset {bad} changed the log");
+        assert_eq!(std::fs::read(mnt.join("f")).unwrap(), b"2");
+    }
+    let err = s.fail(&["diff", "HEAD~9"]);
+    assert!(err.contains("HEAD~9"), "{err}");
+
+    let err = s.fail(&["checkout", "nosuch"]);
+    assert!(
+        err.contains("nosuch") && err.contains("checkout -b"),
+        "{err}"
+    );
+    let err = s.fail(&["checkout", "-b", "bad/name"]);
+    assert!(err.contains("invalid"), "{err}");
+    let err = s.fail(&["checkout", "-b", "master"]);
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(s.ok(&["branch"]), "* master\n");
+
+    let err = s.fail(&["mount", "nosuch"]);
+    assert!(err.contains("nosuch"), "{err}");
+    let err = s.fail(&["mount", "myapp@nobranch"]);
+    assert!(err.contains("nobranch"), "{err}");
+    let err = s.fail(&["mount", "my app"]);
+    assert!(err.contains("invalid"), "{err}");
+    let err = s.fail(&["unmount", "/nonexistent/path"]);
+    assert!(err.contains("/nonexistent/path"), "{err}");
+
+    let err = s.fail(&["commit", "-m", "x", "-d", "Upper=1"]);
+    assert!(err.contains("lowercase"), "{err}");
+    let err = s.fail(&["commit", "-m", "x", "-d", "novalue"]);
+    assert!(err.contains("key=value"), "{err}");
+    assert_eq!(s.ok(&["log"]), log);
+
+    // Deleting needs confirmation; stdin is not a terminal here.
+    let err = s.fail(&["dot", "delete", "myapp"]);
+    assert!(err.contains("-f"), "{err}");
+    assert!(s.ok(&["list", "-H"]).starts_with("myapp\t"));
+    s.ok(&["dot", "delete", "-f", "myapp"]);
+    assert_eq!(s.ok(&["list", "-H"]), "");
+    assert!(!dm_tests::is_mounted(&mnt));
+    let err = s.fail(&["log"]);
+    assert!(err.contains("dm switch"), "{err}");
+}
+
+#[test]
+fn server_not_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(DM)
+        .args(["list"])
+        .env("DM_SOCKET", dir.path().join("none.sock"))
+        .env("DM_CONFIG", dir.path().join("config.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("dm server"), "{err}");
+}

@@ -1,0 +1,59 @@
+//! Subdots: `myapp.orders-db` and `myapp.catalog-db` are committed together
+//! and restored together.
+
+use dm_tests::{random_bytes, snapshot, write_synced, Server};
+use std::path::PathBuf;
+
+const DM: &str = env!("CARGO_BIN_EXE_dm");
+
+#[test]
+fn subdots_commit_and_reset_atomically() {
+    let s = Server::start(DM);
+    s.ok(&["init", "myapp"]);
+    s.ok(&["switch", "myapp"]);
+    let orders = PathBuf::from(s.ok(&["mount", "myapp.orders-db"]).trim());
+    let catalog = PathBuf::from(s.ok(&["mount", "myapp.catalog-db"]).trim());
+    assert_ne!(orders, catalog);
+    assert!(orders.ends_with("myapp/orders-db"), "{}", orders.display());
+
+    write_synced(&orders.join("orders"), b"");
+    write_synced(&catalog.join("catalog"), b"");
+    s.ok(&["commit", "-m", "two empty dbs"]);
+    let empty_orders = snapshot(&orders);
+    let empty_catalog = snapshot(&catalog);
+
+    write_synced(&orders.join("orders"), &random_bytes(7, 200_000));
+    write_synced(&catalog.join("catalog"), &random_bytes(8, 300_000));
+    s.ok(&["commit", "-m", "data in two dbs"]);
+    let full_orders = snapshot(&orders);
+    let full_catalog = snapshot(&catalog);
+
+    // The whole dot: both subdots in one tree.
+    let root = s.root().join("whole");
+    s.ok(&["mount", "myapp.__root__", root.to_str().unwrap()]);
+    let whole = snapshot(&root);
+    assert!(whole.contains_key("orders-db/orders"), "{:?}", whole.keys());
+    assert!(
+        whole.contains_key("catalog-db/catalog"),
+        "{:?}",
+        whole.keys()
+    );
+
+    let diff = s.ok(&["diff", "HEAD^", "HEAD"]);
+    assert!(diff.contains("/orders-db/orders"), "{diff}");
+    assert!(diff.contains("/catalog-db/catalog"), "{diff}");
+
+    s.ok(&["reset", "--hard", "HEAD^"]);
+    assert_eq!(snapshot(&orders), empty_orders);
+    assert_eq!(snapshot(&catalog), empty_catalog);
+
+    // A branch carries both subdots too.
+    s.ok(&["checkout", "-b", "other"]);
+    assert_eq!(snapshot(&orders), empty_orders);
+    write_synced(&orders.join("orders"), b"other");
+    s.ok(&["commit", "-m", "other"]);
+    s.ok(&["checkout", "master"]);
+    assert_eq!(snapshot(&orders), empty_orders);
+    assert_ne!(full_orders, empty_orders);
+    assert_ne!(full_catalog, empty_catalog);
+}

@@ -1,0 +1,155 @@
+//! The seed document's walkthrough through the real `dm` binary and a real
+//! `dm server`: init, write through the mount, two commits, log, rollback.
+
+use dm_tests::{random_bytes, snapshot, write_synced, Server};
+use std::path::PathBuf;
+
+const DM: &str = env!("CARGO_BIN_EXE_dm");
+
+#[test]
+fn init_commit_log_reset() {
+    let s = Server::start(DM);
+    s.ok(&["init", "myapp"]);
+    s.ok(&["switch", "myapp"]);
+
+    let list = s.ok(&["list"]);
+    assert!(!list.contains("Current remote"), "no remotes yet:\n{list}");
+    let header = list.lines().next().unwrap();
+    for col in [
+        "DOT",
+        "BRANCH",
+        "SERVER",
+        "CONTAINERS",
+        "SIZE",
+        "COMMITS",
+        "DIRTY",
+    ] {
+        assert!(header.contains(col), "missing {col} in {header}");
+    }
+    let row = list.lines().find(|l| l.contains("myapp")).unwrap();
+    assert!(row.starts_with("* myapp"), "current dot not marked: {row}");
+    assert!(row.contains("master"), "{row}");
+
+    // The path of the dot, following its current branch.
+    let mnt = PathBuf::from(s.ok(&["mount", "myapp"]).trim());
+    assert!(mnt.starts_with(s.mount_dir()), "{}", mnt.display());
+    assert!(dm_tests::is_mounted(&mnt));
+
+    // First state: a few files, a directory, a symlink.
+    std::fs::create_dir(mnt.join("base")).unwrap();
+    write_synced(&mnt.join("base/PG_VERSION"), b"9.6\n");
+    write_synced(&mnt.join("big.bin"), &random_bytes(1, 3 * 1024 * 1024 + 17));
+    std::os::unix::fs::symlink("base/PG_VERSION", mnt.join("link")).unwrap();
+    let first = snapshot(&mnt);
+
+    let id1 = s.ok(&["commit", "-m", "empty state"]).trim().to_string();
+    assert_eq!(id1.len(), 64, "commit prints the id: {id1}");
+
+    // Second state: modify, add, delete.
+    let mut big = random_bytes(1, 3 * 1024 * 1024 + 17);
+    big[1_000_000..1_000_100].fill(0xAB);
+    write_synced(&mnt.join("big.bin"), &big);
+    write_synced(&mnt.join("base/new-table"), &random_bytes(2, 100_000));
+    std::fs::remove_file(mnt.join("link")).unwrap();
+
+    let status = s.ok(&["status"]);
+    assert!(status.contains("Uncommitted"), "{status}");
+    let diff = s.ok(&["diff"]);
+    assert!(diff.contains("M  /__default__/big.bin"), "{diff}");
+    assert!(diff.contains("A  /__default__/base/new-table"), "{diff}");
+    assert!(diff.contains("D  /__default__/link"), "{diff}");
+
+    let id2 = s
+        .ok(&["commit", "-m", "some data", "-d", "ticket=16637"])
+        .trim()
+        .to_string();
+    assert_ne!(id1, id2);
+    let second = snapshot(&mnt);
+    assert_ne!(first, second);
+    assert!(s.ok(&["status"]).contains("Nothing to commit"));
+
+    // dm log: both commits, oldest first, in Dotmesh's format.
+    let log = s.ok(&["log"]);
+    let expected_start = format!("commit {id1}\nAuthor: admin\nDate: ");
+    assert!(log.starts_with(&expected_start), "{log}");
+    assert!(log.contains("\n\n    empty state\n\n"), "{log}");
+    assert!(
+        log.contains(&format!("commit {id2}\nAuthor: admin\n")),
+        "{log}"
+    );
+    assert!(log.contains("ticket: 16637\n"), "{log}");
+    assert!(log.contains("\n\n    some data\n"), "{log}");
+    assert!(log.find("empty state").unwrap() < log.find("some data").unwrap());
+
+    let diff = s.ok(&["diff", "HEAD^", "HEAD"]);
+    assert!(diff.contains("M  /__default__/big.bin"), "{diff}");
+
+    // Plain reset refuses to discard uncommitted data.
+    write_synced(&mnt.join("scratch"), b"uncommitted");
+    let err = s.fail(&["reset", "HEAD^"]);
+    assert!(err.contains("--hard"), "{err}");
+    assert_eq!(std::fs::read(mnt.join("scratch")).unwrap(), b"uncommitted");
+    assert_eq!(s.ok(&["log"]), log, "a refused reset changed the log");
+
+    // Rollback: byte for byte the first state, at the same path.
+    s.ok(&["reset", "--hard", "HEAD^"]);
+    assert_eq!(snapshot(&mnt), first);
+    let log = s.ok(&["log"]);
+    assert!(
+        log.contains("empty state") && !log.contains("some data"),
+        "{log}"
+    );
+
+    // -H: raw numbers, tab-separated, no header.
+    let raw = s.ok(&["list", "-H"]);
+    let fields: Vec<&str> = raw.trim_end().split('\t').collect();
+    assert_eq!(fields.len(), 7, "{raw:?}");
+    assert_eq!(fields[0], "myapp");
+    assert_eq!(fields[1], "master");
+    assert!(fields[4].parse::<u64>().is_ok(), "{raw:?}");
+    assert_eq!(fields[5], "1");
+
+    let show = s.ok(&["dot", "show"]);
+    assert!(show.contains("Current branch: master"), "{show}");
+    assert!(show.contains(&mnt.display().to_string()), "{show}");
+
+    s.ok(&["fsck"]);
+    s.ok(&["gc"]);
+    assert_eq!(snapshot(&mnt), first, "gc changed the data");
+    let v = s.ok(&["version"]);
+    assert!(v.contains("Client: dm") && v.contains("Server: dm"), "{v}");
+}
+
+#[test]
+fn clean_shutdown_and_restart() {
+    let mut s = Server::start(DM);
+    s.ok(&["init", "myapp"]);
+    s.ok(&["switch", "myapp"]);
+    let mnt = PathBuf::from(s.ok(&["mount", "myapp"]).trim());
+    write_synced(&mnt.join("f"), b"kept");
+    s.ok(&["commit", "-m", "one"]);
+    assert_eq!(s.stop(), Some(0), "SIGTERM must exit 0:\n{}", s.log());
+    assert!(
+        !dm_tests::is_mounted(&mnt),
+        "mount left behind after SIGTERM"
+    );
+    s.restart();
+    assert!(dm_tests::is_mounted(&mnt), "mount did not come back");
+    assert_eq!(std::fs::read(mnt.join("f")).unwrap(), b"kept");
+    assert!(s.ok(&["log"]).contains("    one\n"));
+}
+
+#[test]
+fn completions_and_help() {
+    let out = std::process::Command::new(DM)
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("checkout"));
+    let out = std::process::Command::new(DM)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}

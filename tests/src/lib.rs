@@ -1,0 +1,277 @@
+//! Helpers for end-to-end tests: start a real `dm server` on temporary
+//! directories, drive the real `dm` binary against it, and clean up (kill
+//! the server, unmount leftovers) on drop.
+//!
+//! The tests themselves live in `cli/tests/`, where Cargo provides the path
+//! of the built binary (`env!("CARGO_BIN_EXE_dm")`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `dm server` with its own data dir, mount dir, socket and client
+/// config, all inside one temporary directory.
+pub struct Server {
+    bin: PathBuf,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts a server with fresh directories and waits until it answers.
+    pub fn start(bin: &str) -> Server {
+        let dir = tempfile::Builder::new()
+            .prefix("dm-e2e-")
+            .tempdir()
+            .expect("creating a temp dir");
+        let mut s = Server {
+            bin: PathBuf::from(bin),
+            child: None,
+            dir,
+        };
+        s.spawn();
+        s
+    }
+
+    /// The temporary directory holding everything.
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The server's data dir.
+    pub fn data_dir(&self) -> PathBuf {
+        self.root().join("data")
+    }
+
+    /// The server's mount dir.
+    pub fn mount_dir(&self) -> PathBuf {
+        self.root().join("mnt")
+    }
+
+    /// The API socket.
+    pub fn socket(&self) -> PathBuf {
+        self.root().join("dm.sock")
+    }
+
+    /// The client config file.
+    pub fn config(&self) -> PathBuf {
+        self.root().join("config.toml")
+    }
+
+    /// The server's log (stderr), appended across restarts.
+    pub fn log_path(&self) -> PathBuf {
+        self.root().join("server.log")
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("opening the server log");
+        let child = Command::new(&self.bin)
+            .arg("server")
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--mount-dir")
+            .arg(self.mount_dir())
+            .arg("--socket")
+            .arg(self.socket())
+            .env("DM_LOG", "info,dm_fs=info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("starting dm server");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Polls `dm version` until the server answers (30 s at most).
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("dm server exited early with {status}:\n{}", self.log());
+                }
+            }
+            if std::os::unix::net::UnixStream::connect(self.socket()).is_ok()
+                && self.dm(&["version"]).status.success()
+            {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("dm server did not come up in 30 s:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs `dm ARGS` against this server and config.
+    pub fn dm(&self, args: &[&str]) -> Output {
+        Command::new(&self.bin)
+            .args(args)
+            .env("DM_SOCKET", self.socket())
+            .env("DM_CONFIG", self.config())
+            .stdin(Stdio::null())
+            .output()
+            .expect("running dm")
+    }
+
+    /// Runs `dm ARGS`, asserts success and returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.dm(args);
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            out.status.success(),
+            "dm {args:?} failed ({}):\nstdout: {stdout}\nstderr: {stderr}\nserver log:\n{}",
+            out.status,
+            self.log()
+        );
+        stdout
+    }
+
+    /// Runs `dm ARGS`, asserts failure (non-zero exit, no panic) and returns stderr.
+    pub fn fail(&self, args: &[&str]) -> String {
+        let out = self.dm(args);
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            !out.status.success(),
+            "dm {args:?} succeeded but should have failed:\nstdout: {stdout}\nstderr: {stderr}"
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "dm {args:?} did not exit with 1 (a panic or a signal?): {stderr}"
+        );
+        assert!(
+            !stderr.contains("panicked"),
+            "dm {args:?} panicked: {stderr}"
+        );
+        stderr
+    }
+
+    /// Kills the server with SIGKILL (a crash) and waits for it.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the server with SIGTERM and returns its exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("dm server ignored SIGTERM for 30 s:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts the server again on the same directories.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart: the server is still running");
+        self.spawn();
+    }
+}
+
+/// Mount points (from /proc/self/mountinfo) under `dir`.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect()
+}
+
+/// True when `path` is a mount point.
+pub fn is_mounted(path: &Path) -> bool {
+    mounts_under(path).iter().any(|p| p == path)
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+        // Detach whatever the killed server left mounted, deepest first.
+        let mut left = mounts_under(self.root());
+        left.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for p in left {
+            if let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) {
+                // SAFETY: c is a valid C string for the call.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+    }
+}
+
+/// Every file, directory and symlink under `dir`: relative path -> content
+/// (`dir` for directories, `-> target` for symlinks, the bytes for files).
+pub fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+            .map(|e| e.expect("dir entry").path())
+            .collect();
+        entries.sort();
+        for p in entries {
+            let rel = p
+                .strip_prefix(base)
+                .expect("under base")
+                .display()
+                .to_string();
+            let meta = std::fs::symlink_metadata(&p).expect("lstat");
+            if meta.file_type().is_symlink() {
+                let t = std::fs::read_link(&p).expect("readlink");
+                out.insert(rel, format!("-> {}", t.display()).into_bytes());
+            } else if meta.is_dir() {
+                out.insert(rel, b"dir".to_vec());
+                walk(base, &p, out);
+            } else {
+                out.insert(rel, std::fs::read(&p).expect("read"));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// `len` pseudo-random bytes from `seed` (deterministic).
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = vec![0u8; len];
+    rng.fill_bytes(&mut v);
+    v
+}
+
+/// Writes `data` to `path` and fsyncs it.
+pub fn write_synced(path: &Path, data: &[u8]) {
+    use std::io::Write;
+    let mut f =
+        std::fs::File::create(path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+    f.write_all(data)
+        .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    f.sync_all()
+        .unwrap_or_else(|e| panic!("fsync {}: {e}", path.display()));
+}
