@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs the system packages dm needs to build and test (Debian, as root).
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+pkgs=(libclang-dev clang fuse3 libfuse3-dev pkg-config attr fio git postgresql)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+# FUSE: allow_other for non-root mounts, and the device.
+grep -q '^user_allow_other' /etc/fuse.conf 2>/dev/null || echo user_allow_other >> /etc/fuse.conf
+[ -e /dev/fuse ] || { echo "ci: /dev/fuse is missing: FUSE tests cannot run" >&2; exit 1; }

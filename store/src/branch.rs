@@ -1,0 +1,1168 @@
+//! A branch's working state as a POSIX-shaped filesystem ([`BranchFs`]).
+//!
+//! Metadata changes go straight to the branch's overlay in RocksDB, each
+//! operation one atomic batch. File data is buffered per block in memory and
+//! turned into chunks at flush, fsync, close, commit, or when the buffers
+//! grow past a bound.
+//!
+//! Lock order: `state` (read by every call, written by commit/reset) ->
+//! a file's buffer -> `meta` (serialises metadata changes) -> `files` map.
+
+use crate::db::Db;
+use crate::error::{libc_consts::*, Error, Result};
+use crate::id::Id;
+use crate::inode::*;
+use crate::keys;
+use crate::names::{validate_file_name, DotName, ROOT_SUBDOT};
+use crate::view::{Tx, View};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Largest xattr value accepted.
+const XATTR_MAX: usize = 64 * 1024;
+/// A file's buffered blocks are chunked once they pass this many bytes.
+const FILE_BUFFER_MAX: usize = 8 << 20;
+/// Largest file size (2^50 bytes).
+const MAX_FILE_SIZE: u64 = 1 << 50;
+
+/// The mutable part of a branch: which snapshot its overlay sits on.
+#[derive(Clone, Debug)]
+pub(crate) struct BranchState {
+    pub head: Option<Id>,
+    pub root: Id,
+    pub deleted: bool,
+}
+
+/// Buffered writes of one file.
+#[derive(Default)]
+struct FileBuf {
+    blocks: BTreeMap<u64, Vec<u8>>,
+    /// The file's size including buffered writes (authoritative while the
+    /// buffer exists).
+    size: u64,
+    /// mtime of the last buffered write, not yet stored.
+    mtime: Option<Timestamp>,
+}
+
+/// The working state of one branch of one dot, with filesystem calls.
+pub struct BranchFs {
+    pub(crate) db: Arc<Db>,
+    pub(crate) dot: DotName,
+    pub(crate) branch: String,
+    pub(crate) bid: u64,
+    pub(crate) block_size: u32,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) state: RwLock<BranchState>,
+    meta: Mutex<()>,
+    files: Mutex<HashMap<Ino, Arc<Mutex<FileBuf>>>>,
+    buffered: AtomicUsize,
+    open: Mutex<HashMap<Ino, u32>>,
+}
+
+type StateGuard<'a> = RwLockReadGuard<'a, BranchState>;
+
+fn now() -> Timestamp {
+    Timestamp::now()
+}
+
+impl BranchFs {
+    pub(crate) fn new(
+        db: Arc<Db>,
+        dot: DotName,
+        branch: String,
+        bid: u64,
+        block_size: u32,
+        data_dir: PathBuf,
+        head: Option<Id>,
+        root: Id,
+    ) -> Result<BranchFs> {
+        let fs = BranchFs {
+            db,
+            dot,
+            branch,
+            bid,
+            block_size,
+            data_dir,
+            state: RwLock::new(BranchState {
+                head,
+                root,
+                deleted: false,
+            }),
+            meta: Mutex::new(()),
+            files: Mutex::new(HashMap::new()),
+            buffered: AtomicUsize::new(0),
+            open: Mutex::new(HashMap::new()),
+        };
+        fs.purge_orphans()?;
+        Ok(fs)
+    }
+
+    /// The dot this branch belongs to.
+    pub fn dot(&self) -> &DotName {
+        &self.dot
+    }
+
+    /// The branch name.
+    pub fn branch(&self) -> &str {
+        &self.branch
+    }
+
+    /// The dot's block size in bytes.
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    /// The commit the working state is based on.
+    pub fn head(&self) -> Option<Id> {
+        self.state.read().head
+    }
+
+    fn state(&self) -> Result<StateGuard<'_>> {
+        let st = self.state.read();
+        if st.deleted {
+            return Err(Error::NotFound {
+                what: "branch",
+                name: format!("{}@{} (deleted)", self.dot, self.branch),
+            });
+        }
+        Ok(st)
+    }
+
+    pub(crate) fn view<'a>(&'a self, st: &BranchState) -> View<'a> {
+        View {
+            db: &self.db,
+            bid: self.bid,
+            root: st.root,
+        }
+    }
+
+    // ---- record helpers ----
+
+    fn load(tx: &Tx, ino: Ino) -> Result<InodeRec> {
+        match tx.get(&keys::inode(ino))? {
+            Some(b) => InodeRec::decode(ino, &b),
+            None => Err(Error::fs("inode", ENOENT)),
+        }
+    }
+
+    fn load_view(view: &View, ino: Ino) -> Result<InodeRec> {
+        match view.get(&keys::inode(ino))? {
+            Some(b) => InodeRec::decode(ino, &b),
+            None => Err(Error::fs("inode", ENOENT)),
+        }
+    }
+
+    fn store(tx: &mut Tx, ino: Ino, rec: &InodeRec) {
+        tx.put(keys::inode(ino), rec.encode());
+    }
+
+    fn dir(tx: &Tx, ino: Ino) -> Result<InodeRec> {
+        let rec = Self::load(tx, ino)?;
+        if rec.kind != FileKind::Dir {
+            return Err(Error::fs("directory", ENOTDIR));
+        }
+        Ok(rec)
+    }
+
+    fn entry(tx: &Tx, parent: Ino, name: &[u8]) -> Result<Option<Dirent>> {
+        match tx.get(&keys::dirent(parent, name))? {
+            Some(b) => Ok(Some(Dirent::decode(&b)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn alloc_ino(tx: &mut Tx) -> Result<Ino> {
+        let sb = match tx.get(&keys::superblock())? {
+            Some(b) => postcard::from_bytes::<Super>(&b)
+                .map_err(|e| Error::Corrupt(format!("superblock does not decode: {e}")))?,
+            None => return Err(Error::Corrupt("superblock is missing".into())),
+        };
+        let ino = sb.next_ino;
+        let next = Super { next_ino: ino + 1 };
+        tx.put(
+            keys::superblock(),
+            postcard::to_stdvec(&next).expect("postcard into Vec cannot fail"),
+        );
+        Ok(ino)
+    }
+
+    /// The records every fresh tree starts with: the superblock and the root
+    /// directory.
+    pub(crate) fn fresh_entries() -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut root = InodeRec::new(FileKind::Dir, 0o755, 0, 0, ROOT_INO);
+        root.parent = ROOT_INO;
+        vec![
+            (
+                keys::superblock(),
+                postcard::to_stdvec(&Super { next_ino: 2 }).expect("postcard into Vec"),
+            ),
+            (keys::inode(ROOT_INO), root.encode()),
+        ]
+    }
+
+    fn attr(&self, ino: Ino, rec: &InodeRec) -> Attr {
+        let mut a = rec.attr(ino, self.block_size);
+        let fb = self.files.lock().get(&ino).cloned();
+        if let Some(fb) = fb {
+            let fb = fb.lock();
+            a.size = fb.size;
+            a.blocks = fb.size.div_ceil(512);
+            if let Some(m) = fb.mtime {
+                a.mtime = m;
+                a.ctime = m;
+            }
+        }
+        a
+    }
+
+    // ---- lookups ----
+
+    /// The inode of a subdot (a top-level directory), made when `create`.
+    /// `__root__` is the whole dot tree.
+    pub fn subdot_ino(&self, subdot: &str, create: bool) -> Result<Ino> {
+        if subdot == ROOT_SUBDOT {
+            return Ok(ROOT_INO);
+        }
+        match self.lookup(ROOT_INO, subdot.as_bytes()) {
+            Ok(a) if a.kind == FileKind::Dir => Ok(a.ino),
+            Ok(_) => Err(Error::fs("subdot", ENOTDIR)),
+            Err(e) if e.errno() == ENOENT && create => {
+                match self.mkdir(ROOT_INO, subdot.as_bytes(), 0o755, 0, 0) {
+                    Ok(a) => Ok(a.ino),
+                    Err(e) if e.errno() == EEXIST => {
+                        self.lookup(ROOT_INO, subdot.as_bytes()).map(|a| a.ino)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attr> {
+        if name.len() > 255 {
+            return Err(Error::fs("lookup", ENAMETOOLONG));
+        }
+        let st = self.state()?;
+        let tx = Tx::new(self.view(&st));
+        if name == b"." {
+            return self.getattr_in(&tx, parent);
+        }
+        let pdir = Self::dir(&tx, parent)?;
+        if name == b".." {
+            return self.getattr_in(&tx, pdir.parent);
+        }
+        let e = Self::entry(&tx, parent, name)?.ok_or(Error::fs("lookup", ENOENT))?;
+        self.getattr_in(&tx, e.ino)
+    }
+
+    fn getattr_in(&self, tx: &Tx, ino: Ino) -> Result<Attr> {
+        let rec = Self::load(tx, ino)?;
+        Ok(self.attr(ino, &rec))
+    }
+
+    pub fn getattr(&self, ino: Ino) -> Result<Attr> {
+        let st = self.state()?;
+        let rec = Self::load_view(&self.view(&st), ino)?;
+        Ok(self.attr(ino, &rec))
+    }
+
+    // ---- creation ----
+
+    fn create_node(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        mut rec: InodeRec,
+        op: &'static str,
+    ) -> Result<Attr> {
+        validate_file_name(name).map_err(|e| Error::fs(op, e.errno()))?;
+        let st = self.state()?;
+        let _m = self.meta.lock();
+        let mut tx = Tx::new(self.view(&st));
+        let mut p = Self::dir(&tx, parent)?;
+        if Self::entry(&tx, parent, name)?.is_some() {
+            return Err(Error::fs(op, EEXIST));
+        }
+        let ino = Self::alloc_ino(&mut tx)?;
+        let t = now();
+        rec.parent = if rec.kind == FileKind::Dir { parent } else { 0 };
+        if rec.kind == FileKind::Dir {
+            p.nlink += 1;
+        }
+        // setgid directories pass their group (and the bit, to directories) on.
+        if p.perm & 0o2000 != 0 {
+            rec.gid = p.gid;
+            if rec.kind == FileKind::Dir {
+                rec.perm |= 0o2000;
+            }
+        }
+        p.mtime = t;
+        p.ctime = t;
+        tx.put(
+            keys::dirent(parent, name),
+            Dirent {
+                ino,
+                kind: rec.kind,
+            }
+            .encode(),
+        );
+        Self::store(&mut tx, parent, &p);
+        Self::store(&mut tx, ino, &rec);
+        tx.commit(false, "creating a file")?;
+        Ok(rec.attr(ino, self.block_size))
+    }
+
+    /// Creates a file of any kind but directory and symlink.
+    pub fn mknod(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        kind: FileKind,
+        perm: u32,
+        rdev: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr> {
+        if matches!(kind, FileKind::Dir | FileKind::Symlink) {
+            return Err(Error::fs("mknod", EINVAL));
+        }
+        let mut rec = InodeRec::new(kind, perm, uid, gid, 0);
+        rec.rdev = rdev;
+        self.create_node(parent, name, rec, "mknod")
+    }
+
+    pub fn mkdir(&self, parent: Ino, name: &[u8], perm: u32, uid: u32, gid: u32) -> Result<Attr> {
+        let rec = InodeRec::new(FileKind::Dir, perm, uid, gid, parent);
+        self.create_node(parent, name, rec, "mkdir")
+    }
+
+    pub fn symlink(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr> {
+        if target.is_empty() || target.len() > 4095 {
+            return Err(Error::fs(
+                "symlink",
+                if target.is_empty() {
+                    ENOENT
+                } else {
+                    ENAMETOOLONG
+                },
+            ));
+        }
+        let mut rec = InodeRec::new(FileKind::Symlink, 0o777, uid, gid, 0);
+        rec.target = target.to_vec();
+        rec.size = target.len() as u64;
+        self.create_node(parent, name, rec, "symlink")
+    }
+
+    pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
+        let st = self.state()?;
+        let rec = Self::load_view(&self.view(&st), ino)?;
+        if rec.kind != FileKind::Symlink {
+            return Err(Error::fs("readlink", EINVAL));
+        }
+        Ok(rec.target)
+    }
+
+    pub fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> Result<Attr> {
+        validate_file_name(new_name).map_err(|e| Error::fs("link", e.errno()))?;
+        let st = self.state()?;
+        let _m = self.meta.lock();
+        let mut tx = Tx::new(self.view(&st));
+        let mut rec = Self::load(&tx, ino)?;
+        if rec.kind == FileKind::Dir {
+            return Err(Error::fs("link", EPERM));
+        }
+        if rec.nlink >= 65_000 {
+            return Err(Error::fs("link", EMLINK));
+        }
+        let mut p = Self::dir(&tx, new_parent)?;
+        if Self::entry(&tx, new_parent, new_name)?.is_some() {
+            return Err(Error::fs("link", EEXIST));
+        }
+        let t = now();
+        rec.nlink += 1;
+        rec.ctime = t;
+        p.mtime = t;
+        p.ctime = t;
+        tx.put(
+            keys::dirent(new_parent, new_name),
+            Dirent {
+                ino,
+                kind: rec.kind,
+            }
+            .encode(),
+        );
+        Self::store(&mut tx, ino, &rec);
+        Self::store(&mut tx, new_parent, &p);
+        tx.commit(false, "linking a file")?;
+        Ok(self.attr(ino, &rec))
+    }
+
+    // ---- removal ----
+
+    /// Deletes every key of inode `ino` (record, entries, blocks, xattrs).
+    fn destroy(&self, tx: &mut Tx, ino: Ino) -> Result<()> {
+        let mut doomed = Vec::new();
+        tx.view
+            .scan(&keys::inode(ino), &keys::inode(ino + 1), &mut |k, _| {
+                doomed.push(k.to_vec());
+                Ok(true)
+            })?;
+        for k in doomed {
+            tx.delete(k);
+        }
+        tx.delete(keys::inode(ino));
+        if let Some(fb) = self.files.lock().remove(&ino) {
+            let n = fb.lock().blocks.len() * self.block_size as usize;
+            self.buffered.fetch_sub(n, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Drops one link to `ino` (a non-directory); frees it when the last link
+    /// goes and nobody has it open.
+    fn drop_link(&self, tx: &mut Tx, ino: Ino, t: Timestamp) -> Result<()> {
+        let mut rec = Self::load(tx, ino)?;
+        rec.nlink = rec.nlink.saturating_sub(1);
+        rec.ctime = t;
+        if rec.nlink == 0 {
+            if self.open.lock().get(&ino).copied().unwrap_or(0) > 0 {
+                Self::store(tx, ino, &rec);
+                tx.put(keys::orphan(ino), Vec::new());
+            } else {
+                self.destroy(tx, ino)?;
+            }
+        } else {
+            Self::store(tx, ino, &rec);
+        }
+        Ok(())
+    }
+
+    fn dir_is_empty(tx: &Tx, ino: Ino) -> Result<bool> {
+        let mut empty = true;
+        tx.view.scan(
+            &keys::prefix(ino, keys::TAG_DIRENT),
+            &keys::prefix_end(ino, keys::TAG_DIRENT),
+            &mut |_, _| {
+                empty = false;
+                Ok(false)
+            },
+        )?;
+        Ok(empty)
+    }
+
+    pub fn unlink(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        let st = self.state()?;
+        let _m = self.meta.lock();
+        let mut tx = Tx::new(self.view(&st));
+        let mut p = Self::dir(&tx, parent)?;
+        let e = Self::entry(&tx, parent, name)?.ok_or(Error::fs("unlink", ENOENT))?;
+        if e.kind == FileKind::Dir {
+            return Err(Error::fs("unlink", EISDIR));
+        }
+        let t = now();
+        tx.delete(keys::dirent(parent, name));
+        p.mtime = t;
+        p.ctime = t;
+        Self::store(&mut tx, parent, &p);
+        self.drop_link(&mut tx, e.ino, t)?;
+        tx.commit(false, "unlinking a file")
+    }
+
+    pub fn rmdir(&self, parent: Ino, name: &[u8]) -> Result<()> {
+        if name == b"." {
+            return Err(Error::fs("rmdir", EINVAL));
+        }
+        if name == b".." {
+            return Err(Error::fs("rmdir", ENOTEMPTY));
+        }
+        let st = self.state()?;
+        let _m = self.meta.lock();
+        let mut tx = Tx::new(self.view(&st));
+        let mut p = Self::dir(&tx, parent)?;
+        let e = Self::entry(&tx, parent, name)?.ok_or(Error::fs("rmdir", ENOENT))?;
+        if e.kind != FileKind::Dir {
+            return Err(Error::fs("rmdir", ENOTDIR));
+        }
+        if !Self::dir_is_empty(&tx, e.ino)? {
+            return Err(Error::fs("rmdir", ENOTEMPTY));
+        }
+        let t = now();
+        tx.delete(keys::dirent(parent, name));
+        p.nlink = p.nlink.saturating_sub(1);
+        p.mtime = t;
+        p.ctime = t;
+        Self::store(&mut tx, parent, &p);
+        self.destroy(&mut tx, e.ino)?;
+        tx.commit(false, "removing a directory")
+    }
+
+    /// True when `ino` is `ancestor` or inside it.
+    fn is_within(tx: &Tx, mut ino: Ino, ancestor: Ino) -> Result<bool> {
+        for _ in 0..100_000 {
+            if ino == ancestor {
+                return Ok(true);
+            }
+            if ino == ROOT_INO {
+                return Ok(false);
+            }
+            ino = Self::load(tx, ino)?.parent;
+        }
+        Err(Error::Corrupt("directory parent chain loops".into()))
+    }
+
+    pub fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        flags: u32,
+    ) -> Result<()> {
+        validate_file_name(new_name).map_err(|e| Error::fs("rename", e.errno()))?;
+        if name == b"." || name == b".." {
+            return Err(Error::fs("rename", EINVAL));
+        }
+        if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0
+            || flags == RENAME_NOREPLACE | RENAME_EXCHANGE
+        {
+            return Err(Error::fs("rename", EINVAL));
+        }
+        let st = self.state()?;
+        let _m = self.meta.lock();
+        let mut tx = Tx::new(self.view(&st));
+        Self::dir(&tx, parent)?;
+        Self::dir(&tx, new_parent)?;
+        let src = Self::entry(&tx, parent, name)?.ok_or(Error::fs("rename", ENOENT))?;
+        let dst = Self::entry(&tx, new_parent, new_name)?;
+        if parent == new_parent && name == new_name {
+            return Ok(());
+        }
+        let t = now();
+        if flags & RENAME_EXCHANGE != 0 {
+            let dst = dst.ok_or(Error::fs("rename", ENOENT))?;
+            if src.kind == FileKind::Dir && Self::is_within(&tx, new_parent, src.ino)? {
+                return Err(Error::fs("rename", EINVAL));
+            }
+            if dst.kind == FileKind::Dir && Self::is_within(&tx, parent, dst.ino)? {
+                return Err(Error::fs("rename", EINVAL));
+            }
+            tx.put(keys::dirent(parent, name), dst.encode());
+            tx.put(keys::dirent(new_parent, new_name), src.encode());
+            if parent != new_parent {
+                for (e, from, to) in [(src, parent, new_parent), (dst, new_parent, parent)] {
+                    if e.kind == FileKind::Dir {
+                        let mut r = Self::load(&tx, e.ino)?;
+                        r.parent = to;
+                        Self::store(&mut tx, e.ino, &r);
+                        let mut f = Self::load(&tx, from)?;
+                        f.nlink = f.nlink.saturating_sub(1);
+                        Self::store(&mut tx, from, &f);
+                        let mut tr = Self::load(&tx, to)?;
+                        tr.nlink += 1;
+                        Self::store(&mut tx, to, &tr);
+                    }
+                }
+            }
+            for ino in [src.ino, dst.ino] {
+                let mut r = Self::load(&tx, ino)?;
+                r.ctime = t;
+                Self::store(&mut tx, ino, &r);
+            }
+        } else {
+            if let Some(d) = dst {
+                if flags & RENAME_NOREPLACE != 0 {
+                    return Err(Error::fs("rename", EEXIST));
+                }
+                if d.ino == src.ino {
+                    return Ok(());
+                }
+            }
+            if src.kind == FileKind::Dir && Self::is_within(&tx, new_parent, src.ino)? {
+                return Err(Error::fs("rename", EINVAL));
+            }
+            if let Some(d) = dst {
+                match (src.kind == FileKind::Dir, d.kind == FileKind::Dir) {
+                    (true, false) => return Err(Error::fs("rename", ENOTDIR)),
+                    (false, true) => return Err(Error::fs("rename", EISDIR)),
+                    (true, true) => {
+                        if !Self::dir_is_empty(&tx, d.ino)? {
+                            return Err(Error::fs("rename", ENOTEMPTY));
+                        }
+                        self.destroy(&mut tx, d.ino)?;
+                        let mut np = Self::load(&tx, new_parent)?;
+                        np.nlink = np.nlink.saturating_sub(1);
+                        Self::store(&mut tx, new_parent, &np);
+                    }
+                    (false, false) => self.drop_link(&mut tx, d.ino, t)?,
+                }
+            }
+            tx.delete(keys::dirent(parent, name));
+            tx.put(keys::dirent(new_parent, new_name), src.encode());
+            let mut r = Self::load(&tx, src.ino)?;
+            r.ctime = t;
+            if src.kind == FileKind::Dir && parent != new_parent {
+                r.parent = new_parent;
+                let mut p = Self::load(&tx, parent)?;
+                p.nlink = p.nlink.saturating_sub(1);
+                Self::store(&mut tx, parent, &p);
+                let mut np = Self::load(&tx, new_parent)?;
+                np.nlink += 1;
+                Self::store(&mut tx, new_parent, &np);
+            }
+            Self::store(&mut tx, src.ino, &r);
+        }
+        for d in [parent, new_parent] {
+            let mut r = Self::load(&tx, d)?;
+            r.mtime = t;
+            r.ctime = t;
+            Self::store(&mut tx, d, &r);
+        }
+        tx.commit(false, "renaming")
+    }
+
+    // ---- attributes ----
+
+    pub fn setattr(&self, ino: Ino, set: &SetAttr) -> Result<Attr> {
+        let st = self.state()?;
+        // Hold the file's buffer (if any) so buffered writes are stored
+        // first and its size follows a truncate.
+        let fb = self.files.lock().get(&ino).cloned();
+        let mut fbg = fb.as_ref().map(|f| f.lock());
+        if let Some(g) = fbg.as_mut() {
+            self.flush_locked(&st, ino, g)?;
+        }
+        let _m = self.meta.lock();
+        let mut tx = Tx::new(self.view(&st));
+        let mut rec = Self::load(&tx, ino)?;
+        let t = now();
+        let mut changed = false;
+        if let Some(mode) = set.mode {
+            rec.perm = (mode & 0o7777) as u16;
+            changed = true;
+        }
+        if let Some(uid) = set.uid {
+            rec.uid = uid;
+            changed = true;
+        }
+        if let Some(gid) = set.gid {
+            rec.gid = gid;
+            changed = true;
+        }
+        if let Some(size) = set.size {
+            match rec.kind {
+                FileKind::File => {}
+                FileKind::Dir => return Err(Error::fs("truncate", EISDIR)),
+                _ => return Err(Error::fs("truncate", EINVAL)),
+            }
+            if size > MAX_FILE_SIZE {
+                return Err(Error::fs("truncate", EFBIG));
+            }
+            self.truncate_in(&mut tx, ino, rec.size, size)?;
+            rec.size = size;
+            if set.mtime.is_none() {
+                rec.mtime = t;
+            }
+            changed = true;
+            if let Some(g) = fbg.as_mut() {
+                g.size = size;
+            }
+        }
+        if let Some(a) = set.atime {
+            rec.atime = match a {
+                TimeSet::Now => t,
+                TimeSet::At(x) => x,
+            };
+            changed = true;
+        }
+        if let Some(m) = set.mtime {
+            rec.mtime = match m {
+                TimeSet::Now => t,
+                TimeSet::At(x) => x,
+            };
+            changed = true;
+        }
+        if changed {
+            rec.ctime = set.ctime.unwrap_or(t);
+        } else if let Some(c) = set.ctime {
+            rec.ctime = c;
+        }
+        Self::store(&mut tx, ino, &rec);
+        tx.commit(false, "setting attributes")?;
+        Ok(rec.attr(ino, self.block_size))
+    }
+
+    /// Drops the blocks past `new` and zeroes the tail of the new last block.
+    fn truncate_in(&self, tx: &mut Tx, ino: Ino, old: u64, new: u64) -> Result<()> {
+        if new >= old {
+            return Ok(());
+        }
+        let bs = self.block_size as u64;
+        let first_gone = new.div_ceil(bs);
+        let mut doomed = Vec::new();
+        tx.view.scan(
+            &keys::block(ino, first_gone),
+            &keys::prefix_end(ino, keys::TAG_BLOCK),
+            &mut |k, _| {
+                doomed.push(k.to_vec());
+                Ok(true)
+            },
+        )?;
+        for k in doomed {
+            tx.delete(k);
+        }
+        if new % bs != 0 {
+            let idx = new / bs;
+            let keep = (new % bs) as usize;
+            if let Some(v) = tx.get(&keys::block(ino, idx))? {
+                let (id, len) = keys::parse_block_value(&v)
+                    .ok_or_else(|| Error::Corrupt(format!("block {idx} of inode {ino}")))?;
+                if len as usize > keep {
+                    let data = self.db.read_chunk(&id)?;
+                    let nid = self.db.store_chunk(&data[..keep.min(data.len())])?;
+                    tx.put(keys::block(ino, idx), keys::block_value(&nid, keep as u32));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ---- data ----
+
+    /// Marks `ino` open (unlinked files live until their last release).
+    pub fn open(&self, ino: Ino) -> Result<()> {
+        let st = self.state()?;
+        Self::load_view(&self.view(&st), ino)?;
+        *self.open.lock().entry(ino).or_insert(0) += 1;
+        Ok(())
+    }
+
+    /// Drops one open reference; flushes and frees what is no longer needed.
+    pub fn release(&self, ino: Ino) -> Result<()> {
+        let last = {
+            let mut open = self.open.lock();
+            match open.get_mut(&ino) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                Some(_) => {
+                    open.remove(&ino);
+                    true
+                }
+                None => false,
+            }
+        };
+        self.flush(ino)?;
+        if last {
+            let st = self.state()?;
+            let _m = self.meta.lock();
+            let mut tx = Tx::new(self.view(&st));
+            if let Ok(rec) = Self::load(&tx, ino) {
+                if rec.nlink == 0 {
+                    self.destroy(&mut tx, ino)?;
+                    tx.delete(keys::orphan(ino));
+                    tx.commit(false, "freeing an unlinked file")?;
+                    return Ok(());
+                }
+            }
+            self.files.lock().remove(&ino);
+        }
+        Ok(())
+    }
+
+    /// Frees files that were unlinked while open when the process died.
+    fn purge_orphans(&self) -> Result<()> {
+        let st = self.state.read();
+        let view = self.view(&st);
+        let mut orphans = Vec::new();
+        view.scan(
+            &keys::prefix(keys::SUPER_INO, keys::TAG_ORPHAN),
+            &keys::prefix_end(keys::SUPER_INO, keys::TAG_ORPHAN),
+            &mut |k, _| {
+                if k.len() == 17 {
+                    orphans.push(u64::from_be_bytes(k[9..17].try_into().unwrap_or_default()));
+                }
+                Ok(true)
+            },
+        )?;
+        if orphans.is_empty() {
+            return Ok(());
+        }
+        let mut tx = Tx::new(view);
+        for ino in orphans {
+            if let Ok(rec) = Self::load(&tx, ino) {
+                if rec.nlink == 0 {
+                    self.destroy(&mut tx, ino)?;
+                }
+            }
+            tx.delete(keys::orphan(ino));
+        }
+        tx.commit(true, "freeing orphaned files")
+    }
+
+    /// One block's bytes from the store, padded with zeros to the block size.
+    fn stored_block(&self, view: &View, ino: Ino, idx: u64) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; self.block_size as usize];
+        if let Some(v) = view.get(&keys::block(ino, idx))? {
+            let (id, len) = keys::parse_block_value(&v)
+                .ok_or_else(|| Error::Corrupt(format!("block {idx} of inode {ino}")))?;
+            let data = self.db.read_chunk(&id)?;
+            let n = (len as usize).min(data.len()).min(out.len());
+            out[..n].copy_from_slice(&data[..n]);
+        }
+        Ok(out)
+    }
+
+    pub fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let st = self.state()?;
+        let view = self.view(&st);
+        let fb = self.files.lock().get(&ino).cloned();
+        let guard = fb.as_ref().map(|f| f.lock());
+        let file_size = match &guard {
+            Some(g) => g.size,
+            None => {
+                let rec = Self::load_view(&view, ino)?;
+                if rec.kind == FileKind::Dir {
+                    return Err(Error::fs("read", EISDIR));
+                }
+                rec.size
+            }
+        };
+        if offset >= file_size {
+            return Ok(Vec::new());
+        }
+        let end = (offset + size as u64).min(file_size);
+        let bs = self.block_size as u64;
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        let mut pos = offset;
+        while pos < end {
+            let idx = pos / bs;
+            let within = (pos % bs) as usize;
+            let n = ((bs - pos % bs).min(end - pos)) as usize;
+            if let Some(b) = guard.as_ref().and_then(|g| g.blocks.get(&idx)) {
+                out.extend_from_slice(&b[within..within + n]);
+            } else {
+                match view.get(&keys::block(ino, idx))? {
+                    None => out.resize(out.len() + n, 0),
+                    Some(v) => {
+                        let (id, len) = keys::parse_block_value(&v)
+                            .ok_or_else(|| Error::Corrupt(format!("block {idx} of inode {ino}")))?;
+                        let data = self.db.read_chunk(&id)?;
+                        let valid = (len as usize).min(data.len());
+                        let from = within.min(valid);
+                        let to = (within + n).min(valid);
+                        out.extend_from_slice(&data[from..to]);
+                        out.resize(out.len() + n - (to - from), 0);
+                    }
+                }
+            }
+            pos += n as u64;
+        }
+        Ok(out)
+    }
+
+    pub fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> Result<u32> {
+        let st = self.state()?;
+        let view = self.view(&st);
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|e| *e <= MAX_FILE_SIZE)
+            .ok_or(Error::fs("write", EFBIG))?;
+        let fb = {
+            let mut files = self.files.lock();
+            files.entry(ino).or_default().clone()
+        };
+        let mut g = fb.lock();
+        if g.blocks.is_empty() && g.mtime.is_none() {
+            // (Re)load the size: the buffer is fresh or fully flushed.
+            let rec = Self::load_view(&view, ino)?;
+            if rec.kind != FileKind::File {
+                return Err(Error::fs(
+                    "write",
+                    if rec.kind == FileKind::Dir {
+                        EISDIR
+                    } else {
+                        EINVAL
+                    },
+                ));
+            }
+            g.size = rec.size;
+        }
+        let bs = self.block_size as u64;
+        let mut pos = offset;
+        let mut src = data;
+        while !src.is_empty() {
+            let idx = pos / bs;
+            let within = (pos % bs) as usize;
+            let n = ((bs as usize) - within).min(src.len());
+            if !g.blocks.contains_key(&idx) {
+                let block_start = idx * bs;
+                let whole = within == 0 && n == bs as usize;
+                let block = if whole || block_start >= g.size {
+                    vec![0u8; bs as usize]
+                } else {
+                    self.stored_block(&view, ino, idx)?
+                };
+                g.blocks.insert(idx, block);
+                self.buffered.fetch_add(bs as usize, Ordering::Relaxed);
+            }
+            if let Some(b) = g.blocks.get_mut(&idx) {
+                b[within..within + n].copy_from_slice(&src[..n]);
+            }
+            pos += n as u64;
+            src = &src[n..];
+        }
+        g.size = g.size.max(end);
+        g.mtime = Some(now());
+        let mine = g.blocks.len() * bs as usize;
+        if mine >= FILE_BUFFER_MAX
+            || self.buffered.load(Ordering::Relaxed) >= self.db.opts.write_buffer_bytes
+        {
+            self.flush_locked(&st, ino, &mut g)?;
+        }
+        Ok(data.len() as u32)
+    }
+
+    /// Turns a file's buffered blocks into chunks and stores them with the
+    /// file's new size and mtime, in one batch.
+    fn flush_locked(&self, st: &BranchState, ino: Ino, g: &mut FileBuf) -> Result<()> {
+        if g.blocks.is_empty() && g.mtime.is_none() {
+            return Ok(());
+        }
+        let bs = self.block_size as u64;
+        let mut block_values = Vec::with_capacity(g.blocks.len());
+        for (&idx, data) in &g.blocks {
+            let start = idx * bs;
+            if start >= g.size {
+                continue;
+            }
+            let len = (g.size - start).min(bs) as usize;
+            let id = self.db.store_chunk(&data[..len])?;
+            block_values.push((keys::block(ino, idx), keys::block_value(&id, len as u32)));
+        }
+        {
+            let _m = self.meta.lock();
+            let mut tx = Tx::new(self.view(st));
+            // A file removed meanwhile keeps nothing.
+            if let Ok(mut rec) = Self::load(&tx, ino) {
+                rec.size = g.size;
+                if let Some(m) = g.mtime {
+                    rec.mtime = m;
+                    rec.ctime = m;
+                }
+                Self::store(&mut tx, ino, &rec);
+                for (k, v) in block_values {
+                    tx.put(k, v);
+                }
+                tx.commit(false, "storing written data")?;
+            }
+        }
+        let n = g.blocks.len() * bs as usize;
+        self.buffered.fetch_sub(n, Ordering::Relaxed);
+        g.blocks.clear();
+        g.mtime = None;
+        Ok(())
+    }
+
+    /// Stores a file's buffered writes (close).
+    pub fn flush(&self, ino: Ino) -> Result<()> {
+        let st = self.state()?;
+        self.flush_in(&st, ino)
+    }
+
+    fn flush_in(&self, st: &BranchState, ino: Ino) -> Result<()> {
+        let fb = self.files.lock().get(&ino).cloned();
+        if let Some(fb) = fb {
+            self.flush_locked(st, ino, &mut fb.lock())?;
+        }
+        Ok(())
+    }
+
+    /// Stores every buffered write of this branch.
+    pub(crate) fn flush_all_in(&self, st: &BranchState) -> Result<()> {
+        let inos: Vec<Ino> = self.files.lock().keys().copied().collect();
+        for ino in inos {
+            self.flush_in(st, ino)?;
+        }
+        Ok(())
+    }
+
+    /// Stores every buffered write of this branch (syncfs without the sync).
+    pub fn flush_all(&self) -> Result<()> {
+        let st = self.state()?;
+        self.flush_all_in(&st)
+    }
+
+    /// Makes the file's data and metadata durable before returning.
+    pub fn fsync(&self, ino: Ino, _datasync: bool) -> Result<()> {
+        self.flush(ino)?;
+        self.db.sync_wal()
+    }
+
+    /// Bytes buffered in memory, not yet chunked.
+    pub fn buffered_bytes(&self) -> usize {
+        self.buffered.load(Ordering::Relaxed)
+    }
+
+    /// Drops every buffer (reset): the working state is being replaced.
+    pub(crate) fn drop_buffers(&self) {
+        self.files.lock().clear();
+        self.buffered.store(0, Ordering::Relaxed);
+    }
+
+    // ---- directories ----
+
+    pub fn readdir(&self, ino: Ino, offset: i64, max: usize) -> Result<Vec<DirEntry>> {
+        let st = self.state()?;
+        let view = self.view(&st);
+        let rec = Self::load_view(&view, ino)?;
+        if rec.kind != FileKind::Dir {
+            return Err(Error::fs("readdir", ENOTDIR));
+        }
+        let mut out = Vec::new();
+        if offset < 1 && out.len() < max {
+            out.push(DirEntry {
+                ino,
+                offset: 1,
+                kind: FileKind::Dir,
+                name: b".".to_vec(),
+            });
+        }
+        if offset < 2 && out.len() < max {
+            out.push(DirEntry {
+                ino: rec.parent,
+                offset: 2,
+                kind: FileKind::Dir,
+                name: b"..".to_vec(),
+            });
+        }
+        if out.len() >= max {
+            return Ok(out);
+        }
+        let from = if offset < 2 { 0 } else { offset as u64 + 1 };
+        view.scan(
+            &keys::dirent_from(ino, from),
+            &keys::prefix_end(ino, keys::TAG_DIRENT),
+            &mut |k, v| {
+                let (cookie, name) =
+                    keys::parse_dirent(k).ok_or_else(|| Error::Corrupt("dirent key".into()))?;
+                let d = Dirent::decode(v)?;
+                out.push(DirEntry {
+                    ino: d.ino,
+                    offset: cookie as i64,
+                    kind: d.kind,
+                    name: name.to_vec(),
+                });
+                Ok(out.len() < max)
+            },
+        )?;
+        Ok(out)
+    }
+
+    // ---- extended attributes ----
+
+    pub fn getxattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+        let st = self.state()?;
+        let view = self.view(&st);
+        Self::load_view(&view, ino)?;
+        view.get(&keys::xattr(ino, name))?
+            .ok_or(Error::fs("getxattr", ENODATA))
+    }
+
+    pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+        if name.is_empty() || name.len() > 255 {
+            return Err(Error::fs(
+                "setxattr",
+                if name.is_empty() { EINVAL } else { ERANGE },
+            ));
+        }
+        if value.len() > XATTR_MAX {
+            return Err(Error::fs("setxattr", E2BIG));
+        }
+        let st = self.state()?;
+        let _m = self.meta.lock();
+        let mut tx = Tx::new(self.view(&st));
+        let mut rec = Self::load(&tx, ino)?;
+        let exists = tx.get(&keys::xattr(ino, name))?.is_some();
+        if flags & XATTR_CREATE != 0 && exists {
+            return Err(Error::fs("setxattr", EEXIST));
+        }
+        if flags & XATTR_REPLACE != 0 && !exists {
+            return Err(Error::fs("setxattr", ENODATA));
+        }
+        tx.put(keys::xattr(ino, name), value.to_vec());
+        rec.ctime = now();
+        Self::store(&mut tx, ino, &rec);
+        tx.commit(false, "setting an extended attribute")
+    }
+
+    pub fn listxattr(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
+        let st = self.state()?;
+        let view = self.view(&st);
+        Self::load_view(&view, ino)?;
+        let mut names = Vec::new();
+        view.scan(
+            &keys::prefix(ino, keys::TAG_XATTR),
+            &keys::prefix_end(ino, keys::TAG_XATTR),
+            &mut |k, _| {
+                names.push(k[9..].to_vec());
+                Ok(true)
+            },
+        )?;
+        Ok(names)
+    }
+
+    pub fn removexattr(&self, ino: Ino, name: &[u8]) -> Result<()> {
+        let st = self.state()?;
+        let _m = self.meta.lock();
+        let mut tx = Tx::new(self.view(&st));
+        let mut rec = Self::load(&tx, ino)?;
+        if tx.get(&keys::xattr(ino, name))?.is_none() {
+            return Err(Error::fs("removexattr", ENODATA));
+        }
+        tx.delete(keys::xattr(ino, name));
+        rec.ctime = now();
+        Self::store(&mut tx, ino, &rec);
+        tx.commit(false, "removing an extended attribute")
+    }
+
+    /// Space figures of the filesystem holding the store.
+    pub fn statfs(&self) -> Result<StatFs> {
+        let _st = self.state()?;
+        let path = std::ffi::CString::new(self.data_dir.as_os_str().as_encoded_bytes())
+            .map_err(|_| Error::fs("statfs", EINVAL))?;
+        // SAFETY: statvfs writes into the zeroed struct we own; path is a
+        // valid NUL-terminated string.
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::statvfs(path.as_ptr(), &mut s) };
+        if rc != 0 {
+            return Err(Error::Io {
+                context: format!("statfs of {}", self.data_dir.display()),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let frsize = s.f_frsize as u64;
+        let scale = |n: u64| n * frsize / 4096;
+        Ok(StatFs {
+            blocks: scale(s.f_blocks as u64),
+            bfree: scale(s.f_bfree as u64),
+            bavail: scale(s.f_bavail as u64),
+            files: 1 << 40,
+            ffree: 1 << 39,
+            bsize: 4096,
+            namelen: 255,
+            frsize: 4096,
+        })
+    }
+}

@@ -1,0 +1,244 @@
+//! Mark-and-sweep garbage collection and fsck.
+//!
+//! GC marks everything reachable from every branch (head commit ancestry,
+//! snapshot trees, chunks named by blocks, and the working overlays), then
+//! deletes unmarked objects and chunks. It is safe while branches are being
+//! written: from its start until its end every chunk or object written or
+//! re-referenced is recorded in the "young" set, which the sweep keeps, and
+//! each sweep decision is made under the same lock that chunk writes take.
+
+use crate::chunk::{self, ChunkStore};
+use crate::db::{Db, CF_OBJECTS, CF_WORK};
+use crate::error::{Error, Result};
+use crate::id::Id;
+use crate::keys;
+use crate::object::{self, Node};
+use crate::store::Store;
+use crate::tree::NodeSource;
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+
+/// What a GC run reclaimed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcReport {
+    pub objects_kept: u64,
+    pub objects_deleted: u64,
+    pub chunks_kept: u64,
+    pub chunks_deleted: u64,
+    pub bytes_freed: u64,
+}
+
+/// What fsck found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsckReport {
+    pub commits_checked: u64,
+    pub objects_checked: u64,
+    pub chunks_checked: u64,
+    /// Each problem, naming the object or chunk.
+    pub problems: Vec<String>,
+}
+
+impl FsckReport {
+    pub fn is_clean(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Everything reachable, found by [`mark`].
+#[derive(Default)]
+struct Marks {
+    commits: HashSet<Id>,
+    objects: HashSet<Id>,
+    chunks: HashSet<Id>,
+}
+
+/// Walks from every branch. With `verify`, checks each object's and chunk's
+/// bytes against its id and records problems instead of failing.
+fn mark(store: &Store, verify: bool, problems: &mut Vec<String>) -> Result<Marks> {
+    let db: &Db = &store.db;
+    let mut m = Marks::default();
+    let mut commits = Vec::new();
+    let mut trees = Vec::new();
+    for rec in store.all_branch_recs()? {
+        trees.push(rec.root);
+        commits.extend(rec.head);
+    }
+    // Overlays: every block value they name.
+    let mut it = db.db.raw_iterator_cf(db.cf(CF_WORK));
+    it.seek_to_first();
+    while it.valid() {
+        if let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if k.len() > 8 && matches!(keys::parse(&k[8..]), Some((_, keys::TAG_BLOCK))) {
+                if let Some((id, _)) = v.get(1..).and_then(keys::parse_block_value) {
+                    m.chunks.insert(id);
+                }
+            }
+        }
+        it.next();
+    }
+    it.status().map_err(Error::db("scanning working states"))?;
+    while let Some(id) = commits.pop() {
+        if !m.commits.insert(id) {
+            continue;
+        }
+        m.objects.insert(id);
+        let bytes = match db.get_object(&id) {
+            Ok(b) => b,
+            Err(e) if verify => {
+                problems.push(format!("commit {}: {e}", id.to_hex()));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if verify && Id::of(&bytes) != id {
+            problems.push(format!("commit {} does not match its content", id.to_hex()));
+        }
+        match object::decode::<object::Commit>(&id, object::KIND_COMMIT, &bytes) {
+            Ok(c) => {
+                trees.push(c.root);
+                commits.extend(c.parents);
+            }
+            Err(e) if verify => problems.push(format!("commit {}: {e}", id.to_hex())),
+            Err(e) => return Err(e),
+        }
+    }
+    while let Some(id) = trees.pop() {
+        if !m.objects.insert(id) {
+            continue;
+        }
+        let node = if verify {
+            match db.get_object(&id).and_then(|b| {
+                if Id::of(&b) != id {
+                    return Err(Error::Corrupt("does not match its content".into()));
+                }
+                object::decode_node(&id, &b)
+            }) {
+                Ok(n) => std::sync::Arc::new(n),
+                Err(e) => {
+                    problems.push(format!("tree node {}: {e}", id.to_hex()));
+                    continue;
+                }
+            }
+        } else {
+            db.node(&id)?
+        };
+        match &*node {
+            Node::Inner(children) => trees.extend(children.iter().map(|(_, c)| *c)),
+            Node::Leaf(entries) => {
+                for (k, v) in entries {
+                    if let Some((_, keys::TAG_BLOCK)) = keys::parse(k) {
+                        match keys::parse_block_value(v) {
+                            Some((cid, _)) => {
+                                m.chunks.insert(cid);
+                            }
+                            None if verify => problems
+                                .push(format!("tree node {}: malformed block entry", id.to_hex())),
+                            None => return Err(Error::Corrupt("malformed block entry".into())),
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(m)
+}
+
+impl Store {
+    /// Deletes every chunk and object that no branch, commit or working
+    /// state reaches. Safe while branches are written.
+    pub fn gc(&self) -> Result<GcReport> {
+        let _g = self.gc_lock.lock();
+        // Buffered writes become chunks first, so they are marked through
+        // the overlays or kept as young.
+        *self.db.young.lock() = Some(HashSet::new());
+        let result = self.gc_inner();
+        *self.db.young.lock() = None;
+        result
+    }
+
+    fn gc_inner(&self) -> Result<GcReport> {
+        let mut problems = Vec::new();
+        let marks = mark(self, false, &mut problems)?;
+        let db = &self.db;
+        let mut report = GcReport::default();
+        // Objects.
+        let mut doomed = Vec::new();
+        let mut it = db.db.raw_iterator_cf(db.cf(CF_OBJECTS));
+        it.seek_to_first();
+        while it.valid() {
+            if let (Some(k), Some(v)) = (it.key(), it.value()) {
+                let id = Id::from_slice(k)?;
+                if marks.objects.contains(&id) {
+                    report.objects_kept += 1;
+                } else {
+                    doomed.push((id, v.len() as u64));
+                }
+            }
+            it.next();
+        }
+        it.status().map_err(Error::db("listing objects"))?;
+        for (id, len) in doomed {
+            let young = db.young.lock();
+            if young.as_ref().is_some_and(|y| y.contains(&id)) {
+                report.objects_kept += 1;
+                continue;
+            }
+            db.db
+                .delete_cf(db.cf(CF_OBJECTS), id.0)
+                .map_err(Error::db(format!("deleting object {}", id.short())))?;
+            report.objects_deleted += 1;
+            report.bytes_freed += len;
+        }
+        // Chunks.
+        let mut doomed = Vec::new();
+        db.for_each_id(&mut |id| {
+            if marks.chunks.contains(&id) {
+                report.chunks_kept += 1;
+            } else {
+                doomed.push(id);
+            }
+            Ok(())
+        })?;
+        for id in doomed {
+            // Holding the young lock: a concurrent store_chunk of this id
+            // either recorded it already (kept) or waits until it is gone
+            // (and then writes it again).
+            let young = db.young.lock();
+            if young.as_ref().is_some_and(|y| y.contains(&id)) {
+                report.chunks_kept += 1;
+                continue;
+            }
+            let len = db.get(&id)?.map(|v| v.len() as u64).unwrap_or(0);
+            db.delete(&id)?;
+            report.chunks_deleted += 1;
+            report.bytes_freed += len;
+        }
+        Ok(report)
+    }
+
+    /// Verifies every reachable commit, tree node and chunk against its id,
+    /// and that everything a commit or working state names is present.
+    pub fn fsck(&self) -> Result<FsckReport> {
+        let mut problems = Vec::new();
+        let marks = mark(self, true, &mut problems)?;
+        let mut report = FsckReport {
+            commits_checked: marks.commits.len() as u64,
+            objects_checked: marks.objects.len() as u64,
+            ..Default::default()
+        };
+        for id in &marks.chunks {
+            report.chunks_checked += 1;
+            match self.db.get(id) {
+                Ok(Some(stored)) => {
+                    if let Err(e) = chunk::decode_verified(id, &stored, chunk::MAX_CHUNK) {
+                        problems.push(format!("chunk {}: {e}", id.to_hex()));
+                    }
+                }
+                Ok(None) => problems.push(format!("chunk {} is missing", id.to_hex())),
+                Err(e) => problems.push(format!("chunk {}: {e}", id.to_hex())),
+            }
+        }
+        report.problems = problems;
+        Ok(report)
+    }
+}

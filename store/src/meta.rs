@@ -1,0 +1,56 @@
+//! Records of dots and branches in the `meta` column family.
+//!
+//! | key | value |
+//! |---|---|
+//! | `d 00 namespace 00 name` | [`DotRec`] |
+//! | `b 00 dot id:8 name` | [`BranchRec`] |
+//! | `n 00 next-id` | next dot/branch id (u64 BE) |
+
+use crate::id::Id;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DotRec {
+    pub id: u64,
+    pub namespace: String,
+    pub name: String,
+    pub block_size: u32,
+    pub created_ns: u64,
+    pub current_branch: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BranchRec {
+    /// Overlay id of the branch's working state (never 0).
+    pub bid: u64,
+    pub head: Option<Id>,
+    /// Root of the head's snapshot (the empty tree without a head).
+    pub root: Id,
+    /// The branch and commit this branch was created from.
+    pub origin: Option<(String, Id)>,
+}
+
+pub fn dot_key(namespace: &str, name: &str) -> Vec<u8> {
+    let mut k = b"d\0".to_vec();
+    k.extend_from_slice(namespace.as_bytes());
+    k.push(0);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+pub const DOT_PREFIX: &[u8] = b"d\0";
+
+pub fn branch_prefix(dot_id: u64) -> Vec<u8> {
+    let mut k = b"b\0".to_vec();
+    k.extend_from_slice(&dot_id.to_be_bytes());
+    k
+}
+
+pub fn branch_key(dot_id: u64, name: &str) -> Vec<u8> {
+    let mut k = branch_prefix(dot_id);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+pub const BRANCH_PREFIX: &[u8] = b"b\0";
+pub const NEXT_ID_KEY: &[u8] = b"n\0next-id";

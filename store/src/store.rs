@@ -1,0 +1,880 @@
+//! The store: dots, branches, commits and the registry of branch working
+//! states. Each commit, reset, branch and ref update is one atomic, synced
+//! RocksDB write batch.
+
+use crate::branch::BranchFs;
+use crate::db::{Db, StoreOptions, CF_META};
+use crate::error::{Error, Result};
+use crate::id::Id;
+use crate::inode::{FileKind, InodeRec};
+use crate::keys;
+use crate::meta::{self, BranchRec, DotRec};
+use crate::names::{self, DotName, MASTER};
+use crate::object::{self, Commit};
+use crate::tree;
+use crate::view::{clear_overlay, View};
+use parking_lot::Mutex;
+use rocksdb::WriteBatch;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Default block size of new dots.
+pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
+
+/// A dot as listed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DotInfo {
+    pub name: DotName,
+    pub id: u64,
+    pub block_size: u32,
+    pub created_ns: u64,
+    pub current_branch: String,
+    pub branches: Vec<String>,
+}
+
+/// A branch as listed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BranchInfo {
+    pub name: String,
+    pub head: Option<Id>,
+    /// Commits reachable from the head (its generation).
+    pub commits: u64,
+    /// The branch and commit this one was created from.
+    pub origin: Option<(String, Id)>,
+    /// Bytes of file data written since the head commit.
+    pub dirty_bytes: u64,
+    /// Apparent size of the working state's files.
+    pub size: u64,
+}
+
+/// What a commit records besides the snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitRequest {
+    pub message: String,
+    pub author: String,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A commit as shown by log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitInfo {
+    pub id: Id,
+    pub parents: Vec<Id>,
+    pub author: String,
+    pub message: String,
+    pub timestamp_ns: u64,
+    pub metadata: BTreeMap<String, String>,
+    pub generation: u64,
+}
+
+impl CommitInfo {
+    fn from(id: Id, c: Commit) -> CommitInfo {
+        CommitInfo {
+            id,
+            parents: c.parents,
+            author: c.author,
+            message: c.message,
+            timestamp_ns: c.timestamp_ns,
+            metadata: c.metadata,
+            generation: c.generation,
+        }
+    }
+}
+
+/// How a path differs between two states.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChangeKind {
+    Added,
+    Modified,
+    Deleted,
+    Renamed { from: String },
+}
+
+/// One changed path.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub kind: ChangeKind,
+    pub path: String,
+}
+
+/// The store: one RocksDB database holding every dot of the host.
+pub struct Store {
+    pub(crate) db: Arc<Db>,
+    dir: PathBuf,
+    /// Open branch working states, by overlay id.
+    branches: Mutex<HashMap<u64, Arc<BranchFs>>>,
+    /// Serialises changes to dot and branch records.
+    pub(crate) admin: Mutex<()>,
+    pub(crate) gc_lock: Mutex<()>,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Arc<Store>> {
+        Store::open_with(dir, StoreOptions::default())
+    }
+
+    pub fn open_with(dir: &Path, opts: StoreOptions) -> Result<Arc<Store>> {
+        let db = Arc::new(Db::open(dir, opts)?);
+        Ok(Arc::new(Store {
+            db,
+            dir: dir.to_path_buf(),
+            branches: Mutex::new(HashMap::new()),
+            admin: Mutex::new(()),
+            gc_lock: Mutex::new(()),
+        }))
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    // ---- records ----
+
+    fn meta_get<T: for<'de> Deserialize<'de>>(&self, key: &[u8], what: &str) -> Result<Option<T>> {
+        let v = self
+            .db
+            .db
+            .get_cf(self.db.cf(CF_META), key)
+            .map_err(Error::db(format!("reading {what}")))?;
+        match v {
+            None => Ok(None),
+            Some(b) => postcard::from_bytes(&b)
+                .map(Some)
+                .map_err(|e| Error::Corrupt(format!("{what} record does not decode: {e}"))),
+        }
+    }
+
+    fn meta_put<T: Serialize>(&self, batch: &mut WriteBatch, key: &[u8], v: &T) {
+        batch.put_cf(
+            self.db.cf(CF_META),
+            key,
+            postcard::to_stdvec(v).expect("postcard into Vec cannot fail"),
+        );
+    }
+
+    fn meta_scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        let mut it = self.db.db.raw_iterator_cf(self.db.cf(CF_META));
+        it.seek(prefix);
+        while it.valid() {
+            match (it.key(), it.value()) {
+                (Some(k), Some(v)) if k.starts_with(prefix) => out.push((k.to_vec(), v.to_vec())),
+                _ => break,
+            }
+            it.next();
+        }
+        it.status().map_err(Error::db("listing records"))?;
+        Ok(out)
+    }
+
+    /// Reserves `n` consecutive ids (dot ids and branch overlay ids share
+    /// one counter; 0 is never handed out). Call with `admin` held; the
+    /// batch writes the bumped counter.
+    fn next_ids(&self, batch: &mut WriteBatch, n: u64) -> Result<u64> {
+        let cur: u64 = self
+            .meta_get(meta::NEXT_ID_KEY, "the id counter")?
+            .unwrap_or(1);
+        self.meta_put(batch, meta::NEXT_ID_KEY, &(cur + n));
+        Ok(cur)
+    }
+
+    pub(crate) fn dot_rec(&self, dot: &DotName) -> Result<DotRec> {
+        self.meta_get(&meta::dot_key(&dot.namespace, &dot.name), "dot")?
+            .ok_or_else(|| Error::NotFound {
+                what: "dot",
+                name: dot.to_string(),
+            })
+    }
+
+    pub(crate) fn branch_rec(&self, d: &DotRec, branch: &str) -> Result<BranchRec> {
+        self.meta_get(&meta::branch_key(d.id, branch), "branch")?
+            .ok_or_else(|| Error::NotFound {
+                what: "branch",
+                name: format!("{branch} of dot {}", dot_name(d)),
+            })
+    }
+
+    pub(crate) fn branch_recs(&self, d: &DotRec) -> Result<Vec<(String, BranchRec)>> {
+        let prefix = meta::branch_prefix(d.id);
+        self.meta_scan(&prefix)?
+            .into_iter()
+            .map(|(k, v)| {
+                let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                let rec = postcard::from_bytes(&v)
+                    .map_err(|e| Error::Corrupt(format!("branch record {name}: {e}")))?;
+                Ok((name, rec))
+            })
+            .collect()
+    }
+
+    /// Every branch record of every dot (GC, fsck).
+    pub(crate) fn all_branch_recs(&self) -> Result<Vec<BranchRec>> {
+        self.meta_scan(meta::BRANCH_PREFIX)?
+            .into_iter()
+            .map(|(_, v)| {
+                postcard::from_bytes(&v).map_err(|e| Error::Corrupt(format!("branch record: {e}")))
+            })
+            .collect()
+    }
+
+    fn fs_for(&self, d: &DotRec, branch: &str, rec: &BranchRec) -> Result<Arc<BranchFs>> {
+        let mut reg = self.branches.lock();
+        if let Some(fs) = reg.get(&rec.bid) {
+            return Ok(fs.clone());
+        }
+        let fs = Arc::new(BranchFs::new(
+            self.db.clone(),
+            dot_name(d),
+            branch.to_string(),
+            rec.bid,
+            d.block_size,
+            self.dir.clone(),
+            rec.head,
+            rec.root,
+        )?);
+        reg.insert(rec.bid, fs.clone());
+        Ok(fs)
+    }
+
+    fn dot_info_of(&self, d: &DotRec) -> Result<DotInfo> {
+        Ok(DotInfo {
+            name: dot_name(d),
+            id: d.id,
+            block_size: d.block_size,
+            created_ns: d.created_ns,
+            current_branch: d.current_branch.clone(),
+            branches: self.branch_recs(d)?.into_iter().map(|(n, _)| n).collect(),
+        })
+    }
+
+    /// Writes the overlay entries of a fresh tree (superblock and root
+    /// directory) for branch overlay `bid`.
+    fn fresh_overlay(&self, batch: &mut WriteBatch, bid: u64, empty_root: Id) {
+        let mut tx = crate::view::Tx::new(View {
+            db: &self.db,
+            bid,
+            root: empty_root,
+        });
+        for (k, v) in BranchFs::fresh_entries() {
+            tx.put(k, v);
+        }
+        tx.write_into(batch);
+    }
+
+    // ---- dots ----
+
+    /// Creates a dot with an empty `master` branch.
+    pub fn create_dot(&self, dot: &DotName, block_size: Option<u32>) -> Result<DotInfo> {
+        names::validate("namespace", &dot.namespace)?;
+        names::validate("dot", &dot.name)?;
+        let block_size = block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
+        if !(4096..=(4 << 20)).contains(&block_size) || !block_size.is_power_of_two() {
+            return Err(Error::Refused(format!(
+                "block size {block_size} is not a power of two between 4 KiB and 4 MiB"
+            )));
+        }
+        let _a = self.admin.lock();
+        let key = meta::dot_key(&dot.namespace, &dot.name);
+        if self.meta_get::<DotRec>(&key, "dot")?.is_some() {
+            return Err(Error::AlreadyExists {
+                what: "dot",
+                name: dot.to_string(),
+            });
+        }
+        let mut batch = WriteBatch::default();
+        let id = self.next_ids(&mut batch, 2)?;
+        let bid = id + 1;
+        let (empty, bytes) = tree::empty();
+        self.db.put_object(&mut batch, &empty, &bytes);
+        let rec = DotRec {
+            id,
+            namespace: dot.namespace.clone(),
+            name: dot.name.clone(),
+            block_size,
+            created_ns: crate::inode::Timestamp::now().as_nanos(),
+            current_branch: MASTER.to_string(),
+        };
+        self.meta_put(&mut batch, &key, &rec);
+        let master = BranchRec {
+            bid,
+            head: None,
+            root: empty,
+            origin: None,
+        };
+        self.meta_put(&mut batch, &meta::branch_key(id, MASTER), &master);
+        self.fresh_overlay(&mut batch, bid, empty);
+        self.db.write(batch, true, &format!("creating dot {dot}"))?;
+        self.dot_info_of(&rec)
+    }
+
+    pub fn list_dots(&self) -> Result<Vec<DotInfo>> {
+        let mut out = Vec::new();
+        for (_, v) in self.meta_scan(meta::DOT_PREFIX)? {
+            let d: DotRec =
+                postcard::from_bytes(&v).map_err(|e| Error::Corrupt(format!("dot record: {e}")))?;
+            out.push(self.dot_info_of(&d)?);
+        }
+        Ok(out)
+    }
+
+    pub fn dot_info(&self, dot: &DotName) -> Result<DotInfo> {
+        self.dot_info_of(&self.dot_rec(dot)?)
+    }
+
+    /// Deletes a dot and all its branches; its data is reclaimed by GC.
+    pub fn delete_dot(&self, dot: &DotName) -> Result<()> {
+        let _a = self.admin.lock();
+        let d = self.dot_rec(dot)?;
+        let mut batch = WriteBatch::default();
+        let recs = self.branch_recs(&d)?;
+        for (name, rec) in &recs {
+            batch.delete_cf(self.db.cf(CF_META), meta::branch_key(d.id, name));
+            clear_overlay(&self.db, &mut batch, rec.bid);
+        }
+        batch.delete_cf(self.db.cf(CF_META), meta::dot_key(&d.namespace, &d.name));
+        self.db.write(batch, true, &format!("deleting dot {dot}"))?;
+        let mut reg = self.branches.lock();
+        for (_, rec) in recs {
+            if let Some(fs) = reg.remove(&rec.bid) {
+                fs.state.write().deleted = true;
+                fs.drop_buffers();
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the branch that unpinned mounts of the dot follow.
+    pub fn set_current_branch(&self, dot: &DotName, branch: &str) -> Result<()> {
+        let _a = self.admin.lock();
+        let mut d = self.dot_rec(dot)?;
+        self.branch_rec(&d, branch)?;
+        d.current_branch = branch.to_string();
+        let mut batch = WriteBatch::default();
+        self.meta_put(&mut batch, &meta::dot_key(&d.namespace, &d.name), &d);
+        self.db.write(batch, true, "switching branch")
+    }
+
+    // ---- branches ----
+
+    pub fn list_branches(&self, dot: &DotName) -> Result<Vec<BranchInfo>> {
+        let d = self.dot_rec(dot)?;
+        self.branch_recs(&d)?
+            .into_iter()
+            .map(|(n, r)| self.branch_info_of(&d, &n, &r))
+            .collect()
+    }
+
+    pub fn branch_info(&self, dot: &DotName, branch: &str) -> Result<BranchInfo> {
+        let d = self.dot_rec(dot)?;
+        let r = self.branch_rec(&d, branch)?;
+        self.branch_info_of(&d, branch, &r)
+    }
+
+    fn branch_info_of(&self, d: &DotRec, name: &str, r: &BranchRec) -> Result<BranchInfo> {
+        let fs = self.fs_for(d, name, r)?;
+        let st = fs.state.read();
+        let (commits, base_size) = match st.head {
+            Some(h) => {
+                let c = self.db.commit(&h)?;
+                (c.generation, c.size)
+            }
+            None => (0, 0),
+        };
+        let view = fs.view(&st);
+        let mut dirty = fs.buffered_bytes() as u64;
+        let mut delta: i128 = 0;
+        view.for_each_change(&mut |k, v| {
+            match keys::parse(k) {
+                Some((_, keys::TAG_BLOCK)) => {
+                    if let Some((_, len)) = v.and_then(keys::parse_block_value) {
+                        dirty += len as u64;
+                    }
+                }
+                Some((ino, keys::TAG_INODE)) if ino != keys::SUPER_INO => {
+                    delta += file_size(ino, v)? as i128;
+                    delta -= file_size(ino, tree::get(&*self.db, &st.root, k)?.as_deref())? as i128;
+                }
+                _ => {}
+            }
+            Ok(())
+        })?;
+        Ok(BranchInfo {
+            name: name.to_string(),
+            head: st.head,
+            commits,
+            origin: r.origin.clone(),
+            dirty_bytes: dirty,
+            size: (base_size as i128 + delta).max(0) as u64,
+        })
+    }
+
+    /// Creates `new` from commit `from` (default: the current branch's head).
+    /// O(1): no data is copied.
+    pub fn create_branch(&self, dot: &DotName, new: &str, from: Option<Id>) -> Result<BranchInfo> {
+        names::validate("branch", new)?;
+        let _a = self.admin.lock();
+        let d = self.dot_rec(dot)?;
+        if self.branch_rec(&d, new).is_ok() {
+            return Err(Error::AlreadyExists {
+                what: "branch",
+                name: format!("{new} of dot {dot}"),
+            });
+        }
+        let cur_name = d.current_branch.clone();
+        let cur = self.branch_rec(&d, &cur_name)?;
+        let start = match from {
+            Some(id) => Some(id),
+            None => self.fs_for(&d, &cur_name, &cur)?.head(),
+        };
+        let mut batch = WriteBatch::default();
+        let bid = self.next_ids(&mut batch, 1)?;
+        let rec = match start {
+            Some(id) => {
+                let c = self.db.commit(&id).map_err(|_| Error::NotFound {
+                    what: "commit",
+                    name: id.to_hex(),
+                })?;
+                BranchRec {
+                    bid,
+                    head: Some(id),
+                    root: c.root,
+                    origin: Some((cur_name, id)),
+                }
+            }
+            None => {
+                let (empty, bytes) = tree::empty();
+                self.db.put_object(&mut batch, &empty, &bytes);
+                self.fresh_overlay(&mut batch, bid, empty);
+                BranchRec {
+                    bid,
+                    head: None,
+                    root: empty,
+                    origin: None,
+                }
+            }
+        };
+        self.meta_put(&mut batch, &meta::branch_key(d.id, new), &rec);
+        self.db
+            .write(batch, true, &format!("creating branch {new} of dot {dot}"))?;
+        self.branch_info_of(&d, new, &rec)
+    }
+
+    /// Deletes a branch. Refuses the dot's current branch, and branches other
+    /// branches were created from unless `force`.
+    pub fn delete_branch(&self, dot: &DotName, branch: &str, force: bool) -> Result<()> {
+        let _a = self.admin.lock();
+        let d = self.dot_rec(dot)?;
+        let rec = self.branch_rec(&d, branch)?;
+        if d.current_branch == branch {
+            return Err(Error::Refused(format!(
+                "branch {branch} is the current branch of dot {dot}; check out another branch first"
+            )));
+        }
+        if !force {
+            let deps: Vec<String> = self
+                .branch_recs(&d)?
+                .into_iter()
+                .filter(|(_, r)| r.origin.as_ref().is_some_and(|(o, _)| o == branch))
+                .map(|(n, _)| n)
+                .collect();
+            if !deps.is_empty() {
+                return Err(Error::Refused(format!(
+                    "branches {} of dot {dot} were created from {branch}; use -f to delete it anyway",
+                    deps.join(", ")
+                )));
+            }
+        }
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.db.cf(CF_META), meta::branch_key(d.id, branch));
+        clear_overlay(&self.db, &mut batch, rec.bid);
+        self.db.write(
+            batch,
+            true,
+            &format!("deleting branch {branch} of dot {dot}"),
+        )?;
+        if let Some(fs) = self.branches.lock().remove(&rec.bid) {
+            fs.state.write().deleted = true;
+            fs.drop_buffers();
+        }
+        Ok(())
+    }
+
+    /// The working state of a branch, as a filesystem. One object per branch.
+    pub fn branch_fs(&self, dot: &DotName, branch: &str) -> Result<Arc<BranchFs>> {
+        let d = self.dot_rec(dot)?;
+        let r = self.branch_rec(&d, branch)?;
+        self.fs_for(&d, branch, &r)
+    }
+
+    // ---- commits ----
+
+    /// Snapshots the branch's working state. O(metadata changed); writes no
+    /// file data (buffered writes are chunked first, as at fsync).
+    pub fn commit(&self, dot: &DotName, branch: &str, req: CommitRequest) -> Result<CommitInfo> {
+        for k in req.metadata.keys() {
+            if k.is_empty() || !k.starts_with(|c: char| c.is_ascii_lowercase()) {
+                return Err(Error::Refused(format!(
+                    "metadata key {k:?} must start with a lower-case letter"
+                )));
+            }
+        }
+        let _a = self.admin.lock();
+        let d = self.dot_rec(dot)?;
+        let mut rec = self.branch_rec(&d, branch)?;
+        let fs = self.fs_for(&d, branch, &rec)?;
+        let mut st = fs.state.write();
+        fs.flush_all_in(&st)?;
+        let view = fs.view(&st);
+        let (parents, generation, base_size) = match st.head {
+            Some(h) => {
+                let c = self.db.commit(&h)?;
+                (vec![h], c.generation + 1, c.size)
+            }
+            None => (Vec::new(), 1, 0),
+        };
+        let mut muts = Vec::new();
+        let mut delta: i128 = 0;
+        view.for_each_change(&mut |k, v| {
+            if let Some((ino, keys::TAG_INODE)) = keys::parse(k) {
+                if ino != keys::SUPER_INO {
+                    delta += file_size(ino, v)? as i128;
+                    delta -= file_size(ino, tree::get(&*self.db, &st.root, k)?.as_deref())? as i128;
+                }
+            }
+            muts.push((k.to_vec(), v.map(|v| v.to_vec())));
+            Ok(())
+        })?;
+        let (root, nodes) = tree::apply(&*self.db, &st.root, &muts)?;
+        let commit = Commit {
+            root,
+            parents,
+            author: req.author,
+            message: req.message,
+            timestamp_ns: crate::inode::Timestamp::now().as_nanos(),
+            metadata: req.metadata,
+            generation,
+            size: (base_size as i128 + delta).max(0) as u64,
+        };
+        let (id, bytes) = object::encode(object::KIND_COMMIT, &commit);
+        let mut batch = WriteBatch::default();
+        for (nid, nb) in &nodes {
+            self.db.put_object(&mut batch, nid, nb);
+        }
+        self.db.put_object(&mut batch, &id, &bytes);
+        rec.head = Some(id);
+        rec.root = root;
+        self.meta_put(&mut batch, &meta::branch_key(d.id, branch), &rec);
+        clear_overlay(&self.db, &mut batch, rec.bid);
+        self.db.write(
+            batch,
+            true,
+            &format!("committing branch {branch} of dot {dot}"),
+        )?;
+        st.head = Some(id);
+        st.root = root;
+        Ok(CommitInfo::from(id, commit))
+    }
+
+    pub fn commit_info(&self, id: &Id) -> Result<CommitInfo> {
+        Ok(CommitInfo::from(*id, self.db.commit(id)?))
+    }
+
+    /// The branch's commits, oldest first (its whole first-parent ancestry).
+    pub fn log(&self, dot: &DotName, branch: &str) -> Result<Vec<CommitInfo>> {
+        let d = self.dot_rec(dot)?;
+        let r = self.branch_rec(&d, branch)?;
+        let head = self.fs_for(&d, branch, &r)?.head();
+        let mut out = Vec::new();
+        let mut cur = head;
+        while let Some(id) = cur {
+            let c = self.db.commit(&id)?;
+            cur = c.parents.first().copied();
+            out.push(CommitInfo::from(id, c));
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Every commit reachable from any branch of the dot.
+    fn dot_commits(&self, d: &DotRec) -> Result<HashMap<Id, Commit>> {
+        let mut seen = HashMap::new();
+        for (name, r) in self.branch_recs(d)? {
+            let mut stack: Vec<Id> = self.fs_for(d, &name, &r)?.head().into_iter().collect();
+            while let Some(id) = stack.pop() {
+                if seen.contains_key(&id) {
+                    continue;
+                }
+                let c = self.db.commit(&id)?;
+                stack.extend(c.parents.iter().copied());
+                seen.insert(id, c);
+            }
+        }
+        Ok(seen)
+    }
+
+    /// Resolves `HEAD`, `HEAD^`, `HEAD^^`, `HEAD~N`, a branch name, a full id
+    /// or a unique id prefix (at least 4 hex digits), each optionally followed
+    /// by `^`/`~N`.
+    pub fn resolve(&self, dot: &DotName, branch: &str, rev: &str) -> Result<Id> {
+        let d = self.dot_rec(dot)?;
+        let r = self.branch_rec(&d, branch)?;
+        let split = rev.find(['^', '~']).unwrap_or(rev.len());
+        let (base, ops) = rev.split_at(split);
+        let mut id = if base == "HEAD" || base.is_empty() && !ops.is_empty() {
+            self.fs_for(&d, branch, &r)?.head().ok_or_else(|| {
+                Error::BadRevision(format!(
+                    "no commit matches {rev}: branch {branch} of dot {dot} has no commits yet"
+                ))
+            })?
+        } else if let Ok(br) = self.branch_rec(&d, base) {
+            self.fs_for(&d, base, &br)?.head().ok_or_else(|| {
+                Error::BadRevision(format!(
+                    "no commit matches {rev}: branch {base} has no commits"
+                ))
+            })?
+        } else if base.len() >= 4 && base.len() <= 64 && base.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            let lower = base.to_ascii_lowercase();
+            let all = self.dot_commits(&d)?;
+            let hits: Vec<Id> = all
+                .keys()
+                .filter(|id| id.to_hex().starts_with(&lower))
+                .copied()
+                .collect();
+            match hits.len() {
+                1 => hits[0],
+                0 => {
+                    return Err(Error::BadRevision(format!(
+                        "no commit of dot {dot} matches {rev}"
+                    )))
+                }
+                n => return Err(Error::BadRevision(format!(
+                    "{base} is ambiguous: {n} commits of dot {dot} start with it; give more digits"
+                ))),
+            }
+        } else {
+            return Err(Error::BadRevision(format!(
+                "{rev:?} is not a revision: use HEAD, HEAD^, HEAD~N, a branch name or a commit id"
+            )));
+        };
+        // Apply ^ and ~N.
+        let mut rest = ops;
+        let mut steps = 0u64;
+        while !rest.is_empty() {
+            let n;
+            if let Some(r2) = rest.strip_prefix('^') {
+                n = 1;
+                rest = r2;
+            } else if let Some(r2) = rest.strip_prefix('~') {
+                let digits = r2.bytes().take_while(|b| b.is_ascii_digit()).count();
+                n = if digits == 0 {
+                    1
+                } else {
+                    r2[..digits].parse::<u64>().map_err(|_| {
+                        Error::BadRevision(format!("{rev:?}: the number after ~ is too large"))
+                    })?
+                };
+                rest = &r2[digits..];
+            } else {
+                return Err(Error::BadRevision(format!(
+                    "{rev:?} is not a revision: use HEAD, HEAD^, HEAD~N, a branch name or a commit id"
+                )));
+            }
+            for _ in 0..n {
+                let c = self.db.commit(&id)?;
+                match c.parents.first() {
+                    Some(p) => id = *p,
+                    None => {
+                        let total = c.generation + steps;
+                        return Err(Error::BadRevision(format!(
+                            "no commit matches {rev}: branch {branch} of dot {dot} has {total} commit{}",
+                            if total == 1 { "" } else { "s" }
+                        )));
+                    }
+                }
+                steps += 1;
+            }
+        }
+        Ok(id)
+    }
+
+    /// True when the branch has changes since its head.
+    pub fn is_dirty(&self, dot: &DotName, branch: &str) -> Result<bool> {
+        let fs = self.branch_fs(dot, branch)?;
+        let st = fs.state.read();
+        Ok(fs.buffered_bytes() > 0 || (st.head.is_some() && fs.view(&st).has_changes()?))
+    }
+
+    /// Moves the branch to `target` (a commit of this dot) and discards its
+    /// working state; commits after `target` on this branch become garbage.
+    /// Without `hard`, refuses when there are uncommitted changes.
+    pub fn reset(&self, dot: &DotName, branch: &str, target: Id, hard: bool) -> Result<()> {
+        let _a = self.admin.lock();
+        let d = self.dot_rec(dot)?;
+        let mut rec = self.branch_rec(&d, branch)?;
+        let fs = self.fs_for(&d, branch, &rec)?;
+        if !self.dot_commits(&d)?.contains_key(&target) {
+            return Err(Error::NotFound {
+                what: "commit",
+                name: format!("{} in dot {dot}", target.to_hex()),
+            });
+        }
+        let mut st = fs.state.write();
+        if !hard && (fs.buffered_bytes() > 0 || fs.view(&st).has_changes()?) {
+            return Err(Error::Refused(format!(
+                "branch {branch} of dot {dot} has uncommitted changes; commit them, or use `dm reset --hard` to discard them"
+            )));
+        }
+        let c = self.db.commit(&target)?;
+        rec.head = Some(target);
+        rec.root = c.root;
+        let mut batch = WriteBatch::default();
+        self.meta_put(&mut batch, &meta::branch_key(d.id, branch), &rec);
+        clear_overlay(&self.db, &mut batch, rec.bid);
+        self.db.write(
+            batch,
+            true,
+            &format!("resetting branch {branch} of dot {dot}"),
+        )?;
+        fs.drop_buffers();
+        st.head = Some(target);
+        st.root = c.root;
+        Ok(())
+    }
+
+    /// Flushes every buffered write of every open branch and syncs the WAL.
+    pub fn sync(&self) -> Result<()> {
+        let all: Vec<Arc<BranchFs>> = self.branches.lock().values().cloned().collect();
+        for fs in all {
+            if !fs.state.read().deleted {
+                fs.flush_all()?;
+            }
+        }
+        self.db.sync_wal()
+    }
+
+    // ---- diff ----
+
+    /// Paths that differ between `from` (default: the branch head) and `to`
+    /// (default: the branch's working state).
+    pub fn diff(
+        &self,
+        dot: &DotName,
+        branch: &str,
+        from: Option<Id>,
+        to: Option<Id>,
+    ) -> Result<Vec<Change>> {
+        let fs = self.branch_fs(dot, branch)?;
+        fs.flush_all()?;
+        let st = fs.state.read();
+        let snapshot = |id: Option<Id>| -> Result<View<'_>> {
+            let root = match id {
+                Some(c) => self.db.commit(&c)?.root,
+                None => tree::empty().0,
+            };
+            Ok(View {
+                db: &self.db,
+                bid: 0,
+                root,
+            })
+        };
+        let old_view = match from {
+            Some(c) => snapshot(Some(c))?,
+            None => snapshot(st.head)?,
+        };
+        let new_view = match to {
+            Some(c) => snapshot(Some(c))?,
+            None => fs.view(&st),
+        };
+        let old = walk(&old_view)?;
+        let new = walk(&new_view)?;
+        let mut out = Vec::new();
+        for (ino, (path, kind, rec)) in &new {
+            match old.get(ino) {
+                None => out.push(Change {
+                    kind: ChangeKind::Added,
+                    path: path.clone(),
+                }),
+                Some((opath, _, orec)) => {
+                    if opath != path {
+                        out.push(Change {
+                            kind: ChangeKind::Renamed {
+                                from: opath.clone(),
+                            },
+                            path: path.clone(),
+                        });
+                    } else if *kind != FileKind::Dir && orec != rec {
+                        out.push(Change {
+                            kind: ChangeKind::Modified,
+                            path: path.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        for (ino, (path, _, _)) in &old {
+            if !new.contains_key(ino) {
+                out.push(Change {
+                    kind: ChangeKind::Deleted,
+                    path: path.clone(),
+                });
+            }
+        }
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
+    }
+}
+
+/// Maps every inode reachable from the root to (first path, kind, record).
+fn walk(view: &View) -> Result<HashMap<u64, (String, FileKind, Vec<u8>)>> {
+    let mut out = HashMap::new();
+    let mut stack = vec![(crate::inode::ROOT_INO, String::new())];
+    while let Some((dir, path)) = stack.pop() {
+        let mut children = Vec::new();
+        view.scan(
+            &keys::prefix(dir, keys::TAG_DIRENT),
+            &keys::prefix_end(dir, keys::TAG_DIRENT),
+            &mut |k, v| {
+                if let Some((_, name)) = keys::parse_dirent(k) {
+                    let e = crate::inode::Dirent::decode(v)?;
+                    children.push((e, String::from_utf8_lossy(name).into_owned()));
+                }
+                Ok(true)
+            },
+        )?;
+        for (e, name) in children {
+            if out.contains_key(&e.ino) {
+                continue;
+            }
+            let p = format!("{path}/{name}");
+            let rec = view.get(&keys::inode(e.ino))?.unwrap_or_default();
+            if e.kind == FileKind::Dir {
+                stack.push((e.ino, p.clone()));
+            }
+            out.insert(e.ino, (p, e.kind, rec));
+        }
+    }
+    Ok(out)
+}
+
+/// Size of a regular file's record (0 for anything else or nothing).
+fn file_size(ino: u64, rec: Option<&[u8]>) -> Result<u64> {
+    match rec {
+        Some(b) => {
+            let r = InodeRec::decode(ino, b)?;
+            Ok(if r.kind == FileKind::File { r.size } else { 0 })
+        }
+        None => Ok(0),
+    }
+}
+
+fn dot_name(d: &DotRec) -> DotName {
+    DotName {
+        namespace: d.namespace.clone(),
+        name: d.name.clone(),
+    }
+}

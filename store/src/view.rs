@@ -1,0 +1,218 @@
+//! Reading and writing a branch's working state: the overlay in the `work`
+//! column family (keys `branch id:8 || tree key`, values `0` = deleted or
+//! `1 || value`) on top of the base snapshot tree.
+
+use crate::db::{Db, CF_WORK};
+use crate::error::{Error, Result};
+use crate::id::Id;
+use crate::tree::{self, Cursor};
+use rocksdb::{Direction, IteratorMode, WriteBatch};
+use std::collections::BTreeMap;
+
+const TOMBSTONE: u8 = 0;
+const VALUE: u8 = 1;
+
+/// Prefix of a branch's overlay keys.
+pub fn overlay_prefix(bid: u64) -> [u8; 8] {
+    bid.to_be_bytes()
+}
+
+fn overlay_key(bid: u64, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + key.len());
+    k.extend_from_slice(&bid.to_be_bytes());
+    k.extend_from_slice(key);
+    k
+}
+
+/// A branch's working state: overlay `bid` over the tree at `root`.
+#[derive(Clone, Copy)]
+pub struct View<'a> {
+    pub db: &'a Db,
+    pub bid: u64,
+    pub root: Id,
+}
+
+impl<'a> View<'a> {
+    /// The value of a tree key in the working state.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let ov = self
+            .db
+            .db
+            .get_pinned_cf(self.db.cf(CF_WORK), overlay_key(self.bid, key))
+            .map_err(Error::db("reading the working state"))?;
+        match ov.as_deref() {
+            Some([TOMBSTONE, ..]) => Ok(None),
+            Some([VALUE, v @ ..]) => Ok(Some(v.to_vec())),
+            Some(_) => Err(Error::Corrupt("malformed working-state entry".into())),
+            None => tree::get(self.db, &self.root, key),
+        }
+    }
+
+    /// Calls `f` with each live (key, value) in `[start, end)`, in key order,
+    /// until it returns false.
+    pub fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool>,
+    ) -> Result<()> {
+        let ostart = overlay_key(self.bid, start);
+        let oend = overlay_key(self.bid, end);
+        let mut oit = self.db.db.iterator_cf(
+            self.db.cf(CF_WORK),
+            IteratorMode::From(&ostart, Direction::Forward),
+        );
+        let mut next_ov = || -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+            match oit.next() {
+                Some(Ok((k, v))) if *k < *oend => Ok(Some((k[8..].to_vec(), v.to_vec()))),
+                Some(Ok(_)) | None => Ok(None),
+                Some(Err(e)) => Err(Error::db("scanning the working state")(e)),
+            }
+        };
+        let mut cur = Cursor::seek(self.db, &self.root, start)?;
+        let next_base = |cur: &mut Cursor| -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+            match cur.next()? {
+                Some((k, v)) if k.as_slice() < end => Ok(Some((k, v))),
+                _ => Ok(None),
+            }
+        };
+        let mut ov = next_ov()?;
+        let mut base = next_base(&mut cur)?;
+        loop {
+            let (key, val) = match (&ov, &base) {
+                (None, None) => return Ok(()),
+                (Some((ok, _)), Some((bk, _))) if ok <= bk => {
+                    let same = ok == bk;
+                    let (k, v) = ov.take().unwrap_or_default();
+                    ov = next_ov()?;
+                    if same {
+                        base = next_base(&mut cur)?;
+                    }
+                    match v.split_first() {
+                        Some((&VALUE, rest)) => (k, rest.to_vec()),
+                        _ => continue,
+                    }
+                }
+                (Some(_), None) => {
+                    let (k, v) = ov.take().unwrap_or_default();
+                    ov = next_ov()?;
+                    match v.split_first() {
+                        Some((&VALUE, rest)) => (k, rest.to_vec()),
+                        _ => continue,
+                    }
+                }
+                _ => {
+                    let e = base.take().unwrap_or_default();
+                    base = next_base(&mut cur)?;
+                    e
+                }
+            };
+            if !f(&key, &val)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Calls `f` with every overlay entry (key, Some(value) or None for a
+    /// deletion), in key order: the changes since the base snapshot.
+    pub fn for_each_change(
+        &self,
+        f: &mut dyn FnMut(&[u8], Option<&[u8]>) -> Result<()>,
+    ) -> Result<()> {
+        let prefix = overlay_prefix(self.bid);
+        let mut it = self.db.db.raw_iterator_cf(self.db.cf(CF_WORK));
+        it.seek(prefix);
+        while it.valid() {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                break;
+            };
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            match v.split_first() {
+                Some((&VALUE, rest)) => f(&k[8..], Some(rest))?,
+                _ => f(&k[8..], None)?,
+            }
+            it.next();
+        }
+        it.status().map_err(Error::db("scanning the working state"))
+    }
+
+    /// True when the overlay has any entry.
+    pub fn has_changes(&self) -> Result<bool> {
+        let prefix = overlay_prefix(self.bid);
+        let mut it = self.db.db.raw_iterator_cf(self.db.cf(CF_WORK));
+        it.seek(prefix);
+        let found = it.valid() && it.key().is_some_and(|k| k.starts_with(&prefix));
+        it.status()
+            .map_err(Error::db("scanning the working state"))?;
+        Ok(found)
+    }
+}
+
+/// Adds "delete the whole overlay of `bid`" to a batch.
+pub fn clear_overlay(db: &Db, batch: &mut WriteBatch, bid: u64) {
+    let start = overlay_prefix(bid);
+    let end = (bid + 1).to_be_bytes();
+    batch.delete_range_cf(db.cf(CF_WORK), start, end);
+}
+
+/// A set of working-state changes read back by later gets of the same
+/// operation, written as one atomic batch.
+pub struct Tx<'a> {
+    pub view: View<'a>,
+    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl<'a> Tx<'a> {
+    pub fn new(view: View<'a>) -> Tx<'a> {
+        Tx {
+            view,
+            pending: BTreeMap::new(),
+        }
+    }
+
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self.pending.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => self.view.get(key),
+        }
+    }
+
+    pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.pending.insert(key, Some(value));
+    }
+
+    pub fn delete(&mut self, key: Vec<u8>) {
+        self.pending.insert(key, None);
+    }
+
+    /// The batch holding this transaction's writes.
+    pub fn into_batch(self) -> WriteBatch {
+        let mut batch = WriteBatch::default();
+        self.write_into(&mut batch);
+        batch
+    }
+
+    pub fn write_into(self, batch: &mut WriteBatch) {
+        let cf = self.view.db.cf(CF_WORK);
+        for (k, v) in self.pending {
+            let key = overlay_key(self.view.bid, &k);
+            match v {
+                Some(v) => {
+                    let mut val = Vec::with_capacity(v.len() + 1);
+                    val.push(VALUE);
+                    val.extend_from_slice(&v);
+                    batch.put_cf(cf, key, val);
+                }
+                None => batch.put_cf(cf, key, [TOMBSTONE]),
+            }
+        }
+    }
+
+    /// Writes the transaction (durably when `sync`).
+    pub fn commit(self, sync: bool, what: &str) -> Result<()> {
+        let db = self.view.db;
+        db.write(self.into_batch(), sync, what)
+    }
+}

@@ -1,0 +1,450 @@
+//! Store API: dots, branches, commits, revisions, reset, diff, GC and fsck.
+
+use dm_store::*;
+use std::sync::Arc;
+
+fn setup() -> (tempfile::TempDir, Arc<Store>, DotName) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let dot = DotName::new("myapp").unwrap();
+    store.create_dot(&dot, None).unwrap();
+    (dir, store, dot)
+}
+
+fn write_file(fs: &BranchFs, name: &str, data: &[u8]) -> u64 {
+    let ino = match fs.lookup(ROOT_INO, name.as_bytes()) {
+        Ok(a) => a.ino,
+        Err(_) => {
+            fs.mknod(ROOT_INO, name.as_bytes(), FileKind::File, 0o644, 0, 0, 0)
+                .unwrap()
+                .ino
+        }
+    };
+    fs.setattr(
+        ino,
+        &SetAttr {
+            size: Some(0),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    fs.write(ino, 0, data).unwrap();
+    fs.flush(ino).unwrap();
+    ino
+}
+
+fn read_file(fs: &BranchFs, name: &str) -> Option<Vec<u8>> {
+    let a = fs.lookup(ROOT_INO, name.as_bytes()).ok()?;
+    Some(fs.read(a.ino, 0, a.size as u32 + 10).unwrap())
+}
+
+fn commit(store: &Store, dot: &DotName, branch: &str, msg: &str) -> CommitInfo {
+    store
+        .commit(
+            dot,
+            branch,
+            CommitRequest {
+                message: msg.into(),
+                author: "admin".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+}
+
+#[test]
+fn seed_walkthrough_commit_log_reset() {
+    let (_d, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    assert_eq!(store.branch_info(&dot, "master").unwrap().commits, 0);
+    write_file(&fs, "f", b"empty state");
+    let c1 = commit(&store, &dot, "master", "empty state");
+    write_file(&fs, "f", b"some data here");
+    let c2 = commit(&store, &dot, "master", "some data");
+    let log = store.log(&dot, "master").unwrap();
+    assert_eq!(
+        log.iter().map(|c| c.message.as_str()).collect::<Vec<_>>(),
+        ["empty state", "some data"]
+    );
+    assert_eq!(log[1].parents, vec![c1.id]);
+    assert_eq!(store.resolve(&dot, "master", "HEAD").unwrap(), c2.id);
+    assert_eq!(store.resolve(&dot, "master", "HEAD^").unwrap(), c1.id);
+    assert_eq!(store.resolve(&dot, "master", "HEAD~1").unwrap(), c1.id);
+    assert_eq!(
+        store.resolve(&dot, "master", &c1.id.to_hex()[..8]).unwrap(),
+        c1.id
+    );
+    let e = store
+        .resolve(&dot, "master", "HEAD^^^")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no commit matches HEAD^^^: branch master of dot myapp has 2 commits"),
+        "{e}"
+    );
+    assert!(store.resolve(&dot, "master", "nonsense!").is_err());
+
+    // Dirty working state: plain reset refuses, --hard discards.
+    write_file(&fs, "f", b"uncommitted");
+    assert!(store.is_dirty(&dot, "master").unwrap());
+    let e = store.reset(&dot, "master", c1.id, false).unwrap_err();
+    assert!(e.to_string().contains("--hard"), "{e}");
+    assert_eq!(read_file(&fs, "f").unwrap(), b"uncommitted");
+    store.reset(&dot, "master", c1.id, true).unwrap();
+    assert_eq!(read_file(&fs, "f").unwrap(), b"empty state");
+    assert_eq!(store.log(&dot, "master").unwrap().len(), 1);
+    assert!(!store.is_dirty(&dot, "master").unwrap());
+}
+
+#[test]
+fn branches_follow_the_seed_example() {
+    let (_d, store, dot) = setup();
+    let master = store.branch_fs(&dot, "master").unwrap();
+    write_file(&master, "f", b"A");
+    commit(&store, &dot, "master", "A");
+    write_file(&master, "f", b"B");
+    let b = commit(&store, &dot, "master", "B");
+    // Dirty data stays on master; the new branch starts from B.
+    write_file(&master, "dirty", b"x");
+    let info = store.create_branch(&dot, "newbranch", None).unwrap();
+    assert_eq!(info.head, Some(b.id));
+    assert_eq!(info.origin, Some(("master".into(), b.id)));
+    let nb = store.branch_fs(&dot, "newbranch").unwrap();
+    assert_eq!(read_file(&nb, "dirty"), None);
+    write_file(&nb, "f", b"C");
+    commit(&store, &dot, "newbranch", "C");
+    store.reset(&dot, "master", b.id, true).unwrap();
+    write_file(&master, "f", b"D");
+    commit(&store, &dot, "master", "D");
+    write_file(&nb, "f", b"E");
+    commit(&store, &dot, "newbranch", "E");
+    let names = |br| {
+        store
+            .log(&dot, br)
+            .unwrap()
+            .into_iter()
+            .map(|c| c.message)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names("master"), ["A", "B", "D"]);
+    assert_eq!(names("newbranch"), ["A", "B", "C", "E"]);
+    assert_eq!(read_file(&master, "f").unwrap(), b"D");
+    assert_eq!(read_file(&nb, "f").unwrap(), b"E");
+    // Branch deletion rules.
+    assert!(store.create_branch(&dot, "newbranch", None).is_err());
+    store
+        .create_branch(
+            &dot,
+            "child",
+            Some(store.resolve(&dot, "newbranch", "HEAD").unwrap()),
+        )
+        .unwrap();
+    store.set_current_branch(&dot, "newbranch").unwrap();
+    assert!(
+        store.delete_branch(&dot, "newbranch", true).is_err(),
+        "current branch deleted"
+    );
+    store.set_current_branch(&dot, "master").unwrap();
+    let e = store.delete_branch(&dot, "master", false).unwrap_err();
+    assert!(e.to_string().contains("current"), "{e}");
+    store.delete_branch(&dot, "child", false).unwrap();
+    store.delete_branch(&dot, "newbranch", false).unwrap();
+    assert!(store.branch_fs(&dot, "newbranch").is_err());
+    assert!(
+        nb.lookup(ROOT_INO, b"f").is_err(),
+        "deleted branch still readable"
+    );
+}
+
+#[test]
+fn subdots_commit_atomically() {
+    let (_d, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    let orders = fs.subdot_ino("orders-db", true).unwrap();
+    let catalog = fs.subdot_ino("catalog-db", true).unwrap();
+    assert_eq!(fs.subdot_ino("__root__", false).unwrap(), ROOT_INO);
+    assert!(fs.subdot_ino("missing", false).is_err());
+    let put = |dir: u64, data: &[u8]| {
+        let ino = match fs.lookup(dir, b"db") {
+            Ok(a) => a.ino,
+            Err(_) => {
+                fs.mknod(dir, b"db", FileKind::File, 0o600, 0, 999, 999)
+                    .unwrap()
+                    .ino
+            }
+        };
+        fs.write(ino, 0, data).unwrap();
+    };
+    put(orders, b"orders-1");
+    put(catalog, b"catalog-1");
+    let c1 = commit(&store, &dot, "master", "two dbs");
+    put(orders, b"orders-2");
+    put(catalog, b"catalog-2");
+    commit(&store, &dot, "master", "data in two dbs");
+    store.reset(&dot, "master", c1.id, true).unwrap();
+    let get = |dir: u64| {
+        let a = fs.lookup(dir, b"db").unwrap();
+        fs.read(a.ino, 0, 100).unwrap()
+    };
+    assert_eq!(get(orders), b"orders-1");
+    assert_eq!(get(catalog), b"catalog-1");
+}
+
+#[test]
+fn bad_names_are_typed_errors() {
+    let (_d, store, dot) = setup();
+    for bad in ["", "a/b", "..", "a b", "a\0", &"x".repeat(65), "ü"] {
+        assert!(
+            matches!(DotName::new(bad), Err(Error::InvalidName { .. })),
+            "{bad:?}"
+        );
+        assert!(
+            matches!(
+                store.create_branch(&dot, bad, None),
+                Err(Error::InvalidName { .. })
+            ),
+            "{bad:?}"
+        );
+    }
+    assert!(matches!(
+        store.create_dot(&dot, None),
+        Err(Error::AlreadyExists { .. })
+    ));
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    for bad in [&b"a/b"[..], b"", b"a\0b", b".", b".."] {
+        assert!(
+            fs.mknod(ROOT_INO, bad, FileKind::File, 0o644, 0, 0, 0)
+                .is_err(),
+            "{bad:?}"
+        );
+    }
+    let long = vec![b'n'; 256];
+    assert_eq!(
+        fs.mknod(ROOT_INO, &long, FileKind::File, 0o644, 0, 0, 0)
+            .unwrap_err()
+            .errno(),
+        36
+    );
+    assert!(fs
+        .mknod(ROOT_INO, &long[..255], FileKind::File, 0o644, 0, 0, 0)
+        .is_ok());
+    assert!(store
+        .dot_info(&DotName::new("nope").unwrap())
+        .unwrap_err()
+        .is_not_found());
+}
+
+#[test]
+fn diff_reports_paths() {
+    let (_d, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    write_file(&fs, "keep", b"1");
+    write_file(&fs, "change", b"1");
+    write_file(&fs, "gone", b"1");
+    write_file(&fs, "moveme", b"1");
+    let c1 = commit(&store, &dot, "master", "one");
+    write_file(&fs, "change", b"22");
+    fs.unlink(ROOT_INO, b"gone").unwrap();
+    fs.rename(ROOT_INO, b"moveme", ROOT_INO, b"moved", 0)
+        .unwrap();
+    write_file(&fs, "new", b"1");
+    let d = store.diff(&dot, "master", None, None).unwrap();
+    let want = vec![
+        Change {
+            kind: ChangeKind::Modified,
+            path: "/change".into(),
+        },
+        Change {
+            kind: ChangeKind::Deleted,
+            path: "/gone".into(),
+        },
+        Change {
+            kind: ChangeKind::Renamed {
+                from: "/moveme".into(),
+            },
+            path: "/moved".into(),
+        },
+        Change {
+            kind: ChangeKind::Added,
+            path: "/new".into(),
+        },
+    ];
+    assert_eq!(d, want);
+    let c2 = commit(&store, &dot, "master", "two");
+    assert_eq!(
+        store
+            .diff(&dot, "master", Some(c1.id), Some(c2.id))
+            .unwrap(),
+        want
+    );
+    assert!(store.diff(&dot, "master", None, None).unwrap().is_empty());
+}
+
+#[test]
+fn gc_reclaims_only_garbage_and_fsck_finds_corruption() {
+    let (dir, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    write_file(&fs, "keep", &big);
+    let c1 = commit(&store, &dot, "master", "one");
+    let other: Vec<u8> = (0..300_000u32).map(|i| (i * 13 % 241) as u8).collect();
+    write_file(&fs, "tmp", &other);
+    commit(&store, &dot, "master", "two");
+    store.reset(&dot, "master", c1.id, true).unwrap();
+    let r = store.gc().unwrap();
+    assert!(r.chunks_deleted >= 4, "{r:?}");
+    assert!(r.objects_deleted >= 1, "{r:?}");
+    assert_eq!(read_file(&fs, "keep").unwrap(), big);
+    let f = store.fsck().unwrap();
+    assert!(f.is_clean(), "{:?}", f.problems);
+    assert!(f.chunks_checked >= 4);
+    let again = store.gc().unwrap();
+    assert_eq!(again.chunks_deleted, 0);
+    drop(fs);
+    drop(store);
+    // Corrupt one chunk behind the store's back: fsck names it.
+    {
+        let store = Store::open(dir.path()).unwrap();
+        let fs = store.branch_fs(&dot, "master").unwrap();
+        let a = fs.lookup(ROOT_INO, b"keep").unwrap();
+        assert_eq!(fs.read(a.ino, 0, 10).unwrap(), &big[..10]);
+    }
+    let db = rocksdb::DB::open_cf(
+        &rocksdb::Options::default(),
+        dir.path().join("db"),
+        ["meta", "objects", "chunks", "work"],
+    );
+    if let Ok(db) = db {
+        let cf = db.cf_handle("chunks").unwrap();
+        let key = db
+            .iterator_cf(cf, rocksdb::IteratorMode::Start)
+            .next()
+            .unwrap()
+            .unwrap()
+            .0;
+        db.put_cf(cf, &key, [0u8, 1, 2, 3]).unwrap();
+        drop(db);
+        let store = Store::open(dir.path()).unwrap();
+        let f = store.fsck().unwrap();
+        assert!(!f.is_clean());
+        assert!(
+            f.problems.iter().any(|p| p.contains(&hex::encode(&key))),
+            "{:?}",
+            f.problems
+        );
+    }
+}
+
+#[test]
+fn posix_semantics() {
+    let (_d, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    let d = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0).unwrap();
+    assert_eq!(fs.getattr(ROOT_INO).unwrap().nlink, 3);
+    let f = fs
+        .mknod(d.ino, b"f", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    // Hard links and nlink.
+    fs.link(f.ino, ROOT_INO, b"hard").unwrap();
+    assert_eq!(fs.getattr(f.ino).unwrap().nlink, 2);
+    assert!(fs.rmdir(ROOT_INO, b"d").is_err());
+    // Rename flags.
+    fs.mknod(ROOT_INO, b"x", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    assert_eq!(
+        fs.rename(ROOT_INO, b"x", ROOT_INO, b"hard", RENAME_NOREPLACE)
+            .unwrap_err()
+            .errno(),
+        17
+    );
+    fs.rename(ROOT_INO, b"x", ROOT_INO, b"hard", RENAME_EXCHANGE)
+        .unwrap();
+    assert_eq!(fs.lookup(ROOT_INO, b"x").unwrap().ino, f.ino);
+    assert_eq!(
+        fs.rename(ROOT_INO, b"d", d.ino, b"inside", 0)
+            .unwrap_err()
+            .errno(),
+        22
+    );
+    // Unlinked while open: readable until release.
+    fs.write(f.ino, 0, b"still here").unwrap();
+    fs.open(f.ino).unwrap();
+    fs.unlink(d.ino, b"f").unwrap();
+    fs.unlink(ROOT_INO, b"x").unwrap();
+    assert_eq!(fs.read(f.ino, 0, 100).unwrap(), b"still here");
+    fs.release(f.ino).unwrap();
+    assert!(fs.getattr(f.ino).is_err());
+    // Sparse files, truncate and holes.
+    let s = fs
+        .mknod(ROOT_INO, b"sparse", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    fs.write(s.ino, 1_000_000, b"end").unwrap();
+    fs.flush(s.ino).unwrap();
+    assert_eq!(fs.getattr(s.ino).unwrap().size, 1_000_003);
+    assert_eq!(
+        fs.read(s.ino, 999_990, 100).unwrap(),
+        [&[0u8; 10][..], b"end"].concat()
+    );
+    fs.setattr(
+        s.ino,
+        &SetAttr {
+            size: Some(1_000_001),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    fs.setattr(
+        s.ino,
+        &SetAttr {
+            size: Some(1_000_010),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        fs.read(s.ino, 1_000_000, 100).unwrap(),
+        [&b"e"[..], &[0u8; 9]].concat()
+    );
+    // Xattrs.
+    fs.setxattr(s.ino, b"user.k", b"v", XATTR_CREATE).unwrap();
+    assert_eq!(
+        fs.setxattr(s.ino, b"user.k", b"v", XATTR_CREATE)
+            .unwrap_err()
+            .errno(),
+        17
+    );
+    assert_eq!(fs.getxattr(s.ino, b"user.k").unwrap(), b"v");
+    assert_eq!(fs.listxattr(s.ino).unwrap(), vec![b"user.k".to_vec()]);
+    fs.removexattr(s.ino, b"user.k").unwrap();
+    assert_eq!(fs.getxattr(s.ino, b"user.k").unwrap_err().errno(), 61);
+    // Readdir offsets are stable and resumable.
+    for i in 0..500 {
+        fs.mknod(
+            d.ino,
+            format!("n{i}").as_bytes(),
+            FileKind::File,
+            0o644,
+            0,
+            0,
+            0,
+        )
+        .unwrap();
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut off = 0;
+    loop {
+        let batch = fs.readdir(d.ino, off, 7).unwrap();
+        let Some(last) = batch.last() else { break };
+        off = last.offset;
+        for e in batch {
+            assert!(seen.insert(e.name), "duplicate entry");
+        }
+    }
+    assert_eq!(seen.len(), 502);
+    // Symlinks.
+    let l = fs.symlink(ROOT_INO, b"link", b"d/n1", 0, 0).unwrap();
+    assert_eq!(fs.readlink(l.ino).unwrap(), b"d/n1");
+    assert_eq!(l.size, 4);
+    commit(&store, &dot, "master", "all");
+    assert_eq!(fs.readdir(d.ino, 0, 1000).unwrap().len(), 502);
+}
