@@ -350,6 +350,30 @@ impl MountManager {
         }
     }
 
+    /// When several mounts show `branch` of `dot`, makes each of them drop
+    /// the kernel's cached view so that they agree (after a commit). The
+    /// kernel caches per mount, so a write through one mount is not seen
+    /// through another until then; see cli/REQUESTS.md.
+    pub fn refresh_shared(&self, dot: &DotName, branch: &str) -> ApiResult<()> {
+        let entries = self.lock();
+        let shown: Vec<&Entry> = entries
+            .iter()
+            .filter(|e| &e.volume.dot == dot && e.mount.branch() == branch)
+            .collect();
+        if shown.len() > 1 {
+            let fs = self.store.branch_fs(dot, branch)?;
+            for e in shown {
+                e.mount.switch(fs.clone()).map_err(|err| {
+                    ApiError::internal(format!(
+                        "refreshing the mount at {}: {err}",
+                        e.path.display()
+                    ))
+                })?;
+            }
+        }
+        Ok(())
+    }
+
     /// Runs `f` (a reset of `branch`) with the mount table locked, then makes
     /// every mount showing that branch drop its cached view.
     pub fn reset<T>(

@@ -319,6 +319,7 @@ async fn commit(
                 metadata: req.metadata,
             },
         )?;
+        st.mounts.refresh_shared(&dot, &branch)?;
         tracing::info!("dot {dot}@{branch}: commit {}", c.id.short());
         Ok(commit_view(&c))
     })
