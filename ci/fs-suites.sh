@@ -81,6 +81,7 @@ cat >"$WORK/pjdfstest.toml" <<'EOF'
 [features]
 utime_now = {}
 utimensat = {}
+rename_ctime = {}
 
 [settings]
 naptime = 0.01
