@@ -103,6 +103,15 @@ pub enum Command {
         #[command(subcommand)]
         command: DotCommand,
     },
+    /// Remotes (hubs) to push to and pull from: list, add, rm, switch.
+    Remote {
+        /// Show the user and host of each remote.
+        #[arg(short, long)]
+        verbose: bool,
+        /// The remote command (none = list).
+        #[command(subcommand)]
+        command: Option<RemoteCommand>,
+    },
     /// Mount DOT[@BRANCH][.SUBDOT] at PATH (printed; default under the server's mount dir).
     Mount {
         /// `[namespace/]dot[@branch][.subdot]`
@@ -147,5 +156,28 @@ pub enum DotCommand {
         force: bool,
         /// The dot.
         dot: String,
+    },
+}
+
+/// `dm remote ...` (client-side state in the config file).
+#[derive(Subcommand, Debug)]
+pub enum RemoteCommand {
+    /// Add a remote `USER@HOST[:PORT]`.
+    Add {
+        /// Local name of the remote.
+        name: String,
+        /// `USER@HOST[:PORT]`.
+        target: String,
+    },
+    /// Forget a remote.
+    #[command(alias = "remove")]
+    Rm {
+        /// The remote.
+        name: String,
+    },
+    /// Make NAME the current remote.
+    Switch {
+        /// The remote.
+        name: String,
     },
 }

@@ -116,6 +116,14 @@ fn init_commit_log_reset() {
     s.ok(&["fsck"]);
     s.ok(&["gc"]);
     assert_eq!(snapshot(&mnt), first, "gc changed the data");
+    // With a remote, `dm list` names the current one first.
+    s.ok(&["remote", "add", "hub", "alice@dothub.com"]);
+    assert!(s.ok(&["list"]).starts_with("Current remote: hub"));
+    assert_eq!(s.ok(&["remote", "-v"]), "* hub\talice@dothub.com\n");
+    s.fail(&["remote", "add", "hub", "bob@x"]);
+    s.ok(&["remote", "rm", "hub"]);
+    assert!(s.ok(&["list"]).starts_with("  DOT"));
+
     let v = s.ok(&["version"]);
     assert!(v.contains("Client: dm") && v.contains("Server: dm"), "{v}");
 }

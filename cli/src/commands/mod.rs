@@ -5,6 +5,7 @@ mod admin;
 mod dots;
 mod history;
 mod mounts;
+mod remotes;
 
 use crate::api::{self, DotDetail};
 use crate::cli::{Cli, Command, DotCommand};
@@ -114,6 +115,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Reset { hard, rev } => history::reset(&mut ctx, &rev, hard),
         Command::Diff { from, to } => history::diff(&mut ctx, from.as_deref(), to.as_deref()),
         Command::Status => history::status(&mut ctx),
+        Command::Remote { verbose, command } => remotes::run(&mut ctx, verbose, command),
         Command::Mount { volume, path } => mounts::mount(&mut ctx, &volume, path),
         Command::Unmount { path } => mounts::unmount(&mut ctx, &path),
         Command::Gc => admin::gc(&mut ctx),

@@ -82,6 +82,7 @@ pub fn run(opts: ServerOptions) -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 
     for dir in [&opts.data_dir, &opts.mount_dir] {

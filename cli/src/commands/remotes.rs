@@ -1,0 +1,101 @@
+//! `dm remote`: the remotes (hubs) known to this client. Client-side state
+//! only; push/pull will use them.
+
+use super::Ctx;
+use crate::cli::RemoteCommand;
+use crate::config::Remote;
+use anyhow::{anyhow, bail, Result};
+
+/// Parses `USER@HOST[:PORT]`.
+fn parse_target(target: &str) -> Result<Remote> {
+    let (user, host) = target.split_once('@').ok_or_else(|| {
+        anyhow!("remote {target:?} is not USER@HOST[:PORT] (e.g. alice@dothub.com)")
+    })?;
+    let (hostname, port) = match host.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            Some(
+                p.parse::<u16>()
+                    .map_err(|_| anyhow!("bad port {p:?} in remote {target:?}"))?,
+            ),
+        ),
+        None => (host, None),
+    };
+    if user.is_empty() || hostname.is_empty() {
+        bail!("remote {target:?} is not USER@HOST[:PORT] (e.g. alice@dothub.com)");
+    }
+    dm_store::names::validate("user", user).map_err(|e| anyhow!("{e}"))?;
+    Ok(Remote {
+        user: user.to_string(),
+        hostname: hostname.to_string(),
+        port,
+    })
+}
+
+pub fn run(ctx: &mut Ctx, verbose: bool, command: Option<RemoteCommand>) -> Result<()> {
+    match command {
+        None => {
+            for (name, r) in &ctx.config.remotes {
+                let mark = if ctx.config.current_remote.as_deref() == Some(name) {
+                    "* "
+                } else {
+                    "  "
+                };
+                if verbose {
+                    let port = r.port.map(|p| format!(":{p}")).unwrap_or_default();
+                    println!("{mark}{name}\t{}@{}{port}", r.user, r.hostname);
+                } else {
+                    println!("{mark}{name}");
+                }
+            }
+            Ok(())
+        }
+        Some(RemoteCommand::Add { name, target }) => {
+            dm_store::names::validate("remote", &name).map_err(|e| anyhow!("{e}"))?;
+            if ctx.config.remotes.contains_key(&name) {
+                bail!("remote {name} already exists; remove it first with `dm remote rm {name}`");
+            }
+            let remote = parse_target(&target)?;
+            ctx.config.remotes.insert(name.clone(), remote);
+            if ctx.config.current_remote.is_none() {
+                ctx.config.current_remote = Some(name);
+            }
+            ctx.save_config()
+        }
+        Some(RemoteCommand::Rm { name }) => {
+            if ctx.config.remotes.remove(&name).is_none() {
+                bail!("no remote named {name} (see `dm remote -v`)");
+            }
+            if ctx.config.current_remote.as_deref() == Some(&name) {
+                ctx.config.current_remote = None;
+            }
+            ctx.save_config()
+        }
+        Some(RemoteCommand::Switch { name }) => {
+            if !ctx.config.remotes.contains_key(&name) {
+                bail!("no remote named {name} (see `dm remote -v`, add it with `dm remote add {name} USER@HOST`)");
+            }
+            ctx.config.current_remote = Some(name);
+            ctx.save_config()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        let r = parse_target("alice@dothub.com").unwrap();
+        assert_eq!(
+            (r.user.as_str(), r.hostname.as_str(), r.port),
+            ("alice", "dothub.com", None)
+        );
+        let r = parse_target("bob@10.0.0.1:6969").unwrap();
+        assert_eq!(r.port, Some(6969));
+        assert!(parse_target("dothub.com").is_err());
+        assert!(parse_target("a@h:x").is_err());
+        assert!(parse_target("@h").is_err());
+    }
+}
