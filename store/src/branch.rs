@@ -69,6 +69,7 @@ fn now() -> Timestamp {
 }
 
 impl BranchFs {
+    #[allow(clippy::too_many_arguments)] // internal constructor, called once
     pub(crate) fn new(
         db: Arc<Db>,
         dot: DotName,
@@ -316,7 +317,9 @@ impl BranchFs {
         Ok(rec.attr(ino, self.block_size))
     }
 
-    /// Creates a file of any kind but directory and symlink.
+    /// Creates a file of any kind but directory and symlink (mknod(2) plus
+    /// the caller's credentials).
+    #[allow(clippy::too_many_arguments)]
     pub fn mknod(
         &self,
         parent: Ino,
@@ -721,7 +724,7 @@ impl BranchFs {
         for k in doomed {
             tx.delete(k);
         }
-        if new % bs != 0 {
+        if !new.is_multiple_of(bs) {
             let idx = new / bs;
             let keep = (new % bs) as usize;
             if let Some(v) = tx.get(&keys::block(ino, idx))? {

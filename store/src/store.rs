@@ -652,9 +652,11 @@ impl Store {
                         "no commit of dot {dot} matches {rev}"
                     )))
                 }
-                n => return Err(Error::BadRevision(format!(
+                n => {
+                    return Err(Error::BadRevision(format!(
                     "{base} is ambiguous: {n} commits of dot {dot} start with it; give more digits"
-                ))),
+                )))
+                }
             }
         } else {
             return Err(Error::BadRevision(format!(
@@ -829,8 +831,11 @@ impl Store {
     }
 }
 
+/// Inode -> (first path, kind, encoded record).
+type Listing = HashMap<u64, (String, FileKind, Vec<u8>)>;
+
 /// Maps every inode reachable from the root to (first path, kind, record).
-fn walk(view: &View) -> Result<HashMap<u64, (String, FileKind, Vec<u8>)>> {
+fn walk(view: &View) -> Result<Listing> {
     let mut out = HashMap::new();
     let mut stack = vec![(crate::inode::ROOT_INO, String::new())];
     while let Some((dir, path)) = stack.pop() {

@@ -18,6 +18,9 @@ pub trait NodeSource {
     fn node(&self, id: &Id) -> Result<Arc<Node>>;
 }
 
+/// Nodes written by [`apply`]: (id, stored form).
+pub type NewNodes = Vec<(Id, Vec<u8>)>;
+
 /// One change of a batch: `None` deletes the key.
 pub type Mutation = (Vec<u8>, Option<Vec<u8>>);
 
@@ -123,11 +126,7 @@ impl<'a> Cursor<'a> {
 /// Applies sorted, key-unique `muts` to the tree at `root`. Returns the new
 /// root and every node written (id, stored form), to be stored in the same
 /// write batch as whatever refers to the new root.
-pub fn apply(
-    src: &dyn NodeSource,
-    root: &Id,
-    muts: &[Mutation],
-) -> Result<(Id, Vec<(Id, Vec<u8>)>)> {
+pub fn apply(src: &dyn NodeSource, root: &Id, muts: &[Mutation]) -> Result<(Id, NewNodes)> {
     let mut out = Vec::new();
     if muts.is_empty() {
         return Ok((*root, out));
@@ -163,7 +162,7 @@ fn apply_node(
     src: &dyn NodeSource,
     id: &Id,
     muts: &[Mutation],
-    out: &mut Vec<(Id, Vec<u8>)>,
+    out: &mut NewNodes,
 ) -> Result<Vec<(Vec<u8>, Id)>> {
     let node = src.node(id)?;
     match &*node {
@@ -234,10 +233,7 @@ fn entry_size(k: &[u8], v: usize) -> usize {
     k.len() + v + 4
 }
 
-fn split_leaf(
-    entries: Vec<(Vec<u8>, Vec<u8>)>,
-    out: &mut Vec<(Id, Vec<u8>)>,
-) -> Vec<(Vec<u8>, Id)> {
+fn split_leaf(entries: Vec<(Vec<u8>, Vec<u8>)>, out: &mut NewNodes) -> Vec<(Vec<u8>, Id)> {
     if entries.is_empty() {
         return Vec::new();
     }
@@ -271,7 +267,7 @@ fn split_leaf(
         .collect()
 }
 
-fn split_inner(children: Vec<(Vec<u8>, Id)>, out: &mut Vec<(Id, Vec<u8>)>) -> Vec<(Vec<u8>, Id)> {
+fn split_inner(children: Vec<(Vec<u8>, Id)>, out: &mut NewNodes) -> Vec<(Vec<u8>, Id)> {
     let total: usize = children.iter().map(|(k, _)| entry_size(k, 32)).sum();
     let mut groups = Vec::new();
     if total <= NODE_MAX {

@@ -9,6 +9,11 @@ use crate::tree::{self, Cursor};
 use rocksdb::{Direction, IteratorMode, WriteBatch};
 use std::collections::BTreeMap;
 
+/// Callback of [`View::scan`]: gets (key, value), returns false to stop.
+pub type ScanFn<'f> = dyn FnMut(&[u8], &[u8]) -> Result<bool> + 'f;
+/// Callback of [`View::for_each_change`]: (key, Some(value) or None = deleted).
+pub type ChangeFn<'f> = dyn FnMut(&[u8], Option<&[u8]>) -> Result<()> + 'f;
+
 const TOMBSTONE: u8 = 0;
 const VALUE: u8 = 1;
 
@@ -50,12 +55,7 @@ impl<'a> View<'a> {
 
     /// Calls `f` with each live (key, value) in `[start, end)`, in key order,
     /// until it returns false.
-    pub fn scan(
-        &self,
-        start: &[u8],
-        end: &[u8],
-        f: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool>,
-    ) -> Result<()> {
+    pub fn scan(&self, start: &[u8], end: &[u8], f: &mut ScanFn) -> Result<()> {
         let ostart = overlay_key(self.bid, start);
         let oend = overlay_key(self.bid, end);
         let mut oit = self.db.db.iterator_cf(
@@ -115,10 +115,7 @@ impl<'a> View<'a> {
 
     /// Calls `f` with every overlay entry (key, Some(value) or None for a
     /// deletion), in key order: the changes since the base snapshot.
-    pub fn for_each_change(
-        &self,
-        f: &mut dyn FnMut(&[u8], Option<&[u8]>) -> Result<()>,
-    ) -> Result<()> {
+    pub fn for_each_change(&self, f: &mut ChangeFn) -> Result<()> {
         let prefix = overlay_prefix(self.bid);
         let mut it = self.db.db.raw_iterator_cf(self.db.cf(CF_WORK));
         it.seek(prefix);

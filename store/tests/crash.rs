@@ -14,7 +14,7 @@ const ENV: &str = "DM_CRASH_CHILD_DIR";
 
 fn content(k: u64) -> Vec<u8> {
     let len = 1000 + (k * 7919) % 200_000;
-    (0..len).map(|i| (i as u64 * 31 + k) as u8).collect()
+    (0..len).map(|i| (i * 31 + k) as u8).collect()
 }
 
 /// The child: runs only when started by `crash_atomicity`.
@@ -37,7 +37,7 @@ fn crash_child() {
             .unwrap();
         fs.write(a.ino, 0, &content(k)).unwrap();
         fs.flush(a.ino).unwrap();
-        if k % 5 == 0 {
+        if k.is_multiple_of(5) {
             let c = store
                 .commit(
                     &dot,
@@ -52,7 +52,7 @@ fn crash_child() {
             writeln!(out, "COMMIT {} {k}", c.id).unwrap();
             out.flush().unwrap();
         }
-        if k % 7 == 0 {
+        if k.is_multiple_of(7) {
             // Remove an older file, to exercise deletions too.
             let old = format!("f{}", k - 3);
             let _ = fs.unlink(ROOT_INO, old.as_bytes());
