@@ -71,6 +71,11 @@ fn bad_input_changes_nothing() {
     assert!(err.contains("nobranch"), "{err}");
     let err = s.fail(&["mount", "my app"]);
     assert!(err.contains("invalid"), "{err}");
+    // Mounting again at the same path is idempotent; another volume there is refused.
+    let again = s.ok(&["mount", "myapp", mnt.to_str().unwrap()]);
+    assert_eq!(again.trim(), mnt.display().to_string());
+    let err = s.fail(&["mount", "myapp@master", mnt.to_str().unwrap()]);
+    assert!(err.contains("unmount"), "{err}");
     let err = s.fail(&["unmount", "/nonexistent/path"]);
     assert!(err.contains("/nonexistent/path"), "{err}");
 

@@ -9,6 +9,9 @@ const DM: &str = env!("CARGO_BIN_EXE_dm");
 #[test]
 fn init_commit_log_reset() {
     let s = Server::start(DM);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(s.socket()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
     s.ok(&["init", "myapp"]);
     s.ok(&["switch", "myapp"]);
 

@@ -130,8 +130,12 @@ pub fn run(opts: ServerOptions) -> Result<()> {
 }
 
 async fn serve(state: Arc<AppState>, socket: &Path) -> Result<()> {
-    let listener = tokio::net::UnixListener::bind(socket)
-        .with_context(|| format!("listening on {}", socket.display()))?;
+    // Create the socket with no access for others from the start, then set
+    // the final mode explicitly.
+    let old_mask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let listener = tokio::net::UnixListener::bind(socket);
+    nix::sys::stat::umask(old_mask);
+    let listener = listener.with_context(|| format!("listening on {}", socket.display()))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", socket.display()))?;
     let app = routes::router(state);

@@ -48,7 +48,26 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/gc", post(gc))
         .route("/v1/fsck", post(fsck))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(log_request))
         .with_state(state)
+}
+
+/// Logs every request with its status and duration (debug level; errors
+/// are logged at info/error by [`ApiError`]).
+async fn log_request(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let start = std::time::Instant::now();
+    let resp = next.run(req).await;
+    tracing::debug!(
+        "{method} {uri} -> {} in {:?}",
+        resp.status().as_u16(),
+        start.elapsed()
+    );
+    resp
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
