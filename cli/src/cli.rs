@@ -14,6 +14,15 @@ pub struct Cli {
     /// The server's API socket.
     #[arg(long, global = true, env = "DM_SOCKET", value_name = "SOCKET")]
     pub server: Option<PathBuf>,
+    /// Work on this dot instead of the current one (`dm switch`).
+    #[arg(
+        long = "dot",
+        id = "on_dot",
+        global = true,
+        env = "DM_DOT",
+        value_name = "DOT"
+    )]
+    pub on_dot: Option<String>,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
@@ -72,6 +81,8 @@ pub enum Command {
         force: bool,
     },
     /// Switch the current dot to BRANCH (moving unpinned mounts with it).
+    ///
+    /// Uncommitted changes stay on the branch they were made on.
     Checkout {
         /// Create the branch from the current head first.
         #[arg(short = 'b')]

@@ -10,6 +10,10 @@ const DM: &str = env!("CARGO_BIN_EXE_dm");
 fn subdots_commit_and_reset_atomically() {
     let s = Server::start(DM);
     s.ok(&["init", "myapp"]);
+    s.ok(&["init", "other"]);
+    s.ok(&["switch", "other"]);
+    // --dot works on another dot than the current one.
+    assert_eq!(s.ok(&["branch", "--dot", "myapp"]), "* master\n");
     s.ok(&["switch", "myapp"]);
     let orders = PathBuf::from(s.ok(&["mount", "myapp.orders-db"]).trim());
     let catalog = PathBuf::from(s.ok(&["mount", "myapp.catalog-db"]).trim());

@@ -150,8 +150,9 @@ pub fn show(ctx: &mut Ctx, dot: Option<&str>, scripting: bool) -> Result<()> {
         let head = b
             .head
             .as_deref()
-            .map(|h| h.chars().take(7).collect::<String>())
-            .unwrap_or_else(|| "no commits".to_string());
+            .map(|h| format!(", head {}", h.chars().take(7).collect::<String>()))
+            .unwrap_or_default();
+        let plural = if b.commits == 1 { "" } else { "s" };
         let origin = b
             .origin
             .as_ref()
@@ -169,7 +170,7 @@ pub fn show(ctx: &mut Ctx, dot: Option<&str>, scripting: bool) -> Result<()> {
             format!(", containers {}", b.containers.join(","))
         };
         println!(
-            "  {mark} {} ({} commits, head {head}, dirty {}{origin}{containers})",
+            "  {mark} {} ({} commit{plural}{head}, dirty {}{origin}{containers})",
             b.name,
             b.commits,
             human_size(b.dirty_bytes)

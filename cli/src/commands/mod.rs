@@ -23,6 +23,8 @@ pub struct Ctx {
     pub config: Config,
     socket: PathBuf,
     client: Option<Client>,
+    /// `--dot`: overrides the current dot.
+    on_dot: Option<String>,
 }
 
 impl Ctx {
@@ -36,7 +38,7 @@ impl Ctx {
 
     /// The dot a command works on: `given`, else the current dot.
     pub fn dot(&self, given: Option<&str>) -> Result<DotName> {
-        let name = match given {
+        let name = match given.or(self.on_dot.as_deref()) {
             Some(d) => d.to_string(),
             None => self.config.current_dot.clone().ok_or_else(|| {
                 anyhow!("no current dot: choose one with `dm switch DOT` (see `dm list`), or create one with `dm init DOT`")
@@ -95,6 +97,7 @@ pub fn run(cli: Cli) -> Result<()> {
         config,
         socket,
         client: None,
+        on_dot: cli.on_dot,
     };
     match cli.command {
         Command::Server { .. } | Command::Completions { .. } => unreachable!("handled above"),
