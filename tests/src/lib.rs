@@ -275,3 +275,39 @@ pub fn write_synced(path: &Path, data: &[u8]) {
     f.sync_all()
         .unwrap_or_else(|e| panic!("fsync {}: {e}", path.display()));
 }
+
+impl Server {
+    /// One raw HTTP/1.1 request to the API (`Connection: close`); returns
+    /// the status code and the JSON body.
+    pub fn api(&self, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+        use std::io::{Read, Write};
+        let mut sock = std::os::unix::net::UnixStream::connect(self.socket())
+            .expect("connecting to the API socket");
+        let body = body.unwrap_or("");
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        sock.write_all(req.as_bytes()).expect("sending the request");
+        let mut resp = Vec::new();
+        sock.read_to_end(&mut resp).expect("reading the answer");
+        let text = String::from_utf8_lossy(&resp).to_string();
+        let (head, payload) = text
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("no HTTP header end in {text:?}"));
+        let status: u16 = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line in {head:?}"));
+        assert!(
+            !head
+                .to_ascii_lowercase()
+                .contains("transfer-encoding: chunked"),
+            "chunked answers are not expected: {head}"
+        );
+        let json = serde_json::from_str(payload)
+            .unwrap_or_else(|e| panic!("answer is not JSON ({e}): {payload:?}"));
+        (status, json)
+    }
+}

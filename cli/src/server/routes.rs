@@ -52,21 +52,44 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Logs every request with its status and duration (debug level; errors
-/// are logged at info/error by [`ApiError`]).
+/// Logs every request with its status and duration (debug level), and
+/// turns axum's plain-text rejections (bad JSON, bad query, wrong method)
+/// into the API's `{"error": "..."}` form.
 async fn log_request(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    use axum::response::IntoResponse;
     let method = req.method().clone();
     let uri = req.uri().clone();
     let start = std::time::Instant::now();
     let resp = next.run(req).await;
+    let status = resp.status();
     tracing::debug!(
         "{method} {uri} -> {} in {:?}",
-        resp.status().as_u16(),
+        status.as_u16(),
         start.elapsed()
     );
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if (status.is_client_error() || status.is_server_error()) && !is_json {
+        let bytes = axum::body::to_bytes(resp.into_body(), 64 * 1024)
+            .await
+            .unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes).trim().to_string();
+        let message = if text.is_empty() {
+            format!(
+                "{method} {uri}: {}",
+                status.canonical_reason().unwrap_or("error").to_lowercase()
+            )
+        } else {
+            format!("{method} {uri}: {text}")
+        };
+        return ApiError { status, message }.into_response();
+    }
     resp
 }
 
