@@ -19,7 +19,9 @@ fn hashing_and_compression(c: &mut Criterion) {
     g.bench_function("blake3", |b| b.iter(|| blake3::hash(&data)));
     g.bench_function("zstd-compress", |b| b.iter(|| chunk::encode(&data)));
     let stored = chunk::encode(&data);
-    g.bench_function("zstd-decompress", |b| b.iter(|| chunk::decode(&stored, 1 << 20).unwrap()));
+    g.bench_function("zstd-decompress", |b| {
+        b.iter(|| chunk::decode(&stored, 1 << 20).unwrap())
+    });
     g.finish();
 }
 
@@ -52,38 +54,53 @@ fn versioning_cost(c: &mut Criterion) {
     for (label, size) in [("10MiB", 10u64 << 20), ("1GiB", 1u64 << 30)] {
         let fx = Fixture::new(size);
         let mut n = 0u64;
-        g.bench_with_input(BenchmarkId::new("commit-after-1MiB-change", label), &size, |b, _| {
-            b.iter_batched(
-                || {
-                    n += 1;
-                    fx.change_1mib(n);
-                    fx.fs.flush(fx.file).unwrap();
-                },
-                |_| fx.store.commit(&fx.dot, "master", req("c")).unwrap(),
-                BatchSize::PerIteration,
-            )
-        });
+        g.bench_with_input(
+            BenchmarkId::new("commit-after-1MiB-change", label),
+            &size,
+            |b, _| {
+                b.iter_batched(
+                    || {
+                        n += 1;
+                        fx.change_1mib(n);
+                        fx.fs.flush(fx.file).unwrap();
+                    },
+                    |_| fx.store.commit(&fx.dot, "master", req("c")).unwrap(),
+                    BatchSize::PerIteration,
+                )
+            },
+        );
         g.bench_with_input(BenchmarkId::new("branch", label), &size, |b, _| {
             b.iter(|| {
                 n += 1;
-                fx.store.create_branch(&fx.dot, &format!("b{n}"), None).unwrap()
+                fx.store
+                    .create_branch(&fx.dot, &format!("b{n}"), None)
+                    .unwrap()
             })
         });
         let base = fx.store.resolve(&fx.dot, "master", "HEAD").unwrap();
-        g.bench_with_input(BenchmarkId::new("reset-hard-after-1MiB-change", label), &size, |b, _| {
-            b.iter_batched(
-                || {
-                    n += 1;
-                    fx.change_1mib(n);
-                    fx.fs.flush(fx.file).unwrap();
-                },
-                |_| fx.store.reset(&fx.dot, "master", base, true).unwrap(),
-                BatchSize::PerIteration,
-            )
-        });
+        g.bench_with_input(
+            BenchmarkId::new("reset-hard-after-1MiB-change", label),
+            &size,
+            |b, _| {
+                b.iter_batched(
+                    || {
+                        n += 1;
+                        fx.change_1mib(n);
+                        fx.fs.flush(fx.file).unwrap();
+                    },
+                    |_| fx.store.reset(&fx.dot, "master", base, true).unwrap(),
+                    BatchSize::PerIteration,
+                )
+            },
+        );
     }
     g.finish();
 }
 
-criterion_group!(benches, hashing_and_compression, chunk_put_get, versioning_cost);
+criterion_group!(
+    benches,
+    hashing_and_compression,
+    chunk_put_get,
+    versioning_cost
+);
 criterion_main!(benches);

@@ -28,7 +28,11 @@ impl Prng {
             let r = self.next_u64();
             let half = chunk.len() / 2;
             for (i, b) in chunk.iter_mut().enumerate() {
-                *b = if i < half { (r >> ((i % 8) * 8)) as u8 ^ i as u8 } else { (r & 0xff) as u8 };
+                *b = if i < half {
+                    (r >> ((i % 8) * 8)) as u8 ^ i as u8
+                } else {
+                    (r & 0xff) as u8
+                };
             }
         }
     }
@@ -64,21 +68,27 @@ impl Fixture {
             fs.write(file, off, &buf[..n]).expect("write");
             off += n as u64;
         }
-        store
-            .commit(&dot, "master", req("base"))
-            .expect("commit");
-        Fixture { dir, store, dot, fs, file, size }
+        store.commit(&dot, "master", req("base")).expect("commit");
+        Fixture {
+            dir,
+            store,
+            dot,
+            fs,
+            file,
+            size,
+        }
     }
 
-    /// Overwrites 1 MiB at 16 spread offsets (64 KiB each).
+    /// Overwrites 1 MiB as 16 pieces of 64 KiB at spread offsets within the
+    /// first 10 MiB, so that dots of every size get the same change and
+    /// only the size of the dot differs between measurements.
     pub fn change_1mib(&self, seed: u64) {
         let mut rng = Prng::new(seed);
         let mut buf = vec![0u8; 64 << 10];
-        for i in 0..16u64 {
+        let slots = (self.size.min(10 << 20) / (64 << 10)).max(1);
+        for _ in 0..16 {
             rng.fill_semi(&mut buf);
-            let slot = (self.size / (64 << 10)).max(1);
-            let off = ((rng.next_u64() % slot) * (64 << 10)).min(self.size.saturating_sub(64 << 10));
-            let _ = i;
+            let off = (rng.next_u64() % slots) * (64 << 10);
             self.fs.write(self.file, off, &buf).expect("write");
         }
     }

@@ -599,6 +599,32 @@ impl Store {
         Ok(out)
     }
 
+    /// True when `target` is a commit reachable from a branch of the dot.
+    /// Walks back from each head only while generations are above the
+    /// target's: O(distance), not O(history).
+    fn reachable_in_dot(&self, d: &DotRec, target: &Id) -> Result<bool> {
+        let Ok(t) = self.db.commit(target) else {
+            return Ok(false);
+        };
+        for (name, r) in self.branch_recs(d)? {
+            let mut stack: Vec<Id> = self.fs_for(d, &name, &r)?.head().into_iter().collect();
+            let mut seen = std::collections::HashSet::new();
+            while let Some(id) = stack.pop() {
+                if id == *target {
+                    return Ok(true);
+                }
+                if !seen.insert(id) {
+                    continue;
+                }
+                let c = self.db.commit(&id)?;
+                if c.generation > t.generation {
+                    stack.extend(c.parents.iter().copied());
+                }
+            }
+        }
+        Ok(false)
+    }
+
     /// Every commit reachable from any branch of the dot.
     fn dot_commits(&self, d: &DotRec) -> Result<HashMap<Id, Commit>> {
         let mut seen = HashMap::new();
@@ -719,7 +745,7 @@ impl Store {
         let d = self.dot_rec(dot)?;
         let mut rec = self.branch_rec(&d, branch)?;
         let fs = self.fs_for(&d, branch, &rec)?;
-        if !self.dot_commits(&d)?.contains_key(&target) {
+        if !self.reachable_in_dot(&d, &target)? {
             return Err(Error::NotFound {
                 what: "commit",
                 name: format!("{} in dot {dot}", target.to_hex()),

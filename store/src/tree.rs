@@ -9,9 +9,9 @@ use crate::object::{encode_node, Node};
 use std::sync::Arc;
 
 /// Nodes are split when their entries exceed this many bytes...
-const NODE_MAX: usize = 16 * 1024;
+const NODE_MAX: usize = 8 * 1024;
 /// ...into pieces of about this many bytes.
-const NODE_TARGET: usize = 8 * 1024;
+const NODE_TARGET: usize = 4 * 1024;
 
 /// Reads tree nodes by id (with caching, in the store).
 pub trait NodeSource {

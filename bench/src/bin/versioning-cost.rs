@@ -26,7 +26,9 @@ fn measure(size: u64) -> Costs {
         fx.change_1mib(i + 1);
         fx.fs.flush(fx.file).expect("flush");
         let t = Instant::now();
-        fx.store.commit(&fx.dot, "master", req("c")).expect("commit");
+        fx.store
+            .commit(&fx.dot, "master", req("c"))
+            .expect("commit");
         commit.push(t.elapsed());
 
         let t = Instant::now();
@@ -38,7 +40,9 @@ fn measure(size: u64) -> Costs {
         fx.change_1mib(i + 100);
         fx.fs.flush(fx.file).expect("flush");
         let t = Instant::now();
-        fx.store.reset(&fx.dot, "master", base, true).expect("reset");
+        fx.store
+            .reset(&fx.dot, "master", base, true)
+            .expect("reset");
         reset.push(t.elapsed());
     }
     Costs {
