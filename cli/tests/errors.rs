@@ -109,3 +109,44 @@ fn server_not_running() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("dm server"), "{err}");
 }
+
+/// `dm dot delete` without -f asks on a terminal (driven through `script`,
+/// which gives the command a pty).
+#[test]
+fn delete_confirms_on_a_terminal() {
+    if !std::path::Path::new("/usr/bin/script").exists() {
+        eprintln!("skipped: /usr/bin/script (util-linux) not installed");
+        return;
+    }
+    let s = Server::start(DM);
+    s.ok(&["init", "a"]);
+    let run = |answer: &str| {
+        use std::io::Write;
+        let mut child = std::process::Command::new("/usr/bin/script")
+            .args(["-qec", &format!("{DM} dot delete a"), "/dev/null"])
+            .env("DM_SOCKET", s.socket())
+            .env("DM_CONFIG", s.config())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{answer}\n").as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (ok, out) = run("nope");
+    assert!(!ok, "{out}");
+    assert!(out.contains("Type the dot name"), "{out}");
+    assert!(s.ok(&["list", "-H"]).starts_with("a\t"));
+    let (ok, out) = run("a");
+    assert!(ok, "{out}");
+    assert_eq!(s.ok(&["list", "-H"]), "");
+}
