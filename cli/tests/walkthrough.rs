@@ -164,3 +164,23 @@ fn completions_and_help() {
         .unwrap();
     assert!(out.status.success());
 }
+
+#[test]
+fn second_server_on_the_same_socket_is_refused() {
+    let s = Server::start(DM);
+    let out = std::process::Command::new(DM)
+        .arg("server")
+        .arg("--data-dir")
+        .arg(s.root().join("data2"))
+        .arg("--mount-dir")
+        .arg(s.root().join("mnt2"))
+        .arg("--socket")
+        .arg(s.socket())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already listening"), "{err}");
+    // The first server is unharmed.
+    s.ok(&["version"]);
+}
