@@ -2,7 +2,7 @@
 # Installs the system packages dm needs to build and test (Debian, as root).
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
-pkgs=(libclang-dev clang fuse3 libfuse3-dev pkg-config attr fio git postgresql)
+pkgs=(libclang-dev fuse3 attr fio git postgresql postgresql-contrib)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
