@@ -61,6 +61,9 @@ pub struct Db {
     /// While a GC runs: every id written or re-referenced since it began,
     /// which the sweep must keep.
     pub(crate) young: Mutex<Option<HashSet<Id>>>,
+    /// Ids imported by transfers still in progress (not yet reachable from
+    /// a branch): GC keeps them (see `transfer`). Id -> number of holders.
+    pub(crate) pins: Mutex<std::collections::HashMap<Id, u32>>,
     pub(crate) opts: StoreOptions,
 }
 
@@ -102,6 +105,7 @@ impl Db {
                 ByLen,
             ),
             young: Mutex::new(None),
+            pins: Mutex::new(std::collections::HashMap::new()),
             opts,
         })
     }

@@ -150,7 +150,9 @@ impl Store {
         let _g = self.gc_lock.lock();
         // Buffered writes become chunks first, so they are marked through
         // the overlays or kept as young.
-        *self.db.young.lock() = Some(HashSet::new());
+        // Ids pinned by transfers in progress count as young from the start.
+        let pinned: HashSet<Id> = self.db.pins.lock().keys().copied().collect();
+        *self.db.young.lock() = Some(pinned);
         let result = self.gc_inner();
         *self.db.young.lock() = None;
         result

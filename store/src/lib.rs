@@ -19,6 +19,7 @@ mod meta;
 pub mod names;
 pub mod object;
 pub mod store;
+pub mod transfer;
 pub mod tree;
 pub mod view;
 
@@ -36,3 +37,4 @@ pub use names::{DotName, VolumeName};
 pub use store::{
     BranchInfo, Change, ChangeKind, CommitInfo, CommitRequest, DotInfo, Store, DEFAULT_BLOCK_SIZE,
 };
+pub use transfer::{divergence, plan_trees, Divergence, ImportSession, SetHead, TreePlan};

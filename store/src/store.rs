@@ -134,7 +134,11 @@ impl Store {
 
     // ---- records ----
 
-    fn meta_get<T: for<'de> Deserialize<'de>>(&self, key: &[u8], what: &str) -> Result<Option<T>> {
+    pub(crate) fn meta_get<T: for<'de> Deserialize<'de>>(
+        &self,
+        key: &[u8],
+        what: &str,
+    ) -> Result<Option<T>> {
         let v = self
             .db
             .db
@@ -148,7 +152,7 @@ impl Store {
         }
     }
 
-    fn meta_put<T: Serialize>(&self, batch: &mut WriteBatch, key: &[u8], v: &T) {
+    pub(crate) fn meta_put<T: Serialize>(&self, batch: &mut WriteBatch, key: &[u8], v: &T) {
         batch.put_cf(
             self.db.cf(CF_META),
             key,
@@ -156,7 +160,7 @@ impl Store {
         );
     }
 
-    fn meta_scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    pub(crate) fn meta_scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut out = Vec::new();
         let mut it = self.db.db.raw_iterator_cf(self.db.cf(CF_META));
         it.seek(prefix);
@@ -174,7 +178,7 @@ impl Store {
     /// Reserves `n` consecutive ids (dot ids and branch overlay ids share
     /// one counter; 0 is never handed out). Call with `admin` held; the
     /// batch writes the bumped counter.
-    fn next_ids(&self, batch: &mut WriteBatch, n: u64) -> Result<u64> {
+    pub(crate) fn next_ids(&self, batch: &mut WriteBatch, n: u64) -> Result<u64> {
         let cur: u64 = self
             .meta_get(meta::NEXT_ID_KEY, "the id counter")?
             .unwrap_or(1);
@@ -221,7 +225,12 @@ impl Store {
             .collect()
     }
 
-    fn fs_for(&self, d: &DotRec, branch: &str, rec: &BranchRec) -> Result<Arc<BranchFs>> {
+    pub(crate) fn fs_for(
+        &self,
+        d: &DotRec,
+        branch: &str,
+        rec: &BranchRec,
+    ) -> Result<Arc<BranchFs>> {
         let mut reg = self.branches.lock();
         if let Some(fs) = reg.get(&rec.bid) {
             return Ok(fs.clone());
@@ -903,7 +912,7 @@ fn file_size(ino: u64, rec: Option<&[u8]>) -> Result<u64> {
     }
 }
 
-fn dot_name(d: &DotRec) -> DotName {
+pub(crate) fn dot_name(d: &DotRec) -> DotName {
     DotName {
         namespace: d.namespace.clone(),
         name: d.name.clone(),

@@ -1,0 +1,855 @@
+//! What push, pull and clone need from the store, without any network:
+//! raw stored bytes of objects and chunks (the stored form is the wire
+//! form), verified import, the walk that finds what a receiver lacks, a
+//! compare-and-swap ref update, divergence between two histories, and a
+//! small key-value space for server settings (users, keys, collaborators).
+//!
+//! # The receiver's invariant
+//!
+//! An object is imported only when everything it names is already present:
+//! a tree node's children and chunks, a commit's root and parents. So a
+//! present object always has its whole closure present, and a sender can
+//! skip a subtree (or a commit's whole ancestry) as soon as the receiver
+//! says it has its top. This is also what makes an interrupted transfer
+//! resumable: what arrived stays (verified), and the next walk skips it.
+//! Only [`Store::set_branch_head`] makes anything visible.
+//!
+//! Imports pin what they store until their [`ImportSession`] is dropped, so
+//! a GC running during a transfer does not reclaim objects that no branch
+//! reaches yet.
+
+use crate::chunk::{self, ChunkStore};
+use crate::db::CF_META;
+use crate::error::{Error, Result};
+use crate::id::Id;
+use crate::keys;
+use crate::meta::{self, BranchRec, DotRec};
+use crate::names::{self, DotName};
+use crate::object::{self, Commit, Node};
+use crate::store::Store;
+use crate::view::clear_overlay;
+use rocksdb::WriteBatch;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+/// Prefix of the settings keys in the `meta` column family.
+const SETTINGS_PREFIX: &[u8] = b"s\0";
+
+/// Answers, for a batch of ids, which the receiver has (in order).
+pub type HasFn<'f, E> = dyn FnMut(&[Id]) -> std::result::Result<Vec<bool>, E> + 'f;
+/// Returns the stored bytes of a batch of objects (in order).
+pub type GetFn<'f, E> = dyn FnMut(&[Id]) -> std::result::Result<Vec<Vec<u8>>, E> + 'f;
+
+/// Tree nodes to send for a set of commits, found by [`plan_trees`].
+#[derive(Clone, Debug, Default)]
+pub struct TreePlan {
+    /// Nodes the receiver lacks, grouped by height (index 0 = leaves and
+    /// nodes whose children the receiver has). Import in this order; each
+    /// group only after the previous one is stored.
+    pub levels: Vec<Vec<Id>>,
+    /// Chunks named by the new leaves (deduplicated; not yet checked
+    /// against the receiver).
+    pub chunks: Vec<Id>,
+    /// Stored bytes of the planned nodes (stored form).
+    pub bytes: u64,
+}
+
+/// Where two branch heads stand relative to each other.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Divergence {
+    /// Same head (or both empty).
+    UpToDate,
+    /// The destination's head is an ancestor of the source's (or it has
+    /// none): the destination can move forward.
+    FastForward,
+    /// The destination is ahead: it has every commit of the source.
+    Ahead,
+    /// Both have commits the other lacks; `common` is the latest commit
+    /// they share.
+    Diverged {
+        /// The latest common commit.
+        common: Id,
+    },
+    /// The two histories share no commit.
+    NoCommonCommit,
+}
+
+/// The outcome of a compare-and-swap ref update.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SetHead {
+    /// The branch now points at the new commit.
+    Updated,
+    /// The branch was not at the expected commit; nothing changed.
+    Moved {
+        /// Where the branch actually is.
+        actual: Option<Id>,
+    },
+}
+
+/// Reads the (children, chunks) a stored tree node names.
+pub fn node_refs(id: &Id, stored: &[u8]) -> Result<(Vec<Id>, Vec<Id>)> {
+    match object::decode_node(id, stored)? {
+        Node::Inner(children) => Ok((children.into_iter().map(|(_, c)| c).collect(), Vec::new())),
+        Node::Leaf(entries) => {
+            let mut chunks = Vec::new();
+            for (k, v) in entries {
+                if let Some((_, keys::TAG_BLOCK)) = keys::parse(&k) {
+                    let (cid, _) = keys::parse_block_value(&v).ok_or_else(|| {
+                        Error::Corrupt(format!("tree node {} has a malformed block", id.short()))
+                    })?;
+                    chunks.push(cid);
+                }
+            }
+            Ok((Vec::new(), chunks))
+        }
+    }
+}
+
+/// Walks the trees of `roots` top-down and returns the nodes the receiver
+/// lacks, bottom-up, and the chunks they name. `has` answers, for a batch
+/// of ids, which the receiver has (whole subtrees are skipped on a yes);
+/// `get` returns the stored bytes of a batch of nodes (from the sender).
+/// Both are called with at most `batch` ids.
+pub fn plan_trees<E: From<Error>>(
+    roots: &[Id],
+    batch: usize,
+    has: &mut HasFn<'_, E>,
+    get: &mut GetFn<'_, E>,
+) -> std::result::Result<TreePlan, E> {
+    let batch = batch.max(1);
+    let mut seen: HashSet<Id> = HashSet::new();
+    // Every new node with its new children (those the receiver lacks).
+    let mut children_of: HashMap<Id, Vec<Id>> = HashMap::new();
+    let mut chunk_seen: HashSet<Id> = HashSet::new();
+    let mut plan = TreePlan::default();
+    let mut order: Vec<Id> = Vec::new();
+    let mut frontier: Vec<Id> = roots.iter().copied().filter(|r| seen.insert(*r)).collect();
+    while !frontier.is_empty() {
+        let mut next = Vec::new();
+        for part in frontier.chunks(batch) {
+            let present = has(part)?;
+            if present.len() != part.len() {
+                return Err(
+                    Error::Corrupt("has-query answered the wrong number of ids".into()).into(),
+                );
+            }
+            let missing: Vec<Id> = part
+                .iter()
+                .zip(present)
+                .filter(|(_, p)| !p)
+                .map(|(id, _)| *id)
+                .collect();
+            if missing.is_empty() {
+                continue;
+            }
+            let stored = get(&missing)?;
+            if stored.len() != missing.len() {
+                return Err(
+                    Error::Corrupt("object fetch answered the wrong number of ids".into()).into(),
+                );
+            }
+            for (id, bytes) in missing.iter().zip(stored) {
+                if Id::of(&bytes) != *id {
+                    return Err(Error::Corrupt(format!(
+                        "object {} does not match its content",
+                        id.short()
+                    ))
+                    .into());
+                }
+                plan.bytes += bytes.len() as u64;
+                let (kids, chunks) = node_refs(id, &bytes)?;
+                for c in chunks {
+                    if chunk_seen.insert(c) {
+                        plan.chunks.push(c);
+                    }
+                }
+                let mut new_kids = Vec::new();
+                for k in kids {
+                    if seen.insert(k) {
+                        next.push(k);
+                    }
+                    new_kids.push(k);
+                }
+                children_of.insert(*id, new_kids);
+                order.push(*id);
+            }
+        }
+        frontier = next;
+    }
+    // Heights: 0 for nodes without new children, else 1 + max of theirs.
+    // Children always come later in BFS order, so walk it backwards.
+    let mut height: HashMap<Id, usize> = HashMap::new();
+    for id in order.iter().rev() {
+        let h = children_of[id]
+            .iter()
+            .filter_map(|k| height.get(k).map(|h| h + 1))
+            .max()
+            .unwrap_or(0);
+        height.insert(*id, h);
+    }
+    for id in order {
+        let h = height[&id];
+        if plan.levels.len() <= h {
+            plan.levels.resize(h + 1, Vec::new());
+        }
+        plan.levels[h].push(id);
+    }
+    Ok(plan)
+}
+
+/// Where `theirs` (the destination head) stands relative to `ours` (the
+/// source head), given the full ancestry of each (any order; include the
+/// head itself). Transfers move the destination to the source.
+pub fn divergence(
+    ours: Option<Id>,
+    ours_ancestry: &HashSet<Id>,
+    theirs: Option<Id>,
+    theirs_newest_first: &[Id],
+) -> Divergence {
+    match (ours, theirs) {
+        (a, b) if a == b => Divergence::UpToDate,
+        (_, None) => Divergence::FastForward,
+        (None, Some(_)) => Divergence::Ahead,
+        (Some(o), Some(t)) => {
+            if ours_ancestry.contains(&t) {
+                Divergence::FastForward
+            } else if theirs_newest_first.contains(&o) {
+                Divergence::Ahead
+            } else {
+                match theirs_newest_first
+                    .iter()
+                    .find(|id| ours_ancestry.contains(id))
+                {
+                    Some(c) => Divergence::Diverged { common: *c },
+                    None => Divergence::NoCommonCommit,
+                }
+            }
+        }
+    }
+}
+
+/// Holds the ids imported by one transfer so that GC keeps them until the
+/// ref update makes them reachable (or the transfer gives up).
+pub struct ImportSession {
+    store: Arc<Store>,
+    pinned: parking_lot::Mutex<HashSet<Id>>,
+}
+
+impl ImportSession {
+    /// Starts a session on `store`.
+    pub fn new(store: Arc<Store>) -> ImportSession {
+        ImportSession {
+            store,
+            pinned: parking_lot::Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn pin(&self, id: &Id) {
+        if self.pinned.lock().insert(*id) {
+            *self.store.db.pins.lock().entry(*id).or_insert(0) += 1;
+        }
+    }
+
+    /// Pins `ids`, records them as young for a running GC, then checks they
+    /// are present: after this returns Ok they stay until the session ends.
+    fn hold_present(&self, of: &Id, objects: &[Id], chunks: &[Id]) -> Result<()> {
+        for id in objects.iter().chain(chunks) {
+            self.pin(id);
+            self.store.db.note_young(id);
+        }
+        if let Some(i) = self.store.has_objects(objects)?.iter().position(|p| !p) {
+            return Err(Error::Refused(format!(
+                "object {} arrived before what it names (object {} is missing)",
+                of.short(),
+                objects[i].short()
+            )));
+        }
+        if let Some(i) = self.store.db.has_many(chunks)?.iter().position(|p| !p) {
+            return Err(Error::Refused(format!(
+                "tree node {} arrived before its chunk {}",
+                of.short(),
+                chunks[i].short()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Verifies a chunk's stored form against `id` (decode, then blake3 of
+    /// the plain bytes) and stores it. Returns true when newly written.
+    pub fn import_chunk(&self, id: &Id, stored: &[u8]) -> Result<bool> {
+        chunk::decode_verified(id, stored, chunk::MAX_CHUNK)?;
+        self.pin(id);
+        self.store.db.put_if_absent(id, stored)
+    }
+
+    /// Verifies an object's stored form against `id` (blake3 of the stored
+    /// bytes), checks it decodes, and that everything it names is present,
+    /// then stores it. Returns true when newly written.
+    pub fn import_object(&self, id: &Id, stored: &[u8]) -> Result<bool> {
+        if Id::of(stored) != *id {
+            return Err(Error::Corrupt(format!(
+                "object {} does not match its content",
+                id.short()
+            )));
+        }
+        let kind = stored.get(1).copied().unwrap_or(0);
+        let (objs, chunks) = if kind == object::KIND_COMMIT {
+            let c: Commit = object::decode(id, kind, stored)?;
+            let mut objs = vec![c.root];
+            objs.extend(c.parents);
+            (objs, Vec::new())
+        } else {
+            node_refs(id, stored)?
+        };
+        self.hold_present(id, &objs, &chunks)?;
+        self.pin(id);
+        if self.store.db.has_object(id)? {
+            self.store.db.note_young(id);
+            return Ok(false);
+        }
+        let mut batch = WriteBatch::default();
+        self.store.db.put_object(&mut batch, id, stored);
+        self.store.db.write(batch, false, "importing an object")?;
+        Ok(true)
+    }
+}
+
+impl Drop for ImportSession {
+    fn drop(&mut self) {
+        let mine = std::mem::take(&mut *self.pinned.lock());
+        let mut pins = self.store.db.pins.lock();
+        for id in mine {
+            if let Some(n) = pins.get_mut(&id) {
+                *n -= 1;
+                if *n == 0 {
+                    pins.remove(&id);
+                }
+            }
+        }
+    }
+}
+
+impl Store {
+    /// The stored form of an object, if present.
+    pub fn object_bytes(&self, id: &Id) -> Result<Option<Vec<u8>>> {
+        if !self.db.has_object(id)? {
+            return Ok(None);
+        }
+        self.db.get_object(id).map(Some)
+    }
+
+    /// The stored form of a chunk (codec byte + payload), if present.
+    pub fn chunk_bytes(&self, id: &Id) -> Result<Option<Vec<u8>>> {
+        self.db.get(id)
+    }
+
+    /// Which of `ids` are stored objects, in order.
+    pub fn has_objects(&self, ids: &[Id]) -> Result<Vec<bool>> {
+        let cf = self.db.cf(crate::db::CF_OBJECTS);
+        let keys: Vec<_> = ids.iter().map(|id| (cf, id.0)).collect();
+        self.db
+            .db
+            .multi_get_cf(keys)
+            .into_iter()
+            .map(|r| {
+                r.map(|v| v.is_some())
+                    .map_err(Error::db("checking which objects are present"))
+            })
+            .collect()
+    }
+
+    /// Which of `ids` are stored chunks, in order.
+    pub fn has_chunks(&self, ids: &[Id]) -> Result<Vec<bool>> {
+        self.db.has_many(ids)
+    }
+
+    /// A commit record.
+    pub fn commit_record(&self, id: &Id) -> Result<Commit> {
+        self.db.commit(id)
+    }
+
+    /// Every commit reachable from `head` (all parents), newest first
+    /// (by generation, then id).
+    pub fn ancestry(&self, head: Option<Id>) -> Result<Vec<Id>> {
+        let mut seen: HashMap<Id, u64> = HashMap::new();
+        let mut stack: Vec<Id> = head.into_iter().collect();
+        while let Some(id) = stack.pop() {
+            if seen.contains_key(&id) {
+                continue;
+            }
+            let c = self.db.commit(&id)?;
+            stack.extend(c.parents.iter().copied());
+            seen.insert(id, c.generation);
+        }
+        let mut out: Vec<(u64, Id)> = seen.into_iter().map(|(id, g)| (g, id)).collect();
+        out.sort_by(|a, b| b.cmp(a));
+        Ok(out.into_iter().map(|(_, id)| id).collect())
+    }
+
+    /// The commits of `head`'s ancestry the receiver lacks, oldest first
+    /// (parents before children). `has` answers batches of at most `batch`
+    /// ids; a commit the receiver has ends the walk along that path (its
+    /// ancestry is present too, by the receiver's invariant).
+    pub fn missing_commits<E: From<Error>>(
+        &self,
+        head: Id,
+        batch: usize,
+        has: &mut HasFn<'_, E>,
+    ) -> std::result::Result<Vec<Id>, E> {
+        let batch = batch.max(1);
+        let mut seen: HashSet<Id> = HashSet::new();
+        let mut missing: Vec<(u64, Id)> = Vec::new();
+        let mut queue = vec![head];
+        while !queue.is_empty() {
+            let mut part: Vec<(Id, Commit)> = Vec::new();
+            while part.len() < batch {
+                let Some(id) = queue.pop() else { break };
+                if !seen.insert(id) {
+                    continue;
+                }
+                let c = self.db.commit(&id)?;
+                // Speculatively follow the parents locally, so a linear
+                // history goes out in full batches.
+                queue.extend(c.parents.iter().copied());
+                part.push((id, c));
+            }
+            let ids: Vec<Id> = part.iter().map(|(id, _)| *id).collect();
+            let present = has(&ids)?;
+            if present.len() != ids.len() {
+                return Err(
+                    Error::Corrupt("has-query answered the wrong number of ids".into()).into(),
+                );
+            }
+            queue.clear();
+            for ((id, c), p) in part.into_iter().zip(present) {
+                if !p {
+                    queue.extend(c.parents.iter().filter(|p| !seen.contains(p)).copied());
+                    missing.push((c.generation, id));
+                }
+            }
+        }
+        missing.sort();
+        Ok(missing.into_iter().map(|(_, id)| id).collect())
+    }
+
+    /// True when the branch has anything not committed (including files
+    /// written on a branch that has no commit yet).
+    pub fn has_uncommitted(&self, dot: &DotName, branch: &str) -> Result<bool> {
+        let fs = self.branch_fs(dot, branch)?;
+        let st = fs.state.read();
+        if fs.buffered_bytes() > 0 {
+            return Ok(true);
+        }
+        if st.head.is_some() {
+            return fs.view(&st).has_changes();
+        }
+        let fresh: HashMap<Vec<u8>, Vec<u8>> = crate::branch::BranchFs::fresh_entries()
+            .into_iter()
+            .collect();
+        let mut dirty = false;
+        fs.view(&st).for_each_change(&mut |k, v| {
+            if v.is_none_or(|v| fresh.get(k).map(|f| f.as_slice()) != Some(v)) {
+                dirty = true;
+            }
+            Ok(())
+        })?;
+        Ok(dirty)
+    }
+
+    /// Moves `branch` of `dot` to commit `new` if it is at `expected` (None:
+    /// the branch has no commit or does not exist). Creates the dot (with
+    /// `block_size`) and the branch when missing. Refuses when the branch
+    /// has uncommitted changes, when the dot's block size differs, and when
+    /// `new` or its root is not stored. One synced write batch.
+    pub fn set_branch_head(
+        &self,
+        dot: &DotName,
+        branch: &str,
+        expected: Option<Id>,
+        new: Id,
+        block_size: u32,
+    ) -> Result<SetHead> {
+        names::validate("namespace", &dot.namespace)?;
+        names::validate("dot", &dot.name)?;
+        names::validate("branch", branch)?;
+        // Connectivity: the commit and its root (hence, by the import
+        // invariant, everything) must be here.
+        let commit = self.db.commit(&new).map_err(|_| {
+            Error::Refused(format!(
+                "commit {} is not stored here; the transfer is incomplete",
+                new.short()
+            ))
+        })?;
+        if !self.db.has_object(&commit.root)? {
+            return Err(Error::Refused(format!(
+                "the snapshot of commit {} is not stored here; the transfer is incomplete",
+                new.short()
+            )));
+        }
+        self.db.note_young(&new);
+        let _a = self.admin.lock();
+        let key = meta::dot_key(&dot.namespace, &dot.name);
+        let existing: Option<DotRec> = self.meta_get(&key, "dot")?;
+        let mut batch = WriteBatch::default();
+        let d = match existing {
+            Some(d) => {
+                if d.block_size != block_size {
+                    return Err(Error::Refused(format!(
+                        "dot {dot} has block size {} here but {block_size} at the other end; transfer it under another name",
+                        d.block_size
+                    )));
+                }
+                d
+            }
+            None => {
+                if expected.is_some() {
+                    return Ok(SetHead::Moved { actual: None });
+                }
+                let id = self.next_ids(&mut batch, 1)?;
+                let d = DotRec {
+                    id,
+                    namespace: dot.namespace.clone(),
+                    name: dot.name.clone(),
+                    block_size,
+                    created_ns: crate::inode::Timestamp::now().as_nanos(),
+                    current_branch: branch.to_string(),
+                };
+                self.meta_put(&mut batch, &key, &d);
+                d
+            }
+        };
+        let bkey = meta::branch_key(d.id, branch);
+        let rec: Option<BranchRec> = self.meta_get(&bkey, "branch")?;
+        match rec {
+            None => {
+                if expected.is_some() {
+                    return Ok(SetHead::Moved { actual: None });
+                }
+                let bid = self.next_ids(&mut batch, 1)?;
+                let rec = BranchRec {
+                    bid,
+                    head: Some(new),
+                    root: commit.root,
+                    origin: None,
+                };
+                self.meta_put(&mut batch, &bkey, &rec);
+                self.db.write(
+                    batch,
+                    true,
+                    &format!("setting branch {branch} of dot {dot}"),
+                )?;
+                Ok(SetHead::Updated)
+            }
+            Some(mut rec) => {
+                let fs = self.fs_for(&d, branch, &rec)?;
+                let mut st = fs.state.write();
+                if st.head != expected {
+                    return Ok(SetHead::Moved { actual: st.head });
+                }
+                drop(st);
+                if self.has_uncommitted(dot, branch)? {
+                    return Err(Error::Refused(format!(
+                        "branch {branch} of dot {dot} has uncommitted changes; commit them (or `dm reset --hard HEAD`) first"
+                    )));
+                }
+                st = fs.state.write();
+                if st.head != expected {
+                    return Ok(SetHead::Moved { actual: st.head });
+                }
+                if fs.buffered_bytes() > 0 {
+                    return Err(Error::Refused(format!(
+                        "branch {branch} of dot {dot} has uncommitted changes; commit them first"
+                    )));
+                }
+                rec.head = Some(new);
+                rec.root = commit.root;
+                self.meta_put(&mut batch, &bkey, &rec);
+                clear_overlay(&self.db, &mut batch, rec.bid);
+                self.db.write(
+                    batch,
+                    true,
+                    &format!("setting branch {branch} of dot {dot}"),
+                )?;
+                fs.drop_buffers();
+                st.head = Some(new);
+                st.root = commit.root;
+                Ok(SetHead::Updated)
+            }
+        }
+    }
+
+    // ---- settings ----
+
+    fn setting_key(key: &str) -> Vec<u8> {
+        let mut k = SETTINGS_PREFIX.to_vec();
+        k.extend_from_slice(key.as_bytes());
+        k
+    }
+
+    /// A server setting (users, keys, collaborators...), if set.
+    pub fn setting(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        self.db
+            .db
+            .get_cf(self.db.cf(CF_META), Self::setting_key(key))
+            .map_err(Error::db(format!("reading setting {key}")))
+    }
+
+    /// Sets a server setting (synced).
+    pub fn set_setting(&self, key: &str, value: &[u8]) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.db.cf(CF_META), Self::setting_key(key), value);
+        self.db
+            .write(batch, true, &format!("writing setting {key}"))
+    }
+
+    /// Removes a server setting (synced).
+    pub fn delete_setting(&self, key: &str) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.db.cf(CF_META), Self::setting_key(key));
+        self.db
+            .write(batch, true, &format!("deleting setting {key}"))
+    }
+
+    /// Every setting whose key starts with `prefix`: (key without the
+    /// settings prefix, value).
+    pub fn settings_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        Ok(self
+            .meta_scan(&Self::setting_key(prefix))?
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    String::from_utf8_lossy(&k[SETTINGS_PREFIX.len()..]).into_owned(),
+                    v,
+                )
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{CommitRequest, FileKind, ROOT_INO};
+
+    fn write_file(s: &Store, dot: &DotName, branch: &str, name: &str, data: &[u8]) {
+        let fs = s.branch_fs(dot, branch).unwrap();
+        let ino = match fs.lookup(ROOT_INO, name.as_bytes()) {
+            Ok(a) => a.ino,
+            Err(_) => {
+                fs.mknod(ROOT_INO, name.as_bytes(), FileKind::File, 0o644, 0, 0, 0)
+                    .unwrap()
+                    .ino
+            }
+        };
+        fs.write(ino, 0, data).unwrap();
+        fs.flush(ino).unwrap();
+    }
+
+    fn commit(s: &Store, dot: &DotName, branch: &str, msg: &str) -> Id {
+        s.commit(
+            dot,
+            branch,
+            CommitRequest {
+                message: msg.into(),
+                author: "t".into(),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .id
+    }
+
+    /// Copies `head` from `a` to `b` the way a transfer does: missing
+    /// commits, planned trees bottom-up, chunks first.
+    fn copy(a: &Store, b: &Arc<Store>, head: Id) -> (usize, u64) {
+        let sess = ImportSession::new(b.clone());
+        let commits = a
+            .missing_commits::<Error>(head, 3, &mut |ids| b.has_objects(ids))
+            .unwrap();
+        let roots: Vec<Id> = commits
+            .iter()
+            .map(|c| a.commit_record(c).unwrap().root)
+            .collect();
+        let plan = plan_trees::<Error>(&roots, 7, &mut |ids| b.has_objects(ids), &mut |ids| {
+            Ok(ids
+                .iter()
+                .map(|id| a.object_bytes(id).unwrap().unwrap())
+                .collect())
+        })
+        .unwrap();
+        let present = b.has_chunks(&plan.chunks).unwrap();
+        let mut sent = 0;
+        for (c, p) in plan.chunks.iter().zip(present) {
+            if !p {
+                let bytes = a.chunk_bytes(c).unwrap().unwrap();
+                sent += bytes.len() as u64;
+                sess.import_chunk(c, &bytes).unwrap();
+            }
+        }
+        for level in &plan.levels {
+            for id in level {
+                sess.import_object(id, &a.object_bytes(id).unwrap().unwrap())
+                    .unwrap();
+            }
+        }
+        for c in &commits {
+            sess.import_object(c, &a.object_bytes(c).unwrap().unwrap())
+                .unwrap();
+        }
+        (commits.len(), sent)
+    }
+
+    #[test]
+    fn transfer_round_trip_and_divergence() {
+        let da = tempfile::tempdir().unwrap();
+        let db = tempfile::tempdir().unwrap();
+        let a = Store::open(da.path()).unwrap();
+        let b = Store::open(db.path()).unwrap();
+        let dot = DotName::new("app").unwrap();
+        a.create_dot(&dot, None).unwrap();
+        let big: Vec<u8> = (0..(1u32 << 20)).map(|i| (i * 7 % 251) as u8).collect();
+        write_file(&a, &dot, "master", "f", &big);
+        let c1 = commit(&a, &dot, "master", "one");
+        write_file(&a, &dot, "master", "g", b"hello");
+        let c2 = commit(&a, &dot, "master", "two");
+        let (n, sent1) = copy(&a, &b, c2);
+        assert_eq!(n, 2);
+        assert!(sent1 > 0);
+        let bs = a.dot_info(&dot).unwrap().block_size;
+        assert_eq!(
+            b.set_branch_head(&dot, "master", Some(c1), c2, bs).unwrap(),
+            SetHead::Moved { actual: None }
+        );
+        assert_eq!(
+            b.set_branch_head(&dot, "master", None, c2, bs).unwrap(),
+            SetHead::Updated
+        );
+        assert_eq!(b.log(&dot, "master").unwrap().len(), 2);
+        let fs = b.branch_fs(&dot, "master").unwrap();
+        let f = fs.lookup(ROOT_INO, b"f").unwrap();
+        assert_eq!(fs.read(f.ino, 0, 1 << 20).unwrap(), big);
+        assert!(b.fsck().unwrap().is_clean());
+        // Nothing left to send.
+        let (n, sent) = copy(&a, &b, c2);
+        assert_eq!((n, sent), (0, 0));
+        // A small change sends one block.
+        write_file(&a, &dot, "master", "g", b"hello again");
+        let c3 = commit(&a, &dot, "master", "three");
+        let (n, sent) = copy(&a, &b, c3);
+        assert_eq!(n, 1);
+        assert!(sent < 1000, "sent {sent}");
+        // Stale expectation is refused; the right one moves.
+        assert_eq!(
+            b.set_branch_head(&dot, "master", Some(c1), c3, bs).unwrap(),
+            SetHead::Moved { actual: Some(c2) }
+        );
+        // Dirty branches are never overwritten.
+        write_file(&b, &dot, "master", "local", b"x");
+        assert!(matches!(
+            b.set_branch_head(&dot, "master", Some(c2), c3, bs),
+            Err(Error::Refused(_))
+        ));
+        b.reset(&dot, "master", c2, true).unwrap();
+        assert_eq!(
+            b.set_branch_head(&dot, "master", Some(c2), c3, bs).unwrap(),
+            SetHead::Updated
+        );
+        assert_eq!(b.branch_fs(&dot, "master").unwrap().head(), Some(c3));
+        // Divergence.
+        write_file(&b, &dot, "master", "theirs", b"t");
+        let t4 = commit(&b, &dot, "master", "theirs");
+        write_file(&a, &dot, "master", "ours", b"o");
+        let o4 = commit(&a, &dot, "master", "ours");
+        let anc: HashSet<Id> = a.ancestry(Some(o4)).unwrap().into_iter().collect();
+        let theirs = b.ancestry(Some(t4)).unwrap();
+        assert_eq!(
+            divergence(Some(o4), &anc, Some(t4), &theirs),
+            Divergence::Diverged { common: c3 }
+        );
+        assert_eq!(
+            divergence(Some(o4), &anc, Some(c2), &b.ancestry(Some(c2)).unwrap()),
+            Divergence::FastForward
+        );
+        assert_eq!(
+            divergence(
+                Some(c2),
+                &a.ancestry(Some(c2)).unwrap().into_iter().collect(),
+                Some(c3),
+                &b.ancestry(Some(c3)).unwrap()
+            ),
+            Divergence::Ahead
+        );
+        assert_eq!(
+            divergence(Some(c3), &anc, Some(c3), &theirs),
+            Divergence::UpToDate
+        );
+        assert_eq!(
+            divergence(Some(o4), &anc, Some(Id([9; 32])), &[Id([9; 32])]),
+            Divergence::NoCommonCommit
+        );
+    }
+
+    #[test]
+    fn imports_are_verified_and_ordered() {
+        let da = tempfile::tempdir().unwrap();
+        let db = tempfile::tempdir().unwrap();
+        let a = Store::open(da.path()).unwrap();
+        let b = Store::open(db.path()).unwrap();
+        let dot = DotName::new("app").unwrap();
+        a.create_dot(&dot, None).unwrap();
+        write_file(&a, &dot, "master", "f", &[5u8; 100_000]);
+        let c1 = commit(&a, &dot, "master", "one");
+        let sess = ImportSession::new(b.clone());
+        // A corrupted chunk is rejected and not stored.
+        let root = a.commit_record(&c1).unwrap().root;
+        let plan = plan_trees::<Error>(&[root], 100, &mut |ids| b.has_objects(ids), &mut |ids| {
+            Ok(ids
+                .iter()
+                .map(|id| a.object_bytes(id).unwrap().unwrap())
+                .collect())
+        })
+        .unwrap();
+        let cid = plan.chunks[0];
+        let mut bad = a.chunk_bytes(&cid).unwrap().unwrap();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(sess.import_chunk(&cid, &bad).is_err());
+        assert_eq!(b.has_chunks(&[cid]).unwrap(), vec![false]);
+        // A node before its chunks is refused.
+        let leaf = plan.levels[0][0];
+        assert!(sess
+            .import_object(&leaf, &a.object_bytes(&leaf).unwrap().unwrap())
+            .is_err());
+        // A commit whose objects are missing cannot become a head.
+        assert!(b.set_branch_head(&dot, "master", None, c1, 65536).is_err());
+        // A forged object is rejected.
+        assert!(sess.import_object(&c1, b"\x01\x03nope").is_err());
+        assert!(b.list_dots().unwrap().is_empty());
+        // Pinned ids survive a GC while the session lives.
+        for c in &plan.chunks {
+            sess.import_chunk(c, &a.chunk_bytes(c).unwrap().unwrap())
+                .unwrap();
+        }
+        b.gc().unwrap();
+        assert!(b.has_chunks(&plan.chunks).unwrap().iter().all(|p| *p));
+        drop(sess);
+        b.gc().unwrap();
+        assert!(b.has_chunks(&plan.chunks).unwrap().iter().all(|p| !*p));
+    }
+
+    #[test]
+    fn settings() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        assert_eq!(s.setting("user/alice").unwrap(), None);
+        s.set_setting("user/alice", b"a").unwrap();
+        s.set_setting("user/bob", b"b").unwrap();
+        s.set_setting("zzz", b"z").unwrap();
+        assert_eq!(s.setting("user/alice").unwrap(), Some(b"a".to_vec()));
+        let all = s.settings_with_prefix("user/").unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[1].0, "user/bob");
+        s.delete_setting("user/bob").unwrap();
+        assert_eq!(s.settings_with_prefix("user/").unwrap().len(), 1);
+    }
+}
