@@ -1,4 +1,12 @@
-//! Helpers shared by dm's benchmarks: reproducible data and dot fixtures.
+//! Helpers shared by dm's benchmarks: reproducible data and dot fixtures,
+//! the dedup analysis, the generated data sets and the macro bench runner
+//! (`cargo run --release -p dm-bench --bin dm-bench`).
+
+pub mod chunking;
+pub mod datasets;
+pub mod plot;
+pub mod report;
+pub mod sections;
 
 use dm_store::{BranchFs, CommitRequest, DotName, FileKind, Store, ROOT_INO};
 use std::sync::Arc;
@@ -8,10 +16,12 @@ use std::sync::Arc;
 pub struct Prng(u64);
 
 impl Prng {
+    /// A generator for `seed`; the same seed gives the same bytes.
     pub fn new(seed: u64) -> Prng {
         Prng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
 
+    /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
@@ -19,6 +29,19 @@ impl Prng {
         x ^= x >> 27;
         self.0 = x;
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A number in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    /// Fills `buf` with incompressible bytes (like compressed files).
+    pub fn fill_random(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let r = self.next_u64().to_le_bytes();
+            chunk.copy_from_slice(&r[..chunk.len()]);
+        }
     }
 
     /// Fills `buf` with bytes that compress about 2:1 (half random, half
@@ -40,17 +63,29 @@ impl Prng {
 
 /// A dot with one file of `size` bytes on master, committed once.
 pub struct Fixture {
+    /// The store's data directory (removed on drop).
     pub dir: tempfile::TempDir,
+    /// The open store.
     pub store: Arc<Store>,
+    /// The dot, `bench`.
     pub dot: DotName,
+    /// master's working state.
     pub fs: Arc<BranchFs>,
+    /// The file's inode.
     pub file: u64,
+    /// The file's size.
     pub size: u64,
 }
 
 impl Fixture {
+    /// Creates the dot in a temporary directory (under `TMPDIR`).
     pub fn new(size: u64) -> Fixture {
-        let dir = tempfile::tempdir().expect("temp dir");
+        Fixture::new_in(&std::env::temp_dir(), size)
+    }
+
+    /// Creates the dot in a temporary directory under `parent`.
+    pub fn new_in(parent: &std::path::Path, size: u64) -> Fixture {
+        let dir = tempfile::tempdir_in(parent).expect("temp dir");
         let store = Store::open(dir.path()).expect("open store");
         let dot = DotName::new("bench").expect("valid name");
         store.create_dot(&dot, None).expect("create dot");

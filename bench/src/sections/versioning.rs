@@ -1,0 +1,204 @@
+//! Commit / branch / checkout / reset cost vs dot size, 1 MiB up to
+//! `--max-dot-size` (1 GiB by default, 10 GiB optional) on a log scale.
+//! design.md promises these do not grow with the dot: the lines must be flat.
+
+use super::{Ctx, Outcome};
+use crate::plot::{size_label, LineChart, Series};
+use crate::report::{bytes, ms};
+use crate::{req, Fixture};
+use anyhow::Result;
+use std::time::{Duration, Instant};
+
+/// Median costs at one dot size.
+pub struct Costs {
+    /// Dot size in bytes.
+    pub size: u64,
+    /// Writing and committing the whole dot once (linear in size: contrast).
+    pub fill: Duration,
+    /// Commit after a 1 MiB change (16 x 64 KiB).
+    pub commit: Duration,
+    /// `checkout -b`: a new branch at HEAD.
+    pub branch: Duration,
+    /// `checkout`: make another branch current.
+    pub checkout: Duration,
+    /// `reset --hard` to the base commit after a 1 MiB change.
+    pub reset: Duration,
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Measures one dot size with `iterations` timed repetitions of each op.
+pub fn measure(tmp: &std::path::Path, size: u64, iterations: usize) -> Result<Costs> {
+    let t = Instant::now();
+    let fx = Fixture::new_in(tmp, size);
+    let fill = t.elapsed();
+    let base = fx.store.resolve(&fx.dot, "master", "HEAD")?;
+    let (mut commit, mut branch, mut checkout, mut reset) = (vec![], vec![], vec![], vec![]);
+    for i in 0..iterations.max(1) as u64 {
+        fx.change_1mib(i + 1);
+        fx.fs.flush(fx.file)?;
+        let t = Instant::now();
+        fx.store.commit(&fx.dot, "master", req("c"))?;
+        commit.push(t.elapsed());
+
+        let name = format!("b{i}");
+        let t = Instant::now();
+        fx.store.create_branch(&fx.dot, &name, None)?;
+        branch.push(t.elapsed());
+
+        let t = Instant::now();
+        fx.store.set_current_branch(&fx.dot, &name)?;
+        checkout.push(t.elapsed());
+        fx.store.set_current_branch(&fx.dot, "master")?;
+
+        fx.change_1mib(i + 1000);
+        fx.fs.flush(fx.file)?;
+        let t = Instant::now();
+        fx.store.reset(&fx.dot, "master", base, true)?;
+        reset.push(t.elapsed());
+    }
+    Ok(Costs {
+        size,
+        fill,
+        commit: median(commit),
+        branch: median(branch),
+        checkout: median(checkout),
+        reset: median(reset),
+    })
+}
+
+/// Dot sizes of the sweep: 1 MiB x 4^k up to `max`, then `max` itself.
+pub fn sizes(max: u64) -> Vec<u64> {
+    let mut v = Vec::new();
+    let mut s = 1u64 << 20;
+    while s <= max {
+        v.push(s);
+        s *= 4;
+    }
+    if v.last() != Some(&max) && max > 1 << 20 {
+        v.push(max);
+    }
+    v
+}
+
+/// The report section.
+pub fn run(ctx: &mut Ctx) -> Result<Outcome> {
+    let opts = ctx.opts.clone();
+    ctx.report.para(&format!(
+        "A dot with one file of the given size (db-like data, ~2:1 compressible), committed \
+         once; then {} rounds of: change 1 MiB (16 x 64 KiB writes) and commit; create a \
+         branch at HEAD (`checkout -b`); make it current and back (`checkout`); change 1 MiB \
+         and `reset --hard` to the base commit. Medians. **Baseline: the 1 MiB dot**, same run; \
+         the ratio columns are cost / cost at 1 MiB (the promise: ~1 at every size). \
+         *Fill* (write + first commit of the whole dot) is linear by nature and shown for \
+         contrast. Store operations only (no FUSE).",
+        opts.iterations
+    ));
+    let mut all = Vec::new();
+    for size in sizes(opts.max_dot_size) {
+        let c = measure(&opts.tmp, size, opts.iterations)?;
+        eprintln!(
+            "versioning: {} commit {} branch {} checkout {} reset {}",
+            bytes(size),
+            ms(c.commit),
+            ms(c.branch),
+            ms(c.checkout),
+            ms(c.reset)
+        );
+        all.push(c);
+    }
+    let b = &all[0];
+    let r =
+        |x: Duration, y: Duration| format!("{:.2}", x.as_secs_f64() / y.as_secs_f64().max(1e-9));
+    let rows: Vec<Vec<String>> = all
+        .iter()
+        .map(|c| {
+            vec![
+                bytes(c.size),
+                format!("{:.2} s", c.fill.as_secs_f64()),
+                ms(c.commit),
+                r(c.commit, b.commit),
+                ms(c.branch),
+                r(c.branch, b.branch),
+                ms(c.checkout),
+                r(c.checkout, b.checkout),
+                ms(c.reset),
+                r(c.reset, b.reset),
+            ]
+        })
+        .collect();
+    ctx.report.table(
+        &[
+            "dot size",
+            "fill",
+            "commit",
+            "ratio",
+            "branch",
+            "ratio",
+            "checkout",
+            "ratio",
+            "reset --hard",
+            "ratio",
+        ],
+        &rows,
+    );
+    let last = &all[all.len() - 1];
+    ctx.headlines.push(format!(
+        "versioning cost, {} dot vs 1 MiB dot (same run): commit {:.2}x ({}), branch {:.2}x ({}), \
+         checkout {:.2}x ({}), reset --hard {:.2}x ({})",
+        bytes(last.size),
+        last.commit.as_secs_f64() / b.commit.as_secs_f64().max(1e-9),
+        ms(last.commit),
+        last.branch.as_secs_f64() / b.branch.as_secs_f64().max(1e-9),
+        ms(last.branch),
+        last.checkout.as_secs_f64() / b.checkout.as_secs_f64().max(1e-9),
+        ms(last.checkout),
+        last.reset.as_secs_f64() / b.reset.as_secs_f64().max(1e-9),
+        ms(last.reset),
+    ));
+    let line = |label: &str, f: fn(&Costs) -> Duration| Series {
+        label: label.to_string(),
+        points: all
+            .iter()
+            .map(|c| (c.size as f64, f(c).as_secs_f64() * 1e3))
+            .collect(),
+    };
+    let chart = LineChart {
+        title: "cost vs dot size (must be flat)".into(),
+        x_label: "dot size (log scale)".into(),
+        y_label: "median ms".into(),
+        x_log2: true,
+        x_fmt: size_label,
+        series: vec![
+            line("commit after 1 MiB change", |c| c.commit),
+            line("branch (checkout -b)", |c| c.branch),
+            line("checkout", |c| c.checkout),
+            line("reset --hard after 1 MiB change", |c| c.reset),
+        ],
+    };
+    ctx.plot(
+        "versioning-cost.png",
+        "commit/branch/reset cost vs dot size",
+        &[chart],
+        1,
+    );
+    Ok(Outcome::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweep_sizes() {
+        assert_eq!(sizes(1 << 20), vec![1 << 20]);
+        assert_eq!(sizes(16 << 20), vec![1 << 20, 4 << 20, 16 << 20]);
+        let ten = sizes(10 << 30);
+        assert_eq!(ten.first(), Some(&(1 << 20)));
+        assert_eq!(ten.last(), Some(&(10 << 30)));
+        assert_eq!(ten.len(), 8);
+    }
+}
