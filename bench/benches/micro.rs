@@ -1,10 +1,73 @@
-//! Criterion micro-benchmarks: hashing, compression, chunk put/get, and
+//! Criterion micro-benchmarks: hashing, compression, chunk put/get, block-map
+//! updates (`dm_store::tree::apply` on an in-memory node source), and
 //! commit / branch / reset at two dot sizes (their cost must not grow with
 //! the dot: compare the 10 MiB and 1 GiB lines).
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use dm_bench::{req, Fixture, Prng};
-use dm_store::chunk;
+use dm_store::object::{decode_node, Node};
+use dm_store::tree::{self, Mutation, NodeSource};
+use dm_store::{chunk, keys, Id};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Tree nodes in memory, so tree benches measure the tree, not RocksDB.
+#[derive(Default)]
+struct MemNodes(HashMap<Id, Arc<Node>>);
+
+impl NodeSource for MemNodes {
+    fn node(&self, id: &Id) -> dm_store::Result<Arc<Node>> {
+        self.0
+            .get(id)
+            .cloned()
+            .ok_or_else(|| dm_store::Error::Corrupt(format!("node {} missing", id.short())))
+    }
+}
+
+impl MemNodes {
+    fn apply(&mut self, root: &Id, muts: &[Mutation]) -> Id {
+        let (root, new) = tree::apply(&*self, root, muts).unwrap();
+        for (id, bytes) in new {
+            self.0
+                .insert(id, Arc::new(decode_node(&id, &bytes).unwrap()));
+        }
+        root
+    }
+}
+
+/// Block-map mutations for `indexes` of inode 2 (sorted, unique).
+fn block_muts(indexes: impl Iterator<Item = u64>, salt: u64) -> Vec<Mutation> {
+    indexes
+        .map(|i| {
+            let id = Id::of(&(i ^ salt).to_le_bytes());
+            (keys::block(2, i), Some(keys::block_value(&id, 65536)))
+        })
+        .collect()
+}
+
+/// Updating the block map of a 1 GiB file (16,384 blocks of 64 KiB): one
+/// block, and a 1 MiB change spread as 16 blocks; plus a lookup.
+fn block_map(c: &mut Criterion) {
+    let mut src = MemNodes::default();
+    let (empty, bytes) = tree::empty();
+    src.0
+        .insert(empty, Arc::new(decode_node(&empty, &bytes).unwrap()));
+    let root = src.apply(&empty, &block_muts(0..16_384, 0));
+    let one = block_muts(std::iter::once(8_000), 1);
+    let spread = block_muts((0..16).map(|i| i * 1_000 + 7), 1);
+    let mut g = c.benchmark_group("block-map-16384-blocks");
+    g.bench_function("apply-1-block", |b| {
+        b.iter(|| tree::apply(&src, &root, &one).unwrap())
+    });
+    g.bench_function("apply-16-spread-blocks", |b| {
+        b.iter(|| tree::apply(&src, &root, &spread).unwrap())
+    });
+    let key = keys::block(2, 12_345);
+    g.bench_function("get-1-block", |b| {
+        b.iter(|| tree::get(&src, &root, &key).unwrap())
+    });
+    g.finish();
+}
 
 fn block(size: usize) -> Vec<u8> {
     let mut b = vec![0u8; size];
@@ -97,10 +160,20 @@ fn versioning_cost(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(
-    benches,
-    hashing_and_compression,
-    chunk_put_get,
-    versioning_cost
-);
+/// plotters is built with ab_glyph (for dm-bench's PNGs), so criterion's
+/// SVG plots also need a registered font; without one, no plots.
+fn config() -> Criterion {
+    let c = Criterion::default();
+    if dm_bench::plot::init_fonts().is_some() {
+        c
+    } else {
+        c.without_plots()
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = hashing_and_compression, block_map, chunk_put_get, versioning_cost
+}
 criterion_main!(benches);

@@ -30,44 +30,78 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-/// Measures one dot size with `iterations` timed repetitions of each op.
-pub fn measure(tmp: &std::path::Path, size: u64, iterations: usize) -> Result<Costs> {
-    let t = Instant::now();
-    let fx = Fixture::new_in(tmp, size);
-    let fill = t.elapsed();
-    let base = fx.store.resolve(&fx.dot, "master", "HEAD")?;
-    let (mut commit, mut branch, mut checkout, mut reset) = (vec![], vec![], vec![], vec![]);
-    for i in 0..iterations.max(1) as u64 {
-        fx.change_1mib(i + 1);
-        fx.fs.flush(fx.file)?;
+/// Builds a dot of each size, then measures them round-robin
+/// (`iterations` rounds, each visiting every size once), so that load from
+/// other processes and background compaction fall on all sizes alike.
+pub fn measure(tmp: &std::path::Path, sizes: &[u64], iterations: usize) -> Result<Vec<Costs>> {
+    let mut dots = Vec::new();
+    for &size in sizes {
         let t = Instant::now();
-        fx.store.commit(&fx.dot, "master", req("c"))?;
-        commit.push(t.elapsed());
-
-        let name = format!("b{i}");
-        let t = Instant::now();
-        fx.store.create_branch(&fx.dot, &name, None)?;
-        branch.push(t.elapsed());
-
-        let t = Instant::now();
-        fx.store.set_current_branch(&fx.dot, &name)?;
-        checkout.push(t.elapsed());
-        fx.store.set_current_branch(&fx.dot, "master")?;
-
-        fx.change_1mib(i + 1000);
-        fx.fs.flush(fx.file)?;
-        let t = Instant::now();
-        fx.store.reset(&fx.dot, "master", base, true)?;
-        reset.push(t.elapsed());
+        let fx = Fixture::new_in(tmp, size);
+        fx.store.sync()?;
+        let fill = t.elapsed();
+        eprintln!("versioning: {} dot filled in {:.1?}", bytes(size), fill);
+        let base = fx.store.resolve(&fx.dot, "master", "HEAD")?;
+        dots.push((fx, base, fill, [vec![], vec![], vec![], vec![]]));
     }
-    Ok(Costs {
-        size,
-        fill,
-        commit: median(commit),
-        branch: median(branch),
-        checkout: median(checkout),
-        reset: median(reset),
-    })
+    for i in 0..iterations.max(1) as u64 {
+        for (fx, base, _, times) in dots.iter_mut() {
+            fx.change_1mib(i + 1);
+            fx.fs.flush(fx.file)?;
+            let t = Instant::now();
+            fx.store.commit(&fx.dot, "master", req("c"))?;
+            times[0].push(t.elapsed());
+
+            let name = format!("b{i}");
+            let t = Instant::now();
+            fx.store.create_branch(&fx.dot, &name, None)?;
+            times[1].push(t.elapsed());
+
+            let t = Instant::now();
+            fx.store.set_current_branch(&fx.dot, &name)?;
+            times[2].push(t.elapsed());
+            fx.store.set_current_branch(&fx.dot, "master")?;
+
+            fx.change_1mib(i + 1000);
+            fx.fs.flush(fx.file)?;
+            let t = Instant::now();
+            fx.store.reset(&fx.dot, "master", *base, true)?;
+            times[3].push(t.elapsed());
+        }
+    }
+    Ok(dots
+        .into_iter()
+        .map(|(fx, _, fill, [c, b, k, r])| Costs {
+            size: fx.size,
+            fill,
+            commit: median(c),
+            branch: median(b),
+            checkout: median(k),
+            reset: median(r),
+        })
+        .collect())
+}
+
+/// Least-squares slope of ln(y) over ln(x): 0 for constant, 1 for linear.
+pub fn loglog_slope(points: &[(f64, f64)]) -> f64 {
+    let pts: Vec<(f64, f64)> = points
+        .iter()
+        .filter(|p| p.0 > 0.0 && p.1 > 0.0)
+        .map(|p| (p.0.ln(), p.1.ln()))
+        .collect();
+    let n = pts.len() as f64;
+    if pts.len() < 2 {
+        return 0.0;
+    }
+    let mx = pts.iter().map(|p| p.0).sum::<f64>() / n;
+    let my = pts.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxy: f64 = pts.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let sxx: f64 = pts.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    if sxx == 0.0 {
+        0.0
+    } else {
+        sxy / sxx
+    }
 }
 
 /// Dot sizes of the sweep: 1 MiB x 4^k up to `max`, then `max` itself.
@@ -89,7 +123,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Outcome> {
     let opts = ctx.opts.clone();
     ctx.report.para(&format!(
         "A dot with one file of the given size (db-like data, ~2:1 compressible), committed \
-         once; then {} rounds of: change 1 MiB (16 x 64 KiB writes) and commit; create a \
+         once; all sizes exist at once and are measured round-robin, {} rounds of: change 1 MiB (16 x 64 KiB writes) and commit; create a \
          branch at HEAD (`checkout -b`); make it current and back (`checkout`); change 1 MiB \
          and `reset --hard` to the base commit. Medians. **Baseline: the 1 MiB dot**, same run; \
          the ratio columns are cost / cost at 1 MiB (the promise: ~1 at every size). \
@@ -97,18 +131,16 @@ pub fn run(ctx: &mut Ctx) -> Result<Outcome> {
          contrast. Store operations only (no FUSE).",
         opts.iterations
     ));
-    let mut all = Vec::new();
-    for size in sizes(opts.max_dot_size) {
-        let c = measure(&opts.tmp, size, opts.iterations)?;
+    let all = measure(&opts.tmp, &sizes(opts.max_dot_size), opts.iterations)?;
+    for c in &all {
         eprintln!(
             "versioning: {} commit {} branch {} checkout {} reset {}",
-            bytes(size),
+            bytes(c.size),
             ms(c.commit),
             ms(c.branch),
             ms(c.checkout),
             ms(c.reset)
         );
-        all.push(c);
     }
     let b = &all[0];
     let r =
@@ -145,10 +177,50 @@ pub fn run(ctx: &mut Ctx) -> Result<Outcome> {
         ],
         &rows,
     );
+    let slope = |f: fn(&Costs) -> Duration| {
+        format!(
+            "{:.3}",
+            loglog_slope(
+                &all.iter()
+                    .map(|c| (c.size as f64, f(c).as_secs_f64()))
+                    .collect::<Vec<_>>()
+            )
+        )
+    };
+    let mut srow = vec!["growth exponent".to_string(), slope(|c| c.fill)];
+    for f in [
+        (|c: &Costs| c.commit) as fn(&Costs) -> Duration,
+        |c| c.branch,
+        |c| c.checkout,
+        |c| c.reset,
+    ] {
+        srow.push(slope(f));
+        srow.push(String::new());
+    }
+    ctx.report.table(
+        &[
+            "",
+            "fill",
+            "commit",
+            "",
+            "branch",
+            "",
+            "checkout",
+            "",
+            "reset --hard",
+            "",
+        ],
+        &[srow],
+    );
+    ctx.report.para(
+        "*Growth exponent*: slope of log(cost) over log(dot size), least squares over all \
+         sizes: 0 is flat (the promise), 1 is linear in the size of the dot (like *fill*).",
+    );
     let last = &all[all.len() - 1];
     ctx.headlines.push(format!(
         "versioning cost, {} dot vs 1 MiB dot (same run): commit {:.2}x ({}), branch {:.2}x ({}), \
-         checkout {:.2}x ({}), reset --hard {:.2}x ({})",
+         checkout {:.2}x ({}), reset --hard {:.2}x ({}); growth exponent of commit {} \
+         (0 = flat, 1 = linear; fill: {})",
         bytes(last.size),
         last.commit.as_secs_f64() / b.commit.as_secs_f64().max(1e-9),
         ms(last.commit),
@@ -158,6 +230,8 @@ pub fn run(ctx: &mut Ctx) -> Result<Outcome> {
         ms(last.checkout),
         last.reset.as_secs_f64() / b.reset.as_secs_f64().max(1e-9),
         ms(last.reset),
+        slope(|c| c.commit),
+        slope(|c| c.fill),
     ));
     let line = |label: &str, f: fn(&Costs) -> Duration| Series {
         label: label.to_string(),
@@ -200,5 +274,13 @@ mod tests {
         assert_eq!(ten.first(), Some(&(1 << 20)));
         assert_eq!(ten.last(), Some(&(10 << 30)));
         assert_eq!(ten.len(), 8);
+    }
+
+    #[test]
+    fn slopes() {
+        let flat: Vec<(f64, f64)> = (1..8).map(|i| (4f64.powi(i), 2.0)).collect();
+        assert!(loglog_slope(&flat).abs() < 1e-9);
+        let lin: Vec<(f64, f64)> = (1..8).map(|i| (4f64.powi(i), 3.0 * 4f64.powi(i))).collect();
+        assert!((loglog_slope(&lin) - 1.0).abs() < 1e-9);
     }
 }
