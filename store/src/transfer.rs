@@ -443,12 +443,20 @@ impl Store {
         if st.head.is_some() {
             return fs.view(&st).has_changes();
         }
-        let fresh: HashMap<Vec<u8>, Vec<u8>> = crate::branch::BranchFs::fresh_entries()
+        // A branch without commits starts with an overlay holding a fresh
+        // superblock and root directory: anything beyond those (or a
+        // superblock that handed out inode numbers) is uncommitted work.
+        let superblock = keys::superblock();
+        let fresh_super = crate::branch::BranchFs::fresh_entries()
             .into_iter()
-            .collect();
+            .find(|(k, _)| *k == superblock)
+            .map(|(_, v)| v);
+        let root = keys::inode(crate::inode::ROOT_INO);
         let mut dirty = false;
         fs.view(&st).for_each_change(&mut |k, v| {
-            if v.is_none_or(|v| fresh.get(k).map(|f| f.as_slice()) != Some(v)) {
+            if k == superblock.as_slice() {
+                dirty |= v.map(|v| v.to_vec()) != fresh_super;
+            } else if k != root.as_slice() {
                 dirty = true;
             }
             Ok(())
@@ -835,6 +843,17 @@ mod tests {
         drop(sess);
         b.gc().unwrap();
         assert!(b.has_chunks(&plan.chunks).unwrap().iter().all(|p| !*p));
+    }
+
+    #[test]
+    fn uncommitted_on_a_branch_without_commits() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let dot = DotName::new("app").unwrap();
+        s.create_dot(&dot, None).unwrap();
+        assert!(!s.has_uncommitted(&dot, "master").unwrap());
+        write_file(&s, &dot, "master", "f", b"x");
+        assert!(s.has_uncommitted(&dot, "master").unwrap());
     }
 
     #[test]

@@ -1,0 +1,836 @@
+//! The client side: a connection to a hub, and push / pull (clone is a pull
+//! into a dot that does not exist yet). The process that runs these holds
+//! the local store (in dm, the local daemon).
+
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+use crate::proto::{self, DotRef, ErrorCode, Request, Response, BATCH_BYTES, BATCH_IDS};
+use crate::tls::Trust;
+use dm_store::{divergence, plan_trees, Divergence, DotName, Id, ImportSession, SetHead, Store};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::runtime::Handle;
+
+/// Where and as whom to connect.
+#[derive(Clone, Debug)]
+pub struct RemoteSpec {
+    /// Host name or address.
+    pub host: String,
+    /// UDP port.
+    pub port: u16,
+    /// User name.
+    pub user: String,
+    /// API key.
+    pub key: String,
+    /// How to authenticate the hub.
+    pub trust: Trust,
+}
+
+/// An authenticated connection to a hub.
+pub struct Remote {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    fingerprint: String,
+    user: String,
+}
+
+async fn resolve(host: &str, port: u16) -> Result<SocketAddr> {
+    tokio::net::lookup_host((host, port))
+        .await
+        .map_err(Error::io(format!("resolving {host}")))?
+        .next()
+        .ok_or_else(|| Error::Connection(format!("{host} has no address")))
+}
+
+async fn open(
+    host: &str,
+    port: u16,
+    trust: Trust,
+) -> Result<(quinn::Endpoint, quinn::Connection, String)> {
+    let addr = resolve(host, port).await?;
+    let bind: SocketAddr = if addr.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        ([0u16; 8], 0).into()
+    };
+    let (cfg, seen) = crate::tls::client_config(trust)?;
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(Error::io("opening a UDP socket"))?;
+    endpoint.set_default_client_config(cfg);
+    let connecting = endpoint
+        .connect(addr, crate::tls::SERVER_NAME)
+        .map_err(|e| Error::Connection(format!("connecting to {host}:{port}: {e}")))?;
+    let conn = tokio::time::timeout(std::time::Duration::from_secs(15), connecting)
+        .await
+        .map_err(|_| {
+            Error::Connection(format!(
+                "no answer from the hub at {host}:{port} (UDP) within 15 s: is `dm server` running there, with that port open?"
+            ))
+        })?
+        .map_err(|e| Error::Connection(format!("connecting to {host}:{port}: {e}")))?;
+    let fp = seen.get().unwrap_or_default();
+    Ok((endpoint, conn, fp))
+}
+
+/// Connects without a pinned fingerprint and returns the hub's fingerprint
+/// (for `dm remote add`, which shows it and pins it).
+pub async fn probe_fingerprint(host: &str, port: u16) -> Result<String> {
+    let (endpoint, conn, fp) = open(host, port, Trust::FirstUse).await?;
+    conn.close(0u32.into(), b"probe");
+    endpoint.wait_idle().await;
+    Ok(fp)
+}
+
+impl Remote {
+    /// Connects and authenticates.
+    pub async fn connect(spec: &RemoteSpec) -> Result<Remote> {
+        let (endpoint, conn, fingerprint) = open(&spec.host, spec.port, spec.trust.clone()).await?;
+        let r = Remote {
+            endpoint,
+            conn,
+            fingerprint,
+            user: spec.user.clone(),
+        };
+        match r
+            .call(&Request::Hello {
+                version: proto::PROTOCOL_VERSION,
+                user: spec.user.clone(),
+                key: spec.key.clone(),
+            })
+            .await?
+        {
+            Response::Welcome { .. } => Ok(r),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The hub's certificate fingerprint.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The user this connection authenticated as.
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// UDP bytes sent so far on this connection (everything on the wire).
+    pub fn bytes_sent(&self) -> u64 {
+        self.conn.stats().udp_tx.bytes
+    }
+
+    /// UDP bytes received so far on this connection.
+    pub fn bytes_received(&self) -> u64 {
+        self.conn.stats().udp_rx.bytes
+    }
+
+    /// Closes the connection.
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"done");
+        self.endpoint.wait_idle().await;
+    }
+
+    /// One request, one response; remote errors become [`Error::Remote`].
+    pub async fn call(&self, req: &Request) -> Result<Response> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        proto::write_frame(&mut send, req).await?;
+        send.finish()?;
+        match proto::read_frame::<Response>(&mut recv).await? {
+            Response::Err { code, message } => Err(Error::Remote { code, message }),
+            r => Ok(r),
+        }
+    }
+
+    async fn bools(&self, req: Request, n: usize) -> Result<Vec<bool>> {
+        match self.call(&req).await? {
+            Response::Bools(b) if b.len() == n => Ok(b),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The block size and branch heads of a remote dot (None: no such dot).
+    pub async fn branches(
+        &self,
+        dot: &DotName,
+    ) -> Result<Option<(u32, Vec<(String, Option<Id>)>)>> {
+        match self.call(&Request::Branches { dot: dot_ref(dot) }).await {
+            Ok(Response::Branches {
+                block_size,
+                branches,
+            }) => Ok(Some((block_size, branches))),
+            Ok(other) => Err(unexpected(&other)),
+            Err(Error::Remote {
+                code: ErrorCode::UnknownDot,
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn ancestry(&self, dot: &DotName, head: Id) -> Result<Vec<Id>> {
+        match self
+            .call(&Request::Ancestry {
+                dot: dot_ref(dot),
+                head,
+            })
+            .await?
+        {
+            Response::Ids(ids) => Ok(ids),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Fetches blobs (objects or chunks), re-asking for what did not fit.
+    async fn fetch(&self, dot: &DotName, ids: &[Id], chunks: bool) -> Result<Vec<(Id, Vec<u8>)>> {
+        let mut out = Vec::with_capacity(ids.len());
+        let mut rest = ids;
+        while !rest.is_empty() {
+            let part = &rest[..rest.len().min(BATCH_IDS)];
+            let req = if chunks {
+                Request::GetChunks {
+                    dot: dot_ref(dot),
+                    ids: part.to_vec(),
+                }
+            } else {
+                Request::GetObjects {
+                    dot: dot_ref(dot),
+                    ids: part.to_vec(),
+                }
+            };
+            let got = match self.call(&req).await? {
+                Response::Blobs(b) => b,
+                other => return Err(unexpected(&other)),
+            };
+            if got.is_empty() || got.len() > part.len() {
+                return Err(Error::Connection(
+                    "the hub answered a fetch with nothing".into(),
+                ));
+            }
+            for (i, (id, _)) in got.iter().enumerate() {
+                if *id != part[i] {
+                    return Err(Error::Connection(
+                        "the hub answered a fetch out of order".into(),
+                    ));
+                }
+            }
+            rest = &rest[got.len()..];
+            out.extend(got);
+        }
+        Ok(out)
+    }
+}
+
+fn unexpected(r: &Response) -> Error {
+    Error::Connection(format!("unexpected answer from the hub: {r:?}"))
+}
+
+fn dot_ref(d: &DotName) -> DotRef {
+    DotRef {
+        namespace: d.namespace.clone(),
+        name: d.name.clone(),
+    }
+}
+
+/// Options of a push or pull.
+#[derive(Clone, Debug)]
+pub struct TransferOptions {
+    /// Keep diverged destination work on `BRANCH-DIVERGED-<timestamp>` and
+    /// proceed.
+    pub stash_on_divergence: bool,
+    /// Requests in flight at once (QUIC streams).
+    pub streams: usize,
+    /// Test hook: fail after sending (or fetching) this many chunk bytes.
+    pub fail_after_chunk_bytes: Option<u64>,
+    /// Test hook: flip a bit in every chunk sent.
+    pub corrupt_chunks: bool,
+}
+
+impl Default for TransferOptions {
+    fn default() -> Self {
+        TransferOptions {
+            stash_on_divergence: false,
+            streams: 8,
+            fail_after_chunk_bytes: None,
+            corrupt_chunks: false,
+        }
+    }
+}
+
+/// What a transfer of one branch did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TransferReport {
+    /// The branch.
+    pub branch: String,
+    /// Commits sent (or fetched).
+    pub commits: usize,
+    /// Tree nodes sent.
+    pub objects: usize,
+    /// Chunks sent.
+    pub chunks: usize,
+    /// Stored bytes of the chunks sent.
+    pub chunk_bytes: u64,
+    /// Stored bytes of the objects sent.
+    pub object_bytes: u64,
+    /// Already there.
+    pub up_to_date: bool,
+    /// Where diverged destination work was kept.
+    pub stashed: Option<String>,
+    /// The new head.
+    pub head: Option<Id>,
+}
+
+fn stash_name(branch: &str) -> String {
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("{branch}-DIVERGED-{ts}")
+}
+
+fn diverged_message(what: &str, dot: &DotName, branch: &str, d: &Divergence, cmd: &str) -> String {
+    match d {
+        Divergence::Diverged { common } => format!(
+            "{what}: branch {branch} of {dot} has diverged: both sides have commits the other lacks; the latest common commit is {}. Run `{cmd} --stash-on-divergence` to keep the other side's commits on {branch}-DIVERGED-<timestamp> and proceed",
+            common.to_hex()
+        ),
+        _ => format!(
+            "{what}: branch {branch} of {dot} shares no commit with the other side. Run `{cmd} --stash-on-divergence` to keep the other side's commits on {branch}-DIVERGED-<timestamp> and proceed"
+        ),
+    }
+}
+
+/// Pushes `branch` of local `dot` to `remote_dot` on the hub: the commits
+/// the hub lacks (including those of the branches it grew from), their
+/// changed tree nodes and the chunks the hub does not have, then a
+/// compare-and-swap of the remote head. The branch the pushed one grew
+/// from is created on the hub at the fork commit when missing there.
+pub async fn push(
+    store: Arc<Store>,
+    remote: &Remote,
+    dot: &DotName,
+    branch: &str,
+    remote_dot: &DotName,
+    opts: &TransferOptions,
+    progress: &Progress,
+) -> Result<TransferReport> {
+    let info = store.branch_info(dot, branch)?;
+    let block_size = store.dot_info(dot)?.block_size;
+    let Some(local) = info.head else {
+        return Err(Error::Refused(format!(
+            "branch {branch} of {dot} has no commits to push; `dm commit` first"
+        )));
+    };
+    let mut report = TransferReport {
+        branch: branch.to_string(),
+        head: Some(local),
+        ..Default::default()
+    };
+    let remote_state = remote.branches(remote_dot).await?;
+    let remote_head = remote_state
+        .as_ref()
+        .and_then(|(_, b)| b.iter().find(|(n, _)| n == branch).and_then(|(_, h)| *h));
+    if let Some((bs, _)) = &remote_state {
+        if *bs != block_size {
+            return Err(Error::Refused(format!(
+                "{remote_dot} on the hub has block size {bs}, the local dot {block_size}: push under another name (--remote-name)"
+            )));
+        }
+    }
+    let mut stash = None;
+    if let Some(r) = remote_head {
+        let ours: HashSet<Id> = {
+            let st = store.clone();
+            tokio::task::spawn_blocking(move || st.ancestry(Some(local)))
+                .await??
+                .into_iter()
+                .collect()
+        };
+        let theirs = if ours.contains(&r) {
+            vec![r]
+        } else {
+            remote.ancestry(remote_dot, r).await?
+        };
+        match divergence(Some(local), &ours, Some(r), &theirs) {
+            Divergence::UpToDate => {
+                report.up_to_date = true;
+                return Ok(report);
+            }
+            Divergence::FastForward => {}
+            Divergence::Ahead => {
+                return Err(Error::Refused(format!(
+                    "branch {branch} of {remote_dot} on the hub has commits that {dot} lacks (it is ahead): `dm pull` first"
+                )))
+            }
+            d => {
+                if !opts.stash_on_divergence {
+                    return Err(Error::Refused(diverged_message(
+                        "push refused",
+                        remote_dot,
+                        branch,
+                        &d,
+                        &format!("dm push REMOTE {dot} {branch}"),
+                    )));
+                }
+                stash = Some(stash_name(branch));
+            }
+        }
+    }
+    // What the hub lacks.
+    progress.set_phase("comparing");
+    let (commits, plan) = {
+        let st = store.clone();
+        let handle = Handle::current();
+        let rem: &Remote = remote;
+        // SAFETY of lifetimes: block_in_place keeps `remote` borrowed on
+        // this thread while the blocking walk calls back into it.
+        tokio::task::block_in_place(|| -> Result<_> {
+            let mut has = |ids: &[Id]| -> Result<Vec<bool>> {
+                handle.block_on(rem.bools(Request::HasObjects { ids: ids.to_vec() }, ids.len()))
+            };
+            let commits = st.missing_commits(local, 1024, &mut has)?;
+            let mut roots = Vec::new();
+            for c in &commits {
+                roots.push(st.commit_record(c)?.root);
+            }
+            let mut get = |ids: &[Id]| -> Result<Vec<Vec<u8>>> {
+                ids.iter()
+                    .map(|id| {
+                        st.object_bytes(id)?.ok_or_else(|| {
+                            Error::Store(dm_store::Error::Corrupt(format!(
+                                "object {} is missing locally",
+                                id.short()
+                            )))
+                        })
+                    })
+                    .collect()
+            };
+            let plan = plan_trees(&roots, BATCH_IDS, &mut has, &mut get)?;
+            Ok((commits, plan))
+        })?
+    };
+    let mut need = Vec::new();
+    for part in plan.chunks.chunks(BATCH_IDS) {
+        let have = remote
+            .bools(Request::HasChunks { ids: part.to_vec() }, part.len())
+            .await?;
+        need.extend(part.iter().zip(have).filter(|(_, h)| !h).map(|(id, _)| *id));
+    }
+    // Chunks, several requests in flight.
+    progress.set_phase("sending");
+    progress.add_total(need.len() as u64 * block_size as u64 / 2 + plan.bytes);
+    let mut sent = 0u64;
+    let mut inflight = tokio::task::JoinSet::new();
+    let mut batch: Vec<(Id, Vec<u8>)> = Vec::new();
+    let mut batch_bytes = 0;
+    let conn = remote.conn.clone();
+    let send_batch = |items: Vec<(Id, Vec<u8>)>, chunks: bool| {
+        let conn = conn.clone();
+        let dot = dot_ref(remote_dot);
+        async move {
+            let req = if chunks {
+                Request::PutChunks { dot, items }
+            } else {
+                Request::PutObjects { dot, items }
+            };
+            call_on(&conn, &req).await
+        }
+    };
+    for (i, id) in need.iter().enumerate() {
+        let st = store.clone();
+        let cid = *id;
+        let mut bytes = tokio::task::spawn_blocking(move || st.chunk_bytes(&cid))
+            .await??
+            .ok_or_else(|| {
+                Error::Store(dm_store::Error::Corrupt(format!(
+                    "chunk {} is missing locally",
+                    cid.short()
+                )))
+            })?;
+        if opts.corrupt_chunks {
+            if let Some(b) = bytes.last_mut() {
+                *b ^= 1;
+            }
+        }
+        batch_bytes += bytes.len();
+        sent += bytes.len() as u64;
+        progress.add_done(bytes.len() as u64);
+        batch.push((cid, bytes));
+        let last = i + 1 == need.len();
+        if batch_bytes >= BATCH_BYTES / 2 || last {
+            while inflight.len() >= opts.streams.max(1) {
+                if let Some(r) = inflight.join_next().await {
+                    r??;
+                }
+            }
+            inflight.spawn(send_batch(std::mem::take(&mut batch), true));
+            batch_bytes = 0;
+            if let Some(limit) = opts.fail_after_chunk_bytes {
+                if sent >= limit {
+                    while let Some(r) = inflight.join_next().await {
+                        r??;
+                    }
+                    return Err(Error::Connection(format!(
+                        "test hook: interrupted after {sent} chunk bytes"
+                    )));
+                }
+            }
+        }
+    }
+    while let Some(r) = inflight.join_next().await {
+        r??;
+    }
+    report.chunks = need.len();
+    report.chunk_bytes = sent;
+    // Tree nodes bottom-up, one level at a time.
+    for level in &plan.levels {
+        let mut items = Vec::new();
+        let mut size = 0;
+        for id in level {
+            let b = store.object_bytes(id)?.ok_or_else(|| {
+                Error::Store(dm_store::Error::Corrupt(format!(
+                    "object {} is missing locally",
+                    id.short()
+                )))
+            })?;
+            size += b.len();
+            progress.add_done(b.len() as u64);
+            report.object_bytes += b.len() as u64;
+            items.push((*id, b));
+            if size >= BATCH_BYTES / 2 {
+                while inflight.len() >= opts.streams.max(1) {
+                    if let Some(r) = inflight.join_next().await {
+                        r??;
+                    }
+                }
+                inflight.spawn(send_batch(std::mem::take(&mut items), false));
+                size = 0;
+            }
+        }
+        if !items.is_empty() {
+            inflight.spawn(send_batch(items, false));
+        }
+        while let Some(r) = inflight.join_next().await {
+            r??;
+        }
+        report.objects += level.len();
+    }
+    // Commits, oldest first, in order.
+    for part in commits.chunks(256) {
+        let mut items = Vec::new();
+        for id in part {
+            let b = store.object_bytes(id)?.ok_or_else(|| {
+                Error::Store(dm_store::Error::Corrupt(format!(
+                    "commit {} is missing locally",
+                    id.short()
+                )))
+            })?;
+            report.object_bytes += b.len() as u64;
+            items.push((*id, b));
+        }
+        send_batch(items, false).await?;
+    }
+    report.commits = commits.len();
+    // The branch it grew from, when the hub lacks it.
+    if let Some((origin, fork)) = &info.origin {
+        let has_origin = remote_state
+            .as_ref()
+            .is_some_and(|(_, b)| b.iter().any(|(n, _)| n == origin));
+        if !has_origin && origin != branch {
+            set_head(remote, remote_dot, origin, None, *fork, block_size)
+                .await
+                .ok();
+        }
+    }
+    if let (Some(name), Some(r)) = (&stash, remote_head) {
+        set_head(remote, remote_dot, name, None, r, block_size).await?;
+        report.stashed = Some(name.clone());
+    }
+    set_head(remote, remote_dot, branch, remote_head, local, block_size).await?;
+    progress.set_phase("done");
+    Ok(report)
+}
+
+async fn call_on(conn: &quinn::Connection, req: &Request) -> Result<Response> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    proto::write_frame(&mut send, req).await?;
+    send.finish()?;
+    match proto::read_frame::<Response>(&mut recv).await? {
+        Response::Err { code, message } => Err(Error::Remote { code, message }),
+        r => Ok(r),
+    }
+}
+
+async fn set_head(
+    remote: &Remote,
+    dot: &DotName,
+    branch: &str,
+    expected: Option<Id>,
+    new: Id,
+    block_size: u32,
+) -> Result<()> {
+    match remote
+        .call(&Request::SetHead {
+            dot: dot_ref(dot),
+            branch: branch.to_string(),
+            expected,
+            new,
+            block_size,
+        })
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(Error::Remote {
+            code: ErrorCode::Moved { actual },
+            ..
+        }) => Err(Error::Refused(format!(
+            "remote branch {branch} of {dot} moved (now at {}) while pushing: pull first",
+            actual
+                .map(|a| a.short())
+                .unwrap_or_else(|| "nothing".into())
+        ))),
+        Err(e) => Err(e),
+    }
+}
+
+/// Pulls `branch` of `remote_dot` from the hub into local `dot` (creating
+/// the dot and branch when missing: a clone). Fetches only the commits,
+/// tree nodes and chunks the local store lacks; moves the local branch
+/// only after everything is stored, and never over uncommitted changes.
+pub async fn pull(
+    store: Arc<Store>,
+    remote: &Remote,
+    dot: &DotName,
+    branch: &str,
+    remote_dot: &DotName,
+    opts: &TransferOptions,
+    progress: &Progress,
+) -> Result<TransferReport> {
+    let Some((block_size, branches)) = remote.branches(remote_dot).await? else {
+        return Err(Error::Remote {
+            code: ErrorCode::UnknownDot,
+            message: format!("no dot {remote_dot} on the hub"),
+        });
+    };
+    let Some(Some(theirs)) = branches.iter().find(|(n, _)| n == branch).map(|(_, h)| *h) else {
+        let names: Vec<&str> = branches.iter().map(|(n, _)| n.as_str()).collect();
+        return Err(Error::Remote {
+            code: ErrorCode::UnknownDot,
+            message: format!(
+                "{remote_dot} on the hub has no commits on branch {branch} (its branches: {})",
+                names.join(", ")
+            ),
+        });
+    };
+    let local_head = match store.branch_info(dot, branch) {
+        Ok(b) => b.head,
+        Err(e) if e.is_not_found() => None,
+        Err(e) => return Err(e.into()),
+    };
+    if let Ok(d) = store.dot_info(dot) {
+        if d.block_size != block_size {
+            return Err(Error::Refused(format!(
+                "local dot {dot} has block size {}, {remote_dot} on the hub {block_size}: pull into another name (--local-name)",
+                d.block_size
+            )));
+        }
+    }
+    let mut report = TransferReport {
+        branch: branch.to_string(),
+        head: Some(theirs),
+        ..Default::default()
+    };
+    progress.set_phase("comparing");
+    let remote_anc = remote.ancestry(remote_dot, theirs).await?;
+    let mut stash = None;
+    if let Some(l) = local_head {
+        let anc: HashSet<Id> = remote_anc.iter().copied().collect();
+        let local_anc = store.ancestry(Some(l))?;
+        match divergence(Some(theirs), &anc, Some(l), &local_anc) {
+            Divergence::UpToDate => {
+                report.up_to_date = true;
+                return Ok(report);
+            }
+            Divergence::FastForward => {}
+            Divergence::Ahead => {
+                report.up_to_date = true;
+                report.head = Some(l);
+                return Ok(report);
+            }
+            d => {
+                if !opts.stash_on_divergence {
+                    return Err(Error::Refused(diverged_message(
+                        "pull refused",
+                        dot,
+                        branch,
+                        &d,
+                        &format!("dm pull REMOTE {dot} {branch}"),
+                    )));
+                }
+                stash = Some(stash_name(branch));
+            }
+        }
+    }
+    // Commits the local store lacks (a present commit has its ancestry).
+    let mut missing = Vec::new();
+    for part in remote_anc.chunks(BATCH_IDS) {
+        let have = store.has_objects(part)?;
+        missing.extend(part.iter().zip(have).filter(|(_, h)| !h).map(|(id, _)| *id));
+    }
+    missing.reverse();
+    let commit_blobs = remote.fetch(remote_dot, &missing, false).await?;
+    let mut roots = Vec::new();
+    let mut commit_items = Vec::new();
+    for (id, bytes) in commit_blobs {
+        if Id::of(&bytes) != id {
+            return Err(Error::Remote {
+                code: ErrorCode::Corrupt,
+                message: format!("commit {} from the hub does not match its id", id.short()),
+            });
+        }
+        let c: dm_store::object::Commit =
+            dm_store::object::decode(&id, dm_store::object::KIND_COMMIT, &bytes)?;
+        roots.push(c.root);
+        commit_items.push((id, bytes));
+    }
+    let mut node_bytes: HashMap<Id, Vec<u8>> = HashMap::new();
+    let plan = {
+        let st = store.clone();
+        let handle = Handle::current();
+        let rem: &Remote = remote;
+        let nb = &mut node_bytes;
+        tokio::task::block_in_place(|| -> Result<_> {
+            let mut has = |ids: &[Id]| -> Result<Vec<bool>> { Ok(st.has_objects(ids)?) };
+            let mut get = |ids: &[Id]| -> Result<Vec<Vec<u8>>> {
+                let got = handle.block_on(rem.fetch(remote_dot, ids, false))?;
+                let mut out = Vec::with_capacity(got.len());
+                for (id, b) in got {
+                    nb.insert(id, b.clone());
+                    out.push(b);
+                }
+                Ok(out)
+            };
+            plan_trees(&roots, BATCH_IDS, &mut has, &mut get)
+        })?
+    };
+    let need: Vec<Id> = {
+        let mut need = Vec::new();
+        for part in plan.chunks.chunks(BATCH_IDS) {
+            let have = store.has_chunks(part)?;
+            need.extend(part.iter().zip(have).filter(|(_, h)| !h).map(|(id, _)| *id));
+        }
+        need
+    };
+    progress.set_phase("receiving");
+    progress.add_total(need.len() as u64 * block_size as u64 / 2);
+    let session = Arc::new(ImportSession::new(store.clone()));
+    let mut inflight = tokio::task::JoinSet::new();
+    let mut got_bytes = 0u64;
+    let per = 32usize;
+    for part in need.chunks(per) {
+        while inflight.len() >= opts.streams.max(1) {
+            if let Some(r) = inflight.join_next().await {
+                got_bytes += r??;
+                progress.set_done(got_bytes);
+            }
+        }
+        let conn = remote.conn.clone();
+        let ids = part.to_vec();
+        let sess = session.clone();
+        let rdot = remote_dot.clone();
+        inflight.spawn(async move {
+            let r = Remote::fetch_on(&conn, &rdot, &ids).await?;
+            tokio::task::spawn_blocking(move || -> Result<u64> {
+                let mut n = 0;
+                for (id, b) in r {
+                    sess.import_chunk(&id, &b)?;
+                    n += b.len() as u64;
+                }
+                Ok(n)
+            })
+            .await?
+        });
+        if let Some(limit) = opts.fail_after_chunk_bytes {
+            if got_bytes >= limit {
+                while let Some(r) = inflight.join_next().await {
+                    r??;
+                }
+                return Err(Error::Connection("test hook: interrupted".into()));
+            }
+        }
+    }
+    while let Some(r) = inflight.join_next().await {
+        got_bytes += r??;
+        progress.set_done(got_bytes);
+    }
+    report.chunks = need.len();
+    report.chunk_bytes = got_bytes;
+    for level in &plan.levels {
+        for id in level {
+            let b = node_bytes
+                .get(id)
+                .ok_or_else(|| Error::Connection(format!("node {} was not fetched", id.short())))?;
+            session.import_object(id, b)?;
+            report.object_bytes += b.len() as u64;
+        }
+        report.objects += level.len();
+    }
+    for (id, b) in &commit_items {
+        session.import_object(id, b)?;
+        report.object_bytes += b.len() as u64;
+    }
+    report.commits = commit_items.len();
+    if let (Some(name), Some(l)) = (&stash, local_head) {
+        store.set_branch_head(dot, name, None, l, block_size)?;
+        report.stashed = Some(name.clone());
+    }
+    match store.set_branch_head(dot, branch, local_head, theirs, block_size)? {
+        SetHead::Updated => {}
+        SetHead::Moved { .. } => {
+            return Err(Error::Refused(format!(
+                "branch {branch} of {dot} moved (a commit?) while pulling: pull again"
+            )))
+        }
+    }
+    progress.set_phase("done");
+    Ok(report)
+}
+
+impl Remote {
+    async fn fetch_on(
+        conn: &quinn::Connection,
+        dot: &DotName,
+        ids: &[Id],
+    ) -> Result<Vec<(Id, Vec<u8>)>> {
+        let mut out = Vec::new();
+        let mut rest = ids;
+        while !rest.is_empty() {
+            let got = match call_on(
+                conn,
+                &Request::GetChunks {
+                    dot: dot_ref(dot),
+                    ids: rest.to_vec(),
+                },
+            )
+            .await?
+            {
+                Response::Blobs(b) => b,
+                other => return Err(unexpected(&other)),
+            };
+            if got.is_empty() || got.len() > rest.len() {
+                return Err(Error::Connection(
+                    "the hub answered a fetch with nothing".into(),
+                ));
+            }
+            for (i, (id, _)) in got.iter().enumerate() {
+                if *id != rest[i] {
+                    return Err(Error::Connection(
+                        "the hub answered a fetch out of order".into(),
+                    ));
+                }
+            }
+            rest = &rest[got.len()..];
+            out.extend(got);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,84 @@
+//! Typed errors of push, pull and the hub.
+
+use crate::proto::ErrorCode;
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What can go wrong in a transfer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The local store failed or refused.
+    #[error("{0}")]
+    Store(#[from] dm_store::Error),
+    /// The remote answered with an error (wrong key, no access, unknown
+    /// dot, refused, ...).
+    #[error("{message}")]
+    Remote {
+        /// What kind of error (callers match on it).
+        code: ErrorCode,
+        /// The remote's explanation.
+        message: String,
+    },
+    /// The two sides' histories are such that the transfer cannot proceed
+    /// as asked (diverged, destination ahead, remote branch moved...).
+    #[error("{0}")]
+    Refused(String),
+    /// The connection failed or the peer broke the protocol.
+    #[error("{0}")]
+    Connection(String),
+    /// A local file (certificate, key) could not be read or written.
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing.
+        context: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TLS setup failed.
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+impl Error {
+    /// Shorthand for an I/O error with context.
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let context = context.into();
+        move |source| Error::Io { context, source }
+    }
+
+    /// The remote error code, if this came from the remote.
+    pub fn code(&self) -> Option<&ErrorCode> {
+        match self {
+            Error::Remote { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+impl From<quinn::ConnectionError> for Error {
+    fn from(e: quinn::ConnectionError) -> Self {
+        Error::Connection(format!("connection lost: {e}"))
+    }
+}
+impl From<quinn::WriteError> for Error {
+    fn from(e: quinn::WriteError) -> Self {
+        Error::Connection(format!("sending: {e}"))
+    }
+}
+impl From<quinn::ReadExactError> for Error {
+    fn from(e: quinn::ReadExactError) -> Self {
+        Error::Connection(format!("receiving: {e}"))
+    }
+}
+impl From<quinn::ClosedStream> for Error {
+    fn from(e: quinn::ClosedStream) -> Self {
+        Error::Connection(format!("stream closed: {e}"))
+    }
+}
+impl From<tokio::task::JoinError> for Error {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Error::Connection(format!("internal task failed: {e}"))
+    }
+}

@@ -1,0 +1,343 @@
+//! The hub: a QUIC endpoint that serves push, pull and clone for the dots
+//! of a store. Every connection authenticates once (`Hello`, argon2-checked
+//! API key); every request is then authorized against the dot it names.
+
+use crate::error::{Error, Result};
+use crate::proto::{self, DotRef, ErrorCode, Request, Response, BATCH_BYTES, BATCH_IDS};
+use crate::users::{self, User};
+use dm_store::{DotName, ImportSession, SetHead, Store};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+/// A running hub endpoint.
+pub struct Hub {
+    endpoint: quinn::Endpoint,
+    fingerprint: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Hub {
+    /// Starts serving `store` on `listen` (UDP). The certificate and the
+    /// admin key are created in `data_dir` on first start. Call inside a
+    /// tokio runtime.
+    pub fn start(store: Arc<Store>, data_dir: &Path, listen: SocketAddr) -> Result<Hub> {
+        let (cert, key) = crate::tls::load_or_create_cert(data_dir)?;
+        let fingerprint = crate::tls::fingerprint(&cert);
+        if let Some(_key) = users::ensure_admin(&store, data_dir)? {
+            tracing::info!(
+                "created the hub's admin user; its API key is in {}",
+                users::admin_key_path(data_dir).display()
+            );
+        }
+        let endpoint = quinn::Endpoint::server(crate::tls::server_config(cert, key)?, listen)
+            .map_err(Error::io(format!("listening on UDP {listen}")))?;
+        let ep = endpoint.clone();
+        let task = tokio::spawn(async move {
+            while let Some(incoming) = ep.accept().await {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    match incoming.await {
+                        Ok(conn) => {
+                            if let Err(e) = serve_connection(store, conn).await {
+                                tracing::debug!("hub connection ended: {e}");
+                            }
+                        }
+                        Err(e) => tracing::debug!("hub handshake failed: {e}"),
+                    }
+                });
+            }
+        });
+        Ok(Hub {
+            endpoint,
+            fingerprint,
+            task,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.endpoint
+            .local_addr()
+            .map_err(Error::io("reading the hub's address"))
+    }
+
+    /// `sha256:HEX` of the hub certificate (what clients pin).
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Stops accepting and closes every connection.
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"hub shutting down");
+        self.task.abort();
+    }
+}
+
+/// Per-connection state.
+struct Session {
+    store: Arc<Store>,
+    user: User,
+    import: ImportSession,
+}
+
+fn err(code: ErrorCode, message: impl Into<String>) -> Response {
+    Response::Err {
+        code,
+        message: message.into(),
+    }
+}
+
+async fn serve_connection(store: Arc<Store>, conn: quinn::Connection) -> Result<()> {
+    // The first stream must be Hello.
+    let (mut send, mut recv) = conn.accept_bi().await?;
+    let req: Request = proto::read_frame(&mut recv).await?;
+    let Request::Hello { version, user, key } = req else {
+        proto::write_frame(&mut send, &err(ErrorCode::BadRequest, "say Hello first")).await?;
+        send.finish()?;
+        return Ok(());
+    };
+    if version != proto::PROTOCOL_VERSION {
+        let r = err(
+            ErrorCode::Version,
+            format!(
+                "this hub speaks protocol version {}, the client {version}: upgrade the older side",
+                proto::PROTOCOL_VERSION
+            ),
+        );
+        proto::write_frame(&mut send, &r).await?;
+        send.finish()?;
+        return Ok(());
+    }
+    let st = store.clone();
+    let auth = tokio::task::spawn_blocking(move || users::authenticate(&st, &user, &key)).await?;
+    let user = match auth {
+        Ok(u) => u,
+        Err(Error::Remote { code, message }) => {
+            proto::write_frame(&mut send, &Response::Err { code, message }).await?;
+            send.finish()?;
+            let _ = send.stopped().await;
+            return Ok(());
+        }
+        Err(e) => {
+            proto::write_frame(&mut send, &err(ErrorCode::Internal, e.to_string())).await?;
+            send.finish()?;
+            return Ok(());
+        }
+    };
+    proto::write_frame(
+        &mut send,
+        &Response::Welcome {
+            version: proto::PROTOCOL_VERSION,
+        },
+    )
+    .await?;
+    send.finish()?;
+    let session = Arc::new(Session {
+        import: ImportSession::new(store.clone()),
+        store,
+        user,
+    });
+    loop {
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => return Ok(()),
+        };
+        let session = session.clone();
+        tokio::spawn(async move {
+            let resp = match proto::read_frame::<Request>(&mut recv).await {
+                Ok(req) => {
+                    let s = session.clone();
+                    match tokio::task::spawn_blocking(move || handle(&s, req)).await {
+                        Ok(r) => r,
+                        Err(e) => err(ErrorCode::Internal, format!("request failed: {e}")),
+                    }
+                }
+                Err(e) => err(ErrorCode::BadRequest, e.to_string()),
+            };
+            if proto::write_frame(&mut send, &resp).await.is_ok() {
+                let _ = send.finish();
+                let _ = send.stopped().await;
+            }
+        });
+    }
+}
+
+fn dot_name(d: &DotRef) -> std::result::Result<DotName, Response> {
+    DotName::parse(&format!("{}/{}", d.namespace, d.name))
+        .map_err(|e| err(ErrorCode::BadRequest, e.to_string()))
+}
+
+/// Checks access; `must_exist` also requires the dot to exist.
+fn authorize(s: &Session, d: &DotRef, must_exist: bool) -> std::result::Result<DotName, Response> {
+    let dot = dot_name(d)?;
+    match users::may_access(&s.store, &s.user, &dot) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(err(
+                ErrorCode::NoAccess,
+                format!(
+                    "user {} has no access to dot {}/{}: its owner can add you with `dm dot collaborator add {} {}`",
+                    s.user.name, dot.namespace, dot.name, dot, s.user.name
+                ),
+            ))
+        }
+        Err(e) => return Err(err(ErrorCode::Internal, e.to_string())),
+    }
+    if must_exist {
+        match s.store.dot_info(&dot) {
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => {
+                return Err(err(
+                    ErrorCode::UnknownDot,
+                    format!("no dot {}/{} on the hub", dot.namespace, dot.name),
+                ))
+            }
+            Err(e) => return Err(err(ErrorCode::Internal, e.to_string())),
+        }
+    }
+    Ok(dot)
+}
+
+fn store_err(e: dm_store::Error) -> Response {
+    match e {
+        dm_store::Error::Corrupt(m) => err(ErrorCode::Corrupt, m),
+        dm_store::Error::Refused(m) => err(ErrorCode::Refused, m),
+        e @ dm_store::Error::InvalidName { .. } => err(ErrorCode::BadRequest, e.to_string()),
+        e if e.is_not_found() => err(ErrorCode::UnknownDot, e.to_string()),
+        e => err(ErrorCode::Internal, e.to_string()),
+    }
+}
+
+fn handle(s: &Session, req: Request) -> Response {
+    match handle_inner(s, req) {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+fn handle_inner(s: &Session, req: Request) -> std::result::Result<Response, Response> {
+    let store = &s.store;
+    match req {
+        Request::Hello { .. } => Err(err(ErrorCode::BadRequest, "already authenticated")),
+        Request::Branches { dot } => {
+            let dot = authorize(s, &dot, true)?;
+            let info = store.dot_info(&dot).map_err(store_err)?;
+            let branches = store
+                .list_branches(&dot)
+                .map_err(store_err)?
+                .into_iter()
+                .map(|b| (b.name, b.head))
+                .collect();
+            Ok(Response::Branches {
+                block_size: info.block_size,
+                branches,
+            })
+        }
+        Request::Ancestry { dot, head } => {
+            authorize(s, &dot, true)?;
+            Ok(Response::Ids(
+                store.ancestry(Some(head)).map_err(store_err)?,
+            ))
+        }
+        Request::HasObjects { ids } => {
+            if ids.len() > BATCH_IDS {
+                return Err(err(ErrorCode::BadRequest, "too many ids in one query"));
+            }
+            Ok(Response::Bools(store.has_objects(&ids).map_err(store_err)?))
+        }
+        Request::HasChunks { ids } => {
+            if ids.len() > BATCH_IDS {
+                return Err(err(ErrorCode::BadRequest, "too many ids in one query"));
+            }
+            Ok(Response::Bools(store.has_chunks(&ids).map_err(store_err)?))
+        }
+        Request::GetObjects { dot, ids } | Request::GetChunks { dot, ids }
+            if ids.len() > BATCH_IDS =>
+        {
+            let _ = dot;
+            Err(err(ErrorCode::BadRequest, "too many ids in one fetch"))
+        }
+        Request::GetObjects { dot, ids } => {
+            authorize(s, &dot, true)?;
+            let mut out = Vec::new();
+            let mut size = 0;
+            for id in ids {
+                let b = store.object_bytes(&id).map_err(store_err)?.ok_or_else(|| {
+                    err(
+                        ErrorCode::UnknownDot,
+                        format!("no object {} on the hub", id.short()),
+                    )
+                })?;
+                size += b.len();
+                out.push((id, b));
+                if size >= BATCH_BYTES {
+                    break;
+                }
+            }
+            Ok(Response::Blobs(out))
+        }
+        Request::GetChunks { dot, ids } => {
+            authorize(s, &dot, true)?;
+            let mut out = Vec::new();
+            let mut size = 0;
+            for id in ids {
+                let b = store.chunk_bytes(&id).map_err(store_err)?.ok_or_else(|| {
+                    err(
+                        ErrorCode::UnknownDot,
+                        format!("no chunk {} on the hub", id.short()),
+                    )
+                })?;
+                size += b.len();
+                out.push((id, b));
+                if size >= BATCH_BYTES {
+                    break;
+                }
+            }
+            Ok(Response::Blobs(out))
+        }
+        Request::PutObjects { dot, items } => {
+            authorize(s, &dot, false)?;
+            let mut new = 0;
+            for (id, bytes) in items {
+                if s.import.import_object(&id, &bytes).map_err(store_err)? {
+                    new += 1;
+                }
+            }
+            Ok(Response::Done { new })
+        }
+        Request::PutChunks { dot, items } => {
+            authorize(s, &dot, false)?;
+            let mut new = 0;
+            for (id, bytes) in items {
+                if s.import.import_chunk(&id, &bytes).map_err(store_err)? {
+                    new += 1;
+                }
+            }
+            Ok(Response::Done { new })
+        }
+        Request::SetHead {
+            dot,
+            branch,
+            expected,
+            new,
+            block_size,
+        } => {
+            let dot = authorize(s, &dot, false)?;
+            match store
+                .set_branch_head(&dot, &branch, expected, new, block_size)
+                .map_err(store_err)?
+            {
+                SetHead::Updated => Ok(Response::Done { new: 1 }),
+                SetHead::Moved { actual } => Err(err(
+                    ErrorCode::Moved { actual },
+                    format!(
+                        "remote branch {branch} of {}/{} moved since this transfer started (now at {}): pull first",
+                        dot.namespace,
+                        dot.name,
+                        actual.map(|a| a.short()).unwrap_or_else(|| "nothing".into())
+                    ),
+                )),
+            }
+        }
+    }
+}

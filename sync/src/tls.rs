@@ -1,0 +1,217 @@
+//! TLS for QUIC: the hub's self-signed certificate (made on first start,
+//! kept in its data dir) and the client's pinning of its SHA-256
+//! fingerprint, like SSH's known hosts.
+
+use crate::error::{Error, Result};
+use crate::proto::ALPN;
+use parking_lot::Mutex;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The server name clients ask for (the certificate names it; pinning, not
+/// the name, is what authenticates the hub).
+pub const SERVER_NAME: &str = "dm-hub";
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// `sha256:` + hex of the SHA-256 of a DER certificate.
+pub fn fingerprint(der: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, der);
+    format!("sha256:{}", hex::encode(d.as_ref()))
+}
+
+/// Loads the hub certificate from `dir`, generating it on first use.
+/// Returns (certificate, private key).
+pub fn load_or_create_cert(
+    dir: &Path,
+) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>)> {
+    let cert_path = dir.join("hub-cert.der");
+    let key_path = dir.join("hub-key.der");
+    if cert_path.exists() && key_path.exists() {
+        let cert = std::fs::read(&cert_path)
+            .map_err(Error::io(format!("reading {}", cert_path.display())))?;
+        let key = std::fs::read(&key_path)
+            .map_err(Error::io(format!("reading {}", key_path.display())))?;
+        return Ok((
+            CertificateDer::from(cert),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+    let ck = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string(), "localhost".into()])
+        .map_err(|e| Error::Tls(format!("generating the hub certificate: {e}")))?;
+    let cert = ck.cert.der().to_vec();
+    let key = ck.key_pair.serialize_der();
+    write_private(&key_path, &key)?;
+    std::fs::write(&cert_path, &cert)
+        .map_err(Error::io(format!("writing {}", cert_path.display())))?;
+    Ok((
+        CertificateDer::from(cert),
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
+    ))
+}
+
+/// Writes a file readable by its owner only (created 0600 from the start).
+pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(Error::io(format!("creating {}", tmp.display())))?;
+    f.write_all(data)
+        .and_then(|_| f.sync_all())
+        .map_err(Error::io(format!("writing {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(Error::io(format!("writing {}", path.display())))
+}
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(64u32.into());
+    t.stream_receive_window((32u32 << 20).into());
+    t.receive_window((128u32 << 20).into());
+    t.send_window(128 << 20);
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    if let Ok(idle) = Duration::from_secs(60).try_into() {
+        t.max_idle_timeout(Some(idle));
+    }
+    Arc::new(t)
+}
+
+/// The QUIC server config of a hub.
+pub fn server_config(
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+) -> Result<quinn::ServerConfig> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(transport());
+    Ok(cfg)
+}
+
+/// How a client authenticates the hub.
+#[derive(Clone, Debug)]
+pub enum Trust {
+    /// The certificate must have this fingerprint (`sha256:HEX`).
+    Pinned(String),
+    /// Accept any certificate and record its fingerprint (first contact,
+    /// `dm remote add`, which shows it to the user).
+    FirstUse,
+}
+
+/// Checks the hub's certificate against a pinned fingerprint.
+#[derive(Debug)]
+struct PinVerifier {
+    trust: Trust,
+    seen: Mutex<Option<String>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        let fp = fingerprint(end_entity);
+        *self.seen.lock() = Some(fp.clone());
+        match &self.trust {
+            Trust::FirstUse => Ok(ServerCertVerified::assertion()),
+            Trust::Pinned(want) if want.eq_ignore_ascii_case(&fp) => {
+                Ok(ServerCertVerified::assertion())
+            }
+            Trust::Pinned(want) => Err(rustls::Error::General(format!(
+                "the hub's certificate fingerprint is {fp}, not the pinned {want}: the hub changed or someone is in between; if it really changed, remove and re-add the remote"
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A client config that trusts per `trust`; the returned cell receives the
+/// fingerprint the hub presented.
+pub fn client_config(trust: Trust) -> Result<(quinn::ClientConfig, Arc<PinSeen>)> {
+    let provider = provider();
+    let verifier = Arc::new(PinVerifier {
+        trust,
+        seen: Mutex::new(None),
+        provider: provider.clone(),
+    });
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(transport());
+    Ok((cfg, Arc::new(PinSeen(verifier))))
+}
+
+/// The fingerprint a hub presented during a handshake.
+pub struct PinSeen(Arc<PinVerifier>);
+
+impl PinSeen {
+    /// `sha256:HEX`, once the handshake got that far.
+    pub fn get(&self) -> Option<String> {
+        self.0.seen.lock().clone()
+    }
+}

@@ -1,0 +1,162 @@
+//! Users, API keys (stored as argon2 hashes) and collaborators of a hub,
+//! kept in the store's settings. A user owns the namespace of their name;
+//! `admin` may do anything; collaborators of a dot may read and write it.
+
+use crate::error::{Error, Result};
+use crate::proto::ErrorCode;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use dm_store::{DotName, Store};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The administrator's user name.
+pub const ADMIN: &str = "admin";
+
+/// A user record (setting `user/NAME`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct UserRec {
+    /// PHC string of the argon2id hash of the API key.
+    key_hash: String,
+    admin: bool,
+}
+
+/// An authenticated user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    /// User name.
+    pub name: String,
+    /// Administrator: may read and write every dot.
+    pub admin: bool,
+}
+
+fn user_key(name: &str) -> String {
+    format!("user/{name}")
+}
+
+fn collab_key(dot: &DotName, user: &str) -> String {
+    format!("collab/{}/{}/{user}", dot.namespace, dot.name)
+}
+
+fn new_key() -> String {
+    let mut b = [0u8; 24];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+fn hash_key(key: &str) -> Result<String> {
+    let mut salt = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut salt);
+    let salt = SaltString::encode_b64(&salt).map_err(|e| Error::Refused(format!("salt: {e}")))?;
+    Argon2::default()
+        .hash_password(key.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| Error::Refused(format!("hashing the key: {e}")))
+}
+
+fn put_user(store: &Store, name: &str, key: &str, admin: bool) -> Result<()> {
+    let rec = UserRec {
+        key_hash: hash_key(key)?,
+        admin,
+    };
+    let bytes = postcard::to_stdvec(&rec).map_err(|e| Error::Refused(e.to_string()))?;
+    store.set_setting(&user_key(name), &bytes)?;
+    Ok(())
+}
+
+/// The file the admin key is written to: `DATA_DIR/admin-key`.
+pub fn admin_key_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin-key")
+}
+
+/// Creates the `admin` user on first start, writing its key to
+/// [`admin_key_path`] (mode 0600). Returns the key when it was created.
+pub fn ensure_admin(store: &Store, data_dir: &Path) -> Result<Option<String>> {
+    if store.setting(&user_key(ADMIN))?.is_some() {
+        return Ok(None);
+    }
+    let key = new_key();
+    crate::tls::write_private(&admin_key_path(data_dir), format!("{key}\n").as_bytes())?;
+    put_user(store, ADMIN, &key, true)?;
+    Ok(Some(key))
+}
+
+/// Adds user `name` (owner of namespace `name`) and returns their new API
+/// key; an existing user gets a new key (the old one stops working).
+pub fn add_user(store: &Store, name: &str) -> Result<String> {
+    dm_store::names::validate("user", name)?;
+    if name == ADMIN {
+        return Err(Error::Refused(
+            "the admin user's key is made at the first start (see DATA_DIR/admin-key)".into(),
+        ));
+    }
+    let key = new_key();
+    put_user(store, name, &key, false)?;
+    Ok(key)
+}
+
+/// The user names of the hub.
+pub fn list_users(store: &Store) -> Result<Vec<String>> {
+    Ok(store
+        .settings_with_prefix("user/")?
+        .into_iter()
+        .map(|(k, _)| k["user/".len()..].to_string())
+        .collect())
+}
+
+/// Grants `user` read-write access to `dot`.
+pub fn add_collaborator(store: &Store, dot: &DotName, user: &str) -> Result<()> {
+    if store.setting(&user_key(user))?.is_none() {
+        return Err(Error::Refused(format!(
+            "no user {user} on this server; add it with `dm user add {user}`"
+        )));
+    }
+    store.dot_info(dot)?;
+    store.set_setting(&collab_key(dot, user), b"")?;
+    Ok(())
+}
+
+/// The collaborators of `dot`.
+pub fn collaborators(store: &Store, dot: &DotName) -> Result<Vec<String>> {
+    let prefix = format!("collab/{}/{}/", dot.namespace, dot.name);
+    Ok(store
+        .settings_with_prefix(&prefix)?
+        .into_iter()
+        .map(|(k, _)| k[prefix.len()..].to_string())
+        .collect())
+}
+
+/// Checks a user's API key (argon2 verify). Unknown users and wrong keys
+/// get the same answer.
+pub fn authenticate(store: &Store, name: &str, key: &str) -> Result<User> {
+    let bad = || {
+        Error::Remote {
+        code: ErrorCode::BadKey,
+        message: format!(
+            "wrong API key for user {name:?}: check DM_API_KEY, or ask the hub's admin for a key (`dm user add {name}`)"
+        ),
+    }
+    };
+    let Some(bytes) = store.setting(&user_key(name))? else {
+        return Err(bad());
+    };
+    let rec: UserRec = postcard::from_bytes(&bytes)
+        .map_err(|e| Error::Refused(format!("user record of {name} does not decode: {e}")))?;
+    let hash = PasswordHash::new(&rec.key_hash).map_err(|_| bad())?;
+    Argon2::default()
+        .verify_password(key.as_bytes(), &hash)
+        .map_err(|_| bad())?;
+    Ok(User {
+        name: name.to_string(),
+        admin: rec.admin,
+    })
+}
+
+/// True when `user` may read and write `dot` (owner, admin or collaborator).
+pub fn may_access(store: &Store, user: &User, dot: &DotName) -> Result<bool> {
+    if user.admin || user.name == dot.namespace {
+        return Ok(true);
+    }
+    Ok(store.setting(&collab_key(dot, &user.name))?.is_some())
+}

@@ -1,0 +1,521 @@
+//! Push, pull and clone between in-process dm servers on 127.0.0.1.
+
+mod common;
+
+use common::*;
+use dm_sync::proto::{DotRef, ErrorCode, Request};
+use dm_sync::{Error, Remote, TransferOptions};
+
+fn opts() -> TransferOptions {
+    TransferOptions::default()
+}
+
+fn stash() -> TransferOptions {
+    TransferOptions {
+        stash_on_divergence: true,
+        ..TransferOptions::default()
+    }
+}
+
+fn code(e: &Error) -> Option<ErrorCode> {
+    e.code().cloned()
+}
+
+/// The seed's example: A, B on master; newbranch from B with C, E; D on
+/// master. Alice pushes newbranch (A, B, C, E go), bob clones, commits,
+/// pushes back, alice pulls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_clone_commit_push_pull() {
+    let hub = Node::start();
+    let alice = Node::start();
+    let bob = Node::start();
+    let akey = hub.add_user("alice");
+    let bkey = hub.add_user("bob");
+    let app = dot("app");
+    alice.store.create_dot(&app, None).unwrap();
+    write(&alice.store, &app, "master", "f", 0, b"A");
+    let a = commit(&alice.store, &app, "master", "A");
+    write(&alice.store, &app, "master", "f", 0, b"B");
+    let b = commit(&alice.store, &app, "master", "B");
+    alice.store.create_branch(&app, "newbranch", None).unwrap();
+    write(&alice.store, &app, "newbranch", "f", 0, b"C");
+    let c = commit(&alice.store, &app, "newbranch", "C");
+    write(&alice.store, &app, "master", "f", 0, b"D");
+    let d = commit(&alice.store, &app, "master", "D");
+    write(&alice.store, &app, "newbranch", "f", 0, b"E");
+    let e = commit(&alice.store, &app, "newbranch", "E");
+
+    let ra = hub.connect("alice", &akey).await;
+    let rep = push(&alice, &ra, "app", "newbranch", "alice/app", &opts())
+        .await
+        .unwrap();
+    assert_eq!(rep.commits, 4, "A, B, C and E go");
+    let h = dot("alice/app");
+    let log: Vec<_> = hub
+        .store
+        .log(&h, "newbranch")
+        .unwrap()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(log, vec![a, b, c, e]);
+    // The branch it grew from exists on the hub at the fork commit.
+    assert_eq!(hub.store.branch_info(&h, "master").unwrap().head, Some(b));
+    let rep = push(&alice, &ra, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap();
+    assert_eq!(rep.commits, 1, "only D is new");
+    assert_eq!(hub.store.branch_info(&h, "master").unwrap().head, Some(d));
+    let rep = push(&alice, &ra, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap();
+    assert!(rep.up_to_date);
+
+    // Bob has no access until alice adds him.
+    let rb = hub.connect("bob", &bkey).await;
+    let err = pull(&bob, &rb, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::NoAccess), "{err}");
+    dm_sync::users::add_collaborator(&hub.store, &h, "bob").unwrap();
+    let rep = pull(&bob, &rb, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap();
+    assert_eq!(rep.commits, 3);
+    assert_eq!(read(&bob.store, &app, "master", "f"), b"D");
+    pull(&bob, &rb, "app", "newbranch", "alice/app", &opts())
+        .await
+        .unwrap();
+    assert_eq!(read(&bob.store, &app, "newbranch", "f"), b"E");
+    assert!(bob.store.fsck().unwrap().is_clean());
+
+    // Bob commits and pushes back; alice pulls.
+    write(&bob.store, &app, "master", "g", 0, b"from bob");
+    let f = commit(&bob.store, &app, "master", "F");
+    let rep = push(&bob, &rb, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap();
+    assert_eq!(rep.commits, 1);
+    let rep = pull(&alice, &ra, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap();
+    assert_eq!(rep.commits, 1);
+    assert_eq!(
+        alice.store.branch_info(&app, "master").unwrap().head,
+        Some(f)
+    );
+    assert_eq!(read(&alice.store, &app, "master", "g"), b"from bob");
+    // Pulling again: nothing to do.
+    assert!(
+        pull(&alice, &ra, "app", "master", "alice/app", &opts())
+            .await
+            .unwrap()
+            .up_to_date
+    );
+    // A pull never overwrites uncommitted changes.
+    write(&bob.store, &app, "master", "h", 0, b"bob 2");
+    commit(&bob.store, &app, "master", "G");
+    push(&bob, &rb, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap();
+    write(&alice.store, &app, "master", "dirty", 0, b"uncommitted");
+    let err = pull(&alice, &ra, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("uncommitted"), "{err}");
+    assert_eq!(
+        alice.store.branch_info(&app, "master").unwrap().head,
+        Some(f)
+    );
+    assert_eq!(read(&alice.store, &app, "master", "dirty"), b"uncommitted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn divergence_both_ways_and_stash() {
+    let hub = Node::start();
+    let alice = Node::start();
+    let bob = Node::start();
+    let akey = hub.add_user("alice");
+    let bkey = hub.add_user("bob");
+    let app = dot("app");
+    let h = dot("alice/app");
+    alice.store.create_dot(&app, None).unwrap();
+    write(&alice.store, &app, "master", "f", 0, b"base");
+    let base = commit(&alice.store, &app, "master", "base");
+    let ra = hub.connect("alice", &akey).await;
+    push(&alice, &ra, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap();
+    dm_sync::users::add_collaborator(&hub.store, &h, "bob").unwrap();
+    let rb = hub.connect("bob", &bkey).await;
+    pull(&bob, &rb, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap();
+    // Both commit; bob pushes first.
+    write(&alice.store, &app, "master", "f", 0, b"alice");
+    let ac = commit(&alice.store, &app, "master", "alice's");
+    write(&bob.store, &app, "master", "f", 0, b"bob");
+    let bc = commit(&bob.store, &app, "master", "bob's");
+    push(&bob, &rb, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap();
+    // Alice's push and pull are refused, naming the common commit.
+    let err = push(&alice, &ra, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("diverged") && msg.contains(&base.to_hex()),
+        "{msg}"
+    );
+    assert!(msg.contains("--stash-on-divergence"), "{msg}");
+    let err = pull(&alice, &ra, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("diverged") && msg.contains(&base.to_hex()),
+        "{msg}"
+    );
+    // Pull with stash: alice's work is kept on master-DIVERGED-*.
+    let rep = pull(&alice, &ra, "app", "master", "alice/app", &stash())
+        .await
+        .unwrap();
+    let stashed = rep.stashed.unwrap();
+    assert!(stashed.starts_with("master-DIVERGED-"));
+    assert_eq!(
+        alice.store.branch_info(&app, "master").unwrap().head,
+        Some(bc)
+    );
+    assert_eq!(
+        alice.store.branch_info(&app, &stashed).unwrap().head,
+        Some(ac)
+    );
+    assert_eq!(read(&alice.store, &app, &stashed, "f"), b"alice");
+
+    // The other way: bob commits again, alice (now at bc) commits, pushes
+    // first; bob's push is refused, then succeeds with --stash-on-divergence
+    // (the hub keeps alice's commit on master-DIVERGED-*).
+    write(&alice.store, &app, "master", "f", 0, b"alice 2");
+    let ac2 = commit(&alice.store, &app, "master", "alice 2");
+    push(&alice, &ra, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap();
+    write(&bob.store, &app, "master", "f", 0, b"bob 2");
+    let bc2 = commit(&bob.store, &app, "master", "bob 2");
+    let err = push(&bob, &rb, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains(&bc.to_hex()), "{err}");
+    let rep = push(&bob, &rb, "app", "master", "alice/app", &stash())
+        .await
+        .unwrap();
+    let stashed = rep.stashed.unwrap();
+    assert_eq!(hub.store.branch_info(&h, "master").unwrap().head, Some(bc2));
+    assert_eq!(hub.store.branch_info(&h, &stashed).unwrap().head, Some(ac2));
+    // Destination ahead: push is refused with "pull first", pull is a no-op.
+    pull(&alice, &ra, "app", "master", "alice/app", &stash())
+        .await
+        .unwrap();
+    write(&bob.store, &app, "master", "f", 0, b"bob 3");
+    commit(&bob.store, &app, "master", "bob 3");
+    push(&bob, &rb, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap();
+    let err = push(&alice, &ra, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("pull` first"), "{err}");
+    let rep = pull(&bob, &rb, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap();
+    assert!(rep.up_to_date);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pushes_one_wins() {
+    let hub = Node::start();
+    let a = Node::start();
+    let b = Node::start();
+    let key = hub.add_user("alice");
+    let app = dot("app");
+    a.store.create_dot(&app, None).unwrap();
+    write(&a.store, &app, "master", "f", 0, b"base");
+    commit(&a.store, &app, "master", "base");
+    let ra = hub.connect("alice", &key).await;
+    push(&a, &ra, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap();
+    let rb = hub.connect("alice", &key).await;
+    pull(&b, &rb, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap();
+    // Each side commits 4 MiB of different data, then both push at once.
+    write(&a.store, &app, "master", "f", 0, &random_bytes(1, 4 << 20));
+    commit(&a.store, &app, "master", "a");
+    write(&b.store, &app, "master", "f", 0, &random_bytes(2, 4 << 20));
+    commit(&b.store, &app, "master", "b");
+    let o = opts();
+    let (x, y) = tokio::join!(
+        push(&a, &ra, "app", "master", "alice/app", &o),
+        push(&b, &rb, "app", "master", "alice/app", &o)
+    );
+    assert!(x.is_ok() != y.is_ok(), "exactly one wins: {x:?} {y:?}");
+    let e = x.err().or(y.err()).unwrap().to_string();
+    assert!(
+        e.contains("pull first") || e.contains("diverged"),
+        "loser is told to pull: {e}"
+    );
+
+    // The compare-and-swap itself: a stale expectation is refused.
+    let head = hub
+        .store
+        .branch_info(&dot("alice/app"), "master")
+        .unwrap()
+        .head
+        .unwrap();
+    let base = hub.store.commit_info(&head).unwrap().parents[0];
+    let err = ra
+        .call(&Request::SetHead {
+            dot: DotRef {
+                namespace: "alice".into(),
+                name: "app".into(),
+            },
+            branch: "master".into(),
+            expected: Some(base),
+            new: base,
+            block_size: 65536,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::Moved { actual: Some(head) }));
+    assert!(err.to_string().contains("pull first"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_push_resumes_without_resending() {
+    let hub = Node::start();
+    let a = Node::start();
+    let key = hub.add_user("alice");
+    let app = dot("app");
+    a.store.create_dot(&app, None).unwrap();
+    let data = random_bytes(3, 16 << 20);
+    write(&a.store, &app, "master", "big", 0, &data);
+    commit(&a.store, &app, "master", "big");
+    let r = hub.connect("alice", &key).await;
+    let interrupted = TransferOptions {
+        fail_after_chunk_bytes: Some(8 << 20),
+        streams: 2,
+        ..TransferOptions::default()
+    };
+    let before = r.bytes_sent();
+    assert!(push(&a, &r, "app", "master", "alice/app", &interrupted)
+        .await
+        .is_err());
+    let first = r.bytes_sent() - before;
+    // Nothing is visible on the hub.
+    assert!(hub.store.list_dots().unwrap().is_empty());
+    let before = r.bytes_sent();
+    let rep = push(&a, &r, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap();
+    let second = r.bytes_sent() - before;
+    println!(
+        "interrupted run sent {first} bytes, the resumed run {second} (chunks {})",
+        rep.chunk_bytes
+    );
+    assert!(first >= 8 << 20);
+    assert!(second < (10 << 20), "resumed push resent data: {second}");
+    assert!(rep.chunk_bytes < (9 << 20));
+    assert_eq!(read(&hub.store, &dot("alice/app"), "master", "big"), data);
+    // Also from a new connection (the hub's session ended).
+    let a2 = Node::start();
+    a2.store.create_dot(&app, None).unwrap();
+    let r2 = hub.connect("alice", &key).await;
+    pull(&a2, &r2, "app", "master", "alice/app", &interrupted)
+        .await
+        .unwrap_err();
+    assert!(a2.store.branch_info(&app, "master").unwrap().head.is_none());
+    let rep = pull(&a2, &r2, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap();
+    assert!(
+        rep.chunk_bytes < (12 << 20),
+        "resumed pull refetched: {}",
+        rep.chunk_bytes
+    );
+    assert_eq!(read(&a2.store, &app, "master", "big"), data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_chunks_are_rejected() {
+    let hub = Node::start();
+    let a = Node::start();
+    let key = hub.add_user("alice");
+    let app = dot("app");
+    a.store.create_dot(&app, None).unwrap();
+    write(&a.store, &app, "master", "f", 0, &random_bytes(4, 1 << 20));
+    commit(&a.store, &app, "master", "one");
+    let r = hub.connect("alice", &key).await;
+    let bad = TransferOptions {
+        corrupt_chunks: true,
+        ..TransferOptions::default()
+    };
+    let err = push(&a, &r, "app", "master", "alice/app", &bad)
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::Corrupt), "{err}");
+    assert!(hub.store.list_dots().unwrap().is_empty());
+    let gc = hub.store.gc().unwrap();
+    assert_eq!(gc.chunks_kept, 0);
+    // A clean push then works.
+    push(&a, &r, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap();
+    assert!(hub.store.fsck().unwrap().is_clean());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_key_no_access_unknown_dot() {
+    let hub = Node::start();
+    let a = Node::start();
+    let key = hub.add_user("alice");
+    let bkey = hub.add_user("bob");
+    // Wrong key, unknown user.
+    for (u, k) in [
+        ("alice", "nope"),
+        ("mallory", "x"),
+        ("alice", bkey.as_str()),
+    ] {
+        let err = Remote::connect(&hub.spec(u, k)).await.err().unwrap();
+        assert_eq!(code(&err), Some(ErrorCode::BadKey), "{err}");
+        assert!(err.to_string().contains("wrong API key"), "{err}");
+    }
+    // The admin key from the root-only file works.
+    let path = dm_sync::users::admin_key_path(hub.dir.path());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    hub.connect("admin", &hub.admin_key()).await;
+    // Pinned fingerprint mismatch.
+    let mut spec = hub.spec("alice", &key);
+    spec.trust = dm_sync::Trust::Pinned("sha256:00".into());
+    let err = Remote::connect(&spec).await.err().unwrap();
+    assert!(err.to_string().contains("fingerprint"), "{err}");
+    assert_eq!(
+        dm_sync::probe_fingerprint("127.0.0.1", hub.hub.local_addr().unwrap().port())
+            .await
+            .unwrap(),
+        hub.hub.fingerprint()
+    );
+    // Unknown dot, and no access to another's namespace.
+    let r = hub.connect("alice", &key).await;
+    let err = pull(&a, &r, "app", "master", "alice/nothing", &opts())
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::UnknownDot), "{err}");
+    let app = dot("app");
+    a.store.create_dot(&app, None).unwrap();
+    write(&a.store, &app, "master", "f", 0, b"x");
+    commit(&a.store, &app, "master", "x");
+    let err = push(&a, &r, "app", "master", "bob/app", &opts())
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::NoAccess), "{err}");
+    assert!(hub.store.list_dots().unwrap().is_empty());
+}
+
+/// Bytes on the wire: a 1 MiB change to a large dot sends < 2 MiB; a second
+/// dot with content the hub already has sends almost no chunk data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_on_the_wire() {
+    let size: usize = std::env::var("DM_SYNC_TEST_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256)
+        << 20;
+    let hub = Node::start();
+    let a = Node::start();
+    let key = hub.add_user("alice");
+    let app = dot("app");
+    a.store.create_dot(&app, None).unwrap();
+    let data = random_bytes(5, size);
+    write(&a.store, &app, "master", "big", 0, &data);
+    commit(&a.store, &app, "master", "big");
+    let r = hub.connect("alice", &key).await;
+    let t = std::time::Instant::now();
+    let before = r.bytes_sent();
+    push(&a, &r, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap();
+    let first = r.bytes_sent() - before;
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "first push of {} MiB: {first} bytes on the wire in {secs:.2} s ({:.0} MiB/s)",
+        size >> 20,
+        size as f64 / secs / 1048576.0
+    );
+    assert!(first >= size as u64);
+    // 1 MiB change in the middle.
+    write(
+        &a.store,
+        &app,
+        "master",
+        "big",
+        (size / 2) as u64,
+        &random_bytes(6, 1 << 20),
+    );
+    commit(&a.store, &app, "master", "1 MiB change");
+    let before = r.bytes_sent();
+    let rep = push(&a, &r, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap();
+    let change = r.bytes_sent() - before;
+    println!(
+        "push of a 1 MiB change: {change} bytes on the wire ({} chunk bytes, {} object bytes)",
+        rep.chunk_bytes, rep.object_bytes
+    );
+    assert!(change < 2 << 20, "1 MiB change sent {change} bytes");
+    // A second dot with the same content.
+    let copy = dot("copy");
+    a.store.create_dot(&copy, None).unwrap();
+    write(&a.store, &copy, "master", "same", 0, &data);
+    commit(&a.store, &copy, "master", "same data");
+    let before = r.bytes_sent();
+    let rep = push(&a, &r, "copy", "master", "alice/copy", &opts())
+        .await
+        .unwrap();
+    let dup = r.bytes_sent() - before;
+    println!(
+        "push of a second dot with the same {} MiB: {dup} bytes on the wire ({} chunk bytes)",
+        size >> 20,
+        rep.chunk_bytes
+    );
+    assert_eq!(rep.chunk_bytes, 0);
+    assert!(dup < (size as u64) / 50, "duplicate dot sent {dup} bytes");
+    // Pull throughput: a fresh node clones.
+    let b = Node::start();
+    let rb = hub.connect("alice", &key).await;
+    let t = std::time::Instant::now();
+    let before = rb.bytes_received();
+    pull(&b, &rb, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap();
+    let got = rb.bytes_received() - before;
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "clone of {} MiB: {got} bytes on the wire in {secs:.2} s ({:.0} MiB/s)",
+        size >> 20,
+        size as f64 / secs / 1048576.0
+    );
+    assert_eq!(
+        blake3_of(&read(&b.store, &app, "master", "big")),
+        blake3_of(&read(&a.store, &app, "master", "big"))
+    );
+}
+
+fn blake3_of(b: &[u8]) -> dm_store::Id {
+    dm_store::Id::of(b)
+}

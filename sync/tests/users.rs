@@ -1,0 +1,22 @@
+//! Users and keys on a store.
+#[test]
+fn add_and_authenticate() {
+    let d = tempfile::tempdir().unwrap();
+    let s = dm_store::Store::open(d.path()).unwrap();
+    let k = dm_sync::users::add_user(&s, "alice").unwrap();
+    dm_sync::users::authenticate(&s, "alice", &k).unwrap();
+    assert!(dm_sync::users::authenticate(&s, "alice", "x").is_err());
+    let admin = dm_sync::users::ensure_admin(&s, d.path()).unwrap().unwrap();
+    assert!(dm_sync::users::ensure_admin(&s, d.path())
+        .unwrap()
+        .is_none());
+    assert!(
+        dm_sync::users::authenticate(&s, "admin", &admin)
+            .unwrap()
+            .admin
+    );
+    assert_eq!(
+        dm_sync::users::list_users(&s).unwrap(),
+        vec!["admin", "alice"]
+    );
+}
