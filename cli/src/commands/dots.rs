@@ -11,7 +11,7 @@ fn parse_dot(name: &str) -> Result<DotName> {
     DotName::parse(name).map_err(|e| anyhow!("{e}"))
 }
 
-pub fn init(ctx: &mut Ctx, dot: &str) -> Result<()> {
+pub fn init(ctx: &mut Ctx, dot: &str, block_size: Option<u32>) -> Result<()> {
     let name = parse_dot(dot)?;
     let _: DotSummary = ctx
         .client()?
@@ -19,7 +19,7 @@ pub fn init(ctx: &mut Ctx, dot: &str) -> Result<()> {
             "/v1/dots",
             &CreateDotRequest {
                 name: name.to_string(),
-                block_size: None,
+                block_size,
             },
         )
         .map_err(|e| {
