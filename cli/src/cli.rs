@@ -42,11 +42,34 @@ pub enum Command {
         /// The local API socket [default: /run/dm/dm.sock as root]
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
+        /// Docker volume plugin socket [default: /run/docker/plugins/dm.sock as root, none otherwise]
+        #[arg(long, value_name = "PATH")]
+        plugin_socket: Option<PathBuf>,
+        /// Do not serve the Docker volume plugin.
+        #[arg(long, conflicts_with = "plugin_socket")]
+        no_plugin: bool,
+        /// The Docker daemon's API socket (containers using dots).
+        #[arg(long, value_name = "PATH", default_value = "/var/run/docker.sock")]
+        docker_socket: PathBuf,
+    },
+    /// (internal) Hold Docker's plugin socket and forward to a dm server.
+    #[command(hide = true)]
+    PluginProxy {
+        /// Docker's plugin socket.
+        #[arg(long, value_name = "PATH")]
+        listen: PathBuf,
+        /// The dm server's internal plugin socket.
+        #[arg(long, value_name = "PATH")]
+        upstream: PathBuf,
     },
     /// Create an empty dot.
     Init {
         /// `[namespace/]dot`
         dot: String,
+        /// Block size of the dot's files, fixed at creation: a power of two
+        /// from 4K to 4M (e.g. 16K, 65536). Default 64K.
+        #[arg(long, value_name = "SIZE", value_parser = parse_block_size)]
+        block_size: Option<u32>,
     },
     /// List the dots.
     #[command(alias = "ls")]
@@ -191,4 +214,32 @@ pub enum RemoteCommand {
         /// The remote.
         name: String,
     },
+}
+
+/// Parses a block size: bytes, or a number with K/KiB/M/MiB.
+fn parse_block_size(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let (num, mult) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => {
+            let unit = t[i..].to_ascii_lowercase();
+            let m = match unit.as_str() {
+                "k" | "kb" | "kib" => 1024,
+                "m" | "mb" | "mib" => 1024 * 1024,
+                _ => {
+                    return Err(format!(
+                        "unknown unit {:?} in block size {s:?}: use K or M",
+                        &t[i..]
+                    ))
+                }
+            };
+            (&t[..i], m)
+        }
+        None => (t, 1),
+    };
+    let n: u32 = num
+        .parse()
+        .map_err(|_| format!("block size {s:?} is not a number"))?;
+    n.checked_mul(mult)
+        .filter(|b| b.is_power_of_two() && (4096..=4 << 20).contains(b))
+        .ok_or_else(|| format!("block size {s:?} must be a power of two from 4K to 4M"))
 }

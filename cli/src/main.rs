@@ -14,7 +14,10 @@ use clap::Parser;
 
 fn main() {
     let cli = cli::Cli::parse();
-    if !matches!(cli.command, cli::Command::Server { .. }) {
+    if !matches!(
+        cli.command,
+        cli::Command::Server { .. } | cli::Command::PluginProxy { .. }
+    ) {
         // Let `dm log | head` end quietly instead of panicking on EPIPE.
         // SAFETY: resetting a signal disposition at startup, single-threaded.
         unsafe {

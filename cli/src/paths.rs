@@ -48,3 +48,9 @@ pub fn default_socket() -> PathBuf {
         runtime_dir().join("dm.sock")
     }
 }
+
+/// `/run/docker/plugins/dm.sock` (where Docker looks for the `dm` volume
+/// plugin) for root; none otherwise (Docker runs as root).
+pub fn default_plugin_socket() -> Option<PathBuf> {
+    is_root().then(|| PathBuf::from("/run/docker/plugins/dm.sock"))
+}

@@ -16,6 +16,8 @@ pub struct Server {
     bin: PathBuf,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// The Docker plugin socket (`None`: `--no-plugin`).
+    plugin_socket: Option<PathBuf>,
 }
 
 impl Server {
@@ -29,6 +31,25 @@ impl Server {
             bin: PathBuf::from(bin),
             child: None,
             dir,
+            plugin_socket: None,
+        };
+        s.spawn();
+        s
+    }
+
+    /// Starts a server that serves the Docker volume plugin on
+    /// `plugin_socket` (Docker only looks at `/run/docker/plugins/dm.sock`,
+    /// so tests using it must not run in parallel).
+    pub fn start_with_plugin(bin: &str, plugin_socket: &Path) -> Server {
+        let dir = tempfile::Builder::new()
+            .prefix("dm-e2e-")
+            .tempdir()
+            .expect("creating a temp dir");
+        let mut s = Server {
+            bin: PathBuf::from(bin),
+            child: None,
+            dir,
+            plugin_socket: Some(plugin_socket.to_path_buf()),
         };
         s.spawn();
         s
@@ -75,14 +96,19 @@ impl Server {
             .append(true)
             .open(self.log_path())
             .expect("opening the server log");
-        let child = Command::new(&self.bin)
-            .arg("server")
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("server")
             .arg("--data-dir")
             .arg(self.data_dir())
             .arg("--mount-dir")
             .arg(self.mount_dir())
             .arg("--socket")
-            .arg(self.socket())
+            .arg(self.socket());
+        match &self.plugin_socket {
+            Some(p) => cmd.arg("--plugin-socket").arg(p),
+            None => cmd.arg("--no-plugin"),
+        };
+        let child = cmd
             .env("DM_LOG", "info,dm_fs=info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))

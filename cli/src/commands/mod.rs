@@ -79,13 +79,25 @@ pub fn run(cli: Cli) -> Result<()> {
         data_dir,
         mount_dir,
         socket: server_socket,
+        plugin_socket,
+        no_plugin,
+        docker_socket,
     } = cli.command
     {
         return crate::server::run(crate::server::ServerOptions {
             data_dir: data_dir.unwrap_or_else(crate::paths::default_data_dir),
             mount_dir: mount_dir.unwrap_or_else(crate::paths::default_mount_dir),
             socket: server_socket.unwrap_or(socket),
+            plugin_socket: if no_plugin {
+                None
+            } else {
+                plugin_socket.or_else(crate::paths::default_plugin_socket)
+            },
+            docker_socket,
         });
+    }
+    if let Command::PluginProxy { listen, upstream } = &cli.command {
+        return crate::server::plugin_proxy::run(listen, upstream);
     }
     if let Command::Completions { shell } = cli.command {
         return admin::completions(shell);
@@ -100,8 +112,10 @@ pub fn run(cli: Cli) -> Result<()> {
         on_dot: cli.on_dot,
     };
     match cli.command {
-        Command::Server { .. } | Command::Completions { .. } => unreachable!("handled above"),
-        Command::Init { dot } => dots::init(&mut ctx, &dot),
+        Command::Server { .. } | Command::Completions { .. } | Command::PluginProxy { .. } => {
+            unreachable!("handled above")
+        }
+        Command::Init { dot, block_size } => dots::init(&mut ctx, &dot, block_size),
         Command::List { scripting } => dots::list(&mut ctx, scripting),
         Command::Switch { dot } => dots::switch(&mut ctx, &dot),
         Command::Dot { command } => match command {

@@ -2,7 +2,9 @@
 //! API on a unix socket until SIGINT/SIGTERM.
 
 pub mod convert;
+pub mod docker;
 pub mod error;
+pub mod plugin_proxy;
 pub mod routes;
 
 use crate::mounts::MountManager;
@@ -21,6 +23,10 @@ pub struct ServerOptions {
     pub mount_dir: PathBuf,
     /// The local API socket.
     pub socket: PathBuf,
+    /// Where to serve the Docker volume plugin (`None`: not at all).
+    pub plugin_socket: Option<PathBuf>,
+    /// The Docker daemon's API socket (to find, stop and start containers).
+    pub docker_socket: PathBuf,
 }
 
 /// Shared state of the handlers.
@@ -31,6 +37,8 @@ pub struct AppState {
     pub mounts: Arc<MountManager>,
     /// This server's short id.
     pub server_id: String,
+    /// The Docker volume plugin and the containers using dots.
+    pub docker: Arc<docker::DockerIntegration>,
 }
 
 fn server_id(data_dir: &Path) -> Result<String> {
@@ -106,16 +114,30 @@ pub fn run(opts: ServerOptions) -> Result<()> {
         env!("CARGO_PKG_VERSION")
     );
 
+    let docker = Arc::new(docker::DockerIntegration::new(
+        store.clone(),
+        mounts.clone(),
+        &opts.docker_socket,
+        &opts.data_dir.join("docker-volumes.json"),
+    ));
     let state = Arc::new(AppState {
         store: store.clone(),
         mounts: mounts.clone(),
         server_id,
+        docker: docker.clone(),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    let plugin = match &opts.plugin_socket {
+        Some(p) => rt.block_on(docker::start_plugin(docker, p, &opts.data_dir)),
+        None => None,
+    };
     let served = rt.block_on(serve(state, &opts.socket));
+    if let Some(p) = plugin {
+        rt.block_on(p.stop());
+    }
 
     tracing::info!("shutting down: unmounting everything");
     mounts.shutdown();

@@ -117,6 +117,24 @@ fn check_branch(branch: &str) -> ApiResult<()> {
     Ok(dm_store::names::validate("branch", branch)?)
 }
 
+/// Names of the running containers (from Docker) that use `dot`, and of
+/// those that show `branch` of it (`current` is the dot's current branch).
+fn container_names(
+    containers: &[dm_volume_plugin::Container],
+    dot: &DotName,
+    branch: Option<(&str, &str)>,
+) -> Vec<String> {
+    containers
+        .iter()
+        .filter(|c| c.is_running())
+        .filter(|c| match branch {
+            Some((b, current)) => c.shows_branch(dot, b, current),
+            None => c.uses_dot(dot),
+        })
+        .map(|c| c.name())
+        .collect()
+}
+
 fn summary(st: &AppState, dot: &DotName) -> ApiResult<DotSummary> {
     let info = st.store.dot_info(dot)?;
     let cur = st.store.branch_info(dot, &info.current_branch)?;
@@ -145,9 +163,12 @@ async fn version(State(st): S) -> Json<VersionInfo> {
 async fn list_dots(State(st): S) -> ApiResult<Json<Vec<DotSummary>>> {
     blocking(move || {
         let mut out = Vec::new();
+        let containers = st.docker.all_containers();
         for info in st.store.list_dots()? {
             let cur = st.store.branch_info(&info.name, &info.current_branch)?;
-            out.push(dot_summary(&info, &cur, &st.server_id));
+            let mut s = dot_summary(&info, &cur, &st.server_id);
+            s.containers = container_names(&containers, &info.name, None);
+            out.push(s);
         }
         Ok(out)
     })
@@ -173,12 +194,19 @@ async fn get_dot(
 ) -> ApiResult<Json<DotDetail>> {
     blocking(move || {
         let dot = dot_name(&ns, &dot)?;
-        let summary = summary(&st, &dot)?;
+        let mut summary = summary(&st, &dot)?;
+        let containers = st.docker.containers_using(&dot);
+        summary.containers = container_names(&containers, &dot, None);
+        let current = summary.current_branch.clone();
         let branch_details = st
             .store
             .list_branches(&dot)?
             .iter()
-            .map(|b| branch_view(b, &summary.current_branch))
+            .map(|b| {
+                let mut v = branch_view(b, &current);
+                v.containers = container_names(&containers, &dot, Some((&b.name, &current)));
+                v
+            })
             .collect();
         let mounts = st.mounts.list_dot(&dot);
         Ok(DotDetail {
@@ -303,7 +331,20 @@ async fn checkout(
         let dot = dot_name(&ns, &dot)?;
         check_branch(&req.branch)?;
         st.store.dot_info(&dot)?;
-        st.mounts.checkout(&dot, &req.branch, req.create)?;
+        // Check first, so that containers are not restarted for nothing.
+        match st.store.branch_info(&dot, &req.branch) {
+            Ok(_) if req.create => {
+                return Err(ApiError::conflict(format!(
+                    "branch {} of {dot} already exists; check it out without -b",
+                    req.branch
+                )))
+            }
+            Err(e) if !req.create => return Err(e.into()),
+            _ => {}
+        }
+        // Containers following the dot are stopped, switched and started.
+        st.docker
+            .around_switch(&dot, || st.mounts.checkout(&dot, &req.branch, req.create))?;
         let b = st.store.branch_info(&dot, &req.branch)?;
         tracing::info!("dot {dot}: checked out {}", req.branch);
         Ok(branch_view(&b, &req.branch))
@@ -392,15 +433,25 @@ async fn reset(
         let dot = dot_name(&ns, &dot)?;
         check_branch(&branch)?;
         let target = resolve_rev(&st.store, &dot, &branch, &req.rev)?;
-        if req.hard {
-            // Kernel-cached writes belong to the state being discarded, but
-            // flush them first so that nothing lands after the reset.
-            st.mounts.sync_kernel(&dot, &branch);
+        let do_reset = || {
+            if req.hard {
+                // Kernel-cached writes belong to the state being discarded, but
+                // flush them first so that nothing lands after the reset.
+                st.mounts.sync_kernel(&dot, &branch);
+            }
+            st.mounts.reset(&dot, &branch, || {
+                st.store.reset(&dot, &branch, target, req.hard)?;
+                Ok(())
+            })
+        };
+        // Containers following the dot see this branch when it is the
+        // current one: stop them around the reset (not when it is refused).
+        let current = st.store.dot_info(&dot)?.current_branch == branch;
+        if current && (req.hard || !st.store.is_dirty(&dot, &branch)?) {
+            st.docker.around_switch(&dot, do_reset)?;
+        } else {
+            do_reset()?;
         }
-        st.mounts.reset(&dot, &branch, || {
-            st.store.reset(&dot, &branch, target, req.hard)?;
-            Ok(())
-        })?;
         tracing::info!("dot {dot}@{branch}: reset to {}", target.short());
         Ok(ResolveResponse {
             id: target.to_hex(),

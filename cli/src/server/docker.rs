@@ -1,0 +1,459 @@
+//! The Docker integration of `dm server`: the `dm` volume plugin (the
+//! [`dm_volume_plugin::Backend`] over the store and the [`MountManager`]),
+//! its socket, and the containers around checkout and reset.
+//!
+//! Docker volumes are dots: `VolumeDriver.Create` makes the dot (and the
+//! subdot directory) and remembers the name in `DATA_DIR/docker-volumes.json`
+//! so that `docker volume ls` lists it and a restarted server serves it again.
+//! `Mount` mounts the volume at the server's default path through the mount
+//! table (an unpinned volume follows the dot's current branch) and counts the
+//! mount requests; the last `Unmount` unmounts what the plugin mounted.
+
+use crate::mounts::MountManager;
+use crate::server::error::ApiError;
+use dm_store::{DotName, Store, VolumeName};
+use dm_volume_plugin::protocol::{Backend, PluginError, Volume, VolumeInfo};
+use dm_volume_plugin::{Container, DockerClient};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Mount requests (container mount ids) of one mount path.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct MountRefs {
+    ids: BTreeSet<String>,
+    /// True when the plugin made the mount (so the last Unmount undoes it).
+    owned: bool,
+}
+
+/// `docker-volumes.json`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct State {
+    /// Volume names as Docker spells them.
+    volumes: BTreeSet<String>,
+    /// Mount path -> requests.
+    mounts: BTreeMap<PathBuf, MountRefs>,
+}
+
+/// The Docker side of the server.
+pub struct DockerIntegration {
+    store: Arc<Store>,
+    mounts: Arc<MountManager>,
+    docker: DockerClient,
+    state_file: PathBuf,
+    state: Mutex<State>,
+}
+
+fn backend_err(e: impl Into<ApiError>) -> PluginError {
+    PluginError::Backend(e.into().message)
+}
+
+impl DockerIntegration {
+    /// Loads the volume table from `state_file`.
+    pub fn new(
+        store: Arc<Store>,
+        mounts: Arc<MountManager>,
+        docker_socket: &Path,
+        state_file: &Path,
+    ) -> DockerIntegration {
+        let state = match std::fs::read(state_file) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!("ignoring unreadable {}: {e}", state_file.display());
+                State::default()
+            }),
+            Err(_) => State::default(),
+        };
+        DockerIntegration {
+            store,
+            mounts,
+            docker: DockerClient::new(docker_socket),
+            state_file: state_file.to_path_buf(),
+            state: Mutex::new(state),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn save(&self, state: &State) {
+        let res = serde_json::to_vec_pretty(state)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| {
+                let tmp = self.state_file.with_extension("json.tmp");
+                std::fs::write(&tmp, bytes)?;
+                std::fs::rename(&tmp, &self.state_file)
+            });
+        if let Err(e) = res {
+            tracing::error!("saving {}: {e}", self.state_file.display());
+        }
+    }
+
+    /// The branch a volume shows now.
+    fn branch_of(&self, v: &VolumeName) -> Result<String, PluginError> {
+        let info = self.store.dot_info(&v.dot).map_err(backend_err)?;
+        match &v.branch {
+            Some(b) => {
+                self.store.branch_info(&v.dot, b).map_err(|e| {
+                    PluginError::Backend(format!(
+                        "{}: {} (a pinned @branch must exist: create it with `dm checkout -b {b}`)",
+                        v,
+                        ApiError::from(e).message
+                    ))
+                })?;
+                Ok(b.clone())
+            }
+            None => Ok(info.current_branch),
+        }
+    }
+
+    fn mounted_paths(&self) -> BTreeSet<PathBuf> {
+        self.mounts
+            .list()
+            .into_iter()
+            .map(|m| PathBuf::from(m.path))
+            .collect()
+    }
+
+    fn info(&self, name: &str, v: &VolumeName, mounted: &BTreeSet<PathBuf>) -> VolumeInfo {
+        let path = self.mounts.default_path(v);
+        let mut status = BTreeMap::new();
+        status.insert("dot".to_string(), v.dot.to_string().into());
+        status.insert("subdot".to_string(), v.subdot.clone().into());
+        status.insert("pinned".to_string(), v.branch.is_some().into());
+        match self.branch_of(v) {
+            Ok(b) => status.insert("branch".to_string(), b.into()),
+            Err(e) => status.insert("error".to_string(), e.to_string().into()),
+        };
+        VolumeInfo {
+            name: name.to_string(),
+            mountpoint: mounted.contains(&path).then(|| path.display().to_string()),
+            status,
+        }
+    }
+
+    /// Containers (from the Docker Engine API) using `dot`. Empty when
+    /// Docker is not there; a Docker error is logged.
+    pub fn containers_using(&self, dot: &DotName) -> Vec<Container> {
+        self.all_containers()
+            .into_iter()
+            .filter(|c| c.uses_dot(dot))
+            .collect()
+    }
+
+    /// Every container, or none when Docker is absent or fails (logged).
+    pub fn all_containers(&self) -> Vec<Container> {
+        if !self.docker.present() {
+            return Vec::new();
+        }
+        match block_on(self.docker.containers()) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!("{e}");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Runs `f` (a checkout or a reset of the dot's current branch) between
+    /// stopping the running containers that follow `dot` (unpinned volumes,
+    /// subdots included) and starting them again. Containers pinned with
+    /// `@branch` keep running. The containers are started again also when
+    /// `f` fails.
+    pub fn around_switch<T>(
+        &self,
+        dot: &DotName,
+        f: impl FnOnce() -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let followers: Vec<Container> = self
+            .containers_using(dot)
+            .into_iter()
+            .filter(|c| c.is_running() && c.follows_dot(dot))
+            .collect();
+        let mut stopped = Vec::new();
+        let mut stop_err = None;
+        for c in &followers {
+            tracing::info!("dot {dot}: stopping container {}", c.name());
+            match block_on(self.docker.stop(&c.id)) {
+                Ok(()) => stopped.push(c),
+                Err(e) => {
+                    stop_err = Some(ApiError::internal(format!(
+                        "{e}; nothing was switched (the containers stopped so far were started again)"
+                    )));
+                    break;
+                }
+            }
+        }
+        let out = match stop_err {
+            Some(e) => Err(e),
+            None => f(),
+        };
+        let mut start_errs = Vec::new();
+        for c in stopped {
+            tracing::info!("dot {dot}: starting container {}", c.name());
+            if let Err(e) = block_on(self.docker.start(&c.id)) {
+                tracing::error!("{e}");
+                start_errs.push(format!("{} ({e})", c.name()));
+            }
+        }
+        match out {
+            Ok(v) if start_errs.is_empty() => Ok(v),
+            Ok(_) => Err(ApiError::internal(format!(
+                "switched, but could not start again: {}; start them with `docker start`",
+                start_errs.join(", ")
+            ))),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Runs a future from blocking code (the handlers' `spawn_blocking` threads).
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) => h.block_on(f),
+        Err(_) => match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt.block_on(f),
+            Err(e) => panic!("cannot start a runtime: {e}"),
+        },
+    }
+}
+
+impl Backend for DockerIntegration {
+    fn create(&self, volume: &Volume, _opts: &BTreeMap<String, String>) -> Result<(), PluginError> {
+        let v = &volume.parsed;
+        match self.store.dot_info(&v.dot) {
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => {
+                match self.store.create_dot(&v.dot, None) {
+                    Ok(_) => tracing::info!("docker: created dot {}", v.dot),
+                    // Created meanwhile by another request.
+                    Err(dm_store::Error::AlreadyExists { .. }) => {}
+                    Err(e) => return Err(backend_err(e)),
+                }
+            }
+            Err(e) => return Err(backend_err(e)),
+        }
+        let branch = self.branch_of(v)?;
+        let fs = self.store.branch_fs(&v.dot, &branch).map_err(backend_err)?;
+        fs.subdot_ino(&v.subdot, true).map_err(backend_err)?;
+        let mut st = self.lock();
+        if st.volumes.insert(volume.name.clone()) {
+            tracing::info!("docker: volume {} created", volume.name);
+        }
+        self.save(&st);
+        Ok(())
+    }
+
+    fn remove(&self, volume: &Volume) -> Result<(), PluginError> {
+        let path = self.mounts.default_path(&volume.parsed);
+        let mut st = self.lock();
+        if let Some(r) = st.mounts.get(&path) {
+            if !r.ids.is_empty() {
+                return Err(PluginError::Backend(format!(
+                    "volume {} is in use ({} mount{}); stop its containers first",
+                    volume.name,
+                    r.ids.len(),
+                    if r.ids.len() == 1 { "" } else { "s" }
+                )));
+            }
+        }
+        st.volumes.remove(&volume.name);
+        self.save(&st);
+        tracing::info!(
+            "docker: volume {} removed; dot {} and its data are kept (`dm dot delete` deletes them)",
+            volume.name,
+            volume.parsed.dot
+        );
+        Ok(())
+    }
+
+    fn mount(&self, volume: &Volume, id: &str) -> Result<PathBuf, PluginError> {
+        let v = &volume.parsed;
+        self.branch_of(v)?;
+        let path = self.mounts.default_path(v);
+        let mut st = self.lock();
+        let was_mounted = self.mounted_paths().contains(&path);
+        let view = self
+            .mounts
+            .mount(&v.to_string(), None)
+            .map_err(backend_err)?;
+        st.volumes.insert(volume.name.clone());
+        let refs = st.mounts.entry(PathBuf::from(&view.path)).or_default();
+        if refs.ids.is_empty() && !was_mounted {
+            refs.owned = true;
+        }
+        refs.ids.insert(id.to_string());
+        self.save(&st);
+        tracing::info!(
+            "docker: mounted {} (branch {}) at {} for {}",
+            volume.name,
+            view.branch,
+            view.path,
+            id
+        );
+        Ok(PathBuf::from(view.path))
+    }
+
+    fn unmount(&self, volume: &Volume, id: &str) -> Result<(), PluginError> {
+        let path = self.mounts.default_path(&volume.parsed);
+        let mut st = self.lock();
+        let Some(refs) = st.mounts.get_mut(&path) else {
+            return Ok(());
+        };
+        refs.ids.remove(id);
+        if refs.ids.is_empty() {
+            let owned = refs.owned;
+            st.mounts.remove(&path);
+            if owned && self.mounted_paths().contains(&path) {
+                if let Err(e) = self.mounts.unmount(&path) {
+                    // Keep serving: the mount stays and is reused next time.
+                    tracing::warn!("docker: {}", e.message);
+                }
+            }
+        }
+        self.save(&st);
+        Ok(())
+    }
+
+    fn path(&self, volume: &Volume) -> Result<Option<PathBuf>, PluginError> {
+        let path = self.mounts.default_path(&volume.parsed);
+        Ok(self.mounted_paths().contains(&path).then_some(path))
+    }
+
+    fn get(&self, volume: &Volume) -> Result<VolumeInfo, PluginError> {
+        if !self.lock().volumes.contains(&volume.name) {
+            return Err(PluginError::NoSuchVolume(volume.name.clone()));
+        }
+        let mounted = self.mounted_paths();
+        Ok(self.info(&volume.name, &volume.parsed, &mounted))
+    }
+
+    fn list(&self) -> Result<Vec<VolumeInfo>, PluginError> {
+        let names: Vec<String> = self.lock().volumes.iter().cloned().collect();
+        let mounted = self.mounted_paths();
+        Ok(names
+            .iter()
+            .filter_map(|n| VolumeName::parse(n).ok().map(|v| (n, v)))
+            .filter(|(_, v)| self.store.dot_info(&v.dot).is_ok())
+            .map(|(n, v)| self.info(n, &v, &mounted))
+            .collect())
+    }
+}
+
+/// Serves the plugin protocol on `listener` until `shutdown` resolves.
+pub async fn serve_plugin(
+    docker: Arc<DockerIntegration>,
+    listener: tokio::net::UnixListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::body::Bytes;
+    use axum::extract::State;
+    use axum::http::{header, StatusCode, Uri};
+    use axum::response::IntoResponse;
+
+    async fn plugin(
+        State(d): State<Arc<DockerIntegration>>,
+        uri: Uri,
+        body: Bytes,
+    ) -> axum::response::Response {
+        let path = uri.path().to_string();
+        let started = std::time::Instant::now();
+        let p = path.clone();
+        let resp = tokio::task::spawn_blocking(move || {
+            dm_volume_plugin::handle(d.as_ref() as &dyn Backend, &p, &body)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            dm_volume_plugin::protocol::Response::error(
+                500,
+                &PluginError::Backend(format!("dm server internal error: {e}")),
+            )
+        });
+        tracing::debug!(
+            "plugin {path} -> {} in {:?}",
+            resp.status,
+            started.elapsed()
+        );
+        let status = StatusCode::from_u16(resp.status).unwrap_or(StatusCode::OK);
+        (
+            status,
+            [(
+                header::CONTENT_TYPE,
+                dm_volume_plugin::protocol::CONTENT_TYPE,
+            )],
+            resp.body,
+        )
+            .into_response()
+    }
+
+    let app = axum::Router::new().fallback(plugin).with_state(docker);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// The running plugin server.
+pub struct PluginHandle {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PluginHandle {
+    /// Stops serving (the proxy stays and answers that the server is down).
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Serves the plugin on `DATA_DIR/plugin.sock` and makes sure a plugin
+/// proxy (`dm plugin-proxy`, a separate process that outlives this server)
+/// listens on `plugin_socket` and forwards there. Docker only ever talks to
+/// the proxy, so when this server is down Docker gets an immediate error
+/// instead of retrying a dead socket for 15 to 30 s per call.
+pub async fn start_plugin(
+    docker: Arc<DockerIntegration>,
+    plugin_socket: &Path,
+    data_dir: &Path,
+) -> Option<PluginHandle> {
+    let internal = data_dir.join("plugin.sock");
+    let _ = std::fs::remove_file(&internal);
+    let listener = match tokio::net::UnixListener::bind(&internal) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(
+                "cannot serve the Docker plugin on {}: {e}; Docker volumes will not work",
+                internal.display()
+            );
+            return None;
+        }
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let shutdown = async {
+            let _ = rx.await;
+        };
+        if let Err(e) = serve_plugin(docker, listener, shutdown).await {
+            tracing::error!("serving the Docker plugin: {e}");
+        }
+    });
+    let (plugin_socket, internal2, data_dir) = (
+        plugin_socket.to_path_buf(),
+        internal.clone(),
+        data_dir.to_path_buf(),
+    );
+    let res = tokio::task::spawn_blocking(move || {
+        crate::server::plugin_proxy::ensure(&plugin_socket, &internal2, &data_dir)
+    })
+    .await;
+    match res {
+        Ok(Ok(msg)) => tracing::info!("{msg}"),
+        Ok(Err(e)) => tracing::error!("Docker volume plugin: {e:#}"),
+        Err(e) => tracing::error!("Docker volume plugin: {e}"),
+    }
+    Some(PluginHandle { stop: tx, task })
+}
