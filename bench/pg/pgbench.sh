@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# PostgreSQL on dm vs on a native directory, in the same run (issue 6):
+#  - pgbench TPS (scale 10, 2 clients, fixed time) on a native dir and on dm
+#    mounts with block sizes 8K, 16K, 64K, 128K; ratio dm/native;
+#  - the time of `dm commit` while pgbench runs;
+#  - the store's size after 10 commits of a growing pgbench database vs 10
+#    full copies of the data directory (dedup at work).
+# Prints a Markdown report on stdout. Run as root:
+#   bash bench/pg/pgbench.sh            (PGBENCH_SECONDS=30 by default)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/dm-target}"
+DM="${DM:-$CARGO_TARGET_DIR/release/dm}"
+[ -x "$DM" ] || cargo build --release -p dm-cli >&2
+SECS="${PGBENCH_SECONDS:-30}"
+SIZES="${PGBENCH_BLOCK_SIZES:-8K 16K 64K 128K}"
+PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+[ -x "$PGBIN/pgbench" ] || { echo "PostgreSQL is not installed" >&2; exit 1; }
+
+work=$(mktemp -d /var/tmp/dm-pgbench.XXXXXX)
+chmod 755 "$work"
+export DM_SOCKET="$work/dm.sock" DM_CONFIG="$work/config.toml"
+port=$((40000 + $$ % 10000))
+sock="$work/pgsock"; mkdir -p "$sock"; chown postgres:postgres "$sock"
+server_pid=
+
+start_server() {
+  local extra=()
+  "$DM" server --help | grep -q -- --no-plugin && extra+=(--no-plugin)
+  "$DM" server --data-dir "$work/data" --mount-dir "$work/mnt" --socket "$DM_SOCKET" "${extra[@]}" \
+    >>"$work/server.log" 2>&1 &
+  server_pid=$!
+  for _ in $(seq 1 200); do "$DM" version >/dev/null 2>&1 && return; sleep 0.05; done
+  echo "dm server did not start; see $work/server.log" >&2; exit 1
+}
+pg() { runuser -u postgres -- "$PGBIN/$1" "${@:2}"; }
+pg_start() { rm -f "$1/postmaster.pid"; pg pg_ctl -D "$1" -o "-p $port -k $sock -c listen_addresses=''" -l "$sock/pg.log" -w -t 120 start >/dev/null; }
+pg_stop() { pg pg_ctl -D "$1" -m fast -w -t 120 stop >/dev/null 2>&1 || true; }
+pgb() { pg pgbench -h "$sock" -p "$port" -U postgres "$@" postgres; }
+cleanup() {
+  set +e
+  for d in "$work"/native/pgdata "$work"/mnt/*/*/__default__/pgdata; do [ -d "$d" ] && pg_stop "$d"; done
+  [ -n "$server_pid" ] && kill -TERM "$server_pid" && wait "$server_pid"
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# Creates a cluster in $1, loads scale 10, runs pgbench; prints TPS.
+tps_of() {
+  local dir=$1
+  mkdir -p "$dir"; chown postgres:postgres "$dir"
+  pg initdb -D "$dir" -A trust -U postgres >/dev/null
+  pg_start "$dir"
+  pgb -i -s 10 -q >/dev/null 2>&1
+  local out; out=$(pgb -c 2 -j 2 -T "$SECS" -n 2>&1)
+  pg_stop "$dir"
+  echo "$out" | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | tail -1
+}
+
+start_server
+echo "# PostgreSQL on dm vs native"
+echo
+echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM, disk $(df -h "$work" | awk 'NR==2{print $1, $2}'), $("$PGBIN/postgres" --version)."
+echo "Command: \`PGBENCH_SECONDS=$SECS bash bench/pg/pgbench.sh\` (pgbench scale 10, 2 clients, ${SECS}s, fsync on)."
+echo
+native=$(tps_of "$work/native/pgdata")
+rm -rf "$work/native"
+echo "| data directory | block size | TPS | ratio vs native |"
+echo "|---|---|---|---|"
+echo "| native ($(df -T "$work" | awk 'NR==2{print $2}')) | - | $native | 1.00 |"
+for bs in $SIZES; do
+  dot="pg$bs"
+  "$DM" init "$dot" --block-size "$bs" >/dev/null
+  path=$("$DM" --dot "$dot" mount "$dot")
+  t=$(tps_of "$path/pgdata")
+  echo "| dm | $bs | $t | $(awk -v a="$t" -v b="$native" 'BEGIN{printf "%.2f", a/b}') |"
+done
+echo
+
+# Commit time while pgbench runs, and dedup over 10 commits.
+dot=pgdedup
+"$DM" init "$dot" >/dev/null
+path=$("$DM" --dot "$dot" mount "$dot")
+dir="$path/pgdata"; mkdir -p "$dir"; chown postgres:postgres "$dir"
+pg initdb -D "$dir" -A trust -U postgres >/dev/null
+pg_start "$dir"
+pgb -i -s 10 -q >/dev/null 2>&1
+before=$(du -sb "$work/data" | cut -f1)
+copies=0
+times=()
+for i in $(seq 1 10); do
+  pgb -c 2 -j 2 -T 3 -n >/dev/null 2>&1 &
+  bench=$!
+  sleep 1.5
+  t0=$(date +%s%N)
+  "$DM" --dot "$dot" commit -m "pgbench $i" >/dev/null
+  t1=$(date +%s%N)
+  times+=($(( (t1 - t0) / 1000000 )))
+  wait $bench
+  copies=$((copies + $(du -sb "$dir" | cut -f1)))
+done
+pg_stop "$dir"
+sleep 2
+after=$(du -sb "$work/data" | cut -f1)
+sorted=$(printf '%s\n' "${times[@]}" | sort -n | tr '\n' ' ')
+echo "## dm commit while pgbench runs"
+echo
+echo "10 commits during pgbench (ms, sorted): $sorted"
+echo
+echo "## Space: 10 commits of a growing pgbench database"
+echo
+echo "| | bytes | ratio |"
+echo "|---|---|---|"
+echo "| 10 full copies of the data directory | $copies | 1.00 |"
+echo "| dm store growth (working state + 10 commits) | $((after - before)) | $(awk -v a="$((after - before))" -v b="$copies" 'BEGIN{printf "%.3f", a/b}') |"
