@@ -1,0 +1,570 @@
+//! The `dm` Docker volume driver on the real Docker engine of this machine:
+//! the scenarios of issue 8. Docker only looks for the plugin at
+//! `/run/docker/plugins/dm.sock`, so every test here takes one lock and the
+//! servers use that real path. The test image is Debian's busybox-static in
+//! a `FROM scratch` image, built in the setup (no registry needed).
+//!
+//! Set `DM_TEST_NO_DOCKER=1` to skip these tests on a machine without Docker.
+
+use dm_tests::Server;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+const DM: &str = env!("CARGO_BIN_EXE_dm");
+const PLUGIN_SOCKET: &str = "/run/docker/plugins/dm.sock";
+const IMAGE: &str = "dm-test-busybox";
+/// A container command that runs until `docker stop` (SIGTERM).
+const LOOP: &str = "trap 'exit 0' TERM; while :; do sleep 0.1; done";
+
+static LOCK: Mutex<()> = Mutex::new(());
+static IMAGE_BUILT: OnceLock<()> = OnceLock::new();
+
+/// Serializes the tests (one plugin socket) and builds the image once.
+/// `None` when Docker tests are disabled.
+fn setup() -> Option<MutexGuard<'static, ()>> {
+    if std::env::var_os("DM_TEST_NO_DOCKER").is_some() {
+        eprintln!("DM_TEST_NO_DOCKER is set: skipping a Docker test");
+        return None;
+    }
+    let guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    IMAGE_BUILT.get_or_init(build_image);
+    Some(guard)
+}
+
+fn build_image() {
+    let busybox = Path::new("/bin/busybox");
+    assert!(
+        busybox.exists(),
+        "/bin/busybox is missing: install busybox-static (ci/install-deps.sh)"
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::copy(busybox, dir.path().join("busybox")).expect("copying busybox");
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\",\"--install\",\"-s\",\"/bin\"]\nCMD [\"/bin/sh\"]\n",
+    )
+    .expect("writing the Dockerfile");
+    let out = Command::new("docker")
+        .args(["build", "-q", "-t", IMAGE])
+        .arg(dir.path())
+        .output()
+        .expect("running docker build");
+    assert!(
+        out.status.success(),
+        "docker build failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn docker(args: &[&str]) -> Output {
+    Command::new("docker")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running docker")
+}
+
+/// Runs `docker ARGS`, asserts success, returns stdout.
+fn docker_ok(s: &Server, args: &[&str]) -> String {
+    let out = docker(args);
+    assert!(
+        out.status.success(),
+        "docker {args:?} failed: {}\nserver log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        s.log()
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// A throwaway container on `volume` (at /data) running `sh -c script`.
+fn run(s: &Server, volume: &str, script: &str) -> String {
+    let v = format!("{volume}:/data");
+    docker_ok(
+        s,
+        &[
+            "run",
+            "--rm",
+            "--volume-driver",
+            "dm",
+            "-v",
+            &v,
+            IMAGE,
+            "sh",
+            "-c",
+            script,
+        ],
+    )
+}
+
+/// Removes what a test made in Docker, also when it fails. Dropped before
+/// the server (declare it after), so that Docker can still unmount.
+struct Cleanup {
+    containers: Vec<String>,
+    volumes: Vec<String>,
+    compose: Option<(Vec<String>, PathBuf, String)>,
+}
+
+impl Cleanup {
+    fn new(containers: &[&str], volumes: &[&str]) -> Cleanup {
+        let c = Cleanup {
+            containers: containers.iter().map(|s| s.to_string()).collect(),
+            volumes: volumes.iter().map(|s| s.to_string()).collect(),
+            compose: None,
+        };
+        // Leftovers of an earlier failed run.
+        c.clean();
+        c
+    }
+
+    fn clean(&self) {
+        if let Some((cmd, file, project)) = &self.compose {
+            let _ = Command::new(&cmd[0])
+                .args(&cmd[1..])
+                .args(["-p", project, "-f"])
+                .arg(file)
+                .args(["down", "-v", "-t", "1"])
+                .output();
+        }
+        for c in &self.containers {
+            let _ = docker(&["rm", "-f", "-v", c]);
+        }
+        for v in &self.volumes {
+            let _ = docker(&["volume", "rm", "-f", v]);
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        self.clean();
+    }
+}
+
+/// Asks the plugin proxy to exit at the end of a test (declare it first).
+struct ProxyGuard;
+
+impl Drop for ProxyGuard {
+    fn drop(&mut self) {
+        use std::io::{Read, Write};
+        if let Ok(mut s) = std::os::unix::net::UnixStream::connect(PLUGIN_SOCKET) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+            let _ = s.write_all(
+                b"POST /dm-proxy/exit HTTP/1.1\r\nHost: dm\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            );
+            let mut v = Vec::new();
+            let _ = s.read_to_end(&mut v);
+        }
+    }
+}
+
+fn start_server() -> Server {
+    Server::start_with_plugin(DM, Path::new(PLUGIN_SOCKET))
+}
+
+/// One raw request to the plugin socket (`Connection: close`).
+fn plugin_call(endpoint: &str, body: &str) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(PLUGIN_SOCKET).expect("plugin socket");
+    let req = format!(
+        "POST /{endpoint} HTTP/1.1\r\nHost: dm\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).expect("write");
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).expect("read");
+    let text = String::from_utf8_lossy(&resp).to_string();
+    let (_, payload) = text.split_once("\r\n\r\n").expect("HTTP answer");
+    serde_json::from_str(payload).unwrap_or_else(|e| panic!("not JSON ({e}): {payload}"))
+}
+
+fn started_at(s: &Server, name: &str) -> String {
+    docker_ok(s, &["inspect", "-f", "{{.State.StartedAt}}", name])
+        .trim()
+        .to_string()
+}
+
+fn running(s: &Server, name: &str) -> bool {
+    docker_ok(s, &["inspect", "-f", "{{.State.Running}}", name]).trim() == "true"
+}
+
+#[test]
+fn commit_and_reset_hard_with_containers() {
+    let Some(_lock) = setup() else { return };
+    let _proxy = ProxyGuard;
+    let s = start_server();
+    let _clean = Cleanup::new(&[], &["myapp"]);
+
+    run(&s, "myapp", "echo one > /data/f");
+    s.ok(&["switch", "myapp"]);
+    s.ok(&["commit", "-m", "one"]);
+    run(&s, "myapp", "echo two > /data/f");
+    s.ok(&["reset", "--hard", "HEAD"]);
+    assert_eq!(
+        run(&s, "myapp", "cat /data/f"),
+        "one\n",
+        "the uncommitted two is discarded"
+    );
+
+    run(&s, "myapp", "echo two > /data/f");
+    s.ok(&["commit", "-m", "two"]);
+    assert_eq!(run(&s, "myapp", "cat /data/f"), "two\n");
+    s.ok(&["reset", "--hard", "HEAD^"]);
+    assert_eq!(run(&s, "myapp", "cat /data/f"), "one\n");
+    assert!(s.ok(&["log"]).contains("one") && !s.ok(&["log"]).contains("    two"));
+}
+
+#[test]
+fn checkout_restarts_followers_and_leaves_pinned_running() {
+    let Some(_lock) = setup() else { return };
+    let _proxy = ProxyGuard;
+    let s = start_server();
+    let (follow, sub, pinned) = ("dmtest-follow", "dmtest-follow-sub", "dmtest-pinned");
+    let _clean = Cleanup::new(
+        &[follow, sub, pinned],
+        &["myapp", "myapp.logs", "myapp@master"],
+    );
+
+    run(&s, "myapp", "echo master-data > /data/f");
+    s.ok(&["switch", "myapp"]);
+    s.ok(&["commit", "-m", "base"]);
+    for (name, volume) in [
+        (follow, "myapp:/data"),
+        (sub, "myapp.logs:/data"),
+        (pinned, "myapp@master:/data"),
+    ] {
+        docker_ok(
+            &s,
+            &[
+                "run",
+                "-d",
+                "--name",
+                name,
+                "--volume-driver",
+                "dm",
+                "-v",
+                volume,
+                IMAGE,
+                "sh",
+                "-c",
+                LOOP,
+            ],
+        );
+    }
+    let list = s.ok(&["list"]);
+    for name in [follow, sub, pinned] {
+        assert!(
+            list.contains(&format!("/{name}")),
+            "{name} not in dm list:\n{list}"
+        );
+    }
+    let before: Vec<String> = [follow, sub, pinned]
+        .iter()
+        .map(|n| started_at(&s, n))
+        .collect();
+
+    s.ok(&["checkout", "-b", "other"]);
+
+    assert!(running(&s, follow) && running(&s, sub) && running(&s, pinned));
+    assert_ne!(
+        started_at(&s, follow),
+        before[0],
+        "the follower was not restarted"
+    );
+    assert_ne!(
+        started_at(&s, sub),
+        before[1],
+        "the subdot user was not restarted"
+    );
+    assert_eq!(
+        started_at(&s, pinned),
+        before[2],
+        "the pinned container was restarted"
+    );
+
+    docker_ok(
+        &s,
+        &["exec", follow, "sh", "-c", "echo other-data > /data/f"],
+    );
+    assert_eq!(
+        docker_ok(&s, &["exec", follow, "cat", "/data/f"]),
+        "other-data\n"
+    );
+    assert_eq!(
+        docker_ok(&s, &["exec", pinned, "cat", "/data/f"]),
+        "master-data\n"
+    );
+    s.ok(&["commit", "-m", "on other"]);
+    assert_eq!(s.ok(&["log"]).matches("commit ").count(), 2);
+
+    // dm dot show puts each container on the branch it sees.
+    let show = s.ok(&["dot", "show"]);
+    let line = |b: &str| {
+        show.lines()
+            .find(|l| {
+                l.trim_start_matches(['*', ' '])
+                    .starts_with(&format!("{b} ("))
+            })
+            .unwrap_or_else(|| panic!("no branch {b} in:\n{show}"))
+            .to_string()
+    };
+    assert!(line("other").contains(&format!("/{follow}")), "{show}");
+    assert!(line("other").contains(&format!("/{sub}")), "{show}");
+    assert!(line("master").contains(&format!("/{pinned}")), "{show}");
+    assert!(!line("master").contains(&format!("/{follow}")), "{show}");
+
+    // Back to master: the follower sees master again, the pinned one never moved.
+    s.ok(&["checkout", "master"]);
+    assert_eq!(
+        docker_ok(&s, &["exec", follow, "cat", "/data/f"]),
+        "master-data\n"
+    );
+    assert_eq!(started_at(&s, pinned), before[2]);
+}
+
+/// `docker compose` when it works, else `docker-compose`.
+fn compose_cmd() -> Vec<String> {
+    let v2 = Command::new("docker")
+        .args(["compose", "version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if v2 {
+        vec!["docker".into(), "compose".into()]
+    } else {
+        vec!["docker-compose".into()]
+    }
+}
+
+#[test]
+fn compose_two_subdots_commit_and_reset_together() {
+    let Some(_lock) = setup() else { return };
+    let _proxy = ProxyGuard;
+    let s = start_server();
+    // The seed's compose file, the images replaced by the test image (and a
+    // command that keeps them up, which the database images had).
+    let file = s.root().join("docker-compose.yml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"version: '3'
+services:
+  orders-db:
+    image: {IMAGE}
+    command: ["sh", "-c", "{LOOP}"]
+    hostname: orders-db
+    volumes:
+     - myapp.orders-db:/data/db
+  catalog-db:
+    image: {IMAGE}
+    command: ["sh", "-c", "{LOOP}"]
+    environment:
+     - MYSQL_ROOT_PASSWORD=secret
+    hostname: catalog-db
+    volumes:
+     - myapp.catalog-db:/var/lib/mysql
+
+volumes:
+  myapp.orders-db:
+    driver: dm
+  myapp.catalog-db:
+    driver: dm
+"#
+        ),
+    )
+    .expect("writing the compose file");
+    let project = "dmtest";
+    let cmd = compose_cmd();
+    let mut clean = Cleanup::new(&[], &[]);
+    clean.compose = Some((cmd.clone(), file.clone(), project.to_string()));
+    clean.clean();
+    let compose = |args: &[&str]| -> String {
+        let out = Command::new(&cmd[0])
+            .args(&cmd[1..])
+            .args(["-p", project, "-f"])
+            .arg(&file)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running compose");
+        assert!(
+            out.status.success(),
+            "{cmd:?} {args:?} failed: {}\nserver log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            s.log()
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    compose(&["up", "-d"]);
+    let id = |service: &str| compose(&["ps", "-q", service]).trim().to_string();
+    let (orders, catalog) = (id("orders-db"), id("catalog-db"));
+    assert!(!orders.is_empty() && !catalog.is_empty());
+
+    // Compose prefixes volume names with the project: the dot is
+    // `dmtest_myapp`, with the subdots orders-db and catalog-db.
+    let dot = format!("{project}_myapp");
+    let list = s.ok(&["list"]);
+    assert!(list.contains(&dot), "{list}");
+    s.ok(&["switch", &dot]);
+
+    let write = |c: &str, path: &str, text: &str| {
+        docker_ok(
+            &s,
+            &["exec", c, "sh", "-c", &format!("echo {text} > {path}")],
+        );
+    };
+    let read = |c: &str, path: &str| docker_ok(&s, &["exec", c, "cat", path]);
+    write(&orders, "/data/db/orders", "orders-1");
+    write(&catalog, "/var/lib/mysql/catalog", "catalog-1");
+    s.ok(&["commit", "-m", "data in two dbs"]);
+    // Both subdots are in the one commit.
+    let root = s.root().join("whole");
+    s.ok(&[
+        "mount",
+        &format!("{dot}.__root__"),
+        root.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(
+        std::fs::read_to_string(root.join("orders-db/orders")).expect("orders"),
+        "orders-1\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("catalog-db/catalog")).expect("catalog"),
+        "catalog-1\n"
+    );
+    s.ok(&["unmount", root.to_str().expect("utf-8")]);
+
+    write(&orders, "/data/db/orders", "orders-2");
+    write(&catalog, "/var/lib/mysql/catalog", "catalog-2");
+    s.ok(&["reset", "--hard", "HEAD"]);
+    // The containers were restarted around the reset and see the commit.
+    assert!(running(&s, &orders) && running(&s, &catalog));
+    assert_eq!(read(&orders, "/data/db/orders"), "orders-1\n");
+    assert_eq!(read(&catalog, "/var/lib/mysql/catalog"), "catalog-1\n");
+    compose(&["down", "-t", "1"]);
+}
+
+#[test]
+fn docker_volume_ls_inspect_rm_and_bad_names() {
+    let Some(_lock) = setup() else { return };
+    let _proxy = ProxyGuard;
+    let s = start_server();
+    let c = "dmtest-user";
+    let _clean = Cleanup::new(&[c], &["myapp", "myapp@nosuch", "x.y.z"]);
+
+    docker_ok(&s, &["volume", "create", "-d", "dm", "myapp"]);
+    assert!(s.ok(&["list"]).contains("myapp"));
+    let ls = docker_ok(&s, &["volume", "ls", "--format", "{{.Driver}} {{.Name}}"]);
+    assert!(ls.lines().any(|l| l == "dm myapp"), "{ls}");
+    let inspect: serde_json::Value =
+        serde_json::from_str(&docker_ok(&s, &["volume", "inspect", "myapp"])).expect("JSON");
+    assert_eq!(inspect[0]["Driver"], "dm");
+    assert_eq!(inspect[0]["Status"]["dot"], "myapp");
+    assert_eq!(inspect[0]["Status"]["branch"], "master");
+    assert_eq!(inspect[0]["Status"]["pinned"], false);
+
+    // A pinned branch must exist; bad names are refused with the reason.
+    let out = docker(&["volume", "create", "-d", "dm", "myapp@nosuch"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("nosuch"), "{err}");
+    let out = docker(&["volume", "create", "-d", "dm", "x.y.z"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("invalid dm volume name"),
+        "{err}"
+    );
+    // Malformed requests on the plugin socket get an Err, not a hang or a crash.
+    let v = plugin_call("VolumeDriver.Create", "{not json");
+    assert!(
+        v["Err"]
+            .as_str()
+            .is_some_and(|e| e.contains("VolumeDriver.Create: malformed request")),
+        "{v}"
+    );
+    let v = plugin_call("VolumeDriver.Mount", r#"{"Name":"myapp"}"#);
+    assert!(v["Err"].as_str().is_some_and(|e| e.contains("ID")), "{v}");
+    assert_eq!(
+        plugin_call("Plugin.Activate", "")["Implements"][0],
+        "VolumeDriver"
+    );
+
+    // In use: Docker refuses rm; once the container is gone rm works, the
+    // volume leaves `docker volume ls`, and the dot (the data) stays.
+    docker_ok(
+        &s,
+        &[
+            "run",
+            "-d",
+            "--name",
+            c,
+            "-v",
+            "myapp:/data",
+            IMAGE,
+            "sh",
+            "-c",
+            LOOP,
+        ],
+    );
+    let mnt = docker_ok(&s, &["volume", "inspect", "-f", "{{.Mountpoint}}", "myapp"]);
+    assert!(mnt.trim().ends_with("admin/myapp/__default__"), "{mnt}");
+    assert!(!docker(&["volume", "rm", "myapp"]).status.success());
+    docker_ok(&s, &["rm", "-f", c]);
+    docker_ok(&s, &["volume", "rm", "myapp"]);
+    let ls = docker_ok(&s, &["volume", "ls", "--format", "{{.Driver}} {{.Name}}"]);
+    assert!(!ls.lines().any(|l| l == "dm myapp"), "{ls}");
+    assert!(!docker(&["volume", "inspect", "myapp"]).status.success());
+    assert!(
+        s.ok(&["list"]).contains("myapp"),
+        "docker volume rm keeps the dot"
+    );
+}
+
+#[test]
+fn daemon_down_fails_fast_and_restart_serves_volumes() {
+    let Some(_lock) = setup() else { return };
+    let _proxy = ProxyGuard;
+    let mut s = start_server();
+    let _clean = Cleanup::new(&[], &["myapp"]);
+    run(&s, "myapp", "echo kept > /data/f");
+
+    for crash in [false, true] {
+        if crash {
+            s.kill9();
+        } else {
+            assert_eq!(s.stop(), Some(0));
+        }
+        let t = Instant::now();
+        let out = docker(&[
+            "run",
+            "--rm",
+            "--volume-driver",
+            "dm",
+            "-v",
+            "myapp:/data",
+            IMAGE,
+            "cat",
+            "/data/f",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains("the dm server is not running"), "{err}");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            t.elapsed()
+        );
+        let t = Instant::now();
+        docker(&["volume", "ls"]);
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "ls took {:?}",
+            t.elapsed()
+        );
+
+        s.restart();
+        // No `docker volume create`: the volume is served again.
+        assert_eq!(run(&s, "myapp", "cat /data/f"), "kept\n");
+        let ls = docker_ok(&s, &["volume", "ls", "--format", "{{.Driver}} {{.Name}}"]);
+        assert!(ls.lines().any(|l| l == "dm myapp"), "{ls}");
+    }
+}
