@@ -108,8 +108,14 @@ pub fn machine(disks: &[&Path]) -> String {
             })
         })
         .unwrap_or_default();
-    let mut s =
-        format!("- CPU: {model}, {cores} cores available\n- memory: {mem}\n- OS: {os}, {kernel}\n");
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    let mut s = format!(
+        "- CPU: {model}, {cores} cores available\n- memory: {mem}\n- OS: {os}, {kernel}\n\
+         - load average (1, 5, 15 min) when the report was written: {load} (the machine is \
+         shared; other work running alongside adds noise to timings)\n"
+    );
     for d in disks {
         let df = sh("df", &["-hT", &d.to_string_lossy()]).unwrap_or_default();
         if let Some(line) = df.lines().nth(1) {

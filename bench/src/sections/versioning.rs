@@ -23,6 +23,12 @@ pub struct Costs {
     pub checkout: Duration,
     /// `reset --hard` to the base commit after a 1 MiB change.
     pub reset: Duration,
+    /// A commit with nothing changed: the fixed cost of a commit.
+    pub empty_commit: Duration,
+    /// Baseline: a 4 KiB write + fdatasync of a plain file in the same
+    /// directory, timed in the same rounds (each op above is one synced
+    /// RocksDB write batch).
+    pub fsync: Duration,
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -42,15 +48,35 @@ pub fn measure(tmp: &std::path::Path, sizes: &[u64], iterations: usize) -> Resul
         let fill = t.elapsed();
         eprintln!("versioning: {} dot filled in {:.1?}", bytes(size), fill);
         let base = fx.store.resolve(&fx.dot, "master", "HEAD")?;
-        dots.push((fx, base, fill, [vec![], vec![], vec![], vec![]]));
+        dots.push((
+            fx,
+            base,
+            fill,
+            [vec![], vec![], vec![], vec![], vec![], vec![]],
+        ));
     }
+    let probe_path = tmp.join(format!("dm-bench-fsync-{}", std::process::id()));
+    let mut probe = std::fs::File::create(&probe_path)?;
+    let page = vec![7u8; 4096];
     for i in 0..iterations.max(1) as u64 {
         for (fx, base, _, times) in dots.iter_mut() {
+            {
+                use std::io::{Seek, Write};
+                let t = Instant::now();
+                probe.seek(std::io::SeekFrom::Start(0))?;
+                probe.write_all(&page)?;
+                probe.sync_data()?;
+                times[5].push(t.elapsed());
+            }
             fx.change_1mib(i + 1);
             fx.fs.flush(fx.file)?;
             let t = Instant::now();
             fx.store.commit(&fx.dot, "master", req("c"))?;
             times[0].push(t.elapsed());
+
+            let t = Instant::now();
+            fx.store.commit(&fx.dot, "master", req("empty"))?;
+            times[4].push(t.elapsed());
 
             let name = format!("b{i}");
             let t = Instant::now();
@@ -69,15 +95,19 @@ pub fn measure(tmp: &std::path::Path, sizes: &[u64], iterations: usize) -> Resul
             times[3].push(t.elapsed());
         }
     }
+    drop(probe);
+    let _ = std::fs::remove_file(&probe_path);
     Ok(dots
         .into_iter()
-        .map(|(fx, _, fill, [c, b, k, r])| Costs {
+        .map(|(fx, _, fill, [c, b, k, r, e, f])| Costs {
             size: fx.size,
             fill,
             commit: median(c),
             branch: median(b),
             checkout: median(k),
             reset: median(r),
+            empty_commit: median(e),
+            fsync: median(f),
         })
         .collect())
 }
@@ -125,7 +155,10 @@ pub fn run(ctx: &mut Ctx) -> Result<Outcome> {
         "A dot with one file of the given size (db-like data, ~2:1 compressible), committed \
          once; all sizes exist at once and are measured round-robin, {} rounds of: change 1 MiB (16 x 64 KiB writes) and commit; create a \
          branch at HEAD (`checkout -b`); make it current and back (`checkout`); change 1 MiB \
-         and `reset --hard` to the base commit. Medians. **Baseline: the 1 MiB dot**, same run; \
+         and `reset --hard` to the base commit; a 4 KiB write + fdatasync of a plain file in the \
+         same directory (*fsync*: the floor under each of these ops, which are one synced \
+         RocksDB write batch each); after the first commit of each round, a commit \
+         with no change (the fixed cost of a commit). Medians. **Baseline: the 1 MiB dot**, same run; \
          the ratio columns are cost / cost at 1 MiB (the promise: ~1 at every size). \
          *Fill* (write + first commit of the whole dot) is linear by nature and shown for \
          contrast. Store operations only (no FUSE).",
@@ -159,6 +192,9 @@ pub fn run(ctx: &mut Ctx) -> Result<Outcome> {
                 r(c.checkout, b.checkout),
                 ms(c.reset),
                 r(c.reset, b.reset),
+                ms(c.empty_commit),
+                r(c.empty_commit, b.empty_commit),
+                ms(c.fsync),
             ]
         })
         .collect();
@@ -174,6 +210,9 @@ pub fn run(ctx: &mut Ctx) -> Result<Outcome> {
             "ratio",
             "reset --hard",
             "ratio",
+            "empty commit",
+            "ratio",
+            "fsync (baseline)",
         ],
         &rows,
     );
@@ -193,6 +232,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Outcome> {
         |c| c.branch,
         |c| c.checkout,
         |c| c.reset,
+        |c| c.empty_commit,
     ] {
         srow.push(slope(f));
         srow.push(String::new());
@@ -208,6 +248,8 @@ pub fn run(ctx: &mut Ctx) -> Result<Outcome> {
             "checkout",
             "",
             "reset --hard",
+            "",
+            "empty commit",
             "",
         ],
         &[srow],
@@ -251,6 +293,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Outcome> {
             line("branch (checkout -b)", |c| c.branch),
             line("checkout", |c| c.checkout),
             line("reset --hard after 1 MiB change", |c| c.reset),
+            line("commit with no change", |c| c.empty_commit),
         ],
     };
     ctx.plot(
