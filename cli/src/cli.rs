@@ -51,6 +51,9 @@ pub enum Command {
         /// The Docker daemon's API socket (containers using dots).
         #[arg(long, value_name = "PATH", default_value = "/var/run/docker.sock")]
         docker_socket: PathBuf,
+        /// UDP port (or ADDR:PORT) of the hub endpoint for push/pull; `off` disables it.
+        #[arg(long, value_name = "PORT", env = "DM_LISTEN", default_value = "32607")]
+        listen: String,
     },
     /// (internal) Hold Docker's plugin socket and forward to a dm server.
     #[command(hide = true)]
@@ -61,6 +64,18 @@ pub enum Command {
         /// The dm server's internal plugin socket.
         #[arg(long, value_name = "PATH")]
         upstream: PathBuf,
+    },
+    /// Send the commits a remote lacks: `dm push REMOTE [DOT [BRANCH]]`.
+    Push(crate::commands::sync::PushPullArgs),
+    /// Fetch new commits from a remote: `dm pull REMOTE [DOT [BRANCH]]`.
+    Pull(crate::commands::sync::PushPullArgs),
+    /// First download of a dot: `dm clone REMOTE [NS/]DOT [BRANCH]`.
+    Clone(crate::commands::sync::CloneArgs),
+    /// Users of this server's hub (admin, over the local socket).
+    User {
+        /// The user command.
+        #[command(subcommand)]
+        command: crate::commands::sync::UserCommand,
     },
     /// Create an empty dot.
     Init {
@@ -182,6 +197,18 @@ pub enum DotCommand {
         scripting: bool,
         /// The dot.
         dot: Option<String>,
+    },
+    /// Default upstream for push/pull: `dm dot set-upstream [DOT] REMOTE REMOTE_DOT`.
+    SetUpstream {
+        /// `[DOT] REMOTE REMOTE_DOT`.
+        #[arg(num_args = 2..=3, required = true, value_name = "ARGS")]
+        args: Vec<String>,
+    },
+    /// Collaborators of a dot on this server's hub.
+    Collaborator {
+        /// The collaborator command.
+        #[command(subcommand)]
+        command: crate::commands::sync::CollaboratorCommand,
     },
     /// Delete a dot, its branches and commits.
     Delete {

@@ -119,12 +119,9 @@ fn init_commit_log_reset() {
     s.ok(&["fsck"]);
     s.ok(&["gc"]);
     assert_eq!(snapshot(&mnt), first, "gc changed the data");
-    // With a remote, `dm list` names the current one first.
-    s.ok(&["remote", "add", "hub", "alice@dothub.com"]);
-    assert!(s.ok(&["list"]).starts_with("Current remote: hub"));
-    assert_eq!(s.ok(&["remote", "-v"]), "* hub\talice@dothub.com\n");
-    s.fail(&["remote", "add", "hub", "bob@x"]);
-    s.ok(&["remote", "rm", "hub"]);
+    // Remotes (`dm remote add` reaches the hub and checks the key) are
+    // tested in cli/tests/sync.rs; an unreachable one is not added.
+    s.fail(&["remote", "add", "hub", "alice@dothub.com"]);
     assert!(s.ok(&["list"]).starts_with("  DOT"));
 
     let v = s.ok(&["version"]);

@@ -133,6 +133,9 @@ pub fn show(ctx: &mut Ctx, dot: Option<&str>, scripting: bool) -> Result<()> {
         for m in &d.mounts {
             println!("mount\t{}\t{}\t{}", m.volume, m.branch, m.path);
         }
+        for (remote, rdot) in super::sync::upstreams_of(ctx, &name) {
+            println!("upstream\t{remote}\t{rdot}");
+        }
         return Ok(());
     }
     println!("Dot {}:", s.full_name);
@@ -186,6 +189,9 @@ pub fn show(ctx: &mut Ctx, dot: Option<&str>, scripting: bool) -> Result<()> {
             };
             println!("    {}  {} ({how})", m.path, m.volume);
         }
+    }
+    for (remote, rdot) in super::sync::upstreams_of(ctx, &name) {
+        println!("  Upstream on {remote}: {rdot}");
     }
     Ok(())
 }

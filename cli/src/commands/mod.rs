@@ -6,6 +6,7 @@ mod dots;
 mod history;
 mod mounts;
 mod remotes;
+pub mod sync;
 
 use crate::api::{self, DotDetail};
 use crate::cli::{Cli, Command, DotCommand};
@@ -82,6 +83,7 @@ pub fn run(cli: Cli) -> Result<()> {
         plugin_socket,
         no_plugin,
         docker_socket,
+        listen,
     } = cli.command
     {
         return crate::server::run(crate::server::ServerOptions {
@@ -94,6 +96,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 plugin_socket.or_else(crate::paths::default_plugin_socket)
             },
             docker_socket,
+            listen: sync::parse_listen(&listen)?,
         });
     }
     if let Command::PluginProxy { listen, upstream } = &cli.command {
@@ -115,12 +118,18 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Server { .. } | Command::Completions { .. } | Command::PluginProxy { .. } => {
             unreachable!("handled above")
         }
+        Command::Push(a) => sync::transfer(&mut ctx, true, a.into()),
+        Command::Pull(a) => sync::transfer(&mut ctx, false, a.into()),
+        Command::Clone(a) => sync::clone_cmd(&mut ctx, a),
+        Command::User { command } => sync::user_cmd(&mut ctx, command),
         Command::Init { dot, block_size } => dots::init(&mut ctx, &dot, block_size),
         Command::List { scripting } => dots::list(&mut ctx, scripting),
         Command::Switch { dot } => dots::switch(&mut ctx, &dot),
         Command::Dot { command } => match command {
             DotCommand::Show { scripting, dot } => dots::show(&mut ctx, dot.as_deref(), scripting),
             DotCommand::Delete { force, dot } => dots::delete(&mut ctx, &dot, force),
+            DotCommand::SetUpstream { args } => sync::set_upstream_cmd(&mut ctx, &args),
+            DotCommand::Collaborator { command } => sync::collaborator_cmd(&mut ctx, command),
         },
         Command::Commit { message, metadata } => history::commit(&mut ctx, &message, &metadata),
         Command::Log => history::log(&mut ctx),

@@ -43,7 +43,10 @@ pub fn run(ctx: &mut Ctx, verbose: bool, command: Option<RemoteCommand>) -> Resu
                 };
                 if verbose {
                     let port = r.port.map(|p| format!(":{p}")).unwrap_or_default();
-                    println!("{mark}{name}\t{}@{}{port}", r.user, r.hostname);
+                    let fp = super::sync::fingerprint_of(ctx, name)
+                        .map(|f| format!("\t{f}"))
+                        .unwrap_or_default();
+                    println!("{mark}{name}\t{}@{}{port}{fp}", r.user, r.hostname);
                 } else {
                     println!("{mark}{name}");
                 }
@@ -57,6 +60,8 @@ pub fn run(ctx: &mut Ctx, verbose: bool, command: Option<RemoteCommand>) -> Resu
             }
             let remote = parse_target(&target)?;
             ctx.config.remotes.insert(name.clone(), remote);
+            // API key and the hub's pinned fingerprint (fails: nothing saved).
+            super::sync::remote_added(ctx, &name)?;
             if ctx.config.current_remote.is_none() {
                 ctx.config.current_remote = Some(name);
             }
@@ -66,6 +71,7 @@ pub fn run(ctx: &mut Ctx, verbose: bool, command: Option<RemoteCommand>) -> Resu
             if ctx.config.remotes.remove(&name).is_none() {
                 bail!("no remote named {name} (see `dm remote -v`)");
             }
+            super::sync::remote_removed(ctx, &name)?;
             if ctx.config.current_remote.as_deref() == Some(&name) {
                 ctx.config.current_remote = None;
             }

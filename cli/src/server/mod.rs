@@ -4,6 +4,7 @@
 pub mod convert;
 pub mod docker;
 pub mod error;
+pub mod hub;
 pub mod plugin_proxy;
 pub mod routes;
 
@@ -27,6 +28,8 @@ pub struct ServerOptions {
     pub plugin_socket: Option<PathBuf>,
     /// The Docker daemon's API socket (to find, stop and start containers).
     pub docker_socket: PathBuf,
+    /// UDP address of the hub endpoint (push/pull), `None`: no hub.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// Shared state of the handlers.
@@ -134,7 +137,17 @@ pub fn run(opts: ServerOptions) -> Result<()> {
         Some(p) => rt.block_on(docker::start_plugin(docker, p, &opts.data_dir)),
         None => None,
     };
+    let hub = match opts.listen {
+        Some(addr) => {
+            let _in_rt = rt.enter();
+            hub::start(store.clone(), &opts.data_dir, addr)
+        }
+        None => None,
+    };
     let served = rt.block_on(serve(state, &opts.socket));
+    if let Some(h) = hub {
+        h.close();
+    }
     if let Some(p) = plugin {
         rt.block_on(p.stop());
     }
@@ -160,7 +173,7 @@ async fn serve(state: Arc<AppState>, socket: &Path) -> Result<()> {
     let listener = listener.with_context(|| format!("listening on {}", socket.display()))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", socket.display()))?;
-    let app = routes::router(state);
+    let app = routes::router(state.clone()).merge(hub::router(state));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await

@@ -1,0 +1,583 @@
+//! `dm push`, `dm pull`, `dm clone`, `dm dot set-upstream`, `dm user add`,
+//! `dm dot collaborator add`, and the key and fingerprint half of
+//! `dm remote add`.
+//!
+//! Secrets and sync state live beside the config file in `sync.toml`
+//! (mode 0600): per remote the API key and the pinned hub fingerprint, per
+//! local dot and remote the upstream dot. Transfers run in the local
+//! daemon (it holds the store); this client starts them over the local API
+//! and draws their progress.
+
+use super::Ctx;
+use crate::config::Remote;
+use crate::server::hub::{
+    CollaboratorReq, RemoteReq, TransferReq, TransferStatus, UserKey, UserReq,
+};
+use anyhow::{anyhow, bail, Context, Result};
+use dm_store::DotName;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Per-remote secrets.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RemoteSecret {
+    /// API key.
+    pub api_key: String,
+    /// Pinned hub certificate fingerprint.
+    pub fingerprint: String,
+}
+
+/// `sync.toml`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SyncConfig {
+    /// By remote name.
+    #[serde(default)]
+    pub remotes: BTreeMap<String, RemoteSecret>,
+    /// Upstream dot on a remote, keyed `LOCAL_DOT remote`.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, String>,
+}
+
+fn sync_path(config_path: &Path) -> PathBuf {
+    config_path.with_file_name("sync.toml")
+}
+
+impl SyncConfig {
+    fn load(config_path: &Path) -> Result<SyncConfig> {
+        let path = sync_path(config_path);
+        match std::fs::read_to_string(&path) {
+            Ok(s) => toml::from_str(&s)
+                .with_context(|| format!("reading {} (fix or delete it)", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(SyncConfig::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    fn save(&self, config_path: &Path) -> Result<()> {
+        let path = sync_path(config_path);
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+        }
+        let text = toml::to_string_pretty(self).context("encoding sync.toml")?;
+        dm_sync::tls::write_private(&path, text.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))
+    }
+}
+
+fn upstream_key(local: &DotName, remote: &str) -> String {
+    format!("{local} {remote}")
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+}
+
+fn port_of(r: &Remote) -> u16 {
+    r.port.unwrap_or(dm_sync::proto::DEFAULT_PORT)
+}
+
+fn read_key(name: &str, r: &Remote) -> Result<String> {
+    if let Ok(k) = std::env::var("DM_API_KEY") {
+        if !k.trim().is_empty() {
+            return Ok(k.trim().to_string());
+        }
+    }
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        bail!(
+            "no API key for remote {name}: set DM_API_KEY (the key `dm user add {}` printed on {})",
+            r.user,
+            r.hostname
+        );
+    }
+    eprint!("API key for {}@{}: ", r.user, r.hostname);
+    std::io::stderr().flush().ok();
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("reading the API key")?;
+    let k = line.trim().to_string();
+    if k.is_empty() {
+        bail!("no API key given");
+    }
+    Ok(k)
+}
+
+/// The second half of `dm remote add NAME`: reads the key, fetches and
+/// shows the hub's fingerprint, checks the key, and pins both.
+pub fn remote_added(ctx: &mut Ctx, name: &str) -> Result<()> {
+    let r = ctx
+        .config
+        .remotes
+        .get(name)
+        .cloned()
+        .ok_or_else(|| anyhow!("no remote {name}"))?;
+    let key = read_key(name, &r)?;
+    let rt = runtime()?;
+    let port = port_of(&r);
+    let fp = rt
+        .block_on(dm_sync::probe_fingerprint(&r.hostname, port))
+        .map_err(|e| anyhow!("{e}"))?;
+    println!(
+        "The hub {}:{port} presents the certificate fingerprint",
+        r.hostname
+    );
+    println!("  {fp}");
+    println!("(pinned: later connections fail if it changes)");
+    let spec = dm_sync::RemoteSpec {
+        host: r.hostname.clone(),
+        port,
+        user: r.user.clone(),
+        key: key.clone(),
+        trust: dm_sync::Trust::Pinned(fp.clone()),
+    };
+    let conn = rt
+        .block_on(dm_sync::Remote::connect(&spec))
+        .map_err(|e| anyhow!("{e}"))?;
+    rt.block_on(conn.close());
+    let mut sc = SyncConfig::load(&ctx.config_path)?;
+    sc.remotes.insert(
+        name.to_string(),
+        RemoteSecret {
+            api_key: key,
+            fingerprint: fp,
+        },
+    );
+    sc.save(&ctx.config_path)
+}
+
+/// Forgets a removed remote's key and upstreams.
+pub fn remote_removed(ctx: &mut Ctx, name: &str) -> Result<()> {
+    let mut sc = SyncConfig::load(&ctx.config_path)?;
+    sc.remotes.remove(name);
+    let suffix = format!(" {name}");
+    sc.upstreams.retain(|k, _| !k.ends_with(&suffix));
+    sc.save(&ctx.config_path)
+}
+
+/// Prints the pinned fingerprints (`dm remote -v`).
+pub fn fingerprint_of(ctx: &Ctx, name: &str) -> Option<String> {
+    SyncConfig::load(&ctx.config_path)
+        .ok()?
+        .remotes
+        .get(name)
+        .map(|s| s.fingerprint.clone())
+}
+
+/// Arguments of push and pull.
+pub struct TransferArgs {
+    /// REMOTE.
+    pub remote: String,
+    /// DOT.
+    pub dot: Option<String>,
+    /// BRANCH.
+    pub branch: Option<String>,
+    /// --remote-name.
+    pub remote_name: Option<String>,
+    /// --stash-on-divergence.
+    pub stash_on_divergence: bool,
+    /// --all.
+    pub all: bool,
+}
+
+fn remote_req(ctx: &Ctx, name: &str) -> Result<(Remote, RemoteReq)> {
+    let r = ctx.config.remotes.get(name).cloned().ok_or_else(|| {
+        anyhow!("no remote {name}: add it with `dm remote add {name} USER@HOST[:PORT]` (see `dm remote`)")
+    })?;
+    let sc = SyncConfig::load(&ctx.config_path)?;
+    let secret = sc.remotes.get(name).cloned().ok_or_else(|| {
+        anyhow!("remote {name} has no API key yet: remove and add it again (`dm remote rm {name}`, `dm remote add {name} {}@{}`)", r.user, r.hostname)
+    })?;
+    let req = RemoteReq {
+        host: r.hostname.clone(),
+        port: port_of(&r),
+        user: r.user.clone(),
+        key: secret.api_key,
+        fingerprint: secret.fingerprint,
+    };
+    Ok((r, req))
+}
+
+/// The remote dot: `--remote-name`, else the upstream, else `USER/DOT`.
+fn remote_dot(
+    sc: &SyncConfig,
+    local: &DotName,
+    remote: &str,
+    user: &str,
+    given: Option<&str>,
+) -> Result<DotName> {
+    let name = match given {
+        Some(g) if g.contains('/') => g.to_string(),
+        Some(g) => format!("{user}/{g}"),
+        None => match sc.upstreams.get(&upstream_key(local, remote)) {
+            Some(u) => u.clone(),
+            None => format!("{user}/{}", local.name),
+        },
+    };
+    DotName::parse(&name).map_err(|e| anyhow!("{e}"))
+}
+
+/// `dm push` and `dm pull`.
+pub fn transfer(ctx: &mut Ctx, push: bool, a: TransferArgs) -> Result<()> {
+    let (r, rreq) = remote_req(ctx, &a.remote)?;
+    let local = ctx.dot(a.dot.as_deref())?;
+    let branch = match (&a.branch, &a.dot) {
+        (Some(b), _) => b.clone(),
+        (None, Some(_)) => dm_store::names::MASTER.to_string(),
+        (None, None) => match ctx.dot_detail(&local) {
+            Ok(d) => d.summary.current_branch,
+            Err(e) if push => return Err(e),
+            Err(_) => dm_store::names::MASTER.to_string(),
+        },
+    };
+    let mut sc = SyncConfig::load(&ctx.config_path)?;
+    let rdot = remote_dot(&sc, &local, &a.remote, &r.user, a.remote_name.as_deref())?;
+    let req = TransferReq {
+        direction: if push { "push" } else { "pull" }.into(),
+        remote: rreq,
+        local_dot: local.to_string(),
+        remote_dot: format!("{}/{}", rdot.namespace, rdot.name),
+        branches: if a.all { Vec::new() } else { vec![branch] },
+        all: a.all,
+        stash_on_divergence: a.stash_on_divergence,
+    };
+    let verb = if push { "Pushing" } else { "Pulling" };
+    let label = format!(
+        "{verb} {local} {} {} ({}/{})",
+        if push { "to" } else { "from" },
+        a.remote,
+        rdot.namespace,
+        rdot.name
+    );
+    run(ctx, &req, &label)?;
+    // The first transfer records the upstream.
+    let key = upstream_key(&local, &a.remote);
+    if let std::collections::btree_map::Entry::Vacant(e) = sc.upstreams.entry(key) {
+        e.insert(format!("{}/{}", rdot.namespace, rdot.name));
+        sc.save(&ctx.config_path)?;
+    }
+    Ok(())
+}
+
+/// `dm clone REMOTE [NS/]DOT [BRANCH] [--local-name DOT] [--all]`.
+pub fn clone(
+    ctx: &mut Ctx,
+    remote: &str,
+    dot: &str,
+    branch: Option<&str>,
+    local_name: Option<&str>,
+    all: bool,
+) -> Result<()> {
+    let (r, rreq) = remote_req(ctx, remote)?;
+    let rdot = if dot.contains('/') {
+        DotName::parse(dot)
+    } else {
+        DotName::parse(&format!("{}/{dot}", r.user))
+    }
+    .map_err(|e| anyhow!("{e}"))?;
+    let local = DotName::new(local_name.unwrap_or(&rdot.name)).map_err(|e| anyhow!("{e}"))?;
+    if ctx.dot_detail(&local).is_ok() {
+        bail!("a dot named {local} exists here already: use `dm pull {remote} {local}`, or clone under another name with --local-name");
+    }
+    let req = TransferReq {
+        direction: "pull".into(),
+        remote: rreq,
+        local_dot: local.to_string(),
+        remote_dot: format!("{}/{}", rdot.namespace, rdot.name),
+        branches: if all {
+            Vec::new()
+        } else {
+            vec![branch.unwrap_or(dm_store::names::MASTER).to_string()]
+        },
+        all,
+        stash_on_divergence: false,
+    };
+    run(
+        ctx,
+        &req,
+        &format!(
+            "Cloning {}/{} from {remote} as {local}",
+            rdot.namespace, rdot.name
+        ),
+    )?;
+    let mut sc = SyncConfig::load(&ctx.config_path)?;
+    sc.upstreams.insert(
+        upstream_key(&local, remote),
+        format!("{}/{}", rdot.namespace, rdot.name),
+    );
+    sc.save(&ctx.config_path)
+}
+
+fn human(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+fn run(ctx: &mut Ctx, req: &TransferReq, label: &str) -> Result<()> {
+    let started: serde_json::Value = ctx.client()?.post("/v1/sync/transfers", req)?;
+    let id = started
+        .get("id")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| anyhow!("the server did not start the transfer"))?;
+    let mut bar = dm_sync::Bar::new(label);
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        let s: TransferStatus = ctx.client()?.get(&format!("/v1/sync/transfers/{id}"))?;
+        bar.update(s.done, s.total);
+        if s.finished {
+            break s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(150));
+    };
+    bar.finish();
+    let secs = t0.elapsed().as_secs_f64();
+    for r in &status.reports {
+        if r.up_to_date {
+            println!("{}: up to date", r.branch);
+            continue;
+        }
+        println!(
+            "{}: {} commit{}, {} chunk{} ({}), {} of metadata; now at {}",
+            r.branch,
+            r.commits,
+            if r.commits == 1 { "" } else { "s" },
+            r.chunks,
+            if r.chunks == 1 { "" } else { "s" },
+            human(r.chunk_bytes),
+            human(r.object_bytes),
+            r.head.as_deref().unwrap_or("-")
+        );
+        if let Some(s) = &r.stashed {
+            println!("  diverged work kept on branch {s}");
+        }
+    }
+    if let Some(e) = status.error {
+        bail!("{e}");
+    }
+    println!(
+        "{} sent, {} received in {secs:.1} s",
+        human(status.wire_sent),
+        human(status.wire_received)
+    );
+    Ok(())
+}
+
+/// `dm dot set-upstream [DOT] REMOTE REMOTE_DOT`.
+pub fn set_upstream(
+    ctx: &mut Ctx,
+    dot: Option<&str>,
+    remote: &str,
+    remote_dot: &str,
+) -> Result<()> {
+    let r = ctx
+        .config
+        .remotes
+        .get(remote)
+        .cloned()
+        .ok_or_else(|| anyhow!("no remote {remote} (see `dm remote`)"))?;
+    let local = ctx.dot(dot)?;
+    let mut sc = SyncConfig::load(&ctx.config_path)?;
+    let rd = self::remote_dot(&sc, &local, remote, &r.user, Some(remote_dot))?;
+    sc.upstreams.insert(
+        upstream_key(&local, remote),
+        format!("{}/{}", rd.namespace, rd.name),
+    );
+    sc.save(&ctx.config_path)?;
+    println!(
+        "Upstream of {local} on {remote} is now {}/{}",
+        rd.namespace, rd.name
+    );
+    Ok(())
+}
+
+/// The upstreams of a dot, for `dm dot show`: (remote, remote dot).
+pub fn upstreams_of(ctx: &Ctx, dot: &DotName) -> Vec<(String, String)> {
+    let prefix = format!("{dot} ");
+    SyncConfig::load(&ctx.config_path)
+        .map(|sc| {
+            sc.upstreams
+                .into_iter()
+                .filter_map(|(k, v)| k.strip_prefix(&prefix).map(|r| (r.to_string(), v)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `dm user add NAME` (local API: root on this server).
+pub fn user_add(ctx: &mut Ctx, name: &str) -> Result<()> {
+    let k: UserKey = ctx.client()?.post(
+        "/v1/sync/users",
+        &UserReq {
+            name: name.to_string(),
+        },
+    )?;
+    println!("{}", k.key);
+    eprintln!(
+        "API key of user {} (shown once). They add this server with `DM_API_KEY=... dm remote add NAME {}@HOST`.",
+        k.name, k.name
+    );
+    Ok(())
+}
+
+/// `dm dot collaborator add DOT USER`.
+pub fn collaborator_add(ctx: &mut Ctx, dot: &str, user: &str) -> Result<()> {
+    let d = DotName::parse(dot).map_err(|e| anyhow!("{e}"))?;
+    let _: serde_json::Value = ctx.client()?.post(
+        "/v1/sync/collaborators",
+        &CollaboratorReq {
+            dot: d.to_string(),
+            user: user.to_string(),
+        },
+    )?;
+    println!("{user} may now push to and pull from {d}");
+    Ok(())
+}
+
+/// `dm push` / `dm pull` arguments.
+#[derive(clap::Args, Debug)]
+pub struct PushPullArgs {
+    /// The remote (see `dm remote`).
+    pub remote: String,
+    /// The local dot [default: the current dot].
+    pub dot: Option<String>,
+    /// The branch [default: master with DOT, else the current branch].
+    pub branch: Option<String>,
+    /// The dot on the remote, `[NS/]DOT` [default: the upstream, else REMOTE_USER/DOT].
+    #[arg(long, value_name = "NS/DOT")]
+    pub remote_name: Option<String>,
+    /// On divergence keep the destination's commits on BRANCH-DIVERGED-<timestamp> and proceed.
+    #[arg(long)]
+    pub stash_on_divergence: bool,
+    /// Every branch.
+    #[arg(long, conflicts_with = "branch")]
+    pub all: bool,
+}
+
+impl From<PushPullArgs> for TransferArgs {
+    fn from(a: PushPullArgs) -> Self {
+        TransferArgs {
+            remote: a.remote,
+            dot: a.dot,
+            branch: a.branch,
+            remote_name: a.remote_name,
+            stash_on_divergence: a.stash_on_divergence,
+            all: a.all,
+        }
+    }
+}
+
+/// `dm clone` arguments.
+#[derive(clap::Args, Debug)]
+pub struct CloneArgs {
+    /// The remote (see `dm remote`).
+    pub remote: String,
+    /// `[NS/]DOT` on the remote (NS defaults to the remote's user).
+    pub dot: String,
+    /// The branch [default: master].
+    pub branch: Option<String>,
+    /// Name of the local dot [default: DOT].
+    #[arg(long, value_name = "DOT")]
+    pub local_name: Option<String>,
+    /// Every branch.
+    #[arg(long, conflicts_with = "branch")]
+    pub all: bool,
+}
+
+/// `dm user ...`.
+#[derive(clap::Subcommand, Debug)]
+pub enum UserCommand {
+    /// Add a user (owner of the namespace NAME) and print their API key.
+    Add {
+        /// User name.
+        name: String,
+    },
+    /// List the users.
+    #[command(alias = "ls")]
+    List,
+}
+
+/// `dm dot collaborator ...`.
+#[derive(clap::Subcommand, Debug)]
+pub enum CollaboratorCommand {
+    /// Let USER push to and pull from DOT.
+    Add {
+        /// `[NS/]DOT`.
+        dot: String,
+        /// User name.
+        user: String,
+    },
+}
+
+/// `--listen`: `PORT`, `ADDR:PORT` or `off`.
+pub fn parse_listen(s: &str) -> Result<Option<std::net::SocketAddr>> {
+    if s == "off" || s == "none" {
+        return Ok(None);
+    }
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(Some(([0, 0, 0, 0], port).into()));
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|_| anyhow!("--listen {s:?}: give a UDP port, ADDR:PORT, or off"))
+}
+
+/// `dm clone`.
+pub fn clone_cmd(ctx: &mut Ctx, a: CloneArgs) -> Result<()> {
+    clone(
+        ctx,
+        &a.remote,
+        &a.dot,
+        a.branch.as_deref(),
+        a.local_name.as_deref(),
+        a.all,
+    )
+}
+
+/// `dm user`.
+pub fn user_cmd(ctx: &mut Ctx, c: UserCommand) -> Result<()> {
+    match c {
+        UserCommand::Add { name } => user_add(ctx, &name),
+        UserCommand::List => {
+            let users: Vec<String> = ctx.client()?.get("/v1/sync/users")?;
+            for u in users {
+                println!("{u}");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `dm dot collaborator`.
+pub fn collaborator_cmd(ctx: &mut Ctx, c: CollaboratorCommand) -> Result<()> {
+    match c {
+        CollaboratorCommand::Add { dot, user } => collaborator_add(ctx, &dot, &user),
+    }
+}
+
+/// `dm dot set-upstream [DOT] REMOTE REMOTE_DOT`.
+pub fn set_upstream_cmd(ctx: &mut Ctx, args: &[String]) -> Result<()> {
+    match args {
+        [remote, rdot] => set_upstream(ctx, None, remote, rdot),
+        [dot, remote, rdot] => set_upstream(ctx, Some(dot), remote, rdot),
+        _ => bail!("usage: dm dot set-upstream [DOT] REMOTE REMOTE_DOT"),
+    }
+}

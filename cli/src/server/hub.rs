@@ -1,0 +1,380 @@
+//! The daemon's side of push, pull and clone: the QUIC hub endpoint
+//! (dm-sync) and the local API routes under `/v1/sync/` that the `dm`
+//! client uses. Transfers run inside the daemon (it holds the store): the
+//! client starts one with `POST /v1/sync/transfers` and polls
+//! `GET /v1/sync/transfers/{id}` for progress and the result.
+
+use super::error::{ApiError, ApiResult};
+use super::AppState;
+use axum::extract::{Path as UrlPath, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use dm_store::DotName;
+use dm_sync::{Progress, Remote, RemoteSpec, TransferOptions, Trust};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// A std mutex that shrugs off poisoning (a panicked holder leaves plain data).
+#[derive(Default)]
+struct Mutex<T>(std::sync::Mutex<T>);
+
+impl<T> Mutex<T> {
+    fn new(v: T) -> Self {
+        Mutex(std::sync::Mutex::new(v))
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, T> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Starts the hub endpoint on `listen` (inside the runtime). A hub that
+/// cannot start (port in use, ...) is logged and skipped: the rest of the
+/// server works without it.
+pub fn start(
+    store: Arc<dm_store::Store>,
+    data_dir: &std::path::Path,
+    listen: std::net::SocketAddr,
+) -> Option<dm_sync::Hub> {
+    match dm_sync::Hub::start(store, data_dir, listen) {
+        Ok(hub) => {
+            let addr = hub.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            tracing::info!(
+                listen = %addr,
+                fingerprint = hub.fingerprint(),
+                "hub listening (QUIC, UDP); admin key in {}",
+                dm_sync::users::admin_key_path(data_dir).display()
+            );
+            Some(hub)
+        }
+        Err(e) => {
+            tracing::warn!("no hub endpoint on UDP {listen}: {e}; push/pull to this server are off (see --listen)");
+            None
+        }
+    }
+}
+
+/// A remote as the client sends it with a transfer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RemoteReq {
+    /// Host name or address.
+    pub host: String,
+    /// UDP port.
+    pub port: u16,
+    /// User on the hub.
+    pub user: String,
+    /// API key.
+    pub key: String,
+    /// Pinned fingerprint `sha256:HEX`.
+    pub fingerprint: String,
+}
+
+/// `POST /v1/sync/transfers`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TransferReq {
+    /// `push` or `pull` (clone is a pull).
+    pub direction: String,
+    /// The hub.
+    pub remote: RemoteReq,
+    /// Local dot `[ns/]dot`.
+    pub local_dot: String,
+    /// Dot on the hub `ns/dot`.
+    pub remote_dot: String,
+    /// Branches to transfer; empty with `all` = every branch.
+    pub branches: Vec<String>,
+    /// Every branch.
+    pub all: bool,
+    /// `--stash-on-divergence`.
+    pub stash_on_divergence: bool,
+}
+
+/// What one branch's transfer did.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct BranchReport {
+    /// Branch.
+    pub branch: String,
+    /// Commits transferred.
+    pub commits: usize,
+    /// Chunks transferred.
+    pub chunks: usize,
+    /// Stored bytes of the chunks.
+    pub chunk_bytes: u64,
+    /// Stored bytes of the tree nodes and commits.
+    pub object_bytes: u64,
+    /// Nothing to do.
+    pub up_to_date: bool,
+    /// Where diverged work was kept.
+    pub stashed: Option<String>,
+    /// The new head (hex).
+    pub head: Option<String>,
+}
+
+/// `GET /v1/sync/transfers/{id}`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TransferStatus {
+    /// Phase (connecting, comparing, sending, receiving, done).
+    pub phase: String,
+    /// Bytes done.
+    pub done: u64,
+    /// Estimated total bytes.
+    pub total: u64,
+    /// Finished (successfully or not).
+    pub finished: bool,
+    /// The error, when it failed.
+    pub error: Option<String>,
+    /// Per-branch results (also those done before an error).
+    pub reports: Vec<BranchReport>,
+    /// UDP bytes sent and received on the connection.
+    pub wire_sent: u64,
+    /// UDP bytes received.
+    pub wire_received: u64,
+}
+
+struct Job {
+    progress: Progress,
+    status: Mutex<TransferStatus>,
+}
+
+/// State of the sync routes.
+#[derive(Clone)]
+pub struct SyncState {
+    app: Arc<AppState>,
+    jobs: Arc<Mutex<HashMap<u64, Arc<Job>>>>,
+    next: Arc<AtomicU64>,
+}
+
+/// The `/v1/sync/` routes (merged into the local API router).
+pub fn router(app: Arc<AppState>) -> Router {
+    let st = SyncState {
+        app,
+        jobs: Arc::new(Mutex::new(HashMap::new())),
+        next: Arc::new(AtomicU64::new(1)),
+    };
+    Router::new()
+        .route("/v1/sync/transfers", post(start_transfer))
+        .route("/v1/sync/transfers/{id}", get(transfer_status))
+        .route("/v1/sync/users", post(add_user).get(list_users))
+        .route("/v1/sync/collaborators", post(add_collaborator))
+        .with_state(st)
+}
+
+/// `POST /v1/sync/users` body.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UserReq {
+    /// User name.
+    pub name: String,
+}
+
+/// `POST /v1/sync/users` answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UserKey {
+    /// User name.
+    pub name: String,
+    /// The new API key (shown once).
+    pub key: String,
+}
+
+fn sync_err(e: dm_sync::Error) -> ApiError {
+    match e {
+        dm_sync::Error::Store(e) => e.into(),
+        e @ dm_sync::Error::Refused(_) => ApiError::conflict(e.to_string()),
+        e => ApiError::bad_request(e.to_string()),
+    }
+}
+
+async fn add_user(
+    State(st): State<SyncState>,
+    Json(req): Json<UserReq>,
+) -> ApiResult<Json<UserKey>> {
+    let store = st.app.store.clone();
+    let name = req.name.clone();
+    let key = tokio::task::spawn_blocking(move || dm_sync::users::add_user(&store, &name))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(sync_err)?;
+    Ok(Json(UserKey {
+        name: req.name,
+        key,
+    }))
+}
+
+async fn list_users(State(st): State<SyncState>) -> ApiResult<Json<Vec<String>>> {
+    Ok(Json(
+        dm_sync::users::list_users(&st.app.store).map_err(sync_err)?,
+    ))
+}
+
+/// `POST /v1/sync/collaborators` body.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CollaboratorReq {
+    /// `[ns/]dot`.
+    pub dot: String,
+    /// User name.
+    pub user: String,
+}
+
+async fn add_collaborator(
+    State(st): State<SyncState>,
+    Json(req): Json<CollaboratorReq>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let dot = DotName::parse(&req.dot)?;
+    dm_sync::users::add_collaborator(&st.app.store, &dot, &req.user).map_err(sync_err)?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn transfer_status(
+    State(st): State<SyncState>,
+    UrlPath(id): UrlPath<u64>,
+) -> ApiResult<Json<TransferStatus>> {
+    let job = st
+        .jobs
+        .lock()
+        .get(&id)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(format!("no transfer {id}")))?;
+    let mut s = job.status.lock().clone();
+    let (done, total) = job.progress.get();
+    s.phase = if s.finished {
+        "done".into()
+    } else {
+        job.progress.phase()
+    };
+    s.done = done;
+    s.total = total;
+    if s.finished {
+        // Answered once finished: forget it.
+        st.jobs.lock().remove(&id);
+    }
+    Ok(Json(s))
+}
+
+async fn start_transfer(
+    State(st): State<SyncState>,
+    Json(req): Json<TransferReq>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let local = DotName::parse(&req.local_dot)?;
+    let remote_dot = DotName::parse(&req.remote_dot)?;
+    if req.direction != "push" && req.direction != "pull" {
+        return Err(ApiError::bad_request("direction must be push or pull"));
+    }
+    let id = st.next.fetch_add(1, Ordering::Relaxed);
+    let job = Arc::new(Job {
+        progress: Progress::new(),
+        status: Mutex::new(TransferStatus::default()),
+    });
+    job.progress.set_phase("connecting");
+    st.jobs.lock().insert(id, job.clone());
+    let app = st.app.clone();
+    tokio::spawn(async move {
+        let result = run_transfer(&app, &job, &req, &local, &remote_dot).await;
+        let mut s = job.status.lock();
+        s.finished = true;
+        if let Err(e) = result {
+            s.error = Some(e.to_string());
+        }
+    });
+    Ok(Json(serde_json::json!({ "id": id })))
+}
+
+async fn run_transfer(
+    app: &Arc<AppState>,
+    job: &Arc<Job>,
+    req: &TransferReq,
+    local: &DotName,
+    remote_dot: &DotName,
+) -> dm_sync::Result<()> {
+    let spec = RemoteSpec {
+        host: req.remote.host.clone(),
+        port: req.remote.port,
+        user: req.remote.user.clone(),
+        key: req.remote.key.clone(),
+        trust: Trust::Pinned(req.remote.fingerprint.clone()),
+    };
+    let remote = Remote::connect(&spec).await?;
+    let opts = TransferOptions {
+        stash_on_divergence: req.stash_on_divergence,
+        ..TransferOptions::default()
+    };
+    let push = req.direction == "push";
+    let mut branches = req.branches.clone();
+    if req.all {
+        branches = if push {
+            app.store
+                .list_branches(local)?
+                .into_iter()
+                .filter(|b| b.head.is_some())
+                .map(|b| b.name)
+                .collect()
+        } else {
+            remote
+                .branches(remote_dot)
+                .await?
+                .map(|(_, b)| {
+                    b.into_iter()
+                        .filter(|(_, h)| h.is_some())
+                        .map(|(n, _)| n)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        // master first: the other branches usually grew from it.
+        branches.sort_by_key(|b| (b != dm_store::names::MASTER, b.clone()));
+    }
+    let mut result = Ok(());
+    for branch in &branches {
+        let r = if push {
+            dm_sync::push(
+                app.store.clone(),
+                &remote,
+                local,
+                branch,
+                remote_dot,
+                &opts,
+                &job.progress,
+            )
+            .await
+        } else {
+            let r = dm_sync::pull(
+                app.store.clone(),
+                &remote,
+                local,
+                branch,
+                remote_dot,
+                &opts,
+                &job.progress,
+            )
+            .await;
+            if r.is_ok() {
+                // Mounts showing the branch drop their cached view.
+                if let Err(e) = app.mounts.reset(local, branch, || Ok(())) {
+                    tracing::warn!("refreshing mounts of {local}@{branch}: {}", e.message);
+                }
+            }
+            r
+        };
+        match r {
+            Ok(rep) => job.status.lock().reports.push(BranchReport {
+                branch: rep.branch,
+                commits: rep.commits,
+                chunks: rep.chunks,
+                chunk_bytes: rep.chunk_bytes,
+                object_bytes: rep.object_bytes,
+                up_to_date: rep.up_to_date,
+                stashed: rep.stashed,
+                head: rep.head.map(|h| h.to_hex()),
+            }),
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    {
+        let mut s = job.status.lock();
+        s.wire_sent = remote.bytes_sent();
+        s.wire_received = remote.bytes_received();
+    }
+    remote.close().await;
+    result
+}

@@ -1,0 +1,194 @@
+//! Push, pull and clone through the real `dm` binary: three `dm server`s
+//! (hub, alice, bob) on 127.0.0.1 with their own data dirs, sockets and
+//! UDP ports; data written through FUSE mounts.
+
+use dm_tests::{random_bytes, write_synced, Server};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const DM: &str = env!("CARGO_BIN_EXE_dm");
+
+fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.local_addr().unwrap().port()
+}
+
+/// Starts a server whose hub listens on 127.0.0.1:PORT. The listen address
+/// goes through DM_LISTEN, which the child inherits: this is the only test
+/// of this binary, so setting it here races with nothing.
+fn start(port: u16) -> Server {
+    std::env::set_var("DM_LISTEN", format!("127.0.0.1:{port}"));
+    let s = Server::start(DM);
+    std::env::remove_var("DM_LISTEN");
+    s
+}
+
+fn dm_env(s: &Server, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(DM);
+    c.args(args)
+        .env("DM_SOCKET", s.socket())
+        .env("DM_CONFIG", s.config())
+        .env_remove("DM_API_KEY")
+        .stdin(std::process::Stdio::null());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn ok_env(s: &Server, args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = dm_env(s, args, env);
+    assert!(
+        out.status.success(),
+        "dm {args:?} failed:\nstdout: {}\nstderr: {}\nlog: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        s.log()
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn fail_env(s: &Server, args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = dm_env(s, args, env);
+    assert!(!out.status.success(), "dm {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+fn mount(s: &Server, dot: &str) -> PathBuf {
+    PathBuf::from(s.ok(&["mount", dot]).trim())
+}
+
+fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap()
+}
+
+#[test]
+fn hub_push_clone_pull_through_the_cli() {
+    let (hp, ap, bp) = (free_udp_port(), free_udp_port(), free_udp_port());
+    let hub = start(hp);
+    let alice = start(ap);
+    let bob = start(bp);
+    assert!(hub.log().contains("hub listening"), "{}", hub.log());
+    let akey = hub.ok(&["user", "add", "alice"]).trim().to_string();
+    let bkey = hub.ok(&["user", "add", "bob"]).trim().to_string();
+    assert_eq!(akey.len(), 48);
+    assert!(hub.ok(&["user", "list"]).contains("alice"));
+    let target = format!("alice@127.0.0.1:{hp}");
+
+    // Remotes: a wrong key is refused and nothing is saved.
+    let err = fail_env(
+        &alice,
+        &["remote", "add", "hub", &target],
+        &[("DM_API_KEY", "bad")],
+    );
+    assert!(err.contains("wrong API key"), "{err}");
+    assert!(alice.ok(&["remote"]).is_empty());
+    let err = fail_env(&alice, &["remote", "add", "hub", &target], &[]);
+    assert!(err.contains("DM_API_KEY"), "{err}");
+    let out = ok_env(
+        &alice,
+        &["remote", "add", "hub", &target],
+        &[("DM_API_KEY", &akey)],
+    );
+    assert!(out.contains("sha256:"), "fingerprint shown: {out}");
+    let v = alice.ok(&["remote", "-v"]);
+    assert!(
+        v.starts_with("* hub\talice@127.0.0.1:") && v.contains("sha256:"),
+        "{v}"
+    );
+    ok_env(
+        &alice,
+        &["remote", "add", "other", &format!("bob@127.0.0.1:{hp}")],
+        &[("DM_API_KEY", &bkey)],
+    );
+    alice.ok(&["remote", "switch", "other"]);
+    assert!(alice.ok(&["remote"]).contains("* other"));
+    alice.ok(&["remote", "rm", "other"]);
+    assert!(!alice.ok(&["remote"]).contains("other"));
+
+    // Alice: a dot with two commits on master and a branch.
+    alice.ok(&["init", "app"]);
+    alice.ok(&["switch", "app"]);
+    let mnt = mount(&alice, "app");
+    let big = random_bytes(7, 3 << 20);
+    write_synced(&mnt.join("big"), &big);
+    alice.ok(&["commit", "-m", "first"]);
+    write_synced(&mnt.join("small"), b"v2");
+    alice.ok(&["commit", "-m", "second"]);
+    alice.ok(&["checkout", "-b", "feature"]);
+    write_synced(&mnt.join("small"), b"feature");
+    alice.ok(&["commit", "-m", "on feature"]);
+    alice.ok(&["checkout", "master"]);
+
+    // One argument: current dot and branch (master); records the upstream.
+    let out = alice.ok(&["push", "hub"]);
+    assert!(out.contains("master: 2 commits"), "{out}");
+    assert!(alice
+        .ok(&["dot", "show"])
+        .contains("Upstream on hub: alice/app"));
+    let out = alice.ok(&["push", "hub", "app", "feature"]);
+    assert!(out.contains("feature: 1 commit,"), "{out}");
+    assert!(alice.ok(&["push", "hub"]).contains("master: up to date"));
+    let show = hub.ok(&["dot", "show", "-H", "alice/app"]);
+    assert!(
+        show.contains("branch\tfeature") && show.contains("branch\tmaster"),
+        "{show}"
+    );
+
+    // Bob clones every branch once alice's dot lists him.
+    ok_env(
+        &bob,
+        &["remote", "add", "hub", &format!("bob@127.0.0.1:{hp}")],
+        &[("DM_API_KEY", &bkey)],
+    );
+    let err = bob.fail(&["clone", "hub", "alice/app"]);
+    assert!(err.contains("no access"), "{err}");
+    let err = bob.fail(&["clone", "hub", "alice/nothing"]);
+    assert!(err.contains("no access") || err.contains("no dot"), "{err}");
+    hub.ok(&["dot", "collaborator", "add", "alice/app", "bob"]);
+    let err = bob.fail(&["clone", "hub", "alice/nothing"]);
+    assert!(err.contains("no access") || err.contains("no dot"), "{err}");
+    let out = bob.ok(&["clone", "hub", "alice/app", "--local-name", "app2", "--all"]);
+    assert!(
+        out.contains("master: 2 commits") && out.contains("feature: 1 commit"),
+        "{out}"
+    );
+    bob.ok(&["switch", "app2"]);
+    let bm = mount(&bob, "app2");
+    assert_eq!(read(&bm.join("big")), big);
+    assert_eq!(read(&bm.join("small")), b"v2");
+
+    // Bob commits and pushes back (upstream from the clone); alice pulls.
+    write_synced(&bm.join("small"), b"from bob");
+    bob.ok(&["commit", "-m", "bob's"]);
+    let out = bob.ok(&["push", "hub"]);
+    assert!(out.contains("master: 1 commit,"), "{out}");
+    let out = alice.ok(&["pull", "hub", "app", "master"]);
+    assert!(out.contains("master: 1 commit,"), "{out}");
+    assert_eq!(read(&mnt.join("small")), b"from bob");
+
+    // Divergence: both commit; bob pushes first; alice is refused, then
+    // stashes.
+    write_synced(&mnt.join("small"), b"alice again");
+    alice.ok(&["commit", "-m", "alice again"]);
+    write_synced(&bm.join("small"), b"bob again");
+    bob.ok(&["commit", "-m", "bob again"]);
+    bob.ok(&["push", "hub"]);
+    let err = alice.fail(&["push", "hub"]);
+    assert!(
+        err.contains("diverged") && err.contains("--stash-on-divergence"),
+        "{err}"
+    );
+    let err = alice.fail(&["pull", "hub", "app", "master"]);
+    assert!(err.contains("latest common commit"), "{err}");
+    let out = alice.ok(&["pull", "hub", "app", "master", "--stash-on-divergence"]);
+    assert!(out.contains("master-DIVERGED-"), "{out}");
+    assert_eq!(read(&mnt.join("small")), b"bob again");
+    assert!(alice.ok(&["branch"]).contains("master-DIVERGED-"));
+
+    // set-upstream: push to another name.
+    alice.ok(&["dot", "set-upstream", "app", "hub", "copy"]);
+    let out = alice.ok(&["push", "hub"]);
+    assert!(out.contains("master:"), "{out}");
+    assert!(hub.ok(&["list"]).contains("copy"));
+}
