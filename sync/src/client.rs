@@ -435,46 +435,58 @@ pub async fn push(
             call_on(&conn, &req).await
         }
     };
-    for (i, id) in need.iter().enumerate() {
+    // Read chunks in groups on a blocking thread (one RocksDB multi-read
+    // per group), send them in batches of about BATCH_BYTES / 2.
+    for group in need.chunks(64) {
         let st = store.clone();
-        let cid = *id;
-        let mut bytes = tokio::task::spawn_blocking(move || st.chunk_bytes(&cid))
-            .await??
-            .ok_or_else(|| {
-                Error::Store(dm_store::Error::Corrupt(format!(
-                    "chunk {} is missing locally",
-                    cid.short()
-                )))
-            })?;
-        if opts.corrupt_chunks {
-            if let Some(b) = bytes.last_mut() {
-                *b ^= 1;
-            }
-        }
-        batch_bytes += bytes.len();
-        sent += bytes.len() as u64;
-        progress.add_done(bytes.len() as u64);
-        batch.push((cid, bytes));
-        let last = i + 1 == need.len();
-        if batch_bytes >= BATCH_BYTES / 2 || last {
-            while inflight.len() >= opts.streams.max(1) {
-                if let Some(r) = inflight.join_next().await {
-                    r??;
+        let ids = group.to_vec();
+        let items = tokio::task::spawn_blocking(move || -> Result<Vec<(Id, Vec<u8>)>> {
+            ids.iter()
+                .map(|id| {
+                    let b = st.chunk_bytes(id)?.ok_or_else(|| {
+                        Error::Store(dm_store::Error::Corrupt(format!(
+                            "chunk {} is missing locally",
+                            id.short()
+                        )))
+                    })?;
+                    Ok((*id, b))
+                })
+                .collect()
+        })
+        .await??;
+        for (cid, mut bytes) in items {
+            if opts.corrupt_chunks {
+                if let Some(b) = bytes.last_mut() {
+                    *b ^= 1;
                 }
             }
-            inflight.spawn(send_batch(std::mem::take(&mut batch), true));
-            batch_bytes = 0;
-            if let Some(limit) = opts.fail_after_chunk_bytes {
-                if sent >= limit {
-                    while let Some(r) = inflight.join_next().await {
+            batch_bytes += bytes.len();
+            sent += bytes.len() as u64;
+            progress.add_done(bytes.len() as u64);
+            batch.push((cid, bytes));
+            if batch_bytes >= BATCH_BYTES / 2 {
+                while inflight.len() >= opts.streams.max(1) {
+                    if let Some(r) = inflight.join_next().await {
                         r??;
                     }
-                    return Err(Error::Connection(format!(
-                        "test hook: interrupted after {sent} chunk bytes"
-                    )));
                 }
+                inflight.spawn(send_batch(std::mem::take(&mut batch), true));
+                batch_bytes = 0;
             }
         }
+        if let Some(limit) = opts.fail_after_chunk_bytes {
+            if sent >= limit {
+                while let Some(r) = inflight.join_next().await {
+                    r??;
+                }
+                return Err(Error::Connection(format!(
+                    "test hook: interrupted after {sent} chunk bytes"
+                )));
+            }
+        }
+    }
+    if !batch.is_empty() {
+        inflight.spawn(send_batch(std::mem::take(&mut batch), true));
     }
     while let Some(r) = inflight.join_next().await {
         r??;
