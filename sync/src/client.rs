@@ -273,6 +273,8 @@ pub struct TransferReport {
     pub object_bytes: u64,
     /// Already there.
     pub up_to_date: bool,
+    /// Something the user should know (e.g. the destination is ahead).
+    pub note: Option<String>,
     /// Where diverged destination work was kept.
     pub stashed: Option<String>,
     /// The new head.
@@ -666,6 +668,9 @@ pub async fn pull(
             Divergence::Ahead => {
                 report.up_to_date = true;
                 report.head = Some(l);
+                report.note = Some(format!(
+                    "branch {branch} of {dot} is ahead of {remote_dot} on the hub: nothing to pull (`dm push` sends your commits)"
+                ));
                 return Ok(report);
             }
             d => {

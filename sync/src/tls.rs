@@ -78,7 +78,7 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
 
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(64u32.into());
+    t.max_concurrent_bidi_streams(32u32.into());
     t.stream_receive_window((32u32 << 20).into());
     t.receive_window((128u32 << 20).into());
     t.send_window(128 << 20);

@@ -352,7 +352,10 @@ fn run(ctx: &mut Ctx, req: &TransferReq, label: &str) -> Result<()> {
     let secs = t0.elapsed().as_secs_f64();
     for r in &status.reports {
         if r.up_to_date {
-            println!("{}: up to date", r.branch);
+            match &r.note {
+                Some(n) => println!("{}: up to date; {n}", r.branch),
+                None => println!("{}: up to date", r.branch),
+            }
             continue;
         }
         println!(

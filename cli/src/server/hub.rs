@@ -104,6 +104,9 @@ pub struct BranchReport {
     pub object_bytes: u64,
     /// Nothing to do.
     pub up_to_date: bool,
+    /// Something the user should know.
+    #[serde(default)]
+    pub note: Option<String>,
     /// Where diverged work was kept.
     pub stashed: Option<String>,
     /// The new head (hex).
@@ -361,6 +364,7 @@ async fn run_transfer(
                 chunk_bytes: rep.chunk_bytes,
                 object_bytes: rep.object_bytes,
                 up_to_date: rep.up_to_date,
+                note: rep.note,
                 stashed: rep.stashed,
                 head: rep.head.map(|h| h.to_hex()),
             }),
