@@ -33,6 +33,10 @@ const MAX_FILE_SIZE: u64 = 1 << 50;
 pub(crate) struct BranchState {
     pub head: Option<Id>,
     pub root: Id,
+    /// Overlay id of the working state. A commit or reset starts a fresh
+    /// overlay (and range-deletes the old one), so scans of the working
+    /// state never wade through the keys the last commit absorbed.
+    pub bid: u64,
     pub deleted: bool,
 }
 
@@ -52,7 +56,6 @@ pub struct BranchFs {
     pub(crate) db: Arc<Db>,
     pub(crate) dot: DotName,
     pub(crate) branch: String,
-    pub(crate) bid: u64,
     pub(crate) block_size: u32,
     pub(crate) data_dir: PathBuf,
     pub(crate) state: RwLock<BranchState>,
@@ -84,12 +87,12 @@ impl BranchFs {
             db,
             dot,
             branch,
-            bid,
             block_size,
             data_dir,
             state: RwLock::new(BranchState {
                 head,
                 root,
+                bid,
                 deleted: false,
             }),
             meta: Mutex::new(()),
@@ -135,7 +138,7 @@ impl BranchFs {
     pub(crate) fn view<'a>(&'a self, st: &BranchState) -> View<'a> {
         View {
             db: &self.db,
-            bid: self.bid,
+            bid: st.bid,
             root: st.root,
         }
     }

@@ -103,8 +103,8 @@ pub struct Change {
 pub struct Store {
     pub(crate) db: Arc<Db>,
     dir: PathBuf,
-    /// Open branch working states, by overlay id.
-    branches: Mutex<HashMap<u64, Arc<BranchFs>>>,
+    /// Open branch working states, by (dot id, branch name).
+    branches: Mutex<HashMap<(u64, String), Arc<BranchFs>>>,
     /// Serialises changes to dot and branch records.
     pub(crate) admin: Mutex<()>,
     pub(crate) gc_lock: Mutex<()>,
@@ -232,7 +232,8 @@ impl Store {
         rec: &BranchRec,
     ) -> Result<Arc<BranchFs>> {
         let mut reg = self.branches.lock();
-        if let Some(fs) = reg.get(&rec.bid) {
+        let key = (d.id, branch.to_string());
+        if let Some(fs) = reg.get(&key) {
             return Ok(fs.clone());
         }
         let fs = Arc::new(BranchFs::new(
@@ -245,7 +246,7 @@ impl Store {
             rec.head,
             rec.root,
         )?);
-        reg.insert(rec.bid, fs.clone());
+        reg.insert(key, fs.clone());
         Ok(fs)
     }
 
@@ -258,6 +259,19 @@ impl Store {
             current_branch: d.current_branch.clone(),
             branches: self.branch_recs(d)?.into_iter().map(|(n, _)| n).collect(),
         })
+    }
+
+    /// Gives the branch an empty working state over its (new) head: a fresh
+    /// overlay id, and a range deletion of the old overlay. Call with
+    /// `admin` held; the caller writes `rec` and sets the state's `bid`.
+    pub(crate) fn fresh_working_state(
+        &self,
+        batch: &mut WriteBatch,
+        rec: &mut BranchRec,
+    ) -> Result<()> {
+        clear_overlay(&self.db, batch, rec.bid);
+        rec.bid = self.next_ids(batch, 1)?;
+        Ok(())
     }
 
     /// Writes the overlay entries of a fresh tree (superblock and root
@@ -347,8 +361,8 @@ impl Store {
         batch.delete_cf(self.db.cf(CF_META), meta::dot_key(&d.namespace, &d.name));
         self.db.write(batch, true, &format!("deleting dot {dot}"))?;
         let mut reg = self.branches.lock();
-        for (_, rec) in recs {
-            if let Some(fs) = reg.remove(&rec.bid) {
+        for (name, _) in recs {
+            if let Some(fs) = reg.remove(&(d.id, name)) {
                 fs.state.write().deleted = true;
                 fs.drop_buffers();
             }
@@ -505,7 +519,7 @@ impl Store {
             true,
             &format!("deleting branch {branch} of dot {dot}"),
         )?;
-        if let Some(fs) = self.branches.lock().remove(&rec.bid) {
+        if let Some(fs) = self.branches.lock().remove(&(d.id, branch.to_string())) {
             fs.state.write().deleted = true;
             fs.drop_buffers();
         }
@@ -576,8 +590,8 @@ impl Store {
         self.db.put_object(&mut batch, &id, &bytes);
         rec.head = Some(id);
         rec.root = root;
+        self.fresh_working_state(&mut batch, &mut rec)?;
         self.meta_put(&mut batch, &meta::branch_key(d.id, branch), &rec);
-        clear_overlay(&self.db, &mut batch, rec.bid);
         self.db.write(
             batch,
             true,
@@ -585,6 +599,7 @@ impl Store {
         )?;
         st.head = Some(id);
         st.root = root;
+        st.bid = rec.bid;
         Ok(CommitInfo::from(id, commit))
     }
 
@@ -770,8 +785,8 @@ impl Store {
         rec.head = Some(target);
         rec.root = c.root;
         let mut batch = WriteBatch::default();
+        self.fresh_working_state(&mut batch, &mut rec)?;
         self.meta_put(&mut batch, &meta::branch_key(d.id, branch), &rec);
-        clear_overlay(&self.db, &mut batch, rec.bid);
         self.db.write(
             batch,
             true,
@@ -780,6 +795,7 @@ impl Store {
         fs.drop_buffers();
         st.head = Some(target);
         st.root = c.root;
+        st.bid = rec.bid;
         Ok(())
     }
 
