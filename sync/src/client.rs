@@ -410,8 +410,20 @@ pub async fn push(
             Ok((commits, plan))
         })?
     };
+    // Chunks to ask about: those of the new leaves that the snapshots the
+    // hub already has (parents of the oldest new commits) do not name.
+    let to_check = {
+        let st = store.clone();
+        let new_nodes: Vec<Id> = plan.levels.iter().flatten().copied().collect();
+        let commit_set: HashSet<Id> = commits.iter().copied().collect();
+        tokio::task::block_in_place(|| -> Result<Vec<Id>> {
+            let bases = base_roots(&st, &commits, &commit_set)?;
+            let mut read = |id: &Id| -> Result<Option<Vec<u8>>> { Ok(st.object_bytes(id)?) };
+            crate::delta::chunks_to_check(&new_nodes, &bases, &mut read)
+        })?
+    };
     let mut need = Vec::new();
-    for part in plan.chunks.chunks(BATCH_IDS) {
+    for part in to_check.chunks(BATCH_IDS) {
         let have = remote
             .bools(Request::HasChunks { ids: part.to_vec() }, part.len())
             .await?;
@@ -562,6 +574,26 @@ pub async fn push(
     set_head(remote, remote_dot, branch, remote_head, local, block_size).await?;
     progress.set_phase("done");
     Ok(report)
+}
+
+/// Most parent snapshots used to skip has-queries (see [`crate::delta`]).
+const MAX_BASES: usize = 8;
+
+/// Roots of the parents of `commits` that are not themselves in the
+/// transfer: snapshots the receiver already has.
+fn base_roots(store: &Store, commits: &[Id], set: &HashSet<Id>) -> Result<Vec<Id>> {
+    let mut out = Vec::new();
+    for c in commits {
+        for p in store.commit_record(c)?.parents {
+            if !set.contains(&p) && out.len() < MAX_BASES {
+                let root = store.commit_record(&p)?.root;
+                if !out.contains(&root) {
+                    out.push(root);
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 async fn call_on(conn: &quinn::Connection, req: &Request) -> Result<Response> {
@@ -729,9 +761,39 @@ pub async fn pull(
             plan_trees(&roots, BATCH_IDS, &mut has, &mut get)
         })?
     };
+    let to_check = {
+        let st = store.clone();
+        let new_nodes: Vec<Id> = plan.levels.iter().flatten().copied().collect();
+        let commit_set: HashSet<Id> = missing.iter().copied().collect();
+        // Parents of the new commits that are here already.
+        let mut bases = Vec::new();
+        for (_, bytes) in &commit_items {
+            let c: dm_store::object::Commit =
+                dm_store::object::decode(&Id::of(bytes), dm_store::object::KIND_COMMIT, bytes)?;
+            for p in c.parents {
+                if !commit_set.contains(&p) && bases.len() < MAX_BASES {
+                    if let Ok(pc) = st.commit_record(&p) {
+                        if !bases.contains(&pc.root) {
+                            bases.push(pc.root);
+                        }
+                    }
+                }
+            }
+        }
+        let nb = &node_bytes;
+        tokio::task::block_in_place(|| -> Result<Vec<Id>> {
+            let mut read = |id: &Id| -> Result<Option<Vec<u8>>> {
+                match nb.get(id) {
+                    Some(b) => Ok(Some(b.clone())),
+                    None => Ok(st.object_bytes(id)?),
+                }
+            };
+            crate::delta::chunks_to_check(&new_nodes, &bases, &mut read)
+        })?
+    };
     let need: Vec<Id> = {
         let mut need = Vec::new();
-        for part in plan.chunks.chunks(BATCH_IDS) {
+        for part in to_check.chunks(BATCH_IDS) {
             let have = store.has_chunks(part)?;
             need.extend(part.iter().zip(have).filter(|(_, h)| !h).map(|(id, _)| *id));
         }

@@ -8,6 +8,7 @@
 //! docs/protocol.md.
 
 pub mod client;
+pub mod delta;
 pub mod error;
 pub mod progress;
 pub mod proto;
