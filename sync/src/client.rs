@@ -657,6 +657,11 @@ pub async fn pull(
             message: format!("no dot {remote_dot} on the hub"),
         });
     };
+    if !proto::valid_block_size(block_size) {
+        return Err(Error::Connection(format!(
+            "the hub reports block size {block_size} for {remote_dot}, which no dot can have"
+        )));
+    }
     let Some(Some(theirs)) = branches.iter().find(|(n, _)| n == branch).map(|(_, h)| *h) else {
         let names: Vec<&str> = branches.iter().map(|(n, _)| n.as_str()).collect();
         return Err(Error::Remote {

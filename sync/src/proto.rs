@@ -19,6 +19,11 @@ pub const BATCH_BYTES: usize = 4 << 20;
 /// Most ids in one has-query or fetch.
 pub const BATCH_IDS: usize = 4096;
 
+/// True for the block sizes a dot may have: powers of two, 4 KiB to 4 MiB.
+pub fn valid_block_size(b: u32) -> bool {
+    b.is_power_of_two() && (4096..=(4 << 20)).contains(&b)
+}
+
 /// A dot on the hub: `namespace/name`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DotRef {

@@ -323,6 +323,14 @@ fn handle_inner(s: &Session, req: Request) -> std::result::Result<Response, Resp
             block_size,
         } => {
             let dot = authorize(s, &dot, false)?;
+            if !crate::proto::valid_block_size(block_size) {
+                return Err(err(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "block size {block_size} is not a power of two between 4 KiB and 4 MiB"
+                    ),
+                ));
+            }
             match store
                 .set_branch_head(&dot, &branch, expected, new, block_size)
                 .map_err(store_err)?

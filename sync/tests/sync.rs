@@ -230,6 +230,19 @@ async fn divergence_both_ways_and_stash() {
         .await
         .unwrap();
     assert!(rep.up_to_date);
+    // Unrelated histories: no common commit.
+    let other = dot("other");
+    alice.store.create_dot(&other, None).unwrap();
+    write(&alice.store, &other, "master", "f", 0, b"unrelated");
+    commit(&alice.store, &other, "master", "unrelated");
+    let err = push(&alice, &ra, "other", "master", "alice/app", &opts())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("shares no commit"), "{err}");
+    let err = pull(&alice, &ra, "other", "master", "alice/app", &opts())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("shares no commit"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,6 +303,22 @@ async fn concurrent_pushes_one_wins() {
         .unwrap_err();
     assert_eq!(code(&err), Some(ErrorCode::Moved { actual: Some(head) }));
     assert!(err.to_string().contains("pull first"), "{err}");
+    // A block size no dot can have is refused before anything is created.
+    let err = ra
+        .call(&Request::SetHead {
+            dot: DotRef {
+                namespace: "alice".into(),
+                name: "weird".into(),
+            },
+            branch: "master".into(),
+            expected: None,
+            new: head,
+            block_size: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::BadRequest), "{err}");
+    assert!(hub.store.dot_info(&dot("alice/weird")).is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
