@@ -229,6 +229,10 @@ pub enum RemoteCommand {
         name: String,
         /// `USER@HOST[:PORT]`.
         target: String,
+        /// Trust hub certificates issued by this CA (PEM) instead of pinning
+        /// the hub's self-signed certificate.
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
     },
     /// Forget a remote.
     #[command(alias = "remove")]

@@ -54,11 +54,16 @@ async fn open(
     } else {
         ([0u16; 8], 0).into()
     };
+    // With a CA the certificate must name the host; a pin ignores names.
+    let server_name = match &trust {
+        Trust::Ca(_) => host.to_string(),
+        _ => crate::tls::SERVER_NAME.to_string(),
+    };
     let (cfg, seen) = crate::tls::client_config(trust)?;
     let mut endpoint = quinn::Endpoint::client(bind).map_err(Error::io("opening a UDP socket"))?;
     endpoint.set_default_client_config(cfg);
     let connecting = endpoint
-        .connect(addr, crate::tls::SERVER_NAME)
+        .connect(addr, &server_name)
         .map_err(|e| Error::Connection(format!("connecting to {host}:{port}: {e}")))?;
     let conn = tokio::time::timeout(std::time::Duration::from_secs(15), connecting)
         .await
@@ -68,7 +73,15 @@ async fn open(
             ))
         })?
         .map_err(|e| Error::Connection(format!("connecting to {host}:{port}: {e}")))?;
-    let fp = seen.get().unwrap_or_default();
+    let fp = conn
+        .peer_identity()
+        .and_then(|id| {
+            id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .and_then(|certs| certs.first().map(|c| crate::tls::fingerprint(c)))
+        .or_else(|| seen.get())
+        .unwrap_or_default();
     Ok((endpoint, conn, fp))
 }
 

@@ -32,6 +32,12 @@ pub fn fingerprint(der: &[u8]) -> String {
 pub fn load_or_create_cert(
     dir: &Path,
 ) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>)> {
+    // A CA-issued certificate (chain) and key dropped into the data dir win
+    // over the self-signed one (clients then use `dm remote add --ca`).
+    let (pem_cert, pem_key) = (dir.join("hub-cert.pem"), dir.join("hub-key.pem"));
+    if pem_cert.exists() && pem_key.exists() {
+        return load_pem(&pem_cert, &pem_key);
+    }
     let cert_path = dir.join("hub-cert.der");
     let key_path = dir.join("hub-key.der");
     if cert_path.exists() && key_path.exists() {
@@ -56,6 +62,20 @@ pub fn load_or_create_cert(
         CertificateDer::from(cert),
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
     ))
+}
+
+/// Loads a PEM certificate chain and key: (leaf, key). The chain beyond the
+/// leaf is not sent (clients trust the CA directly).
+fn load_pem(cert: &Path, key: &Path) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>)> {
+    use rustls::pki_types::pem::PemObject;
+    let leaf = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| Error::Tls(format!("reading {}: {e}", cert.display())))?
+        .next()
+        .ok_or_else(|| Error::Tls(format!("{} holds no certificate", cert.display())))?
+        .map_err(|e| Error::Tls(format!("reading {}: {e}", cert.display())))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| Error::Tls(format!("reading {}: {e}", key.display())))?;
+    Ok((leaf, key))
 }
 
 /// Writes a file readable by its owner only (created 0600 from the start).
@@ -116,6 +136,9 @@ pub enum Trust {
     /// Accept any certificate and record its fingerprint (first contact,
     /// `dm remote add`, which shows it to the user).
     FirstUse,
+    /// The certificate must chain to one of these CA certificates (PEM) and
+    /// name the host connected to (`dm remote add --ca FILE`).
+    Ca(String),
 }
 
 /// Checks the hub's certificate against a pinned fingerprint.
@@ -142,6 +165,9 @@ impl ServerCertVerifier for PinVerifier {
             Trust::Pinned(want) if want.eq_ignore_ascii_case(&fp) => {
                 Ok(ServerCertVerified::assertion())
             }
+            Trust::Ca(_) => Err(rustls::Error::General(
+                "internal: CA trust uses the WebPKI verifier".into(),
+            )),
             Trust::Pinned(want) => Err(rustls::Error::General(format!(
                 "the hub's certificate fingerprint is {fp}, not the pinned {want}: the hub changed or someone is in between; if it really changed, remove and re-add the remote"
             ))),
@@ -192,12 +218,35 @@ pub fn client_config(trust: Trust) -> Result<(quinn::ClientConfig, Arc<PinSeen>)
         seen: Mutex::new(None),
         provider: provider.clone(),
     });
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| Error::Tls(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier.clone())
-        .with_no_client_auth();
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    let mut tls = match &verifier.trust {
+        Trust::Ca(pem) => {
+            use rustls::pki_types::pem::PemObject;
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                let c = c.map_err(|e| Error::Tls(format!("reading the CA file: {e}")))?;
+                roots
+                    .add(c)
+                    .map_err(|e| Error::Tls(format!("CA certificate: {e}")))?;
+            }
+            if roots.is_empty() {
+                return Err(Error::Tls("the CA file holds no certificate".into()));
+            }
+            let v = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| Error::Tls(e.to_string()))?;
+            builder.with_webpki_verifier(v).with_no_client_auth()
+        }
+        _ => builder
+            .dangerous()
+            .with_custom_certificate_verifier(verifier.clone())
+            .with_no_client_auth(),
+    };
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| Error::Tls(e.to_string()))?;

@@ -548,3 +548,40 @@ async fn bytes_on_the_wire() {
 fn blake3_of(b: &[u8]) -> dm_store::Id {
     dm_store::Id::of(b)
 }
+
+/// A CA-issued hub certificate (PEM files in the data dir) and clients that
+/// trust the CA instead of pinning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_issued_certificate() {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("hub-cert.pem"), leaf.pem()).unwrap();
+    std::fs::write(dir.path().join("hub-key.pem"), leaf_key.serialize_pem()).unwrap();
+    let store = dm_store::Store::open(dir.path()).unwrap();
+    let hub =
+        dm_sync::Hub::start(store.clone(), dir.path(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let key = dm_sync::users::add_user(&store, "alice").unwrap();
+    let mut spec = dm_sync::RemoteSpec {
+        host: "localhost".into(),
+        port: hub.local_addr().unwrap().port(),
+        user: "alice".into(),
+        key,
+        trust: dm_sync::Trust::Ca(ca.pem()),
+    };
+    let r = Remote::connect(&spec).await.unwrap();
+    assert_eq!(r.fingerprint(), hub.fingerprint());
+    // Another CA is not trusted.
+    let other_key = rcgen::KeyPair::generate().unwrap();
+    let mut other = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    other.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    spec.trust = dm_sync::Trust::Ca(other.self_signed(&other_key).unwrap().pem());
+    assert!(Remote::connect(&spec).await.is_err());
+}

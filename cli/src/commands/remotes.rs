@@ -53,7 +53,7 @@ pub fn run(ctx: &mut Ctx, verbose: bool, command: Option<RemoteCommand>) -> Resu
             }
             Ok(())
         }
-        Some(RemoteCommand::Add { name, target }) => {
+        Some(RemoteCommand::Add { name, target, ca }) => {
             dm_store::names::validate("remote", &name).map_err(|e| anyhow!("{e}"))?;
             if ctx.config.remotes.contains_key(&name) {
                 bail!("remote {name} already exists; remove it first with `dm remote rm {name}`");
@@ -61,7 +61,7 @@ pub fn run(ctx: &mut Ctx, verbose: bool, command: Option<RemoteCommand>) -> Resu
             let remote = parse_target(&target)?;
             ctx.config.remotes.insert(name.clone(), remote);
             // API key and the hub's pinned fingerprint (fails: nothing saved).
-            super::sync::remote_added(ctx, &name)?;
+            super::sync::remote_added(ctx, &name, ca.as_deref())?;
             if ctx.config.current_remote.is_none() {
                 ctx.config.current_remote = Some(name);
             }

@@ -24,8 +24,11 @@ use std::path::{Path, PathBuf};
 pub struct RemoteSecret {
     /// API key.
     pub api_key: String,
-    /// Pinned hub certificate fingerprint.
+    /// Pinned hub certificate fingerprint (empty with `ca_pem`).
     pub fingerprint: String,
+    /// CA certificates (PEM) the hub's certificate must chain to, instead of a pin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
 }
 
 /// `sync.toml`.
@@ -114,7 +117,7 @@ fn read_key(name: &str, r: &Remote) -> Result<String> {
 
 /// The second half of `dm remote add NAME`: reads the key, fetches and
 /// shows the hub's fingerprint, checks the key, and pins both.
-pub fn remote_added(ctx: &mut Ctx, name: &str) -> Result<()> {
+pub fn remote_added(ctx: &mut Ctx, name: &str, ca: Option<&Path>) -> Result<()> {
     let r = ctx
         .config
         .remotes
@@ -124,6 +127,37 @@ pub fn remote_added(ctx: &mut Ctx, name: &str) -> Result<()> {
     let key = read_key(name, &r)?;
     let rt = runtime()?;
     let port = port_of(&r);
+    if let Some(ca) = ca {
+        let pem = std::fs::read_to_string(ca)
+            .with_context(|| format!("reading the CA file {}", ca.display()))?;
+        let spec = dm_sync::RemoteSpec {
+            host: r.hostname.clone(),
+            port,
+            user: r.user.clone(),
+            key: key.clone(),
+            trust: dm_sync::Trust::Ca(pem.clone()),
+        };
+        let conn = rt
+            .block_on(dm_sync::Remote::connect(&spec))
+            .map_err(|e| anyhow!("{e}"))?;
+        println!(
+            "The hub {}:{port} has a certificate from the CA in {} (fingerprint {})",
+            r.hostname,
+            ca.display(),
+            conn.fingerprint()
+        );
+        rt.block_on(conn.close());
+        let mut sc = SyncConfig::load(&ctx.config_path)?;
+        sc.remotes.insert(
+            name.to_string(),
+            RemoteSecret {
+                api_key: key,
+                fingerprint: String::new(),
+                ca_pem: Some(pem),
+            },
+        );
+        return sc.save(&ctx.config_path);
+    }
     let fp = rt
         .block_on(dm_sync::probe_fingerprint(&r.hostname, port))
         .map_err(|e| anyhow!("{e}"))?;
@@ -150,6 +184,7 @@ pub fn remote_added(ctx: &mut Ctx, name: &str) -> Result<()> {
         RemoteSecret {
             api_key: key,
             fingerprint: fp,
+            ca_pem: None,
         },
     );
     sc.save(&ctx.config_path)
@@ -170,7 +205,10 @@ pub fn fingerprint_of(ctx: &Ctx, name: &str) -> Option<String> {
         .ok()?
         .remotes
         .get(name)
-        .map(|s| s.fingerprint.clone())
+        .map(|s| match s.ca_pem {
+            Some(_) => "certificate from a CA (--ca)".to_string(),
+            None => s.fingerprint.clone(),
+        })
 }
 
 /// Arguments of push and pull.
@@ -203,6 +241,7 @@ fn remote_req(ctx: &Ctx, name: &str) -> Result<(Remote, RemoteReq)> {
         user: r.user.clone(),
         key: secret.api_key,
         fingerprint: secret.fingerprint,
+        ca_pem: secret.ca_pem,
     };
     Ok((r, req))
 }

@@ -68,6 +68,9 @@ pub struct RemoteReq {
     pub key: String,
     /// Pinned fingerprint `sha256:HEX`.
     pub fingerprint: String,
+    /// Or: CA certificates (PEM) the hub's certificate must chain to.
+    #[serde(default)]
+    pub ca_pem: Option<String>,
 }
 
 /// `POST /v1/sync/transfers`.
@@ -292,7 +295,10 @@ async fn run_transfer(
         port: req.remote.port,
         user: req.remote.user.clone(),
         key: req.remote.key.clone(),
-        trust: Trust::Pinned(req.remote.fingerprint.clone()),
+        trust: match &req.remote.ca_pem {
+            Some(pem) => Trust::Ca(pem.clone()),
+            None => Trust::Pinned(req.remote.fingerprint.clone()),
+        },
     };
     let remote = Remote::connect(&spec).await?;
     let opts = TransferOptions {
