@@ -524,8 +524,27 @@ fn daemon_down_fails_fast_and_restart_serves_volumes() {
     let Some(_lock) = setup() else { return };
     let _proxy = ProxyGuard;
     let mut s = start_server();
-    let _clean = Cleanup::new(&[], &["myapp"]);
-    run(&s, "myapp", "echo kept > /data/f");
+    let c = "dmtest-survivor";
+    let _clean = Cleanup::new(&[c], &["keepme"]);
+    run(&s, "keepme", "echo kept > /data/f");
+    // A container running across the restarts.
+    docker_ok(
+        &s,
+        &[
+            "run",
+            "-d",
+            "--name",
+            c,
+            "--volume-driver",
+            "dm",
+            "-v",
+            "keepme:/data",
+            IMAGE,
+            "sh",
+            "-c",
+            LOOP,
+        ],
+    );
 
     for crash in [false, true] {
         if crash {
@@ -540,7 +559,7 @@ fn daemon_down_fails_fast_and_restart_serves_volumes() {
             "--volume-driver",
             "dm",
             "-v",
-            "myapp:/data",
+            "keepme:/data",
             IMAGE,
             "cat",
             "/data/f",
@@ -563,8 +582,23 @@ fn daemon_down_fails_fast_and_restart_serves_volumes() {
 
         s.restart();
         // No `docker volume create`: the volume is served again.
-        assert_eq!(run(&s, "myapp", "cat /data/f"), "kept\n");
+        assert_eq!(run(&s, "keepme", "cat /data/f"), "kept\n");
         let ls = docker_ok(&s, &["volume", "ls", "--format", "{{.Driver}} {{.Name}}"]);
-        assert!(ls.lines().any(|l| l == "dm myapp"), "{ls}");
+        assert!(ls.lines().any(|l| l == "dm keepme"), "{ls}");
+        // The running container was restarted onto a live mount.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = docker(&["exec", c, "cat", "/data/f"]);
+            if out.status.success() && out.stdout == b"kept\n" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{c} still has a dead mount: {}\nserver log:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                s.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 }

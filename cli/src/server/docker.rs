@@ -208,6 +208,66 @@ impl DockerIntegration {
     }
 }
 
+impl DockerIntegration {
+    /// At shutdown: aborts the FUSE connection of every mount that
+    /// containers still use (they see ENOTCONN until the server is back and
+    /// restarts them; see [`Self::restart_stale_containers`]).
+    pub fn abort_in_use_mounts(&self) {
+        use std::os::unix::fs::MetadataExt;
+        let paths: Vec<PathBuf> = self
+            .lock()
+            .mounts
+            .iter()
+            .filter(|(_, r)| !r.ids.is_empty())
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in paths {
+            let Ok(meta) = std::fs::metadata(&p) else {
+                continue;
+            };
+            let minor = libc::minor(meta.dev());
+            let abort = PathBuf::from(format!("/sys/fs/fuse/connections/{minor}/abort"));
+            match std::fs::write(&abort, b"1") {
+                Ok(()) => tracing::info!(
+                    "aborted the FUSE connection of {} (in use by containers)",
+                    p.display()
+                ),
+                Err(e) => tracing::warn!("aborting {}: {e}", abort.display()),
+            }
+        }
+    }
+
+    /// At startup: running containers that use a volume of this server were
+    /// started against the previous server's mounts, which died with it.
+    /// Restart them so that they get live mounts again.
+    pub fn restart_stale_containers(&self) {
+        let known: BTreeSet<String> = self.lock().volumes.clone();
+        if known.is_empty() {
+            return;
+        }
+        for c in self.all_containers() {
+            let uses_ours = c.is_running()
+                && c.mounts
+                    .iter()
+                    .any(|m| m.driver == dm_volume_plugin::DRIVER_NAME && known.contains(&m.name));
+            if !uses_ours {
+                continue;
+            }
+            tracing::info!(
+                "restarting container {}: its dm mount died with the previous server",
+                c.name()
+            );
+            let res = block_on(async {
+                self.docker.stop(&c.id).await?;
+                self.docker.start(&c.id).await
+            });
+            if let Err(e) = res {
+                tracing::error!("{e}; restart {} with `docker restart`", c.name());
+            }
+        }
+    }
+}
+
 /// Runs a future from blocking code (the handlers' `spawn_blocking` threads).
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     match tokio::runtime::Handle::try_current() {
@@ -400,13 +460,19 @@ pub async fn serve_plugin(
 pub struct PluginHandle {
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
+    docker: Arc<DockerIntegration>,
 }
 
 impl PluginHandle {
-    /// Stops serving (the proxy stays and answers that the server is down).
+    /// Stops serving (the proxy stays and answers that the server is down),
+    /// then aborts the FUSE connections of mounts that running containers
+    /// still use: their bind mounts keep the connection alive, so unmounting
+    /// would otherwise wait for the containers forever.
     pub async fn stop(self) {
         let _ = self.stop.send(());
         let _ = self.task.await;
+        let docker = self.docker;
+        let _ = tokio::task::spawn_blocking(move || docker.abort_in_use_mounts()).await;
     }
 }
 
@@ -433,6 +499,8 @@ pub async fn start_plugin(
         }
     };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let docker2 = docker.clone();
+    let docker3 = docker.clone();
     let task = tokio::spawn(async move {
         let shutdown = async {
             let _ = rx.await;
@@ -451,9 +519,16 @@ pub async fn start_plugin(
     })
     .await;
     match res {
-        Ok(Ok(msg)) => tracing::info!("{msg}"),
+        Ok(Ok(msg)) => {
+            tracing::info!("{msg}");
+            tokio::task::spawn_blocking(move || docker2.restart_stale_containers());
+        }
         Ok(Err(e)) => tracing::error!("Docker volume plugin: {e:#}"),
         Err(e) => tracing::error!("Docker volume plugin: {e}"),
     }
-    Some(PluginHandle { stop: tx, task })
+    Some(PluginHandle {
+        stop: tx,
+        task,
+        docker: docker3,
+    })
 }

@@ -194,7 +194,7 @@ async fn handler(State(p): State<Arc<Proxy>>, method: Method, uri: Uri, body: By
         }
         _ => {}
     }
-    match forward(&upstream, method, &uri, body).await {
+    match forward(&upstream, method, &uri, body.clone()).await {
         Ok(r) => r,
         Err(e) => match path {
             // Keep Docker from waiting on the lookup: the driver exists,
@@ -203,6 +203,20 @@ async fn handler(State(p): State<Arc<Proxy>>, method: Method, uri: Uri, body: By
                 StatusCode::OK,
                 serde_json::json!({"Implements": ["VolumeDriver"]}),
             ),
+            // Docker asks Get first for volumes it already knows (e.g. one
+            // a container still references) and replaces an error with its
+            // own vague one; answer it so that the next call (Mount) fails
+            // with the message below.
+            "/VolumeDriver.Get" => {
+                let name = serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v.get("Name").and_then(|n| n.as_str()).map(String::from))
+                    .unwrap_or_default();
+                json(
+                    StatusCode::OK,
+                    serde_json::json!({"Volume": {"Name": name, "Status": {"error": "the dm server is not running"}}, "Err": ""}),
+                )
+            }
             "/VolumeDriver.Capabilities" => json(
                 StatusCode::OK,
                 serde_json::json!({"Capabilities": {"Scope": "local"}}),
