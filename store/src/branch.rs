@@ -23,6 +23,8 @@ use std::sync::Arc;
 
 /// Largest xattr value accepted.
 const XATTR_MAX: usize = 64 * 1024;
+/// Clean block copies kept per file (see `FileBuf::clean`).
+const CLEAN_BLOCKS: usize = 2;
 /// A file's buffered blocks are chunked once they pass this many bytes.
 const FILE_BUFFER_MAX: usize = 8 << 20;
 /// Largest file size (2^50 bytes).
@@ -43,7 +45,11 @@ pub(crate) struct BranchState {
 /// Buffered writes of one file.
 #[derive(Default)]
 struct FileBuf {
+    /// Dirty blocks (full block size, zeros past the data).
     blocks: BTreeMap<u64, Vec<u8>>,
+    /// Copies of the last blocks stored, exactly as stored, so that the next
+    /// partial write to them (a log append after an fsync) needs no read.
+    clean: Vec<(u64, Vec<u8>)>,
     /// The file's size including buffered writes (authoritative while the
     /// buffer exists).
     size: u64,
@@ -682,6 +688,7 @@ impl BranchFs {
             changed = true;
             if let Some(g) = fbg.as_mut() {
                 g.size = size;
+                g.clean.clear();
             }
         }
         if let Some(a) = set.atime {
@@ -856,7 +863,12 @@ impl BranchFs {
             let idx = pos / bs;
             let within = (pos % bs) as usize;
             let n = ((bs - pos % bs).min(end - pos)) as usize;
-            if let Some(b) = guard.as_ref().and_then(|g| g.blocks.get(&idx)) {
+            let buffered = guard.as_ref().and_then(|g| {
+                g.blocks
+                    .get(&idx)
+                    .or_else(|| g.clean.iter().find(|(i, _)| *i == idx).map(|(_, b)| b))
+            });
+            if let Some(b) = buffered {
                 out.extend_from_slice(&b[within..within + n]);
             } else {
                 match view.get(&keys::block(ino, idx))? {
@@ -915,7 +927,10 @@ impl BranchFs {
             if !g.blocks.contains_key(&idx) {
                 let block_start = idx * bs;
                 let whole = within == 0 && n == bs as usize;
-                let block = if whole || block_start >= g.size {
+                let clean = g.clean.iter().position(|(i, _)| *i == idx);
+                let block = if let Some(pos) = clean {
+                    g.clean.swap_remove(pos).1
+                } else if whole || block_start >= g.size {
                     vec![0u8; bs as usize]
                 } else {
                     self.stored_block(&view, ino, idx)?
@@ -976,7 +991,25 @@ impl BranchFs {
         }
         let n = g.blocks.len() * bs as usize;
         self.buffered.fetch_sub(n, Ordering::Relaxed);
-        g.blocks.clear();
+        // Keep the last blocks just stored (within the file) as clean
+        // copies, then older clean copies, up to CLEAN_BLOCKS.
+        let size = g.size;
+        let mut flushed = std::mem::take(&mut g.blocks);
+        let mut keep = Vec::with_capacity(CLEAN_BLOCKS);
+        while keep.len() < CLEAN_BLOCKS {
+            match flushed.pop_last() {
+                Some((idx, data)) if idx * bs < size => keep.push((idx, data)),
+                Some(_) => continue,
+                None => break,
+            }
+        }
+        for old in std::mem::take(&mut g.clean) {
+            if keep.len() >= CLEAN_BLOCKS {
+                break;
+            }
+            keep.push(old);
+        }
+        g.clean = keep;
         g.mtime = None;
         Ok(())
     }

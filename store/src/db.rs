@@ -22,6 +22,9 @@ pub const CF_OBJECTS: &str = "objects";
 pub const CF_CHUNKS: &str = "chunks";
 /// Column family: branches' working overlays.
 pub const CF_WORK: &str = "work";
+/// Column family: chunk id -> stored length (u32 LE). Answers "is this
+/// chunk here?" without reading the chunk's blob.
+pub const CF_CHUNK_INDEX: &str = "chunk-index";
 
 /// Tuning of an open store.
 #[derive(Clone, Debug)]
@@ -90,6 +93,7 @@ impl Db {
             rocksdb::ColumnFamilyDescriptor::new(CF_OBJECTS, Options::default()),
             rocksdb::ColumnFamilyDescriptor::new(CF_CHUNKS, chunk_opts),
             rocksdb::ColumnFamilyDescriptor::new(CF_WORK, Options::default()),
+            rocksdb::ColumnFamilyDescriptor::new(CF_CHUNK_INDEX, Options::default()),
         ];
         let path = dir.join("db");
         let db = DB::open_cf_descriptors(&db_opts, &path, cfs).map_err(Error::db(format!(
@@ -187,19 +191,28 @@ impl Db {
     }
 
     fn put_chunk_raw(&self, id: &Id, stored: &[u8]) -> Result<bool> {
-        let cf = self.cf(CF_CHUNKS);
-        let present = self
-            .db
-            .get_pinned_cf(cf, id.0)
-            .map_err(Error::db(format!("checking chunk {}", id.short())))?
-            .is_some();
-        if present {
+        if self.chunk_len(id)?.is_some() {
             return Ok(false);
         }
-        self.db
-            .put_cf(cf, id.0, stored)
-            .map_err(Error::db(format!("writing chunk {}", id.short())))?;
+        let len = u32::try_from(stored.len())
+            .map_err(|_| Error::Corrupt(format!("chunk {} is too large", id.short())))?;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_CHUNKS), id.0, stored);
+        batch.put_cf(self.cf(CF_CHUNK_INDEX), id.0, len.to_le_bytes());
+        self.write(batch, false, &format!("writing chunk {}", id.short()))?;
         Ok(true)
+    }
+
+    /// The stored length of a chunk, if present (from the index: no blob read).
+    pub fn chunk_len(&self, id: &Id) -> Result<Option<u64>> {
+        let v = self
+            .db
+            .get_pinned_cf(self.cf(CF_CHUNK_INDEX), id.0)
+            .map_err(Error::db(format!("checking chunk {}", id.short())))?;
+        Ok(v.map(|b| {
+            b.get(..4)
+                .map_or(0, |l| u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as u64)
+        }))
     }
 
     /// A chunk's decompressed bytes (cached).
@@ -246,7 +259,7 @@ impl ChunkStore for Db {
     }
 
     fn has_many(&self, ids: &[Id]) -> Result<Vec<bool>> {
-        let cf = self.cf(CF_CHUNKS);
+        let cf = self.cf(CF_CHUNK_INDEX);
         let keys: Vec<_> = ids.iter().map(|id| (cf, id.0)).collect();
         self.db
             .multi_get_cf(keys)
@@ -260,13 +273,14 @@ impl ChunkStore for Db {
 
     fn delete(&self, id: &Id) -> Result<()> {
         self.chunks.remove(id);
-        self.db
-            .delete_cf(self.cf(CF_CHUNKS), id.0)
-            .map_err(Error::db(format!("deleting chunk {}", id.short())))
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.cf(CF_CHUNK_INDEX), id.0);
+        batch.delete_cf(self.cf(CF_CHUNKS), id.0);
+        self.write(batch, false, &format!("deleting chunk {}", id.short()))
     }
 
     fn for_each_id(&self, f: &mut dyn FnMut(Id) -> Result<()>) -> Result<()> {
-        let mut it = self.db.raw_iterator_cf(self.cf(CF_CHUNKS));
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_CHUNK_INDEX));
         it.seek_to_first();
         while it.valid() {
             if let Some(k) = it.key() {

@@ -210,7 +210,7 @@ impl Store {
                 report.chunks_kept += 1;
                 continue;
             }
-            let len = db.get(&id)?.map(|v| v.len() as u64).unwrap_or(0);
+            let len = db.chunk_len(&id)?.unwrap_or(0);
             db.delete(&id)?;
             report.chunks_deleted += 1;
             report.bytes_freed += len;

@@ -27,7 +27,6 @@ use crate::meta::{self, BranchRec, DotRec};
 use crate::names::{self, DotName};
 use crate::object::{self, Commit, Node};
 use crate::store::Store;
-use crate::view::clear_overlay;
 use rocksdb::WriteBatch;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -571,8 +570,8 @@ impl Store {
                 }
                 rec.head = Some(new);
                 rec.root = commit.root;
+                self.fresh_working_state(&mut batch, &mut rec)?;
                 self.meta_put(&mut batch, &bkey, &rec);
-                clear_overlay(&self.db, &mut batch, rec.bid);
                 self.db.write(
                     batch,
                     true,
@@ -581,6 +580,7 @@ impl Store {
                 fs.drop_buffers();
                 st.head = Some(new);
                 st.root = commit.root;
+                st.bid = rec.bid;
                 Ok(SetHead::Updated)
             }
         }

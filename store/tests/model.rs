@@ -478,7 +478,7 @@ impl Harness {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
     #[test]
     fn branch_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
         let mut h = Harness::new();
