@@ -652,8 +652,10 @@ impl BranchFs {
         let fb = self.files.lock().get(&ino).cloned();
         let mut fbg = fb.as_ref().map(|f| f.lock());
         if let Some(g) = fbg.as_mut() {
-            self.flush_locked(&st, ino, g)?;
+            self.flush_locked(&st, ino, g, false)?;
         }
+        // A truncate may store a chunk that is already present (see Db::gc_barrier).
+        let _barrier = self.db.gc_barrier.read_recursive();
         let _m = self.meta.lock();
         let mut tx = Tx::new(self.view(&st));
         let mut rec = Self::load(&tx, ino)?;
@@ -950,18 +952,27 @@ impl BranchFs {
         if mine >= FILE_BUFFER_MAX
             || self.buffered.load(Ordering::Relaxed) >= self.db.opts.write_buffer_bytes
         {
-            self.flush_locked(&st, ino, &mut g)?;
+            self.flush_locked(&st, ino, &mut g, false)?;
         }
         Ok(data.len() as u32)
     }
 
     /// Turns a file's buffered blocks into chunks and stores them with the
     /// file's new size and mtime, in one batch.
-    fn flush_locked(&self, st: &BranchState, ino: Ino, g: &mut FileBuf) -> Result<()> {
+    /// Returns whether anything was written.
+    fn flush_locked(
+        &self,
+        st: &BranchState,
+        ino: Ino,
+        g: &mut FileBuf,
+        sync: bool,
+    ) -> Result<bool> {
         if g.blocks.is_empty() && g.mtime.is_none() {
-            return Ok(());
+            return Ok(false);
         }
         let bs = self.block_size as u64;
+        let _barrier = self.db.gc_barrier.read_recursive();
+        let mut batch = rocksdb::WriteBatch::default();
         let mut block_values = Vec::with_capacity(g.blocks.len());
         for (&idx, data) in &g.blocks {
             let start = idx * bs;
@@ -969,7 +980,7 @@ impl BranchFs {
                 continue;
             }
             let len = (g.size - start).min(bs) as usize;
-            let id = self.db.store_chunk(&data[..len])?;
+            let id = self.db.stage_chunk(&mut batch, &data[..len])?;
             block_values.push((keys::block(ino, idx), keys::block_value(&id, len as u32)));
         }
         {
@@ -986,7 +997,8 @@ impl BranchFs {
                 for (k, v) in block_values {
                     tx.put(k, v);
                 }
-                tx.commit(false, "storing written data")?;
+                tx.write_into(&mut batch);
+                self.db.write(batch, sync, "storing written data")?;
             }
         }
         let n = g.blocks.len() * bs as usize;
@@ -1011,7 +1023,7 @@ impl BranchFs {
         }
         g.clean = keep;
         g.mtime = None;
-        Ok(())
+        Ok(true)
     }
 
     /// Stores a file's buffered writes (close).
@@ -1021,11 +1033,17 @@ impl BranchFs {
     }
 
     fn flush_in(&self, st: &BranchState, ino: Ino) -> Result<()> {
+        self.flush_in_sync(st, ino, false).map(|_| ())
+    }
+
+    /// Flushes one file; with `sync` the batch is durable. Returns whether
+    /// anything was written.
+    fn flush_in_sync(&self, st: &BranchState, ino: Ino, sync: bool) -> Result<bool> {
         let fb = self.files.lock().get(&ino).cloned();
-        if let Some(fb) = fb {
-            self.flush_locked(st, ino, &mut fb.lock())?;
+        match fb {
+            Some(fb) => self.flush_locked(st, ino, &mut fb.lock(), sync),
+            None => Ok(false),
         }
-        Ok(())
     }
 
     /// Stores every buffered write of this branch.
@@ -1045,8 +1063,13 @@ impl BranchFs {
 
     /// Makes the file's data and metadata durable before returning.
     pub fn fsync(&self, ino: Ino, _datasync: bool) -> Result<()> {
-        self.flush(ino)?;
-        self.db.sync_wal()
+        let st = self.state()?;
+        // One synced batch when there is buffered data (its WAL sync also
+        // covers every earlier write); a plain WAL sync otherwise.
+        if !self.flush_in_sync(&st, ino, true)? {
+            self.db.sync_wal()?;
+        }
+        Ok(())
     }
 
     /// Bytes buffered in memory, not yet chunked.

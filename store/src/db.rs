@@ -64,6 +64,11 @@ pub struct Db {
     /// While a GC runs: every id written or re-referenced since it began,
     /// which the sweep must keep.
     pub(crate) young: Mutex<Option<HashSet<Id>>>,
+    /// Held (shared) by every writer from the moment it decides a chunk is
+    /// already stored until the batch that references it is written; GC
+    /// takes it exclusively while it starts recording young ids. So a
+    /// reference GC cannot see in its mark was always recorded as young.
+    pub(crate) gc_barrier: parking_lot::RwLock<()>,
     /// Ids imported by transfers still in progress (not yet reachable from
     /// a branch): GC keeps them (see `transfer`). Id -> number of holders.
     pub(crate) pins: Mutex<std::collections::HashMap<Id, u32>>,
@@ -109,6 +114,7 @@ impl Db {
                 ByLen,
             ),
             young: Mutex::new(None),
+            gc_barrier: parking_lot::RwLock::new(()),
             pins: Mutex::new(std::collections::HashMap::new()),
             opts,
         })
@@ -171,6 +177,23 @@ impl Db {
     }
 
     // ---- chunks ----
+
+    /// Hashes a block's bytes and, unless the chunk is already stored, adds
+    /// its compressed form to `batch`; returns its id. Hold `gc_barrier`
+    /// (shared) until the batch and whatever references the id are written.
+    pub fn stage_chunk(&self, batch: &mut WriteBatch, data: &[u8]) -> Result<Id> {
+        let id = Id::of(data);
+        self.note_young(&id);
+        if self.chunks.contains_key(&id) || self.chunk_len(&id)?.is_some() {
+            return Ok(id);
+        }
+        let stored = chunk::encode(data);
+        let len = u32::try_from(stored.len())
+            .map_err(|_| Error::Corrupt(format!("chunk {} is too large", id.short())))?;
+        batch.put_cf(self.cf(CF_CHUNKS), id.0, &stored);
+        batch.put_cf(self.cf(CF_CHUNK_INDEX), id.0, len.to_le_bytes());
+        Ok(id)
+    }
 
     /// Hashes, compresses and stores a block's bytes; returns its id.
     pub fn store_chunk(&self, data: &[u8]) -> Result<Id> {

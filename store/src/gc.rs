@@ -152,7 +152,11 @@ impl Store {
         // the overlays or kept as young.
         // Ids pinned by transfers in progress count as young from the start.
         let pinned: HashSet<Id> = self.db.pins.lock().keys().copied().collect();
-        *self.db.young.lock() = Some(pinned);
+        {
+            // Writers that decided "chunk already stored" finish first.
+            let _barrier = self.db.gc_barrier.write();
+            *self.db.young.lock() = Some(pinned);
+        }
         let result = self.gc_inner();
         *self.db.young.lock() = None;
         result

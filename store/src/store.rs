@@ -301,6 +301,8 @@ impl Store {
             )));
         }
         let _a = self.admin.lock();
+        // Ref and object writes finish before a GC starts marking (see Db::gc_barrier).
+        let _b = self.db.gc_barrier.read_recursive();
         let key = meta::dot_key(&dot.namespace, &dot.name);
         if self.meta_get::<DotRec>(&key, "dot")?.is_some() {
             return Err(Error::AlreadyExists {
@@ -351,6 +353,8 @@ impl Store {
     /// Deletes a dot and all its branches; its data is reclaimed by GC.
     pub fn delete_dot(&self, dot: &DotName) -> Result<()> {
         let _a = self.admin.lock();
+        // Ref and object writes finish before a GC starts marking (see Db::gc_barrier).
+        let _b = self.db.gc_barrier.read_recursive();
         let d = self.dot_rec(dot)?;
         let mut batch = WriteBatch::default();
         let recs = self.branch_recs(&d)?;
@@ -373,6 +377,8 @@ impl Store {
     /// Sets the branch that unpinned mounts of the dot follow.
     pub fn set_current_branch(&self, dot: &DotName, branch: &str) -> Result<()> {
         let _a = self.admin.lock();
+        // Ref and object writes finish before a GC starts marking (see Db::gc_barrier).
+        let _b = self.db.gc_barrier.read_recursive();
         let mut d = self.dot_rec(dot)?;
         self.branch_rec(&d, branch)?;
         d.current_branch = branch.to_string();
@@ -440,6 +446,8 @@ impl Store {
     pub fn create_branch(&self, dot: &DotName, new: &str, from: Option<Id>) -> Result<BranchInfo> {
         names::validate("branch", new)?;
         let _a = self.admin.lock();
+        // Ref and object writes finish before a GC starts marking (see Db::gc_barrier).
+        let _b = self.db.gc_barrier.read_recursive();
         let d = self.dot_rec(dot)?;
         if self.branch_rec(&d, new).is_ok() {
             return Err(Error::AlreadyExists {
@@ -490,6 +498,8 @@ impl Store {
     /// branches were created from unless `force`.
     pub fn delete_branch(&self, dot: &DotName, branch: &str, force: bool) -> Result<()> {
         let _a = self.admin.lock();
+        // Ref and object writes finish before a GC starts marking (see Db::gc_barrier).
+        let _b = self.db.gc_barrier.read_recursive();
         let d = self.dot_rec(dot)?;
         let rec = self.branch_rec(&d, branch)?;
         if d.current_branch == branch {
@@ -546,6 +556,8 @@ impl Store {
             }
         }
         let _a = self.admin.lock();
+        // Ref and object writes finish before a GC starts marking (see Db::gc_barrier).
+        let _b = self.db.gc_barrier.read_recursive();
         let d = self.dot_rec(dot)?;
         let mut rec = self.branch_rec(&d, branch)?;
         let fs = self.fs_for(&d, branch, &rec)?;
@@ -766,6 +778,8 @@ impl Store {
     /// Without `hard`, refuses when there are uncommitted changes.
     pub fn reset(&self, dot: &DotName, branch: &str, target: Id, hard: bool) -> Result<()> {
         let _a = self.admin.lock();
+        // Ref and object writes finish before a GC starts marking (see Db::gc_barrier).
+        let _b = self.db.gc_barrier.read_recursive();
         let d = self.dot_rec(dot)?;
         let mut rec = self.branch_rec(&d, branch)?;
         let fs = self.fs_for(&d, branch, &rec)?;

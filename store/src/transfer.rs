@@ -495,6 +495,8 @@ impl Store {
         }
         self.db.note_young(&new);
         let _a = self.admin.lock();
+        // Ref and object writes finish before a GC starts marking (see Db::gc_barrier).
+        let _b = self.db.gc_barrier.read_recursive();
         let key = meta::dot_key(&dot.namespace, &dot.name);
         let existing: Option<DotRec> = self.meta_get(&key, "dot")?;
         let mut batch = WriteBatch::default();

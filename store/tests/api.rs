@@ -488,3 +488,47 @@ fn posix_semantics() {
     commit(&store, &dot, "master", "all");
     assert_eq!(fs.readdir(d.ino, 0, 1000).unwrap().len(), 502);
 }
+
+#[test]
+fn gc_is_safe_while_branches_are_written() {
+    let (_d, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gc = {
+        let store = store.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut runs = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                store.gc().unwrap();
+                runs += 1;
+            }
+            runs
+        })
+    };
+    // Content repeats across files and rounds, so writes often dedup
+    // against chunks that have just become garbage.
+    let content =
+        |k: u32| -> Vec<u8> { (0..70_000u32).map(|i| ((i + k % 3) % 251) as u8).collect() };
+    for round in 0..300u32 {
+        let name = format!("f{}", round % 5);
+        write_file(&fs, &name, &content(round));
+        if round % 4 == 0 {
+            commit(&store, &dot, "master", "c");
+        }
+        if round % 9 == 8 {
+            let id = store.resolve(&dot, "master", "HEAD^").unwrap();
+            store.reset(&dot, "master", id, true).unwrap();
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(gc.join().unwrap() > 0);
+    store.gc().unwrap();
+    let report = store.fsck().unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+    for k in 0..5 {
+        if let Some(data) = read_file(&fs, &format!("f{k}")) {
+            assert_eq!(data.len(), 70_000);
+        }
+    }
+}
