@@ -132,8 +132,8 @@ struct Known {
 /// State shared between the FUSE request loops and the [`Mount`] handle.
 struct Shared {
     view: RwLock<View>,
-    /// The kernel writeback cache is on: dirty pages live in the kernel
-    /// until it writes them back, so switch() must sync them first.
+    /// Ask for the kernel writeback cache in init (dirty pages then live in
+    /// the kernel until written back; see [`Mount::sync`]).
     writeback: bool,
     subdot: String,
     known: Mutex<Known>,
@@ -980,9 +980,13 @@ impl Mount {
         let root = fs
             .subdot_ino(&self.shared.subdot, true)
             .map_err(store_io_error)?;
-        if self.shared.writeback {
-            // Dirty pages cached by the kernel belong to the old branch.
-            syncfs(&self.path)?;
+        // Dirty pages (mmap writes, or any write with the writeback cache)
+        // and times cached by the kernel belong to the old branch: write
+        // them back before swapping. Errors are expected for inodes deleted
+        // meanwhile (ENOENT on their time update) and must not block a
+        // checkout.
+        if let Err(e) = self.sync() {
+            debug!("syncfs before switch of {}: {e}", self.path.display());
         }
         {
             // Waits for requests in flight on the old branch to finish.
@@ -1015,6 +1019,15 @@ impl Mount {
             }
         }
         Ok(())
+    }
+
+    /// Writes back everything the kernel still caches dirty for this mount
+    /// (pages of shared mmaps, and all written data when the writeback cache
+    /// is on) into the branch, like syncfs(2). Call it before committing or
+    /// resetting the mounted branch so that the commit sees every write that
+    /// has returned, and no old page lands in the reset state.
+    pub fn sync(&self) -> io::Result<()> {
+        syncfs(&self.path)
     }
 
     /// The mount point.

@@ -548,6 +548,11 @@ fn child_mount_helper() {
     )
     .expect("mount");
     fs::write(Path::new(&path).join("alive"), b"1").expect("write");
+    // Tell the parent only now: killing this process while one of its own
+    // threads waits on its own mount (e.g. close() flushing to the writeback
+    // cache) would leave that thread in D state forever.
+    println!("DM_FS_CHILD_READY");
+    std::io::stdout().flush().expect("flush stdout");
     std::thread::sleep(std::time::Duration::from_secs(60));
 }
 
@@ -562,13 +567,14 @@ fn dead_mount_is_cleaned_up() {
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "child_mount_helper", "--nocapture"])
         .env("DM_FS_CHILD_MOUNT", &mnt)
+        .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !mnt.join("alive").exists() {
-        assert!(std::time::Instant::now() < deadline, "child never mounted");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let stdout = child.stdout.take().unwrap();
+    let ready = std::io::BufRead::lines(std::io::BufReader::new(stdout))
+        .map_while(Result::ok)
+        .any(|l| l.contains("DM_FS_CHILD_READY"));
+    assert!(ready, "child never mounted");
     child.kill().unwrap(); // SIGKILL: the mount stays, its server is gone
     child.wait().unwrap();
     // (The root's attributes may still be cached by the kernel: ask for a name.)
@@ -589,4 +595,89 @@ fn dead_mount_is_cleaned_up() {
     .unwrap();
     fs::write(mnt.join("x"), b"x").unwrap();
     m.unmount().unwrap();
+}
+
+/// Not a test on its own: with DM_FS_CHILD_MMAP=FILE, maps FILE shared,
+/// dirties 16 bytes at 4096 through the mapping, says ready and waits for
+/// stdin to close. A separate process: a FUSE server must not fault on its
+/// own mount (munmap holds mmap_lock while the kernel waits for writeback,
+/// and the server's own allocations need that lock).
+#[test]
+fn child_mmap_writer() {
+    let Some(path) = std::env::var_os("DM_FS_CHILD_MMAP") else {
+        return;
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("open");
+    use std::os::fd::AsRawFd;
+    // SAFETY: mapping 8192 bytes of an open 8192-byte file, shared, RW.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            8192,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(addr, libc::MAP_FAILED);
+    // SAFETY: addr maps 8192 writable bytes.
+    unsafe { std::ptr::write_bytes(addr.cast::<u8>().add(4096), b'Z', 16) };
+    println!("DM_FS_CHILD_READY");
+    std::io::stdout().flush().expect("flush stdout");
+    let mut rest = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut rest);
+}
+
+#[test]
+fn sync_before_commit_captures_mmap_writes() {
+    let Some(mut f) = setup("__default__") else {
+        return;
+    };
+    let p = f.p("mapped");
+    fs::write(&p, vec![b'a'; 8192]).unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_mmap_writer", "--nocapture"])
+        .env("DM_FS_CHILD_MMAP", &p)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let ready = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|l| l.contains("DM_FS_CHILD_READY"));
+    assert!(ready, "child never wrote");
+    // The dirty page is still only in the kernel: sync() must bring it in.
+    let mount = f.mount.take().expect("mounted");
+    mount.sync().unwrap();
+    let c = f
+        .store
+        .commit(
+            &f.dot,
+            "master",
+            CommitRequest {
+                message: "mmap".into(),
+                author: "test".into(),
+                metadata: BTreeMap::new(),
+            },
+        )
+        .unwrap();
+    drop(child.stdin.take());
+    lines.for_each(drop); // drain, so the child never writes into a closed pipe
+    assert!(child.wait().unwrap().success());
+    f.store.create_branch(&f.dot, "snap", Some(c.id)).unwrap();
+    mount
+        .switch(f.store.branch_fs(&f.dot, "snap").unwrap())
+        .unwrap();
+    let data = fs::read(&p).unwrap();
+    assert_eq!(&data[4096..4112], &[b'Z'; 16]);
+    assert_eq!(data[4112], b'a');
+    mount.unmount().unwrap();
 }
