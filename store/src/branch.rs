@@ -43,8 +43,14 @@ pub(crate) struct BranchState {
 }
 
 /// Buffered writes of one file.
-#[derive(Default)]
 struct FileBuf {
+    /// The branch's count of buffered bytes, kept exact: blocks are added
+    /// with `insert_block`, taken by flushes, and released on drop.
+    counter: Arc<AtomicUsize>,
+    block_size: usize,
+    /// Removed from the branch's map (clean at the last release); a writer
+    /// that finds this set takes a fresh buffer instead.
+    detached: bool,
     /// Dirty blocks (full block size, zeros past the data).
     blocks: BTreeMap<u64, Vec<u8>>,
     /// Copies of the last blocks stored, exactly as stored, so that the next
@@ -57,6 +63,44 @@ struct FileBuf {
     mtime: Option<Timestamp>,
 }
 
+impl FileBuf {
+    fn new(counter: Arc<AtomicUsize>, block_size: usize) -> FileBuf {
+        FileBuf {
+            counter,
+            block_size,
+            detached: false,
+            blocks: BTreeMap::new(),
+            clean: Vec::new(),
+            size: 0,
+            mtime: None,
+        }
+    }
+
+    fn insert_block(&mut self, idx: u64, data: Vec<u8>) {
+        if self.blocks.insert(idx, data).is_none() {
+            self.counter.fetch_add(self.block_size, Ordering::Relaxed);
+        }
+    }
+
+    fn take_blocks(&mut self) -> BTreeMap<u64, Vec<u8>> {
+        let blocks = std::mem::take(&mut self.blocks);
+        self.counter
+            .fetch_sub(blocks.len() * self.block_size, Ordering::Relaxed);
+        blocks
+    }
+
+    fn is_clean(&self) -> bool {
+        self.blocks.is_empty() && self.mtime.is_none()
+    }
+}
+
+impl Drop for FileBuf {
+    fn drop(&mut self) {
+        self.counter
+            .fetch_sub(self.blocks.len() * self.block_size, Ordering::Relaxed);
+    }
+}
+
 /// The working state of one branch of one dot, with filesystem calls.
 pub struct BranchFs {
     pub(crate) db: Arc<Db>,
@@ -67,7 +111,7 @@ pub struct BranchFs {
     pub(crate) state: RwLock<BranchState>,
     meta: Mutex<()>,
     files: Mutex<HashMap<Ino, Arc<Mutex<FileBuf>>>>,
-    buffered: AtomicUsize,
+    buffered: Arc<AtomicUsize>,
     open: Mutex<HashMap<Ino, u32>>,
 }
 
@@ -103,7 +147,7 @@ impl BranchFs {
             }),
             meta: Mutex::new(()),
             files: Mutex::new(HashMap::new()),
-            buffered: AtomicUsize::new(0),
+            buffered: Arc::new(AtomicUsize::new(0)),
             open: Mutex::new(HashMap::new()),
         };
         fs.purge_orphans()?;
@@ -434,10 +478,10 @@ impl BranchFs {
             tx.delete(k);
         }
         tx.delete(keys::inode(ino));
-        if let Some(fb) = self.files.lock().remove(&ino) {
-            let n = fb.lock().blocks.len() * self.block_size as usize;
-            self.buffered.fetch_sub(n, Ordering::Relaxed);
-        }
+        // Called with `meta` held: drop the buffer without locking it
+        // (a flush holds a buffer, then takes `meta`). Its bytes leave the
+        // count when the last holder lets go (FileBuf::drop).
+        self.files.lock().remove(&ino);
         Ok(())
     }
 
@@ -791,7 +835,17 @@ impl BranchFs {
                     return Ok(());
                 }
             }
-            self.files.lock().remove(&ino);
+            // Forget the buffer if it is clean; a writer racing with this
+            // sees `detached` and starts a fresh one.
+            let mut files = self.files.lock();
+            let clean = files.get(&ino).map(|fb| {
+                let mut g = fb.lock();
+                g.detached = g.is_clean();
+                g.detached
+            });
+            if clean == Some(true) {
+                files.remove(&ino);
+            }
         }
         Ok(())
     }
@@ -899,14 +953,41 @@ impl BranchFs {
             .checked_add(data.len() as u64)
             .filter(|e| *e <= MAX_FILE_SIZE)
             .ok_or(Error::fs("write", EFBIG))?;
-        let fb = {
-            let mut files = self.files.lock();
-            files.entry(ino).or_default().clone()
-        };
-        let mut g = fb.lock();
-        if g.blocks.is_empty() && g.mtime.is_none() {
+        loop {
+            let fb = {
+                let mut files = self.files.lock();
+                files
+                    .entry(ino)
+                    .or_insert_with(|| {
+                        Arc::new(Mutex::new(FileBuf::new(
+                            self.buffered.clone(),
+                            self.block_size as usize,
+                        )))
+                    })
+                    .clone()
+            };
+            let mut g = fb.lock();
+            if g.detached {
+                continue;
+            }
+            return self.write_locked(&st, &view, ino, offset, data, end, &mut g);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)] // the parts of write() with the buffer held
+    fn write_locked(
+        &self,
+        st: &BranchState,
+        view: &View,
+        ino: Ino,
+        offset: u64,
+        data: &[u8],
+        end: u64,
+        g: &mut FileBuf,
+    ) -> Result<u32> {
+        if g.is_clean() {
             // (Re)load the size: the buffer is fresh or fully flushed.
-            let rec = Self::load_view(&view, ino)?;
+            let rec = Self::load_view(view, ino)?;
             if rec.kind != FileKind::File {
                 return Err(Error::fs(
                     "write",
@@ -935,10 +1016,9 @@ impl BranchFs {
                 } else if whole || block_start >= g.size {
                     vec![0u8; bs as usize]
                 } else {
-                    self.stored_block(&view, ino, idx)?
+                    self.stored_block(view, ino, idx)?
                 };
-                g.blocks.insert(idx, block);
-                self.buffered.fetch_add(bs as usize, Ordering::Relaxed);
+                g.insert_block(idx, block);
             }
             if let Some(b) = g.blocks.get_mut(&idx) {
                 b[within..within + n].copy_from_slice(&src[..n]);
@@ -952,7 +1032,7 @@ impl BranchFs {
         if mine >= FILE_BUFFER_MAX
             || self.buffered.load(Ordering::Relaxed) >= self.db.opts.write_buffer_bytes
         {
-            self.flush_locked(&st, ino, &mut g, false)?;
+            self.flush_locked(st, ino, g, false)?;
         }
         Ok(data.len() as u32)
     }
@@ -967,7 +1047,7 @@ impl BranchFs {
         g: &mut FileBuf,
         sync: bool,
     ) -> Result<bool> {
-        if g.blocks.is_empty() && g.mtime.is_none() {
+        if g.is_clean() {
             return Ok(false);
         }
         let bs = self.block_size as u64;
@@ -1001,12 +1081,10 @@ impl BranchFs {
                 self.db.write(batch, sync, "storing written data")?;
             }
         }
-        let n = g.blocks.len() * bs as usize;
-        self.buffered.fetch_sub(n, Ordering::Relaxed);
         // Keep the last blocks just stored (within the file) as clean
         // copies, then older clean copies, up to CLEAN_BLOCKS.
         let size = g.size;
-        let mut flushed = std::mem::take(&mut g.blocks);
+        let mut flushed = g.take_blocks();
         let mut keep = Vec::with_capacity(CLEAN_BLOCKS);
         while keep.len() < CLEAN_BLOCKS {
             match flushed.pop_last() {
@@ -1079,8 +1157,8 @@ impl BranchFs {
 
     /// Drops every buffer (reset): the working state is being replaced.
     pub(crate) fn drop_buffers(&self) {
+        // Their bytes leave the count as the buffers are dropped.
         self.files.lock().clear();
-        self.buffered.store(0, Ordering::Relaxed);
     }
 
     // ---- directories ----
