@@ -383,6 +383,17 @@ impl MountManager {
         f: impl FnOnce() -> ApiResult<T>,
     ) -> ApiResult<T> {
         let entries = self.lock();
+        // Write back what the kernel still holds dirty (shared mmaps) before
+        // the reset, so it lands in the state being discarded and not, by a
+        // later writeback, on top of the restored one.
+        for e in entries
+            .iter()
+            .filter(|e| &e.volume.dot == dot && e.mount.branch() == branch)
+        {
+            if let Err(err) = e.mount.sync() {
+                tracing::warn!("syncing {} before a reset: {err}", e.path.display());
+            }
+        }
         let out = f()?;
         let shown: Vec<&Entry> = entries
             .iter()
