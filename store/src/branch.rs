@@ -825,26 +825,31 @@ impl BranchFs {
         self.flush(ino)?;
         if last {
             let st = self.state()?;
-            let _m = self.meta.lock();
-            let mut tx = Tx::new(self.view(&st));
-            if let Ok(rec) = Self::load(&tx, ino) {
-                if rec.nlink == 0 {
-                    self.destroy(&mut tx, ino)?;
-                    tx.delete(keys::orphan(ino));
-                    tx.commit(false, "freeing an unlinked file")?;
-                    return Ok(());
+            {
+                let _m = self.meta.lock();
+                let mut tx = Tx::new(self.view(&st));
+                if let Ok(rec) = Self::load(&tx, ino) {
+                    if rec.nlink == 0 {
+                        self.destroy(&mut tx, ino)?;
+                        tx.delete(keys::orphan(ino));
+                        tx.commit(false, "freeing an unlinked file")?;
+                        return Ok(());
+                    }
                 }
             }
             // Forget the buffer if it is clean; a writer racing with this
-            // sees `detached` and starts a fresh one.
-            let mut files = self.files.lock();
-            let clean = files.get(&ino).map(|fb| {
+            // sees `detached` and starts a fresh one. Locks in the order
+            // above: the buffer (no `meta` held), then the `files` map.
+            let fb = self.files.lock().get(&ino).cloned();
+            if let Some(fb) = fb {
                 let mut g = fb.lock();
-                g.detached = g.is_clean();
-                g.detached
-            });
-            if clean == Some(true) {
-                files.remove(&ino);
+                if g.is_clean() {
+                    g.detached = true;
+                    let mut files = self.files.lock();
+                    if files.get(&ino).is_some_and(|cur| Arc::ptr_eq(cur, &fb)) {
+                        files.remove(&ino);
+                    }
+                }
             }
         }
         Ok(())
