@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# Runs the whole test suite (what README's second quick-start command runs).
+# Runs the whole test suite (what README's second quick-start command runs):
+# every crate's unit, property, crash and end-to-end tests (real FUSE mounts,
+# real `dm` binaries, Docker, PostgreSQL), then pjdfstest and fsx on a mount.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/dm-target}"
 cargo build --release --workspace --all-targets
 cargo test --release --workspace -- --test-threads=2
+# POSIX conformance and the file exerciser, on a real dm mount.
+# The gate tolerates 2 failures: timing-sensitive ctime checks have failed once
+# in ~10 runs on a loaded 2-core machine (see fs/PJDFSTEST.md); usually 0.
+PJD_MAX_FAILED="${PJD_MAX_FAILED:-2}" bash ci/fs-suites.sh
