@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# FUSE vs native, in the same run (issue 3): fio sequential 1 MiB writes with
+# end_fsync and sequential reads (page cache dropped first), random 8 KiB
+# writes with an fsync every 16 and random 8 KiB reads, and create+stat+unlink
+# of 10,000 small files. Prints a Markdown table with ratios dm/native.
+# Run as root:  bash bench/fuse/fio.sh      (FIO_SIZE=1g, FIO_SECONDS=20)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/dm-target}"
+DM="${DM:-$CARGO_TARGET_DIR/release/dm}"
+[ -x "$DM" ] || cargo build --release -p dm-cli >&2
+SIZE="${FIO_SIZE:-1g}"
+SECS="${FIO_SECONDS:-20}"
+work=$(mktemp -d /var/tmp/dm-fio.XXXXXX)
+export DM_SOCKET="$work/dm.sock" DM_CONFIG="$work/config.toml"
+"$DM" server --data-dir "$work/data" --mount-dir "$work/mnt" --socket "$DM_SOCKET" \
+  --no-plugin --listen off >"$work/server.log" 2>&1 &
+server=$!
+trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$work"' EXIT
+for _ in $(seq 1 200); do "$DM" version >/dev/null 2>&1 && break; sleep 0.05; done
+"$DM" init fio >/dev/null
+dm_dir=$("$DM" --dot fio mount fio)
+native="$work/native"; mkdir -p "$native"
+
+# fio JSON -> MiB/s of the job's main direction.
+bw() { python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; d=sys.argv[1]; print("%.1f" % (j[d]["bw_bytes"]/1048576))' "$1"; }
+job() { # dir name direction fio-args...
+  local dir=$1 name=$2 dirn=$3; shift 3
+  fio --name="$name" --directory="$dir" --output-format=json "$@" 2>/dev/null | bw "$dirn"
+}
+files() { # dir -> seconds for create+stat+unlink of 10,000 files
+  python3 - "$1" <<'PY'
+import os, sys, time
+d = os.path.join(sys.argv[1], "many"); os.makedirs(d, exist_ok=True)
+t = time.perf_counter()
+for i in range(10000):
+    with open(os.path.join(d, f"f{i}"), "wb") as f: f.write(b"x" * 100)
+for i in range(10000): os.stat(os.path.join(d, f"f{i}"))
+for i in range(10000): os.unlink(os.path.join(d, f"f{i}"))
+print("%.2f" % (time.perf_counter() - t))
+PY
+}
+row() { # label native dm higher-is-better(1/0)
+  local r
+  if [ "$4" = 1 ]; then r=$(awk -v a="$3" -v b="$2" 'BEGIN{printf "%.2f", a/b}')
+  else r=$(awk -v a="$3" -v b="$2" 'BEGIN{printf "%.2f", b/a}'); fi
+  echo "| $1 | $2 | $3 | $r |"
+}
+echo "# FUSE vs native"
+echo
+echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM, $(df -T "$work" | awk 'NR==2{print $2, $1}'). Command: \`FIO_SIZE=$SIZE FIO_SECONDS=$SECS bash bench/fuse/fio.sh\`."
+echo
+echo "| workload | native | dm | dm/native (higher is better) |"
+echo "|---|---|---|---|"
+for d in "$native" "$dm_dir"; do
+  out=()
+  out+=("$(job "$d" seqw write --rw=write --bs=1m --size="$SIZE" --end_fsync=1)")
+  out+=("$(job "$d" seqw read --rw=read --bs=1m --size="$SIZE" --invalidate=1)")
+  out+=("$(job "$d" randw write --rw=randwrite --bs=8k --size=256m --fsync=16 --time_based --runtime="$SECS")")
+  out+=("$(job "$d" randw read --rw=randread --bs=8k --size=256m --invalidate=1 --time_based --runtime="$SECS")")
+  out+=("$(files "$d")")
+  rm -rf "$d"/seqw* "$d"/randw* "$d"/many
+  if [ "$d" = "$native" ]; then n=("${out[@]}"); else m=("${out[@]}"); fi
+done
+row "sequential write 1 MiB, end_fsync (MiB/s)" "${n[0]}" "${m[0]}" 1
+row "sequential read 1 MiB, cold cache (MiB/s)" "${n[1]}" "${m[1]}" 1
+row "random write 8 KiB, fsync every 16 (MiB/s)" "${n[2]}" "${m[2]}" 1
+row "random read 8 KiB, cold cache (MiB/s)" "${n[3]}" "${m[3]}" 1
+row "create+stat+unlink 10,000 files (s)" "${n[4]}" "${m[4]}" 0
