@@ -234,10 +234,29 @@ fn entry_size(k: &[u8], v: usize) -> usize {
 }
 
 fn split_leaf(entries: Vec<(Vec<u8>, Vec<u8>)>, out: &mut NewNodes) -> Vec<(Vec<u8>, Id)> {
+    split(entries, |v| v.len(), Node::Leaf, out)
+}
+
+fn split_inner(children: Vec<(Vec<u8>, Id)>, out: &mut NewNodes) -> Vec<(Vec<u8>, Id)> {
+    split(children, |_| 32, Node::Inner, out)
+}
+
+/// Cuts sorted entries into nodes of at most NODE_MAX bytes (pieces of about
+/// NODE_TARGET when they must be cut), stores each in `out`, and returns
+/// (first key, id) per node. `value_len` sizes an entry's value.
+fn split<T>(
+    entries: Vec<(Vec<u8>, T)>,
+    value_len: impl Fn(&T) -> usize,
+    node: impl Fn(Vec<(Vec<u8>, T)>) -> Node,
+    out: &mut NewNodes,
+) -> Vec<(Vec<u8>, Id)> {
     if entries.is_empty() {
         return Vec::new();
     }
-    let total: usize = entries.iter().map(|(k, v)| entry_size(k, v.len())).sum();
+    let total: usize = entries
+        .iter()
+        .map(|(k, v)| entry_size(k, value_len(v)))
+        .sum();
     let mut groups = Vec::new();
     if total <= NODE_MAX {
         groups.push(entries);
@@ -245,7 +264,7 @@ fn split_leaf(entries: Vec<(Vec<u8>, Vec<u8>)>, out: &mut NewNodes) -> Vec<(Vec<
         let mut cur = Vec::new();
         let mut size = 0;
         for e in entries {
-            size += entry_size(&e.0, e.1.len());
+            size += entry_size(&e.0, value_len(&e.1));
             cur.push(e);
             if size >= NODE_TARGET {
                 groups.push(std::mem::take(&mut cur));
@@ -260,38 +279,7 @@ fn split_leaf(entries: Vec<(Vec<u8>, Vec<u8>)>, out: &mut NewNodes) -> Vec<(Vec<
         .into_iter()
         .map(|g| {
             let first = g[0].0.clone();
-            let (id, bytes) = encode_node(&Node::Leaf(g));
-            out.push((id, bytes));
-            (first, id)
-        })
-        .collect()
-}
-
-fn split_inner(children: Vec<(Vec<u8>, Id)>, out: &mut NewNodes) -> Vec<(Vec<u8>, Id)> {
-    let total: usize = children.iter().map(|(k, _)| entry_size(k, 32)).sum();
-    let mut groups = Vec::new();
-    if total <= NODE_MAX {
-        groups.push(children);
-    } else {
-        let mut cur = Vec::new();
-        let mut size = 0;
-        for c in children {
-            size += entry_size(&c.0, 32);
-            cur.push(c);
-            if size >= NODE_TARGET {
-                groups.push(std::mem::take(&mut cur));
-                size = 0;
-            }
-        }
-        if !cur.is_empty() {
-            groups.push(cur);
-        }
-    }
-    groups
-        .into_iter()
-        .map(|g| {
-            let first = g[0].0.clone();
-            let (id, bytes) = encode_node(&Node::Inner(g));
+            let (id, bytes) = encode_node(&node(g));
             out.push((id, bytes));
             (first, id)
         })
