@@ -8,7 +8,7 @@
 //! [`Ctx::plot`].
 
 pub mod dedup;
-pub mod pending;
+pub mod external;
 pub mod versioning;
 
 use crate::plot::{self, LineChart};
@@ -87,17 +87,17 @@ pub fn all() -> Vec<Section> {
         Section {
             id: "fuse",
             title: "FUSE vs native filesystem",
-            run: pending::fuse_vs_native,
+            run: external::fuse_vs_native,
         },
         Section {
             id: "push",
             title: "Push bytes vs ideal and vs rsync",
-            run: pending::push_bytes,
+            run: external::push_bytes,
         },
         Section {
             id: "postgres",
             title: "PostgreSQL TPS on dm vs native",
-            run: pending::postgres_tps,
+            run: external::postgres_tps,
         },
     ]
 }
