@@ -14,7 +14,7 @@ fn repo_root() -> PathBuf {
 }
 
 /// Runs `cmd`, embeds its Markdown (without its `# ` title) in the report,
-/// and adds a headline of its table rows (first and last cells).
+/// and adds a headline of its first table's rows.
 fn embed(ctx: &mut Ctx, what: &str, cmd: &mut Command) -> Result<Outcome> {
     let out = match cmd.current_dir(repo_root()).output() {
         Ok(out) => out,
@@ -32,18 +32,20 @@ fn embed(ctx: &mut Ctx, what: &str, cmd: &mut Command) -> Result<Outcome> {
     let text = String::from_utf8_lossy(&out.stdout);
     let body: Vec<&str> = text.lines().filter(|l| !l.starts_with("# ")).collect();
     ctx.report.raw(&format!("{}\n", body.join("\n")));
-    // Headline: each table row's first and last cells (the case and its ratio).
+    // Headline: the rows of the first table, cells joined with " / ".
     let cells: Vec<String> = body
         .iter()
-        .filter(|l| l.starts_with("| ") && !l.starts_with("|---"))
+        .skip_while(|l| !l.starts_with("| "))
+        .take_while(|l| l.starts_with('|'))
+        .filter(|l| !l.starts_with("|---"))
         .skip(1)
-        .filter_map(|l| {
+        .map(|l| {
             let c: Vec<&str> = l
                 .split('|')
                 .map(str::trim)
                 .filter(|c| !c.is_empty())
                 .collect();
-            Some(format!("{} {}", c.first()?, c.last()?))
+            c.join(" / ")
         })
         .collect();
     if !cells.is_empty() {
