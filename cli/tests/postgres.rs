@@ -175,6 +175,24 @@ impl Pg {
         .to_string()
     }
 
+    /// Runs pg_amcheck (heap and all indexes) and returns its output.
+    fn amcheck(&self) -> String {
+        self.psql("CREATE EXTENSION IF NOT EXISTS amcheck");
+        as_postgres(
+            &pg_bin("pg_amcheck"),
+            &[
+                "-h",
+                self.sock.path().to_str().unwrap(),
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "--heapallindexed",
+                "postgres",
+            ],
+        )
+    }
+
     fn pgbench(&self, args: &[&str]) -> Child {
         let mut cmd = Command::new("runuser");
         cmd.args(["-u", "postgres", "--"])
@@ -260,20 +278,7 @@ fn postgres_commit_reset_branch() {
     pg.start();
     assert_eq!(pg.psql("SELECT count(*) FROM t"), "10000");
     assert_eq!(pg.psql("SELECT count(*) FROM t WHERE id = 20001"), "0");
-    pg.psql("CREATE EXTENSION IF NOT EXISTS amcheck");
-    let check = as_postgres(
-        &pg_bin("pg_amcheck"),
-        &[
-            "-h",
-            pg.sock.path().to_str().unwrap(),
-            "-p",
-            &pg.port.to_string(),
-            "-U",
-            "postgres",
-            "--heapallindexed",
-            "postgres",
-        ],
-    );
+    let check = pg.amcheck();
     assert!(!check.contains("corrupt"), "{check}");
     pg.stop();
 }
@@ -325,29 +330,8 @@ fn postgres_survives_dm_kill9_under_pgbench() {
         let mut i = 0u64;
         while start.elapsed() < Duration::from_millis(1500 + 300 * round as u64) {
             let id = base + i;
-            let out = Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .arg(pg_bin("psql"))
-                .args([
-                    "-h",
-                    pg.sock.path().to_str().unwrap(),
-                    "-p",
-                    &pg.port.to_string(),
-                    "-U",
-                    "postgres",
-                    "-At",
-                    "-c",
-                ])
-                .arg(format!("INSERT INTO acked VALUES ({id})"))
-                .arg("postgres")
-                .stdin(Stdio::null())
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "insert failed before the kill: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            // Panics unless PostgreSQL acknowledged the commit.
+            pg.psql(&format!("INSERT INTO acked VALUES ({id})"));
             last_acked = Some(id);
             i += 1;
         }
@@ -379,20 +363,7 @@ fn postgres_survives_dm_kill9_under_pgbench() {
             "round {round}: acknowledged inserts lost"
         );
         acked_total += n;
-        pg.psql("CREATE EXTENSION IF NOT EXISTS amcheck");
-        let check = as_postgres(
-            &pg_bin("pg_amcheck"),
-            &[
-                "-h",
-                pg.sock.path().to_str().unwrap(),
-                "-p",
-                &pg.port.to_string(),
-                "-U",
-                "postgres",
-                "--heapallindexed",
-                "postgres",
-            ],
-        );
+        let check = pg.amcheck();
         assert!(!check.contains("corrupt"), "round {round}: {check}");
         // Checksums on: a full scan reads every page.
         pg.psql("SELECT count(*) FROM pgbench_accounts");
