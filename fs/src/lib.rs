@@ -29,6 +29,9 @@ use fuser::{
 use parking_lot::{Mutex, RwLock};
 use tracing::{debug, warn};
 
+mod peers;
+use peers::Change;
+
 /// How long the kernel may cache attributes and directory entries. We are
 /// the only writer of a mount and invalidate explicitly on [`Mount::switch`].
 const TTL: Duration = Duration::from_secs(24 * 3600);
@@ -146,6 +149,9 @@ struct Shared {
     /// switch(), so open counts (unlinked-but-open files) stay balanced.
     handles: RwLock<HashMap<u64, (Arc<BranchFs>, u64)>>,
     next_fh: std::sync::atomic::AtomicU64,
+    /// Set once the session exists; used by other mounts of the same branch
+    /// to invalidate this mount's kernel caches (see `peers`).
+    notifier: std::sync::OnceLock<Notifier>,
 }
 
 /// Negative cache for `security.capability` (see [`Shared::no_caps`]).
@@ -283,6 +289,12 @@ fn kind_of_mode(mode: u32) -> Option<FileKind> {
 }
 
 impl DmFs {
+    /// Tells the other mounts of `fs`'s branch what a change made stale.
+    /// `changes` is only evaluated when there are such mounts.
+    fn tell_peers(&self, fs: &Arc<BranchFs>, changes: impl FnOnce() -> Vec<Change>) {
+        peers::publish(fs, &self.shared, changes);
+    }
+
     /// Registers an open file and returns its handle.
     fn new_handle(&self, fs: Arc<BranchFs>, ino: u64) -> FileHandle {
         let fh = self
@@ -402,8 +414,21 @@ impl fuser::Filesystem for DmFs {
             mtime: mtime.map(time_set),
             ctime: ctime.map(to_timestamp),
         };
-        match view.fs.setattr(view.to_store(ino), &set) {
-            Ok(a) => reply.attr(&TTL, &view.attr(&a)),
+        let store_ino = view.to_store(ino);
+        match view.fs.setattr(store_ino, &set) {
+            Ok(a) => {
+                reply.attr(&TTL, &view.attr(&a));
+                self.tell_peers(&view.fs, || {
+                    vec![match size {
+                        Some(size) => Change::Data {
+                            ino: store_ino,
+                            offset: size,
+                            len: 0,
+                        },
+                        None => Change::Attr(store_ino),
+                    }]
+                });
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -442,7 +467,10 @@ impl fuser::Filesystem for DmFs {
             .fs
             .mknod(p, name.as_bytes(), kind, perm, rdev, uid, gid)
         {
-            Ok(a) => self.reply_entry(&view, parent, name.as_bytes(), &a, reply),
+            Ok(a) => {
+                self.reply_entry(&view, parent, name.as_bytes(), &a, reply);
+                self.tell_peers(&view.fs, || vec![Change::Attr(p)]);
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -461,23 +489,62 @@ impl fuser::Filesystem for DmFs {
         let (uid, gid, extra) = Self::new_owner(&view, req, p, true);
         let perm = (mode & 0o7777 & !umask) | extra;
         match view.fs.mkdir(p, name.as_bytes(), perm, uid, gid) {
-            Ok(a) => self.reply_entry(&view, parent, name.as_bytes(), &a, reply),
+            Ok(a) => {
+                self.reply_entry(&view, parent, name.as_bytes(), &a, reply);
+                self.tell_peers(&view.fs, || vec![Change::Attr(p)]);
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let view = self.shared.view.read();
-        match view.fs.unlink(view.to_store(parent), name.as_bytes()) {
-            Ok(()) => reply.ok(),
+        let p = view.to_store(parent);
+        // Other mounts may cache the inode under another name (hard links).
+        let child = peers::active()
+            .then(|| view.fs.lookup(p, name.as_bytes()).ok())
+            .flatten();
+        match view.fs.unlink(p, name.as_bytes()) {
+            Ok(()) => {
+                reply.ok();
+                self.tell_peers(&view.fs, || {
+                    let mut c = vec![
+                        Change::Entry {
+                            parent: p,
+                            name: name.as_bytes().to_vec(),
+                        },
+                        Change::Attr(p),
+                    ];
+                    c.extend(child.map(|a| Change::Attr(a.ino)));
+                    c
+                });
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let view = self.shared.view.read();
-        match view.fs.rmdir(view.to_store(parent), name.as_bytes()) {
-            Ok(()) => reply.ok(),
+        let p = view.to_store(parent);
+        // Other mounts may cache the inode under another name (hard links).
+        let child = peers::active()
+            .then(|| view.fs.lookup(p, name.as_bytes()).ok())
+            .flatten();
+        match view.fs.rmdir(p, name.as_bytes()) {
+            Ok(()) => {
+                reply.ok();
+                self.tell_peers(&view.fs, || {
+                    let mut c = vec![
+                        Change::Entry {
+                            parent: p,
+                            name: name.as_bytes().to_vec(),
+                        },
+                        Change::Attr(p),
+                    ];
+                    c.extend(child.map(|a| Change::Attr(a.ino)));
+                    c
+                });
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -500,7 +567,10 @@ impl fuser::Filesystem for DmFs {
             uid,
             gid,
         ) {
-            Ok(a) => self.reply_entry(&view, parent, link_name.as_bytes(), &a, reply),
+            Ok(a) => {
+                self.reply_entry(&view, parent, link_name.as_bytes(), &a, reply);
+                self.tell_peers(&view.fs, || vec![Change::Attr(p)]);
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -535,17 +605,36 @@ impl fuser::Filesystem for DmFs {
             Ok(()) => {
                 // The kernel moves its dentries without a lookup: remember
                 // the new names so that switch() can invalidate them.
+                let mut moved = Vec::new();
                 if let Ok(a) = view.fs.lookup(np, newname.as_bytes()) {
                     self.shared
                         .remember_name(newparent, newname.as_bytes(), view.to_fuse(a.ino));
+                    moved.push(a.ino);
                 }
                 if store_flags & dm_store::RENAME_EXCHANGE != 0 {
                     if let Ok(a) = view.fs.lookup(p, name.as_bytes()) {
                         self.shared
                             .remember_name(parent, name.as_bytes(), view.to_fuse(a.ino));
+                        moved.push(a.ino);
                     }
                 }
-                reply.ok()
+                reply.ok();
+                self.tell_peers(&view.fs, || {
+                    let mut c = vec![
+                        Change::Entry {
+                            parent: p,
+                            name: name.as_bytes().to_vec(),
+                        },
+                        Change::Entry {
+                            parent: np,
+                            name: newname.as_bytes().to_vec(),
+                        },
+                        Change::Attr(p),
+                        Change::Attr(np),
+                    ];
+                    c.extend(moved.into_iter().map(Change::Attr));
+                    c
+                });
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -560,12 +649,12 @@ impl fuser::Filesystem for DmFs {
         reply: ReplyEntry,
     ) {
         let view = self.shared.view.read();
-        match view.fs.link(
-            view.to_store(ino),
-            view.to_store(newparent),
-            newname.as_bytes(),
-        ) {
-            Ok(a) => self.reply_entry(&view, newparent, newname.as_bytes(), &a, reply),
+        let (target, np) = (view.to_store(ino), view.to_store(newparent));
+        match view.fs.link(target, np, newname.as_bytes()) {
+            Ok(a) => {
+                self.reply_entry(&view, newparent, newname.as_bytes(), &a, reply);
+                self.tell_peers(&view.fs, || vec![Change::Attr(np), Change::Attr(target)]);
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -584,6 +673,13 @@ impl fuser::Filesystem for DmFs {
                 reply.error(errno(&e));
                 return;
             }
+            self.tell_peers(&view.fs, || {
+                vec![Change::Data {
+                    ino,
+                    offset: 0,
+                    len: 0,
+                }]
+            });
         }
         match view.fs.open(ino) {
             // KEEP_CACHE: we are the only writer; switch() drops the page cache.
@@ -627,7 +723,16 @@ impl fuser::Filesystem for DmFs {
     ) {
         let (fs, ino) = self.handle(fh, ino);
         match fs.write(ino, offset, data) {
-            Ok(n) => reply.written(n),
+            Ok(n) => {
+                reply.written(n);
+                self.tell_peers(&fs, || {
+                    vec![Change::Data {
+                        ino,
+                        offset,
+                        len: u64::from(n),
+                    }]
+                });
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -735,10 +840,10 @@ impl fuser::Filesystem for DmFs {
     ) {
         let view = self.shared.view.read();
         // Directory changes are metadata: fsync on the directory makes them durable.
-        if let Err(e) = view.fs.fsync(view.to_store(ino), datasync) {
-            debug!("fsyncdir: {e}");
+        match view.fs.fsync(view.to_store(ino), datasync) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
         }
-        reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -769,7 +874,10 @@ impl fuser::Filesystem for DmFs {
             nc.inos.remove(&ino);
         }
         match view.fs.setxattr(ino, name.as_bytes(), value, flags) {
-            Ok(()) => reply.ok(),
+            Ok(()) => {
+                reply.ok();
+                self.tell_peers(&view.fs, || xattr_changes(ino, name));
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -819,8 +927,17 @@ impl fuser::Filesystem for DmFs {
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let view = self.shared.view.read();
-        match view.fs.removexattr(view.to_store(ino), name.as_bytes()) {
-            Ok(()) => reply.ok(),
+        let ino = view.to_store(ino);
+        if name.as_bytes() == XATTR_CAPS {
+            let mut nc = self.shared.no_caps.lock();
+            nc.generation += 1;
+            nc.inos.remove(&ino);
+        }
+        match view.fs.removexattr(ino, name.as_bytes()) {
+            Ok(()) => {
+                reply.ok();
+                self.tell_peers(&view.fs, || xattr_changes(ino, name));
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -867,6 +984,7 @@ impl fuser::Filesystem for DmFs {
         self.shared.remember(parent, name.as_bytes(), attr.ino);
         let fh = self.new_handle(view.fs.clone(), a.ino);
         reply.created(&TTL, &attr, Generation(0), fh, FopenFlags::FOPEN_KEEP_CACHE);
+        self.tell_peers(&view.fs, || vec![Change::Attr(p)]);
     }
 
     fn fallocate(
@@ -881,6 +999,15 @@ impl fuser::Filesystem for DmFs {
     ) {
         reply.error(Errno::EOPNOTSUPP);
     }
+}
+
+/// What an xattr change makes stale in other mounts.
+fn xattr_changes(ino: u64, name: &OsStr) -> Vec<Change> {
+    let mut c = vec![Change::Attr(ino)];
+    if name.as_bytes() == XATTR_CAPS {
+        c.push(Change::Caps(ino));
+    }
+    c
 }
 
 fn reply_xattr(value: &[u8], size: u32, reply: ReplyXattr) {
@@ -935,6 +1062,7 @@ impl Mount {
             no_caps: Mutex::new(NoCaps::default()),
             handles: RwLock::new(HashMap::new()),
             next_fh: std::sync::atomic::AtomicU64::new(1),
+            notifier: std::sync::OnceLock::new(),
         });
         let mut config = Config::default();
         config.mount_options = vec![
@@ -964,7 +1092,9 @@ impl Mount {
             &config,
         )?;
         let notifier = session.notifier();
+        let _ = shared.notifier.set(notifier.clone());
         let bg = session.spawn()?;
+        peers::join(&shared.view.read().fs, &shared);
         Ok(Mount {
             path: path.to_path_buf(),
             shared,
@@ -991,6 +1121,8 @@ impl Mount {
         {
             // Waits for requests in flight on the old branch to finish.
             let mut view = self.shared.view.write();
+            peers::leave(&view.fs, &self.shared);
+            peers::join(&fs, &self.shared);
             *view = View { fs, root };
             let mut nc = self.shared.no_caps.lock();
             nc.generation += 1;
@@ -1043,6 +1175,7 @@ impl Mount {
     /// Unmounts. If the mount is busy it is detached lazily (the kernel drops
     /// it when the last user goes away) and this returns without waiting.
     pub fn unmount(self) -> io::Result<()> {
+        peers::leave_all(&self.shared);
         let Some(bg) = self.session.lock().take() else {
             return Ok(());
         };
@@ -1064,6 +1197,7 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
+        peers::leave_all(&self.shared);
         if let Some(bg) = self.session.lock().take() {
             if umount2(&self.path, 0).is_err() {
                 let _ = umount2(&self.path, libc::MNT_DETACH);

@@ -537,6 +537,105 @@ fn switch_between_branches_and_after_reset() {
     mount.unmount().unwrap();
 }
 
+/// Polls `check` for up to 5 s: other mounts learn of a change a moment
+/// after the call that made it returns (see dm-fs `peers`). Without the
+/// invalidation they would serve their cached answer for the whole TTL.
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "other mount never saw: {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn two_mounts_of_one_branch_stay_coherent() {
+    let Some(f) = setup("__default__") else {
+        return;
+    };
+    // A second mount of the same branch (as a followed path and a pinned
+    // dot@branch path are), and a third of the whole dot tree.
+    let fs_a = f.store.branch_fs(&f.dot, "master").unwrap();
+    let other = f._dir.path().join("other");
+    let tree = f._dir.path().join("tree");
+    fs::create_dir(&other).unwrap();
+    fs::create_dir(&tree).unwrap();
+    let m2 = Mount::mount(
+        &other,
+        fs_a.clone(),
+        "__default__",
+        &MountOptions::default(),
+    )
+    .unwrap();
+    let m3 = Mount::mount(&tree, fs_a, "__root__", &MountOptions::default()).unwrap();
+    let o = |rel: &str| other.join(rel);
+    let t = |rel: &str| tree.join("__default__").join(rel);
+
+    // Warm every cache: names, attributes, pages.
+    fs::write(f.p("file"), b"version one").unwrap();
+    fs::create_dir(f.p("dir")).unwrap();
+    fs::write(f.p("dir/inner"), b"inner").unwrap();
+    fs::hard_link(f.p("file"), f.p("link")).unwrap();
+    for p in [o("file"), t("file")] {
+        assert_eq!(fs::read(&p).unwrap(), b"version one");
+    }
+    assert_eq!(fs::metadata(o("link")).unwrap().nlink(), 2);
+    assert_eq!(fs::read(o("dir/inner")).unwrap(), b"inner");
+
+    // Same-size overwrite through the first mount: pages must be dropped.
+    {
+        let mut fh = OpenOptions::new().write(true).open(f.p("file")).unwrap();
+        fh.write_all(b"VERSION TWO").unwrap();
+    }
+    eventually("an overwrite", || {
+        fs::read(o("file")).unwrap() == b"VERSION TWO"
+    });
+    eventually("an overwrite (tree)", || {
+        fs::read(t("file")).unwrap() == b"VERSION TWO"
+    });
+
+    // Append: size and data.
+    OpenOptions::new()
+        .append(true)
+        .open(o("file"))
+        .unwrap()
+        .write_all(b" + more")
+        .unwrap();
+    eventually("an append", || {
+        fs::read(f.p("file")).unwrap() == b"VERSION TWO + more"
+    });
+
+    // Truncate, chmod, unlink of one hard link, rename, rmdir.
+    OpenOptions::new()
+        .write(true)
+        .open(f.p("file"))
+        .unwrap()
+        .set_len(3)
+        .unwrap();
+    eventually("a truncate", || fs::read(o("file")).unwrap() == b"VER");
+    fs::set_permissions(f.p("file"), fs::Permissions::from_mode(0o600)).unwrap();
+    eventually("a chmod", || {
+        fs::metadata(o("file")).unwrap().permissions().mode() & 0o777 == 0o600
+    });
+    fs::remove_file(f.p("link")).unwrap();
+    eventually("an unlink", || !o("link").exists());
+    eventually("the link count", || {
+        fs::metadata(o("file")).unwrap().nlink() == 1
+    });
+    fs::rename(o("dir/inner"), o("moved")).unwrap();
+    eventually("a rename", || {
+        !f.p("dir/inner").exists() && fs::read(f.p("moved")).unwrap() == b"inner"
+    });
+    fs::remove_dir(o("dir")).unwrap();
+    eventually("an rmdir", || !f.p("dir").exists() && !t("dir").exists());
+
+    m3.unmount().unwrap();
+    m2.unmount().unwrap();
+}
+
 /// Not a test on its own: when DM_FS_CHILD_MOUNT is set, mounts a fresh store
 /// there and sleeps, so that `dead_mount_is_cleaned_up` can SIGKILL it.
 #[test]
