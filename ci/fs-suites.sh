@@ -3,7 +3,12 @@
 # against a real dm FUSE mount (fs/examples/mount.rs over a fresh store).
 # Needs root and /dev/fuse. Prints pjdfstest's Summary line and fsx's result.
 #
-# Env: MOUNT_BIN (prebuilt helper), FSX_OPS (default 100000), FSX_SEED (default 20240601),
+# A second fsx run goes through the real daemon (`dm server`) and is paused
+# every few seconds for a `dm commit` and a `dm reset --hard` to that commit
+# (same content, fresh working state); fsx checks every byte after each.
+#
+# Env: MOUNT_BIN (prebuilt helper), DM_BIN (prebuilt dm), FSX_OPS (default 100000),
+#      FSX_SEED (default 20240601), FSX_CR_OPS (default 60000, the commit/reset run),
 #      PJD_MAX_FAILED (default: no limit; fail the script above it),
 #      KEEP=1 keeps the work dir.
 set -euo pipefail
@@ -134,5 +139,49 @@ else
     tail -40 "$WORK/fsx.log"
     status=1
 fi
+
+# --- fsx across commits and resets (real daemon) -----------------------------------
+if [ -z "${DM_BIN:-}" ]; then
+    (cd "$ROOT" && cargo build --release -p dm-cli)
+    DM_BIN="$CARGO_TARGET_DIR/release/dm"
+fi
+FSX_CR_OPS="${FSX_CR_OPS:-60000}"
+export DM_SOCKET="$WORK/dm.sock" DM_CONFIG="$WORK/dm-config.toml"
+"$DM_BIN" server --data-dir "$WORK/dm-data" --mount-dir "$WORK/dm-mnt" --socket "$DM_SOCKET" \
+    --no-plugin --listen off >"$WORK/dm-server.log" 2>&1 &
+DM_PID=$!
+trap 'kill -TERM "$DM_PID" 2>/dev/null; wait "$DM_PID" 2>/dev/null; cleanup' EXIT
+for _ in $(seq 1 200); do "$DM_BIN" version >/dev/null 2>&1 && break; sleep 0.05; done
+"$DM_BIN" init fsxcr >/dev/null
+CR_DIR="$("$DM_BIN" --dot fsxcr mount fsxcr)"
+fsx -N "$FSX_CR_OPS" -S "$FSX_SEED" -f "$WORK/fsx.toml" -P "$WORK/artifacts" "$CR_DIR/fsx.bin" \
+    >"$WORK/fsx-cr.log" 2>&1 &
+FSX_PID=$!
+cycles=0
+cr_failed=0
+while kill -0 "$FSX_PID" 2>/dev/null; do
+    sleep 1.5
+    # Pause fsx between two of its operations, commit, reset --hard to that
+    # commit (the same content in a fresh working state), resume.
+    kill -STOP "$FSX_PID" 2>/dev/null || break
+    if "$DM_BIN" --dot fsxcr commit -m "fsx cycle $cycles" >/dev/null 2>"$WORK/cr.err" &&
+        "$DM_BIN" --dot fsxcr reset --hard HEAD >/dev/null 2>>"$WORK/cr.err"; then
+        cycles=$((cycles + 1))
+    else
+        echo "fs-suites: commit/reset during fsx failed:" >&2
+        cat "$WORK/cr.err" >&2
+        cr_failed=1
+    fi
+    kill -CONT "$FSX_PID" 2>/dev/null || true
+    [ "$cr_failed" = 1 ] && break
+done
+if wait "$FSX_PID" && [ "$cr_failed" = 0 ] && [ "$cycles" -ge 2 ]; then
+    echo "fsx across commit+reset: PASS ($FSX_CR_OPS ops, seed $FSX_SEED, $cycles commit+reset cycles)"
+else
+    echo "fsx across commit+reset: FAIL ($FSX_CR_OPS ops, seed $FSX_SEED, $cycles cycles); last lines:"
+    tail -40 "$WORK/fsx-cr.log"
+    status=1
+fi
+"$DM_BIN" --dot fsxcr log >/dev/null  # the history is readable after it all
 
 exit "$status"

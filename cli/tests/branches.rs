@@ -93,3 +93,53 @@ fn branch_example() {
     s.ok(&["unmount", pinned_new.to_str().unwrap()]);
     assert!(!is_mounted(&pinned_new));
 }
+
+/// Reads `path` until it holds `want` (up to 5 s): other mounts of a branch
+/// drop their cached pages a moment after a write returns.
+fn eventually_reads(path: &Path, want: &[u8]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let got = std::fs::read(path).unwrap_or_default();
+        if got == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} shows {:?}, want {:?}",
+            path.display(),
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(want)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn every_mount_of_a_branch_shows_live_writes() {
+    let s = Server::start(DM);
+    s.ok(&["init", "shared"]);
+    let followed = PathBuf::from(s.ok(&["mount", "shared"]).trim());
+    let pinned = s.root().join("pinned");
+    s.ok(&["mount", "shared@master", pinned.to_str().unwrap()]);
+    let host = s.root().join("host");
+    s.ok(&["mount", "shared", host.to_str().unwrap()]);
+
+    std::fs::write(followed.join("conf"), b"port=5432").unwrap();
+    // Every mount reads it (and caches its pages and attributes).
+    for m in [&followed, &pinned, &host] {
+        eventually_reads(&m.join("conf"), b"port=5432");
+    }
+    // Same-size overwrites and an append, each through another mount.
+    std::fs::write(pinned.join("conf"), b"port=6543").unwrap();
+    eventually_reads(&followed.join("conf"), b"port=6543");
+    eventually_reads(&host.join("conf"), b"port=6543");
+    std::fs::write(host.join("conf"), b"port=7777\nmax=9").unwrap();
+    eventually_reads(&followed.join("conf"), b"port=7777\nmax=9");
+    eventually_reads(&pinned.join("conf"), b"port=7777\nmax=9");
+    std::fs::remove_file(followed.join("conf")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while pinned.join("conf").exists() || host.join("conf").exists() {
+        assert!(std::time::Instant::now() < deadline, "unlink not seen");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}

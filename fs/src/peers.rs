@@ -147,6 +147,35 @@ pub(crate) fn publish(fs: &Arc<BranchFs>, me: &Shared, changes: impl FnOnce() ->
     }
 }
 
+/// Like [`publish`], but this mount's own kernel is told too (for changes
+/// the kernel did not make itself, such as set-id bits cleared on write).
+/// Never call the notifier from a request handler directly: the kernel may
+/// hold page locks of that very request.
+pub(crate) fn publish_all(fs: &Arc<BranchFs>, me: &Arc<Shared>, changes: Vec<Change>) {
+    let reg = registry();
+    let branch = key(fs);
+    let mut targets: Vec<Weak<Shared>> = reg
+        .groups
+        .lock()
+        .get(&branch)
+        .map(|m| m.clone())
+        .unwrap_or_default();
+    if !targets
+        .iter()
+        .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(me)))
+    {
+        targets.push(Arc::downgrade(me));
+    }
+    let job = Job {
+        branch,
+        targets,
+        changes,
+    };
+    if reg.jobs.lock().send(job).is_err() {
+        debug!("mount coherence thread is gone; invalidation dropped");
+    }
+}
+
 /// Sends one job's invalidations to each target that still shows the branch.
 fn deliver(job: &Job) {
     for target in &job.targets {

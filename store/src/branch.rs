@@ -117,6 +117,19 @@ pub struct BranchFs {
 
 type StateGuard<'a> = RwLockReadGuard<'a, BranchState>;
 
+/// `perm` without S_ISUID, and without S_ISGID when the group may execute
+/// (S_ISGID without group execute marks mandatory locking, and stays).
+fn cleared_setid(perm: u32) -> u32 {
+    const S_ISUID: u32 = 0o4000;
+    const S_ISGID: u32 = 0o2000;
+    const S_IXGRP: u32 = 0o0010;
+    let mut p = perm & !S_ISUID;
+    if p & S_IXGRP != 0 {
+        p &= !S_ISGID;
+    }
+    p
+}
+
 fn now() -> Timestamp {
     Timestamp::now()
 }
@@ -717,6 +730,15 @@ impl BranchFs {
             rec.gid = gid;
             changed = true;
         }
+        let chown = set.uid.is_some() || set.gid.is_some();
+        if set.mode.is_none() && rec.kind != FileKind::Dir && (set.kill_setid || chown) {
+            let perm = u32::from(rec.perm);
+            let killed = cleared_setid(perm);
+            if killed != perm {
+                rec.perm = killed as u16;
+                changed = true;
+            }
+        }
         if let Some(size) = set.size {
             match rec.kind {
                 FileKind::File => {}
@@ -759,6 +781,27 @@ impl BranchFs {
         Self::store(&mut tx, ino, &rec);
         tx.commit(false, "setting attributes")?;
         Ok(rec.attr(ino, self.block_size))
+    }
+
+    /// Clears S_ISUID and S_ISGID of a regular file as a write by a process
+    /// without CAP_FSETID does (see [`SetAttr::kill_setid`]). Costs one read
+    /// when there is nothing to clear. Returns whether a bit was cleared.
+    pub fn kill_setid(&self, ino: Ino) -> Result<bool> {
+        let st = self.state()?;
+        let rec = Self::load_view(&self.view(&st), ino)?;
+        let perm = u32::from(rec.perm);
+        if rec.kind != FileKind::File || cleared_setid(perm) == perm {
+            return Ok(false);
+        }
+        drop(st);
+        self.setattr(
+            ino,
+            &SetAttr {
+                kill_setid: true,
+                ..SetAttr::default()
+            },
+        )
+        .map(|_| true)
     }
 
     /// Drops the blocks past `new` and zeroes the tail of the new last block.

@@ -15,15 +15,54 @@ pub const CODEC_ZSTD: u8 = 1;
 /// zstd level used for chunks: fast, and most of the gain.
 pub const ZSTD_LEVEL: i32 = 1;
 
-/// Encodes `data` into its stored form: zstd when that is smaller, raw otherwise.
+/// Leading bytes compressed first to tell incompressible data (random,
+/// already compressed, encrypted) cheaply.
+const SAMPLE: usize = 4096;
+
+thread_local! {
+    // Contexts are reused: creating one per chunk cost as much as
+    // compressing a small chunk.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// zstd-compresses `data` with this thread's context.
+fn zstd_compress(data: &[u8]) -> Option<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        slot.as_mut()?.compress(data).ok()
+    })
+}
+
+/// Whether compression pays: like ZFS, keep the compressed form only when it
+/// saves at least an eighth (and 16 bytes). Data that compresses less (media,
+/// encrypted or already compressed files, fio's buffers) is stored raw, and
+/// reads of it skip decompression.
+fn saves(compressed: usize, raw: usize) -> bool {
+    compressed + 16 < raw && compressed <= raw - raw / 8
+}
+
+/// Encodes `data` into its stored form: zstd when that saves at least an
+/// eighth, raw otherwise. A block whose first 4 KiB do not save that much
+/// is stored raw without trying the rest (deterministic: the same bytes
+/// always get the same stored form).
 pub fn encode(data: &[u8]) -> Vec<u8> {
     if data.len() >= 64 {
-        if let Ok(z) = zstd::bulk::compress(data, ZSTD_LEVEL) {
-            if z.len() + 16 < data.len() {
-                let mut out = Vec::with_capacity(z.len() + 1);
-                out.push(CODEC_ZSTD);
-                out.extend_from_slice(&z);
-                return out;
+        let sample_ok = data.len() < 2 * SAMPLE
+            || zstd_compress(&data[..SAMPLE]).is_some_and(|z| saves(z.len(), SAMPLE));
+        if sample_ok {
+            if let Some(z) = zstd_compress(data) {
+                if saves(z.len(), data.len()) {
+                    let mut out = Vec::with_capacity(z.len() + 1);
+                    out.push(CODEC_ZSTD);
+                    out.extend_from_slice(&z);
+                    return out;
+                }
             }
         }
     }
@@ -38,7 +77,17 @@ pub fn encode(data: &[u8]) -> Vec<u8> {
 pub fn decode(stored: &[u8], max_len: usize) -> Result<Vec<u8>> {
     match stored.split_first() {
         Some((&CODEC_RAW, rest)) => Ok(rest.to_vec()),
-        Some((&CODEC_ZSTD, rest)) => zstd::bulk::decompress(rest, max_len)
+        Some((&CODEC_ZSTD, rest)) => DECOMPRESSOR
+            .with(|cell| {
+                let mut slot = cell.borrow_mut();
+                if slot.is_none() {
+                    *slot = Some(zstd::bulk::Decompressor::new()?);
+                }
+                match slot.as_mut() {
+                    Some(d) => d.decompress(rest, max_len),
+                    None => zstd::bulk::decompress(rest, max_len),
+                }
+            })
             .map_err(|e| Error::Corrupt(format!("zstd chunk does not decompress: {e}"))),
         Some((c, _)) => Err(Error::Corrupt(format!("unknown chunk codec {c}"))),
         None => Err(Error::Corrupt("empty stored chunk".into())),
@@ -73,4 +122,70 @@ pub trait ChunkStore: Send + Sync {
     fn delete(&self, id: &Id) -> Result<()>;
     /// Calls `f` with every stored id (GC and fsck).
     fn for_each_id(&self, f: &mut dyn FnMut(Id) -> Result<()>) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn round_trips_every_shape() {
+        let text: Vec<u8> = b"postgres page header and tuples "
+            .iter()
+            .cycle()
+            .take(65536)
+            .copied()
+            .collect();
+        let mut mixed = pseudo_random(65536, 7);
+        mixed[8192..].fill(0); // random head, zero tail
+        let mut zero_head = vec![0u8; 65536];
+        zero_head[32768..].copy_from_slice(&pseudo_random(32768, 9));
+        for data in [
+            Vec::new(),
+            vec![1u8; 10],
+            vec![0u8; 65536],
+            text,
+            pseudo_random(65536, 3),
+            pseudo_random(5000, 5),
+            mixed,
+            zero_head,
+        ] {
+            let stored = encode(&data);
+            assert_eq!(decode(&stored, MAX_CHUNK).unwrap(), data);
+            assert!(stored.len() <= data.len() + 1);
+            // Deterministic stored form.
+            assert_eq!(encode(&data), stored);
+        }
+    }
+
+    #[test]
+    fn compressible_data_is_compressed_and_random_is_not() {
+        assert_eq!(encode(&vec![0u8; 65536])[0], CODEC_ZSTD);
+        assert_eq!(encode(&pseudo_random(65536, 11))[0], CODEC_RAW);
+        // A block whose head compresses is compressed even if its tail does not.
+        let mut half = vec![0u8; 65536];
+        half[32768..].copy_from_slice(&pseudo_random(32768, 13));
+        assert_eq!(encode(&half)[0], CODEC_ZSTD);
+    }
+
+    #[test]
+    fn decode_bounds_and_rejects_garbage() {
+        let stored = encode(&vec![0u8; 65536]);
+        assert!(decode(&stored, 1024).is_err(), "larger than max_len");
+        assert!(decode(&[], MAX_CHUNK).is_err());
+        assert!(decode(&[9, 1, 2], MAX_CHUNK).is_err());
+        assert!(decode(&[CODEC_ZSTD, 1, 2, 3], MAX_CHUNK).is_err());
+    }
 }

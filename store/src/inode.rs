@@ -187,6 +187,11 @@ pub struct SetAttr {
     pub atime: Option<TimeSet>,
     pub mtime: Option<TimeSet>,
     pub ctime: Option<Timestamp>,
+    /// Also clear S_ISUID, and S_ISGID when the group may execute, as Linux
+    /// does when a process without CAP_FSETID writes or truncates a file
+    /// (regular files only; ignored when `mode` is set). A change of
+    /// `uid` or `gid` of a non-directory clears them regardless, as chown does.
+    pub kill_setid: bool,
 }
 
 /// One entry of readdir.
