@@ -218,6 +218,12 @@ fn writeback_wanted() -> bool {
     }
 }
 
+/// Whether to offer readdirplus (default on; `DM_FUSE_READDIRPLUS=0` turns
+/// it off, for measuring).
+fn readdirplus_wanted() -> bool {
+    !matches!(std::env::var("DM_FUSE_READDIRPLUS").as_deref(), Ok("0"))
+}
+
 fn errno(e: &dm_store::Error) -> Errno {
     Errno::from_i32(e.errno())
 }
@@ -357,6 +363,12 @@ impl fuser::Filesystem for DmFs {
         ];
         if self.shared.writeback {
             caps.push(InitFlags::FUSE_WRITEBACK_CACHE);
+        }
+        if readdirplus_wanted() {
+            // AUTO: the kernel asks for attributes only when the caller
+            // goes on to look entries up (ls -l), plain readdir otherwise.
+            caps.push(InitFlags::FUSE_DO_READDIRPLUS);
+            caps.push(InitFlags::FUSE_READDIRPLUS_AUTO);
         }
         for cap in caps {
             if config.add_capabilities(cap).is_err() {
@@ -851,6 +863,65 @@ impl fuser::Filesystem for DmFs {
         reply.ok();
     }
 
+    /// readdir with each entry's attributes, so that `ls -l`, `find` or
+    /// `git status` need no LOOKUP per entry. Each entry but "." and ".."
+    /// counts as a lookup in the kernel.
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
+        let view = self.shared.view.read();
+        let dir = view.to_store(ino);
+        let Ok(mut offset) = i64::try_from(offset) else {
+            reply.ok();
+            return;
+        };
+        const BATCH: usize = 128;
+        loop {
+            let entries = match view.fs.readdir(dir, offset, BATCH) {
+                Ok(e) => e,
+                Err(e) => {
+                    reply.error(errno(&e));
+                    return;
+                }
+            };
+            let n = entries.len();
+            for e in entries {
+                let dots = e.name == b"." || e.name == b"..";
+                let attr = match view.fs.getattr(e.ino) {
+                    Ok(a) => view.attr(&a),
+                    // Removed meanwhile: leave it out.
+                    Err(_) if !dots => {
+                        offset = e.offset;
+                        continue;
+                    }
+                    Err(err) => {
+                        reply.error(errno(&err));
+                        return;
+                    }
+                };
+                let off = u64::try_from(e.offset).unwrap_or(0);
+                let name = OsStr::from_bytes(&e.name);
+                if reply.add(attr.ino, off, name, &TTL, &attr, Generation(0)) {
+                    reply.ok();
+                    return;
+                }
+                if !dots {
+                    self.shared.remember(ino, &e.name, attr.ino);
+                }
+                offset = e.offset;
+            }
+            if n < BATCH {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
     fn fsyncdir(
         &self,
         _req: &Request,
@@ -1255,8 +1326,28 @@ impl Mount {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {} // not mounted any more
             Err(e) => return Err(e),
         }
-        bg.join()
+        join_or_leave(bg, &self.path)
     }
+}
+
+/// Waits (up to 5 s) for a session whose mount point is gone to end. The
+/// session lives on while the file system is still mounted elsewhere (a
+/// container's mount namespace keeps its own reference); then it is left
+/// running rather than blocking forever.
+fn join_or_leave(bg: BackgroundSession, path: &Path) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !bg.guard.is_finished() {
+        if std::time::Instant::now() > deadline {
+            warn!(
+                "{} is unmounted here but still in use elsewhere (another mount \
+                 namespace); its FUSE session ends when the last user goes",
+                path.display()
+            );
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    bg.join()
 }
 
 impl Drop for Mount {
@@ -1266,7 +1357,7 @@ impl Drop for Mount {
             if umount2(&self.path, 0).is_err() {
                 let _ = umount2(&self.path, libc::MNT_DETACH);
                 drop(bg);
-            } else if let Err(e) = bg.join() {
+            } else if let Err(e) = join_or_leave(bg, &self.path) {
                 warn!("FUSE session for {} ended with {e}", self.path.display());
             }
         }

@@ -581,6 +581,64 @@ fn writes_and_chown_clear_setid_bits() {
     assert_eq!(mode(&f.p("sgid-dir")), 0o2775);
 }
 
+/// `ls -l` of a big directory (readdirplus hands out attributes with the
+/// names), then a switch to a branch where every file changed: nothing the
+/// kernel learned through readdirplus may survive the switch.
+#[test]
+fn listing_with_attributes_then_switch() {
+    let Some(mut f) = setup("__default__") else {
+        return;
+    };
+    fs::create_dir(f.p("many")).unwrap();
+    for i in 0..300 {
+        fs::write(f.p(&format!("many/f{i}")), vec![b'x'; i]).unwrap();
+    }
+    let listing = |dir: &Path| -> BTreeMap<String, u64> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let len = e.metadata().unwrap().len();
+                (e.file_name().to_string_lossy().into_owned(), len)
+            })
+            .collect()
+    };
+    let before = listing(&f.p("many"));
+    assert_eq!(before.len(), 300);
+    assert!((0..300).all(|i| before[&format!("f{i}")] == i as u64));
+
+    let c = f
+        .store
+        .commit(
+            &f.dot,
+            "master",
+            CommitRequest {
+                message: "many".into(),
+                author: "test".into(),
+                metadata: BTreeMap::new(),
+            },
+        )
+        .unwrap();
+    f.store.create_branch(&f.dot, "grown", Some(c.id)).unwrap();
+    let grown = f.store.branch_fs(&f.dot, "grown").unwrap();
+    let dir = grown
+        .lookup(grown.subdot_ino("__default__", false).unwrap(), b"many")
+        .unwrap();
+    for i in 0..300 {
+        let a = grown.lookup(dir.ino, format!("f{i}").as_bytes()).unwrap();
+        grown.write(a.ino, i as u64, b"+").unwrap();
+        grown.flush(a.ino).unwrap();
+    }
+    grown.unlink(dir.ino, b"f0").unwrap();
+    let mount = f.mount.take().unwrap();
+    mount.switch(grown).unwrap();
+    let after = listing(&f.p("many"));
+    assert_eq!(after.len(), 299);
+    assert!((1..300).all(|i| after[&format!("f{i}")] == i as u64 + 1));
+    assert!(!f.p("many/f0").exists());
+    mount.unmount().unwrap();
+}
+
 /// Polls `check` for up to 5 s: other mounts learn of a change a moment
 /// after the call that made it returns (see dm-fs `peers`). Without the
 /// invalidation they would serve their cached answer for the whole TTL.

@@ -208,6 +208,28 @@ impl DockerIntegration {
     }
 }
 
+/// Mounts the FUSE control file system (`fusectl`) at
+/// /sys/fs/fuse/connections if it is not there (many hosts do not mount it),
+/// so that connections can be aborted.
+fn ensure_fusectl() {
+    let dir = std::path::Path::new("/sys/fs/fuse/connections");
+    let mounted = std::fs::read_to_string("/proc/self/mounts")
+        .map(|m| m.lines().any(|l| l.split(' ').nth(2) == Some("fusectl")))
+        .unwrap_or(false);
+    if mounted || !dir.is_dir() {
+        return;
+    }
+    if let Err(e) = nix::mount::mount(
+        Some("fusectl"),
+        dir,
+        Some("fusectl"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    ) {
+        tracing::warn!("mounting fusectl at {}: {e}", dir.display());
+    }
+}
+
 impl DockerIntegration {
     /// At shutdown: aborts the FUSE connection of every mount that
     /// containers still use (they see ENOTCONN until the server is back and
@@ -221,6 +243,9 @@ impl DockerIntegration {
             .filter(|(_, r)| !r.ids.is_empty())
             .map(|(p, _)| p.clone())
             .collect();
+        if !paths.is_empty() {
+            ensure_fusectl();
+        }
         for p in paths {
             let Ok(meta) = std::fs::metadata(&p) else {
                 continue;
