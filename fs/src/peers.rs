@@ -154,12 +154,8 @@ pub(crate) fn publish(fs: &Arc<BranchFs>, me: &Shared, changes: impl FnOnce() ->
 pub(crate) fn publish_all(fs: &Arc<BranchFs>, me: &Arc<Shared>, changes: Vec<Change>) {
     let reg = registry();
     let branch = key(fs);
-    let mut targets: Vec<Weak<Shared>> = reg
-        .groups
-        .lock()
-        .get(&branch)
-        .map(|m| m.clone())
-        .unwrap_or_default();
+    let mut targets: Vec<Weak<Shared>> =
+        reg.groups.lock().get(&branch).cloned().unwrap_or_default();
     if !targets
         .iter()
         .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(me)))
