@@ -335,17 +335,15 @@ impl MountManager {
     /// Flushes the kernel's dirty pages of every mount showing `branch` of
     /// `dot` into the store (before a commit).
     pub fn sync_kernel(&self, dot: &DotName, branch: &str) {
-        let paths: Vec<PathBuf> = self
+        // Mount::sync also waits for mmap-dirtied pages still on their way
+        // to the daemon (syncfs alone can return before they arrive).
+        for e in self
             .lock()
             .iter()
             .filter(|e| &e.volume.dot == dot && e.mount.branch() == branch)
-            .map(|e| e.path.clone())
-            .collect();
-        for p in paths {
-            if let Ok(f) = std::fs::File::open(&p) {
-                use std::os::fd::AsRawFd;
-                // SAFETY: syncfs on an fd we own.
-                unsafe { libc::syncfs(f.as_raw_fd()) };
+        {
+            if let Err(err) = e.mount.sync() {
+                tracing::warn!("syncing {} before a commit: {err}", e.path.display());
             }
         }
     }
