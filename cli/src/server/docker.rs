@@ -192,9 +192,20 @@ impl DockerIntegration {
         let mut start_errs = Vec::new();
         for c in stopped {
             tracing::info!("dot {dot}: starting container {}", c.name());
-            if let Err(e) = block_on(self.docker.start(&c.id)) {
-                tracing::error!("{e}");
-                start_errs.push(format!("{} ({e})", c.name()));
+            match block_on(self.docker.start(&c.id)) {
+                Ok(()) => {}
+                // Removed meanwhile (`docker rm -f` racing the switch): nothing to start.
+                Err(dm_volume_plugin::docker::DockerError::Status {
+                    status, message, ..
+                }) if status == 404
+                    || (status == 409 && message.contains("marked for removal")) =>
+                {
+                    tracing::info!("dot {dot}: container {} was removed meanwhile", c.name());
+                }
+                Err(e) => {
+                    tracing::error!("{e}");
+                    start_errs.push(format!("{} ({e})", c.name()));
+                }
             }
         }
         match out {
