@@ -301,6 +301,40 @@ impl DmFs {
         peers::publish(fs, &self.shared, changes);
     }
 
+    /// unlink and rmdir: removes `name` from `parent` with `op`, then tells
+    /// the other mounts of the branch.
+    fn remove(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        reply: ReplyEmpty,
+        op: fn(&BranchFs, u64, &[u8]) -> dm_store::Result<()>,
+    ) {
+        let view = self.shared.view.read();
+        let p = view.to_store(parent);
+        // Other mounts may cache the inode under another name (hard links).
+        let child = peers::active()
+            .then(|| view.fs.lookup(p, name.as_bytes()).ok())
+            .flatten();
+        match op(&view.fs, p, name.as_bytes()) {
+            Ok(()) => {
+                reply.ok();
+                self.tell_peers(&view.fs, || {
+                    let mut c = vec![
+                        Change::Entry {
+                            parent: p,
+                            name: name.as_bytes().to_vec(),
+                        },
+                        Change::Attr(p),
+                    ];
+                    c.extend(child.map(|a| Change::Attr(a.ino)));
+                    c
+                });
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
     /// Registers an open file and returns its handle.
     fn new_handle(&self, fs: Arc<BranchFs>, ino: u64) -> FileHandle {
         let fh = self
@@ -518,55 +552,11 @@ impl fuser::Filesystem for DmFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let view = self.shared.view.read();
-        let p = view.to_store(parent);
-        // Other mounts may cache the inode under another name (hard links).
-        let child = peers::active()
-            .then(|| view.fs.lookup(p, name.as_bytes()).ok())
-            .flatten();
-        match view.fs.unlink(p, name.as_bytes()) {
-            Ok(()) => {
-                reply.ok();
-                self.tell_peers(&view.fs, || {
-                    let mut c = vec![
-                        Change::Entry {
-                            parent: p,
-                            name: name.as_bytes().to_vec(),
-                        },
-                        Change::Attr(p),
-                    ];
-                    c.extend(child.map(|a| Change::Attr(a.ino)));
-                    c
-                });
-            }
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.remove(parent, name, reply, BranchFs::unlink);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let view = self.shared.view.read();
-        let p = view.to_store(parent);
-        // Other mounts may cache the inode under another name (hard links).
-        let child = peers::active()
-            .then(|| view.fs.lookup(p, name.as_bytes()).ok())
-            .flatten();
-        match view.fs.rmdir(p, name.as_bytes()) {
-            Ok(()) => {
-                reply.ok();
-                self.tell_peers(&view.fs, || {
-                    let mut c = vec![
-                        Change::Entry {
-                            parent: p,
-                            name: name.as_bytes().to_vec(),
-                        },
-                        Change::Attr(p),
-                    ];
-                    c.extend(child.map(|a| Change::Attr(a.ino)));
-                    c
-                });
-            }
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.remove(parent, name, reply, BranchFs::rmdir);
     }
 
     fn symlink(

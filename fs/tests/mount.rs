@@ -528,9 +528,21 @@ fn switch_between_branches_and_after_reset() {
     mount.unmount().unwrap();
 }
 
+/// Appends a line to `path` as uid/gid 65534 (no CAP_FSETID).
+fn append_as_nobody(path: &Path) {
+    use std::os::unix::process::CommandExt;
+    let st = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("echo more >> '{}'", path.display()))
+        .uid(65534)
+        .gid(65534)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
 #[test]
 fn writes_and_chown_clear_setid_bits() {
-    use std::os::unix::process::CommandExt;
     let Some(f) = setup("__default__") else {
         return;
     };
@@ -538,14 +550,7 @@ fn writes_and_chown_clear_setid_bits() {
     // A non-root writer clears S_ISUID and S_ISGID (group-executable).
     fs::write(f.p("suid"), b"x").unwrap();
     fs::set_permissions(f.p("suid"), fs::Permissions::from_mode(0o6777)).unwrap();
-    let st = std::process::Command::new("/bin/sh")
-        .arg("-c")
-        .arg(format!("echo more >> '{}'", f.p("suid").display()))
-        .uid(65534)
-        .gid(65534)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    append_as_nobody(&f.p("suid"));
     assert_eq!(
         mode(&f.p("suid")),
         0o777,
@@ -562,14 +567,7 @@ fn writes_and_chown_clear_setid_bits() {
     assert_eq!(mode(&f.p("suid")), 0o6777);
     // S_ISGID without group execute (mandatory locking) stays.
     fs::set_permissions(f.p("suid"), fs::Permissions::from_mode(0o6766)).unwrap();
-    let st = std::process::Command::new("/bin/sh")
-        .arg("-c")
-        .arg(format!("echo more >> '{}'", f.p("suid").display()))
-        .uid(65534)
-        .gid(65534)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    append_as_nobody(&f.p("suid"));
     assert_eq!(mode(&f.p("suid")), 0o2766);
     // chown of a regular file clears them, even by root; not on directories.
     fs::set_permissions(f.p("suid"), fs::Permissions::from_mode(0o6755)).unwrap();
