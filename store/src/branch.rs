@@ -14,6 +14,7 @@ use crate::id::Id;
 use crate::inode::*;
 use crate::keys;
 use crate::names::{validate_file_name, DotName, ROOT_SUBDOT};
+use crate::stage;
 use crate::view::{Tx, View};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use std::collections::{BTreeMap, HashMap};
@@ -51,11 +52,16 @@ struct FileBuf {
     /// Removed from the branch's map (clean at the last release); a writer
     /// that finds this set takes a fresh buffer instead.
     detached: bool,
-    /// Dirty blocks (full block size, zeros past the data).
-    blocks: BTreeMap<u64, Vec<u8>>,
+    /// Dirty blocks (full block size, zeros past the data). Shared with the
+    /// stage worker while it prepares them; a write to a shared block
+    /// copies it.
+    blocks: BTreeMap<u64, Arc<Vec<u8>>>,
+    /// Preparations (hash, compression) of blocks written whole, started
+    /// on the stage worker; dropped when the block changes again.
+    staged: HashMap<u64, Arc<stage::Slot>>,
     /// Copies of the last blocks stored, exactly as stored, so that the next
     /// partial write to them (a log append after an fsync) needs no read.
-    clean: Vec<(u64, Vec<u8>)>,
+    clean: Vec<(u64, Arc<Vec<u8>>)>,
     /// The file's size including buffered writes (authoritative while the
     /// buffer exists).
     size: u64,
@@ -70,19 +76,21 @@ impl FileBuf {
             block_size,
             detached: false,
             blocks: BTreeMap::new(),
+            staged: HashMap::new(),
             clean: Vec::new(),
             size: 0,
             mtime: None,
         }
     }
 
-    fn insert_block(&mut self, idx: u64, data: Vec<u8>) {
+    fn insert_block(&mut self, idx: u64, data: Arc<Vec<u8>>) {
         if self.blocks.insert(idx, data).is_none() {
             self.counter.fetch_add(self.block_size, Ordering::Relaxed);
         }
     }
 
-    fn take_blocks(&mut self) -> BTreeMap<u64, Vec<u8>> {
+    fn take_blocks(&mut self) -> BTreeMap<u64, Arc<Vec<u8>>> {
+        self.staged.clear();
         let blocks = std::mem::take(&mut self.blocks);
         self.counter
             .fetch_sub(blocks.len() * self.block_size, Ordering::Relaxed);
@@ -1055,21 +1063,31 @@ impl BranchFs {
             let idx = pos / bs;
             let within = (pos % bs) as usize;
             let n = ((bs as usize) - within).min(src.len());
+            if within == 0 && n == bs as usize {
+                // Written whole: no zero fill, no read, and its hashing
+                // starts now on the stage worker.
+                let block = Arc::new(src[..n].to_vec());
+                g.staged.insert(idx, stage::submit(block.clone()));
+                g.insert_block(idx, block);
+                pos += n as u64;
+                src = &src[n..];
+                continue;
+            }
+            g.staged.remove(&idx);
             if !g.blocks.contains_key(&idx) {
                 let block_start = idx * bs;
-                let whole = within == 0 && n == bs as usize;
                 let clean = g.clean.iter().position(|(i, _)| *i == idx);
                 let block = if let Some(pos) = clean {
                     g.clean.swap_remove(pos).1
-                } else if whole || block_start >= g.size {
-                    vec![0u8; bs as usize]
+                } else if block_start >= g.size {
+                    Arc::new(vec![0u8; bs as usize])
                 } else {
-                    self.stored_block(view, ino, idx)?
+                    Arc::new(self.stored_block(view, ino, idx)?)
                 };
                 g.insert_block(idx, block);
             }
             if let Some(b) = g.blocks.get_mut(&idx) {
-                b[within..within + n].copy_from_slice(&src[..n]);
+                Arc::make_mut(b)[within..within + n].copy_from_slice(&src[..n]);
             }
             pos += n as u64;
             src = &src[n..];
@@ -1108,9 +1126,19 @@ impl BranchFs {
                 continue;
             }
             let len = (g.size - start).min(bs) as usize;
-            let id = self.db.stage_chunk(&mut batch, &data[..len])?;
+            let id = match g.staged.get(&idx) {
+                // Prepared whole; valid while the file still covers it.
+                Some(slot) if len == data.len() => {
+                    let p = slot.take(data);
+                    self.db.stage_prepared(&mut batch, &p, data)?
+                }
+                _ => self.db.stage_chunk(&mut batch, &data[..len])?,
+            };
             block_values.push((keys::block(ino, idx), keys::block_value(&id, len as u32)));
         }
+        // Chunks appended to the log reach the disk before any index entry
+        // naming them can; synced here, not under `meta` (see Db::write).
+        self.db.sync_chunks()?;
         {
             let _m = self.meta.lock();
             let mut tx = Tx::new(self.view(st));

@@ -47,28 +47,32 @@ fn saves(compressed: usize, raw: usize) -> bool {
     compressed + 16 < raw && compressed <= raw - raw / 8
 }
 
-/// Encodes `data` into its stored form: zstd when that saves at least an
-/// eighth, raw otherwise. A block whose first 4 KiB do not save that much
-/// is stored raw without trying the rest (deterministic: the same bytes
-/// always get the same stored form).
-pub fn encode(data: &[u8]) -> Vec<u8> {
+/// Encodes `data` into its stored form, as its two parts: the codec byte
+/// and the payload (borrowed when raw, so a raw block is never copied here).
+/// zstd when that saves at least an eighth, raw otherwise. A block whose
+/// first 4 KiB do not save that much is stored raw without trying the rest
+/// (deterministic: the same bytes always get the same stored form).
+pub fn encode_parts(data: &[u8]) -> (u8, std::borrow::Cow<'_, [u8]>) {
     if data.len() >= 64 {
         let sample_ok = data.len() < 2 * SAMPLE
             || zstd_compress(&data[..SAMPLE]).is_some_and(|z| saves(z.len(), SAMPLE));
         if sample_ok {
             if let Some(z) = zstd_compress(data) {
                 if saves(z.len(), data.len()) {
-                    let mut out = Vec::with_capacity(z.len() + 1);
-                    out.push(CODEC_ZSTD);
-                    out.extend_from_slice(&z);
-                    return out;
+                    return (CODEC_ZSTD, z.into());
                 }
             }
         }
     }
-    let mut out = Vec::with_capacity(data.len() + 1);
-    out.push(CODEC_RAW);
-    out.extend_from_slice(data);
+    (CODEC_RAW, data.into())
+}
+
+/// Encodes `data` into its stored form, `codec byte || payload`.
+pub fn encode(data: &[u8]) -> Vec<u8> {
+    let (codec, payload) = encode_parts(data);
+    let mut out = Vec::with_capacity(payload.len() + 1);
+    out.push(codec);
+    out.extend_from_slice(&payload);
     out
 }
 
@@ -91,6 +95,24 @@ pub fn decode(stored: &[u8], max_len: usize) -> Result<Vec<u8>> {
             .map_err(|e| Error::Corrupt(format!("zstd chunk does not decompress: {e}"))),
         Some((c, _)) => Err(Error::Corrupt(format!("unknown chunk codec {c}"))),
         None => Err(Error::Corrupt("empty stored chunk".into())),
+    }
+}
+
+/// [`decode`] of a stored form given as its codec byte and payload; a raw
+/// payload is returned as it is (no copy).
+pub fn decode_parts(codec: u8, payload: Vec<u8>, max_len: usize) -> Result<Vec<u8>> {
+    match codec {
+        CODEC_RAW if payload.len() <= max_len => Ok(payload),
+        CODEC_RAW => Err(Error::Corrupt(format!(
+            "raw chunk of {} bytes is larger than {max_len}",
+            payload.len()
+        ))),
+        _ => {
+            let mut stored = Vec::with_capacity(payload.len() + 1);
+            stored.push(codec);
+            stored.extend_from_slice(&payload);
+            decode(&stored, max_len)
+        }
     }
 }
 
@@ -125,10 +147,11 @@ pub trait ChunkStore: Send + Sync {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+    /// Incompressible test bytes (xorshift), the same for the same seed.
+    pub(crate) fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
         let mut x = seed | 1;
         (0..n)
             .map(|_| {

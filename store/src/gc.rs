@@ -25,7 +25,12 @@ pub struct GcReport {
     pub objects_deleted: u64,
     pub chunks_kept: u64,
     pub chunks_deleted: u64,
+    /// Stored bytes of the deleted objects and chunks.
     pub bytes_freed: u64,
+    /// Chunk log bytes given back to the filesystem (segments removed or
+    /// compacted).
+    #[serde(default)]
+    pub log_bytes_freed: u64,
 }
 
 /// What fsck found.
@@ -152,17 +157,22 @@ impl Store {
         // the overlays or kept as young.
         // Ids pinned by transfers in progress count as young from the start.
         let pinned: HashSet<Id> = self.db.pins.lock().keys().copied().collect();
-        {
+        let compact_before = {
             // Writers that decided "chunk already stored" finish first.
             let _barrier = self.db.gc_barrier.write();
             *self.db.young.lock() = Some(pinned);
-        }
-        let result = self.gc_inner();
+            // Chunks stored before now are indexed before the compaction
+            // looks for segments nothing names.
+            self.db
+                .flush_pending()
+                .map(|()| self.db.log.active_segment())
+        };
+        let result = compact_before.and_then(|before| self.gc_inner(before));
         *self.db.young.lock() = None;
         result
     }
 
-    fn gc_inner(&self) -> Result<GcReport> {
+    fn gc_inner(&self, compact_before: u32) -> Result<GcReport> {
         let mut problems = Vec::new();
         let marks = mark(self, false, &mut problems)?;
         let db = &self.db;
@@ -219,6 +229,9 @@ impl Store {
             report.chunks_deleted += 1;
             report.bytes_freed += len;
         }
+        // Deleted chunks leave their records in the chunk log; reclaim the
+        // segments they made sparse.
+        report.log_bytes_freed = db.compact_chunks(compact_before)?;
         Ok(report)
     }
 

@@ -9,6 +9,7 @@
 
 pub mod branch;
 pub mod chunk;
+pub mod chunklog;
 pub mod db;
 pub mod error;
 pub mod gc;
@@ -18,6 +19,7 @@ pub mod keys;
 mod meta;
 pub mod names;
 pub mod object;
+mod stage;
 pub mod store;
 pub mod transfer;
 pub mod tree;

@@ -33,6 +33,19 @@ fn write_file(fs: &BranchFs, name: &str, data: &[u8]) -> u64 {
     ino
 }
 
+/// Incompressible bytes (stored in the chunk log, not inline).
+fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 fn read_file(fs: &BranchFs, name: &str) -> Option<Vec<u8>> {
     let a = fs.lookup(ROOT_INO, name.as_bytes()).ok()?;
     Some(fs.read(a.ino, 0, a.size as u32 + 10).unwrap())
@@ -284,7 +297,7 @@ fn diff_reports_paths() {
 fn gc_reclaims_only_garbage_and_fsck_finds_corruption() {
     let (dir, store, dot) = setup();
     let fs = store.branch_fs(&dot, "master").unwrap();
-    let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let big = noise(300_000, 3);
     write_file(&fs, "keep", &big);
     let c1 = commit(&store, &dot, "master", "one");
     let other: Vec<u8> = (0..300_000u32).map(|i| (i * 13 % 241) as u8).collect();
@@ -309,30 +322,79 @@ fn gc_reclaims_only_garbage_and_fsck_finds_corruption() {
         let a = fs.lookup(ROOT_INO, b"keep").unwrap();
         assert_eq!(fs.read(a.ino, 0, 10).unwrap(), &big[..10]);
     }
-    let db = rocksdb::DB::open_cf(
-        &rocksdb::Options::default(),
-        dir.path().join("db"),
-        ["meta", "objects", "chunks", "work", "chunk-index"],
+    // Flip the first byte after the first chunk record's codec byte (the
+    // header is 44 bytes): fsck names the chunk.
+    let seg = segments(dir.path())
+        .into_iter()
+        .find(|(_, len)| *len > 0)
+        .expect("a segment with chunks")
+        .0;
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let key = hex::encode(&bytes[12..44]);
+    bytes[45] ^= 0x55;
+    std::fs::write(&seg, bytes).unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let f = store.fsck().unwrap();
+    assert!(!f.is_clean());
+    assert!(
+        f.problems.iter().any(|p| p.contains(&key)),
+        "{:?}",
+        f.problems
     );
-    if let Ok(db) = db {
-        let cf = db.cf_handle("chunks").unwrap();
-        let key = db
-            .iterator_cf(cf, rocksdb::IteratorMode::Start)
-            .next()
-            .unwrap()
-            .unwrap()
-            .0;
-        db.put_cf(cf, &key, [0u8, 1, 2, 3]).unwrap();
-        drop(db);
-        let store = Store::open(dir.path()).unwrap();
-        let f = store.fsck().unwrap();
-        assert!(!f.is_clean());
-        assert!(
-            f.problems.iter().any(|p| p.contains(&hex::encode(&key))),
-            "{:?}",
-            f.problems
-        );
-    }
+}
+
+/// The chunk log's segment files with their sizes, oldest first.
+fn segments(data_dir: &std::path::Path) -> Vec<(std::path::PathBuf, u64)> {
+    let mut out: Vec<_> = std::fs::read_dir(data_dir.join("chunks"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.path(), e.metadata().unwrap().len())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn gc_compacts_sparse_chunk_segments() {
+    let (dir, store, dot) = setup();
+    // Incompressible: both files' blocks are records in the log.
+    let keep = noise(300_000, 1);
+    let tmp = noise(3_000_000, 2);
+    let c1 = {
+        let fs = store.branch_fs(&dot, "master").unwrap();
+        write_file(&fs, "keep", &keep);
+        let c1 = commit(&store, &dot, "master", "keep");
+        write_file(&fs, "tmp", &tmp);
+        commit(&store, &dot, "master", "tmp");
+        c1
+    };
+    drop(store);
+    // Reopened, the store appends to a new segment; the old one holds
+    // `keep` and `tmp`.
+    let store = Store::open(dir.path()).unwrap();
+    let before = segments(dir.path());
+    let old = before.iter().max_by_key(|(_, len)| *len).unwrap().clone();
+    assert!(old.1 > 3_000_000, "{before:?}");
+    store.reset(&dot, "master", c1.id, true).unwrap();
+    let r = store.gc().unwrap();
+    assert!(r.chunks_deleted >= 40, "{r:?}");
+    assert!(r.log_bytes_freed > 2_500_000, "{r:?}");
+    let after = segments(dir.path());
+    assert!(!old.0.exists(), "the sparse segment is removed: {after:?}");
+    let total: u64 = after.iter().map(|(_, len)| len).sum();
+    assert!(total >= 300_000, "keep's records were moved: {after:?}");
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    assert_eq!(read_file(&fs, "keep").unwrap(), keep);
+    drop(fs);
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    assert_eq!(read_file(&fs, "keep").unwrap(), keep, "after a reopen");
+    assert!(store.fsck().unwrap().is_clean());
+    // Nothing left to reclaim: a second GC moves nothing.
+    assert_eq!(store.gc().unwrap().log_bytes_freed, 0);
 }
 
 #[test]
@@ -491,28 +553,41 @@ fn posix_semantics() {
 
 #[test]
 fn gc_is_safe_while_branches_are_written() {
-    let (_d, store, dot) = setup();
+    // Small segments: GC compacts and removes segments while files are
+    // written, deduplicated against garbage, and read.
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StoreOptions {
+        segment_bytes: 256 << 10,
+        ..Default::default()
+    };
+    let store = Store::open_with(dir.path(), opts).unwrap();
+    let dot = DotName::new("myapp").unwrap();
+    store.create_dot(&dot, None).unwrap();
     let fs = store.branch_fs(&dot, "master").unwrap();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let gc = {
         let store = store.clone();
         let stop = stop.clone();
         std::thread::spawn(move || {
-            let mut runs = 0;
+            let (mut runs, mut freed) = (0, 0);
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                store.gc().unwrap();
+                freed += store.gc().unwrap().log_bytes_freed;
                 runs += 1;
             }
-            runs
+            (runs, freed)
         })
     };
     // Content repeats across files and rounds, so writes often dedup
     // against chunks that have just become garbage.
-    let content =
-        |k: u32| -> Vec<u8> { (0..70_000u32).map(|i| ((i + k % 3) % 251) as u8).collect() };
+    // Incompressible (in the log), and it repeats every 40 rounds.
+    const VARIANTS: u32 = 40;
+    let content = |k: u32| -> Vec<u8> { noise(70_000, u64::from(k % VARIANTS) + 1) };
     for round in 0..300u32 {
         let name = format!("f{}", round % 5);
         write_file(&fs, &name, &content(round));
+        if let Some(data) = read_file(&fs, &format!("f{}", (round + 2) % 5)) {
+            assert!((0..VARIANTS).any(|r| data == content(r)), "round {round}");
+        }
         if round % 4 == 0 {
             commit(&store, &dot, "master", "c");
         }
@@ -522,13 +597,22 @@ fn gc_is_safe_while_branches_are_written() {
         }
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    assert!(gc.join().unwrap() > 0);
+    let (runs, freed) = gc.join().unwrap();
+    assert!(runs > 0);
+    assert!(freed > 0, "GC compacted segments while files were written");
     store.gc().unwrap();
     let report = store.fsck().unwrap();
     assert!(report.is_clean(), "{:?}", report.problems);
     for k in 0..5 {
         if let Some(data) = read_file(&fs, &format!("f{k}")) {
-            assert_eq!(data.len(), 70_000);
+            assert!((0..VARIANTS).any(|r| data == content(r)), "f{k}");
         }
     }
+    assert!(
+        std::fs::read_dir(dir.path().join("chunks"))
+            .unwrap()
+            .count()
+            > 1,
+        "segments rotated"
+    );
 }
