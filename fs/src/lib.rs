@@ -66,7 +66,11 @@ impl Default for MountOptions {
         let root = unsafe { libc::geteuid() } == 0;
         MountOptions {
             allow_other: root,
-            n_threads: 2,
+            // `DM_FUSE_THREADS` overrides it, for measuring.
+            n_threads: std::env::var("DM_FUSE_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(2),
             fsname: "dm".to_string(),
         }
     }
@@ -760,19 +764,22 @@ impl fuser::Filesystem for DmFs {
         }
     }
 
+    /// Not implemented, on purpose: the kernel then stops sending FLUSH (one
+    /// synchronous round trip on every close(2)). Buffered writes are stored
+    /// at release (which the kernel sends without making close wait), fsync,
+    /// commit, or when buffers grow; reads from any mount see them before.
+    /// What a close loses is only the report of a failed store, which
+    /// fsync(2) still gives (as on most filesystems, close is not a
+    /// durability point).
     fn flush(
         &self,
         _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
+        _ino: INodeNo,
+        _fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        let (fs, ino) = self.handle(fh, ino);
-        match fs.flush(ino) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        }
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
