@@ -283,8 +283,11 @@ pub struct GcResponse {
     pub chunks_deleted: u64,
     /// Metadata objects removed.
     pub objects_deleted: u64,
-    /// Bytes reclaimed.
+    /// Stored bytes of what was deleted.
     pub bytes_freed: u64,
+    /// Chunk log bytes given back to the disk (sparse segments compacted).
+    #[serde(default)]
+    pub log_bytes_freed: u64,
 }
 
 /// `POST /v1/fsck`.

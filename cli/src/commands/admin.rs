@@ -9,10 +9,11 @@ use clap::CommandFactory;
 pub fn gc(ctx: &mut Ctx) -> Result<()> {
     let r: GcResponse = ctx.client()?.post("/v1/gc", &Empty {})?;
     println!(
-        "Deleted {} chunks and {} objects, freed {}",
+        "Deleted {} chunks and {} objects, freed {} ({} of chunk log given back to the disk)",
         r.chunks_deleted,
         r.objects_deleted,
-        human_size(r.bytes_freed)
+        human_size(r.bytes_freed),
+        human_size(r.log_bytes_freed)
     );
     Ok(())
 }

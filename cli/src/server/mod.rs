@@ -85,6 +85,25 @@ fn claim_socket(socket: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Raises the soft limit on open files to the hard limit: the store keeps
+/// one descriptor per chunk log segment (256 MiB each), and FUSE sessions,
+/// clients and containers take more.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!("could not raise the open file limit to {}", lim.rlim_max);
+            }
+        }
+    }
+}
+
 /// Runs the server until SIGINT or SIGTERM.
 pub fn run(opts: ServerOptions) -> Result<()> {
     let _ = tracing_subscriber::fmt()
@@ -100,6 +119,7 @@ pub fn run(opts: ServerOptions) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     claim_socket(&opts.socket)?;
+    raise_open_file_limit();
     let store = Store::open(&opts.data_dir.join("store"))
         .with_context(|| format!("opening the store in {}", opts.data_dir.display()))?;
     let server_id = server_id(&opts.data_dir)?;

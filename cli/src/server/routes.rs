@@ -559,6 +559,7 @@ async fn gc(State(st): S) -> ApiResult<Json<GcResponse>> {
             chunks_deleted: r.chunks_deleted,
             objects_deleted: r.objects_deleted,
             bytes_freed: r.bytes_freed,
+            log_bytes_freed: r.log_bytes_freed,
         })
     })
     .await
