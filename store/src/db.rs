@@ -457,6 +457,7 @@ impl Db {
     fn get_parts(&self, id: &Id) -> Result<Option<(u8, Vec<u8>)>> {
         // A compaction may move the chunk between the index read and the
         // segment read; the second look finds its new place.
+        let mut last = None;
         for _ in 0..3 {
             let found = self.with_placement(id, |p| match p {
                 // Never empty: `Placement::decode` rejects that.
@@ -471,10 +472,13 @@ impl Db {
             if let Some(parts) = self.log.read_parts(id, loc)? {
                 return Ok(Some(parts));
             }
+            last = Some(loc);
         }
         Err(Error::Corrupt(format!(
-            "chunk {}: its segment keeps disappearing",
-            id.short()
+            "chunk {}: its chunk log segment {} is missing from {}",
+            id.short(),
+            last.map_or(0, |l| l.seg),
+            self.log.dir().display()
         )))
     }
 
