@@ -28,6 +28,11 @@ const XATTR_MAX: usize = 64 * 1024;
 const CLEAN_BLOCKS: usize = 2;
 /// A file's buffered blocks are chunked once they pass this many bytes.
 const FILE_BUFFER_MAX: usize = 8 << 20;
+/// Blocks at least this large are hashed on the stage worker when written
+/// whole; smaller ones are hashed at flush (waking the worker for an 8 KiB
+/// block cost PostgreSQL more than hashing it: 0.55x native TPS with it,
+/// 0.75x without).
+const STAGE_MIN: usize = 32 << 10;
 /// Largest file size (2^50 bytes).
 const MAX_FILE_SIZE: u64 = 1 << 50;
 
@@ -1064,10 +1069,14 @@ impl BranchFs {
             let within = (pos % bs) as usize;
             let n = ((bs as usize) - within).min(src.len());
             if within == 0 && n == bs as usize {
-                // Written whole: no zero fill, no read, and its hashing
-                // starts now on the stage worker.
+                // Written whole: no zero fill, no read, and (for large
+                // blocks) its hashing starts now on the stage worker.
                 let block = Arc::new(src[..n].to_vec());
-                g.staged.insert(idx, stage::submit(block.clone()));
+                if n >= STAGE_MIN {
+                    g.staged.insert(idx, stage::submit(block.clone()));
+                } else {
+                    g.staged.remove(&idx);
+                }
                 g.insert_block(idx, block);
                 pos += n as u64;
                 src = &src[n..];
