@@ -250,7 +250,17 @@ impl ChunkLog {
             "creating the chunk directory {}",
             dir.display()
         )))?;
-        let last = Self::list(dir)?.into_iter().map(|(s, _)| s).max();
+        let segments = Self::list(dir)?;
+        let last = segments.iter().map(|(s, _)| *s).max();
+        // Segments left empty by earlier runs hold no record, so nothing
+        // names them: one would pile up per restart otherwise.
+        for (seg, len) in &segments {
+            if *len == 0 {
+                let path = dir.join(segment_name(*seg));
+                std::fs::remove_file(&path)
+                    .map_err(io(format!("removing the empty segment {}", path.display())))?;
+            }
+        }
         let seg = last.map_or(Ok(1), |s| {
             s.checked_add(1)
                 .ok_or_else(|| Error::Corrupt("chunk segment numbers are exhausted".into()))
@@ -534,6 +544,14 @@ mod tests {
             log.active_segment(),
             la.seg + 1,
             "a reopen starts a segment"
+        );
+        drop(log);
+        let log = ChunkLog::open(dir.path(), SEGMENT_BYTES).unwrap();
+        assert_eq!(log.active_segment(), la.seg + 2);
+        assert_eq!(
+            log.segments().unwrap().len(),
+            2,
+            "the empty segment of the last run was removed"
         );
         assert_eq!(log.read(&b, lb).unwrap().unwrap(), b"\0bb");
         // A location that does not hold the named chunk is an error.
