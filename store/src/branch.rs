@@ -1129,6 +1129,7 @@ impl BranchFs {
         let _barrier = self.db.gc_barrier.read_recursive();
         let mut batch = rocksdb::WriteBatch::default();
         let mut block_values = Vec::with_capacity(g.blocks.len());
+        let mut cached = Vec::new();
         for (&idx, data) in &g.blocks {
             let start = idx * bs;
             if start >= g.size {
@@ -1144,6 +1145,9 @@ impl BranchFs {
                 _ => self.db.stage_chunk(&mut batch, &data[..len])?,
             };
             block_values.push((keys::block(ino, idx), keys::block_value(&id, len as u32)));
+            if len == data.len() {
+                cached.push((id, data.clone()));
+            }
         }
         // Chunks appended to the log reach the disk before any index entry
         // naming them can; synced here, not under `meta` (see Db::write).
@@ -1165,6 +1169,9 @@ impl BranchFs {
                 tx.write_into(&mut batch);
                 self.db.write(batch, sync, "storing written data")?;
             }
+        }
+        for (id, data) in cached {
+            self.db.cache_chunk(id, data);
         }
         // Keep the last blocks just stored (within the file) as clean
         // copies, then older clean copies, up to CLEAN_BLOCKS.

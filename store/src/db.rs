@@ -253,7 +253,10 @@ impl Db {
     ) -> Result<Id> {
         let id = p.id;
         self.note_young(&id);
-        if self.chunks.contains_key(&id) || self.chunk_len(&id)?.is_some() {
+        // Presence is asked of the index, never of the read cache: a cache
+        // entry can outlive a GC deletion (a read that raced with it), and
+        // trusting it would leave a block naming a deleted chunk.
+        if self.chunk_len(&id)?.is_some() {
             return Ok(id);
         }
         self.place(batch, &id, p.codec, p.payload(data), p.crc)?;
@@ -298,9 +301,7 @@ impl Db {
             return Ok(id);
         }
         drop(young);
-        if !self.chunks.contains_key(&id) {
-            self.put_chunk_data(&id, data)?;
-        }
+        self.put_chunk_data(&id, data)?;
         Ok(id)
     }
 
@@ -480,6 +481,13 @@ impl Db {
             last.map_or(0, |l| l.seg),
             self.log.dir().display()
         )))
+    }
+
+    /// Puts a chunk just stored in the read cache (a later partial write to
+    /// its block then needs no read). Only a cache: presence is always asked
+    /// of the index.
+    pub(crate) fn cache_chunk(&self, id: Id, data: Arc<Vec<u8>>) {
+        self.chunks.insert(id, data);
     }
 
     /// A chunk's decompressed bytes (cached).
