@@ -1072,6 +1072,8 @@ impl BranchFs {
                 // Written whole: no zero fill, no read, and (for large
                 // blocks) its hashing starts now on the stage worker.
                 let block = Arc::new(src[..n].to_vec());
+                // A clean copy of the block is stale now.
+                g.clean.retain(|(i, _)| *i != idx);
                 if n >= STAGE_MIN {
                     g.staged.insert(idx, stage::submit(block.clone()));
                 } else {
@@ -1189,7 +1191,10 @@ impl BranchFs {
             if keep.len() >= CLEAN_BLOCKS {
                 break;
             }
-            keep.push(old);
+            // An older copy of a block just stored is stale.
+            if !keep.iter().any(|(i, _)| *i == old.0) {
+                keep.push(old);
+            }
         }
         g.clean = keep;
         g.mtime = None;

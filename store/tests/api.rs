@@ -616,3 +616,37 @@ fn gc_is_safe_while_branches_are_written() {
         "segments rotated"
     );
 }
+
+#[test]
+fn partial_whole_and_partial_again_writes_to_one_block_read_back() {
+    // Exercises the clean copy kept after a flush, a whole-block rewrite
+    // (hashed on the worker) and a partial write on top of it.
+    let (dir, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    let ino = fs
+        .mknod(ROOT_INO, b"f", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap()
+        .ino;
+    let bs = fs.block_size() as usize;
+    fs.write(ino, 0, &[b'A'; 100]).unwrap();
+    fs.flush(ino).unwrap();
+    let mut want = noise(2 * bs, 9);
+    fs.write(ino, 0, &want).unwrap();
+    fs.flush(ino).unwrap();
+    fs.write(ino, 5, b"CCCCCCCCCC").unwrap();
+    want[5..15].copy_from_slice(b"CCCCCCCCCC");
+    assert_eq!(fs.read(ino, 0, 3 * bs as u32).unwrap(), want);
+    fs.flush(ino).unwrap();
+    fs.write(ino, bs as u64, &want[bs..]).unwrap(); // the same bytes again
+    fs.write(ino, bs as u64 + 1, b"D").unwrap();
+    want[bs + 1] = b'D';
+    fs.fsync(ino, false).unwrap();
+    assert_eq!(fs.read(ino, 0, 3 * bs as u32).unwrap(), want);
+    commit(&store, &dot, "master", "c");
+    drop(fs);
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    assert_eq!(read_file(&fs, "f").unwrap(), want);
+    assert!(store.fsck().unwrap().is_clean());
+}
