@@ -159,20 +159,27 @@ impl Db {
     /// appended to the log and not yet synced are synced first, so that no
     /// index entry reaches the disk before the record it names.
     pub fn write(&self, mut batch: WriteBatch, sync: bool, what: &str) -> Result<()> {
+        // Pending chunks are copied before the sync (so each was appended
+        // before it) and leave the map only once indexed: a reader never
+        // finds them in neither place.
+        let pending: Vec<(Id, Loc)> = self.pending.lock().iter().map(|(k, v)| (*k, *v)).collect();
         self.log.sync()?;
-        let pending = std::mem::take(&mut *self.pending.lock());
         let cf = self.cf(CF_CHUNK_INDEX);
         for (id, loc) in &pending {
             batch.put_cf(cf, id.0, Placement::log_value(*loc));
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
-        let result = self.db.write_opt(batch, &wo).map_err(Error::db(what));
-        if result.is_err() {
-            // Not indexed: they wait for the next batch.
-            self.pending.lock().extend(pending);
+        self.db.write_opt(batch, &wo).map_err(Error::db(what))?;
+        if !pending.is_empty() {
+            let mut map = self.pending.lock();
+            for (id, loc) in &pending {
+                if map.get(id) == Some(loc) {
+                    map.remove(id);
+                }
+            }
         }
-        result
+        Ok(())
     }
 
     /// Writes the index entries of chunks stored one at a time.
@@ -540,13 +547,19 @@ impl ChunkStore for Db {
 
     fn has_many(&self, ids: &[Id]) -> Result<Vec<bool>> {
         let cf = self.cf(CF_CHUNK_INDEX);
+        // Pending first: a chunk leaves `pending` only once indexed, so
+        // asking in this order never misses one that is being indexed.
+        let pending: Vec<bool> = {
+            let p = self.pending.lock();
+            ids.iter().map(|id| p.contains_key(id)).collect()
+        };
         let keys: Vec<_> = ids.iter().map(|id| (cf, id.0)).collect();
         let indexed = self.db.multi_get_cf(keys);
-        let pending = self.pending.lock();
-        ids.iter()
+        pending
+            .into_iter()
             .zip(indexed)
-            .map(|(id, r)| {
-                r.map(|v| v.is_some() || pending.contains_key(id))
+            .map(|(pending, r)| {
+                r.map(|v| pending || v.is_some())
                     .map_err(Error::db("checking which chunks are present"))
             })
             .collect()
@@ -616,6 +629,37 @@ mod tests {
         assert!(!db.log.has_unsynced());
         db.write(batch, false, "test").unwrap();
         assert_eq!(*db.read_chunk(&sid).unwrap(), small);
+    }
+
+    #[test]
+    fn a_received_chunk_never_looks_absent_while_it_is_indexed() {
+        // Pulls store chunks one at a time (pending) and check tree nodes
+        // against them with has_many while other batches index them.
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Db::open(dir.path(), StoreOptions::default()).unwrap());
+        let stored = Arc::new(Mutex::new(Vec::new()));
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (db, stored, done) = (db.clone(), stored.clone(), done.clone());
+            std::thread::spawn(move || {
+                for i in 0..400u64 {
+                    let data = noise(20_000, i + 1);
+                    let id = Id::of(&data);
+                    db.put_if_absent(&id, &chunk::encode(&data)).unwrap();
+                    stored.lock().push(id);
+                    if i % 3 == 0 {
+                        db.write(WriteBatch::default(), false, "test").unwrap();
+                    }
+                }
+                done.store(true, std::sync::atomic::Ordering::Relaxed);
+            })
+        };
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            let ids = stored.lock().clone();
+            let present = db.has_many(&ids).unwrap();
+            assert!(present.iter().all(|p| *p), "a stored chunk looked absent");
+        }
+        writer.join().unwrap();
     }
 
     #[test]
