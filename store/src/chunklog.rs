@@ -157,6 +157,10 @@ struct Active {
 pub struct ChunkLog {
     dir: PathBuf,
     segment_bytes: u64,
+    /// Held for a whole sync: a sync that finds nothing dirty because
+    /// another is still syncing the same appends must wait for it, or it
+    /// would return before they are durable.
+    syncing: Mutex<()>,
     active: Mutex<Active>,
     /// Open segments, read by many threads at once (pread).
     files: RwLock<HashMap<u32, Arc<File>>>,
@@ -268,6 +272,7 @@ impl ChunkLog {
         let log = ChunkLog {
             dir: dir.to_path_buf(),
             segment_bytes,
+            syncing: Mutex::new(()),
             active: Mutex::new(Active {
                 seg,
                 file: Arc::new(Self::create(dir, seg)?),
@@ -400,6 +405,7 @@ impl ChunkLog {
 
     /// Makes every append so far durable.
     pub fn sync(&self) -> Result<()> {
+        let _one_at_a_time = self.syncing.lock();
         let (dirty, files) = {
             let mut a = self.active.lock();
             let dirty = std::mem::take(&mut a.dirty);
