@@ -70,9 +70,14 @@ pub fn encode_parts(data: &[u8]) -> (u8, std::borrow::Cow<'_, [u8]>) {
 /// Encodes `data` into its stored form, `codec byte || payload`.
 pub fn encode(data: &[u8]) -> Vec<u8> {
     let (codec, payload) = encode_parts(data);
+    stored_form(codec, &payload)
+}
+
+/// The stored form `codec || payload` of a chunk kept as its two parts.
+pub fn stored_form(codec: u8, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + 1);
     out.push(codec);
-    out.extend_from_slice(&payload);
+    out.extend_from_slice(payload);
     out
 }
 
@@ -81,21 +86,26 @@ pub fn encode(data: &[u8]) -> Vec<u8> {
 pub fn decode(stored: &[u8], max_len: usize) -> Result<Vec<u8>> {
     match stored.split_first() {
         Some((&CODEC_RAW, rest)) => Ok(rest.to_vec()),
-        Some((&CODEC_ZSTD, rest)) => DECOMPRESSOR
-            .with(|cell| {
-                let mut slot = cell.borrow_mut();
-                if slot.is_none() {
-                    *slot = Some(zstd::bulk::Decompressor::new()?);
-                }
-                match slot.as_mut() {
-                    Some(d) => d.decompress(rest, max_len),
-                    None => zstd::bulk::decompress(rest, max_len),
-                }
-            })
-            .map_err(|e| Error::Corrupt(format!("zstd chunk does not decompress: {e}"))),
+        Some((&CODEC_ZSTD, rest)) => zstd_decompress(rest, max_len),
         Some((c, _)) => Err(Error::Corrupt(format!("unknown chunk codec {c}"))),
         None => Err(Error::Corrupt("empty stored chunk".into())),
     }
+}
+
+/// zstd-decompresses a chunk's payload with this thread's context.
+fn zstd_decompress(payload: &[u8], max_len: usize) -> Result<Vec<u8>> {
+    DECOMPRESSOR
+        .with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                *slot = Some(zstd::bulk::Decompressor::new()?);
+            }
+            match slot.as_mut() {
+                Some(d) => d.decompress(payload, max_len),
+                None => zstd::bulk::decompress(payload, max_len),
+            }
+        })
+        .map_err(|e| Error::Corrupt(format!("zstd chunk does not decompress: {e}")))
 }
 
 /// [`decode`] of a stored form given as its codec byte and payload; a raw
@@ -107,12 +117,8 @@ pub fn decode_parts(codec: u8, payload: Vec<u8>, max_len: usize) -> Result<Vec<u
             "raw chunk of {} bytes is larger than {max_len}",
             payload.len()
         ))),
-        _ => {
-            let mut stored = Vec::with_capacity(payload.len() + 1);
-            stored.push(codec);
-            stored.extend_from_slice(&payload);
-            decode(&stored, max_len)
-        }
+        CODEC_ZSTD => zstd_decompress(&payload, max_len),
+        c => Err(Error::Corrupt(format!("unknown chunk codec {c}"))),
     }
 }
 

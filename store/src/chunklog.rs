@@ -454,20 +454,10 @@ impl ChunkLog {
         }
     }
 
-    /// Reads the stored form of `id` at `loc`, checked against its header
-    /// and CRC. `Ok(None)`: the segment is gone (moved by a compaction;
-    /// look the chunk up again).
-    pub fn read(&self, id: &Id, loc: Loc) -> Result<Option<Vec<u8>>> {
-        Ok(self.read_parts(id, loc)?.map(|(codec, payload)| {
-            let mut stored = Vec::with_capacity(payload.len() + 1);
-            stored.push(codec);
-            stored.extend_from_slice(&payload);
-            stored
-        }))
-    }
-
-    /// [`ChunkLog::read`] as the codec byte and the payload, read straight
-    /// into its own buffer (no copy of the data in user space).
+    /// Reads the stored form of `id` at `loc` as its codec byte and payload,
+    /// read straight into its own buffer (no copy of the data in user
+    /// space), checked against the record's header and CRC. `Ok(None)`: the
+    /// segment is gone (moved by a compaction; look the chunk up again).
     pub fn read_parts(&self, id: &Id, loc: Loc) -> Result<Option<(u8, Vec<u8>)>> {
         let Some(f) = self.file(loc.seg)? else {
             return Ok(None);
@@ -541,8 +531,14 @@ mod tests {
             let la = log.append(&a, 0, b"aaaa").unwrap();
             let lb = log.append(&b, 0, b"bb").unwrap();
             log.sync().unwrap();
-            assert_eq!(log.read(&a, la).unwrap().unwrap(), b"\0aaaa");
-            assert_eq!(log.read(&b, lb).unwrap().unwrap(), b"\0bb");
+            assert_eq!(
+                log.read_parts(&a, la).unwrap().unwrap(),
+                (0, b"aaaa".to_vec())
+            );
+            assert_eq!(
+                log.read_parts(&b, lb).unwrap().unwrap(),
+                (0, b"bb".to_vec())
+            );
             (la, lb)
         };
         let log = ChunkLog::open(dir.path(), SEGMENT_BYTES).unwrap();
@@ -559,22 +555,25 @@ mod tests {
             2,
             "the empty segment of the last run was removed"
         );
-        assert_eq!(log.read(&b, lb).unwrap().unwrap(), b"\0bb");
+        assert_eq!(
+            log.read_parts(&b, lb).unwrap().unwrap(),
+            (0, b"bb".to_vec())
+        );
         // A location that does not hold the named chunk is an error.
-        assert!(log.read(&b, la).is_err());
+        assert!(log.read_parts(&b, la).is_err());
         let wrong = Loc { len: 2, ..lb };
-        assert!(log.read(&b, wrong).is_err());
+        assert!(log.read_parts(&b, wrong).is_err());
         // Flipped bytes are caught by the CRC.
         let path = dir.path().join(segment_name(la.seg));
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[HEADER + 2] ^= 1;
         std::fs::write(&path, bytes).unwrap();
         let log = ChunkLog::open(dir.path(), SEGMENT_BYTES).unwrap();
-        let err = log.read(&a, la).unwrap_err().to_string();
+        let err = log.read_parts(&a, la).unwrap_err().to_string();
         assert!(err.contains("checksum"), "{err}");
         // A removed segment reads as gone, not as an error.
         log.remove(la.seg).unwrap();
-        assert!(log.read(&a, la).unwrap().is_none());
+        assert!(log.read_parts(&a, la).unwrap().is_none());
     }
 
     #[test]

@@ -420,13 +420,10 @@ impl Db {
             })?;
             let mut batch = WriteBatch::default();
             for (id, loc) in moving {
-                let stored = self.log.read(&id, loc)?.ok_or_else(|| {
+                let (codec, payload) = self.log.read_parts(&id, loc)?.ok_or_else(|| {
                     Error::Corrupt(format!("chunk {}: its segment vanished", id.short()))
                 })?;
-                let (&codec, payload) = stored
-                    .split_first()
-                    .ok_or_else(|| Error::Corrupt(format!("chunk {} is empty", id.short())))?;
-                let new = self.log.append(&id, codec, payload)?;
+                let new = self.log.append(&id, codec, &payload)?;
                 batch.put_cf(self.cf(CF_CHUNK_INDEX), id.0, Placement::log_value(new));
             }
             // Synced (chunks first): only then may the old copies go.
@@ -537,12 +534,9 @@ impl ChunkStore for Db {
     }
 
     fn get(&self, id: &Id) -> Result<Option<Vec<u8>>> {
-        Ok(self.get_parts(id)?.map(|(codec, payload)| {
-            let mut stored = Vec::with_capacity(payload.len() + 1);
-            stored.push(codec);
-            stored.extend_from_slice(&payload);
-            stored
-        }))
+        Ok(self
+            .get_parts(id)?
+            .map(|(codec, payload)| chunk::stored_form(codec, &payload)))
     }
 
     fn has_many(&self, ids: &[Id]) -> Result<Vec<bool>> {
