@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use dm_store::{Attr, BranchFs, FileKind, SetAttr, TimeSet, Timestamp};
+use dm_store::{Attr, BranchFs, DirEntry, FileKind, SetAttr, TimeSet, Timestamp};
 use fuser::{
     AccessFlags, BackgroundSession, BsdFileFlags, Config, Errno, FileAttr, FileHandle, FileType,
     FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, Notifier,
@@ -375,6 +375,34 @@ impl DmFs {
         let attr = view.attr(a);
         self.shared.remember(parent, name, attr.ino);
         reply.entry(&TTL, &attr, Generation(0));
+    }
+}
+
+/// Calls `add` with each entry of `dir` after the readdir `offset`, read
+/// from the store `batch` at a time, until `add` answers true (the reply is
+/// full) or the directory ends. An offset the store cannot have is the end.
+fn each_entry(
+    fs: &BranchFs,
+    dir: u64,
+    offset: u64,
+    batch: usize,
+    mut add: impl FnMut(&DirEntry) -> Result<bool, Errno>,
+) -> Result<(), Errno> {
+    let Ok(mut offset) = i64::try_from(offset) else {
+        return Ok(());
+    };
+    loop {
+        let entries = fs.readdir(dir, offset, batch).map_err(|e| errno(&e))?;
+        let n = entries.len();
+        for e in entries {
+            if add(&e)? {
+                return Ok(());
+            }
+            offset = e.offset;
+        }
+        if n < batch {
+            return Ok(());
+        }
     }
 }
 
@@ -824,40 +852,16 @@ impl fuser::Filesystem for DmFs {
         mut reply: ReplyDirectory,
     ) {
         let view = self.shared.view.read();
-        let dir = view.to_store(ino);
-        let Ok(mut offset) = i64::try_from(offset) else {
-            reply.ok();
-            return;
-        };
-        const BATCH: usize = 256;
-        loop {
-            let entries = match view.fs.readdir(dir, offset, BATCH) {
-                Ok(e) => e,
-                Err(e) => {
-                    reply.error(errno(&e));
-                    return;
-                }
-            };
-            let n = entries.len();
-            for e in entries {
-                // Offsets come from the store and are >= 1 (0 = start).
-                let off = u64::try_from(e.offset).unwrap_or(0);
-                if reply.add(
-                    view.to_fuse(e.ino),
-                    off,
-                    file_type(e.kind),
-                    OsStr::from_bytes(&e.name),
-                ) {
-                    reply.ok();
-                    return;
-                }
-                offset = e.offset;
-            }
-            if n < BATCH {
-                break;
-            }
+        let result = each_entry(&view.fs, view.to_store(ino), offset, 256, |e| {
+            // Offsets come from the store and are >= 1 (0 = start).
+            let off = u64::try_from(e.offset).unwrap_or(0);
+            let name = OsStr::from_bytes(&e.name);
+            Ok(reply.add(view.to_fuse(e.ino), off, file_type(e.kind), name))
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
-        reply.ok();
     }
 
     /// readdir with each entry's attributes, so that `ls -l`, `find` or
@@ -872,51 +876,28 @@ impl fuser::Filesystem for DmFs {
         mut reply: fuser::ReplyDirectoryPlus,
     ) {
         let view = self.shared.view.read();
-        let dir = view.to_store(ino);
-        let Ok(mut offset) = i64::try_from(offset) else {
-            reply.ok();
-            return;
-        };
-        const BATCH: usize = 128;
-        loop {
-            let entries = match view.fs.readdir(dir, offset, BATCH) {
-                Ok(e) => e,
-                Err(e) => {
-                    reply.error(errno(&e));
-                    return;
-                }
+        let result = each_entry(&view.fs, view.to_store(ino), offset, 128, |e| {
+            let dots = e.name == b"." || e.name == b"..";
+            let attr = match view.fs.getattr(e.ino) {
+                Ok(a) => view.attr(&a),
+                // Removed meanwhile: leave it out.
+                Err(_) if !dots => return Ok(false),
+                Err(err) => return Err(errno(&err)),
             };
-            let n = entries.len();
-            for e in entries {
-                let dots = e.name == b"." || e.name == b"..";
-                let attr = match view.fs.getattr(e.ino) {
-                    Ok(a) => view.attr(&a),
-                    // Removed meanwhile: leave it out.
-                    Err(_) if !dots => {
-                        offset = e.offset;
-                        continue;
-                    }
-                    Err(err) => {
-                        reply.error(errno(&err));
-                        return;
-                    }
-                };
-                let off = u64::try_from(e.offset).unwrap_or(0);
-                let name = OsStr::from_bytes(&e.name);
-                if reply.add(attr.ino, off, name, &TTL, &attr, Generation(0)) {
-                    reply.ok();
-                    return;
-                }
-                if !dots {
-                    self.shared.remember(ino, &e.name, attr.ino);
-                }
-                offset = e.offset;
+            let off = u64::try_from(e.offset).unwrap_or(0);
+            let name = OsStr::from_bytes(&e.name);
+            if reply.add(attr.ino, off, name, &TTL, &attr, Generation(0)) {
+                return Ok(true);
             }
-            if n < BATCH {
-                break;
+            if !dots {
+                self.shared.remember(ino, &e.name, attr.ino);
             }
+            Ok(false)
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
-        reply.ok();
     }
 
     fn fsyncdir(
