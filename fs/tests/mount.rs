@@ -22,6 +22,16 @@ struct Fixture {
 }
 
 impl Fixture {
+    /// Commits the branch master with message `msg`.
+    fn commit(&self, msg: &str) -> dm_store::CommitInfo {
+        let req = CommitRequest {
+            message: msg.to_string(),
+            author: "test".to_string(),
+            metadata: BTreeMap::new(),
+        };
+        self.store.commit(&self.dot, "master", req).unwrap()
+    }
+
     fn p(&self, rel: &str) -> PathBuf {
         self.mnt.join(rel)
     }
@@ -474,15 +484,10 @@ fn switch_between_branches_and_after_reset() {
     let Some(mut f) = setup("__default__") else {
         return;
     };
-    let msg = |m: &str| CommitRequest {
-        message: m.to_string(),
-        author: "test".to_string(),
-        metadata: BTreeMap::new(),
-    };
     fs::write(f.p("data"), b"commit one").unwrap();
     fs::create_dir(f.p("dir")).unwrap();
     fs::write(f.p("dir/inner"), b"inner A").unwrap();
-    let c1 = f.store.commit(&f.dot, "master", msg("one")).unwrap();
+    let c1 = f.commit("one");
 
     f.store
         .create_branch(&f.dot, "b", Some(c1.id))
@@ -605,18 +610,7 @@ fn listing_with_attributes_then_switch() {
     assert_eq!(before.len(), 300);
     assert!((0..300).all(|i| before[&format!("f{i}")] == i as u64));
 
-    let c = f
-        .store
-        .commit(
-            &f.dot,
-            "master",
-            CommitRequest {
-                message: "many".into(),
-                author: "test".into(),
-                metadata: BTreeMap::new(),
-            },
-        )
-        .unwrap();
+    let c = f.commit("many");
     f.store.create_branch(&f.dot, "grown", Some(c.id)).unwrap();
     let grown = f.store.branch_fs(&f.dot, "grown").unwrap();
     let dir = grown
@@ -867,18 +861,7 @@ fn sync_before_commit_captures_mmap_writes() {
     // (syncfs alone returned before the page reached the daemon in about 3
     // of 4 runs when several mount tests ran at once; sync() also waits.)
     mount.sync().unwrap();
-    let c = f
-        .store
-        .commit(
-            &f.dot,
-            "master",
-            CommitRequest {
-                message: "mmap".into(),
-                author: "test".into(),
-                metadata: BTreeMap::new(),
-            },
-        )
-        .unwrap();
+    let c = f.commit("mmap");
     drop(child.stdin.take());
     lines.for_each(drop); // drain, so the child never writes into a closed pipe
     assert!(child.wait().unwrap().success());
