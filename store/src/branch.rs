@@ -28,6 +28,8 @@ const XATTR_MAX: usize = 64 * 1024;
 const CLEAN_BLOCKS: usize = 2;
 /// A file's buffered blocks are chunked once they pass this many bytes.
 const FILE_BUFFER_MAX: usize = 8 << 20;
+/// Spilled blocks a file's buffer may hold before a flush indexes them.
+const SPILLED_MAX: usize = 1 << 16;
 /// Blocks at least this large are hashed on the stage worker when written
 /// whole; smaller ones are hashed at flush (waking the worker for an 8 KiB
 /// block cost PostgreSQL more than hashing it: 0.55x native TPS with it,
@@ -50,6 +52,7 @@ pub(crate) struct BranchState {
 
 /// Buffered writes of one file.
 struct FileBuf {
+    db: Arc<Db>,
     /// The branch's count of buffered bytes, kept exact: blocks are added
     /// with `insert_block`, taken by flushes, and released on drop.
     counter: Arc<AtomicUsize>,
@@ -67,6 +70,11 @@ struct FileBuf {
     /// Copies of the last blocks stored, exactly as stored, so that the next
     /// partial write to them (a log append after an fsync) needs no read.
     clean: Vec<(u64, Arc<Vec<u8>>)>,
+    /// Whole blocks spilled to the chunk log under memory pressure but not
+    /// yet referenced by the branch: index -> chunk id (pinned against GC
+    /// while here). The next flush writes them with the file's other
+    /// changes, after one sync of the log (see `BranchFs::spill_locked`).
+    spilled: BTreeMap<u64, Id>,
     /// The file's size including buffered writes (authoritative while the
     /// buffer exists).
     size: u64,
@@ -75,14 +83,16 @@ struct FileBuf {
 }
 
 impl FileBuf {
-    fn new(counter: Arc<AtomicUsize>, block_size: usize) -> FileBuf {
+    fn new(db: Arc<Db>, counter: Arc<AtomicUsize>, block_size: usize) -> FileBuf {
         FileBuf {
+            db,
             counter,
             block_size,
             detached: false,
             blocks: BTreeMap::new(),
             staged: HashMap::new(),
             clean: Vec::new(),
+            spilled: BTreeMap::new(),
             size: 0,
             mtime: None,
         }
@@ -94,6 +104,28 @@ impl FileBuf {
         }
     }
 
+    fn remove_block(&mut self, idx: u64) -> Option<Arc<Vec<u8>>> {
+        self.staged.remove(&idx);
+        let b = self.blocks.remove(&idx);
+        if b.is_some() {
+            self.counter.fetch_sub(self.block_size, Ordering::Relaxed);
+        }
+        b
+    }
+
+    /// Forgets a spilled block (it is being written again).
+    fn unspill(&mut self, idx: u64) -> Option<Id> {
+        let id = self.spilled.remove(&idx)?;
+        self.db.unpin([&id]);
+        Some(id)
+    }
+
+    /// Forgets every spilled block (now referenced by the branch, or gone).
+    fn clear_spilled(&mut self) {
+        let spilled = std::mem::take(&mut self.spilled);
+        self.db.unpin(spilled.values());
+    }
+
     fn take_blocks(&mut self) -> BTreeMap<u64, Arc<Vec<u8>>> {
         self.staged.clear();
         let blocks = std::mem::take(&mut self.blocks);
@@ -103,7 +135,7 @@ impl FileBuf {
     }
 
     fn is_clean(&self) -> bool {
-        self.blocks.is_empty() && self.mtime.is_none()
+        self.blocks.is_empty() && self.spilled.is_empty() && self.mtime.is_none()
     }
 }
 
@@ -111,6 +143,7 @@ impl Drop for FileBuf {
     fn drop(&mut self) {
         self.counter
             .fetch_sub(self.blocks.len() * self.block_size, Ordering::Relaxed);
+        self.clear_spilled();
     }
 }
 
@@ -941,16 +974,24 @@ impl BranchFs {
         tx.commit(true, "freeing orphaned files")
     }
 
-    /// One block's bytes from the store, padded with zeros to the block size.
-    fn stored_block(&self, view: &View, ino: Ino, idx: u64) -> Result<Vec<u8>> {
-        let mut out = vec![0u8; self.block_size as usize];
-        if let Some(v) = view.get(&keys::block(ino, idx))? {
-            let (id, len) = keys::parse_block_value(&v)
-                .ok_or_else(|| Error::Corrupt(format!("block {idx} of inode {ino}")))?;
-            let data = self.db.read_chunk(&id)?;
-            let n = (len as usize).min(data.len()).min(out.len());
-            out[..n].copy_from_slice(&data[..n]);
+    /// The chunk and valid length of a stored block, if the working state
+    /// has one.
+    fn stored_ref(view: &View, ino: Ino, idx: u64) -> Result<Option<(Id, u32)>> {
+        match view.get(&keys::block(ino, idx))? {
+            None => Ok(None),
+            Some(v) => keys::parse_block_value(&v)
+                .map(Some)
+                .ok_or_else(|| Error::Corrupt(format!("block {idx} of inode {ino}"))),
         }
+    }
+
+    /// A block's bytes from its chunk (`len` of them valid), padded with
+    /// zeros to the block size.
+    fn chunk_block(&self, id: &Id, len: u32) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; self.block_size as usize];
+        let data = self.db.read_chunk(id)?;
+        let n = (len as usize).min(data.len()).min(out.len());
+        out[..n].copy_from_slice(&data[..n]);
         Ok(out)
     }
 
@@ -988,11 +1029,14 @@ impl BranchFs {
             if let Some(b) = buffered {
                 out.extend_from_slice(&b[within..within + n]);
             } else {
-                match view.get(&keys::block(ino, idx))? {
+                let spilled = guard.as_ref().and_then(|g| g.spilled.get(&idx));
+                let stored = match spilled {
+                    Some(id) => Some((*id, self.block_size)),
+                    None => Self::stored_ref(&view, ino, idx)?,
+                };
+                match stored {
                     None => out.resize(out.len() + n, 0),
-                    Some(v) => {
-                        let (id, len) = keys::parse_block_value(&v)
-                            .ok_or_else(|| Error::Corrupt(format!("block {idx} of inode {ino}")))?;
+                    Some((id, len)) => {
                         let data = self.db.read_chunk(&id)?;
                         let valid = (len as usize).min(data.len());
                         let from = within.min(valid);
@@ -1021,6 +1065,7 @@ impl BranchFs {
                     .entry(ino)
                     .or_insert_with(|| {
                         Arc::new(Mutex::new(FileBuf::new(
+                            self.db.clone(),
                             self.buffered.clone(),
                             self.block_size as usize,
                         )))
@@ -1072,10 +1117,11 @@ impl BranchFs {
                 // Written whole: no zero fill, no read, and (for large
                 // blocks) its hashing starts now on the stage worker.
                 let block = Arc::new(src[..n].to_vec());
-                // A clean copy of the block is stale now.
+                // A clean or spilled copy of the block is stale now.
                 g.clean.retain(|(i, _)| *i != idx);
+                g.unspill(idx);
                 if n >= STAGE_MIN {
-                    g.staged.insert(idx, stage::submit(block.clone()));
+                    g.staged.insert(idx, stage::submit(&self.db, block.clone()));
                 } else {
                     g.staged.remove(&idx);
                 }
@@ -1088,12 +1134,18 @@ impl BranchFs {
             if !g.blocks.contains_key(&idx) {
                 let block_start = idx * bs;
                 let clean = g.clean.iter().position(|(i, _)| *i == idx);
-                let block = if let Some(pos) = clean {
+                let block = if let Some(id) = g.spilled.get(&idx).copied() {
+                    let b = Arc::new(self.chunk_block(&id, self.block_size)?);
+                    g.unspill(idx);
+                    b
+                } else if let Some(pos) = clean {
                     g.clean.swap_remove(pos).1
                 } else if block_start >= g.size {
                     Arc::new(vec![0u8; bs as usize])
+                } else if let Some((id, len)) = Self::stored_ref(view, ino, idx)? {
+                    Arc::new(self.chunk_block(&id, len)?)
                 } else {
-                    Arc::new(self.stored_block(view, ino, idx)?)
+                    Arc::new(vec![0u8; bs as usize])
                 };
                 g.insert_block(idx, block);
             }
@@ -1109,9 +1161,50 @@ impl BranchFs {
         if mine >= FILE_BUFFER_MAX
             || self.buffered.load(Ordering::Relaxed) >= self.db.opts.write_buffer_bytes
         {
-            self.flush_locked(st, ino, g, false)?;
+            if g.spilled.len() < SPILLED_MAX {
+                self.spill_locked(g)?;
+            } else {
+                self.flush_locked(st, ino, g, false)?;
+            }
         }
         Ok(data.len() as u32)
+    }
+
+    /// Frees a file's buffer under memory pressure without waiting for the
+    /// disk: its whole blocks are appended to the chunk log, unsynced and
+    /// unindexed (see [`Db::spill_prepared`]), and the buffer keeps only
+    /// their ids. A flush then writes them like buffered blocks, after one
+    /// sync of the log. Flushing here instead made a sequential writer wait
+    /// for the disk every `FILE_BUFFER_MAX` bytes, where a native one
+    /// writes into the page cache until its fsync.
+    fn spill_locked(&self, g: &mut FileBuf) -> Result<()> {
+        let bs = self.block_size as u64;
+        let whole: Vec<u64> = g
+            .blocks
+            .keys()
+            .copied()
+            .filter(|idx| (idx + 1) * bs <= g.size)
+            .collect();
+        let _barrier = self.db.gc_barrier.read_recursive();
+        for idx in whole {
+            let Some(data) = g.blocks.get(&idx).cloned() else {
+                continue;
+            };
+            let p = match g.staged.get(&idx) {
+                Some(slot) => slot.take(&data),
+                None => stage::Prepared::of(&data),
+            };
+            let id = self.db.spill_prepared(&p, &data)?;
+            // Recorded before the block leaves the buffer, so an error on
+            // a later block loses nothing.
+            if let Some(old) = g.spilled.insert(idx, id) {
+                self.db.unpin([&old]);
+            }
+            g.remove_block(idx);
+            g.clean.retain(|(i, _)| *i != idx);
+            self.db.cache_chunk(id, data);
+        }
+        Ok(())
     }
 
     /// Turns a file's buffered blocks into chunks and stores them with the
@@ -1130,7 +1223,14 @@ impl BranchFs {
         let bs = self.block_size as u64;
         let _barrier = self.db.gc_barrier.read_recursive();
         let mut batch = rocksdb::WriteBatch::default();
-        let mut block_values = Vec::with_capacity(g.blocks.len());
+        let mut block_values = Vec::with_capacity(g.blocks.len() + g.spilled.len());
+        for (&idx, id) in &g.spilled {
+            let start = idx * bs;
+            if start < g.size {
+                let len = (g.size - start).min(bs) as u32;
+                block_values.push((keys::block(ino, idx), keys::block_value(id, len)));
+            }
+        }
         let mut cached = Vec::new();
         for (&idx, data) in &g.blocks {
             let start = idx * bs;
@@ -1175,6 +1275,7 @@ impl BranchFs {
         for (id, data) in cached {
             self.db.cache_chunk(id, data);
         }
+        g.clear_spilled();
         // Keep the last blocks just stored (within the file) as clean
         // copies, then older clean copies, up to CLEAN_BLOCKS.
         let size = g.size;

@@ -26,8 +26,42 @@ pub const CF_WORK: &str = "work";
 /// inline, or a record in the chunk log).
 pub const CF_CHUNK_INDEX: &str = "chunk-index";
 
-/// Chunks stored one at a time that may wait for their index entries.
-const PENDING_MAX: usize = 512;
+/// Bytes of log records that may wait for their index entries (chunks
+/// stored one at a time, and blocks spilled from write buffers) before a
+/// batch indexes them. Their writeback is started as they are appended, so
+/// the sync that precedes the index write finds them mostly on disk.
+const PENDING_BYTES_MAX: u64 = 256 << 20;
+
+/// Log records appended but not yet indexed.
+#[derive(Default)]
+struct Pending {
+    map: std::collections::HashMap<Id, Loc>,
+    bytes: u64,
+}
+
+impl Pending {
+    fn insert(&mut self, id: Id, loc: Loc) {
+        if let Some(old) = self.map.insert(id, loc) {
+            self.bytes -= old.record_len();
+        }
+        self.bytes += loc.record_len();
+    }
+
+    fn remove(&mut self, id: &Id) {
+        if let Some(old) = self.map.remove(id) {
+            self.bytes -= old.record_len();
+        }
+    }
+
+    /// Removes `id` if it is still at `loc` (a later append replaced it
+    /// otherwise, and that one still waits).
+    fn remove_at(&mut self, id: &Id, loc: &Loc) {
+        if self.map.get(id) == Some(loc) {
+            self.map.remove(id);
+            self.bytes -= loc.record_len();
+        }
+    }
+}
 
 /// Tuning of an open store.
 #[derive(Clone, Debug)]
@@ -68,10 +102,11 @@ pub struct Db {
     pub(crate) db: DB,
     /// Chunks' stored forms (the index is `CF_CHUNK_INDEX`).
     pub(crate) log: ChunkLog,
-    /// Chunks stored one at a time (transfers) that are in the log but not
-    /// yet indexed: their index entries are written together, after one
-    /// sync of the log, with the next batch (see `put_new_chunk`).
-    pending: Mutex<std::collections::HashMap<Id, Loc>>,
+    /// Chunks that are in the log but not yet indexed: stored one at a
+    /// time (transfers, see `put_new_chunk`) or spilled from write buffers
+    /// (see `spill_prepared`). Their index entries are written together,
+    /// after one sync of the log, with the next batch.
+    pending: Mutex<Pending>,
     nodes: quick_cache::sync::Cache<Id, Arc<Node>>,
     chunks: quick_cache::sync::Cache<Id, Arc<Vec<u8>>, ByLen>,
     /// While a GC runs: every id written or re-referenced since it began,
@@ -86,6 +121,8 @@ pub struct Db {
     /// a branch): GC keeps them (see `transfer`). Id -> number of holders.
     pub(crate) pins: Mutex<std::collections::HashMap<Id, u32>>,
     pub(crate) opts: StoreOptions,
+    /// Set when the store closes (see `stage::close`).
+    pub(crate) stage_closed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Db {
@@ -145,6 +182,7 @@ impl Db {
             gc_barrier: parking_lot::RwLock::new(()),
             pins: Mutex::new(std::collections::HashMap::new()),
             opts,
+            stage_closed: Default::default(),
         })
     }
 
@@ -162,7 +200,13 @@ impl Db {
         // Pending chunks are copied before the sync (so each was appended
         // before it) and leave the map only once indexed: a reader never
         // finds them in neither place.
-        let pending: Vec<(Id, Loc)> = self.pending.lock().iter().map(|(k, v)| (*k, *v)).collect();
+        let pending: Vec<(Id, Loc)> = self
+            .pending
+            .lock()
+            .map
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect();
         self.log.sync()?;
         let cf = self.cf(CF_CHUNK_INDEX);
         for (id, loc) in &pending {
@@ -172,11 +216,9 @@ impl Db {
         wo.set_sync(sync);
         self.db.write_opt(batch, &wo).map_err(Error::db(what))?;
         if !pending.is_empty() {
-            let mut map = self.pending.lock();
+            let mut p = self.pending.lock();
             for (id, loc) in &pending {
-                if map.get(id) == Some(loc) {
-                    map.remove(id);
-                }
+                p.remove_at(id, loc);
             }
         }
         Ok(())
@@ -184,7 +226,7 @@ impl Db {
 
     /// Writes the index entries of chunks stored one at a time.
     pub(crate) fn flush_pending(&self) -> Result<()> {
-        if self.pending.lock().is_empty() {
+        if self.pending.lock().map.is_empty() {
             return Ok(());
         }
         self.write(WriteBatch::default(), false, "indexing received chunks")
@@ -346,20 +388,75 @@ impl Db {
             return Ok(true);
         }
         let loc = self.log.append(id, codec, payload)?;
+        self.add_pending(*id, loc)?;
+        Ok(true)
+    }
+
+    /// Names an appended, unindexed record in `pending`; indexes the lot
+    /// when they grow past `PENDING_BYTES_MAX`.
+    fn add_pending(&self, id: Id, loc: Loc) -> Result<()> {
         let many = {
             let mut p = self.pending.lock();
-            p.insert(*id, loc);
-            p.len() >= PENDING_MAX
+            p.insert(id, loc);
+            p.bytes >= PENDING_BYTES_MAX
         };
         if many {
             self.flush_pending()?;
         }
-        Ok(true)
+        Ok(())
+    }
+
+    /// Stores a block that a write buffer spills under memory pressure,
+    /// before any batch can name it: the record is appended to the log
+    /// (whatever its size) and waits in `pending`, so spilling costs no
+    /// sync; the sync comes with the batch that finally references the
+    /// block (fsync, close, commit). The id is pinned against GC until the
+    /// caller unpins it (see [`Db::unpin`]), and the caller holds
+    /// `gc_barrier` (shared) meanwhile. Returns the chunk's id.
+    pub(crate) fn spill_prepared(&self, p: &Prepared, data: &[u8]) -> Result<Id> {
+        let id = p.id;
+        // Pinned, then recorded as young (the order GC relies on).
+        self.pin(&id);
+        self.note_young(&id);
+        let stored = (|| {
+            if self.chunk_len(&id)?.is_some() {
+                return Ok(());
+            }
+            let payload = p.payload(data);
+            let sum = p.crc.unwrap_or_else(|| record_crc(&id, p.codec, payload));
+            let loc = self.log.append_with_crc(&id, p.codec, payload, sum)?;
+            self.add_pending(id, loc)
+        })();
+        match stored {
+            Ok(()) => Ok(id),
+            Err(e) => {
+                self.unpin([&id]);
+                Err(e)
+            }
+        }
+    }
+
+    /// Keeps `id` through every GC until unpinned (one count per call).
+    pub(crate) fn pin(&self, id: &Id) {
+        *self.pins.lock().entry(*id).or_insert(0) += 1;
+    }
+
+    /// Drops one pin of each id.
+    pub(crate) fn unpin<'a>(&self, ids: impl IntoIterator<Item = &'a Id>) {
+        let mut pins = self.pins.lock();
+        for id in ids {
+            if let Some(n) = pins.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    pins.remove(id);
+                }
+            }
+        }
     }
 
     /// Calls `f` with a chunk's index entry, if the chunk is present.
     fn with_placement<T>(&self, id: &Id, f: impl FnOnce(Placement<'_>) -> T) -> Result<Option<T>> {
-        if let Some(loc) = self.pending.lock().get(id).copied() {
+        if let Some(loc) = self.pending.lock().map.get(id).copied() {
             return Ok(Some(f(Placement::Log(loc))));
         }
         let v = self
@@ -545,7 +642,7 @@ impl ChunkStore for Db {
         // asking in this order never misses one that is being indexed.
         let pending: Vec<bool> = {
             let p = self.pending.lock();
-            ids.iter().map(|id| p.contains_key(id)).collect()
+            ids.iter().map(|id| p.map.contains_key(id)).collect()
         };
         let keys: Vec<_> = ids.iter().map(|id| (cf, id.0)).collect();
         let indexed = self.db.multi_get_cf(keys);
@@ -623,6 +720,33 @@ mod tests {
         assert!(!db.log.has_unsynced());
         db.write(batch, false, "test").unwrap();
         assert_eq!(*db.read_chunk(&sid).unwrap(), small);
+    }
+
+    #[test]
+    fn a_spilled_block_costs_no_sync_and_is_pinned_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path(), StoreOptions::default()).unwrap();
+        // Compressible and small once compressed: still a log record.
+        let data = vec![7u8; 65536];
+        let p = Prepared::of(&data);
+        let id = db.spill_prepared(&p, &data).unwrap();
+        assert!(db.log.has_unsynced(), "appended, not synced");
+        assert!(!indexed(&db, &id));
+        assert_eq!(*db.read_chunk(&id).unwrap(), data);
+        assert_eq!(
+            db.chunk_len(&id).unwrap(),
+            Some(p.payload(&data).len() as u64 + 1)
+        );
+        assert_eq!(db.pins.lock().get(&id), Some(&1));
+        // Spilling it again (deduplicated) pins it again.
+        assert_eq!(db.spill_prepared(&p, &data).unwrap(), id);
+        assert_eq!(db.pins.lock().get(&id), Some(&2));
+        db.unpin([&id, &id]);
+        assert!(db.pins.lock().is_empty());
+        // The next batch syncs the record, then indexes it.
+        db.write(WriteBatch::default(), false, "test").unwrap();
+        assert!(!db.log.has_unsynced());
+        assert!(indexed(&db, &id));
     }
 
     #[test]

@@ -153,14 +153,19 @@ impl Store {
     /// state reaches. Safe while branches are written.
     pub fn gc(&self) -> Result<GcReport> {
         let _g = self.gc_lock.lock();
-        // Buffered writes become chunks first, so they are marked through
-        // the overlays or kept as young.
-        // Ids pinned by transfers in progress count as young from the start.
-        let pinned: HashSet<Id> = self.db.pins.lock().keys().copied().collect();
         let compact_before = {
             // Writers that decided "chunk already stored" finish first.
             let _barrier = self.db.gc_barrier.write();
-            *self.db.young.lock() = Some(pinned);
+            // Ids pinned (by transfers in progress, and by write buffers
+            // that spilled blocks their branch does not reference yet)
+            // count as young from the start. `young` exists before the pins
+            // are read, and pinners record the id as young after pinning it,
+            // so a pin made after this read is recorded there.
+            *self.db.young.lock() = Some(HashSet::new());
+            let pinned: Vec<Id> = self.db.pins.lock().keys().copied().collect();
+            if let Some(young) = self.db.young.lock().as_mut() {
+                young.extend(pinned);
+            }
             // Chunks stored before now are indexed before the compaction
             // looks for segments nothing names.
             self.db

@@ -1,7 +1,9 @@
-//! Hashing and encoding of whole written blocks ahead of their flush, on a
-//! worker thread: a sequential writer's next request is received while the
-//! blocks of its last one are hashed (blake3), compressed (zstd) and
-//! checksummed (crc32c). The flush then only appends and indexes them.
+//! Hashing, encoding and storing of whole written blocks ahead of their
+//! flush, on a worker thread: a sequential writer's next request is
+//! received while the blocks of its last one are hashed (blake3),
+//! compressed (zstd), checksummed (crc32c) and appended to the chunk log
+//! (unsynced and unindexed, as a spill: see [`Db::spill_prepared`]). The
+//! flush then only syncs and indexes them.
 //!
 //! A [`Slot`] belongs to one buffered block. Whoever needs the result first
 //! wins: the flush takes a slot the worker has not started and does the
@@ -9,9 +11,20 @@
 
 use crate::chunk;
 use crate::chunklog;
+use crate::db::Db;
 use crate::id::Id;
-use parking_lot::{Condvar, Mutex};
-use std::sync::{mpsc, Arc, OnceLock};
+use parking_lot::{Condvar, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, OnceLock, Weak};
+
+/// Held (shared) by each worker while it runs or drops a slot, so that a
+/// store being closed can wait until no worker holds a reference to it (see
+/// [`close`]).
+static RUNNING: RwLock<()> = RwLock::new(());
+
+/// Worker threads. Two: with one, a sequential writer on 2 cores waited
+/// for it (it hashes, compresses, checksums and appends every block).
+const WORKERS: usize = 2;
 
 /// A block ready to be stored: its id and stored form.
 pub(crate) struct Prepared {
@@ -58,10 +71,32 @@ enum State {
 pub(crate) struct Slot {
     state: Mutex<State>,
     done: Condvar,
+    /// Where the worker stores the prepared block. Weak: a queued slot
+    /// never keeps a closed store open.
+    db: Weak<Db>,
+    /// Set when the store closes: the worker then leaves its slots alone.
+    closed: Arc<AtomicBool>,
+    /// The chunk the worker stored, pinned against GC until the slot is
+    /// dropped (by then a flush or spill holds it, or it is garbage).
+    stored: Mutex<Option<Id>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(id) = self.stored.get_mut().take() {
+            if !self.closed.load(Ordering::Acquire) {
+                if let Some(db) = self.db.upgrade() {
+                    db.unpin([&id]);
+                }
+            }
+        }
+    }
 }
 
 impl Slot {
-    /// Worker side: prepares the block unless a flush took it first.
+    /// Worker side: prepares and stores the block unless a flush took it
+    /// first. A failed append is left to the flush, which appends again
+    /// and reports the error.
     fn run(&self) {
         let data = {
             let mut st = self.state.lock();
@@ -74,6 +109,15 @@ impl Slot {
             }
         };
         let p = Prepared::of(&data);
+        let db = match self.closed.load(Ordering::Acquire) {
+            false => self.db.upgrade(),
+            true => None,
+        };
+        let stored = db.and_then(|db| {
+            let _barrier = db.gc_barrier.read_recursive();
+            db.spill_prepared(&p, &data).ok()
+        });
+        *self.stored.lock() = stored;
         *self.state.lock() = State::Done(p);
         self.done.notify_all();
     }
@@ -103,33 +147,55 @@ fn worker() -> Option<&'static Mutex<mpsc::Sender<Arc<Slot>>>> {
     WORKER
         .get_or_init(|| {
             let (tx, rx) = mpsc::channel::<Arc<Slot>>();
-            std::thread::Builder::new()
-                .name("dm-stage".into())
-                .spawn(move || {
-                    for slot in rx {
-                        // Nobody else holds it: the block was dropped or flushed.
-                        if Arc::strong_count(&slot) > 1 {
-                            slot.run();
-                        }
-                    }
+            let rx = Arc::new(Mutex::new(rx));
+            let started = (0..WORKERS)
+                .filter(|i| {
+                    let rx = rx.clone();
+                    std::thread::Builder::new()
+                        .name(format!("dm-stage-{i}"))
+                        .spawn(move || loop {
+                            let Ok(slot) = rx.lock().recv() else {
+                                return;
+                            };
+                            let _running = RUNNING.read();
+                            // Nobody else holds it: the block was dropped or flushed.
+                            if Arc::strong_count(&slot) > 1 {
+                                slot.run();
+                            }
+                            drop(slot);
+                        })
+                        .is_ok()
                 })
-                .ok()
-                .map(|_| Mutex::new(tx))
+                .count();
+            (started > 0).then(|| Mutex::new(tx))
         })
         .as_ref()
 }
 
-/// Queues a whole block for preparation. Without a worker (it could not be
-/// started) the slot stays queued and the flush prepares it.
-pub(crate) fn submit(data: Arc<Vec<u8>>) -> Arc<Slot> {
+/// Queues a whole block for preparation and storing in `db`. Without a
+/// worker (it could not be started) the slot stays queued and the flush
+/// prepares it.
+pub(crate) fn submit(db: &Arc<Db>, data: Arc<Vec<u8>>) -> Arc<Slot> {
     let slot = Arc::new(Slot {
         state: Mutex::new(State::Queued(data)),
         done: Condvar::new(),
+        db: Arc::downgrade(db),
+        closed: db.stage_closed.clone(),
+        stored: Mutex::new(None),
     });
     if let Some(w) = worker() {
         let _ = w.lock().send(slot.clone());
     }
     slot
+}
+
+/// Stops the worker from using `db` (set as its store closes) and waits
+/// until it holds no reference to it, so that the store is closed when the
+/// caller's last reference goes (a reopen right after then finds it
+/// unlocked).
+pub(crate) fn close(db: &Db) {
+    db.stage_closed.store(true, Ordering::Release);
+    drop(RUNNING.write());
 }
 
 #[cfg(test)]
@@ -138,20 +204,36 @@ mod tests {
 
     #[test]
     fn a_slot_gives_the_same_result_whoever_prepares_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Db::open(dir.path(), Default::default()).unwrap());
         let data: Vec<u8> = (0..65536u32).map(|i| (i * 31 % 256) as u8).collect();
         let direct = Prepared::of(&data);
-        let slot = submit(Arc::new(data.clone()));
+        let slot = submit(&db, Arc::new(data.clone()));
         let p = slot.take(&data);
         assert_eq!(p.id, direct.id);
         assert_eq!(p.codec, direct.codec);
         assert_eq!(p.payload(&data), direct.payload(&data));
         assert_eq!(p.crc, direct.crc);
-        // Taken before the worker ran: prepared by the caller.
+        // Stored by the worker (unless the take came first), and pinned
+        // while the slot lives.
+        if slot.stored.lock().is_some() {
+            assert_eq!(*db.read_chunk(&p.id).unwrap(), data);
+            assert_eq!(db.pins.lock().get(&p.id), Some(&1));
+        }
+        drop(slot);
+        assert!(db.pins.lock().is_empty(), "unpinned with the slot");
+        // Taken before the worker ran: prepared by the caller, not stored.
+        let other: Vec<u8> = data.iter().map(|b| b ^ 0x5a).collect();
         let slot = Arc::new(Slot {
-            state: Mutex::new(State::Queued(Arc::new(data.clone()))),
+            state: Mutex::new(State::Queued(Arc::new(other.clone()))),
             done: Condvar::new(),
+            db: Arc::downgrade(&db),
+            closed: db.stage_closed.clone(),
+            stored: Mutex::new(None),
         });
-        assert_eq!(slot.take(&data).id, direct.id);
+        assert_eq!(slot.take(&other).id, Id::of(&other));
         slot.run(); // a late worker finds nothing to do
+        assert!(slot.stored.lock().is_none());
+        assert_eq!(db.chunk_len(&Id::of(&other)).unwrap(), None);
     }
 }

@@ -110,6 +110,14 @@ pub struct Store {
     pub(crate) gc_lock: Mutex<()>,
 }
 
+impl Drop for Store {
+    fn drop(&mut self) {
+        // The stage worker lets go of this store, so it is closed (and can
+        // be reopened) once the last reference goes.
+        crate::stage::close(&self.db);
+    }
+}
+
 impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Arc<Store>> {

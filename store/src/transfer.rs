@@ -245,7 +245,7 @@ impl ImportSession {
 
     fn pin(&self, id: &Id) {
         if self.pinned.lock().insert(*id) {
-            *self.store.db.pins.lock().entry(*id).or_insert(0) += 1;
+            self.store.db.pin(id);
         }
     }
 
@@ -316,15 +316,7 @@ impl ImportSession {
 impl Drop for ImportSession {
     fn drop(&mut self) {
         let mine = std::mem::take(&mut *self.pinned.lock());
-        let mut pins = self.store.db.pins.lock();
-        for id in mine {
-            if let Some(n) = pins.get_mut(&id) {
-                *n -= 1;
-                if *n == 0 {
-                    pins.remove(&id);
-                }
-            }
-        }
+        self.store.db.unpin(&mine);
     }
 }
 
