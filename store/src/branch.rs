@@ -916,6 +916,12 @@ impl BranchFs {
             let st = self.state()?;
             {
                 let _m = self.meta.lock();
+                // Reopened since (the kernel releases in the background
+                // after close(2)): the new handle's release frees it.
+                // Checked under `meta`, as unlink decides under it.
+                if self.open.lock().contains_key(&ino) {
+                    return Ok(());
+                }
                 let mut tx = Tx::new(self.view(&st));
                 if let Ok(rec) = Self::load(&tx, ino) {
                     if rec.nlink == 0 {

@@ -750,3 +750,32 @@ fn spills_never_flushed_leave_the_old_file_and_only_garbage() {
     );
     assert_eq!(read_file(&fs, "f").unwrap(), old);
 }
+
+#[test]
+fn a_file_reopened_while_its_last_release_runs_survives_unlink() {
+    // The kernel sends RELEASE in the background after close(2): a program
+    // can reopen the file and unlink it while the daemon still handles the
+    // release of its earlier handle. The file must live until the new
+    // handle is released.
+    let (_dir, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    for i in 0..4000 {
+        let name = format!("f{i}");
+        let ino = fs
+            .mknod(ROOT_INO, name.as_bytes(), FileKind::File, 0o644, 0, 0, 0)
+            .unwrap()
+            .ino;
+        fs.open(ino).unwrap(); // the creating handle
+        fs.write(ino, 0, b"still here").unwrap();
+        let releaser = {
+            let fs = fs.clone();
+            std::thread::spawn(move || fs.release(ino).unwrap())
+        };
+        fs.open(ino).unwrap(); // reopened, maybe before that release ends
+        fs.unlink(ROOT_INO, name.as_bytes()).unwrap();
+        releaser.join().unwrap();
+        assert_eq!(fs.read(ino, 0, 100).unwrap(), b"still here", "round {i}");
+        fs.release(ino).unwrap();
+        assert!(fs.getattr(ino).is_err(), "freed after its last release");
+    }
+}
