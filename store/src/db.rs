@@ -70,7 +70,8 @@ pub struct StoreOptions {
     pub chunk_cache_bytes: u64,
     /// Decoded tree nodes kept in memory.
     pub node_cache_entries: usize,
-    /// Buffered (not yet chunked) write bytes per branch before a flush is forced.
+    /// Buffered (not yet chunked) write bytes per branch before the written
+    /// file's whole blocks are spilled to the chunk log (see `BranchFs`).
     pub write_buffer_bytes: usize,
     /// Size at which a chunk log segment stops taking appends (GC reclaims
     /// space a segment at a time).
