@@ -220,6 +220,13 @@ mod tests {
             assert_eq!(*db.read_chunk(&p.id).unwrap(), data);
             assert_eq!(db.pins.lock().get(&p.id), Some(&1));
         }
+        // The worker lets go of its reference just after finishing.
+        for _ in 0..5000 {
+            if Arc::strong_count(&slot) == 1 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         drop(slot);
         assert!(db.pins.lock().is_empty(), "unpinned with the slot");
         // Taken before the worker ran: prepared by the caller, not stored.
