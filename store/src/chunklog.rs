@@ -25,6 +25,7 @@ use crate::id::Id;
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
+use std::io::{IoSlice, IoSliceMut};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -182,29 +183,19 @@ pub fn record_crc(id: &Id, codec: u8, payload: &[u8]) -> u32 {
     )
 }
 
+/// A file offset as `off_t` (`errno` when it does not fit).
+fn off_t(off: u64, errno: i32) -> std::io::Result<libc::off_t> {
+    libc::off_t::try_from(off).map_err(|_| std::io::Error::from_raw_os_error(errno))
+}
+
 /// Fills `head` then `body` from `off` with one preadv(2); a short read is
 /// finished piece by piece (EOF before both are full: UnexpectedEof).
 fn read_all_at(f: &File, head: &mut [u8], body: &mut [u8], off: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let iov = [
-        libc::iovec {
-            iov_base: head.as_mut_ptr() as *mut libc::c_void,
-            iov_len: head.len(),
-        },
-        libc::iovec {
-            iov_base: body.as_mut_ptr() as *mut libc::c_void,
-            iov_len: body.len(),
-        },
-    ];
-    let off_t =
-        libc::off_t::try_from(off).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: both iovecs point into live, exclusively borrowed slices of the
-    // stated lengths, which preadv only writes within.
-    let n = unsafe { libc::preadv(f.as_raw_fd(), iov.as_ptr(), 2, off_t) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let n = n as usize;
+    let at = off_t(off, libc::EINVAL)?;
+    let n = {
+        let mut iov = [IoSliceMut::new(head), IoSliceMut::new(body)];
+        nix::sys::uio::preadv(f, &mut iov, at)?
+    };
     if n < head.len() {
         f.read_exact_at(&mut head[n..], off + n as u64)?;
         f.read_exact_at(body, off + head.len() as u64)
@@ -217,26 +208,8 @@ fn read_all_at(f: &File, head: &mut [u8], body: &mut [u8], off: u64) -> std::io:
 /// Writes `head` then `body` at `off` with one pwritev(2) (no copy into a
 /// contiguous record); a short write is finished piece by piece.
 fn write_all_at(f: &File, head: &[u8], body: &[u8], off: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let iov = [
-        libc::iovec {
-            iov_base: head.as_ptr() as *mut libc::c_void,
-            iov_len: head.len(),
-        },
-        libc::iovec {
-            iov_base: body.as_ptr() as *mut libc::c_void,
-            iov_len: body.len(),
-        },
-    ];
-    let off_t =
-        libc::off_t::try_from(off).map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
-    // SAFETY: both iovecs point into live slices of the stated lengths, which
-    // pwritev only reads.
-    let n = unsafe { libc::pwritev(f.as_raw_fd(), iov.as_ptr(), 2, off_t) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let n = n as usize;
+    let at = off_t(off, libc::EFBIG)?;
+    let n = nix::sys::uio::pwritev(f, &[IoSlice::new(head), IoSlice::new(body)], at)?;
     if n < head.len() {
         f.write_all_at(&head[n..], off + n as u64)?;
         f.write_all_at(body, off + head.len() as u64)
