@@ -275,7 +275,8 @@ impl Db {
     pub fn get_object(&self, id: &Id) -> Result<Vec<u8>> {
         self.db
             .get_cf(self.cf(CF_OBJECTS), id.0)
-            .map_err(Error::db(format!("reading object {}", id.short())))?
+            // The context is formatted only on failure: these run per read.
+            .map_err(|e| Error::db(format!("reading object {}", id.short()))(e))?
             .ok_or_else(|| Error::Corrupt(format!("object {} is missing", id.short())))
     }
 
@@ -283,7 +284,8 @@ impl Db {
         Ok(self
             .db
             .get_pinned_cf(self.cf(CF_OBJECTS), id.0)
-            .map_err(Error::db(format!("reading object {}", id.short())))?
+            // The context is formatted only on failure: these run per read.
+            .map_err(|e| Error::db(format!("reading object {}", id.short()))(e))?
             .is_some())
     }
 
@@ -478,7 +480,8 @@ impl Db {
         let v = self
             .db
             .get_pinned_cf(self.cf(CF_CHUNK_INDEX), id.0)
-            .map_err(Error::db(format!("checking chunk {}", id.short())))?;
+            // The context is formatted only on failure: this runs per block.
+            .map_err(|e| Error::db(format!("checking chunk {}", id.short()))(e))?;
         match v {
             None => Ok(None),
             Some(b) => Placement::decode(&b)
