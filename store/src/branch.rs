@@ -1185,17 +1185,14 @@ impl BranchFs {
     /// writes into the page cache until its fsync.
     fn spill_locked(&self, g: &mut FileBuf) -> Result<()> {
         let bs = self.block_size as u64;
-        let whole: Vec<u64> = g
+        let whole: Vec<(u64, Arc<Vec<u8>>)> = g
             .blocks
-            .keys()
-            .copied()
-            .filter(|idx| (idx + 1) * bs <= g.size)
+            .iter()
+            .filter(|(idx, _)| (*idx + 1) * bs <= g.size)
+            .map(|(idx, data)| (*idx, data.clone()))
             .collect();
         let _barrier = self.db.gc_barrier.read_recursive();
-        for idx in whole {
-            let Some(data) = g.blocks.get(&idx).cloned() else {
-                continue;
-            };
+        for (idx, data) in whole {
             let p = match g.staged.get(&idx) {
                 Some(slot) => slot.take(&data),
                 None => stage::Prepared::of(&data),
