@@ -10,7 +10,7 @@
 //! We are the only writer of a mounted branch, so attribute and entry TTLs are
 //! long; [`Mount::switch`] invalidates everything the kernel knows.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -134,7 +134,35 @@ impl View {
 struct Known {
     lookups: HashMap<u64, u64>,
     names: HashMap<u64, Vec<(u64, Vec<u8>)>>,
+    /// Names the kernel caches as absent (negative entries), by parent, so
+    /// that [`Mount::switch`] can drop them with the rest. At most
+    /// [`NEGATIVE_MAX`] in all (`n_negatives`); past that, absent names are
+    /// answered without a cache time. A parent's set goes when the kernel
+    /// forgets the parent (its dentries went first).
+    negatives: HashMap<u64, HashSet<Vec<u8>>>,
+    n_negatives: usize,
 }
+
+impl Known {
+    /// Drops the record of a negative entry (the name now exists).
+    fn drop_negative(&mut self, parent: u64, name: &[u8]) {
+        if self.n_negatives == 0 {
+            return;
+        }
+        if let Some(names) = self.negatives.get_mut(&parent) {
+            if names.remove(name) {
+                self.n_negatives -= 1;
+                if names.is_empty() {
+                    self.negatives.remove(&parent);
+                }
+            }
+        }
+    }
+}
+
+/// Most negative entries a mount lets the kernel cache (about 5 MiB of
+/// names).
+const NEGATIVE_MAX: usize = 1 << 16;
 
 /// State shared between the FUSE request loops and the [`Mount`] handle.
 struct Shared {
@@ -161,7 +189,7 @@ struct Shared {
 /// Negative cache for `security.capability` (see [`Shared::no_caps`]).
 #[derive(Default)]
 struct NoCaps {
-    inos: std::collections::HashSet<u64>,
+    inos: HashSet<u64>,
     /// Bumped by every change of a `security.capability` xattr, so that a
     /// lookup that raced with a change does not cache a stale answer.
     generation: u64,
@@ -173,6 +201,7 @@ impl Shared {
     /// Records that the kernel got an entry for `ino` under `(parent, name)`.
     fn remember(&self, parent: INodeNo, name: &[u8], ino: INodeNo) {
         let mut known = self.known.lock();
+        known.drop_negative(parent.0, name);
         *known.lookups.entry(ino.0).or_insert(0) += 1;
         let names = known.names.entry(ino.0).or_default();
         if !names.iter().any(|(p, n)| *p == parent.0 && n == name) {
@@ -184,10 +213,29 @@ impl Shared {
     /// moves its dentry without a new lookup).
     fn remember_name(&self, parent: INodeNo, name: &[u8], ino: INodeNo) {
         let mut known = self.known.lock();
+        known.drop_negative(parent.0, name);
         let names = known.names.entry(ino.0).or_default();
         if !names.iter().any(|(p, n)| *p == parent.0 && n == name) {
             names.push((parent.0, name.to_vec()));
         }
+    }
+
+    /// Records that the kernel is about to cache `name` in `parent` as
+    /// absent; false when the record is full (then answer without caching).
+    fn remember_negative(&self, parent: INodeNo, name: &[u8]) -> bool {
+        let mut known = self.known.lock();
+        if known.n_negatives >= NEGATIVE_MAX {
+            return false;
+        }
+        if known
+            .negatives
+            .entry(parent.0)
+            .or_default()
+            .insert(name.to_vec())
+        {
+            known.n_negatives += 1;
+        }
+        true
     }
 
     fn forget(&self, ino: INodeNo, n: u64) {
@@ -202,6 +250,9 @@ impl Shared {
         if gone {
             known.lookups.remove(&ino.0);
             known.names.remove(&ino.0);
+            if let Some(names) = known.negatives.remove(&ino.0) {
+                known.n_negatives -= names.len();
+            }
         }
     }
 }
@@ -226,6 +277,28 @@ fn writeback_wanted() -> bool {
 /// it off, for measuring).
 fn readdirplus_wanted() -> bool {
     !matches!(std::env::var("DM_FUSE_READDIRPLUS").as_deref(), Ok("0"))
+}
+
+/// The attributes sent with a negative entry (node id 0: "no such name");
+/// the kernel reads only the node id and the entry's cache time.
+fn negative_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
+    }
 }
 
 fn errno(e: &dm_store::Error) -> Errno {
@@ -452,6 +525,17 @@ impl fuser::Filesystem for DmFs {
         let view = self.shared.view.read();
         match view.fs.lookup(view.to_store(parent), name.as_bytes()) {
             Ok(a) => self.reply_entry(&view, parent, name.as_bytes(), &a, reply),
+            // A negative entry (node id 0 with a cache time): the kernel
+            // then answers lookups of the name itself (compilers, shells and
+            // interpreters probe many absent paths). Recorded first, under
+            // the view lock, so a switch() cannot miss it; names created
+            // through other mounts of the branch are dropped by `peers`.
+            Err(e)
+                if e.errno() == libc::ENOENT
+                    && self.shared.remember_negative(parent, name.as_bytes()) =>
+            {
+                reply.entry(&TTL, &negative_attr(), Generation(0));
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -555,7 +639,7 @@ impl fuser::Filesystem for DmFs {
         {
             Ok(a) => {
                 self.reply_entry(&view, parent, name.as_bytes(), &a, reply);
-                self.tell_peers(&view.fs, || vec![Change::Attr(p)]);
+                self.tell_peers(&view.fs, || created(p, name));
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -577,7 +661,7 @@ impl fuser::Filesystem for DmFs {
         match view.fs.mkdir(p, name.as_bytes(), perm, uid, gid) {
             Ok(a) => {
                 self.reply_entry(&view, parent, name.as_bytes(), &a, reply);
-                self.tell_peers(&view.fs, || vec![Change::Attr(p)]);
+                self.tell_peers(&view.fs, || created(p, name));
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -611,7 +695,7 @@ impl fuser::Filesystem for DmFs {
         ) {
             Ok(a) => {
                 self.reply_entry(&view, parent, link_name.as_bytes(), &a, reply);
-                self.tell_peers(&view.fs, || vec![Change::Attr(p)]);
+                self.tell_peers(&view.fs, || created(p, link_name));
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -695,7 +779,11 @@ impl fuser::Filesystem for DmFs {
         match view.fs.link(target, np, newname.as_bytes()) {
             Ok(a) => {
                 self.reply_entry(&view, newparent, newname.as_bytes(), &a, reply);
-                self.tell_peers(&view.fs, || vec![Change::Attr(np), Change::Attr(target)]);
+                self.tell_peers(&view.fs, || {
+                    let mut c = created(np, newname);
+                    c.push(Change::Attr(target));
+                    c
+                });
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -1054,7 +1142,7 @@ impl fuser::Filesystem for DmFs {
         self.shared.remember(parent, name.as_bytes(), attr.ino);
         let fh = self.new_handle(view.fs.clone(), a.ino);
         reply.created(&TTL, &attr, Generation(0), fh, FopenFlags::FOPEN_KEEP_CACHE);
-        self.tell_peers(&view.fs, || vec![Change::Attr(p)]);
+        self.tell_peers(&view.fs, || created(p, name));
     }
 
     /// No ioctls: the answer every program expects for "not a terminal"
@@ -1089,6 +1177,18 @@ impl fuser::Filesystem for DmFs {
 }
 
 /// What an xattr change makes stale in other mounts.
+/// What a new name makes stale at the other mounts: their negative entry
+/// for it, and the parent's attributes.
+fn created(parent: u64, name: &OsStr) -> Vec<Change> {
+    vec![
+        Change::Entry {
+            parent,
+            name: name.as_bytes().to_vec(),
+        },
+        Change::Attr(parent),
+    ]
+}
+
 fn xattr_changes(ino: u64, name: &OsStr) -> Vec<Change> {
     let mut c = vec![Change::Attr(ino)];
     if name.as_bytes() == XATTR_CAPS {
@@ -1181,7 +1281,17 @@ impl Mount {
         let notifier = session.notifier();
         let _ = shared.notifier.set(notifier.clone());
         let bg = session.spawn()?;
-        peers::join(&shared.view.read().fs, &shared);
+        {
+            let view = shared.view.read();
+            peers::join(&view.fs, &shared);
+            // The subdot may be new: a mount of the whole tree may cache
+            // its name as absent.
+            if root != dm_store::ROOT_INO {
+                peers::publish(&view.fs, &shared, || {
+                    created(dm_store::ROOT_INO, OsStr::new(subdot))
+                });
+            }
+        }
         Ok(Mount {
             path: path.to_path_buf(),
             shared,
@@ -1218,8 +1328,20 @@ impl Mount {
         // Snapshot what the kernel knows; notify without holding any lock
         // (the kernel may need a request of ours to finish first).
         let (entries, inodes): (Vec<(u64, Vec<u8>)>, Vec<u64>) = {
-            let known = self.shared.known.lock();
-            let entries = known.names.values().flatten().cloned().collect();
+            let mut known = self.shared.known.lock();
+            let negatives = std::mem::take(&mut known.negatives);
+            known.n_negatives = 0;
+            let entries = known
+                .names
+                .values()
+                .flatten()
+                .cloned()
+                .chain(
+                    negatives
+                        .into_iter()
+                        .flat_map(|(p, names)| names.into_iter().map(move |n| (p, n))),
+                )
+                .collect();
             let inodes = known.lookups.keys().copied().collect();
             (entries, inodes)
         };

@@ -36,7 +36,8 @@ pub(crate) enum Change {
     /// An inode's attributes and cached pages from `offset` on (`len` bytes;
     /// 0 = to the end of the file).
     Data { ino: u64, offset: u64, len: u64 },
-    /// A name in a directory (unlinked, renamed away or replaced).
+    /// A name in a directory (unlinked, renamed away or replaced, or created
+    /// where the other mount may cache it as absent).
     Entry { parent: u64, name: Vec<u8> },
     /// The `security.capability` xattr of an inode (see `Shared::no_caps`).
     Caps(u64),

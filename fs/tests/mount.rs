@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use dm_fs::{cleanup_stale_mount, Mount, MountOptions};
-use dm_store::{CommitRequest, DotName, Store};
+use dm_store::{CommitRequest, DotName, FileKind, Store};
 
 struct Fixture {
     store: Arc<Store>,
@@ -533,6 +533,35 @@ fn switch_between_branches_and_after_reset() {
     mount.unmount().unwrap();
 }
 
+#[test]
+fn absent_names_are_cached_until_the_mount_is_told() {
+    let Some(mut f) = setup("__default__") else {
+        return;
+    };
+    let mount = f.mount.take().expect("mounted");
+    assert!(!f.p("later").exists());
+    // Created behind the kernel's back (no mount is told): the kernel keeps
+    // answering "absent" from its negative entry, without asking us.
+    let fs_a = f.store.branch_fs(&f.dot, "master").unwrap();
+    let dir = fs_a.subdot_ino("__default__", false).unwrap();
+    fs_a.mknod(dir, b"later", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    assert!(
+        !f.p("later").exists(),
+        "the absent name was not cached (a LOOKUP per stat)"
+    );
+    // A switch (checkout, reset) drops negative entries with the rest.
+    mount.switch(fs_a).unwrap();
+    assert!(f.p("later").exists());
+    // Names created through the mount itself replace their negative entry.
+    assert!(!f.p("mine").exists());
+    fs::write(f.p("mine"), b"x").unwrap();
+    assert_eq!(fs::read(f.p("mine")).unwrap(), b"x");
+    fs::remove_file(f.p("mine")).unwrap();
+    assert!(!f.p("mine").exists());
+    mount.unmount().unwrap();
+}
+
 /// Appends a line to `path` as uid/gid 65534 (no CAP_FSETID).
 fn append_as_nobody(path: &Path) {
     use std::os::unix::process::CommandExt;
@@ -725,6 +754,41 @@ fn two_mounts_of_one_branch_stay_coherent() {
     });
     fs::remove_dir(o("dir")).unwrap();
     eventually("an rmdir", || !f.p("dir").exists() && !t("dir").exists());
+
+    // Names another mount has cached as absent: every way of creating one.
+    let names = [
+        "new-file", "new-dir", "new-sym", "new-link", "renamed", "node",
+    ];
+    for n in names {
+        assert!(!o(n).exists() && !t(n).exists());
+    }
+    fs::write(f.p("new-file"), b"n").unwrap();
+    fs::create_dir(f.p("new-dir")).unwrap();
+    std::os::unix::fs::symlink("new-file", f.p("new-sym")).unwrap();
+    fs::hard_link(f.p("new-file"), f.p("new-link")).unwrap();
+    fs::rename(f.p("moved"), f.p("renamed")).unwrap();
+    let node = cpath(&f.p("node"));
+    // SAFETY: a valid NUL-terminated path; mknod of a FIFO has no other
+    // preconditions.
+    assert_eq!(
+        unsafe { libc::mknod(node.as_ptr(), libc::S_IFIFO | 0o644, 0) },
+        0
+    );
+    for n in names {
+        eventually(n, || {
+            o(n).symlink_metadata().is_ok() && t(n).symlink_metadata().is_ok()
+        });
+    }
+    assert_eq!(fs::read(o("new-sym")).unwrap(), b"n");
+
+    // A subdot mounted later appears in the tree mount that found it absent.
+    assert!(!tree.join("later").exists());
+    let later = f._dir.path().join("later");
+    fs::create_dir(&later).unwrap();
+    let fs_l = f.store.branch_fs(&f.dot, "master").unwrap();
+    let m4 = Mount::mount(&later, fs_l, "later", &MountOptions::default()).unwrap();
+    eventually("a new subdot", || tree.join("later").is_dir());
+    m4.unmount().unwrap();
 
     m3.unmount().unwrap();
     m2.unmount().unwrap();
