@@ -30,6 +30,7 @@ use parking_lot::{Mutex, RwLock};
 use tracing::{debug, warn};
 
 mod peers;
+mod spin;
 use peers::Change;
 
 /// How long the kernel may cache attributes and directory entries. We are
@@ -41,6 +42,9 @@ const MAX_WRITE: u32 = 1024 * 1024;
 
 /// Default for the kernel writeback cache (see [`writeback_wanted`]).
 const WRITEBACK_DEFAULT: bool = false;
+
+/// Default of [`MountOptions::spin`], chosen by measurement (README).
+const SPIN_DEFAULT: bool = true;
 
 /// Longest file name (bytes), as statfs reports it.
 const NAME_MAX: usize = 255;
@@ -58,6 +62,9 @@ pub struct MountOptions {
     pub n_threads: usize,
     /// The source name shown in `/proc/mounts`.
     pub fsname: String,
+    /// Poll `/dev/fuse` without blocking while requests keep coming (see
+    /// the `spin` module): fewer wakeups per request, a CPU busy meanwhile.
+    pub spin: bool,
 }
 
 impl Default for MountOptions {
@@ -72,6 +79,12 @@ impl Default for MountOptions {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(2),
             fsname: "dm".to_string(),
+            // `DM_FUSE_SPIN=0|1` overrides it, for measuring.
+            spin: match std::env::var("DM_FUSE_SPIN").as_deref() {
+                Ok("0") => false,
+                Ok("1") => true,
+                _ => SPIN_DEFAULT,
+            },
         }
     }
 }
@@ -184,6 +197,8 @@ struct Shared {
     /// Set once the session exists; used by other mounts of the same branch
     /// to invalidate this mount's kernel caches (see `peers`).
     notifier: std::sync::OnceLock<Notifier>,
+    /// Adaptive polling of the device, when on (see `spin`).
+    spin: std::sync::OnceLock<Arc<spin::Spin>>,
 }
 
 /// Negative cache for `security.capability` (see [`Shared::no_caps`]).
@@ -387,7 +402,7 @@ impl DmFs {
         reply: ReplyEmpty,
         op: fn(&BranchFs, u64, &[u8]) -> dm_store::Result<()>,
     ) {
-        let view = self.shared.view.read();
+        let view = self.view();
         let p = view.to_store(parent);
         // Other mounts may cache the inode under another name (hard links).
         let child = peers::active()
@@ -412,6 +427,19 @@ impl DmFs {
         }
     }
 
+    /// Counts a request for the adaptive polling of the device.
+    fn tick(&self) {
+        if let Some(s) = self.shared.spin.get() {
+            s.tick();
+        }
+    }
+
+    /// The branch shown, for a request (counted, see [`DmFs::tick`]).
+    fn view(&self) -> parking_lot::RwLockReadGuard<'_, View> {
+        self.tick();
+        self.shared.view.read()
+    }
+
     /// Registers an open file and returns its handle.
     fn new_handle(&self, fs: Arc<BranchFs>, ino: u64) -> FileHandle {
         let fh = self
@@ -425,6 +453,7 @@ impl DmFs {
     /// The branch and store inode of an open file handle. Unknown handles
     /// (not issued by us) fall back to the current branch.
     fn handle(&self, fh: FileHandle, ino: INodeNo) -> (Arc<BranchFs>, u64) {
+        self.tick();
         if let Some((fs, ino)) = self.shared.handles.read().get(&fh.0) {
             return (fs.clone(), *ino);
         }
@@ -522,7 +551,7 @@ impl fuser::Filesystem for DmFs {
             reply.error(Errno::ENAMETOOLONG);
             return;
         }
-        let view = self.shared.view.read();
+        let view = self.view();
         match view.fs.lookup(view.to_store(parent), name.as_bytes()) {
             Ok(a) => self.reply_entry(&view, parent, name.as_bytes(), &a, reply),
             // A negative entry (node id 0 with a cache time): the kernel
@@ -545,7 +574,7 @@ impl fuser::Filesystem for DmFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let view = self.shared.view.read();
+        let view = self.view();
         match view.fs.getattr(view.to_store(ino)) {
             Ok(a) => reply.attr(&TTL, &view.attr(&a)),
             Err(e) => reply.error(errno(&e)),
@@ -570,7 +599,7 @@ impl fuser::Filesystem for DmFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let view = self.shared.view.read();
+        let view = self.view();
         let set = SetAttr {
             mode: mode.map(|m| m & 0o7777),
             uid,
@@ -604,7 +633,7 @@ impl fuser::Filesystem for DmFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let view = self.shared.view.read();
+        let view = self.view();
         match view.fs.readlink(view.to_store(ino)) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(&e)),
@@ -629,7 +658,7 @@ impl fuser::Filesystem for DmFs {
             reply.error(Errno::EINVAL);
             return;
         }
-        let view = self.shared.view.read();
+        let view = self.view();
         let p = view.to_store(parent);
         let (uid, gid, _) = Self::new_owner(&view, req, p, false);
         let perm = mode & 0o7777 & !umask;
@@ -654,7 +683,7 @@ impl fuser::Filesystem for DmFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let view = self.shared.view.read();
+        let view = self.view();
         let p = view.to_store(parent);
         let (uid, gid, extra) = Self::new_owner(&view, req, p, true);
         let perm = (mode & 0o7777 & !umask) | extra;
@@ -683,7 +712,7 @@ impl fuser::Filesystem for DmFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let view = self.shared.view.read();
+        let view = self.view();
         let p = view.to_store(parent);
         let (uid, gid, _) = Self::new_owner(&view, req, p, false);
         match view.fs.symlink(
@@ -722,7 +751,7 @@ impl fuser::Filesystem for DmFs {
             reply.error(Errno::EINVAL);
             return;
         }
-        let view = self.shared.view.read();
+        let view = self.view();
         let (p, np) = (view.to_store(parent), view.to_store(newparent));
         match view
             .fs
@@ -774,7 +803,7 @@ impl fuser::Filesystem for DmFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let view = self.shared.view.read();
+        let view = self.view();
         let (target, np) = (view.to_store(ino), view.to_store(newparent));
         match view.fs.link(target, np, newname.as_bytes()) {
             Ok(a) => {
@@ -790,7 +819,7 @@ impl fuser::Filesystem for DmFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let view = self.shared.view.read();
+        let view = self.view();
         let ino = view.to_store(ino);
         // FUSE_ATOMIC_O_TRUNC: the kernel leaves O_TRUNC to us (it has
         // already checked write permission).
@@ -939,7 +968,7 @@ impl fuser::Filesystem for DmFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let view = self.shared.view.read();
+        let view = self.view();
         let result = each_entry(&view.fs, view.to_store(ino), offset, 256, |e| {
             // Offsets come from the store and are >= 1 (0 = start).
             let off = u64::try_from(e.offset).unwrap_or(0);
@@ -963,7 +992,7 @@ impl fuser::Filesystem for DmFs {
         offset: u64,
         mut reply: fuser::ReplyDirectoryPlus,
     ) {
-        let view = self.shared.view.read();
+        let view = self.view();
         let result = each_entry(&view.fs, view.to_store(ino), offset, 128, |e| {
             let dots = e.name == b"." || e.name == b"..";
             let attr = match view.fs.getattr(e.ino) {
@@ -996,7 +1025,7 @@ impl fuser::Filesystem for DmFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let view = self.shared.view.read();
+        let view = self.view();
         // Directory changes are metadata: fsync on the directory makes them durable.
         match view.fs.fsync(view.to_store(ino), datasync) {
             Ok(()) => reply.ok(),
@@ -1005,7 +1034,7 @@ impl fuser::Filesystem for DmFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let view = self.shared.view.read();
+        let view = self.view();
         match view.fs.statfs() {
             Ok(s) => reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
@@ -1024,7 +1053,7 @@ impl fuser::Filesystem for DmFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let view = self.shared.view.read();
+        let view = self.view();
         let ino = view.to_store(ino);
         if name.as_bytes() == XATTR_CAPS {
             let mut nc = self.shared.no_caps.lock();
@@ -1041,7 +1070,7 @@ impl fuser::Filesystem for DmFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let view = self.shared.view.read();
+        let view = self.view();
         let ino = view.to_store(ino);
         let caps = name.as_bytes() == XATTR_CAPS;
         let generation = if caps {
@@ -1069,7 +1098,7 @@ impl fuser::Filesystem for DmFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let view = self.shared.view.read();
+        let view = self.view();
         match view.fs.listxattr(view.to_store(ino)) {
             Ok(names) => {
                 let mut buf = Vec::new();
@@ -1084,7 +1113,7 @@ impl fuser::Filesystem for DmFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let view = self.shared.view.read();
+        let view = self.view();
         let ino = view.to_store(ino);
         if name.as_bytes() == XATTR_CAPS {
             let mut nc = self.shared.no_caps.lock();
@@ -1103,7 +1132,7 @@ impl fuser::Filesystem for DmFs {
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
         // With default_permissions the kernel checks permissions itself;
         // only existence is ours to answer.
-        let view = self.shared.view.read();
+        let view = self.view();
         match view.fs.getattr(view.to_store(ino)) {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -1120,7 +1149,7 @@ impl fuser::Filesystem for DmFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let view = self.shared.view.read();
+        let view = self.view();
         let p = view.to_store(parent);
         let (uid, gid, _) = Self::new_owner(&view, req, p, false);
         let perm = mode & 0o7777 & !umask;
@@ -1250,6 +1279,7 @@ impl Mount {
             handles: RwLock::new(HashMap::new()),
             next_fh: std::sync::atomic::AtomicU64::new(1),
             notifier: std::sync::OnceLock::new(),
+            spin: std::sync::OnceLock::new(),
         });
         let mut config = Config::default();
         config.mount_options = vec![
@@ -1278,6 +1308,14 @@ impl Mount {
             path,
             &config,
         )?;
+        if opts.spin {
+            match spin::Spin::start(std::os::fd::AsFd::as_fd(&session)) {
+                Ok(s) => {
+                    let _ = shared.spin.set(s);
+                }
+                Err(e) => warn!("{}: no adaptive polling of /dev/fuse: {e}", path.display()),
+            }
+        }
         let notifier = session.notifier();
         let _ = shared.notifier.set(notifier.clone());
         let bg = session.spawn()?;
@@ -1397,6 +1435,20 @@ impl Mount {
         Ok(())
     }
 
+    /// Leaves the device blocking: the request loops must not spin while
+    /// the session ends (or lives on, lazily detached).
+    fn stop_spin(&self) {
+        if let Some(s) = self.shared.spin.get() {
+            s.stop();
+        }
+    }
+
+    /// Whether a request loop is polling the device without blocking now
+    /// (see [`MountOptions::spin`]).
+    pub fn is_polling(&self) -> bool {
+        self.shared.spin.get().is_some_and(|s| s.is_spinning())
+    }
+
     /// The mount point.
     pub fn path(&self) -> &Path {
         &self.path
@@ -1410,6 +1462,7 @@ impl Mount {
     /// Unmounts. If the mount is busy it is detached lazily (the kernel drops
     /// it when the last user goes away) and this returns without waiting.
     pub fn unmount(self) -> io::Result<()> {
+        self.stop_spin();
         peers::leave_all(&self.shared);
         let Some(bg) = self.session.lock().take() else {
             return Ok(());
@@ -1452,6 +1505,7 @@ fn join_or_leave(bg: BackgroundSession, path: &Path) -> io::Result<()> {
 
 impl Drop for Mount {
     fn drop(&mut self) {
+        self.stop_spin();
         peers::leave_all(&self.shared);
         if let Some(bg) = self.session.lock().take() {
             if umount2(&self.path, 0).is_err() {
