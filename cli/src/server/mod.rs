@@ -109,7 +109,10 @@ pub fn run(opts: ServerOptions) -> Result<()> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("DM_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // fuser warns "Unmount failed: Invalid argument" whenever a
+                // session ends that dm had already unmounted itself (every
+                // clean unmount and shutdown): not a failure, so not shown.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser::mnt=error")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
