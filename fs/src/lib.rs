@@ -8,7 +8,10 @@
 //! when the mount is switched to another branch or the branch is reset.
 //!
 //! We are the only writer of a mounted branch, so attribute and entry TTLs are
-//! long; [`Mount::switch`] invalidates everything the kernel knows.
+//! long, absent names are cached too (negative entries), and
+//! [`Mount::switch`] invalidates everything the kernel knows; other mounts of
+//! the same branch are told of each change (`peers`). While requests keep
+//! coming, one request loop polls the device instead of sleeping (`spin`).
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CString, OsStr};
@@ -1205,7 +1208,6 @@ impl fuser::Filesystem for DmFs {
     }
 }
 
-/// What an xattr change makes stale in other mounts.
 /// What a new name makes stale at the other mounts: their negative entry
 /// for it, and the parent's attributes.
 fn created(parent: u64, name: &OsStr) -> Vec<Change> {
@@ -1218,6 +1220,7 @@ fn created(parent: u64, name: &OsStr) -> Vec<Change> {
     ]
 }
 
+/// What an xattr change makes stale in other mounts.
 fn xattr_changes(ino: u64, name: &OsStr) -> Vec<Change> {
     let mut c = vec![Change::Attr(ino)];
     if name.as_bytes() == XATTR_CAPS {
