@@ -199,6 +199,32 @@ fn authorize(s: &Session, d: &DotRef, must_exist: bool) -> std::result::Result<D
     Ok(dot)
 }
 
+/// Whether `head` is a commit of `dot`: a branch head or an ancestor of one.
+/// Clients ask for the ancestry of heads they were shown; without this a
+/// user allowed on one dot could list the history of any commit on the hub
+/// by its id. Walks each commit of the dot at most once, as the ancestry
+/// answered next does anyway.
+fn commit_of_dot(store: &Store, dot: &DotName, head: dm_store::Id) -> dm_store::Result<bool> {
+    let mut stack: Vec<dm_store::Id> = store
+        .list_branches(dot)?
+        .into_iter()
+        .filter_map(|b| b.head)
+        .collect();
+    if stack.contains(&head) {
+        return Ok(true);
+    }
+    let mut seen = std::collections::HashSet::new();
+    while let Some(id) = stack.pop() {
+        if id == head {
+            return Ok(true);
+        }
+        if seen.insert(id) {
+            stack.extend(store.commit_record(&id)?.parents);
+        }
+    }
+    Ok(false)
+}
+
 fn store_err(e: dm_store::Error) -> Response {
     match e {
         dm_store::Error::Corrupt(m) => err(ErrorCode::Corrupt, m),
@@ -234,7 +260,18 @@ fn handle_inner(s: &Session, req: Request) -> std::result::Result<Response, Resp
             })
         }
         Request::Ancestry { dot, head } => {
-            authorize(s, &dot, true)?;
+            let dot = authorize(s, &dot, true)?;
+            if !commit_of_dot(store, &dot, head).map_err(store_err)? {
+                return Err(err(
+                    ErrorCode::UnknownDot,
+                    format!(
+                        "no commit {} in dot {}/{} on the hub",
+                        head.short(),
+                        dot.namespace,
+                        dot.name
+                    ),
+                ));
+            }
             Ok(Response::Ids(
                 store.ancestry(Some(head)).map_err(store_err)?,
             ))

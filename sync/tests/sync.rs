@@ -456,6 +456,58 @@ async fn wrong_key_no_access_unknown_dot() {
     assert!(hub.store.list_dots().unwrap().is_empty());
 }
 
+/// A user allowed on one dot gets no history of another dot's commits by
+/// naming their ids under the dot they may read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ancestry_only_of_commits_of_the_named_dot() {
+    let hub = Node::start();
+    let (a, b) = (Node::start(), Node::start());
+    let akey = hub.add_user("alice");
+    let bkey = hub.add_user("bob");
+    let ra = hub.connect("alice", &akey).await;
+    let rb = hub.connect("bob", &bkey).await;
+    let (app, own) = (dot("app"), dot("own"));
+    a.store.create_dot(&app, None).unwrap();
+    write(&a.store, &app, "master", "secret", 0, b"alice's");
+    let first = commit(&a.store, &app, "master", "one");
+    write(&a.store, &app, "master", "secret", 0, b"ALICE'S");
+    let second = commit(&a.store, &app, "master", "two");
+    push(&a, &ra, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap();
+    b.store.create_dot(&own, None).unwrap();
+    write(&b.store, &own, "master", "f", 0, b"bob's");
+    let bobs = commit(&b.store, &own, "master", "b");
+    push(&b, &rb, "own", "master", "bob/own", &opts())
+        .await
+        .unwrap();
+    let ancestry = |dot: &str, head| Request::Ancestry {
+        dot: DotRef {
+            namespace: dot.split('/').next().unwrap().into(),
+            name: dot.split('/').nth(1).unwrap().into(),
+        },
+        head,
+    };
+    // Bob's own dot, alice's head or an older commit of hers: refused.
+    for head in [second, first] {
+        let e = rb.call(&ancestry("bob/own", head)).await.unwrap_err();
+        assert_eq!(code(&e), Some(ErrorCode::UnknownDot), "{e}");
+        assert!(e.to_string().contains("no commit"), "{e}");
+    }
+    // Alice's dot by name: no access.
+    let e = rb.call(&ancestry("alice/app", second)).await.unwrap_err();
+    assert_eq!(code(&e), Some(ErrorCode::NoAccess), "{e}");
+    // What each may ask still works: heads, and older commits of the dot.
+    match rb.call(&ancestry("bob/own", bobs)).await.unwrap() {
+        dm_sync::proto::Response::Ids(ids) => assert_eq!(ids, vec![bobs]),
+        other => panic!("unexpected {other:?}"),
+    }
+    match ra.call(&ancestry("alice/app", first)).await.unwrap() {
+        dm_sync::proto::Response::Ids(ids) => assert_eq!(ids, vec![first]),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
 /// Bytes on the wire: a 1 MiB change to a large dot sends < 2 MiB; a second
 /// dot with content the hub already has sends almost no chunk data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
