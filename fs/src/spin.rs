@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// How long after the last request the loop keeps polling. A synchronous
 /// caller's next request follows its last answer within microseconds; a
@@ -91,7 +91,8 @@ impl Spin {
 
     fn run(&self, fd: &OwnedFd) {
         while !self.stop.load(Ordering::Acquire) {
-            std::thread::park_timeout(Duration::from_millis(500));
+            // Woken by tick() or stop() (an unpark before the park is kept).
+            std::thread::park();
             if !self.woken.load(Ordering::Acquire) || self.stop.load(Ordering::Acquire) {
                 continue;
             }
@@ -110,13 +111,17 @@ impl Spin {
                 seen = now;
             }
             if let Err(e) = set_nonblocking(fd.as_fd(), false) {
-                debug!("fuse spin: cannot make the device blocking again: {e}");
-                return;
+                // Try once more below, then give up the monitor: the loop
+                // would otherwise poll for good.
+                warn!("fuse spin: cannot make the device blocking again: {e}");
+                break;
             }
             self.spinning.store(false, Ordering::Release);
             self.woken.store(false, Ordering::Release);
         }
-        let _ = set_nonblocking(fd.as_fd(), false);
+        if let Err(e) = set_nonblocking(fd.as_fd(), false) {
+            warn!("fuse spin: the device stays non-blocking: {e}");
+        }
     }
 }
 
