@@ -160,6 +160,16 @@ struct Known {
 }
 
 impl Known {
+    /// Records `name` in `parent` as a name of `ino` (once), and drops a
+    /// negative entry recorded for it.
+    fn add_name(&mut self, parent: u64, name: &[u8], ino: u64) {
+        self.drop_negative(parent, name);
+        let names = self.names.entry(ino).or_default();
+        if !names.iter().any(|(p, n)| *p == parent && n == name) {
+            names.push((parent, name.to_vec()));
+        }
+    }
+
     /// Drops the record of a negative entry (the name now exists).
     fn drop_negative(&mut self, parent: u64, name: &[u8]) {
         if self.n_negatives == 0 {
@@ -219,23 +229,14 @@ impl Shared {
     /// Records that the kernel got an entry for `ino` under `(parent, name)`.
     fn remember(&self, parent: INodeNo, name: &[u8], ino: INodeNo) {
         let mut known = self.known.lock();
-        known.drop_negative(parent.0, name);
         *known.lookups.entry(ino.0).or_insert(0) += 1;
-        let names = known.names.entry(ino.0).or_default();
-        if !names.iter().any(|(p, n)| *p == parent.0 && n == name) {
-            names.push((parent.0, name.to_vec()));
-        }
+        known.add_name(parent.0, name, ino.0);
     }
 
     /// Records a name for `ino` without a lookup count (rename: the kernel
     /// moves its dentry without a new lookup).
     fn remember_name(&self, parent: INodeNo, name: &[u8], ino: INodeNo) {
-        let mut known = self.known.lock();
-        known.drop_negative(parent.0, name);
-        let names = known.names.entry(ino.0).or_default();
-        if !names.iter().any(|(p, n)| *p == parent.0 && n == name) {
-            names.push((parent.0, name.to_vec()));
-        }
+        self.known.lock().add_name(parent.0, name, ino.0);
     }
 
     /// Records that the kernel is about to cache `name` in `parent` as
