@@ -14,6 +14,7 @@ use crate::id::Id;
 use crate::inode::*;
 use crate::keys;
 use crate::names::{validate_file_name, DotName, ROOT_SUBDOT};
+use crate::patch::{Patched, Ranges};
 use crate::stage;
 use crate::view::{Tx, View};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
@@ -37,6 +38,30 @@ const SPILLED_MAX: usize = 1 << 16;
 const STAGE_MIN: usize = 32 << 10;
 /// Largest file size (2^50 bytes).
 const MAX_FILE_SIZE: u64 = 1 << 50;
+
+/// An fsync stores a partly rewritten block as patches over its previous
+/// chunk (see [`crate::patch`]) while the patches total at most this
+/// fraction of the block (`block_size / PATCH_DIVISOR` bytes).
+const PATCH_DIVISOR: usize = 4;
+
+/// A dirty block's origin: the chunk it was read from and the byte ranges
+/// written since (over every fsync since that chunk was stored).
+#[derive(Clone, Debug)]
+struct Origin {
+    base: Option<(Id, u32)>,
+    ranges: Ranges,
+    /// The buffer holds only the bytes within `ranges`: the base has not
+    /// been read (a small write needs no read of its block; an fsync
+    /// stores the ranges as patches). Filled before anything else needs
+    /// the whole block.
+    sparse: bool,
+}
+
+/// What a working state holds for one block.
+enum Stored {
+    Chunk(Id, u32),
+    Patched(Patched),
+}
 
 /// The mutable part of a branch: which snapshot its overlay sits on.
 #[derive(Clone, Debug)]
@@ -70,6 +95,9 @@ struct FileBuf {
     /// Copies of the last blocks stored, exactly as stored, so that the next
     /// partial write to them (a log append after an fsync) needs no read.
     clean: Vec<(u64, Arc<Vec<u8>>)>,
+    /// Origins of dirty blocks that were partly rewritten, for storing them
+    /// as patches at an fsync; a block without one is stored whole.
+    origins: HashMap<u64, Origin>,
     /// Whole blocks spilled to the chunk log under memory pressure but not
     /// yet referenced by the branch: index -> chunk id (pinned against GC
     /// while here). The next flush writes them with the file's other
@@ -91,6 +119,7 @@ impl FileBuf {
             detached: false,
             blocks: BTreeMap::new(),
             staged: HashMap::new(),
+            origins: HashMap::new(),
             clean: Vec::new(),
             spilled: BTreeMap::new(),
             size: 0,
@@ -106,6 +135,7 @@ impl FileBuf {
 
     fn remove_block(&mut self, idx: u64) -> Option<Arc<Vec<u8>>> {
         self.staged.remove(&idx);
+        self.origins.remove(&idx);
         let b = self.blocks.remove(&idx);
         if b.is_some() {
             self.counter.fetch_sub(self.block_size, Ordering::Relaxed);
@@ -128,6 +158,7 @@ impl FileBuf {
 
     fn take_blocks(&mut self) -> BTreeMap<u64, Arc<Vec<u8>>> {
         self.staged.clear();
+        self.origins.clear();
         let blocks = std::mem::take(&mut self.blocks);
         self.counter
             .fetch_sub(blocks.len() * self.block_size, Ordering::Relaxed);
@@ -159,6 +190,9 @@ pub struct BranchFs {
     files: Mutex<HashMap<Ino, Arc<Mutex<FileBuf>>>>,
     buffered: Arc<AtomicUsize>,
     open: Mutex<HashMap<Ino, u32>>,
+    /// Blocks an fsync stored as patches, for [`BranchFs::materialize_patches`]
+    /// (may name blocks stored whole since: it checks).
+    patched: Mutex<HashMap<Ino, std::collections::BTreeSet<u64>>>,
 }
 
 type StateGuard<'a> = RwLockReadGuard<'a, BranchState>;
@@ -208,6 +242,7 @@ impl BranchFs {
             files: Mutex::new(HashMap::new()),
             buffered: Arc::new(AtomicUsize::new(0)),
             open: Mutex::new(HashMap::new()),
+            patched: Mutex::new(HashMap::new()),
         };
         fs.purge_orphans()?;
         Ok(fs)
@@ -873,12 +908,23 @@ impl BranchFs {
             let idx = new / bs;
             let keep = (new % bs) as usize;
             if let Some(v) = tx.get(&keys::block(ino, idx))? {
-                let (id, len) = keys::parse_block_value(&v)
-                    .ok_or_else(|| Error::Corrupt(format!("block {idx} of inode {ino}")))?;
-                if len as usize > keep {
-                    let data = self.db.read_chunk(&id)?;
-                    let nid = self.db.store_chunk(&data[..keep.min(data.len())])?;
-                    tx.put(keys::block(ino, idx), keys::block_value(&nid, keep as u32));
+                match keys::parse_block_value(&v) {
+                    Some((id, len)) => {
+                        if len as usize > keep {
+                            let data = self.db.read_chunk(&id)?;
+                            let nid = self.db.store_chunk(&data[..keep.min(data.len())])?;
+                            tx.put(keys::block(ino, idx), keys::block_value(&nid, keep as u32));
+                        }
+                    }
+                    None => {
+                        let p = Patched::parse(&v, self.block_size).map_err(|e| {
+                            Error::Corrupt(format!("block {idx} of inode {ino}: {e}"))
+                        })?;
+                        let data = self.patched_block(&p)?;
+                        let nid = self.db.store_chunk(&data[..keep.min(p.len as usize)])?;
+                        let len = keep.min(p.len as usize) as u32;
+                        tx.put(keys::block(ino, idx), keys::block_value(&nid, len));
+                    }
                 }
             }
         }
@@ -980,15 +1026,83 @@ impl BranchFs {
         tx.commit(true, "freeing orphaned files")
     }
 
-    /// The chunk and valid length of a stored block, if the working state
-    /// has one.
-    fn stored_ref(view: &View, ino: Ino, idx: u64) -> Result<Option<(Id, u32)>> {
-        match view.get(&keys::block(ino, idx))? {
-            None => Ok(None),
-            Some(v) => keys::parse_block_value(&v)
-                .map(Some)
-                .ok_or_else(|| Error::Corrupt(format!("block {idx} of inode {ino}"))),
+    /// What the working state holds for a block, if anything.
+    fn stored_ref(&self, view: &View, ino: Ino, idx: u64) -> Result<Option<Stored>> {
+        let Some(v) = view.get(&keys::block(ino, idx))? else {
+            return Ok(None);
+        };
+        if let Some((id, len)) = keys::parse_block_value(&v) {
+            return Ok(Some(Stored::Chunk(id, len)));
         }
+        Patched::parse(&v, self.block_size)
+            .map(|p| Some(Stored::Patched(p)))
+            .map_err(|e| Error::Corrupt(format!("block {idx} of inode {ino}: {e}")))
+    }
+
+    /// A patched block's bytes: its base chunk with the patches applied.
+    fn patched_block(&self, p: &Patched) -> Result<Vec<u8>> {
+        match &p.base {
+            Some((id, _)) => Ok(p.apply(&self.db.read_chunk(id)?, self.block_size)),
+            None => Ok(p.apply(&[], self.block_size)),
+        }
+    }
+
+    /// A sparse buffered block's bytes: its base with the written ranges
+    /// copied from the buffer over it.
+    fn merged(&self, o: &Origin, buf: &[u8]) -> Result<Vec<u8>> {
+        let mut full = match &o.base {
+            Some((id, len)) => self.chunk_block(id, *len)?,
+            None => vec![0u8; self.block_size as usize],
+        };
+        for (a, e) in o.ranges.iter() {
+            full[a as usize..e as usize].copy_from_slice(&buf[a as usize..e as usize]);
+        }
+        Ok(full)
+    }
+
+    /// Makes a sparse buffered block whole (reads its base).
+    fn fill(&self, g: &mut FileBuf, idx: u64) -> Result<()> {
+        let (Some(o), Some(b)) = (g.origins.get(&idx), g.blocks.get(&idx)) else {
+            return Ok(());
+        };
+        if !o.sparse {
+            return Ok(());
+        }
+        let full = self.merged(o, b)?;
+        g.blocks.insert(idx, Arc::new(full));
+        if let Some(o) = g.origins.get_mut(&idx) {
+            o.sparse = false;
+        }
+        Ok(())
+    }
+
+    /// Makes every sparse buffered block of a file whole.
+    fn fill_all(&self, g: &mut FileBuf) -> Result<()> {
+        let sparse: Vec<u64> = g
+            .origins
+            .iter()
+            .filter(|(_, o)| o.sparse)
+            .map(|(i, _)| *i)
+            .collect();
+        for idx in sparse {
+            self.fill(g, idx)?;
+        }
+        Ok(())
+    }
+
+    /// The value a patched block has once stored as a chunk (added to
+    /// `batch`; hold `gc_barrier` until it is written): a commit stores
+    /// no patches.
+    pub(crate) fn materialize(
+        &self,
+        batch: &mut rocksdb::WriteBatch,
+        value: &[u8],
+    ) -> Result<Vec<u8>> {
+        let p = Patched::parse(value, self.block_size)?;
+        let data = self.patched_block(&p)?;
+        let len = (p.len as usize).min(data.len());
+        let id = self.db.stage_chunk(batch, &data[..len])?;
+        Ok(keys::block_value(&id, len as u32))
     }
 
     /// A block's bytes from its chunk (`len` of them valid), padded with
@@ -1032,17 +1146,26 @@ impl BranchFs {
                     .get(&idx)
                     .or_else(|| g.clean.iter().find(|(i, _)| *i == idx).map(|(_, b)| b))
             });
-            if let Some(b) = buffered {
+            let sparse = guard
+                .as_ref()
+                .and_then(|g| g.origins.get(&idx))
+                .filter(|o| o.sparse);
+            if let (Some(b), Some(o)) = (buffered, sparse) {
+                out.extend_from_slice(&self.merged(o, b)?[within..within + n]);
+            } else if let Some(b) = buffered {
                 out.extend_from_slice(&b[within..within + n]);
             } else {
                 let spilled = guard.as_ref().and_then(|g| g.spilled.get(&idx));
                 let stored = match spilled {
-                    Some(id) => Some((*id, self.block_size)),
-                    None => Self::stored_ref(&view, ino, idx)?,
+                    Some(id) => Some(Stored::Chunk(*id, self.block_size)),
+                    None => self.stored_ref(&view, ino, idx)?,
                 };
                 match stored {
                     None => out.resize(out.len() + n, 0),
-                    Some((id, len)) => {
+                    Some(Stored::Patched(p)) => {
+                        out.extend_from_slice(&self.patched_block(&p)?[within..within + n]);
+                    }
+                    Some(Stored::Chunk(id, len)) => {
                         let data = self.db.read_chunk(&id)?;
                         let valid = (len as usize).min(data.len());
                         let from = within.min(valid);
@@ -1126,6 +1249,7 @@ impl BranchFs {
                 // A clean or spilled copy of the block is stale now.
                 g.clean.retain(|(i, _)| *i != idx);
                 g.unspill(idx);
+                g.origins.remove(&idx);
                 if n >= STAGE_MIN {
                     g.staged.insert(idx, stage::submit(&self.db, block.clone()));
                 } else {
@@ -1140,23 +1264,67 @@ impl BranchFs {
             if !g.blocks.contains_key(&idx) {
                 let block_start = idx * bs;
                 let clean = g.clean.iter().position(|(i, _)| *i == idx);
-                let block = if let Some(id) = g.spilled.get(&idx).copied() {
+                let hole = Origin {
+                    base: None,
+                    ranges: Ranges::default(),
+                    sparse: false,
+                };
+                // A spilled block has no origin: it is stored whole.
+                let (block, origin) = if let Some(id) = g.spilled.get(&idx).copied() {
                     let b = Arc::new(self.chunk_block(&id, self.block_size)?);
                     g.unspill(idx);
-                    b
-                } else if let Some(pos) = clean {
-                    g.clean.swap_remove(pos).1
+                    (b, None)
                 } else if block_start >= g.size {
-                    Arc::new(vec![0u8; bs as usize])
-                } else if let Some((id, len)) = Self::stored_ref(view, ino, idx)? {
-                    Arc::new(self.chunk_block(&id, len)?)
+                    g.clean.retain(|(i, _)| *i != idx);
+                    (Arc::new(vec![0u8; bs as usize]), Some(hole))
                 } else {
-                    Arc::new(vec![0u8; bs as usize])
+                    let stored = self.stored_ref(view, ino, idx)?;
+                    // A clean copy is the whole block; otherwise only the
+                    // patches are read, the base chunk when needed.
+                    let sparse = clean.is_none();
+                    let mut block = match clean {
+                        Some(pos) => g.clean.swap_remove(pos).1,
+                        None => Arc::new(vec![0u8; bs as usize]),
+                    };
+                    let origin = match stored {
+                        None => hole,
+                        Some(Stored::Chunk(id, len)) => Origin {
+                            base: Some((id, len)),
+                            ranges: Ranges::default(),
+                            sparse,
+                        },
+                        Some(Stored::Patched(p)) => {
+                            if sparse {
+                                let b = Arc::make_mut(&mut block);
+                                for (off, data) in &p.patches {
+                                    let off = *off as usize;
+                                    b[off..off + data.len()].copy_from_slice(data);
+                                }
+                            }
+                            Origin {
+                                sparse: sparse && p.base.is_some(),
+                                ranges: Ranges::from_sorted(p.ranges()),
+                                base: p.base,
+                            }
+                        }
+                    };
+                    (block, Some(origin))
                 };
                 g.insert_block(idx, block);
+                if let Some(o) = origin {
+                    g.origins.insert(idx, o);
+                }
             }
             if let Some(b) = g.blocks.get_mut(&idx) {
                 Arc::make_mut(b)[within..within + n].copy_from_slice(&src[..n]);
+            }
+            if let Some(o) = g.origins.get_mut(&idx) {
+                o.ranges.add(within as u32, (within + n) as u32);
+                if o.ranges.bytes() > bs as usize / PATCH_DIVISOR {
+                    // Too much for patches: stored whole at the flush.
+                    self.fill(g, idx)?;
+                    g.origins.remove(&idx);
+                }
             }
             pos += n as u64;
             src = &src[n..];
@@ -1184,6 +1352,7 @@ impl BranchFs {
     /// for the disk every `FILE_BUFFER_MAX` bytes, where a native one
     /// writes into the page cache until its fsync.
     fn spill_locked(&self, g: &mut FileBuf) -> Result<()> {
+        self.fill_all(g)?;
         let bs = self.block_size as u64;
         let whole: Vec<(u64, Arc<Vec<u8>>)> = g
             .blocks
@@ -1224,6 +1393,17 @@ impl BranchFs {
             return Ok(false);
         }
         let bs = self.block_size as u64;
+        if !sync {
+            // Stored as chunks: whole blocks needed.
+            self.fill_all(g)?;
+        }
+        // Stored as patches: not whole, so not kept as clean copies.
+        let sparse: Vec<u64> = g
+            .origins
+            .iter()
+            .filter(|(_, o)| o.sparse)
+            .map(|(i, _)| *i)
+            .collect();
         let _barrier = self.db.gc_barrier.read_recursive();
         let mut batch = rocksdb::WriteBatch::default();
         let mut block_values = Vec::with_capacity(g.blocks.len() + g.spilled.len());
@@ -1235,18 +1415,45 @@ impl BranchFs {
             }
         }
         let mut cached = Vec::new();
+        // An fsync of a few blocks keeps their chunks inline: one disk
+        // sync (RocksDB's log) instead of two.
+        let inline = sync && g.spilled.is_empty() && g.staged.is_empty() && g.blocks.len() <= 16;
         for (&idx, data) in &g.blocks {
             let start = idx * bs;
             if start >= g.size {
                 continue;
             }
             let len = (g.size - start).min(bs) as usize;
+            if sync {
+                if let Some(o) = g.origins.get(&idx) {
+                    // Patches within the block's valid length (the ranges
+                    // end within it: writes extend the size).
+                    let p = Patched {
+                        base: o.base,
+                        len: len as u32,
+                        patches: o
+                            .ranges
+                            .iter()
+                            .filter(|&(a, _)| (a as usize) < len)
+                            .map(|(a, e)| (a, data[a as usize..(e as usize).min(len)].to_vec()))
+                            .collect(),
+                    };
+                    // Referenced again: GC, if running, must keep it.
+                    if let Some((base, _)) = &p.base {
+                        self.db.note_young(base);
+                    }
+                    block_values.push((keys::block(ino, idx), p.encode()));
+                    self.patched.lock().entry(ino).or_default().insert(idx);
+                    continue;
+                }
+            }
             let id = match g.staged.get(&idx) {
                 // Prepared whole; valid while the file still covers it.
                 Some(slot) if len == data.len() => {
                     let p = slot.take(data);
                     self.db.stage_prepared(&mut batch, &p, data)?
                 }
+                _ if inline => self.db.stage_chunk_inline(&mut batch, &data[..len])?,
                 _ => self.db.stage_chunk(&mut batch, &data[..len])?,
             };
             block_values.push((keys::block(ino, idx), keys::block_value(&id, len as u32)));
@@ -1286,7 +1493,9 @@ impl BranchFs {
         let mut keep = Vec::with_capacity(CLEAN_BLOCKS);
         while keep.len() < CLEAN_BLOCKS {
             match flushed.pop_last() {
-                Some((idx, data)) if idx * bs < size => keep.push((idx, data)),
+                Some((idx, data)) if idx * bs < size && !sparse.contains(&idx) => {
+                    keep.push((idx, data))
+                }
                 Some(_) => continue,
                 None => break,
             }
@@ -1303,6 +1512,94 @@ impl BranchFs {
         g.clean = keep;
         g.mtime = None;
         Ok(true)
+    }
+
+    /// Stores the blocks that fsyncs left as patches as whole chunks again
+    /// (not durably: like a close, this changes no content). Called now
+    /// and then by the server, as ZFS writes out what its intent log holds
+    /// every few seconds, so that patches neither pile up nor make the
+    /// next commit store them all. Blocks being written are left to their
+    /// own flush. Returns how many blocks it stored.
+    pub fn materialize_patches(&self) -> Result<usize> {
+        let todo = std::mem::take(&mut *self.patched.lock());
+        let mut done = 0;
+        for (ino, blocks) in todo {
+            done += self.materialize_file(ino, &blocks)?;
+        }
+        Ok(done)
+    }
+
+    fn materialize_file(
+        &self,
+        ino: Ino,
+        blocks: &std::collections::BTreeSet<u64>,
+    ) -> Result<usize> {
+        let st = self.state()?;
+        let (fb, created) = {
+            let mut files = self.files.lock();
+            match files.get(&ino) {
+                Some(fb) => (fb.clone(), false),
+                None => {
+                    // A buffer of our own, so that writers and truncates
+                    // of this file wait for us (they take its lock).
+                    let fb = Arc::new(Mutex::new(FileBuf::new(
+                        self.db.clone(),
+                        self.buffered.clone(),
+                        self.block_size as usize,
+                    )));
+                    files.insert(ino, fb.clone());
+                    (fb, true)
+                }
+            }
+        };
+        let mut g = fb.lock();
+        let result = (|| {
+            if g.detached {
+                return Ok(0);
+            }
+            let view = self.view(&st);
+            let _barrier = self.db.gc_barrier.read_recursive();
+            let mut batch = rocksdb::WriteBatch::default();
+            let mut values = Vec::new();
+            for &idx in blocks {
+                // Dirty: its own flush stores it (and records it again if
+                // that is an fsync that patches it).
+                if g.blocks.contains_key(&idx) || g.spilled.contains_key(&idx) {
+                    continue;
+                }
+                let key = keys::block(ino, idx);
+                if let Some(v) = view.get(&key)? {
+                    if crate::patch::is_patched(&v) {
+                        values.push((key, self.materialize(&mut batch, &v)?));
+                    }
+                }
+            }
+            if values.is_empty() {
+                return Ok(0);
+            }
+            let _m = self.meta.lock();
+            let mut tx = Tx::new(view);
+            // A file removed meanwhile keeps nothing.
+            if Self::load(&tx, ino).is_err() {
+                return Ok(0);
+            }
+            let n = values.len();
+            for (k, v) in values {
+                tx.put(k, v);
+            }
+            tx.write_into(&mut batch);
+            self.db
+                .write(batch, false, "storing patched blocks whole")?;
+            Ok(n)
+        })();
+        if created && g.is_clean() {
+            g.detached = true;
+            let mut files = self.files.lock();
+            if files.get(&ino).is_some_and(|cur| Arc::ptr_eq(cur, &fb)) {
+                files.remove(&ino);
+            }
+        }
+        result
     }
 
     /// Stores a file's buffered writes (close).

@@ -65,7 +65,8 @@ pub const INLINE_MAX: usize = 16 << 10;
 /// A chunk index value: where a chunk's stored form is.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Placement<'a> {
-    /// The stored form itself (`codec || payload`), at most [`INLINE_MAX`].
+    /// The stored form itself (`codec || payload`): below [`INLINE_MAX`],
+    /// or any size when an fsync of a few blocks stored it.
     Inline(&'a [u8]),
     /// A record in the log.
     Log(Loc),

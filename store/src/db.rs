@@ -138,6 +138,16 @@ impl Db {
         db_opts.set_max_background_jobs(2);
         db_opts.set_bytes_per_sync(1 << 20);
         db_opts.set_keep_log_file_num(4);
+        // Reuse obsolete write-ahead log files: an fsync then overwrites
+        // blocks the file already has, and fdatasync need not commit an
+        // inode change each time (measured here: 270-340 us per 128 KiB
+        // write + fdatasync overwriting, 620-790 us appending).
+        db_opts.set_recycle_log_file_num(4);
+        // A log file becomes reusable once every column family has flushed
+        // what it holds; past this total, RocksDB flushes the families
+        // that pin the oldest one (the rarely written ones would otherwise
+        // keep every log alive, and a restart would replay them all).
+        db_opts.set_max_total_wal_size(256 << 20);
         // Most point lookups are of absent keys: the dedup check of every
         // new chunk, and working-state lookups of blocks the overlay does
         // not hold (they fall through to the snapshot tree). Bloom filters
@@ -309,6 +319,24 @@ impl Db {
     /// [`Db::write`] (which syncs the appended records first).
     pub fn stage_chunk(&self, batch: &mut WriteBatch, data: &[u8]) -> Result<Id> {
         self.stage_prepared(batch, &Prepared::of(data), data)
+    }
+
+    /// [`Db::stage_chunk`], keeping the chunk inline in the index whatever
+    /// its size: the batch's own log sync then makes it durable, with no
+    /// sync of the chunk log (for the few blocks an fsync stores).
+    pub(crate) fn stage_chunk_inline(&self, batch: &mut WriteBatch, data: &[u8]) -> Result<Id> {
+        let id = Id::of(data);
+        self.note_young(&id);
+        if self.chunk_len(&id)?.is_some() {
+            return Ok(id);
+        }
+        let (codec, payload) = chunk::encode_parts(data);
+        batch.put_cf(
+            self.cf(CF_CHUNK_INDEX),
+            id.0,
+            Placement::inline_value(codec, &payload),
+        );
+        Ok(id)
     }
 
     /// [`Db::stage_chunk`] of a block hashed and encoded beforehand.

@@ -74,8 +74,16 @@ fn mark(store: &Store, verify: bool, problems: &mut Vec<String>) -> Result<Marks
     while it.valid() {
         if let (Some(k), Some(v)) = (it.key(), it.value()) {
             if k.len() > 8 && matches!(keys::parse(&k[8..]), Some((_, keys::TAG_BLOCK))) {
-                if let Some((id, _)) = v.get(1..).and_then(keys::parse_block_value) {
+                let v = v.get(1..).unwrap_or_default();
+                if let Some((id, _)) = keys::parse_block_value(v) {
                     m.chunks.insert(id);
+                } else if crate::patch::is_patched(v) {
+                    // A patched block keeps its base chunk.
+                    match crate::patch::Patched::parse(v, u32::MAX) {
+                        Ok(p) => m.chunks.extend(p.base.map(|(id, _)| id)),
+                        Err(e) if verify => problems.push(format!("working state: {e}")),
+                        Err(e) => return Err(e),
+                    }
                 }
             }
         }

@@ -19,6 +19,7 @@ pub mod keys;
 mod meta;
 pub mod names;
 pub mod object;
+pub mod patch;
 mod stage;
 pub mod store;
 pub mod transfer;

@@ -426,11 +426,13 @@ impl Store {
         let mut delta: i128 = 0;
         view.for_each_change(&mut |k, v| {
             match keys::parse(k) {
-                Some((_, keys::TAG_BLOCK)) => {
-                    if let Some((_, len)) = v.and_then(keys::parse_block_value) {
-                        dirty += len as u64;
+                Some((_, keys::TAG_BLOCK)) => match v {
+                    Some(v) if crate::patch::is_patched(v) => {
+                        dirty += crate::patch::Patched::parse(v, fs.block_size)?.len as u64;
                     }
-                }
+                    Some(v) => dirty += keys::parse_block_value(v).map_or(0, |(_, l)| l as u64),
+                    None => {}
+                },
                 Some((ino, keys::TAG_INODE)) if ino != keys::SUPER_INO => {
                     delta += file_size(ino, v)? as i128;
                     delta -= file_size(ino, tree::get(&*self.db, &st.root, k)?.as_deref())? as i128;
@@ -581,12 +583,21 @@ impl Store {
         };
         let mut muts = Vec::new();
         let mut delta: i128 = 0;
+        // Chunks of patched blocks (left by fsyncs) join the commit's batch.
+        let mut batch = WriteBatch::default();
         view.for_each_change(&mut |k, v| {
-            if let Some((ino, keys::TAG_INODE)) = keys::parse(k) {
-                if ino != keys::SUPER_INO {
+            match keys::parse(k) {
+                Some((ino, keys::TAG_INODE)) if ino != keys::SUPER_INO => {
                     delta += file_size(ino, v)? as i128;
                     delta -= file_size(ino, tree::get(&*self.db, &st.root, k)?.as_deref())? as i128;
                 }
+                Some((_, keys::TAG_BLOCK)) => {
+                    if let Some(v) = v.filter(|v| crate::patch::is_patched(v)) {
+                        muts.push((k.to_vec(), Some(fs.materialize(&mut batch, v)?)));
+                        return Ok(());
+                    }
+                }
+                _ => {}
             }
             muts.push((k.to_vec(), v.map(|v| v.to_vec())));
             Ok(())
@@ -603,7 +614,6 @@ impl Store {
             size: (base_size as i128 + delta).max(0) as u64,
         };
         let (id, bytes) = object::encode(object::KIND_COMMIT, &commit);
-        let mut batch = WriteBatch::default();
         for (nid, nb) in &nodes {
             self.db.put_object(&mut batch, nid, nb);
         }
@@ -822,6 +832,23 @@ impl Store {
     }
 
     /// Flushes every buffered write of every open branch and syncs the WAL.
+    /// Stores the blocks that fsyncs left as patches in every open branch
+    /// as whole chunks (see [`BranchFs::materialize_patches`]); returns how
+    /// many. `dm server` calls it every few seconds.
+    pub fn materialize_patches(&self) -> Result<usize> {
+        let all: Vec<Arc<BranchFs>> = self.branches.lock().values().cloned().collect();
+        let mut n = 0;
+        for fs in all {
+            match fs.materialize_patches() {
+                Ok(k) => n += k,
+                // A deleted branch has nothing left to store.
+                Err(_) if fs.state.read().deleted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(n)
+    }
+
     pub fn sync(&self) -> Result<()> {
         let all: Vec<Arc<BranchFs>> = self.branches.lock().values().cloned().collect();
         for fs in all {

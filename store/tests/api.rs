@@ -779,3 +779,120 @@ fn a_file_reopened_while_its_last_release_runs_survives_unlink() {
         assert!(fs.getattr(ino).is_err(), "freed after its last release");
     }
 }
+
+#[test]
+fn fsynced_small_writes_are_patches_until_a_commit() {
+    let (dir, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    let bs = fs.block_size() as usize;
+    // One file whose blocks are committed, one whose blocks are only in
+    // the working state.
+    let mut old = noise(3 * bs + 500, 11);
+    let mut new = noise(2 * bs, 12);
+    let old_ino = write_file(&fs, "old", &old);
+    commit(&store, &dot, "master", "base");
+    let new_ino = write_file(&fs, "new", &new);
+    fs.fsync(new_ino, false).unwrap();
+    let chunks = store.fsck().unwrap().chunks_checked;
+    // Small writes in blocks 0 and 2, one spanning blocks 0 and 1, and
+    // one past the end (into a hole block and a new last block).
+    let edits: [(usize, &[u8]); 4] = [
+        (10, b"hello"),
+        (bs - 3, b"across"),
+        (2 * bs + 100, b"third block"),
+        (5 * bs + 9, b"past the end"),
+    ];
+    for (off, data) in edits {
+        for (f, buf) in [(old_ino, &mut old), (new_ino, &mut new)] {
+            fs.write(f, off as u64, data).unwrap();
+            if buf.len() < off + data.len() {
+                buf.resize(off + data.len(), 0);
+            }
+            buf[off..off + data.len()].copy_from_slice(data);
+        }
+    }
+    fs.fsync(old_ino, false).unwrap();
+    fs.fsync(new_ino, false).unwrap();
+    // Writes on top of patches, fsynced again.
+    for (f, buf) in [(old_ino, &mut old), (new_ino, &mut new)] {
+        fs.write(f, 12, b"LL").unwrap();
+        buf[12..14].copy_from_slice(b"LL");
+        fs.fsync(f, false).unwrap();
+    }
+    assert_eq!(
+        store.fsck().unwrap().chunks_checked,
+        chunks,
+        "an fsync of small writes stored no chunk"
+    );
+    assert_eq!(read_file(&fs, "old").unwrap(), old);
+    assert_eq!(read_file(&fs, "new").unwrap(), new);
+    // GC keeps the patches' bases, reopening reads the patches back, and
+    // fsck finds nothing wrong.
+    store.gc().unwrap();
+    drop(fs);
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    assert!(store.fsck().unwrap().is_clean());
+    assert_eq!(read_file(&fs, "old").unwrap(), old, "after a reopen");
+    assert_eq!(read_file(&fs, "new").unwrap(), new, "after a reopen");
+    // A truncate inside a patched block, then a commit: the commit holds
+    // chunks, the same bytes, and checks out again after a reset.
+    old.truncate(2 * bs + 105);
+    fs.setattr(
+        old_ino,
+        &SetAttr {
+            size: Some(old.len() as u64),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let c = commit(&store, &dot, "master", "patched");
+    store.gc().unwrap();
+    let report = store.fsck().unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+    assert_eq!(read_file(&fs, "old").unwrap(), old, "after the commit");
+    write_file(&fs, "old", b"scribbled");
+    store.reset(&dot, "master", c.id, true).unwrap();
+    assert_eq!(read_file(&fs, "old").unwrap(), old, "after a reset");
+    assert_eq!(read_file(&fs, "new").unwrap(), new, "after a reset");
+}
+
+#[test]
+fn patches_are_stored_whole_later_except_blocks_being_written() {
+    let (dir, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    let bs = fs.block_size() as usize;
+    let mut want = noise(3 * bs, 21);
+    let ino = write_file(&fs, "f", &want);
+    let mut edit = |fs: &BranchFs, off: usize, data: &[u8]| {
+        fs.write(ino, off as u64, data).unwrap();
+        want[off..off + data.len()].copy_from_slice(data);
+    };
+    edit(&fs, 5, b"block zero");
+    edit(&fs, 2 * bs + 5, b"block two");
+    fs.fsync(ino, false).unwrap();
+    // Block 2 is being written again: left to its own flush.
+    edit(&fs, 2 * bs + 50, b"again");
+    assert_eq!(store.materialize_patches().unwrap(), 1);
+    assert_eq!(store.materialize_patches().unwrap(), 0, "nothing left");
+    // Block 0 is a chunk of its own now: its old base is garbage.
+    assert_eq!(store.gc().unwrap().chunks_deleted, 1);
+    assert_eq!(read_file(&fs, "f").unwrap(), want);
+    // Its fsync patches it again (over its previous patches).
+    fs.fsync(ino, false).unwrap();
+    assert_eq!(store.materialize_patches().unwrap(), 1);
+    assert_eq!(read_file(&fs, "f").unwrap(), want);
+    // A file removed before its patches are stored keeps nothing.
+    let gone = write_file(&fs, "gone", &noise(bs, 22));
+    fs.write(gone, 9, b"x").unwrap();
+    fs.fsync(gone, false).unwrap();
+    fs.unlink(ROOT_INO, b"gone").unwrap();
+    assert_eq!(store.materialize_patches().unwrap(), 0);
+    drop(fs);
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    assert_eq!(read_file(&fs, "f").unwrap(), want, "after a reopen");
+    assert!(store.fsck().unwrap().is_clean());
+}

@@ -141,3 +141,154 @@ fn crash_atomicity() {
         reported.len()
     );
 }
+
+const SYNC_ENV: &str = "DM_CRASH_SYNC_CHILD";
+/// Bytes of the file each round of [`fsynced_small_writes_survive_sigkill`] starts with.
+const SYNC_BASE: usize = 200_000;
+
+/// Write `j` (from 1) of a round: (offset, bytes), or a truncate (None).
+fn small_write(round: u64, j: u64) -> (usize, Option<Vec<u8>>) {
+    let h = (round * 1_000_003 + j).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20;
+    let off = (h % (SYNC_BASE as u64 + 70_000)) as usize;
+    if j.is_multiple_of(23) {
+        return (off, None);
+    }
+    let len = 1 + (h >> 20) % 3000;
+    (off, Some((0..len).map(|i| (i * 7 + j) as u8).collect()))
+}
+
+/// The file of a round after its first `n` writes.
+fn small_writes_state(round: u64, n: u64) -> Vec<u8> {
+    let mut f = content(round).repeat(SYNC_BASE / content(round).len() + 1);
+    f.truncate(SYNC_BASE);
+    for j in 1..=n {
+        match small_write(round, j) {
+            (off, Some(d)) => {
+                if f.len() < off + d.len() {
+                    f.resize(off + d.len(), 0);
+                }
+                f[off..off + d.len()].copy_from_slice(&d);
+            }
+            (size, None) => f.resize(size, 0),
+        }
+    }
+    f
+}
+
+/// The child of [`fsynced_small_writes_survive_sigkill`]: writes its
+/// round's file, then small writes each followed by an fsync (a truncate
+/// now and then, patches stored whole every 7th, a commit every 10th),
+/// reporting each fsync.
+#[test]
+fn sync_child() {
+    let Ok(spec) = std::env::var(SYNC_ENV) else {
+        return;
+    };
+    let (dir, round) = spec.rsplit_once(':').unwrap();
+    let round: u64 = round.parse().unwrap();
+    let store = Store::open(std::path::Path::new(dir)).unwrap();
+    let dot = DotName::new("sync").unwrap();
+    if store.dot_info(&dot).is_err() {
+        store.create_dot(&dot, None).unwrap();
+    }
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    let ino = fs
+        .mknod(
+            ROOT_INO,
+            format!("r{round}").as_bytes(),
+            FileKind::File,
+            0o644,
+            0,
+            0,
+            0,
+        )
+        .unwrap()
+        .ino;
+    fs.write(ino, 0, &small_writes_state(round, 0)).unwrap();
+    fs.fsync(ino, false).unwrap();
+    let mut out = std::io::stdout();
+    writeln!(out, "SYNCED 0").unwrap();
+    for j in 1.. {
+        match small_write(round, j) {
+            (off, Some(d)) => {
+                fs.write(ino, off as u64, &d).unwrap();
+            }
+            (size, None) => {
+                let set = dm_store::SetAttr {
+                    size: Some(size as u64),
+                    ..Default::default()
+                };
+                fs.setattr(ino, &set).unwrap();
+            }
+        }
+        fs.fsync(ino, false).unwrap();
+        writeln!(out, "SYNCED {j}").unwrap();
+        out.flush().unwrap();
+        if j.is_multiple_of(7) {
+            // What the server does every few seconds.
+            store.materialize_patches().unwrap();
+        }
+        if j.is_multiple_of(10) {
+            let req = CommitRequest {
+                message: format!("{round} {j}"),
+                author: "crash".into(),
+                ..Default::default()
+            };
+            store.commit(&dot, "master", req).unwrap();
+        }
+    }
+}
+
+/// Durability of fsync for small writes (stored as patches over their
+/// blocks' previous chunks): after SIGKILL, each round's file holds every
+/// write whose fsync returned, and at most the one write after it.
+#[test]
+fn fsynced_small_writes_survive_sigkill() {
+    if std::env::var(ENV).is_ok() || std::env::var(SYNC_ENV).is_ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut rng = rand::thread_rng();
+    let mut synced_total = 0;
+    for round in 0..12u64 {
+        let mut child = Command::new(&exe)
+            .args(["sync_child", "--exact", "--nocapture", "--test-threads=1"])
+            .env(SYNC_ENV, format!("{}:{round}", dir.path().display()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(rng.gen_range(200..900)));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut last = None;
+        for line in BufReader::new(stdout).lines() {
+            if let Some(j) = line.unwrap().strip_prefix("SYNCED ") {
+                last = Some(j.parse::<u64>().unwrap());
+            }
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let report = store.fsck().unwrap();
+        assert!(
+            report.is_clean(),
+            "round {round}: fsck: {:?}",
+            report.problems
+        );
+        let Some(last) = last else { continue };
+        synced_total += last;
+        let dot = DotName::new("sync").unwrap();
+        let fs = store.branch_fs(&dot, "master").unwrap();
+        let a = fs.lookup(ROOT_INO, format!("r{round}").as_bytes()).unwrap();
+        let got = fs.read(a.ino, 0, a.size as u32).unwrap();
+        let synced = small_writes_state(round, last);
+        assert!(
+            got == synced || got == small_writes_state(round, last + 1),
+            "round {round}: the file after fsync {last} was lost or torn ({} bytes, want {})",
+            got.len(),
+            synced.len()
+        );
+    }
+    assert!(synced_total >= 50, "too few fsyncs: {synced_total}");
+}

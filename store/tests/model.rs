@@ -125,6 +125,10 @@ enum Op {
     Rename(u8, u8, u8),
     Link(u8, u8, u8),
     Flush(u8),
+    /// fsync: partly rewritten blocks are stored as patches.
+    Fsync(u8),
+    /// Patched blocks stored whole, as the server does every few seconds.
+    MaterializePatches,
     Commit,
     ResetHard(u8),
     NewBranch,
@@ -145,6 +149,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (any::<u8>(), any::<u8>(), 0u8..5).prop_map(|(s, d, n)| Op::Rename(s, d, n)),
         1 => (any::<u8>(), any::<u8>(), 0u8..5).prop_map(|(s, d, n)| Op::Link(s, d, n)),
         1 => any::<u8>().prop_map(Op::Flush),
+        3 => any::<u8>().prop_map(Op::Fsync),
+        1 => Just(Op::MaterializePatches),
         2 => Just(Op::Commit),
         1 => any::<u8>().prop_map(Op::ResetHard),
         1 => Just(Op::NewBranch),
@@ -374,6 +380,16 @@ impl Harness {
                 };
                 let fino = self.ino_of(&path);
                 self.fs.flush(fino).unwrap();
+            }
+            Op::Fsync(f) => {
+                let Some((path, _, _, _)) = Self::pick(&m.files(), f) else {
+                    return;
+                };
+                let fino = self.ino_of(&path);
+                self.fs.fsync(fino, false).unwrap();
+            }
+            Op::MaterializePatches => {
+                self.store.materialize_patches().unwrap();
             }
             Op::Commit => {
                 self.store
