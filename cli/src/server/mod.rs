@@ -132,6 +132,7 @@ pub fn run(opts: ServerOptions) -> Result<()> {
         &opts.data_dir.join("mounts.json"),
     ));
     mounts.restore();
+    let patches = start_patch_writer(store.clone());
     tracing::info!(
         data_dir = %opts.data_dir.display(),
         mount_dir = %opts.mount_dir.display(),
@@ -177,6 +178,7 @@ pub fn run(opts: ServerOptions) -> Result<()> {
 
     tracing::info!("shutting down: unmounting everything");
     mounts.shutdown();
+    patches.stop();
     if let Err(e) = store.sync() {
         tracing::error!("final sync: {e}");
     }
@@ -185,6 +187,40 @@ pub fn run(opts: ServerOptions) -> Result<()> {
     served?;
     tracing::info!("dm server stopped");
     Ok(())
+}
+
+/// How often the blocks that fsyncs stored as patches are stored whole
+/// (ZFS writes out its intent log's blocks every 5 s too).
+const PATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The thread that calls [`Store::materialize_patches`] every
+/// [`PATCH_INTERVAL`].
+struct PatchWriter {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl PatchWriter {
+    fn stop(self) {
+        drop(self.stop);
+        let _ = self.thread.join();
+    }
+}
+
+fn start_patch_writer(store: Arc<Store>) -> PatchWriter {
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+            stopped.recv_timeout(PATCH_INTERVAL)
+        {
+            match store.materialize_patches() {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!("stored {n} patched blocks whole"),
+                Err(e) => tracing::warn!("storing patched blocks whole: {e}"),
+            }
+        }
+    });
+    PatchWriter { stop, thread }
 }
 
 async fn serve(state: Arc<AppState>, socket: &Path) -> Result<()> {
