@@ -1570,7 +1570,8 @@ impl BranchFs {
                 let key = keys::block(ino, idx);
                 if let Some(v) = view.get(&key)? {
                     if crate::patch::is_patched(&v) {
-                        values.push((key, self.materialize(&mut batch, &v)?));
+                        let whole = self.materialize(&mut batch, &v)?;
+                        values.push((key, v, whole));
                     }
                 }
             }
@@ -1583,9 +1584,14 @@ impl BranchFs {
             if Self::load(&tx, ino).is_err() {
                 return Ok(0);
             }
-            let n = values.len();
-            for (k, v) in values {
-                tx.put(k, v);
+            let mut n = 0;
+            for (k, patched, whole) in values {
+                // A truncate (which needs no buffer) may have changed the
+                // block since: then it stays as that left it.
+                if tx.get(&k)?.as_deref() == Some(patched.as_slice()) {
+                    tx.put(k, whole);
+                    n += 1;
+                }
             }
             tx.write_into(&mut batch);
             self.db
