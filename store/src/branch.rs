@@ -165,6 +165,15 @@ impl FileBuf {
         blocks
     }
 
+    /// Blocks whose buffer holds only their written ranges (see `Origin::sparse`).
+    fn sparse_blocks(&self) -> Vec<u64> {
+        self.origins
+            .iter()
+            .filter(|(_, o)| o.sparse)
+            .map(|(i, _)| *i)
+            .collect()
+    }
+
     fn is_clean(&self) -> bool {
         self.blocks.is_empty() && self.spilled.is_empty() && self.mtime.is_none()
     }
@@ -1078,12 +1087,7 @@ impl BranchFs {
 
     /// Makes every sparse buffered block of a file whole.
     fn fill_all(&self, g: &mut FileBuf) -> Result<()> {
-        let sparse: Vec<u64> = g
-            .origins
-            .iter()
-            .filter(|(_, o)| o.sparse)
-            .map(|(i, _)| *i)
-            .collect();
+        let sparse = g.sparse_blocks();
         for idx in sparse {
             self.fill(g, idx)?;
         }
@@ -1398,12 +1402,7 @@ impl BranchFs {
             self.fill_all(g)?;
         }
         // Stored as patches: not whole, so not kept as clean copies.
-        let sparse: Vec<u64> = g
-            .origins
-            .iter()
-            .filter(|(_, o)| o.sparse)
-            .map(|(i, _)| *i)
-            .collect();
+        let sparse = g.sparse_blocks();
         let _barrier = self.db.gc_barrier.read_recursive();
         let mut batch = rocksdb::WriteBatch::default();
         let mut block_values = Vec::with_capacity(g.blocks.len() + g.spilled.len());
