@@ -1522,10 +1522,18 @@ impl BranchFs {
     pub fn materialize_patches(&self) -> Result<usize> {
         let todo = std::mem::take(&mut *self.patched.lock());
         let mut done = 0;
+        let mut first_error = None;
         for (ino, blocks) in todo {
-            done += self.materialize_file(ino, &blocks)?;
+            match self.materialize_file(ino, &blocks) {
+                Ok(n) => done += n,
+                Err(e) => {
+                    // Tried again next time (a commit stores them anyway).
+                    self.patched.lock().entry(ino).or_default().extend(blocks);
+                    first_error.get_or_insert(e);
+                }
+            }
         }
-        Ok(done)
+        first_error.map_or(Ok(done), Err)
     }
 
     fn materialize_file(

@@ -831,24 +831,28 @@ impl Store {
         Ok(())
     }
 
-    /// Flushes every buffered write of every open branch and syncs the WAL.
     /// Stores the blocks that fsyncs left as patches in every open branch
     /// as whole chunks (see [`BranchFs::materialize_patches`]); returns how
-    /// many. `dm server` calls it every few seconds.
+    /// many, or the first error (after trying every branch). `dm server`
+    /// calls it every few seconds.
     pub fn materialize_patches(&self) -> Result<usize> {
         let all: Vec<Arc<BranchFs>> = self.branches.lock().values().cloned().collect();
         let mut n = 0;
+        let mut first_error = None;
         for fs in all {
             match fs.materialize_patches() {
                 Ok(k) => n += k,
                 // A deleted branch has nothing left to store.
                 Err(_) if fs.state.read().deleted => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
             }
         }
-        Ok(n)
+        first_error.map_or(Ok(n), Err)
     }
 
+    /// Flushes every buffered write of every open branch and syncs the WAL.
     pub fn sync(&self) -> Result<()> {
         let all: Vec<Arc<BranchFs>> = self.branches.lock().values().cloned().collect();
         for fs in all {
