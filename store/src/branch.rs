@@ -1307,7 +1307,7 @@ impl BranchFs {
                             }
                             Origin {
                                 sparse: sparse && p.base.is_some(),
-                                ranges: Ranges::from_sorted(p.ranges()),
+                                ranges: Ranges::from_ranges(p.ranges()),
                                 base: p.base,
                             }
                         }

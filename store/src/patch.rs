@@ -147,7 +147,8 @@ impl Patched {
 pub struct Ranges(Vec<(u32, u32)>);
 
 impl Ranges {
-    pub fn from_sorted(r: Vec<(u32, u32)>) -> Ranges {
+    /// The union of `r` (in any order, overlapping or not).
+    pub fn from_ranges(r: Vec<(u32, u32)>) -> Ranges {
         let mut out = Ranges::default();
         for (a, b) in r {
             out.add(a, b);
