@@ -917,22 +917,19 @@ impl BranchFs {
             let idx = new / bs;
             let keep = (new % bs) as usize;
             if let Some(v) = tx.get(&keys::block(ino, idx))? {
-                match keys::parse_block_value(&v) {
-                    Some((id, len)) => {
+                match self.parse_stored(&v, ino, idx)? {
+                    Stored::Chunk(id, len) => {
                         if len as usize > keep {
                             let data = self.db.read_chunk(&id)?;
                             let nid = self.db.store_chunk(&data[..keep.min(data.len())])?;
                             tx.put(keys::block(ino, idx), keys::block_value(&nid, keep as u32));
                         }
                     }
-                    None => {
-                        let p = Patched::parse(&v, self.block_size).map_err(|e| {
-                            Error::Corrupt(format!("block {idx} of inode {ino}: {e}"))
-                        })?;
+                    Stored::Patched(p) => {
                         let data = self.patched_block(&p)?;
-                        let nid = self.db.store_chunk(&data[..keep.min(p.len as usize)])?;
-                        let len = keep.min(p.len as usize) as u32;
-                        tx.put(keys::block(ino, idx), keys::block_value(&nid, len));
+                        let len = keep.min(p.len as usize);
+                        let nid = self.db.store_chunk(&data[..len])?;
+                        tx.put(keys::block(ino, idx), keys::block_value(&nid, len as u32));
                     }
                 }
             }
@@ -993,16 +990,31 @@ impl BranchFs {
             let fb = self.files.lock().get(&ino).cloned();
             if let Some(fb) = fb {
                 let mut g = fb.lock();
-                if g.is_clean() {
-                    g.detached = true;
-                    let mut files = self.files.lock();
-                    if files.get(&ino).is_some_and(|cur| Arc::ptr_eq(cur, &fb)) {
-                        files.remove(&ino);
-                    }
-                }
+                self.forget_if_clean(ino, &fb, &mut g);
             }
         }
         Ok(())
+    }
+
+    /// An empty write buffer for a file of this branch.
+    fn new_buffer(&self) -> Arc<Mutex<FileBuf>> {
+        Arc::new(Mutex::new(FileBuf::new(
+            self.db.clone(),
+            self.buffered.clone(),
+            self.block_size as usize,
+        )))
+    }
+
+    /// Drops `fb` (locked as `g`) from the branch's buffers if it is clean;
+    /// a writer that got it meanwhile sees `detached` and takes a fresh one.
+    fn forget_if_clean(&self, ino: Ino, fb: &Arc<Mutex<FileBuf>>, g: &mut FileBuf) {
+        if g.is_clean() {
+            g.detached = true;
+            let mut files = self.files.lock();
+            if files.get(&ino).is_some_and(|cur| Arc::ptr_eq(cur, fb)) {
+                files.remove(&ino);
+            }
+        }
     }
 
     /// Frees files that were unlinked while open when the process died.
@@ -1037,14 +1049,19 @@ impl BranchFs {
 
     /// What the working state holds for a block, if anything.
     fn stored_ref(&self, view: &View, ino: Ino, idx: u64) -> Result<Option<Stored>> {
-        let Some(v) = view.get(&keys::block(ino, idx))? else {
-            return Ok(None);
-        };
-        if let Some((id, len)) = keys::parse_block_value(&v) {
-            return Ok(Some(Stored::Chunk(id, len)));
+        match view.get(&keys::block(ino, idx))? {
+            Some(v) => self.parse_stored(&v, ino, idx).map(Some),
+            None => Ok(None),
         }
-        Patched::parse(&v, self.block_size)
-            .map(|p| Some(Stored::Patched(p)))
+    }
+
+    /// A working-state block value (block `idx` of `ino`, for errors).
+    fn parse_stored(&self, v: &[u8], ino: Ino, idx: u64) -> Result<Stored> {
+        if let Some((id, len)) = keys::parse_block_value(v) {
+            return Ok(Stored::Chunk(id, len));
+        }
+        Patched::parse(v, self.block_size)
+            .map(Stored::Patched)
             .map_err(|e| Error::Corrupt(format!("block {idx} of inode {ino}: {e}")))
     }
 
@@ -1196,13 +1213,7 @@ impl BranchFs {
                 let mut files = self.files.lock();
                 files
                     .entry(ino)
-                    .or_insert_with(|| {
-                        Arc::new(Mutex::new(FileBuf::new(
-                            self.db.clone(),
-                            self.buffered.clone(),
-                            self.block_size as usize,
-                        )))
-                    })
+                    .or_insert_with(|| self.new_buffer())
                     .clone()
             };
             let mut g = fb.lock();
@@ -1549,11 +1560,7 @@ impl BranchFs {
                 None => {
                     // A buffer of our own, so that writers and truncates
                     // of this file wait for us (they take its lock).
-                    let fb = Arc::new(Mutex::new(FileBuf::new(
-                        self.db.clone(),
-                        self.buffered.clone(),
-                        self.block_size as usize,
-                    )));
+                    let fb = self.new_buffer();
                     files.insert(ino, fb.clone());
                     (fb, true)
                 }
@@ -1605,12 +1612,8 @@ impl BranchFs {
                 .write(batch, false, "storing patched blocks whole")?;
             Ok(n)
         })();
-        if created && g.is_clean() {
-            g.detached = true;
-            let mut files = self.files.lock();
-            if files.get(&ino).is_some_and(|cur| Arc::ptr_eq(cur, &fb)) {
-                files.remove(&ino);
-            }
+        if created {
+            self.forget_if_clean(ino, &fb, &mut g);
         }
         result
     }
