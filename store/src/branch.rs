@@ -1187,7 +1187,13 @@ impl BranchFs {
                         out.extend_from_slice(&self.patched_block(&p)?[within..within + n]);
                     }
                     Some(Stored::Chunk(id, len)) => {
-                        let data = self.db.read_chunk(&id)?;
+                        // A whole block goes to the kernel's page cache;
+                        // part of one is likely read again soon.
+                        let data = if within == 0 && n as u64 == bs {
+                            self.db.read_chunk_once(&id)?
+                        } else {
+                            self.db.read_chunk(&id)?
+                        };
                         let valid = (len as usize).min(data.len());
                         let from = within.min(valid);
                         let to = (within + n).min(valid);
@@ -1818,5 +1824,46 @@ impl BranchFs {
             namelen: 255,
             frsize: 4096,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::chunk::tests::pseudo_random as noise;
+    use crate::{DotName, FileKind, Store, ROOT_INO};
+
+    #[test]
+    fn whole_block_reads_bypass_the_chunk_cache_and_partial_ones_fill_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let dot = DotName::new("app").unwrap();
+        store.create_dot(&dot, None).unwrap();
+        let fs = store.branch_fs(&dot, "master").unwrap();
+        let bs = fs.block_size as usize;
+        let data = noise(3 * bs + 100, 9);
+        let ino = fs
+            .mknod(ROOT_INO, b"f", FileKind::File, 0o644, 0, 0, 0)
+            .unwrap()
+            .ino;
+        fs.write(ino, 0, &data).unwrap();
+        fs.flush(ino).unwrap();
+        fs.release(ino).unwrap();
+        fs.db.clear_chunk_cache();
+        // Whole blocks (what the kernel's readahead asks for): the bytes,
+        // and nothing kept.
+        let all = fs.read(ino, 0, (2 * bs) as u32).unwrap();
+        assert_eq!(all, data[..2 * bs]);
+        assert_eq!(fs.db.cached_chunks(), 0, "whole blocks are not cached");
+        // Part of a block: cached (the next small read of it needs no disk).
+        let part = fs.read(ino, (bs + 8192) as u64, 8192).unwrap();
+        assert_eq!(part, data[bs + 8192..bs + 16384]);
+        assert_eq!(fs.db.cached_chunks(), 1);
+        let tail = fs.read(ino, (3 * bs) as u64, bs as u32).unwrap();
+        assert_eq!(tail, data[3 * bs..]);
+        // A cached block read whole again comes from the cache, unchanged.
+        assert_eq!(
+            fs.read(ino, bs as u64, bs as u32).unwrap(),
+            data[bs..2 * bs]
+        );
     }
 }

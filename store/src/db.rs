@@ -643,12 +643,43 @@ impl Db {
         if let Some(c) = self.chunks.get(id) {
             return Ok(c);
         }
+        let data = self.read_chunk_uncached(id)?;
+        self.chunks.insert(*id, data.clone());
+        Ok(data)
+    }
+
+    /// A chunk's decompressed bytes, from the cache if there, without
+    /// caching them otherwise: for readers of whole blocks, which the
+    /// kernel's page cache keeps (caching them here too would hold each
+    /// block twice and churn the cache's memory on every large read).
+    pub fn read_chunk_once(&self, id: &Id) -> Result<Arc<Vec<u8>>> {
+        match self.chunks.get(id) {
+            Some(c) => Ok(c),
+            None => self.read_chunk_uncached(id),
+        }
+    }
+
+    /// How many chunks the read cache holds (tests).
+    #[cfg(test)]
+    pub(crate) fn cached_chunks(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Empties the read cache (tests).
+    #[cfg(test)]
+    pub(crate) fn clear_chunk_cache(&self) {
+        self.chunks.clear()
+    }
+
+    fn read_chunk_uncached(&self, id: &Id) -> Result<Arc<Vec<u8>>> {
         let (codec, payload) = self
             .get_parts(id)?
             .ok_or_else(|| Error::Corrupt(format!("chunk {} is missing", id.short())))?;
-        let data = Arc::new(chunk::decode_parts(codec, payload, chunk::MAX_CHUNK)?);
-        self.chunks.insert(*id, data.clone());
-        Ok(data)
+        Ok(Arc::new(chunk::decode_parts(
+            codec,
+            payload,
+            chunk::MAX_CHUNK,
+        )?))
     }
 }
 
