@@ -114,6 +114,26 @@ fn create_write_read_append() {
 }
 
 #[test]
+fn readahead_is_raised_to_the_largest_read() {
+    let Some(f) = setup("__default__") else {
+        return;
+    };
+    // The kernel starts a FUSE mount at 128 KiB of readahead; the mount
+    // raises it to 1 MiB (sequential reads then come as 1 MiB READs).
+    let dev = fs::metadata(&f.mnt).unwrap().dev();
+    let sysfs = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    assert_eq!(
+        fs::read_to_string(&sysfs).unwrap().trim(),
+        "1024",
+        "{sysfs}"
+    );
+}
+
+#[test]
 fn large_file_round_trip() {
     let Some(f) = setup("__default__") else {
         return;
