@@ -3,7 +3,8 @@
 //!
 //! Why not RocksDB values: a value is written twice (the write-ahead log,
 //! then the blob file at memtable flush) and copied four times on the way.
-//! Here a chunk is copied once into the page cache and written once.
+//! Here a chunk is copied once (into the staging buffer below) and written
+//! once.
 //!
 //! Records are `magic:4 || stored len:4 || crc32c:4 || id:32 || stored`
 //! (integers LE; the CRC covers the id and the stored bytes). A reader checks
@@ -11,7 +12,17 @@
 //! (a torn or lost append after a power failure) is an error, never wrong
 //! bytes.
 //!
-//! Durability: appends land in the page cache; [`ChunkLog::sync`] makes every
+//! Writes: an append copies its record into a staging buffer in memory;
+//! the buffer goes to the segment in one write of about [`STAGE_BYTES`]
+//! when full, and at [`ChunkLog::sync`]. Every write starts and ends on a
+//! multiple of [`ALIGN`] (a write's tail is padded with zeros) and bypasses
+//! the page cache (`O_DIRECT`) where the filesystem allows it: a block is
+//! then copied once, into the warm staging buffer, instead of into fresh
+//! page-cache pages that the kernel must also write back and reclaim. No
+//! write ever covers bytes written before, so a torn write cannot damage a
+//! record that was already durable. Readers find staged records in memory.
+//!
+//! Durability: [`ChunkLog::sync`] writes out what is staged and makes every
 //! append so far durable. The store calls it before every RocksDB write
 //! while appends are unsynced, so an index entry can never reach the disk
 //! before the record it names (the kernel writes RocksDB's log back in any
@@ -25,7 +36,7 @@ use crate::id::Id;
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSliceMut;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,8 +44,14 @@ use std::sync::Arc;
 const MAGIC: u32 = 0x4b43_4d44; // "DMCK"
 /// Bytes before a record's stored form.
 pub const HEADER: usize = 44;
-/// Appended bytes after which their writeback to the disk is started.
-const WRITEBACK_BYTES: u64 = 1 << 20;
+/// Bytes of records gathered in memory before they are written out in one
+/// write. Measured on this project's disk (fio, O_DIRECT, one writer):
+/// 64 KiB writes 593 MiB/s, 256 KiB 1407, 1 MiB 2169.
+pub const STAGE_BYTES: usize = 1 << 20;
+/// Every write to a segment starts and ends on a multiple of this: O_DIRECT
+/// needs the device's logical block size, and 4096 covers every device and
+/// the page size.
+pub const ALIGN: u64 = 4096;
 
 /// Asks the kernel to start writing `len` bytes at `off` back to the disk,
 /// without waiting (sync_file_range with SYNC_FILE_RANGE_WRITE, as RocksDB's
@@ -144,26 +161,128 @@ impl Loc {
     }
 }
 
+/// A buffer whose bytes start at a multiple of [`ALIGN`] in memory (what
+/// O_DIRECT asks of the buffers it writes from).
+struct AlignedBuf {
+    raw: Vec<u8>,
+    /// Where the aligned bytes start in `raw`.
+    at: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn with_capacity(cap: usize) -> AlignedBuf {
+        let align = ALIGN as usize;
+        let raw = vec![0u8; cap + align];
+        let at = (align - raw.as_ptr() as usize % align) % align;
+        AlignedBuf { raw, at, len: 0 }
+    }
+
+    fn capacity(&self) -> usize {
+        self.raw.len() - self.at
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.raw[self.at..self.at + self.len]
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends `parts`, growing the buffer when they do not fit.
+    fn push(&mut self, parts: &[&[u8]]) {
+        let n: usize = parts.iter().map(|p| p.len()).sum();
+        if self.len + n > self.capacity() {
+            let mut bigger = AlignedBuf::with_capacity(self.len + n);
+            bigger.push(&[self.bytes()]);
+            *self = bigger;
+        }
+        for p in parts {
+            let at = self.at + self.len;
+            self.raw[at..at + p.len()].copy_from_slice(p);
+            self.len += p.len();
+        }
+    }
+
+    /// Zero-fills the tail up to the next multiple of [`ALIGN`].
+    fn pad(&mut self) {
+        let padded = align_up(self.len as u64) as usize;
+        let zeros = padded - self.len;
+        self.push(&[&[0u8; ALIGN as usize][..zeros]]);
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+/// `n` rounded up to a multiple of [`ALIGN`].
+fn align_up(n: u64) -> u64 {
+    n.div_ceil(ALIGN) * ALIGN
+}
+
+/// Records on their way to a segment: written out from `start`.
+struct Out {
+    seg: u32,
+    /// The segment's write descriptor (O_DIRECT when available).
+    file: Arc<File>,
+    start: u64,
+    buf: AlignedBuf,
+}
+
+impl Out {
+    /// A copy of the `len` bytes at `off`, if this buffer holds them.
+    fn copy(&self, seg: u32, off: u64, len: u64) -> Option<Vec<u8>> {
+        let end = off.checked_add(len)?;
+        if seg != self.seg || off < self.start || end > self.start + self.buf.len as u64 {
+            return None;
+        }
+        let from = (off - self.start) as usize;
+        Some(self.buf.bytes()[from..from + len as usize].to_vec())
+    }
+}
+
 struct Active {
     seg: u32,
+    /// The segment, for reads and syncs.
     file: Arc<File>,
-    len: u64,
-    /// Start of the bytes of the active segment not yet handed to the disk
-    /// (see `WRITEBACK_BYTES`).
-    unstarted: u64,
+    /// Records staged since the last write; `staged.start` is where the
+    /// next write goes.
+    staged: Out,
     /// Segments appended to since the last sync.
     dirty: BTreeSet<u32>,
+}
+
+impl Active {
+    /// The offset the next record goes to.
+    fn len(&self) -> u64 {
+        self.staged.start + self.staged.buf.len as u64
+    }
 }
 
 /// Append-only segment files of chunk records.
 pub struct ChunkLog {
     dir: PathBuf,
     segment_bytes: u64,
+    /// Whether segments are written with O_DIRECT (false where the
+    /// filesystem refuses it, e.g. tmpfs).
+    direct: bool,
     /// Held for a whole sync: a sync that finds nothing dirty because
     /// another is still syncing the same appends must wait for it, or it
     /// would return before they are durable.
     syncing: Mutex<()>,
     active: Mutex<Active>,
+    /// Held while a staged buffer is written out, so that writes reach a
+    /// segment one at a time and in order (the segment's end never passes
+    /// bytes not yet written, so the page cache never holds a stale page
+    /// of a record). Taken after `active`, never before it.
+    writing: Mutex<()>,
+    /// The buffer being written (or whose write failed and is retried
+    /// first by the next one); readers find its records here meanwhile.
+    out: Mutex<Option<Arc<Out>>>,
+    /// A written buffer kept for reuse (fresh memory is slow to touch).
+    spare: Mutex<Option<AlignedBuf>>,
     /// Open segments, read by many threads at once (pread).
     files: RwLock<HashMap<u32, Arc<File>>>,
 }
@@ -206,24 +325,32 @@ fn read_all_at(f: &File, head: &mut [u8], body: &mut [u8], off: u64) -> std::io:
     }
 }
 
-/// Writes `head` then `body` at `off` with one pwritev(2) (no copy into a
-/// contiguous record); a short write is finished piece by piece.
-fn write_all_at(f: &File, head: &[u8], body: &[u8], off: u64) -> std::io::Result<()> {
-    let at = off_t(off, libc::EFBIG)?;
-    let n = nix::sys::uio::pwritev(f, &[IoSlice::new(head), IoSlice::new(body)], at)?;
-    if n < head.len() {
-        f.write_all_at(&head[n..], off + n as u64)?;
-        f.write_all_at(body, off + head.len() as u64)
-    } else {
-        let done = n - head.len();
-        f.write_all_at(&body[done..], off + n as u64)
+/// Opens a segment for writing: with O_DIRECT when `direct`, else through
+/// the page cache (a plain clone of `file`).
+fn writer(path: &Path, file: &Arc<File>, direct: bool) -> std::io::Result<Arc<File>> {
+    if !direct {
+        return Ok(file.clone());
     }
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .map(Arc::new)
 }
 
 impl ChunkLog {
     /// Opens the log in `dir` and starts a new segment after the last one.
-    /// Segments take appends until they reach `segment_bytes`.
+    /// Segments take appends until they reach `segment_bytes`. They are
+    /// written with O_DIRECT unless the filesystem refuses it (tmpfs) or
+    /// `DM_CHUNKLOG_DIRECT=0` is set (for measuring).
     pub fn open(dir: &Path, segment_bytes: u64) -> Result<ChunkLog> {
+        let direct = std::env::var("DM_CHUNKLOG_DIRECT").as_deref() != Ok("0");
+        Self::open_with(dir, segment_bytes, direct)
+    }
+
+    /// [`ChunkLog::open`], asking for O_DIRECT or not.
+    fn open_with(dir: &Path, segment_bytes: u64, wanted: bool) -> Result<ChunkLog> {
         std::fs::create_dir_all(dir).map_err(io(format!(
             "creating the chunk directory {}",
             dir.display()
@@ -243,20 +370,36 @@ impl ChunkLog {
             s.checked_add(1)
                 .ok_or_else(|| Error::Corrupt("chunk segment numbers are exhausted".into()))
         })?;
+        let file = Arc::new(Self::create(dir, seg)?);
+        let path = dir.join(segment_name(seg));
+        let (direct, out) = match writer(&path, &file, wanted) {
+            Ok(out) => (wanted, out),
+            Err(e) => {
+                tracing::debug!("chunk log without O_DIRECT in {}: {e}", dir.display());
+                (false, file.clone())
+            }
+        };
         let log = ChunkLog {
             dir: dir.to_path_buf(),
             segment_bytes,
+            direct,
             syncing: Mutex::new(()),
             active: Mutex::new(Active {
                 seg,
-                file: Arc::new(Self::create(dir, seg)?),
-                len: 0,
-                unstarted: 0,
+                file: file.clone(),
+                staged: Out {
+                    seg,
+                    file: out,
+                    start: 0,
+                    buf: AlignedBuf::with_capacity(STAGE_BYTES),
+                },
                 dirty: BTreeSet::new(),
             }),
+            writing: Mutex::new(()),
+            out: Mutex::new(None),
+            spare: Mutex::new(None),
             files: RwLock::new(HashMap::new()),
         };
-        let file = log.active.lock().file.clone();
         log.files.write().insert(seg, file);
         // The new segment's directory entry must survive a crash before
         // anything durable names it.
@@ -315,8 +458,8 @@ impl ChunkLog {
         self.active.lock().seg
     }
 
-    /// Appends a chunk's record (stored form `codec || payload`); the bytes
-    /// are in the page cache on return.
+    /// Appends a chunk's record (stored form `codec || payload`); it is
+    /// readable on return, durable after the next [`ChunkLog::sync`].
     pub fn append(&self, id: &Id, codec: u8, payload: &[u8]) -> Result<Loc> {
         self.append_with_crc(id, codec, payload, record_crc(id, codec, payload))
     }
@@ -332,43 +475,109 @@ impl ChunkLog {
         head[8..12].copy_from_slice(&sum.to_le_bytes());
         head[12..HEADER].copy_from_slice(&id.0);
         head[HEADER] = codec;
-        let total = (HEADER + 1 + payload.len()) as u64;
+        let total = HEADER + 1 + payload.len();
         let mut a = self.active.lock();
-        if a.len > 0 && a.len + total > self.segment_bytes {
+        if a.len() > 0 && a.len() + total as u64 > self.segment_bytes {
             self.rotate(&mut a)?;
         }
-        let off = a.len;
-        write_all_at(&a.file, &head, payload, off).map_err(io(format!(
-            "appending chunk {} to segment {}",
-            id.short(),
-            segment_name(a.seg)
-        )))?;
-        a.len += total;
+        // A full buffer goes out first (this record may not fit after it);
+        // it is written below, once the lock on the active segment is let go.
+        let full = !a.staged.buf.is_empty() && a.staged.buf.len + total > a.staged.buf.capacity();
+        let writing = match full {
+            true => Some(self.hand_out(&mut a)?),
+            false => None,
+        };
+        let off = a.len();
+        a.staged.buf.push(&[&head, payload]);
         let seg = a.seg;
         a.dirty.insert(seg);
-        if a.len - a.unstarted >= WRITEBACK_BYTES {
-            // Start writing back what was appended (without waiting), so the
-            // sync that must precede the index write finds it mostly done.
-            start_writeback(&a.file, a.unstarted, a.len - a.unstarted);
-            a.unstarted = a.len;
+        drop(a);
+        if let Some(w) = writing {
+            self.write_out(&w)?;
         }
         Ok(Loc { seg, off, len })
     }
 
+    /// Moves the staged records (padded to [`ALIGN`]) to `out`, to be
+    /// written by [`ChunkLog::write_out`] with the returned guard held;
+    /// the next records are staged after them. A write that failed before
+    /// is retried first. Called with the active segment locked.
+    fn hand_out(&self, a: &mut Active) -> Result<parking_lot::MutexGuard<'_, ()>> {
+        let w = self.writing.lock();
+        self.write_out(&w)?;
+        if a.staged.buf.is_empty() {
+            return Ok(w);
+        }
+        let spare = self
+            .spare
+            .lock()
+            .take()
+            .unwrap_or_else(|| AlignedBuf::with_capacity(STAGE_BYTES));
+        let mut full = std::mem::replace(&mut a.staged.buf, spare);
+        full.pad();
+        let out = Out {
+            seg: a.staged.seg,
+            file: a.staged.file.clone(),
+            start: a.staged.start,
+            buf: full,
+        };
+        a.staged.start += out.buf.len as u64;
+        *self.out.lock() = Some(Arc::new(out));
+        Ok(w)
+    }
+
+    /// Writes the buffer in `out`, if any (the caller holds `writing`).
+    /// It stays there, readable, until its write succeeds.
+    fn write_out(&self, _writing: &parking_lot::MutexGuard<'_, ()>) -> Result<()> {
+        let Some(out) = self.out.lock().clone() else {
+            return Ok(());
+        };
+        out.file
+            .write_all_at(out.buf.bytes(), out.start)
+            .map_err(io(format!(
+                "writing {} bytes of chunk records to segment {} at offset {}",
+                out.buf.len,
+                segment_name(out.seg),
+                out.start
+            )))?;
+        drop(self.out.lock().take());
+        if !self.direct {
+            // Start writing back what was written (without waiting), so the
+            // sync that must precede an index write finds it mostly done.
+            start_writeback(&out.file, out.start, out.buf.len as u64);
+        }
+        // Kept for the next buffer, unless a reader still holds it.
+        if let Ok(mut o) = Arc::try_unwrap(out) {
+            if o.buf.raw.len() == STAGE_BYTES + ALIGN as usize {
+                o.buf.clear();
+                *self.spare.lock() = Some(o.buf);
+            }
+        }
+        Ok(())
+    }
+
     fn rotate(&self, a: &mut Active) -> Result<()> {
+        // The old segment's staged records are written before it is left.
+        let w = self.hand_out(a)?;
+        self.write_out(&w)?;
+        drop(w);
         let seg = a
             .seg
             .checked_add(1)
             .ok_or_else(|| Error::Corrupt("chunk segment numbers are exhausted".into()))?;
         let file = Arc::new(Self::create(&self.dir, seg)?);
+        let path = self.dir.join(segment_name(seg));
+        let out = writer(&path, &file, self.direct)
+            .map_err(io(format!("opening chunk segment {}", path.display())))?;
         // The old segment stays dirty until the next sync; the directory
         // entry of the new one is synced with it.
         a.dirty.insert(u32::MAX);
         self.files.write().insert(seg, file.clone());
         a.seg = seg;
         a.file = file;
-        a.len = 0;
-        a.unstarted = 0;
+        a.staged.seg = seg;
+        a.staged.file = out;
+        a.staged.start = 0;
         Ok(())
     }
 
@@ -380,17 +589,21 @@ impl ChunkLog {
     /// Makes every append so far durable.
     pub fn sync(&self) -> Result<()> {
         let _one_at_a_time = self.syncing.lock();
-        let (dirty, files) = {
+        let (dirty, files, w) = {
             let mut a = self.active.lock();
+            // Waits for a write in progress, then hands the staged records out.
+            let w = self.hand_out(&mut a)?;
             let dirty = std::mem::take(&mut a.dirty);
             let files = self.files.read();
             let fs: Vec<_> = dirty
                 .iter()
                 .filter_map(|s| files.get(s).map(|f| (*s, f.clone())))
                 .collect();
-            (dirty, fs)
+            (dirty, fs, w)
         };
         let result = (|| {
+            self.write_out(&w)?;
+            drop(w);
             for (seg, f) in &files {
                 f.sync_data()
                     .map_err(io(format!("syncing chunk segment {}", segment_name(*seg))))?;
@@ -407,6 +620,18 @@ impl ChunkLog {
             self.active.lock().dirty.extend(dirty);
         }
         result
+    }
+
+    /// The `len` bytes at `off` of segment `seg` if they are still in
+    /// memory (staged, or being written).
+    fn in_memory(&self, seg: u32, off: u64, len: u64) -> Option<Vec<u8>> {
+        if let Some(b) = self.active.lock().staged.copy(seg, off, len) {
+            return Some(b);
+        }
+        // Checked second: records move from `staged` to `out` under the
+        // active lock, and leave `out` only once written.
+        let out = self.out.lock().clone();
+        out.and_then(|o| o.copy(seg, off, len))
     }
 
     fn file(&self, seg: u32) -> Result<Option<Arc<File>>> {
@@ -433,9 +658,6 @@ impl ChunkLog {
     /// space), checked against the record's header and CRC. `Ok(None)`: the
     /// segment is gone (moved by a compaction; look the chunk up again).
     pub fn read_parts(&self, id: &Id, loc: Loc) -> Result<Option<(u8, Vec<u8>)>> {
-        let Some(f) = self.file(loc.seg)? else {
-            return Ok(None);
-        };
         let bad = |why: &str| {
             Error::Corrupt(format!(
                 "chunk {} in segment {} at offset {}: {why}",
@@ -448,19 +670,24 @@ impl ChunkLog {
             return Err(bad("the index names an empty record"));
         }
         let mut head = [0u8; HEADER + 1];
-        let mut payload = vec![0u8; loc.len as usize - 1];
-        match read_all_at(&f, &mut head, &mut payload, loc.off) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(bad("the segment ends before the record"))
-            }
-            Err(e) => {
-                return Err(Error::Io {
+        let payload = if let Some(mut rec) = self.in_memory(loc.seg, loc.off, loc.record_len()) {
+            head.copy_from_slice(&rec[..HEADER + 1]);
+            rec.drain(..HEADER + 1);
+            rec
+        } else {
+            let Some(f) = self.file(loc.seg)? else {
+                return Ok(None);
+            };
+            let mut payload = vec![0u8; loc.len as usize - 1];
+            Self::read_record(&f, &mut head, &mut payload, loc.off).map_err(|e| match e {
+                Some(e) => Error::Io {
                     context: format!("reading chunk {}", id.short()),
                     source: e,
-                })
-            }
-        }
+                },
+                None => bad("the segment ends before the record"),
+            })?;
+            payload
+        };
         let word = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
         let (magic, len, sum) = (word(0), word(4), word(8));
         if magic != MAGIC || len != loc.len || head[12..HEADER] != id.0 {
@@ -471,6 +698,21 @@ impl ChunkLog {
             return Err(bad("checksum mismatch"));
         }
         Ok(Some((codec, payload)))
+    }
+
+    /// Reads a record's header and payload from its segment; `Err(None)`
+    /// when the segment ends before the record.
+    fn read_record(
+        f: &File,
+        head: &mut [u8],
+        payload: &mut [u8],
+        off: u64,
+    ) -> std::result::Result<(), Option<std::io::Error>> {
+        match read_all_at(f, head, payload, off) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(None),
+            Err(e) => Err(Some(e)),
+        }
     }
 
     /// Deletes a segment no index entry names any more.
@@ -548,6 +790,94 @@ mod tests {
         // A removed segment reads as gone, not as an error.
         log.remove(la.seg).unwrap();
         assert!(log.read_parts(&a, la).unwrap().is_none());
+    }
+
+    /// A chunk-like payload of `n` bytes, different for each `i`.
+    fn payload(i: u32, n: usize) -> Vec<u8> {
+        (0..n as u32)
+            .map(|j| (i.wrapping_mul(31) ^ j) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn staged_records_are_readable_and_every_write_is_aligned() {
+        for direct in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let log = ChunkLog::open_with(dir.path(), SEGMENT_BYTES, direct).unwrap();
+            let seg_path = dir.path().join(segment_name(log.active_segment()));
+            let mut locs = Vec::new();
+            // 100 records of 20-84 KiB: several buffers' worth, each record
+            // read back right after its append, while staged or being written.
+            for i in 0..100u32 {
+                let p = payload(i, 20_000 + (i as usize * 653) % 65_536);
+                let id = Id::of(&p);
+                let loc = log.append(&id, 0, &p).unwrap();
+                assert_eq!(log.read_parts(&id, loc).unwrap().unwrap().1, p);
+                locs.push((id, p, loc));
+                let on_disk = std::fs::metadata(&seg_path).unwrap().len();
+                assert_eq!(on_disk % ALIGN, 0, "direct={direct}: unaligned write");
+            }
+            assert!(
+                std::fs::metadata(&seg_path).unwrap().len() > STAGE_BYTES as u64,
+                "full buffers were written before any sync"
+            );
+            log.sync().unwrap();
+            let len = std::fs::metadata(&seg_path).unwrap().len();
+            assert_eq!(len % ALIGN, 0);
+            let last = &locs.last().unwrap().2;
+            assert_eq!(len, align_up(last.off + last.record_len()));
+            // After a sync the next record starts on a new aligned block, so
+            // no write ever covers bytes an earlier one wrote.
+            let p = payload(1000, 30_000);
+            let next = log.append(&Id::of(&p), 0, &p).unwrap();
+            assert_eq!(next.off, len);
+            log.sync().unwrap();
+            drop(log);
+            let log = ChunkLog::open_with(dir.path(), SEGMENT_BYTES, direct).unwrap();
+            for (id, p, loc) in &locs {
+                assert_eq!(&log.read_parts(id, *loc).unwrap().unwrap().1, p);
+            }
+            assert_eq!(log.read_parts(&Id::of(&p), next).unwrap().unwrap().1, p);
+        }
+    }
+
+    #[test]
+    fn concurrent_appends_and_reads_across_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        // Small segments: rotations happen under the concurrent appends.
+        let log = Arc::new(ChunkLog::open(dir.path(), 3 << 20).unwrap());
+        let threads: Vec<_> = (0..4u32)
+            .map(|t| {
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    let mut mine = Vec::new();
+                    for i in 0..60u32 {
+                        let p = payload(t * 1000 + i, 16_384 + ((t + i) as usize * 997) % 50_000);
+                        let id = Id::of(&p);
+                        let loc = log.append(&id, 0, &p).unwrap();
+                        mine.push((id, p, loc));
+                        // Read back an earlier record of this thread.
+                        let (id, p, loc) = &mine[(i as usize * 7) % mine.len()];
+                        assert_eq!(&log.read_parts(id, *loc).unwrap().unwrap().1, p);
+                        if i % 25 == 24 {
+                            log.sync().unwrap();
+                        }
+                    }
+                    mine
+                })
+            })
+            .collect();
+        let all: Vec<_> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        log.sync().unwrap();
+        assert!(log.segments().unwrap().len() > 2, "the segments rotated");
+        drop(log);
+        let log = ChunkLog::open(dir.path(), 3 << 20).unwrap();
+        for (id, p, loc) in &all {
+            assert_eq!(&log.read_parts(id, *loc).unwrap().unwrap().1, p);
+        }
     }
 
     #[test]
