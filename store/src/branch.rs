@@ -1353,11 +1353,13 @@ impl BranchFs {
         g.size = g.size.max(end);
         g.mtime = Some(now());
         let mine = g.blocks.len() * bs as usize;
-        if mine >= FILE_BUFFER_MAX
-            || self.buffered.load(Ordering::Relaxed) >= self.db.opts.write_buffer_bytes
-        {
+        let pressed = self.buffered.load(Ordering::Relaxed) >= self.db.opts.write_buffer_bytes;
+        if mine >= FILE_BUFFER_MAX || pressed {
             if g.spilled.len() < SPILLED_MAX {
-                self.spill_locked(g)?;
+                // Blocks the stage workers are still on stay buffered (the
+                // writer does not wait for them) until the buffer reaches
+                // twice its bound or all buffers together reach theirs.
+                self.spill_locked(g, pressed || mine >= 2 * FILE_BUFFER_MAX)?;
             } else {
                 self.flush_locked(st, ino, g, false)?;
             }
@@ -1372,7 +1374,7 @@ impl BranchFs {
     /// sync of the log. Flushing here instead made a sequential writer wait
     /// for the disk every `FILE_BUFFER_MAX` bytes, where a native one
     /// writes into the page cache until its fsync.
-    fn spill_locked(&self, g: &mut FileBuf) -> Result<()> {
+    fn spill_locked(&self, g: &mut FileBuf, wait: bool) -> Result<()> {
         self.fill_all(g)?;
         let bs = self.block_size as u64;
         let whole: Vec<(u64, Arc<Vec<u8>>)> = g
@@ -1384,7 +1386,11 @@ impl BranchFs {
         let _barrier = self.db.gc_barrier.read_recursive();
         for (idx, data) in whole {
             let p = match g.staged.get(&idx) {
-                Some(slot) => slot.take(&data),
+                Some(slot) => match slot.try_take() {
+                    Some(p) => p,
+                    None if !wait => continue,
+                    None => slot.take(&data),
+                },
                 None => stage::Prepared::of(&data),
             };
             let id = self.db.spill_prepared(&p, &data)?;

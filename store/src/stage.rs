@@ -122,6 +122,19 @@ impl Slot {
         self.done.notify_all();
     }
 
+    /// The prepared block if the worker has finished it; `None` (the slot
+    /// left as it is) otherwise.
+    pub fn try_take(&self) -> Option<Prepared> {
+        let mut st = self.state.lock();
+        match std::mem::replace(&mut *st, State::Taken) {
+            State::Done(p) => Some(p),
+            other => {
+                *st = other;
+                None
+            }
+        }
+    }
+
     /// The prepared block; prepares `data` (the same bytes) here when the
     /// worker has not started on it.
     pub fn take(&self, data: &[u8]) -> Prepared {
