@@ -1373,7 +1373,9 @@ impl BranchFs {
     /// their ids. A flush then writes them like buffered blocks, after one
     /// sync of the log. Flushing here instead made a sequential writer wait
     /// for the disk every `FILE_BUFFER_MAX` bytes, where a native one
-    /// writes into the page cache until its fsync.
+    /// writes into the page cache until its fsync. Without `wait`, blocks
+    /// the stage workers are still preparing stay in the buffer (the writer
+    /// does not wait for them; a later spill or the flush takes them).
     fn spill_locked(&self, g: &mut FileBuf, wait: bool) -> Result<()> {
         self.fill_all(g)?;
         let bs = self.block_size as u64;

@@ -39,6 +39,7 @@ use std::fs::{File, OpenOptions};
 use std::io::IoSliceMut;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 const MAGIC: u32 = 0x4b43_4d44; // "DMCK"
@@ -168,14 +169,22 @@ struct AlignedBuf {
     /// Where the aligned bytes start in `raw`.
     at: usize,
     len: usize,
+    /// The capacity asked for (there is room for [`ALIGN`] more, to pad).
+    cap: usize,
 }
 
 impl AlignedBuf {
     fn with_capacity(cap: usize) -> AlignedBuf {
         let align = ALIGN as usize;
-        let raw = vec![0u8; cap + align];
+        // Up to ALIGN - 1 bytes to reach an aligned start, ALIGN to pad.
+        let raw = vec![0u8; cap + 2 * align];
         let at = (align - raw.as_ptr() as usize % align) % align;
-        AlignedBuf { raw, at, len: 0 }
+        AlignedBuf {
+            raw,
+            at,
+            len: 0,
+            cap,
+        }
     }
 
     fn capacity(&self) -> usize {
@@ -245,8 +254,6 @@ impl Out {
 
 struct Active {
     seg: u32,
-    /// The segment, for reads and syncs.
-    file: Arc<File>,
     /// Records staged since the last write; `staged.start` is where the
     /// next write goes.
     staged: Out,
@@ -266,8 +273,10 @@ pub struct ChunkLog {
     dir: PathBuf,
     segment_bytes: u64,
     /// Whether segments are written with O_DIRECT (false where the
-    /// filesystem refuses it, e.g. tmpfs).
-    direct: bool,
+    /// filesystem refuses it, at open, e.g. tmpfs, or at a write).
+    direct: std::sync::atomic::AtomicBool,
+    /// The active segment's number, readable without its lock.
+    active_seg: std::sync::atomic::AtomicU32,
     /// Held for a whole sync: a sync that finds nothing dirty because
     /// another is still syncing the same appends must wait for it, or it
     /// would return before they are durable.
@@ -285,6 +294,9 @@ pub struct ChunkLog {
     spare: Mutex<Option<AlignedBuf>>,
     /// Open segments, read by many threads at once (pread).
     files: RwLock<HashMap<u32, Arc<File>>>,
+    /// Tests: writes fail with ENOSPC while set.
+    #[cfg(test)]
+    fail_writes: std::sync::atomic::AtomicBool,
 }
 
 fn io(context: String) -> impl FnOnce(std::io::Error) -> Error {
@@ -382,11 +394,11 @@ impl ChunkLog {
         let log = ChunkLog {
             dir: dir.to_path_buf(),
             segment_bytes,
-            direct,
+            direct: direct.into(),
+            active_seg: seg.into(),
             syncing: Mutex::new(()),
             active: Mutex::new(Active {
                 seg,
-                file: file.clone(),
                 staged: Out {
                     seg,
                     file: out,
@@ -399,6 +411,8 @@ impl ChunkLog {
             out: Mutex::new(None),
             spare: Mutex::new(None),
             files: RwLock::new(HashMap::new()),
+            #[cfg(test)]
+            fail_writes: false.into(),
         };
         log.files.write().insert(seg, file);
         // The new segment's directory entry must survive a crash before
@@ -482,7 +496,7 @@ impl ChunkLog {
         }
         // A full buffer goes out first (this record may not fit after it);
         // it is written below, once the lock on the active segment is let go.
-        let full = !a.staged.buf.is_empty() && a.staged.buf.len + total > a.staged.buf.capacity();
+        let full = !a.staged.buf.is_empty() && a.staged.buf.len + total > STAGE_BYTES;
         let writing = match full {
             true => Some(self.hand_out(&mut a)?),
             false => None,
@@ -493,7 +507,12 @@ impl ChunkLog {
         a.dirty.insert(seg);
         drop(a);
         if let Some(w) = writing {
-            self.write_out(&w)?;
+            // This record is staged; the full buffer before it stays in
+            // `out`, readable, and the next write or sync tries it again
+            // (and reports the error to whoever needs it durable).
+            if let Err(e) = self.write_out(&w) {
+                tracing::warn!("{e}");
+            }
         }
         Ok(Loc { seg, off, len })
     }
@@ -532,23 +551,46 @@ impl ChunkLog {
         let Some(out) = self.out.lock().clone() else {
             return Ok(());
         };
-        out.file
-            .write_all_at(out.buf.bytes(), out.start)
-            .map_err(io(format!(
+        let context = || {
+            format!(
                 "writing {} bytes of chunk records to segment {} at offset {}",
                 out.buf.len,
                 segment_name(out.seg),
                 out.start
-            )))?;
-        drop(self.out.lock().take());
-        if !self.direct {
+            )
+        };
+        #[cfg(test)]
+        if self.fail_writes.load(Ordering::Relaxed) {
+            let e = std::io::Error::from_raw_os_error(libc::ENOSPC);
+            return Err(io(context())(e));
+        }
+        let mut written = false;
+        if self.direct.load(Ordering::Relaxed) {
+            match out.file.write_all_at(out.buf.bytes(), out.start) {
+                Ok(()) => written = true,
+                // A filesystem that took O_DIRECT at open but refuses the
+                // write: the page cache from now on.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::warn!("{}: {e}; writing the chunk log without O_DIRECT", context());
+                    self.direct.store(false, Ordering::Relaxed);
+                }
+                Err(e) => return Err(io(context())(e)),
+            }
+        }
+        if !written {
+            let f = self
+                .file(out.seg)?
+                .ok_or_else(|| Error::Corrupt(format!("{}: the segment is gone", context())))?;
+            f.write_all_at(out.buf.bytes(), out.start)
+                .map_err(io(context()))?;
             // Start writing back what was written (without waiting), so the
             // sync that must precede an index write finds it mostly done.
-            start_writeback(&out.file, out.start, out.buf.len as u64);
+            start_writeback(&f, out.start, out.buf.len as u64);
         }
+        drop(self.out.lock().take());
         // Kept for the next buffer, unless a reader still holds it.
         if let Ok(mut o) = Arc::try_unwrap(out) {
-            if o.buf.raw.len() == STAGE_BYTES + ALIGN as usize {
+            if o.buf.cap == STAGE_BYTES {
                 o.buf.clear();
                 *self.spare.lock() = Some(o.buf);
             }
@@ -567,14 +609,17 @@ impl ChunkLog {
             .ok_or_else(|| Error::Corrupt("chunk segment numbers are exhausted".into()))?;
         let file = Arc::new(Self::create(&self.dir, seg)?);
         let path = self.dir.join(segment_name(seg));
-        let out = writer(&path, &file, self.direct)
-            .map_err(io(format!("opening chunk segment {}", path.display())))?;
+        // Nothing may fail from here on: the segment exists now.
+        let out = writer(&path, &file, self.direct.load(Ordering::Relaxed)).unwrap_or_else(|e| {
+            tracing::warn!("opening {} with O_DIRECT: {e}", path.display());
+            file.clone()
+        });
         // The old segment stays dirty until the next sync; the directory
         // entry of the new one is synced with it.
         a.dirty.insert(u32::MAX);
         self.files.write().insert(seg, file.clone());
         a.seg = seg;
-        a.file = file;
+        self.active_seg.store(seg, Ordering::Release);
         a.staged.seg = seg;
         a.staged.file = out;
         a.staged.start = 0;
@@ -591,6 +636,11 @@ impl ChunkLog {
         let _one_at_a_time = self.syncing.lock();
         let (dirty, files, w) = {
             let mut a = self.active.lock();
+            if a.dirty.is_empty() {
+                // Every append was made durable by an earlier sync, which
+                // has ended (`syncing`), or put its segments back here.
+                return Ok(());
+            }
             // Waits for a write in progress, then hands the staged records out.
             let w = self.hand_out(&mut a)?;
             let dirty = std::mem::take(&mut a.dirty);
@@ -625,8 +675,12 @@ impl ChunkLog {
     /// The `len` bytes at `off` of segment `seg` if they are still in
     /// memory (staged, or being written).
     fn in_memory(&self, seg: u32, off: u64, len: u64) -> Option<Vec<u8>> {
-        if let Some(b) = self.active.lock().staged.copy(seg, off, len) {
-            return Some(b);
+        // Only the active segment has staged records (an older one's were
+        // written when it was left).
+        if seg == self.active_seg.load(Ordering::Acquire) {
+            if let Some(b) = self.active.lock().staged.copy(seg, off, len) {
+                return Some(b);
+            }
         }
         // Checked second: records move from `staged` to `out` under the
         // active lock, and leave `out` only once written.
@@ -876,6 +930,48 @@ mod tests {
         drop(log);
         let log = ChunkLog::open(dir.path(), 3 << 20).unwrap();
         for (id, p, loc) in &all {
+            assert_eq!(&log.read_parts(id, *loc).unwrap().unwrap().1, p);
+        }
+    }
+
+    #[test]
+    fn a_failed_write_keeps_its_records_readable_and_fails_syncs_until_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = ChunkLog::open(dir.path(), SEGMENT_BYTES).unwrap();
+        let mut recs = Vec::new();
+        let mut add = |log: &ChunkLog, i: u32| {
+            let p = payload(i, 60_000);
+            let loc = log.append(&Id::of(&p), 0, &p).unwrap();
+            recs.push((Id::of(&p), p, loc));
+        };
+        add(&log, 0);
+        log.sync().unwrap();
+        log.fail_writes.store(true, Ordering::Relaxed);
+        // Past a buffer's worth: the full buffer's write fails, the appends
+        // do not (their records are staged), and every record reads back.
+        for i in 1..26 {
+            add(&log, i);
+        }
+        for (id, p, loc) in &recs {
+            assert_eq!(&log.read_parts(id, *loc).unwrap().unwrap().1, p);
+        }
+        // Memory stays bounded: once the next buffer is full too, appends
+        // fail until the first one is written.
+        let refused = (26..60).find_map(|i| {
+            let p = payload(i, 60_000);
+            log.append(&Id::of(&p), 0, &p).err()
+        });
+        assert!(refused.is_some(), "a third buffer was never refused");
+        let err = log.sync().unwrap_err().to_string();
+        assert!(err.contains("writing") && err.contains("segment"), "{err}");
+        assert!(log.sync().is_err(), "still not durable");
+        assert!(log.has_unsynced());
+        log.fail_writes.store(false, Ordering::Relaxed);
+        log.sync().unwrap();
+        assert!(!log.has_unsynced());
+        drop(log);
+        let log = ChunkLog::open(dir.path(), SEGMENT_BYTES).unwrap();
+        for (id, p, loc) in &recs {
             assert_eq!(&log.read_parts(id, *loc).unwrap().unwrap().1, p);
         }
     }

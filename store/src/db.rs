@@ -28,8 +28,9 @@ pub const CF_CHUNK_INDEX: &str = "chunk-index";
 
 /// Bytes of log records that may wait for their index entries (chunks
 /// stored one at a time, and blocks spilled from write buffers) before a
-/// batch indexes them. Their writeback is started as they are appended, so
-/// the sync that precedes the index write finds them mostly on disk.
+/// batch indexes them. They are written out a megabyte at a time as they
+/// are appended (see `chunklog`), so the sync that precedes the index
+/// write finds them mostly on disk.
 const PENDING_BYTES_MAX: u64 = 256 << 20;
 
 /// Log records appended but not yet indexed.
