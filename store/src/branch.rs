@@ -364,15 +364,19 @@ impl BranchFs {
         let mut a = rec.attr(ino, self.block_size);
         let fb = self.files.lock().get(&ino).cloned();
         if let Some(fb) = fb {
-            let fb = fb.lock();
-            a.size = fb.size;
-            a.blocks = fb.size.div_ceil(512);
-            if let Some(m) = fb.mtime {
-                a.mtime = m;
-                a.ctime = m;
-            }
+            Self::buffered_attr(&mut a, &fb.lock());
         }
         a
+    }
+
+    /// What a file's write buffer holds that its record may not yet.
+    fn buffered_attr(a: &mut Attr, g: &FileBuf) {
+        a.size = g.size;
+        a.blocks = g.size.div_ceil(512);
+        if let Some(m) = g.mtime {
+            a.mtime = m;
+            a.ctime = m;
+        }
     }
 
     // ---- lookups ----
@@ -417,14 +421,36 @@ impl BranchFs {
     }
 
     fn getattr_in(&self, tx: &Tx, ino: Ino) -> Result<Attr> {
-        let rec = Self::load(tx, ino)?;
-        Ok(self.attr(ino, &rec))
+        self.attr_fresh(ino, || Self::load(tx, ino))
     }
 
     pub fn getattr(&self, ino: Ino) -> Result<Attr> {
         let st = self.state()?;
-        let rec = Self::load_view(&self.view(&st), ino)?;
-        Ok(self.attr(ino, &rec))
+        let view = self.view(&st);
+        self.attr_fresh(ino, || Self::load_view(&view, ino))
+    }
+
+    /// The attributes of `ino` for a reader that holds no `meta` lock: the
+    /// write buffer is looked up before the record is read. The other way
+    /// round, a release (which the kernel sends after close(2) without
+    /// waiting) could store the buffer's size and drop the buffer between
+    /// the two, and a stat(2) right after close(2) got the size from
+    /// before the writes, which the kernel then kept (appends went to the
+    /// old end). A buffer dropped after the look-up was stored first: the
+    /// record is read again.
+    fn attr_fresh(&self, ino: Ino, load: impl Fn() -> Result<InodeRec>) -> Result<Attr> {
+        let fb = self.files.lock().get(&ino).cloned();
+        let mut a = load()?.attr(ino, self.block_size);
+        if let Some(fb) = fb {
+            let g = fb.lock();
+            if g.detached {
+                drop(g);
+                return Ok(load()?.attr(ino, self.block_size));
+            }
+            // Held locked: while attached, the buffer's size is the file's.
+            Self::buffered_attr(&mut a, &g);
+        }
+        Ok(a)
     }
 
     // ---- creation ----

@@ -781,6 +781,48 @@ fn a_file_reopened_while_its_last_release_runs_survives_unlink() {
 }
 
 #[test]
+fn a_stat_racing_with_the_release_after_close_sees_the_written_size() {
+    // The kernel sends RELEASE in the background after close(2), and keeps
+    // the size a GETATTR answers (appends then go to that end). A getattr
+    // or lookup made after the writes returned must give their size, even
+    // while the release stores the buffer and drops it.
+    let (_dir, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    let data = noise(3 << 16, 7);
+    for i in 0..1500 {
+        let name = format!("f{i}");
+        let ino = fs
+            .mknod(ROOT_INO, name.as_bytes(), FileKind::File, 0o644, 0, 0, 0)
+            .unwrap()
+            .ino;
+        fs.open(ino).unwrap();
+        fs.write(ino, 0, &data).unwrap();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let releaser = {
+            let (fs, done) = (fs.clone(), done.clone());
+            std::thread::spawn(move || {
+                fs.release(ino).unwrap();
+                done.store(true, std::sync::atomic::Ordering::Release);
+            })
+        };
+        loop {
+            let finished = done.load(std::sync::atomic::Ordering::Acquire);
+            assert_eq!(
+                fs.getattr(ino).unwrap().size,
+                data.len() as u64,
+                "round {i}"
+            );
+            let looked = fs.lookup(ROOT_INO, name.as_bytes()).unwrap();
+            assert_eq!(looked.size, data.len() as u64, "round {i}, lookup");
+            if finished {
+                break;
+            }
+        }
+        releaser.join().unwrap();
+    }
+}
+
+#[test]
 fn fsynced_small_writes_are_patches_until_a_commit() {
     let (dir, store, dot) = setup();
     let fs = store.branch_fs(&dot, "master").unwrap();
