@@ -930,6 +930,21 @@ impl Store {
                 });
             }
         }
+        // A path deleted and created again (a new inode, as editors and
+        // `cp` over a removed file make) is one modification, as git says.
+        let deleted: std::collections::HashSet<String> = out
+            .iter()
+            .filter(|c| c.kind == ChangeKind::Deleted)
+            .map(|c| c.path.clone())
+            .collect();
+        let mut replaced = std::collections::HashSet::new();
+        for c in &mut out {
+            if c.kind == ChangeKind::Added && deleted.contains(&c.path) {
+                c.kind = ChangeKind::Modified;
+                replaced.insert(c.path.clone());
+            }
+        }
+        out.retain(|c| !(c.kind == ChangeKind::Deleted && replaced.contains(&c.path)));
         out.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(out)
     }

@@ -291,6 +291,16 @@ fn diff_reports_paths() {
         want
     );
     assert!(store.diff(&dot, "master", None, None).unwrap().is_empty());
+    // Deleted and created again under the same name: one modification.
+    fs.unlink(ROOT_INO, b"keep").unwrap();
+    write_file(&fs, "keep", b"3");
+    assert_eq!(
+        store.diff(&dot, "master", None, None).unwrap(),
+        vec![Change {
+            kind: ChangeKind::Modified,
+            path: "/keep".into(),
+        }]
+    );
 }
 
 #[test]
