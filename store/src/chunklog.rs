@@ -241,21 +241,25 @@ struct Out {
 }
 
 impl Out {
-    /// A copy of the `len` bytes at `off`, if this buffer holds them.
-    fn copy(&self, seg: u32, off: u64, len: u64) -> Option<Vec<u8>> {
-        let end = off.checked_add(len)?;
-        if seg != self.seg || off < self.start || end > self.start + self.buf.len as u64 {
-            return None;
+    /// Fills `head` then `body` from the bytes at `off` of segment `seg`, if
+    /// this buffer holds them all.
+    fn copy(&self, seg: u32, off: u64, head: &mut [u8], body: &mut [u8]) -> bool {
+        let len = (head.len() + body.len()) as u64;
+        let held = self.start..self.start + self.buf.len as u64;
+        if seg != self.seg || off < held.start || off.saturating_add(len) > held.end {
+            return false;
         }
         let from = (off - self.start) as usize;
-        Some(self.buf.bytes()[from..from + len as usize].to_vec())
+        let (h, b) = self.buf.bytes()[from..].split_at(head.len());
+        head.copy_from_slice(h);
+        body.copy_from_slice(&b[..body.len()]);
+        true
     }
 }
 
 struct Active {
-    seg: u32,
-    /// Records staged since the last write; `staged.start` is where the
-    /// next write goes.
+    /// Records staged since the last write, for the active segment
+    /// (`staged.seg`); `staged.start` is where the next write goes.
     staged: Out,
     /// Segments appended to since the last sync.
     dirty: BTreeSet<u32>,
@@ -398,7 +402,6 @@ impl ChunkLog {
             active_seg: seg.into(),
             syncing: Mutex::new(()),
             active: Mutex::new(Active {
-                seg,
                 staged: Out {
                     seg,
                     file: out,
@@ -469,7 +472,7 @@ impl ChunkLog {
 
     /// The segment taking appends.
     pub fn active_segment(&self) -> u32 {
-        self.active.lock().seg
+        self.active_seg.load(Ordering::Acquire)
     }
 
     /// Appends a chunk's record (stored form `codec || payload`); it is
@@ -503,7 +506,7 @@ impl ChunkLog {
         };
         let off = a.len();
         a.staged.buf.push(&[&head, payload]);
-        let seg = a.seg;
+        let seg = a.staged.seg;
         a.dirty.insert(seg);
         drop(a);
         if let Some(w) = writing {
@@ -604,6 +607,7 @@ impl ChunkLog {
         self.write_out(&w)?;
         drop(w);
         let seg = a
+            .staged
             .seg
             .checked_add(1)
             .ok_or_else(|| Error::Corrupt("chunk segment numbers are exhausted".into()))?;
@@ -618,7 +622,6 @@ impl ChunkLog {
         // entry of the new one is synced with it.
         a.dirty.insert(u32::MAX);
         self.files.write().insert(seg, file.clone());
-        a.seg = seg;
         self.active_seg.store(seg, Ordering::Release);
         a.staged.seg = seg;
         a.staged.file = out;
@@ -672,20 +675,20 @@ impl ChunkLog {
         result
     }
 
-    /// The `len` bytes at `off` of segment `seg` if they are still in
-    /// memory (staged, or being written).
-    fn in_memory(&self, seg: u32, off: u64, len: u64) -> Option<Vec<u8>> {
+    /// Fills `head` then `body` from the bytes at `off` of segment `seg`
+    /// if they are still in memory (staged, or being written).
+    fn in_memory(&self, seg: u32, off: u64, head: &mut [u8], body: &mut [u8]) -> bool {
         // Only the active segment has staged records (an older one's were
         // written when it was left).
-        if seg == self.active_seg.load(Ordering::Acquire) {
-            if let Some(b) = self.active.lock().staged.copy(seg, off, len) {
-                return Some(b);
-            }
+        if seg == self.active_seg.load(Ordering::Acquire)
+            && self.active.lock().staged.copy(seg, off, head, body)
+        {
+            return true;
         }
         // Checked second: records move from `staged` to `out` under the
         // active lock, and leave `out` only once written.
         let out = self.out.lock().clone();
-        out.and_then(|o| o.copy(seg, off, len))
+        out.is_some_and(|o| o.copy(seg, off, head, body))
     }
 
     fn file(&self, seg: u32) -> Result<Option<Arc<File>>> {
@@ -708,8 +711,8 @@ impl ChunkLog {
     }
 
     /// Reads the stored form of `id` at `loc` as its codec byte and payload,
-    /// read straight into its own buffer (no copy of the data in user
-    /// space), checked against the record's header and CRC. `Ok(None)`: the
+    /// read straight into its own buffer (copied there when the record is
+    /// still in memory), checked against the record's header and CRC. `Ok(None)`: the
     /// segment is gone (moved by a compaction; look the chunk up again).
     pub fn read_parts(&self, id: &Id, loc: Loc) -> Result<Option<(u8, Vec<u8>)>> {
         let bad = |why: &str| {
@@ -724,24 +727,24 @@ impl ChunkLog {
             return Err(bad("the index names an empty record"));
         }
         let mut head = [0u8; HEADER + 1];
-        let payload = if let Some(mut rec) = self.in_memory(loc.seg, loc.off, loc.record_len()) {
-            head.copy_from_slice(&rec[..HEADER + 1]);
-            rec.drain(..HEADER + 1);
-            rec
-        } else {
+        let mut payload = vec![0u8; loc.len as usize - 1];
+        if !self.in_memory(loc.seg, loc.off, &mut head, &mut payload) {
             let Some(f) = self.file(loc.seg)? else {
                 return Ok(None);
             };
-            let mut payload = vec![0u8; loc.len as usize - 1];
-            Self::read_record(&f, &mut head, &mut payload, loc.off).map_err(|e| match e {
-                Some(e) => Error::Io {
-                    context: format!("reading chunk {}", id.short()),
-                    source: e,
-                },
-                None => bad("the segment ends before the record"),
-            })?;
-            payload
-        };
+            match read_all_at(&f, &mut head, &mut payload, loc.off) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Err(bad("the segment ends before the record"))
+                }
+                Err(e) => {
+                    return Err(Error::Io {
+                        context: format!("reading chunk {}", id.short()),
+                        source: e,
+                    })
+                }
+            }
+        }
         let word = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
         let (magic, len, sum) = (word(0), word(4), word(8));
         if magic != MAGIC || len != loc.len || head[12..HEADER] != id.0 {
@@ -752,21 +755,6 @@ impl ChunkLog {
             return Err(bad("checksum mismatch"));
         }
         Ok(Some((codec, payload)))
-    }
-
-    /// Reads a record's header and payload from its segment; `Err(None)`
-    /// when the segment ends before the record.
-    fn read_record(
-        f: &File,
-        head: &mut [u8],
-        payload: &mut [u8],
-        off: u64,
-    ) -> std::result::Result<(), Option<std::io::Error>> {
-        match read_all_at(f, head, payload, off) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(None),
-            Err(e) => Err(Some(e)),
-        }
     }
 
     /// Deletes a segment no index entry names any more.
