@@ -46,6 +46,18 @@ fn noise(n: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// Creates `name`, opens it and writes `data` (left open and unflushed, as
+/// a program's writes are before close(2)).
+fn created_open(fs: &BranchFs, name: &str, data: &[u8]) -> u64 {
+    let ino = fs
+        .mknod(ROOT_INO, name.as_bytes(), FileKind::File, 0o644, 0, 0, 0)
+        .unwrap()
+        .ino;
+    fs.open(ino).unwrap();
+    fs.write(ino, 0, data).unwrap();
+    ino
+}
+
 fn read_file(fs: &BranchFs, name: &str) -> Option<Vec<u8>> {
     let a = fs.lookup(ROOT_INO, name.as_bytes()).ok()?;
     Some(fs.read(a.ino, 0, a.size as u32 + 10).unwrap())
@@ -771,12 +783,7 @@ fn a_file_reopened_while_its_last_release_runs_survives_unlink() {
     let fs = store.branch_fs(&dot, "master").unwrap();
     for i in 0..4000 {
         let name = format!("f{i}");
-        let ino = fs
-            .mknod(ROOT_INO, name.as_bytes(), FileKind::File, 0o644, 0, 0, 0)
-            .unwrap()
-            .ino;
-        fs.open(ino).unwrap(); // the creating handle
-        fs.write(ino, 0, b"still here").unwrap();
+        let ino = created_open(&fs, &name, b"still here"); // the creating handle
         let releaser = {
             let fs = fs.clone();
             std::thread::spawn(move || fs.release(ino).unwrap())
@@ -801,12 +808,7 @@ fn a_stat_racing_with_the_release_after_close_sees_the_written_size() {
     let data = noise(3 << 16, 7);
     for i in 0..1500 {
         let name = format!("f{i}");
-        let ino = fs
-            .mknod(ROOT_INO, name.as_bytes(), FileKind::File, 0o644, 0, 0, 0)
-            .unwrap()
-            .ino;
-        fs.open(ino).unwrap();
-        fs.write(ino, 0, &data).unwrap();
+        let ino = created_open(&fs, &name, &data);
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let releaser = {
             let (fs, done) = (fs.clone(), done.clone());
