@@ -125,6 +125,10 @@ pub struct Db {
     pub(crate) opts: StoreOptions,
     /// Set when the store closes (see `stage::close`).
     pub(crate) stage_closed: Arc<std::sync::atomic::AtomicBool>,
+    /// Bytes of the batches written durably (what fsyncs cost in RocksDB's
+    /// log), for tests.
+    #[cfg(test)]
+    pub(crate) synced_bytes: std::sync::atomic::AtomicUsize,
 }
 
 impl Db {
@@ -172,10 +176,17 @@ impl Db {
         index_opts.set_blob_file_size(256 << 20);
         index_opts.set_enable_blob_gc(true);
         index_opts.set_write_buffer_size(64 << 20);
+        // Patches added to a patched block are merge operands (view.rs).
+        let mut work_opts = filtered();
+        work_opts.set_merge_operator(
+            crate::view::MERGE_OPERATOR,
+            crate::view::merge_patches,
+            crate::view::merge_patches_partial,
+        );
         let cfs = vec![
             rocksdb::ColumnFamilyDescriptor::new(CF_META, Options::default()),
             rocksdb::ColumnFamilyDescriptor::new(CF_OBJECTS, filtered()),
-            rocksdb::ColumnFamilyDescriptor::new(CF_WORK, filtered()),
+            rocksdb::ColumnFamilyDescriptor::new(CF_WORK, work_opts),
             rocksdb::ColumnFamilyDescriptor::new(CF_CHUNK_INDEX, index_opts),
         ];
         let path = dir.join("db");
@@ -210,6 +221,8 @@ impl Db {
             pins: Mutex::new(std::collections::HashMap::new()),
             opts,
             stage_closed: Default::default(),
+            #[cfg(test)]
+            synced_bytes: Default::default(),
         })
     }
 
@@ -238,6 +251,11 @@ impl Db {
         let cf = self.cf(CF_CHUNK_INDEX);
         for (id, loc) in &pending {
             batch.put_cf(cf, id.0, Placement::log_value(*loc));
+        }
+        #[cfg(test)]
+        if sync {
+            self.synced_bytes
+                .fetch_add(batch.size_in_bytes(), std::sync::atomic::Ordering::Relaxed);
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);

@@ -22,6 +22,8 @@ use std::sync::Arc;
 
 /// Default block size of new dots.
 pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
+/// Largest block size a dot may have.
+pub const MAX_BLOCK_SIZE: u32 = 4 << 20;
 
 /// A dot as listed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -303,7 +305,7 @@ impl Store {
         names::validate("namespace", &dot.namespace)?;
         names::validate("dot", &dot.name)?;
         let block_size = block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
-        if !(4096..=(4 << 20)).contains(&block_size) || !block_size.is_power_of_two() {
+        if !(4096..=MAX_BLOCK_SIZE).contains(&block_size) || !block_size.is_power_of_two() {
             return Err(Error::Refused(format!(
                 "block size {block_size} is not a power of two between 4 KiB and 4 MiB"
             )));

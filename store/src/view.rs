@@ -5,6 +5,7 @@
 use crate::db::{Db, CF_WORK};
 use crate::error::{Error, Result};
 use crate::id::Id;
+use crate::patch::{is_patched, Patched};
 use crate::tree::{self, Cursor};
 use rocksdb::{Direction, IteratorMode, WriteBatch};
 use std::collections::BTreeMap;
@@ -147,6 +148,53 @@ impl<'a> View<'a> {
     }
 }
 
+/// Name of the merge operator of the `work` column family (stored in
+/// RocksDB's OPTIONS file; a store is opened with the same one).
+pub const MERGE_OPERATOR: &str = "dm-patches-v1";
+
+/// The `work` column family's merge operator: an fsync that adds patches
+/// to a block already stored as patches on the same base writes only the
+/// new ones, as a merge operand (see [`Tx::merge`]). Each operand is an
+/// overlay value holding a [`Patched`]; it is written over the value
+/// before it when that value is patches on the same base, and replaces it
+/// otherwise (a tombstone, or a chunk, which then is its base). `None`
+/// (RocksDB reports corruption) for a malformed operand or existing value.
+pub fn merge_patches(
+    _key: &[u8],
+    existing: Option<&[u8]>,
+    operands: &rocksdb::MergeOperands,
+) -> Option<Vec<u8>> {
+    let patched = |v: &[u8]| Patched::parse(v, crate::store::MAX_BLOCK_SIZE).ok();
+    let mut acc = match existing {
+        Some([VALUE, v @ ..]) if is_patched(v) => Some(patched(v)?),
+        Some([VALUE, ..] | [TOMBSTONE]) | None => None,
+        Some(_) => return None,
+    };
+    for op in operands {
+        let p = match op {
+            [VALUE, v @ ..] => patched(v)?,
+            _ => return None,
+        };
+        acc = Some(match acc {
+            Some(a) if a.base == p.base => a.overlaid(&p),
+            _ => p,
+        });
+    }
+    let mut out = vec![VALUE];
+    out.extend_from_slice(&acc?.encode());
+    Some(out)
+}
+
+/// Operands are not combined without the value they apply to (RocksDB
+/// then keeps them as they are).
+pub fn merge_patches_partial(
+    _key: &[u8],
+    _existing: Option<&[u8]>,
+    _operands: &rocksdb::MergeOperands,
+) -> Option<Vec<u8>> {
+    None
+}
+
 /// Adds "delete the whole overlay of `bid`" to a batch.
 pub fn clear_overlay(db: &Db, batch: &mut WriteBatch, bid: u64) {
     let start = overlay_prefix(bid);
@@ -159,6 +207,8 @@ pub fn clear_overlay(db: &Db, batch: &mut WriteBatch, bid: u64) {
 pub struct Tx<'a> {
     pub view: View<'a>,
     pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Patches added to blocks already stored as patches ([`Tx::merge`]).
+    merges: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl<'a> Tx<'a> {
@@ -166,6 +216,7 @@ impl<'a> Tx<'a> {
         Tx {
             view,
             pending: BTreeMap::new(),
+            merges: Vec::new(),
         }
     }
 
@@ -182,6 +233,15 @@ impl<'a> Tx<'a> {
 
     pub fn delete(&mut self, key: Vec<u8>) {
         self.pending.insert(key, None);
+    }
+
+    /// Writes the patches `value` (an encoded [`Patched`]) over the block
+    /// value at `key`, which must be patches on the same base (see
+    /// [`merge_patches`]). Not seen by this transaction's `get`; a key is
+    /// either put or merged in one transaction, not both.
+    pub fn merge(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        debug_assert!(!self.pending.contains_key(&key));
+        self.merges.push((key, value));
     }
 
     /// The batch holding this transaction's writes.
@@ -204,6 +264,12 @@ impl<'a> Tx<'a> {
                 }
                 None => batch.put_cf(cf, key, [TOMBSTONE]),
             }
+        }
+        for (k, v) in self.merges {
+            let mut val = Vec::with_capacity(v.len() + 1);
+            val.push(VALUE);
+            val.extend_from_slice(&v);
+            batch.merge_cf(cf, overlay_key(self.view.bid, &k), val);
         }
     }
 
