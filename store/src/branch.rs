@@ -1939,13 +1939,19 @@ mod tests {
         // Reopened: the log replays the operands.
         let store = Store::open(dir.path()).unwrap();
         let fs = store.branch_fs(&dot, "master").unwrap();
-        assert!(fs.read(ino, 0, 1 << 20).unwrap() == expect, "after a reopen");
+        assert!(
+            fs.read(ino, 0, 1 << 20).unwrap() == expect,
+            "after a reopen"
+        );
         // Flushed to a table and compacted: the operands merged for good.
         let db = &fs.db.db;
         let cf = fs.db.cf(crate::db::CF_WORK);
         db.flush_cf(cf).unwrap();
         db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
-        assert!(fs.read(ino, 0, 1 << 20).unwrap() == expect, "after a compaction");
+        assert!(
+            fs.read(ino, 0, 1 << 20).unwrap() == expect,
+            "after a compaction"
+        );
         assert!(store.fsck().unwrap().is_clean());
     }
 
