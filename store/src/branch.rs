@@ -447,11 +447,14 @@ impl BranchFs {
         let mut a = load()?.attr(ino, self.block_size);
         if let Some(fb) = fb {
             let g = fb.lock();
-            if g.detached {
-                drop(g);
+            if g.detached || g.is_clean() {
+                // Nothing buffered: the record (read again, as a flush may
+                // have stored it since) is the file. A clean buffer's size
+                // may not be loaded yet (one a writer or the patch writer
+                // has just created).
                 return Ok(load()?.attr(ino, self.block_size));
             }
-            // Held locked: while attached, the buffer's size is the file's.
+            // Held locked: while it holds writes, the buffer's size is the file's.
             Self::buffered_attr(&mut a, &g);
         }
         Ok(a)
@@ -824,17 +827,51 @@ impl BranchFs {
 
     pub fn setattr(&self, ino: Ino, set: &SetAttr) -> Result<Attr> {
         let st = self.state()?;
-        // Hold the file's buffer (if any) so buffered writes are stored
-        // first and its size follows a truncate.
-        let fb = self.files.lock().get(&ino).cloned();
-        let mut fbg = fb.as_ref().map(|f| f.lock());
+        // Hold the file's buffer so buffered writes are stored first and
+        // its size follows a truncate. A truncate takes one even when the
+        // file has none, so that writers (through another mount of the
+        // branch) wait for it: a block a writer loaded as patches and a
+        // truncate then rewrote would get the writer's later patches
+        // merged onto the wrong value.
+        loop {
+            let (fb, created) = {
+                let mut files = self.files.lock();
+                match files.get(&ino) {
+                    Some(fb) => (Some(fb.clone()), false),
+                    None if set.size.is_some() => {
+                        let fb = self.new_buffer();
+                        files.insert(ino, fb.clone());
+                        (Some(fb), true)
+                    }
+                    None => (None, false),
+                }
+            };
+            let mut fbg = fb.as_ref().map(|f| f.lock());
+            if fbg.as_ref().is_some_and(|g| g.detached) {
+                continue;
+            }
+            let result = self.setattr_in(&st, ino, set, fbg.as_deref_mut());
+            if let (true, Some(fb), Some(g)) = (created, &fb, fbg.as_mut()) {
+                self.forget_if_clean(ino, fb, g);
+            }
+            return result;
+        }
+    }
+
+    fn setattr_in(
+        &self,
+        st: &BranchState,
+        ino: Ino,
+        set: &SetAttr,
+        mut fbg: Option<&mut FileBuf>,
+    ) -> Result<Attr> {
         if let Some(g) = fbg.as_mut() {
-            self.flush_locked(&st, ino, g, false)?;
+            self.flush_locked(st, ino, g, false)?;
         }
         // A truncate may store a chunk that is already present (see Db::gc_barrier).
         let _barrier = self.db.gc_barrier.read_recursive();
         let _m = self.meta.lock();
-        let mut tx = Tx::new(self.view(&st));
+        let mut tx = Tx::new(self.view(st));
         let mut rec = Self::load(&tx, ino)?;
         let t = now();
         let mut changed = false;
@@ -1170,10 +1207,14 @@ impl BranchFs {
         let st = self.state()?;
         let view = self.view(&st);
         let fb = self.files.lock().get(&ino).cloned();
-        let guard = fb.as_ref().map(|f| f.lock());
+        // A detached buffer is no longer the file's (its clean copies may
+        // be stale).
+        let guard = fb.as_ref().map(|f| f.lock()).filter(|g| !g.detached);
         let file_size = match &guard {
-            Some(g) => g.size,
-            None => {
+            // A buffer holding writes has the file's size; a clean one may
+            // not have loaded it (see `attr_fresh`).
+            Some(g) if !g.is_clean() => g.size,
+            _ => {
                 let rec = Self::load_view(&view, ino)?;
                 if rec.kind == FileKind::Dir {
                     return Err(Error::fs("read", EISDIR));
@@ -1882,6 +1923,42 @@ mod tests {
     use crate::chunk::tests::pseudo_random as noise;
     use crate::{DotName, FileKind, Store, ROOT_INO};
     use std::sync::atomic::Ordering;
+
+    /// A buffer that holds no writes (one a writer has just created and not
+    /// yet loaded, or the patch writer's own) does not hide the file's size
+    /// from reads and getattr. It did: the patch writer's buffer, size 0,
+    /// made reads racing with it return end of file (PostgreSQL: "could not
+    /// read block ... read only 0 of 8192 bytes").
+    #[test]
+    fn a_buffer_without_writes_does_not_hide_the_file_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let dot = DotName::new("app").unwrap();
+        store.create_dot(&dot, None).unwrap();
+        let fs = store.branch_fs(&dot, "master").unwrap();
+        let data = noise(100_000, 4);
+        let ino = fs
+            .mknod(ROOT_INO, b"f", FileKind::File, 0o644, 0, 0, 0)
+            .unwrap()
+            .ino;
+        fs.open(ino).unwrap();
+        fs.write(ino, 0, &data).unwrap();
+        fs.release(ino).unwrap();
+        assert!(fs.files.lock().get(&ino).is_none(), "forgotten at release");
+        // As write() and materialize_file() insert one, before loading.
+        let fresh = fs.new_buffer();
+        fs.files.lock().insert(ino, fresh.clone());
+        assert!(fs.read(ino, 0, 1 << 20).unwrap() == data, "read");
+        assert_eq!(fs.getattr(ino).unwrap().size, data.len() as u64, "getattr");
+        assert_eq!(
+            fs.lookup(ROOT_INO, b"f").unwrap().size,
+            data.len() as u64,
+            "lookup"
+        );
+        // Detached (forgotten while a reader held it): not the file's.
+        fresh.lock().detached = true;
+        assert!(fs.read(ino, 0, 1 << 20).unwrap() == data, "read, detached");
+    }
 
     /// fsyncs of small writes into a block already stored as patches write
     /// only the new bytes (merge operands), not every patch again; the

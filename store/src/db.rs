@@ -178,6 +178,11 @@ impl Db {
         index_opts.set_write_buffer_size(64 << 20);
         // Patches added to a patched block are merge operands (view.rs).
         let mut work_opts = filtered();
+        // A block rewritten and fsynced again and again (a database's log
+        // page) would collect operands until the patch writer or a flush
+        // ends the chain, and every read of it merges them all: past 16
+        // in the memtable, RocksDB merges them when the next one is added.
+        work_opts.set_max_successive_merges(16);
         work_opts.set_merge_operator(
             crate::view::MERGE_OPERATOR,
             crate::view::merge_patches,
