@@ -1923,6 +1923,18 @@ mod tests {
     use crate::chunk::tests::pseudo_random as noise;
     use crate::{DotName, FileKind, Store, ROOT_INO};
     use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    /// A store with one dot `app` (default block size) and its master's
+    /// working state.
+    fn fresh() -> (tempfile::TempDir, Arc<Store>, Arc<crate::BranchFs>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let dot = DotName::new("app").unwrap();
+        store.create_dot(&dot, None).unwrap();
+        let fs = store.branch_fs(&dot, "master").unwrap();
+        (dir, store, fs)
+    }
 
     /// A buffer that holds no writes (one a writer has just created and not
     /// yet loaded, or the patch writer's own) does not hide the file's size
@@ -1931,11 +1943,7 @@ mod tests {
     /// read block ... read only 0 of 8192 bytes").
     #[test]
     fn a_buffer_without_writes_does_not_hide_the_file_size() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let dot = DotName::new("app").unwrap();
-        store.create_dot(&dot, None).unwrap();
-        let fs = store.branch_fs(&dot, "master").unwrap();
+        let (_dir, _store, fs) = fresh();
         let data = noise(100_000, 4);
         let ino = fs
             .mknod(ROOT_INO, b"f", FileKind::File, 0o644, 0, 0, 0)
@@ -2034,11 +2042,7 @@ mod tests {
 
     #[test]
     fn whole_block_reads_bypass_the_chunk_cache_and_partial_ones_fill_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let dot = DotName::new("app").unwrap();
-        store.create_dot(&dot, None).unwrap();
-        let fs = store.branch_fs(&dot, "master").unwrap();
+        let (_dir, _store, fs) = fresh();
         let bs = fs.block_size as usize;
         let data = noise(3 * bs + 100, 9);
         let ino = fs
