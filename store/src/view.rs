@@ -160,11 +160,25 @@ pub const MERGE_OPERATOR: &str = "dm-patches-v1";
 /// otherwise (a tombstone, or a chunk, which then is its base). `None`
 /// (RocksDB reports corruption) for a malformed operand or existing value.
 pub fn merge_patches(
-    _key: &[u8],
+    key: &[u8],
     existing: Option<&[u8]>,
     operands: &rocksdb::MergeOperands,
 ) -> Option<Vec<u8>> {
     let patched = |v: &[u8]| Patched::parse(v, crate::store::MAX_BLOCK_SIZE).ok();
+    // A chunk value under patches on another base means a writer's view
+    // of the block was stale (see `Origin::merge` in branch.rs): said
+    // loudly, as it would undo the patches before.
+    if let (Some([VALUE, v @ ..]), Some([VALUE, op @ ..])) = (existing, operands.iter().next()) {
+        if let (Some((chunk, _)), Some(p)) = (crate::keys::parse_block_value(v), patched(op)) {
+            if p.base.map(|(b, _)| b) != Some(chunk) {
+                tracing::error!(
+                    "working-state key {}: patches on base {:?} merged onto chunk {chunk:?}",
+                    hex::encode(key),
+                    p.base.map(|(b, _)| b)
+                );
+            }
+        }
+    }
     let mut acc = match existing {
         Some([VALUE, v @ ..]) if is_patched(v) => Some(patched(v)?),
         Some([VALUE, ..] | [TOMBSTONE]) | None => None,
