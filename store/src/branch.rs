@@ -36,6 +36,9 @@ const SPILLED_MAX: usize = 1 << 16;
 /// block cost PostgreSQL more than hashing it: 0.55x native TPS with it,
 /// 0.75x without).
 const STAGE_MIN: usize = 32 << 10;
+/// Patched blocks of one file that [`BranchFs::materialize_patches`] stores
+/// whole while holding the file's buffer.
+const MATERIALIZE_GROUP: usize = 32;
 /// Largest file size (2^50 bytes).
 const MAX_FILE_SIZE: u64 = 1 << 50;
 
@@ -1632,12 +1635,21 @@ impl BranchFs {
         let mut done = 0;
         let mut first_error = None;
         for (ino, blocks) in todo {
-            match self.materialize_file(ino, &blocks) {
-                Ok(n) => done += n,
-                Err(e) => {
-                    // Tried again next time (a commit stores them anyway).
-                    self.patched.lock().entry(ino).or_default().extend(blocks);
-                    first_error.get_or_insert(e);
+            // A few blocks at a time: writers of the file wait while its
+            // buffer is held, and a file written at random can have
+            // thousands of patched blocks.
+            let blocks: Vec<u64> = blocks.into_iter().collect();
+            for (i, group) in blocks.chunks(MATERIALIZE_GROUP).enumerate() {
+                let group: std::collections::BTreeSet<u64> = group.iter().copied().collect();
+                match self.materialize_file(ino, &group) {
+                    Ok(n) => done += n,
+                    Err(e) => {
+                        // Tried again next time (a commit stores them anyway).
+                        let rest = blocks[i * MATERIALIZE_GROUP..].iter().copied();
+                        self.patched.lock().entry(ino).or_default().extend(rest);
+                        first_error.get_or_insert(e);
+                        break;
+                    }
                 }
             }
         }
@@ -1966,6 +1978,31 @@ mod tests {
         // Detached (forgotten while a reader held it): not the file's.
         fresh.lock().detached = true;
         assert!(fs.read(ino, 0, 1 << 20).unwrap() == data, "read, detached");
+    }
+
+    /// The patch writer stores many patched blocks of one file in groups
+    /// (so writers wait for one group at a time) and stores every one.
+    #[test]
+    fn the_patch_writer_stores_every_group_of_patched_blocks() {
+        let (_dir, _store, fs) = fresh();
+        let bs = fs.block_size as usize;
+        let n = 3 * super::MATERIALIZE_GROUP + 5;
+        let mut expect = noise(n * bs, 6);
+        let ino = fs
+            .mknod(ROOT_INO, b"f", FileKind::File, 0o644, 0, 0, 0)
+            .unwrap()
+            .ino;
+        fs.write(ino, 0, &expect).unwrap();
+        fs.fsync(ino, false).unwrap();
+        for b in 0..n {
+            let off = b * bs + 100;
+            fs.write(ino, off as u64, b"patched").unwrap();
+            expect[off..off + 7].copy_from_slice(b"patched");
+        }
+        fs.fsync(ino, false).unwrap();
+        assert_eq!(fs.materialize_patches().unwrap(), n);
+        assert_eq!(fs.materialize_patches().unwrap(), 0, "none left");
+        assert!(fs.read(ino, 0, (n * bs) as u32).unwrap() == expect);
     }
 
     /// fsyncs of small writes into a block already stored as patches write
