@@ -169,7 +169,8 @@ pub fn merge_patches(
     // of the block was stale (see `Origin::merge` in branch.rs): said
     // loudly, as it would undo the patches before.
     if let (Some([VALUE, v @ ..]), Some([VALUE, op @ ..])) = (existing, operands.iter().next()) {
-        if let (Some((chunk, _)), Some(p)) = (crate::keys::parse_block_value(v), patched(op)) {
+        let chunk = crate::keys::parse_block_value(v).map(|(id, _)| id);
+        if let (Some(chunk), Some(p)) = (chunk, chunk.and_then(|_| patched(op))) {
             if p.base.map(|(b, _)| b) != Some(chunk) {
                 tracing::error!(
                     "working-state key {}: patches on base {:?} merged onto chunk {chunk:?}",
