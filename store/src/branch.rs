@@ -60,7 +60,8 @@ struct Origin {
     /// writer skips dirty blocks; truncates, commits and resets flush or
     /// drop the buffer first).
     merge: bool,
-    /// Ranges written into this buffer (a subset of `ranges`).
+    /// Ranges written into this buffer: `ranges` without the patches the
+    /// block was stored with.
     fresh: Ranges,
 }
 
@@ -837,17 +838,9 @@ impl BranchFs {
         // truncate then rewrote would get the writer's later patches
         // merged onto the wrong value.
         loop {
-            let (fb, created) = {
-                let mut files = self.files.lock();
-                match files.get(&ino) {
-                    Some(fb) => (Some(fb.clone()), false),
-                    None if set.size.is_some() => {
-                        let fb = self.new_buffer();
-                        files.insert(ino, fb.clone());
-                        (Some(fb), true)
-                    }
-                    None => (None, false),
-                }
+            let (fb, created) = match self.buffer_of(ino, set.size.is_some()) {
+                Some((fb, created)) => (Some(fb), created),
+                None => (None, false),
             };
             let mut fbg = fb.as_ref().map(|f| f.lock());
             if fbg.as_ref().is_some_and(|g| g.detached) {
@@ -1067,6 +1060,22 @@ impl BranchFs {
     }
 
     /// An empty write buffer for a file of this branch.
+    /// The file's buffer, or with `create` a new one put in its place
+    /// (the bool: created here; [`Self::forget_if_clean`] it when done).
+    /// Holding its lock keeps the file's writers and truncates out.
+    fn buffer_of(&self, ino: Ino, create: bool) -> Option<(Arc<Mutex<FileBuf>>, bool)> {
+        let mut files = self.files.lock();
+        match files.get(&ino) {
+            Some(fb) => Some((fb.clone(), false)),
+            None if create => {
+                let fb = self.new_buffer();
+                files.insert(ino, fb.clone());
+                Some((fb, true))
+            }
+            None => None,
+        }
+    }
+
     fn new_buffer(&self) -> Arc<Mutex<FileBuf>> {
         Arc::new(Mutex::new(FileBuf::new(
             self.db.clone(),
@@ -1528,13 +1537,14 @@ impl BranchFs {
             if sync {
                 if let Some(o) = g.origins.get(&idx) {
                     // Patches within the block's valid length (the ranges
-                    // end within it: writes extend the size): only the
-                    // new ones when the block is stored as patches.
-                    let ranges = if o.merge { &o.fresh } else { &o.ranges };
+                    // end within it: writes extend the size), written into
+                    // this buffer: all of them, unless the block is stored
+                    // as patches already (then merged onto those).
                     let p = Patched {
                         base: o.base,
                         len: len as u32,
-                        patches: ranges
+                        patches: o
+                            .fresh
                             .iter()
                             .filter(|&(a, _)| (a as usize) < len)
                             .map(|(a, e)| (a, data[a as usize..(e as usize).min(len)].to_vec()))
@@ -1640,8 +1650,7 @@ impl BranchFs {
             // thousands of patched blocks.
             let blocks: Vec<u64> = blocks.into_iter().collect();
             for (i, group) in blocks.chunks(MATERIALIZE_GROUP).enumerate() {
-                let group: std::collections::BTreeSet<u64> = group.iter().copied().collect();
-                match self.materialize_file(ino, &group) {
+                match self.materialize_file(ino, group) {
                     Ok(n) => done += n,
                     Err(e) => {
                         // Tried again next time (a commit stores them anyway).
@@ -1656,25 +1665,13 @@ impl BranchFs {
         first_error.map_or(Ok(done), Err)
     }
 
-    fn materialize_file(
-        &self,
-        ino: Ino,
-        blocks: &std::collections::BTreeSet<u64>,
-    ) -> Result<usize> {
+    fn materialize_file(&self, ino: Ino, blocks: &[u64]) -> Result<usize> {
         let st = self.state()?;
-        let (fb, created) = {
-            let mut files = self.files.lock();
-            match files.get(&ino) {
-                Some(fb) => (fb.clone(), false),
-                None => {
-                    // A buffer of our own, so that writers and truncates
-                    // of this file wait for us (they take its lock).
-                    let fb = self.new_buffer();
-                    files.insert(ino, fb.clone());
-                    (fb, true)
-                }
-            }
-        };
+        // A buffer of our own if the file has none, so that writers and
+        // truncates of this file wait for us (they take its lock).
+        let (fb, created) = self
+            .buffer_of(ino, true)
+            .expect("buffer_of creates one when asked to");
         let mut g = fb.lock();
         let result = (|| {
             if g.detached {
@@ -2055,8 +2052,10 @@ mod tests {
                 synced < 2 * written + 48 * 300,
                 "fsyncs wrote {synced} bytes for {written} new"
             );
-            let (a, b) = (fs.read(ino, 0, 4 * bs as u32).unwrap(), &expect);
-            assert!(a == *b, "read back before a reopen");
+            assert!(
+                fs.read(ino, 0, 4 * bs as u32).unwrap() == expect,
+                "read back before a reopen"
+            );
         }
         // Reopened: the log replays the operands.
         let store = Store::open(dir.path()).unwrap();

@@ -30,6 +30,14 @@ fn overlay_key(bid: u64, key: &[u8]) -> Vec<u8> {
     k
 }
 
+/// An overlay entry holding `value`.
+fn overlay_value(value: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(value.len() + 1);
+    v.push(VALUE);
+    v.extend_from_slice(value);
+    v
+}
+
 /// A branch's working state: overlay `bid` over the tree at `root`.
 #[derive(Clone, Copy)]
 pub struct View<'a> {
@@ -165,24 +173,10 @@ pub fn merge_patches(
     operands: &rocksdb::MergeOperands,
 ) -> Option<Vec<u8>> {
     let patched = |v: &[u8]| Patched::parse(v, crate::store::MAX_BLOCK_SIZE).ok();
-    // A chunk value under patches on another base means a writer's view
-    // of the block was stale (see `Origin::merge` in branch.rs): said
-    // loudly, as it would undo the patches before.
-    if let (Some([VALUE, v @ ..]), Some([VALUE, op @ ..])) = (existing, operands.iter().next()) {
-        let chunk = crate::keys::parse_block_value(v).map(|(id, _)| id);
-        if let (Some(chunk), Some(p)) = (chunk, chunk.and_then(|_| patched(op))) {
-            if p.base.map(|(b, _)| b) != Some(chunk) {
-                tracing::error!(
-                    "working-state key {}: patches on base {:?} merged onto chunk {chunk:?}",
-                    hex::encode(key),
-                    p.base.map(|(b, _)| b)
-                );
-            }
-        }
-    }
-    let mut acc = match existing {
-        Some([VALUE, v @ ..]) if is_patched(v) => Some(patched(v)?),
-        Some([VALUE, ..] | [TOMBSTONE]) | None => None,
+    let (mut acc, mut chunk) = match existing {
+        Some([VALUE, v @ ..]) if is_patched(v) => (Some(patched(v)?), None),
+        Some([VALUE, v @ ..]) => (None, crate::keys::parse_block_value(v).map(|(id, _)| id)),
+        Some([TOMBSTONE]) | None => (None, None),
         Some(_) => return None,
     };
     for op in operands {
@@ -190,6 +184,18 @@ pub fn merge_patches(
             [VALUE, v @ ..] => patched(v)?,
             _ => return None,
         };
+        // A chunk value under patches on another base means a writer's
+        // view of the block was stale (see `Origin::merge` in branch.rs):
+        // said loudly, as it would undo the patches before.
+        if let Some(chunk) = chunk.take() {
+            let base = p.base.map(|(b, _)| b);
+            if base != Some(chunk) {
+                tracing::error!(
+                    "working-state key {}: patches on base {base:?} merged onto chunk {chunk:?}",
+                    hex::encode(key)
+                );
+            }
+        }
         acc = Some(match acc {
             Some(a) if a.base == p.base => a.overlaid(&p),
             _ => p,
@@ -271,20 +277,12 @@ impl<'a> Tx<'a> {
         for (k, v) in self.pending {
             let key = overlay_key(self.view.bid, &k);
             match v {
-                Some(v) => {
-                    let mut val = Vec::with_capacity(v.len() + 1);
-                    val.push(VALUE);
-                    val.extend_from_slice(&v);
-                    batch.put_cf(cf, key, val);
-                }
+                Some(v) => batch.put_cf(cf, key, overlay_value(&v)),
                 None => batch.put_cf(cf, key, [TOMBSTONE]),
             }
         }
         for (k, v) in self.merges {
-            let mut val = Vec::with_capacity(v.len() + 1);
-            val.push(VALUE);
-            val.extend_from_slice(&v);
-            batch.merge_cf(cf, overlay_key(self.view.bid, &k), val);
+            batch.merge_cf(cf, overlay_key(self.view.bid, &k), overlay_value(&v));
         }
     }
 
