@@ -42,8 +42,8 @@ const MATERIALIZE_GROUP: usize = 32;
 /// Largest file size (2^50 bytes).
 const MAX_FILE_SIZE: u64 = 1 << 50;
 /// Stored blocks a file's buffer remembers (see `FileBuf::known`); past
-/// this it forgets them all (about 64 bytes each).
-const KNOWN_MAX: usize = 1 << 16;
+/// this it forgets them all (about 64 bytes each: 1 MiB).
+const KNOWN_MAX: usize = 1 << 14;
 
 /// A dirty block's origin: the chunk it was read from and the byte ranges
 /// written since (over every fsync since that chunk was stored).
@@ -152,9 +152,10 @@ struct FileBuf {
     /// write into one needs no lookup: reading a patched block's value
     /// (the patches, merged by RocksDB) cost a random 8 KiB write into
     /// 64 KiB blocks about 50 of its 56 us. Kept by this buffer's flushes
-    /// and the patch writer (both hold the buffer); cleared by a
-    /// truncate; a commit or reset starts another overlay. Other writers
-    /// of block values (unlink, reset) drop the buffer.
+    /// (chunks only for blocks it knew as patches) and the patch writer,
+    /// both holding the buffer; cleared by a truncate; a commit or reset
+    /// starts another overlay. Other writers of block values (unlink,
+    /// reset) drop the buffer.
     known: HashMap<u64, Known>,
     known_bid: u64,
 }
@@ -181,7 +182,7 @@ impl FileBuf {
     /// Records that block `idx` is stored as `k` in overlay `bid`.
     fn know(&mut self, bid: u64, idx: u64, k: Known) {
         if self.known_bid != bid || self.known.len() >= KNOWN_MAX {
-            self.known.clear();
+            self.known = HashMap::new();
             self.known_bid = bid;
         }
         self.known.insert(idx, k);
@@ -1675,7 +1676,12 @@ impl BranchFs {
                 tx.write_into(&mut batch);
                 self.db.write(batch, sync, "storing written data")?;
                 for (idx, k) in known {
-                    g.know(st.bid, idx, k);
+                    // Chunks only for blocks known already (patched
+                    // before): a sequential writer would otherwise fill
+                    // `known` with every block of the file.
+                    if matches!(k, Known::Patched(_)) || g.known(st.bid, idx).is_some() {
+                        g.know(st.bid, idx, k);
+                    }
                 }
             }
         }
@@ -1745,67 +1751,87 @@ impl BranchFs {
     fn materialize_file(&self, ino: Ino, blocks: &[u64]) -> Result<usize> {
         let st = self.state()?;
         // A buffer of our own if the file has none, so that writers and
-        // truncates of this file wait for us (they take its lock).
+        // truncates of this file take the same lock as we do.
         let (fb, created) = self
             .buffer_of(ino, true)
             .expect("buffer_of creates one when asked to");
-        let mut g = fb.lock();
-        let result = (|| {
+        let result = self.materialize_in(&st, ino, &fb, blocks);
+        if created {
+            self.forget_if_clean(ino, &fb, &mut fb.lock());
+        }
+        result
+    }
+
+    /// [`Self::materialize_file`] with the file's buffer `fb`. The reads,
+    /// hashing and compression happen without holding the buffer, so the
+    /// file's writers do not wait for them (a group of 32 held them up to
+    /// 15-18 ms); a block written, flushed or truncated meanwhile is left
+    /// as that left it.
+    fn materialize_in(
+        &self,
+        st: &BranchState,
+        ino: Ino,
+        fb: &Mutex<FileBuf>,
+        blocks: &[u64],
+    ) -> Result<usize> {
+        // Dirty: its own flush stores it (and records it again if that is
+        // an fsync that patches it).
+        let dirty =
+            |g: &FileBuf, idx: u64| g.blocks.contains_key(&idx) || g.spilled.contains_key(&idx);
+        let todo: Vec<u64> = {
+            let g = fb.lock();
             if g.detached {
                 return Ok(0);
             }
-            let view = self.view(&st);
-            let _barrier = self.db.gc_barrier.read_recursive();
-            let mut batch = rocksdb::WriteBatch::default();
-            let mut values = Vec::new();
-            for &idx in blocks {
-                // Dirty: its own flush stores it (and records it again if
-                // that is an fsync that patches it).
-                if g.blocks.contains_key(&idx) || g.spilled.contains_key(&idx) {
-                    continue;
-                }
-                let key = keys::block(ino, idx);
-                if let Some(v) = view.get(&key)? {
-                    if crate::patch::is_patched(&v) {
-                        let whole = self.materialize(&mut batch, &v)?;
-                        values.push((idx, key, v, whole));
-                    }
+            blocks.iter().copied().filter(|&i| !dirty(&g, i)).collect()
+        };
+        let view = self.view(st);
+        let _barrier = self.db.gc_barrier.read_recursive();
+        let mut batch = rocksdb::WriteBatch::default();
+        let mut values = Vec::new();
+        for idx in todo {
+            let key = keys::block(ino, idx);
+            if let Some(v) = view.get(&key)? {
+                if crate::patch::is_patched(&v) {
+                    let whole = self.materialize(&mut batch, &v)?;
+                    values.push((idx, key, v, whole));
                 }
             }
-            if values.is_empty() {
-                return Ok(0);
-            }
-            let _m = self.meta.lock();
-            let mut tx = Tx::new(view);
-            // A file removed meanwhile keeps nothing.
-            if Self::load(&tx, ino).is_err() {
-                return Ok(0);
-            }
-            let mut n = 0;
-            let mut known = Vec::new();
-            for (idx, k, patched, whole) in values {
-                // A truncate (which needs no buffer) may have changed the
-                // block since: then it stays as that left it.
-                if tx.get(&k)?.as_deref() == Some(patched.as_slice()) {
-                    if let Some((id, len)) = keys::parse_block_value(&whole) {
-                        known.push((idx, Known::Chunk(id, len)));
-                    }
-                    tx.put(k, whole);
-                    n += 1;
-                }
-            }
-            tx.write_into(&mut batch);
-            self.db
-                .write(batch, false, "storing patched blocks whole")?;
-            for (idx, k) in known {
-                g.know(st.bid, idx, k);
-            }
-            Ok(n)
-        })();
-        if created {
-            self.forget_if_clean(ino, &fb, &mut g);
         }
-        result
+        if values.is_empty() {
+            return Ok(0);
+        }
+        let mut g = fb.lock();
+        if g.detached {
+            return Ok(0);
+        }
+        let _m = self.meta.lock();
+        let mut tx = Tx::new(view);
+        // A file removed meanwhile keeps nothing.
+        if Self::load(&tx, ino).is_err() {
+            return Ok(0);
+        }
+        let mut n = 0;
+        let mut known = Vec::new();
+        for (idx, k, patched, whole) in values {
+            // Being written again, or stored since by a flush or a
+            // truncate: what was staged for it stays unreferenced (GC).
+            if dirty(&g, idx) || tx.get(&k)?.as_deref() != Some(patched.as_slice()) {
+                continue;
+            }
+            if let Some((id, len)) = keys::parse_block_value(&whole) {
+                known.push((idx, Known::Chunk(id, len)));
+            }
+            tx.put(k, whole);
+            n += 1;
+        }
+        tx.write_into(&mut batch);
+        self.db
+            .write(batch, false, "storing patched blocks whole")?;
+        for (idx, k) in known {
+            g.know(st.bid, idx, k);
+        }
+        Ok(n)
     }
 
     /// Stores a file's buffered writes (close).
