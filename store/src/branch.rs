@@ -429,15 +429,6 @@ impl BranchFs {
         ]
     }
 
-    fn attr(&self, ino: Ino, rec: &InodeRec) -> Attr {
-        let mut a = rec.attr(ino, self.block_size);
-        let fb = self.files.lock().get(&ino).cloned();
-        if let Some(fb) = fb {
-            Self::buffered_attr(&mut a, &fb.lock());
-        }
-        a
-    }
-
     /// What a file's write buffer holds that its record may not yet.
     fn buffered_attr(a: &mut Attr, g: &FileBuf) {
         a.size = g.size;
@@ -633,7 +624,7 @@ impl BranchFs {
     pub fn link(&self, ino: Ino, new_parent: Ino, new_name: &[u8]) -> Result<Attr> {
         validate_file_name(new_name).map_err(|e| Error::fs("link", e.errno()))?;
         let st = self.state()?;
-        let _m = self.meta.lock();
+        let m = self.meta.lock();
         let mut tx = Tx::new(self.view(&st));
         let mut rec = Self::load(&tx, ino)?;
         if rec.kind == FileKind::Dir {
@@ -662,7 +653,10 @@ impl BranchFs {
         Self::store(&mut tx, ino, &rec);
         Self::store(&mut tx, new_parent, &p);
         tx.commit(false, "linking a file")?;
-        Ok(self.attr(ino, &rec))
+        // The file's buffer is taken without `meta` (flushes hold a buffer,
+        // then take `meta`: holding both the other way round deadlocked).
+        drop(m);
+        self.attr_fresh(ino, || Self::load_view(&self.view(&st), ino))
     }
 
     // ---- removal ----
@@ -1801,8 +1795,13 @@ impl BranchFs {
         if values.is_empty() {
             return Ok(0);
         }
+        // The staged chunks reach the disk before their index entries, as
+        // in a flush, and not while the file's writers wait.
+        self.db.sync_chunks()?;
         let mut g = fb.lock();
         if g.detached {
+            // Forgotten meanwhile (released clean): tried again next time.
+            self.patched.lock().entry(ino).or_default().extend(blocks);
             return Ok(0);
         }
         let _m = self.meta.lock();
@@ -2110,6 +2109,35 @@ mod tests {
         assert_eq!(fs.materialize_patches().unwrap(), n);
         assert_eq!(fs.materialize_patches().unwrap(), 0, "none left");
         assert!(fs.read(ino, 0, (n * bs) as u32).unwrap() == expect);
+    }
+
+    /// A link(2) does not hold `meta` while it waits for the file's buffer
+    /// (a flush, a truncate or the patch writer holds the buffer and then
+    /// takes `meta`: a link during an fsync of the same file deadlocked).
+    #[test]
+    fn a_link_takes_no_file_buffer_under_meta() {
+        let (_dir, _store, fs) = fresh();
+        let ino = fs
+            .mknod(ROOT_INO, b"f", FileKind::File, 0o644, 0, 0, 0)
+            .unwrap()
+            .ino;
+        fs.write(ino, 0, b"buffered").unwrap();
+        let fb = fs.files.lock().get(&ino).cloned().unwrap();
+        // As a flush does: the buffer first, `meta` next.
+        let g = fb.lock();
+        let linker = {
+            let fs = fs.clone();
+            std::thread::spawn(move || fs.link(ino, ROOT_INO, b"g").map(|a| a.size))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let meta = fs.meta.try_lock_for(std::time::Duration::from_secs(5));
+        assert!(
+            meta.is_some(),
+            "link held meta while waiting for the buffer"
+        );
+        drop(meta);
+        drop(g);
+        assert_eq!(linker.join().unwrap().unwrap(), 8, "the buffered size");
     }
 
     /// The origin of block `idx` of `ino` in its buffer: (unread, merge).
