@@ -61,6 +61,24 @@ impl Prng {
     }
 }
 
+/// A store in `dir` with one dot `bench` (`block_size`, or the default)
+/// holding one empty file `data` on master: the store, master's working
+/// state and the file's inode.
+pub fn dot_with_file(
+    dir: &std::path::Path,
+    block_size: Option<u32>,
+) -> (Arc<Store>, Arc<BranchFs>, u64) {
+    let store = Store::open(dir).expect("open store");
+    let dot = DotName::new("bench").expect("valid name");
+    store.create_dot(&dot, block_size).expect("create dot");
+    let fs = store.branch_fs(&dot, "master").expect("branch");
+    let file = fs
+        .mknod(ROOT_INO, b"data", FileKind::File, 0o644, 0, 0, 0)
+        .expect("create file")
+        .ino;
+    (store, fs, file)
+}
+
 /// A dot with one file of `size` bytes on master, committed once.
 pub struct Fixture {
     /// The store's data directory (removed on drop).
@@ -86,14 +104,8 @@ impl Fixture {
     /// Creates the dot in a temporary directory under `parent`.
     pub fn new_in(parent: &std::path::Path, size: u64) -> Fixture {
         let dir = tempfile::tempdir_in(parent).expect("temp dir");
-        let store = Store::open(dir.path()).expect("open store");
+        let (store, fs, file) = dot_with_file(dir.path(), None);
         let dot = DotName::new("bench").expect("valid name");
-        store.create_dot(&dot, None).expect("create dot");
-        let fs = store.branch_fs(&dot, "master").expect("branch");
-        let file = fs
-            .mknod(ROOT_INO, b"data", FileKind::File, 0o644, 0, 0, 0)
-            .expect("create file")
-            .ino;
         let mut rng = Prng::new(size);
         let mut buf = vec![0u8; 1 << 20];
         let mut off = 0;

@@ -3,7 +3,7 @@
 //!
 //! Run: `cargo run --release -p dm-bench --bin fsync-cost`
 
-use dm_store::{DotName, FileKind, Store, ROOT_INO};
+use dm_bench::dot_with_file;
 use std::io::{Seek, SeekFrom, Write};
 use std::time::Instant;
 
@@ -26,14 +26,7 @@ fn main() {
     println!("|---|---|---|");
     println!("| native | {:.1} | 1.00 |", native * 1e6);
     for bs in [8192u32, 65536] {
-        let store = Store::open(&dir.path().join(format!("store{bs}"))).expect("store");
-        let dot = DotName::new("f").expect("name");
-        store.create_dot(&dot, Some(bs)).expect("dot");
-        let fs = store.branch_fs(&dot, "master").expect("branch");
-        let ino = fs
-            .mknod(ROOT_INO, b"wal", FileKind::File, 0o600, 0, 0, 0)
-            .expect("file")
-            .ino;
+        let (_store, fs, ino) = dot_with_file(&dir.path().join(format!("store{bs}")), Some(bs));
         let t = Instant::now();
         for i in 0..OPS {
             fs.write(ino, i * 8192, &data).expect("write");

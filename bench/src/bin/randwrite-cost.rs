@@ -7,23 +7,12 @@
 //!
 //! Run: `cargo run --release -p dm-bench --bin randwrite-cost`
 
-use dm_store::{DotName, FileKind, Store, ROOT_INO};
+use dm_bench::{dot_with_file, Prng};
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 const FILE: u64 = 256 << 20;
 const RUN: Duration = Duration::from_secs(10);
-
-/// A small xorshift generator: the same offsets for every target.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 /// Mean write and fsync costs (µs) and MiB/s of one run.
 struct Cost {
@@ -33,15 +22,16 @@ struct Cost {
 }
 
 fn run(mut write: impl FnMut(u64, &[u8]), mut fsync: impl FnMut(), mut tick: impl FnMut()) -> Cost {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    // The same offsets for every target.
+    let mut rng = Prng::new(1);
     let mut data = vec![0u8; 8192];
     let (mut tw, mut tf, mut n) = (Duration::ZERO, Duration::ZERO, 0u64);
     let start = Instant::now();
     let mut last_tick = start;
     while start.elapsed() < RUN {
         for _ in 0..16 {
-            let off = rng.next() % (FILE / 8192) * 8192;
-            data[..8].copy_from_slice(&rng.next().to_le_bytes());
+            let off = rng.below(FILE / 8192) * 8192;
+            data[..8].copy_from_slice(&rng.next_u64().to_le_bytes());
             let t = Instant::now();
             write(off, &data);
             tw += t.elapsed();
@@ -90,14 +80,7 @@ fn main() {
         Err(_) => vec![8192, 65536],
     };
     for bs in sizes {
-        let store = Store::open(&dir.path().join(format!("store{bs}"))).expect("store");
-        let dot = DotName::new("f").expect("name");
-        store.create_dot(&dot, Some(bs)).expect("dot");
-        let fs = store.branch_fs(&dot, "master").expect("branch");
-        let ino = fs
-            .mknod(ROOT_INO, b"data", FileKind::File, 0o600, 0, 0, 0)
-            .expect("file")
-            .ino;
+        let (_store, fs, ino) = dot_with_file(&dir.path().join(format!("store{bs}")), Some(bs));
         for i in 0..FILE / (1 << 20) {
             fs.write(ino, i << 20, &layout).expect("lay out");
         }
