@@ -116,11 +116,16 @@ pub fn stored_form(codec: u8, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Decodes a stored chunk; `max_len` bounds the decompressed size (the
-/// block size), so a hostile frame cannot make us allocate without limit.
+/// Decodes a stored chunk; `max_len` bounds its size (the block size): a
+/// raw chunk larger is refused, and a hostile zstd frame cannot make us
+/// allocate without limit.
 pub fn decode(stored: &[u8], max_len: usize) -> Result<Vec<u8>> {
     match stored.split_first() {
-        Some((&CODEC_RAW, rest)) => Ok(rest.to_vec()),
+        Some((&CODEC_RAW, rest)) if rest.len() <= max_len => Ok(rest.to_vec()),
+        Some((&CODEC_RAW, rest)) => Err(Error::Corrupt(format!(
+            "raw chunk of {} bytes is larger than {max_len}",
+            rest.len()
+        ))),
         Some((&CODEC_ZSTD, rest)) => zstd_decompress(rest, max_len),
         Some((c, _)) => Err(Error::Corrupt(format!("unknown chunk codec {c}"))),
         None => Err(Error::Corrupt("empty stored chunk".into())),
@@ -274,5 +279,9 @@ pub(crate) mod tests {
         assert!(decode(&[], MAX_CHUNK).is_err());
         assert!(decode(&[9, 1, 2], MAX_CHUNK).is_err());
         assert!(decode(&[CODEC_ZSTD, 1, 2, 3], MAX_CHUNK).is_err());
+        // Raw chunks are bounded too, as decode_parts bounds them.
+        let raw = stored_form(CODEC_RAW, &pseudo_random(2000, 1));
+        assert!(decode(&raw, 1999).is_err(), "raw larger than max_len");
+        assert_eq!(decode(&raw, 2000).unwrap().len(), 2000);
     }
 }

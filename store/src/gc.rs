@@ -31,6 +31,10 @@ pub struct GcReport {
     /// compacted).
     #[serde(default)]
     pub log_bytes_freed: u64,
+    /// Working states of deleted branches removed (left by earlier
+    /// versions, which could let a write land after a branch's deletion).
+    #[serde(default)]
+    pub working_states_deleted: u64,
 }
 
 /// What fsck found.
@@ -55,24 +59,47 @@ struct Marks {
     commits: HashSet<Id>,
     objects: HashSet<Id>,
     chunks: HashSet<Id>,
+    /// Overlay ids that hold keys but belong to no branch (see [`mark`]).
+    dead_overlays: Vec<u64>,
 }
 
 /// Walks from every branch. With `verify`, checks each object's and chunk's
 /// bytes against its id and records problems instead of failing.
-fn mark(store: &Store, verify: bool, problems: &mut Vec<String>) -> Result<Marks> {
+///
+/// `id_limit` is the id counter read before the branch records: an overlay
+/// id below it that no branch record names belongs to a deleted branch (or
+/// to a working state a reset replaced) and can never be named again, as
+/// ids are handed out once; what it names is not marked. Ids from the
+/// limit on may belong to branches created meanwhile and are marked.
+fn mark(store: &Store, id_limit: u64, verify: bool, problems: &mut Vec<String>) -> Result<Marks> {
     let db: &Db = &store.db;
     let mut m = Marks::default();
     let mut commits = Vec::new();
     let mut trees = Vec::new();
+    let mut live = HashSet::new();
     for rec in store.all_branch_recs()? {
         trees.push(rec.root);
         commits.extend(rec.head);
+        live.insert(rec.bid);
     }
     // Overlays: every block value they name.
     let mut it = db.db.raw_iterator_cf(db.cf(CF_WORK));
     it.seek_to_first();
     while it.valid() {
         if let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let bid = k.get(..8).map_or(0, |b| {
+                // Cannot fail: the slice is 8 bytes long.
+                u64::from_be_bytes(b.try_into().unwrap_or_default())
+            });
+            if bid < id_limit && !live.contains(&bid) {
+                m.dead_overlays.push(bid);
+                // Past every key of this overlay.
+                match bid.checked_add(1) {
+                    Some(next) => it.seek(next.to_be_bytes()),
+                    None => break,
+                }
+                continue;
+            }
             if k.len() > 8 && matches!(keys::parse(&k[8..]), Some((_, keys::TAG_BLOCK))) {
                 let v = v.get(1..).unwrap_or_default();
                 if let Some((id, _)) = keys::parse_block_value(v) {
@@ -137,23 +164,66 @@ fn mark(store: &Store, verify: bool, problems: &mut Vec<String>) -> Result<Marks
         };
         match &*node {
             Node::Inner(children) => trees.extend(children.iter().map(|(_, c)| *c)),
-            Node::Leaf(entries) => {
-                for (k, v) in entries {
-                    if let Some((_, keys::TAG_BLOCK)) = keys::parse(k) {
-                        match keys::parse_block_value(v) {
-                            Some((cid, _)) => {
-                                m.chunks.insert(cid);
-                            }
-                            None if verify => problems
-                                .push(format!("tree node {}: malformed block entry", id.to_hex())),
-                            None => return Err(Error::Corrupt("malformed block entry".into())),
-                        }
-                    }
-                }
-            }
+            Node::Leaf(entries) => match leaf_chunks(entries) {
+                Ok(ids) => m.chunks.extend(ids),
+                Err(e) if verify => problems.push(format!("tree node {}: {e}", id.to_hex())),
+                Err(e) => return Err(e),
+            },
         }
     }
     Ok(m)
+}
+
+/// Objects and chunks reachable from `roots` (ids of any kind, or of
+/// nothing stored) that `marks` does not hold: what young objects name.
+fn closure_of(db: &Db, marks: &Marks, roots: Vec<Id>) -> Result<Reached> {
+    let mut out = Reached::default();
+    let mut stack = roots;
+    while let Some(id) = stack.pop() {
+        if marks.objects.contains(&id) || out.objects.contains(&id) {
+            continue;
+        }
+        let Some(bytes) = db
+            .db
+            .get_cf(db.cf(CF_OBJECTS), id.0)
+            .map_err(Error::db(format!("reading object {}", id.short())))?
+        else {
+            continue; // a chunk, or nothing stored
+        };
+        out.objects.insert(id);
+        match bytes.get(1).copied() {
+            Some(object::KIND_COMMIT) => {
+                let c: object::Commit = object::decode(&id, object::KIND_COMMIT, &bytes)?;
+                stack.push(c.root);
+                stack.extend(c.parents);
+            }
+            _ => match object::decode_node(&id, &bytes)? {
+                Node::Inner(children) => stack.extend(children.iter().map(|(_, c)| *c)),
+                Node::Leaf(entries) => out.chunks.extend(leaf_chunks(&entries)?),
+            },
+        }
+    }
+    Ok(out)
+}
+
+/// What [`closure_of`] found.
+#[derive(Default)]
+struct Reached {
+    objects: HashSet<Id>,
+    chunks: HashSet<Id>,
+}
+
+/// The chunks a leaf's block entries name.
+fn leaf_chunks(entries: &[(Vec<u8>, Vec<u8>)]) -> Result<Vec<Id>> {
+    let mut out = Vec::new();
+    for (k, v) in entries {
+        if let Some((_, keys::TAG_BLOCK)) = keys::parse(k) {
+            let (id, _) = keys::parse_block_value(v)
+                .ok_or_else(|| Error::Corrupt("malformed block entry".into()))?;
+            out.push(id);
+        }
+    }
+    Ok(out)
 }
 
 impl Store {
@@ -170,6 +240,8 @@ impl Store {
             // are read, and pinners record the id as young after pinning it,
             // so a pin made after this read is recorded there.
             *self.db.young.lock() = Some(HashSet::new());
+            // Before the branch records (see `mark`).
+            let id_limit = self.id_limit();
             let pinned: Vec<Id> = self.db.pins.lock().keys().copied().collect();
             if let Some(young) = self.db.young.lock().as_mut() {
                 young.extend(pinned);
@@ -178,19 +250,36 @@ impl Store {
             // looks for segments nothing names.
             self.db
                 .flush_pending()
-                .map(|()| self.db.log.active_segment())
+                .and_then(|()| Ok((self.db.log.active_segment(), id_limit?)))
         };
-        let result = compact_before.and_then(|before| self.gc_inner(before));
+        let result = compact_before.and_then(|(before, limit)| self.gc_inner(before, limit));
         *self.db.young.lock() = None;
         result
     }
 
-    fn gc_inner(&self, compact_before: u32) -> Result<GcReport> {
+    fn gc_inner(&self, compact_before: u32, id_limit: u64) -> Result<GcReport> {
         let mut problems = Vec::new();
-        let marks = mark(self, false, &mut problems)?;
+        let marks = mark(self, id_limit, false, &mut problems)?;
+        #[cfg(test)]
+        if let Some(f) = self.gc_after_mark.lock().as_ref() {
+            f(self);
+        }
         let db = &self.db;
         let mut report = GcReport::default();
-        // Objects.
+        // Working states of deleted branches: nothing reads or writes them.
+        if !marks.dead_overlays.is_empty() {
+            let mut batch = rocksdb::WriteBatch::default();
+            for &bid in &marks.dead_overlays {
+                crate::view::clear_overlay(db, &mut batch, bid);
+            }
+            db.write(batch, false, "deleting working states of deleted branches")?;
+            report.working_states_deleted = marks.dead_overlays.len() as u64;
+        }
+        // Objects: deleted in one batch, so that a GC killed meanwhile
+        // leaves every remaining object with all it names (transfers
+        // answer "have it" for an object and trust what it names). Young
+        // objects are kept with everything they name: a transfer may have
+        // just found one present and be about to make a branch name it.
         let mut doomed = Vec::new();
         let mut it = db.db.raw_iterator_cf(db.cf(CF_OBJECTS));
         it.seek_to_first();
@@ -206,22 +295,30 @@ impl Store {
             it.next();
         }
         it.status().map_err(Error::db("listing objects"))?;
-        for (id, len) in doomed {
+        // Holding `young` until the batch is written: an object noted young
+        // later was either kept with what it names, or is gone (and the
+        // transfer that noted it finds it missing and sends it again).
+        let kept = {
             let young = db.young.lock();
-            if young.as_ref().is_some_and(|y| y.contains(&id)) {
-                report.objects_kept += 1;
-                continue;
+            let young_ids: Vec<Id> = young.iter().flatten().copied().collect();
+            let kept = closure_of(db, &marks, young_ids)?;
+            let mut batch = rocksdb::WriteBatch::default();
+            for (id, len) in doomed {
+                if kept.objects.contains(&id) {
+                    report.objects_kept += 1;
+                    continue;
+                }
+                batch.delete_cf(db.cf(CF_OBJECTS), id.0);
+                report.objects_deleted += 1;
+                report.bytes_freed += len;
             }
-            db.db
-                .delete_cf(db.cf(CF_OBJECTS), id.0)
-                .map_err(Error::db(format!("deleting object {}", id.short())))?;
-            report.objects_deleted += 1;
-            report.bytes_freed += len;
-        }
+            db.write(batch, false, "deleting unreachable objects")?;
+            kept
+        };
         // Chunks.
         let mut doomed = Vec::new();
         db.for_each_id(&mut |id| {
-            if marks.chunks.contains(&id) {
+            if marks.chunks.contains(&id) || kept.chunks.contains(&id) {
                 report.chunks_kept += 1;
             } else {
                 doomed.push(id);
@@ -252,7 +349,7 @@ impl Store {
     /// and that everything a commit or working state names is present.
     pub fn fsck(&self) -> Result<FsckReport> {
         let mut problems = Vec::new();
-        let marks = mark(self, true, &mut problems)?;
+        let marks = mark(self, self.id_limit()?, true, &mut problems)?;
         let mut report = FsckReport {
             commits_checked: marks.commits.len() as u64,
             objects_checked: marks.objects.len() as u64,

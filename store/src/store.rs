@@ -110,7 +110,14 @@ pub struct Store {
     /// Serialises changes to dot and branch records.
     pub(crate) admin: Mutex<()>,
     pub(crate) gc_lock: Mutex<()>,
+    /// Runs between GC's mark and its sweep (tests of what happens there).
+    #[cfg(test)]
+    pub(crate) gc_after_mark: Mutex<Option<GcHook>>,
 }
+
+/// See `Store::gc_after_mark`.
+#[cfg(test)]
+pub(crate) type GcHook = Box<dyn Fn(&Store) + Send>;
 
 impl Drop for Store {
     fn drop(&mut self) {
@@ -134,6 +141,8 @@ impl Store {
             branches: Mutex::new(HashMap::new()),
             admin: Mutex::new(()),
             gc_lock: Mutex::new(()),
+            #[cfg(test)]
+            gc_after_mark: Mutex::new(None),
         }))
     }
 
@@ -189,11 +198,17 @@ impl Store {
     /// one counter; 0 is never handed out). Call with `admin` held; the
     /// batch writes the bumped counter.
     pub(crate) fn next_ids(&self, batch: &mut WriteBatch, n: u64) -> Result<u64> {
-        let cur: u64 = self
-            .meta_get(meta::NEXT_ID_KEY, "the id counter")?
-            .unwrap_or(1);
+        let cur = self.id_limit()?;
         self.meta_put(batch, meta::NEXT_ID_KEY, &(cur + n));
         Ok(cur)
+    }
+
+    /// The next id [`Store::next_ids`] would hand out: every id in use is
+    /// below it.
+    pub(crate) fn id_limit(&self) -> Result<u64> {
+        Ok(self
+            .meta_get(meta::NEXT_ID_KEY, "the id counter")?
+            .unwrap_or(1))
     }
 
     pub(crate) fn dot_rec(&self, dot: &DotName) -> Result<DotRec> {
@@ -235,17 +250,16 @@ impl Store {
             .collect()
     }
 
-    pub(crate) fn fs_for(
-        &self,
-        d: &DotRec,
-        branch: &str,
-        rec: &BranchRec,
-    ) -> Result<Arc<BranchFs>> {
+    pub(crate) fn fs_for(&self, d: &DotRec, branch: &str) -> Result<Arc<BranchFs>> {
         let mut reg = self.branches.lock();
         let key = (d.id, branch.to_string());
         if let Some(fs) = reg.get(&key) {
             return Ok(fs.clone());
         }
+        // The record is read under the registry lock, which deletions hold
+        // while they write: one read earlier could predate a deletion, and
+        // opening it would write into an overlay nothing deletes any more.
+        let rec = &self.branch_rec(d, branch)?;
         let fs = Arc::new(BranchFs::new(
             self.db.clone(),
             dot_name(d),
@@ -373,13 +387,43 @@ impl Store {
             clear_overlay(&self.db, &mut batch, rec.bid);
         }
         batch.delete_cf(self.db.cf(CF_META), meta::dot_key(&d.namespace, &d.name));
-        self.db.write(batch, true, &format!("deleting dot {dot}"))?;
+        let names: Vec<String> = recs.into_iter().map(|(n, _)| n).collect();
+        self.write_deleting_branches(d.id, &names, batch, &format!("deleting dot {dot}"))
+    }
+
+    /// Writes `batch` (which deletes the records and overlays of dot
+    /// `dot_id`'s branches `names`) while no write to those branches is in
+    /// flight, then marks their open working states deleted. A write that
+    /// landed after the batch's range deletion would leave overlay keys,
+    /// and the chunks they name, that nothing deletes; so in-flight
+    /// operations (which hold their branch's state) finish first, and the
+    /// registry stays locked so that no one opens the branches meanwhile
+    /// (see [`Store::fs_for`]).
+    fn write_deleting_branches(
+        &self,
+        dot_id: u64,
+        names: &[String],
+        batch: WriteBatch,
+        what: &str,
+    ) -> Result<()> {
         let mut reg = self.branches.lock();
-        for (name, _) in recs {
-            if let Some(fs) = reg.remove(&(d.id, name)) {
-                fs.state.write().deleted = true;
-                fs.drop_buffers();
-            }
+        let open: Vec<Arc<BranchFs>> = names
+            .iter()
+            .filter_map(|n| reg.get(&(dot_id, n.clone())).cloned())
+            .collect();
+        // Lock order: registry, then branch states (no one holds a state
+        // while taking the registry).
+        let mut states: Vec<_> = open.iter().map(|fs| fs.state.write()).collect();
+        self.db.write(batch, true, what)?;
+        for st in &mut states {
+            st.deleted = true;
+        }
+        drop(states);
+        for n in names {
+            reg.remove(&(dot_id, n.clone()));
+        }
+        for fs in open {
+            fs.drop_buffers();
         }
         Ok(())
     }
@@ -414,7 +458,7 @@ impl Store {
     }
 
     fn branch_info_of(&self, d: &DotRec, name: &str, r: &BranchRec) -> Result<BranchInfo> {
-        let fs = self.fs_for(d, name, r)?;
+        let fs = self.fs_for(d, name)?;
         let st = fs.state.read();
         let (commits, base_size) = match st.head {
             Some(h) => {
@@ -468,10 +512,9 @@ impl Store {
             });
         }
         let cur_name = d.current_branch.clone();
-        let cur = self.branch_rec(&d, &cur_name)?;
         let start = match from {
             Some(id) => Some(id),
-            None => self.fs_for(&d, &cur_name, &cur)?.head(),
+            None => self.fs_for(&d, &cur_name)?.head(),
         };
         let mut batch = WriteBatch::default();
         let bid = self.next_ids(&mut batch, 1)?;
@@ -514,6 +557,28 @@ impl Store {
         let _b = self.db.gc_barrier.read_recursive();
         let d = self.dot_rec(dot)?;
         let rec = self.branch_rec(&d, branch)?;
+        self.refuse_branch_delete(&d, branch, force)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(self.db.cf(CF_META), meta::branch_key(d.id, branch));
+        clear_overlay(&self.db, &mut batch, rec.bid);
+        self.write_deleting_branches(
+            d.id,
+            &[branch.to_string()],
+            batch,
+            &format!("deleting branch {branch} of dot {dot}"),
+        )
+    }
+
+    /// Whether [`Store::delete_branch`] would refuse, without deleting
+    /// anything (so that callers can check before they unmount).
+    pub fn check_branch_delete(&self, dot: &DotName, branch: &str, force: bool) -> Result<()> {
+        let d = self.dot_rec(dot)?;
+        self.branch_rec(&d, branch)?;
+        self.refuse_branch_delete(&d, branch, force)
+    }
+
+    fn refuse_branch_delete(&self, d: &DotRec, branch: &str, force: bool) -> Result<()> {
+        let dot = dot_name(d);
         if d.current_branch == branch {
             return Err(Error::Refused(format!(
                 "branch {branch} is the current branch of dot {dot}; check out another branch first"
@@ -521,7 +586,7 @@ impl Store {
         }
         if !force {
             let deps: Vec<String> = self
-                .branch_recs(&d)?
+                .branch_recs(d)?
                 .into_iter()
                 .filter(|(_, r)| r.origin.as_ref().is_some_and(|(o, _)| o == branch))
                 .map(|(n, _)| n)
@@ -533,26 +598,13 @@ impl Store {
                 )));
             }
         }
-        let mut batch = WriteBatch::default();
-        batch.delete_cf(self.db.cf(CF_META), meta::branch_key(d.id, branch));
-        clear_overlay(&self.db, &mut batch, rec.bid);
-        self.db.write(
-            batch,
-            true,
-            &format!("deleting branch {branch} of dot {dot}"),
-        )?;
-        if let Some(fs) = self.branches.lock().remove(&(d.id, branch.to_string())) {
-            fs.state.write().deleted = true;
-            fs.drop_buffers();
-        }
         Ok(())
     }
 
     /// The working state of a branch, as a filesystem. One object per branch.
     pub fn branch_fs(&self, dot: &DotName, branch: &str) -> Result<Arc<BranchFs>> {
         let d = self.dot_rec(dot)?;
-        let r = self.branch_rec(&d, branch)?;
-        self.fs_for(&d, branch, &r)
+        self.fs_for(&d, branch)
     }
 
     // ---- commits ----
@@ -572,7 +624,7 @@ impl Store {
         let _b = self.db.gc_barrier.read_recursive();
         let d = self.dot_rec(dot)?;
         let mut rec = self.branch_rec(&d, branch)?;
-        let fs = self.fs_for(&d, branch, &rec)?;
+        let fs = self.fs_for(&d, branch)?;
         let mut st = fs.state.write();
         fs.flush_all_in(&st)?;
         let view = fs.view(&st);
@@ -642,8 +694,7 @@ impl Store {
     /// The branch's commits, oldest first (its whole first-parent ancestry).
     pub fn log(&self, dot: &DotName, branch: &str) -> Result<Vec<CommitInfo>> {
         let d = self.dot_rec(dot)?;
-        let r = self.branch_rec(&d, branch)?;
-        let head = self.fs_for(&d, branch, &r)?.head();
+        let head = self.fs_for(&d, branch)?.head();
         let mut out = Vec::new();
         let mut cur = head;
         while let Some(id) = cur {
@@ -662,8 +713,8 @@ impl Store {
         let Ok(t) = self.db.commit(target) else {
             return Ok(false);
         };
-        for (name, r) in self.branch_recs(d)? {
-            let mut stack: Vec<Id> = self.fs_for(d, &name, &r)?.head().into_iter().collect();
+        for (name, _) in self.branch_recs(d)? {
+            let mut stack: Vec<Id> = self.fs_for(d, &name)?.head().into_iter().collect();
             let mut seen = std::collections::HashSet::new();
             while let Some(id) = stack.pop() {
                 if id == *target {
@@ -684,8 +735,8 @@ impl Store {
     /// Every commit reachable from any branch of the dot.
     fn dot_commits(&self, d: &DotRec) -> Result<HashMap<Id, Commit>> {
         let mut seen = HashMap::new();
-        for (name, r) in self.branch_recs(d)? {
-            let mut stack: Vec<Id> = self.fs_for(d, &name, &r)?.head().into_iter().collect();
+        for (name, _) in self.branch_recs(d)? {
+            let mut stack: Vec<Id> = self.fs_for(d, &name)?.head().into_iter().collect();
             while let Some(id) = stack.pop() {
                 if seen.contains_key(&id) {
                     continue;
@@ -703,17 +754,18 @@ impl Store {
     /// by `^`/`~N`.
     pub fn resolve(&self, dot: &DotName, branch: &str, rev: &str) -> Result<Id> {
         let d = self.dot_rec(dot)?;
-        let r = self.branch_rec(&d, branch)?;
+        // The branch exists (its errors come first).
+        self.branch_rec(&d, branch)?;
         let split = rev.find(['^', '~']).unwrap_or(rev.len());
         let (base, ops) = rev.split_at(split);
         let mut id = if base == "HEAD" || base.is_empty() && !ops.is_empty() {
-            self.fs_for(&d, branch, &r)?.head().ok_or_else(|| {
+            self.fs_for(&d, branch)?.head().ok_or_else(|| {
                 Error::BadRevision(format!(
                     "no commit matches {rev}: branch {branch} of dot {dot} has no commits yet"
                 ))
             })?
-        } else if let Ok(br) = self.branch_rec(&d, base) {
-            self.fs_for(&d, base, &br)?.head().ok_or_else(|| {
+        } else if self.branch_rec(&d, base).is_ok() {
+            self.fs_for(&d, base)?.head().ok_or_else(|| {
                 Error::BadRevision(format!(
                     "no commit matches {rev}: branch {base} has no commits"
                 ))
@@ -787,10 +839,11 @@ impl Store {
     }
 
     /// True when the branch has changes since its head.
+    /// True when the branch holds anything not committed (see
+    /// [`Store::has_uncommitted`]; a branch without commits is dirty once
+    /// anything is written to it).
     pub fn is_dirty(&self, dot: &DotName, branch: &str) -> Result<bool> {
-        let fs = self.branch_fs(dot, branch)?;
-        let st = fs.state.read();
-        Ok(fs.buffered_bytes() > 0 || (st.head.is_some() && fs.view(&st).has_changes()?))
+        self.has_uncommitted(dot, branch)
     }
 
     /// Moves the branch to `target` (a commit of this dot) and discards its
@@ -802,7 +855,7 @@ impl Store {
         let _b = self.db.gc_barrier.read_recursive();
         let d = self.dot_rec(dot)?;
         let mut rec = self.branch_rec(&d, branch)?;
-        let fs = self.fs_for(&d, branch, &rec)?;
+        let fs = self.fs_for(&d, branch)?;
         if !self.reachable_in_dot(&d, &target)? {
             return Err(Error::NotFound {
                 what: "commit",
@@ -1002,5 +1055,224 @@ pub(crate) fn dot_name(d: &DotRec) -> DotName {
     DotName {
         namespace: d.namespace.clone(),
         name: d.name.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::CF_WORK;
+    use crate::ROOT_INO;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Keys left in the working-state column family under overlay `bid`.
+    fn overlay_keys(store: &Store, bid: u64) -> usize {
+        let db = &store.db;
+        let mut it = db.db.raw_iterator_cf(db.cf(CF_WORK));
+        it.seek(bid.to_be_bytes());
+        let mut n = 0;
+        while it.valid() && it.key().is_some_and(|k| k.starts_with(&bid.to_be_bytes())) {
+            n += 1;
+            it.next();
+        }
+        n
+    }
+
+    /// Deleting a branch (or its dot) while its files are written leaves
+    /// nothing of its working state behind: writes in flight finish before
+    /// the deletion, and later ones fail. Writes that landed after the
+    /// deletion's range delete used to leave keys (and the chunks they
+    /// name) that nothing would ever delete.
+    #[test]
+    fn deleting_a_branch_being_written_leaves_no_working_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let dot = DotName::new("app").unwrap();
+        store.create_dot(&dot, None).unwrap();
+        let first = CommitRequest {
+            message: "first".into(),
+            author: "test".into(),
+            metadata: BTreeMap::new(),
+        };
+        store.commit(&dot, "master", first).unwrap();
+        for round in 0..12 {
+            let branch = format!("b{round}");
+            store.create_branch(&dot, &branch, None).unwrap();
+            let d = store.dot_rec(&dot).unwrap();
+            let bid = store.branch_rec(&d, &branch).unwrap().bid;
+            let stop = Arc::new(AtomicBool::new(false));
+            let writers: Vec<_> = (0..3)
+                .map(|w| {
+                    let (store, dot, branch, stop) =
+                        (store.clone(), dot.clone(), branch.clone(), stop.clone());
+                    std::thread::spawn(move || {
+                        for i in 0.. {
+                            if stop.load(Ordering::Relaxed) {
+                                break;
+                            }
+                            // Fails once the branch is gone: the writer stops.
+                            let step = || -> Result<()> {
+                                let fs = store.branch_fs(&dot, &branch)?;
+                                let name = format!("w{w}-{i}");
+                                let ino = fs
+                                    .mknod(
+                                        ROOT_INO,
+                                        name.as_bytes(),
+                                        FileKind::File,
+                                        0o644,
+                                        0,
+                                        0,
+                                        0,
+                                    )?
+                                    .ino;
+                                fs.write(ino, 0, &[w as u8; 10_000])?;
+                                fs.fsync(ino, false)
+                            };
+                            if step().is_err() {
+                                break;
+                            }
+                        }
+                    })
+                })
+                .collect();
+            std::thread::sleep(std::time::Duration::from_millis(5 + round));
+            store.delete_branch(&dot, &branch, false).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            stop.store(true, Ordering::Relaxed);
+            for w in writers {
+                w.join().unwrap();
+            }
+            assert_eq!(
+                overlay_keys(&store, bid),
+                0,
+                "round {round}: keys of {branch} left"
+            );
+            assert!(store.branch_fs(&dot, &branch).is_err(), "{branch} gone");
+        }
+        // The same for a whole dot.
+        let bid = store
+            .branch_rec(&store.dot_rec(&dot).unwrap(), "master")
+            .unwrap()
+            .bid;
+        let fs = store.branch_fs(&dot, "master").unwrap();
+        let writer = std::thread::spawn(move || {
+            for i in 0.. {
+                let step = || -> Result<()> {
+                    let ino = fs
+                        .mknod(
+                            ROOT_INO,
+                            format!("f{i}").as_bytes(),
+                            FileKind::File,
+                            0o644,
+                            0,
+                            0,
+                            0,
+                        )?
+                        .ino;
+                    fs.write(ino, 0, &[1; 10_000])?;
+                    fs.fsync(ino, false)
+                };
+                if step().is_err() {
+                    break;
+                }
+            }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        store.delete_dot(&dot).unwrap();
+        writer.join().unwrap();
+        assert_eq!(overlay_keys(&store, bid), 0, "keys of the deleted dot left");
+    }
+
+    /// GC removes the working state of a branch whose record is gone (as
+    /// the deletion race of earlier versions left them) and the chunks only
+    /// it named, and nothing of the live branches.
+    #[test]
+    fn gc_removes_working_states_no_branch_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let dot = DotName::new("app").unwrap();
+        store.create_dot(&dot, None).unwrap();
+        let write = |branch: &str, name: &str, byte: u8| {
+            let fs = store.branch_fs(&dot, branch).unwrap();
+            let ino = fs
+                .mknod(ROOT_INO, name.as_bytes(), FileKind::File, 0o644, 0, 0, 0)
+                .unwrap()
+                .ino;
+            fs.write(ino, 0, &vec![byte; 300_000]).unwrap();
+            fs.fsync(ino, false).unwrap();
+            ino
+        };
+        let kept = write("master", "kept", 1);
+        store.create_branch(&dot, "b", None).unwrap();
+        write("b", "leaked", 2);
+        // What an earlier version's race left: the record gone, the
+        // overlay (and the chunks it names) still there.
+        let d = store.dot_rec(&dot).unwrap();
+        let bid = store.branch_rec(&d, "b").unwrap().bid;
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(store.db.cf(CF_META), meta::branch_key(d.id, "b"));
+        store.db.write(batch, true, "forgetting b").unwrap();
+        store.branches.lock().remove(&(d.id, "b".to_string()));
+        assert!(overlay_keys(&store, bid) > 0);
+
+        let report = store.gc().unwrap();
+        assert_eq!(report.working_states_deleted, 1, "{report:?}");
+        assert!(report.chunks_deleted >= 1, "{report:?}");
+        assert_eq!(overlay_keys(&store, bid), 0);
+        assert!(store.fsck().unwrap().is_clean());
+        let fs = store.branch_fs(&dot, "master").unwrap();
+        assert!(fs.read(kept, 0, 300_000).unwrap() == vec![1; 300_000]);
+        // Nothing more the second time.
+        assert_eq!(store.gc().unwrap().working_states_deleted, 0);
+    }
+
+    /// An object that becomes young between GC's mark and its sweep (a
+    /// transfer found it present and is making a branch name it) keeps
+    /// everything it names. GC kept only the object itself: the branch
+    /// then named a commit whose tree and chunks were gone.
+    #[test]
+    fn gc_keeps_what_a_young_commit_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let dot = DotName::new("app").unwrap();
+        store.create_dot(&dot, None).unwrap();
+        let req = |m: &str| CommitRequest {
+            message: m.into(),
+            author: "test".into(),
+            metadata: BTreeMap::new(),
+        };
+        store.commit(&dot, "master", req("first")).unwrap();
+        store.create_branch(&dot, "b", None).unwrap();
+        let data = crate::chunk::tests::pseudo_random(200_000, 9);
+        let fs = store.branch_fs(&dot, "b").unwrap();
+        let ino = fs
+            .mknod(ROOT_INO, b"f", FileKind::File, 0o644, 0, 0, 0)
+            .unwrap()
+            .ino;
+        fs.write(ino, 0, &data).unwrap();
+        fs.release(ino).unwrap();
+        let c = store.commit(&dot, "b", req("on b")).unwrap().id;
+        drop(fs);
+        store.delete_branch(&dot, "b", true).unwrap();
+        // `c` and all it names are garbage now, until a transfer notes it.
+        *store.gc_after_mark.lock() = Some(Box::new(move |s: &Store| s.db.note_young(&c)));
+        store.gc().unwrap();
+        *store.gc_after_mark.lock() = None;
+        store.create_branch(&dot, "again", Some(c)).unwrap();
+        assert!(
+            store.fsck().unwrap().is_clean(),
+            "{:?}",
+            store.fsck().unwrap()
+        );
+        let fs = store.branch_fs(&dot, "again").unwrap();
+        let ino = fs.lookup(ROOT_INO, b"f").unwrap().ino;
+        assert!(fs.read(ino, 0, 300_000).unwrap() == data);
+        // Once nothing notes it, it goes.
+        store.delete_branch(&dot, "again", true).unwrap();
+        let report = store.gc().unwrap();
+        assert!(
+            report.objects_deleted >= 2 && report.chunks_deleted >= 1,
+            "{report:?}"
+        );
     }
 }

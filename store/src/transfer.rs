@@ -175,17 +175,7 @@ pub fn plan_trees<E: From<Error>>(
         }
         frontier = next;
     }
-    // Heights: 0 for nodes without new children, else 1 + max of theirs.
-    // Children always come later in BFS order, so walk it backwards.
-    let mut height: HashMap<Id, usize> = HashMap::new();
-    for id in order.iter().rev() {
-        let h = children_of[id]
-            .iter()
-            .filter_map(|k| height.get(k).map(|h| h + 1))
-            .max()
-            .unwrap_or(0);
-        height.insert(*id, h);
-    }
+    let height = heights(&order, &children_of)?;
     for id in order {
         let h = height[&id];
         if plan.levels.len() <= h {
@@ -194,6 +184,59 @@ pub fn plan_trees<E: From<Error>>(
         plan.levels[h].push(id);
     }
     Ok(plan)
+}
+
+/// Heights of the planned nodes: 0 for a node without new children, else
+/// 1 + the largest height of its new children (those in `children_of`;
+/// the others the receiver has). Computed depth-first and memoised, so the
+/// result does not depend on the order nodes were discovered in: a node
+/// shared by trees of different heights is discovered through the shorter
+/// one, after (in breadth-first order) parents it has in the taller one.
+fn heights(order: &[Id], children_of: &HashMap<Id, Vec<Id>>) -> Result<HashMap<Id, usize>> {
+    let mut height: HashMap<Id, usize> = HashMap::with_capacity(order.len());
+    // Nodes whose children are being computed: meeting one again would be
+    // a cycle, which content addressing rules out (checked all the same,
+    // since the nodes come from the peer).
+    let mut open: HashSet<Id> = HashSet::new();
+    for start in order {
+        let mut stack = vec![(*start, false)];
+        while let Some((id, expanded)) = stack.pop() {
+            if height.contains_key(&id) {
+                continue;
+            }
+            let kids = children_of.get(&id).map(Vec::as_slice).unwrap_or(&[]);
+            let new_kids = kids.iter().filter(|k| children_of.contains_key(k));
+            if expanded {
+                let mut h = 0;
+                for k in new_kids {
+                    let kh = height.get(k).ok_or_else(|| {
+                        Error::Corrupt(format!(
+                            "tree node {} is part of a cycle through {}",
+                            id.short(),
+                            k.short()
+                        ))
+                    })?;
+                    h = h.max(kh + 1);
+                }
+                open.remove(&id);
+                height.insert(id, h);
+            } else {
+                if !open.insert(id) {
+                    return Err(Error::Corrupt(format!(
+                        "tree node {} is part of a cycle",
+                        id.short()
+                    )));
+                }
+                stack.push((id, true));
+                stack.extend(
+                    new_kids
+                        .filter(|k| !height.contains_key(k))
+                        .map(|k| (*k, false)),
+                );
+            }
+        }
+    }
+    Ok(height)
 }
 
 /// Where `theirs` (the destination head) stands relative to `ours` (the
@@ -251,17 +294,22 @@ impl ImportSession {
 
     /// Pins `ids`, records them as young for a running GC, then checks they
     /// are present: after this returns Ok they stay until the session ends.
-    fn hold_present(&self, of: &Id, objects: &[Id], chunks: &[Id]) -> Result<()> {
+    /// Returns the stored forms of `objects` (in order).
+    fn hold_present(&self, of: &Id, objects: &[Id], chunks: &[Id]) -> Result<Vec<Vec<u8>>> {
         for id in objects.iter().chain(chunks) {
             self.pin(id);
             self.store.db.note_young(id);
         }
-        if let Some(i) = self.store.has_objects(objects)?.iter().position(|p| !p) {
-            return Err(Error::Refused(format!(
-                "object {} arrived before what it names (object {} is missing)",
-                of.short(),
-                objects[i].short()
-            )));
+        let mut stored = Vec::with_capacity(objects.len());
+        for (id, b) in objects.iter().zip(self.store.objects_stored(objects)?) {
+            let Some(b) = b else {
+                return Err(Error::Refused(format!(
+                    "object {} arrived before what it names (object {} is missing)",
+                    of.short(),
+                    id.short()
+                )));
+            };
+            stored.push(b);
         }
         if let Some(i) = self.store.db.has_many(chunks)?.iter().position(|p| !p) {
             return Err(Error::Refused(format!(
@@ -270,20 +318,34 @@ impl ImportSession {
                 chunks[i].short()
             )));
         }
-        Ok(())
+        Ok(stored)
     }
 
     /// Verifies a chunk's stored form against `id` (decode, then blake3 of
     /// the plain bytes) and stores it. Returns true when newly written.
     pub fn import_chunk(&self, id: &Id, stored: &[u8]) -> Result<bool> {
+        if let Some((&chunk::CODEC_RAW, raw)) = stored.split_first() {
+            // Stored, it could never be read back (reads bound chunks too).
+            if raw.len() > chunk::MAX_CHUNK {
+                return Err(Error::Corrupt(format!(
+                    "chunk {} is {} bytes, more than the largest block ({} bytes)",
+                    id.short(),
+                    raw.len(),
+                    chunk::MAX_CHUNK
+                )));
+            }
+        }
         chunk::decode_verified(id, stored, chunk::MAX_CHUNK)?;
         self.pin(id);
         self.store.db.put_if_absent(id, stored)
     }
 
     /// Verifies an object's stored form against `id` (blake3 of the stored
-    /// bytes), checks it decodes, and that everything it names is present,
-    /// then stores it. Returns true when newly written.
+    /// bytes), checks it decodes, that everything it names is present and
+    /// of the right kind (a commit names a tree node as its root and
+    /// commits as its parents, an inner node names tree nodes), and that a
+    /// commit's generation is 1 + the largest of its parents' (1 without
+    /// parents); then stores it. Returns true when newly written.
     pub fn import_object(&self, id: &Id, stored: &[u8]) -> Result<bool> {
         if Id::of(stored) != *id {
             return Err(Error::Corrupt(format!(
@@ -292,15 +354,26 @@ impl ImportSession {
             )));
         }
         let kind = stored.get(1).copied().unwrap_or(0);
-        let (objs, chunks) = if kind == object::KIND_COMMIT {
+        if kind == object::KIND_COMMIT {
             let c: Commit = object::decode(id, kind, stored)?;
             let mut objs = vec![c.root];
-            objs.extend(c.parents);
-            (objs, Vec::new())
+            objs.extend(c.parents.iter().copied());
+            let named = self.hold_present(id, &objs, &[])?;
+            check_commit(id, &c, &named[0], &named[1..])?;
         } else {
-            node_refs(id, stored)?
-        };
-        self.hold_present(id, &objs, &chunks)?;
+            let (kids, chunks) = node_refs(id, stored)?;
+            let named = self.hold_present(id, &kids, &chunks)?;
+            for (k, b) in kids.iter().zip(&named) {
+                if !is_tree_node(b) {
+                    return Err(Error::Refused(format!(
+                        "tree node {} names {} as a child, which is {}, not a tree node",
+                        id.short(),
+                        k.short(),
+                        kind_name(b)
+                    )));
+                }
+            }
+        }
         self.pin(id);
         if self.store.db.has_object(id)? {
             self.store.db.note_young(id);
@@ -311,6 +384,69 @@ impl ImportSession {
         self.store.db.write(batch, false, "importing an object")?;
         Ok(true)
     }
+}
+
+/// True when `stored` is the stored form of a tree node (leaf or inner).
+fn is_tree_node(stored: &[u8]) -> bool {
+    matches!(
+        stored.get(1).copied(),
+        Some(object::KIND_LEAF | object::KIND_INNER)
+    )
+}
+
+/// What kind of object `stored` is, for messages.
+fn kind_name(stored: &[u8]) -> String {
+    match stored.get(1).copied() {
+        Some(object::KIND_LEAF) => "a tree leaf".into(),
+        Some(object::KIND_INNER) => "an inner tree node".into(),
+        Some(object::KIND_COMMIT) => "a commit".into(),
+        Some(k) => format!("an object of unknown kind {k}"),
+        None => "an empty object".into(),
+    }
+}
+
+/// Checks what commit `id` names: `root` (stored form) must be a tree node,
+/// `parents` (stored forms, in the commit's order) commits, and its
+/// generation 1 + the largest of theirs (1 without parents).
+fn check_commit(id: &Id, c: &Commit, root: &[u8], parents: &[Vec<u8>]) -> Result<()> {
+    if !is_tree_node(root) {
+        return Err(Error::Refused(format!(
+            "commit {} names {} as its snapshot root, which is {}, not a tree node",
+            id.short(),
+            c.root.short(),
+            kind_name(root)
+        )));
+    }
+    let mut top: Option<u64> = None;
+    for (p, b) in c.parents.iter().zip(parents) {
+        if b.get(1).copied() != Some(object::KIND_COMMIT) {
+            return Err(Error::Refused(format!(
+                "commit {} names {} as a parent, which is {}, not a commit",
+                id.short(),
+                p.short(),
+                kind_name(b)
+            )));
+        }
+        let pc: Commit = object::decode(p, object::KIND_COMMIT, b)?;
+        top = Some(top.map_or(pc.generation, |t| t.max(pc.generation)));
+    }
+    let expected = match top {
+        None => Some(1),
+        Some(g) => g.checked_add(1),
+    };
+    if expected != Some(c.generation) {
+        return Err(Error::Refused(format!(
+            "commit {} has generation {}, but {}",
+            id.short(),
+            c.generation,
+            match (top, expected) {
+                (None, _) => "a commit without parents has generation 1".to_string(),
+                (Some(g), Some(e)) => format!("its parents' largest is {g}, so it must be {e}"),
+                (Some(g), None) => format!("its parents' largest is {g}, which has no successor"),
+            }
+        )));
+    }
+    Ok(())
 }
 
 impl Drop for ImportSession {
@@ -346,6 +482,18 @@ impl Store {
                 r.map(|v| v.is_some())
                     .map_err(Error::db("checking which objects are present"))
             })
+            .collect()
+    }
+
+    /// The stored forms of `ids` (None for those not stored), in order.
+    fn objects_stored(&self, ids: &[Id]) -> Result<Vec<Option<Vec<u8>>>> {
+        let cf = self.db.cf(crate::db::CF_OBJECTS);
+        let keys: Vec<_> = ids.iter().map(|id| (cf, id.0)).collect();
+        self.db
+            .db
+            .multi_get_cf(keys)
+            .into_iter()
+            .map(|r| r.map_err(Error::db("reading the objects an import names")))
             .collect()
     }
 
@@ -428,11 +576,19 @@ impl Store {
     pub fn has_uncommitted(&self, dot: &DotName, branch: &str) -> Result<bool> {
         let fs = self.branch_fs(dot, branch)?;
         let st = fs.state.read();
+        Self::uncommitted_in(&fs, &st)
+    }
+
+    /// [`Store::has_uncommitted`] of `fs`, whose state the caller holds.
+    fn uncommitted_in(
+        fs: &crate::branch::BranchFs,
+        st: &crate::branch::BranchState,
+    ) -> Result<bool> {
         if fs.buffered_bytes() > 0 {
             return Ok(true);
         }
         if st.head.is_some() {
-            return fs.view(&st).has_changes();
+            return fs.view(st).has_changes();
         }
         // A branch without commits starts with an overlay holding a fresh
         // superblock and root directory: anything beyond those (or a
@@ -444,7 +600,7 @@ impl Store {
             .map(|(_, v)| v);
         let root = keys::inode(crate::inode::ROOT_INO);
         let mut dirty = false;
-        fs.view(&st).for_each_change(&mut |k, v| {
+        fs.view(st).for_each_change(&mut |k, v| {
             if k == superblock.as_slice() {
                 dirty |= v.map(|v| v.to_vec()) != fresh_super;
             } else if k != root.as_slice() {
@@ -479,11 +635,22 @@ impl Store {
                 new.short()
             ))
         })?;
-        if !self.db.has_object(&commit.root)? {
-            return Err(Error::Refused(format!(
-                "the snapshot of commit {} is not stored here; the transfer is incomplete",
-                new.short()
-            )));
+        match self.object_bytes(&commit.root)? {
+            None => {
+                return Err(Error::Refused(format!(
+                    "the snapshot of commit {} is not stored here; the transfer is incomplete",
+                    new.short()
+                )))
+            }
+            Some(b) if !is_tree_node(&b) => {
+                return Err(Error::Refused(format!(
+                    "commit {} names {} as its snapshot root, which is {}, not a tree node",
+                    new.short(),
+                    commit.root.short(),
+                    kind_name(&b)
+                )))
+            }
+            Some(_) => {}
         }
         self.db.note_young(&new);
         let _a = self.admin.lock();
@@ -492,6 +659,10 @@ impl Store {
         let key = meta::dot_key(&dot.namespace, &dot.name);
         let existing: Option<DotRec> = self.meta_get(&key, "dot")?;
         let mut batch = WriteBatch::default();
+        // The overlay id of the branch, when the dot is created here too:
+        // both ids come from one reservation (next_ids reads the counter
+        // from the database, not from the batch).
+        let mut new_bid = None;
         let d = match existing {
             Some(d) => {
                 if d.block_size != block_size {
@@ -506,7 +677,8 @@ impl Store {
                 if expected.is_some() {
                     return Ok(SetHead::Moved { actual: None });
                 }
-                let id = self.next_ids(&mut batch, 1)?;
+                let id = self.next_ids(&mut batch, 2)?;
+                new_bid = Some(id + 1);
                 let d = DotRec {
                     id,
                     namespace: dot.namespace.clone(),
@@ -526,7 +698,10 @@ impl Store {
                 if expected.is_some() {
                     return Ok(SetHead::Moved { actual: None });
                 }
-                let bid = self.next_ids(&mut batch, 1)?;
+                let bid = match new_bid {
+                    Some(bid) => bid,
+                    None => self.next_ids(&mut batch, 1)?,
+                };
                 let rec = BranchRec {
                     bid,
                     head: Some(new),
@@ -542,24 +717,17 @@ impl Store {
                 Ok(SetHead::Updated)
             }
             Some(mut rec) => {
-                let fs = self.fs_for(&d, branch, &rec)?;
+                let fs = self.fs_for(&d, branch)?;
+                // Held until the move is written: no write can land between
+                // the check for uncommitted changes and the move (it would
+                // be discarded with the old working state).
                 let mut st = fs.state.write();
                 if st.head != expected {
                     return Ok(SetHead::Moved { actual: st.head });
                 }
-                drop(st);
-                if self.has_uncommitted(dot, branch)? {
+                if Self::uncommitted_in(&fs, &st)? {
                     return Err(Error::Refused(format!(
                         "branch {branch} of dot {dot} has uncommitted changes; commit them (or `dm reset --hard HEAD`) first"
-                    )));
-                }
-                st = fs.state.write();
-                if st.head != expected {
-                    return Ok(SetHead::Moved { actual: st.head });
-                }
-                if fs.buffered_bytes() > 0 {
-                    return Err(Error::Refused(format!(
-                        "branch {branch} of dot {dot} has uncommitted changes; commit them first"
                     )));
                 }
                 rec.head = Some(new);
@@ -839,6 +1007,222 @@ mod tests {
         assert!(b.has_chunks(&plan.chunks).unwrap().iter().all(|p| !*p));
     }
 
+    /// Plans `roots` against a receiver that has nothing, from `nodes`.
+    fn plan_from(nodes: &HashMap<Id, Vec<u8>>, roots: &[Id]) -> TreePlan {
+        plan_trees::<Error>(
+            roots,
+            2,
+            &mut |ids| Ok(vec![false; ids.len()]),
+            &mut |ids| Ok(ids.iter().map(|id| nodes[id].clone()).collect()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn plan_levels_put_children_below_parents_across_trees_of_different_heights() {
+        let mut nodes: HashMap<Id, Vec<u8>> = HashMap::new();
+        let mut put = |n: Node| {
+            let (id, bytes) = object::encode_node(&n);
+            nodes.insert(id, bytes);
+            id
+        };
+        let leaf = |tag: &str| Node::Leaf(vec![(tag.as_bytes().to_vec(), b"v".to_vec())]);
+        let inner = |kids: &[Id]| {
+            Node::Inner(
+                kids.iter()
+                    .enumerate()
+                    .map(|(i, k)| (vec![i as u8], *k))
+                    .collect(),
+            )
+        };
+        let la = put(leaf("a"));
+        let lb = put(leaf("b"));
+        let lc = put(leaf("c"));
+        let a = put(inner(&[la]));
+        let b = put(inner(&[lb]));
+        let c = put(inner(&[lc]));
+        // r1 reaches A and B first (height 2); r2 reaches them one level
+        // deeper (height 3), through P1 and P2.
+        let r1 = put(inner(&[a, b]));
+        let p1 = put(inner(&[a]));
+        let p2 = put(inner(&[b, c]));
+        let r2 = put(inner(&[p1, p2]));
+        for roots in [vec![r1, r2], vec![r2, r1]] {
+            let plan = plan_from(&nodes, &roots);
+            let mut level_of: HashMap<Id, usize> = HashMap::new();
+            for (h, level) in plan.levels.iter().enumerate() {
+                for id in level {
+                    assert!(level_of.insert(*id, h).is_none(), "planned twice");
+                }
+            }
+            assert_eq!(level_of.len(), nodes.len(), "every node is planned");
+            for (id, bytes) in &nodes {
+                let (kids, _) = node_refs(id, bytes).unwrap();
+                for k in kids {
+                    assert!(
+                        level_of[&k] < level_of[id],
+                        "child {} (level {}) is not below its parent {} (level {})",
+                        k.short(),
+                        level_of[&k],
+                        id.short(),
+                        level_of[id]
+                    );
+                }
+            }
+            // And the plan imports in that order without a refusal.
+            let d = tempfile::tempdir().unwrap();
+            let s = Store::open(d.path()).unwrap();
+            let sess = ImportSession::new(s.clone());
+            for level in &plan.levels {
+                for id in level {
+                    sess.import_object(id, &nodes[id]).unwrap();
+                }
+            }
+        }
+    }
+
+    /// A store with dot `app` holding one commit on master; returns the
+    /// store, the commit, and its root.
+    fn one_commit(dir: &std::path::Path) -> (Arc<Store>, DotName, Id, Id) {
+        let s = Store::open(dir).unwrap();
+        let dot = DotName::new("app").unwrap();
+        s.create_dot(&dot, None).unwrap();
+        write_file(&s, &dot, "master", "f", b"data");
+        let c = commit(&s, &dot, "master", "one");
+        let root = s.commit_record(&c).unwrap().root;
+        (s, dot, c, root)
+    }
+
+    fn forged_commit(root: Id, parents: Vec<Id>, generation: u64) -> (Id, Vec<u8>) {
+        object::encode(
+            object::KIND_COMMIT,
+            &Commit {
+                root,
+                parents,
+                author: "mallory".into(),
+                message: "forged".into(),
+                timestamp_ns: 0,
+                metadata: Default::default(),
+                generation,
+                size: 0,
+            },
+        )
+    }
+
+    #[test]
+    fn imported_commits_must_name_the_right_kinds_and_generation() {
+        let d = tempfile::tempdir().unwrap();
+        let (s, dot, c1, root) = one_commit(d.path());
+        let bs = s.dot_info(&dot).unwrap().block_size;
+        let sess = ImportSession::new(s.clone());
+        let cases = [
+            ("a commit as root", forged_commit(c1, vec![], 1)),
+            ("a tree node as parent", forged_commit(root, vec![root], 2)),
+            (
+                "a commit as root, with a parent",
+                forged_commit(c1, vec![c1], 2),
+            ),
+            (
+                "generation u64::MAX",
+                forged_commit(root, vec![c1], u64::MAX),
+            ),
+            (
+                "generation 0 without parents",
+                forged_commit(root, vec![], 0),
+            ),
+            (
+                "generation 5 without parents",
+                forged_commit(root, vec![], 5),
+            ),
+            (
+                "generation 1 with a parent",
+                forged_commit(root, vec![c1], 1),
+            ),
+        ];
+        for (i, (what, (id, bytes))) in cases.iter().enumerate() {
+            let r = sess.import_object(id, bytes);
+            assert!(
+                matches!(&r, Err(Error::Refused(m)) if m.contains(&id.short())),
+                "{what}: {r:?}"
+            );
+            assert_eq!(s.has_objects(&[*id]).unwrap(), vec![false], "{what}");
+            // It can never become a head.
+            let branch = format!("evil{i}");
+            assert!(s.set_branch_head(&dot, &branch, None, *id, bs).is_err());
+        }
+        // An inner node naming a commit is refused too.
+        let (bad_inner, bytes) = object::encode_node(&Node::Inner(vec![(vec![], c1)]));
+        assert!(matches!(
+            sess.import_object(&bad_inner, &bytes),
+            Err(Error::Refused(_))
+        ));
+        // A well-formed commit is still accepted.
+        let (good, bytes) = forged_commit(root, vec![c1], 2);
+        assert!(sess.import_object(&good, &bytes).unwrap());
+        assert_eq!(
+            s.set_branch_head(&dot, "ok", None, good, bs).unwrap(),
+            SetHead::Updated
+        );
+        drop(sess);
+        s.gc().unwrap();
+        assert!(s.fsck().unwrap().is_clean());
+        // And committing on top of it works.
+        write_file(&s, &dot, "ok", "g", b"more");
+        let c3 = commit(&s, &dot, "ok", "three");
+        assert_eq!(s.commit_record(&c3).unwrap().generation, 3);
+    }
+
+    #[test]
+    fn a_pulled_new_dot_and_its_branch_get_distinct_ids() {
+        let da = tempfile::tempdir().unwrap();
+        let db = tempfile::tempdir().unwrap();
+        let (a, dot, c1, _) = one_commit(da.path());
+        let b = Store::open(db.path()).unwrap();
+        copy(&a, &b, c1);
+        let bs = a.dot_info(&dot).unwrap().block_size;
+        let before = b.id_limit().unwrap();
+        assert_eq!(
+            b.set_branch_head(&dot, "master", None, c1, bs).unwrap(),
+            SetHead::Updated
+        );
+        let d = b.dot_rec(&dot).unwrap();
+        let rec = b.branch_rec(&d, "master").unwrap();
+        assert_ne!(d.id, rec.bid, "dot id and overlay id must differ");
+        let limit = b.id_limit().unwrap();
+        assert!(d.id >= before && rec.bid >= before);
+        assert!(limit > d.id && limit > rec.bid, "the next id is unused");
+        assert_eq!(limit, before + 2);
+        // A second branch of the new dot gets a fresh id too.
+        assert_eq!(
+            b.set_branch_head(&dot, "other", None, c1, bs).unwrap(),
+            SetHead::Updated
+        );
+        let other = b.branch_rec(&d, "other").unwrap();
+        assert!(other.bid >= limit);
+        assert!(b.id_limit().unwrap() > other.bid);
+    }
+
+    #[test]
+    fn oversized_raw_chunks_are_refused_at_import() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let sess = ImportSession::new(s.clone());
+        let data = vec![7u8; chunk::MAX_CHUNK + 1];
+        let id = Id::of(&data);
+        let stored = chunk::stored_form(chunk::CODEC_RAW, &data);
+        let r = sess.import_chunk(&id, &stored);
+        assert!(
+            matches!(&r, Err(e) if e.to_string().contains(&id.short())),
+            "{r:?}"
+        );
+        assert_eq!(s.has_chunks(&[id]).unwrap(), vec![false]);
+        // The largest allowed size still goes in.
+        let data = vec![7u8; chunk::MAX_CHUNK];
+        let id = Id::of(&data);
+        let stored = chunk::stored_form(chunk::CODEC_RAW, &data);
+        assert!(sess.import_chunk(&id, &stored).unwrap());
+    }
+
     #[test]
     fn uncommitted_on_a_branch_without_commits() {
         let d = tempfile::tempdir().unwrap();
@@ -864,5 +1248,55 @@ mod tests {
         assert_eq!(all[1].0, "user/bob");
         s.delete_setting("user/bob").unwrap();
         assert_eq!(s.settings_with_prefix("user/").unwrap().len(), 1);
+    }
+
+    /// A file created while a branch is being moved (a pull) is either
+    /// seen by the move (which then refuses: uncommitted changes) or made
+    /// after it: never created and then discarded with the old working
+    /// state. The move let go of the branch between its check and its
+    /// write, and a create in between was lost.
+    #[test]
+    fn a_move_never_discards_a_file_created_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let dot = DotName::new("app").unwrap();
+        s.create_dot(&dot, None).unwrap();
+        write_file(&s, &dot, "master", "base", b"1");
+        let c1 = commit(&s, &dot, "master", "one");
+        write_file(&s, &dot, "master", "base", b"2");
+        let c2 = commit(&s, &dot, "master", "two");
+        let bs = s.dot_info(&dot).unwrap().block_size;
+        let fs = s.branch_fs(&dot, "master").unwrap();
+        for round in 0..150 {
+            let name = format!("f{round}");
+            let created = std::sync::atomic::AtomicBool::new(false);
+            std::thread::scope(|sc| {
+                sc.spawn(|| {
+                    std::thread::sleep(std::time::Duration::from_micros(200 + round * 7));
+                    if fs
+                        .mknod(ROOT_INO, name.as_bytes(), FileKind::File, 0o644, 0, 0, 0)
+                        .is_ok()
+                    {
+                        created.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                });
+                // Moves back and forth until the file exists.
+                let mut at = s.branch_info(&dot, "master").unwrap().head;
+                while !created.load(std::sync::atomic::Ordering::SeqCst) {
+                    let to = if at == Some(c2) { c1 } else { c2 };
+                    match s.set_branch_head(&dot, "master", at, to, bs) {
+                        Ok(SetHead::Updated) => at = Some(to),
+                        Ok(SetHead::Moved { actual }) => at = actual,
+                        Err(_) => {} // uncommitted: the file is there
+                    }
+                }
+            });
+            assert!(
+                fs.lookup(ROOT_INO, name.as_bytes()).is_ok(),
+                "round {round}: {name} was created, then discarded by a move"
+            );
+            let head = s.branch_info(&dot, "master").unwrap().head.unwrap();
+            s.reset(&dot, "master", head, true).unwrap();
+        }
     }
 }
