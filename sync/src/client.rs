@@ -294,12 +294,52 @@ pub struct TransferReport {
     pub head: Option<Id>,
 }
 
-fn stash_name(branch: &str) -> String {
-    let ts = std::time::SystemTime::now()
+/// Names tried for one stash: `BRANCH-DIVERGED-<secs>`, then with `-2`,
+/// `-3`, ... appended.
+const STASH_NAMES: u32 = 100;
+
+/// Picks the branch that keeps the diverged destination work of `branch`
+/// of `dot`: the first of `BRANCH-DIVERGED-<secs>`, `BRANCH-DIVERGED-<secs>-2`,
+/// ... for which `taken` says no. Never an existing branch: moving one
+/// would lose the commits only it reached. Refused when the name would be
+/// longer than branch names may be.
+fn choose_stash_name(
+    dot: &DotName,
+    branch: &str,
+    taken: &mut dyn FnMut(&str) -> Result<bool>,
+) -> Result<String> {
+    let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    format!("{branch}-DIVERGED-{ts}")
+    for n in 1..=STASH_NAMES {
+        let name = if n == 1 {
+            format!("{branch}-DIVERGED-{secs}")
+        } else {
+            format!("{branch}-DIVERGED-{secs}-{n}")
+        };
+        if dm_store::names::validate("branch", &name).is_err() {
+            return Err(Error::Refused(format!(
+                "cannot stash the diverged work of branch {branch} of {dot}: the stash branch would be {name}, too long ({}). Nothing was changed; resolve the divergence without --stash-on-divergence, or under a shorter branch name",
+                dm_store::names::NAME_RULE
+            )));
+        }
+        if !taken(&name)? {
+            return Ok(name);
+        }
+    }
+    Err(Error::Refused(format!(
+        "cannot stash the diverged work of branch {branch} of {dot}: branches {branch}-DIVERGED-{secs} to {branch}-DIVERGED-{secs}-{STASH_NAMES} all exist. Nothing was changed; try again in a second"
+    )))
+}
+
+/// True when `branch` of local `dot` exists.
+fn local_branch_exists(store: &Store, dot: &DotName, branch: &str) -> Result<bool> {
+    match store.branch_info(dot, branch) {
+        Ok(_) => Ok(true),
+        Err(e) if e.is_not_found() => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn diverged_message(what: &str, dot: &DotName, branch: &str, d: &Divergence, cmd: &str) -> String {
@@ -386,7 +426,13 @@ pub async fn push(
                         &format!("dm push REMOTE {dot} {branch}"),
                     )));
                 }
-                stash = Some(stash_name(branch));
+                let remote_branches: HashSet<&str> = remote_state
+                    .iter()
+                    .flat_map(|(_, b)| b.iter().map(|(n, _)| n.as_str()))
+                    .collect();
+                stash = Some(choose_stash_name(remote_dot, branch, &mut |n| {
+                    Ok(remote_branches.contains(n))
+                })?);
             }
         }
     }
@@ -581,7 +627,16 @@ pub async fn push(
         }
     }
     if let (Some(name), Some(r)) = (&stash, remote_head) {
-        set_head(remote, remote_dot, name, None, r, block_size).await?;
+        // Expecting no head: a branch of that name that appeared meanwhile
+        // is not moved (the hub answers Moved, and nothing else moves).
+        set_head(remote, remote_dot, name, None, r, block_size)
+            .await
+            .map_err(|e| match e {
+                Error::Refused(_) => Error::Refused(format!(
+                    "branch {name} of {remote_dot} appeared on the hub while pushing, so the diverged work of {branch} was not stashed there and {branch} was not moved: push again"
+                )),
+                e => e,
+            })?;
         report.stashed = Some(name.clone());
     }
     set_head(remote, remote_dot, branch, remote_head, local, block_size).await?;
@@ -733,7 +788,9 @@ pub async fn pull(
                         &format!("dm pull REMOTE {dot} {branch}"),
                     )));
                 }
-                stash = Some(stash_name(branch));
+                stash = Some(choose_stash_name(dot, branch, &mut |n| {
+                    local_branch_exists(&store, dot, n)
+                })?);
             }
         }
     }
@@ -876,9 +933,29 @@ pub async fn pull(
         report.object_bytes += b.len() as u64;
     }
     report.commits = commit_items.len();
-    if let (Some(name), Some(l)) = (&stash, local_head) {
-        store.set_branch_head(dot, name, None, l, block_size)?;
-        report.stashed = Some(name.clone());
+    if let (Some(first), Some(l)) = (stash, local_head) {
+        // Expecting no head: a branch of that name made meanwhile (another
+        // diverged pull in the same second) is never moved; pick another.
+        let mut name = first;
+        let mut tries = 0;
+        loop {
+            match store.set_branch_head(dot, &name, None, l, block_size)? {
+                SetHead::Updated => break,
+                SetHead::Moved { .. } if tries < 3 => {
+                    tries += 1;
+                    name = choose_stash_name(dot, branch, &mut |n| {
+                        local_branch_exists(&store, dot, n)
+                    })?;
+                }
+                SetHead::Moved { actual } => {
+                    return Err(Error::Refused(format!(
+                        "branch {name} of {dot} appeared while pulling (at {}), so the diverged work of {branch} was not stashed there and {branch} was not moved: pull again",
+                        actual.map(|a| a.short()).unwrap_or_else(|| "no commit".into())
+                    )))
+                }
+            }
+        }
+        report.stashed = Some(name);
     }
     match store.set_branch_head(dot, branch, local_head, theirs, block_size)? {
         SetHead::Updated => {}

@@ -9,6 +9,14 @@ use dm_store::{DotName, ImportSession, SetHead, Store};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use tokio::sync::Semaphore;
+
+/// API key checks run at once. Each holds argon2's memory cost (about
+/// 19 MiB with the default parameters) on a blocking thread until it ends,
+/// and anyone can start one with a `Hello`: without a bound, hundreds of
+/// concurrent unauthenticated handshakes could exhaust the hub's memory.
+/// Those beyond the bound wait their turn.
+pub const MAX_CONCURRENT_KEY_CHECKS: usize = 4;
 
 /// A running hub endpoint.
 pub struct Hub {
@@ -33,13 +41,15 @@ impl Hub {
         let endpoint = quinn::Endpoint::server(crate::tls::server_config(cert, key)?, listen)
             .map_err(Error::io(format!("listening on UDP {listen}")))?;
         let ep = endpoint.clone();
+        let key_checks = Arc::new(Semaphore::new(MAX_CONCURRENT_KEY_CHECKS));
         let task = tokio::spawn(async move {
             while let Some(incoming) = ep.accept().await {
                 let store = store.clone();
+                let key_checks = key_checks.clone();
                 tokio::spawn(async move {
                     match incoming.await {
                         Ok(conn) => {
-                            if let Err(e) = serve_connection(store, conn).await {
+                            if let Err(e) = serve_connection(store, conn, key_checks).await {
                                 tracing::debug!("hub connection ended: {e}");
                             }
                         }
@@ -88,7 +98,32 @@ fn err(code: ErrorCode, message: impl Into<String>) -> Response {
     }
 }
 
-async fn serve_connection(store: Arc<Store>, conn: quinn::Connection) -> Result<()> {
+/// Runs `f` (a key check) on a blocking thread once `limit` grants a
+/// permit; the permit is held until `f` returns, even when the caller
+/// stops waiting (a dropped connection does not free memory still in use).
+async fn bounded_blocking<T, F>(limit: &Arc<Semaphore>, f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let permit = limit
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| Error::Connection("the hub is shutting down".into()))?;
+    Ok(tokio::task::spawn_blocking(move || {
+        let r = f();
+        drop(permit);
+        r
+    })
+    .await?)
+}
+
+async fn serve_connection(
+    store: Arc<Store>,
+    conn: quinn::Connection,
+    key_checks: Arc<Semaphore>,
+) -> Result<()> {
     // The first stream must be Hello.
     let (mut send, mut recv) = conn.accept_bi().await?;
     let req: Request = proto::read_frame(&mut recv).await?;
@@ -110,7 +145,7 @@ async fn serve_connection(store: Arc<Store>, conn: quinn::Connection) -> Result<
         return Ok(());
     }
     let st = store.clone();
-    let auth = tokio::task::spawn_blocking(move || users::authenticate(&st, &user, &key)).await?;
+    let auth = bounded_blocking(&key_checks, move || users::authenticate(&st, &user, &key)).await?;
     let user = match auth {
         Ok(u) => u,
         Err(Error::Remote { code, message }) => {
@@ -384,5 +419,59 @@ fn handle_inner(s: &Session, req: Request) -> std::result::Result<Response, Resp
                 )),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn key_checks_run_at_most_the_bound_at_once() {
+        let limit = Arc::new(Semaphore::new(MAX_CONCURRENT_KEY_CHECKS));
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..(MAX_CONCURRENT_KEY_CHECKS * 5) {
+            let (limit, running, most) = (limit.clone(), running.clone(), most.clone());
+            tasks.spawn(async move {
+                bounded_blocking(&limit, move || {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    i
+                })
+                .await
+            });
+        }
+        let mut done = 0;
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap().unwrap();
+            done += 1;
+        }
+        assert_eq!(done, MAX_CONCURRENT_KEY_CHECKS * 5);
+        let most = most.load(Ordering::SeqCst);
+        assert!(
+            most <= MAX_CONCURRENT_KEY_CHECKS,
+            "{most} checks ran at once"
+        );
+        // A caller that gives up does not release the permit early.
+        let (limit, running) = (Arc::new(Semaphore::new(1)), running.clone());
+        let l = limit.clone();
+        let waiter = tokio::spawn(async move {
+            bounded_blocking(&l, move || {
+                running.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            })
+            .await
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        waiter.abort();
+        let _ = waiter.await;
+        assert_eq!(limit.available_permits(), 0, "still checking");
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        assert_eq!(limit.available_permits(), 1);
     }
 }

@@ -245,6 +245,139 @@ async fn divergence_both_ways_and_stash() {
     assert!(err.to_string().contains("shares no commit"), "{err}");
 }
 
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A stash never lands on a branch that already exists (two diverged pulls
+/// in the same second, or a leftover name): the local commits stay on a
+/// branch of their own, and existing branches are left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stash_on_pull_never_reuses_an_existing_branch() {
+    let hub = Node::start();
+    let alice = Node::start();
+    let bob = Node::start();
+    let akey = hub.add_user("alice");
+    let bkey = hub.add_user("bob");
+    let app = dot("app");
+    let h = dot("alice/app");
+    alice.store.create_dot(&app, None).unwrap();
+    write(&alice.store, &app, "master", "f", 0, b"base");
+    let base = commit(&alice.store, &app, "master", "base");
+    let ra = hub.connect("alice", &akey).await;
+    push(&alice, &ra, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap();
+    dm_sync::users::add_collaborator(&hub.store, &h, "bob").unwrap();
+    let rb = hub.connect("bob", &bkey).await;
+    pull(&bob, &rb, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap();
+    // The names a stash would take during the next seconds exist already.
+    let now = unix_secs();
+    let taken: Vec<String> = (now..now + 10)
+        .map(|t| format!("master-DIVERGED-{t}"))
+        .collect();
+    for name in &taken {
+        alice.store.create_branch(&app, name, Some(base)).unwrap();
+    }
+    let mut stashes = Vec::new();
+    for round in 0..2 {
+        write(&alice.store, &app, "master", "f", 0, b"alice");
+        let ac = commit(&alice.store, &app, "master", &format!("alice {round}"));
+        write(&bob.store, &app, "master", "f", 0, b"bob");
+        let bc = commit(&bob.store, &app, "master", &format!("bob {round}"));
+        push(&bob, &rb, "app", "master", "alice/app", &opts())
+            .await
+            .unwrap();
+        let rep = pull(&alice, &ra, "app", "master", "alice/app", &stash())
+            .await
+            .unwrap();
+        let stashed = rep.stashed.unwrap();
+        assert!(stashed.starts_with("master-DIVERGED-"), "{stashed}");
+        assert!(!taken.contains(&stashed), "{stashed} existed already");
+        assert!(!stashes.contains(&stashed), "{stashed} was used twice");
+        assert_eq!(
+            alice.store.branch_info(&app, &stashed).unwrap().head,
+            Some(ac),
+            "round {round}: alice's commit is on {stashed}"
+        );
+        assert_eq!(
+            alice.store.branch_info(&app, "master").unwrap().head,
+            Some(bc)
+        );
+        stashes.push(stashed);
+    }
+    for name in &taken {
+        assert_eq!(
+            alice.store.branch_info(&app, name).unwrap().head,
+            Some(base),
+            "{name} was left alone"
+        );
+    }
+    alice.store.gc().unwrap();
+    assert!(alice.store.fsck().unwrap().is_clean());
+}
+
+/// A branch whose name leaves no room for the stash suffix is refused up
+/// front, with a clear message, and nothing moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stash_of_a_long_branch_name_is_refused_before_anything_moves() {
+    let hub = Node::start();
+    let alice = Node::start();
+    let bob = Node::start();
+    let akey = hub.add_user("alice");
+    let bkey = hub.add_user("bob");
+    let app = dot("app");
+    let h = dot("alice/app");
+    let long = "b".repeat(60);
+    alice.store.create_dot(&app, None).unwrap();
+    write(&alice.store, &app, "master", "f", 0, b"base");
+    let base = commit(&alice.store, &app, "master", "base");
+    alice.store.create_branch(&app, &long, Some(base)).unwrap();
+    let ra = hub.connect("alice", &akey).await;
+    push(&alice, &ra, "app", &long, "alice/app", &opts())
+        .await
+        .unwrap();
+    dm_sync::users::add_collaborator(&hub.store, &h, "bob").unwrap();
+    let rb = hub.connect("bob", &bkey).await;
+    pull(&bob, &rb, "app", &long, "alice/app", &opts())
+        .await
+        .unwrap();
+    write(&alice.store, &app, &long, "f", 0, b"alice");
+    let ac = commit(&alice.store, &app, &long, "alice");
+    write(&bob.store, &app, &long, "f", 0, b"bob");
+    let bc = commit(&bob.store, &app, &long, "bob");
+    push(&bob, &rb, "app", &long, "alice/app", &opts())
+        .await
+        .unwrap();
+    let local_branches = alice.store.list_branches(&app).unwrap().len();
+    let hub_branches = hub.store.list_branches(&h).unwrap().len();
+    let err = pull(&alice, &ra, "app", &long, "alice/app", &stash())
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Refused(_)), "{err:?}");
+    assert!(msg.contains("stash") && msg.contains(&long), "{msg}");
+    assert_eq!(alice.store.branch_info(&app, &long).unwrap().head, Some(ac));
+    assert_eq!(
+        alice.store.list_branches(&app).unwrap().len(),
+        local_branches
+    );
+    // The same on push: nothing is sent, the hub's branch stays.
+    let err = push(&alice, &ra, "app", &long, "alice/app", &stash())
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Refused(_)), "{err:?}");
+    assert!(msg.contains("stash") && msg.contains(&long), "{msg}");
+    assert_eq!(hub.store.branch_info(&h, &long).unwrap().head, Some(bc));
+    assert_eq!(hub.store.list_branches(&h).unwrap().len(), hub_branches);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_pushes_one_wins() {
     let hub = Node::start();
