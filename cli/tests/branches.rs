@@ -84,6 +84,13 @@ fn branch_example() {
     assert!(err.contains("master"), "{err}");
     let err = s.fail(&["branch", "-d", "newbranch"]);
     assert!(err.contains("newbranch"), "{err}");
+    // A refused deletion unmounts nothing, -f or not.
+    let err = s.fail(&["branch", "-d", "master", "-f"]);
+    assert!(err.contains("current branch"), "{err}");
+    assert!(is_mounted(&pinned_master));
+    assert!(s
+        .ok(&["dot", "show"])
+        .contains(&pinned_master.display().to_string()));
     s.ok(&["checkout", "-b", "scratch"]);
     s.ok(&["checkout", "master"]);
     s.ok(&["branch", "-d", "scratch"]);

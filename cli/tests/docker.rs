@@ -297,6 +297,10 @@ fn checkout_restarts_followers_and_leaves_pinned_running() {
     );
     s.ok(&["commit", "-m", "on other"]);
     assert_eq!(s.ok(&["log"]).matches("commit ").count(), 2);
+    // Checking out the branch it is on already restarts nothing.
+    let on_other = started_at(&s, follow);
+    s.ok(&["checkout", "other"]);
+    assert_eq!(started_at(&s, follow), on_other, "restarted for nothing");
 
     // dm dot show puts each container on the branch it sees.
     let show = s.ok(&["dot", "show"]);
@@ -321,6 +325,98 @@ fn checkout_restarts_followers_and_leaves_pinned_running() {
         "master-data\n"
     );
     assert_eq!(started_at(&s, pinned), before[2]);
+    // A reset changes what the container pinned to the branch shows too:
+    // it is stopped and started around it, like the follower.
+    let follower_before = started_at(&s, follow);
+    s.ok(&["reset", "--hard", "HEAD"]);
+    assert!(running(&s, pinned) && running(&s, follow));
+    assert_ne!(started_at(&s, pinned), before[2], "pinned: not restarted");
+    assert_ne!(
+        started_at(&s, follow),
+        follower_before,
+        "follower: not restarted"
+    );
+}
+
+/// A pull that moves a branch stops the containers that show it and
+/// starts them again, as a reset does (a database must not see its files
+/// replaced under it); a pull with nothing new restarts nothing. The
+/// server is its own hub.
+#[test]
+fn pull_restarts_the_containers_that_show_the_branch() {
+    let Some(_lock) = setup() else { return };
+    let _proxy = ProxyGuard;
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|u| u.local_addr())
+        .unwrap()
+        .port();
+    let s = Server::start_with_plugin_and_hub(
+        DM,
+        Path::new(PLUGIN_SOCKET),
+        &format!("127.0.0.1:{port}"),
+    );
+    let name = "dmtest-pull";
+    let _clean = Cleanup::new(&[name], &["myapp"]);
+    let key = s.ok(&["user", "add", "alice"]).trim().to_string();
+    let out = Command::new(DM)
+        .args(["remote", "add", "hub", &format!("alice@127.0.0.1:{port}")])
+        .env("DM_SOCKET", s.socket())
+        .env("DM_CONFIG", s.config())
+        .env("DM_API_KEY", &key)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    run(&s, "myapp", "echo one > /data/f");
+    s.ok(&["switch", "myapp"]);
+    s.ok(&["commit", "-m", "one"]);
+    run(&s, "myapp", "echo two > /data/f");
+    s.ok(&["commit", "-m", "two"]);
+    s.ok(&["push", "hub"]);
+    s.ok(&["reset", "--hard", "HEAD^"]);
+    docker_ok(
+        &s,
+        &[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--volume-driver",
+            "dm",
+            "-v",
+            "myapp:/data",
+            IMAGE,
+            "sh",
+            "-c",
+            LOOP,
+        ],
+    );
+    assert_eq!(docker_ok(&s, &["exec", name, "cat", "/data/f"]), "one\n");
+    let before = started_at(&s, name);
+    let out = s.ok(&["pull", "hub", "myapp", "master"]);
+    // The commit is in this store already (the hub is the same server):
+    // nothing to transfer, but the branch moves.
+    assert!(
+        out.contains("now at") && !out.contains("up to date"),
+        "{out}"
+    );
+    assert!(running(&s, name));
+    assert_ne!(
+        started_at(&s, name),
+        before,
+        "not restarted around the pull"
+    );
+    assert_eq!(docker_ok(&s, &["exec", name, "cat", "/data/f"]), "two\n");
+    let after = started_at(&s, name);
+    assert!(s
+        .ok(&["pull", "hub", "myapp", "master"])
+        .contains("up to date"));
+    assert_eq!(started_at(&s, name), after, "restarted for nothing");
 }
 
 /// `docker compose` when it works, else `docker-compose`.
@@ -450,7 +546,7 @@ fn docker_volume_ls_inspect_rm_and_bad_names() {
     let _proxy = ProxyGuard;
     let s = start_server();
     let c = "dmtest-user";
-    let _clean = Cleanup::new(&[c], &["myapp", "myapp@nosuch", "x.y.z"]);
+    let _clean = Cleanup::new(&[c], &["myapp", "myapp@nosuch", "x.y.z", "newdot@dev"]);
 
     docker_ok(&s, &["volume", "create", "-d", "dm", "myapp"]);
     assert!(s.ok(&["list"]).contains("myapp"));
@@ -473,6 +569,14 @@ fn docker_volume_ls_inspect_rm_and_bad_names() {
         !out.status.success() && err.contains("invalid dm volume name"),
         "{err}"
     );
+    // A branch of a dot that does not exist: refused, and no dot is left.
+    let out = docker(&["volume", "create", "-d", "dm", "newdot@dev"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("dm init newdot"),
+        "{err}"
+    );
+    assert!(!s.ok(&["list"]).contains("newdot"));
     // Malformed requests on the plugin socket get an Err, not a hang or a crash.
     let v = plugin_call("VolumeDriver.Create", "{not json");
     assert!(

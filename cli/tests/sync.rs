@@ -191,4 +191,39 @@ fn hub_push_clone_pull_through_the_cli() {
     let out = alice.ok(&["push", "hub"]);
     assert!(out.contains("master:"), "{out}");
     assert!(hub.ok(&["list"]).contains("copy"));
+
+    // The guide's walk-through (what-is-a-datadot.txt), word for word:
+    // alice pushes only newbranch of myapp; bob clones that branch, and
+    // later pulls with just the dot's name (the hub has no master).
+    alice.ok(&["init", "myapp"]);
+    alice.ok(&["switch", "myapp"]);
+    let am = mount(&alice, "myapp");
+    for letter in ["A", "B"] {
+        write_synced(&am.join(letter), letter.as_bytes());
+        alice.ok(&["commit", "-m", letter]);
+    }
+    alice.ok(&["checkout", "-b", "newbranch"]);
+    write_synced(&am.join("C"), b"C");
+    alice.ok(&["commit", "-m", "C"]);
+    let out = alice.ok(&["push", "hub", "myapp", "newbranch"]);
+    assert!(out.contains("newbranch: 3 commits"), "{out}");
+    hub.ok(&["dot", "collaborator", "add", "alice/myapp", "bob"]);
+    bob.ok(&["clone", "hub", "alice/myapp", "newbranch"]);
+    write_synced(&am.join("E"), b"E");
+    alice.ok(&["commit", "-m", "E"]);
+    alice.ok(&["push", "hub", "myapp", "newbranch"]);
+    let out = bob.ok(&["pull", "hub", "myapp"]);
+    assert!(out.contains("newbranch: 1 commit,"), "{out}");
+    assert!(bob
+        .ok(&["dot", "show", "myapp"])
+        .contains("Upstream on hub: alice/myapp"));
+    bob.ok(&["switch", "myapp"]);
+    let bm = mount(&bob, "myapp");
+    assert_eq!(read(&bm.join("E")), b"E");
+    assert_eq!(read(&bm.join("A")), b"A");
+
+    // --all of a dot the hub does not hold fails, and leaves nothing.
+    let err = bob.fail(&["clone", "hub", "alice/nothing", "--all"]);
+    assert!(err.contains("no access") || err.contains("no dot"), "{err}");
+    assert!(!bob.ok(&["list"]).contains("nothing"));
 }

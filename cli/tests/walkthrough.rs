@@ -44,6 +44,9 @@ fn init_commit_log_reset() {
     write_synced(&mnt.join("big.bin"), &random_bytes(1, 3 * 1024 * 1024 + 17));
     std::os::unix::fs::symlink("base/PG_VERSION", mnt.join("link")).unwrap();
     let first = snapshot(&mnt);
+    // A dot without commits yet: what it holds is uncommitted.
+    let status = s.ok(&["status"]);
+    assert!(status.contains("Uncommitted"), "{status}");
 
     let id1 = s.ok(&["commit", "-m", "empty state"]).trim().to_string();
     assert_eq!(id1.len(), 64, "commit prints the id: {id1}");

@@ -18,6 +18,8 @@ pub struct Server {
     dir: tempfile::TempDir,
     /// The Docker plugin socket (`None`: `--no-plugin`).
     plugin_socket: Option<PathBuf>,
+    /// The hub's listen address (`None`: the server's default).
+    listen: Option<String>,
 }
 
 impl Server {
@@ -32,6 +34,7 @@ impl Server {
             child: None,
             dir,
             plugin_socket: None,
+            listen: None,
         };
         s.spawn();
         s
@@ -50,6 +53,26 @@ impl Server {
             child: None,
             dir,
             plugin_socket: Some(plugin_socket.to_path_buf()),
+            listen: None,
+        };
+        s.spawn();
+        s
+    }
+
+    /// [`Server::start_with_plugin`] whose hub listens on `listen`
+    /// (`127.0.0.1:PORT`), so that the server can push to and pull from
+    /// itself.
+    pub fn start_with_plugin_and_hub(bin: &str, plugin_socket: &Path, listen: &str) -> Server {
+        let dir = tempfile::Builder::new()
+            .prefix("dm-e2e-")
+            .tempdir()
+            .expect("creating a temp dir");
+        let mut s = Server {
+            bin: PathBuf::from(bin),
+            child: None,
+            dir,
+            plugin_socket: Some(plugin_socket.to_path_buf()),
+            listen: Some(listen.to_string()),
         };
         s.spawn();
         s
@@ -108,6 +131,9 @@ impl Server {
             Some(p) => cmd.arg("--plugin-socket").arg(p),
             None => cmd.arg("--no-plugin"),
         };
+        if let Some(l) = &self.listen {
+            cmd.arg("--listen").arg(l);
+        }
         let child = cmd
             .env("DM_LOG", "info,dm_fs=info")
             .stdin(Stdio::null())

@@ -271,7 +271,20 @@ pub fn transfer(ctx: &mut Ctx, push: bool, a: TransferArgs) -> Result<()> {
     let local = ctx.dot(a.dot.as_deref())?;
     let branch = match (&a.branch, &a.dot) {
         (Some(b), _) => b.clone(),
-        (None, Some(_)) => dm_store::names::MASTER.to_string(),
+        // `master`, as in Dotmesh; but a dot cloned as one other branch
+        // (`dm clone hub alice/myapp newbranch`, then `dm pull hub myapp`)
+        // has no master here: its current branch, then.
+        (None, Some(_)) => match ctx.dot_detail(&local) {
+            Ok(d)
+                if !d
+                    .branch_details
+                    .iter()
+                    .any(|b| b.name == dm_store::names::MASTER) =>
+            {
+                d.summary.current_branch
+            }
+            _ => dm_store::names::MASTER.to_string(),
+        },
         (None, None) => match ctx.dot_detail(&local) {
             Ok(d) => d.summary.current_branch,
             Err(e) if push => return Err(e),

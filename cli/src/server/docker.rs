@@ -156,7 +156,7 @@ impl DockerIntegration {
         }
     }
 
-    /// Runs `f` (a checkout or a reset of the dot's current branch) between
+    /// Runs `f` (a checkout: the dot's current branch changes) between
     /// stopping the running containers that follow `dot` (unpinned volumes,
     /// subdots included) and starting them again. Containers pinned with
     /// `@branch` keep running. The containers are started again also when
@@ -166,10 +166,33 @@ impl DockerIntegration {
         dot: &DotName,
         f: impl FnOnce() -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
+        self.around(dot, |c| c.follows_dot(dot), f)
+    }
+
+    /// Runs `f` (a reset: what `branch` of `dot` holds changes) between
+    /// stopping the running containers that show the branch (pinned to it,
+    /// or following the dot while it is the current branch) and starting
+    /// them again, as [`Self::around_switch`] does.
+    pub fn around_branch_change<T>(
+        &self,
+        dot: &DotName,
+        branch: &str,
+        current: &str,
+        f: impl FnOnce() -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        self.around(dot, |c| c.shows_branch(dot, branch, current), f)
+    }
+
+    fn around<T>(
+        &self,
+        dot: &DotName,
+        affected: impl Fn(&Container) -> bool,
+        f: impl FnOnce() -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
         let followers: Vec<Container> = self
             .containers_using(dot)
             .into_iter()
-            .filter(|c| c.is_running() && c.follows_dot(dot))
+            .filter(|c| c.is_running() && affected(c))
             .collect();
         let mut stopped = Vec::new();
         let mut stop_err = None;
@@ -324,6 +347,19 @@ impl Backend for DockerIntegration {
         match self.store.dot_info(&v.dot) {
             Ok(_) => {}
             Err(e) if e.is_not_found() => {
+                // A new dot has master only: refused before anything is made.
+                if let Some(b) = v
+                    .branch
+                    .as_deref()
+                    .filter(|b| *b != dm_store::names::MASTER)
+                {
+                    return Err(PluginError::Backend(format!(
+                        "{v}: there is no dot {}, and a new dot has only branch {}; create it first (`dm init {}`, then `dm checkout -b {b}`)",
+                        v.dot,
+                        dm_store::names::MASTER,
+                        v.dot.name
+                    )));
+                }
                 match self.store.create_dot(&v.dot, None) {
                     Ok(_) => tracing::info!("docker: created dot {}", v.dot),
                     // Created meanwhile by another request.

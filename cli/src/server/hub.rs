@@ -283,6 +283,73 @@ async fn start_transfer(
     Ok(Json(serde_json::json!({ "id": id })))
 }
 
+/// Pulls `branch` of `local`. When that moves a branch that exists here,
+/// the running containers that show it are stopped around the move and
+/// started again after it (as around a reset), so that no database sees
+/// its files replaced under it; mounts showing the branch drop their
+/// cached view.
+async fn pull_branch(
+    app: &Arc<AppState>,
+    remote: &Remote,
+    local: &DotName,
+    branch: &str,
+    remote_dot: &DotName,
+    opts: &TransferOptions,
+    progress: &Progress,
+) -> dm_sync::Result<dm_sync::TransferReport> {
+    let pull = || async {
+        let r = dm_sync::pull(
+            app.store.clone(),
+            remote,
+            local,
+            branch,
+            remote_dot,
+            opts,
+            progress,
+        )
+        .await;
+        if r.is_ok() {
+            if let Err(e) = app.mounts.reset(local, branch, || Ok(())) {
+                tracing::warn!("refreshing mounts of {local}@{branch}: {}", e.message);
+            }
+        }
+        r
+    };
+    let here = app
+        .store
+        .branch_info(local, branch)
+        .ok()
+        .and_then(|b| b.head);
+    let there = match remote.branches(remote_dot).await? {
+        Some((_, branches)) => branches
+            .into_iter()
+            .find(|(n, _)| n == branch)
+            .and_then(|(_, h)| h),
+        None => None,
+    };
+    if here.is_none() || there.is_none() || here == there {
+        // A new branch here, nothing to do, or the pull's own error.
+        return pull().await;
+    }
+    let current = app
+        .store
+        .dot_info(local)
+        .map(|d| d.current_branch)
+        .unwrap_or_default();
+    // The server's runtime has several threads: this task may block its own.
+    tokio::task::block_in_place(|| {
+        let rt = tokio::runtime::Handle::current();
+        app.docker
+            .around_branch_change(local, branch, &current, || {
+                // Writes the kernel still caches reach the store, so that
+                // the pull sees (and refuses) uncommitted changes.
+                app.mounts.sync_kernel(local, branch);
+                Ok(rt.block_on(pull()))
+            })
+            .unwrap_or_else(|e| Err(dm_sync::Error::Store(dm_store::Error::Refused(e.message))))
+    })
+}
+
 async fn run_transfer(
     app: &Arc<AppState>,
     job: &Arc<Job>,
@@ -316,16 +383,17 @@ async fn run_transfer(
                 .map(|b| b.name)
                 .collect()
         } else {
-            remote
-                .branches(remote_dot)
-                .await?
-                .map(|(_, b)| {
-                    b.into_iter()
-                        .filter(|(_, h)| h.is_some())
-                        .map(|(n, _)| n)
-                        .collect()
-                })
-                .unwrap_or_default()
+            let Some((_, remote_branches)) = remote.branches(remote_dot).await? else {
+                return Err(dm_sync::Error::Remote {
+                    code: dm_sync::proto::ErrorCode::UnknownDot,
+                    message: format!("no dot {remote_dot} on the hub"),
+                });
+            };
+            remote_branches
+                .into_iter()
+                .filter(|(_, h)| h.is_some())
+                .map(|(n, _)| n)
+                .collect()
         };
         // master first: the other branches usually grew from it.
         branches.sort_by_key(|b| (b != dm_store::names::MASTER, b.clone()));
@@ -344,8 +412,8 @@ async fn run_transfer(
             )
             .await
         } else {
-            let r = dm_sync::pull(
-                app.store.clone(),
+            pull_branch(
+                app,
                 &remote,
                 local,
                 branch,
@@ -353,14 +421,7 @@ async fn run_transfer(
                 &opts,
                 &job.progress,
             )
-            .await;
-            if r.is_ok() {
-                // Mounts showing the branch drop their cached view.
-                if let Err(e) = app.mounts.reset(local, branch, || Ok(())) {
-                    tracing::warn!("refreshing mounts of {local}@{branch}: {}", e.message);
-                }
-            }
-            r
+            .await
         };
         match r {
             Ok(rep) => job.status.lock().reports.push(BranchReport {

@@ -298,7 +298,8 @@ async fn delete_branch(
     blocking(move || {
         let dot = dot_name(&ns, &dot)?;
         check_branch(&branch)?;
-        st.store.branch_info(&dot, &branch)?;
+        // Refusals first: nothing is unmounted for a deletion that fails.
+        st.store.check_branch_delete(&dot, &branch, q.force)?;
         let pinned = st.mounts.pinned_paths(&dot, &branch);
         if !pinned.is_empty() {
             if !q.force {
@@ -330,9 +331,12 @@ async fn checkout(
     blocking(move || {
         let dot = dot_name(&ns, &dot)?;
         check_branch(&req.branch)?;
-        st.store.dot_info(&dot)?;
+        let info = st.store.dot_info(&dot)?;
         // Check first, so that containers are not restarted for nothing.
         match st.store.branch_info(&dot, &req.branch) {
+            Ok(b) if !req.create && info.current_branch == req.branch => {
+                return Ok(branch_view(&b, &req.branch));
+            }
             Ok(_) if req.create => {
                 return Err(ApiError::conflict(format!(
                     "branch {} of {dot} already exists; check it out without -b",
@@ -444,11 +448,13 @@ async fn reset(
                 Ok(())
             })
         };
-        // Containers following the dot see this branch when it is the
-        // current one: stop them around the reset (not when it is refused).
-        let current = st.store.dot_info(&dot)?.current_branch == branch;
-        if current && (req.hard || !st.store.is_dirty(&dot, &branch)?) {
-            st.docker.around_switch(&dot, do_reset)?;
+        // Containers that show this branch (pinned to it, or following the
+        // dot while it is the current one) are stopped around the reset,
+        // not when it is refused.
+        let current = st.store.dot_info(&dot)?.current_branch;
+        if req.hard || !st.store.is_dirty(&dot, &branch)? {
+            st.docker
+                .around_branch_change(&dot, &branch, &current, do_reset)?;
         } else {
             do_reset()?;
         }
