@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::proto::{self, DotRef, ErrorCode, Request, Response, BATCH_BYTES, BATCH_IDS};
 use crate::users::{self, User};
 use dm_store::{DotName, ImportSession, SetHead, Store};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -89,6 +90,49 @@ struct Session {
     store: Arc<Store>,
     user: User,
     import: ImportSession,
+    /// Ids this session was shown in dots it may read: branch heads, their
+    /// ancestry, and what the objects it fetched name. It may fetch only
+    /// those: knowing an id (a commit id pasted in a chat, a chunk id) of
+    /// a dot one may not read gives none of its data.
+    shown: std::sync::Mutex<HashSet<dm_store::Id>>,
+}
+
+impl Session {
+    fn show(&self, ids: impl IntoIterator<Item = dm_store::Id>) {
+        self.shown
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(ids);
+    }
+
+    /// Refuses when any of `ids` was not shown to this session.
+    fn check_shown(&self, what: &str, ids: &[dm_store::Id]) -> std::result::Result<(), Response> {
+        let shown = self.shown.lock().unwrap_or_else(|e| e.into_inner());
+        match ids.iter().find(|id| !shown.contains(id)) {
+            None => Ok(()),
+            Some(id) => Err(err(
+                ErrorCode::UnknownDot,
+                format!(
+                    "{what} {} is not part of what this connection was shown of the dots it may read: ask for the branches and their ancestry first",
+                    id.short()
+                ),
+            )),
+        }
+    }
+}
+
+/// What a stored object names: a commit's root and parents, a tree node's
+/// children and chunks.
+fn named_by(id: &dm_store::Id, stored: &[u8]) -> dm_store::Result<Vec<dm_store::Id>> {
+    if stored.get(1).copied() == Some(dm_store::object::KIND_COMMIT) {
+        let c: dm_store::object::Commit =
+            dm_store::object::decode(id, dm_store::object::KIND_COMMIT, stored)?;
+        let mut out = vec![c.root];
+        out.extend(c.parents);
+        return Ok(out);
+    }
+    let (children, chunks) = dm_store::transfer::node_refs(id, stored)?;
+    Ok(children.into_iter().chain(chunks).collect())
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> Response {
@@ -172,6 +216,7 @@ async fn serve_connection(
         import: ImportSession::new(store.clone()),
         store,
         user,
+        shown: Default::default(),
     });
     loop {
         let (mut send, mut recv) = match conn.accept_bi().await {
@@ -283,12 +328,13 @@ fn handle_inner(s: &Session, req: Request) -> std::result::Result<Response, Resp
         Request::Branches { dot } => {
             let dot = authorize(s, &dot, true)?;
             let info = store.dot_info(&dot).map_err(store_err)?;
-            let branches = store
+            let branches: Vec<_> = store
                 .list_branches(&dot)
                 .map_err(store_err)?
                 .into_iter()
                 .map(|b| (b.name, b.head))
                 .collect();
+            s.show(branches.iter().filter_map(|(_, h)| *h));
             Ok(Response::Branches {
                 block_size: info.block_size,
                 branches,
@@ -307,9 +353,9 @@ fn handle_inner(s: &Session, req: Request) -> std::result::Result<Response, Resp
                     ),
                 ));
             }
-            Ok(Response::Ids(
-                store.ancestry(Some(head)).map_err(store_err)?,
-            ))
+            let ids = store.ancestry(Some(head)).map_err(store_err)?;
+            s.show(ids.iter().copied());
+            Ok(Response::Ids(ids))
         }
         Request::HasObjects { ids } => {
             if ids.len() > BATCH_IDS {
@@ -331,6 +377,7 @@ fn handle_inner(s: &Session, req: Request) -> std::result::Result<Response, Resp
         }
         Request::GetObjects { dot, ids } => {
             authorize(s, &dot, true)?;
+            s.check_shown("object", &ids)?;
             let mut out = Vec::new();
             let mut size = 0;
             for id in ids {
@@ -340,6 +387,7 @@ fn handle_inner(s: &Session, req: Request) -> std::result::Result<Response, Resp
                         format!("no object {} on the hub", id.short()),
                     )
                 })?;
+                s.show(named_by(&id, &b).map_err(store_err)?);
                 size += b.len();
                 out.push((id, b));
                 if size >= BATCH_BYTES {
@@ -350,6 +398,7 @@ fn handle_inner(s: &Session, req: Request) -> std::result::Result<Response, Resp
         }
         Request::GetChunks { dot, ids } => {
             authorize(s, &dot, true)?;
+            s.check_shown("chunk", &ids)?;
             let mut out = Vec::new();
             let mut size = 0;
             for id in ids {

@@ -639,6 +639,35 @@ async fn ancestry_only_of_commits_of_the_named_dot() {
         dm_sync::proto::Response::Ids(ids) => assert_eq!(ids, vec![first]),
         other => panic!("unexpected {other:?}"),
     }
+    // Nor can bob fetch alice's commits or data by id through his own dot.
+    let own_ref = DotRef {
+        namespace: "bob".into(),
+        name: "own".into(),
+    };
+    let secret_chunk = blake3_of(b"ALICE'S");
+    for req in [
+        Request::GetObjects {
+            dot: own_ref.clone(),
+            ids: vec![second],
+        },
+        Request::GetChunks {
+            dot: own_ref.clone(),
+            ids: vec![secret_chunk],
+        },
+    ] {
+        let e = rb.call(&req).await.unwrap_err();
+        assert_eq!(code(&e), Some(ErrorCode::UnknownDot), "{e}");
+        assert!(e.to_string().contains("not part of what"), "{e}");
+    }
+    // His own commit, once shown (by the ancestry above), he can fetch.
+    let got = rb
+        .call(&Request::GetObjects {
+            dot: own_ref,
+            ids: vec![bobs],
+        })
+        .await
+        .unwrap();
+    assert!(matches!(got, dm_sync::proto::Response::Blobs(b) if b.len() == 1 && b[0].0 == bobs));
 }
 
 /// Bytes on the wire: a 1 MiB change to a large dot sends < 2 MiB; a second
