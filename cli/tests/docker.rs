@@ -612,6 +612,10 @@ fn docker_volume_ls_inspect_rm_and_bad_names() {
     let mnt = docker_ok(&s, &["volume", "inspect", "-f", "{{.Mountpoint}}", "myapp"]);
     assert!(mnt.trim().ends_with("admin/myapp/__default__"), "{mnt}");
     assert!(!docker(&["volume", "rm", "myapp"]).status.success());
+    // Nor does dm delete a dot a running container uses, -f or not.
+    let err = s.fail(&["dot", "delete", "-f", "myapp"]);
+    assert!(err.contains(c) && err.contains("docker stop"), "{err}");
+    assert!(s.ok(&["list"]).contains("myapp"));
     docker_ok(&s, &["rm", "-f", c]);
     docker_ok(&s, &["volume", "rm", "myapp"]);
     let ls = docker_ok(&s, &["volume", "ls", "--format", "{{.Driver}} {{.Name}}"]);

@@ -225,6 +225,22 @@ async fn delete_dot(
     blocking(move || {
         let dot = dot_name(&ns, &dot)?;
         st.store.dot_info(&dot)?;
+        // As `docker volume rm` refuses a volume in use: a database whose
+        // files vanish under it loses what it has not written yet.
+        let running: Vec<String> = st
+            .docker
+            .containers_using(&dot)
+            .into_iter()
+            .filter(|c| c.is_running())
+            .map(|c| c.name().trim_start_matches('/').to_string())
+            .collect();
+        if !running.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "dot {dot} is in use by running containers {}; stop them first (`docker stop {}`)",
+                running.join(", "),
+                running.join(" ")
+            )));
+        }
         st.mounts.unmount_dot(&dot)?;
         st.store.delete_dot(&dot)?;
         tracing::info!("deleted dot {dot}");
