@@ -150,3 +150,63 @@ fn delete_confirms_on_a_terminal() {
     assert!(ok, "{out}");
     assert_eq!(s.ok(&["list", "-H"]), "");
 }
+
+/// `dm remote add` reads the API key from the terminal without echoing it.
+#[test]
+fn the_api_key_prompt_does_not_echo() {
+    if !std::path::Path::new("/usr/bin/script").exists() {
+        eprintln!("skipped: /usr/bin/script (util-linux) not installed");
+        return;
+    }
+    use std::io::{Read, Write};
+    let s = Server::start(DM);
+    let mut child = std::process::Command::new("/usr/bin/script")
+        .args([
+            "-qec",
+            &format!("{DM} remote add hub bob@127.0.0.1:9"),
+            "/dev/null",
+        ])
+        .env("DM_SOCKET", s.socket())
+        .env("DM_CONFIG", s.config())
+        .env_remove("DM_API_KEY")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The key goes in once the prompt is out (typed earlier, the terminal
+    // would echo it before dm could turn echo off).
+    let mut stdout = child.stdout.take().unwrap();
+    let (prompted, wait_prompt) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        let mut prompted = Some(prompted);
+        loop {
+            match stdout.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+            if String::from_utf8_lossy(&seen).contains("API key for") {
+                if let Some(p) = prompted.take() {
+                    let _ = p.send(());
+                }
+            }
+        }
+        String::from_utf8_lossy(&seen).to_string()
+    });
+    let mut stdin = child.stdin.take().unwrap();
+    wait_prompt
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("no API key prompt");
+    // Echo is turned off right after the prompt is written.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    stdin.write_all(b"SECRET-KEY-4711\n").unwrap();
+    drop(stdin);
+    let _ = child.wait();
+    let out = reader.join().unwrap();
+    assert!(out.contains("API key for bob@127.0.0.1"), "{out}");
+    assert!(
+        !out.contains("SECRET-KEY-4711"),
+        "the key was echoed:\n{out}"
+    );
+}

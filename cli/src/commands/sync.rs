@@ -103,11 +103,22 @@ fn read_key(name: &str, r: &Remote) -> Result<String> {
     }
     eprint!("API key for {}@{}: ", r.user, r.hostname);
     std::io::stderr().flush().ok();
+    // Not echoed, as a password prompt: the key is a secret.
+    use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
+    let stdin = std::io::stdin();
+    let saved = tcgetattr(&stdin).ok();
+    if let Some(t) = &saved {
+        let mut quiet = t.clone();
+        quiet.local_flags.remove(LocalFlags::ECHO);
+        let _ = tcsetattr(&stdin, SetArg::TCSANOW, &quiet);
+    }
     let mut line = String::new();
-    std::io::stdin()
-        .lock()
-        .read_line(&mut line)
-        .context("reading the API key")?;
+    let read = stdin.lock().read_line(&mut line);
+    if let Some(t) = &saved {
+        let _ = tcsetattr(&stdin, SetArg::TCSANOW, t);
+        eprintln!();
+    }
+    read.context("reading the API key")?;
     let k = line.trim().to_string();
     if k.is_empty() {
         bail!("no API key given");
