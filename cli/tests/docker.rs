@@ -213,6 +213,34 @@ fn commit_and_reset_hard_with_containers() {
     s.ok(&["reset", "--hard", "HEAD^"]);
     assert_eq!(run(&s, "myapp", "cat /data/f"), "one\n");
     assert!(s.ok(&["log"]).contains("one") && !s.ok(&["log"]).contains("    two"));
+
+    // A container that writes as it stops (as a database does): a reset
+    // without --hard then finds changes, says where they came from, and
+    // the container runs again.
+    let c = "dmtest-writes-on-stop";
+    let _stopper = Cleanup::new(&[c], &[]);
+    docker_ok(
+        &s,
+        &[
+            "run",
+            "-d",
+            "--name",
+            c,
+            "--volume-driver",
+            "dm",
+            "-v",
+            "myapp:/data",
+            IMAGE,
+            "sh",
+            "-c",
+            "trap 'echo bye > /data/shutdown; exit 0' TERM; while :; do sleep 0.1; done",
+        ],
+    );
+    let err = s.fail(&["reset", "HEAD"]);
+    assert!(err.contains("written after the reset began"), "{err}");
+    assert!(running(&s, c));
+    s.ok(&["reset", "--hard", "HEAD"]);
+    assert!(running(&s, c));
 }
 
 #[test]

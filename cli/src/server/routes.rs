@@ -460,7 +460,16 @@ async fn reset(
                 st.mounts.sync_kernel(&dot, &branch);
             }
             st.mounts.reset(&dot, &branch, || {
-                st.store.reset(&dot, &branch, target, req.hard)?;
+                st.store
+                    .reset(&dot, &branch, target, req.hard)
+                    .map_err(|e| match e {
+                        // Clean when checked below: written since, most
+                        // likely by a database its containers stopped.
+                        dm_store::Error::Refused(_) if !req.hard => ApiError::conflict(format!(
+                            "branch {branch} of dot {dot} has uncommitted changes, written after the reset began (a database writes as its container stops); commit them (`dm commit`) or discard them (`dm reset --hard`)"
+                        )),
+                        e => e.into(),
+                    })?;
                 Ok(())
             })
         };
