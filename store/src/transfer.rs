@@ -627,6 +627,14 @@ impl Store {
         names::validate("namespace", &dot.namespace)?;
         names::validate("dot", &dot.name)?;
         names::validate("branch", branch)?;
+        let _a = self.admin.lock();
+        // Ref and object writes finish before a GC starts marking (see Db::gc_barrier).
+        let _b = self.db.gc_barrier.read_recursive();
+        // Young before it is looked for, and under the barrier: a GC that
+        // started earlier keeps it and all it names (unless already gone,
+        // which the lookup below then finds); one that starts later sees
+        // the branch name it.
+        self.db.note_young(&new);
         // Connectivity: the commit and its root (hence, by the import
         // invariant, everything) must be here.
         let commit = self.db.commit(&new).map_err(|_| {
@@ -652,10 +660,6 @@ impl Store {
             }
             Some(_) => {}
         }
-        self.db.note_young(&new);
-        let _a = self.admin.lock();
-        // Ref and object writes finish before a GC starts marking (see Db::gc_barrier).
-        let _b = self.db.gc_barrier.read_recursive();
         let key = meta::dot_key(&dot.namespace, &dot.name);
         let existing: Option<DotRec> = self.meta_get(&key, "dot")?;
         let mut batch = WriteBatch::default();
@@ -1298,5 +1302,36 @@ mod tests {
             let head = s.branch_info(&dot, "master").unwrap().head.unwrap();
             s.reset(&dot, "master", head, true).unwrap();
         }
+    }
+
+    /// A transfer that makes a branch name an unreachable commit while GC
+    /// runs (the hub answered "have it" for a commit an interrupted push
+    /// left) ends with the whole snapshot there: GC keeps what the commit
+    /// names.
+    #[test]
+    fn a_set_head_during_gc_keeps_the_whole_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let dot = DotName::new("app").unwrap();
+        s.create_dot(&dot, None).unwrap();
+        write_file(&s, &dot, "master", "base", b"base");
+        commit(&s, &dot, "master", "base");
+        s.create_branch(&dot, "b", None).unwrap();
+        let data = crate::chunk::tests::pseudo_random(300_000, 11);
+        write_file(&s, &dot, "b", "f", &data);
+        let c = commit(&s, &dot, "b", "on b");
+        s.delete_branch(&dot, "b", true).unwrap();
+        let bs = s.dot_info(&dot).unwrap().block_size;
+        let d2 = dot.clone();
+        *s.gc_after_mark.lock() = Some(Box::new(move |st: &Store| {
+            let r = st.set_branch_head(&d2, "again", None, c, bs).unwrap();
+            assert!(matches!(r, SetHead::Updated));
+        }));
+        s.gc().unwrap();
+        *s.gc_after_mark.lock() = None;
+        assert!(s.fsck().unwrap().is_clean(), "{:?}", s.fsck().unwrap());
+        let fs = s.branch_fs(&dot, "again").unwrap();
+        let ino = fs.lookup(ROOT_INO, b"f").unwrap().ino;
+        assert!(fs.read(ino, 0, 400_000).unwrap() == data);
     }
 }
