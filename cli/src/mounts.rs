@@ -207,17 +207,29 @@ impl MountManager {
         managed: bool,
     ) -> ApiResult<MountView> {
         let mut entries = self.lock();
-        if let Some(e) = entries.iter().find(|e| e.path == path) {
-            if e.volume == volume {
+        if let Some(i) = entries.iter().position(|e| e.path == path) {
+            let e = &entries[i];
+            if !e.mount.is_alive() {
+                // Unmounted behind dm's back (`umount`): mounted again
+                // below, or writes would go to the bare directory.
+                tracing::warn!(
+                    "{} no longer showed {}; mounting it again",
+                    path.display(),
+                    e.volume
+                );
+                drop(entries.remove(i));
+            } else if e.volume == volume {
                 return Ok(e.view());
+            } else {
+                return Err(ApiError::conflict(format!(
+                    "{} is already the mount of {}; unmount it first (`dm unmount {}`)",
+                    path.display(),
+                    e.volume,
+                    path.display()
+                )));
             }
-            return Err(ApiError::conflict(format!(
-                "{} is already the mount of {}; unmount it first (`dm unmount {}`)",
-                path.display(),
-                e.volume,
-                path.display()
-            )));
         }
+        Self::check_mount_point(&path)?;
         let info = self.store.dot_info(&volume.dot)?;
         let branch = match &volume.branch {
             Some(b) => {
@@ -245,6 +257,35 @@ impl MountManager {
         let view = entry.view();
         entries.push(entry);
         Ok(view)
+    }
+
+    /// Refuses a mount point where something else is mounted (another dm
+    /// server's mount, say: mounting over it would hide it, and unmounting
+    /// would take the wrong one). A dead FUSE mount left by a crash is
+    /// cleaned up.
+    fn check_mount_point(path: &Path) -> ApiResult<()> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => m,
+            // A dead FUSE mount (its daemon crashed): unmounted.
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+                return dm_fs::cleanup_stale_mount(path).map_err(|e| {
+                    ApiError::internal(format!("cleaning up {}: {e}", path.display()))
+                });
+            }
+            // Missing: created below.
+            Err(_) => return Ok(()),
+        };
+        let Some(parent) = path.parent() else {
+            return Ok(());
+        };
+        match std::fs::metadata(parent) {
+            Ok(p) if p.dev() != meta.dev() => Err(ApiError::conflict(format!(
+                "{} is a mount point already (another file system is mounted there); unmount it or choose another path",
+                path.display()
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Unmounts the mount at `path`.

@@ -181,6 +181,69 @@ fn second_server_on_the_same_socket_is_refused() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("already listening"), "{err}");
+    // The same data dir with another socket: refused, saying why.
+    let out = std::process::Command::new(DM)
+        .arg("server")
+        .arg("--data-dir")
+        .arg(s.data_dir())
+        .arg("--mount-dir")
+        .arg(s.root().join("mnt3"))
+        .arg("--socket")
+        .arg(s.root().join("other.sock"))
+        .arg("--no-plugin")
+        .args(["--listen", "off"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another process"), "{err}");
     // The first server is unharmed.
     s.ok(&["version"]);
+}
+
+/// A mount unmounted behind dm's back (`umount`) is mounted again by the
+/// next `dm mount` (it answered the path of a mount that was gone, and
+/// writes went to the bare directory, outside the dot); a path where
+/// another file system is mounted is refused.
+#[test]
+fn a_mount_gone_behind_dms_back_is_mounted_again() {
+    let s = Server::start(DM);
+    s.ok(&["init", "myapp"]);
+    s.ok(&["switch", "myapp"]);
+    let mnt = PathBuf::from(s.ok(&["mount", "myapp"]).trim());
+    write_synced(&mnt.join("f"), b"in the dot");
+    s.ok(&["commit", "-m", "f"]);
+    let out = std::process::Command::new("umount")
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!dm_tests::is_mounted(&mnt));
+
+    assert_eq!(PathBuf::from(s.ok(&["mount", "myapp"]).trim()), mnt);
+    assert!(dm_tests::is_mounted(&mnt), "not mounted again");
+    assert_eq!(std::fs::read(mnt.join("f")).unwrap(), b"in the dot");
+    write_synced(&mnt.join("g"), b"new");
+    assert!(s.ok(&["status"]).contains("Uncommitted"));
+
+    // Another file system on the path: refused, and left alone.
+    let other = s.root().join("tmpfs");
+    std::fs::create_dir(&other).unwrap();
+    let out = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "none"])
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = s.fail(&["mount", "myapp", other.to_str().unwrap()]);
+    assert!(err.contains("mount point already"), "{err}");
+    let _ = std::process::Command::new("umount").arg(&other).output();
 }

@@ -1279,6 +1279,9 @@ pub struct Mount {
     shared: Arc<Shared>,
     notifier: Notifier,
     session: Mutex<Option<BackgroundSession>>,
+    /// The device number the mount point showed once mounted: another
+    /// device there means it is not this mount any more.
+    dev: u64,
 }
 
 impl std::fmt::Debug for Mount {
@@ -1351,6 +1354,8 @@ impl Mount {
         let notifier = session.notifier();
         let _ = shared.notifier.set(notifier.clone());
         let bg = session.spawn()?;
+        // Served by the session just started.
+        let dev = std::os::unix::fs::MetadataExt::dev(&std::fs::metadata(path)?);
         if let Err(e) = set_read_ahead(path, read_ahead_kb()) {
             // Not root: the kernel's 128 KiB stay (reads are slower, not
             // wrong).
@@ -1372,7 +1377,26 @@ impl Mount {
             shared,
             notifier,
             session: Mutex::new(Some(bg)),
+            dev,
         })
+    }
+
+    /// True while the mount point still shows this mount: false once it
+    /// was unmounted behind dm's back (`umount`, a crash of the session) or
+    /// another file system was mounted over it.
+    pub fn is_alive(&self) -> bool {
+        let running = self
+            .session
+            .lock()
+            .as_ref()
+            .is_some_and(|bg| !bg.guard.is_finished());
+        running && self.shows_this_mount()
+    }
+
+    /// Whether the mount point's device is this mount's.
+    fn shows_this_mount(&self) -> bool {
+        std::fs::metadata(&self.path)
+            .is_ok_and(|m| std::os::unix::fs::MetadataExt::dev(&m) == self.dev)
     }
 
     /// Points the mount at another branch (checkout) or the same branch after
@@ -1504,6 +1528,16 @@ impl Mount {
         let Some(bg) = self.session.lock().take() else {
             return Ok(());
         };
+        if !self.shows_this_mount() {
+            // Unmounted behind our back, or another mount is on top: not
+            // ours to unmount.
+            warn!(
+                "{} no longer shows this mount; leaving it",
+                self.path.display()
+            );
+            drop(bg);
+            return Ok(());
+        }
         match umount2(&self.path, 0) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
@@ -1545,7 +1579,10 @@ impl Drop for Mount {
         self.stop_spin();
         peers::leave_all(&self.shared);
         if let Some(bg) = self.session.lock().take() {
-            if umount2(&self.path, 0).is_err() {
+            if !self.shows_this_mount() {
+                // Not ours to unmount (see `unmount`).
+                drop(bg);
+            } else if umount2(&self.path, 0).is_err() {
                 let _ = umount2(&self.path, libc::MNT_DETACH);
                 drop(bg);
             } else if let Err(e) = join_or_leave(bg, &self.path) {

@@ -206,10 +206,17 @@ impl Db {
                 path.display()
             )));
         }
-        let db = DB::open_cf_descriptors(&db_opts, &path, cfs).map_err(Error::db(format!(
-            "opening the store at {}",
-            path.display()
-        )))?;
+        let db = DB::open_cf_descriptors(&db_opts, &path, cfs).map_err(|e| {
+            // RocksDB's LOCK file: another process has the store open.
+            if e.as_ref().contains("lock file") && e.as_ref().contains("temporarily unavailable") {
+                Error::Refused(format!(
+                    "the store at {} is in use by another process (another `dm server` with this --data-dir?); stop it, or give this one another --data-dir",
+                    path.display()
+                ))
+            } else {
+                Error::db(format!("opening the store at {}", path.display()))(e)
+            }
+        })?;
         let log = ChunkLog::open(&dir.join("chunks"), opts.segment_bytes)?;
         Ok(Db {
             db,
