@@ -111,12 +111,15 @@ pub enum Command {
     Log,
     /// List branches, or delete one with -d.
     Branch {
-        /// Delete this branch.
-        #[arg(short = 'd', long = "delete", value_name = "NAME")]
-        delete: Option<String>,
+        /// Delete branch NAME (`dm branch -d NAME`, flags in any order, as in git).
+        #[arg(short = 'd', long = "delete", requires = "name")]
+        delete: bool,
         /// Delete even if other branches grew from it or it is mounted.
         #[arg(short, long, requires = "delete")]
         force: bool,
+        /// The branch to delete.
+        #[arg(value_name = "NAME", requires = "delete")]
+        name: Option<String>,
     },
     /// Switch the current dot to BRANCH (moving unpinned mounts with it).
     ///

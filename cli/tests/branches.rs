@@ -85,7 +85,7 @@ fn branch_example() {
     let err = s.fail(&["branch", "-d", "newbranch"]);
     assert!(err.contains("newbranch"), "{err}");
     // A refused deletion unmounts nothing, -f or not.
-    let err = s.fail(&["branch", "-d", "master", "-f"]);
+    let err = s.fail(&["branch", "-d", "-f", "master"]);
     assert!(err.contains("current branch"), "{err}");
     assert!(is_mounted(&pinned_master));
     assert!(s

@@ -133,7 +133,12 @@ pub fn run(cli: Cli) -> Result<()> {
         },
         Command::Commit { message, metadata } => history::commit(&mut ctx, &message, &metadata),
         Command::Log => history::log(&mut ctx),
-        Command::Branch { delete, force } => match delete {
+        Command::Branch {
+            delete: _,
+            force,
+            name,
+        } => match name {
+            // clap requires -d with NAME and NAME with -d.
             Some(name) => history::delete_branch(&mut ctx, &name, force),
             None => history::list_branches(&mut ctx),
         },
