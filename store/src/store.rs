@@ -953,64 +953,123 @@ impl Store {
         };
         let old = walk(&old_view)?;
         let new = walk(&new_view)?;
+        // The same file on both sides: the same inode number, kind and
+        // creation time. Branches that forked number their new files from
+        // the same counter, so a number alone does not name one file.
+        let same = |ino: u64| match (old.files.get(&ino), new.files.get(&ino)) {
+            (Some(o), Some(n)) => o.kind == n.kind && o.crtime.is_some() && o.crtime == n.crtime,
+            _ => false,
+        };
+        let mut changed_memo: HashMap<u64, bool> = HashMap::new();
+        let mut changed = |ino: u64| -> Result<bool> {
+            if let Some(&c) = changed_memo.get(&ino) {
+                return Ok(c);
+            }
+            let c = file_changed(
+                &old_view,
+                &new_view,
+                ino,
+                &old.files[&ino],
+                &new.files[&ino],
+            )?;
+            changed_memo.insert(ino, c);
+            Ok(c)
+        };
+        let change = |kind: ChangeKind, path: &str| Change {
+            kind,
+            path: path.to_string(),
+        };
         let mut out = Vec::new();
-        for (ino, (path, kind, rec)) in &new {
-            match old.get(ino) {
-                None => out.push(Change {
-                    kind: ChangeKind::Added,
-                    path: path.clone(),
-                }),
-                Some((opath, _, orec)) => {
-                    if opath != path {
-                        out.push(Change {
-                            kind: ChangeKind::Renamed {
-                                from: opath.clone(),
-                            },
-                            path: path.clone(),
-                        });
-                    } else if *kind != FileKind::Dir && orec != rec {
-                        out.push(Change {
-                            kind: ChangeKind::Modified,
-                            path: path.clone(),
-                        });
+        // Paths new on this side of files that exist on both: renamed to,
+        // or added as another hard link.
+        let mut targets: BTreeMap<u64, Vec<&str>> = BTreeMap::new();
+        for (path, &ino) in &new.paths {
+            match old.paths.get(path) {
+                Some(&oino) if oino == ino && same(ino) => {
+                    if new.files[&ino].kind != FileKind::Dir && changed(ino)? {
+                        out.push(change(ChangeKind::Modified, path));
                     }
                 }
+                // Another file in its place (deleted and created again, as
+                // editors and `cp` over a removed file do, or renamed over
+                // it): one modification, as git says.
+                Some(_) => out.push(change(ChangeKind::Modified, path)),
+                None if same(ino) => targets.entry(ino).or_default().push(path),
+                None => out.push(change(ChangeKind::Added, path)),
             }
         }
-        for (ino, (path, _, _)) in &old {
-            if !new.contains_key(ino) {
-                out.push(Change {
-                    kind: ChangeKind::Deleted,
-                    path: path.clone(),
-                });
+        // Paths gone from this side of files that exist on both: renamed
+        // from, or a hard link removed. A path still there is never the
+        // source of a rename.
+        let mut sources: HashMap<u64, Vec<&str>> = HashMap::new();
+        for (path, &ino) in &old.paths {
+            if new.paths.contains_key(path) {
+                continue;
+            }
+            if same(ino) {
+                sources.entry(ino).or_default().push(path);
+            } else {
+                out.push(change(ChangeKind::Deleted, path));
             }
         }
-        // A path deleted and created again (a new inode, as editors and
-        // `cp` over a removed file make) is one modification, as git says.
-        let deleted: std::collections::HashSet<String> = out
-            .iter()
-            .filter(|c| c.kind == ChangeKind::Deleted)
-            .map(|c| c.path.clone())
-            .collect();
-        let mut replaced = std::collections::HashSet::new();
-        for c in &mut out {
-            if c.kind == ChangeKind::Added && deleted.contains(&c.path) {
-                c.kind = ChangeKind::Modified;
-                replaced.insert(c.path.clone());
+        for (ino, to) in targets {
+            let from = sources.remove(&ino).unwrap_or_default();
+            for (i, path) in to.iter().enumerate() {
+                match from.get(i) {
+                    Some(f) => {
+                        out.push(change(
+                            ChangeKind::Renamed {
+                                from: f.to_string(),
+                            },
+                            path,
+                        ));
+                        // Moved and changed: the rename, then the change.
+                        if new.files[&ino].kind != FileKind::Dir && changed(ino)? {
+                            out.push(change(ChangeKind::Modified, path));
+                        }
+                    }
+                    None => out.push(change(ChangeKind::Added, path)),
+                }
+            }
+            for f in from.iter().skip(to.len()) {
+                out.push(change(ChangeKind::Deleted, f));
             }
         }
-        out.retain(|c| !(c.kind == ChangeKind::Deleted && replaced.contains(&c.path)));
-        out.sort_by(|a, b| a.path.cmp(&b.path));
+        for from in sources.into_values() {
+            for f in from {
+                out.push(change(ChangeKind::Deleted, f));
+            }
+        }
+        // A rename before the modification of the same path.
+        out.sort_by(|a, b| {
+            let rank = |c: &Change| !matches!(c.kind, ChangeKind::Renamed { .. });
+            a.path.cmp(&b.path).then(rank(a).cmp(&rank(b)))
+        });
         Ok(out)
     }
 }
 
-/// Inode -> (first path, kind, encoded record).
-type Listing = HashMap<u64, (String, FileKind, Vec<u8>)>;
+/// One file of a tree.
+struct FileEntry {
+    kind: FileKind,
+    /// Creation time (None when the record does not decode).
+    crtime: Option<crate::inode::Timestamp>,
+    /// Encoded record.
+    rec: Vec<u8>,
+}
 
-/// Maps every inode reachable from the root to (first path, kind, record).
+/// Every path of a tree (one per hard link) and every file they name.
+struct Listing {
+    paths: BTreeMap<String, u64>,
+    files: HashMap<u64, FileEntry>,
+}
+
+/// Lists every path reachable from the root and the file each names.
 fn walk(view: &View) -> Result<Listing> {
-    let mut out = HashMap::new();
+    let mut out = Listing {
+        paths: BTreeMap::new(),
+        files: HashMap::new(),
+    };
     let mut stack = vec![(crate::inode::ROOT_INO, String::new())];
     while let Some((dir, path)) = stack.pop() {
         let mut children = Vec::new();
@@ -1026,18 +1085,77 @@ fn walk(view: &View) -> Result<Listing> {
             },
         )?;
         for (e, name) in children {
-            if out.contains_key(&e.ino) {
+            let p = format!("{path}/{name}");
+            out.paths.insert(p.clone(), e.ino);
+            // A file seen before is another hard link (a directory seen
+            // before would be a loop: not entered again).
+            if out.files.contains_key(&e.ino) {
                 continue;
             }
-            let p = format!("{path}/{name}");
             let rec = view.get(&keys::inode(e.ino))?.unwrap_or_default();
+            let crtime = InodeRec::decode(e.ino, &rec).ok().map(|r| r.crtime);
             if e.kind == FileKind::Dir {
-                stack.push((e.ino, p.clone()));
+                stack.push((e.ino, p));
             }
-            out.insert(e.ino, (p, e.kind, rec));
+            out.files.insert(
+                e.ino,
+                FileEntry {
+                    kind: e.kind,
+                    crtime,
+                    rec,
+                },
+            );
         }
     }
     Ok(out)
+}
+
+/// Whether a file on both sides of a diff changed: its content, extended
+/// attributes or attributes other than atime, ctime and the link count
+/// (which renames, links and reads change; added and removed links show as
+/// paths of their own).
+fn file_changed(
+    old_view: &View,
+    new_view: &View,
+    ino: u64,
+    old: &FileEntry,
+    new: &FileEntry,
+) -> Result<bool> {
+    if old.rec == new.rec {
+        // Any change of the file sets its ctime.
+        return Ok(false);
+    }
+    let (Ok(mut o), Ok(mut n)) = (
+        InodeRec::decode(ino, &old.rec),
+        InodeRec::decode(ino, &new.rec),
+    ) else {
+        return Ok(true);
+    };
+    for r in [&mut o, &mut n] {
+        r.atime = Default::default();
+        r.ctime = Default::default();
+        r.nlink = 0;
+    }
+    if o != n {
+        return Ok(true);
+    }
+    // Blocks and extended attributes (keys are ordered: tags 2 and 3).
+    let digest = |view: &View| -> Result<blake3::Hash> {
+        let mut h = blake3::Hasher::new();
+        view.scan(
+            &keys::prefix(ino, keys::TAG_BLOCK),
+            &keys::prefix_end(ino, keys::TAG_XATTR),
+            &mut |k, v| {
+                for part in [k, v] {
+                    h.update(&(part.len() as u64).to_le_bytes());
+                    h.update(part);
+                }
+                Ok(true)
+            },
+        )?;
+        Ok(h.finalize())
+    };
+    Ok(digest(old_view)? != digest(new_view)?)
 }
 
 /// Size of a regular file's record (0 for anything else or nothing).

@@ -315,6 +315,165 @@ fn diff_reports_paths() {
     );
 }
 
+/// Appends `data` to the file `ino`.
+fn append(fs: &BranchFs, ino: u64, data: &[u8]) {
+    let size = fs.getattr(ino).unwrap().size;
+    fs.write(ino, size, data).unwrap();
+    fs.flush(ino).unwrap();
+}
+
+fn change(kind: ChangeKind, path: &str) -> Change {
+    Change {
+        kind,
+        path: path.into(),
+    }
+}
+
+fn renamed(from: &str, path: &str) -> Change {
+    change(ChangeKind::Renamed { from: from.into() }, path)
+}
+
+/// Files made on two branches after they forked get the same inode
+/// numbers (each branch counts on from the fork): they are different
+/// files, not one renamed. A file both branches share is still followed.
+#[test]
+fn diff_across_branches_pairs_only_shared_files() {
+    let (_d, store, dot) = setup();
+    let master = store.branch_fs(&dot, "master").unwrap();
+    write_file(&master, "base", b"base");
+    write_file(&master, "shared", b"shared");
+    let base = commit(&store, &dot, "master", "base");
+    store.create_branch(&dot, "b1", None).unwrap();
+    let b1 = store.branch_fs(&dot, "b1").unwrap();
+    let apple = write_file(&b1, "apple", b"apple pie");
+    b1.rename(ROOT_INO, b"shared", ROOT_INO, b"moved", 0)
+        .unwrap();
+    let c1 = commit(&store, &dot, "b1", "a");
+    let zebra = write_file(&master, "zebra", b"totally different longer content");
+    let c2 = commit(&store, &dot, "master", "z");
+    assert_eq!(apple, zebra, "the test needs colliding inode numbers");
+    assert_eq!(
+        store
+            .diff(&dot, "master", Some(c1.id), Some(c2.id))
+            .unwrap(),
+        vec![
+            change(ChangeKind::Deleted, "/apple"),
+            renamed("/moved", "/shared"),
+            change(ChangeKind::Added, "/zebra"),
+        ]
+    );
+    assert_eq!(
+        store
+            .diff(&dot, "master", Some(base.id), Some(c1.id))
+            .unwrap(),
+        vec![
+            change(ChangeKind::Added, "/apple"),
+            renamed("/shared", "/moved"),
+        ]
+    );
+}
+
+/// A new hard link is an added path, not a rename of a path that is still
+/// there; the shared content's change shows on every path.
+#[test]
+fn diff_new_hard_link_is_added_not_renamed() {
+    let (_d, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    let z = write_file(&fs, "z", b"z\n");
+    commit(&store, &dot, "master", "3");
+    fs.link(z, ROOT_INO, b"y").unwrap();
+    // Only a link: nothing of z changed.
+    assert_eq!(
+        store.diff(&dot, "master", None, None).unwrap(),
+        vec![change(ChangeKind::Added, "/y")]
+    );
+    append(&fs, z, b"q\n");
+    assert_eq!(
+        store.diff(&dot, "master", None, None).unwrap(),
+        vec![
+            change(ChangeKind::Added, "/y"),
+            change(ChangeKind::Modified, "/z"),
+        ]
+    );
+}
+
+/// Renaming one of two hard links while the file changes reports the
+/// rename and the change of every path.
+#[test]
+fn diff_renamed_hard_link_keeps_content_changes() {
+    let (_d, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    let a = write_file(&fs, "a", b"a\n");
+    fs.link(a, ROOT_INO, b"b").unwrap();
+    commit(&store, &dot, "master", "1");
+    fs.rename(ROOT_INO, b"a", ROOT_INO, b"c", 0).unwrap();
+    // A rename alone changes nothing else.
+    assert_eq!(
+        store.diff(&dot, "master", None, None).unwrap(),
+        vec![renamed("/a", "/c")]
+    );
+    append(&fs, a, b"more\n");
+    assert_eq!(
+        store.diff(&dot, "master", None, None).unwrap(),
+        vec![
+            change(ChangeKind::Modified, "/b"),
+            renamed("/a", "/c"),
+            change(ChangeKind::Modified, "/c"),
+        ]
+    );
+}
+
+/// A file moved with its directory is reported under its new path even
+/// when it has another link outside the directory.
+#[test]
+fn diff_renamed_directory_keeps_hard_linked_children() {
+    let (_d, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    let dir = fs.mkdir(ROOT_INO, b"dir", 0o755, 0, 0).unwrap().ino;
+    let t = fs
+        .mknod(dir, b"t.txt", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap()
+        .ino;
+    append(&fs, t, b"t\n");
+    fs.link(t, ROOT_INO, b"hardlink").unwrap();
+    commit(&store, &dot, "master", "1");
+    fs.rename(ROOT_INO, b"dir", ROOT_INO, b"dir2", 0).unwrap();
+    append(&fs, t, b"more\n");
+    assert_eq!(
+        store.diff(&dot, "master", None, None).unwrap(),
+        vec![
+            renamed("/dir", "/dir2"),
+            renamed("/dir/t.txt", "/dir2/t.txt"),
+            change(ChangeKind::Modified, "/dir2/t.txt"),
+            change(ChangeKind::Modified, "/hardlink"),
+        ]
+    );
+}
+
+/// A file renamed and changed shows both; a file renamed over another
+/// replaces that path (a modification) and leaves its old path deleted.
+#[test]
+fn diff_rename_with_changes_and_over_existing_files() {
+    let (_d, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    let f = write_file(&fs, "f", b"1");
+    write_file(&fs, "src", b"source");
+    write_file(&fs, "dst", b"destination");
+    commit(&store, &dot, "master", "1");
+    fs.rename(ROOT_INO, b"f", ROOT_INO, b"g", 0).unwrap();
+    append(&fs, f, b"2");
+    fs.rename(ROOT_INO, b"src", ROOT_INO, b"dst", 0).unwrap();
+    assert_eq!(
+        store.diff(&dot, "master", None, None).unwrap(),
+        vec![
+            change(ChangeKind::Modified, "/dst"),
+            renamed("/f", "/g"),
+            change(ChangeKind::Modified, "/g"),
+            change(ChangeKind::Deleted, "/src"),
+        ]
+    );
+}
+
 #[test]
 fn gc_reclaims_only_garbage_and_fsck_finds_corruption() {
     let (dir, store, dot) = setup();
@@ -949,4 +1108,43 @@ fn patches_are_stored_whole_later_except_blocks_being_written() {
     let fs = store.branch_fs(&dot, "master").unwrap();
     assert_eq!(read_file(&fs, "f").unwrap(), want, "after a reopen");
     assert!(store.fsck().unwrap().is_clean());
+}
+
+/// Attributes and extended attributes are part of a file (a change is a
+/// modification, also of a renamed file); its access time is not.
+#[test]
+fn diff_attribute_changes_and_access_times() {
+    let (_d, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    let a = write_file(&fs, "a", b"a");
+    let b = write_file(&fs, "b", b"b");
+    let c = write_file(&fs, "c", b"c");
+    commit(&store, &dot, "master", "1");
+    fs.setattr(
+        a,
+        &SetAttr {
+            atime: Some(TimeSet::Now),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(store.diff(&dot, "master", None, None).unwrap().is_empty());
+    fs.setattr(
+        b,
+        &SetAttr {
+            mode: Some(0o600),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    fs.setxattr(c, b"user.tag", b"x", 0).unwrap();
+    fs.rename(ROOT_INO, b"c", ROOT_INO, b"d", 0).unwrap();
+    assert_eq!(
+        store.diff(&dot, "master", None, None).unwrap(),
+        vec![
+            change(ChangeKind::Modified, "/b"),
+            renamed("/c", "/d"),
+            change(ChangeKind::Modified, "/d"),
+        ]
+    );
 }

@@ -202,7 +202,12 @@ pub fn status(ctx: &mut Ctx) -> Result<()> {
     println!(
         "Uncommitted changes: {} in {} paths (commit them with `dm commit -m MSG`, discard them with `dm reset --hard HEAD`)",
         human_size(s.dirty_bytes),
-        s.changes.len()
+        // A file renamed and changed has two lines under its new path.
+        s.changes
+            .iter()
+            .map(|c| &c.path)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
     );
     for c in &s.changes {
         println!("  {}", change_line(c));
