@@ -25,44 +25,24 @@ pub struct Server {
 impl Server {
     /// Starts a server with fresh directories and waits until it answers.
     pub fn start(bin: &str) -> Server {
-        let dir = tempfile::Builder::new()
-            .prefix("dm-e2e-")
-            .tempdir()
-            .expect("creating a temp dir");
-        let mut s = Server {
-            bin: PathBuf::from(bin),
-            child: None,
-            dir,
-            plugin_socket: None,
-            listen: None,
-        };
-        s.spawn();
-        s
+        Server::start_with(bin, None, None)
     }
 
     /// Starts a server that serves the Docker volume plugin on
     /// `plugin_socket` (Docker only looks at `/run/docker/plugins/dm.sock`,
     /// so tests using it must not run in parallel).
     pub fn start_with_plugin(bin: &str, plugin_socket: &Path) -> Server {
-        let dir = tempfile::Builder::new()
-            .prefix("dm-e2e-")
-            .tempdir()
-            .expect("creating a temp dir");
-        let mut s = Server {
-            bin: PathBuf::from(bin),
-            child: None,
-            dir,
-            plugin_socket: Some(plugin_socket.to_path_buf()),
-            listen: None,
-        };
-        s.spawn();
-        s
+        Server::start_with(bin, Some(plugin_socket), None)
     }
 
     /// [`Server::start_with_plugin`] whose hub listens on `listen`
     /// (`127.0.0.1:PORT`), so that the server can push to and pull from
     /// itself.
     pub fn start_with_plugin_and_hub(bin: &str, plugin_socket: &Path, listen: &str) -> Server {
+        Server::start_with(bin, Some(plugin_socket), Some(listen))
+    }
+
+    fn start_with(bin: &str, plugin_socket: Option<&Path>, listen: Option<&str>) -> Server {
         let dir = tempfile::Builder::new()
             .prefix("dm-e2e-")
             .tempdir()
@@ -71,8 +51,8 @@ impl Server {
             bin: PathBuf::from(bin),
             child: None,
             dir,
-            plugin_socket: Some(plugin_socket.to_path_buf()),
-            listen: Some(listen.to_string()),
+            plugin_socket: plugin_socket.map(Path::to_path_buf),
+            listen: listen.map(str::to_string),
         };
         s.spawn();
         s
