@@ -54,6 +54,13 @@ fn bad_input_changes_nothing() {
     let err = s.fail(&["diff", "HEAD~9"]);
     assert!(err.contains("HEAD~9"), "{err}");
 
+    // Names a command line would read as something else.
+    let err = s.fail(&["checkout", "-b", "HEAD"]);
+    assert!(err.contains("HEAD names the current commit"), "{err}");
+    let err = s.fail(&["init", "--", "-x"]);
+    assert!(err.contains("would read as an option"), "{err}");
+    assert_eq!(s.ok(&["branch"]), "* master\n");
+
     let err = s.fail(&["checkout", "nosuch"]);
     assert!(
         err.contains("nosuch") && err.contains("checkout -b"),

@@ -35,6 +35,29 @@ pub fn validate(kind: &'static str, name: &str) -> Result<()> {
     }
 }
 
+/// Checks the name of a dot or branch being created: [`validate`], and not
+/// one a command line would read as something else: a leading '-' looks
+/// like an option, and a branch `HEAD` would be shadowed by the revision
+/// `HEAD` (`dm reset --hard HEAD`). Names that exist already stay usable.
+pub fn validate_new(kind: &'static str, name: &str) -> Result<()> {
+    validate(kind, name)?;
+    let reason = if name.starts_with('-') {
+        Some("it would read as an option: start it with a letter, digit or '_'")
+    } else if kind == "branch" && name.eq_ignore_ascii_case("HEAD") {
+        Some("HEAD names the current commit in revisions")
+    } else {
+        None
+    };
+    match reason {
+        Some(rule) => Err(Error::InvalidName {
+            kind,
+            name: name.to_string(),
+            rule,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Checks a POSIX file name: not empty, no '/', no NUL, at most 255 bytes,
 /// not "." or "..".
 pub fn validate_file_name(name: &[u8]) -> Result<()> {
@@ -189,6 +212,15 @@ mod tests {
         }
         assert!(validate("dot", &"x".repeat(64)).is_ok());
         assert!(validate("branch", "feature/x").is_err());
+        for (kind, bad) in [("dot", "-x"), ("branch", "-f"), ("branch", "HEAD")] {
+            assert!(validate_new(kind, bad).is_err(), "{bad:?} accepted");
+            assert!(
+                validate(kind, bad).is_ok(),
+                "{bad:?} refused where it exists"
+            );
+        }
+        assert!(validate_new("dot", "head").is_ok());
+        assert!(validate_new("branch", "x-1").is_ok());
         assert!(validate_file_name(b"a/b").is_err());
         assert!(validate_file_name(&[b'a'; 256]).is_err());
         assert!(validate_file_name(&[b'a'; 255]).is_ok());

@@ -317,7 +317,7 @@ impl Store {
     /// Creates a dot with an empty `master` branch.
     pub fn create_dot(&self, dot: &DotName, block_size: Option<u32>) -> Result<DotInfo> {
         names::validate("namespace", &dot.namespace)?;
-        names::validate("dot", &dot.name)?;
+        names::validate_new("dot", &dot.name)?;
         let block_size = block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
         if !(4096..=MAX_BLOCK_SIZE).contains(&block_size) || !block_size.is_power_of_two() {
             return Err(Error::Refused(format!(
@@ -500,7 +500,7 @@ impl Store {
     /// Creates `new` from commit `from` (default: the current branch's head).
     /// O(1): no data is copied.
     pub fn create_branch(&self, dot: &DotName, new: &str, from: Option<Id>) -> Result<BranchInfo> {
-        names::validate("branch", new)?;
+        names::validate_new("branch", new)?;
         let _a = self.admin.lock();
         // Ref and object writes finish before a GC starts marking (see Db::gc_barrier).
         let _b = self.db.gc_barrier.read_recursive();
