@@ -321,6 +321,14 @@ impl ImportSession {
         Ok(stored)
     }
 
+    /// Indexes the chunks imported so far. Large ones wait unindexed
+    /// otherwise (up to 256 MiB, see `Db::add_pending`), and a crash of
+    /// this process would then make the resumed transfer send them again.
+    /// Call after each batch of chunks received.
+    pub fn index_received(&self) -> Result<()> {
+        self.store.db.flush_pending()
+    }
+
     /// Verifies a chunk's stored form against `id` (decode, then blake3 of
     /// the plain bytes) and stores it. Returns true when newly written.
     pub fn import_chunk(&self, id: &Id, stored: &[u8]) -> Result<bool> {
@@ -1204,6 +1212,23 @@ mod tests {
         let other = b.branch_rec(&d, "other").unwrap();
         assert!(other.bid >= limit);
         assert!(b.id_limit().unwrap() > other.bid);
+    }
+
+    /// Received chunks are indexed at the end of each batch, so that a
+    /// transfer resumed after a crash of the receiver finds them.
+    #[test]
+    fn received_chunks_are_indexed_after_each_batch() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let sess = ImportSession::new(s.clone());
+        let data = crate::chunk::tests::pseudo_random(64 << 10, 5);
+        let id = Id::of(&data);
+        let stored = chunk::stored_form(chunk::CODEC_RAW, &data);
+        assert!(sess.import_chunk(&id, &stored).unwrap());
+        assert_eq!(s.db.pending_len(), 1, "a large chunk waits unindexed");
+        sess.index_received().unwrap();
+        assert_eq!(s.db.pending_len(), 0);
+        assert_eq!(s.has_chunks(&[id]).unwrap(), vec![true]);
     }
 
     #[test]

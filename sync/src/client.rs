@@ -899,6 +899,8 @@ pub async fn pull(
                     sess.import_chunk(&id, &b)?;
                     n += b.len() as u64;
                 }
+                // Found by a resumed pull even if this process crashes.
+                sess.index_received()?;
                 Ok(n)
             })
             .await?

@@ -434,6 +434,8 @@ fn handle_inner(s: &Session, req: Request) -> std::result::Result<Response, Resp
                     new += 1;
                 }
             }
+            // Found by a resumed push even if the hub crashes meanwhile.
+            s.import.index_received().map_err(store_err)?;
             Ok(Response::Done { new })
         }
         Request::SetHead {

@@ -103,7 +103,9 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.receive_window((128u32 << 20).into());
     t.send_window(128 << 20);
     t.keep_alive_interval(Some(Duration::from_secs(5)));
-    if let Ok(idle) = Duration::from_secs(60).try_into() {
+    // A peer silent this long (6 keep-alives missed) is gone: a push to a
+    // hub that died says so after 30 s, not 60.
+    if let Ok(idle) = Duration::from_secs(30).try_into() {
         t.max_idle_timeout(Some(idle));
     }
     Arc::new(t)
