@@ -176,11 +176,14 @@ fn hub_push_clone_pull_through_the_cli() {
     bob.ok(&["push", "hub"]);
     let err = alice.fail(&["push", "hub"]);
     assert!(
-        err.contains("diverged") && err.contains("--stash-on-divergence"),
+        err.contains("diverged")
+            && err.contains("--stash-on-divergence")
+            && err.contains("keep the hub's commits"),
         "{err}"
     );
     let err = alice.fail(&["pull", "hub", "app", "master"]);
     assert!(err.contains("latest common commit"), "{err}");
+    assert!(err.contains("keep your local commits"), "{err}");
     let out = alice.ok(&["pull", "hub", "app", "master", "--stash-on-divergence"]);
     assert!(out.contains("master-DIVERGED-"), "{out}");
     assert_eq!(read(&mnt.join("small")), b"bob again");

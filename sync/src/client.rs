@@ -342,15 +342,24 @@ fn local_branch_exists(store: &Store, dot: &DotName, branch: &str) -> Result<boo
     }
 }
 
+/// Why a transfer into a diverged branch is refused, and what
+/// `--stash-on-divergence` would keep where: the destination's commits (the
+/// hub's for a push, this server's for a pull) on a branch of their own.
 fn diverged_message(what: &str, dot: &DotName, branch: &str, d: &Divergence, cmd: &str) -> String {
+    let kept = if what.starts_with("push") {
+        "the hub's commits"
+    } else {
+        "your local commits"
+    };
+    let how = format!(
+        "Run `{cmd} --stash-on-divergence` to keep {kept} on {branch}-DIVERGED-<timestamp> and proceed"
+    );
     match d {
         Divergence::Diverged { common } => format!(
-            "{what}: branch {branch} of {dot} has diverged: both sides have commits the other lacks; the latest common commit is {}. Run `{cmd} --stash-on-divergence` to keep the other side's commits on {branch}-DIVERGED-<timestamp> and proceed",
+            "{what}: branch {branch} of {dot} has diverged: both sides have commits the other lacks; the latest common commit is {}. {how}",
             common.to_hex()
         ),
-        _ => format!(
-            "{what}: branch {branch} of {dot} shares no commit with the other side. Run `{cmd} --stash-on-divergence` to keep the other side's commits on {branch}-DIVERGED-<timestamp> and proceed"
-        ),
+        _ => format!("{what}: branch {branch} of {dot} shares no commit with the other side. {how}"),
     }
 }
 
