@@ -629,6 +629,18 @@ impl ChunkLog {
         Ok(())
     }
 
+    /// Starts a new segment if the active one holds at least `min_bytes`,
+    /// so that GC may compact what was the active segment (it leaves the
+    /// active one alone). Returns whether it did.
+    pub fn seal(&self, min_bytes: u64) -> Result<bool> {
+        let mut a = self.active.lock();
+        if a.len() == 0 || a.len() < min_bytes {
+            return Ok(false);
+        }
+        self.rotate(&mut a)?;
+        Ok(true)
+    }
+
     /// Whether appends were made since the last sync.
     pub fn has_unsynced(&self) -> bool {
         !self.active.lock().dirty.is_empty()

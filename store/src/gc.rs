@@ -18,6 +18,10 @@ use crate::tree::NodeSource;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 
+/// An active chunk-log segment at least this large is sealed when GC
+/// starts (smaller ones would leave many small segments behind).
+const GC_SEAL_MIN_BYTES: u64 = 16 << 20;
+
 /// What a GC run reclaimed.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GcReport {
@@ -248,9 +252,15 @@ impl Store {
             }
             // Chunks stored before now are indexed before the compaction
             // looks for segments nothing names.
+            // The active segment is left alone by compaction: a large one
+            // is sealed first, so that what GC frees in it goes back to the
+            // disk now, not once it fills (a user deleting a dot and
+            // running gc saw nothing given back). No one appends while
+            // the barrier is held.
             self.db
                 .flush_pending()
-                .and_then(|()| Ok((self.db.log.active_segment(), id_limit?)))
+                .and_then(|()| self.db.log.seal(GC_SEAL_MIN_BYTES))
+                .and_then(|_| Ok((self.db.log.active_segment(), id_limit?)))
         };
         let result = compact_before.and_then(|(before, limit)| self.gc_inner(before, limit));
         *self.db.young.lock() = None;
