@@ -574,7 +574,10 @@ fn docker_volume_ls_inspect_rm_and_bad_names() {
     let _proxy = ProxyGuard;
     let s = start_server();
     let c = "dmtest-user";
-    let _clean = Cleanup::new(&[c], &["myapp", "myapp@nosuch", "x.y.z", "newdot@dev"]);
+    let _clean = Cleanup::new(
+        &[c],
+        &["myapp", "myapp@nosuch", "x.y.z", "newdot@dev", "stale"],
+    );
 
     docker_ok(&s, &["volume", "create", "-d", "dm", "myapp"]);
     assert!(s.ok(&["list"]).contains("myapp"));
@@ -618,6 +621,19 @@ fn docker_volume_ls_inspect_rm_and_bad_names() {
     assert_eq!(
         plugin_call("Plugin.Activate", "")["Implements"][0],
         "VolumeDriver"
+    );
+    // A mount request whose Unmount never came (Docker died meanwhile)
+    // does not block `docker volume rm` forever once no container uses it.
+    docker_ok(&s, &["volume", "create", "-d", "dm", "stale"]);
+    let v = plugin_call(
+        "VolumeDriver.Mount",
+        r#"{"Name":"stale","ID":"never-unmounted"}"#,
+    );
+    assert!(v["Err"].as_str().unwrap_or("").is_empty(), "{v}");
+    docker_ok(&s, &["volume", "rm", "stale"]);
+    assert!(
+        !s.ok(&["dot", "show", "stale"]).contains("/stale/"),
+        "still mounted"
     );
 
     // In use: Docker refuses rm; once the container is gone rm works, the

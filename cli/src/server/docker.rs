@@ -382,7 +382,33 @@ impl Backend for DockerIntegration {
 
     fn remove(&self, volume: &Volume) -> Result<(), PluginError> {
         let path = self.mounts.default_path(&volume.parsed);
+        // Docker asks to remove only volumes no container references; if
+        // no container mounts it indeed, the mount requests still recorded
+        // are ones whose Unmount never came (Docker died meanwhile), and
+        // would refuse the removal forever.
+        let unused = self.docker.present()
+            && block_on(self.docker.containers()).is_ok_and(|cs| {
+                !cs.iter().any(|c| {
+                    c.mounts
+                        .iter()
+                        .any(|m| m.driver == dm_volume_plugin::DRIVER_NAME && m.name == volume.name)
+                })
+            });
         let mut st = self.lock();
+        if let Some(r) = st.mounts.get(&path).filter(|r| unused && !r.ids.is_empty()) {
+            tracing::warn!(
+                "docker: volume {} had {} mount request(s) Docker never released; no container uses it, so they are dropped",
+                volume.name,
+                r.ids.len()
+            );
+            let owned = r.owned;
+            st.mounts.remove(&path);
+            if owned && self.mounted_paths().contains(&path) {
+                if let Err(e) = self.mounts.unmount(&path) {
+                    tracing::warn!("docker: {}", e.message);
+                }
+            }
+        }
         if let Some(r) = st.mounts.get(&path) {
             if !r.ids.is_empty() {
                 return Err(PluginError::Backend(format!(
