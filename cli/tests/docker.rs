@@ -98,6 +98,28 @@ fn run(s: &Server, volume: &str, script: &str) -> String {
     )
 }
 
+/// A container `name` on `volume` (`dot...:/path`, dm's driver) running
+/// `sh -c script` in the background.
+fn run_detached(s: &Server, name: &str, volume: &str, script: &str) {
+    docker_ok(
+        s,
+        &[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--volume-driver",
+            "dm",
+            "-v",
+            volume,
+            IMAGE,
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+}
+
 /// Removes what a test made in Docker, also when it fails. Dropped before
 /// the server (declare it after), so that Docker can still unmount.
 struct Cleanup {
@@ -219,22 +241,11 @@ fn commit_and_reset_hard_with_containers() {
     // the container runs again.
     let c = "dmtest-writes-on-stop";
     let _stopper = Cleanup::new(&[c], &[]);
-    docker_ok(
+    run_detached(
         &s,
-        &[
-            "run",
-            "-d",
-            "--name",
-            c,
-            "--volume-driver",
-            "dm",
-            "-v",
-            "myapp:/data",
-            IMAGE,
-            "sh",
-            "-c",
-            "trap 'echo bye > /data/shutdown; exit 0' TERM; while :; do sleep 0.1; done",
-        ],
+        c,
+        "myapp:/data",
+        "trap 'echo bye > /data/shutdown; exit 0' TERM; while :; do sleep 0.1; done",
     );
     let err = s.fail(&["reset", "HEAD"]);
     assert!(err.contains("written after the reset began"), "{err}");
@@ -262,23 +273,7 @@ fn checkout_restarts_followers_and_leaves_pinned_running() {
         (sub, "myapp.logs:/data"),
         (pinned, "myapp@master:/data"),
     ] {
-        docker_ok(
-            &s,
-            &[
-                "run",
-                "-d",
-                "--name",
-                name,
-                "--volume-driver",
-                "dm",
-                "-v",
-                volume,
-                IMAGE,
-                "sh",
-                "-c",
-                LOOP,
-            ],
-        );
+        run_detached(&s, name, volume, LOOP);
     }
     let list = s.ok(&["list"]);
     for name in [follow, sub, pinned] {
@@ -407,23 +402,7 @@ fn pull_restarts_the_containers_that_show_the_branch() {
     s.ok(&["commit", "-m", "two"]);
     s.ok(&["push", "hub"]);
     s.ok(&["reset", "--hard", "HEAD^"]);
-    docker_ok(
-        &s,
-        &[
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--volume-driver",
-            "dm",
-            "-v",
-            "myapp:/data",
-            IMAGE,
-            "sh",
-            "-c",
-            LOOP,
-        ],
-    );
+    run_detached(&s, name, "myapp:/data", LOOP);
     assert_eq!(docker_ok(&s, &["exec", name, "cat", "/data/f"]), "one\n");
     let before = started_at(&s, name);
     let out = s.ok(&["pull", "hub", "myapp", "master"]);
@@ -638,6 +617,7 @@ fn docker_volume_ls_inspect_rm_and_bad_names() {
 
     // In use: Docker refuses rm; once the container is gone rm works, the
     // volume leaves `docker volume ls`, and the dot (the data) stays.
+    // The volume exists: no --volume-driver needed.
     docker_ok(
         &s,
         &[
@@ -680,23 +660,7 @@ fn daemon_down_fails_fast_and_restart_serves_volumes() {
     let _clean = Cleanup::new(&[c], &["keepme"]);
     run(&s, "keepme", "echo kept > /data/f");
     // A container running across the restarts.
-    docker_ok(
-        &s,
-        &[
-            "run",
-            "-d",
-            "--name",
-            c,
-            "--volume-driver",
-            "dm",
-            "-v",
-            "keepme:/data",
-            IMAGE,
-            "sh",
-            "-c",
-            LOOP,
-        ],
-    );
+    run_detached(&s, c, "keepme:/data", LOOP);
 
     for crash in [false, true] {
         if crash {
