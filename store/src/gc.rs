@@ -14,6 +14,7 @@ use crate::id::Id;
 use crate::keys;
 use crate::object::{self, Node};
 use crate::store::Store;
+use crate::transfer::{leaf_chunks, object_refs};
 use crate::tree::NodeSource;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -195,17 +196,9 @@ fn closure_of(db: &Db, marks: &Marks, roots: Vec<Id>) -> Result<Reached> {
             continue; // a chunk, or nothing stored
         };
         out.objects.insert(id);
-        match bytes.get(1).copied() {
-            Some(object::KIND_COMMIT) => {
-                let c: object::Commit = object::decode(&id, object::KIND_COMMIT, &bytes)?;
-                stack.push(c.root);
-                stack.extend(c.parents);
-            }
-            _ => match object::decode_node(&id, &bytes)? {
-                Node::Inner(children) => stack.extend(children.iter().map(|(_, c)| *c)),
-                Node::Leaf(entries) => out.chunks.extend(leaf_chunks(&entries)?),
-            },
-        }
+        let (objects, chunks) = object_refs(&id, &bytes)?;
+        stack.extend(objects);
+        out.chunks.extend(chunks);
     }
     Ok(out)
 }
@@ -215,19 +208,6 @@ fn closure_of(db: &Db, marks: &Marks, roots: Vec<Id>) -> Result<Reached> {
 struct Reached {
     objects: HashSet<Id>,
     chunks: HashSet<Id>,
-}
-
-/// The chunks a leaf's block entries name.
-fn leaf_chunks(entries: &[(Vec<u8>, Vec<u8>)]) -> Result<Vec<Id>> {
-    let mut out = Vec::new();
-    for (k, v) in entries {
-        if let Some((_, keys::TAG_BLOCK)) = keys::parse(k) {
-            let (id, _) = keys::parse_block_value(v)
-                .ok_or_else(|| Error::Corrupt("malformed block entry".into()))?;
-            out.push(id);
-        }
-    }
-    Ok(out)
 }
 
 impl Store {

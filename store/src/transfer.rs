@@ -90,18 +90,37 @@ pub fn node_refs(id: &Id, stored: &[u8]) -> Result<(Vec<Id>, Vec<Id>)> {
     match object::decode_node(id, stored)? {
         Node::Inner(children) => Ok((children.into_iter().map(|(_, c)| c).collect(), Vec::new())),
         Node::Leaf(entries) => {
-            let mut chunks = Vec::new();
-            for (k, v) in entries {
-                if let Some((_, keys::TAG_BLOCK)) = keys::parse(&k) {
-                    let (cid, _) = keys::parse_block_value(&v).ok_or_else(|| {
-                        Error::Corrupt(format!("tree node {} has a malformed block", id.short()))
-                    })?;
-                    chunks.push(cid);
-                }
-            }
+            let chunks = leaf_chunks(&entries).map_err(|_| {
+                Error::Corrupt(format!("tree node {} has a malformed block", id.short()))
+            })?;
             Ok((Vec::new(), chunks))
         }
     }
+}
+
+/// Reads the (objects, chunks) a stored object names: a commit's root and
+/// parents, a tree node's children and chunks.
+pub fn object_refs(id: &Id, stored: &[u8]) -> Result<(Vec<Id>, Vec<Id>)> {
+    if stored.get(1).copied() == Some(object::KIND_COMMIT) {
+        let c: Commit = object::decode(id, object::KIND_COMMIT, stored)?;
+        let mut objects = vec![c.root];
+        objects.extend(c.parents);
+        return Ok((objects, Vec::new()));
+    }
+    node_refs(id, stored)
+}
+
+/// The chunks a leaf's block entries name.
+pub fn leaf_chunks(entries: &[(Vec<u8>, Vec<u8>)]) -> Result<Vec<Id>> {
+    let mut out = Vec::new();
+    for (k, v) in entries {
+        if let Some((_, keys::TAG_BLOCK)) = keys::parse(k) {
+            let (id, _) = keys::parse_block_value(v)
+                .ok_or_else(|| Error::Corrupt("malformed block entry".into()))?;
+            out.push(id);
+        }
+    }
+    Ok(out)
 }
 
 /// Walks the trees of `roots` top-down and returns the nodes the receiver

@@ -121,20 +121,6 @@ impl Session {
     }
 }
 
-/// What a stored object names: a commit's root and parents, a tree node's
-/// children and chunks.
-fn named_by(id: &dm_store::Id, stored: &[u8]) -> dm_store::Result<Vec<dm_store::Id>> {
-    if stored.get(1).copied() == Some(dm_store::object::KIND_COMMIT) {
-        let c: dm_store::object::Commit =
-            dm_store::object::decode(id, dm_store::object::KIND_COMMIT, stored)?;
-        let mut out = vec![c.root];
-        out.extend(c.parents);
-        return Ok(out);
-    }
-    let (children, chunks) = dm_store::transfer::node_refs(id, stored)?;
-    Ok(children.into_iter().chain(chunks).collect())
-}
-
 fn err(code: ErrorCode, message: impl Into<String>) -> Response {
     Response::Err {
         code,
@@ -387,7 +373,9 @@ fn handle_inner(s: &Session, req: Request) -> std::result::Result<Response, Resp
                         format!("no object {} on the hub", id.short()),
                     )
                 })?;
-                s.show(named_by(&id, &b).map_err(store_err)?);
+                let (objects, chunks) =
+                    dm_store::transfer::object_refs(&id, &b).map_err(store_err)?;
+                s.show(objects.into_iter().chain(chunks));
                 size += b.len();
                 out.push((id, b));
                 if size >= BATCH_BYTES {
