@@ -838,14 +838,6 @@ impl Store {
         Ok(id)
     }
 
-    /// True when the branch has changes since its head.
-    /// True when the branch holds anything not committed (see
-    /// [`Store::has_uncommitted`]; a branch without commits is dirty once
-    /// anything is written to it).
-    pub fn is_dirty(&self, dot: &DotName, branch: &str) -> Result<bool> {
-        self.has_uncommitted(dot, branch)
-    }
-
     /// Moves the branch to `target` (a commit of this dot) and discards its
     /// working state; commits after `target` on this branch become garbage.
     /// Without `hard`, refuses when there are uncommitted changes.

@@ -111,14 +111,14 @@ fn seed_walkthrough_commit_log_reset() {
 
     // Dirty working state: plain reset refuses, --hard discards.
     write_file(&fs, "f", b"uncommitted");
-    assert!(store.is_dirty(&dot, "master").unwrap());
+    assert!(store.has_uncommitted(&dot, "master").unwrap());
     let e = store.reset(&dot, "master", c1.id, false).unwrap_err();
     assert!(e.to_string().contains("--hard"), "{e}");
     assert_eq!(read_file(&fs, "f").unwrap(), b"uncommitted");
     store.reset(&dot, "master", c1.id, true).unwrap();
     assert_eq!(read_file(&fs, "f").unwrap(), b"empty state");
     assert_eq!(store.log(&dot, "master").unwrap().len(), 1);
-    assert!(!store.is_dirty(&dot, "master").unwrap());
+    assert!(!store.has_uncommitted(&dot, "master").unwrap());
 }
 
 #[test]

@@ -477,7 +477,7 @@ async fn reset(
         // dot while it is the current one) are stopped around the reset,
         // not when it is refused.
         let current = st.store.dot_info(&dot)?.current_branch;
-        if req.hard || !st.store.is_dirty(&dot, &branch)? {
+        if req.hard || !st.store.has_uncommitted(&dot, &branch)? {
             st.docker
                 .around_branch_change(&dot, &branch, &current, do_reset)?;
         } else {
@@ -533,7 +533,7 @@ async fn status(
         check_branch(&branch)?;
         st.mounts.sync_kernel(&dot, &branch);
         let b = st.store.branch_info(&dot, &branch)?;
-        let dirty = st.store.is_dirty(&dot, &branch)?;
+        let dirty = st.store.has_uncommitted(&dot, &branch)?;
         let changes = st.store.diff(&dot, &branch, None, None)?;
         Ok(StatusResponse {
             dot: dot.to_string(),
