@@ -281,13 +281,13 @@ impl Db {
         Ok(())
     }
 
-    /// Writes the index entries of chunks stored one at a time.
     /// How many chunk records wait unindexed (tests).
     #[cfg(test)]
     pub(crate) fn pending_len(&self) -> usize {
         self.pending.lock().map.len()
     }
 
+    /// Writes the index entries of chunks stored one at a time.
     pub(crate) fn flush_pending(&self) -> Result<()> {
         if self.pending.lock().map.is_empty() {
             return Ok(());
