@@ -164,7 +164,8 @@ pub fn decode_parts(codec: u8, payload: Vec<u8>, max_len: usize) -> Result<Vec<u
 
 /// Decodes a stored chunk and checks it against `id`.
 pub fn decode_verified(id: &Id, stored: &[u8], max_len: usize) -> Result<Vec<u8>> {
-    let data = decode(stored, max_len)?;
+    let data = decode(stored, max_len)
+        .map_err(|e| Error::Corrupt(format!("chunk {}: {e}", id.short())))?;
     if Id::of(&data) != *id {
         return Err(Error::Corrupt(format!(
             "chunk {} does not match its content",

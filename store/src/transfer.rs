@@ -351,17 +351,7 @@ impl ImportSession {
     /// Verifies a chunk's stored form against `id` (decode, then blake3 of
     /// the plain bytes) and stores it. Returns true when newly written.
     pub fn import_chunk(&self, id: &Id, stored: &[u8]) -> Result<bool> {
-        if let Some((&chunk::CODEC_RAW, raw)) = stored.split_first() {
-            // Stored, it could never be read back (reads bound chunks too).
-            if raw.len() > chunk::MAX_CHUNK {
-                return Err(Error::Corrupt(format!(
-                    "chunk {} is {} bytes, more than the largest block ({} bytes)",
-                    id.short(),
-                    raw.len(),
-                    chunk::MAX_CHUNK
-                )));
-            }
-        }
+        // Bounded by the largest block: one larger could never be read back.
         chunk::decode_verified(id, stored, chunk::MAX_CHUNK)?;
         self.pin(id);
         self.store.db.put_if_absent(id, stored)
