@@ -952,8 +952,13 @@ impl Store {
             (Some(o), Some(n)) => o.kind == n.kind && o.crtime.is_some() && o.crtime == n.crtime,
             _ => false,
         };
+        // Whether a file on both sides changed (a directory's own changes
+        // show as its entries').
         let mut changed_memo: HashMap<u64, bool> = HashMap::new();
         let mut changed = |ino: u64| -> Result<bool> {
+            if new.files[&ino].kind == FileKind::Dir {
+                return Ok(false);
+            }
             if let Some(&c) = changed_memo.get(&ino) {
                 return Ok(c);
             }
@@ -978,7 +983,7 @@ impl Store {
         for (path, &ino) in &new.paths {
             match old.paths.get(path) {
                 Some(&oino) if oino == ino && same(ino) => {
-                    if new.files[&ino].kind != FileKind::Dir && changed(ino)? {
+                    if changed(ino)? {
                         out.push(change(ChangeKind::Modified, path));
                     }
                 }
@@ -1016,7 +1021,7 @@ impl Store {
                             path,
                         ));
                         // Moved and changed: the rename, then the change.
-                        if new.files[&ino].kind != FileKind::Dir && changed(ino)? {
+                        if changed(ino)? {
                             out.push(change(ChangeKind::Modified, path));
                         }
                     }
