@@ -1174,11 +1174,20 @@ pub(crate) fn dot_name(d: &DotRec) -> DotName {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::db::CF_WORK;
     use crate::ROOT_INO;
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A store in a temporary directory with one dot, `app`.
+    pub(crate) fn app_store() -> (tempfile::TempDir, Arc<Store>, DotName) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let dot = DotName::new("app").unwrap();
+        store.create_dot(&dot, None).unwrap();
+        (dir, store, dot)
+    }
 
     /// Keys left in the working-state column family under overlay `bid`.
     fn overlay_keys(store: &Store, bid: u64) -> usize {
@@ -1200,10 +1209,7 @@ mod tests {
     /// name) that nothing would ever delete.
     #[test]
     fn deleting_a_branch_being_written_leaves_no_working_state() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let dot = DotName::new("app").unwrap();
-        store.create_dot(&dot, None).unwrap();
+        let (_dir, store, dot) = app_store();
         let first = CommitRequest {
             message: "first".into(),
             author: "test".into(),
@@ -1303,10 +1309,7 @@ mod tests {
     /// it named, and nothing of the live branches.
     #[test]
     fn gc_removes_working_states_no_branch_names() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let dot = DotName::new("app").unwrap();
-        store.create_dot(&dot, None).unwrap();
+        let (_dir, store, dot) = app_store();
         let write = |branch: &str, name: &str, byte: u8| {
             let fs = store.branch_fs(&dot, branch).unwrap();
             let ino = fs
@@ -1347,10 +1350,7 @@ mod tests {
     /// then named a commit whose tree and chunks were gone.
     #[test]
     fn gc_keeps_what_a_young_commit_names() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let dot = DotName::new("app").unwrap();
-        store.create_dot(&dot, None).unwrap();
+        let (_dir, store, dot) = app_store();
         let req = |m: &str| CommitRequest {
             message: m.into(),
             author: "test".into(),

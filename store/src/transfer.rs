@@ -1263,10 +1263,7 @@ mod tests {
 
     #[test]
     fn uncommitted_on_a_branch_without_commits() {
-        let d = tempfile::tempdir().unwrap();
-        let s = Store::open(d.path()).unwrap();
-        let dot = DotName::new("app").unwrap();
-        s.create_dot(&dot, None).unwrap();
+        let (_dir, s, dot) = crate::store::tests::app_store();
         assert!(!s.has_uncommitted(&dot, "master").unwrap());
         write_file(&s, &dot, "master", "f", b"x");
         assert!(s.has_uncommitted(&dot, "master").unwrap());
@@ -1295,10 +1292,7 @@ mod tests {
     /// write, and a create in between was lost.
     #[test]
     fn a_move_never_discards_a_file_created_meanwhile() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
-        let dot = DotName::new("app").unwrap();
-        s.create_dot(&dot, None).unwrap();
+        let (_dir, s, dot) = crate::store::tests::app_store();
         write_file(&s, &dot, "master", "base", b"1");
         let c1 = commit(&s, &dot, "master", "one");
         write_file(&s, &dot, "master", "base", b"2");
@@ -1344,10 +1338,7 @@ mod tests {
     /// names.
     #[test]
     fn a_set_head_during_gc_keeps_the_whole_snapshot() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
-        let dot = DotName::new("app").unwrap();
-        s.create_dot(&dot, None).unwrap();
+        let (_dir, s, dot) = crate::store::tests::app_store();
         write_file(&s, &dot, "master", "base", b"base");
         commit(&s, &dot, "master", "base");
         s.create_branch(&dot, "b", None).unwrap();
