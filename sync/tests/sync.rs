@@ -130,8 +130,21 @@ async fn push_clone_commit_push_pull() {
     assert_eq!(read(&alice.store, &app, "master", "dirty"), b"uncommitted");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn divergence_both_ways_and_stash() {
+/// A hub; alice's dot `app` with one commit (`base`, file `f`) on `branch`
+/// (forked from master when not master), pushed to `alice/app`; and bob, a
+/// collaborator of it, who pulled the branch.
+struct Shared {
+    hub: Node,
+    alice: Node,
+    bob: Node,
+    ra: Remote,
+    rb: Remote,
+    app: dm_store::DotName,
+    h: dm_store::DotName,
+    base: dm_store::Id,
+}
+
+async fn shared_dot(branch: &str) -> Shared {
     let hub = Node::start();
     let alice = Node::start();
     let bob = Node::start();
@@ -142,15 +155,42 @@ async fn divergence_both_ways_and_stash() {
     alice.store.create_dot(&app, None).unwrap();
     write(&alice.store, &app, "master", "f", 0, b"base");
     let base = commit(&alice.store, &app, "master", "base");
+    if branch != "master" {
+        alice.store.create_branch(&app, branch, Some(base)).unwrap();
+    }
     let ra = hub.connect("alice", &akey).await;
-    push(&alice, &ra, "app", "master", "alice/app", &opts())
+    push(&alice, &ra, "app", branch, "alice/app", &opts())
         .await
         .unwrap();
     dm_sync::users::add_collaborator(&hub.store, &h, "bob").unwrap();
     let rb = hub.connect("bob", &bkey).await;
-    pull(&bob, &rb, "app", "master", "alice/app", &opts())
+    pull(&bob, &rb, "app", branch, "alice/app", &opts())
         .await
         .unwrap();
+    Shared {
+        hub,
+        alice,
+        bob,
+        ra,
+        rb,
+        app,
+        h,
+        base,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn divergence_both_ways_and_stash() {
+    let Shared {
+        hub,
+        alice,
+        bob,
+        ra,
+        rb,
+        app,
+        h,
+        base,
+    } = shared_dot("master").await;
     // Both commit; bob pushes first.
     write(&alice.store, &app, "master", "f", 0, b"alice");
     let ac = commit(&alice.store, &app, "master", "alice's");
@@ -257,25 +297,15 @@ fn unix_secs() -> u64 {
 /// branch of their own, and existing branches are left alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stash_on_pull_never_reuses_an_existing_branch() {
-    let hub = Node::start();
-    let alice = Node::start();
-    let bob = Node::start();
-    let akey = hub.add_user("alice");
-    let bkey = hub.add_user("bob");
-    let app = dot("app");
-    let h = dot("alice/app");
-    alice.store.create_dot(&app, None).unwrap();
-    write(&alice.store, &app, "master", "f", 0, b"base");
-    let base = commit(&alice.store, &app, "master", "base");
-    let ra = hub.connect("alice", &akey).await;
-    push(&alice, &ra, "app", "master", "alice/app", &opts())
-        .await
-        .unwrap();
-    dm_sync::users::add_collaborator(&hub.store, &h, "bob").unwrap();
-    let rb = hub.connect("bob", &bkey).await;
-    pull(&bob, &rb, "app", "master", "alice/app", &opts())
-        .await
-        .unwrap();
+    let Shared {
+        alice,
+        bob,
+        ra,
+        rb,
+        app,
+        base,
+        ..
+    } = shared_dot("master").await;
     // The names a stash would take during the next seconds exist already.
     let now = unix_secs();
     let taken: Vec<String> = (now..now + 10)
@@ -326,27 +356,17 @@ async fn stash_on_pull_never_reuses_an_existing_branch() {
 /// front, with a clear message, and nothing moves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stash_of_a_long_branch_name_is_refused_before_anything_moves() {
-    let hub = Node::start();
-    let alice = Node::start();
-    let bob = Node::start();
-    let akey = hub.add_user("alice");
-    let bkey = hub.add_user("bob");
-    let app = dot("app");
-    let h = dot("alice/app");
     let long = "b".repeat(60);
-    alice.store.create_dot(&app, None).unwrap();
-    write(&alice.store, &app, "master", "f", 0, b"base");
-    let base = commit(&alice.store, &app, "master", "base");
-    alice.store.create_branch(&app, &long, Some(base)).unwrap();
-    let ra = hub.connect("alice", &akey).await;
-    push(&alice, &ra, "app", &long, "alice/app", &opts())
-        .await
-        .unwrap();
-    dm_sync::users::add_collaborator(&hub.store, &h, "bob").unwrap();
-    let rb = hub.connect("bob", &bkey).await;
-    pull(&bob, &rb, "app", &long, "alice/app", &opts())
-        .await
-        .unwrap();
+    let Shared {
+        hub,
+        alice,
+        bob,
+        ra,
+        rb,
+        app,
+        h,
+        ..
+    } = shared_dot(&long).await;
     write(&alice.store, &app, &long, "f", 0, b"alice");
     let ac = commit(&alice.store, &app, &long, "alice");
     write(&bob.store, &app, &long, "f", 0, b"bob");
