@@ -20,7 +20,7 @@ use crate::view::{Tx, View};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Largest xattr value accepted.
@@ -271,6 +271,11 @@ pub struct BranchFs {
     /// Blocks an fsync stored as patches, for [`BranchFs::materialize_patches`]
     /// (may name blocks stored whole since: it checks).
     patched: Mutex<HashMap<Ino, std::collections::BTreeSet<u64>>>,
+    /// Lowest inode number a new file may get: a reset raises it past every
+    /// number the discarded state used, so that a number a process may
+    /// still hold open (its kernel inode, its handle) never names another
+    /// file of this branch. In memory only: open files end with the server.
+    ino_floor: AtomicU64,
 }
 
 type StateGuard<'a> = RwLockReadGuard<'a, BranchState>;
@@ -321,6 +326,7 @@ impl BranchFs {
             buffered: Arc::new(AtomicUsize::new(0)),
             open: Mutex::new(HashMap::new()),
             patched: Mutex::new(HashMap::new()),
+            ino_floor: AtomicU64::new(0),
         };
         fs.purge_orphans()?;
         Ok(fs)
@@ -400,13 +406,18 @@ impl BranchFs {
         }
     }
 
-    fn alloc_ino(tx: &mut Tx) -> Result<Ino> {
-        let sb = match tx.get(&keys::superblock())? {
+    fn superblock(tx: &Tx) -> Result<Super> {
+        match tx.get(&keys::superblock())? {
             Some(b) => postcard::from_bytes::<Super>(&b)
-                .map_err(|e| Error::Corrupt(format!("superblock does not decode: {e}")))?,
-            None => return Err(Error::Corrupt("superblock is missing".into())),
-        };
-        let ino = sb.next_ino;
+                .map_err(|e| Error::Corrupt(format!("superblock does not decode: {e}"))),
+            None => Err(Error::Corrupt("superblock is missing".into())),
+        }
+    }
+
+    fn alloc_ino(&self, tx: &mut Tx) -> Result<Ino> {
+        let ino = Self::superblock(tx)?
+            .next_ino
+            .max(self.ino_floor.load(Ordering::Relaxed));
         let next = Super { next_ino: ino + 1 };
         tx.put(
             keys::superblock(),
@@ -533,7 +544,7 @@ impl BranchFs {
         if Self::entry(&tx, parent, name)?.is_some() {
             return Err(Error::fs(op, EEXIST));
         }
-        let ino = Self::alloc_ino(&mut tx)?;
+        let ino = self.alloc_ino(&mut tx)?;
         let t = now();
         rec.parent = if rec.kind == FileKind::Dir { parent } else { 0 };
         if rec.kind == FileKind::Dir {
@@ -1885,6 +1896,14 @@ impl BranchFs {
     }
 
     /// Drops every buffer (reset): the working state is being replaced.
+    /// Before a reset discards the working state `st`: new files will get
+    /// numbers above every one it used (see [`BranchFs::ino_floor`]).
+    pub(crate) fn keep_inos_unique(&self, st: &BranchState) -> Result<()> {
+        let next = Self::superblock(&Tx::new(self.view(st)))?.next_ino;
+        self.ino_floor.fetch_max(next, Ordering::Relaxed);
+        Ok(())
+    }
+
     pub(crate) fn drop_buffers(&self) {
         // Their bytes leave the count as the buffers are dropped.
         self.files.lock().clear();

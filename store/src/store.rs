@@ -861,6 +861,7 @@ impl Store {
             )));
         }
         let c = self.db.commit(&target)?;
+        fs.keep_inos_unique(&st)?;
         rec.head = Some(target);
         rec.root = c.root;
         let mut batch = WriteBatch::default();
