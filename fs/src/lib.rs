@@ -276,6 +276,13 @@ impl Shared {
     }
 }
 
+/// An open file, for one request on its handle (see [`DmFs::open_file`]).
+struct OpenFile<'a> {
+    _view: parking_lot::RwLockReadGuard<'a, View>,
+    fs: Arc<BranchFs>,
+    ino: u64,
+}
+
 /// The `fuser::Filesystem` implementation: a thin translation layer.
 struct DmFs {
     shared: Arc<Shared>,
@@ -459,6 +466,14 @@ impl DmFs {
         }
     }
 
+    /// Forgets that `ino` has no `security.capability` xattr, and makes
+    /// lookups of it in flight not record that it has none.
+    fn caps_changed(&self, ino: u64) {
+        let mut nc = self.shared.no_caps.lock();
+        nc.generation += 1;
+        nc.inos.remove(&ino);
+    }
+
     /// Counts a request for the adaptive polling of the device.
     fn tick(&self) {
         if let Some(s) = self.shared.spin.get() {
@@ -482,8 +497,9 @@ impl DmFs {
         FileHandle(fh)
     }
 
-    /// The branch and store inode of an open file handle. Unknown handles
-    /// (not issued by us) fall back to the current branch.
+    /// The branch and store inode of an open file handle, whichever branch
+    /// the mount shows now (for release and fsync). Unknown handles (not
+    /// issued by us) fall back to the current branch.
     fn handle(&self, fh: FileHandle, ino: INodeNo) -> (Arc<BranchFs>, u64) {
         self.tick();
         if let Some((fs, ino)) = self.shared.handles.read().get(&fh.0) {
@@ -491,6 +507,46 @@ impl DmFs {
         }
         let view = self.shared.view.read();
         (view.fs.clone(), view.to_store(ino))
+    }
+
+    /// The open file of a handle for a read or a write, with the view held
+    /// so that a switch waits for the request to finish. EIO when the file
+    /// was opened on a branch the mount no longer shows (a checkout since):
+    /// the kernel keeps one inode per number, so its reads would fill the
+    /// page cache of the new branch's file of the same number, and its
+    /// writes would land where no path of the mount shows them. (A reset
+    /// keeps the branch: inode numbers keep naming the same files, and
+    /// files it discards are never given to new ones.)
+    fn open_file(&self, fh: FileHandle, ino: INodeNo) -> Result<OpenFile<'_>, Errno> {
+        let view = self.view();
+        let (fs, ino) = match self.shared.handles.read().get(&fh.0) {
+            Some((fs, ino)) => (fs.clone(), *ino),
+            None => (view.fs.clone(), view.to_store(ino)),
+        };
+        if !Arc::ptr_eq(&fs, &view.fs) {
+            return Err(Errno::EIO);
+        }
+        Ok(OpenFile {
+            _view: view,
+            fs,
+            ino,
+        })
+    }
+
+    /// EIO when `fh` (given with a getattr or setattr: fstat, ftruncate,
+    /// fchmod...) is a handle opened on a branch the mount no longer shows;
+    /// the inode number would name another file now (see [`Self::open_file`]).
+    fn check_handle(&self, view: &View, fh: Option<FileHandle>) -> Result<(), Errno> {
+        match fh.and_then(|fh| {
+            self.shared
+                .handles
+                .read()
+                .get(&fh.0)
+                .map(|(fs, _)| fs.clone())
+        }) {
+            Some(fs) if !Arc::ptr_eq(&fs, &view.fs) => Err(Errno::EIO),
+            _ => Ok(()),
+        }
     }
 
     /// Owner and extra mode bits of a new inode in `parent`: the caller's
@@ -605,8 +661,11 @@ impl fuser::Filesystem for DmFs {
         self.shared.forget(ino, nlookup);
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let view = self.view();
+        if let Err(e) = self.check_handle(&view, fh) {
+            return reply.error(e);
+        }
         match view.fs.getattr(view.to_store(ino)) {
             Ok(a) => reply.attr(&TTL, &view.attr(&a)),
             Err(e) => reply.error(errno(&e)),
@@ -624,7 +683,7 @@ impl fuser::Filesystem for DmFs {
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
+        fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
@@ -632,6 +691,9 @@ impl fuser::Filesystem for DmFs {
         reply: ReplyAttr,
     ) {
         let view = self.view();
+        if let Err(e) = self.check_handle(&view, fh) {
+            return reply.error(e);
+        }
         let set = SetAttr {
             mode: mode.map(|m| m & 0o7777),
             uid,
@@ -855,7 +917,9 @@ impl fuser::Filesystem for DmFs {
         let ino = view.to_store(ino);
         // FUSE_ATOMIC_O_TRUNC: the kernel leaves O_TRUNC to us (it has
         // already checked write permission).
-        if flags.0 & libc::O_TRUNC != 0 && flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+        // Linux truncates also for O_RDONLY|O_TRUNC (the kernel asked for
+        // write permission then).
+        if flags.0 & libc::O_TRUNC != 0 {
             let set = SetAttr {
                 size: Some(0),
                 kill_setid: req.uid() != 0,
@@ -894,8 +958,11 @@ impl fuser::Filesystem for DmFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let (fs, ino) = self.handle(fh, ino);
-        match fs.read(ino, offset, size) {
+        let f = match self.open_file(fh, ino) {
+            Ok(f) => f,
+            Err(e) => return reply.error(e),
+        };
+        match f.fs.read(f.ino, offset, size) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(errno(&e)),
         }
@@ -913,12 +980,16 @@ impl fuser::Filesystem for DmFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let (fs, ino) = self.handle(fh, ino);
+        let f = match self.open_file(fh, ino) {
+            Ok(f) => f,
+            Err(e) => return reply.error(e),
+        };
+        let (fs, ino) = (&f.fs, f.ino);
         // FUSE_HANDLE_KILLPRIV_V2: a writer without CAP_FSETID clears the
         // set-id bits (the kernel leaves it to us).
         if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
             match fs.kill_setid(ino) {
-                Ok(true) => peers::publish_all(&fs, &self.shared, vec![Change::Attr(ino)]),
+                Ok(true) => peers::publish_all(fs, &self.shared, vec![Change::Attr(ino)]),
                 Ok(false) => {}
                 Err(e) => {
                     reply.error(errno(&e));
@@ -929,7 +1000,7 @@ impl fuser::Filesystem for DmFs {
         match fs.write(ino, offset, data) {
             Ok(n) => {
                 reply.written(n);
-                self.tell_peers(&fs, || {
+                self.tell_peers(fs, || {
                     vec![Change::Data {
                         ino,
                         offset,
@@ -1087,12 +1158,17 @@ impl fuser::Filesystem for DmFs {
     ) {
         let view = self.view();
         let ino = view.to_store(ino);
-        if name.as_bytes() == XATTR_CAPS {
-            let mut nc = self.shared.no_caps.lock();
-            nc.generation += 1;
-            nc.inos.remove(&ino);
+        let caps = name.as_bytes() == XATTR_CAPS;
+        if caps {
+            self.caps_changed(ino);
         }
-        match view.fs.setxattr(ino, name.as_bytes(), value, flags) {
+        let res = view.fs.setxattr(ino, name.as_bytes(), value, flags);
+        // Again after the change: a getxattr that read the old value
+        // after the first bump must not cache it.
+        if caps {
+            self.caps_changed(ino);
+        }
+        match res {
             Ok(()) => {
                 reply.ok();
                 self.tell_peers(&view.fs, || xattr_changes(ino, name));
@@ -1147,12 +1223,17 @@ impl fuser::Filesystem for DmFs {
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let view = self.view();
         let ino = view.to_store(ino);
-        if name.as_bytes() == XATTR_CAPS {
-            let mut nc = self.shared.no_caps.lock();
-            nc.generation += 1;
-            nc.inos.remove(&ino);
+        let caps = name.as_bytes() == XATTR_CAPS;
+        if caps {
+            self.caps_changed(ino);
         }
-        match view.fs.removexattr(ino, name.as_bytes()) {
+        let res = view.fs.removexattr(ino, name.as_bytes());
+        // Again after the change: a getxattr that read the old value
+        // after the first bump must not cache it.
+        if caps {
+            self.caps_changed(ino);
+        }
+        match res {
             Ok(()) => {
                 reply.ok();
                 self.tell_peers(&view.fs, || xattr_changes(ino, name));

@@ -6,7 +6,7 @@ use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -550,6 +550,66 @@ fn switch_between_branches_and_after_reset() {
     assert_eq!(fs::read(f.p("dir/inner")).unwrap(), b"inner A");
     assert!(!f.p("new-file").exists());
     assert!(!f.p("only-b").exists());
+    mount.unmount().unwrap();
+}
+
+/// Files open across a checkout (another branch) and a reset (the same
+/// branch, an earlier state).
+#[test]
+fn open_files_across_checkout_and_reset() {
+    let Some(mut f) = setup("__default__") else {
+        return;
+    };
+    fs::write(f.p("f"), b"master").unwrap();
+    let c1 = f.commit("one");
+    f.store.create_branch(&f.dot, "b", Some(c1.id)).unwrap();
+    let fs_b = f.store.branch_fs(&f.dot, "b").unwrap();
+    let mount = f.mount.take().expect("mounted");
+
+    // Opened on master; after the checkout the path shows b's file of the
+    // same inode number. The old descriptor must not read, write or
+    // truncate it: EIO.
+    let mut old = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(f.p("f"))
+        .unwrap();
+    mount.switch(fs_b.clone()).unwrap();
+    let mut buf = [0u8; 6];
+    let err = old.read(&mut buf).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "read: {err}");
+    let err = old.write_all(b"oops").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "write: {err}");
+    let err = old.set_len(0).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "ftruncate: {err}");
+    drop(old);
+    assert_eq!(fs::read(f.p("f")).unwrap(), b"master");
+
+    // A reset keeps the branch: a file open across it that the reset keeps
+    // is the same file; one it discards never lends its number to a new
+    // file, so writes through the old descriptor cannot land in another.
+    let mut kept = OpenOptions::new().write(true).open(f.p("f")).unwrap();
+    let mut gone = File::create(f.p("discarded")).unwrap();
+    let gone_ino = fs::metadata(f.p("discarded")).unwrap().ino();
+    f.store.reset(&f.dot, "b", c1.id, true).unwrap();
+    mount.switch(fs_b).unwrap();
+    fs::write(f.p("new"), b"new").unwrap();
+    assert_ne!(fs::metadata(f.p("new")).unwrap().ino(), gone_ino);
+    let _ = gone.write_all(b"stale");
+    drop(gone);
+    assert_eq!(fs::read(f.p("new")).unwrap(), b"new");
+    kept.write_all(b"MASTER").unwrap();
+    drop(kept);
+    assert_eq!(fs::read(f.p("f")).unwrap(), b"MASTER");
+
+    // O_RDONLY|O_TRUNC truncates, as on Linux's own file systems.
+    let fd = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_TRUNC)
+        .open(f.p("f"))
+        .unwrap();
+    drop(fd);
+    assert_eq!(fs::metadata(f.p("f")).unwrap().len(), 0);
     mount.unmount().unwrap();
 }
 
