@@ -251,7 +251,7 @@ pub enum RemoteCommand {
 }
 
 /// Parses a block size: bytes, or a number with K/KiB/M/MiB.
-fn parse_block_size(s: &str) -> Result<u32, String> {
+pub fn parse_block_size(s: &str) -> Result<u32, String> {
     let t = s.trim();
     let (num, mult) = match t.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => {

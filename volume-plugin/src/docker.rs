@@ -296,6 +296,45 @@ impl DockerClient {
     }
 }
 
+#[derive(Deserialize)]
+struct Inspect {
+    #[serde(rename = "HostConfig", default)]
+    host_config: InspectHostConfig,
+}
+
+#[derive(Default, Deserialize)]
+struct InspectHostConfig {
+    #[serde(rename = "AutoRemove", default)]
+    auto_remove: bool,
+}
+
+impl DockerClient {
+    /// True when the container was started with `--rm` (Docker deletes it
+    /// when it stops, so it cannot be stopped and started again).
+    pub async fn auto_removes(&self, id: &str) -> Result<bool, DockerError> {
+        let what = format!("inspecting container {}", short(id));
+        let path = format!("/containers/{}/json", encode(id));
+        let (status, body) = self
+            .call(Method::GET, &path, &what, self.list_timeout)
+            .await?;
+        Self::check(&what, status, &body)?;
+        let i: Inspect = serde_json::from_slice(&body).map_err(|e| DockerError::BadAnswer {
+            what: what.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(i.host_config.auto_remove)
+    }
+
+    /// Restarts a container (`docker restart`: a `--rm` container is kept).
+    pub async fn restart(&self, id: &str) -> Result<(), DockerError> {
+        let what = format!("restarting container {}", short(id));
+        let path = format!("/containers/{}/restart?t={STOP_TIMEOUT_SECS}", encode(id));
+        let limit = Duration::from_secs(STOP_TIMEOUT_SECS + 90);
+        let (status, body) = self.call(Method::POST, &path, &what, limit).await?;
+        Self::check(&what, status, &body)
+    }
+}
+
 fn short(id: &str) -> String {
     id.chars().take(12).collect()
 }

@@ -22,10 +22,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// Mount requests (container mount ids) of one mount path.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct MountRefs {
-    ids: BTreeSet<String>,
+    /// One entry per `Mount` not yet undone by an `Unmount`. An id can be
+    /// there more than once: Docker mounts a running container's volumes
+    /// again with the same id for `docker cp` and unmounts them after.
+    ids: Vec<String>,
     /// True when the plugin made the mount (so the last Unmount undoes it).
     owned: bool,
 }
+
+/// The file name of the volume table in the data dir.
+pub const VOLUME_TABLE: &str = "docker-volumes.json";
 
 /// `docker-volumes.json`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -133,6 +139,13 @@ impl DockerIntegration {
         }
     }
 
+    /// True when `dot` has only its first branch and no commit on it.
+    fn never_committed(&self, dot: &DotName) -> bool {
+        self.store
+            .list_branches(dot)
+            .is_ok_and(|bs| bs.len() == 1 && bs[0].head.is_none())
+    }
+
     /// Containers (from the Docker Engine API) using `dot`. Empty when
     /// Docker is not there; a Docker error is logged.
     pub fn containers_using(&self, dot: &DotName) -> Vec<Container> {
@@ -194,6 +207,26 @@ impl DockerIntegration {
             .into_iter()
             .filter(|c| c.is_running() && affected(c))
             .collect();
+        // Docker deletes a `--rm` container when it stops: refuse rather
+        // than lose it (nothing is stopped or switched yet).
+        let auto_removed: Vec<String> = followers
+            .iter()
+            .filter(|c| block_on(self.docker.auto_removes(&c.id)).unwrap_or(false))
+            .map(|c| c.name())
+            .collect();
+        if !auto_removed.is_empty() {
+            let (noun, them, were) = match auto_removed.len() {
+                1 => ("container", "it", "was"),
+                _ => ("containers", "them", "were"),
+            };
+            return Err(ApiError::conflict(format!(
+                "dot {dot}: {noun} {} {were} started with --rm, and stopping {them} for the switch would delete {them}; \
+                 nothing was changed. Stop {them} yourself (`docker stop`), run {them} without --rm, \
+                 or pin the volume to a branch (`{}@BRANCH`), then retry",
+                auto_removed.join(", "),
+                dot.name,
+            )));
+        }
         let mut stopped = Vec::new();
         let mut stop_err = None;
         for c in &followers {
@@ -316,15 +349,41 @@ impl DockerIntegration {
                 "restarting container {}: its dm mount died with the previous server",
                 c.name()
             );
-            let res = block_on(async {
-                self.docker.stop(&c.id).await?;
-                self.docker.start(&c.id).await
-            });
+            // A restart, not a stop and a start: Docker keeps a `--rm`
+            // container through a restart.
+            let res = block_on(self.docker.restart(&c.id));
             if let Err(e) = res {
                 tracing::error!("{e}; restart {} with `docker restart`", c.name());
             }
         }
     }
+}
+
+/// True for the names Docker gives anonymous volumes (64 hex digits).
+fn is_anonymous(name: &str) -> bool {
+    name.len() == 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The block size asked for with `docker volume create -o block-size=8K`
+/// (or a Compose file's `driver_opts`); any other option is refused.
+fn volume_block_size(opts: &BTreeMap<String, String>) -> Result<Option<u32>, PluginError> {
+    let mut size = None;
+    for (k, v) in opts {
+        match k.as_str() {
+            "block-size" | "blocksize" => {
+                size = Some(crate::cli::parse_block_size(v).map_err(PluginError::Backend)?)
+            }
+            _ => {
+                return Err(PluginError::Backend(format!(
+                    "unknown option {k:?} for the dm volume driver: the only option is block-size (e.g. -o block-size=8K)"
+                )))
+            }
+        }
+    }
+    Ok(size)
 }
 
 /// Runs a future from blocking code (the handlers' `spawn_blocking` threads).
@@ -342,10 +401,20 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 }
 
 impl Backend for DockerIntegration {
-    fn create(&self, volume: &Volume, _opts: &BTreeMap<String, String>) -> Result<(), PluginError> {
+    fn create(&self, volume: &Volume, opts: &BTreeMap<String, String>) -> Result<(), PluginError> {
         let v = &volume.parsed;
+        let block_size = volume_block_size(opts)?;
         match self.store.dot_info(&v.dot) {
-            Ok(_) => {}
+            Ok(info) => {
+                if let Some(b) = block_size.filter(|b| *b != info.block_size) {
+                    return Err(PluginError::Backend(format!(
+                        "{v}: dot {} exists with block size {}; block-size={} applies only to a new dot",
+                        v.dot,
+                        crate::format::human_size(info.block_size.into()),
+                        crate::format::human_size(b.into()),
+                    )));
+                }
+            }
             Err(e) if e.is_not_found() => {
                 // A new dot has master only: refused before anything is made.
                 if let Some(b) = v
@@ -360,7 +429,7 @@ impl Backend for DockerIntegration {
                         v.dot.name
                     )));
                 }
-                match self.store.create_dot(&v.dot, None) {
+                match self.store.create_dot(&v.dot, block_size) {
                     Ok(_) => tracing::info!("docker: created dot {}", v.dot),
                     // Created meanwhile by another request.
                     Err(dm_store::Error::AlreadyExists { .. }) => {}
@@ -385,13 +454,14 @@ impl Backend for DockerIntegration {
         // Docker asks to remove only volumes no container references; if
         // no container mounts it indeed, the mount requests still recorded
         // are ones whose Unmount never came (Docker died meanwhile), and
-        // would refuse the removal forever.
+        // would refuse the removal forever. Other names of the same mount
+        // (`myapp` and `myapp.__default__`) count as uses too.
         let unused = self.docker.present()
             && block_on(self.docker.containers()).is_ok_and(|cs| {
                 !cs.iter().any(|c| {
-                    c.mounts
+                    c.dm_volumes()
                         .iter()
-                        .any(|m| m.driver == dm_volume_plugin::DRIVER_NAME && m.name == volume.name)
+                        .any(|v| self.mounts.default_path(v) == path)
                 })
             });
         let mut st = self.lock();
@@ -421,6 +491,25 @@ impl Backend for DockerIntegration {
         }
         st.volumes.remove(&volume.name);
         self.save(&st);
+        if is_anonymous(&volume.name) && self.never_committed(&volume.parsed.dot) {
+            // Docker's own name for an image's VOLUME or `-v /path`: removed
+            // with its container (`--rm`, `docker rm -v`), as Docker removes
+            // its local anonymous volumes. Kept once committed to.
+            drop(st);
+            let dot = &volume.parsed.dot;
+            self.mounts
+                .unmount_dot(dot)
+                .map_err(|e| PluginError::Backend(e.message))?;
+            match self.store.delete_dot(dot) {
+                Ok(()) => tracing::info!(
+                    "docker: anonymous volume {} removed with its dot",
+                    volume.name
+                ),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(backend_err(e)),
+            }
+            return Ok(());
+        }
         tracing::info!(
             "docker: volume {} removed; dot {} and its data are kept (`dm dot delete` deletes them)",
             volume.name,
@@ -431,6 +520,11 @@ impl Backend for DockerIntegration {
 
     fn mount(&self, volume: &Volume, id: &str) -> Result<PathBuf, PluginError> {
         let v = &volume.parsed;
+        // Docker still knows a volume whose dot `dm dot delete` removed, and
+        // mounts it without creating it again: make it as Create would.
+        if self.store.dot_info(&v.dot).is_err_and(|e| e.is_not_found()) {
+            self.create(volume, &BTreeMap::new())?;
+        }
         self.branch_of(v)?;
         let path = self.mounts.default_path(v);
         let mut st = self.lock();
@@ -444,7 +538,7 @@ impl Backend for DockerIntegration {
         if refs.ids.is_empty() && !was_mounted {
             refs.owned = true;
         }
-        refs.ids.insert(id.to_string());
+        refs.ids.push(id.to_string());
         self.save(&st);
         tracing::info!(
             "docker: mounted {} (branch {}) at {} for {}",
@@ -462,7 +556,9 @@ impl Backend for DockerIntegration {
         let Some(refs) = st.mounts.get_mut(&path) else {
             return Ok(());
         };
-        refs.ids.remove(id);
+        if let Some(i) = refs.ids.iter().position(|x| x == id) {
+            refs.ids.remove(i);
+        }
         if refs.ids.is_empty() {
             let owned = refs.owned;
             st.mounts.remove(&path);

@@ -145,7 +145,7 @@ pub fn run(opts: ServerOptions) -> Result<()> {
         store.clone(),
         mounts.clone(),
         &opts.docker_socket,
-        &opts.data_dir.join("docker-volumes.json"),
+        &opts.data_dir.join(docker::VOLUME_TABLE),
     ));
     let state = Arc::new(AppState {
         store: store.clone(),
