@@ -205,17 +205,27 @@ async fn handler(State(p): State<Arc<Proxy>>, method: Method, uri: Uri, body: By
             ),
             // Docker asks Get first for volumes it already knows (e.g. one
             // a container still references) and replaces an error with its
-            // own vague one; answer it so that the next call (Mount) fails
-            // with the message below.
+            // own vague one; answer it for dm's volumes so that the next call
+            // (Mount) fails with the message below. Any other name is not
+            // ours: Docker also asks every driver it has used about a new
+            // volume created without a driver, and must not be told that dm
+            // has it.
             "/VolumeDriver.Get" => {
                 let name = serde_json::from_slice::<serde_json::Value>(&body)
                     .ok()
                     .and_then(|v| v.get("Name").and_then(|n| n.as_str()).map(String::from))
                     .unwrap_or_default();
-                json(
-                    StatusCode::OK,
-                    serde_json::json!({"Volume": {"Name": name, "Status": {"error": "the dm server is not running"}}, "Err": ""}),
-                )
+                if known_volume(&upstream, &name) {
+                    json(
+                        StatusCode::OK,
+                        serde_json::json!({"Volume": {"Name": name, "Status": {"error": "the dm server is not running"}}, "Err": ""}),
+                    )
+                } else {
+                    json(
+                        StatusCode::OK,
+                        serde_json::json!({"Err": format!("no such volume: {name}")}),
+                    )
+                }
             }
             "/VolumeDriver.Capabilities" => json(
                 StatusCode::OK,
@@ -230,6 +240,23 @@ async fn handler(State(p): State<Arc<Proxy>>, method: Method, uri: Uri, body: By
             ),
         },
     }
+}
+
+/// True when the volume table of the server behind `upstream`
+/// (`DATA_DIR/plugin.sock` -> `DATA_DIR/docker-volumes.json`) lists `name`.
+fn known_volume(upstream: &Path, name: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Table {
+        #[serde(default)]
+        volumes: Vec<String>,
+    }
+    let Some(dir) = upstream.parent() else {
+        return false;
+    };
+    std::fs::read(dir.join(super::docker::VOLUME_TABLE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Table>(&b).ok())
+        .is_some_and(|t| t.volumes.iter().any(|v| v == name))
 }
 
 /// Runs the proxy until its socket is removed or replaced, SIGTERM/SIGINT,
