@@ -656,11 +656,30 @@ fn daemon_down_fails_fast_and_restart_serves_volumes() {
     let Some(_lock) = setup() else { return };
     let _proxy = ProxyGuard;
     let mut s = start_server();
-    let c = "dmtest-survivor";
-    let _clean = Cleanup::new(&[c], &["keepme"]);
+    let (c, rm) = ("dmtest-survivor", "dmtest-survivor-rm");
+    let _clean = Cleanup::new(&[c, rm], &["keepme", "dmtest-plain"]);
     run(&s, "keepme", "echo kept > /data/f");
-    // A container running across the restarts.
+    // Containers running across the restarts, one of them with --rm
+    // (Docker deletes it if it is stopped).
     run_detached(&s, c, "keepme:/data", LOOP);
+    docker_ok(
+        &s,
+        &[
+            "run",
+            "-d",
+            "--rm",
+            "--name",
+            rm,
+            "--volume-driver",
+            "dm",
+            "-v",
+            "keepme:/data",
+            IMAGE,
+            "sh",
+            "-c",
+            LOOP,
+        ],
+    );
 
     for crash in [false, true] {
         if crash {
@@ -695,26 +714,153 @@ fn daemon_down_fails_fast_and_restart_serves_volumes() {
             "ls took {:?}",
             t.elapsed()
         );
+        // Docker asks every driver it has used about a new volume made
+        // without a driver: dm's proxy must not claim it.
+        docker_ok(&s, &["run", "--rm", "-v", "dmtest-plain:/c", IMAGE, "true"]);
+        let driver = docker_ok(
+            &s,
+            &["volume", "inspect", "-f", "{{.Driver}}", "dmtest-plain"],
+        );
+        assert_eq!(driver.trim(), "local");
+        docker_ok(&s, &["volume", "rm", "dmtest-plain"]);
 
         s.restart();
         // No `docker volume create`: the volume is served again.
         assert_eq!(run(&s, "keepme", "cat /data/f"), "kept\n");
         let ls = docker_ok(&s, &["volume", "ls", "--format", "{{.Driver}} {{.Name}}"]);
         assert!(ls.lines().any(|l| l == "dm keepme"), "{ls}");
-        // The running container was restarted onto a live mount.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let out = docker(&["exec", c, "cat", "/data/f"]);
-            if out.status.success() && out.stdout == b"kept\n" {
-                break;
+        // The running containers were restarted onto a live mount.
+        for c in [c, rm] {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let out = docker(&["exec", c, "cat", "/data/f"]);
+                if out.status.success() && out.stdout == b"kept\n" {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{c} still has a dead mount: {}\nserver log:\n{}",
+                    String::from_utf8_lossy(&out.stderr),
+                    s.log()
+                );
+                std::thread::sleep(Duration::from_millis(200));
             }
-            assert!(
-                Instant::now() < deadline,
-                "{c} still has a dead mount: {}\nserver log:\n{}",
-                String::from_utf8_lossy(&out.stderr),
-                s.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
         }
     }
+}
+
+#[test]
+fn docker_cp_rm_containers_options_anonymous_and_deleted_dots() {
+    let Some(_lock) = setup() else { return };
+    let _proxy = ProxyGuard;
+    let s = start_server();
+    let (c, rm) = ("dmtest-cp", "dmtest-autoremove");
+    let _clean = Cleanup::new(&[c, rm], &["cpvol", "rmvol", "bs8", "gone"]);
+
+    // `docker cp` on a running container mounts its volumes again with the
+    // same id and unmounts them after: the container's mount must stay.
+    run_detached(&s, c, "cpvol:/data", LOOP);
+    docker_ok(&s, &["exec", c, "sh", "-c", "echo before > /data/f"]);
+    let copied = docker_ok(&s, &["cp", &format!("{c}:/data/f"), "-"]);
+    assert!(copied.contains("before"), "{copied}");
+    let mnt = docker_ok(&s, &["volume", "inspect", "-f", "{{.Mountpoint}}", "cpvol"]);
+    assert!(
+        mnt.trim().ends_with("admin/cpvol/__default__"),
+        "docker cp unmounted the running container's volume: {mnt:?}\n{}",
+        s.log()
+    );
+    docker_ok(&s, &["exec", c, "sh", "-c", "echo after > /data/f"]);
+    assert_eq!(
+        std::fs::read_to_string(Path::new(mnt.trim()).join("f")).unwrap(),
+        "after\n"
+    );
+
+    // A `--rm` container would be deleted by the stop around a checkout:
+    // the checkout is refused, and nothing changes.
+    docker_ok(
+        &s,
+        &[
+            "run",
+            "-d",
+            "--rm",
+            "--name",
+            rm,
+            "--volume-driver",
+            "dm",
+            "-v",
+            "rmvol:/data",
+            IMAGE,
+            "sh",
+            "-c",
+            LOOP,
+        ],
+    );
+    s.ok(&["switch", "rmvol"]);
+    s.ok(&["commit", "-m", "one"]);
+    let err = s.fail(&["checkout", "-b", "other"]);
+    assert!(err.contains("--rm") && err.contains(rm), "{err}");
+    assert!(running(&s, rm), "the --rm container is gone");
+    assert!(!s.ok(&["branch"]).contains("other"), "a branch was made");
+    let err = s.fail(&["reset", "--hard", "HEAD"]);
+    assert!(err.contains("--rm"), "{err}");
+    assert!(running(&s, rm));
+    docker_ok(&s, &["rm", "-f", rm]);
+
+    // Driver options: block-size for a new dot; anything else is refused.
+    docker_ok(
+        &s,
+        &["volume", "create", "-d", "dm", "-o", "block-size=8K", "bs8"],
+    );
+    assert!(
+        s.ok(&["dot", "show", "-H", "bs8"])
+            .contains("block_size\t8192"),
+        "{}",
+        s.ok(&["dot", "show", "-H", "bs8"])
+    );
+    let out = docker(&[
+        "volume",
+        "create",
+        "-d",
+        "dm",
+        "-o",
+        "colour=red",
+        "bad-opt",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("block-size"), "{err}");
+    assert!(!s.ok(&["list"]).contains("bad-opt"));
+
+    // Anonymous volumes (`-v /path`) go with their `--rm` container, as
+    // Docker's own do.
+    docker_ok(
+        &s,
+        &[
+            "run",
+            "--rm",
+            "--volume-driver",
+            "dm",
+            "-v",
+            "/scratch",
+            IMAGE,
+            "sh",
+            "-c",
+            "echo x > /scratch/f",
+        ],
+    );
+    let list = s.ok(&["list", "-H"]);
+    assert!(
+        !list
+            .split_whitespace()
+            .any(|w| w.trim_start_matches("admin/").len() == 64),
+        "an anonymous volume's dot was left:\n{list}"
+    );
+
+    // A dot deleted behind Docker's back is made again when Docker mounts
+    // the volume it still knows.
+    docker_ok(&s, &["volume", "create", "-d", "dm", "gone"]);
+    s.ok(&["dot", "delete", "-f", "gone"]);
+    assert_eq!(
+        run(&s, "gone", "echo back > /data/f; cat /data/f"),
+        "back\n"
+    );
 }
