@@ -446,7 +446,8 @@ impl BranchFs {
         a.blocks = g.size.div_ceil(512);
         if let Some(m) = g.mtime {
             a.mtime = m;
-            a.ctime = m;
+            // A chmod after the write changed it later.
+            a.ctime = a.ctime.max(m);
         }
     }
 
@@ -927,8 +928,17 @@ impl BranchFs {
         set: &SetAttr,
         mut fbg: Option<&mut FileBuf>,
     ) -> Result<Attr> {
-        if let Some(g) = fbg.as_mut() {
-            self.flush_locked(st, ino, g, false)?;
+        // A truncate stores buffered writes first (it cuts blocks they may
+        // be in). Other changes leave them buffered: a time, mode or owner
+        // change needs no block, and storing a buffer of partly written
+        // blocks reads and stores each whole (the kernel's writeback cache
+        // sends a time update with every fsync). The buffer's own size and
+        // write time then still win over the record's (see flush_locked),
+        // except a time set here explicitly.
+        if set.size.is_some() {
+            if let Some(g) = fbg.as_mut() {
+                self.flush_locked(st, ino, g, false)?;
+            }
         }
         // A truncate may store a chunk that is already present (see Db::gc_barrier).
         let _barrier = self.db.gc_barrier.read_recursive();
@@ -1000,7 +1010,14 @@ impl BranchFs {
         }
         Self::store(&mut tx, ino, &rec);
         tx.commit(false, "setting attributes")?;
-        Ok(rec.attr(ino, self.block_size))
+        let mut a = rec.attr(ino, self.block_size);
+        if let Some(g) = fbg {
+            if set.mtime.is_some() {
+                g.mtime = None;
+            }
+            Self::buffered_attr(&mut a, g);
+        }
+        Ok(a)
     }
 
     /// Clears S_ISUID and S_ISGID of a regular file as a write by a process
@@ -1669,7 +1686,7 @@ impl BranchFs {
                 rec.size = g.size;
                 if let Some(m) = g.mtime {
                     rec.mtime = m;
-                    rec.ctime = m;
+                    rec.ctime = rec.ctime.max(m);
                 }
                 Self::store(&mut tx, ino, &rec);
                 for (k, v) in block_values {
@@ -2103,6 +2120,60 @@ mod tests {
         // Detached (forgotten while a reader held it): not the file's.
         fresh.lock().detached = true;
         assert!(fs.read(ino, 0, 1 << 20).unwrap() == data, "read, detached");
+    }
+
+    /// A time or mode change leaves buffered writes in the buffer (storing
+    /// partly written blocks whole is what made them slow): the size and
+    /// data stay visible, an explicit mtime wins over the writes' own when
+    /// they are stored later, and ctime never goes back.
+    #[test]
+    fn setattr_without_truncate_keeps_writes_buffered() {
+        use crate::{SetAttr, TimeSet, Timestamp};
+        let (_dir, _store, fs) = fresh();
+        let ino = fs
+            .mknod(ROOT_INO, b"f", FileKind::File, 0o644, 0, 0, 0)
+            .unwrap()
+            .ino;
+        fs.open(ino).unwrap();
+        let data = noise(20_000, 5);
+        fs.write(ino, 4096, &data).unwrap();
+        let old = Timestamp {
+            secs: 1_000_000,
+            nanos: 5,
+        };
+        let a = fs
+            .setattr(
+                ino,
+                &SetAttr {
+                    mtime: Some(TimeSet::At(old)),
+                    ..SetAttr::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(a.size, 4096 + data.len() as u64);
+        assert_eq!(a.mtime, old);
+        assert!(
+            !fs.files.lock()[&ino].lock().is_clean(),
+            "stored by setattr"
+        );
+        let chmod = fs
+            .setattr(
+                ino,
+                &SetAttr {
+                    mode: Some(0o600),
+                    ..SetAttr::default()
+                },
+            )
+            .unwrap();
+        fs.fsync(ino, false).unwrap();
+        let a = fs.getattr(ino).unwrap();
+        assert_eq!(
+            (a.size, a.mtime, a.perm),
+            (4096 + data.len() as u64, old, 0o600)
+        );
+        assert!(a.ctime >= chmod.ctime, "ctime went back");
+        assert_eq!(fs.read(ino, 4096, 1 << 20).unwrap(), data);
+        fs.release(ino).unwrap();
     }
 
     /// The patch writer stores many patched blocks of one file in groups
