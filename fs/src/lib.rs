@@ -847,6 +847,11 @@ impl fuser::Filesystem for DmFs {
         }
         let view = self.view();
         let (p, np) = (view.to_store(parent), view.to_store(newparent));
+        // A file the rename replaces loses a link: other mounts cache its
+        // link count.
+        let replaced = (peers::active() && store_flags & dm_store::RENAME_EXCHANGE == 0)
+            .then(|| view.fs.lookup(np, newname.as_bytes()).ok())
+            .flatten();
         match view
             .fs
             .rename(p, name.as_bytes(), np, newname.as_bytes(), store_flags)
@@ -882,6 +887,7 @@ impl fuser::Filesystem for DmFs {
                         Change::Attr(np),
                     ];
                     c.extend(moved.into_iter().map(Change::Attr));
+                    c.extend(replaced.map(|a| Change::Attr(a.ino)));
                     c
                 });
             }

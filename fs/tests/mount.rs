@@ -643,11 +643,12 @@ fn absent_names_are_cached_until_the_mount_is_told() {
 }
 
 /// Appends a line to `path` as uid/gid 65534 (no CAP_FSETID).
-fn append_as_nobody(path: &Path) {
+/// `echo more REDIRECT path` as user nobody (`>>` appends, `>` truncates).
+fn write_as_nobody(path: &Path, redirect: &str) {
     use std::os::unix::process::CommandExt;
     let st = std::process::Command::new("/bin/sh")
         .arg("-c")
-        .arg(format!("echo more >> '{}'", path.display()))
+        .arg(format!("echo more {redirect} '{}'", path.display()))
         .uid(65534)
         .gid(65534)
         .status()
@@ -664,7 +665,7 @@ fn writes_and_chown_clear_setid_bits() {
     // A non-root writer clears S_ISUID and S_ISGID (group-executable).
     fs::write(f.p("suid"), b"x").unwrap();
     fs::set_permissions(f.p("suid"), fs::Permissions::from_mode(0o6777)).unwrap();
-    append_as_nobody(&f.p("suid"));
+    write_as_nobody(&f.p("suid"), ">>");
     assert_eq!(
         mode(&f.p("suid")),
         0o777,
@@ -681,8 +682,16 @@ fn writes_and_chown_clear_setid_bits() {
     assert_eq!(mode(&f.p("suid")), 0o6777);
     // S_ISGID without group execute (mandatory locking) stays.
     fs::set_permissions(f.p("suid"), fs::Permissions::from_mode(0o6766)).unwrap();
-    append_as_nobody(&f.p("suid"));
+    write_as_nobody(&f.p("suid"), ">>");
     assert_eq!(mode(&f.p("suid")), 0o2766);
+    // So does an open with O_TRUNC by nobody (no SETATTR reaches us; the
+    // kernel drops the attributes it cached).
+    fs::set_permissions(f.p("suid"), fs::Permissions::from_mode(0o4777)).unwrap();
+    assert_eq!(mode(&f.p("suid")), 0o4777);
+    write_as_nobody(&f.p("suid"), ">");
+    eventually("set-id bits cleared by a truncating open", || {
+        mode(&f.p("suid")) == 0o777
+    });
     // chown of a regular file clears them, even by root; not on directories.
     fs::set_permissions(f.p("suid"), fs::Permissions::from_mode(0o6755)).unwrap();
     std::os::unix::fs::chown(f.p("suid"), Some(65534), None).unwrap();
@@ -860,6 +869,15 @@ fn two_mounts_of_one_branch_stay_coherent() {
         });
     }
     assert_eq!(fs::read(o("new-sym")).unwrap(), b"n");
+
+    // A rename over one of two hard links: the other mount's cached link
+    // count of the file drops too.
+    assert_eq!(fs::metadata(o("new-link")).unwrap().nlink(), 2);
+    fs::write(f.p("over"), b"o").unwrap();
+    fs::rename(f.p("over"), f.p("new-file")).unwrap();
+    eventually("the link count after a rename over a link", || {
+        fs::metadata(o("new-link")).unwrap().nlink() == 1
+    });
 
     // A subdot mounted later appears in the tree mount that found it absent.
     assert!(!tree.join("later").exists());
