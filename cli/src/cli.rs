@@ -111,14 +111,19 @@ pub enum Command {
     Log,
     /// List branches, or delete one with -d.
     Branch {
-        /// Delete branch NAME (`dm branch -d NAME`, flags in any order, as in git).
-        #[arg(short = 'd', long = "delete", requires = "name")]
+        /// Delete branch NAME (`dm branch -d NAME`, flags in any order, as in
+        /// git); refused when it has commits no other branch has.
+        #[arg(short = 'd', long = "delete", requires = "name", group = "deleting")]
         delete: bool,
-        /// Delete even if other branches grew from it or it is mounted.
+        /// Delete even if it has commits no other branch has, other
+        /// branches grew from it, or it is mounted (`-d -f`).
+        #[arg(short = 'D', requires = "name", group = "deleting")]
+        force_delete: bool,
+        /// With -d: as -D.
         #[arg(short, long, requires = "delete")]
         force: bool,
         /// The branch to delete.
-        #[arg(value_name = "NAME", requires = "delete")]
+        #[arg(value_name = "NAME", requires = "deleting")]
         name: Option<String>,
     },
     /// Switch the current dot to BRANCH (moving unpinned mounts with it).

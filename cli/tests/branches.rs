@@ -93,7 +93,22 @@ fn branch_example() {
         .contains(&pinned_master.display().to_string()));
     s.ok(&["checkout", "-b", "scratch"]);
     s.ok(&["checkout", "master"]);
-    s.ok(&["branch", "-d", "scratch"]);
+    let out = s.ok(&["branch", "-d", "scratch"]);
+    assert!(out.starts_with("Deleted branch scratch (was "), "{out}");
+    assert_eq!(s.ok(&["branch"]), "* master\n  newbranch\n");
+    // A branch with commits no other branch has: -d refuses (as git's),
+    // -D deletes.
+    s.ok(&["checkout", "-b", "work"]);
+    std::fs::write(mnt.join("work"), b"w").unwrap();
+    s.ok(&["commit", "-m", "important work"]);
+    s.ok(&["checkout", "master"]);
+    let err = s.fail(&["branch", "-d", "work"]);
+    assert!(
+        err.contains("important work") && err.contains("dm branch -D work"),
+        "{err}"
+    );
+    assert!(s.ok(&["branch"]).contains("work"));
+    s.ok(&["branch", "-D", "work"]);
     assert_eq!(s.ok(&["branch"]), "* master\n  newbranch\n");
 
     // Unmount a pinned mount.

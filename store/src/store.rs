@@ -597,6 +597,20 @@ impl Store {
                     deps.join(", ")
                 )));
             }
+            // As git's `branch -d`: commits no other branch has would go.
+            let head = self.fs_for(d, branch)?.head();
+            if let Some(h) = head {
+                if self.reachable_from_others(d, &h, Some(branch))? {
+                    return Ok(());
+                }
+                let c = self.db.commit(&h)?;
+                return Err(Error::Refused(format!(
+                    "branch {branch} of dot {dot} has commits no other branch has (head {}, \"{}\"); \
+                     deleting it destroys them: use `dm branch -D {branch}` to delete it anyway",
+                    &h.to_hex()[..12],
+                    c.message.lines().next().unwrap_or("")
+                )));
+            }
         }
         Ok(())
     }
@@ -710,10 +724,19 @@ impl Store {
     /// Walks back from each head only while generations are above the
     /// target's: O(distance), not O(history).
     fn reachable_in_dot(&self, d: &DotRec, target: &Id) -> Result<bool> {
+        self.reachable_from_others(d, target, None)
+    }
+
+    /// Whether `target` is reachable from the head of a branch of the dot
+    /// other than `except`.
+    fn reachable_from_others(&self, d: &DotRec, target: &Id, except: Option<&str>) -> Result<bool> {
         let Ok(t) = self.db.commit(target) else {
             return Ok(false);
         };
         for (name, _) in self.branch_recs(d)? {
+            if except == Some(name.as_str()) {
+                continue;
+            }
             let mut stack: Vec<Id> = self.fs_for(d, &name)?.head().into_iter().collect();
             let mut seen = std::collections::HashSet::new();
             while let Some(id) = stack.pop() {

@@ -172,8 +172,12 @@ fn branches_follow_the_seed_example() {
     store.set_current_branch(&dot, "master").unwrap();
     let e = store.delete_branch(&dot, "master", false).unwrap_err();
     assert!(e.to_string().contains("current"), "{e}");
+    // child's head is newbranch's: nothing is lost.
     store.delete_branch(&dot, "child", false).unwrap();
-    store.delete_branch(&dot, "newbranch", false).unwrap();
+    // newbranch's C and E are on no other branch (as git's branch -d).
+    let e = store.delete_branch(&dot, "newbranch", false).unwrap_err();
+    assert!(e.to_string().contains("branch -D newbranch"), "{e}");
+    store.delete_branch(&dot, "newbranch", true).unwrap();
     assert!(store.branch_fs(&dot, "newbranch").is_err());
     assert!(
         nb.lookup(ROOT_INO, b"f").is_err(),

@@ -96,17 +96,22 @@ pub fn list_branches(ctx: &mut Ctx) -> Result<()> {
 pub fn delete_branch(ctx: &mut Ctx, branch: &str, force: bool) -> Result<()> {
     dm_store::names::validate("branch", branch).map_err(|e| anyhow!("{e}"))?;
     let (dot, d) = current(ctx)?;
-    if !d.summary.branches.iter().any(|b| b == branch) {
+    let Some(b) = d.branch_details.iter().find(|b| b.name == branch) else {
         bail!(
             "branch {branch} not found in dot {dot} (branches: {})",
             d.summary.branches.join(", ")
         );
-    }
+    };
     let path = format!(
         "{}?force={force}",
         api::branch_path(&dot.namespace, &dot.name, branch)
     );
     let _: Empty = ctx.client()?.delete(&path)?;
+    // As git says it, so that a mistake can be undone from the id.
+    match &b.head {
+        Some(h) => println!("Deleted branch {branch} (was {}).", &h[..h.len().min(12)]),
+        None => println!("Deleted branch {branch} (no commits)."),
+    }
     Ok(())
 }
 

@@ -135,11 +135,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Log => history::log(&mut ctx),
         Command::Branch {
             delete: _,
+            force_delete,
             force,
             name,
         } => match name {
-            // clap requires -d with NAME and NAME with -d.
-            Some(name) => history::delete_branch(&mut ctx, &name, force),
+            // clap requires -d or -D with NAME and NAME with them.
+            Some(name) => history::delete_branch(&mut ctx, &name, force || force_delete),
             None => history::list_branches(&mut ctx),
         },
         Command::Checkout { create, branch } => history::checkout(&mut ctx, &branch, create),
