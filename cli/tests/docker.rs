@@ -101,23 +101,26 @@ fn run(s: &Server, volume: &str, script: &str) -> String {
 /// A container `name` on `volume` (`dot...:/path`, dm's driver) running
 /// `sh -c script` in the background.
 fn run_detached(s: &Server, name: &str, volume: &str, script: &str) {
-    docker_ok(
-        s,
-        &[
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--volume-driver",
-            "dm",
-            "-v",
-            volume,
-            IMAGE,
-            "sh",
-            "-c",
-            script,
-        ],
-    );
+    run_detached_with(s, &[], name, volume, script)
+}
+
+/// [`run_detached`] with more `docker run` options (`--rm`).
+fn run_detached_with(s: &Server, opts: &[&str], name: &str, volume: &str, script: &str) {
+    let mut args = vec!["run", "-d"];
+    args.extend_from_slice(opts);
+    args.extend_from_slice(&[
+        "--name",
+        name,
+        "--volume-driver",
+        "dm",
+        "-v",
+        volume,
+        IMAGE,
+        "sh",
+        "-c",
+        script,
+    ]);
+    docker_ok(s, &args);
 }
 
 /// Removes what a test made in Docker, also when it fails. Dropped before
@@ -662,24 +665,7 @@ fn daemon_down_fails_fast_and_restart_serves_volumes() {
     // Containers running across the restarts, one of them with --rm
     // (Docker deletes it if it is stopped).
     run_detached(&s, c, "keepme:/data", LOOP);
-    docker_ok(
-        &s,
-        &[
-            "run",
-            "-d",
-            "--rm",
-            "--name",
-            rm,
-            "--volume-driver",
-            "dm",
-            "-v",
-            "keepme:/data",
-            IMAGE,
-            "sh",
-            "-c",
-            LOOP,
-        ],
-    );
+    run_detached_with(&s, &["--rm"], rm, "keepme:/data", LOOP);
 
     for crash in [false, true] {
         if crash {
@@ -777,24 +763,7 @@ fn docker_cp_rm_containers_options_anonymous_and_deleted_dots() {
 
     // A `--rm` container would be deleted by the stop around a checkout:
     // the checkout is refused, and nothing changes.
-    docker_ok(
-        &s,
-        &[
-            "run",
-            "-d",
-            "--rm",
-            "--name",
-            rm,
-            "--volume-driver",
-            "dm",
-            "-v",
-            "rmvol:/data",
-            IMAGE,
-            "sh",
-            "-c",
-            LOOP,
-        ],
-    );
+    run_detached_with(&s, &["--rm"], rm, "rmvol:/data", LOOP);
     s.ok(&["switch", "rmvol"]);
     s.ok(&["commit", "-m", "one"]);
     let err = s.fail(&["checkout", "-b", "other"]);
@@ -863,4 +832,71 @@ fn docker_cp_rm_containers_options_anonymous_and_deleted_dots() {
         run(&s, "gone", "echo back > /data/f; cat /data/f"),
         "back\n"
     );
+}
+
+#[test]
+fn switch_waits_for_containers_starting_meanwhile_and_refuses_paused_ones() {
+    let Some(_lock) = setup() else { return };
+    let _proxy = ProxyGuard;
+    let s = start_server();
+    let (slow, late, paused) = ("dmtest-slow-stop", "dmtest-late", "dmtest-paused");
+    let _clean = Cleanup::new(&[slow, late, paused], &["sep", "pz"]);
+    run(&s, "sep", "echo base > /data/f");
+    s.ok(&["switch", "sep"]);
+    s.ok(&["commit", "-m", "base"]);
+    // Ignores SIGTERM: the stop around the checkout takes Docker's 10 s.
+    run_detached(
+        &s,
+        slow,
+        "sep:/data",
+        "trap '' TERM; while :; do sleep 0.1; done",
+    );
+    let checkout = {
+        let (dm, sock, cfg) = (DM.to_string(), s.socket(), s.config());
+        std::thread::spawn(move || {
+            Command::new(dm)
+                .args(["checkout", "-b", "other"])
+                .env("DM_SOCKET", sock)
+                .env("DM_CONFIG", cfg)
+                .output()
+                .expect("running dm checkout")
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    // Started while the checkout stops the slow one: it must start on the
+    // new branch, not on master and then be switched under its feet.
+    run_detached(
+        &s,
+        late,
+        "sep:/data",
+        &format!("echo started > /data/late; {LOOP}"),
+    );
+    let out = checkout.join().unwrap();
+    assert!(
+        out.status.success(),
+        "checkout failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inspect = tempfile::tempdir().unwrap();
+    let master = inspect.path();
+    s.ok(&["mount", "sep@master", master.to_str().unwrap()]);
+    assert!(
+        !master.join("late").exists(),
+        "the late container wrote on master before being switched"
+    );
+    s.ok(&["unmount", master.to_str().unwrap()]);
+    assert_eq!(
+        docker_ok(&s, &["exec", late, "cat", "/data/late"]),
+        "started\n"
+    );
+
+    // A paused container cannot be stopped: refused, nothing switched.
+    run_detached(&s, paused, "pz:/data", LOOP);
+    s.ok(&["switch", "pz"]);
+    s.ok(&["commit", "-m", "one"]);
+    docker_ok(&s, &["pause", paused]);
+    let err = s.fail(&["checkout", "-b", "x"]);
+    assert!(err.contains("paused") && err.contains(paused), "{err}");
+    assert!(!s.ok(&["branch"]).contains('x'));
+    docker_ok(&s, &["unpause", paused]);
 }

@@ -17,7 +17,8 @@ use dm_volume_plugin::{Container, DockerClient};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// Mount requests (container mount ids) of one mount path.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -49,6 +50,28 @@ pub struct DockerIntegration {
     docker: DockerClient,
     state_file: PathBuf,
     state: Mutex<State>,
+    /// Dots whose containers are being stopped, switched and started
+    /// ([`DockerIntegration::around`]): a Mount of one of their volumes
+    /// waits, so that a container started meanwhile gets the new branch
+    /// instead of being switched under its feet.
+    switching: Mutex<BTreeSet<DotName>>,
+    switched: Condvar,
+}
+
+/// How long a Mount waits for a switch of its dot to end.
+const SWITCH_WAIT: Duration = Duration::from_secs(120);
+
+/// Marks a dot as switching until dropped (see [`DockerIntegration::switching`]).
+struct Switching<'a> {
+    docker: &'a DockerIntegration,
+    dot: DotName,
+}
+
+impl Drop for Switching<'_> {
+    fn drop(&mut self) {
+        self.docker.switching_lock().remove(&self.dot);
+        self.docker.switched.notify_all();
+    }
 }
 
 fn backend_err(e: impl Into<ApiError>) -> PluginError {
@@ -76,7 +99,47 @@ impl DockerIntegration {
             docker: DockerClient::new(docker_socket),
             state_file: state_file.to_path_buf(),
             state: Mutex::new(state),
+            switching: Mutex::new(BTreeSet::new()),
+            switched: Condvar::new(),
         }
+    }
+
+    fn switching_lock(&self) -> MutexGuard<'_, BTreeSet<DotName>> {
+        self.switching.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks `dot` as switching (waiting for another switch of it first).
+    fn begin_switch(&self, dot: &DotName) -> Switching<'_> {
+        let mut set = self.switching_lock();
+        while set.contains(dot) {
+            set = self.switched.wait(set).unwrap_or_else(|p| p.into_inner());
+        }
+        set.insert(dot.clone());
+        Switching {
+            docker: self,
+            dot: dot.clone(),
+        }
+    }
+
+    /// Waits until no switch of `dot` runs (up to [`SWITCH_WAIT`]).
+    fn wait_for_switch(&self, dot: &DotName) -> Result<(), PluginError> {
+        let deadline = Instant::now() + SWITCH_WAIT;
+        let mut set = self.switching_lock();
+        while set.contains(dot) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(PluginError::Backend(format!(
+                    "dot {dot} is being switched to another branch (dm checkout or reset) for over {} s; start the container again when that is done",
+                    SWITCH_WAIT.as_secs()
+                )));
+            }
+            set = self
+                .switched
+                .wait_timeout(set, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -155,18 +218,26 @@ impl DockerIntegration {
             .collect()
     }
 
-    /// Every container, or none when Docker is absent or fails (logged).
+    /// Every container, or none when Docker is absent or fails (logged),
+    /// each with only the dm volumes of this server (its volume table):
+    /// another dm server on the host may serve volumes of the same names.
     pub fn all_containers(&self) -> Vec<Container> {
         if !self.docker.present() {
             return Vec::new();
         }
-        match block_on(self.docker.containers()) {
+        let mut all = match block_on(self.docker.containers()) {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!("{e}");
-                Vec::new()
+                return Vec::new();
             }
+        };
+        let known = self.lock().volumes.clone();
+        for c in &mut all {
+            c.mounts
+                .retain(|m| m.driver != dm_volume_plugin::DRIVER_NAME || known.contains(&m.name));
         }
+        all
     }
 
     /// Runs `f` (a checkout: the dot's current branch changes) between
@@ -179,7 +250,7 @@ impl DockerIntegration {
         dot: &DotName,
         f: impl FnOnce() -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
-        self.around(dot, |c| c.follows_dot(dot), f)
+        self.around(dot, |c| c.follows_dot(dot), true, f)
     }
 
     /// Runs `f` (a reset: what `branch` of `dot` holds changes) between
@@ -193,20 +264,42 @@ impl DockerIntegration {
         current: &str,
         f: impl FnOnce() -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
-        self.around(dot, |c| c.shows_branch(dot, branch, current), f)
+        self.around(dot, |c| c.shows_branch(dot, branch, current), false, f)
     }
 
+    /// `pin_helps`: whether pinning the volume to a branch would keep a
+    /// container out of it (a checkout; not a reset of that branch).
     fn around<T>(
         &self,
         dot: &DotName,
         affected: impl Fn(&Container) -> bool,
+        pin_helps: bool,
         f: impl FnOnce() -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
-        let followers: Vec<Container> = self
+        // Containers started from here on wait in Mount until the switch is
+        // done, then get the new state.
+        let switching = self.begin_switch(dot);
+        let using: Vec<Container> = self
             .containers_using(dot)
             .into_iter()
-            .filter(|c| c.is_running() && affected(c))
+            .filter(|c| affected(c))
             .collect();
+        // A paused container cannot stop; switched under it, it would wake
+        // up to files that changed (and EIO on the ones it has open).
+        let paused: Vec<String> = using
+            .iter()
+            .filter(|c| c.state == "paused")
+            .map(|c| c.name())
+            .collect();
+        if !paused.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "dot {dot}: {} paused and cannot be stopped for the switch; nothing was changed. \
+                 Unpause (`docker unpause`) or stop {}, then retry",
+                paused.join(", "),
+                if paused.len() == 1 { "it" } else { "them" }
+            )));
+        }
+        let followers: Vec<Container> = using.into_iter().filter(|c| c.is_running()).collect();
         // Docker deletes a `--rm` container when it stops: refuse rather
         // than lose it (nothing is stopped or switched yet).
         let auto_removed: Vec<String> = followers
@@ -219,12 +312,15 @@ impl DockerIntegration {
                 1 => ("container", "it", "was"),
                 _ => ("containers", "them", "were"),
             };
+            let pin = if pin_helps {
+                format!(", or pin the volume to a branch (`{}@BRANCH`)", dot.name)
+            } else {
+                String::new()
+            };
             return Err(ApiError::conflict(format!(
                 "dot {dot}: {noun} {} {were} started with --rm, and stopping {them} for the switch would delete {them}; \
-                 nothing was changed. Stop {them} yourself (`docker stop`), run {them} without --rm, \
-                 or pin the volume to a branch (`{}@BRANCH`), then retry",
+                 nothing was changed. Stop {them} yourself (`docker stop`), run {them} without --rm{pin}, then retry",
                 auto_removed.join(", "),
-                dot.name,
             )));
         }
         let mut stopped = Vec::new();
@@ -245,6 +341,8 @@ impl DockerIntegration {
             Some(e) => Err(e),
             None => f(),
         };
+        // Mounts go on (the containers started below mount again).
+        drop(switching);
         let mut start_errs = Vec::new();
         for c in stopped {
             tracing::info!("dot {dot}: starting container {}", c.name());
@@ -489,27 +587,28 @@ impl Backend for DockerIntegration {
                 )));
             }
         }
-        st.volumes.remove(&volume.name);
-        self.save(&st);
         if is_anonymous(&volume.name) && self.never_committed(&volume.parsed.dot) {
             // Docker's own name for an image's VOLUME or `-v /path`: removed
             // with its container (`--rm`, `docker rm -v`), as Docker removes
             // its local anonymous volumes. Kept once committed to.
-            drop(st);
             let dot = &volume.parsed.dot;
             self.mounts
                 .unmount_dot(dot)
                 .map_err(|e| PluginError::Backend(e.message))?;
             match self.store.delete_dot(dot) {
-                Ok(()) => tracing::info!(
-                    "docker: anonymous volume {} removed with its dot",
-                    volume.name
-                ),
-                Err(e) if e.is_not_found() => {}
+                Ok(()) | Err(dm_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(backend_err(e)),
             }
+            st.volumes.remove(&volume.name);
+            self.save(&st);
+            tracing::info!(
+                "docker: anonymous volume {} removed with its dot",
+                volume.name
+            );
             return Ok(());
         }
+        st.volumes.remove(&volume.name);
+        self.save(&st);
         tracing::info!(
             "docker: volume {} removed; dot {} and its data are kept (`dm dot delete` deletes them)",
             volume.name,
@@ -525,6 +624,7 @@ impl Backend for DockerIntegration {
         if self.store.dot_info(&v.dot).is_err_and(|e| e.is_not_found()) {
             self.create(volume, &BTreeMap::new())?;
         }
+        self.wait_for_switch(&v.dot)?;
         self.branch_of(v)?;
         let path = self.mounts.default_path(v);
         let mut st = self.lock();
