@@ -177,8 +177,14 @@ fn hub_push_clone_pull_through_the_cli() {
     let err = alice.fail(&["push", "hub"]);
     assert!(
         err.contains("diverged")
-            && err.contains("--stash-on-divergence")
+            && err.contains("`dm push hub app master --stash-on-divergence`")
             && err.contains("keep the hub's commits"),
+        "{err}"
+    );
+    // The hint repeats the --remote-name given.
+    let err = alice.fail(&["push", "hub", "app", "master", "--remote-name", "alice/app"]);
+    assert!(
+        err.contains("--remote-name alice/app --stash-on-divergence`"),
         "{err}"
     );
     let err = alice.fail(&["pull", "hub", "app", "master"]);
@@ -229,4 +235,16 @@ fn hub_push_clone_pull_through_the_cli() {
     let err = bob.fail(&["clone", "hub", "alice/nothing", "--all"]);
     assert!(err.contains("no access") || err.contains("no dot"), "{err}");
     assert!(!bob.ok(&["list"]).contains("nothing"));
+
+    // A second `user add` keeps the key; --new-key replaces it, and a push
+    // with the old one says how to use the new one.
+    let err = hub.fail(&["user", "add", "bob"]);
+    assert!(err.contains("--new-key"), "{err}");
+    bob.ok(&["pull", "hub", "myapp"]);
+    hub.ok(&["user", "add", "bob", "--new-key"]);
+    let err = bob.fail(&["pull", "hub", "myapp"]);
+    assert!(
+        err.contains("wrong API key") && err.contains("`dm remote rm hub`"),
+        "{err}"
+    );
 }

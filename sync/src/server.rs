@@ -243,8 +243,11 @@ fn authorize(s: &Session, d: &DotRef, must_exist: bool) -> std::result::Result<D
             return Err(err(
                 ErrorCode::NoAccess,
                 format!(
-                    "user {} has no access to dot {}/{}: its owner can add you with `dm dot collaborator add {} {}`",
-                    s.user.name, dot.namespace, dot.name, dot, s.user.name
+                    "user {} has no access to dot {ns}/{name} on this hub: ask the hub's admin to run `dm dot collaborator add {ns}/{name} {}` there",
+                    s.user.name,
+                    s.user.name,
+                    ns = dot.namespace,
+                    name = dot.name,
                 ),
             ))
         }
@@ -442,10 +445,23 @@ fn handle_inner(s: &Session, req: Request) -> std::result::Result<Response, Resp
                     ),
                 ));
             }
-            match store
-                .set_branch_head(&dot, &branch, expected, new, block_size)
-                .map_err(store_err)?
-            {
+            let moved = match store.set_branch_head(&dot, &branch, expected, new, block_size) {
+                Err(e @ dm_store::Error::Refused(_))
+                    if store.has_uncommitted(&dot, &branch).unwrap_or(false) =>
+                {
+                    // Said from the hub's side: the pusher cannot fix it.
+                    return Err(err(
+                        ErrorCode::Refused,
+                        format!(
+                            "branch {branch} of {}/{} has uncommitted changes on the hub (made there, e.g. through a mount); \
+                             the hub's admin must commit or discard them there (`dm commit`, or `dm reset --hard HEAD`) before it takes pushes ({e})",
+                            dot.namespace, dot.name
+                        ),
+                    ));
+                }
+                r => r.map_err(store_err)?,
+            };
+            match moved {
                 SetHead::Updated => Ok(Response::Done { new: 1 }),
                 SetHead::Moved { actual } => Err(err(
                     ErrorCode::Moved { actual },

@@ -83,13 +83,37 @@ pub fn ensure_admin(store: &Store, data_dir: &Path) -> Result<Option<String>> {
 }
 
 /// Adds user `name` (owner of namespace `name`) and returns their new API
-/// key; an existing user gets a new key (the old one stops working).
+/// key. Refused for an existing user: a second `add` by mistake would lock
+/// them out everywhere (see [`new_key_for`]).
 pub fn add_user(store: &Store, name: &str) -> Result<String> {
+    set_key(store, name, false)
+}
+
+/// Gives existing user `name` a new API key and returns it; the old one
+/// stops working.
+pub fn new_key_for(store: &Store, name: &str) -> Result<String> {
+    set_key(store, name, true)
+}
+
+fn set_key(store: &Store, name: &str, existing: bool) -> Result<String> {
     dm_store::names::validate("user", name)?;
     if name == ADMIN {
         return Err(Error::Refused(
             "the admin user's key is made at the first start (see DATA_DIR/admin-key)".into(),
         ));
+    }
+    match (store.setting(&user_key(name))?.is_some(), existing) {
+        (true, false) => {
+            return Err(Error::Refused(format!(
+                "user {name} exists; `dm user add {name} --new-key` gives them a new API key (the one they use now stops working)"
+            )))
+        }
+        (false, true) => {
+            return Err(Error::Refused(format!(
+                "no user {name} on this server; add it with `dm user add {name}`"
+            )))
+        }
+        _ => {}
     }
     let key = new_key();
     put_user(store, name, &key, false)?;
@@ -112,17 +136,30 @@ pub fn add_collaborator(store: &Store, dot: &DotName, user: &str) -> Result<()> 
             "no user {user} on this server; add it with `dm user add {user}`"
         )));
     }
-    store.dot_info(dot)?;
-    store.set_setting(&collab_key(dot, user), b"")?;
+    let id = store.dot_info(dot)?.id;
+    store.set_setting(&collab_key(dot, user), &id.to_le_bytes())?;
     Ok(())
+}
+
+/// Whether a grant (the value of a `collab/` setting) is for the dot with
+/// id `id`: a grant names the dot it was given for, so that a dot deleted
+/// and made again under the same name is not shared with the old one's
+/// collaborators. Grants stored before they named one (empty) count.
+fn grant_is_for(value: &[u8], id: u64) -> bool {
+    match <[u8; 8]>::try_from(value) {
+        Ok(b) => u64::from_le_bytes(b) == id,
+        Err(_) => value.is_empty(),
+    }
 }
 
 /// The collaborators of `dot`.
 pub fn collaborators(store: &Store, dot: &DotName) -> Result<Vec<String>> {
+    let id = store.dot_info(dot)?.id;
     let prefix = format!("collab/{}/{}/", dot.namespace, dot.name);
     Ok(store
         .settings_with_prefix(&prefix)?
         .into_iter()
+        .filter(|(_, v)| grant_is_for(v, id))
         .map(|(k, _)| k[prefix.len()..].to_string())
         .collect())
 }
@@ -134,7 +171,7 @@ pub fn authenticate(store: &Store, name: &str, key: &str) -> Result<User> {
         Error::Remote {
         code: ErrorCode::BadKey,
         message: format!(
-            "wrong API key for user {name:?}: check DM_API_KEY, or ask the hub's admin for a key (`dm user add {name}`)"
+            "wrong API key for user {name:?}: ask the hub's admin for a new key (`dm user add {name}` on the hub)"
         ),
     }
     };
@@ -158,5 +195,13 @@ pub fn may_access(store: &Store, user: &User, dot: &DotName) -> Result<bool> {
     if user.admin || user.name == dot.namespace {
         return Ok(true);
     }
-    Ok(store.setting(&collab_key(dot, &user.name))?.is_some())
+    let Some(grant) = store.setting(&collab_key(dot, &user.name))? else {
+        return Ok(false);
+    };
+    match store.dot_info(dot) {
+        Ok(info) => Ok(grant_is_for(&grant, info.id)),
+        // No such dot (any more): the grant was for another.
+        Err(e) if e.is_not_found() => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }

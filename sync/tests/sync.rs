@@ -606,7 +606,51 @@ async fn wrong_key_no_access_unknown_dot() {
         .await
         .unwrap_err();
     assert_eq!(code(&err), Some(ErrorCode::NoAccess), "{err}");
+    assert!(
+        err.to_string().contains("collaborator add bob/app alice"),
+        "{err}"
+    );
     assert!(hub.store.list_dots().unwrap().is_empty());
+
+    // A grant is for the dot it was given on: bob may pull alice/app, but
+    // not a new dot of that name once the hub deleted the old one.
+    push(&a, &r, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap();
+    let shared = dot("alice/app");
+    dm_sync::users::add_collaborator(&hub.store, &shared, "bob").unwrap();
+    let b = Node::start();
+    let rb = hub.connect("bob", &bkey).await;
+    pull(&b, &rb, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap();
+    hub.store.delete_dot(&shared).unwrap();
+    let secret = dot("secret");
+    a.store.create_dot(&secret, None).unwrap();
+    write(&a.store, &secret, "master", "s", 0, b"secret");
+    commit(&a.store, &secret, "master", "s");
+    push(&a, &r, "secret", "master", "alice/app", &opts())
+        .await
+        .unwrap();
+    let err = pull(&b, &rb, "stolen", "master", "alice/app", &opts())
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), Some(ErrorCode::NoAccess), "{err}");
+    assert!(dm_sync::users::collaborators(&hub.store, &shared)
+        .unwrap()
+        .is_empty());
+
+    // Uncommitted changes made on the hub are said to be the hub's.
+    write(&hub.store, &shared, "master", "dirty", 0, b"on the hub");
+    write(&a.store, &secret, "master", "s", 0, b"more");
+    commit(&a.store, &secret, "master", "more");
+    let err = push(&a, &r, "secret", "master", "alice/app", &opts())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("uncommitted changes on the hub"),
+        "{err}"
+    );
 }
 
 /// A user allowed on one dot gets no history of another dot's commits by

@@ -321,7 +321,12 @@ pub fn transfer(ctx: &mut Ctx, push: bool, a: TransferArgs) -> Result<()> {
         rdot.namespace,
         rdot.name
     );
-    run(ctx, &req, &label)?;
+    run(ctx, &req, &label).map_err(|e| {
+        anyhow!(
+            "{}",
+            with_remote_hints(&format!("{e:#}"), &a.remote, a.remote_name.as_deref(), &r)
+        )
+    })?;
     // The first transfer records the upstream.
     let key = upstream_key(&local, &a.remote);
     if let std::collections::btree_map::Entry::Vacant(e) = sc.upstreams.entry(key) {
@@ -378,6 +383,29 @@ pub fn clone(
         format!("{}/{}", rdot.namespace, rdot.name),
     );
     sc.save(&ctx.config_path)
+}
+
+/// Fills the hub's generic advice in a failed transfer's message with what
+/// this command line used: the remote's name (the hub knows none), the
+/// `--remote-name` given, and how to replace a refused API key (push and
+/// pull use the key saved by `dm remote add`, not DM_API_KEY).
+fn with_remote_hints(msg: &str, remote: &str, remote_name: Option<&str>, r: &Remote) -> String {
+    let mut m = msg
+        .replace("`dm push REMOTE ", &format!("`dm push {remote} "))
+        .replace("`dm pull REMOTE ", &format!("`dm pull {remote} "));
+    if let Some(n) = remote_name {
+        m = m.replace(
+            " --stash-on-divergence`",
+            &format!(" --remote-name {n} --stash-on-divergence`"),
+        );
+    }
+    if m.contains("wrong API key") {
+        m.push_str(&format!(
+            ". The key saved for remote {remote} was refused: with a new key from the hub's admin, run `dm remote rm {remote}`, then `dm remote add {remote} {}@{}` (it asks for the key, or reads DM_API_KEY)",
+            r.user, r.hostname
+        ));
+    }
+    m
 }
 
 fn human(n: u64) -> String {
@@ -489,11 +517,12 @@ pub fn upstreams_of(ctx: &Ctx, dot: &DotName) -> Vec<(String, String)> {
 }
 
 /// `dm user add NAME` (local API: root on this server).
-pub fn user_add(ctx: &mut Ctx, name: &str) -> Result<()> {
+pub fn user_add(ctx: &mut Ctx, name: &str, new_key: bool) -> Result<()> {
     let k: UserKey = ctx.client()?.post(
         "/v1/sync/users",
         &UserReq {
             name: name.to_string(),
+            new_key,
         },
     )?;
     println!("{}", k.key);
@@ -575,6 +604,9 @@ pub enum UserCommand {
     Add {
         /// User name.
         name: String,
+        /// Give an existing user a new API key (the old one stops working).
+        #[arg(long)]
+        new_key: bool,
     },
     /// List the users.
     #[command(alias = "ls")]
@@ -621,7 +653,7 @@ pub fn clone_cmd(ctx: &mut Ctx, a: CloneArgs) -> Result<()> {
 /// `dm user`.
 pub fn user_cmd(ctx: &mut Ctx, c: UserCommand) -> Result<()> {
     match c {
-        UserCommand::Add { name } => user_add(ctx, &name),
+        UserCommand::Add { name, new_key } => user_add(ctx, &name, new_key),
         UserCommand::List => {
             let users: Vec<String> = ctx.client()?.get("/v1/sync/users")?;
             for u in users {

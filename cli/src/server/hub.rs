@@ -170,6 +170,9 @@ pub fn router(app: Arc<AppState>) -> Router {
 pub struct UserReq {
     /// User name.
     pub name: String,
+    /// Give an existing user a new key instead of adding one.
+    #[serde(default)]
+    pub new_key: bool,
 }
 
 /// `POST /v1/sync/users` answer.
@@ -194,11 +197,14 @@ async fn add_user(
     Json(req): Json<UserReq>,
 ) -> ApiResult<Json<UserKey>> {
     let store = st.app.store.clone();
-    let name = req.name.clone();
-    let key = tokio::task::spawn_blocking(move || dm_sync::users::add_user(&store, &name))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(sync_err)?;
+    let (name, rotate) = (req.name.clone(), req.new_key);
+    let key = tokio::task::spawn_blocking(move || match rotate {
+        true => dm_sync::users::new_key_for(&store, &name),
+        false => dm_sync::users::add_user(&store, &name),
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(sync_err)?;
     Ok(Json(UserKey {
         name: req.name,
         key,
