@@ -667,6 +667,24 @@ fn daemon_down_fails_fast_and_restart_serves_volumes() {
     run_detached(&s, c, "keepme:/data", LOOP);
     run_detached_with(&s, &["--rm"], rm, "keepme:/data", LOOP);
 
+    // A plugin proxy killed while the server runs is replaced.
+    let pid = plugin_call("dm-proxy/info", "")["pid"].as_i64().unwrap();
+    let st = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(PLUGIN_SOCKET).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "no new plugin proxy\n{}",
+            s.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(run(&s, "keepme", "cat /data/f"), "kept\n");
+
     for crash in [false, true] {
         if crash {
             s.kill9();

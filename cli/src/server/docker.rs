@@ -754,8 +754,12 @@ pub async fn serve_plugin(
 pub struct PluginHandle {
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
+    watchdog: tokio::task::JoinHandle<()>,
     docker: Arc<DockerIntegration>,
 }
+
+/// How often the server checks that its plugin proxy still answers.
+const PROXY_CHECK: Duration = Duration::from_secs(5);
 
 impl PluginHandle {
     /// Stops serving (the proxy stays and answers that the server is down),
@@ -763,6 +767,8 @@ impl PluginHandle {
     /// still use: their bind mounts keep the connection alive, so unmounting
     /// would otherwise wait for the containers forever.
     pub async fn stop(self) {
+        // The proxy stays up to answer that the server is down.
+        self.watchdog.abort();
         let _ = self.stop.send(());
         let _ = self.task.await;
         let docker = self.docker;
@@ -808,6 +814,7 @@ pub async fn start_plugin(
         internal.clone(),
         data_dir.to_path_buf(),
     );
+    let (ps, is, dd) = (plugin_socket.clone(), internal2.clone(), data_dir.clone());
     let res = tokio::task::spawn_blocking(move || {
         crate::server::plugin_proxy::ensure(&plugin_socket, &internal2, &data_dir)
     })
@@ -820,9 +827,32 @@ pub async fn start_plugin(
         Ok(Err(e)) => tracing::error!("Docker volume plugin: {e:#}"),
         Err(e) => tracing::error!("Docker volume plugin: {e}"),
     }
+    // A proxy killed meanwhile (OOM killer, kill -9) would leave every dm
+    // volume failing until this server restarts: start another.
+    let watchdog = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(PROXY_CHECK).await;
+            let (ps, is, dd) = (ps.clone(), is.clone(), dd.clone());
+            let _ = tokio::task::spawn_blocking(move || {
+                if std::os::unix::net::UnixStream::connect(&ps).is_ok() {
+                    return;
+                }
+                tracing::warn!(
+                    "the Docker plugin proxy on {} stopped answering; starting another",
+                    ps.display()
+                );
+                match crate::server::plugin_proxy::ensure(&ps, &is, &dd) {
+                    Ok(msg) => tracing::info!("{msg}"),
+                    Err(e) => tracing::error!("Docker volume plugin: {e:#}"),
+                }
+            })
+            .await;
+        }
+    });
     Some(PluginHandle {
         stop: tx,
         task,
+        watchdog,
         docker: docker3,
     })
 }
