@@ -758,8 +758,11 @@ fn docker_cp_rm_containers_options_anonymous_and_deleted_dots() {
     let Some(_lock) = setup() else { return };
     let _proxy = ProxyGuard;
     let s = start_server();
-    let (c, rm) = ("dmtest-cp", "dmtest-autoremove");
-    let _clean = Cleanup::new(&[c, rm], &["cpvol", "rmvol", "bs8", "gone"]);
+    let (c, rm, pinned) = ("dmtest-cp", "dmtest-autoremove", "dmtest-cp-pinned");
+    let _clean = Cleanup::new(
+        &[c, rm, pinned],
+        &["cpvol", "cpvol@side", "rmvol", "bs8", "gone"],
+    );
 
     // `docker cp` on a running container mounts its volumes again with the
     // same id and unmounts them after: the container's mount must stay.
@@ -778,6 +781,18 @@ fn docker_cp_rm_containers_options_anonymous_and_deleted_dots() {
         std::fs::read_to_string(Path::new(mnt.trim()).join("f")).unwrap(),
         "after\n"
     );
+    // Neither `dm unmount` nor `dm branch -d -f` pulls a mount from under
+    // a running container.
+    let err = s.fail(&["unmount", mnt.trim()]);
+    assert!(err.contains(c) && err.contains("docker stop"), "{err}");
+    s.ok(&["switch", "cpvol"]);
+    s.ok(&["commit", "-m", "one"]);
+    s.ok(&["checkout", "-b", "side"]);
+    s.ok(&["checkout", "master"]);
+    run_detached(&s, pinned, "cpvol@side:/data", LOOP);
+    let err = s.fail(&["branch", "-d", "-f", "side"]);
+    assert!(err.contains(pinned) && err.contains("docker stop"), "{err}");
+    assert!(running(&s, pinned));
 
     // A `--rm` container would be deleted by the stop around a checkout:
     // the checkout is refused, and nothing changes.

@@ -205,9 +205,10 @@ pub fn delete(ctx: &mut Ctx, dot: &str, force: bool) -> Result<()> {
                 "not deleting dot {name}: confirmation needs a terminal; use `dm dot delete -f {name}` to delete without asking"
             );
         }
+        let n = d.branch_details.len();
         print!(
-            "Delete dot {name} with its {} branches and all their commits? This cannot be undone. Type the dot name to confirm: ",
-            d.branch_details.len()
+            "Delete dot {name} with its {n} branch{} and all their commits? This cannot be undone. Type the dot name to confirm: ",
+            if n == 1 { "" } else { "es" }
         );
         std::io::stdout().flush().ok();
         let mut line = String::new();

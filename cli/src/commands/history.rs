@@ -204,8 +204,13 @@ pub fn status(ctx: &mut Ctx) -> Result<()> {
         println!("Nothing to commit: the working state matches HEAD");
         return Ok(());
     }
+    // Before the first commit there is no HEAD to go back to.
+    let discard = match s.head {
+        Some(_) => ", discard them with `dm reset --hard HEAD`",
+        None => "",
+    };
     println!(
-        "Uncommitted changes: {} in {} paths (commit them with `dm commit -m MSG`, discard them with `dm reset --hard HEAD`)",
+        "Uncommitted changes: {} in {} paths (commit them with `dm commit -m MSG`{discard})",
         human_size(s.dirty_bytes),
         // A file renamed and changed has two lines under its new path.
         s.changes

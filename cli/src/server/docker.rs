@@ -202,6 +202,28 @@ impl DockerIntegration {
         }
     }
 
+    /// The running containers (names) whose dm volumes are mounted at `path`.
+    pub fn containers_on(&self, path: &Path) -> Vec<String> {
+        if self
+            .lock()
+            .mounts
+            .get(path)
+            .is_none_or(|r| r.ids.is_empty())
+        {
+            return Vec::new();
+        }
+        self.all_containers()
+            .into_iter()
+            .filter(|c| {
+                c.is_running()
+                    && c.dm_volumes()
+                        .iter()
+                        .any(|v| self.mounts.default_path(v) == path)
+            })
+            .map(|c| c.name().trim_start_matches('/').to_string())
+            .collect()
+    }
+
     /// True when `dot` has only its first branch and no commit on it.
     fn never_committed(&self, dot: &DotName) -> bool {
         self.store

@@ -316,6 +316,26 @@ async fn delete_branch(
         check_branch(&branch)?;
         // Refusals first: nothing is unmounted for a deletion that fails.
         st.store.check_branch_delete(&dot, &branch, q.force)?;
+        // As `dm dot delete`: never under a running container, -f or not.
+        let running: Vec<String> = st
+            .docker
+            .containers_using(&dot)
+            .into_iter()
+            .filter(|c| {
+                c.is_running()
+                    && c.dm_volumes()
+                        .iter()
+                        .any(|v| v.branch.as_deref() == Some(branch.as_str()))
+            })
+            .map(|c| c.name().trim_start_matches('/').to_string())
+            .collect();
+        if !running.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "branch {branch} of {dot} is in use by running containers {}; stop them first (`docker stop {}`)",
+                running.join(", "),
+                running.join(" ")
+            )));
+        }
         let pinned = st.mounts.pinned_paths(&dot, &branch);
         if !pinned.is_empty() {
             if !q.force {
@@ -569,7 +589,17 @@ async fn mount(State(st): S, Json(req): Json<MountRequest>) -> ApiResult<Json<Mo
 
 async fn unmount(State(st): S, Json(req): Json<UnmountRequest>) -> ApiResult<Json<Empty>> {
     blocking(move || {
-        st.mounts.unmount(std::path::Path::new(&req.path))?;
+        let path = std::path::Path::new(&req.path);
+        let users = st.docker.containers_on(path);
+        if !users.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "{} is the mount of a Docker volume that running containers {} use; stop them first (`docker stop {}`), and Docker unmounts it",
+                path.display(),
+                users.join(", "),
+                users.join(" ")
+            )));
+        }
+        st.mounts.unmount(path)?;
         Ok(Empty {})
     })
     .await
