@@ -399,6 +399,13 @@ fn with_remote_hints(msg: &str, remote: &str, remote_name: Option<&str>, r: &Rem
             &format!(" --remote-name {n} --stash-on-divergence`"),
         );
     }
+    let broken = ["connection lost", "receiving:", "sending:", "stream closed"];
+    if broken.iter().any(|b| m.starts_with(b)) {
+        m = format!(
+            "the connection to remote {remote} ({}) broke: {m}. Run the same command again: it goes on from what arrived",
+            r.hostname
+        );
+    }
     if m.contains("wrong API key") {
         m.push_str(&format!(
             ". The key saved for remote {remote} was refused: with a new key from the hub's admin, run `dm remote rm {remote}`, then `dm remote add {remote} {}@{}` (it asks for the key, or reads DM_API_KEY)",
@@ -677,5 +684,40 @@ pub fn set_upstream_cmd(ctx: &mut Ctx, args: &[String]) -> Result<()> {
         [remote, rdot] => set_upstream(ctx, None, remote, rdot),
         [dot, remote, rdot] => set_upstream(ctx, Some(dot), remote, rdot),
         _ => bail!("usage: dm dot set-upstream [DOT] REMOTE REMOTE_DOT"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hints_name_the_remote_and_what_to_run() {
+        let r = Remote {
+            user: "alice".into(),
+            hostname: "hub.example".into(),
+            port: None,
+        };
+        let m = with_remote_hints(
+            "push refused: ... Run `dm push REMOTE app master --stash-on-divergence` to keep ...",
+            "hub",
+            Some("alice/other"),
+            &r,
+        );
+        assert!(
+            m.contains("`dm push hub app master --remote-name alice/other --stash-on-divergence`"),
+            "{m}"
+        );
+        let m = with_remote_hints("receiving: connection lost", "hub", None, &r);
+        assert!(
+            m.starts_with("the connection to remote hub (hub.example) broke")
+                && m.contains("again"),
+            "{m}"
+        );
+        let m = with_remote_hints("wrong API key for user \"alice\": ...", "hub", None, &r);
+        assert!(
+            m.contains("`dm remote rm hub`") && m.contains("`dm remote add hub alice@hub.example`"),
+            "{m}"
+        );
     }
 }
