@@ -227,20 +227,7 @@ async fn delete_dot(
         st.store.dot_info(&dot)?;
         // As `docker volume rm` refuses a volume in use: a database whose
         // files vanish under it loses what it has not written yet.
-        let running: Vec<String> = st
-            .docker
-            .containers_using(&dot)
-            .into_iter()
-            .filter(|c| c.is_running())
-            .map(|c| c.name().trim_start_matches('/').to_string())
-            .collect();
-        if !running.is_empty() {
-            return Err(ApiError::conflict(format!(
-                "dot {dot} is in use by running containers {}; stop them first (`docker stop {}`)",
-                running.join(", "),
-                running.join(" ")
-            )));
-        }
+        refuse_if_running(&st, &dot, &format!("dot {dot}"), |_| true)?;
         st.mounts.unmount_dot(&dot)?;
         st.store.delete_dot(&dot)?;
         tracing::info!("deleted dot {dot}");
@@ -300,6 +287,31 @@ async fn get_branch(
     .await
 }
 
+/// Refuses (naming them) when running containers that use `dot` and match
+/// `uses` exist: `what` is what they use, for the message.
+fn refuse_if_running(
+    st: &AppState,
+    dot: &DotName,
+    what: &str,
+    uses: impl Fn(&dm_volume_plugin::Container) -> bool,
+) -> ApiResult<()> {
+    let running: Vec<String> = st
+        .docker
+        .containers_using(dot)
+        .into_iter()
+        .filter(|c| c.is_running() && uses(c))
+        .map(|c| c.name().trim_start_matches('/').to_string())
+        .collect();
+    if running.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::conflict(format!(
+        "{what} is in use by running containers {}; stop them first (`docker stop {}`)",
+        running.join(", "),
+        running.join(" ")
+    )))
+}
+
 #[derive(Deserialize)]
 struct ForceQuery {
     #[serde(default)]
@@ -317,25 +329,11 @@ async fn delete_branch(
         // Refusals first: nothing is unmounted for a deletion that fails.
         st.store.check_branch_delete(&dot, &branch, q.force)?;
         // As `dm dot delete`: never under a running container, -f or not.
-        let running: Vec<String> = st
-            .docker
-            .containers_using(&dot)
-            .into_iter()
-            .filter(|c| {
-                c.is_running()
-                    && c.dm_volumes()
-                        .iter()
-                        .any(|v| v.branch.as_deref() == Some(branch.as_str()))
-            })
-            .map(|c| c.name().trim_start_matches('/').to_string())
-            .collect();
-        if !running.is_empty() {
-            return Err(ApiError::conflict(format!(
-                "branch {branch} of {dot} is in use by running containers {}; stop them first (`docker stop {}`)",
-                running.join(", "),
-                running.join(" ")
-            )));
-        }
+        refuse_if_running(&st, &dot, &format!("branch {branch} of {dot}"), |c| {
+            c.dm_volumes()
+                .iter()
+                .any(|v| v.branch.as_deref() == Some(branch.as_str()))
+        })?;
         let pinned = st.mounts.pinned_paths(&dot, &branch);
         if !pinned.is_empty() {
             if !q.force {
