@@ -1506,6 +1506,12 @@ impl Mount {
             let mut view = self.shared.view.write();
             peers::leave(&view.fs, &self.shared);
             peers::join(&fs, &self.shared);
+            // The subdot may be new on this branch (as in mount()).
+            if root != dm_store::ROOT_INO {
+                peers::publish(&fs, &self.shared, || {
+                    created(dm_store::ROOT_INO, OsStr::new(&self.shared.subdot))
+                });
+            }
             *view = View { fs, root };
             let mut nc = self.shared.no_caps.lock();
             nc.generation += 1;

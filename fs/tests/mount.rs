@@ -888,6 +888,23 @@ fn two_mounts_of_one_branch_stay_coherent() {
     eventually("a new subdot", || tree.join("later").is_dir());
     m4.unmount().unwrap();
 
+    // So does one a switch makes: mounted on another branch, then switched
+    // to this one, where it did not exist.
+    assert!(!tree.join("switched").exists());
+    let c = f.commit("for b2");
+    f.store.create_branch(&f.dot, "b2", Some(c.id)).unwrap();
+    let sw = f._dir.path().join("switched");
+    fs::create_dir(&sw).unwrap();
+    let fs_b2 = f.store.branch_fs(&f.dot, "b2").unwrap();
+    let m5 = Mount::mount(&sw, fs_b2, "switched", &MountOptions::default()).unwrap();
+    assert!(!tree.join("switched").exists());
+    m5.switch(f.store.branch_fs(&f.dot, "master").unwrap())
+        .unwrap();
+    eventually("a subdot made by a switch", || {
+        tree.join("switched").is_dir()
+    });
+    m5.unmount().unwrap();
+
     m3.unmount().unwrap();
     m2.unmount().unwrap();
 }
