@@ -457,25 +457,40 @@ impl DockerIntegration {
         if known.is_empty() {
             return;
         }
-        for c in self.all_containers() {
-            let uses_ours = c.is_running()
-                && c.mounts
-                    .iter()
-                    .any(|m| m.driver == dm_volume_plugin::DRIVER_NAME && known.contains(&m.name));
-            if !uses_ours {
-                continue;
+        let stale: Vec<Container> = self
+            .all_containers()
+            .into_iter()
+            .filter(|c| {
+                c.is_running()
+                    && c.mounts.iter().any(|m| {
+                        m.driver == dm_volume_plugin::DRIVER_NAME && known.contains(&m.name)
+                    })
+            })
+            .collect();
+        // All at once: one that ignores SIGTERM takes Docker's full stop
+        // timeout, and the others should not wait on dead mounts meanwhile.
+        // A restart, not a stop and a start: Docker keeps a `--rm`
+        // container through a restart.
+        block_on(async {
+            let mut restarts = tokio::task::JoinSet::new();
+            for c in stale {
+                tracing::info!(
+                    "restarting container {}: its dm mount died with the previous server",
+                    c.name()
+                );
+                let docker = self.docker.clone();
+                restarts.spawn(async move { (docker.restart(&c.id).await, c.name()) });
             }
-            tracing::info!(
-                "restarting container {}: its dm mount died with the previous server",
-                c.name()
-            );
-            // A restart, not a stop and a start: Docker keeps a `--rm`
-            // container through a restart.
-            let res = block_on(self.docker.restart(&c.id));
-            if let Err(e) = res {
-                tracing::error!("{e}; restart {} with `docker restart`", c.name());
+            while let Some(done) = restarts.join_next().await {
+                match done {
+                    Ok((Ok(()), _)) => {}
+                    Ok((Err(e), name)) => {
+                        tracing::error!("{e}; restart {name} with `docker restart`")
+                    }
+                    Err(e) => tracing::error!("restarting a container: {e}"),
+                }
             }
-        }
+        });
     }
 }
 
