@@ -558,7 +558,14 @@ fn docker_volume_ls_inspect_rm_and_bad_names() {
     let c = "dmtest-user";
     let _clean = Cleanup::new(
         &[c],
-        &["myapp", "myapp@nosuch", "x.y.z", "newdot@dev", "stale"],
+        &[
+            "myapp",
+            "myapp@nosuch",
+            "myapp@HEAD",
+            "x.y.z",
+            "newdot@dev",
+            "stale",
+        ],
     );
 
     docker_ok(&s, &["volume", "create", "-d", "dm", "myapp"]);
@@ -575,7 +582,17 @@ fn docker_volume_ls_inspect_rm_and_bad_names() {
     // A pinned branch must exist; bad names are refused with the reason.
     let out = docker(&["volume", "create", "-d", "dm", "myapp@nosuch"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("nosuch"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("`dm checkout -b nosuch`"),
+        "{err}"
+    );
+    // No advice to make a branch that cannot be made.
+    let out = docker(&["volume", "create", "-d", "dm", "myapp@HEAD"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && !err.contains("checkout -b HEAD") && err.contains("HEAD"),
+        "{err}"
+    );
     let out = docker(&["volume", "create", "-d", "dm", "x.y.z"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

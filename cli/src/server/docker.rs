@@ -166,9 +166,10 @@ impl DockerIntegration {
             Some(b) => {
                 self.store.branch_info(&v.dot, b).map_err(|e| {
                     PluginError::Backend(format!(
-                        "{}: {} (a pinned @branch must exist: create it with `dm checkout -b {b}`)",
+                        "{}: {} (a pinned @branch must exist: {})",
                         v,
-                        ApiError::from(e).message
+                        ApiError::from(e).message,
+                        how_to_make_branch(b)
                     ))
                 })?;
                 Ok(b.clone())
@@ -494,6 +495,14 @@ impl DockerIntegration {
     }
 }
 
+/// How to make branch `b` for a pinned volume, or why it cannot be one.
+fn how_to_make_branch(b: &str) -> String {
+    match dm_store::names::validate_new("branch", b) {
+        Ok(()) => format!("create it with `dm checkout -b {b}`"),
+        Err(e) => format!("and none can be made: {e}"),
+    }
+}
+
 /// True for the names Docker gives anonymous volumes (64 hex digits).
 fn is_anonymous(name: &str) -> bool {
     name.len() == 64
@@ -558,10 +567,11 @@ impl Backend for DockerIntegration {
                     .filter(|b| *b != dm_store::names::MASTER)
                 {
                     return Err(PluginError::Backend(format!(
-                        "{v}: there is no dot {}, and a new dot has only branch {}; create it first (`dm init {}`, then `dm checkout -b {b}`)",
+                        "{v}: there is no dot {}, and a new dot has only branch {}; create the dot first (`dm init {}`); {}",
                         v.dot,
                         dm_store::names::MASTER,
-                        v.dot.name
+                        v.dot.name,
+                        how_to_make_branch(b)
                     )));
                 }
                 match self.store.create_dot(&v.dot, block_size) {
