@@ -236,6 +236,18 @@ fn hub_push_clone_pull_through_the_cli() {
     assert!(err.contains("no access") || err.contains("no dot"), "{err}");
     assert!(!bob.ok(&["list"]).contains("nothing"));
 
+    // Collaborators can be listed and removed; then bob has no access.
+    assert_eq!(
+        hub.ok(&["dot", "collaborator", "list", "alice/app"]),
+        "bob\n"
+    );
+    hub.ok(&["dot", "collaborator", "rm", "alice/app", "bob"]);
+    assert_eq!(hub.ok(&["dot", "collaborator", "list", "alice/app"]), "");
+    let err = hub.fail(&["dot", "collaborator", "rm", "alice/app", "bob"]);
+    assert!(err.contains("not a collaborator"), "{err}");
+    let err = bob.fail(&["pull", "hub", "app2", "master"]);
+    assert!(err.contains("no access"), "{err}");
+
     // A second `user add` keeps the key; --new-key replaces it, and a push
     // with the old one says how to use the new one.
     let err = hub.fail(&["user", "add", "bob"]);

@@ -141,6 +141,18 @@ pub fn add_collaborator(store: &Store, dot: &DotName, user: &str) -> Result<()> 
     Ok(())
 }
 
+/// Takes back `user`'s access to `dot` (refused when it had none).
+pub fn remove_collaborator(store: &Store, dot: &DotName, user: &str) -> Result<()> {
+    if !collaborators(store, dot)?.iter().any(|u| u == user) {
+        return Err(Error::Refused(format!(
+            "{user} is not a collaborator of {}/{} (see `dm dot collaborator list {}/{}`)",
+            dot.namespace, dot.name, dot.namespace, dot.name
+        )));
+    }
+    store.delete_setting(&collab_key(dot, user))?;
+    Ok(())
+}
+
 /// Whether a grant (the value of a `collab/` setting) is for the dot with
 /// id `id`: a grant names the dot it was given for, so that a dot deleted
 /// and made again under the same name is not shared with the old one's

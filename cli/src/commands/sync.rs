@@ -630,6 +630,20 @@ pub enum CollaboratorCommand {
         /// User name.
         user: String,
     },
+    /// Take back USER's access to DOT.
+    #[command(alias = "remove")]
+    Rm {
+        /// `[NS/]DOT`.
+        dot: String,
+        /// User name.
+        user: String,
+    },
+    /// List the collaborators of DOT.
+    #[command(alias = "ls")]
+    List {
+        /// `[NS/]DOT`.
+        dot: String,
+    },
 }
 
 /// `--listen`: `PORT`, `ADDR:PORT` or `off`.
@@ -675,6 +689,25 @@ pub fn user_cmd(ctx: &mut Ctx, c: UserCommand) -> Result<()> {
 pub fn collaborator_cmd(ctx: &mut Ctx, c: CollaboratorCommand) -> Result<()> {
     match c {
         CollaboratorCommand::Add { dot, user } => collaborator_add(ctx, &dot, &user),
+        CollaboratorCommand::Rm { dot, user } => {
+            let d = DotName::parse(&dot).map_err(|e| anyhow!("{e}"))?;
+            dm_store::names::validate("user", &user).map_err(|e| anyhow!("{e}"))?;
+            let _: serde_json::Value = ctx
+                .client()?
+                .delete(&format!("/v1/sync/collaborators?dot={d}&user={user}"))?;
+            println!("{user} may no longer push to or pull from {d}");
+            Ok(())
+        }
+        CollaboratorCommand::List { dot } => {
+            let d = DotName::parse(&dot).map_err(|e| anyhow!("{e}"))?;
+            let users: Vec<String> = ctx
+                .client()?
+                .get(&format!("/v1/sync/collaborators?dot={d}"))?;
+            for u in users {
+                println!("{u}");
+            }
+            Ok(())
+        }
     }
 }
 

@@ -6,7 +6,7 @@
 
 use super::error::{ApiError, ApiResult};
 use super::AppState;
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::{Path as UrlPath, Query, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use dm_store::DotName;
@@ -161,7 +161,12 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/v1/sync/transfers", post(start_transfer))
         .route("/v1/sync/transfers/{id}", get(transfer_status))
         .route("/v1/sync/users", post(add_user).get(list_users))
-        .route("/v1/sync/collaborators", post(add_collaborator))
+        .route(
+            "/v1/sync/collaborators",
+            post(add_collaborator)
+                .get(list_collaborators)
+                .delete(remove_collaborator),
+        )
         .with_state(st)
 }
 
@@ -232,6 +237,33 @@ async fn add_collaborator(
 ) -> ApiResult<Json<serde_json::Value>> {
     let dot = DotName::parse(&req.dot)?;
     dm_sync::users::add_collaborator(&st.app.store, &dot, &req.user).map_err(sync_err)?;
+    Ok(Json(serde_json::json!({})))
+}
+
+/// `GET`/`DELETE /v1/sync/collaborators` query: `dot`, and `user` to remove.
+#[derive(Debug, Deserialize)]
+pub struct CollaboratorQuery {
+    dot: String,
+    #[serde(default)]
+    user: String,
+}
+
+async fn list_collaborators(
+    State(st): State<SyncState>,
+    Query(q): Query<CollaboratorQuery>,
+) -> ApiResult<Json<Vec<String>>> {
+    let dot = DotName::parse(&q.dot)?;
+    Ok(Json(
+        dm_sync::users::collaborators(&st.app.store, &dot).map_err(sync_err)?,
+    ))
+}
+
+async fn remove_collaborator(
+    State(st): State<SyncState>,
+    Query(q): Query<CollaboratorQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let dot = DotName::parse(&q.dot)?;
+    dm_sync::users::remove_collaborator(&st.app.store, &dot, &q.user).map_err(sync_err)?;
     Ok(Json(serde_json::json!({})))
 }
 
