@@ -501,12 +501,15 @@ impl DmFs {
     /// the mount shows now (for release and fsync). Unknown handles (not
     /// issued by us) fall back to the current branch.
     fn handle(&self, fh: FileHandle, ino: INodeNo) -> (Arc<BranchFs>, u64) {
-        self.tick();
-        if let Some((fs, ino)) = self.shared.handles.read().get(&fh.0) {
-            return (fs.clone(), *ino);
+        self.handle_in(&self.view(), fh, ino)
+    }
+
+    /// [`Self::handle`] with the view already held.
+    fn handle_in(&self, view: &View, fh: FileHandle, ino: INodeNo) -> (Arc<BranchFs>, u64) {
+        match self.shared.handles.read().get(&fh.0) {
+            Some((fs, ino)) => (fs.clone(), *ino),
+            None => (view.fs.clone(), view.to_store(ino)),
         }
-        let view = self.shared.view.read();
-        (view.fs.clone(), view.to_store(ino))
     }
 
     /// The open file of a handle for a read or a write, with the view held
@@ -519,10 +522,7 @@ impl DmFs {
     /// files it discards are never given to new ones.)
     fn open_file(&self, fh: FileHandle, ino: INodeNo) -> Result<OpenFile<'_>, Errno> {
         let view = self.view();
-        let (fs, ino) = match self.shared.handles.read().get(&fh.0) {
-            Some((fs, ino)) => (fs.clone(), *ino),
-            None => (view.fs.clone(), view.to_store(ino)),
-        };
+        let (fs, ino) = self.handle_in(&view, fh, ino);
         if !Arc::ptr_eq(&fs, &view.fs) {
             return Err(Errno::EIO);
         }

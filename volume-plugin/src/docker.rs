@@ -112,6 +112,11 @@ impl Container {
         self.state == "running"
     }
 
+    /// True when the container is paused (`docker pause`).
+    pub fn is_paused(&self) -> bool {
+        self.state == "paused"
+    }
+
     /// The dm volumes this container mounts (names that do not parse are skipped).
     pub fn dm_volumes(&self) -> Vec<VolumeName> {
         self.mounts

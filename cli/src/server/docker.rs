@@ -311,7 +311,7 @@ impl DockerIntegration {
         // up to files that changed (and EIO on the ones it has open).
         let paused: Vec<String> = using
             .iter()
-            .filter(|c| c.state == "paused")
+            .filter(|c| c.is_paused())
             .map(|c| c.name())
             .collect();
         if !paused.is_empty() {
@@ -454,24 +454,19 @@ impl DockerIntegration {
     /// started against the previous server's mounts, which died with it.
     /// Restart them so that they get live mounts again.
     pub fn restart_stale_containers(&self) {
-        let known: BTreeSet<String> = self.lock().volumes.clone();
-        if known.is_empty() {
+        if self.lock().volumes.is_empty() {
             return;
         }
+        // all_containers() keeps only the volumes of this server's table.
         let stale: Vec<Container> = self
             .all_containers()
             .into_iter()
-            .filter(|c| {
-                c.is_running()
-                    && c.mounts.iter().any(|m| {
-                        m.driver == dm_volume_plugin::DRIVER_NAME && known.contains(&m.name)
-                    })
-            })
+            .filter(|c| c.is_running() && !c.dm_volumes().is_empty())
             .collect();
         // All at once: one that ignores SIGTERM takes Docker's full stop
         // timeout, and the others should not wait on dead mounts meanwhile.
-        // A restart, not a stop and a start: Docker keeps a `--rm`
-        // container through a restart.
+        // A restart, not a stop and a start: Docker usually keeps a `--rm`
+        // container through a restart (a stop always deletes it).
         block_on(async {
             let mut restarts = tokio::task::JoinSet::new();
             for c in stale {
@@ -634,10 +629,11 @@ impl Backend for DockerIntegration {
                 )));
             }
         }
-        if is_anonymous(&volume.name) && self.never_committed(&volume.parsed.dot) {
-            // Docker's own name for an image's VOLUME or `-v /path`: removed
-            // with its container (`--rm`, `docker rm -v`), as Docker removes
-            // its local anonymous volumes. Kept once committed to.
+        // Docker's own name for an image's VOLUME or `-v /path`: removed
+        // with its container (`--rm`, `docker rm -v`), as Docker removes its
+        // local anonymous volumes. Kept once committed to.
+        let anonymous = is_anonymous(&volume.name) && self.never_committed(&volume.parsed.dot);
+        if anonymous {
             let dot = &volume.parsed.dot;
             self.mounts
                 .unmount_dot(dot)
@@ -646,21 +642,21 @@ impl Backend for DockerIntegration {
                 Ok(()) | Err(dm_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(backend_err(e)),
             }
-            st.volumes.remove(&volume.name);
-            self.save(&st);
+        }
+        st.volumes.remove(&volume.name);
+        self.save(&st);
+        if anonymous {
             tracing::info!(
                 "docker: anonymous volume {} removed with its dot",
                 volume.name
             );
-            return Ok(());
+        } else {
+            tracing::info!(
+                "docker: volume {} removed; dot {} and its data are kept (`dm dot delete` deletes them)",
+                volume.name,
+                volume.parsed.dot
+            );
         }
-        st.volumes.remove(&volume.name);
-        self.save(&st);
-        tracing::info!(
-            "docker: volume {} removed; dot {} and its data are kept (`dm dot delete` deletes them)",
-            volume.name,
-            volume.parsed.dot
-        );
         Ok(())
     }
 
