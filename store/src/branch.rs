@@ -427,9 +427,9 @@ impl BranchFs {
     }
 
     /// The records every fresh tree starts with: the superblock and the root
-    /// directory.
-    pub(crate) fn fresh_entries() -> Vec<(Vec<u8>, Vec<u8>)> {
-        let mut root = InodeRec::new(FileKind::Dir, 0o755, 0, 0, ROOT_INO);
+    /// directory, owned by `owner` (uid, gid).
+    pub(crate) fn fresh_entries(owner: (u32, u32)) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut root = InodeRec::new(FileKind::Dir, 0o755, owner.0, owner.1, ROOT_INO);
         root.parent = ROOT_INO;
         vec![
             (
@@ -463,7 +463,8 @@ impl BranchFs {
             Ok(a) if a.kind == FileKind::Dir => Ok(a.ino),
             Ok(_) => Err(Error::fs("subdot", ENOTDIR)),
             Err(e) if e.errno() == ENOENT && create => {
-                match self.mkdir(ROOT_INO, subdot.as_bytes(), 0o755, 0, 0) {
+                let (uid, gid) = self.db.opts.owner;
+                match self.mkdir(ROOT_INO, subdot.as_bytes(), 0o755, uid, gid) {
                     Ok(a) => Ok(a.ino),
                     Err(e) if e.errno() == EEXIST => {
                         self.lookup(ROOT_INO, subdot.as_bytes()).map(|a| a.ino)
@@ -1681,8 +1682,14 @@ impl BranchFs {
         {
             let _m = self.meta.lock();
             let mut tx = Tx::new(self.view(st));
-            // A file removed meanwhile keeps nothing.
-            if let Ok(mut rec) = Self::load(&tx, ino) {
+            // A file removed meanwhile keeps nothing; any other failure to
+            // read its record fails the flush (and keeps the buffer).
+            let rec = match Self::load(&tx, ino) {
+                Ok(rec) => Some(rec),
+                Err(e) if e.is_not_found() => None,
+                Err(e) => return Err(e),
+            };
+            if let Some(mut rec) = rec {
                 rec.size = g.size;
                 if let Some(m) = g.mtime {
                     rec.mtime = m;

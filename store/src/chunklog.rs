@@ -774,7 +774,11 @@ impl ChunkLog {
         if seg == self.active_segment() {
             return Ok(());
         }
-        self.files.write().remove(&seg);
+        // Unlinked under the map's lock: a reader holding an old location
+        // must not open the file again (and keep it in the map, and its
+        // space on the disk) between the two.
+        let mut files = self.files.write();
+        files.remove(&seg);
         let path = self.dir.join(segment_name(seg));
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),

@@ -38,6 +38,12 @@ const PENDING_BYTES_MAX: u64 = 256 << 20;
 struct Pending {
     map: std::collections::HashMap<Id, Loc>,
     bytes: u64,
+    /// Segments named by entries that a `Db::write` copied out of `map`
+    /// and has not written yet (how many such writes each). A compaction
+    /// leaves them alone: a writer delayed between its copy and its write
+    /// would otherwise index a record the compaction already moved, in a
+    /// segment it removed.
+    in_flight: std::collections::HashMap<u32, usize>,
 }
 
 impl Pending {
@@ -64,6 +70,30 @@ impl Pending {
     }
 }
 
+/// Ends a `Db::write`'s flight of copied pending entries (see
+/// `Pending::in_flight`).
+struct InFlight<'a> {
+    pending: &'a Mutex<Pending>,
+    segs: Vec<u32>,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.segs.is_empty() {
+            return;
+        }
+        let mut p = self.pending.lock();
+        for seg in &self.segs {
+            if let std::collections::hash_map::Entry::Occupied(mut e) = p.in_flight.entry(*seg) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+        }
+    }
+}
+
 /// Tuning of an open store.
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
@@ -77,6 +107,10 @@ pub struct StoreOptions {
     /// Size at which a chunk log segment stops taking appends (GC reclaims
     /// space a segment at a time).
     pub segment_bytes: u64,
+    /// (uid, gid) of the directories the store makes itself: a new dot's
+    /// root and its subdots. The server's own user, so that a server run
+    /// by a user other than root can write to its new dots.
+    pub owner: (u32, u32),
 }
 
 impl Default for StoreOptions {
@@ -86,6 +120,7 @@ impl Default for StoreOptions {
             node_cache_entries: 16 * 1024,
             write_buffer_bytes: 64 << 20,
             segment_bytes: crate::chunklog::SEGMENT_BYTES,
+            owner: (0, 0),
         }
     }
 }
@@ -252,13 +287,19 @@ impl Db {
         // Pending chunks are copied before the sync (so each was appended
         // before it) and leave the map only once indexed: a reader never
         // finds them in neither place.
-        let pending: Vec<(Id, Loc)> = self
-            .pending
-            .lock()
-            .map
-            .iter()
-            .map(|(k, v)| (*k, *v))
-            .collect();
+        let pending: Vec<(Id, Loc)> = {
+            let mut p = self.pending.lock();
+            let copied: Vec<(Id, Loc)> = p.map.iter().map(|(k, v)| (*k, *v)).collect();
+            for (_, loc) in &copied {
+                *p.in_flight.entry(loc.seg).or_default() += 1;
+            }
+            copied
+        };
+        // Ends the copies' flight however this returns.
+        let _flight = InFlight {
+            pending: &self.pending,
+            segs: pending.iter().map(|(_, l)| l.seg).collect(),
+        };
         self.log.sync()?;
         let cf = self.cf(CF_CHUNK_INDEX);
         for (id, loc) in &pending {
@@ -572,11 +613,23 @@ impl Db {
             *live.entry(loc.seg).or_default() += loc.record_len();
             Ok(())
         })?;
+        // Segments whose records wait to be indexed, or are being indexed
+        // by a write that copied them: left for the next GC. A copy made
+        // after this can only name these or newer segments (appends go to
+        // the active one, which is `before` or later).
+        let busy: HashSet<u32> = {
+            let p = self.pending.lock();
+            p.map
+                .values()
+                .map(|l| l.seg)
+                .chain(p.in_flight.keys().copied())
+                .collect()
+        };
         let mut freed = 0;
         let mut empty = Vec::new();
         let mut victims = HashSet::new();
         for (seg, size) in self.log.segments()? {
-            if seg >= before {
+            if seg >= before || busy.contains(&seg) {
                 continue;
             }
             match live.get(&seg).copied().unwrap_or(0) {
@@ -609,6 +662,12 @@ impl Db {
             }
             // Synced (chunks first): only then may the old copies go.
             self.write(batch, true, "moving chunks out of sparse segments")?;
+        } else if !empty.is_empty() {
+            // The sweep's index deletions were not synced: were they lost
+            // in a power failure, entries naming a removed segment would
+            // come back (and a later write of the same bytes would
+            // deduplicate against them). Durable first, as for a move.
+            self.sync_wal()?;
         }
         for seg in empty.into_iter().chain(victims) {
             self.log.remove(seg)?;

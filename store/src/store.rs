@@ -115,6 +115,9 @@ pub struct Store {
     pub(crate) gc_after_mark: Mutex<Option<GcHook>>,
 }
 
+/// Most bytes of message, author and metadata one commit carries.
+pub const MAX_COMMIT_TEXT: usize = 1 << 20;
+
 /// See `Store::gc_after_mark`.
 #[cfg(test)]
 pub(crate) type GcHook = Box<dyn Fn(&Store) + Send>;
@@ -306,7 +309,7 @@ impl Store {
             bid,
             root: empty_root,
         });
-        for (k, v) in BranchFs::fresh_entries() {
+        for (k, v) in BranchFs::fresh_entries(self.db.opts.owner) {
             tx.put(k, v);
         }
         tx.write_into(batch);
@@ -520,6 +523,10 @@ impl Store {
         let bid = self.next_ids(&mut batch, 1)?;
         let rec = match start {
             Some(id) => {
+                // Young before it is looked for, as in `set_branch_head`: a
+                // GC that marked before another branch let go of the commit
+                // keeps it, and one that starts later sees this branch.
+                self.db.note_young(&id);
                 let c = self.db.commit(&id).map_err(|_| Error::NotFound {
                     what: "commit",
                     name: id.to_hex(),
@@ -626,6 +633,19 @@ impl Store {
     /// Snapshots the branch's working state. O(metadata changed); writes no
     /// file data (buffered writes are chunked first, as at fsync).
     pub fn commit(&self, dot: &DotName, branch: &str, req: CommitRequest) -> Result<CommitInfo> {
+        let text = req.message.len()
+            + req.author.len()
+            + req
+                .metadata
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        if text > MAX_COMMIT_TEXT {
+            return Err(Error::Refused(format!(
+                "the commit's message, author and metadata take {text} bytes, more than the {} KiB a commit may carry (it travels in one frame on push and pull); put large notes in a file of the dot",
+                MAX_COMMIT_TEXT >> 10
+            )));
+        }
         for k in req.metadata.keys() {
             if k.is_empty() || !k.starts_with(|c: char| c.is_ascii_lowercase()) {
                 return Err(Error::Refused(format!(
@@ -1366,6 +1386,82 @@ pub(crate) mod tests {
         assert!(fs.read(kept, 0, 300_000).unwrap() == vec![1; 300_000]);
         // Nothing more the second time.
         assert_eq!(store.gc().unwrap().working_states_deleted, 0);
+    }
+
+    /// Bad commit requests are refused and commit nothing: a metadata key
+    /// that does not start lower-case, and text too large for one frame.
+    #[test]
+    fn commit_refuses_bad_metadata_and_huge_text() {
+        let (_dir, store, dot) = app_store();
+        let mut metadata = BTreeMap::new();
+        metadata.insert("Upper".to_string(), "v".to_string());
+        let e = store
+            .commit(
+                &dot,
+                "master",
+                CommitRequest {
+                    message: "m".into(),
+                    author: "test".into(),
+                    metadata,
+                },
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("lower-case"), "{e}");
+        let e = store
+            .commit(
+                &dot,
+                "master",
+                CommitRequest {
+                    message: "x".repeat(MAX_COMMIT_TEXT + 1),
+                    author: "test".into(),
+                    metadata: BTreeMap::new(),
+                },
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("more than the 1024 KiB"), "{e}");
+        assert!(store.log(&dot, "master").unwrap().is_empty());
+    }
+
+    /// `dm checkout -b NEW REV` of a commit that only a just-deleted branch
+    /// reached, while a GC that marked before runs: the new branch keeps
+    /// the whole snapshot (it named a swept commit, and every later GC
+    /// failed).
+    #[test]
+    fn a_branch_made_during_gc_keeps_its_commit() {
+        let (_dir, store, dot) = app_store();
+        let req = |m: &str| CommitRequest {
+            message: m.into(),
+            author: "test".into(),
+            metadata: BTreeMap::new(),
+        };
+        store.commit(&dot, "master", req("first")).unwrap();
+        store.create_branch(&dot, "b", None).unwrap();
+        let data = crate::chunk::tests::pseudo_random(200_000, 10);
+        let fs = store.branch_fs(&dot, "b").unwrap();
+        let ino = fs
+            .mknod(ROOT_INO, b"f", FileKind::File, 0o644, 0, 0, 0)
+            .unwrap()
+            .ino;
+        fs.write(ino, 0, &data).unwrap();
+        fs.release(ino).unwrap();
+        let c = store.commit(&dot, "b", req("on b")).unwrap().id;
+        drop(fs);
+        store.delete_branch(&dot, "b", true).unwrap();
+        let d2 = dot.clone();
+        *store.gc_after_mark.lock() = Some(Box::new(move |s: &Store| {
+            s.create_branch(&d2, "again", Some(c)).unwrap();
+        }));
+        store.gc().unwrap();
+        *store.gc_after_mark.lock() = None;
+        assert!(
+            store.fsck().unwrap().is_clean(),
+            "{:?}",
+            store.fsck().unwrap()
+        );
+        let fs = store.branch_fs(&dot, "again").unwrap();
+        let ino = fs.lookup(ROOT_INO, b"f").unwrap().ino;
+        assert!(fs.read(ino, 0, 300_000).unwrap() == data);
+        store.gc().unwrap();
     }
 
     /// An object that becomes young between GC's mark and its sweep (a

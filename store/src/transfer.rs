@@ -110,6 +110,15 @@ pub fn object_refs(id: &Id, stored: &[u8]) -> Result<(Vec<Id>, Vec<Id>)> {
     node_refs(id, stored)
 }
 
+/// The parents of a stored commit; None when `stored` is not a commit.
+pub fn commit_parents(id: &Id, stored: &[u8]) -> Result<Option<Vec<Id>>> {
+    if stored.get(1).copied() != Some(object::KIND_COMMIT) {
+        return Ok(None);
+    }
+    let c: Commit = object::decode(id, object::KIND_COMMIT, stored)?;
+    Ok(Some(c.parents))
+}
+
 /// The chunks a leaf's block entries name.
 pub fn leaf_chunks(entries: &[(Vec<u8>, Vec<u8>)]) -> Result<Vec<Id>> {
     let mut out = Vec::new();
@@ -514,6 +523,16 @@ impl Store {
             .collect()
     }
 
+    /// Which of `ids` are stored commits (not tree nodes, not absent), in
+    /// order.
+    pub fn stored_commits(&self, ids: &[Id]) -> Result<Vec<bool>> {
+        Ok(self
+            .objects_stored(ids)?
+            .into_iter()
+            .map(|b| b.is_some_and(|b| b.get(1).copied() == Some(object::KIND_COMMIT)))
+            .collect())
+    }
+
     /// Which of `ids` are stored chunks, in order.
     pub fn has_chunks(&self, ids: &[Id]) -> Result<Vec<bool>> {
         self.db.has_many(ids)
@@ -611,7 +630,7 @@ impl Store {
         // superblock and root directory: anything beyond those (or a
         // superblock that handed out inode numbers) is uncommitted work.
         let superblock = keys::superblock();
-        let fresh_super = crate::branch::BranchFs::fresh_entries()
+        let fresh_super = crate::branch::BranchFs::fresh_entries((0, 0))
             .into_iter()
             .find(|(k, _)| *k == superblock)
             .map(|(_, v)| v);
@@ -698,6 +717,9 @@ impl Store {
                 if expected.is_some() {
                     return Ok(SetHead::Moved { actual: None });
                 }
+                // New names follow the rules `dm init` and `dm checkout -b`
+                // apply (a peer's transfer is no way around them).
+                names::validate_new("dot", &dot.name)?;
                 let id = self.next_ids(&mut batch, 2)?;
                 new_bid = Some(id + 1);
                 let d = DotRec {
@@ -719,6 +741,7 @@ impl Store {
                 if expected.is_some() {
                     return Ok(SetHead::Moved { actual: None });
                 }
+                names::validate_new("branch", branch)?;
                 let bid = match new_bid {
                     Some(bid) => bid,
                     None => self.next_ids(&mut batch, 1)?,
@@ -751,6 +774,9 @@ impl Store {
                         "branch {branch} of dot {dot} has uncommitted changes; commit them (or `dm reset --hard HEAD`) first"
                     )));
                 }
+                // As a reset: files a process still has open keep numbers
+                // no new file gets.
+                fs.keep_inos_unique(&st)?;
                 rec.head = Some(new);
                 rec.root = commit.root;
                 self.fresh_working_state(&mut batch, &mut rec)?;
@@ -1330,6 +1356,27 @@ mod tests {
             let head = s.branch_info(&dot, "master").unwrap().head.unwrap();
             s.reset(&dot, "master", head, true).unwrap();
         }
+    }
+
+    /// A peer's transfer cannot make a branch or dot that `dm checkout -b`
+    /// and `dm init` refuse to make (`HEAD`, a leading `-`).
+    #[test]
+    fn set_head_refuses_new_names_the_cli_refuses() {
+        let (_dir, s, dot) = crate::store::tests::app_store();
+        write_file(&s, &dot, "master", "base", b"base");
+        let c = commit(&s, &dot, "master", "base");
+        let bs = s.dot_info(&dot).unwrap().block_size;
+        for branch in ["HEAD", "-x"] {
+            let e = s.set_branch_head(&dot, branch, None, c, bs).unwrap_err();
+            assert!(matches!(e, Error::InvalidName { .. }), "{e}");
+        }
+        let e = s
+            .set_branch_head(&DotName::parse("-odd").unwrap(), "master", None, c, bs)
+            .unwrap_err();
+        assert!(matches!(e, Error::InvalidName { .. }), "{e}");
+        // An existing branch is moved as before.
+        let r = s.set_branch_head(&dot, "master", Some(c), c, bs).unwrap();
+        assert!(matches!(r, SetHead::Updated));
     }
 
     /// A transfer that makes a branch name an unreachable commit while GC
