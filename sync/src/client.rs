@@ -145,13 +145,7 @@ impl Remote {
 
     /// One request, one response; remote errors become [`Error::Remote`].
     pub async fn call(&self, req: &Request) -> Result<Response> {
-        let (mut send, mut recv) = self.conn.open_bi().await?;
-        proto::write_frame(&mut send, req).await?;
-        send.finish()?;
-        match proto::read_frame::<Response>(&mut recv).await? {
-            Response::Err { code, message } => Err(Error::Remote { code, message }),
-            r => Ok(r),
-        }
+        call_on(&self.conn, req).await
     }
 
     async fn bools(&self, req: Request, n: usize) -> Result<Vec<bool>> {
@@ -608,19 +602,26 @@ pub async fn push(
         }
         report.objects += level.len();
     }
-    // Commits, oldest first, in order.
-    for part in commits.chunks(256) {
-        let mut items = Vec::new();
-        for id in part {
-            let b = store.object_bytes(id)?.ok_or_else(|| {
-                Error::Store(dm_store::Error::Corrupt(format!(
-                    "commit {} is missing locally",
-                    id.short()
-                )))
-            })?;
-            report.object_bytes += b.len() as u64;
-            items.push((*id, b));
+    // Commits, oldest first, in order, in batches of at most 256 commits
+    // and about BATCH_BYTES (messages and metadata have no fixed size).
+    let mut items = Vec::new();
+    let mut size = 0;
+    for id in &commits {
+        let b = store.object_bytes(id)?.ok_or_else(|| {
+            Error::Store(dm_store::Error::Corrupt(format!(
+                "commit {} is missing locally",
+                id.short()
+            )))
+        })?;
+        report.object_bytes += b.len() as u64;
+        if !items.is_empty() && (items.len() >= 256 || size + b.len() > BATCH_BYTES) {
+            send_batch(std::mem::take(&mut items), false).await?;
+            size = 0;
         }
+        size += b.len();
+        items.push((*id, b));
+    }
+    if !items.is_empty() {
         send_batch(items, false).await?;
     }
     report.commits = commits.len();
@@ -673,11 +674,28 @@ fn base_roots(store: &Store, commits: &[Id], set: &HashSet<Id>) -> Result<Vec<Id
     Ok(out)
 }
 
+/// How long one request may take, sending included. QUIC keep-alives hold
+/// a connection open while the hub is silent, so a hub stuck on a request
+/// would otherwise hang the transfer for ever. The slowest legitimate
+/// request is a branch move that stops and restarts containers on the hub.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 async fn call_on(conn: &quinn::Connection, req: &Request) -> Result<Response> {
-    let (mut send, mut recv) = conn.open_bi().await?;
-    proto::write_frame(&mut send, req).await?;
-    send.finish()?;
-    match proto::read_frame::<Response>(&mut recv).await? {
+    let exchange = async {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        proto::write_frame(&mut send, req).await?;
+        send.finish()?;
+        proto::read_frame::<Response>(&mut recv).await
+    };
+    let resp = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        .await
+        .map_err(|_| {
+            Error::Connection(format!(
+                "the hub did not answer within {} s",
+                REQUEST_TIMEOUT.as_secs()
+            ))
+        })??;
+    match resp {
         Response::Err { code, message } => Err(Error::Remote { code, message }),
         r => Ok(r),
     }
@@ -757,7 +775,7 @@ pub async fn pull(
     if let Ok(d) = store.dot_info(dot) {
         if d.block_size != block_size {
             return Err(Error::Refused(format!(
-                "local dot {dot} has block size {}, {remote_dot} on the hub {block_size}: pull into another name (--local-name)",
+                "local dot {dot} has block size {}, {remote_dot} on the hub {block_size}: clone it under another name (`dm clone REMOTE {remote_dot} --local-name NAME`)",
                 d.block_size
             )));
         }
@@ -944,6 +962,18 @@ pub async fn pull(
         report.object_bytes += b.len() as u64;
     }
     report.commits = commit_items.len();
+    if let (None, Some(l)) = (&stash, local_head) {
+        // A fast-forward, as the hub's ancestry said: checked on what
+        // arrived, so that a wrong answer cannot move the branch off
+        // commits of its own (GC would then reclaim them).
+        if !store.ancestry(Some(theirs))?.contains(&l) {
+            return Err(Error::Refused(format!(
+                "the hub said commit {} of {remote_dot} descends from {} (the head of {branch} of {dot}), but the commits it sent do not; {branch} was not moved",
+                theirs.short(),
+                l.short()
+            )));
+        }
+    }
     if let (Some(first), Some(l)) = (stash, local_head) {
         // Expecting no head: a branch of that name made meanwhile (another
         // diverged pull in the same second) is never moved; pick another.

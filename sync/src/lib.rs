@@ -21,5 +21,5 @@ pub use client::{
 };
 pub use error::{Error, Result};
 pub use progress::{Bar, Progress};
-pub use server::Hub;
+pub use server::{Hub, LiveBranches};
 pub use tls::Trust;

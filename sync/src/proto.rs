@@ -189,12 +189,21 @@ pub async fn write_frame<T: Serialize>(send: &mut quinn::SendStream, v: &T) -> R
 
 /// Reads one frame.
 pub async fn read_frame<T: for<'de> Deserialize<'de>>(recv: &mut quinn::RecvStream) -> Result<T> {
+    read_frame_limited(recv, MAX_FRAME).await
+}
+
+/// Reads one frame of at most `limit` bytes (the hub reads `Hello`, from
+/// peers not yet authenticated, with a small limit).
+pub async fn read_frame_limited<T: for<'de> Deserialize<'de>>(
+    recv: &mut quinn::RecvStream,
+    limit: usize,
+) -> Result<T> {
     let mut len = [0u8; 4];
     recv.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
+    if len > limit {
         return Err(Error::Connection(format!(
-            "peer sent a frame of {len} bytes (limit {MAX_FRAME})"
+            "peer sent a frame of {len} bytes (limit {limit})"
         )));
     }
     let mut body = vec![0u8; len];

@@ -19,6 +19,49 @@ use tokio::sync::Semaphore;
 /// Those beyond the bound wait their turn.
 pub const MAX_CONCURRENT_KEY_CHECKS: usize = 4;
 
+/// Connections that have not authenticated yet, at once. Each holds QUIC
+/// buffers; beyond this, new ones are closed at once ("busy").
+pub const MAX_UNAUTHENTICATED: usize = 64;
+
+/// How long a new connection has to open its first stream and send `Hello`.
+pub const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Largest `Hello` frame (a user name and an API key): a peer that has not
+/// authenticated cannot make the hub allocate a full frame.
+const MAX_HELLO: usize = 16 << 10;
+
+/// What uses a branch of this hub besides the hub: its own mounts and
+/// containers, which the daemon owns (this crate knows neither). A push
+/// that moves a branch runs its compare-and-swap inside
+/// [`LiveBranches::around_move`].
+pub trait LiveBranches: Send + Sync {
+    /// Runs `set` (the move of `branch` of `dot` to a pushed commit) with
+    /// whatever uses the branch quiesced: containers stopped and started
+    /// again, what mounts' kernels cache written back before and dropped
+    /// after. `Err(message)`: refused (a container that cannot be
+    /// stopped); nothing moved.
+    fn around_move(
+        &self,
+        dot: &DotName,
+        branch: &str,
+        set: &mut dyn FnMut() -> dm_store::Result<SetHead>,
+    ) -> std::result::Result<dm_store::Result<SetHead>, String>;
+}
+
+/// A hub whose branches nothing else uses (tests, tools).
+struct Unused;
+
+impl LiveBranches for Unused {
+    fn around_move(
+        &self,
+        _dot: &DotName,
+        _branch: &str,
+        set: &mut dyn FnMut() -> dm_store::Result<SetHead>,
+    ) -> std::result::Result<dm_store::Result<SetHead>, String> {
+        Ok(set())
+    }
+}
+
 /// A running hub endpoint.
 pub struct Hub {
     endpoint: quinn::Endpoint,
@@ -31,6 +74,17 @@ impl Hub {
     /// admin key are created in `data_dir` on first start. Call inside a
     /// tokio runtime.
     pub fn start(store: Arc<Store>, data_dir: &Path, listen: SocketAddr) -> Result<Hub> {
+        Hub::start_with(store, data_dir, listen, Arc::new(Unused))
+    }
+
+    /// [`Hub::start`] for a store whose branches are also mounted or used
+    /// by containers on this host (`live`).
+    pub fn start_with(
+        store: Arc<Store>,
+        data_dir: &Path,
+        listen: SocketAddr,
+        live: Arc<dyn LiveBranches>,
+    ) -> Result<Hub> {
         let (cert, key) = crate::tls::load_or_create_cert(data_dir)?;
         let fingerprint = crate::tls::fingerprint(&cert);
         if let Some(_key) = users::ensure_admin(&store, data_dir)? {
@@ -43,14 +97,26 @@ impl Hub {
             .map_err(Error::io(format!("listening on UDP {listen}")))?;
         let ep = endpoint.clone();
         let key_checks = Arc::new(Semaphore::new(MAX_CONCURRENT_KEY_CHECKS));
+        let unauthenticated = Arc::new(Semaphore::new(MAX_UNAUTHENTICATED));
         let task = tokio::spawn(async move {
             while let Some(incoming) = ep.accept().await {
+                let Ok(permit) = unauthenticated.clone().try_acquire_owned() else {
+                    tracing::warn!(
+                        "refusing a hub connection from {}: {MAX_UNAUTHENTICATED} others are still authenticating",
+                        incoming.remote_address()
+                    );
+                    incoming.refuse();
+                    continue;
+                };
                 let store = store.clone();
                 let key_checks = key_checks.clone();
+                let live = live.clone();
                 tokio::spawn(async move {
                     match incoming.await {
                         Ok(conn) => {
-                            if let Err(e) = serve_connection(store, conn, key_checks).await {
+                            if let Err(e) =
+                                serve_connection(store, live, conn, key_checks, permit).await
+                            {
                                 tracing::debug!("hub connection ended: {e}");
                             }
                         }
@@ -95,9 +161,77 @@ struct Session {
     /// those: knowing an id (a commit id pasted in a chat, a chunk id) of
     /// a dot one may not read gives none of its data.
     shown: std::sync::Mutex<HashSet<dm_store::Id>>,
+    /// Commits this session sent with their stored form (verified against
+    /// their ids). With `shown`, the commits it may name: as a parent of a
+    /// commit it sends, or as the new head of a branch. Without this, a
+    /// user who knows a commit id of a dot they may not read (pasted from
+    /// `dm log`) could point a branch of their own at it, or at a commit
+    /// they make on top of it, and clone that.
+    proven: std::sync::Mutex<HashSet<dm_store::Id>>,
+    /// The daemon's mounts and containers, quiesced around branch moves.
+    live: Arc<dyn LiveBranches>,
+    /// Dots whose branches this session was shown, and whether all their
+    /// commits were added to `shown` yet (done once, when a has-query
+    /// meets a commit this session may not name yet: pushing a new
+    /// branch of a dot whose history the hub has).
+    readable: std::sync::Mutex<std::collections::HashMap<DotName, bool>>,
 }
 
 impl Session {
+    /// Whether this session may name commit `id`: it was shown it in a dot
+    /// it may read, or it sent it.
+    fn may_name(&self, id: &dm_store::Id) -> bool {
+        self.shown
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(id)
+            || self
+                .proven
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(id)
+    }
+
+    /// Shows every commit of the dots whose branches this session was
+    /// shown and whose histories it was not shown yet. Returns whether
+    /// it showed anything.
+    fn show_readable_histories(&self) -> dm_store::Result<bool> {
+        let todo: Vec<DotName> = self
+            .readable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter_mut()
+            .filter(|(_, done)| !**done)
+            .map(|(d, done)| {
+                *done = true;
+                d.clone()
+            })
+            .collect();
+        for dot in &todo {
+            // Access is checked again: a collaborator removed meanwhile.
+            if !users::may_access(&self.store, &self.user, dot).unwrap_or(false) {
+                continue;
+            }
+            self.show(dot_commits(&self.store, dot)?);
+        }
+        Ok(!todo.is_empty())
+    }
+
+    /// Refuses a commit id this session may not name (see `proven`).
+    fn check_may_name(&self, what: &str, id: &dm_store::Id) -> std::result::Result<(), Response> {
+        if self.may_name(id) {
+            return Ok(());
+        }
+        Err(err(
+            ErrorCode::Refused,
+            format!(
+                "{what} {} was neither sent on this connection nor shown to it in a dot user {} may read; send the commit itself",
+                id.short(),
+                self.user.name
+            ),
+        ))
+    }
+
     fn show(&self, ids: impl IntoIterator<Item = dm_store::Id>) {
         self.shown
             .lock()
@@ -151,12 +285,27 @@ where
 
 async fn serve_connection(
     store: Arc<Store>,
+    live: Arc<dyn LiveBranches>,
     conn: quinn::Connection,
     key_checks: Arc<Semaphore>,
+    unauthenticated: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<()> {
-    // The first stream must be Hello.
-    let (mut send, mut recv) = conn.accept_bi().await?;
-    let req: Request = proto::read_frame(&mut recv).await?;
+    // The first stream must be Hello, soon.
+    let hello = async {
+        let (send, mut recv) = conn.accept_bi().await?;
+        let req: Request = proto::read_frame_limited(&mut recv, MAX_HELLO).await?;
+        Ok::<_, Error>((send, req))
+    };
+    let (mut send, req) = match tokio::time::timeout(HELLO_TIMEOUT, hello).await {
+        Ok(r) => r?,
+        Err(_) => {
+            conn.close(0u32.into(), b"no Hello in time");
+            return Err(Error::Connection(format!(
+                "no Hello within {} s",
+                HELLO_TIMEOUT.as_secs()
+            )));
+        }
+    };
     let Request::Hello { version, user, key } = req else {
         proto::write_frame(&mut send, &err(ErrorCode::BadRequest, "say Hello first")).await?;
         send.finish()?;
@@ -198,11 +347,15 @@ async fn serve_connection(
     )
     .await?;
     send.finish()?;
+    drop(unauthenticated);
     let session = Arc::new(Session {
         import: ImportSession::new(store.clone()),
         store,
         user,
         shown: Default::default(),
+        proven: Default::default(),
+        live,
+        readable: Default::default(),
     });
     loop {
         let (mut send, mut recv) = match conn.accept_bi().await {
@@ -240,16 +393,20 @@ fn authorize(s: &Session, d: &DotRef, must_exist: bool) -> std::result::Result<D
     match users::may_access(&s.store, &s.user, &dot) {
         Ok(true) => {}
         Ok(false) => {
+            // Said without telling whether the dot exists: a collaborator
+            // can be added to an existing dot only, and only the
+            // namespace's user (or the admin) creates dots in it.
             return Err(err(
                 ErrorCode::NoAccess,
                 format!(
-                    "user {} has no access to dot {ns}/{name} on this hub: ask the hub's admin to run `dm dot collaborator add {ns}/{name} {}` there",
-                    s.user.name,
-                    s.user.name,
+                    "user {user} has no access to dot {ns}/{name} on this hub: if it exists, ask the hub's admin to run \
+                     `dm dot collaborator add {ns}/{name} {user}` there; to push a new dot, name one in your \
+                     own namespace (`--remote-name {user}/{name}`): namespace {ns} is user {ns}'s and the admin's",
+                    user = s.user.name,
                     ns = dot.namespace,
                     name = dot.name,
                 ),
-            ))
+            ));
         }
         Err(e) => return Err(err(ErrorCode::Internal, e.to_string())),
     }
@@ -294,6 +451,23 @@ fn commit_of_dot(store: &Store, dot: &DotName, head: dm_store::Id) -> dm_store::
     Ok(false)
 }
 
+/// Every commit of `dot`: its branch heads and all their ancestors.
+fn dot_commits(store: &Store, dot: &DotName) -> dm_store::Result<HashSet<dm_store::Id>> {
+    let mut stack: Vec<dm_store::Id> = match store.list_branches(dot) {
+        Ok(b) => b.into_iter().filter_map(|b| b.head).collect(),
+        // Deleted meanwhile: nothing to show.
+        Err(e) if e.is_not_found() => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    let mut seen = HashSet::new();
+    while let Some(id) = stack.pop() {
+        if seen.insert(id) {
+            stack.extend(store.commit_record(&id)?.parents);
+        }
+    }
+    Ok(seen)
+}
+
 fn store_err(e: dm_store::Error) -> Response {
     match e {
         dm_store::Error::Corrupt(m) => err(ErrorCode::Corrupt, m),
@@ -324,6 +498,11 @@ fn handle_inner(s: &Session, req: Request) -> std::result::Result<Response, Resp
                 .map(|b| (b.name, b.head))
                 .collect();
             s.show(branches.iter().filter_map(|(_, h)| *h));
+            s.readable
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(dot.clone())
+                .or_insert(false);
             Ok(Response::Branches {
                 block_size: info.block_size,
                 branches,
@@ -350,7 +529,29 @@ fn handle_inner(s: &Session, req: Request) -> std::result::Result<Response, Resp
             if ids.len() > BATCH_IDS {
                 return Err(err(ErrorCode::BadRequest, "too many ids in one query"));
             }
-            Ok(Response::Bools(store.has_objects(&ids).map_err(store_err)?))
+            let mut present = store.has_objects(&ids).map_err(store_err)?;
+            // A commit this session may not name counts as absent: the
+            // client then sends it, which shows it has it (see `proven`).
+            // Tree nodes count as they are: their ids are never shown to
+            // users, and a commit naming one must itself be sent.
+            let unseen = |s: &Session| -> Vec<usize> {
+                (0..ids.len())
+                    .filter(|&i| present[i] && !s.may_name(&ids[i]))
+                    .collect()
+            };
+            let mut unseen_now = unseen(s);
+            if !unseen_now.is_empty() && s.show_readable_histories().map_err(store_err)? {
+                unseen_now = unseen(s);
+            }
+            let unseen = unseen_now;
+            let asked: Vec<dm_store::Id> = unseen.iter().map(|&i| ids[i]).collect();
+            let commits = store.stored_commits(&asked).map_err(store_err)?;
+            for (&i, is_commit) in unseen.iter().zip(commits) {
+                if is_commit {
+                    present[i] = false;
+                }
+            }
+            Ok(Response::Bools(present))
         }
         Request::HasChunks { ids } => {
             if ids.len() > BATCH_IDS {
@@ -411,8 +612,20 @@ fn handle_inner(s: &Session, req: Request) -> std::result::Result<Response, Resp
             authorize(s, &dot, false)?;
             let mut new = 0;
             for (id, bytes) in items {
+                let parents = dm_store::transfer::commit_parents(&id, &bytes).map_err(store_err)?;
+                if let Some(parents) = &parents {
+                    for p in parents {
+                        s.check_may_name(&format!("commit {} names parent", id.short()), p)?;
+                    }
+                }
                 if s.import.import_object(&id, &bytes).map_err(store_err)? {
                     new += 1;
+                }
+                if parents.is_some() {
+                    s.proven
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(id);
                 }
             }
             Ok(Response::Done { new })
@@ -445,7 +658,14 @@ fn handle_inner(s: &Session, req: Request) -> std::result::Result<Response, Resp
                     ),
                 ));
             }
-            let moved = match store.set_branch_head(&dot, &branch, expected, new, block_size) {
+            s.check_may_name("commit", &new)?;
+            let moved = s
+                .live
+                .around_move(&dot, &branch, &mut || {
+                    store.set_branch_head(&dot, &branch, expected, new, block_size)
+                })
+                .map_err(|m| err(ErrorCode::Refused, m))?;
+            let moved = match moved {
                 Err(e @ dm_store::Error::Refused(_))
                     if store.has_uncommitted(&dot, &branch).unwrap_or(false) =>
                 {

@@ -96,7 +96,12 @@ pub fn new_key_for(store: &Store, name: &str) -> Result<String> {
 }
 
 fn set_key(store: &Store, name: &str, existing: bool) -> Result<String> {
-    dm_store::names::validate("user", name)?;
+    if existing {
+        dm_store::names::validate("user", name)?;
+    } else {
+        // A user's name is a namespace: `-x/app` would read as an option.
+        dm_store::names::validate_new("user", name)?;
+    }
     if name == ADMIN {
         return Err(Error::Refused(
             "the admin user's key is made at the first start (see DATA_DIR/admin-key)".into(),
@@ -183,7 +188,7 @@ pub fn authenticate(store: &Store, name: &str, key: &str) -> Result<User> {
         Error::Remote {
         code: ErrorCode::BadKey,
         message: format!(
-            "wrong API key for user {name:?}: ask the hub's admin for a new key (`dm user add {name}` on the hub)"
+            "wrong API key for user {name:?}: ask the hub's admin for a key (on the hub, `dm user add {name} --new-key` gives an existing user a new one, `dm user add {name}` makes a new user)"
         ),
     }
     };

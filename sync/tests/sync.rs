@@ -734,6 +734,123 @@ async fn ancestry_only_of_commits_of_the_named_dot() {
     assert!(matches!(got, dm_sync::proto::Response::Blobs(b) if b.len() == 1 && b[0].0 == bobs));
 }
 
+/// Knowing a commit id of a dot one may not read (from a pasted `dm log`)
+/// gives nothing: no branch of one's own can be pointed at it, nor at a
+/// commit made on top of it, and the hub does not say it has it. Pushing
+/// the same commits under a second name still works (they are sent again,
+/// the chunks are not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn known_commit_ids_of_unreadable_dots_give_nothing() {
+    let hub = Node::start();
+    let (a, b, c) = (Node::start(), Node::start(), Node::start());
+    let akey = hub.add_user("alice");
+    let bkey = hub.add_user("bob");
+    let ra = hub.connect("alice", &akey).await;
+    let rb = hub.connect("bob", &bkey).await;
+    let (app, own) = (dot("app"), dot("own"));
+    a.store.create_dot(&app, None).unwrap();
+    write(
+        &a.store,
+        &app,
+        "master",
+        "secret",
+        0,
+        &random_bytes(7, 300_000),
+    );
+    let first = commit(&a.store, &app, "master", "one");
+    write(&a.store, &app, "master", "secret", 0, b"ALICE'S");
+    let second = commit(&a.store, &app, "master", "two");
+    push(&a, &ra, "app", "master", "alice/app", &opts())
+        .await
+        .unwrap();
+    b.store.create_dot(&own, None).unwrap();
+    write(&b.store, &own, "master", "f", 0, b"bob's");
+    let bobs = commit(&b.store, &own, "master", "b");
+    push(&b, &rb, "own", "master", "bob/own", &opts())
+        .await
+        .unwrap();
+    let steal = DotRef {
+        namespace: "bob".into(),
+        name: "steal".into(),
+    };
+    // A branch of his own at alice's commit: refused, and nothing made.
+    for new in [second, first] {
+        let e = rb
+            .call(&Request::SetHead {
+                dot: steal.clone(),
+                branch: "master".into(),
+                expected: None,
+                new,
+                block_size: 65536,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), Some(ErrorCode::Refused), "{e}");
+        assert!(e.to_string().contains("neither sent"), "{e}");
+    }
+    assert!(hub.store.dot_info(&dot("bob/steal")).is_err());
+    // The hub does not say it has her commits (his own, he sent).
+    match rb
+        .call(&Request::HasObjects {
+            ids: vec![second, bobs],
+        })
+        .await
+        .unwrap()
+    {
+        dm_sync::proto::Response::Bools(b) => assert_eq!(b, vec![false, true]),
+        other => panic!("unexpected {other:?}"),
+    }
+    // A commit of his own on top of hers: refused.
+    let parent = hub.store.commit_record(&second).unwrap();
+    let forged = dm_store::object::Commit {
+        root: b.store.commit_record(&bobs).unwrap().root,
+        parents: vec![second],
+        author: "bob".into(),
+        message: "mine now".into(),
+        timestamp_ns: 1,
+        metadata: Default::default(),
+        generation: parent.generation + 1,
+        size: 0,
+    };
+    let (fid, fbytes) = dm_store::object::encode(dm_store::object::KIND_COMMIT, &forged);
+    let e = rb
+        .call(&Request::PutObjects {
+            dot: steal.clone(),
+            items: vec![(fid, fbytes)],
+        })
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("neither sent"), "{e}");
+    assert!(!hub.store.has_objects(&[fid]).unwrap()[0]);
+    // The same commits pushed again under another name, on a new
+    // connection: the commits go again (the hub may not vouch for them),
+    // no chunk does, and the copy clones whole.
+    let ra2 = hub.connect("alice", &akey).await;
+    let r = push(&a, &ra2, "app", "master", "alice/copy", &opts())
+        .await
+        .unwrap();
+    assert_eq!((r.commits, r.chunks), (2, 0), "{r:?}");
+    // A new branch of a dot the hub has, on a new connection: only its
+    // own commit goes (the hub shows the dot's history to whoever may
+    // read it).
+    a.store.create_branch(&app, "feature", None).unwrap();
+    write(&a.store, &app, "feature", "g", 0, b"feature");
+    commit(&a.store, &app, "feature", "f");
+    let ra3 = hub.connect("alice", &akey).await;
+    let r = push(&a, &ra3, "app", "feature", "alice/app", &opts())
+        .await
+        .unwrap();
+    assert_eq!(r.commits, 1, "{r:?}");
+    let rc = hub.connect("alice", &akey).await;
+    pull(&c, &rc, "copy", "master", "alice/copy", &opts())
+        .await
+        .unwrap();
+    assert_eq!(
+        read(&c.store, &dot("copy"), "master", "secret")[..7],
+        *b"ALICE'S"
+    );
+}
+
 /// Bytes on the wire: a 1 MiB change to a large dot sends < 2 MiB; a second
 /// dot with content the hub already has sends almost no chunk data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -862,4 +979,43 @@ async fn ca_issued_certificate() {
     other.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     spec.trust = dm_sync::Trust::Ca(other.self_signed(&other_key).unwrap().pem());
     assert!(Remote::connect(&spec).await.is_err());
+}
+
+/// Peers that have not authenticated cannot hold the hub's memory or
+/// connections: a `Hello` larger than a name and a key ends the
+/// connection at once, and one that says nothing is closed after
+/// `HELLO_TIMEOUT`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_peers_are_bounded() {
+    let hub = Node::start();
+    let (cfg, _) =
+        dm_sync::tls::client_config(dm_sync::Trust::Pinned(hub.hub.fingerprint().into())).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(cfg);
+    let addr = hub.hub.local_addr().unwrap();
+    let connect = || async {
+        ep.connect(addr, dm_sync::tls::SERVER_NAME)
+            .unwrap()
+            .await
+            .unwrap()
+    };
+    let big = connect().await;
+    let (mut send, _recv) = big.open_bi().await.unwrap();
+    send.write_all(&(1u32 << 20).to_be_bytes()).await.unwrap();
+    let _ = send.write_all(&[0u8; 4096]).await;
+    tokio::time::timeout(std::time::Duration::from_secs(5), big.closed())
+        .await
+        .expect("a 1 MiB Hello ends the connection at once");
+    let silent = connect().await;
+    let t = std::time::Instant::now();
+    tokio::time::timeout(
+        dm_sync::server::HELLO_TIMEOUT + std::time::Duration::from_secs(5),
+        silent.closed(),
+    )
+    .await
+    .expect("a connection without Hello is closed");
+    assert!(t.elapsed() + std::time::Duration::from_secs(1) >= dm_sync::server::HELLO_TIMEOUT);
+    // Others still get in.
+    let k = hub.add_user("carol");
+    hub.connect("carol", &k).await;
 }

@@ -14,6 +14,9 @@ fn add_and_authenticate() {
     assert!(dm_sync::users::authenticate(&s, "alice", &k).is_err());
     dm_sync::users::authenticate(&s, "alice", &k2).unwrap();
     assert!(dm_sync::users::new_key_for(&s, "nobody").is_err());
+    // A name that would read as an option (`dm dot show -x/app`) is refused.
+    let e = dm_sync::users::add_user(&s, "-x").unwrap_err();
+    assert!(e.to_string().contains("option"), "{e}");
     let admin = dm_sync::users::ensure_admin(&s, d.path()).unwrap().unwrap();
     assert!(dm_sync::users::ensure_admin(&s, d.path())
         .unwrap()
