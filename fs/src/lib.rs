@@ -59,7 +59,8 @@ pub const ROOT_SUBDOT: &str = "__root__";
 #[derive(Debug, Clone)]
 pub struct MountOptions {
     /// Let every user (not only the mounting one) use the mount, with the
-    /// kernel enforcing permissions (`default_permissions`). Needs root.
+    /// kernel enforcing permissions (`default_permissions`). Other users
+    /// than root need `user_allow_other` in /etc/fuse.conf for it.
     pub allow_other: bool,
     /// Number of request loops (threads), each with its own `/dev/fuse` fd.
     pub n_threads: usize,
@@ -72,10 +73,8 @@ pub struct MountOptions {
 
 impl Default for MountOptions {
     fn default() -> Self {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let root = unsafe { libc::geteuid() } == 0;
         MountOptions {
-            allow_other: root,
+            allow_other: is_root() || fuse_conf_allows_other(),
             // `DM_FUSE_THREADS` overrides it, for measuring.
             n_threads: std::env::var("DM_FUSE_THREADS")
                 .ok()
@@ -1412,10 +1411,15 @@ impl Mount {
             ),
             MountOption::Subtype("dm".to_string()),
             MountOption::DefaultPermissions,
-            MountOption::Dev,
-            MountOption::Suid,
             MountOption::RW,
         ];
+        if is_root() {
+            // Device files and set-id programs work on the mount (as on a
+            // local disk); fusermount3 ignores both for other users.
+            config
+                .mount_options
+                .extend([MountOption::Dev, MountOption::Suid]);
+        }
         config.acl = if opts.allow_other {
             SessionACL::All
         } else {
@@ -1429,7 +1433,8 @@ impl Mount {
             },
             path,
             &config,
-        )?;
+        )
+        .map_err(mount_error)?;
         if opts.spin {
             match spin::Spin::start(std::os::fd::AsFd::as_fd(&session)) {
                 Ok(s) => {
@@ -1631,11 +1636,11 @@ impl Mount {
             drop(bg);
             return Ok(());
         }
-        match umount2(&self.path, 0) {
+        match unmount_path(&self.path, 0) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                 warn!("{} is busy; detaching it lazily", self.path.display());
-                umount2(&self.path, libc::MNT_DETACH)?;
+                unmount_path(&self.path, libc::MNT_DETACH)?;
                 // The request loops end when the last user closes; don't wait.
                 drop(bg);
                 return Ok(());
@@ -1675,8 +1680,8 @@ impl Drop for Mount {
             if !self.shows_this_mount() {
                 // Not ours to unmount (see `unmount`).
                 drop(bg);
-            } else if umount2(&self.path, 0).is_err() {
-                let _ = umount2(&self.path, libc::MNT_DETACH);
+            } else if unmount_path(&self.path, 0).is_err() {
+                let _ = unmount_path(&self.path, libc::MNT_DETACH);
                 drop(bg);
             } else if let Err(e) = join_or_leave(bg, &self.path) {
                 warn!("FUSE session for {} ended with {e}", self.path.display());
@@ -1700,6 +1705,76 @@ fn syncfs(path: &Path) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+/// Whether /etc/fuse.conf lets users other than root mount with
+/// `allow_other` (its `user_allow_other` line).
+fn fuse_conf_allows_other() -> bool {
+    std::fs::read_to_string("/etc/fuse.conf")
+        .is_ok_and(|t| t.lines().any(|l| l.trim() == "user_allow_other"))
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Names what a failed mount lacks, for users other than root (who mount
+/// through fusermount3).
+fn mount_error(e: io::Error) -> io::Error {
+    if is_root() {
+        return e;
+    }
+    let hint = match e.raw_os_error() {
+        Some(libc::EACCES) | Some(libc::EPERM) => {
+            "this user may not open /dev/fuse or run fusermount3 (Debian: /dev/fuse mode 0666 and \
+             fusermount3 setuid root, as package fuse3 installs them)"
+        }
+        Some(libc::ENOENT) => "fusermount3 was not found: install it (Debian: apt install fuse3)",
+        _ => return e,
+    };
+    io::Error::new(e.kind(), format!("{e}: {hint}"))
+}
+
+/// Unmounts `path` (`flags`: 0 or MNT_DETACH). A user other than root may
+/// not call umount2; the mount was made through fusermount3, which then
+/// unmounts it (`-u`, `-z` for a lazy detach). Its failures come back as
+/// EBUSY, EINVAL (not mounted) or EPERM with its message.
+fn unmount_path(path: &Path, flags: libc::c_int) -> io::Result<()> {
+    match umount2(path, flags) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) && !is_root() => {
+            let mut args = vec![OsStr::new("-u")];
+            if flags & libc::MNT_DETACH != 0 {
+                args.push(OsStr::new("-z"));
+            }
+            args.push(path.as_os_str());
+            let out = ["fusermount3", "/usr/bin/fusermount3", "/bin/fusermount3"]
+                .iter()
+                .find_map(
+                    |bin| match std::process::Command::new(bin).args(&args).output() {
+                        Err(err) if err.kind() == io::ErrorKind::NotFound => None,
+                        r => Some(r),
+                    },
+                )
+                .unwrap_or_else(|| Err(io::Error::from(io::ErrorKind::NotFound)))?;
+            if out.status.success() {
+                return Ok(());
+            }
+            let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            let errno = if msg.contains("busy") {
+                libc::EBUSY
+            } else if msg.contains("not found")
+                || msg.contains("not mounted")
+                || msg.contains("Invalid argument")
+            {
+                libc::EINVAL
+            } else {
+                return Err(io::Error::new(io::ErrorKind::PermissionDenied, msg));
+            };
+            Err(io::Error::from_raw_os_error(errno))
+        }
+        r => r,
     }
 }
 
@@ -1766,7 +1841,7 @@ pub fn cleanup_stale_mount(path: &Path) -> io::Result<()> {
     let mounted = mount_points()?.contains(&abs);
     if dead || mounted {
         warn!("unmounting leftover mount at {}", abs.display());
-        match umount2(&abs, libc::MNT_DETACH) {
+        match unmount_path(&abs, libc::MNT_DETACH) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {} // raced: already gone
             Err(e) => return Err(e),

@@ -181,8 +181,15 @@ impl DockerClient {
     }
 
     /// True when a Docker daemon might be there (the socket exists).
+    /// Whether Docker's socket is there and this process may use it (a
+    /// dm server run by another user than root has no Docker to drive).
     pub fn present(&self) -> bool {
-        self.socket.exists()
+        use std::os::unix::ffi::OsStrExt;
+        let Ok(c) = std::ffi::CString::new(self.socket.as_os_str().as_bytes()) else {
+            return false;
+        };
+        // SAFETY: c is a valid NUL-terminated path for the call.
+        self.socket.exists() && unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0
     }
 
     async fn call(
