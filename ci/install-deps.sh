@@ -14,3 +14,7 @@ fi
 # FUSE: allow_other for non-root mounts, and the device.
 grep -q '^user_allow_other' /etc/fuse.conf 2>/dev/null || echo user_allow_other >> /etc/fuse.conf
 [ -e /dev/fuse ] || { echo "ci: /dev/fuse is missing: FUSE tests cannot run" >&2; exit 1; }
+# Users other than root mount through fusermount3: Debian's fuse3 makes it
+# setuid root and /dev/fuse mode 0666; some images strip both.
+chmod 0666 /dev/fuse
+chmod u+s "$(command -v fusermount3)"

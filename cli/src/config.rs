@@ -18,6 +18,16 @@ pub struct Remote {
     pub port: Option<u16>,
 }
 
+impl Remote {
+    /// `USER@HOST[:PORT]`, as `dm remote add` takes it.
+    pub fn target(&self) -> String {
+        match self.port {
+            Some(p) => format!("{}@{}:{p}", self.user, self.hostname),
+            None => format!("{}@{}", self.user, self.hostname),
+        }
+    }
+}
+
 /// The client configuration file.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Config {

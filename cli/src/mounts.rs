@@ -77,7 +77,6 @@ impl MountManager {
 
     fn options(volume: &VolumeName) -> MountOptions {
         MountOptions {
-            allow_other: nix::unistd::geteuid().is_root(),
             fsname: format!("dm:{volume}"),
             ..MountOptions::default()
         }
@@ -307,8 +306,13 @@ impl MountManager {
         let path = entry.path.clone();
         entry.mount.unmount().map_err(|e| {
             ApiError::internal(format!(
-                "unmounting {}: {e} (is a process still using it? try `umount -l {}`)",
+                "unmounting {}: {e} (is a process still using it? try `{} {}`)",
                 path.display(),
+                if nix::unistd::geteuid().is_root() {
+                    "umount -l"
+                } else {
+                    "fusermount3 -u -z"
+                },
                 path.display()
             ))
         })?;

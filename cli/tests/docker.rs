@@ -382,7 +382,8 @@ fn pull_restarts_the_containers_that_show_the_branch() {
         &format!("127.0.0.1:{port}"),
     );
     let name = "dmtest-pull";
-    let _clean = Cleanup::new(&[name], &["myapp"]);
+    let pushed = "dmtest-pushed";
+    let _clean = Cleanup::new(&[name, pushed], &["myapp", "myapp2"]);
     let key = s.ok(&["user", "add", "alice"]).trim().to_string();
     let out = Command::new(DM)
         .args(["remote", "add", "hub", &format!("alice@127.0.0.1:{port}")])
@@ -427,6 +428,60 @@ fn pull_restarts_the_containers_that_show_the_branch() {
         .ok(&["pull", "hub", "myapp", "master"])
         .contains("up to date"));
     assert_eq!(started_at(&s, name), after, "restarted for nothing");
+
+    // A push into a dot that containers on the hub use moves their branch
+    // as a reset would: they are stopped and started again around it (the
+    // server is the hub; its admin pushes myapp to the hub's dot myapp2).
+    let admin_key = std::fs::read_to_string(s.data_dir().join("admin-key")).unwrap();
+    let out = Command::new(DM)
+        .args([
+            "remote",
+            "add",
+            "hubadmin",
+            &format!("admin@127.0.0.1:{port}"),
+        ])
+        .env("DM_SOCKET", s.socket())
+        .env("DM_CONFIG", s.config())
+        .env("DM_API_KEY", admin_key.trim())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.ok(&[
+        "push",
+        "hubadmin",
+        "myapp",
+        "master",
+        "--remote-name",
+        "myapp2",
+    ]);
+    run_detached(&s, pushed, "myapp2:/data", LOOP);
+    assert_eq!(docker_ok(&s, &["exec", pushed, "cat", "/data/f"]), "two\n");
+    let before = started_at(&s, pushed);
+    run(&s, "myapp", "echo three > /data/f");
+    s.ok(&["commit", "-m", "three"]);
+    s.ok(&[
+        "push",
+        "hubadmin",
+        "myapp",
+        "master",
+        "--remote-name",
+        "myapp2",
+    ]);
+    assert!(running(&s, pushed));
+    assert_ne!(
+        started_at(&s, pushed),
+        before,
+        "not restarted around the push"
+    );
+    assert_eq!(
+        docker_ok(&s, &["exec", pushed, "cat", "/data/f"]),
+        "three\n"
+    );
 }
 
 /// `docker compose` when it works, else `docker-compose`.

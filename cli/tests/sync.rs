@@ -159,10 +159,16 @@ fn hub_push_clone_pull_through_the_cli() {
     assert_eq!(read(&bm.join("small")), b"v2");
 
     // Bob commits and pushes back (upstream from the clone); alice pulls.
+    // The hub has the dot mounted: its mount shows the pushed state at
+    // once (what its kernel cached is dropped).
+    let hub_mnt = mount(&hub, "alice/app");
+    assert_eq!(read(&hub_mnt.join("small")), b"v2");
     write_synced(&bm.join("small"), b"from bob");
     bob.ok(&["commit", "-m", "bob's"]);
     let out = bob.ok(&["push", "hub"]);
     assert!(out.contains("master: 1 commit,"), "{out}");
+    assert_eq!(read(&hub_mnt.join("small")), b"from bob");
+    hub.ok(&["unmount", hub_mnt.to_str().unwrap()]);
     let out = alice.ok(&["pull", "hub", "app", "master"]);
     assert!(out.contains("master: 1 commit,"), "{out}");
     assert_eq!(read(&mnt.join("small")), b"from bob");
@@ -253,10 +259,65 @@ fn hub_push_clone_pull_through_the_cli() {
     let err = hub.fail(&["user", "add", "bob"]);
     assert!(err.contains("--new-key"), "{err}");
     bob.ok(&["pull", "hub", "myapp"]);
-    hub.ok(&["user", "add", "bob", "--new-key"]);
+    let new_key = hub
+        .ok(&["user", "add", "bob", "--new-key"])
+        .trim()
+        .to_string();
     let err = bob.fail(&["pull", "hub", "myapp"]);
+    let readd = format!("`dm remote add hub bob@127.0.0.1:{hp}` again");
     assert!(
-        err.contains("wrong API key") && err.contains("`dm remote rm hub`"),
+        err.contains("wrong API key") && err.contains(&readd),
         "{err}"
+    );
+    // Following it: the remote gets the new key and keeps its upstreams
+    // (myapp's is alice/myapp, not bob/myapp).
+    let err = fail_env(
+        &bob,
+        &["remote", "add", "hub", &format!("bob@127.0.0.1:{ap}")],
+        &[("DM_API_KEY", &new_key)],
+    );
+    assert!(err.contains("already exists as bob@127.0.0.1:"), "{err}");
+    let out = ok_env(
+        &bob,
+        &["remote", "add", "hub", &format!("bob@127.0.0.1:{hp}")],
+        &[("DM_API_KEY", &new_key)],
+    );
+    assert!(out.contains("upstreams kept"), "{out}");
+    assert!(bob.ok(&["pull", "hub", "myapp"]).contains("up to date"));
+
+    // Ctrl-C stops a push in the server too: the rerun is not raced by
+    // the first one (it was told "moved ... pull first"), and goes on.
+    alice.ok(&["init", "big"]);
+    alice.ok(&["switch", "big"]);
+    let bigm = mount(&alice, "big");
+    write_synced(&bigm.join("data"), &random_bytes(11, 256 << 20));
+    alice.ok(&["commit", "-m", "big"]);
+    let child = Command::new(DM)
+        .args(["push", "hub", "big"])
+        .env("DM_SOCKET", alice.socket())
+        .env("DM_CONFIG", alice.config())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let out = child.wait_with_output().unwrap();
+    if out.status.code() == Some(130) {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("stopped; what arrived is kept"), "{err}");
+        // Nothing moved on the hub, and nothing goes on moving it.
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        assert!(!hub.ok(&["list"]).contains("big"), "{}", hub.ok(&["list"]));
+    } else {
+        eprintln!("the push finished before Ctrl-C: {:?}", out.status);
+    }
+    let out = alice.ok(&["push", "hub", "big"]);
+    assert!(
+        out.contains("master: 1 commit") || out.contains("up to date"),
+        "{out}"
     );
 }

@@ -42,11 +42,10 @@ pub fn run(ctx: &mut Ctx, verbose: bool, command: Option<RemoteCommand>) -> Resu
                     "  "
                 };
                 if verbose {
-                    let port = r.port.map(|p| format!(":{p}")).unwrap_or_default();
                     let fp = super::sync::fingerprint_of(ctx, name)
                         .map(|f| format!("\t{f}"))
                         .unwrap_or_default();
-                    println!("{mark}{name}\t{}@{}{port}{fp}", r.user, r.hostname);
+                    println!("{mark}{name}\t{}{fp}", r.target());
                 } else {
                     println!("{mark}{name}");
                 }
@@ -55,10 +54,20 @@ pub fn run(ctx: &mut Ctx, verbose: bool, command: Option<RemoteCommand>) -> Resu
         }
         Some(RemoteCommand::Add { name, target, ca }) => {
             dm_store::names::validate("remote", &name).map_err(|e| anyhow!("{e}"))?;
-            if ctx.config.remotes.contains_key(&name) {
-                bail!("remote {name} already exists; remove it first with `dm remote rm {name}`");
-            }
             let remote = parse_target(&target)?;
+            if let Some(old) = ctx.config.remotes.get(&name) {
+                if *old != remote {
+                    bail!(
+                        "remote {name} already exists as {}; remove it first with `dm remote rm {name}` (that also forgets the upstreams recorded on it)",
+                        old.target()
+                    );
+                }
+                // The same remote again: a new key (and the hub's
+                // fingerprint checked again); its upstreams stay.
+                super::sync::remote_added(ctx, &name, ca.as_deref())?;
+                println!("Remote {name}: new key saved (upstreams kept)");
+                return ctx.save_config();
+            }
             ctx.config.remotes.insert(name.clone(), remote);
             // API key and the hub's pinned fingerprint (fails: nothing saved).
             super::sync::remote_added(ctx, &name, ca.as_deref())?;

@@ -244,7 +244,10 @@ fn remote_req(ctx: &Ctx, name: &str) -> Result<(Remote, RemoteReq)> {
     })?;
     let sc = SyncConfig::load(&ctx.config_path)?;
     let secret = sc.remotes.get(name).cloned().ok_or_else(|| {
-        anyhow!("remote {name} has no API key yet: remove and add it again (`dm remote rm {name}`, `dm remote add {name} {}@{}`)", r.user, r.hostname)
+        anyhow!(
+            "remote {name} has no API key yet: add it again (`dm remote add {name} {}`)",
+            r.target()
+        )
     })?;
     let req = RemoteReq {
         host: r.hostname.clone(),
@@ -408,8 +411,8 @@ fn with_remote_hints(msg: &str, remote: &str, remote_name: Option<&str>, r: &Rem
     }
     if m.contains("wrong API key") {
         m.push_str(&format!(
-            ". The key saved for remote {remote} was refused: with a new key from the hub's admin, run `dm remote rm {remote}`, then `dm remote add {remote} {}@{}` (it asks for the key, or reads DM_API_KEY)",
-            r.user, r.hostname
+            ". The key saved for remote {remote} was refused: with a new key from the hub's admin, run `dm remote add {remote} {}` again (it asks for the key, or reads DM_API_KEY; upstreams are kept)",
+            r.target()
         ));
     }
     m
@@ -430,6 +433,20 @@ fn human(n: u64) -> String {
     }
 }
 
+/// From now on, Ctrl-C (SIGINT) sets the returned flag instead of ending
+/// the process: a transfer then stops in the server as well.
+fn on_ctrl_c() -> &'static std::sync::atomic::AtomicBool {
+    static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    extern "C" fn note(_: libc::c_int) {
+        INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    // SAFETY: the handler only stores to an atomic (async-signal-safe).
+    unsafe {
+        libc::signal(libc::SIGINT, note as *const () as libc::sighandler_t);
+    }
+    &INTERRUPTED
+}
+
 fn run(ctx: &mut Ctx, req: &TransferReq, label: &str) -> Result<()> {
     let started: serde_json::Value = ctx.client()?.post("/v1/sync/transfers", req)?;
     let id = started
@@ -438,7 +455,19 @@ fn run(ctx: &mut Ctx, req: &TransferReq, label: &str) -> Result<()> {
         .ok_or_else(|| anyhow!("the server did not start the transfer"))?;
     let mut bar = dm_sync::Bar::new(label);
     let t0 = std::time::Instant::now();
+    let interrupted = on_ctrl_c();
     let status = loop {
+        if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+            // The transfer runs in the server: stop it there too, or a
+            // rerun would race it.
+            let s: TransferStatus = ctx.client()?.delete(&format!("/v1/sync/transfers/{id}"))?;
+            if s.error.as_deref() == Some("stopped (Ctrl-C)") {
+                bar.finish();
+                eprintln!("stopped; what arrived is kept, and the same command goes on from there");
+                std::process::exit(130);
+            }
+            break s;
+        }
         let s: TransferStatus = ctx.client()?.get(&format!("/v1/sync/transfers/{id}"))?;
         bar.update(s.done, s.total);
         if s.finished {
@@ -749,7 +778,7 @@ mod tests {
         );
         let m = with_remote_hints("wrong API key for user \"alice\": ...", "hub", None, &r);
         assert!(
-            m.contains("`dm remote rm hub`") && m.contains("`dm remote add hub alice@hub.example`"),
+            m.contains("`dm remote add hub alice@hub.example` again") && !m.contains("remote rm"),
             "{m}"
         );
     }

@@ -29,15 +29,42 @@ impl<T> Mutex<T> {
     }
 }
 
+/// A push to this server moves a branch that its mounts and containers
+/// may be using: as for a pull or a reset, containers are stopped around
+/// it, and the mounts' kernels write back before and drop their caches
+/// after.
+struct Live(Arc<AppState>);
+
+impl dm_sync::LiveBranches for Live {
+    fn around_move(
+        &self,
+        dot: &DotName,
+        branch: &str,
+        set: &mut dyn FnMut() -> dm_store::Result<dm_store::SetHead>,
+    ) -> Result<dm_store::Result<dm_store::SetHead>, String> {
+        let app = &self.0;
+        let current = app
+            .store
+            .dot_info(dot)
+            .map(|d| d.current_branch)
+            .unwrap_or_default();
+        app.docker
+            .around_branch_change(dot, branch, &current, || {
+                app.mounts.reset(dot, branch, || Ok(set()))
+            })
+            .map_err(|e| e.message)
+    }
+}
+
 /// Starts the hub endpoint on `listen` (inside the runtime). A hub that
 /// cannot start (port in use, ...) is logged and skipped: the rest of the
 /// server works without it.
 pub fn start(
-    store: Arc<dm_store::Store>,
+    app: Arc<AppState>,
     data_dir: &std::path::Path,
     listen: std::net::SocketAddr,
 ) -> Option<dm_sync::Hub> {
-    match dm_sync::Hub::start(store, data_dir, listen) {
+    match dm_sync::Hub::start_with(app.store.clone(), data_dir, listen, Arc::new(Live(app))) {
         Ok(hub) => {
             let addr = hub.local_addr().map(|a| a.to_string()).unwrap_or_default();
             tracing::info!(
@@ -137,9 +164,14 @@ pub struct TransferStatus {
     pub wire_received: u64,
 }
 
+/// How long a finished transfer's result waits for its client.
+const FINISHED_JOBS_KEPT: std::time::Duration = std::time::Duration::from_secs(600);
+
 struct Job {
     progress: Progress,
     status: Mutex<TransferStatus>,
+    /// Stops the transfer's task (`DELETE /v1/sync/transfers/{id}`).
+    abort: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 /// State of the sync routes.
@@ -159,7 +191,10 @@ pub fn router(app: Arc<AppState>) -> Router {
     };
     Router::new()
         .route("/v1/sync/transfers", post(start_transfer))
-        .route("/v1/sync/transfers/{id}", get(transfer_status))
+        .route(
+            "/v1/sync/transfers/{id}",
+            get(transfer_status).delete(cancel_transfer),
+        )
         .route("/v1/sync/users", post(add_user).get(list_users))
         .route(
             "/v1/sync/collaborators",
@@ -293,6 +328,29 @@ async fn transfer_status(
     Ok(Json(s))
 }
 
+/// `DELETE /v1/sync/transfers/{id}`: stops a transfer (the client's
+/// Ctrl-C). What arrived stays, verified; no branch moved unless the
+/// transfer had already got that far. A rerun goes on from there.
+async fn cancel_transfer(
+    State(st): State<SyncState>,
+    UrlPath(id): UrlPath<u64>,
+) -> ApiResult<Json<TransferStatus>> {
+    let job = st
+        .jobs
+        .lock()
+        .remove(&id)
+        .ok_or_else(|| ApiError::not_found(format!("no transfer {id}")))?;
+    if let Some(a) = job.abort.lock().take() {
+        a.abort();
+    }
+    let mut s = job.status.lock().clone();
+    if !s.finished {
+        s.finished = true;
+        s.error = Some("stopped (Ctrl-C)".into());
+    }
+    Ok(Json(s))
+}
+
 async fn start_transfer(
     State(st): State<SyncState>,
     Json(req): Json<TransferReq>,
@@ -306,18 +364,29 @@ async fn start_transfer(
     let job = Arc::new(Job {
         progress: Progress::new(),
         status: Mutex::new(TransferStatus::default()),
+        abort: Mutex::new(None),
     });
     job.progress.set_phase("connecting");
     st.jobs.lock().insert(id, job.clone());
     let app = st.app.clone();
-    tokio::spawn(async move {
+    let jobs = st.jobs.clone();
+    let running = job.clone();
+    let task = tokio::spawn(async move {
+        let job = running;
         let result = run_transfer(&app, &job, &req, &local, &remote_dot).await;
-        let mut s = job.status.lock();
-        s.finished = true;
-        if let Err(e) = result {
-            s.error = Some(e.to_string());
+        {
+            let mut s = job.status.lock();
+            s.finished = true;
+            if let Err(e) = result {
+                s.error = Some(e.to_string());
+            }
         }
+        // A client that stopped polling (Ctrl-C) never asks for the result:
+        // forgotten after a while, as a client that asks would have it.
+        tokio::time::sleep(FINISHED_JOBS_KEPT).await;
+        jobs.lock().remove(&id);
     });
+    *job.abort.lock() = Some(task.abort_handle());
     Ok(Json(serde_json::json!({ "id": id })))
 }
 

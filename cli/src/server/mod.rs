@@ -67,6 +67,37 @@ fn server_id(data_dir: &Path) -> Result<String> {
     Ok(id)
 }
 
+/// Creates `dir` (and missing parents) readable by this user only; an
+/// existing one is left as it is.
+fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
+}
+
+/// Refuses a directory for the socket or the mounts that another user
+/// controls: owned by someone else, or writable by others without the
+/// sticky bit (/tmp/dm-UID made in advance by another user would let them
+/// put their own server's socket in place of this one).
+fn refuse_foreign_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    let writable_by_others = m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0;
+    if (m.uid() != me && m.uid() != 0) || writable_by_others {
+        bail!(
+            "{} belongs to uid {} or others may write to it (mode {:o}); a dm server of uid {me}              keeps its socket and mounts only in a directory that is its own: remove it, or give              --socket and --mount-dir elsewhere",
+            dir.display(),
+            m.uid(),
+            m.mode() & 0o7777
+        );
+    }
+    Ok(())
+}
+
 /// Removes a socket file left by a dead server; fails if a server answers.
 fn claim_socket(socket: &Path) -> Result<()> {
     if socket.exists() {
@@ -78,9 +109,6 @@ fn claim_socket(socket: &Path) -> Result<()> {
         }
         std::fs::remove_file(socket)
             .with_context(|| format!("removing the stale socket {}", socket.display()))?;
-    }
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     Ok(())
 }
@@ -119,12 +147,28 @@ pub fn run(opts: ServerOptions) -> Result<()> {
         .try_init();
 
     for dir in [&opts.data_dir, &opts.mount_dir] {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        create_private_dir(dir)?;
     }
+    if let Some(dir) = opts.socket.parent() {
+        create_private_dir(dir)?;
+        refuse_foreign_dir(dir)?;
+    }
+    refuse_foreign_dir(&opts.mount_dir)?;
     claim_socket(&opts.socket)?;
     raise_open_file_limit();
-    let store = Store::open(&opts.data_dir.join("store"))
-        .with_context(|| format!("opening the store in {}", opts.data_dir.display()))?;
+    // The store holds every dot's data: only this user reads it.
+    create_private_dir(&opts.data_dir.join("store"))?;
+    let store = Store::open_with(
+        &opts.data_dir.join("store"),
+        dm_store::StoreOptions {
+            owner: (
+                nix::unistd::geteuid().as_raw(),
+                nix::unistd::getegid().as_raw(),
+            ),
+            ..Default::default()
+        },
+    )
+    .with_context(|| format!("opening the store in {}", opts.data_dir.display()))?;
     let server_id = server_id(&opts.data_dir)?;
     let mounts = Arc::new(MountManager::new(
         store.clone(),
@@ -164,7 +208,7 @@ pub fn run(opts: ServerOptions) -> Result<()> {
     let hub = match opts.listen {
         Some(addr) => {
             let _in_rt = rt.enter();
-            hub::start(store.clone(), &opts.data_dir, addr)
+            hub::start(state.clone(), &opts.data_dir, addr)
         }
         None => None,
     };
