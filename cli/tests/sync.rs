@@ -285,39 +285,57 @@ fn hub_push_clone_pull_through_the_cli() {
     assert!(out.contains("upstreams kept"), "{out}");
     assert!(bob.ok(&["pull", "hub", "myapp"]).contains("up to date"));
 
-    // Ctrl-C stops a push in the server too: the rerun is not raced by
-    // the first one (it was told "moved ... pull first"), and goes on.
+    // Ctrl-C stops a push, and a pull, in the server too: the rerun is
+    // not raced by the first one (it was told "moved ... pull first"), and
+    // goes on. Bob has the dot already, so his pull runs with the
+    // containers that show it stopped (none here), where only the stop
+    // flag reaches it.
     alice.ok(&["init", "big"]);
     alice.ok(&["switch", "big"]);
     let bigm = mount(&alice, "big");
+    write_synced(&bigm.join("small"), b"small");
+    alice.ok(&["commit", "-m", "small"]);
+    alice.ok(&["push", "hub", "big"]);
+    hub.ok(&["dot", "collaborator", "add", "alice/big", "bob"]);
+    bob.ok(&["clone", "hub", "alice/big"]);
     write_synced(&bigm.join("data"), &random_bytes(11, 256 << 20));
     alice.ok(&["commit", "-m", "big"]);
-    let child = Command::new(DM)
-        .args(["push", "hub", "big"])
-        .env("DM_SOCKET", alice.socket())
-        .env("DM_CONFIG", alice.config())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(400));
-    let _ = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status();
-    let out = child.wait_with_output().unwrap();
-    if out.status.code() == Some(130) {
+    let interrupted = |s: &Server, args: &[&str]| -> bool {
+        let child = Command::new(DM)
+            .args(args)
+            .env("DM_SOCKET", s.socket())
+            .env("DM_CONFIG", s.config())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        let _ = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status();
+        let out = child.wait_with_output().unwrap();
+        if out.status.code() != Some(130) {
+            eprintln!("{args:?} finished before Ctrl-C: {:?}", out.status);
+            return false;
+        }
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("stopped; what arrived is kept"), "{err}");
-        // Nothing moved on the hub, and nothing goes on moving it.
+        // Nothing goes on in the background.
         std::thread::sleep(std::time::Duration::from_secs(2));
-        assert!(!hub.ok(&["list"]).contains("big"), "{}", hub.ok(&["list"]));
-    } else {
-        eprintln!("the push finished before Ctrl-C: {:?}", out.status);
+        true
+    };
+    let show = |s: &Server, dot: &str| s.ok(&["dot", "show", "-H", dot]);
+    let before = show(&hub, "alice/big");
+    if interrupted(&alice, &["push", "hub", "big"]) {
+        assert_eq!(show(&hub, "alice/big"), before);
     }
     let out = alice.ok(&["push", "hub", "big"]);
-    assert!(
-        out.contains("master: 1 commit") || out.contains("up to date"),
-        "{out}"
-    );
+    assert!(out.contains("master: 1 commit"), "{out}");
+    let before = show(&bob, "big");
+    if interrupted(&bob, &["pull", "hub", "big"]) {
+        assert_eq!(show(&bob, "big"), before);
+    }
+    let out = bob.ok(&["pull", "hub", "big"]);
+    assert!(out.contains("master: 1 commit"), "{out}");
 }

@@ -674,27 +674,21 @@ fn base_roots(store: &Store, commits: &[Id], set: &HashSet<Id>) -> Result<Vec<Id
     Ok(out)
 }
 
-/// How long one request may take, sending included. QUIC keep-alives hold
-/// a connection open while the hub is silent, so a hub stuck on a request
-/// would otherwise hang the transfer for ever. The slowest legitimate
-/// request is a branch move that stops and restarts containers on the hub.
+/// How long the hub may stay silent after a request was sent, before its
+/// answer starts. QUIC keep-alives hold a connection open while the hub is
+/// silent, so a hub stuck on a request would otherwise hang the transfer
+/// for ever. The slowest legitimate answer is a branch move that stops and
+/// restarts containers on the hub. Sending a request and receiving its
+/// answer take as long as the link needs.
 pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 async fn call_on(conn: &quinn::Connection, req: &Request) -> Result<Response> {
-    let exchange = async {
-        let (mut send, mut recv) = conn.open_bi().await?;
-        proto::write_frame(&mut send, req).await?;
-        send.finish()?;
-        proto::read_frame::<Response>(&mut recv).await
-    };
-    let resp = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-        .await
-        .map_err(|_| {
-            Error::Connection(format!(
-                "the hub did not answer within {} s",
-                REQUEST_TIMEOUT.as_secs()
-            ))
-        })??;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    proto::write_frame(&mut send, req).await?;
+    send.finish()?;
+    let resp =
+        proto::read_frame_within::<Response>(&mut recv, proto::MAX_FRAME, Some(REQUEST_TIMEOUT))
+            .await?;
     match resp {
         Response::Err { code, message } => Err(Error::Remote { code, message }),
         r => Ok(r),

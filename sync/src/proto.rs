@@ -198,8 +198,26 @@ pub async fn read_frame_limited<T: for<'de> Deserialize<'de>>(
     recv: &mut quinn::RecvStream,
     limit: usize,
 ) -> Result<T> {
+    read_frame_within(recv, limit, None).await
+}
+
+/// Reads one frame of at most `limit` bytes; with `first`, fails when its
+/// first bytes (the length) do not arrive within that time. Only the wait
+/// is bounded: the body, however large, may take as long as the link needs.
+pub async fn read_frame_within<T: for<'de> Deserialize<'de>>(
+    recv: &mut quinn::RecvStream,
+    limit: usize,
+    first: Option<std::time::Duration>,
+) -> Result<T> {
     let mut len = [0u8; 4];
-    recv.read_exact(&mut len).await?;
+    match first {
+        Some(t) => tokio::time::timeout(t, recv.read_exact(&mut len))
+            .await
+            .map_err(|_| {
+                Error::Connection(format!("the hub did not answer within {} s", t.as_secs()))
+            })??,
+        None => recv.read_exact(&mut len).await?,
+    }
     let len = u32::from_be_bytes(len) as usize;
     if len > limit {
         return Err(Error::Connection(format!(

@@ -100,20 +100,31 @@ impl Hub {
         let unauthenticated = Arc::new(Semaphore::new(MAX_UNAUTHENTICATED));
         let task = tokio::spawn(async move {
             while let Some(incoming) = ep.accept().await {
-                let Ok(permit) = unauthenticated.clone().try_acquire_owned() else {
-                    tracing::warn!(
-                        "refusing a hub connection from {}: {MAX_UNAUTHENTICATED} others are still authenticating",
-                        incoming.remote_address()
-                    );
-                    incoming.refuse();
-                    continue;
-                };
                 let store = store.clone();
                 let key_checks = key_checks.clone();
                 let live = live.clone();
+                let unauthenticated = unauthenticated.clone();
                 tokio::spawn(async move {
-                    match incoming.await {
+                    let addr = incoming.remote_address();
+                    // The handshake has the Hello's deadline too.
+                    let conn = match tokio::time::timeout(HELLO_TIMEOUT, incoming).await {
+                        Ok(c) => c,
+                        Err(_) => {
+                            tracing::debug!("hub handshake from {addr} timed out");
+                            return;
+                        }
+                    };
+                    match conn {
                         Ok(conn) => {
+                            // Counted once the handshake is done: packets
+                            // from spoofed addresses never get this far.
+                            let Ok(permit) = unauthenticated.try_acquire_owned() else {
+                                tracing::warn!(
+                                    "refusing a hub connection from {addr}: {MAX_UNAUTHENTICATED} others are still authenticating"
+                                );
+                                conn.close(0u32.into(), b"busy");
+                                return;
+                            };
                             if let Err(e) =
                                 serve_connection(store, live, conn, key_checks, permit).await
                             {
@@ -348,6 +359,9 @@ async fn serve_connection(
     .await?;
     send.finish()?;
     drop(unauthenticated);
+    // Authenticated: the full windows (tls.rs).
+    conn.set_max_concurrent_bi_streams(crate::tls::STREAMS.into());
+    conn.set_receive_window(crate::tls::RECEIVE_WINDOW.into());
     let session = Arc::new(Session {
         import: ImportSession::new(store.clone()),
         store,
@@ -466,6 +480,34 @@ fn dot_commits(store: &Store, dot: &DotName) -> dm_store::Result<HashSet<dm_stor
         }
     }
     Ok(seen)
+}
+
+/// A SetHead whose `expected` is not the branch's head.
+fn moved_err(dot: &DotName, branch: &str, actual: Option<dm_store::Id>) -> Response {
+    err(
+        ErrorCode::Moved { actual },
+        format!(
+            "remote branch {branch} of {}/{} moved since this transfer started (now at {}): pull first",
+            dot.namespace,
+            dot.name,
+            actual.map(|a| a.short()).unwrap_or_else(|| "nothing".into())
+        ),
+    )
+}
+
+/// A SetHead refused for uncommitted changes on the hub, said from the
+/// hub's side: the pusher cannot fix it.
+fn uncommitted_on_hub(dot: &DotName, branch: &str) -> Response {
+    err(
+        ErrorCode::Refused,
+        format!(
+            "branch {branch} of {ns}/{name} has uncommitted changes on the hub (made there, e.g. through a mount); \
+             it takes pushes once the hub's admin commits or discards them there: `dm switch {ns}/{name}`, \
+             `dm checkout {branch}`, then `dm commit -m ...` or `dm reset --hard HEAD`",
+            ns = dot.namespace,
+            name = dot.name
+        ),
+    )
 }
 
 fn store_err(e: dm_store::Error) -> Response {
@@ -659,6 +701,21 @@ fn handle_inner(s: &Session, req: Request) -> std::result::Result<Response, Resp
                 ));
             }
             s.check_may_name("commit", &new)?;
+            // A move that cannot happen (stale `expected`, uncommitted
+            // changes) is answered before the hub stops any container for
+            // it; the checks are made again, under the branch's lock, by
+            // set_branch_head.
+            let now = match store.branch_info(&dot, &branch) {
+                Ok(b) => Some(b.head),
+                Err(e) if e.is_not_found() => None,
+                Err(e) => return Err(store_err(e)),
+            };
+            if let Some(actual) = now.filter(|h| *h != expected) {
+                return Err(moved_err(&dot, &branch, actual));
+            }
+            if now.is_some() && store.has_uncommitted(&dot, &branch).unwrap_or(false) {
+                return Err(uncommitted_on_hub(&dot, &branch));
+            }
             let moved = s
                 .live
                 .around_move(&dot, &branch, &mut || {
@@ -666,32 +723,16 @@ fn handle_inner(s: &Session, req: Request) -> std::result::Result<Response, Resp
                 })
                 .map_err(|m| err(ErrorCode::Refused, m))?;
             let moved = match moved {
-                Err(e @ dm_store::Error::Refused(_))
+                Err(dm_store::Error::Refused(_))
                     if store.has_uncommitted(&dot, &branch).unwrap_or(false) =>
                 {
-                    // Said from the hub's side: the pusher cannot fix it.
-                    return Err(err(
-                        ErrorCode::Refused,
-                        format!(
-                            "branch {branch} of {}/{} has uncommitted changes on the hub (made there, e.g. through a mount); \
-                             the hub's admin must commit or discard them there (`dm commit`, or `dm reset --hard HEAD`) before it takes pushes ({e})",
-                            dot.namespace, dot.name
-                        ),
-                    ));
+                    return Err(uncommitted_on_hub(&dot, &branch));
                 }
                 r => r.map_err(store_err)?,
             };
             match moved {
                 SetHead::Updated => Ok(Response::Done { new: 1 }),
-                SetHead::Moved { actual } => Err(err(
-                    ErrorCode::Moved { actual },
-                    format!(
-                        "remote branch {branch} of {}/{} moved since this transfer started (now at {}): pull first",
-                        dot.namespace,
-                        dot.name,
-                        actual.map(|a| a.short()).unwrap_or_else(|| "nothing".into())
-                    ),
-                )),
+                SetHead::Moved { actual } => Err(moved_err(&dot, &branch, actual)),
             }
         }
     }

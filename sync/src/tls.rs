@@ -96,11 +96,20 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(Error::io(format!("writing {}", path.display())))
 }
 
-fn transport() -> Arc<quinn::TransportConfig> {
+/// Streams a peer may have open at once, once authenticated.
+pub const STREAMS: u32 = 32;
+/// Bytes a peer may have in flight to us on one connection, once
+/// authenticated (before: [`PRE_AUTH_WINDOW`], one stream).
+pub const RECEIVE_WINDOW: u32 = 128 << 20;
+/// What a hub lets a peer that has not authenticated send: enough for a
+/// `Hello`, nothing to fill its memory with.
+pub const PRE_AUTH_WINDOW: u32 = 64 << 10;
+
+fn transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(32u32.into());
+    t.max_concurrent_bidi_streams(STREAMS.into());
     t.stream_receive_window((32u32 << 20).into());
-    t.receive_window((128u32 << 20).into());
+    t.receive_window(RECEIVE_WINDOW.into());
     t.send_window(128 << 20);
     t.keep_alive_interval(Some(Duration::from_secs(5)));
     // A peer silent this long (6 keep-alives missed) is gone: a push to a
@@ -108,7 +117,7 @@ fn transport() -> Arc<quinn::TransportConfig> {
     if let Ok(idle) = Duration::from_secs(30).try_into() {
         t.max_idle_timeout(Some(idle));
     }
-    Arc::new(t)
+    t
 }
 
 /// The QUIC server config of a hub.
@@ -126,7 +135,11 @@ pub fn server_config(
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| Error::Tls(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(transport());
+    // Until `Hello` passes (the hub then raises both, see server.rs).
+    let mut t = transport();
+    t.max_concurrent_bidi_streams(1u32.into());
+    t.receive_window(PRE_AUTH_WINDOW.into());
+    cfg.transport_config(Arc::new(t));
     Ok(cfg)
 }
 
@@ -253,7 +266,7 @@ pub fn client_config(trust: Trust) -> Result<(quinn::ClientConfig, Arc<PinSeen>)
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| Error::Tls(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(transport());
+    cfg.transport_config(Arc::new(transport()));
     Ok((cfg, Arc::new(PinSeen(verifier))))
 }
 

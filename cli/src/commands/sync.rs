@@ -172,6 +172,18 @@ pub fn remote_added(ctx: &mut Ctx, name: &str, ca: Option<&Path>) -> Result<()> 
     let fp = rt
         .block_on(dm_sync::probe_fingerprint(&r.hostname, port))
         .map_err(|e| anyhow!("{e}"))?;
+    // Adding the same remote again (a new key) keeps trusting the same hub
+    // only: another certificate is not pinned silently.
+    if let Some(old) = SyncConfig::load(&ctx.config_path)?.remotes.get(name) {
+        if !old.fingerprint.is_empty() && old.fingerprint != fp {
+            bail!(
+                "the hub {}:{port} now presents the fingerprint {fp}, not the pinned {}; if its certificate \
+                 was replaced on purpose, `dm remote rm {name}` and add it again (that forgets its upstreams)",
+                r.hostname,
+                old.fingerprint
+            );
+        }
+    }
     println!(
         "The hub {}:{port} presents the certificate fingerprint",
         r.hostname
@@ -433,16 +445,23 @@ fn human(n: u64) -> String {
     }
 }
 
-/// From now on, Ctrl-C (SIGINT) sets the returned flag instead of ending
-/// the process: a transfer then stops in the server as well.
+/// From now on, the first Ctrl-C (SIGINT) sets the returned flag instead
+/// of ending the process, so that a transfer stops in the server as well;
+/// a second one ends the process as usual.
 fn on_ctrl_c() -> &'static std::sync::atomic::AtomicBool {
     static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     extern "C" fn note(_: libc::c_int) {
         INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
     }
-    // SAFETY: the handler only stores to an atomic (async-signal-safe).
+    // SAFETY: the handler only stores to an atomic (async-signal-safe);
+    // the struct is zeroed, then filled as sigaction(2) describes.
     unsafe {
-        libc::signal(libc::SIGINT, note as *const () as libc::sighandler_t);
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = note as *const () as libc::sighandler_t;
+        // SA_RESETHAND: the default action is back after the first one.
+        sa.sa_flags = libc::SA_RESTART | libc::SA_RESETHAND;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
     }
     &INTERRUPTED
 }
@@ -460,7 +479,19 @@ fn run(ctx: &mut Ctx, req: &TransferReq, label: &str) -> Result<()> {
         if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
             // The transfer runs in the server: stop it there too, or a
             // rerun would race it.
-            let s: TransferStatus = ctx.client()?.delete(&format!("/v1/sync/transfers/{id}"))?;
+            let s: TransferStatus = match ctx
+                .client()
+                .and_then(|c| c.delete(&format!("/v1/sync/transfers/{id}")))
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    bar.finish();
+                    eprintln!(
+                        "could not stop the transfer in the server, which may go on with it: {e:#}"
+                    );
+                    std::process::exit(130);
+                }
+            };
             if s.error.as_deref() == Some("stopped (Ctrl-C)") {
                 bar.finish();
                 eprintln!("stopped; what arrived is kept, and the same command goes on from there");

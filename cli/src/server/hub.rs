@@ -172,6 +172,16 @@ struct Job {
     status: Mutex<TransferStatus>,
     /// Stops the transfer's task (`DELETE /v1/sync/transfers/{id}`).
     abort: Mutex<Option<tokio::task::AbortHandle>>,
+    /// Set by the same DELETE, for a pull running where aborting the task
+    /// does not reach (see `pull_branch`).
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+/// Resolves once `stop` is set (never, if its sender is gone).
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// State of the sync routes.
@@ -340,6 +350,7 @@ async fn cancel_transfer(
         .lock()
         .remove(&id)
         .ok_or_else(|| ApiError::not_found(format!("no transfer {id}")))?;
+    job.stop.send_replace(true);
     if let Some(a) = job.abort.lock().take() {
         a.abort();
     }
@@ -365,6 +376,7 @@ async fn start_transfer(
         progress: Progress::new(),
         status: Mutex::new(TransferStatus::default()),
         abort: Mutex::new(None),
+        stop: tokio::sync::watch::channel(false).0,
     });
     job.progress.set_phase("connecting");
     st.jobs.lock().insert(id, job.clone());
@@ -395,6 +407,7 @@ async fn start_transfer(
 /// started again after it (as around a reset), so that no database sees
 /// its files replaced under it; mounts showing the branch drop their
 /// cached view.
+#[allow(clippy::too_many_arguments)] // a pull's parts, and how to stop it
 async fn pull_branch(
     app: &Arc<AppState>,
     remote: &Remote,
@@ -403,6 +416,7 @@ async fn pull_branch(
     remote_dot: &DotName,
     opts: &TransferOptions,
     progress: &Progress,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) -> dm_sync::Result<dm_sync::TransferReport> {
     let pull = || async {
         let r = dm_sync::pull(
@@ -451,7 +465,14 @@ async fn pull_branch(
                 // Writes the kernel still caches reach the store, so that
                 // the pull sees (and refuses) uncommitted changes.
                 app.mounts.sync_kernel(local, branch);
-                Ok(rt.block_on(pull()))
+                // Ctrl-C: the pull stops here (what arrived stays), and
+                // the containers start again.
+                Ok(rt.block_on(async {
+                    tokio::select! {
+                        r = pull() => r,
+                        () = stopped(stop.clone()) => Err(dm_sync::Error::Refused("stopped (Ctrl-C)".into())),
+                    }
+                }))
             })
             .unwrap_or_else(|e| Err(dm_sync::Error::Store(dm_store::Error::Refused(e.message))))
     })
@@ -527,6 +548,7 @@ async fn run_transfer(
                 remote_dot,
                 &opts,
                 &job.progress,
+                job.stop.subscribe(),
             )
             .await
         };

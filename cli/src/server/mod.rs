@@ -86,10 +86,19 @@ fn refuse_foreign_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
     let me = nix::unistd::geteuid().as_raw();
-    let writable_by_others = m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0;
+    // Group write is harmless when the group is this user's own (a umask
+    // of 002 with a group per user, as Debian and Ubuntu make them).
+    let others = if m.gid() == nix::unistd::getegid().as_raw() {
+        0o002
+    } else {
+        0o022
+    };
+    let writable_by_others = m.mode() & others != 0 && m.mode() & 0o1000 == 0;
     if (m.uid() != me && m.uid() != 0) || writable_by_others {
         bail!(
-            "{} belongs to uid {} or others may write to it (mode {:o}); a dm server of uid {me}              keeps its socket and mounts only in a directory that is its own: remove it, or give              --socket and --mount-dir elsewhere",
+            "{} belongs to uid {} or others may write to it (mode {:o}); a dm server of uid {me} \
+             keeps its socket and mounts only in a directory that is its own: remove it, or give \
+             --socket and --mount-dir elsewhere",
             dir.display(),
             m.uid(),
             m.mode() & 0o7777
@@ -149,7 +158,7 @@ pub fn run(opts: ServerOptions) -> Result<()> {
     for dir in [&opts.data_dir, &opts.mount_dir] {
         create_private_dir(dir)?;
     }
-    if let Some(dir) = opts.socket.parent() {
+    if let Some(dir) = opts.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
         create_private_dir(dir)?;
         refuse_foreign_dir(dir)?;
     }
