@@ -285,6 +285,42 @@ fn hub_push_clone_pull_through_the_cli() {
     assert!(out.contains("upstreams kept"), "{out}");
     assert!(bob.ok(&["pull", "hub", "myapp"]).contains("up to date"));
 
+    // --all goes on past a branch refused on its own (diverged), and says
+    // which.
+    alice.ok(&["init", "multi"]);
+    alice.ok(&["switch", "multi"]);
+    let mm = mount(&alice, "multi");
+    write_synced(&mm.join("f"), b"m1");
+    alice.ok(&["commit", "-m", "m1"]);
+    alice.ok(&["checkout", "-b", "dev"]);
+    write_synced(&mm.join("f"), b"d1");
+    alice.ok(&["commit", "-m", "d1"]);
+    alice.ok(&["push", "hub", "multi", "--all"]);
+    hub.ok(&["dot", "collaborator", "add", "alice/multi", "bob"]);
+    bob.ok(&["clone", "hub", "alice/multi"]);
+    bob.ok(&["switch", "multi"]);
+    let bmm = mount(&bob, "multi");
+    write_synced(&bmm.join("f"), b"bob");
+    bob.ok(&["commit", "-m", "b"]);
+    bob.ok(&["push", "hub"]);
+    write_synced(&mm.join("f"), b"d2");
+    alice.ok(&["commit", "-m", "d2"]);
+    alice.ok(&["checkout", "master"]);
+    write_synced(&mm.join("f"), b"alice");
+    alice.ok(&["commit", "-m", "a"]);
+    let out = dm_env(&alice, &["push", "hub", "multi", "--all"], &[]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("dev: 1 commit"), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("1 of 2 branches were not transferred: branch master:")
+            && stderr.contains("diverged"),
+        "{stderr}"
+    );
+
     // Ctrl-C stops a push, and a pull, in the server too: the rerun is
     // not raced by the first one (it was told "moved ... pull first"), and
     // goes on. Bob has the dot already, so his pull runs with the

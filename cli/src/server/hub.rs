@@ -526,7 +526,8 @@ async fn run_transfer(
         // master first: the other branches usually grew from it.
         branches.sort_by_key(|b| (b != dm_store::names::MASTER, b.clone()));
     }
-    let mut result = Ok(());
+    let mut failed: Vec<(String, dm_sync::Error)> = Vec::new();
+    let mut fatal = None;
     for branch in &branches {
         let r = if push {
             dm_sync::push(
@@ -565,11 +566,42 @@ async fn run_transfer(
                 head: rep.head.map(|h| h.to_hex()),
             }),
             Err(e) => {
-                result = Err(e);
-                break;
+                // A broken connection or a refused key ends it all; a
+                // branch refused on its own (diverged, uncommitted
+                // changes) leaves the others of `--all` to go.
+                use dm_sync::proto::ErrorCode;
+                let ends_all = matches!(
+                    e,
+                    dm_sync::Error::Connection(_)
+                        | dm_sync::Error::Io { .. }
+                        | dm_sync::Error::Tls(_)
+                        | dm_sync::Error::Remote {
+                            code: ErrorCode::BadKey | ErrorCode::NoAccess | ErrorCode::Version,
+                            ..
+                        }
+                );
+                if ends_all {
+                    fatal = Some(e);
+                    break;
+                }
+                failed.push((branch.clone(), e));
             }
         }
     }
+    let result = match (fatal, branches.len(), failed.len()) {
+        (Some(e), _, _) => Err(e),
+        (None, _, 0) => Ok(()),
+        (None, 1, _) => Err(failed.remove(0).1),
+        (None, _, n) => Err(dm_sync::Error::Refused(format!(
+            "{n} of {} branches were not transferred: {}",
+            branches.len(),
+            failed
+                .iter()
+                .map(|(b, e)| format!("branch {b}: {e}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ))),
+    };
     {
         let mut s = job.status.lock();
         s.wire_sent = remote.bytes_sent();
