@@ -58,6 +58,12 @@ pub struct MountManager {
     mount_dir: PathBuf,
     state_file: PathBuf,
     entries: Mutex<Vec<Entry>>,
+    /// Saved mounts this start could not restore although their dot is
+    /// still here (a mount point in the way, fusermount3 broken): kept in
+    /// the table, so that the next start tries again, until `dm unmount`
+    /// of the path or the dot's deletion forgets them. Locked after
+    /// `entries`.
+    unrestored: Mutex<Vec<Record>>,
 }
 
 impl MountManager {
@@ -68,6 +74,7 @@ impl MountManager {
             mount_dir: mount_dir.to_path_buf(),
             state_file: state_file.to_path_buf(),
             entries: Mutex::new(Vec::new()),
+            unrestored: Mutex::new(Vec::new()),
         }
     }
 
@@ -111,17 +118,32 @@ impl MountManager {
         }
         self.cleanup_dead_under_mount_dir();
         for r in records {
+            let volume = VolumeName::parse(&r.volume).ok();
             let res = VolumeName::parse(&r.volume)
                 .map_err(ApiError::from)
                 .and_then(|v| self.mount_inner(v, r.path.clone(), r.managed));
             match res {
                 Ok(v) => tracing::info!("restored mount of {} at {}", v.volume, v.path),
-                Err(e) => tracing::warn!(
-                    "could not restore the mount of {} at {}: {}",
-                    r.volume,
-                    r.path.display(),
-                    e.message
-                ),
+                Err(e) => {
+                    let still_here = volume.is_some_and(|v| match &v.branch {
+                        Some(b) => self.store.branch_info(&v.dot, b).is_ok(),
+                        None => self.store.dot_info(&v.dot).is_ok(),
+                    });
+                    tracing::warn!(
+                        "could not restore the mount of {} at {}: {}{}",
+                        r.volume,
+                        r.path.display(),
+                        e.message,
+                        if still_here {
+                            " (kept: the next start tries again; `dm unmount PATH` forgets it)"
+                        } else {
+                            ""
+                        }
+                    );
+                    if still_here {
+                        self.unrestored_lock().push(r);
+                    }
+                }
             }
         }
         self.save(&self.lock());
@@ -150,8 +172,16 @@ impl MountManager {
         walk(&self.mount_dir, 3);
     }
 
+    fn unrestored_lock(&self) -> MutexGuard<'_, Vec<Record>> {
+        self.unrestored.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn save(&self, entries: &[Entry]) {
-        let records: Vec<Record> = entries.iter().map(Entry::record).collect();
+        let mut records: Vec<Record> = entries.iter().map(Entry::record).collect();
+        let mut unrestored = self.unrestored_lock();
+        // A path mounted again since is the new mount's.
+        unrestored.retain(|r| entries.iter().all(|e| e.path != r.path));
+        records.extend(unrestored.iter().cloned());
         let res = serde_json::to_vec_pretty(&records)
             .map_err(std::io::Error::other)
             .and_then(|bytes| {
@@ -291,6 +321,16 @@ impl MountManager {
     pub fn unmount(&self, path: &Path) -> ApiResult<()> {
         let mut entries = self.lock();
         let Some(i) = entries.iter().position(|e| e.path == path) else {
+            let forgotten = {
+                let mut unrestored = self.unrestored_lock();
+                let before = unrestored.len();
+                unrestored.retain(|r| r.path != path);
+                before != unrestored.len()
+            };
+            if forgotten {
+                self.save(&entries);
+                return Ok(());
+            }
             return Err(ApiError::not_found(format!(
                 "nothing is mounted by dm at {} (see `dm dot show` for the mounts)",
                 path.display()
@@ -338,6 +378,9 @@ impl MountManager {
                 i += 1;
             }
         }
+        // Mounts of it that a start could not restore go too.
+        self.unrestored_lock()
+            .retain(|r| VolumeName::parse(&r.volume).map_or(true, |v| &v.dot != dot));
         self.save(&entries);
         first_err.map_or(Ok(()), Err)
     }

@@ -93,3 +93,43 @@ fn small_fsynced_writes_survive_kill9_and_are_stored_whole() {
     assert_eq!(std::fs::read(&path).unwrap(), want);
     assert!(s.ok(&["fsck"]).contains("No problems found"));
 }
+
+/// A saved mount that a start cannot bring back (its mount point is taken
+/// by a file) stays in the table: the next start, with the way clear,
+/// mounts it again; `dm unmount PATH` forgets such a mount.
+#[test]
+fn a_mount_that_cannot_come_back_is_kept_for_the_next_start() {
+    let mut s = Server::start(DM);
+    s.ok(&["init", "app"]);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p");
+    let ps = p.to_str().unwrap();
+    s.ok(&["mount", "app", ps]);
+    dm_tests::write_synced(&p.join("f"), b"kept");
+    let block = |s: &mut Server| {
+        s.stop();
+        std::fs::remove_dir(&p).unwrap();
+        std::fs::write(&p, b"in the way").unwrap();
+        s.restart();
+        assert!(!dm_tests::is_mounted(&p));
+    };
+    block(&mut s);
+    assert!(
+        s.log().contains("kept: the next start tries again"),
+        "{}",
+        s.log()
+    );
+    s.stop();
+    std::fs::remove_file(&p).unwrap();
+    s.restart();
+    assert!(dm_tests::is_mounted(&p), "{}", s.log());
+    assert_eq!(std::fs::read(p.join("f")).unwrap(), b"kept");
+    // Forgotten by `dm unmount`.
+    block(&mut s);
+    s.ok(&["unmount", ps]);
+    s.stop();
+    std::fs::remove_file(&p).unwrap();
+    s.restart();
+    assert!(!dm_tests::is_mounted(&p));
+    assert!(s.fail(&["unmount", ps]).contains("nothing is mounted"));
+}
