@@ -364,6 +364,23 @@ fn checkout_restarts_followers_and_leaves_pinned_running() {
     );
 }
 
+/// `dm remote add NAME TARGET` with the API key `key`.
+fn remote_add(s: &Server, name: &str, target: &str, key: &str) {
+    let out = Command::new(DM)
+        .args(["remote", "add", name, target])
+        .env("DM_SOCKET", s.socket())
+        .env("DM_CONFIG", s.config())
+        .env("DM_API_KEY", key)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A pull that moves a branch stops the containers that show it and
 /// starts them again, as a reset does (a database must not see its files
 /// replaced under it); a pull with nothing new restarts nothing. The
@@ -385,19 +402,7 @@ fn pull_restarts_the_containers_that_show_the_branch() {
     let pushed = "dmtest-pushed";
     let _clean = Cleanup::new(&[name, pushed], &["myapp", "myapp2"]);
     let key = s.ok(&["user", "add", "alice"]).trim().to_string();
-    let out = Command::new(DM)
-        .args(["remote", "add", "hub", &format!("alice@127.0.0.1:{port}")])
-        .env("DM_SOCKET", s.socket())
-        .env("DM_CONFIG", s.config())
-        .env("DM_API_KEY", &key)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    remote_add(&s, "hub", &format!("alice@127.0.0.1:{port}"), &key);
 
     run(&s, "myapp", "echo one > /data/f");
     s.ok(&["switch", "myapp"]);
@@ -433,23 +438,11 @@ fn pull_restarts_the_containers_that_show_the_branch() {
     // as a reset would: they are stopped and started again around it (the
     // server is the hub; its admin pushes myapp to the hub's dot myapp2).
     let admin_key = std::fs::read_to_string(s.data_dir().join("admin-key")).unwrap();
-    let out = Command::new(DM)
-        .args([
-            "remote",
-            "add",
-            "hubadmin",
-            &format!("admin@127.0.0.1:{port}"),
-        ])
-        .env("DM_SOCKET", s.socket())
-        .env("DM_CONFIG", s.config())
-        .env("DM_API_KEY", admin_key.trim())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    remote_add(
+        &s,
+        "hubadmin",
+        &format!("admin@127.0.0.1:{port}"),
+        admin_key.trim(),
     );
     s.ok(&[
         "push",

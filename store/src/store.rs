@@ -1422,6 +1422,35 @@ pub(crate) mod tests {
         assert!(store.log(&dot, "master").unwrap().is_empty());
     }
 
+    /// Commits a file of pseudo-random bytes (`seed`) on a new branch,
+    /// then deletes the branch: returns the commit, which only that branch
+    /// reached (garbage now), and the file's bytes.
+    fn commit_only_a_deleted_branch_reached(
+        store: &Store,
+        dot: &DotName,
+        seed: u64,
+    ) -> (Id, Vec<u8>) {
+        let req = |m: &str| CommitRequest {
+            message: m.into(),
+            author: "test".into(),
+            metadata: BTreeMap::new(),
+        };
+        store.commit(dot, "master", req("first")).unwrap();
+        store.create_branch(dot, "b", None).unwrap();
+        let data = crate::chunk::tests::pseudo_random(200_000, seed);
+        let fs = store.branch_fs(dot, "b").unwrap();
+        let ino = fs
+            .mknod(ROOT_INO, b"f", FileKind::File, 0o644, 0, 0, 0)
+            .unwrap()
+            .ino;
+        fs.write(ino, 0, &data).unwrap();
+        fs.release(ino).unwrap();
+        let c = store.commit(dot, "b", req("on b")).unwrap().id;
+        drop(fs);
+        store.delete_branch(dot, "b", true).unwrap();
+        (c, data)
+    }
+
     /// `dm checkout -b NEW REV` of a commit that only a just-deleted branch
     /// reached, while a GC that marked before runs: the new branch keeps
     /// the whole snapshot (it named a swept commit, and every later GC
@@ -1429,24 +1458,7 @@ pub(crate) mod tests {
     #[test]
     fn a_branch_made_during_gc_keeps_its_commit() {
         let (_dir, store, dot) = app_store();
-        let req = |m: &str| CommitRequest {
-            message: m.into(),
-            author: "test".into(),
-            metadata: BTreeMap::new(),
-        };
-        store.commit(&dot, "master", req("first")).unwrap();
-        store.create_branch(&dot, "b", None).unwrap();
-        let data = crate::chunk::tests::pseudo_random(200_000, 10);
-        let fs = store.branch_fs(&dot, "b").unwrap();
-        let ino = fs
-            .mknod(ROOT_INO, b"f", FileKind::File, 0o644, 0, 0, 0)
-            .unwrap()
-            .ino;
-        fs.write(ino, 0, &data).unwrap();
-        fs.release(ino).unwrap();
-        let c = store.commit(&dot, "b", req("on b")).unwrap().id;
-        drop(fs);
-        store.delete_branch(&dot, "b", true).unwrap();
+        let (c, data) = commit_only_a_deleted_branch_reached(&store, &dot, 10);
         let d2 = dot.clone();
         *store.gc_after_mark.lock() = Some(Box::new(move |s: &Store| {
             s.create_branch(&d2, "again", Some(c)).unwrap();
@@ -1471,24 +1483,7 @@ pub(crate) mod tests {
     #[test]
     fn gc_keeps_what_a_young_commit_names() {
         let (_dir, store, dot) = app_store();
-        let req = |m: &str| CommitRequest {
-            message: m.into(),
-            author: "test".into(),
-            metadata: BTreeMap::new(),
-        };
-        store.commit(&dot, "master", req("first")).unwrap();
-        store.create_branch(&dot, "b", None).unwrap();
-        let data = crate::chunk::tests::pseudo_random(200_000, 9);
-        let fs = store.branch_fs(&dot, "b").unwrap();
-        let ino = fs
-            .mknod(ROOT_INO, b"f", FileKind::File, 0o644, 0, 0, 0)
-            .unwrap()
-            .ino;
-        fs.write(ino, 0, &data).unwrap();
-        fs.release(ino).unwrap();
-        let c = store.commit(&dot, "b", req("on b")).unwrap().id;
-        drop(fs);
-        store.delete_branch(&dot, "b", true).unwrap();
+        let (c, data) = commit_only_a_deleted_branch_reached(&store, &dot, 9);
         // `c` and all it names are garbage now, until a transfer notes it.
         *store.gc_after_mark.lock() = Some(Box::new(move |s: &Store| s.db.note_young(&c)));
         store.gc().unwrap();

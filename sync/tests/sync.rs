@@ -653,10 +653,22 @@ async fn wrong_key_no_access_unknown_dot() {
     );
 }
 
-/// A user allowed on one dot gets no history of another dot's commits by
-/// naming their ids under the dot they may read.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ancestry_only_of_commits_of_the_named_dot() {
+/// A hub with users alice and bob, each with a dot pushed from a node of
+/// their own: alice/app (commits `first`, whose file is `alice_first`,
+/// then `second`, "ALICE'S") and bob/own (`bobs`).
+struct Two {
+    hub: Node,
+    a: Node,
+    b: Node,
+    akey: String,
+    ra: Remote,
+    rb: Remote,
+    first: dm_store::Id,
+    second: dm_store::Id,
+    bobs: dm_store::Id,
+}
+
+async fn two_users(alice_first: &[u8]) -> Two {
     let hub = Node::start();
     let (a, b) = (Node::start(), Node::start());
     let akey = hub.add_user("alice");
@@ -665,7 +677,7 @@ async fn ancestry_only_of_commits_of_the_named_dot() {
     let rb = hub.connect("bob", &bkey).await;
     let (app, own) = (dot("app"), dot("own"));
     a.store.create_dot(&app, None).unwrap();
-    write(&a.store, &app, "master", "secret", 0, b"alice's");
+    write(&a.store, &app, "master", "secret", 0, alice_first);
     let first = commit(&a.store, &app, "master", "one");
     write(&a.store, &app, "master", "secret", 0, b"ALICE'S");
     let second = commit(&a.store, &app, "master", "two");
@@ -678,6 +690,32 @@ async fn ancestry_only_of_commits_of_the_named_dot() {
     push(&b, &rb, "own", "master", "bob/own", &opts())
         .await
         .unwrap();
+    Two {
+        hub,
+        a,
+        b,
+        akey,
+        ra,
+        rb,
+        first,
+        second,
+        bobs,
+    }
+}
+
+/// A user allowed on one dot gets no history of another dot's commits by
+/// naming their ids under the dot they may read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ancestry_only_of_commits_of_the_named_dot() {
+    let Two {
+        hub: _hub,
+        ra,
+        rb,
+        first,
+        second,
+        bobs,
+        ..
+    } = two_users(b"alice's").await;
     let ancestry = |dot: &str, head| Request::Ancestry {
         dot: DotRef {
             namespace: dot.split('/').next().unwrap().into(),
@@ -741,34 +779,19 @@ async fn ancestry_only_of_commits_of_the_named_dot() {
 /// the chunks are not).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn known_commit_ids_of_unreadable_dots_give_nothing() {
-    let hub = Node::start();
-    let (a, b, c) = (Node::start(), Node::start(), Node::start());
-    let akey = hub.add_user("alice");
-    let bkey = hub.add_user("bob");
-    let ra = hub.connect("alice", &akey).await;
-    let rb = hub.connect("bob", &bkey).await;
-    let (app, own) = (dot("app"), dot("own"));
-    a.store.create_dot(&app, None).unwrap();
-    write(
-        &a.store,
-        &app,
-        "master",
-        "secret",
-        0,
-        &random_bytes(7, 300_000),
-    );
-    let first = commit(&a.store, &app, "master", "one");
-    write(&a.store, &app, "master", "secret", 0, b"ALICE'S");
-    let second = commit(&a.store, &app, "master", "two");
-    push(&a, &ra, "app", "master", "alice/app", &opts())
-        .await
-        .unwrap();
-    b.store.create_dot(&own, None).unwrap();
-    write(&b.store, &own, "master", "f", 0, b"bob's");
-    let bobs = commit(&b.store, &own, "master", "b");
-    push(&b, &rb, "own", "master", "bob/own", &opts())
-        .await
-        .unwrap();
+    let Two {
+        hub,
+        a,
+        b,
+        akey,
+        ra: _,
+        rb,
+        first,
+        second,
+        bobs,
+    } = two_users(&random_bytes(7, 300_000)).await;
+    let c = Node::start();
+    let app = dot("app");
     let steal = DotRef {
         namespace: "bob".into(),
         name: "steal".into(),
