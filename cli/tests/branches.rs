@@ -165,3 +165,36 @@ fn every_mount_of_a_branch_shows_live_writes() {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
+
+/// `dm commit` racing `dm reset --hard HEAD`: every commit the CLI
+/// acknowledged stays in the log (a reset whose HEAD was resolved before a
+/// commit threw the commit away).
+#[test]
+fn commits_racing_resets_to_head_are_never_lost() {
+    let s = Server::start(DM);
+    s.ok(&["init", "race"]);
+    s.ok(&["switch", "race"]);
+    s.ok(&["commit", "-m", "base"]);
+    let committed = std::thread::scope(|scope| {
+        let resets = scope.spawn(|| {
+            for _ in 0..25 {
+                // Refused now and then ("moved while the reset..."): fine.
+                let _ = s.dm(&["reset", "--hard", "HEAD"]);
+            }
+        });
+        let mut ids = Vec::new();
+        for i in 0..25 {
+            let out = s.dm(&["commit", "-m", &format!("c{i}")]);
+            if out.status.success() {
+                ids.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+            }
+        }
+        resets.join().unwrap();
+        ids
+    });
+    assert!(!committed.is_empty());
+    let log = s.ok(&["log"]);
+    for id in &committed {
+        assert!(log.contains(id.as_str()), "commit {id} was lost:\n{log}");
+    }
+}

@@ -885,6 +885,32 @@ impl Store {
     /// working state; commits after `target` on this branch become garbage.
     /// Without `hard`, refuses when there are uncommitted changes.
     pub fn reset(&self, dot: &DotName, branch: &str, target: Id, hard: bool) -> Result<()> {
+        self.reset_inner(dot, branch, None, target, hard)
+    }
+
+    /// [`Store::reset`] of a branch whose head was `head` when `target`
+    /// was resolved (`HEAD^` names a commit relative to it): refused,
+    /// discarding nothing, when the branch has moved since (a commit made
+    /// meanwhile would be thrown away with it).
+    pub fn reset_from(
+        &self,
+        dot: &DotName,
+        branch: &str,
+        head: Option<Id>,
+        target: Id,
+        hard: bool,
+    ) -> Result<()> {
+        self.reset_inner(dot, branch, Some(head), target, hard)
+    }
+
+    fn reset_inner(
+        &self,
+        dot: &DotName,
+        branch: &str,
+        expected: Option<Option<Id>>,
+        target: Id,
+        hard: bool,
+    ) -> Result<()> {
         let _a = self.admin.lock();
         // Ref and object writes finish before a GC starts marking (see Db::gc_barrier).
         let _b = self.db.gc_barrier.read_recursive();
@@ -898,6 +924,13 @@ impl Store {
             });
         }
         let mut st = fs.state.write();
+        if let Some(head) = expected.filter(|h| *h != st.head) {
+            return Err(Error::Refused(format!(
+                "branch {branch} of dot {dot} moved while the reset was being prepared (from {} to {}: a commit?); nothing was discarded: run the reset again",
+                head.map(|h| h.short()).unwrap_or_else(|| "no commit".into()),
+                st.head.map(|h| h.short()).unwrap_or_else(|| "no commit".into()),
+            )));
+        }
         if !hard && (fs.buffered_bytes() > 0 || fs.view(&st).has_changes()?) {
             return Err(Error::Refused(format!(
                 "branch {branch} of dot {dot} has uncommitted changes; commit them, or use `dm reset --hard` to discard them"
@@ -1386,6 +1419,32 @@ pub(crate) mod tests {
         assert!(fs.read(kept, 0, 300_000).unwrap() == vec![1; 300_000]);
         // Nothing more the second time.
         assert_eq!(store.gc().unwrap().working_states_deleted, 0);
+    }
+
+    /// `dm reset --hard HEAD` racing `dm commit`: HEAD was resolved before
+    /// the commit, so the reset would throw the commit away; refused, and
+    /// the commit stays.
+    #[test]
+    fn a_reset_resolved_before_a_commit_is_refused() {
+        let (_dir, store, dot) = app_store();
+        let req = |m: &str| CommitRequest {
+            message: m.into(),
+            author: "test".into(),
+            metadata: BTreeMap::new(),
+        };
+        let c1 = store.commit(&dot, "master", req("one")).unwrap().id;
+        let head = store.branch_info(&dot, "master").unwrap().head;
+        let c2 = store.commit(&dot, "master", req("two")).unwrap().id;
+        let e = store
+            .reset_from(&dot, "master", head, c1, true)
+            .unwrap_err();
+        assert!(e.to_string().contains("moved while the reset"), "{e}");
+        assert_eq!(store.branch_info(&dot, "master").unwrap().head, Some(c2));
+        // Resolved against the head it has: done.
+        store
+            .reset_from(&dot, "master", Some(c2), c1, true)
+            .unwrap();
+        assert_eq!(store.branch_info(&dot, "master").unwrap().head, Some(c1));
     }
 
     /// Bad commit requests are refused and commit nothing: a metadata key

@@ -470,7 +470,15 @@ async fn reset(
     blocking(move || {
         let dot = dot_name(&ns, &dot)?;
         check_branch(&branch)?;
+        // The head `rev` is resolved against: the reset is refused if the
+        // branch moves before it happens (a commit racing it is kept).
+        let head = st.store.branch_info(&dot, &branch)?.head;
         let target = resolve_rev(&st.store, &dot, &branch, &req.rev)?;
+        if !req.hard && st.store.has_uncommitted(&dot, &branch)? {
+            return Err(ApiError::conflict(format!(
+                "branch {branch} of dot {dot} has uncommitted changes; commit them (`dm commit`) or discard them (`dm reset --hard`)"
+            )));
+        }
         let do_reset = || {
             if req.hard {
                 // Kernel-cached writes belong to the state being discarded, but
@@ -479,13 +487,18 @@ async fn reset(
             }
             st.mounts.reset(&dot, &branch, || {
                 st.store
-                    .reset(&dot, &branch, target, req.hard)
+                    .reset_from(&dot, &branch, head, target, req.hard)
                     .map_err(|e| match e {
-                        // Clean when checked below: written since, most
+                        // Clean when checked above: written since, most
                         // likely by a database its containers stopped.
-                        dm_store::Error::Refused(_) if !req.hard => ApiError::conflict(format!(
+                        dm_store::Error::Refused(_)
+                            if !req.hard
+                                && st.store.has_uncommitted(&dot, &branch).unwrap_or(false) =>
+                        {
+                            ApiError::conflict(format!(
                             "branch {branch} of dot {dot} has uncommitted changes, written after the reset began (a database writes as its container stops); commit them (`dm commit`) or discard them (`dm reset --hard`)"
-                        )),
+                        ))
+                        }
                         e => e.into(),
                     })?;
                 Ok(())
@@ -495,12 +508,8 @@ async fn reset(
         // dot while it is the current one) are stopped around the reset,
         // not when it is refused.
         let current = st.store.dot_info(&dot)?.current_branch;
-        if req.hard || !st.store.has_uncommitted(&dot, &branch)? {
-            st.docker
-                .around_branch_change(&dot, &branch, &current, do_reset)?;
-        } else {
-            do_reset()?;
-        }
+        st.docker
+            .around_branch_change(&dot, &branch, &current, do_reset)?;
         tracing::info!("dot {dot}@{branch}: reset to {}", target.short());
         Ok(ResolveResponse {
             id: target.to_hex(),
