@@ -217,3 +217,70 @@ fn the_api_key_prompt_does_not_echo() {
         "the key was echoed:\n{out}"
     );
 }
+
+/// A full disk under the data directory: the writer gets ENOSPC, and the
+/// CLI says what is full and what to do (Dotmesh said "exit status 1").
+/// Data fsynced before stays readable, and the server keeps running.
+#[test]
+fn a_full_disk_is_named() {
+    use std::io::Write;
+    let mut s = Server::start(DM);
+    s.stop();
+    let data = s.data_dir();
+    let out = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=96m", "tmpfs"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _tmpfs = Unmount(data);
+    s.restart();
+    s.ok(&["init", "full"]);
+    s.ok(&["switch", "full"]);
+    let mnt = PathBuf::from(s.ok(&["mount", "full"]).trim());
+    write_synced(&mnt.join("kept"), b"fsynced before the disk filled");
+    s.ok(&["commit", "-m", "before"]);
+    // Incompressible data until the disk is full.
+    let mut f = std::fs::File::create(mnt.join("fill")).unwrap();
+    let mut block = vec![0u8; 1 << 20];
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    let mut err = None;
+    for _ in 0..400 {
+        for b in block.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b.copy_from_slice(&x.to_le_bytes());
+        }
+        if let Err(e) = f.write_all(&block).and_then(|()| f.sync_data()) {
+            err = Some(e);
+            break;
+        }
+    }
+    let err = err.expect("400 MiB fit on a 96 MiB disk");
+    assert_eq!(err.raw_os_error(), Some(28), "{err}");
+    drop(f);
+    let msg = s.fail(&["commit", "-m", "after"]);
+    assert!(
+        msg.contains("disk that holds dm's data directory is full"),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read(mnt.join("kept")).unwrap(),
+        b"fsynced before the disk filled"
+    );
+    assert!(s.ok(&["log"]).contains("before"));
+}

@@ -51,9 +51,27 @@ impl ApiError {
     }
 }
 
+/// What a full disk under the data directory needs from the user.
+const DISK_FULL: &str =
+    "the disk that holds dm's data directory is full: free space on it outside dm \
+     (or grow it), then retry; once dm can write again, `dm gc` gives back what deleted branches \
+     and discarded changes held";
+
+/// True for the errors of a full disk (ENOSPC, from the chunk log or RocksDB).
+fn disk_full(errno: i32, message: &str) -> bool {
+    errno == dm_store::error::libc_consts::ENOSPC || message.contains("No space left on device")
+}
+
 impl From<dm_store::Error> for ApiError {
     fn from(e: dm_store::Error) -> ApiError {
         use dm_store::Error as E;
+        let message = e.to_string();
+        if disk_full(e.errno(), &message) {
+            return ApiError {
+                status: StatusCode::INSUFFICIENT_STORAGE,
+                message: format!("{message}. {DISK_FULL}"),
+            };
+        }
         let status = match &e {
             E::InvalidName { .. } | E::BadRevision(_) => StatusCode::BAD_REQUEST,
             E::NotFound { .. } => StatusCode::NOT_FOUND,
@@ -61,16 +79,20 @@ impl From<dm_store::Error> for ApiError {
             E::Fs { .. } => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        ApiError {
-            status,
-            message: e.to_string(),
-        }
+        ApiError { status, message }
     }
 }
 
 impl From<std::io::Error> for ApiError {
     fn from(e: std::io::Error) -> ApiError {
-        ApiError::internal(e.to_string())
+        let message = e.to_string();
+        if disk_full(e.raw_os_error().unwrap_or(0), &message) {
+            return ApiError {
+                status: StatusCode::INSUFFICIENT_STORAGE,
+                message: format!("{message}. {DISK_FULL}"),
+            };
+        }
+        ApiError::internal(message)
     }
 }
 
