@@ -220,6 +220,7 @@ impl MountManager {
                         p.display()
                     )));
                 }
+                self.check_user_path(&p, &volume)?;
                 (p, false)
             }
             None => (self.default_path(&volume), true),
@@ -292,6 +293,30 @@ impl MountManager {
     /// server's mount, say: mounting over it would hide it, and unmounting
     /// would take the wrong one). A dead FUSE mount left by a crash is
     /// cleaned up.
+    /// A path the user gave `dm mount`: a directory (made if missing) that
+    /// holds nothing, or is already the mount of this volume; a mount over
+    /// files would hide them until the unmount.
+    fn check_user_path(&self, path: &Path, volume: &VolumeName) -> ApiResult<()> {
+        if self.lock().iter().any(|e| e.path == path) {
+            // Mounted by dm: mount_inner answers (the same volume, or who).
+            return Ok(());
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if !m.is_dir() => Err(ApiError::bad_request(format!(
+                "{} is a file, not a directory: give `dm mount {volume}` a directory (it is made if missing)",
+                path.display()
+            ))),
+            Ok(_) => match std::fs::read_dir(path).map(|mut d| d.next().is_some()) {
+                Ok(true) => Err(ApiError::conflict(format!(
+                    "{} is not empty: its files would be hidden while {volume} is mounted there; give an empty or new directory",
+                    path.display()
+                ))),
+                _ => Ok(()),
+            },
+            Err(_) => Ok(()),
+        }
+    }
+
     fn check_mount_point(path: &Path) -> ApiResult<()> {
         use std::os::unix::fs::MetadataExt;
         let meta = match std::fs::metadata(path) {

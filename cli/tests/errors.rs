@@ -284,3 +284,28 @@ fn a_full_disk_is_named() {
     );
     assert!(s.ok(&["log"]).contains("before"));
 }
+
+/// `dm mount` onto a file, or onto a directory with files in it (which the
+/// mount would hide): refused, naming the path; nothing is mounted.
+#[test]
+fn mount_refuses_files_and_non_empty_directories() {
+    let s = Server::start(DM);
+    s.ok(&["init", "app"]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("afile");
+    std::fs::write(&file, b"x").unwrap();
+    let err = s.fail(&["mount", "app", file.to_str().unwrap()]);
+    assert!(err.contains("is a file, not a directory"), "{err}");
+    let full = dir.path().join("full");
+    std::fs::create_dir(&full).unwrap();
+    std::fs::write(full.join("mine"), b"keep").unwrap();
+    let err = s.fail(&["mount", "app", full.to_str().unwrap()]);
+    assert!(err.contains("is not empty"), "{err}");
+    assert!(!dm_tests::is_mounted(&full));
+    assert_eq!(std::fs::read(full.join("mine")).unwrap(), b"keep");
+    // An empty (or new) directory is fine, and mounting it again too.
+    let empty = dir.path().join("empty");
+    s.ok(&["mount", "app", empty.to_str().unwrap()]);
+    s.ok(&["mount", "app", empty.to_str().unwrap()]);
+    assert!(dm_tests::is_mounted(&empty));
+}

@@ -209,15 +209,17 @@ pub fn status(ctx: &mut Ctx) -> Result<()> {
         Some(_) => ", discard them with `dm reset --hard HEAD`",
         None => "",
     };
+    // A file renamed and changed has two lines under its new path.
+    let paths = s
+        .changes
+        .iter()
+        .map(|c| &c.path)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
     println!(
-        "Uncommitted changes: {} in {} paths (commit them with `dm commit -m MSG`{discard})",
+        "Uncommitted changes: {} in {paths} path{} (commit them with `dm commit -m MSG`{discard})",
         human_size(s.dirty_bytes),
-        // A file renamed and changed has two lines under its new path.
-        s.changes
-            .iter()
-            .map(|c| &c.path)
-            .collect::<std::collections::BTreeSet<_>>()
-            .len()
+        if paths == 1 { "" } else { "s" }
     );
     for c in &s.changes {
         println!("  {}", change_line(c));
