@@ -109,7 +109,8 @@ pub enum Command {
     },
     /// Show the commits of the current branch, oldest first.
     Log,
-    /// List branches, or delete one with -d.
+    /// List branches; `dm branch NAME` makes branch NAME at the current
+    /// head (staying on the current branch, as git); -d deletes one.
     Branch {
         /// Delete branch NAME (`dm branch -d NAME`, flags in any order, as in
         /// git); refused when it has commits no other branch has.
@@ -122,8 +123,8 @@ pub enum Command {
         /// With -d: as -D.
         #[arg(short, long, requires = "delete")]
         force: bool,
-        /// The branch to delete.
-        #[arg(value_name = "NAME", requires = "deleting")]
+        /// The branch to make, or with -d/-D to delete.
+        #[arg(value_name = "NAME")]
         name: Option<String>,
     },
     /// Switch the current dot to BRANCH (moving unpinned mounts with it).

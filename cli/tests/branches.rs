@@ -198,3 +198,26 @@ fn commits_racing_resets_to_head_are_never_lost() {
         assert!(log.contains(id.as_str()), "commit {id} was lost:\n{log}");
     }
 }
+
+/// `dm branch NAME` makes a branch at the current head and stays on the
+/// current branch, as git does; `--dot DOT@BRANCH` says how to reach a
+/// branch instead of calling the name invalid.
+#[test]
+fn branch_name_makes_a_branch_without_switching() {
+    let s = Server::start(DM);
+    s.ok(&["init", "app"]);
+    s.ok(&["switch", "app"]);
+    s.ok(&["commit", "-m", "one"]);
+    s.ok(&["branch", "feature"]);
+    let list = s.ok(&["branch"]);
+    assert!(
+        list.contains("* master") && list.contains("feature"),
+        "{list}"
+    );
+    let err = s.fail(&["branch", "feature"]);
+    assert!(err.contains("exists"), "{err}");
+    s.ok(&["checkout", "feature"]);
+    assert!(s.ok(&["log"]).contains("one"));
+    let err = s.fail(&["--dot", "app@master", "log"]);
+    assert!(err.contains("dm checkout master"), "{err}");
+}

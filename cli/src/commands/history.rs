@@ -93,6 +93,22 @@ pub fn list_branches(ctx: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
+/// `dm branch NAME`: a new branch at the current head; the current branch
+/// stays (`dm checkout -b NAME` also switches to it).
+pub fn create_branch(ctx: &mut Ctx, branch: &str) -> Result<()> {
+    dm_store::names::validate_new("branch", branch).map_err(|e| anyhow!("{e}"))?;
+    let (dot, _) = current(ctx)?;
+    let path = format!("{}/branches", api::dot_path(&dot.namespace, &dot.name));
+    let _: serde_json::Value = ctx.client()?.post(
+        &path,
+        &api::CreateBranchRequest {
+            name: branch.to_string(),
+            from: None,
+        },
+    )?;
+    Ok(())
+}
+
 pub fn delete_branch(ctx: &mut Ctx, branch: &str, force: bool) -> Result<()> {
     dm_store::names::validate("branch", branch).map_err(|e| anyhow!("{e}"))?;
     let (dot, d) = current(ctx)?;

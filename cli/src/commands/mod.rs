@@ -45,6 +45,12 @@ impl Ctx {
                 anyhow!("no current dot: choose one with `dm switch DOT` (see `dm list`), or create one with `dm init DOT`")
             })?,
         };
+        if let Some((dot, branch)) = name.split_once('@') {
+            anyhow::bail!(
+                "{name:?}: commands take a dot here, not a dot@branch (that names a mount or a Docker volume); \
+                 to work on branch {branch}, `dm switch {dot}` then `dm checkout {branch}`"
+            );
+        }
         DotName::parse(&name).map_err(|e| anyhow!("{e}"))
     }
 
@@ -134,13 +140,16 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Commit { message, metadata } => history::commit(&mut ctx, &message, &metadata),
         Command::Log => history::log(&mut ctx),
         Command::Branch {
-            delete: _,
+            delete,
             force_delete,
             force,
             name,
         } => match name {
-            // clap requires -d or -D with NAME and NAME with them.
-            Some(name) => history::delete_branch(&mut ctx, &name, force || force_delete),
+            // clap requires NAME with -d and -D.
+            Some(name) if delete || force_delete => {
+                history::delete_branch(&mut ctx, &name, force || force_delete)
+            }
+            Some(name) => history::create_branch(&mut ctx, &name),
             None => history::list_branches(&mut ctx),
         },
         Command::Checkout { create, branch } => history::checkout(&mut ctx, &branch, create),
