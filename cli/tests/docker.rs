@@ -725,12 +725,23 @@ fn daemon_down_fails_fast_and_restart_serves_volumes() {
     let _proxy = ProxyGuard;
     let mut s = start_server();
     let c = "dmtest-survivor";
-    let _clean = Cleanup::new(&[c], &["keepme", "dmtest-plain"]);
+    let crashy = "dmtest-crashy";
+    let _clean = Cleanup::new(&[c, crashy], &["keepme", "dmtest-plain"]);
     run(&s, "keepme", "echo kept > /data/f");
     // A container running across the restarts. (Not one with --rm: the
     // server restarts it with `docker restart`, which usually keeps it, but
     // Docker removes it when it handles the exit after the restart.)
     run_detached(&s, c, "keepme:/data", LOOP);
+    // One that exits when its files go away, as a database does, with a
+    // restart policy: Docker's restart finds no server and gives up; the
+    // server, once up, starts it.
+    run_detached_with(
+        &s,
+        &["--restart", "unless-stopped"],
+        crashy,
+        "keepme:/data",
+        "while cat /data/f >/dev/null; do sleep 0.2; done; exit 1",
+    );
 
     // A plugin proxy killed while the server runs is replaced.
     let pid = plugin_call("dm-proxy/info", "")["pid"].as_i64().unwrap();
@@ -814,6 +825,17 @@ fn daemon_down_fails_fast_and_restart_serves_volumes() {
                 );
                 std::thread::sleep(Duration::from_millis(200));
             }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !(running(&s, crashy)
+            && docker(&["exec", crashy, "cat", "/data/f"]).stdout == b"kept\n")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{crashy} was not started again (crash: {crash})\n{}",
+                s.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 }

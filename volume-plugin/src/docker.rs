@@ -312,18 +312,51 @@ impl DockerClient {
 struct Inspect {
     #[serde(rename = "HostConfig", default)]
     host_config: InspectHostConfig,
+    #[serde(rename = "State", default)]
+    state: InspectState,
 }
 
 #[derive(Default, Deserialize)]
 struct InspectHostConfig {
     #[serde(rename = "AutoRemove", default)]
     auto_remove: bool,
+    #[serde(rename = "RestartPolicy", default)]
+    restart_policy: InspectRestartPolicy,
+}
+
+#[derive(Default, Deserialize)]
+struct InspectRestartPolicy {
+    #[serde(rename = "Name", default)]
+    name: String,
+}
+
+#[derive(Default, Deserialize)]
+struct InspectState {
+    #[serde(rename = "Error", default)]
+    error: String,
+}
+
+/// What `docker inspect` says of a container that dm needs.
+#[derive(Clone, Debug, Default)]
+pub struct ContainerDetails {
+    /// Started with `--rm`: Docker deletes it when it stops.
+    pub auto_remove: bool,
+    /// `--restart` policy: "", "no", "always", "unless-stopped", "on-failure".
+    pub restart_policy: String,
+    /// Why Docker last failed to start it ("" when it did not fail).
+    pub error: String,
+}
+
+impl ContainerDetails {
+    /// Docker is to keep it running (a `--restart` policy other than no).
+    pub fn restarts(&self) -> bool {
+        !matches!(self.restart_policy.as_str(), "" | "no")
+    }
 }
 
 impl DockerClient {
-    /// True when the container was started with `--rm` (Docker deletes it
-    /// when it stops, so it cannot be stopped and started again).
-    pub async fn auto_removes(&self, id: &str) -> Result<bool, DockerError> {
+    /// `docker inspect` of a container: what dm needs of it.
+    pub async fn details(&self, id: &str) -> Result<ContainerDetails, DockerError> {
         let what = format!("inspecting container {}", short(id));
         let path = format!("/containers/{}/json", encode(id));
         let (status, body) = self
@@ -334,7 +367,17 @@ impl DockerClient {
             what: what.clone(),
             reason: e.to_string(),
         })?;
-        Ok(i.host_config.auto_remove)
+        Ok(ContainerDetails {
+            auto_remove: i.host_config.auto_remove,
+            restart_policy: i.host_config.restart_policy.name,
+            error: i.state.error,
+        })
+    }
+
+    /// True when the container was started with `--rm` (Docker deletes it
+    /// when it stops, so it cannot be stopped and started again).
+    pub async fn auto_removes(&self, id: &str) -> Result<bool, DockerError> {
+        Ok(self.details(id).await?.auto_remove)
     }
 
     /// Restarts a container (`docker restart`: a `--rm` container is kept).

@@ -458,11 +458,25 @@ impl DockerIntegration {
             return;
         }
         // all_containers() keeps only the volumes of this server's table.
-        let stale: Vec<Container> = self
+        let ours: Vec<Container> = self
             .all_containers()
             .into_iter()
-            .filter(|c| c.is_running() && !c.dm_volumes().is_empty())
+            .filter(|c| !c.dm_volumes().is_empty())
             .collect();
+        // Running on a mount that died with the previous server; or stopped
+        // although Docker is to keep it running, because Docker's restart
+        // (a database exits when its files go away) found the server down
+        // and gave up.
+        let mut stale = Vec::new();
+        for c in ours {
+            let given_up = !c.is_running()
+                && block_on(self.docker.details(&c.id)).is_ok_and(|d| {
+                    d.restarts() && d.error.contains(crate::server::plugin_proxy::SERVER_DOWN)
+                });
+            if c.is_running() || given_up {
+                stale.push(c);
+            }
+        }
         // All at once: one that ignores SIGTERM takes Docker's full stop
         // timeout, and the others should not wait on dead mounts meanwhile.
         // A restart, not a stop and a start: Docker usually keeps a `--rm`
@@ -471,8 +485,13 @@ impl DockerIntegration {
             let mut restarts = tokio::task::JoinSet::new();
             for c in stale {
                 tracing::info!(
-                    "restarting container {}: its dm mount died with the previous server",
-                    c.name()
+                    "restarting container {}: its dm mount died with the previous server{}",
+                    c.name(),
+                    if c.is_running() {
+                        ""
+                    } else {
+                        " (Docker gave up restarting it while no server ran)"
+                    }
                 );
                 let docker = self.docker.clone();
                 restarts.spawn(async move { (docker.restart(&c.id).await, c.name()) });

@@ -22,6 +22,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+/// What the proxy answers Docker while no server runs (the server, once
+/// up again, looks for it in the errors of containers Docker gave up on).
+pub const SERVER_DOWN: &str = "the dm server is not running";
+
 /// One `Connection: close` request to a unix socket; returns status and body.
 fn raw_request(socket: &Path, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
     let mut s = std::os::unix::net::UnixStream::connect(socket)
@@ -218,7 +222,7 @@ async fn handler(State(p): State<Arc<Proxy>>, method: Method, uri: Uri, body: By
                 if known_volume(&upstream, &name) {
                     json(
                         StatusCode::OK,
-                        serde_json::json!({"Volume": {"Name": name, "Status": {"error": "the dm server is not running"}}, "Err": ""}),
+                        serde_json::json!({"Volume": {"Name": name, "Status": {"error": SERVER_DOWN}}, "Err": ""}),
                     )
                 } else {
                     json(
@@ -234,7 +238,7 @@ async fn handler(State(p): State<Arc<Proxy>>, method: Method, uri: Uri, body: By
             _ => json(
                 StatusCode::OK,
                 serde_json::json!({"Err": format!(
-                    "the dm server is not running (nothing answers on {}: {e:#}); start it with `dm server`, then retry",
+                    "{SERVER_DOWN} (nothing answers on {}: {e:#}); start it with `dm server`, then retry",
                     upstream.display()
                 )}),
             ),
