@@ -121,14 +121,28 @@ impl MountManager {
             let volume = VolumeName::parse(&r.volume).ok();
             let res = VolumeName::parse(&r.volume)
                 .map_err(ApiError::from)
-                .and_then(|v| self.mount_inner(v, r.path.clone(), r.managed));
+                .and_then(|v| {
+                    // A path of the user's that holds files now (put there
+                    // while it was not mounted) is not hidden by a mount.
+                    let holds_files = std::fs::read_dir(&r.path)
+                        .map(|mut d| d.next().is_some())
+                        .unwrap_or(false);
+                    if !r.managed && holds_files {
+                        return Err(ApiError::bad_request(format!(
+                            "{} holds files now: not mounted again over them (`dm mount` {v} elsewhere)",
+                            r.path.display()
+                        )));
+                    }
+                    self.mount_inner(v, r.path.clone(), r.managed)
+                });
             match res {
                 Ok(v) => tracing::info!("restored mount of {} at {}", v.volume, v.path),
                 Err(e) => {
-                    let still_here = volume.is_some_and(|v| match &v.branch {
-                        Some(b) => self.store.branch_info(&v.dot, b).is_ok(),
-                        None => self.store.dot_info(&v.dot).is_ok(),
-                    });
+                    let still_here = e.status != axum::http::StatusCode::BAD_REQUEST
+                        && volume.is_some_and(|v| match &v.branch {
+                            Some(b) => self.store.branch_info(&v.dot, b).is_ok(),
+                            None => self.store.dot_info(&v.dot).is_ok(),
+                        });
                     tracing::warn!(
                         "could not restore the mount of {} at {}: {}{}",
                         r.volume,
@@ -289,10 +303,6 @@ impl MountManager {
         Ok(view)
     }
 
-    /// Refuses a mount point where something else is mounted (another dm
-    /// server's mount, say: mounting over it would hide it, and unmounting
-    /// would take the wrong one). A dead FUSE mount left by a crash is
-    /// cleaned up.
     /// A path the user gave `dm mount`: a directory (made if missing) that
     /// holds nothing, or is already the mount of this volume; a mount over
     /// files would hide them until the unmount.
@@ -301,7 +311,12 @@ impl MountManager {
             // Mounted by dm: mount_inner answers (the same volume, or who).
             return Ok(());
         }
-        match std::fs::symlink_metadata(path) {
+        Self::check_empty_dir(path, volume)
+    }
+
+    /// `path` is missing, or an empty directory (a symlink to one too).
+    fn check_empty_dir(path: &Path, volume: &VolumeName) -> ApiResult<()> {
+        match std::fs::metadata(path) {
             Ok(m) if !m.is_dir() => Err(ApiError::bad_request(format!(
                 "{} is a file, not a directory: give `dm mount {volume}` a directory (it is made if missing)",
                 path.display()
@@ -317,6 +332,10 @@ impl MountManager {
         }
     }
 
+    /// Refuses a mount point where something else is mounted (another dm
+    /// server's mount, say: mounting over it would hide it, and unmounting
+    /// would take the wrong one). A dead FUSE mount left by a crash is
+    /// cleaned up.
     fn check_mount_point(path: &Path) -> ApiResult<()> {
         use std::os::unix::fs::MetadataExt;
         let meta = match std::fs::metadata(path) {

@@ -132,4 +132,17 @@ fn a_mount_that_cannot_come_back_is_kept_for_the_next_start() {
     s.restart();
     assert!(!dm_tests::is_mounted(&p));
     assert!(s.fail(&["unmount", ps]).contains("nothing is mounted"));
+    // Files put in a saved mount's directory while no server ran are not
+    // hidden by mounting it again at the next start.
+    s.ok(&["mount", "app", ps]);
+    s.stop();
+    std::fs::write(p.join("mine"), b"mine").unwrap();
+    s.restart();
+    assert!(!dm_tests::is_mounted(&p), "{}", s.log());
+    assert_eq!(std::fs::read(p.join("mine")).unwrap(), b"mine");
+    assert!(
+        s.log().contains("not mounted again over them"),
+        "{}",
+        s.log()
+    );
 }

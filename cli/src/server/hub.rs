@@ -580,7 +580,8 @@ async fn run_transfer(
                             ..
                         }
                 );
-                if ends_all {
+                // Ctrl-C ends it all too.
+                if ends_all || *job.stop.borrow() {
                     fatal = Some(e);
                     break;
                 }

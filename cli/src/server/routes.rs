@@ -491,8 +491,9 @@ async fn reset(
                     .map_err(|e| match e {
                         // Clean when checked above: written since, most
                         // likely by a database its containers stopped.
-                        dm_store::Error::Refused(_)
+                        dm_store::Error::Refused(ref m)
                             if !req.hard
+                                && !m.contains("moved while the reset")
                                 && st.store.has_uncommitted(&dot, &branch).unwrap_or(false) =>
                         {
                             ApiError::conflict(format!(
