@@ -14,6 +14,11 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// Whether `path` is a directory with something in it.
+fn holds_files(path: &Path) -> bool {
+    std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_some())
+}
+
 /// A mount as saved in `mounts.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Record {
@@ -118,34 +123,35 @@ impl MountManager {
         }
         self.cleanup_dead_under_mount_dir();
         for r in records {
-            let volume = VolumeName::parse(&r.volume).ok();
-            let res = VolumeName::parse(&r.volume)
-                .map_err(ApiError::from)
-                .and_then(|v| {
-                    // A path of the user's that holds files now (put there
-                    // while it was not mounted) is not hidden by a mount.
-                    let holds_files = std::fs::read_dir(&r.path)
-                        .map(|mut d| d.next().is_some())
-                        .unwrap_or(false);
-                    if !r.managed && holds_files {
-                        return Err(ApiError::bad_request(format!(
-                            "{} holds files now: not mounted again over them (`dm mount` {v} elsewhere)",
-                            r.path.display()
-                        )));
-                    }
-                    self.mount_inner(v, r.path.clone(), r.managed)
-                });
-            match res {
+            let volume = match VolumeName::parse(&r.volume) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(
+                        "could not restore the mount of {} at {}: {e}",
+                        r.volume,
+                        r.path.display()
+                    );
+                    continue;
+                }
+            };
+            // A path of the user's that holds files now (put there while it
+            // was not mounted) is not hidden by a mount; forgotten.
+            if !r.managed && holds_files(&r.path) {
+                tracing::warn!(
+                    "could not restore the mount of {volume} at {}: it holds files now, not mounted again over them (`dm mount` {volume} elsewhere)",
+                    r.path.display()
+                );
+                continue;
+            }
+            match self.mount_inner(volume.clone(), r.path.clone(), r.managed) {
                 Ok(v) => tracing::info!("restored mount of {} at {}", v.volume, v.path),
                 Err(e) => {
-                    let still_here = e.status != axum::http::StatusCode::BAD_REQUEST
-                        && volume.is_some_and(|v| match &v.branch {
-                            Some(b) => self.store.branch_info(&v.dot, b).is_ok(),
-                            None => self.store.dot_info(&v.dot).is_ok(),
-                        });
+                    let still_here = match &volume.branch {
+                        Some(b) => self.store.branch_info(&volume.dot, b).is_ok(),
+                        None => self.store.dot_info(&volume.dot).is_ok(),
+                    };
                     tracing::warn!(
-                        "could not restore the mount of {} at {}: {}{}",
-                        r.volume,
+                        "could not restore the mount of {volume} at {}: {}{}",
                         r.path.display(),
                         e.message,
                         if still_here {
@@ -321,13 +327,11 @@ impl MountManager {
                 "{} is a file, not a directory: give `dm mount {volume}` a directory (it is made if missing)",
                 path.display()
             ))),
-            Ok(_) => match std::fs::read_dir(path).map(|mut d| d.next().is_some()) {
-                Ok(true) => Err(ApiError::conflict(format!(
-                    "{} is not empty: its files would be hidden while {volume} is mounted there; give an empty or new directory",
-                    path.display()
-                ))),
-                _ => Ok(()),
-            },
+            Ok(_) if holds_files(path) => Err(ApiError::conflict(format!(
+                "{} is not empty: its files would be hidden while {volume} is mounted there; give an empty or new directory",
+                path.display()
+            ))),
+            Ok(_) => Ok(()),
             Err(_) => Ok(()),
         }
     }

@@ -439,47 +439,47 @@ fn authorize(s: &Session, d: &DotRef, must_exist: bool) -> std::result::Result<D
     Ok(dot)
 }
 
-/// Whether `head` is a commit of `dot`: a branch head or an ancestor of one.
-/// Clients ask for the ancestry of heads they were shown; without this a
-/// user allowed on one dot could list the history of any commit on the hub
-/// by its id. Walks each commit of the dot at most once, as the ancestry
-/// answered next does anyway.
-fn commit_of_dot(store: &Store, dot: &DotName, head: dm_store::Id) -> dm_store::Result<bool> {
-    let mut stack: Vec<dm_store::Id> = store
-        .list_branches(dot)?
-        .into_iter()
-        .filter_map(|b| b.head)
-        .collect();
-    if stack.contains(&head) {
-        return Ok(true);
-    }
-    let mut seen = std::collections::HashSet::new();
-    while let Some(id) = stack.pop() {
-        if id == head {
-            return Ok(true);
-        }
-        if seen.insert(id) {
-            stack.extend(store.commit_record(&id)?.parents);
-        }
-    }
-    Ok(false)
-}
-
-/// Every commit of `dot`: its branch heads and all their ancestors.
-fn dot_commits(store: &Store, dot: &DotName) -> dm_store::Result<HashSet<dm_store::Id>> {
+/// Walks the commits of `dot` (its branch heads and all their ancestors),
+/// each once, until `stop` says so; returns whether it did. A dot deleted
+/// meanwhile has none.
+fn walk_dot(
+    store: &Store,
+    dot: &DotName,
+    mut stop: impl FnMut(&dm_store::Id) -> bool,
+) -> dm_store::Result<bool> {
     let mut stack: Vec<dm_store::Id> = match store.list_branches(dot) {
         Ok(b) => b.into_iter().filter_map(|b| b.head).collect(),
-        // Deleted meanwhile: nothing to show.
         Err(e) if e.is_not_found() => Vec::new(),
         Err(e) => return Err(e),
     };
     let mut seen = HashSet::new();
     while let Some(id) = stack.pop() {
         if seen.insert(id) {
+            if stop(&id) {
+                return Ok(true);
+            }
             stack.extend(store.commit_record(&id)?.parents);
         }
     }
-    Ok(seen)
+    Ok(false)
+}
+
+/// Whether `head` is a commit of `dot`: a branch head or an ancestor of one.
+/// Clients ask for the ancestry of heads they were shown; without this a
+/// user allowed on one dot could list the history of any commit on the hub
+/// by its id.
+fn commit_of_dot(store: &Store, dot: &DotName, head: dm_store::Id) -> dm_store::Result<bool> {
+    walk_dot(store, dot, |id| *id == head)
+}
+
+/// Every commit of `dot`.
+fn dot_commits(store: &Store, dot: &DotName) -> dm_store::Result<HashSet<dm_store::Id>> {
+    let mut all = HashSet::new();
+    walk_dot(store, dot, |id| {
+        all.insert(*id);
+        false
+    })?;
+    Ok(all)
 }
 
 /// A SetHead whose `expected` is not the branch's head.

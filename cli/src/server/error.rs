@@ -57,20 +57,22 @@ const DISK_FULL: &str =
      (or grow it), then retry; once dm can write again, `dm gc` gives back what deleted branches \
      and discarded changes held";
 
-/// True for the errors of a full disk (ENOSPC, from the chunk log or RocksDB).
-fn disk_full(errno: i32, message: &str) -> bool {
-    errno == dm_store::error::libc_consts::ENOSPC || message.contains("No space left on device")
+/// The answer to an error of a full disk (ENOSPC, from the chunk log or
+/// RocksDB), if it is one.
+fn disk_full(errno: i32, message: &str) -> Option<ApiError> {
+    (errno == dm_store::error::libc_consts::ENOSPC || message.contains("No space left on device"))
+        .then(|| ApiError {
+            status: StatusCode::INSUFFICIENT_STORAGE,
+            message: format!("{message}. {DISK_FULL}"),
+        })
 }
 
 impl From<dm_store::Error> for ApiError {
     fn from(e: dm_store::Error) -> ApiError {
         use dm_store::Error as E;
         let message = e.to_string();
-        if disk_full(e.errno(), &message) {
-            return ApiError {
-                status: StatusCode::INSUFFICIENT_STORAGE,
-                message: format!("{message}. {DISK_FULL}"),
-            };
+        if let Some(full) = disk_full(e.errno(), &message) {
+            return full;
         }
         let status = match &e {
             E::InvalidName { .. } | E::BadRevision(_) => StatusCode::BAD_REQUEST,
@@ -86,13 +88,8 @@ impl From<dm_store::Error> for ApiError {
 impl From<std::io::Error> for ApiError {
     fn from(e: std::io::Error) -> ApiError {
         let message = e.to_string();
-        if disk_full(e.raw_os_error().unwrap_or(0), &message) {
-            return ApiError {
-                status: StatusCode::INSUFFICIENT_STORAGE,
-                message: format!("{message}. {DISK_FULL}"),
-            };
-        }
-        ApiError::internal(message)
+        disk_full(e.raw_os_error().unwrap_or(0), &message)
+            .unwrap_or_else(|| ApiError::internal(message))
     }
 }
 
