@@ -1,6 +1,6 @@
 //! Bad names and bad refs: clear errors, exit code 1, nothing changed.
 
-use dm_tests::{write_synced, Server};
+use dm_tests::{random_bytes, write_synced, Server};
 use std::path::PathBuf;
 
 const DM: &str = env!("CARGO_BIN_EXE_dm");
@@ -218,12 +218,23 @@ fn the_api_key_prompt_does_not_echo() {
     );
 }
 
-/// A full disk under the data directory: the writer gets ENOSPC, and the
-/// CLI says what is full and what to do (Dotmesh said "exit status 1").
-/// Data fsynced before stays readable, and the server keeps running.
+/// A full disk under the data directory (a 96 MiB tmpfs): the writer gets
+/// ENOSPC and data fsynced before stays; dm then refuses new data (a
+/// write, a clone, whose error names the disk and what to do, and which
+/// leaves no dot behind) but frees space itself: the filling file is
+/// deleted in the mount and `dm gc` gives its space back, after which
+/// writes, commits and the clone work again. Dotmesh said "exit status 1",
+/// and dm before this could not delete anything until space was freed
+/// outside it.
 #[test]
-fn a_full_disk_is_named() {
+fn a_full_disk_is_named_and_freed_inside_dm() {
     use std::io::Write;
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|u| u.local_addr())
+        .unwrap()
+        .port();
+    let hub = Server::start_with_hub(DM, &format!("127.0.0.1:{port}"));
+    let key = hub.ok(&["user", "add", "alice"]).trim().to_string();
     let mut s = Server::start(DM);
     s.stop();
     let data = s.data_dir();
@@ -246,8 +257,33 @@ fn a_full_disk_is_named() {
                 .status();
         }
     }
-    let _tmpfs = Unmount(data);
+    let _tmpfs = Unmount(data.clone());
+    let data = data.join("store");
     s.restart();
+    assert!(data.join("reserve").exists(), "no reserve file in {data:?}");
+    let added = std::process::Command::new(DM)
+        .args(["remote", "add", "hub", &format!("alice@127.0.0.1:{port}")])
+        .env("DM_SOCKET", s.socket())
+        .env("DM_CONFIG", s.config())
+        .env("DM_API_KEY", &key)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    // A dot on the hub only, to clone once the disk is full.
+    let big = random_bytes(11, 8 << 20);
+    s.ok(&["init", "big"]);
+    let bmnt = PathBuf::from(s.ok(&["mount", "big"]).trim());
+    write_synced(&bmnt.join("big"), &big);
+    s.ok(&["commit", "--dot", "big", "-m", "big"]);
+    s.ok(&["push", "hub", "big"]);
+    s.ok(&["dot", "delete", "-f", "big"]);
+    s.ok(&["gc"]);
+
     s.ok(&["init", "full"]);
     s.ok(&["switch", "full"]);
     let mnt = PathBuf::from(s.ok(&["mount", "full"]).trim());
@@ -273,16 +309,45 @@ fn a_full_disk_is_named() {
     let err = err.expect("400 MiB fit on a 96 MiB disk");
     assert_eq!(err.raw_os_error(), Some(28), "{err}");
     drop(f);
-    let msg = s.fail(&["commit", "-m", "after"]);
     assert!(
-        msg.contains("disk that holds dm's data directory is full"),
+        !data.join("reserve").exists(),
+        "the reserve was not given back"
+    );
+
+    // Full: new data is refused, with the reason.
+    let err = std::fs::write(mnt.join("more"), vec![1u8; 1 << 20]).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(28), "{err}");
+    assert!(s.ok(&["version"]).contains("still full"));
+    let msg = s.fail(&["clone", "hub", "alice/big"]);
+    assert!(
+        msg.contains("disk that holds dm's data directory is full") && msg.contains("dm gc"),
         "{msg}"
+    );
+    assert!(
+        !s.ok(&["list"]).contains("big"),
+        "a refused clone left a dot"
     );
     assert_eq!(
         std::fs::read(mnt.join("kept")).unwrap(),
         b"fsynced before the disk filled"
     );
-    assert!(s.ok(&["log"]).contains("before"));
+
+    // Freed inside dm: delete the file, collect its chunks.
+    std::fs::remove_file(mnt.join("fill")).unwrap();
+    let out = s.ok(&["gc"]);
+    assert!(!out.contains("still full"), "{out}");
+    assert!(
+        data.join("reserve").exists(),
+        "the reserve was not made again"
+    );
+    write_synced(&mnt.join("after"), &vec![2u8; 1 << 20]);
+    s.ok(&["commit", "-m", "after"]);
+    let log = s.ok(&["log"]);
+    assert!(log.contains("before") && log.contains("after"), "{log}");
+    s.ok(&["clone", "hub", "alice/big"]);
+    let bmnt = PathBuf::from(s.ok(&["mount", "big"]).trim());
+    assert!(std::fs::read(bmnt.join("big")).unwrap() == big);
+    assert!(!s.ok(&["version"]).contains("still full"));
 }
 
 /// `dm mount` onto a file, or onto a directory with files in it (which the

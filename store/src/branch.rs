@@ -1390,6 +1390,9 @@ impl BranchFs {
 
     pub fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> Result<u32> {
         let st = self.state()?;
+        self.db
+            .space
+            .refuse_when_full(|| format!("writing to {}@{}", self.dot, self.branch))?;
         let view = self.view(&st);
         let end = offset
             .checked_add(data.len() as u64)
@@ -2095,6 +2098,50 @@ mod tests {
         store.create_dot(&dot, None).unwrap();
         let fs = store.branch_fs(&dot, "master").unwrap();
         (dir, store, fs)
+    }
+
+    /// A chunk log write that finds the disk full gives the store's
+    /// reserve back and is tried again, so the fsync succeeds; the store
+    /// then refuses new data with ENOSPC but still deletes and commits,
+    /// and takes data again once the disk has room (here at once: the
+    /// test's disk is not full).
+    #[test]
+    fn a_full_disk_gives_back_the_reserve_and_refuses_new_data() {
+        let (dir, store, fs) = fresh();
+        let reserve = dir.path().join("reserve");
+        assert!(reserve.exists());
+        let ino = fs
+            .mknod(ROOT_INO, b"f", FileKind::File, 0o644, 0, 0, 0)
+            .unwrap()
+            .ino;
+        let data = noise(3 << 20, 5);
+        fs.write(ino, 0, &data).unwrap();
+        fs.db.log.fail_writes.store(1, Ordering::Relaxed);
+        fs.fsync(ino, false).unwrap();
+        assert_eq!(fs.db.log.fail_writes.load(Ordering::Relaxed), 0);
+        assert!(!reserve.exists(), "the reserve was not given back");
+        let err = fs.write(ino, 0, b"more").unwrap_err();
+        assert_eq!(err.errno(), crate::error::libc_consts::ENOSPC, "{err}");
+        assert!(fs.read(ino, 0, 4 << 20).unwrap() == data);
+        store
+            .commit(
+                &DotName::new("app").unwrap(),
+                "master",
+                crate::CommitRequest {
+                    message: "while full".into(),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        fs.unlink(ROOT_INO, b"f").unwrap();
+        // The disk has room: the next look makes the reserve again.
+        assert_eq!(store.disk_full(), None);
+        assert!(reserve.exists());
+        fs.mknod(ROOT_INO, b"g", FileKind::File, 0o644, 0, 0, 0)
+            .unwrap();
+        let g = fs.lookup(ROOT_INO, b"g").unwrap().ino;
+        fs.write(g, 0, b"taken again").unwrap();
+        fs.fsync(g, false).unwrap();
     }
 
     /// A buffer that holds no writes (one a writer has just created and not

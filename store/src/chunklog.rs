@@ -33,6 +33,7 @@
 
 use crate::error::{Error, Result};
 use crate::id::Id;
+use crate::space::{is_enospc, Space};
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
@@ -298,9 +299,12 @@ pub struct ChunkLog {
     spare: Mutex<Option<AlignedBuf>>,
     /// Open segments, read by many threads at once (pread).
     files: RwLock<HashMap<u32, Arc<File>>>,
-    /// Tests: writes fail with ENOSPC while set.
+    /// The store's reserve, given back when a write finds the disk full
+    /// (see `space`); unset in tests of the log alone.
+    space: std::sync::OnceLock<Arc<Space>>,
+    /// Tests: this many writes fail with ENOSPC.
     #[cfg(test)]
-    fail_writes: std::sync::atomic::AtomicBool,
+    pub(crate) fail_writes: std::sync::atomic::AtomicU32,
 }
 
 fn io(context: String) -> impl FnOnce(std::io::Error) -> Error {
@@ -414,8 +418,9 @@ impl ChunkLog {
             out: Mutex::new(None),
             spare: Mutex::new(None),
             files: RwLock::new(HashMap::new()),
+            space: Default::default(),
             #[cfg(test)]
-            fail_writes: false.into(),
+            fail_writes: 0.into(),
         };
         log.files.write().insert(seg, file);
         // The new segment's directory entry must survive a crash before
@@ -424,6 +429,12 @@ impl ChunkLog {
             .and_then(|d| d.sync_all())
             .map_err(io(format!("syncing {}", dir.display())))?;
         Ok(log)
+    }
+
+    /// Gives the log the store's reserve, released (and the failed write
+    /// tried once more) when a write finds the disk full.
+    pub(crate) fn set_space(&self, space: Arc<Space>) {
+        let _ = self.space.set(space);
     }
 
     fn create(dir: &Path, seg: u32) -> Result<File> {
@@ -550,7 +561,20 @@ impl ChunkLog {
 
     /// Writes the buffer in `out`, if any (the caller holds `writing`).
     /// It stays there, readable, until its write succeeds.
-    fn write_out(&self, _writing: &parking_lot::MutexGuard<'_, ()>) -> Result<()> {
+    fn write_out(&self, writing: &parking_lot::MutexGuard<'_, ()>) -> Result<()> {
+        match self.write_out_once(writing) {
+            // The disk is full: with the reserve given back, once more.
+            Err(Error::Io { source, .. })
+                if is_enospc(&source) && self.space.get().is_some_and(|s| s.release()) =>
+            {
+                self.write_out_once(writing)
+            }
+            r => r,
+        }
+    }
+
+    /// One try of [`ChunkLog::write_out`].
+    fn write_out_once(&self, _writing: &parking_lot::MutexGuard<'_, ()>) -> Result<()> {
         let Some(out) = self.out.lock().clone() else {
             return Ok(());
         };
@@ -563,7 +587,11 @@ impl ChunkLog {
             )
         };
         #[cfg(test)]
-        if self.fail_writes.load(Ordering::Relaxed) {
+        if self
+            .fail_writes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+        {
             let e = std::io::Error::from_raw_os_error(libc::ENOSPC);
             return Err(io(context())(e));
         }
@@ -950,7 +978,7 @@ mod tests {
         };
         add(&log, 0);
         log.sync().unwrap();
-        log.fail_writes.store(true, Ordering::Relaxed);
+        log.fail_writes.store(u32::MAX, Ordering::Relaxed);
         // Past a buffer's worth: the full buffer's write fails, the appends
         // do not (their records are staged), and every record reads back.
         for i in 1..26 {
@@ -970,7 +998,7 @@ mod tests {
         assert!(err.contains("writing") && err.contains("segment"), "{err}");
         assert!(log.sync().is_err(), "still not durable");
         assert!(log.has_unsynced());
-        log.fail_writes.store(false, Ordering::Relaxed);
+        log.fail_writes.store(0, Ordering::Relaxed);
         log.sync().unwrap();
         assert!(!log.has_unsynced());
         drop(log);

@@ -8,6 +8,7 @@ use crate::chunklog::{record_crc, ChunkLog, Loc, Placement, INLINE_MAX};
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::object::{self, Node};
+use crate::space::Space;
 use crate::stage::Prepared;
 use crate::tree::NodeSource;
 use parking_lot::Mutex;
@@ -134,11 +135,16 @@ impl quick_cache::Weighter<Id, Arc<Vec<u8>>> for ByLen {
     }
 }
 
+/// Room a GC move leaves free beyond the live bytes it moves.
+const MOVE_SLACK: u64 = 8 << 20;
+
 /// The open database plus caches.
 pub struct Db {
     pub(crate) db: DB,
     /// Chunks' stored forms (the index is `CF_CHUNK_INDEX`).
     pub(crate) log: ChunkLog,
+    /// The reserve kept for a full disk, and whether the disk is full.
+    pub(crate) space: Arc<Space>,
     /// Chunks that are in the log but not yet indexed: stored one at a
     /// time (transfers, see `put_new_chunk`) or spilled from write buffers
     /// (see `spill_prepared`). Their index entries are written together,
@@ -253,9 +259,12 @@ impl Db {
             }
         })?;
         let log = ChunkLog::open(&dir.join("chunks"), opts.segment_bytes)?;
+        let space = Arc::new(Space::open(dir));
+        log.set_space(space.clone());
         Ok(Db {
             db,
             log,
+            space,
             pending: Mutex::new(Default::default()),
             nodes: quick_cache::sync::Cache::new(opts.node_cache_entries),
             chunks: quick_cache::sync::Cache::with_weighter(
@@ -312,7 +321,9 @@ impl Db {
         }
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
-        self.db.write_opt(batch, &wo).map_err(Error::db(what))?;
+        self.db
+            .write_opt(batch, &wo)
+            .map_err(|e| self.db_error(what, e))?;
         if !pending.is_empty() {
             let mut p = self.pending.lock();
             for (id, loc) in &pending {
@@ -348,7 +359,17 @@ impl Db {
         self.log.sync()?;
         self.db
             .flush_wal(true)
-            .map_err(Error::db("syncing the write-ahead log"))
+            .map_err(|e| self.db_error("syncing the write-ahead log", e))
+    }
+
+    /// A RocksDB error while `what`; one of a full disk gives the reserve
+    /// back, so that the next write (once RocksDB has recovered, which it
+    /// checks every few seconds) finds room.
+    fn db_error(&self, what: &str, e: rocksdb::Error) -> Error {
+        if e.as_ref().contains("No space left on device") {
+            self.space.release();
+        }
+        Error::db(what)(e)
     }
 
     pub(crate) fn note_young(&self, id: &Id) {
@@ -627,33 +648,56 @@ impl Db {
         };
         let mut freed = 0;
         let mut empty = Vec::new();
-        let mut victims = HashSet::new();
+        let mut victims = Vec::new();
         for (seg, size) in self.log.segments()? {
             if seg >= before || busy.contains(&seg) {
                 continue;
             }
             match live.get(&seg).copied().unwrap_or(0) {
-                0 => {
-                    empty.push(seg);
-                    freed += size;
-                }
-                l if l * 2 < size => {
-                    victims.insert(seg);
-                    freed += size - l;
-                }
+                0 => empty.push((seg, size)),
+                l if l * 2 < size => victims.push((seg, size, l)),
                 _ => {}
             }
         }
-        if !victims.is_empty() {
-            let mut moving = Vec::new();
+        // Empty segments first: removing them needs no room, and gives
+        // some to the moves below on a full disk.
+        if !empty.is_empty() {
+            // The sweep's index deletions were not synced: were they lost
+            // in a power failure, entries naming a removed segment would
+            // come back (and a later write of the same bytes would
+            // deduplicate against them). Durable first, as for a move.
+            self.sync_wal()?;
+            for (seg, size) in empty {
+                self.log.remove(seg)?;
+                freed += size;
+            }
+        }
+        // Then one sparse segment at a time, the fewest live bytes first,
+        // each only if the disk has room for its live records: GC never
+        // fills the disk it is freeing.
+        victims.sort_unstable_by_key(|&(_, _, l)| l);
+        let mut moving: std::collections::HashMap<u32, Vec<(Id, Loc)>> =
+            victims.iter().map(|&(seg, ..)| (seg, Vec::new())).collect();
+        if !moving.is_empty() {
             self.for_each_loc(&mut |id, loc| {
-                if victims.contains(&loc.seg) {
-                    moving.push((id, loc));
+                if let Some(m) = moving.get_mut(&loc.seg) {
+                    m.push((id, loc));
                 }
                 Ok(())
             })?;
+        }
+        for (seg, size, l) in victims {
+            if self.space.free_bytes() < l + MOVE_SLACK {
+                tracing::warn!(
+                    "GC left chunk segment {seg} ({} of {} MiB live) as it is: the disk has no \
+                     room to move its live chunks",
+                    l >> 20,
+                    size >> 20
+                );
+                continue;
+            }
             let mut batch = WriteBatch::default();
-            for (id, loc) in moving {
+            for (id, loc) in moving.remove(&seg).unwrap_or_default() {
                 let (codec, payload) = self.log.read_parts(&id, loc)?.ok_or_else(|| {
                     Error::Corrupt(format!("chunk {}: its segment vanished", id.short()))
                 })?;
@@ -662,15 +706,8 @@ impl Db {
             }
             // Synced (chunks first): only then may the old copies go.
             self.write(batch, true, "moving chunks out of sparse segments")?;
-        } else if !empty.is_empty() {
-            // The sweep's index deletions were not synced: were they lost
-            // in a power failure, entries naming a removed segment would
-            // come back (and a later write of the same bytes would
-            // deduplicate against them). Durable first, as for a move.
-            self.sync_wal()?;
-        }
-        for seg in empty.into_iter().chain(victims) {
             self.log.remove(seg)?;
+            freed += size - l;
         }
         Ok(freed)
     }

@@ -20,6 +20,7 @@ mod meta;
 pub mod names;
 pub mod object;
 pub mod patch;
+mod space;
 mod stage;
 pub mod store;
 pub mod transfer;

@@ -976,6 +976,18 @@ impl Store {
         first_error.map_or(Ok(n), Err)
     }
 
+    /// While the disk holding the store is full (a write found no room):
+    /// the free bytes it needs before new data is taken again. Until then
+    /// writes of file data and received chunks fail with ENOSPC, while
+    /// deletions, resets, commits and GC run in the room the store kept
+    /// for them (see docs/format.md, "The reserve"). Looks at the disk now.
+    pub fn disk_full(&self) -> Option<u64> {
+        self.db
+            .space
+            .check_now()
+            .then(|| self.db.space.room_needed())
+    }
+
     /// Flushes every buffered write of every open branch and syncs the WAL.
     pub fn sync(&self) -> Result<()> {
         let all: Vec<Arc<BranchFs>> = self.branches.lock().values().cloned().collect();

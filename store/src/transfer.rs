@@ -362,6 +362,10 @@ impl ImportSession {
     pub fn import_chunk(&self, id: &Id, stored: &[u8]) -> Result<bool> {
         // Bounded by the largest block: one larger could never be read back.
         chunk::decode_verified(id, stored, chunk::MAX_CHUNK)?;
+        self.store
+            .db
+            .space
+            .refuse_when_full(|| "storing the chunks of a transfer".into())?;
         self.pin(id);
         self.store.db.put_if_absent(id, stored)
     }

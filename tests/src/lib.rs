@@ -42,6 +42,12 @@ impl Server {
         Server::start_with(bin, Some(plugin_socket), Some(listen))
     }
 
+    /// A server whose hub listens on `listen` (`127.0.0.1:PORT`), without
+    /// the Docker volume plugin.
+    pub fn start_with_hub(bin: &str, listen: &str) -> Server {
+        Server::start_with(bin, None, Some(listen))
+    }
+
     fn start_with(bin: &str, plugin_socket: Option<&Path>, listen: Option<&str>) -> Server {
         let dir = tempfile::Builder::new()
             .prefix("dm-e2e-")

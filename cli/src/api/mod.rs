@@ -30,6 +30,10 @@ pub struct VersionInfo {
     pub api_version: u32,
     /// Short id of this server (the SERVER column of `dm list`).
     pub server_id: String,
+    /// Set while the disk holding the data directory is full: the free
+    /// bytes it needs before the server takes new data again.
+    #[serde(default)]
+    pub disk_full: Option<u64>,
 }
 
 /// A dot as listed by `GET /v1/dots`.
@@ -288,6 +292,10 @@ pub struct GcResponse {
     /// Chunk log bytes given back to the disk (sparse segments compacted).
     #[serde(default)]
     pub log_bytes_freed: u64,
+    /// Set while the disk is still full: the free bytes it needs before
+    /// dm takes new data again.
+    #[serde(default)]
+    pub disk_full: Option<u64>,
 }
 
 /// `POST /v1/fsck`.

@@ -15,7 +15,20 @@ pub fn gc(ctx: &mut Ctx) -> Result<()> {
         human_size(r.bytes_freed),
         human_size(r.log_bytes_freed)
     );
+    if let Some(needed) = r.disk_full {
+        println!("{}", still_full(needed));
+    }
     Ok(())
+}
+
+/// What a user reads while the server's disk is full.
+fn still_full(needed: u64) -> String {
+    format!(
+        "The disk holding dm's data is still full: dm takes new data again once {} are free. \
+         Delete files, branches (`dm branch -d`) or dots (`dm dot delete`), or `dm reset --hard` \
+         away uncommitted data, then run `dm gc`; or free space outside dm.",
+        human_size(needed)
+    )
 }
 
 pub fn fsck(ctx: &mut Ctx) -> Result<()> {
@@ -41,6 +54,9 @@ pub fn version(ctx: &mut Ctx) -> Result<()> {
         "Server: dm {} (API {}, server id {})",
         v.version, v.api_version, v.server_id
     );
+    if let Some(needed) = v.disk_full {
+        println!("{}", still_full(needed));
+    }
     Ok(())
 }
 

@@ -53,9 +53,11 @@ impl ApiError {
 
 /// What a full disk under the data directory needs from the user.
 const DISK_FULL: &str =
-    "the disk that holds dm's data directory is full: free space on it outside dm \
-     (or grow it), then retry; once dm can write again, `dm gc` gives back what deleted branches \
-     and discarded changes held";
+    "the disk that holds dm's data directory is full. dm now refuses new data and keeps the \
+     room it reserved for freeing space: delete files in the dot, branches (`dm branch -d`) or \
+     dots (`dm dot delete`), or `dm reset --hard` away uncommitted data, then run `dm gc` (or free \
+     space outside dm); new data is taken again once enough is free (`dm gc` and `dm version` \
+     say how much)";
 
 /// The answer to an error of a full disk (ENOSPC, from the chunk log or
 /// RocksDB), if it is one.
@@ -65,6 +67,12 @@ fn disk_full(errno: i32, message: &str) -> Option<ApiError> {
             status: StatusCode::INSUFFICIENT_STORAGE,
             message: format!("{message}. {DISK_FULL}"),
         })
+}
+
+/// The message of a failed background job (a transfer), with what to do
+/// when it failed for a full disk.
+pub fn job_error(message: String) -> String {
+    disk_full(0, &message).map_or(message, |e| e.message)
 }
 
 impl From<dm_store::Error> for ApiError {

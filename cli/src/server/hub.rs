@@ -390,7 +390,7 @@ async fn start_transfer(
             let mut s = job.status.lock();
             s.finished = true;
             if let Err(e) = result {
-                s.error = Some(e.to_string());
+                s.error = Some(super::error::job_error(e.to_string()));
             }
         }
         // A client that stopped polling (Ctrl-C) never asks for the result:

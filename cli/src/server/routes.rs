@@ -157,6 +157,7 @@ async fn version(State(st): S) -> Json<VersionInfo> {
         version: env!("CARGO_PKG_VERSION").to_string(),
         api_version: API_VERSION,
         server_id: st.server_id.clone(),
+        disk_full: st.store.disk_full(),
     })
 }
 
@@ -629,6 +630,7 @@ async fn gc(State(st): S) -> ApiResult<Json<GcResponse>> {
             objects_deleted: r.objects_deleted,
             bytes_freed: r.bytes_freed,
             log_bytes_freed: r.log_bytes_freed,
+            disk_full: st.store.disk_full(),
         })
     })
     .await

@@ -1,0 +1,210 @@
+//! Room to recover from a full disk.
+//!
+//! The store keeps a reserve file (`DATA_DIR/reserve`, 1/16 of the
+//! filesystem, at most 64 MiB). When a write of the store fails because the
+//! disk is full, the reserve is given back to the filesystem and the store
+//! turns *full*: writes of new file data and received chunks are refused
+//! with ENOSPC, as a full filesystem refuses them, while what frees space
+//! (deleting files, `reset --hard`, deleting branches and dots, GC) and
+//! commits of what was already written run in the room the reserve left.
+//! Once the filesystem has twice the reserve free again (checked at most
+//! once a second, when a write asks), the reserve is made again and writes
+//! are taken again.
+
+use crate::error::{libc_consts::ENOSPC, Error, Result};
+use parking_lot::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// The largest reserve.
+const RESERVE_MAX: u64 = 64 << 20;
+/// How often a full store looks at the free space again.
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// The reserve file and whether the store is full.
+pub(crate) struct Space {
+    dir: PathBuf,
+    path: PathBuf,
+    size: u64,
+    full: AtomicBool,
+    checked: Mutex<Option<Instant>>,
+}
+
+/// Total and available bytes of the filesystem holding `dir`.
+fn statvfs(dir: &Path) -> std::io::Result<(u64, u64)> {
+    let s = nix::sys::statvfs::statvfs(dir)?;
+    let frsize = s.fragment_size() as u64;
+    Ok((
+        (s.blocks() as u64).saturating_mul(frsize),
+        (s.blocks_available() as u64).saturating_mul(frsize),
+    ))
+}
+
+/// Whether an I/O error means the disk is full.
+pub(crate) fn is_enospc(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(ENOSPC)
+}
+
+impl Space {
+    /// Makes the reserve in `dir` if it is missing; a store that cannot
+    /// make it starts full.
+    pub(crate) fn open(dir: &Path) -> Space {
+        let total = statvfs(dir).map(|(t, _)| t).unwrap_or(0);
+        let size = (total / 16).clamp(1 << 20, RESERVE_MAX);
+        let space = Space {
+            dir: dir.to_path_buf(),
+            path: dir.join("reserve"),
+            size,
+            full: AtomicBool::new(false),
+            checked: Mutex::new(None),
+        };
+        let present = std::fs::metadata(&space.path).is_ok_and(|m| m.len() >= size);
+        if !present {
+            if let Err(e) = space.make() {
+                tracing::warn!(
+                    "the disk holding {} is full: could not keep {} MiB free for deletions \
+                     ({e}); new data is refused until it has {} MiB free",
+                    dir.display(),
+                    size >> 20,
+                    space.room_needed() >> 20
+                );
+                space.full.store(true, Ordering::Release);
+            }
+        }
+        space
+    }
+
+    /// Allocates the reserve file (written whole: allocated blocks are
+    /// what the filesystem gives back when it is removed).
+    fn make(&self) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let tmp = self.dir.join("reserve.tmp");
+        let result = (|| {
+            let f = std::fs::File::create(&tmp)?;
+            nix::fcntl::posix_fallocate(f.as_raw_fd(), 0, self.size as i64)
+                .map_err(std::io::Error::from)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Called when a write found the disk full: gives the reserve back
+    /// (if it is still there) and turns the store full. Returns whether
+    /// room was freed, so that the write may be tried once more.
+    pub(crate) fn release(&self) -> bool {
+        self.full.store(true, Ordering::Release);
+        *self.checked.lock() = Some(Instant::now());
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => {
+                tracing::warn!(
+                    "the disk holding {} is full: gave back the {} MiB kept for deletions; new \
+                     data is refused until it has {} MiB free (delete files, branches or dots, \
+                     then `dm gc`)",
+                    self.dir.display(),
+                    self.size >> 20,
+                    self.room_needed() >> 20
+                );
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Whether new data must be refused. A full store looks at the free
+    /// space at most once a second, and takes writes again (after making
+    /// the reserve again) once twice the reserve is free.
+    pub(crate) fn is_full(&self) -> bool {
+        if !self.full.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut checked = self.checked.lock();
+        if checked.is_some_and(|t| t.elapsed() < RECHECK) {
+            return true;
+        }
+        *checked = Some(Instant::now());
+        self.recheck()
+    }
+
+    /// Whether the store is full, looking at the free space now if it was.
+    pub(crate) fn check_now(&self) -> bool {
+        if !self.full.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut checked = self.checked.lock();
+        *checked = Some(Instant::now());
+        self.recheck()
+    }
+
+    /// Takes writes again if there is room (the caller holds `checked`).
+    fn recheck(&self) -> bool {
+        if self.free_bytes() < self.room_needed() || self.make().is_err() {
+            return true;
+        }
+        self.full.store(false, Ordering::Release);
+        tracing::info!(
+            "the disk holding {} has room again: taking new data",
+            self.dir.display()
+        );
+        false
+    }
+
+    /// Refuses new data (`what`, e.g. "writing to app@master") with ENOSPC
+    /// while the store is full.
+    pub(crate) fn refuse_when_full(&self, what: impl FnOnce() -> String) -> Result<()> {
+        if !self.is_full() {
+            return Ok(());
+        }
+        Err(Error::Io {
+            context: format!(
+                "{}: dm keeps the last of the disk free for deletions and takes new data once \
+                 {} MiB are free",
+                what(),
+                self.room_needed() >> 20
+            ),
+            source: std::io::Error::from_raw_os_error(ENOSPC),
+        })
+    }
+
+    /// Bytes free on the filesystem (0 if it cannot tell).
+    pub(crate) fn free_bytes(&self) -> u64 {
+        statvfs(&self.dir).map(|(_, free)| free).unwrap_or(0)
+    }
+
+    /// Free bytes the filesystem needs before a full store takes new data.
+    pub(crate) fn room_needed(&self) -> u64 {
+        2 * self.size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn released_reserve_comes_back_when_there_is_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let space = Space::open(dir.path());
+        let reserve = dir.path().join("reserve");
+        assert_eq!(std::fs::metadata(&reserve).unwrap().len(), space.size);
+        assert!(!space.is_full());
+        assert!(space.release());
+        assert!(!reserve.exists());
+        // Within a second of the release it stays full without looking.
+        assert!(space.is_full());
+        assert!(space
+            .refuse_when_full(|| "writing".into())
+            .is_err_and(|e| e.errno() == ENOSPC));
+        // Released again: nothing left to give.
+        assert!(!space.release());
+        *space.checked.lock() = Some(Instant::now() - RECHECK);
+        // The test's disk has room: the reserve is made again.
+        assert!(!space.is_full());
+        assert_eq!(std::fs::metadata(&reserve).unwrap().len(), space.size);
+        assert!(space.refuse_when_full(|| "writing".into()).is_ok());
+    }
+}
