@@ -364,23 +364,6 @@ fn checkout_restarts_followers_and_leaves_pinned_running() {
     );
 }
 
-/// `dm remote add NAME TARGET` with the API key `key`.
-fn remote_add(s: &Server, name: &str, target: &str, key: &str) {
-    let out = Command::new(DM)
-        .args(["remote", "add", name, target])
-        .env("DM_SOCKET", s.socket())
-        .env("DM_CONFIG", s.config())
-        .env("DM_API_KEY", key)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A pull that moves a branch stops the containers that show it and
 /// starts them again, as a reset does (a database must not see its files
 /// replaced under it); a pull with nothing new restarts nothing. The
@@ -402,7 +385,7 @@ fn pull_restarts_the_containers_that_show_the_branch() {
     let pushed = "dmtest-pushed";
     let _clean = Cleanup::new(&[name, pushed], &["myapp", "myapp2"]);
     let key = s.ok(&["user", "add", "alice"]).trim().to_string();
-    remote_add(&s, "hub", &format!("alice@127.0.0.1:{port}"), &key);
+    s.remote_add("hub", &format!("alice@127.0.0.1:{port}"), &key);
 
     run(&s, "myapp", "echo one > /data/f");
     s.ok(&["switch", "myapp"]);
@@ -438,8 +421,7 @@ fn pull_restarts_the_containers_that_show_the_branch() {
     // as a reset would: they are stopped and started again around it (the
     // server is the hub; its admin pushes myapp to the hub's dot myapp2).
     let admin_key = std::fs::read_to_string(s.data_dir().join("admin-key")).unwrap();
-    remote_add(
-        &s,
+    s.remote_add(
         "hubadmin",
         &format!("admin@127.0.0.1:{port}"),
         admin_key.trim(),

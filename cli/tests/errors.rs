@@ -261,19 +261,7 @@ fn a_full_disk_is_named_and_freed_inside_dm() {
     let data = data.join("store");
     s.restart();
     assert!(data.join("reserve").exists(), "no reserve file in {data:?}");
-    let added = std::process::Command::new(DM)
-        .args(["remote", "add", "hub", &format!("alice@127.0.0.1:{port}")])
-        .env("DM_SOCKET", s.socket())
-        .env("DM_CONFIG", s.config())
-        .env("DM_API_KEY", &key)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        added.status.success(),
-        "{}",
-        String::from_utf8_lossy(&added.stderr)
-    );
+    s.remote_add("hub", &format!("alice@127.0.0.1:{port}"), &key);
     // A dot on the hub only, to clone once the disk is full.
     let big = random_bytes(11, 8 << 20);
     s.ok(&["init", "big"]);

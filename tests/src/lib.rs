@@ -163,6 +163,24 @@ impl Server {
             .expect("running dm")
     }
 
+    /// `dm remote add NAME TARGET` with the API key `key` (from the
+    /// environment, as a user would give it); asserts success.
+    pub fn remote_add(&self, name: &str, target: &str, key: &str) {
+        let out = Command::new(&self.bin)
+            .args(["remote", "add", name, target])
+            .env("DM_SOCKET", self.socket())
+            .env("DM_CONFIG", self.config())
+            .env("DM_API_KEY", key)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running dm");
+        assert!(
+            out.status.success(),
+            "dm remote add {name} {target} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Runs `dm ARGS`, asserts success and returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.dm(args);
