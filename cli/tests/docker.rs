@@ -1002,3 +1002,57 @@ fn switch_waits_for_containers_starting_meanwhile_and_refuses_paused_ones() {
     assert!(!s.ok(&["branch"]).contains('x'));
     docker_ok(&s, &["unpause", paused]);
 }
+
+/// A switch stops the containers that use the dot all at once, each as
+/// `docker stop` would, with its own stop timeout: a database that asks for
+/// 40 s (`--stop-timeout`) gets the time to shut down cleanly (dm used a
+/// fixed 10 s, then killed it), and containers do not wait for each other
+/// to stop (they were stopped one after another, 10 s each at worst).
+#[test]
+fn a_switch_stops_containers_at_once_with_their_own_stop_timeout() {
+    let Some(_lock) = setup() else { return };
+    let _proxy = ProxyGuard;
+    let s = start_server();
+    let (slow, other) = ("dmtest-stop-slow", "dmtest-stop-other");
+    let _clean = Cleanup::new(&[slow, other], &["stopapp.a", "stopapp.b"]);
+    run(&s, "stopapp.a", "true");
+    s.ok(&["switch", "stopapp"]);
+    s.ok(&["commit", "-m", "base"]);
+    // Each notes when SIGTERM came, then takes a while to shut down and
+    // notes that it did.
+    let shutdown = |secs: u32| {
+        format!(
+            "trap 'date +%s > /data/term; sleep {secs}; echo clean > /data/marker; exit 0' TERM; \
+             while :; do sleep 0.1; done"
+        )
+    };
+    run_detached_with(
+        &s,
+        &["--stop-timeout", "40"],
+        slow,
+        "stopapp.a:/data",
+        &shutdown(12),
+    );
+    run_detached(&s, other, "stopapp.b:/data", &shutdown(6));
+
+    s.ok(&["checkout", "-b", "other"]);
+
+    assert!(running(&s, slow) && running(&s, other));
+    // What they wrote while stopping is master's.
+    let read = |subdot: &str, file: &str| {
+        let mnt = PathBuf::from(s.ok(&["mount", &format!("stopapp@master.{subdot}")]).trim());
+        std::fs::read_to_string(mnt.join(file)).unwrap_or_default()
+    };
+    assert_eq!(
+        read("a", "marker"),
+        "clean\n",
+        "killed before its stop timeout"
+    );
+    assert_eq!(read("b", "marker"), "clean\n");
+    let term = |subdot: &str| -> i64 { read(subdot, "term").trim().parse().unwrap() };
+    let (a, b) = (term("a"), term("b"));
+    assert!(
+        (a - b).abs() < 4,
+        "stopped one after the other: SIGTERM at {a} and {b}"
+    );
+}

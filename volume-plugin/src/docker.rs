@@ -13,8 +13,13 @@ use std::time::Duration;
 /// The Docker daemon's default socket.
 pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 
-/// How long `docker stop` waits before killing (seconds).
+/// How long `docker stop` waits before killing a container that sets no
+/// stop timeout of its own (seconds; Docker's default).
 pub const STOP_TIMEOUT_SECS: u64 = 10;
+
+/// The longest dm waits for a container whose stop timeout is negative
+/// (Docker then waits for it without end).
+const STOP_WAIT_MAX: Duration = Duration::from_secs(3600);
 
 /// Why a Docker Engine API call failed.
 #[derive(Debug, thiserror::Error)]
@@ -288,12 +293,17 @@ impl DockerClient {
             .collect())
     }
 
-    /// Stops a container (SIGTERM, then SIGKILL after [`STOP_TIMEOUT_SECS`]).
+    /// Stops a container as `docker stop` does: SIGTERM (or its own stop
+    /// signal), then SIGKILL after its own stop timeout (`--stop-timeout`,
+    /// else [`STOP_TIMEOUT_SECS`]), so a database gets the time its
+    /// container asks for to shut down cleanly.
     pub async fn stop(&self, id: &str) -> Result<(), DockerError> {
         let what = format!("stopping container {}", short(id));
-        let path = format!("/containers/{}/stop?t={STOP_TIMEOUT_SECS}", encode(id));
-        let limit = Duration::from_secs(STOP_TIMEOUT_SECS + 30);
-        let (status, body) = self.call(Method::POST, &path, &what, limit).await?;
+        let path = format!("/containers/{}/stop", encode(id));
+        let timeout = self.details(id).await.ok().and_then(|d| d.stop_timeout);
+        let (status, body) = self
+            .call(Method::POST, &path, &what, stop_wait(timeout))
+            .await?;
         Self::check(&what, status, &body)
     }
 
@@ -310,10 +320,18 @@ impl DockerClient {
 
 #[derive(Deserialize)]
 struct Inspect {
+    #[serde(rename = "Config", default)]
+    config: InspectConfig,
     #[serde(rename = "HostConfig", default)]
     host_config: InspectHostConfig,
     #[serde(rename = "State", default)]
     state: InspectState,
+}
+
+#[derive(Default, Deserialize)]
+struct InspectConfig {
+    #[serde(rename = "StopTimeout", default)]
+    stop_timeout: Option<i64>,
 }
 
 #[derive(Default, Deserialize)]
@@ -345,6 +363,8 @@ pub struct ContainerDetails {
     pub restart_policy: String,
     /// Why Docker last failed to start it ("" when it did not fail).
     pub error: String,
+    /// `--stop-timeout` in seconds, if it set one (negative: no limit).
+    pub stop_timeout: Option<i64>,
 }
 
 impl ContainerDetails {
@@ -371,6 +391,7 @@ impl DockerClient {
             auto_remove: i.host_config.auto_remove,
             restart_policy: i.host_config.restart_policy.name,
             error: i.state.error,
+            stop_timeout: i.config.stop_timeout,
         })
     }
 
@@ -380,13 +401,28 @@ impl DockerClient {
         Ok(self.details(id).await?.auto_remove)
     }
 
-    /// Restarts a container (`docker restart`: a `--rm` container is kept).
+    /// Restarts a container (`docker restart`: a `--rm` container is kept;
+    /// its own stop timeout applies, as for [`DockerClient::stop`]).
     pub async fn restart(&self, id: &str) -> Result<(), DockerError> {
         let what = format!("restarting container {}", short(id));
-        let path = format!("/containers/{}/restart?t={STOP_TIMEOUT_SECS}", encode(id));
-        let limit = Duration::from_secs(STOP_TIMEOUT_SECS + 90);
+        let path = format!("/containers/{}/restart", encode(id));
+        let timeout = self.details(id).await.ok().and_then(|d| d.stop_timeout);
+        let limit = stop_wait(timeout) + Duration::from_secs(60);
         let (status, body) = self.call(Method::POST, &path, &what, limit).await?;
         Self::check(&what, status, &body)
+    }
+}
+
+/// How long to wait for Docker to stop a container whose stop timeout is
+/// `timeout` (seconds; `None`: Docker's default; negative: no limit).
+fn stop_wait(timeout: Option<i64>) -> Duration {
+    let slack = Duration::from_secs(30);
+    match timeout {
+        None => Duration::from_secs(STOP_TIMEOUT_SECS) + slack,
+        Some(t) => u64::try_from(t)
+            .map(|t| Duration::from_secs(t) + slack)
+            .unwrap_or(STOP_WAIT_MAX)
+            .min(STOP_WAIT_MAX),
     }
 }
 

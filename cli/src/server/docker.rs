@@ -346,20 +346,36 @@ impl DockerIntegration {
                 auto_removed.join(", "),
             )));
         }
+        // All at once: each may take its own stop timeout.
+        let results = block_on(async {
+            let mut set = tokio::task::JoinSet::new();
+            for (i, c) in followers.iter().enumerate() {
+                tracing::info!("dot {dot}: stopping container {}", c.name());
+                let (docker, id) = (self.docker.clone(), c.id.clone());
+                set.spawn(async move { (i, docker.stop(&id).await.map_err(|e| e.to_string())) });
+            }
+            let mut results = Vec::new();
+            while let Some(joined) = set.join_next().await {
+                // A stop task that panicked: its container's state is unknown.
+                results.push(joined.unwrap_or_else(|e| (usize::MAX, Err(e.to_string()))));
+            }
+            results
+        });
         let mut stopped = Vec::new();
         let mut stop_err = None;
-        for c in &followers {
-            tracing::info!("dot {dot}: stopping container {}", c.name());
-            match block_on(self.docker.stop(&c.id)) {
-                Ok(()) => stopped.push(c),
-                Err(e) => {
-                    stop_err = Some(ApiError::internal(format!(
-                        "{e}; nothing was switched (the containers stopped so far were started again)"
+        for (i, result) in results {
+            match (followers.get(i), result) {
+                (Some(c), Ok(())) => stopped.push(c),
+                (_, Err(e)) => {
+                    stop_err.get_or_insert(ApiError::internal(format!(
+                        "{e}; nothing was switched (the containers stopped were started again)"
                     )));
-                    break;
                 }
+                (None, Ok(())) => {}
             }
         }
+        // Started again in the order they were listed in.
+        stopped.sort_by_key(|c| followers.iter().position(|f| f.id == c.id));
         let out = match stop_err {
             Some(e) => Err(e),
             None => f(),
