@@ -221,3 +221,58 @@ fn branch_name_makes_a_branch_without_switching() {
     let err = s.fail(&["--dot", "app@master", "log"]);
     assert!(err.contains("dm checkout master"), "{err}");
 }
+
+/// `O_APPEND` writes land at the end of the file as dm knows it, not at
+/// the size the kernel cached: a log writer that keeps its file open
+/// across `dm reset --hard` appends right after the reset content (it
+/// wrote at the old end, and the next commit kept a hole of zeros), and
+/// appenders on two mounts of the same branch never overwrite each other.
+#[test]
+fn o_append_writes_at_the_end_dm_knows() {
+    use std::io::Write;
+    let s = Server::start(DM);
+    s.ok(&["init", "logs"]);
+    s.ok(&["switch", "logs"]);
+    let mnt = PathBuf::from(s.ok(&["mount", "logs"]).trim());
+    let log = mnt.join("log");
+    write_synced(&log, b"base\n");
+    s.ok(&["commit", "-m", "base"]);
+    let append = |p: &Path| std::fs::OpenOptions::new().append(true).open(p).unwrap();
+    let mut f = append(&log);
+    f.write_all(&[b'x'; 100_000]).unwrap();
+    f.sync_all().unwrap();
+    s.ok(&["reset", "--hard", "HEAD"]);
+    f.write_all(b"after\n").unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let got = std::fs::read(&log).unwrap();
+    assert!(
+        got == b"base\nafter\n",
+        "{} bytes, {} of them zeros",
+        got.len(),
+        got.iter().filter(|b| **b == 0).count()
+    );
+    s.ok(&["commit", "-m", "after"]);
+
+    // Two mounts of master, one appender on each, taking turns.
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other");
+    s.ok(&["mount", "logs@master", other.to_str().unwrap()]);
+    let (mut a, mut b) = (append(&log), append(&other.join("log")));
+    let mut want = b"base\nafter\n".to_vec();
+    for i in 0..50 {
+        let (f, line) = match i % 2 {
+            0 => (&mut a, format!("a{i}\n")),
+            _ => (&mut b, format!("b{i}\n")),
+        };
+        f.write_all(line.as_bytes()).unwrap();
+        want.extend_from_slice(line.as_bytes());
+    }
+    a.sync_all().unwrap();
+    b.sync_all().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&std::fs::read(&log).unwrap()),
+        String::from_utf8_lossy(&want)
+    );
+    s.ok(&["unmount", other.to_str().unwrap()]);
+}

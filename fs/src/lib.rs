@@ -981,7 +981,7 @@ impl fuser::Filesystem for DmFs {
         offset: u64,
         data: &[u8],
         write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
@@ -1002,8 +1002,17 @@ impl fuser::Filesystem for DmFs {
                 }
             }
         }
-        match fs.write(ino, offset, data) {
-            Ok(n) => {
+        // O_APPEND: at the end the store knows, not at the kernel's cached
+        // size, which a reset or another mount's writer may have moved
+        // (page-cache writes of a mapping keep their offsets).
+        let append =
+            flags.0 & libc::O_APPEND != 0 && !write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
+        let written = match append {
+            true => fs.append(ino, data),
+            false => fs.write(ino, offset, data).map(|n| (offset, n)),
+        };
+        match written {
+            Ok((offset, n)) => {
                 reply.written(n);
                 self.tell_peers(fs, || {
                     vec![Change::Data {

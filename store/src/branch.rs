@@ -1389,15 +1389,25 @@ impl BranchFs {
     }
 
     pub fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> Result<u32> {
+        self.write_at(ino, Some(offset), data).map(|(_, n)| n)
+    }
+
+    /// Writes `data` at the end of the file as the store knows it, in one
+    /// step with finding that end (O_APPEND): a kernel's cached size may
+    /// be stale (a reset, or a writer on another mount of the branch, moved
+    /// the end), and writing at it would leave a hole of zeros or overwrite
+    /// the other writer's data. Returns where it wrote, and how much.
+    pub fn append(&self, ino: Ino, data: &[u8]) -> Result<(u64, u32)> {
+        self.write_at(ino, None, data)
+    }
+
+    /// [`BranchFs::write`] at `offset`, or at the end of the file.
+    fn write_at(&self, ino: Ino, offset: Option<u64>, data: &[u8]) -> Result<(u64, u32)> {
         let st = self.state()?;
         self.db
             .space
             .refuse_when_full(|| format!("writing to {}@{}", self.dot, self.branch))?;
         let view = self.view(&st);
-        let end = offset
-            .checked_add(data.len() as u64)
-            .filter(|e| *e <= MAX_FILE_SIZE)
-            .ok_or(Error::fs("write", EFBIG))?;
         loop {
             let fb = {
                 let mut files = self.files.lock();
@@ -1410,21 +1420,20 @@ impl BranchFs {
             if g.detached {
                 continue;
             }
-            return self.write_locked(&st, &view, ino, offset, data, end, &mut g);
+            return self.write_locked(&st, &view, ino, offset, data, &mut g);
         }
     }
 
-    #[allow(clippy::too_many_arguments)] // the parts of write() with the buffer held
+    /// The parts of [`BranchFs::write_at`] with the buffer held.
     fn write_locked(
         &self,
         st: &BranchState,
         view: &View,
         ino: Ino,
-        offset: u64,
+        offset: Option<u64>,
         data: &[u8],
-        end: u64,
         g: &mut FileBuf,
-    ) -> Result<u32> {
+    ) -> Result<(u64, u32)> {
         if g.is_clean() {
             // (Re)load the size: the buffer is fresh or fully flushed.
             let rec = Self::load_view(view, ino)?;
@@ -1440,6 +1449,11 @@ impl BranchFs {
             }
             g.size = rec.size;
         }
+        let offset = offset.unwrap_or(g.size);
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|e| *e <= MAX_FILE_SIZE)
+            .ok_or(Error::fs("write", EFBIG))?;
         let bs = self.block_size as u64;
         let mut pos = offset;
         let mut src = data;
@@ -1545,7 +1559,7 @@ impl BranchFs {
                 self.flush_locked(st, ino, g, false)?;
             }
         }
-        Ok(data.len() as u32)
+        Ok((offset, data.len() as u32))
     }
 
     /// Frees a file's buffer under memory pressure without waiting for the
