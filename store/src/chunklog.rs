@@ -562,6 +562,9 @@ impl ChunkLog {
     /// Writes the buffer in `out`, if any (the caller holds `writing`).
     /// It stays there, readable, until its write succeeds.
     fn write_out(&self, writing: &parking_lot::MutexGuard<'_, ()>) -> Result<()> {
+        if let Some(space) = self.space.get() {
+            space.watch();
+        }
         match self.write_out_once(writing) {
             // The disk is full: with the reserve given back, once more.
             Err(Error::Io { source, .. })
@@ -795,6 +798,84 @@ impl ChunkLog {
             return Err(bad("checksum mismatch"));
         }
         Ok(Some((codec, payload)))
+    }
+
+    /// Bytes a segment holds on the disk (its allocated blocks: holes
+    /// punched by [`ChunkLog::punch`] do not count), 0 if it is gone.
+    pub fn allocated(&self, seg: u32) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.dir.join(segment_name(seg));
+        match std::fs::metadata(&path) {
+            Ok(m) => Ok(m.blocks() * 512),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(io(format!("reading {}", path.display()))(e)),
+        }
+    }
+
+    /// Gives the disk blocks of a sealed segment between its live records
+    /// back to the filesystem (a hole reads as zeros; nothing names those
+    /// bytes), keeping the file's size and every live record where it is.
+    /// `live` is every (offset, length) still indexed in the segment.
+    /// Returns `Ok(false)` where the filesystem cannot punch holes.
+    pub fn punch(&self, seg: u32, live: &mut [(u64, u64)]) -> Result<bool> {
+        use std::os::fd::AsRawFd;
+        if seg == self.active_segment() {
+            return Ok(true);
+        }
+        let path = self.dir.join(segment_name(seg));
+        let f = match OpenOptions::new().write(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
+            Err(e) => return Err(io(format!("opening {}", path.display()))(e)),
+        };
+        let end = f
+            .metadata()
+            .map_err(io(format!("reading {}", path.display())))?
+            .len();
+        live.sort_unstable();
+        let mut at = 0;
+        let mut gaps = Vec::new();
+        for &(off, len) in live.iter() {
+            if off > at {
+                gaps.push((at, off));
+            }
+            at = at.max(off + len);
+        }
+        if end > at {
+            gaps.push((at, end));
+        }
+        for (from, to) in gaps {
+            // Whole filesystem blocks only: the rest may hold a live
+            // record's first or last bytes.
+            let (from, to) = (from.next_multiple_of(ALIGN), to / ALIGN * ALIGN);
+            if to <= from {
+                continue;
+            }
+            let (Ok(off), Ok(len)) = (
+                libc::off_t::try_from(from),
+                libc::off_t::try_from(to - from),
+            ) else {
+                continue;
+            };
+            // SAFETY: fallocate only reads its integer arguments; the
+            // range holds no record any index entry names.
+            let rc = unsafe {
+                libc::fallocate(
+                    f.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    off,
+                    len,
+                )
+            };
+            if rc != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                    return Ok(false);
+                }
+                return Err(io(format!("punching a hole in {}", path.display()))(e));
+            }
+        }
+        Ok(true)
     }
 
     /// Deletes a segment no index entry names any more.

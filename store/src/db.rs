@@ -138,6 +138,10 @@ impl quick_cache::Weighter<Id, Arc<Vec<u8>>> for ByLen {
 /// Room a GC move leaves free beyond the live bytes it moves.
 const MOVE_SLACK: u64 = 8 << 20;
 
+/// Dead bytes a sealed chunk segment holds on the disk before GC punches
+/// holes in it.
+const PUNCH_MIN: u64 = 1 << 20;
+
 /// The open database plus caches.
 pub struct Db {
     pub(crate) db: DB,
@@ -229,12 +233,14 @@ impl Db {
             crate::view::merge_patches,
             crate::view::merge_patches_partial,
         );
-        let cfs = vec![
-            rocksdb::ColumnFamilyDescriptor::new(CF_META, Options::default()),
-            rocksdb::ColumnFamilyDescriptor::new(CF_OBJECTS, filtered()),
-            rocksdb::ColumnFamilyDescriptor::new(CF_WORK, work_opts),
-            rocksdb::ColumnFamilyDescriptor::new(CF_CHUNK_INDEX, index_opts),
-        ];
+        let cfs = || {
+            vec![
+                rocksdb::ColumnFamilyDescriptor::new(CF_META, Options::default()),
+                rocksdb::ColumnFamilyDescriptor::new(CF_OBJECTS, filtered()),
+                rocksdb::ColumnFamilyDescriptor::new(CF_WORK, work_opts.clone()),
+                rocksdb::ColumnFamilyDescriptor::new(CF_CHUNK_INDEX, index_opts.clone()),
+            ]
+        };
         let path = dir.join("db");
         // Format 1 kept chunks in a `chunks` column family; nothing reads it.
         if rocksdb::DB::list_cf(&Options::default(), &path)
@@ -247,7 +253,16 @@ impl Db {
                 path.display()
             )));
         }
-        let db = DB::open_cf_descriptors(&db_opts, &path, cfs).map_err(|e| {
+        let opened = DB::open_cf_descriptors(&db_opts, &path, cfs());
+        // A disk that filled up while no server ran: the reserve is the
+        // room to open in (the store starts full, see `space`).
+        let opened = match opened {
+            Err(e) if e.as_ref().contains("No space left on device") && Space::give_back(dir) => {
+                DB::open_cf_descriptors(&db_opts, &path, cfs())
+            }
+            r => r,
+        };
+        let db = opened.map_err(|e| {
             // RocksDB's LOCK file: another process has the store open.
             if e.as_ref().contains("lock file") && e.as_ref().contains("temporarily unavailable") {
                 Error::Refused(format!(
@@ -310,6 +325,7 @@ impl Db {
             segs: pending.iter().map(|(_, l)| l.seg).collect(),
         };
         self.log.sync()?;
+        self.space.watch();
         let cf = self.cf(CF_CHUNK_INDEX);
         for (id, loc) in &pending {
             batch.put_cf(cf, id.0, Placement::log_value(*loc));
@@ -622,12 +638,16 @@ impl Db {
         self.with_placement(id, |p| p.stored_len())
     }
 
-    /// Reclaims chunk log space: segments older than `before` that no index
-    /// entry names are removed, and those less than half live have their
-    /// live records copied to the active segment first. Run by GC (no
-    /// concurrent deletes), with `before` read while GC held `gc_barrier`
-    /// exclusively: every append to an older segment was made by a writer
-    /// that had finished indexing it by then. Returns the bytes freed.
+    /// Reclaims chunk log space in segments older than `before`: those no
+    /// index entry names are removed; in the others, the disk blocks
+    /// between live records are given back (holes punched), so space
+    /// comes back without room to move anything, which a full disk lacks.
+    /// Where the filesystem cannot punch holes, a segment less than half
+    /// live has its live records copied to the active segment first, if
+    /// the disk has room for them. Run by GC (no concurrent deletes), with
+    /// `before` read while GC held `gc_barrier` exclusively: every append
+    /// to an older segment was made by a writer that had finished indexing
+    /// it by then. Returns the bytes given back to the disk.
     pub(crate) fn compact_chunks(&self, before: u32) -> Result<u64> {
         let mut live: std::collections::HashMap<u32, u64> = Default::default();
         self.for_each_loc(&mut |_, loc| {
@@ -646,47 +666,56 @@ impl Db {
                 .chain(p.in_flight.keys().copied())
                 .collect()
         };
-        let mut freed = 0;
         let mut empty = Vec::new();
-        let mut victims = Vec::new();
+        let mut sparse = Vec::new();
         for (seg, size) in self.log.segments()? {
             if seg >= before || busy.contains(&seg) {
                 continue;
             }
+            let held = self.log.allocated(seg)?;
             match live.get(&seg).copied().unwrap_or(0) {
-                0 => empty.push((seg, size)),
-                l if l * 2 < size => victims.push((seg, size, l)),
+                0 => empty.push((seg, held)),
+                l if held > l + PUNCH_MIN => sparse.push((seg, size, l)),
                 _ => {}
             }
         }
-        // Empty segments first: removing them needs no room, and gives
-        // some to the moves below on a full disk.
-        if !empty.is_empty() {
-            // The sweep's index deletions were not synced: were they lost
-            // in a power failure, entries naming a removed segment would
-            // come back (and a later write of the same bytes would
-            // deduplicate against them). Durable first, as for a move.
-            self.sync_wal()?;
-            for (seg, size) in empty {
-                self.log.remove(seg)?;
-                freed += size;
+        if empty.is_empty() && sparse.is_empty() {
+            return Ok(0);
+        }
+        // The sweep's index deletions were not synced: were they lost in a
+        // power failure, entries naming freed bytes would come back (and a
+        // later write of the same bytes would deduplicate against them).
+        self.sync_wal()?;
+        let mut freed = 0;
+        for (seg, held) in empty {
+            self.log.remove(seg)?;
+            freed += held;
+        }
+        // The fewest live bytes first: on a full disk, what frees the most
+        // comes first.
+        sparse.sort_unstable_by_key(|&(_, _, l)| l);
+        let mut records: std::collections::HashMap<u32, Vec<(Id, Loc)>> =
+            sparse.iter().map(|&(seg, ..)| (seg, Vec::new())).collect();
+        self.for_each_loc(&mut |id, loc| {
+            if let Some(r) = records.get_mut(&loc.seg) {
+                r.push((id, loc));
             }
-        }
-        // Then one sparse segment at a time, the fewest live bytes first,
-        // each only if the disk has room for its live records: GC never
-        // fills the disk it is freeing.
-        victims.sort_unstable_by_key(|&(_, _, l)| l);
-        let mut moving: std::collections::HashMap<u32, Vec<(Id, Loc)>> =
-            victims.iter().map(|&(seg, ..)| (seg, Vec::new())).collect();
-        if !moving.is_empty() {
-            self.for_each_loc(&mut |id, loc| {
-                if let Some(m) = moving.get_mut(&loc.seg) {
-                    m.push((id, loc));
-                }
-                Ok(())
-            })?;
-        }
-        for (seg, size, l) in victims {
+            Ok(())
+        })?;
+        for (seg, size, l) in sparse {
+            let recs = records.remove(&seg).unwrap_or_default();
+            let held = self.log.allocated(seg)?;
+            let mut extents: Vec<(u64, u64)> = recs
+                .iter()
+                .map(|(_, loc)| (loc.off, loc.record_len()))
+                .collect();
+            if self.log.punch(seg, &mut extents)? {
+                freed += held.saturating_sub(self.log.allocated(seg)?);
+                continue;
+            }
+            if l * 2 >= size {
+                continue;
+            }
             if self.space.free_bytes() < l + MOVE_SLACK {
                 tracing::warn!(
                     "GC left chunk segment {seg} ({} of {} MiB live) as it is: the disk has no \
@@ -697,7 +726,7 @@ impl Db {
                 continue;
             }
             let mut batch = WriteBatch::default();
-            for (id, loc) in moving.remove(&seg).unwrap_or_default() {
+            for (id, loc) in recs {
                 let (codec, payload) = self.log.read_parts(&id, loc)?.ok_or_else(|| {
                     Error::Corrupt(format!("chunk {}: its segment vanished", id.short()))
                 })?;
@@ -707,7 +736,7 @@ impl Db {
             // Synced (chunks first): only then may the old copies go.
             self.write(batch, true, "moving chunks out of sparse segments")?;
             self.log.remove(seg)?;
-            freed += size - l;
+            freed += held.saturating_sub(l);
         }
         Ok(freed)
     }

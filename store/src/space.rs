@@ -14,13 +14,16 @@
 use crate::error::{libc_consts::ENOSPC, Error, Result};
 use parking_lot::Mutex;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// The largest reserve.
 const RESERVE_MAX: u64 = 64 << 20;
 /// How often a full store looks at the free space again.
 const RECHECK: Duration = Duration::from_secs(1);
+
+/// How often writers look at the free space while the store takes data.
+const WATCH: Duration = Duration::from_millis(50);
 
 /// The reserve file and whether the store is full.
 pub(crate) struct Space {
@@ -29,6 +32,10 @@ pub(crate) struct Space {
     size: u64,
     full: AtomicBool,
     checked: Mutex<Option<Instant>>,
+    /// When the store opened, and when a writer last looked at the free
+    /// space (milliseconds after it), for [`Space::watch`].
+    opened: Instant,
+    watched: AtomicU64,
 }
 
 /// Total and available bytes of the filesystem holding `dir`.
@@ -58,6 +65,8 @@ impl Space {
             size,
             full: AtomicBool::new(false),
             checked: Mutex::new(None),
+            opened: Instant::now(),
+            watched: AtomicU64::new(0),
         };
         let present = std::fs::metadata(&space.path).is_ok_and(|m| m.len() >= size);
         if !present {
@@ -73,6 +82,20 @@ impl Space {
             }
         }
         space
+    }
+
+    /// Removes the reserve of the store in `dir` before it opens (its
+    /// database found the disk full); returns whether there was one.
+    pub(crate) fn give_back(dir: &Path) -> bool {
+        let given = std::fs::remove_file(dir.join("reserve")).is_ok();
+        if given {
+            tracing::warn!(
+                "the disk holding {} is full: gave back the room kept for deletions to open the \
+                 store",
+                dir.display()
+            );
+        }
+        given
     }
 
     /// Allocates the reserve file (written whole: allocated blocks are
@@ -113,6 +136,43 @@ impl Space {
             }
             Err(_) => false,
         }
+    }
+
+    /// Called by writes of the store (chunk log writes, RocksDB batches):
+    /// every 50 ms at most, looks at the free space. Below the reserve's
+    /// size the store turns full before the disk does, keeping the last
+    /// of it for what was already written and for deletions (RocksDB,
+    /// once it meets a full disk, takes writes again only when it has
+    /// room for a whole memtable), and a reserve deleted by hand is made
+    /// again.
+    pub(crate) fn watch(&self) {
+        if self.full.load(Ordering::Acquire) {
+            return;
+        }
+        let now = self.opened.elapsed().as_millis() as u64;
+        let last = self.watched.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < WATCH.as_millis() as u64
+            || self
+                .watched
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let free = self.free_bytes();
+        let kept = self.path.exists() || (free >= self.room_needed() && self.make().is_ok());
+        if kept && free >= self.size {
+            return;
+        }
+        self.full.store(true, Ordering::Release);
+        *self.checked.lock() = Some(Instant::now());
+        tracing::warn!(
+            "the disk holding {} has {} MiB free: new data is refused until it has {} MiB free \
+             (delete files, branches or dots, then `dm gc`)",
+            self.dir.display(),
+            free >> 20,
+            self.room_needed() >> 20
+        );
     }
 
     /// Whether new data must be refused. A full store looks at the free
