@@ -51,6 +51,17 @@ pub struct BranchInfo {
     pub size: u64,
 }
 
+/// `Ok(None)` for a dot or branch that a listing found but another client
+/// deleted before its details were read: not listed, rather than failing
+/// the whole listing.
+pub fn gone_meanwhile<T>(r: Result<T>) -> Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// What a commit records besides the snapshot.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommitRequest {
@@ -368,7 +379,9 @@ impl Store {
         for (_, v) in self.meta_scan(meta::DOT_PREFIX)? {
             let d: DotRec =
                 postcard::from_bytes(&v).map_err(|e| Error::Corrupt(format!("dot record: {e}")))?;
-            out.push(self.dot_info_of(&d)?);
+            if let Some(info) = gone_meanwhile(self.dot_info_of(&d))? {
+                out.push(info);
+            }
         }
         Ok(out)
     }
@@ -448,10 +461,13 @@ impl Store {
 
     pub fn list_branches(&self, dot: &DotName) -> Result<Vec<BranchInfo>> {
         let d = self.dot_rec(dot)?;
-        self.branch_recs(&d)?
-            .into_iter()
-            .map(|(n, r)| self.branch_info_of(&d, &n, &r))
-            .collect()
+        let mut out = Vec::new();
+        for (n, r) in self.branch_recs(&d)? {
+            if let Some(info) = gone_meanwhile(self.branch_info_of(&d, &n, &r))? {
+                out.push(info);
+            }
+        }
+        Ok(out)
     }
 
     pub fn branch_info(&self, dot: &DotName, branch: &str) -> Result<BranchInfo> {

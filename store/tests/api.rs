@@ -1187,3 +1187,37 @@ fn diff_attribute_changes_and_access_times() {
         ]
     );
 }
+
+/// Listings taken while another client creates and deletes branches and
+/// dots leave out what was deleted meanwhile: they failed with "branch not
+/// found" (`dm list`, `dm status`, and a commit that lists the dot's
+/// branches for its containers).
+#[test]
+fn listings_skip_what_is_deleted_meanwhile() {
+    let (_dir, store, dot) = setup();
+    let c = commit(&store, &dot, "master", "base");
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let (store, dot, done) = (store.clone(), dot.clone(), done.clone());
+        std::thread::spawn(move || {
+            for i in 0..300 {
+                let name = format!("q{i}");
+                store.create_branch(&dot, &name, Some(c.id)).unwrap();
+                store.delete_branch(&dot, &name, true).unwrap();
+                let other = DotName::new(&format!("d{i}")).unwrap();
+                store.create_dot(&other, None).unwrap();
+                store.delete_dot(&other).unwrap();
+            }
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+        })
+    };
+    let mut listings = 0;
+    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+        let branches = store.list_branches(&dot).unwrap();
+        assert!(branches.iter().any(|b| b.name == "master"));
+        store.list_dots().unwrap();
+        listings += 1;
+    }
+    churn.join().unwrap();
+    assert!(listings > 10, "only {listings} listings ran");
+}

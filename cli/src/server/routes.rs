@@ -166,7 +166,10 @@ async fn list_dots(State(st): S) -> ApiResult<Json<Vec<DotSummary>>> {
         let mut out = Vec::new();
         let containers = st.docker.all_containers();
         for info in st.store.list_dots()? {
-            let cur = st.store.branch_info(&info.name, &info.current_branch)?;
+            let cur = st.store.branch_info(&info.name, &info.current_branch);
+            let Some(cur) = dm_store::store::gone_meanwhile(cur)? else {
+                continue;
+            };
             let mut s = dot_summary(&info, &cur, &st.server_id);
             s.containers = container_names(&containers, &info.name, None);
             out.push(s);
