@@ -247,3 +247,29 @@ fn a_mount_gone_behind_dms_back_is_mounted_again() {
     assert!(err.contains("mount point already"), "{err}");
     let _ = std::process::Command::new("umount").arg(&other).output();
 }
+
+/// poll(2) on a file in a mount says "ready", as on any regular file, and
+/// leaves no warning in the server's log (fuser logged three lines for
+/// each call; `docker exec` and `docker cp` poll).
+#[test]
+fn poll_on_a_file_is_ready_and_quiet() {
+    use std::os::fd::AsRawFd;
+    let s = Server::start(DM);
+    s.ok(&["init", "polled"]);
+    let mnt = PathBuf::from(s.ok(&["mount", "polled"]).trim());
+    write_synced(&mnt.join("f"), b"x");
+    let f = std::fs::File::open(mnt.join("f")).unwrap();
+    for _ in 0..3 {
+        let mut fds = [libc::pollfd {
+            fd: f.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: one valid pollfd, for the length given.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 1000) };
+        assert_eq!(n, 1, "{}", std::io::Error::last_os_error());
+        assert!(fds[0].revents & libc::POLLIN != 0);
+    }
+    let log = s.log();
+    assert!(!log.contains("Not Implemented"), "{log}");
+}

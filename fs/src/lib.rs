@@ -1301,6 +1301,22 @@ impl fuser::Filesystem for DmFs {
         self.tell_peers(&view.fs, || created(p, name));
     }
 
+    /// No poll: ENOSYS makes the kernel treat the mount's files as always
+    /// ready (as for a regular file) and stop asking. Answered here so that
+    /// fuser's default does not log a warning (`docker exec`, `docker cp`).
+    fn poll(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _ph: fuser::PollNotifier,
+        _events: fuser::PollEvents,
+        _flags: fuser::PollFlags,
+        reply: fuser::ReplyPoll,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
     /// No ioctls: the answer every program expects for "not a terminal"
     /// (Python's open() asks TCGETS of every file). Answered here so that
     /// fuser's default does not log a warning per call.
