@@ -14,6 +14,25 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// `path` with symlinks resolved as far as it exists (the missing rest
+/// appended as given).
+fn nearest_real(path: &Path) -> PathBuf {
+    let mut rest = Vec::new();
+    let mut at = path;
+    loop {
+        if let Ok(real) = std::fs::canonicalize(at) {
+            return rest.iter().rev().fold(real, |p, c| p.join(c));
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                at = parent;
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
+}
+
 /// Whether `path` is a directory with something in it.
 fn holds_files(path: &Path) -> bool {
     std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_some())
@@ -313,10 +332,28 @@ impl MountManager {
     /// holds nothing, or is already the mount of this volume; a mount over
     /// files would hide them until the unmount.
     fn check_user_path(&self, path: &Path, volume: &VolumeName) -> ApiResult<()> {
-        if self.lock().iter().any(|e| e.path == path) {
+        let entries = self.lock();
+        if entries.iter().any(|e| e.path == path) {
             // Mounted by dm: mount_inner answers (the same volume, or who).
             return Ok(());
         }
+        // Inside another of dm's mounts: the mount point would be a
+        // directory of that dot (committed with it), and a checkout of it
+        // would take the mount away.
+        let real = nearest_real(path);
+        let inside = |p: &Path, outer: &Path| p.starts_with(outer) && p != outer;
+        if let Some(outer) = entries
+            .iter()
+            .find(|e| inside(path, &e.path) || inside(&real, &e.path))
+        {
+            return Err(ApiError::conflict(format!(
+                "{} is inside the mount of {} at {}: give a path outside dm's mounts",
+                path.display(),
+                outer.volume,
+                outer.path.display()
+            )));
+        }
+        drop(entries);
         Self::check_empty_dir(path, volume)
     }
 

@@ -357,6 +357,13 @@ fn mount_refuses_files_and_non_empty_directories() {
     assert!(err.contains("is not empty"), "{err}");
     assert!(!dm_tests::is_mounted(&full));
     assert_eq!(std::fs::read(full.join("mine")).unwrap(), b"keep");
+    // Inside a mount of dm (its own, or another dot's): refused.
+    let app = PathBuf::from(s.ok(&["mount", "app"]).trim());
+    for volume in ["app", "app@master"] {
+        let err = s.fail(&["mount", volume, app.join("inside").to_str().unwrap()]);
+        assert!(err.contains("inside the mount of"), "{err}");
+    }
+    assert!(!app.join("inside").exists());
     // An empty (or new) directory is fine, and mounting it again too.
     let empty = dir.path().join("empty");
     s.ok(&["mount", "app", empty.to_str().unwrap()]);
