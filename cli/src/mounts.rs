@@ -153,6 +153,12 @@ impl MountManager {
                     continue;
                 }
             };
+            // Files put in a server path while it was not mounted (by a
+            // writer that went on by path after a crash) would be hidden
+            // by the mount: moved aside first.
+            if r.managed && holds_files(&r.path) {
+                self.move_aside(&r.path, &volume);
+            }
             // A path of the user's that holds files now (put there while it
             // was not mounted) is not hidden by a mount; forgotten.
             if !r.managed && holds_files(&r.path) {
@@ -186,6 +192,54 @@ impl MountManager {
             }
         }
         self.save(&self.lock());
+    }
+
+    /// Moves a server mount point that holds files to
+    /// `MOUNT_DIR/lost+found/<seconds since 1970>/<its path under MOUNT_DIR>`
+    /// (on the same file system), and says so in the log.
+    fn move_aside(&self, path: &Path, volume: &VolumeName) {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let rel = path.strip_prefix(&self.mount_dir).unwrap_or(path);
+        let dest = self
+            .mount_dir
+            .join("lost+found")
+            .join(secs.to_string())
+            .join(rel.strip_prefix("/").unwrap_or(rel));
+        let moved = dest
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::rename(path, &dest));
+        match moved {
+            Ok(()) => tracing::warn!(
+                "{} held files written while {volume} was not mounted there (outside the dot): \
+                 moved to {}",
+                path.display(),
+                dest.display()
+            ),
+            Err(e) => tracing::warn!(
+                "{} holds files written while {volume} was not mounted there (outside the dot), \
+                 hidden by the mount until it is unmounted; moving them to {} failed: {e}",
+                path.display(),
+                dest.display()
+            ),
+        }
+    }
+
+    /// Removes a server mount point once unmounted, and its parents up to
+    /// the mount dir while they are empty: a writer going on by path while
+    /// the server is stopped then fails, rather than filling a directory
+    /// the next mount would hide; and deleted dots leave nothing behind.
+    fn remove_mount_point(&self, path: &Path) {
+        let mut at = Some(path);
+        while let Some(dir) = at.filter(|d| d.starts_with(&self.mount_dir) && *d != self.mount_dir)
+        {
+            if std::fs::remove_dir(dir).is_err() {
+                break;
+            }
+            at = dir.parent();
+        }
     }
 
     /// Walks three levels under the mount dir and cleans up every directory
@@ -422,12 +476,12 @@ impl MountManager {
             )));
         };
         let entry = entries.remove(i);
-        let res = Self::unmount_entry(entry);
+        let res = self.unmount_entry(entry);
         self.save(&entries);
         res
     }
 
-    fn unmount_entry(entry: Entry) -> ApiResult<()> {
+    fn unmount_entry(&self, entry: Entry) -> ApiResult<()> {
         let path = entry.path.clone();
         entry.mount.unmount().map_err(|e| {
             ApiError::internal(format!(
@@ -442,7 +496,7 @@ impl MountManager {
             ))
         })?;
         if entry.managed {
-            let _ = std::fs::remove_dir(&path);
+            self.remove_mount_point(&path);
         }
         tracing::info!("unmounted {}", path.display());
         Ok(())
@@ -456,7 +510,7 @@ impl MountManager {
         while i < entries.len() {
             if &entries[i].volume.dot == dot {
                 let e = entries.remove(i);
-                if let Err(err) = Self::unmount_entry(e) {
+                if let Err(err) = self.unmount_entry(e) {
                     first_err.get_or_insert(err);
                 }
             } else {
@@ -594,6 +648,9 @@ impl MountManager {
             if let Err(err) = e.mount.unmount() {
                 tracing::warn!("unmounting {}: {err}", path.display());
             } else {
+                if e.managed {
+                    self.remove_mount_point(&path);
+                }
                 tracing::info!("unmounted {}", path.display());
             }
         }
