@@ -237,9 +237,15 @@ impl Store {
             // disk now, not once it fills (a user deleting a dot and
             // running gc saw nothing given back). No one appends while
             // the barrier is held.
+            // On a full disk, whatever its size: its dead records may be
+            // all the room there is to get back.
+            let seal_min = match self.db.space.check_now() {
+                true => 1,
+                false => GC_SEAL_MIN_BYTES,
+            };
             self.db
                 .flush_pending()
-                .and_then(|()| self.db.log.seal(GC_SEAL_MIN_BYTES))
+                .and_then(|()| self.db.log.seal(seal_min))
                 .and_then(|_| Ok((self.db.log.active_segment(), id_limit?)))
         };
         let result = compact_before.and_then(|(before, limit)| self.gc_inner(before, limit));

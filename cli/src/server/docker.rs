@@ -169,7 +169,7 @@ impl DockerIntegration {
                         "{}: {} (a pinned @branch must exist: {})",
                         v,
                         ApiError::from(e).message,
-                        how_to_make_branch(b)
+                        how_to_make_branch(&v.dot, b, true)
                     ))
                 })?;
                 Ok(b.clone())
@@ -525,11 +525,18 @@ impl DockerIntegration {
     }
 }
 
-/// How to make branch `b` for a pinned volume, or why it cannot be one.
-fn how_to_make_branch(b: &str) -> String {
+/// How to make branch `b` of `dot` for a pinned volume (making the dot
+/// first unless it exists), or why there can be no such branch.
+fn how_to_make_branch(dot: &DotName, b: &str, dot_exists: bool) -> String {
     match dm_store::names::validate_new("branch", b) {
-        Ok(()) => format!("create it with `dm checkout -b {b}`"),
-        Err(e) => format!("and none can be made: {e}"),
+        Ok(()) if dot_exists => format!(
+            "create it with `dm checkout -b {b}` on dot {dot}, or use the volume without @{b}"
+        ),
+        Ok(()) => format!(
+            "create the dot, then the branch (`dm init {dot}`, then `dm checkout -b {b}` on it), \
+             or use the volume without @{b}"
+        ),
+        Err(e) => format!("{e}; name an existing branch after @, or none"),
     }
 }
 
@@ -597,11 +604,10 @@ impl Backend for DockerIntegration {
                     .filter(|b| *b != dm_store::names::MASTER)
                 {
                     return Err(PluginError::Backend(format!(
-                        "{v}: there is no dot {}, and a new dot has only branch {}; create the dot first (`dm init {}`); {}",
+                        "{v}: there is no dot {}, and a new dot has only branch {}: {}",
                         v.dot,
                         dm_store::names::MASTER,
-                        v.dot.name,
-                        how_to_make_branch(b)
+                        how_to_make_branch(&v.dot, b, false)
                     )));
                 }
                 match self.store.create_dot(&v.dot, block_size) {
@@ -716,7 +722,12 @@ impl Backend for DockerIntegration {
         if refs.ids.is_empty() && !was_mounted {
             refs.owned = true;
         }
-        refs.ids.push(id.to_string());
+        // Docker gives each mount its own ID, and asks again with the same
+        // one only when it lost our Unmount (a container stopped while the
+        // server was down, then started): one mount, ended by one Unmount.
+        if !refs.ids.iter().any(|x| x == id) {
+            refs.ids.push(id.to_string());
+        }
         self.save(&st);
         tracing::info!(
             "docker: mounted {} (branch {}) at {} for {}",
