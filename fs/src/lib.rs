@@ -1003,24 +1003,32 @@ impl fuser::Filesystem for DmFs {
             }
         }
         // O_APPEND: at the end the store knows, not at the kernel's cached
-        // size, which a reset or another mount's writer may have moved
-        // (page-cache writes of a mapping keep their offsets).
-        let append =
-            flags.0 & libc::O_APPEND != 0 && !write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
+        // size, which a reset or another mount's writer may have moved.
+        // Page-cache writes keep their offsets, and so does every write
+        // under the writeback cache (the kernel's dirty pages beyond the
+        // store's end would overwrite an append placed there).
+        let append = flags.0 & libc::O_APPEND != 0
+            && !self.shared.writeback
+            && !write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
         let written = match append {
             true => fs.append(ino, data),
             false => fs.write(ino, offset, data).map(|n| (offset, n)),
         };
         match written {
-            Ok((offset, n)) => {
+            Ok((at, n)) => {
                 reply.written(n);
-                self.tell_peers(fs, || {
-                    vec![Change::Data {
-                        ino,
-                        offset,
-                        len: u64::from(n),
-                    }]
-                });
+                let changed = vec![Change::Data {
+                    ino,
+                    offset: at.min(offset),
+                    len: if at == offset { u64::from(n) } else { 0 },
+                }];
+                if at == offset {
+                    self.tell_peers(fs, || changed);
+                } else {
+                    // Appended elsewhere than where this kernel put the
+                    // bytes in its cache: its pages and size are wrong too.
+                    peers::publish_all(fs, &self.shared, changed);
+                }
             }
             Err(e) => reply.error(errno(&e)),
         }

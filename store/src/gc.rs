@@ -245,7 +245,15 @@ impl Store {
             };
             self.db
                 .flush_pending()
-                .and_then(|()| self.db.log.seal(seal_min))
+                .and_then(|()| match self.db.log.seal(seal_min) {
+                    // A full disk may have no room for a new segment: GC
+                    // goes on without giving back the active one's space.
+                    Err(e) if seal_min == 1 => {
+                        tracing::warn!("GC could not seal the active chunk segment: {e}");
+                        Ok(false)
+                    }
+                    r => r,
+                })
                 .and_then(|_| Ok((self.db.log.active_segment(), id_limit?)))
         };
         let result = compact_before.and_then(|(before, limit)| self.gc_inner(before, limit));

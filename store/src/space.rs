@@ -70,7 +70,14 @@ impl Space {
         };
         let present = std::fs::metadata(&space.path).is_ok_and(|m| m.len() >= size);
         if !present {
-            if let Err(e) = space.make() {
+            // Made only with room to spare, as a full store makes it again
+            // (a store that gave its reserve back to open starts full).
+            let free = space.free_bytes();
+            let made = match free >= space.room_needed() {
+                true => space.make().map_err(|e| e.to_string()),
+                false => Err(format!("{} MiB free", free >> 20)),
+            };
+            if let Err(e) = made {
                 tracing::warn!(
                     "the disk holding {} is full: could not keep {} MiB free for deletions \
                      ({e}); new data is refused until it has {} MiB free",
@@ -98,8 +105,9 @@ impl Space {
         given
     }
 
-    /// Allocates the reserve file (written whole: allocated blocks are
-    /// what the filesystem gives back when it is removed).
+    /// Allocates the reserve file (posix_fallocate: blocks the filesystem
+    /// gives back when it is removed; a filesystem that does not reserve
+    /// blocks that way, such as ZFS, keeps nothing for it).
     fn make(&self) -> std::io::Result<()> {
         use std::os::fd::AsRawFd;
         let tmp = self.dir.join("reserve.tmp");

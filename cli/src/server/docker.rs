@@ -722,12 +722,9 @@ impl Backend for DockerIntegration {
         if refs.ids.is_empty() && !was_mounted {
             refs.owned = true;
         }
-        // Docker gives each mount its own ID, and asks again with the same
-        // one only when it lost our Unmount (a container stopped while the
-        // server was down, then started): one mount, ended by one Unmount.
-        if !refs.ids.iter().any(|x| x == id) {
-            refs.ids.push(id.to_string());
-        }
+        // Counted per request, not per ID: `docker cp` on a running
+        // container mounts again with the container's ID, then unmounts once.
+        refs.ids.push(id.to_string());
         self.save(&st);
         tracing::info!(
             "docker: mounted {} (branch {}) at {} for {}",

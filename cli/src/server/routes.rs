@@ -152,13 +152,17 @@ fn resolve_rev(store: &Store, dot: &DotName, branch: &str, rev: &str) -> ApiResu
     })
 }
 
-async fn version(State(st): S) -> Json<VersionInfo> {
-    Json(VersionInfo {
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        api_version: API_VERSION,
-        server_id: st.server_id.clone(),
-        disk_full: st.store.disk_full(),
+async fn version(State(st): S) -> ApiResult<Json<VersionInfo>> {
+    blocking(move || {
+        Ok(VersionInfo {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            api_version: API_VERSION,
+            server_id: st.server_id.clone(),
+            // Looks at the disk (and may make the reserve again).
+            disk_full: st.store.disk_full(),
+        })
     })
+    .await
 }
 
 async fn list_dots(State(st): S) -> ApiResult<Json<Vec<DotSummary>>> {
