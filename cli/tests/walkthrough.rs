@@ -273,3 +273,21 @@ fn poll_on_a_file_is_ready_and_quiet() {
     let log = s.log();
     assert!(!log.contains("Not Implemented"), "{log}");
 }
+
+/// A process that holds the socket but does not answer (a server still
+/// exiting after kill -9, while the kernel ends its FUSE sessions) is
+/// waited for, not taken for a running server: the start right after it
+/// succeeds once it is gone (it failed with "already listening").
+#[test]
+fn a_start_waits_for_a_silent_server_on_its_socket() {
+    let mut s = Server::start(DM);
+    s.stop();
+    let silent = std::os::unix::net::UnixListener::bind(s.socket()).unwrap();
+    let gone = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        drop(silent);
+    });
+    s.restart();
+    gone.join().unwrap();
+    s.ok(&["version"]);
+}

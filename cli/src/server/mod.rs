@@ -109,17 +109,50 @@ fn refuse_foreign_dir(dir: &Path) -> Result<()> {
 
 /// Removes a socket file left by a dead server; fails if a server answers.
 fn claim_socket(socket: &Path) -> Result<()> {
+    use std::os::unix::net::UnixStream;
     if socket.exists() {
-        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-            bail!(
-                "another dm server is already listening on {}; stop it first or use --socket",
-                socket.display()
-            );
+        if let Ok(stream) = UnixStream::connect(socket) {
+            if answers(stream) {
+                bail!(
+                    "another dm server is already listening on {}; stop it first or use --socket",
+                    socket.display()
+                );
+            }
+            // Connectable but silent: a server still exiting (after kill -9
+            // the kernel ends its FUSE sessions first). Given a while.
+            let deadline = std::time::Instant::now() + SILENT_SERVER_WAIT;
+            while UnixStream::connect(socket).is_ok() {
+                if std::time::Instant::now() > deadline {
+                    bail!(
+                        "a process listening on {} does not answer (a dm server that hangs?); \
+                         stop it (`fuser {}` names it) or use --socket",
+                        socket.display(),
+                        socket.display()
+                    );
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
         }
         std::fs::remove_file(socket)
             .with_context(|| format!("removing the stale socket {}", socket.display()))?;
     }
     Ok(())
+}
+
+/// How long a start waits for a silent process on its socket to go.
+const SILENT_SERVER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether the server behind `stream` answers an HTTP request within 2 s.
+fn answers(mut stream: std::os::unix::net::UnixStream) -> bool {
+    use std::io::{Read, Write};
+    let timeout = Some(std::time::Duration::from_secs(2));
+    let mut byte = [0u8; 1];
+    stream.set_read_timeout(timeout).is_ok()
+        && stream.set_write_timeout(timeout).is_ok()
+        && stream
+            .write_all(b"GET /v1/version HTTP/1.1\r\nHost: dm\r\nConnection: close\r\n\r\n")
+            .is_ok()
+        && stream.read(&mut byte).is_ok_and(|n| n > 0)
 }
 
 /// Raises the soft limit on open files to the hard limit: the store keeps
