@@ -1936,6 +1936,18 @@ impl BranchFs {
         self.buffered.load(Ordering::Relaxed)
     }
 
+    /// Bytes written to open files that the working state does not name
+    /// yet: buffered in memory, or spilled to the chunk log under memory
+    /// pressure (named only by their file's buffer until its flush).
+    pub fn unflushed_bytes(&self) -> u64 {
+        let buffers: Vec<_> = self.files.lock().values().cloned().collect();
+        let spilled: u64 = buffers
+            .iter()
+            .map(|b| b.lock().spilled.len() as u64 * u64::from(self.block_size))
+            .sum();
+        self.buffered_bytes() as u64 + spilled
+    }
+
     /// Drops every buffer (reset): the working state is being replaced.
     /// Before a reset discards the working state `st`: new files will get
     /// numbers above every one it used (see [`BranchFs::ino_floor`]).

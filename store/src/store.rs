@@ -487,7 +487,7 @@ impl Store {
             None => (0, 0),
         };
         let view = fs.view(&st);
-        let mut dirty = fs.buffered_bytes() as u64;
+        let mut dirty = fs.unflushed_bytes();
         let mut delta: i128 = 0;
         view.for_each_change(&mut |k, v| {
             match keys::parse(k) {
@@ -947,7 +947,7 @@ impl Store {
                 st.head.map(|h| h.short()).unwrap_or_else(|| "no commit".into()),
             )));
         }
-        if !hard && (fs.buffered_bytes() > 0 || fs.view(&st).has_changes()?) {
+        if !hard && (fs.unflushed_bytes() > 0 || fs.view(&st).has_changes()?) {
             return Err(Error::Refused(format!(
                 "branch {branch} of dot {dot} has uncommitted changes; commit them, or use `dm reset --hard` to discard them"
             )));

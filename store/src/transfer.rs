@@ -624,7 +624,7 @@ impl Store {
         fs: &crate::branch::BranchFs,
         st: &crate::branch::BranchState,
     ) -> Result<bool> {
-        if fs.buffered_bytes() > 0 {
+        if fs.unflushed_bytes() > 0 {
             return Ok(true);
         }
         if st.head.is_some() {

@@ -1221,3 +1221,40 @@ fn listings_skip_what_is_deleted_meanwhile() {
     churn.join().unwrap();
     assert!(listings > 10, "only {listings} listings ran");
 }
+
+/// Data written to open files counts as uncommitted also once spilled to
+/// the chunk log under memory pressure (named only by the file's buffer
+/// until its flush): in a branch's dirty bytes (`dm status` showed 63 of
+/// 100 MiB), and for a reset without --hard, which must refuse.
+#[test]
+fn spilled_writes_count_as_uncommitted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_with(
+        dir.path(),
+        dm_store::StoreOptions {
+            write_buffer_bytes: 1 << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let dot = DotName::new("spill").unwrap();
+    store.create_dot(&dot, None).unwrap();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    let data = noise(8 << 20, 9);
+    write_file(&fs, "big", &data);
+    let c = commit(&store, &dot, "master", "big");
+    // Overwritten in place, file open: nothing in the working state yet.
+    let ino = fs.lookup(ROOT_INO, b"big").unwrap().ino;
+    fs.open(ino).unwrap();
+    let new = noise(8 << 20, 10);
+    fs.write(ino, 0, &new).unwrap();
+    let info = store.branch_info(&dot, "master").unwrap();
+    assert!(
+        info.dirty_bytes >= 8 << 20,
+        "{} dirty bytes",
+        info.dirty_bytes
+    );
+    assert!(store.reset(&dot, "master", c.id, false).is_err());
+    assert!(read_file(&fs, "big").unwrap() == new);
+    fs.release(ino).unwrap();
+}
