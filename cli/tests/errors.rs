@@ -369,4 +369,6 @@ fn mount_refuses_files_and_non_empty_directories() {
     s.ok(&["mount", "app", empty.to_str().unwrap()]);
     s.ok(&["mount", "app", empty.to_str().unwrap()]);
     assert!(dm_tests::is_mounted(&empty));
+    // Outside the server's directories: the test's cleanup would not see it.
+    s.ok(&["unmount", empty.to_str().unwrap()]);
 }
