@@ -8,7 +8,7 @@ use crate::chunklog::{record_crc, ChunkLog, Loc, Placement, INLINE_MAX};
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::object::{self, Node};
-use crate::space::Space;
+use crate::space::{is_no_space, Space};
 use crate::stage::Prepared;
 use crate::tree::NodeSource;
 use parking_lot::Mutex;
@@ -257,7 +257,7 @@ impl Db {
         // A disk that filled up while no server ran: the reserve is the
         // room to open in (the store starts full, see `space`).
         let opened = match opened {
-            Err(e) if e.as_ref().contains("No space left on device") && Space::give_back(dir) => {
+            Err(e) if is_no_space(&e) && Space::give_back(dir) => {
                 DB::open_cf_descriptors(&db_opts, &path, cfs())
             }
             r => r,
@@ -382,7 +382,7 @@ impl Db {
     /// back, so that the next write (once RocksDB has recovered, which it
     /// checks every few seconds) finds room.
     fn db_error(&self, what: &str, e: rocksdb::Error) -> Error {
-        if e.as_ref().contains("No space left on device") {
+        if is_no_space(&e) {
             self.space.release();
         }
         Error::db(what)(e)
@@ -675,7 +675,7 @@ impl Db {
             let held = self.log.allocated(seg)?;
             match live.get(&seg).copied().unwrap_or(0) {
                 0 => empty.push((seg, held)),
-                l if held > l + PUNCH_MIN => sparse.push((seg, size, l)),
+                l if held > l + PUNCH_MIN => sparse.push((seg, size, l, held)),
                 _ => {}
             }
         }
@@ -693,7 +693,7 @@ impl Db {
         }
         // The fewest live bytes first: on a full disk, what frees the most
         // comes first.
-        sparse.sort_unstable_by_key(|&(_, _, l)| l);
+        sparse.sort_unstable_by_key(|&(_, _, l, _)| l);
         let mut records: std::collections::HashMap<u32, Vec<(Id, Loc)>> =
             sparse.iter().map(|&(seg, ..)| (seg, Vec::new())).collect();
         self.for_each_loc(&mut |id, loc| {
@@ -702,9 +702,8 @@ impl Db {
             }
             Ok(())
         })?;
-        for (seg, size, l) in sparse {
+        for (seg, size, l, held) in sparse {
             let recs = records.remove(&seg).unwrap_or_default();
-            let held = self.log.allocated(seg)?;
             let mut extents: Vec<(u64, u64)> = recs
                 .iter()
                 .map(|(_, loc)| (loc.off, loc.record_len()))

@@ -61,9 +61,7 @@ impl Error {
             Error::InvalidName { .. } => libc_consts::EINVAL,
             Error::Refused(_) | Error::BadRevision(_) => libc_consts::EINVAL,
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc_consts::EIO),
-            Error::Db { source, .. } if source.as_ref().contains("No space left on device") => {
-                libc_consts::ENOSPC
-            }
+            Error::Db { source, .. } if crate::space::is_no_space(source) => libc_consts::ENOSPC,
             Error::Db { .. } | Error::Corrupt(_) => libc_consts::EIO,
         }
     }

@@ -239,16 +239,14 @@ impl Store {
             // the barrier is held.
             // On a full disk, whatever its size: its dead records may be
             // all the room there is to get back.
-            let seal_min = match self.db.space.check_now() {
-                true => 1,
-                false => GC_SEAL_MIN_BYTES,
-            };
+            let full = self.db.space.check_now();
+            let seal_min = if full { 1 } else { GC_SEAL_MIN_BYTES };
             self.db
                 .flush_pending()
                 .and_then(|()| match self.db.log.seal(seal_min) {
                     // A full disk may have no room for a new segment: GC
                     // goes on without giving back the active one's space.
-                    Err(e) if seal_min == 1 => {
+                    Err(e) if full => {
                         tracing::warn!("GC could not seal the active chunk segment: {e}");
                         Ok(false)
                     }

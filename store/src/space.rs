@@ -53,6 +53,12 @@ pub(crate) fn is_enospc(e: &std::io::Error) -> bool {
     e.raw_os_error() == Some(ENOSPC)
 }
 
+/// Whether a RocksDB error means the disk is full (RocksDB gives the
+/// errno only in its message).
+pub(crate) fn is_no_space(e: &rocksdb::Error) -> bool {
+    e.as_ref().contains("No space left on device")
+}
+
 impl Space {
     /// Makes the reserve in `dir` if it is missing; a store that cannot
     /// make it starts full.
@@ -68,27 +74,34 @@ impl Space {
             opened: Instant::now(),
             watched: AtomicU64::new(0),
         };
-        let present = std::fs::metadata(&space.path).is_ok_and(|m| m.len() >= size);
-        if !present {
-            // Made only with room to spare, as a full store makes it again
-            // (a store that gave its reserve back to open starts full).
-            let free = space.free_bytes();
-            let made = match free >= space.room_needed() {
-                true => space.make().map_err(|e| e.to_string()),
-                false => Err(format!("{} MiB free", free >> 20)),
-            };
-            if let Err(e) = made {
-                tracing::warn!(
-                    "the disk holding {} is full: could not keep {} MiB free for deletions \
-                     ({e}); new data is refused until it has {} MiB free",
-                    dir.display(),
-                    size >> 20,
-                    space.room_needed() >> 20
-                );
-                space.full.store(true, Ordering::Release);
-            }
+        // A store that gave its reserve back to open starts full.
+        let free = space.free_bytes();
+        if !space.reserve_kept(free) {
+            tracing::warn!(
+                "the disk holding {} has {} MiB free: could not keep {} MiB free for deletions; \
+                 new data is refused until it has {} MiB free",
+                dir.display(),
+                free >> 20,
+                size >> 20,
+                space.room_needed() >> 20
+            );
+            space.turn_full();
         }
         space
+    }
+
+    /// Whether the reserve is there, making it if it is missing (or
+    /// smaller than now wanted) and `free` leaves room to spare, as a full
+    /// store makes it again.
+    fn reserve_kept(&self, free: u64) -> bool {
+        std::fs::metadata(&self.path).is_ok_and(|m| m.len() >= self.size)
+            || (free >= self.room_needed() && self.make().is_ok())
+    }
+
+    /// Turns the store full, as if it had just looked at the disk.
+    fn turn_full(&self) {
+        self.full.store(true, Ordering::Release);
+        *self.checked.lock() = Some(Instant::now());
     }
 
     /// Removes the reserve of the store in `dir` before it opens (its
@@ -128,8 +141,7 @@ impl Space {
     /// (if it is still there) and turns the store full. Returns whether
     /// room was freed, so that the write may be tried once more.
     pub(crate) fn release(&self) -> bool {
-        self.full.store(true, Ordering::Release);
-        *self.checked.lock() = Some(Instant::now());
+        self.turn_full();
         match std::fs::remove_file(&self.path) {
             Ok(()) => {
                 tracing::warn!(
@@ -168,12 +180,10 @@ impl Space {
             return;
         }
         let free = self.free_bytes();
-        let kept = self.path.exists() || (free >= self.room_needed() && self.make().is_ok());
-        if kept && free >= self.size {
+        if self.reserve_kept(free) && free >= self.size {
             return;
         }
-        self.full.store(true, Ordering::Release);
-        *self.checked.lock() = Some(Instant::now());
+        self.turn_full();
         tracing::warn!(
             "the disk holding {} has {} MiB free: new data is refused until it has {} MiB free \
              (delete files, branches or dots, then `dm gc`)",
@@ -187,30 +197,28 @@ impl Space {
     /// space at most once a second, and takes writes again (after making
     /// the reserve again) once twice the reserve is free.
     pub(crate) fn is_full(&self) -> bool {
-        if !self.full.load(Ordering::Acquire) {
-            return false;
-        }
-        let mut checked = self.checked.lock();
-        if checked.is_some_and(|t| t.elapsed() < RECHECK) {
-            return true;
-        }
-        *checked = Some(Instant::now());
-        self.recheck()
+        self.full_looking_after(RECHECK)
     }
 
     /// Whether the store is full, looking at the free space now if it was.
     pub(crate) fn check_now(&self) -> bool {
+        self.full_looking_after(Duration::ZERO)
+    }
+
+    /// Whether the store is full; a full store looks at the free space if
+    /// it last did `every` ago or more, and takes writes again if there is
+    /// room (after making the reserve again, if it is gone).
+    fn full_looking_after(&self, every: Duration) -> bool {
         if !self.full.load(Ordering::Acquire) {
             return false;
         }
         let mut checked = self.checked.lock();
+        if checked.is_some_and(|t| t.elapsed() < every) {
+            return true;
+        }
         *checked = Some(Instant::now());
-        self.recheck()
-    }
-
-    /// Takes writes again if there is room (the caller holds `checked`).
-    fn recheck(&self) -> bool {
-        if self.free_bytes() < self.room_needed() || self.make().is_err() {
+        let free = self.free_bytes();
+        if free < self.room_needed() || !self.reserve_kept(free) {
             return true;
         }
         self.full.store(false, Ordering::Release);

@@ -359,6 +359,8 @@ impl DockerIntegration {
                 // A stop task that panicked: its container's state is unknown.
                 results.push(joined.unwrap_or_else(|e| (usize::MAX, Err(e.to_string()))));
             }
+            // Those stopped are started again in the order Docker listed them.
+            results.sort_by_key(|(i, _)| *i);
             results
         });
         let mut stopped = Vec::new();
@@ -374,8 +376,6 @@ impl DockerIntegration {
                 (None, Ok(())) => {}
             }
         }
-        // Started again in the order they were listed in.
-        stopped.sort_by_key(|c| followers.iter().position(|f| f.id == c.id));
         let out = match stop_err {
             Some(e) => Err(e),
             None => f(),
