@@ -608,6 +608,12 @@ fn docker_volume_ls_inspect_rm_and_bad_names() {
     assert_eq!(inspect[0]["Status"]["dot"], "myapp");
     assert_eq!(inspect[0]["Status"]["branch"], "master");
     assert_eq!(inspect[0]["Status"]["pinned"], false);
+    // The dot's creation time, not Docker's zero time.
+    let created = inspect[0]["CreatedAt"].as_str().unwrap_or_default();
+    assert!(
+        created.len() >= 20 && !created.starts_with("0001"),
+        "CreatedAt should be the dot's creation time: {inspect}"
+    );
 
     // A pinned branch must exist; bad names are refused with the reason.
     let out = docker(&["volume", "create", "-d", "dm", "myapp@nosuch"]);
@@ -685,12 +691,22 @@ fn docker_volume_ls_inspect_rm_and_bad_names() {
     );
     let mnt = docker_ok(&s, &["volume", "inspect", "-f", "{{.Mountpoint}}", "myapp"]);
     assert!(mnt.trim().ends_with("admin/myapp/__default__"), "{mnt}");
+    // `dm mount` of the same path takes it over: the container's end does
+    // not unmount it from under the user.
+    let user = s.ok(&["mount", "myapp"]);
+    assert_eq!(user.trim(), mnt.trim());
+    docker_ok(&s, &["exec", c, "sh", "-c", "echo shared > /data/u"]);
     assert!(!docker(&["volume", "rm", "myapp"]).status.success());
     // Nor does dm delete a dot a running container uses, -f or not.
     let err = s.fail(&["dot", "delete", "-f", "myapp"]);
     assert!(err.contains(c) && err.contains("docker stop"), "{err}");
     assert!(s.ok(&["list"]).contains("myapp"));
     docker_ok(&s, &["rm", "-f", c]);
+    assert_eq!(
+        std::fs::read_to_string(Path::new(user.trim()).join("u")).expect("dm mount kept"),
+        "shared\n"
+    );
+    s.ok(&["unmount", user.trim()]);
     docker_ok(&s, &["volume", "rm", "myapp"]);
     let ls = docker_ok(&s, &["volume", "ls", "--format", "{{.Driver}} {{.Name}}"]);
     assert!(!ls.lines().any(|l| l == "dm myapp"), "{ls}");
@@ -708,7 +724,15 @@ fn daemon_down_fails_fast_and_restart_serves_volumes() {
     let mut s = start_server();
     let c = "dmtest-survivor";
     let crashy = "dmtest-crashy";
-    let _clean = Cleanup::new(&[c, crashy], &["keepme", "dmtest-plain"]);
+    let never = "dmtest-never-started";
+    let down = "dmtest-stopped-while-down";
+    let _clean = Cleanup::new(
+        &[c, crashy, never, down],
+        &["keepme", "dmtest-plain", "downvol"],
+    );
+    run_detached(&s, down, "downvol:/data", LOOP);
+    let downvol = s.mount_dir().join("admin/downvol/__default__");
+    assert!(dm_tests::is_mounted(&downvol));
     run(&s, "keepme", "echo kept > /data/f");
     // A container running across the restarts. (Not one with --rm: the
     // server restarts it with `docker restart`, which usually keeps it, but
@@ -785,6 +809,30 @@ fn daemon_down_fails_fast_and_restart_serves_volumes() {
         );
         assert_eq!(driver.trim(), "local");
         docker_ok(&s, &["volume", "rm", "dmtest-plain"]);
+        // A container whose first start failed for want of a server never
+        // ran: the user was told to retry, so the server must not start it
+        // later (a retried `docker run` would then run twice).
+        if !crash {
+            let out = docker(&[
+                "run",
+                "-d",
+                "--restart",
+                "always",
+                "--name",
+                never,
+                "--volume-driver",
+                "dm",
+                "-v",
+                "keepme:/data",
+                IMAGE,
+                "sh",
+                "-c",
+                "echo ran >> /data/never; sleep 1000",
+            ]);
+            assert!(!out.status.success(), "started with the server down");
+            // Its Unmount finds no server.
+            docker_ok(&s, &["stop", "-t", "1", down]);
+        }
 
         s.restart();
         // No `docker volume create`: the volume is served again.
@@ -819,6 +867,41 @@ fn daemon_down_fails_fast_and_restart_serves_volumes() {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+        // The stale containers were restarted above, at once.
+        let state = docker_ok(&s, &["inspect", "-f", "{{.State.Status}}", never]);
+        // Mount requests whose Unmount came while no server ran are
+        // forgotten: none pins a mount, and the restarted containers
+        // count once each.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while dm_tests::is_mounted(&downvol) {
+            assert!(
+                Instant::now() < deadline,
+                "{down} was stopped, but its volume stays mounted\n{}",
+                s.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let table: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(s.data_dir().join("docker-volumes.json")).expect("volume table"),
+        )
+        .expect("JSON");
+        let keepme = s.mount_dir().join("admin/keepme/__default__");
+        assert_eq!(
+            table["mounts"][keepme.display().to_string()]["ids"]
+                .as_array()
+                .map(Vec::len),
+            Some(2),
+            "{c} and {crashy} each mount keepme once: {table}"
+        );
+        assert_eq!(state.trim(), "created", "{}", s.log());
+        assert_eq!(
+            run(
+                &s,
+                "keepme",
+                "test -e /data/never && echo ran || echo never"
+            ),
+            "never\n"
+        );
     }
 }
 
@@ -1054,5 +1137,73 @@ fn a_switch_stops_containers_at_once_with_their_own_stop_timeout() {
     assert!(
         (a - b).abs() < 4,
         "stopped one after the other: SIGTERM at {a} and {b}"
+    );
+}
+
+/// Polls `cond` for up to 20 s; panics with `what()` if it never holds.
+fn wait_until(mut cond: impl FnMut() -> bool, what: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "{}", what());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_second_server_leaves_the_plugin_to_the_first() {
+    let Some(_lock) = setup() else { return };
+    let _proxy = ProxyGuard;
+    let upstream = || {
+        plugin_call("dm-proxy/info", "")["upstream"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let first = start_server();
+    let ours = |s: &Server| s.data_dir().join("plugin.sock").display().to_string();
+    wait_until(
+        || upstream() == ours(&first),
+        || {
+            format!(
+                "the proxy never forwarded to the first server\n{}",
+                first.log()
+            )
+        },
+    );
+    // Another server with the same plugin socket (another data directory)
+    // runs without the plugin rather than taking the first one's volumes.
+    let mut second = start_server();
+    wait_until(
+        || second.log().contains("already serves Docker"),
+        || {
+            format!(
+                "the second server did not say why it has no plugin\n{}",
+                second.log()
+            )
+        },
+    );
+    assert_eq!(upstream(), ours(&first));
+    let _clean = Cleanup::new(&[], &["dmtest-firsts"]);
+    docker_ok(&first, &["volume", "create", "-d", "dm", "dmtest-firsts"]);
+    assert!(first.ok(&["list"]).contains("dmtest-firsts"));
+    assert!(!second.ok(&["list"]).contains("dmtest-firsts"));
+    // Its stop leaves the first server's plugin alone.
+    assert_eq!(second.stop(), Some(0));
+    assert_eq!(
+        run(&first, "dmtest-firsts", "echo here > /data/f; cat /data/f"),
+        "here\n"
+    );
+    docker_ok(&first, &["volume", "rm", "dmtest-firsts"]);
+    // Once the first server is gone, a server takes the proxy over.
+    drop(first);
+    second.restart();
+    wait_until(
+        || upstream() == ours(&second),
+        || {
+            format!(
+                "the proxy did not follow the server that is left\n{}",
+                second.log()
+            )
+        },
     );
 }

@@ -84,6 +84,9 @@ pub struct VolumeInfo {
         default
     )]
     pub mountpoint: Option<String>,
+    /// When the dot was created (RFC 3339), shown by `docker volume inspect`.
+    #[serde(rename = "CreatedAt", skip_serializing_if = "Option::is_none", default)]
+    pub created_at: Option<String>,
     /// Extra details shown by `docker volume inspect` (dot, branch, ...).
     #[serde(rename = "Status", skip_serializing_if = "BTreeMap::is_empty", default)]
     pub status: BTreeMap<String, serde_json::Value>,
@@ -349,6 +352,7 @@ mod tests {
             Ok(VolumeInfo {
                 name: "canonical".into(),
                 mountpoint: None,
+                created_at: None,
                 status: [("dot".to_string(), v.parsed.dot.to_string().into())].into(),
             })
         }

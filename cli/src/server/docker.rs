@@ -41,6 +41,9 @@ struct State {
     volumes: BTreeSet<String>,
     /// Mount path -> requests.
     mounts: BTreeMap<PathBuf, MountRefs>,
+    /// Paths mounted for Docker since this server started (not saved).
+    #[serde(skip)]
+    mounted_since_start: BTreeSet<PathBuf>,
 }
 
 /// The Docker side of the server.
@@ -196,11 +199,36 @@ impl DockerIntegration {
             Ok(b) => status.insert("branch".to_string(), b.into()),
             Err(e) => status.insert("error".to_string(), e.to_string().into()),
         };
+        let created_at = self.store.dot_info(&v.dot).ok().and_then(|d| {
+            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(d.created_ns))
+                .ok()?
+                .format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        });
         VolumeInfo {
             name: name.to_string(),
             mountpoint: mounted.contains(&path).then(|| path.display().to_string()),
+            created_at,
             status,
         }
+    }
+
+    /// Runs `mount` (a `dm mount`, which answers with the mount's path) so
+    /// that a mount the plugin made for containers becomes the user's too:
+    /// the containers' last Unmount leaves it in place.
+    pub fn user_mount(
+        &self,
+        mount: impl FnOnce() -> Result<crate::api::MountView, ApiError>,
+    ) -> Result<crate::api::MountView, ApiError> {
+        let mut st = self.lock();
+        let view = mount()?;
+        if let Some(refs) = st.mounts.get_mut(Path::new(&view.path)) {
+            if refs.owned {
+                refs.owned = false;
+                self.save(&st);
+            }
+        }
+        Ok(view)
     }
 
     /// The running containers (names) whose dm volumes are mounted at `path`.
@@ -466,6 +494,59 @@ impl DockerIntegration {
         }
     }
 
+    /// At startup: forgets the mount requests of paths no running container
+    /// uses (their Unmount came while no server ran: `docker stop`, or a
+    /// container that exited when its mount died), unmounting what the
+    /// plugin mounted for them, so that they neither pin the mount nor
+    /// block `docker volume rm`. Running containers keep theirs, and so do
+    /// paths Docker mounted since this server started (a container starting
+    /// meanwhile is not running yet).
+    pub fn forget_unmounted_requests(&self) {
+        if !self.docker.present() {
+            return;
+        }
+        let containers = match block_on(self.docker.containers()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("{e}; mount requests are kept as they are");
+                return;
+            }
+        };
+        let in_use: BTreeSet<PathBuf> = containers
+            .iter()
+            .filter(|c| c.is_running())
+            .flat_map(|c| c.dm_volumes())
+            .map(|v| self.mounts.default_path(&v))
+            .collect();
+        let mut st = self.lock();
+        let unused: Vec<PathBuf> = st
+            .mounts
+            .keys()
+            .filter(|p| !in_use.contains(*p) && !st.mounted_since_start.contains(*p))
+            .cloned()
+            .collect();
+        if unused.is_empty() {
+            return;
+        }
+        let mounted = self.mounted_paths();
+        for p in unused {
+            let Some(refs) = st.mounts.remove(&p) else {
+                continue;
+            };
+            tracing::info!(
+                "docker: {} had {} mount request(s) whose Unmount came while no server ran; no running container uses it",
+                p.display(),
+                refs.ids.len()
+            );
+            if refs.owned && mounted.contains(&p) {
+                if let Err(e) = self.mounts.unmount(&p) {
+                    tracing::warn!("docker: {}", e.message);
+                }
+            }
+        }
+        self.save(&st);
+    }
+
     /// At startup: running containers that use a volume of this server were
     /// started against the previous server's mounts, which died with it.
     /// Restart them so that they get live mounts again.
@@ -482,10 +563,13 @@ impl DockerIntegration {
         // Running on a mount that died with the previous server; or stopped
         // although Docker is to keep it running, because Docker's restart
         // (a database exits when its files go away) found the server down
-        // and gave up.
+        // and gave up. Not one that never ran ("created": its first start
+        // failed for want of a server; the user was told and may have run
+        // another in its place).
         let mut stale = Vec::new();
         for c in ours {
             let given_up = !c.is_running()
+                && c.state != "created"
                 && block_on(self.docker.details(&c.id)).is_ok_and(|d| {
                     d.restarts() && d.error.contains(crate::server::plugin_proxy::SERVER_DOWN)
                 });
@@ -711,6 +795,18 @@ impl Backend for DockerIntegration {
         self.wait_for_switch(&v.dot)?;
         self.branch_of(v)?;
         let path = self.mounts.default_path(v);
+        // An id counted already: `docker cp` of a running container mounts
+        // again with its id (then each running container has a request at
+        // least); otherwise it is a container started again after an
+        // Unmount that never reached dm (no server ran), and that old
+        // request, one more than the running containers, is this one.
+        let counted = self
+            .lock()
+            .mounts
+            .get(&path)
+            .filter(|r| r.ids.iter().any(|x| x == id))
+            .map_or(0, |r| r.ids.len());
+        let again = counted > 0 && counted > self.containers_on(&path).len();
         let mut st = self.lock();
         let was_mounted = self.mounted_paths().contains(&path);
         let view = self
@@ -718,13 +814,16 @@ impl Backend for DockerIntegration {
             .mount(&v.to_string(), None)
             .map_err(backend_err)?;
         st.volumes.insert(volume.name.clone());
+        st.mounted_since_start.insert(PathBuf::from(&view.path));
         let refs = st.mounts.entry(PathBuf::from(&view.path)).or_default();
         if refs.ids.is_empty() && !was_mounted {
             refs.owned = true;
         }
         // Counted per request, not per ID: `docker cp` on a running
         // container mounts again with the container's ID, then unmounts once.
-        refs.ids.push(id.to_string());
+        if !again {
+            refs.ids.push(id.to_string());
+        }
         self.save(&st);
         tracing::info!(
             "docker: mounted {} (branch {}) at {} for {}",
@@ -908,9 +1007,21 @@ pub async fn start_plugin(
     match res {
         Ok(Ok(msg)) => {
             tracing::info!("{msg}");
-            tokio::task::spawn_blocking(move || docker2.restart_stale_containers());
+            tokio::task::spawn_blocking(move || {
+                docker2.forget_unmounted_requests();
+                docker2.restart_stale_containers();
+            });
         }
-        Ok(Err(e)) => tracing::error!("Docker volume plugin: {e:#}"),
+        Ok(Err(e)) => {
+            // No plugin for this server (another one keeps the proxy, or
+            // none could be started): its watchdog must not take the
+            // socket later either.
+            tracing::error!("Docker volume plugin: {e:#}");
+            let _ = tx.send(());
+            let _ = task.await;
+            let _ = std::fs::remove_file(&internal);
+            return None;
+        }
         Err(e) => tracing::error!("Docker volume plugin: {e}"),
     }
     // A proxy killed meanwhile (OOM killer, kill -9) would leave every dm

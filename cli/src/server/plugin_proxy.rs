@@ -57,6 +57,16 @@ fn raw_request(socket: &Path, method: &str, path: &str, body: &str) -> Result<(u
 pub fn ensure(plugin_socket: &Path, upstream: &Path, data_dir: &Path) -> Result<String> {
     let body = serde_json::json!({ "upstream": upstream }).to_string();
     if std::os::unix::net::UnixStream::connect(plugin_socket).is_ok() {
+        // Another live server behind the proxy keeps it: taking it over
+        // would hand that server's containers and volumes to this one.
+        if let Some(other) = live_other_upstream(plugin_socket, upstream) {
+            bail!(
+                "{} already serves Docker for the dm server whose data directory is {} (it answers on {});                  this server runs without the Docker plugin. Stop the other server first, or start this                  one with --no-plugin or another --plugin-socket",
+                plugin_socket.display(),
+                other.parent().unwrap_or(&other).display(),
+                other.display()
+            );
+        }
         let (status, answer) = raw_request(plugin_socket, "POST", "/dm-proxy/upstream", &body)?;
         if status == 200 {
             return Ok(format!(
@@ -119,6 +129,18 @@ pub fn ensure(plugin_socket: &Path, upstream: &Path, data_dir: &Path) -> Result<
         plugin_socket.display(),
         upstream.display()
     ))
+}
+
+/// The upstream of the proxy on `plugin_socket`, when it is not `ours` and
+/// a server answers there.
+fn live_other_upstream(plugin_socket: &Path, ours: &Path) -> Option<PathBuf> {
+    let (status, info) = raw_request(plugin_socket, "GET", "/dm-proxy/info", "").ok()?;
+    if status != 200 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&info).ok()?;
+    let other = PathBuf::from(v.get("upstream")?.as_str()?);
+    (other != ours && std::os::unix::net::UnixStream::connect(&other).is_ok()).then_some(other)
 }
 
 struct Proxy {

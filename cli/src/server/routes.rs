@@ -597,8 +597,10 @@ async fn list_mounts(State(st): S) -> ApiResult<Json<Vec<MountView>>> {
 
 async fn mount(State(st): S, Json(req): Json<MountRequest>) -> ApiResult<Json<MountView>> {
     blocking(move || {
-        st.mounts
-            .mount(&req.volume, req.path.map(std::path::PathBuf::from))
+        st.docker.user_mount(|| {
+            st.mounts
+                .mount(&req.volume, req.path.map(std::path::PathBuf::from))
+        })
     })
     .await
 }
