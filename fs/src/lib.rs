@@ -605,11 +605,17 @@ impl fuser::Filesystem for DmFs {
             let _ = config.set_max_readahead(max);
         }
         let _ = config.set_max_background(64);
-        // Optional capabilities: ignore what the kernel lacks.
+        // Optional capabilities: ignore what the kernel lacks. Not
+        // FUSE_AUTO_INVAL_DATA: with it the kernel asks for the attributes
+        // on every read after a write and, seeing a new mtime, drops the
+        // file's pages, the one a write just filled included, then reads
+        // them ahead from us before that WRITE reaches us: a reader got
+        // zeros for data fsynced through another descriptor (PostgreSQL's
+        // WAL sender, pg_basebackup). We are the only writer, and tell
+        // other mounts of a branch about changes ourselves (peers.rs).
         let mut caps = vec![
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_ATOMIC_O_TRUNC,
-            InitFlags::FUSE_AUTO_INVAL_DATA,
             InitFlags::FUSE_CACHE_SYMLINKS,
             // We clear S_ISUID/S_ISGID on write, truncate and chown
             // ourselves, so the kernel need not ask for security.capability

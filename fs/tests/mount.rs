@@ -1149,3 +1149,118 @@ fn device_is_polled_only_while_requests_come() {
     assert_eq!(fs::read(mnt.join("after")).unwrap(), b"ok");
     mount.unmount().unwrap();
 }
+
+/// The byte a writer puts at `off` of segment `seg` (never 0, so that a
+/// stale read of the zeros a segment starts as cannot pass).
+fn wal_byte(seg: u64, off: u64) -> u8 {
+    (((off ^ (seg << 40)).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8) | 1
+}
+
+/// PostgreSQL's WAL pattern, which a WAL sender or `pg_basebackup` reads
+/// while the server writes: segments made as zeros, fsynced and renamed
+/// into place, then filled in order with writes of any size, each followed
+/// by fdatasync; another descriptor reads up to what was synced. The kernel
+/// used to drop the page a write had just filled (its mtime check on every
+/// read, FUSE_AUTO_INVAL_DATA) and read it ahead from the server before
+/// the WRITE got there, keeping the old zeros: a reader got zeros for
+/// synced data, about once in 15 s.
+#[test]
+fn a_reader_sees_what_another_descriptor_synced() {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    let Some(f) = setup("__default__") else {
+        return;
+    };
+    const SEG: u64 = 4 << 20;
+    let dir = f.p("wal");
+    fs::create_dir(&dir).unwrap();
+    // (segment, bytes synced); segment -1: none yet.
+    let synced = Arc::new(Mutex::new((-1i64, 0u64)));
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (dir, synced, done) = (dir.clone(), synced.clone(), done.clone());
+        std::thread::spawn(move || {
+            let end = Instant::now() + Duration::from_secs(10);
+            let mut rnd: u64 = 0x2545_F491_4F6C_DD1D;
+            let mut next = move |n: u64| {
+                rnd ^= rnd << 13;
+                rnd ^= rnd >> 7;
+                rnd ^= rnd << 17;
+                rnd % n
+            };
+            let mut seg = 0u64;
+            while Instant::now() < end {
+                let tmp = dir.join("tmp");
+                let file = File::create(&tmp).unwrap();
+                for i in 0..SEG / 8192 {
+                    file.write_all_at(&[0u8; 8192], i * 8192).unwrap();
+                }
+                file.sync_all().unwrap();
+                drop(file);
+                let path = dir.join(format!("seg{seg}"));
+                fs::rename(&tmp, &path).unwrap();
+                let file = OpenOptions::new().write(true).open(&path).unwrap();
+                *synced.lock().unwrap() = (seg as i64, 0);
+                let mut off = 0;
+                while off < SEG && Instant::now() < end {
+                    let n = match next(3) {
+                        0 => 50 + next(3000),
+                        1 => 3000 + next(17_000),
+                        _ => 20_000 + next(111_072),
+                    }
+                    .min(SEG - off);
+                    let data: Vec<u8> = (off..off + n).map(|o| wal_byte(seg, o)).collect();
+                    file.write_all_at(&data, off).unwrap();
+                    file.sync_data().unwrap();
+                    off += n;
+                    synced.lock().unwrap().1 = off;
+                }
+                if seg >= 2 {
+                    fs::remove_file(dir.join(format!("seg{}", seg - 2))).unwrap();
+                }
+                seg += 1;
+            }
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    let (mut cur, mut file, mut pos) = (-1i64, None::<File>, 0u64);
+    let (mut reads, mut bad) = (0u64, Vec::new());
+    while !done.load(Ordering::SeqCst) && bad.len() < 5 {
+        let (seg, upto) = *synced.lock().unwrap();
+        if seg != cur {
+            file = File::open(dir.join(format!("seg{seg}"))).ok();
+            (cur, pos) = (seg, 0);
+        }
+        let Some(file) = file.as_ref().filter(|_| upto > pos) else {
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        };
+        // As a WAL sender reads: up to what is synced, by 8 KiB pages.
+        while pos < upto {
+            let n = (upto - pos).min(8192 - pos % 8192);
+            let mut got = vec![0u8; n as usize];
+            file.read_exact_at(&mut got, pos).unwrap();
+            reads += 1;
+            if let Some(i) = (0..n).find(|&i| got[i as usize] != wal_byte(cur as u64, pos + i)) {
+                bad.push(format!(
+                    "segment {cur}: byte {:#x} of [{pos:#x}, {:#x}) is {:#04x}",
+                    pos + i,
+                    pos + n,
+                    got[i as usize]
+                ));
+                break;
+            }
+            pos += n;
+        }
+    }
+    done.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    assert!(reads > 1000, "only {reads} reads");
+    assert!(
+        bad.is_empty(),
+        "stale reads of synced data after {reads} reads:\n{}",
+        bad.join("\n")
+    );
+}
