@@ -715,7 +715,8 @@ impl fuser::Filesystem for DmFs {
         let store_ino = view.to_store(ino);
         match view.fs.setattr(store_ino, &set) {
             Ok(a) => {
-                reply.attr(&TTL, &view.attr(&a));
+                // Before the reply, as for a write: an fsync after a
+                // truncate waits for it.
                 self.tell_peers(&view.fs, || {
                     vec![match size {
                         Some(size) => Change::Data {
@@ -726,6 +727,7 @@ impl fuser::Filesystem for DmFs {
                         None => Change::Attr(store_ino),
                     }]
                 });
+                reply.attr(&TTL, &view.attr(&a));
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -1022,7 +1024,8 @@ impl fuser::Filesystem for DmFs {
         };
         match written {
             Ok((at, n)) => {
-                reply.written(n);
+                // Published before the reply, so that an fsync that follows
+                // waits for it (peers::wait_delivered).
                 let changed = vec![Change::Data {
                     ino,
                     offset: at.min(offset),
@@ -1035,6 +1038,7 @@ impl fuser::Filesystem for DmFs {
                     // bytes in its cache: its pages and size are wrong too.
                     peers::publish_all(fs, &self.shared, changed);
                 }
+                reply.written(n);
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -1086,7 +1090,11 @@ impl fuser::Filesystem for DmFs {
     ) {
         let (fs, ino) = self.handle(fh, ino);
         match fs.fsync(ino, datasync) {
-            Ok(()) => reply.ok(),
+            Ok(()) => {
+                // Other mounts of the branch show what was synced.
+                peers::wait_delivered();
+                reply.ok()
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }

@@ -12,7 +12,9 @@
 //! waiting on a page lock held by a request of that mount, whose handler may
 //! in turn be waiting on us) could deadlock. Peers therefore see a change a
 //! moment after the call that made it returned (typically well under a
-//! millisecond), not at the same instant.
+//! millisecond), not at the same instant; an fsync(2) returns only once
+//! the changes published before it have been delivered ([`wait_delivered`]),
+//! so that a reader on another mount that is told "synced" reads the data.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -20,10 +22,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use dm_store::BranchFs;
 use fuser::INodeNo;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use tracing::debug;
 
 use crate::Shared;
@@ -45,6 +48,8 @@ pub(crate) enum Change {
 
 /// A batch of changes to deliver to the other mounts of one branch.
 struct Job {
+    /// Its place in the order of publication (1, 2, ...).
+    seq: u64,
     branch: usize,
     targets: Vec<Weak<Shared>>,
     changes: Vec<Change>,
@@ -55,7 +60,11 @@ struct Registry {
     groups: Mutex<HashMap<usize, Vec<Weak<Shared>>>>,
     /// Number of groups with more than one mount: zero means no work at all.
     shared_groups: AtomicUsize,
-    jobs: Mutex<Sender<Job>>,
+    /// The sender, and the sequence number of the last job sent.
+    jobs: Mutex<(Sender<Job>, u64)>,
+    /// The sequence number of the last job delivered.
+    delivered: Mutex<u64>,
+    delivered_cv: Condvar,
 }
 
 fn registry() -> &'static Registry {
@@ -67,6 +76,9 @@ fn registry() -> &'static Registry {
             .spawn(move || {
                 for job in rx {
                     deliver(&job);
+                    let reg = registry();
+                    *reg.delivered.lock() = job.seq;
+                    reg.delivered_cv.notify_all();
                 }
             });
         if let Err(e) = spawned {
@@ -77,7 +89,9 @@ fn registry() -> &'static Registry {
         Registry {
             groups: Mutex::new(HashMap::new()),
             shared_groups: AtomicUsize::new(0),
-            jobs: Mutex::new(tx),
+            jobs: Mutex::new((tx, 0)),
+            delivered: Mutex::new(0),
+            delivered_cv: Condvar::new(),
         }
     })
 }
@@ -138,14 +152,7 @@ pub(crate) fn publish(fs: &Arc<BranchFs>, me: &Shared, changes: impl FnOnce() ->
             _ => return,
         }
     };
-    let job = Job {
-        branch,
-        targets,
-        changes: changes(),
-    };
-    if reg.jobs.lock().send(job).is_err() {
-        debug!("mount coherence thread is gone; peers not told");
-    }
+    send(reg, branch, targets, changes());
 }
 
 /// Like [`publish`], but this mount's own kernel is told too (for changes
@@ -163,13 +170,51 @@ pub(crate) fn publish_all(fs: &Arc<BranchFs>, me: &Arc<Shared>, changes: Vec<Cha
     {
         targets.push(Arc::downgrade(me));
     }
+    send(reg, branch, targets, changes);
+}
+
+/// Queues a job for the coherence thread, numbered in the order sent.
+fn send(reg: &Registry, branch: usize, targets: Vec<Weak<Shared>>, changes: Vec<Change>) {
+    let mut jobs = reg.jobs.lock();
+    let seq = jobs.1 + 1;
     let job = Job {
+        seq,
         branch,
         targets,
         changes,
     };
-    if reg.jobs.lock().send(job).is_err() {
-        debug!("mount coherence thread is gone; invalidation dropped");
+    match jobs.0.send(job) {
+        Ok(()) => jobs.1 = seq,
+        Err(_) => debug!("mount coherence thread is gone; invalidation dropped"),
+    }
+}
+
+/// How long an fsync waits for the invalidations before it to be delivered.
+/// Bounded: the delivery waits on the other mounts' kernels, which may wait
+/// for a request of theirs that no handler thread is free to serve while
+/// their handlers wait here (fsyncs on both mounts).
+const DELIVERY_WAIT: Duration = Duration::from_secs(1);
+
+/// Waits (up to [`DELIVERY_WAIT`]) until every change published so far has
+/// been delivered to the other mounts, so that what a caller made durable
+/// is also what they read. Returns at once when no branch has two mounts.
+pub(crate) fn wait_delivered() {
+    if !active() {
+        return;
+    }
+    let reg = registry();
+    let target = reg.jobs.lock().1;
+    let deadline = Instant::now() + DELIVERY_WAIT;
+    let mut delivered = reg.delivered.lock();
+    while *delivered < target {
+        if reg
+            .delivered_cv
+            .wait_until(&mut delivered, deadline)
+            .timed_out()
+        {
+            debug!("fsync: peer invalidations still pending after {DELIVERY_WAIT:?}");
+            return;
+        }
     }
 }
 

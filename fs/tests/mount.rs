@@ -1166,16 +1166,40 @@ fn wal_byte(seg: u64, off: u64) -> u8 {
 /// synced data, about once in 15 s.
 #[test]
 fn a_reader_sees_what_another_descriptor_synced() {
+    let Some(f) = setup("__default__") else {
+        return;
+    };
+    fs::create_dir(f.p("wal")).unwrap();
+    synced_wal_is_read(&f.p("wal"), &f.p("wal"));
+}
+
+/// The same with the reader on another mount of the branch (a pinned
+/// `dot@branch` path, a `dm mount` path): an fsync returns once the other
+/// mounts' kernels were told to drop what the writes made stale.
+#[test]
+fn a_reader_on_another_mount_sees_what_was_synced() {
+    let Some(f) = setup("__default__") else {
+        return;
+    };
+    let other = f._dir.path().join("other");
+    fs::create_dir(&other).unwrap();
+    let fs_a = f.store.branch_fs(&f.dot, "master").unwrap();
+    let m2 = Mount::mount(&other, fs_a, "__default__", &MountOptions::default()).unwrap();
+    fs::create_dir(f.p("wal")).unwrap();
+    synced_wal_is_read(&f.p("wal"), &other.join("wal"));
+    m2.unmount().unwrap();
+}
+
+/// Writes WAL-like segments in `dir` and reads them through `read_dir`
+/// (the same directory, or another mount's view of it); panics on a read
+/// of synced bytes that gives anything else.
+fn synced_wal_is_read(dir: &Path, read_dir: &Path) {
     use std::os::unix::fs::FileExt;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Mutex;
     use std::time::{Duration, Instant};
-    let Some(f) = setup("__default__") else {
-        return;
-    };
     const SEG: u64 = 4 << 20;
-    let dir = f.p("wal");
-    fs::create_dir(&dir).unwrap();
+    let dir = dir.to_path_buf();
     // (segment, bytes synced); segment -1: none yet.
     let synced = Arc::new(Mutex::new((-1i64, 0u64)));
     let done = Arc::new(AtomicBool::new(false));
@@ -1230,7 +1254,7 @@ fn a_reader_sees_what_another_descriptor_synced() {
     while !done.load(Ordering::SeqCst) && bad.len() < 5 {
         let (seg, upto) = *synced.lock().unwrap();
         if seg != cur {
-            file = File::open(dir.join(format!("seg{seg}"))).ok();
+            file = File::open(read_dir.join(format!("seg{seg}"))).ok();
             (cur, pos) = (seg, 0);
         }
         let Some(file) = file.as_ref().filter(|_| upto > pos) else {
