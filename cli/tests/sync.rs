@@ -196,6 +196,15 @@ fn hub_push_clone_pull_through_the_cli() {
     let err = alice.fail(&["pull", "hub", "app", "master"]);
     assert!(err.contains("latest common commit"), "{err}");
     assert!(err.contains("keep your local commits"), "{err}");
+    // Uncommitted work blocks the pull: nothing is stashed for it.
+    write_synced(&mnt.join("draft"), b"not committed");
+    let err = alice.fail(&["pull", "hub", "app", "master", "--stash-on-divergence"]);
+    assert!(err.contains("uncommitted"), "{err}");
+    assert!(
+        !alice.ok(&["branch"]).contains("DIVERGED"),
+        "a stash was left"
+    );
+    alice.ok(&["reset", "--hard", "HEAD"]);
     let out = alice.ok(&["pull", "hub", "app", "master", "--stash-on-divergence"]);
     assert!(out.contains("master-DIVERGED-"), "{out}");
     assert_eq!(read(&mnt.join("small")), b"bob again");

@@ -809,6 +809,12 @@ pub async fn pull(
                         &format!("dm pull REMOTE {dot} {branch}"),
                     )));
                 }
+                // The branch could not move anyway: no stash to leave behind.
+                if store.has_uncommitted(dot, branch)? {
+                    return Err(Error::Refused(format!(
+                        "branch {branch} of dot {dot} has uncommitted changes; commit them (or `dm reset --hard HEAD`) first. Nothing was stashed"
+                    )));
+                }
                 stash = Some(choose_stash_name(dot, branch, &mut |n| {
                     local_branch_exists(&store, dot, n)
                 })?);
@@ -992,13 +998,21 @@ pub async fn pull(
         }
         report.stashed = Some(name);
     }
-    match store.set_branch_head(dot, branch, local_head, theirs, block_size)? {
-        SetHead::Updated => {}
-        SetHead::Moved { .. } => {
-            return Err(Error::Refused(format!(
-                "branch {branch} of {dot} moved (a commit?) while pulling: pull again"
-            )))
+    let moved = match store.set_branch_head(dot, branch, local_head, theirs, block_size) {
+        Ok(SetHead::Updated) => Ok(()),
+        Ok(SetHead::Moved { .. }) => Err(Error::Refused(format!(
+            "branch {branch} of {dot} moved (a commit?) while pulling: pull again"
+        ))),
+        Err(e) => Err(e.into()),
+    };
+    if let Err(e) = moved {
+        // The stash kept the branch's own head, which the branch still has.
+        if let Some(name) = &report.stashed {
+            if let Err(d) = store.delete_branch(dot, name, true) {
+                tracing::warn!("removing stash branch {name} of {dot} after a refused pull: {d}");
+            }
         }
+        return Err(e);
     }
     progress.set_phase("done");
     Ok(report)
