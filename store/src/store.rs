@@ -620,6 +620,15 @@ impl Store {
                     deps.join(", ")
                 )));
             }
+            // Unlike a git branch, a dm branch has its own working state:
+            // deleting it would discard what was not committed there.
+            if self.has_uncommitted(&dot, branch)? {
+                return Err(Error::Refused(format!(
+                    "branch {branch} of dot {dot} has uncommitted changes, which deleting it destroys: \
+                     commit them on it (`dm checkout {branch}`, `dm commit -m MSG`), or use \
+                     `dm branch -D {branch}` to delete it anyway"
+                )));
+            }
             // As git's `branch -d`: commits no other branch has would go.
             let head = self.fs_for(d, branch)?.head();
             if let Some(h) = head {

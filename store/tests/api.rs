@@ -172,6 +172,23 @@ fn branches_follow_the_seed_example() {
     store.set_current_branch(&dot, "master").unwrap();
     let e = store.delete_branch(&dot, "master", false).unwrap_err();
     assert!(e.to_string().contains("current"), "{e}");
+    // A branch's own uncommitted work would go with it: refused unless
+    // forced, even when its commits are elsewhere.
+    let child = store.branch_fs(&dot, "child").unwrap();
+    write_file(&child, "draft", b"not committed");
+    let e = store.delete_branch(&dot, "child", false).unwrap_err();
+    assert!(
+        e.to_string().contains("uncommitted") && e.to_string().contains("branch -D child"),
+        "{e}"
+    );
+    store
+        .reset(
+            &dot,
+            "child",
+            store.resolve(&dot, "child", "HEAD").unwrap(),
+            true,
+        )
+        .unwrap();
     // child's head is newbranch's: nothing is lost.
     store.delete_branch(&dot, "child", false).unwrap();
     // newbranch's C and E are on no other branch (as git's branch -d).
