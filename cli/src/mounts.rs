@@ -136,8 +136,11 @@ impl MountManager {
             Err(_) => Vec::new(),
         };
         for r in &records {
-            if let Err(e) = dm_fs::cleanup_stale_mount(&r.path) {
-                tracing::warn!("cleaning up {}: {e}", r.path.display());
+            match dm_fs::cleanup_stale_mount(&r.path) {
+                // A clean stop removed the server's own mount paths.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!("cleaning up {}: {e}", r.path.display()),
+                Ok(_) => {}
             }
         }
         self.cleanup_dead_under_mount_dir();

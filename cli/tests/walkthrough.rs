@@ -12,6 +12,18 @@ fn init_commit_log_reset() {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(s.socket()).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
+    // Root's mounts serve any uid (PostgreSQL runs as postgres): their
+    // directory must let others through; the store stays root's.
+    let mode = std::fs::metadata(s.mount_dir())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o755, "mount dir mode {mode:o}");
+    let mode = std::fs::metadata(s.data_dir())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "data dir mode {mode:o}");
     s.ok(&["init", "myapp"]);
     s.ok(&["switch", "myapp"]);
 

@@ -70,10 +70,16 @@ fn server_id(data_dir: &Path) -> Result<String> {
 /// Creates `dir` (and missing parents) readable by this user only; an
 /// existing one is left as it is.
 fn create_private_dir(dir: &Path) -> Result<()> {
+    create_dir_with_mode(dir, 0o700)
+}
+
+/// Creates `dir` and missing parents with `mode` (before the umask); an
+/// existing one is left as it is.
+fn create_dir_with_mode(dir: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
-        .mode(0o700)
+        .mode(mode)
         .create(dir)
         .with_context(|| format!("creating {}", dir.display()))
 }
@@ -188,9 +194,16 @@ pub fn run(opts: ServerOptions) -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 
-    for dir in [&opts.data_dir, &opts.mount_dir] {
-        create_private_dir(dir)?;
-    }
+    create_private_dir(&opts.data_dir)?;
+    // Root's mounts are allow_other, for containers and services of any
+    // uid (PostgreSQL runs as postgres): their directory lets others
+    // through. Another user's stay its own.
+    let mount_dir_mode = if nix::unistd::geteuid().is_root() {
+        0o755
+    } else {
+        0o700
+    };
+    create_dir_with_mode(&opts.mount_dir, mount_dir_mode)?;
     if let Some(dir) = opts.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
         create_private_dir(dir)?;
         refuse_foreign_dir(dir)?;
