@@ -182,6 +182,10 @@ pub enum Command {
     Unmount {
         /// The mount path.
         path: PathBuf,
+        /// Unmount even while processes have files open there (it is
+        /// detached at once; they keep those files until they close them).
+        #[arg(short, long)]
+        force: bool,
     },
     /// Reclaim space no commit or branch uses.
     Gc,

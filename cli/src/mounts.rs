@@ -460,6 +460,14 @@ impl MountManager {
     }
 
     /// Unmounts the mount at `path`.
+    /// Files open through the mount at `path` (0 when dm mounts nothing there).
+    pub fn open_files(&self, path: &Path) -> usize {
+        self.lock()
+            .iter()
+            .find(|e| e.path == path)
+            .map_or(0, |e| e.mount.open_files())
+    }
+
     pub fn unmount(&self, path: &Path) -> ApiResult<()> {
         let mut entries = self.lock();
         let Some(i) = entries.iter().position(|e| e.path == path) else {

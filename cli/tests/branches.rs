@@ -288,5 +288,6 @@ fn o_append_writes_at_the_end_dm_knows() {
         String::from_utf8_lossy(&std::fs::read(&log).unwrap()),
         String::from_utf8_lossy(&want)
     );
+    drop(b);
     s.ok(&["unmount", other.to_str().unwrap()]);
 }

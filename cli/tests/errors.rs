@@ -369,6 +369,19 @@ fn mount_refuses_files_and_non_empty_directories() {
     s.ok(&["mount", "app", empty.to_str().unwrap()]);
     s.ok(&["mount", "app", empty.to_str().unwrap()]);
     assert!(dm_tests::is_mounted(&empty));
+    // A file open there (a database, say) keeps it mounted unless forced:
+    // a lazy detach would leave the process writing where nothing is kept.
+    let open = std::fs::File::create(empty.join("in-use")).unwrap();
+    let err = s.fail(&["unmount", empty.to_str().unwrap()]);
+    assert!(
+        err.contains("1 open file") && err.contains("dm unmount --force"),
+        "{err}"
+    );
+    assert!(dm_tests::is_mounted(&empty));
+    s.ok(&["unmount", "--force", empty.to_str().unwrap()]);
+    assert!(!dm_tests::is_mounted(&empty));
+    drop(open);
+    s.ok(&["mount", "app", empty.to_str().unwrap()]);
     // Outside the server's directories: the test's cleanup would not see it.
     s.ok(&["unmount", empty.to_str().unwrap()]);
 }

@@ -85,6 +85,14 @@ fn init_commit_log_reset() {
     let second = snapshot(&mnt);
     assert_ne!(first, second);
     assert!(s.ok(&["status"]).contains("Nothing to commit"));
+    // A file made and removed again changes only its directory's times:
+    // no path to list, and status says what is left.
+    std::fs::write(mnt.join("scratch"), b"x").unwrap();
+    std::fs::remove_file(mnt.join("scratch")).unwrap();
+    let status = s.ok(&["status"]);
+    assert!(status.contains("metadata only"), "{status}");
+    s.ok(&["reset", "--hard", "HEAD"]);
+    assert_eq!(snapshot(&mnt), second);
 
     // dm log: both commits, oldest first, in Dotmesh's format.
     let log = s.ok(&["log"]);

@@ -1665,6 +1665,11 @@ impl Mount {
         self.shared.view.read().fs.branch().to_string()
     }
 
+    /// Files open through this mount (by any process), directories aside.
+    pub fn open_files(&self) -> usize {
+        self.shared.handles.read().len()
+    }
+
     /// Unmounts. If the mount is busy it is detached lazily (the kernel drops
     /// it when the last user goes away) and this returns without waiting.
     pub fn unmount(self) -> io::Result<()> {

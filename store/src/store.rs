@@ -1371,7 +1371,8 @@ pub(crate) mod tests {
                 })
                 .collect();
             std::thread::sleep(std::time::Duration::from_millis(5 + round));
-            store.delete_branch(&dot, &branch, false).unwrap();
+            // Forced: its writers' work is uncommitted (`-d` refuses that).
+            store.delete_branch(&dot, &branch, true).unwrap();
             std::thread::sleep(std::time::Duration::from_millis(5));
             stop.store(true, Ordering::Relaxed);
             for w in writers {

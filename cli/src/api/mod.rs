@@ -261,6 +261,10 @@ pub struct MountRequest {
 pub struct UnmountRequest {
     /// The mount's path.
     pub path: String,
+    /// Unmount even with files open there (detached lazily: the processes
+    /// keep what they have open).
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// A mount of a dot on this server.

@@ -232,6 +232,15 @@ pub fn status(ctx: &mut Ctx) -> Result<()> {
         .map(|c| &c.path)
         .collect::<std::collections::BTreeSet<_>>()
         .len();
+    if paths == 0 && s.dirty_bytes == 0 {
+        // What no path shows: times or other metadata of directories (a
+        // file made and removed again, a rename undone). They still count
+        // (a pull or a plain reset would discard them).
+        println!(
+            "Uncommitted changes: metadata only (directory times or attributes, e.g. a file created and removed again; commit them with `dm commit -m MSG`{discard})"
+        );
+        return Ok(());
+    }
     println!(
         "Uncommitted changes: {} in {paths} path{} (commit them with `dm commit -m MSG`{discard})",
         human_size(s.dirty_bytes),

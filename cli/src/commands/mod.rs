@@ -158,7 +158,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Status => history::status(&mut ctx),
         Command::Remote { verbose, command } => remotes::run(&mut ctx, verbose, command),
         Command::Mount { volume, path } => mounts::mount(&mut ctx, &volume, path),
-        Command::Unmount { path } => mounts::unmount(&mut ctx, &path),
+        Command::Unmount { path, force } => mounts::unmount(&mut ctx, &path, force),
         Command::Gc => admin::gc(&mut ctx),
         Command::Fsck => admin::fsck(&mut ctx),
         Command::Version => admin::version(&mut ctx),

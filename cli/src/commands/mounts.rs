@@ -39,9 +39,10 @@ pub fn mount(ctx: &mut Ctx, volume: &str, path: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-pub fn unmount(ctx: &mut Ctx, path: &Path) -> Result<()> {
+pub fn unmount(ctx: &mut Ctx, path: &Path, force: bool) -> Result<()> {
     let req = UnmountRequest {
         path: absolute(path)?.display().to_string(),
+        force,
     };
     let _: Empty = ctx.client()?.post("/v1/mounts/unmount", &req)?;
     Ok(())

@@ -617,6 +617,25 @@ async fn unmount(State(st): S, Json(req): Json<UnmountRequest>) -> ApiResult<Jso
                 users.join(" ")
             )));
         }
+        // A file closed just before still counts until the kernel's
+        // RELEASE (sent after close(2) returns) arrives: give it a moment.
+        let mut open = st.mounts.open_files(path);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while open > 0 && !req.force && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            open = st.mounts.open_files(path);
+        }
+        if open > 0 && !req.force {
+            return Err(ApiError::conflict(format!(
+                "{} has {open} open file{} (a process is using it; `fuser -vm {}` names it): \
+                 stop it first, or `dm unmount --force {}` to detach the mount now (the process \
+                 keeps the files it has open, and its new writes go nowhere)",
+                path.display(),
+                if open == 1 { "" } else { "s" },
+                path.display(),
+                path.display()
+            )));
+        }
         st.mounts.unmount(path)?;
         Ok(Empty {})
     })
