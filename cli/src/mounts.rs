@@ -459,7 +459,6 @@ impl MountManager {
         }
     }
 
-    /// Unmounts the mount at `path`.
     /// Files open through the mount at `path` (0 when dm mounts nothing there).
     pub fn open_files(&self, path: &Path) -> usize {
         self.lock()
@@ -468,6 +467,7 @@ impl MountManager {
             .map_or(0, |e| e.mount.open_files())
     }
 
+    /// Unmounts the mount at `path`.
     pub fn unmount(&self, path: &Path) -> ApiResult<()> {
         let mut entries = self.lock();
         let Some(i) = entries.iter().position(|e| e.path == path) else {
@@ -541,6 +541,17 @@ impl MountManager {
             .iter()
             .filter(|e| &e.volume.dot == dot && e.volume.branch.as_deref() == Some(branch))
             .map(|e| e.path.clone())
+            .collect()
+    }
+
+    /// The mounts that follow `dot`'s current branch (not pinned) and have
+    /// files open, with how many.
+    pub fn open_files_following(&self, dot: &DotName) -> Vec<(PathBuf, usize)> {
+        self.lock()
+            .iter()
+            .filter(|e| &e.volume.dot == dot && e.volume.branch.is_none())
+            .map(|e| (e.path.clone(), e.mount.open_files()))
+            .filter(|(_, n)| *n > 0)
             .collect()
     }
 

@@ -91,6 +91,17 @@ fn branch_example() {
     assert!(s
         .ok(&["dot", "show"])
         .contains(&pinned_master.display().to_string()));
+    // A process (not a container) with a file open on the followed path
+    // would go on with another branch's files under it: refused, nothing
+    // made or switched.
+    let held = std::fs::File::open(mnt.join("history")).unwrap();
+    let err = s.fail(&["checkout", "-b", "scratch"]);
+    assert!(
+        err.contains("1 file open on") && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert_eq!(s.ok(&["branch"]), "* master\n  newbranch\n");
+    drop(held);
     s.ok(&["checkout", "-b", "scratch"]);
     s.ok(&["checkout", "master"]);
     let out = s.ok(&["branch", "-d", "scratch"]);

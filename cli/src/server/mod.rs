@@ -188,7 +188,12 @@ pub fn run(opts: ServerOptions) -> Result<()> {
                 // fuser warns "Unmount failed: Invalid argument" whenever a
                 // session ends that dm had already unmounted itself (every
                 // clean unmount and shutdown): not a failure, so not shown.
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser::mnt=error")),
+                // fuser also logs an error for every reply the kernel no
+                // longer waits for (ENOENT: the caller was interrupted by a
+                // signal, dozens a minute under PostgreSQL): not shown either.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("info,fuser::mnt=error,fuser::reply=off")
+                }),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

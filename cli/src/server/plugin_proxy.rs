@@ -61,7 +61,9 @@ pub fn ensure(plugin_socket: &Path, upstream: &Path, data_dir: &Path) -> Result<
         // would hand that server's containers and volumes to this one.
         if let Some(other) = live_other_upstream(plugin_socket, upstream) {
             bail!(
-                "{} already serves Docker for the dm server whose data directory is {} (it answers on {});                  this server runs without the Docker plugin. Stop the other server first, or start this                  one with --no-plugin or another --plugin-socket",
+                "{} already serves Docker for the dm server whose data directory is {} (it answers on {}); \
+                 this server runs without the Docker plugin. Stop the other server first, or start this \
+                 one with --no-plugin or another --plugin-socket",
                 plugin_socket.display(),
                 other.parent().unwrap_or(&other).display(),
                 other.display()

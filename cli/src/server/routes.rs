@@ -388,9 +388,14 @@ async fn checkout(
             Err(e) if !req.create => return Err(e.into()),
             _ => {}
         }
-        // Containers following the dot are stopped, switched and started.
-        st.docker
-            .around_switch(&dot, || st.mounts.checkout(&dot, &req.branch, req.create))?;
+        // Containers following the dot are stopped, switched and started;
+        // other processes with files open on a followed path are not ours
+        // to stop: refused (they would write what they hold of this branch
+        // into the other one).
+        st.docker.around_switch(&dot, || {
+            refuse_open_files_following(&st, &dot, &req.branch)?;
+            st.mounts.checkout(&dot, &req.branch, req.create)
+        })?;
         let b = st.store.branch_info(&dot, &req.branch)?;
         tracing::info!("dot {dot}: checked out {}", req.branch);
         Ok(branch_view(&b, &req.branch))
@@ -640,6 +645,35 @@ async fn unmount(State(st): S, Json(req): Json<UnmountRequest>) -> ApiResult<Jso
         Ok(Empty {})
     })
     .await
+}
+
+/// Refuses a checkout of `branch` while processes have files open on a
+/// mount that follows `dot` (after a moment for the kernel's RELEASE of
+/// files just closed, e.g. by the containers stopped for the switch).
+fn refuse_open_files_following(st: &AppState, dot: &DotName, branch: &str) -> ApiResult<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    let mut open = st.mounts.open_files_following(dot);
+    while !open.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        open = st.mounts.open_files_following(dot);
+    }
+    let Some((path, _)) = open.first() else {
+        return Ok(());
+    };
+    let n: usize = open.iter().map(|(_, n)| n).sum();
+    Err(ApiError::conflict(format!(
+        "dot {dot}: {n} file{} open on {} (a process other than a container uses {}; `fuser -vm {}` names it), \
+         and a checkout would change the files under it; nothing was changed. Stop it first, or give it a mount \
+         that stays on its branch (`dm mount {}@BRANCH PATH`), then check out {branch}",
+        if n == 1 { "" } else { "s" },
+        open.iter()
+            .map(|(p, _)| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        if open.len() == 1 { "it" } else { "them" },
+        path.display(),
+        dot.name
+    )))
 }
 
 async fn sync(State(st): S) -> ApiResult<Json<Empty>> {
