@@ -83,6 +83,12 @@ fn hub_push_clone_pull_through_the_cli() {
     );
     assert!(err.contains("wrong API key"), "{err}");
     assert!(alice.ok(&["remote"]).is_empty());
+    // The hub keeps a record of who tried.
+    assert!(
+        hub.log().contains("refused user \"alice\""),
+        "{}",
+        hub.log()
+    );
     let err = fail_env(&alice, &["remote", "add", "hub", &target], &[]);
     assert!(err.contains("DM_API_KEY"), "{err}");
     let out = ok_env(
@@ -167,6 +173,12 @@ fn hub_push_clone_pull_through_the_cli() {
     bob.ok(&["commit", "-m", "bob's"]);
     let out = bob.ok(&["push", "hub"]);
     assert!(out.contains("master: 1 commit,"), "{out}");
+    let log = hub.log();
+    assert!(
+        log.contains("user bob connected from 127.0.0.1")
+            && log.contains("user bob moved branch master of alice/app from "),
+        "the hub logs who moved what:\n{log}"
+    );
     assert_eq!(read(&hub_mnt.join("small")), b"from bob");
     hub.ok(&["unmount", hub_mnt.to_str().unwrap()]);
     let out = alice.ok(&["pull", "hub", "app", "master"]);

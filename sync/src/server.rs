@@ -335,10 +335,17 @@ async fn serve_connection(
         return Ok(());
     }
     let st = store.clone();
+    let name = user.clone();
     let auth = bounded_blocking(&key_checks, move || users::authenticate(&st, &user, &key)).await?;
+    let peer = conn.remote_address();
     let user = match auth {
-        Ok(u) => u,
+        Ok(u) => {
+            tracing::info!("hub: user {} connected from {peer}", u.name);
+            u
+        }
         Err(Error::Remote { code, message }) => {
+            // The hub admin's record of who tried (a wrong or old key).
+            tracing::warn!("hub: refused user {name:?} from {peer}: {message}");
             proto::write_frame(&mut send, &Response::Err { code, message }).await?;
             send.finish()?;
             let _ = send.stopped().await;
@@ -731,7 +738,15 @@ fn handle_inner(s: &Session, req: Request) -> std::result::Result<Response, Resp
                 r => r.map_err(store_err)?,
             };
             match moved {
-                SetHead::Updated => Ok(Response::Done { new: 1 }),
+                SetHead::Updated => {
+                    tracing::info!(
+                        "hub: user {} moved branch {branch} of {dot} from {} to {}",
+                        s.user.name,
+                        expected.map_or_else(|| "nothing".to_string(), |e| e.short()),
+                        new.short()
+                    );
+                    Ok(Response::Done { new: 1 })
+                }
                 SetHead::Moved { actual } => Err(moved_err(&dot, &branch, actual)),
             }
         }
