@@ -622,7 +622,12 @@ impl Store {
             }
             // Unlike a git branch, a dm branch has its own working state:
             // deleting it would discard what was not committed there.
-            if self.has_uncommitted(&dot, branch)? {
+            let fs = self.fs_for(d, branch)?;
+            let (uncommitted, head) = {
+                let st = fs.state.read();
+                (Self::uncommitted_in(&fs, &st)?, st.head)
+            };
+            if uncommitted {
                 return Err(Error::Refused(format!(
                     "branch {branch} of dot {dot} has uncommitted changes, which deleting it destroys: \
                      commit them on it (`dm checkout {branch}`, `dm commit -m MSG`), or use \
@@ -630,7 +635,6 @@ impl Store {
                 )));
             }
             // As git's `branch -d`: commits no other branch has would go.
-            let head = self.fs_for(d, branch)?.head();
             if let Some(h) = head {
                 if self.reachable_from_others(d, &h, Some(branch))? {
                     return Ok(());

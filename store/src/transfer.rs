@@ -620,7 +620,7 @@ impl Store {
     }
 
     /// [`Store::has_uncommitted`] of `fs`, whose state the caller holds.
-    fn uncommitted_in(
+    pub(crate) fn uncommitted_in(
         fs: &crate::branch::BranchFs,
         st: &crate::branch::BranchState,
     ) -> Result<bool> {

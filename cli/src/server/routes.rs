@@ -622,15 +622,11 @@ async fn unmount(State(st): S, Json(req): Json<UnmountRequest>) -> ApiResult<Jso
                 users.join(" ")
             )));
         }
-        // A file closed just before still counts until the kernel's
-        // RELEASE (sent after close(2) returns) arrives: give it a moment.
-        let mut open = st.mounts.open_files(path);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
-        while open > 0 && !req.force && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            open = st.mounts.open_files(path);
-        }
-        if open > 0 && !req.force {
+        let open = match req.force {
+            true => 0,
+            false => after_releases(|| st.mounts.open_files(path), |n| *n > 0),
+        };
+        if open > 0 {
             return Err(ApiError::conflict(format!(
                 "{} has {open} open file{} (a process is using it; `fuser -vm {}` names it): \
                  stop it first, or `dm unmount --force {}` to detach the mount now (the process \
@@ -647,16 +643,24 @@ async fn unmount(State(st): S, Json(req): Json<UnmountRequest>) -> ApiResult<Jso
     .await
 }
 
-/// Refuses a checkout of `branch` while processes have files open on a
-/// mount that follows `dot` (after a moment for the kernel's RELEASE of
-/// files just closed, e.g. by the containers stopped for the switch).
-fn refuse_open_files_following(st: &AppState, dot: &DotName, branch: &str) -> ApiResult<()> {
+/// What `probe` finds once files closed just before are released: a file
+/// counts as open until the kernel's RELEASE, sent after close(2) returns,
+/// arrives, so while `open` holds `probe` is asked again for up to 1 s.
+fn after_releases<T>(mut probe: impl FnMut() -> T, open: impl Fn(&T) -> bool) -> T {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
-    let mut open = st.mounts.open_files_following(dot);
-    while !open.is_empty() && std::time::Instant::now() < deadline {
+    let mut found = probe();
+    while open(&found) && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(20));
-        open = st.mounts.open_files_following(dot);
+        found = probe();
     }
+    found
+}
+
+/// Refuses a checkout of `branch` while processes have files open on a
+/// mount that follows `dot` (after the releases of files just closed, e.g.
+/// by the containers stopped for the switch).
+fn refuse_open_files_following(st: &AppState, dot: &DotName, branch: &str) -> ApiResult<()> {
+    let open = after_releases(|| st.mounts.open_files_following(dot), |o| !o.is_empty());
     let Some((path, _)) = open.first() else {
         return Ok(());
     };
