@@ -100,8 +100,15 @@ impl Drop for InFlight<'_> {
 pub struct StoreOptions {
     /// Bytes of decompressed chunks kept in memory.
     pub chunk_cache_bytes: u64,
-    /// Decoded tree nodes kept in memory.
-    pub node_cache_entries: usize,
+    /// Bytes of decoded tree nodes kept in memory (estimated: entries'
+    /// keys and values plus their allocations).
+    pub node_cache_bytes: u64,
+    /// Bytes of RocksDB memtables, all column families together; past this,
+    /// RocksDB flushes the largest.
+    pub memtable_bytes: usize,
+    /// Bytes of RocksDB's block cache, shared by all column families, with
+    /// the SST files' index and filter blocks in it.
+    pub block_cache_bytes: usize,
     /// Buffered (not yet chunked) write bytes per branch before the written
     /// file's whole blocks are spilled to the chunk log (see `BranchFs`).
     pub write_buffer_bytes: usize,
@@ -118,11 +125,49 @@ impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
             chunk_cache_bytes: 128 << 20,
-            node_cache_entries: 16 * 1024,
+            node_cache_bytes: 32 << 20,
+            memtable_bytes: 128 << 20,
+            block_cache_bytes: 32 << 20,
             write_buffer_bytes: 64 << 20,
             segment_bytes: crate::chunklog::SEGMENT_BYTES,
             owner: (0, 0),
         }
+    }
+}
+
+/// Bytes the store holds in memory, by part (see [`Db::memory`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Memory {
+    /// RocksDB memtables of every column family: the active ones, those
+    /// waiting for a flush, and flushed ones still pinned by readers.
+    pub memtables: u64,
+    /// RocksDB's estimate for the SST files' index and filter blocks.
+    pub table_readers: u64,
+    /// RocksDB's block cache (shared by the column families; index and
+    /// filter blocks included).
+    pub block_cache: u64,
+    /// Decompressed chunks cached by the store.
+    pub chunk_cache: u64,
+    /// Decoded tree nodes cached (estimated bytes).
+    pub node_cache: u64,
+    /// Written blocks buffered by open branches, not yet stored.
+    pub write_buffers: u64,
+}
+
+impl std::fmt::Display for Memory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        write!(
+            f,
+            "memtables {:.1} MiB, block cache {:.1} MiB, table readers {:.1} MiB, \
+             chunk cache {:.1} MiB, node cache {:.1} MiB, write buffers {:.1} MiB",
+            mib(self.memtables),
+            mib(self.block_cache),
+            mib(self.table_readers),
+            mib(self.chunk_cache),
+            mib(self.node_cache),
+            mib(self.write_buffers)
+        )
     }
 }
 
@@ -132,6 +177,22 @@ struct ByLen;
 impl quick_cache::Weighter<Id, Arc<Vec<u8>>> for ByLen {
     fn weight(&self, _k: &Id, v: &Arc<Vec<u8>>) -> u64 {
         v.len() as u64 + 64
+    }
+}
+
+/// Weighs cached tree nodes by an estimate of their bytes in memory.
+#[derive(Clone)]
+struct NodeLen;
+impl quick_cache::Weighter<Id, Arc<Node>> for NodeLen {
+    fn weight(&self, _k: &Id, v: &Arc<Node>) -> u64 {
+        // Per entry: the tuple (two Vecs, or a Vec and an id) and each
+        // Vec's heap allocation (its bytes plus the allocator's header).
+        const ENTRY: usize = 48 + 2 * 16;
+        let bytes: usize = match &**v {
+            Node::Leaf(e) => e.iter().map(|(k, v)| ENTRY + k.len() + v.len()).sum(),
+            Node::Inner(e) => e.iter().map(|(k, _)| ENTRY + k.len() + 32).sum(),
+        };
+        bytes as u64 + 64
     }
 }
 
@@ -154,7 +215,7 @@ pub struct Db {
     /// (see `spill_prepared`). Their index entries are written together,
     /// after one sync of the log, with the next batch.
     pending: Mutex<Pending>,
-    nodes: quick_cache::sync::Cache<Id, Arc<Node>>,
+    nodes: quick_cache::sync::Cache<Id, Arc<Node>, NodeLen>,
     chunks: quick_cache::sync::Cache<Id, Arc<Vec<u8>>, ByLen>,
     /// While a GC runs: every id written or re-referenced since it began,
     /// which the sweep must keep.
@@ -198,6 +259,28 @@ impl Db {
         // that pin the oldest one (the rarely written ones would otherwise
         // keep every log alive, and a restart would replay them all).
         db_opts.set_max_total_wal_size(256 << 20);
+        // Memory is bounded as a whole: one block cache for every column
+        // family, holding the SST files' index and filter blocks too (they
+        // grow with the store otherwise), and one budget for all memtables
+        // (each family's own limit, 64 MiB x 2 by default, would allow 512
+        // MiB). Measured with `bench/mem/rss.sh`.
+        let block_cache = rocksdb::Cache::new_lru_cache(opts.block_cache_bytes);
+        db_opts.set_write_buffer_manager(&rocksdb::WriteBufferManager::new_write_buffer_manager(
+            opts.memtable_bytes,
+            false,
+        ));
+        let table = || {
+            let mut table = rocksdb::BlockBasedOptions::default();
+            table.set_block_cache(&block_cache);
+            table.set_cache_index_and_filter_blocks(true);
+            table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+            table
+        };
+        let plain = || {
+            let mut o = Options::default();
+            o.set_block_based_table_factory(&table());
+            o
+        };
         // Most point lookups are of absent keys: the dedup check of every
         // new chunk, and working-state lookups of blocks the overlay does
         // not hold (they fall through to the snapshot tree). Bloom filters
@@ -206,7 +289,7 @@ impl Db {
         // under random writes without them).
         let filtered = || {
             let mut o = Options::default();
-            let mut table = rocksdb::BlockBasedOptions::default();
+            let mut table = table();
             table.set_bloom_filter(10.0, false);
             o.set_block_based_table_factory(&table);
             o.set_memtable_whole_key_filtering(true);
@@ -235,7 +318,7 @@ impl Db {
         );
         let cfs = || {
             vec![
-                rocksdb::ColumnFamilyDescriptor::new(CF_META, Options::default()),
+                rocksdb::ColumnFamilyDescriptor::new(CF_META, plain()),
                 rocksdb::ColumnFamilyDescriptor::new(CF_OBJECTS, filtered()),
                 rocksdb::ColumnFamilyDescriptor::new(CF_WORK, work_opts.clone()),
                 rocksdb::ColumnFamilyDescriptor::new(CF_CHUNK_INDEX, index_opts.clone()),
@@ -281,7 +364,11 @@ impl Db {
             log,
             space,
             pending: Mutex::new(Default::default()),
-            nodes: quick_cache::sync::Cache::new(opts.node_cache_entries),
+            nodes: quick_cache::sync::Cache::with_weighter(
+                (opts.node_cache_bytes / 8192).max(16) as usize,
+                opts.node_cache_bytes,
+                NodeLen,
+            ),
             chunks: quick_cache::sync::Cache::with_weighter(
                 (opts.chunk_cache_bytes / 65536).max(16) as usize,
                 opts.chunk_cache_bytes,
@@ -795,6 +882,35 @@ impl Db {
     /// Puts a chunk just stored in the read cache (a later partial write to
     /// its block then needs no read). Only a cache: presence is always asked
     /// of the index.
+    /// What the store holds in memory now, by part (for `dm server`'s log
+    /// and the memory benchmark).
+    pub fn memory(&self) -> Memory {
+        let prop = |name: &str| -> u64 {
+            [CF_META, CF_OBJECTS, CF_WORK, CF_CHUNK_INDEX]
+                .iter()
+                .filter_map(|cf| {
+                    self.db
+                        .property_int_value_cf(self.cf(cf), name)
+                        .ok()
+                        .flatten()
+                })
+                .sum()
+        };
+        Memory {
+            memtables: prop("rocksdb.size-all-mem-tables"),
+            table_readers: prop("rocksdb.estimate-table-readers-mem"),
+            // One cache for every family: ask one of them.
+            block_cache: (self.db)
+                .property_int_value_cf(self.cf(CF_META), "rocksdb.block-cache-usage")
+                .ok()
+                .flatten()
+                .unwrap_or(0),
+            chunk_cache: self.chunks.weight(),
+            node_cache: self.nodes.weight(),
+            write_buffers: 0,
+        }
+    }
+
     pub(crate) fn cache_chunk(&self, id: Id, data: Arc<Vec<u8>>) {
         self.chunks.insert(id, data);
     }
@@ -1017,6 +1133,45 @@ mod tests {
             assert!(present.iter().all(|p| *p), "a stored chunk looked absent");
         }
         writer.join().unwrap();
+    }
+
+    #[test]
+    fn memtables_and_node_cache_stay_within_their_budgets() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StoreOptions {
+            memtable_bytes: 4 << 20,
+            node_cache_bytes: 1 << 20,
+            ..StoreOptions::default()
+        };
+        let db = Db::open(dir.path(), opts).unwrap();
+        // 48 MiB of working-state values: under each family's own default
+        // limit (64 MiB), over the budget for all of them.
+        let value = vec![7u8; 4096];
+        for i in 0..12_288u32 {
+            let key = i.to_be_bytes();
+            db.db.put_cf(db.cf(CF_WORK), key, &value).unwrap();
+        }
+        // Beyond the budget: flushes in progress, and each filtered family's
+        // memtable bloom (a tenth of the family's write buffer size).
+        let within = 16 << 20;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while db.memory().memtables > within && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let m = db.memory();
+        assert!(m.memtables <= within, "memtables over budget: {m}");
+        // Big leaves (~64 KiB each): the cache holds bytes, not a count.
+        for i in 0..64u8 {
+            let leaf = Node::Leaf(
+                (0..512u32)
+                    .map(|k| (k.to_be_bytes().to_vec(), vec![i; 128]))
+                    .collect(),
+            );
+            db.nodes.insert(Id::of(&[i]), Arc::new(leaf));
+        }
+        let m = db.memory();
+        assert!(m.node_cache <= 1 << 20, "node cache over budget: {m}");
+        assert!(m.node_cache > 0, "{m}");
     }
 
     #[test]

@@ -1017,6 +1017,15 @@ impl Store {
             .then(|| self.db.space.room_needed())
     }
 
+    /// What the store holds in memory now, by part.
+    pub fn memory(&self) -> crate::db::Memory {
+        let mut m = self.db.memory();
+        m.write_buffers = (self.branches.lock().values())
+            .map(|fs| fs.buffered_bytes() as u64)
+            .sum();
+        m
+    }
+
     /// Flushes every buffered write of every open branch and syncs the WAL.
     pub fn sync(&self) -> Result<()> {
         let all: Vec<Arc<BranchFs>> = self.branches.lock().values().cloned().collect();

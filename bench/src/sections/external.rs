@@ -102,3 +102,16 @@ pub fn postgres_tps(ctx: &mut Ctx) -> Result<Outcome> {
             .env("PGBENCH_BLOCK_SIZES", "8K 64K"),
     )
 }
+
+/// Server memory: `bench/mem/rss.sh` (the server's resident set after each
+/// round of writes, fsyncs, deletes and a commit, against the first
+/// round's, and the store's own accounting of its caches and buffers).
+pub fn server_memory(ctx: &mut Ctx) -> Result<Outcome> {
+    embed(
+        ctx,
+        "Server memory",
+        Command::new("bash")
+            .arg("bench/mem/rss.sh")
+            .env("ROUNDS", "8"),
+    )
+}

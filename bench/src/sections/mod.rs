@@ -99,5 +99,10 @@ pub fn all() -> Vec<Section> {
             title: "PostgreSQL TPS on dm vs native",
             run: external::postgres_tps,
         },
+        Section {
+            id: "memory",
+            title: "Server memory under a long write load",
+            run: external::server_memory,
+        },
     ]
 }

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Memory of `dm server` under a long write load, printed per round with its
+# ratio to the first round's (the baseline, same run): a daemon whose memory
+# is bounded levels off; one that leaks keeps climbing. Also prints the
+# store's own accounting (RocksDB memtables and block cache, dm's chunk
+# cache, write buffers) from the server's log at the end.
+#  WORKLOAD=files (default): each round writes MB MiB (default 100) of fresh
+#    data in 1 MiB writes to new files with an fsync each, makes random 8 KiB
+#    overwrites of a 64 MiB file with an fsync every 16 for
+#    SECONDS_PER_ROUND seconds (default 5), deletes the new files, commits.
+#  WORKLOAD=pgbench: PostgreSQL on the dot (8 KiB blocks), pgbench scale 20
+#    loaded once, then per round SECONDS_PER_ROUND seconds (default 60) of
+#    pgbench with 2 clients and a commit.
+# Run as root:  bash bench/mem/rss.sh     (ROUNDS=12)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/dm-target}"
+DM="${DM:-$CARGO_TARGET_DIR/release/dm}"
+[ -x "$DM" ] || cargo build --release -p dm-cli >&2
+ROUNDS="${ROUNDS:-12}"
+WORKLOAD="${WORKLOAD:-files}"
+MB="${MB:-100}"
+if [ "$WORKLOAD" = pgbench ]; then SECS="${SECONDS_PER_ROUND:-60}"; else SECS="${SECONDS_PER_ROUND:-5}"; fi
+work=$(mktemp -d /var/tmp/dm-rss.XXXXXX)
+chmod 755 "$work"
+export DM_SOCKET="$work/dm.sock" DM_CONFIG="$work/config.toml"
+DM_LOG=info,dm::memory=debug "$DM" server --data-dir "$work/data" --mount-dir "$work/mnt" --socket "$DM_SOCKET" \
+  --no-plugin --listen off >>"$work/server.log" 2>&1 &
+server=$!
+PGBIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+port=$((40000 + $$ % 10000))
+pg() { runuser -u postgres -- "$PGBIN/$1" "${@:2}"; }
+cleanup() {
+  set +e
+  [ -f "${dir:-/nonexistent}/pgdata/postmaster.pid" ] && pg pg_ctl -D "$dir/pgdata" -m fast -w stop >/dev/null 2>&1
+  kill -TERM "$server" 2>/dev/null; wait "$server" 2>/dev/null
+  [ -z "${RSS_LOG:-}" ] || cp "$work/server.log" "$RSS_LOG"
+  rm -rf "$work"
+}
+trap cleanup EXIT
+for _ in $(seq 1 200); do "$DM" version >/dev/null 2>&1 && break; sleep 0.05; done
+"$DM" init rss --block-size 8K >/dev/null
+dir=$("$DM" --dot rss mount rss)
+rss() { awk '/^VmRSS/{printf "%.0f", $2/1024}' "/proc/$server/status"; }
+
+echo "# dm server memory under load"
+echo
+echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM. Command: \`WORKLOAD=$WORKLOAD ROUNDS=$ROUNDS SECONDS_PER_ROUND=$SECS bash bench/mem/rss.sh\`."
+if [ "$WORKLOAD" = pgbench ]; then
+  [ -x "$PGBIN/pgbench" ] || { echo "PostgreSQL is not installed" >&2; exit 1; }
+  sock="$work/pgsock"; mkdir -p "$sock" "$dir/pgdata"; chown postgres:postgres "$sock" "$dir/pgdata"
+  pg initdb -D "$dir/pgdata" -A trust -U postgres >/dev/null
+  pg pg_ctl -D "$dir/pgdata" -o "-p $port -k $sock -c listen_addresses=''" -l "$sock/pg.log" -w -t 120 start >/dev/null
+  pgb() { pg pgbench -h "$sock" -p "$port" -U postgres "$@" postgres; }
+  pgb -i -s 20 -q >/dev/null 2>&1
+  echo "Each round: ${SECS} s of pgbench (scale 20, 2 clients) on the dot, then a commit."
+else
+  echo "Each round: $MB MiB written to new files and fsynced, ${SECS} s of random 8 KiB writes with an fsync every 16 to a 64 MiB file, the new files deleted, a commit."
+fi
+echo
+echo "| round | RSS (MiB) | RSS / round 1 |"
+echo "|---|---|---|"
+first=
+for r in $(seq 1 "$ROUNDS"); do
+  if [ "$WORKLOAD" = pgbench ]; then
+    pgb -c 2 -j 2 -T "$SECS" -n >/dev/null 2>&1
+  else
+    python3 - "$dir" "$MB" "$SECS" "$r" <<'PY'
+import os, random, sys, time
+d, mb, secs, r = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+for i in range(mb // 10):
+    fd = os.open(os.path.join(d, f"new-{i}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    for _ in range(10):
+        os.write(fd, os.urandom(1 << 20))
+    os.fsync(fd); os.close(fd)
+fd = os.open(os.path.join(d, "table"), os.O_RDWR | os.O_CREAT, 0o644)
+if os.fstat(fd).st_size == 0:
+    os.ftruncate(fd, 64 << 20)
+rnd = random.Random(r)
+end = time.monotonic() + secs
+n = 0
+while time.monotonic() < end:
+    os.pwrite(fd, os.urandom(8192), rnd.randrange(8192) * 8192)
+    n += 1
+    if n % 16 == 0:
+        os.fsync(fd)
+os.fsync(fd); os.close(fd)
+for i in range(mb // 10):
+    os.unlink(os.path.join(d, f"new-{i}"))
+PY
+  fi
+  "$DM" --dot rss commit -m "round $r" >/dev/null
+  m=$(rss)
+  [ -n "$first" ] || first=$m
+  echo "| $r | $m | $(awk -v a="$m" -v b="$first" 'BEGIN{printf "%.2f", a/b}') |"
+done
+echo
+echo "Peak (VmHWM): $(awk '/^VmHWM/{printf "%.0f", $2/1024}' "/proc/$server/status") MiB."
+echo "The store's accounting at the end: $(grep 'dm::memory' "$work/server.log" | tail -1 | sed 's/.*dm::memory: //')."
