@@ -12,6 +12,14 @@ mod server;
 
 use clap::Parser;
 
+/// jemalloc instead of glibc's malloc: under PostgreSQL on a dot the
+/// server's resident set grew about 50 MiB a minute with glibc, the caches'
+/// bounds notwithstanding (freed memory kept in its arenas), and 4-35 MiB
+/// a minute with jemalloc, less as the caches fill to their bounds
+/// (`WORKLOAD=pgbench bash bench/mem/rss.sh`, bench/results/2026-12-04).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() {
     let cli = cli::Cli::parse();
     if !matches!(
