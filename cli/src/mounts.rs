@@ -38,6 +38,16 @@ fn holds_files(path: &Path) -> bool {
     std::fs::read_dir(path).is_ok_and(|mut d| d.next().is_some())
 }
 
+/// The paths of the mounts saved in `state_file` (`mounts.json`) by a
+/// server, empty if there is none or it cannot be read.
+pub fn saved_paths(state_file: &Path) -> Vec<PathBuf> {
+    std::fs::read(state_file)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Vec<Record>>(&b).ok())
+        .map(|records| records.into_iter().map(|r| r.path).collect())
+        .unwrap_or_default()
+}
+
 /// A mount as saved in `mounts.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Record {

@@ -1876,6 +1876,71 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
     out
 }
 
+/// FUSE mounts (mount point, connection number) from /proc/self/mountinfo.
+/// A FUSE mount's device is anonymous (major 0); its connection in the
+/// fusectl filesystem is named by the device number.
+fn fuse_mounts() -> io::Result<Vec<(PathBuf, u64)>> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(text.lines().filter_map(parse_fuse_mount).collect())
+}
+
+/// Mount points of every FUSE filesystem mounted here.
+pub fn fuse_mount_points() -> io::Result<Vec<PathBuf>> {
+    Ok(fuse_mounts()?.into_iter().map(|(p, _)| p).collect())
+}
+
+fn parse_fuse_mount(line: &str) -> Option<(PathBuf, u64)> {
+    let (mount, fs) = line.split_once(" - ")?;
+    let fstype = fs.split(' ').next()?;
+    if fstype != "fuse" && !fstype.starts_with("fuse.") {
+        return None;
+    }
+    let mut fields = mount.split(' ');
+    let (major, minor) = fields.nth(2)?.split_once(':')?;
+    let (major, minor): (u64, u64) = (major.parse().ok()?, minor.parse().ok()?);
+    let point = PathBuf::from(OsStr::from_bytes(&unescape_mountinfo(fields.nth(1)?)));
+    Some((point, (major << 20) | minor))
+}
+
+/// Where the kernel lists FUSE connections (the fusectl filesystem).
+const FUSECTL: &str = "/sys/fs/fuse/connections";
+
+/// Aborts the FUSE connection of the mount at `path` through fusectl
+/// (mounting it first when nothing is mounted there and this is root), so
+/// that every request waiting on it fails with ENOTCONN. For a server that
+/// died while one of its own threads waited on one of its mounts (an
+/// invalidation waiting for a page it was writing back to itself): such a
+/// process never finishes exiting, keeping its socket, its store's lock and
+/// its mounts, until the connection is aborted. Returns false when `path`
+/// is not a FUSE mount.
+pub fn abort_connection(path: &Path) -> io::Result<bool> {
+    let Some((_, conn)) = fuse_mounts()?.into_iter().find(|(p, _)| p == path) else {
+        return Ok(false);
+    };
+    let abort = Path::new(FUSECTL).join(conn.to_string()).join("abort");
+    if !abort.exists() && is_root() {
+        // Debian mounts fusectl at boot; a container may not have it.
+        let _ = nix::mount::mount(
+            Some("fusectl"),
+            FUSECTL,
+            Some("fusectl"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        );
+    }
+    std::fs::write(&abort, b"1").map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "aborting the FUSE connection of {} ({}): {e}",
+                path.display(),
+                abort.display()
+            ),
+        )
+    })?;
+    Ok(true)
+}
+
 /// If `path` is a dead FUSE mount left by a crashed daemon (stat gives
 /// ENOTCONN) or any leftover mount, unmount it (lazily) so it can be reused.
 pub fn cleanup_stale_mount(path: &Path) -> io::Result<()> {
@@ -1905,6 +1970,17 @@ pub fn cleanup_stale_mount(path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fuse_mounts_are_read_from_mountinfo() {
+        let line = "46 27 0:40 / /var/tmp/a\\040b rw,relatime - fuse dm:z rw,user_id=0,group_id=0";
+        assert_eq!(
+            parse_fuse_mount(line),
+            Some((PathBuf::from("/var/tmp/a b"), 40))
+        );
+        let other = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw";
+        assert_eq!(parse_fuse_mount(other), None);
+    }
 
     #[test]
     fn time_round_trip() {

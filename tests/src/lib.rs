@@ -224,6 +224,27 @@ impl Server {
         }
     }
 
+    /// Sends SIGKILL to the server and returns its process without waiting
+    /// for it (a process that cannot finish exiting would hang a wait).
+    pub fn kill9_no_wait(&mut self) -> Option<Child> {
+        let mut child = self.child.take()?;
+        let _ = child.kill();
+        Some(child)
+    }
+
+    /// `dm ARGS` against this server, started and not waited for.
+    pub fn dm_spawn(&self, args: &[&str]) -> Child {
+        Command::new(&self.bin)
+            .args(args)
+            .env("DM_SOCKET", self.socket())
+            .env("DM_CONFIG", self.config())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("running dm")
+    }
+
     /// Stops the server with SIGTERM and returns its exit code.
     pub fn stop(&mut self) -> Option<i32> {
         let mut child = self.child.take()?;

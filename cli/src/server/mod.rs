@@ -114,7 +114,9 @@ fn refuse_foreign_dir(dir: &Path) -> Result<()> {
 }
 
 /// Removes a socket file left by a dead server; fails if a server answers.
-fn claim_socket(socket: &Path) -> Result<()> {
+/// `mount_dir` and `mounts_file` (the saved mounts) name the mounts of a
+/// server of this data directory, for [`unstick_dead_server`].
+fn claim_socket(socket: &Path, mount_dir: &Path, mounts_file: &Path) -> Result<()> {
     use std::os::unix::net::UnixStream;
     if socket.exists() {
         if let Ok(stream) = UnixStream::connect(socket) {
@@ -127,7 +129,11 @@ fn claim_socket(socket: &Path) -> Result<()> {
             // Connectable but silent: a server still exiting (after kill -9
             // the kernel ends its FUSE sessions first). Given a while.
             let deadline = std::time::Instant::now() + SILENT_SERVER_WAIT;
+            let mut unstuck = false;
             while UnixStream::connect(socket).is_ok() {
+                if !unstuck {
+                    unstuck = unstick_dead_server(socket, mount_dir, mounts_file);
+                }
                 if std::time::Instant::now() > deadline {
                     bail!(
                         "a process listening on {} does not answer (a dm server that hangs?); \
@@ -143,6 +149,85 @@ fn claim_socket(socket: &Path) -> Result<()> {
             .with_context(|| format!("removing the stale socket {}", socket.display()))?;
     }
     Ok(())
+}
+
+/// A server killed (kill -9) while one of its threads waited on one of its
+/// own mounts (an invalidation waiting for a page that it was writing back
+/// to itself) stays a zombie for good: that thread waits for an answer
+/// only the dead threads could give, and it keeps the process's files (the
+/// socket, the store's lock, /dev/fuse) open. If the process holding
+/// `socket` is such a zombie, aborts the FUSE connections of the mounts
+/// under `mount_dir` and of the saved mounts, which ends the wait and lets
+/// it go. Returns whether it found one.
+fn unstick_dead_server(socket: &Path, mount_dir: &Path, mounts_file: &Path) -> bool {
+    let Some(pid) = socket_holder(socket) else {
+        return false;
+    };
+    let state = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    if !state
+        .lines()
+        .any(|l| l.starts_with("State:") && l.contains("zombie"))
+    {
+        return false;
+    }
+    let saved = crate::mounts::saved_paths(mounts_file);
+    let points = dm_fs::fuse_mount_points().unwrap_or_default();
+    for p in points
+        .iter()
+        .filter(|p| p.starts_with(mount_dir) || saved.contains(p))
+    {
+        match dm_fs::abort_connection(p) {
+            Ok(_) => tracing::warn!(
+                "the previous dm server (pid {pid}) died waiting on its own mount; aborted the FUSE connection of {} so that it can exit",
+                p.display()
+            ),
+            Err(e) => tracing::warn!("the previous dm server (pid {pid}) died waiting on its own mount; {e}"),
+        }
+    }
+    true
+}
+
+/// The process that has the unix socket bound at `socket` open (one of its
+/// threads: a zombie's main thread has no files left to list).
+fn socket_holder(socket: &Path) -> Option<u32> {
+    // /proc/net/unix: "Num RefCount Protocol Flags Type St Inode Path"; the
+    // listening socket has flag __SO_ACCEPTCON (connections waiting in its
+    // backlog show the path too).
+    let table = std::fs::read_to_string("/proc/net/unix").ok()?;
+    let wanted = socket.as_os_str().to_str()?;
+    let inode = table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let listening = f
+            .get(3)
+            .and_then(|v| u32::from_str_radix(v, 16).ok())
+            .is_some_and(|v| v & 0x10000 != 0);
+        (f.len() >= 8 && f[7] == wanted && listening).then(|| f[6].to_string())
+    })?;
+    let link = std::ffi::OsString::from(format!("socket:[{inode}]"));
+    for proc_entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = proc_entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(tasks) = std::fs::read_dir(proc_entry.path().join("task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Ok(fds) = std::fs::read_dir(task.path().join("fd")) else {
+                continue;
+            };
+            if fds
+                .flatten()
+                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == link))
+            {
+                return Some(pid);
+            }
+        }
+    }
+    None
 }
 
 /// How long a start waits for a silent process on its socket to go.
@@ -214,7 +299,11 @@ pub fn run(opts: ServerOptions) -> Result<()> {
         refuse_foreign_dir(dir)?;
     }
     refuse_foreign_dir(&opts.mount_dir)?;
-    claim_socket(&opts.socket)?;
+    claim_socket(
+        &opts.socket,
+        &opts.mount_dir,
+        &opts.data_dir.join("mounts.json"),
+    )?;
     raise_open_file_limit();
     // The store holds every dot's data: only this user reads it.
     create_private_dir(&opts.data_dir.join("store"))?;
@@ -317,6 +406,9 @@ fn start_patch_writer(store: Arc<Store>) -> PatchWriter {
         while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
             stopped.recv_timeout(PATCH_INTERVAL)
         {
+            // `DM_LOG=info,dm::memory=debug` shows where the server's
+            // memory goes (bench/mem/rss.sh reads it).
+            tracing::debug!(target: "dm::memory", "{}", store.memory());
             match store.materialize_patches() {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!("stored {n} patched blocks whole"),
