@@ -159,6 +159,15 @@ fn hub_push_clone_pull_through_the_cli() {
         out.contains("master: 2 commits") && out.contains("feature: 1 commit"),
         "{out}"
     );
+    // Cloning again under the same local name: refused, with a pull that
+    // works even without the upstream (a clone cut short before recording
+    // it), naming the remote dot.
+    let err = bob.fail(&["clone", "hub", "alice/app", "--local-name", "app2"]);
+    assert!(
+        err.contains("`dm pull hub app2 --remote-name alice/app`"),
+        "{err}"
+    );
+    bob.ok(&["pull", "hub", "app2", "--remote-name", "alice/app"]);
     bob.ok(&["switch", "app2"]);
     let bm = mount(&bob, "app2");
     assert_eq!(read(&bm.join("big")), big);

@@ -152,15 +152,19 @@ impl Server {
         }
     }
 
-    /// Runs `dm ARGS` against this server and config.
-    pub fn dm(&self, args: &[&str]) -> Output {
-        Command::new(&self.bin)
-            .args(args)
+    /// `dm ARGS` against this server and config, not started yet.
+    fn dm_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args)
             .env("DM_SOCKET", self.socket())
             .env("DM_CONFIG", self.config())
-            .stdin(Stdio::null())
-            .output()
-            .expect("running dm")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `dm ARGS` against this server and config.
+    pub fn dm(&self, args: &[&str]) -> Output {
+        self.dm_command(args).output().expect("running dm")
     }
 
     /// `dm remote add NAME TARGET` with the API key `key` (from the
@@ -234,11 +238,7 @@ impl Server {
 
     /// `dm ARGS` against this server, started and not waited for.
     pub fn dm_spawn(&self, args: &[&str]) -> Child {
-        Command::new(&self.bin)
-            .args(args)
-            .env("DM_SOCKET", self.socket())
-            .env("DM_CONFIG", self.config())
-            .stdin(Stdio::null())
+        self.dm_command(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

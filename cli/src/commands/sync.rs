@@ -369,7 +369,18 @@ pub fn clone(
     .map_err(|e| anyhow!("{e}"))?;
     let local = DotName::new(local_name.unwrap_or(&rdot.name)).map_err(|e| anyhow!("{e}"))?;
     if ctx.dot_detail(&local).is_ok() {
-        bail!("a dot named {local} exists here already: use `dm pull {remote} {local}`, or clone under another name with --local-name");
+        // The pull finds the remote dot by the upstream, else by the local
+        // name: name it when they differ (a clone cut short before it
+        // recorded the upstream).
+        let pull = if rdot.name == local.name && rdot.namespace == r.user {
+            format!("dm pull {remote} {local}")
+        } else {
+            format!(
+                "dm pull {remote} {local} --remote-name {}/{}",
+                rdot.namespace, rdot.name
+            )
+        };
+        bail!("a dot named {local} exists here already: use `{pull}`, or clone under another name with --local-name");
     }
     let req = TransferReq {
         direction: "pull".into(),

@@ -171,10 +171,11 @@ fn unstick_dead_server(socket: &Path, mount_dir: &Path, mounts_file: &Path) -> b
         return false;
     }
     let saved = crate::mounts::saved_paths(mounts_file);
+    let mount_dir = (mount_dir.canonicalize()).unwrap_or_else(|_| mount_dir.to_path_buf());
     let points = dm_fs::fuse_mount_points().unwrap_or_default();
     for p in points
         .iter()
-        .filter(|p| p.starts_with(mount_dir) || saved.contains(p))
+        .filter(|p| p.starts_with(&mount_dir) || saved.contains(p))
     {
         match dm_fs::abort_connection(p) {
             Ok(_) => tracing::warn!(
