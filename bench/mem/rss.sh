@@ -11,6 +11,7 @@
 #  WORKLOAD=pgbench: PostgreSQL on the dot (8 KiB blocks), pgbench scale 20
 #    loaded once, then per round SECONDS_PER_ROUND seconds (default 60) of
 #    pgbench with 2 clients and a commit.
+# RSS_LOG=FILE keeps a copy of the server log (one accounting line per 5 s).
 # Run as root:  bash bench/mem/rss.sh     (ROUNDS=12)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
