@@ -1844,12 +1844,35 @@ fn umount2(path: &Path, flags: libc::c_int) -> io::Result<()> {
 
 /// Mount points from /proc/self/mountinfo (octal escapes decoded).
 fn mount_points() -> io::Result<Vec<PathBuf>> {
+    Ok(mountinfo()?.into_iter().map(|m| m.point).collect())
+}
+
+/// One line of /proc/self/mountinfo, the parts dm uses.
+#[derive(Debug, PartialEq)]
+struct MountInfo {
+    point: PathBuf,
+    /// The device number (for a FUSE mount, its connection in fusectl).
+    dev: u64,
+    fstype: String,
+}
+
+fn mountinfo() -> io::Result<Vec<MountInfo>> {
     let text = std::fs::read_to_string("/proc/self/mountinfo")?;
-    Ok(text
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(OsStr::from_bytes(&unescape_mountinfo(p))))
-        .collect())
+    Ok(text.lines().filter_map(parse_mountinfo).collect())
+}
+
+/// "ID PARENT MAJOR:MINOR ROOT POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE ..."
+fn parse_mountinfo(line: &str) -> Option<MountInfo> {
+    let (mount, fs) = line.split_once(" - ")?;
+    let mut fields = mount.split(' ');
+    let (major, minor) = fields.nth(2)?.split_once(':')?;
+    let (major, minor): (u64, u64) = (major.parse().ok()?, minor.parse().ok()?);
+    let point = PathBuf::from(OsStr::from_bytes(&unescape_mountinfo(fields.nth(1)?)));
+    Some(MountInfo {
+        point,
+        dev: (major << 20) | minor,
+        fstype: fs.split(' ').next()?.to_string(),
+    })
 }
 
 fn unescape_mountinfo(s: &str) -> Vec<u8> {
@@ -1880,26 +1903,16 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
 /// A FUSE mount's device is anonymous (major 0); its connection in the
 /// fusectl filesystem is named by the device number.
 fn fuse_mounts() -> io::Result<Vec<(PathBuf, u64)>> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
-    Ok(text.lines().filter_map(parse_fuse_mount).collect())
+    Ok(mountinfo()?
+        .into_iter()
+        .filter(|m| m.fstype == "fuse" || m.fstype.starts_with("fuse."))
+        .map(|m| (m.point, m.dev))
+        .collect())
 }
 
 /// Mount points of every FUSE filesystem mounted here.
 pub fn fuse_mount_points() -> io::Result<Vec<PathBuf>> {
     Ok(fuse_mounts()?.into_iter().map(|(p, _)| p).collect())
-}
-
-fn parse_fuse_mount(line: &str) -> Option<(PathBuf, u64)> {
-    let (mount, fs) = line.split_once(" - ")?;
-    let fstype = fs.split(' ').next()?;
-    if fstype != "fuse" && !fstype.starts_with("fuse.") {
-        return None;
-    }
-    let mut fields = mount.split(' ');
-    let (major, minor) = fields.nth(2)?.split_once(':')?;
-    let (major, minor): (u64, u64) = (major.parse().ok()?, minor.parse().ok()?);
-    let point = PathBuf::from(OsStr::from_bytes(&unescape_mountinfo(fields.nth(1)?)));
-    Some((point, (major << 20) | minor))
 }
 
 /// Where the kernel lists FUSE connections (the fusectl filesystem).
@@ -1972,14 +1985,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fuse_mounts_are_read_from_mountinfo() {
+    fn mounts_are_read_from_mountinfo() {
         let line = "46 27 0:40 / /var/tmp/a\\040b rw,relatime - fuse dm:z rw,user_id=0,group_id=0";
-        assert_eq!(
-            parse_fuse_mount(line),
-            Some((PathBuf::from("/var/tmp/a b"), 40))
-        );
+        let fuse = MountInfo {
+            point: PathBuf::from("/var/tmp/a b"),
+            dev: 40,
+            fstype: "fuse".to_string(),
+        };
+        assert_eq!(parse_mountinfo(line), Some(fuse));
         let other = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw";
-        assert_eq!(parse_fuse_mount(other), None);
+        let ext4 = MountInfo {
+            point: PathBuf::from("/"),
+            dev: (8 << 20) | 1,
+            fstype: "ext4".to_string(),
+        };
+        assert_eq!(parse_mountinfo(other), Some(ext4));
     }
 
     #[test]

@@ -129,10 +129,10 @@ fn claim_socket(socket: &Path, mount_dir: &Path, mounts_file: &Path) -> Result<(
             // Connectable but silent: a server still exiting (after kill -9
             // the kernel ends its FUSE sessions first). Given a while.
             let deadline = std::time::Instant::now() + SILENT_SERVER_WAIT;
-            let mut unstuck = false;
+            let mut holder = socket_holder(socket);
             while UnixStream::connect(socket).is_ok() {
-                if !unstuck {
-                    unstuck = unstick_dead_server(socket, mount_dir, mounts_file);
+                if holder.is_some_and(|pid| unstick_dead_server(pid, mount_dir, mounts_file)) {
+                    holder = None;
                 }
                 if std::time::Instant::now() > deadline {
                     bail!(
@@ -155,14 +155,11 @@ fn claim_socket(socket: &Path, mount_dir: &Path, mounts_file: &Path) -> Result<(
 /// own mounts (an invalidation waiting for a page that it was writing back
 /// to itself) stays a zombie for good: that thread waits for an answer
 /// only the dead threads could give, and it keeps the process's files (the
-/// socket, the store's lock, /dev/fuse) open. If the process holding
-/// `socket` is such a zombie, aborts the FUSE connections of the mounts
+/// socket, the store's lock, /dev/fuse) open. If `pid`, the process holding
+/// the socket, is such a zombie, aborts the FUSE connections of the mounts
 /// under `mount_dir` and of the saved mounts, which ends the wait and lets
-/// it go. Returns whether it found one.
-fn unstick_dead_server(socket: &Path, mount_dir: &Path, mounts_file: &Path) -> bool {
-    let Some(pid) = socket_holder(socket) else {
-        return false;
-    };
+/// it go. Returns whether it was one.
+fn unstick_dead_server(pid: u32, mount_dir: &Path, mounts_file: &Path) -> bool {
     let state = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     if !state
         .lines()
