@@ -8,23 +8,10 @@
 # what a FUSE round trip costs when no other vCPU has to be woken), and stat(2)
 # of missing names. Prints a Markdown table with ratios dm/native.
 # Run as root:  bash bench/fuse/fio.sh      (FIO_SIZE=1g, FIO_SECONDS=20)
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/dm-target}"
-DM="${DM:-$CARGO_TARGET_DIR/release/dm}"
-[ -x "$DM" ] || cargo build --release -p dm-cli >&2
+. "$(dirname "$0")/../lib.sh"
 SIZE="${FIO_SIZE:-1g}"
 SECS="${FIO_SECONDS:-20}"
-work=$(mktemp -d /var/tmp/dm-fio.XXXXXX)
-export DM_SOCKET="$work/dm.sock" DM_CONFIG="$work/config.toml"
-server=
-start_server() {
-  "$DM" server --data-dir "$work/data" --mount-dir "$work/mnt" --socket "$DM_SOCKET" \
-    --no-plugin --listen off >>"$work/server.log" 2>&1 &
-  server=$!
-  for _ in $(seq 1 200); do "$DM" version >/dev/null 2>&1 && break; sleep 0.05; done
-}
-stop_server() { kill -TERM "$server" 2>/dev/null; wait "$server" 2>/dev/null || true; }
+bench_workdir dm-fio
 trap 'stop_server; rm -rf "$work"' EXIT
 start_server
 "$DM" init fio >/dev/null

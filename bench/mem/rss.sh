@@ -13,33 +13,21 @@
 #    pgbench with 2 clients and a commit.
 # RSS_LOG=FILE keeps a copy of the server log (one accounting line per 5 s).
 # Run as root:  bash bench/mem/rss.sh     (ROUNDS=12)
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/dm-target}"
-DM="${DM:-$CARGO_TARGET_DIR/release/dm}"
-[ -x "$DM" ] || cargo build --release -p dm-cli >&2
+. "$(dirname "$0")/../lib.sh"
 ROUNDS="${ROUNDS:-12}"
 WORKLOAD="${WORKLOAD:-files}"
 MB="${MB:-100}"
 if [ "$WORKLOAD" = pgbench ]; then SECS="${SECONDS_PER_ROUND:-60}"; else SECS="${SECONDS_PER_ROUND:-5}"; fi
-work=$(mktemp -d /var/tmp/dm-rss.XXXXXX)
-chmod 755 "$work"
-export DM_SOCKET="$work/dm.sock" DM_CONFIG="$work/config.toml"
-DM_LOG=info,dm::memory=debug "$DM" server --data-dir "$work/data" --mount-dir "$work/mnt" --socket "$DM_SOCKET" \
-  --no-plugin --listen off >>"$work/server.log" 2>&1 &
-server=$!
-PGBIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
-port=$((40000 + $$ % 10000))
-pg() { runuser -u postgres -- "$PGBIN/$1" "${@:2}"; }
+bench_workdir dm-rss
 cleanup() {
   set +e
-  [ -f "${dir:-/nonexistent}/pgdata/postmaster.pid" ] && pg pg_ctl -D "$dir/pgdata" -m fast -w stop >/dev/null 2>&1
-  kill -TERM "$server" 2>/dev/null; wait "$server" 2>/dev/null
+  [ -f "${dir:-/nonexistent}/pgdata/postmaster.pid" ] && pg_stop "$dir/pgdata"
+  stop_server
   [ -z "${RSS_LOG:-}" ] || cp "$work/server.log" "$RSS_LOG"
   rm -rf "$work"
 }
 trap cleanup EXIT
-for _ in $(seq 1 200); do "$DM" version >/dev/null 2>&1 && break; sleep 0.05; done
+start_server DM_LOG=info,dm::memory=debug
 "$DM" init rss --block-size 8K >/dev/null
 dir=$("$DM" --dot rss mount rss)
 rss() { awk '/^VmRSS/{printf "%.0f", $2/1024}' "/proc/$server/status"; }
@@ -48,11 +36,11 @@ echo "# dm server memory under load"
 echo
 echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB RAM. Command: \`WORKLOAD=$WORKLOAD ROUNDS=$ROUNDS SECONDS_PER_ROUND=$SECS bash bench/mem/rss.sh\`."
 if [ "$WORKLOAD" = pgbench ]; then
-  [ -x "$PGBIN/pgbench" ] || { echo "PostgreSQL is not installed" >&2; exit 1; }
-  sock="$work/pgsock"; mkdir -p "$sock" "$dir/pgdata"; chown postgres:postgres "$sock" "$dir/pgdata"
+  need_pg
+  pg_sockdir
+  mkdir -p "$dir/pgdata"; chown postgres:postgres "$dir/pgdata"
   pg initdb -D "$dir/pgdata" -A trust -U postgres >/dev/null
-  pg pg_ctl -D "$dir/pgdata" -o "-p $port -k $sock -c listen_addresses=''" -l "$sock/pg.log" -w -t 120 start >/dev/null
-  pgb() { pg pgbench -h "$sock" -p "$port" -U postgres "$@" postgres; }
+  pg_start "$dir/pgdata"
   pgb -i -s 20 -q >/dev/null 2>&1
   echo "Each round: ${SECS} s of pgbench (scale 20, 2 clients) on the dot, then a commit."
 else

@@ -7,40 +7,16 @@
 #    full copies of the data directory (dedup at work).
 # Prints a Markdown report on stdout. Run as root:
 #   bash bench/pg/pgbench.sh            (PGBENCH_SECONDS=30 by default)
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/dm-target}"
-DM="${DM:-$CARGO_TARGET_DIR/release/dm}"
-[ -x "$DM" ] || cargo build --release -p dm-cli >&2
+. "$(dirname "$0")/../lib.sh"
 SECS="${PGBENCH_SECONDS:-30}"
 SIZES="${PGBENCH_BLOCK_SIZES:-8K 16K 64K 128K}"
-PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
-[ -x "$PGBIN/pgbench" ] || { echo "PostgreSQL is not installed" >&2; exit 1; }
-
-work=$(mktemp -d /var/tmp/dm-pgbench.XXXXXX)
-chmod 755 "$work"
-export DM_SOCKET="$work/dm.sock" DM_CONFIG="$work/config.toml"
-port=$((40000 + $$ % 10000))
-sock="$work/pgsock"; mkdir -p "$sock"; chown postgres:postgres "$sock"
-server_pid=
-
-start_server() {
-  local extra=()
-  "$DM" server --help | grep -q -- --no-plugin && extra+=(--no-plugin)
-  "$DM" server --data-dir "$work/data" --mount-dir "$work/mnt" --socket "$DM_SOCKET" "${extra[@]}" \
-    >>"$work/server.log" 2>&1 &
-  server_pid=$!
-  for _ in $(seq 1 200); do "$DM" version >/dev/null 2>&1 && return; sleep 0.05; done
-  echo "dm server did not start; see $work/server.log" >&2; exit 1
-}
-pg() { runuser -u postgres -- "$PGBIN/$1" "${@:2}"; }
-pg_start() { rm -f "$1/postmaster.pid"; pg pg_ctl -D "$1" -o "-p $port -k $sock -c listen_addresses=''" -l "$sock/pg.log" -w -t 120 start >/dev/null; }
-pg_stop() { pg pg_ctl -D "$1" -m fast -w -t 120 stop >/dev/null 2>&1 || true; }
-pgb() { pg pgbench -h "$sock" -p "$port" -U postgres "$@" postgres; }
+need_pg
+bench_workdir dm-pgbench
+pg_sockdir
 cleanup() {
   set +e
   for d in "$work"/native/pgdata "$work"/mnt/*/*/__default__/pgdata; do [ -d "$d" ] && pg_stop "$d"; done
-  [ -n "$server_pid" ] && kill -TERM "$server_pid" && wait "$server_pid"
+  stop_server
   rm -rf "$work"
 }
 trap cleanup EXIT
