@@ -92,7 +92,7 @@ impl Client {
             let _ = conn.await;
         });
         let mut req = Request::builder()
-            .method(method)
+            .method(method.clone())
             .uri(path)
             .header("host", "localhost");
         if body.is_some() {
@@ -101,10 +101,25 @@ impl Client {
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .context("building the request")?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .context("the dm server closed the connection (did it crash? see its log)")?;
+        let answer = sender.send_request(req);
+        tokio::pin!(answer);
+        // A server that takes long is busy (a gc, an fsck, a checkout
+        // stopping containers) or stuck; either way the user is told once
+        // rather than left before a silent terminal.
+        let resp = match tokio::time::timeout(patience(), &mut answer).await {
+            Ok(resp) => resp,
+            Err(_) => {
+                eprintln!(
+                    "dm: the server at {} has not answered {method} {path} for {} s; it may be \
+                     busy (gc, fsck, a checkout stopping containers) or stuck (see its log). \
+                     Still waiting; Ctrl-C gives up.",
+                    self.socket.display(),
+                    patience().as_secs()
+                );
+                answer.await
+            }
+        }
+        .context("the dm server closed the connection (did it crash? see its log)")?;
         let status = resp.status();
         let bytes = resp
             .into_body()
@@ -114,4 +129,14 @@ impl Client {
             .to_bytes();
         Ok((status, bytes))
     }
+}
+
+/// How long a call waits before saying that the server has not answered
+/// (`DM_CLIENT_PATIENCE_SECS`, default 30).
+fn patience() -> std::time::Duration {
+    let secs = std::env::var("DM_CLIENT_PATIENCE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    std::time::Duration::from_secs(secs)
 }

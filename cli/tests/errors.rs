@@ -117,6 +117,38 @@ fn server_not_running() {
     assert!(err.contains("dm server"), "{err}");
 }
 
+/// A server that takes a connection and never answers (wedged, or busy with
+/// a long gc): the client says so once, then keeps waiting.
+#[test]
+fn a_silent_server_is_named_while_the_client_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let mut child = std::process::Command::new(DM)
+        .args(["list"])
+        .env("DM_SOCKET", &sock)
+        .env("DM_CONFIG", dir.path().join("config.toml"))
+        .env("DM_CLIENT_PATIENCE_SECS", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Accepted and read from, never answered.
+    let (_conn, _) = listener.accept().unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the client gave up on a server that may only be busy"
+    );
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("has not answered GET") && err.contains("silent.sock"),
+        "{err}"
+    );
+    assert_eq!(err.matches("has not answered").count(), 1, "{err}");
+}
 /// `dm dot delete` without -f asks on a terminal (driven through `script`,
 /// which gives the command a pty).
 #[test]
