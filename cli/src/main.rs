@@ -1,5 +1,6 @@
 //! `dm`: the command line of dm (git for data) and its daemon, `dm server`.
 
+mod alloc;
 mod api;
 mod cli;
 mod client;
@@ -17,8 +18,9 @@ use clap::Parser;
 /// bounds notwithstanding (freed memory kept in its arenas), and 4-35 MiB
 /// a minute with jemalloc, less as the caches fill to their bounds
 /// (`WORKLOAD=pgbench bash bench/mem/rss.sh`, bench/results/2026-12-04).
+/// Zeroed blocks are zeroed without `madvise` (see [`alloc`]).
 #[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+static ALLOCATOR: alloc::Allocator = alloc::Allocator;
 
 fn main() {
     let cli = cli::Cli::parse();
