@@ -302,3 +302,64 @@ fn o_append_writes_at_the_end_dm_knows() {
     drop(b);
     s.ok(&["unmount", other.to_str().unwrap()]);
 }
+
+/// A file discarded by a reset is gone from the working state before the
+/// kernel's caches hear of it. An `open(O_CREAT)` of its path in that
+/// window reached the old inode and failed with ENOENT; the server now says
+/// ESTALE, so the kernel looks the path up again and creates the file.
+#[test]
+fn creates_racing_resets_never_fail() {
+    let s = Server::start(DM);
+    s.ok(&["init", "creates"]);
+    s.ok(&["switch", "creates"]);
+    let mnt = PathBuf::from(s.ok(&["mount", "creates"]).trim());
+    write_synced(&mnt.join("base"), b"base");
+    s.ok(&["commit", "-m", "base"]);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (creates, errors) = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            use std::io::Write;
+            let (mut n, mut errors) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let p = mnt.join(format!("f{}", n % 10));
+                n += 1;
+                let opened = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&p);
+                let r = match opened {
+                    Ok(mut f) => f
+                        .write_all(&[b'x'; 100])
+                        .and_then(|_| f.sync_all())
+                        .map_err(|e| ("write", e)),
+                    Err(e) => Err(("open", e)),
+                };
+                if let Err((op, e)) = r {
+                    errors.push((op, format!("{op} {}: {e}", p.display()), e.raw_os_error()));
+                }
+            }
+            (n, errors)
+        });
+        for _ in 0..30 {
+            s.ok(&["reset", "--hard", "HEAD"]);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap()
+    });
+    assert!(creates > 100, "only {creates} creates");
+    // A write through a descriptor whose file a reset discarded may fail,
+    // with ESTALE; an open(O_CREAT) of the path may not fail at all.
+    let wrong: Vec<_> = errors
+        .iter()
+        .filter(|(op, _, errno)| *op == "open" || *errno != Some(libc::ESTALE))
+        .map(|(_, e, _)| e)
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {creates} creates failed: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+}

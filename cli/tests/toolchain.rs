@@ -85,3 +85,76 @@ fn git_clone_and_cargo_build_in_a_mount() {
     let out = run(&work, "./target/debug/hello", &[]);
     assert!(out.contains("hello from a dot"), "{out}");
 }
+
+/// `cp -p`, `cp -a` and `mv` from another filesystem keep modes. They set
+/// the copy's access ACL where that works instead of calling chmod; dm
+/// stored the ACL as a plain xattr, took it for done and left mode 600.
+#[test]
+fn cp_and_mv_into_a_mount_keep_modes() {
+    let s = Server::start(DM);
+    s.ok(&["init", "copies"]);
+    s.ok(&["switch", "copies"]);
+    let mnt = PathBuf::from(s.ok(&["mount", "copies"]).trim());
+    let src = tempfile::tempdir().unwrap();
+    let file = src.path().join("f");
+    std::fs::write(&file, b"x").unwrap();
+    let dir = src.path().join("d");
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::write(dir.join("sub/g"), b"y").unwrap();
+    let set_mode = |p: &Path, m: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    set_mode(&file, 0o644);
+    set_mode(&dir, 0o755);
+    set_mode(&dir.join("sub"), 0o751);
+    set_mode(&dir.join("sub/g"), 0o640);
+    let f = file.to_str().unwrap();
+    run(
+        src.path(),
+        "cp",
+        &["-p", f, mnt.join("cp_p").to_str().unwrap()],
+    );
+    run(
+        src.path(),
+        "cp",
+        &["-a", f, mnt.join("cp_a").to_str().unwrap()],
+    );
+    run(
+        src.path(),
+        "cp",
+        &[
+            "-a",
+            dir.to_str().unwrap(),
+            mnt.join("tree").to_str().unwrap(),
+        ],
+    );
+    run(src.path(), "mv", &[f, mnt.join("moved").to_str().unwrap()]);
+    let mode = |p: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(mnt.join(p)).unwrap().permissions().mode() & 0o7777
+    };
+    assert_eq!(mode("cp_p"), 0o644);
+    assert_eq!(mode("cp_a"), 0o644);
+    assert_eq!(mode("moved"), 0o644);
+    assert_eq!(mode("tree"), 0o755);
+    assert_eq!(mode("tree/sub"), 0o751);
+    assert_eq!(mode("tree/sub/g"), 0o640);
+    // ACLs are refused as on a filesystem mounted noacl.
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import os, sys\n\
+             try:\n    os.setxattr(sys.argv[1], 'system.posix_acl_access', b'\\x02\\0\\0\\0')\n\
+             except OSError as e:\n    print(e.strerror)",
+        ])
+        .arg(mnt.join("cp_p"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "Operation not supported",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -224,6 +224,17 @@ struct NoCaps {
 
 const XATTR_CAPS: &[u8] = b"security.capability";
 
+/// POSIX ACLs are not supported, as on a filesystem mounted `noacl`: their
+/// xattrs are refused with EOPNOTSUPP. Stored as plain values they took no
+/// effect, and `cp -p`, `cp -a` and `mv`, which set the access ACL instead
+/// of calling chmod when that works, left every copied file mode 600.
+fn is_acl(name: &OsStr) -> bool {
+    matches!(
+        name.as_bytes(),
+        b"system.posix_acl_access" | b"system.posix_acl_default"
+    )
+}
+
 impl Shared {
     /// Records that the kernel got an entry for `ino` under `(parent, name)`.
     fn remember(&self, parent: INodeNo, name: &[u8], ino: INodeNo) {
@@ -1192,6 +1203,10 @@ impl fuser::Filesystem for DmFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        if is_acl(name) {
+            reply.error(Errno::EOPNOTSUPP);
+            return;
+        }
         let view = self.view();
         let ino = view.to_store(ino);
         let caps = name.as_bytes() == XATTR_CAPS;
@@ -1214,6 +1229,10 @@ impl fuser::Filesystem for DmFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if is_acl(name) {
+            reply.error(Errno::EOPNOTSUPP);
+            return;
+        }
         let view = self.view();
         let ino = view.to_store(ino);
         let caps = name.as_bytes() == XATTR_CAPS;
@@ -1246,8 +1265,9 @@ impl fuser::Filesystem for DmFs {
         match view.fs.listxattr(view.to_store(ino)) {
             Ok(names) => {
                 let mut buf = Vec::new();
-                for n in names {
-                    buf.extend_from_slice(&n);
+                // ACLs stored before they were refused stay hidden.
+                for n in names.iter().filter(|n| !is_acl(OsStr::from_bytes(n))) {
+                    buf.extend_from_slice(n);
                     buf.push(0);
                 }
                 reply_xattr(&buf, size, reply)
@@ -1257,6 +1277,10 @@ impl fuser::Filesystem for DmFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        if is_acl(name) {
+            reply.error(Errno::EOPNOTSUPP);
+            return;
+        }
         let view = self.view();
         let ino = view.to_store(ino);
         let caps = name.as_bytes() == XATTR_CAPS;
@@ -1548,7 +1572,7 @@ impl Mount {
         // Dirty pages (mmap writes, or any write with the writeback cache)
         // and times cached by the kernel belong to the old branch: write
         // them back before swapping. Errors are expected for inodes deleted
-        // meanwhile (ENOENT on their time update) and must not block a
+        // meanwhile (ESTALE on their time update) and must not block a
         // checkout.
         if let Err(e) = self.sync() {
             debug!("syncfs before switch of {}: {e}", self.path.display());

@@ -373,17 +373,22 @@ impl BranchFs {
 
     // ---- record helpers ----
 
+    // An inode number the caller holds but the working state does not:
+    // the file went away behind the caller's cache (a reset or a checkout
+    // replaced the working state). ESTALE, as NFS says it: the kernel then
+    // looks the path up again once (an open(O_CREAT) racing a reset opens
+    // or creates the file instead of failing with ENOENT).
     fn load(tx: &Tx, ino: Ino) -> Result<InodeRec> {
         match tx.get(&keys::inode(ino))? {
             Some(b) => InodeRec::decode(ino, &b),
-            None => Err(Error::fs("inode", ENOENT)),
+            None => Err(Error::fs("inode", ESTALE)),
         }
     }
 
     fn load_view(view: &View, ino: Ino) -> Result<InodeRec> {
         match view.get(&keys::inode(ino))? {
             Some(b) => InodeRec::decode(ino, &b),
-            None => Err(Error::fs("inode", ENOENT)),
+            None => Err(Error::fs("inode", ESTALE)),
         }
     }
 

@@ -76,9 +76,11 @@ impl Error {
         move |source| Error::Db { context, source }
     }
 
-    /// True for "does not exist" errors.
+    /// True for "does not exist" errors, and for inode numbers that name
+    /// nothing any more.
     pub fn is_not_found(&self) -> bool {
-        matches!(self, Error::NotFound { .. }) || self.errno() == libc_consts::ENOENT
+        matches!(self, Error::NotFound { .. })
+            || matches!(self.errno(), libc_consts::ENOENT | libc_consts::ESTALE)
     }
 }
 
@@ -105,6 +107,7 @@ pub mod libc_consts {
     pub const ELOOP: i32 = 40;
     pub const ENODATA: i32 = 61;
     pub const EOPNOTSUPP: i32 = 95;
+    pub const ESTALE: i32 = 116;
 }
 
 fn errno_name(errno: i32) -> &'static str {
@@ -130,6 +133,7 @@ fn errno_name(errno: i32) -> &'static str {
         ELOOP => "too many levels of symbolic links (ELOOP)",
         ENODATA => "no such attribute (ENODATA)",
         EOPNOTSUPP => "operation not supported (EOPNOTSUPP)",
+        ESTALE => "stale file handle (ESTALE)",
         _ => "error",
     }
 }
