@@ -349,7 +349,13 @@ impl Store {
 
     /// Verifies every reachable commit, tree node and chunk against its id,
     /// and that everything a commit or working state names is present.
+    /// Waits for a GC in progress (and a GC waits for it).
     pub fn fsck(&self) -> Result<FsckReport> {
+        // Not beside a GC: fsck marks what the branches name, then looks
+        // each chunk up, and a GC between the two deletes the chunks that
+        // writes made garbage meanwhile, which fsck would call missing.
+        // Without GC nothing is deleted, so writes cannot fool it.
+        let _g = self.gc_lock.lock();
         let mut problems = Vec::new();
         let marks = mark(self, self.id_limit()?, true, &mut problems)?;
         let mut report = FsckReport {
