@@ -327,7 +327,11 @@ impl MountManager {
                     )));
                 }
                 self.check_user_path(&p, &volume)?;
-                (p, false)
+                // The server's own path for the volume, named: still the
+                // server's (removed at a stop, its files moved aside at
+                // the next start).
+                let managed = p == self.default_path(&volume);
+                (p, managed)
             }
             None => (self.default_path(&volume), true),
         };
