@@ -158,3 +158,50 @@ fn cp_and_mv_into_a_mount_keep_modes() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// util-linux's fallocate(1) on a mount: extending, keeping the size,
+/// punching a hole and zeroing a range behave as on ext4 (they failed with
+/// EOPNOTSUPP, and glibc's posix_fallocate fell back to a write per 4 KiB);
+/// collapsing a range is refused.
+#[test]
+fn fallocate_extends_punches_and_zeroes() {
+    let s = Server::start(DM);
+    s.ok(&["init", "alloc"]);
+    s.ok(&["switch", "alloc"]);
+    let mnt = PathBuf::from(s.ok(&["mount", "alloc"]).trim());
+    let f = mnt.join("f");
+    let mut want = vec![0xabu8; 64 << 10];
+    std::fs::write(&f, &want).unwrap();
+    let fa = |args: &[&str]| {
+        let mut a = args.to_vec();
+        a.push(f.to_str().unwrap());
+        run(&mnt, "fallocate", &a);
+    };
+    fa(&["-l", "1MiB"]);
+    want.resize(1 << 20, 0);
+    fa(&["-n", "-l", "4MiB"]);
+    fa(&["-p", "-o", "4096", "-l", "8192"]);
+    want[4096..12288].fill(0);
+    fa(&["-z", "-o", "100", "-l", "50"]);
+    want[100..150].fill(0);
+    fa(&["-z", "-o", "1MiB", "-l", "4096"]);
+    want.resize((1 << 20) + 4096, 0);
+    let out = Command::new("fallocate")
+        .args(["-c", "-o", "0", "-l", "4096"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not supported"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // What the server stored, not what this kernel cached.
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    assert_eq!(std::fs::read(&f).unwrap(), want);
+    s.ok(&["commit", "-m", "allocated"]);
+    std::fs::write(&f, b"gone").unwrap();
+    s.ok(&["reset", "--hard", "HEAD"]);
+    assert_eq!(std::fs::read(&f).unwrap(), want);
+}

@@ -1380,17 +1380,68 @@ impl fuser::Filesystem for DmFs {
         reply.error(Errno::ENOTTY);
     }
 
+    /// fallocate(2): mode 0 extends the file (dm allocates nothing ahead:
+    /// blocks are stored when written), `FALLOC_FL_KEEP_SIZE` alone does
+    /// nothing, `FALLOC_FL_PUNCH_HOLE` and `FALLOC_FL_ZERO_RANGE` write
+    /// zeros over the range within the file (stored as one deduplicated
+    /// zero chunk per block). Collapsing and inserting ranges: EOPNOTSUPP.
+    /// (glibc's posix_fallocate emulated mode 0 with a one-byte write per
+    /// 4 KiB, a FUSE round trip each.)
     fn fallocate(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _length: u64,
-        _mode: i32,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::EOPNOTSUPP);
+        let zero = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+        if mode & !(libc::FALLOC_FL_KEEP_SIZE | zero) != 0 {
+            return reply.error(Errno::EOPNOTSUPP);
+        }
+        let f = match self.open_file(fh, ino) {
+            Ok(f) => f,
+            Err(e) => return reply.error(e),
+        };
+        let (fs, ino) = (&f.fs, f.ino);
+        let Some(end) = offset.checked_add(length) else {
+            return reply.error(Errno::EFBIG);
+        };
+        let result = fs.getattr(ino).and_then(|a| {
+            if mode & zero != 0 {
+                const PIECE: u64 = 1 << 20;
+                let zeros = vec![0u8; PIECE as usize];
+                let mut at = offset;
+                while at < end.min(a.size) {
+                    let n = (end.min(a.size) - at).min(PIECE);
+                    fs.write(ino, at, &zeros[..n as usize])?;
+                    at += n;
+                }
+            }
+            if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && end > a.size {
+                let set = SetAttr {
+                    size: Some(end),
+                    ..SetAttr::default()
+                };
+                fs.setattr(ino, &set)?;
+            }
+            Ok(())
+        });
+        match result {
+            Ok(()) => {
+                self.tell_peers(fs, || {
+                    vec![Change::Data {
+                        ino,
+                        offset,
+                        len: length,
+                    }]
+                });
+                reply.ok()
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 }
 
