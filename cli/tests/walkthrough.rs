@@ -90,7 +90,7 @@ fn init_commit_log_reset() {
     std::fs::write(mnt.join("scratch"), b"x").unwrap();
     std::fs::remove_file(mnt.join("scratch")).unwrap();
     let status = s.ok(&["status"]);
-    assert!(status.contains("metadata only"), "{status}");
+    assert!(status.contains("directory times only"), "{status}");
     s.ok(&["reset", "--hard", "HEAD"]);
     assert_eq!(snapshot(&mnt), second);
 

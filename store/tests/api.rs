@@ -1205,6 +1205,50 @@ fn diff_attribute_changes_and_access_times() {
     );
 }
 
+/// A directory's own mode, owner and extended attributes are changes; its
+/// times and size, which follow its entries, are not.
+#[test]
+fn diff_directory_attribute_changes() {
+    let (_d, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    let dirs: Vec<_> = ["m", "o", "x", "t"]
+        .iter()
+        .map(|n| fs.mkdir(ROOT_INO, n.as_bytes(), 0o755, 0, 0).unwrap().ino)
+        .collect();
+    commit(&store, &dot, "master", "1");
+    let set = |ino, set: SetAttr| {
+        fs.setattr(ino, &set).unwrap();
+    };
+    set(
+        dirs[0],
+        SetAttr {
+            mode: Some(0o700),
+            ..Default::default()
+        },
+    );
+    set(
+        dirs[1],
+        SetAttr {
+            uid: Some(7),
+            gid: Some(7),
+            ..Default::default()
+        },
+    );
+    fs.setxattr(dirs[2], b"user.k", b"v", 0).unwrap();
+    // Only times: an entry created and removed again.
+    fs.mknod(dirs[3], b"tmp", FileKind::File, 0o644, 0, 0, 0)
+        .unwrap();
+    fs.unlink(dirs[3], b"tmp").unwrap();
+    assert_eq!(
+        store.diff(&dot, "master", None, None).unwrap(),
+        vec![
+            change(ChangeKind::Modified, "/m"),
+            change(ChangeKind::Modified, "/o"),
+            change(ChangeKind::Modified, "/x"),
+        ]
+    );
+}
+
 /// Listings taken while another client creates and deletes branches and
 /// dots leave out what was deleted meanwhile: they failed with "branch not
 /// found" (`dm list`, `dm status`, and a commit that lists the dot's

@@ -233,11 +233,11 @@ pub fn status(ctx: &mut Ctx) -> Result<()> {
         .collect::<std::collections::BTreeSet<_>>()
         .len();
     if paths == 0 && s.dirty_bytes == 0 {
-        // What no path shows: times or other metadata of directories (a
-        // file made and removed again, a rename undone). They still count
-        // (a pull or a plain reset would discard them).
+        // What no path shows: times of directories (a file made and
+        // removed again, a rename undone). They still count (a pull or a
+        // plain reset would discard them).
         println!(
-            "Uncommitted changes: metadata only (directory times or attributes, e.g. a file created and removed again; commit them with `dm commit -m MSG`{discard})"
+            "Uncommitted changes: directory times only (e.g. a file created and removed again; commit them with `dm commit -m MSG`{discard})"
         );
         return Ok(());
     }
