@@ -87,6 +87,7 @@ cat >"$WORK/pjdfstest.toml" <<'EOF'
 utime_now = {}
 utimensat = {}
 rename_ctime = {}
+posix_fallocate = {}
 
 [settings]
 naptime = 0.01
@@ -112,7 +113,7 @@ fi
 
 # --- fsx -----------------------------------------------------------------------
 # mmap reads/writes, truncate, fsync/fdatasync, close/open, copy_file_range,
-# sendfile; no fallocate/punch hole (EOPNOTSUPP on dm).
+# sendfile, posix_fallocate and punch hole.
 cat >"$WORK/fsx.toml" <<'EOF'
 flen = 4194304
 
@@ -131,6 +132,8 @@ close_open = 1.0
 invalidate = 1.0
 copy_file_range = 1.0
 sendfile = 1.0
+posix_fallocate = 1.0
+punch_hole = 1.0
 EOF
 if fsx -N "$FSX_OPS" -S "$FSX_SEED" -f "$WORK/fsx.toml" -P "$WORK/artifacts" "$MNT/fsx.bin" >"$WORK/fsx.log" 2>&1; then
     echo "fsx: PASS ($FSX_OPS ops, seed $FSX_SEED)"
