@@ -722,6 +722,7 @@ impl fuser::Filesystem for DmFs {
             // a truncate by a process without CAP_FSETID, approximated here
             // by a non-root caller. (chown clears the bits in the store.)
             kill_setid: size.is_some() && req.uid() != 0,
+            grow_only: false,
         };
         let store_ino = view.to_store(ino);
         match view.fs.setattr(store_ino, &set) {
@@ -1421,8 +1422,11 @@ impl fuser::Filesystem for DmFs {
                 }
             }
             if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && end > a.size {
+                // Not below what a writer on another descriptor may have
+                // appended since the size above was read.
                 let set = SetAttr {
                     size: Some(end),
+                    grow_only: true,
                     ..SetAttr::default()
                 };
                 fs.setattr(ino, &set)?;

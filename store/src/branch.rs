@@ -974,7 +974,7 @@ impl BranchFs {
                 changed = true;
             }
         }
-        if let Some(size) = set.size {
+        if let Some(size) = set.size.filter(|&s| !set.grow_only || s > rec.size) {
             match rec.kind {
                 FileKind::File => {}
                 FileKind::Dir => return Err(Error::fs("truncate", EISDIR)),
@@ -2132,6 +2132,27 @@ mod tests {
         store.create_dot(&dot, None).unwrap();
         let fs = store.branch_fs(&dot, "master").unwrap();
         (dir, store, fs)
+    }
+
+    /// A growing-only size (fallocate) never cuts what a writer appended
+    /// after the caller read the size.
+    #[test]
+    fn grow_only_sizes_never_shrink() {
+        let (_dir, _store, fs) = fresh();
+        let f = fs
+            .mknod(ROOT_INO, b"f", FileKind::File, 0o644, 0, 0, 0)
+            .unwrap()
+            .ino;
+        fs.write(f, 0, &[1u8; 100]).unwrap();
+        let grow = |size| crate::SetAttr {
+            size: Some(size),
+            grow_only: true,
+            ..Default::default()
+        };
+        assert_eq!(fs.setattr(f, &grow(50)).unwrap().size, 100);
+        assert_eq!(fs.setattr(f, &grow(200)).unwrap().size, 200);
+        fs.flush(f).unwrap();
+        assert_eq!(fs.getattr(f).unwrap().size, 200);
     }
 
     /// `df -i` shows the inode numbers used, not half of them.

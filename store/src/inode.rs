@@ -192,6 +192,9 @@ pub struct SetAttr {
     /// (regular files only; ignored when `mode` is set). A change of
     /// `uid` or `gid` of a non-directory clears them regardless, as chown does.
     pub kill_setid: bool,
+    /// `size` only grows the file (fallocate): at or below the file's
+    /// size, decided under the file's lock, it changes nothing.
+    pub grow_only: bool,
 }
 
 /// One entry of readdir.
