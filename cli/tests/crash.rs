@@ -266,12 +266,11 @@ fn a_server_killed_while_waiting_on_its_own_mount_does_not_block_the_next_start(
         }
         let _ = dirtier.wait();
         let _ = commit.wait();
-        if zombie {
-            assert!(
-                s.log().contains("died waiting on its own mount"),
-                "{}",
-                s.log()
-            );
+        // A zombie may also go by itself before the start looks (its
+        // waiting thread freed when the dirtier dies, or when the start's
+        // lazy unmount of the leftover mount ends the connection, seen
+        // under load): then try again.
+        if zombie && s.log().contains("died waiting on its own mount") {
             provoked = true;
             break;
         }
