@@ -174,13 +174,41 @@ pub fn reset(ctx: &mut Ctx, rev: &str, hard: bool) -> Result<()> {
 }
 
 fn change_line(c: &ChangeView) -> String {
+    let path = quote_path(&c.path);
     match (c.kind.as_str(), &c.from) {
-        ("renamed", Some(from)) => format!("R  {from} -> {}", c.path),
-        ("added", _) => format!("A  {}", c.path),
-        ("deleted", _) => format!("D  {}", c.path),
-        ("modified", _) => format!("M  {}", c.path),
-        (k, _) => format!("?  {} ({k})", c.path),
+        ("renamed", Some(from)) => format!("R  {} -> {path}", quote_path(from)),
+        ("added", _) => format!("A  {path}"),
+        ("deleted", _) => format!("D  {path}"),
+        ("modified", _) => format!("M  {path}"),
+        (k, _) => format!("?  {path} ({k})"),
     }
+}
+
+/// A path as git prints it: as is, or in double quotes with C escapes when
+/// it holds a control character, a double quote or a backslash (a name
+/// with a newline took two lines).
+fn quote_path(p: &str) -> String {
+    if !p.chars().any(|c| c.is_control() || c == '"' || c == '\\') {
+        return p.to_string();
+    }
+    let mut out = String::from("\"");
+    for c in p.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => {
+                let mut buf = [0u8; 4];
+                for b in c.encode_utf8(&mut buf).bytes() {
+                    out.push_str(&format!("\\{b:03o}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 pub fn diff(ctx: &mut Ctx, from: Option<&str>, to: Option<&str>) -> Result<()> {
@@ -250,4 +278,17 @@ pub fn status(ctx: &mut Ctx) -> Result<()> {
         println!("  {}", change_line(c));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quote_path;
+
+    #[test]
+    fn paths_with_newlines_quotes_or_controls_are_quoted_as_git_does() {
+        assert_eq!(quote_path("/__default__/a b/é"), "/__default__/a b/é");
+        assert_eq!(quote_path("/x/new\nline"), "\"/x/new\\nline\"");
+        assert_eq!(quote_path("/x/\"q\"\\"), "\"/x/\\\"q\\\"\\\\\"");
+        assert_eq!(quote_path("/x/\u{1}"), "\"/x/\\001\"");
+    }
 }
