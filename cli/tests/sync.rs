@@ -281,6 +281,12 @@ fn hub_push_clone_pull_through_the_cli() {
     assert_eq!(hub.ok(&["dot", "collaborator", "list", "alice/app"]), "");
     let err = hub.fail(&["dot", "collaborator", "rm", "alice/app", "bob"]);
     assert!(err.contains("not a collaborator"), "{err}");
+    // The owner and the admin have access already.
+    for user in ["alice", "admin"] {
+        let err = hub.fail(&["dot", "collaborator", "add", "alice/app", user]);
+        assert!(err.contains("already"), "{err}");
+    }
+    assert_eq!(hub.ok(&["dot", "collaborator", "list", "alice/app"]), "");
     let err = bob.fail(&["pull", "hub", "app2", "master"]);
     assert!(err.contains("no access"), "{err}");
 

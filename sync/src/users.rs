@@ -142,6 +142,18 @@ pub fn add_collaborator(store: &Store, dot: &DotName, user: &str) -> Result<()> 
         )));
     }
     let id = store.dot_info(dot)?.id;
+    if user == dot.namespace || user == ADMIN {
+        return Err(Error::Refused(format!(
+            "{user} may push to and pull from {}/{} already (as {}); collaborators are other users",
+            dot.namespace,
+            dot.name,
+            if user == ADMIN {
+                "the hub's admin"
+            } else {
+                "its owner"
+            }
+        )));
+    }
     store.set_setting(&collab_key(dot, user), &id.to_le_bytes())?;
     Ok(())
 }

@@ -189,7 +189,6 @@ pub fn remote_added(ctx: &mut Ctx, name: &str, ca: Option<&Path>) -> Result<()> 
         r.hostname
     );
     println!("  {fp}");
-    println!("(pinned: later connections fail if it changes)");
     let spec = dm_sync::RemoteSpec {
         host: r.hostname.clone(),
         port,
@@ -210,7 +209,10 @@ pub fn remote_added(ctx: &mut Ctx, name: &str, ca: Option<&Path>) -> Result<()> 
             ca_pem: None,
         },
     );
-    sc.save(&ctx.config_path)
+    sc.save(&ctx.config_path)?;
+    // Only once the key was accepted and the remote saved.
+    println!("(pinned: later connections fail if it changes)");
+    Ok(())
 }
 
 /// Forgets a removed remote's key and upstreams.
