@@ -1079,20 +1079,9 @@ impl Store {
             (Some(o), Some(n)) => o.kind == n.kind && o.crtime.is_some() && o.crtime == n.crtime,
             _ => false,
         };
-        // Whether a file on both sides changed (of a directory: its mode,
-        // owner or extended attributes; its times and size follow its
-        // entries, whose changes show as theirs).
+        // Whether a file on both sides changed (see file_changed).
         let mut changed_memo: HashMap<u64, bool> = HashMap::new();
         let mut changed = |ino: u64| -> Result<bool> {
-            if new.files[&ino].kind == FileKind::Dir {
-                return dir_changed(
-                    &old_view,
-                    &new_view,
-                    ino,
-                    &old.files[&ino],
-                    &new.files[&ino],
-                );
-            }
             if let Some(&c) = changed_memo.get(&ino) {
                 return Ok(c);
             }
@@ -1244,7 +1233,9 @@ fn walk(view: &View) -> Result<Listing> {
 /// Whether a file on both sides of a diff changed: its content, extended
 /// attributes or attributes other than atime, ctime and the link count
 /// (which renames, links and reads change; added and removed links show as
-/// paths of their own).
+/// paths of their own). Of a directory, only its own mode, owner and
+/// extended attributes: its times and size follow its entries, whose
+/// changes show as theirs.
 fn file_changed(
     old_view: &View,
     new_view: &View,
@@ -1262,19 +1253,30 @@ fn file_changed(
     ) else {
         return Ok(true);
     };
+    let dir = new.kind == FileKind::Dir;
     for r in [&mut o, &mut n] {
         r.atime = Default::default();
         r.ctime = Default::default();
         r.nlink = 0;
+        if dir {
+            r.mtime = Default::default();
+            r.size = 0;
+        }
     }
     if o != n {
         return Ok(true);
     }
-    // Blocks and extended attributes (keys are ordered: tags 2 and 3).
+    // Blocks and extended attributes (keys are ordered: tags 2 and 3); of
+    // a directory, extended attributes only.
+    let first = if dir {
+        keys::TAG_XATTR
+    } else {
+        keys::TAG_BLOCK
+    };
     let digest = |view: &View| -> Result<blake3::Hash> {
         let mut h = blake3::Hasher::new();
         view.scan(
-            &keys::prefix(ino, keys::TAG_BLOCK),
+            &keys::prefix(ino, first),
             &keys::prefix_end(ino, keys::TAG_XATTR),
             &mut |k, v| {
                 for part in [k, v] {
@@ -1287,49 +1289,6 @@ fn file_changed(
         Ok(h.finalize())
     };
     Ok(digest(old_view)? != digest(new_view)?)
-}
-
-/// Whether a directory on both sides changed its own metadata: mode,
-/// owner or extended attributes.
-fn dir_changed(
-    old_view: &View,
-    new_view: &View,
-    ino: u64,
-    old: &FileEntry,
-    new: &FileEntry,
-) -> Result<bool> {
-    if old.rec == new.rec {
-        return Ok(false);
-    }
-    let (Ok(mut o), Ok(mut n)) = (
-        InodeRec::decode(ino, &old.rec),
-        InodeRec::decode(ino, &new.rec),
-    ) else {
-        return Ok(true);
-    };
-    for r in [&mut o, &mut n] {
-        r.atime = Default::default();
-        r.mtime = Default::default();
-        r.ctime = Default::default();
-        r.nlink = 0;
-        r.size = 0;
-    }
-    if o != n {
-        return Ok(true);
-    }
-    let xattrs = |view: &View| -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let mut out = Vec::new();
-        view.scan(
-            &keys::prefix(ino, keys::TAG_XATTR),
-            &keys::prefix_end(ino, keys::TAG_XATTR),
-            &mut |k, v| {
-                out.push((k.to_vec(), v.to_vec()));
-                Ok(true)
-            },
-        )?;
-        Ok(out)
-    };
-    Ok(xattrs(old_view)? != xattrs(new_view)?)
 }
 
 /// Size of a regular file's record (0 for anything else or nothing).

@@ -788,6 +788,23 @@ fn posix_semantics() {
     assert_eq!(fs.readdir(d.ino, 0, 1000).unwrap().len(), 502);
 }
 
+/// Runs GC again and again on a thread until `stop`; returns the runs and
+/// the chunk log bytes they freed.
+fn gc_until(
+    store: &Arc<Store>,
+    stop: &Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(u64, u64)> {
+    let (store, stop) = (store.clone(), stop.clone());
+    std::thread::spawn(move || {
+        let (mut runs, mut freed) = (0, 0);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            freed += store.gc().unwrap().log_bytes_freed;
+            runs += 1;
+        }
+        (runs, freed)
+    })
+}
+
 #[test]
 fn gc_is_safe_while_branches_are_written() {
     // Small segments: GC compacts and removes segments while files are
@@ -802,18 +819,7 @@ fn gc_is_safe_while_branches_are_written() {
     store.create_dot(&dot, None).unwrap();
     let fs = store.branch_fs(&dot, "master").unwrap();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let gc = {
-        let store = store.clone();
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let (mut runs, mut freed) = (0, 0);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                freed += store.gc().unwrap().log_bytes_freed;
-                runs += 1;
-            }
-            (runs, freed)
-        })
-    };
+    let gc = gc_until(&store, &stop);
     // Content repeats across files and rounds, so writes often dedup
     // against chunks that have just become garbage.
     // Incompressible (in the log), and it repeats every 40 rounds.
@@ -1332,15 +1338,7 @@ fn fsck_while_gc_runs_and_files_are_written_finds_nothing() {
     store.create_dot(&dot, None).unwrap();
     let fs = store.branch_fs(&dot, "master").unwrap();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let gc = {
-        let store = store.clone();
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                store.gc().unwrap();
-            }
-        })
-    };
+    let gc = gc_until(&store, &stop);
     let fsck = {
         let store = store.clone();
         let stop = stop.clone();
