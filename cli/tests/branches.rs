@@ -237,7 +237,8 @@ fn branch_name_makes_a_branch_without_switching() {
 /// the size the kernel cached: a log writer that keeps its file open
 /// across `dm reset --hard` appends right after the reset content (it
 /// wrote at the old end, and the next commit kept a hole of zeros), and
-/// appenders on two mounts of the same branch never overwrite each other.
+/// appenders on two mounts of the same branch never overwrite or split
+/// each other's records.
 #[test]
 fn o_append_writes_at_the_end_dm_knows() {
     use std::io::Write;
@@ -300,6 +301,38 @@ fn o_append_writes_at_the_end_dm_knows() {
         String::from_utf8_lossy(&want)
     );
     drop(b);
+
+    // Both at once, records of 59 bytes: many cross a page boundary of the
+    // kernel's (stale) idea of the end, where a page-cache write is sent
+    // as two requests, and the other mount's record landed between the
+    // halves. Each write(2) must stay one record.
+    let (records, len) = (1500, 59);
+    std::thread::scope(|scope| {
+        for (tag, p) in [('A', log.clone()), ('B', other.join("log"))] {
+            scope.spawn(move || {
+                let mut f = append(&p);
+                for i in 0..records {
+                    let line = format!("{tag}{i:05} {}\n", "x".repeat(len - 8));
+                    assert_eq!(f.write(line.as_bytes()).unwrap(), len);
+                }
+            });
+        }
+    });
+    let got = std::fs::read(&log).unwrap();
+    let tail = String::from_utf8_lossy(&got[want.len()..]).into_owned();
+    let torn: Vec<&str> = tail
+        .lines()
+        .filter(|l| l.len() != len - 1 || !l.ends_with('x'))
+        .collect();
+    assert!(
+        torn.is_empty() && tail.len() == 2 * records * len,
+        "{} of {} records torn, {} bytes appended (want {}), first: {:?}",
+        torn.len(),
+        2 * records,
+        tail.len(),
+        2 * records * len,
+        torn.first()
+    );
     s.ok(&["unmount", other.to_str().unwrap()]);
 }
 

@@ -497,6 +497,22 @@ impl DmFs {
         self.shared.view.read()
     }
 
+    /// How the kernel is to use a file opened with `flags`. KEEP_CACHE: we
+    /// are the only writer; switch() and peers drop stale pages.
+    /// `O_APPEND` opens bypass the page cache (DIRECT_IO): a page-cache
+    /// write that leaves a partly written page behind ends its request
+    /// there, so a record crossing a page boundary reached us as two
+    /// appends, and an appender on another mount of the branch could land
+    /// between them. Direct, each write(2) is one request (up to
+    /// `MAX_WRITE`), appended whole (see `write`).
+    fn open_flags(&self, flags: i32) -> FopenFlags {
+        let mut f = FopenFlags::FOPEN_KEEP_CACHE;
+        if flags & libc::O_APPEND != 0 && !self.shared.writeback {
+            f |= FopenFlags::FOPEN_DIRECT_IO;
+        }
+        f
+    }
+
     /// Registers an open file and returns its handle.
     fn new_handle(&self, fs: Arc<BranchFs>, ino: u64) -> FileHandle {
         let fh = self
@@ -632,6 +648,10 @@ impl fuser::Filesystem for DmFs {
             // ourselves, so the kernel need not ask for security.capability
             // before every write (a round trip per write(2) otherwise).
             InitFlags::FUSE_HANDLE_KILLPRIV_V2,
+            // mmap(2) of a file opened with O_APPEND (direct I/O, see
+            // `open_flags`) as of any other; the kernel keeps the two
+            // coherent (Linux 6.6+; older kernels refuse shared mappings).
+            InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
         ];
         if self.shared.writeback {
             caps.push(InitFlags::FUSE_WRITEBACK_CACHE);
@@ -963,10 +983,9 @@ impl fuser::Filesystem for DmFs {
             });
         }
         match view.fs.open(ino) {
-            // KEEP_CACHE: we are the only writer; switch() drops the page cache.
             Ok(()) => reply.opened(
                 self.new_handle(view.fs.clone(), ino),
-                FopenFlags::FOPEN_KEEP_CACHE,
+                self.open_flags(flags.0),
             ),
             Err(e) => reply.error(errno(&e)),
         }
@@ -1320,7 +1339,7 @@ impl fuser::Filesystem for DmFs {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
         let view = self.view();
@@ -1344,7 +1363,7 @@ impl fuser::Filesystem for DmFs {
         let attr = view.attr(&a);
         self.shared.remember(parent, name.as_bytes(), attr.ino);
         let fh = self.new_handle(view.fs.clone(), a.ino);
-        reply.created(&TTL, &attr, Generation(0), fh, FopenFlags::FOPEN_KEEP_CACHE);
+        reply.created(&TTL, &attr, Generation(0), fh, self.open_flags(flags));
         self.tell_peers(&view.fs, || created(p, name));
     }
 

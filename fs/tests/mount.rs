@@ -113,6 +113,62 @@ fn create_write_read_append() {
     assert_eq!(e.raw_os_error(), Some(libc::EEXIST));
 }
 
+/// Files opened with O_APPEND bypass the page cache (one request per
+/// write(2)); the rest of the mount must not notice: a reader that cached
+/// the last partial page sees the appended bytes, and a shared mapping of
+/// an O_RDWR|O_APPEND descriptor works and stays coherent with its writes.
+#[test]
+fn appends_stay_coherent_with_cached_readers_and_mappings() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let Some(f) = setup("__default__") else {
+        return;
+    };
+    let p = f.p("log");
+    fs::write(&p, [b'a'; 5000]).unwrap();
+    let reader = File::open(&p).unwrap();
+    let mut buf = vec![0u8; 8192];
+    assert_eq!(reader.read_at(&mut buf, 0).unwrap(), 5000);
+    let mut appender = OpenOptions::new().append(true).open(&p).unwrap();
+    appender.write_all(&[b'B'; 100]).unwrap();
+    let mut want = vec![b'a'; 5000];
+    want.extend_from_slice(&[b'B'; 100]);
+    assert_eq!(reader.read_at(&mut buf, 0).unwrap(), 5100);
+    assert!(buf[..5100] == want[..], "a cached reader missed an append");
+
+    let rw = OpenOptions::new().read(true).append(true).open(&p).unwrap();
+    // SAFETY: mapping the first 5100 bytes of a 5100-byte file, shared.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            5100,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            rw.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(
+        addr,
+        libc::MAP_FAILED,
+        "mmap of an O_APPEND descriptor: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: addr maps 5100 writable bytes.
+    unsafe { std::ptr::copy_nonoverlapping(b"MMM".as_ptr(), addr.cast::<u8>(), 3) };
+    // SAFETY: addr maps 5100 bytes.
+    assert_eq!(unsafe { libc::msync(addr, 5100, libc::MS_SYNC) }, 0);
+    (&rw).write_all(&[b'C'; 10]).unwrap();
+    want[..3].copy_from_slice(b"MMM");
+    want.extend_from_slice(&[b'C'; 10]);
+    assert_eq!(fs::read(&p).unwrap(), want);
+    // SAFETY: addr maps 5100 bytes, unmapped once.
+    unsafe {
+        assert_eq!(*addr.cast::<u8>().add(5099), b'B');
+        libc::munmap(addr, 5100);
+    }
+}
+
 #[test]
 fn readahead_is_raised_to_the_largest_read() {
     let Some(f) = setup("__default__") else {
