@@ -162,6 +162,11 @@ fn appends_stay_coherent_with_cached_readers_and_mappings() {
     want[..3].copy_from_slice(b"MMM");
     want.extend_from_slice(&[b'C'; 10]);
     assert_eq!(fs::read(&p).unwrap(), want);
+    // Reads through the O_APPEND descriptor are direct too: any offset,
+    // short at the end.
+    let mut tail = [0u8; 64];
+    assert_eq!(rw.read_at(&mut tail, 5090).unwrap(), 20);
+    assert_eq!(&tail[..20], &want[5090..]);
     // SAFETY: addr maps 5100 bytes, unmapped once.
     unsafe {
         assert_eq!(*addr.cast::<u8>().add(5099), b'B');
