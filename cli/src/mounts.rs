@@ -481,6 +481,15 @@ impl MountManager {
             .map_or(0, |e| e.mount.open_files())
     }
 
+    /// Whether a process uses the mount at `path` (a file open, a working
+    /// directory there); false when dm mounts nothing there.
+    pub fn is_busy(&self, path: &Path) -> bool {
+        self.lock()
+            .iter()
+            .find(|e| e.path == path)
+            .is_some_and(|e| e.mount.is_busy())
+    }
+
     /// Unmounts the mount at `path`.
     pub fn unmount(&self, path: &Path) -> ApiResult<()> {
         let mut entries = self.lock();

@@ -364,6 +364,68 @@ fn checkout_restarts_followers_and_leaves_pinned_running() {
     );
 }
 
+/// A process on the host that uses a container's volume path (its
+/// Mountpoint) is not a container: stopping the containers for a checkout
+/// must not take the mount from under it. A file held open refuses the
+/// checkout (its writes would go to the branch left behind); a shell
+/// whose working directory is there follows the dot to the new branch.
+#[test]
+fn host_processes_on_a_volume_path_follow_the_dot_across_checkout() {
+    use std::io::Write;
+    let Some(_lock) = setup() else { return };
+    let _proxy = ProxyGuard;
+    let s = start_server();
+    let name = "dmtest-hostuse";
+    let _clean = Cleanup::new(&[name], &["hostapp"]);
+    run_detached(&s, name, "hostapp:/data", LOOP);
+    s.ok(&["switch", "hostapp"]);
+    s.ok(&["commit", "-m", "base"]);
+    let mnt = PathBuf::from(
+        docker_ok(
+            &s,
+            &["volume", "inspect", "-f", "{{.Mountpoint}}", "hostapp"],
+        )
+        .trim(),
+    );
+    assert!(mnt.is_absolute(), "no Mountpoint: {}", mnt.display());
+
+    let mut held = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(mnt.join("hostlog"))
+        .unwrap();
+    held.write_all(b"before\n").unwrap();
+    let err = s.fail(&["checkout", "-b", "feat"]);
+    assert!(err.contains("open on"), "{err}");
+    assert!(running(&s, name), "the container was not started again");
+    assert!(s.ok(&["branch"]).contains("* master"));
+    drop(held);
+
+    // A shell sitting in the directory, no file open: the checkout goes
+    // ahead, and the shell's directory shows the new branch.
+    let mut shell = Command::new("sh")
+        .args(["-c", "exec sleep 60"])
+        .current_dir(&mnt)
+        .spawn()
+        .unwrap();
+    s.ok(&["checkout", "-b", "feat"]);
+    let cwd = PathBuf::from(format!("/proc/{}/cwd", shell.id()));
+    std::fs::write(cwd.join("on-feat"), b"x").unwrap();
+    let _ = shell.kill();
+    let _ = shell.wait();
+    assert!(
+        mnt.join("on-feat").exists(),
+        "the shell wrote where the dot's path does not show"
+    );
+    assert!(
+        s.ok(&["diff"]).contains("on-feat"),
+        "not on feat: {}",
+        s.ok(&["diff"])
+    );
+    s.ok(&["checkout", "master"]);
+    assert!(!mnt.join("on-feat").exists(), "the file is on master");
+}
+
 /// A pull that moves a branch stops the containers that show it and
 /// starts them again, as a reset does (a database must not see its files
 /// replaced under it); a pull with nothing new restarts nothing. The

@@ -1768,6 +1768,22 @@ impl Mount {
         self.shared.handles.read().len()
     }
 
+    /// Whether a process uses the mount: a file open through it, or a
+    /// working directory or another mount inside it (asked of the kernel,
+    /// as root; unprivileged servers count open files only).
+    pub fn is_busy(&self) -> bool {
+        if self.open_files() > 0 {
+            return true;
+        }
+        if !is_root() || !self.shows_this_mount() {
+            return false;
+        }
+        // MNT_EXPIRE unmounts nothing the first time: EBUSY if the mount is
+        // in use, else EAGAIN with the mount marked as expired (any use
+        // clears the mark; only a second MNT_EXPIRE would unmount it).
+        matches!(umount2(&self.path, libc::MNT_EXPIRE), Err(e) if e.raw_os_error() == Some(libc::EBUSY))
+    }
+
     /// Unmounts. If the mount is busy it is detached lazily (the kernel drops
     /// it when the last user goes away) and this returns without waiting.
     pub fn unmount(self) -> io::Result<()> {

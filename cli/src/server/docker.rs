@@ -61,8 +61,10 @@ pub struct DockerIntegration {
     switched: Condvar,
 }
 
-/// How long a Mount waits for a switch of its dot to end.
-const SWITCH_WAIT: Duration = Duration::from_secs(120);
+/// How long a Mount waits for a switch of its dot to end: under Docker's
+/// own timeout for a plugin call (2 minutes), so that the user reads dm's
+/// message rather than Docker's "context deadline exceeded".
+const SWITCH_WAIT: Duration = Duration::from_secs(100);
 
 /// Marks a dot as switching until dropped (see [`DockerIntegration::switching`]).
 struct Switching<'a> {
@@ -846,8 +848,24 @@ impl Backend for DockerIntegration {
         }
         if refs.ids.is_empty() {
             let owned = refs.owned;
+            let mounted = owned && self.mounted_paths().contains(&path);
+            if mounted && self.mounts.is_busy(&path) {
+                // The containers are gone, but a process on the host uses
+                // the path (a shell there, a file open). Detached, its
+                // mount would keep the branch it showed, out of dm's sight:
+                // a checkout would not see its open files, and its writes
+                // would go to the branch left behind. Left mounted (and
+                // the plugin's, for the next Unmount), it follows the dot.
+                tracing::info!(
+                    "docker: the containers of {} are gone, but another process uses {}; it stays mounted",
+                    volume.name,
+                    path.display()
+                );
+                self.save(&st);
+                return Ok(());
+            }
             st.mounts.remove(&path);
-            if owned && self.mounted_paths().contains(&path) {
+            if mounted {
                 if let Err(e) = self.mounts.unmount(&path) {
                     // Keep serving: the mount stays and is reused next time.
                     tracing::warn!("docker: {}", e.message);
