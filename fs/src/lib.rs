@@ -505,8 +505,15 @@ impl DmFs {
     /// appends, and an appender on another mount of the branch could land
     /// between them. Direct, each write(2) is one request (up to
     /// `MAX_WRITE`), appended whole (see `write`).
+    ///
+    /// NOFLUSH unless the file is open for writing while a branch has
+    /// several mounts (see `flush`).
     fn open_flags(&self, flags: i32) -> FopenFlags {
         let mut f = FopenFlags::FOPEN_KEEP_CACHE;
+        let writes = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        if !writes || !peers::active() {
+            f |= FopenFlags::FOPEN_NOFLUSH;
+        }
         if flags & libc::O_APPEND != 0 && !self.shared.writeback {
             f |= FopenFlags::FOPEN_DIRECT_IO;
         }
@@ -1075,13 +1082,16 @@ impl fuser::Filesystem for DmFs {
         }
     }
 
-    /// Not implemented, on purpose: the kernel then stops sending FLUSH (one
-    /// synchronous round trip on every close(2)). Buffered writes are stored
-    /// at release (which the kernel sends without making close wait), fsync,
-    /// commit, or when buffers grow; reads from any mount see them before.
-    /// What a close loses is only the report of a failed store, which
-    /// fsync(2) still gives (as on most filesystems, close is not a
-    /// durability point).
+    /// Asked for only while some branch has several mounts, and then only
+    /// at the close(2) of a file opened for writing (`open_flags` sets
+    /// FOPEN_NOFLUSH otherwise: a FLUSH is a synchronous round trip on
+    /// every close). It waits until the other mounts were told of the
+    /// changes made so far, so that a program started on another mount
+    /// after the writer closed its file reads what was written
+    /// (close-to-open, as NFS gives). Buffered writes are stored at release
+    /// (which the kernel sends without making close wait), fsync, commit,
+    /// or when buffers grow; reads from any mount see them before. As on
+    /// most filesystems, close is not a durability point: fsync(2) is.
     fn flush(
         &self,
         _req: &Request,
@@ -1090,7 +1100,8 @@ impl fuser::Filesystem for DmFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::ENOSYS);
+        peers::wait_delivered();
+        reply.ok();
     }
 
     fn release(

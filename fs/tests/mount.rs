@@ -1251,6 +1251,55 @@ fn a_reader_on_another_mount_sees_what_was_synced() {
     m2.unmount().unwrap();
 }
 
+/// Close-to-open across mounts of a branch: once a writer has closed its
+/// file, a reader that opens it on another mount reads what was written,
+/// also through sendfile(2) (`busybox cat`), which reads the kernel's
+/// cached pages up to its cached size without asking for attributes: it
+/// read new bytes cut at the old size ("a-much-l") when the invalidation
+/// came just after its open.
+#[test]
+fn a_reader_on_another_mount_sees_what_a_closed_file_holds() {
+    use std::os::fd::AsRawFd;
+    let Some(f) = setup("__default__") else {
+        return;
+    };
+    let other = f._dir.path().join("other");
+    fs::create_dir(&other).unwrap();
+    let fs_a = f.store.branch_fs(&f.dot, "master").unwrap();
+    let m2 = Mount::mount(&other, fs_a, "__default__", &MountOptions::default()).unwrap();
+    let sink = tempfile::tempfile().unwrap();
+    let cat = |p: &Path| -> Vec<u8> {
+        let src = File::open(p).unwrap();
+        sink.set_len(0).unwrap();
+        (&sink).seek(SeekFrom::Start(0)).unwrap();
+        let mut off: libc::off_t = 0;
+        // SAFETY: two open descriptors and a valid offset pointer.
+        let n = unsafe { libc::sendfile(sink.as_raw_fd(), src.as_raw_fd(), &mut off, 1 << 20) };
+        assert!(n >= 0, "sendfile: {}", std::io::Error::last_os_error());
+        let mut got = vec![0u8; n as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&sink, &mut got, 0).unwrap();
+        got
+    };
+    let mut wrong = Vec::new();
+    for i in 0..400 {
+        fs::write(f.p("t"), format!("short{i}\n")).unwrap();
+        cat(&other.join("t"));
+        let want = format!("a-much-longer-line-{i}\n");
+        fs::write(f.p("t"), &want).unwrap();
+        let got = cat(&other.join("t"));
+        if got != want.as_bytes() {
+            wrong.push(String::from_utf8_lossy(&got).into_owned());
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of 400 reads wrong: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+    m2.unmount().unwrap();
+}
+
 /// Writes WAL-like segments in `dir` and reads them through `read_dir`
 /// (the same directory, or another mount's view of it); panics on a read
 /// of synced bytes that gives anything else.
