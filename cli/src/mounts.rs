@@ -570,9 +570,15 @@ impl MountManager {
     /// The mounts that follow `dot`'s current branch (not pinned) and have
     /// files open, with how many.
     pub fn open_files_following(&self, dot: &DotName) -> Vec<(PathBuf, usize)> {
+        self.open_files_where(|v| &v.dot == dot && v.branch.is_none())
+    }
+
+    /// The mounts of volumes that `which` picks and that have files open,
+    /// with how many.
+    pub fn open_files_where(&self, which: impl Fn(&VolumeName) -> bool) -> Vec<(PathBuf, usize)> {
         self.lock()
             .iter()
-            .filter(|e| &e.volume.dot == dot && e.volume.branch.is_none())
+            .filter(|e| which(&e.volume))
             .map(|e| (e.path.clone(), e.mount.open_files()))
             .filter(|(_, n)| *n > 0)
             .collect()

@@ -396,3 +396,45 @@ fn creates_racing_resets_never_fail() {
         &wrong[..wrong.len().min(5)]
     );
 }
+
+/// Deleting a dot or a branch never takes a mount from under a process
+/// with files open there (a PostgreSQL started on the host lost its
+/// files), even with -f / -D: refused, naming the path, until the process
+/// is gone or the mount is detached on purpose (`dm unmount --force`).
+#[test]
+fn deletes_refuse_mounts_with_files_open() {
+    let s = Server::start(DM);
+    s.ok(&["init", "busy"]);
+    s.ok(&["switch", "busy"]);
+    let mnt = PathBuf::from(s.ok(&["mount", "busy"]).trim());
+    write_synced(&mnt.join("base"), b"base");
+    s.ok(&["commit", "-m", "base"]);
+    s.ok(&["branch", "exp"]);
+    let dir = tempfile::tempdir().unwrap();
+    let exp = dir.path().join("exp");
+    s.ok(&["mount", "busy@exp", exp.to_str().unwrap()]);
+
+    let held = std::fs::File::open(exp.join("base")).unwrap();
+    let err = s.fail(&["branch", "-D", "exp"]);
+    assert!(
+        err.contains("open on") && err.contains(exp.to_str().unwrap()),
+        "{err}"
+    );
+    assert!(s.ok(&["branch"]).contains("exp"));
+    assert!(is_mounted(&exp));
+    drop(held);
+    s.ok(&["branch", "-D", "exp"]);
+    assert!(!s.ok(&["branch"]).contains("exp"));
+
+    let held = std::fs::File::open(mnt.join("base")).unwrap();
+    let err = s.fail(&["dot", "delete", "-f", "busy"]);
+    assert!(
+        err.contains("open on") && err.contains("unmount --force"),
+        "{err}"
+    );
+    assert!(s.ok(&["list"]).contains("busy"));
+    assert_eq!(std::fs::read(mnt.join("base")).unwrap(), b"base");
+    drop(held);
+    s.ok(&["dot", "delete", "-f", "busy"]);
+    assert!(!s.ok(&["list"]).contains("busy"));
+}

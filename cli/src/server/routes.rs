@@ -236,6 +236,7 @@ async fn delete_dot(
         // As `docker volume rm` refuses a volume in use: a database whose
         // files vanish under it loses what it has not written yet.
         refuse_if_running(&st, &dot, &format!("dot {dot}"), |_| true)?;
+        refuse_open_files(&st, &format!("dot {dot}"), |v| v.dot == dot)?;
         st.mounts.unmount_dot(&dot)?;
         st.store.delete_dot(&dot)?;
         tracing::info!("deleted dot {dot}");
@@ -320,6 +321,35 @@ fn refuse_if_running(
     )))
 }
 
+/// Refuses, -f or not, while processes have files open on the mounts of
+/// the volumes `which` picks (after the releases of files just closed): a
+/// deletion would unmount them, and a database whose files vanish under it
+/// loses what it has not written yet. `dm unmount --force` detaches such a
+/// mount on purpose.
+fn refuse_open_files(
+    st: &AppState,
+    what: &str,
+    which: impl Fn(&dm_store::VolumeName) -> bool,
+) -> ApiResult<()> {
+    let open = after_releases(|| st.mounts.open_files_where(&which), |o| !o.is_empty());
+    let Some((path, _)) = open.first() else {
+        return Ok(());
+    };
+    let n: usize = open.iter().map(|(_, n)| n).sum();
+    Err(ApiError::conflict(format!(
+        "{what}: {n} file{} open on {} (a process uses it; `fuser -vm {}` names it); nothing was \
+         deleted. Stop it first, or detach the mount with `dm unmount --force {}` (the process keeps \
+         the files it has open, and its new writes go nowhere)",
+        if n == 1 { "" } else { "s" },
+        open.iter()
+            .map(|(p, _)| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        path.display(),
+        path.display()
+    )))
+}
+
 #[derive(Deserialize)]
 struct ForceQuery {
     #[serde(default)]
@@ -341,6 +371,9 @@ async fn delete_branch(
             c.dm_volumes()
                 .iter()
                 .any(|v| v.branch.as_deref() == Some(branch.as_str()))
+        })?;
+        refuse_open_files(&st, &format!("branch {branch} of {dot}"), |v| {
+            v.dot == dot && v.branch.as_deref() == Some(branch.as_str())
         })?;
         let pinned = st.mounts.pinned_paths(&dot, &branch);
         if !pinned.is_empty() {
