@@ -109,13 +109,23 @@ impl Client {
         let resp = match tokio::time::timeout(patience(), &mut answer).await {
             Ok(resp) => resp,
             Err(_) => {
-                eprintln!(
-                    "dm: the server at {} has not answered {method} {path} for {} s; it may be \
-                     busy (gc, fsck, a checkout stopping containers) or stuck (see its log). \
-                     Still waiting; Ctrl-C gives up.",
-                    self.socket.display(),
-                    patience().as_secs()
-                );
+                match path {
+                    // Long by nature: they read the whole store.
+                    "/v1/fsck" | "/v1/gc" => eprintln!(
+                        "dm: {} is still running after {} s (it reads every commit and chunk; \
+                         a store of a few GiB takes a minute or more). Still waiting; Ctrl-C \
+                         stops waiting, not the server.",
+                        path.trim_start_matches("/v1/"),
+                        patience().as_secs()
+                    ),
+                    _ => eprintln!(
+                        "dm: the server at {} has not answered {method} {path} for {} s; it may be \
+                         busy (gc, fsck, a checkout stopping containers) or stuck (see its log). \
+                         Still waiting; Ctrl-C gives up.",
+                        self.socket.display(),
+                        patience().as_secs()
+                    ),
+                }
                 answer.await
             }
         }

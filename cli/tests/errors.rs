@@ -148,6 +148,26 @@ fn a_silent_server_is_named_while_the_client_waits() {
         "{err}"
     );
     assert_eq!(err.matches("has not answered").count(), 1, "{err}");
+
+    // fsck and gc are long by nature: said so, not "stuck".
+    let mut child = std::process::Command::new(DM)
+        .args(["fsck"])
+        .env("DM_SOCKET", &sock)
+        .env("DM_CONFIG", dir.path().join("config.toml"))
+        .env("DM_CLIENT_PATIENCE_SECS", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (_conn, _) = listener.accept().unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("fsck is still running after 1 s") && !err.contains("stuck"),
+        "{err}"
+    );
 }
 /// `dm dot delete` without -f asks on a terminal (driven through `script`,
 /// which gives the command a pty).
