@@ -426,6 +426,24 @@ fn host_processes_on_a_volume_path_follow_the_dot_across_checkout() {
     assert!(!mnt.join("on-feat").exists(), "the file is on master");
 }
 
+/// Two names of one mount (`aliasapp` and `aliasapp.__default__`):
+/// removing the name no container uses is Docker's to allow, and the
+/// container on the other name keeps its mount.
+#[test]
+fn removing_one_name_of_a_mount_leaves_it_to_the_other() {
+    let Some(_lock) = setup() else { return };
+    let _proxy = ProxyGuard;
+    let s = start_server();
+    let name = "dmtest-alias";
+    let _clean = Cleanup::new(&[name], &["aliasapp", "aliasapp.__default__"]);
+    run(&s, "aliasapp", "echo kept > /data/f");
+    run_detached(&s, name, "aliasapp.__default__:/data", LOOP);
+    docker_ok(&s, &["volume", "rm", "aliasapp"]);
+    assert_eq!(docker_ok(&s, &["exec", name, "cat", "/data/f"]), "kept\n");
+    docker_ok(&s, &["exec", name, "sh", "-c", "echo more > /data/g"]);
+    assert!(s.ok(&["list"]).contains("aliasapp"));
+}
+
 /// A pull that moves a branch stops the containers that show it and
 /// starts them again, as a reset does (a database must not see its files
 /// replaced under it); a pull with nothing new restarts nothing. The

@@ -723,14 +723,23 @@ impl Backend for DockerIntegration {
         // are ones whose Unmount never came (Docker died meanwhile), and
         // would refuse the removal forever. Other names of the same mount
         // (`myapp` and `myapp.__default__`) count as uses too.
-        let unused = self.docker.present()
-            && block_on(self.docker.containers()).is_ok_and(|cs| {
-                !cs.iter().any(|c| {
-                    c.dm_volumes()
-                        .iter()
-                        .any(|v| self.mounts.default_path(v) == path)
-                })
-            });
+        // Docker removes only a name no container uses, so containers that
+        // use the mount do so under another of its names: it stays theirs.
+        let users: Option<Vec<String>> = match self.docker.present() {
+            true => block_on(self.docker.containers()).ok().map(|cs| {
+                cs.iter()
+                    .filter(|c| {
+                        c.dm_volumes()
+                            .iter()
+                            .any(|v| self.mounts.default_path(v) == path)
+                    })
+                    .map(|c| c.name().trim_start_matches('/').to_string())
+                    .collect()
+            }),
+            false => None,
+        };
+        let unused = users.as_ref().is_some_and(|u| u.is_empty());
+        let used_under_other_names = users.as_ref().is_some_and(|u| !u.is_empty());
         let mut st = self.lock();
         if let Some(r) = st.mounts.get(&path).filter(|r| unused && !r.ids.is_empty()) {
             tracing::warn!(
@@ -747,7 +756,7 @@ impl Backend for DockerIntegration {
             }
         }
         if let Some(r) = st.mounts.get(&path) {
-            if !r.ids.is_empty() {
+            if !r.ids.is_empty() && !used_under_other_names {
                 return Err(PluginError::Backend(format!(
                     "volume {} is in use ({} mount{}); stop its containers first",
                     volume.name,
@@ -759,7 +768,9 @@ impl Backend for DockerIntegration {
         // Docker's own name for an image's VOLUME or `-v /path`: removed
         // with its container (`--rm`, `docker rm -v`), as Docker removes its
         // local anonymous volumes. Kept once committed to.
-        let anonymous = is_anonymous(&volume.name) && self.never_committed(&volume.parsed.dot);
+        let anonymous = is_anonymous(&volume.name)
+            && !used_under_other_names
+            && self.never_committed(&volume.parsed.dot);
         if anonymous {
             let dot = &volume.parsed.dot;
             self.mounts
