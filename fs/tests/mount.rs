@@ -1234,6 +1234,16 @@ fn a_reader_sees_what_another_descriptor_synced() {
     synced_wal_is_read(&f.p("wal"), &f.p("wal"));
 }
 
+/// A second mount of the fixture's branch at `other` in its directory (as a
+/// pinned `dot@branch` path or a `dm mount` path is).
+fn second_mount(f: &Fixture) -> (PathBuf, Mount) {
+    let other = f._dir.path().join("other");
+    fs::create_dir(&other).unwrap();
+    let fs_a = f.store.branch_fs(&f.dot, "master").unwrap();
+    let m = Mount::mount(&other, fs_a, "__default__", &MountOptions::default()).unwrap();
+    (other, m)
+}
+
 /// The same with the reader on another mount of the branch (a pinned
 /// `dot@branch` path, a `dm mount` path): an fsync returns once the other
 /// mounts' kernels were told to drop what the writes made stale.
@@ -1242,10 +1252,7 @@ fn a_reader_on_another_mount_sees_what_was_synced() {
     let Some(f) = setup("__default__") else {
         return;
     };
-    let other = f._dir.path().join("other");
-    fs::create_dir(&other).unwrap();
-    let fs_a = f.store.branch_fs(&f.dot, "master").unwrap();
-    let m2 = Mount::mount(&other, fs_a, "__default__", &MountOptions::default()).unwrap();
+    let (other, m2) = second_mount(&f);
     fs::create_dir(f.p("wal")).unwrap();
     synced_wal_is_read(&f.p("wal"), &other.join("wal"));
     m2.unmount().unwrap();
@@ -1263,10 +1270,7 @@ fn a_reader_on_another_mount_sees_what_a_closed_file_holds() {
     let Some(f) = setup("__default__") else {
         return;
     };
-    let other = f._dir.path().join("other");
-    fs::create_dir(&other).unwrap();
-    let fs_a = f.store.branch_fs(&f.dot, "master").unwrap();
-    let m2 = Mount::mount(&other, fs_a, "__default__", &MountOptions::default()).unwrap();
+    let (other, m2) = second_mount(&f);
     let sink = tempfile::tempfile().unwrap();
     let cat = |p: &Path| -> Vec<u8> {
         let src = File::open(p).unwrap();
