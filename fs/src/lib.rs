@@ -1780,14 +1780,13 @@ impl Mount {
     }
 
     /// Whether a process uses the mount: a file open through it, or a
-    /// working directory or another mount inside it (asked of the kernel,
-    /// as root; unprivileged servers count open files only).
+    /// working directory or another mount inside it. Asked of the kernel
+    /// as root (it knows at once when a process closed or exited, where
+    /// our count of open files waits for the RELEASE); unprivileged
+    /// servers count open files only.
     pub fn is_busy(&self) -> bool {
-        if self.open_files() > 0 {
-            return true;
-        }
         if !is_root() || !self.shows_this_mount() {
-            return false;
+            return self.open_files() > 0;
         }
         // MNT_EXPIRE unmounts nothing the first time: EBUSY if the mount is
         // in use, else EAGAIN with the mount marked as expired (any use
