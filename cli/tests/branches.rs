@@ -438,3 +438,32 @@ fn deletes_refuse_mounts_with_files_open() {
     s.ok(&["dot", "delete", "-f", "busy"]);
     assert!(!s.ok(&["list"]).contains("busy"));
 }
+
+/// Unlike git, `dm checkout -b` leaves uncommitted changes on the branch
+/// they were made on; the CLI says so (a dot with no commit gave an empty
+/// new branch without a word, and the data seemed gone).
+#[test]
+fn checkout_b_says_uncommitted_changes_stay() {
+    let s = Server::start(DM);
+    s.ok(&["init", "notes"]);
+    s.ok(&["switch", "notes"]);
+    let mnt = PathBuf::from(s.ok(&["mount", "notes"]).trim());
+    write_synced(&mnt.join("draft"), b"draft");
+    let out = s.dm(&["checkout", "-b", "feat"]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("uncommitted changes on master stay there")
+            && err.contains("starts empty")
+            && err.contains("dm checkout master"),
+        "{err}"
+    );
+    assert!(!mnt.join("draft").exists());
+    s.ok(&["checkout", "master"]);
+    assert_eq!(std::fs::read(mnt.join("draft")).unwrap(), b"draft");
+    // Committed: the new branch starts there, and nothing is said.
+    s.ok(&["commit", "-m", "draft"]);
+    let out = s.dm(&["checkout", "-b", "clean"]);
+    assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
+    assert_eq!(std::fs::read(mnt.join("draft")).unwrap(), b"draft");
+}
