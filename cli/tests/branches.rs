@@ -253,7 +253,14 @@ fn o_append_writes_at_the_end_dm_knows() {
     let mut f = append(&log);
     f.write_all(&[b'x'; 100_000]).unwrap();
     f.sync_all().unwrap();
-    s.ok(&["reset", "--hard", "HEAD"]);
+    let out = s.dm(&["reset", "--hard", "HEAD"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success()
+            && err.contains("1 file was held open on")
+            && err.contains("restarted"),
+        "{err}"
+    );
     f.write_all(b"after\n").unwrap();
     f.sync_all().unwrap();
     drop(f);
@@ -464,6 +471,9 @@ fn checkout_b_says_uncommitted_changes_stay() {
     // Committed: the new branch starts there, and nothing is said.
     s.ok(&["commit", "-m", "draft"]);
     let out = s.dm(&["checkout", "-b", "clean"]);
+    assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
+    // No file open: a hard reset has nothing to warn about.
+    let out = s.dm(&["reset", "--hard", "HEAD"]);
     assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
     assert_eq!(std::fs::read(mnt.join("draft")).unwrap(), b"draft");
 }

@@ -188,6 +188,26 @@ pub struct ResolveResponse {
     pub id: String,
 }
 
+/// Answer of `POST .../reset`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ResetResponse {
+    /// The commit the branch now points at (64 hex digits).
+    pub id: String,
+    /// Mounts showing the branch where processes other than containers
+    /// held files open across a hard reset: they now see the reset state.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held_open: Vec<HeldOpen>,
+}
+
+/// Files open on one mount.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HeldOpen {
+    /// The mount's path.
+    pub path: String,
+    /// How many files were open there.
+    pub files: usize,
+}
+
 /// Query of `GET .../resolve`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ResolveQuery {

@@ -4,7 +4,7 @@
 use super::Ctx;
 use crate::api::{
     self, BranchView, ChangeView, CheckoutRequest, CommitRequest, CommitView, DiffResponse,
-    DotDetail, Empty, ResetRequest, ResolveResponse, StatusResponse,
+    DotDetail, Empty, ResetRequest, ResetResponse, StatusResponse,
 };
 use crate::format::human_size;
 use anyhow::{anyhow, bail, Result};
@@ -180,13 +180,24 @@ pub fn reset(ctx: &mut Ctx, rev: &str, hard: bool) -> Result<()> {
         "{}/reset",
         api::branch_path(&dot.namespace, &dot.name, &d.summary.current_branch)
     );
-    let _: ResolveResponse = ctx.client()?.post(
+    let r: ResetResponse = ctx.client()?.post(
         &path,
         &ResetRequest {
             rev: rev.to_string(),
             hard,
         },
     )?;
+    for h in &r.held_open {
+        eprintln!(
+            "warning: {} file{} held open on {} across the reset (`fuser -vm {}` names the \
+             process); it now sees the reset state under it. A database running there must \
+             be restarted (stop it before a reset next time).",
+            h.files,
+            if h.files == 1 { " was" } else { "s were" },
+            h.path,
+            h.path
+        );
+    }
     Ok(())
 }
 

@@ -512,7 +512,7 @@ async fn reset(
     State(st): S,
     Path((ns, dot, branch)): Path<(String, String, String)>,
     Json(req): Json<ResetRequest>,
-) -> ApiResult<Json<ResolveResponse>> {
+) -> ApiResult<Json<ResetResponse>> {
     blocking(move || {
         let dot = dot_name(&ns, &dot)?;
         check_branch(&branch)?;
@@ -525,7 +525,25 @@ async fn reset(
                 "branch {branch} of dot {dot} has uncommitted changes; commit them (`dm commit`) or discard them (`dm reset --hard`)"
             )));
         }
+        let current = st.store.dot_info(&dot)?.current_branch;
         let do_reset = || {
+            // Files held open by processes other than the containers just
+            // stopped (whose releases may still be on their way): those
+            // processes see the reset state under them, which a running
+            // database does not survive. Allowed (a log writer appends
+            // after the reset content), but the user is told.
+            let held = match req.hard {
+                true => after_releases(
+                    || {
+                        st.mounts.open_files_where(|v| {
+                            v.dot == dot
+                                && v.branch.as_deref().unwrap_or(current.as_str()) == branch
+                        })
+                    },
+                    |o| !o.is_empty(),
+                ),
+                false => Vec::new(),
+            };
             if req.hard {
                 // Kernel-cached writes belong to the state being discarded, but
                 // flush them first so that nothing lands after the reset.
@@ -549,17 +567,25 @@ async fn reset(
                         e => e.into(),
                     })?;
                 Ok(())
-            })
+            })?;
+            Ok(held)
         };
         // Containers that show this branch (pinned to it, or following the
         // dot while it is the current one) are stopped around the reset,
         // not when it is refused.
-        let current = st.store.dot_info(&dot)?.current_branch;
-        st.docker
+        let held = st
+            .docker
             .around_branch_change(&dot, &branch, &current, do_reset)?;
         tracing::info!("dot {dot}@{branch}: reset to {}", target.short());
-        Ok(ResolveResponse {
+        Ok(ResetResponse {
             id: target.to_hex(),
+            held_open: held
+                .into_iter()
+                .map(|(p, files)| HeldOpen {
+                    path: p.display().to_string(),
+                    files,
+                })
+                .collect(),
         })
     })
     .await
