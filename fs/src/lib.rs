@@ -459,7 +459,6 @@ impl DmFs {
             .flatten();
         match op(&view.fs, p, name.as_bytes()) {
             Ok(()) => {
-                reply.ok();
                 self.tell_peers(&view.fs, || {
                     let mut c = vec![
                         Change::Entry {
@@ -471,6 +470,7 @@ impl DmFs {
                     c.extend(child.map(|a| Change::Attr(a.ino)));
                     c
                 });
+                reply.ok();
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -504,7 +504,9 @@ impl DmFs {
     /// there, so a record crossing a page boundary reached us as two
     /// appends, and an appender on another mount of the branch could land
     /// between them. Direct, each write(2) is one request (up to
-    /// `MAX_WRITE`), appended whole (see `write`).
+    /// `MAX_WRITE`, less a page when the buffer is not page-aligned: the
+    /// kernel sends at most `MAX_WRITE` / 4 KiB pages), appended whole (see
+    /// `write`).
     ///
     /// NOFLUSH unless the file is open for writing while a branch has
     /// several mounts (see `flush`).
@@ -807,8 +809,8 @@ impl fuser::Filesystem for DmFs {
             .mknod(p, name.as_bytes(), kind, perm, rdev, uid, gid)
         {
             Ok(a) => {
-                self.reply_entry(&view, parent, name.as_bytes(), &a, reply);
                 self.tell_peers(&view.fs, || created(p, name));
+                self.reply_entry(&view, parent, name.as_bytes(), &a, reply);
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -829,8 +831,8 @@ impl fuser::Filesystem for DmFs {
         let perm = (mode & 0o7777 & !umask) | extra;
         match view.fs.mkdir(p, name.as_bytes(), perm, uid, gid) {
             Ok(a) => {
-                self.reply_entry(&view, parent, name.as_bytes(), &a, reply);
                 self.tell_peers(&view.fs, || created(p, name));
+                self.reply_entry(&view, parent, name.as_bytes(), &a, reply);
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -863,8 +865,8 @@ impl fuser::Filesystem for DmFs {
             gid,
         ) {
             Ok(a) => {
-                self.reply_entry(&view, parent, link_name.as_bytes(), &a, reply);
                 self.tell_peers(&view.fs, || created(p, link_name));
+                self.reply_entry(&view, parent, link_name.as_bytes(), &a, reply);
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -918,7 +920,6 @@ impl fuser::Filesystem for DmFs {
                         moved.push(a.ino);
                     }
                 }
-                reply.ok();
                 self.tell_peers(&view.fs, || {
                     let mut c = vec![
                         Change::Entry {
@@ -936,6 +937,7 @@ impl fuser::Filesystem for DmFs {
                     c.extend(replaced.map(|a| Change::Attr(a.ino)));
                     c
                 });
+                reply.ok();
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -953,12 +955,12 @@ impl fuser::Filesystem for DmFs {
         let (target, np) = (view.to_store(ino), view.to_store(newparent));
         match view.fs.link(target, np, newname.as_bytes()) {
             Ok(a) => {
-                self.reply_entry(&view, newparent, newname.as_bytes(), &a, reply);
                 self.tell_peers(&view.fs, || {
                     let mut c = created(np, newname);
                     c.push(Change::Attr(target));
                     c
                 });
+                self.reply_entry(&view, newparent, newname.as_bytes(), &a, reply);
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -1252,8 +1254,8 @@ impl fuser::Filesystem for DmFs {
         }
         match res {
             Ok(()) => {
-                reply.ok();
                 self.tell_peers(&view.fs, || xattr_changes(ino, name));
+                reply.ok();
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -1326,8 +1328,8 @@ impl fuser::Filesystem for DmFs {
         }
         match res {
             Ok(()) => {
-                reply.ok();
                 self.tell_peers(&view.fs, || xattr_changes(ino, name));
+                reply.ok();
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -1374,8 +1376,8 @@ impl fuser::Filesystem for DmFs {
         let attr = view.attr(&a);
         self.shared.remember(parent, name.as_bytes(), attr.ino);
         let fh = self.new_handle(view.fs.clone(), a.ino);
-        reply.created(&TTL, &attr, Generation(0), fh, self.open_flags(flags));
         self.tell_peers(&view.fs, || created(p, name));
+        reply.created(&TTL, &attr, Generation(0), fh, self.open_flags(flags));
     }
 
     /// No poll: ENOSYS makes the kernel treat the mount's files as always

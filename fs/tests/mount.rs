@@ -1263,7 +1263,8 @@ fn a_reader_on_another_mount_sees_what_was_synced() {
 /// also through sendfile(2) (`busybox cat`), which reads the kernel's
 /// cached pages up to its cached size without asking for attributes: it
 /// read new bytes cut at the old size ("a-much-l") when the invalidation
-/// came just after its open.
+/// came just after its open. So does a name the reader's mount had
+/// looked up while it did not exist yet.
 #[test]
 fn a_reader_on_another_mount_sees_what_a_closed_file_holds() {
     use std::os::fd::AsRawFd;
@@ -1300,6 +1301,37 @@ fn a_reader_on_another_mount_sees_what_a_closed_file_holds() {
         "{} of 400 reads wrong: {:?}",
         wrong.len(),
         &wrong[..wrong.len().min(5)]
+    );
+    // A name the reader's mount looked up while it did not exist, then
+    // created and closed through the writer's: the reader opens it. The
+    // race (the create told the peers after its reply, so the close could
+    // wait for less than it) showed on a busy host: three spinning threads
+    // make this one busy.
+    fs::create_dir(f.p("neg")).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let missing = std::thread::scope(|scope| {
+        for _ in 0..3 {
+            scope.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            });
+        }
+        let mut missing = 0;
+        for i in 0..400 {
+            let name = format!("neg/f{i}");
+            assert!(!other.join(&name).exists());
+            fs::write(f.p(&name), b"x").unwrap();
+            if File::open(other.join(&name)).is_err() {
+                missing += 1;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        missing
+    });
+    assert_eq!(
+        missing, 0,
+        "created and closed, yet missing on the other mount"
     );
     m2.unmount().unwrap();
 }

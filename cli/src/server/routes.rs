@@ -336,17 +336,24 @@ fn refuse_open_files(
         return Ok(());
     };
     let n: usize = open.iter().map(|(_, n)| n).sum();
+    let paths: Vec<String> = open.iter().map(|(p, _)| p.display().to_string()).collect();
+    let one = paths.len() == 1;
     Err(ApiError::conflict(format!(
-        "{what}: {n} file{} open on {} (a process uses it; `fuser -vm {}` names it); nothing was \
-         deleted. Stop it first, or detach the mount with `dm unmount --force {}` (the process keeps \
+        "{what}: {n} file{} open on {} (`fuser -vm {}` names the process{}); nothing was \
+         deleted. Stop {} first, or detach {} with `dm unmount --force {}`{} (the process keeps \
          the files it has open, and its new writes go nowhere)",
         if n == 1 { "" } else { "s" },
-        open.iter()
-            .map(|(p, _)| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
-        path.display(),
-        path.display()
+        paths.join(", "),
+        paths.join(" "),
+        if one { "" } else { "es" },
+        if one { "it" } else { "them" },
+        if one { "the mount" } else { "each mount" },
+        if one {
+            path.display().to_string()
+        } else {
+            "PATH".to_string()
+        },
+        if one { "" } else { " for each" },
     )))
 }
 
@@ -532,8 +539,11 @@ async fn reset(
             // processes see the reset state under them, which a running
             // database does not survive. Allowed (a log writer appends
             // after the reset content), but the user is told.
+            // Asked for a short while only: it is a warning, and the
+            // reset waits for it (writes meanwhile are discarded with it).
             let held = match req.hard {
-                true => after_releases(
+                true => after_releases_within(
+                    std::time::Duration::from_millis(250),
                     || {
                         st.mounts.open_files_where(|v| {
                             v.dot == dot
@@ -705,8 +715,17 @@ async fn unmount(State(st): S, Json(req): Json<UnmountRequest>) -> ApiResult<Jso
 /// What `probe` finds once files closed just before are released: a file
 /// counts as open until the kernel's RELEASE, sent after close(2) returns,
 /// arrives, so while `open` holds `probe` is asked again for up to 1 s.
-fn after_releases<T>(mut probe: impl FnMut() -> T, open: impl Fn(&T) -> bool) -> T {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+fn after_releases<T>(probe: impl FnMut() -> T, open: impl Fn(&T) -> bool) -> T {
+    after_releases_within(std::time::Duration::from_secs(1), probe, open)
+}
+
+/// [`after_releases`] asking for up to `wait`.
+fn after_releases_within<T>(
+    wait: std::time::Duration,
+    mut probe: impl FnMut() -> T,
+    open: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = std::time::Instant::now() + wait;
     let mut found = probe();
     while open(&found) && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(20));
