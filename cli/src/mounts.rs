@@ -567,12 +567,6 @@ impl MountManager {
             .collect()
     }
 
-    /// The mounts that follow `dot`'s current branch (not pinned) and have
-    /// files open, with how many.
-    pub fn open_files_following(&self, dot: &DotName) -> Vec<(PathBuf, usize)> {
-        self.open_files_where(|v| &v.dot == dot && v.branch.is_none())
-    }
-
     /// The mounts of volumes that `which` picks and that have files open,
     /// with how many.
     pub fn open_files_where(&self, which: impl Fn(&VolumeName) -> bool) -> Vec<(PathBuf, usize)> {

@@ -157,11 +157,8 @@ pub fn checkout(ctx: &mut Ctx, branch: &str, create: bool) -> Result<()> {
     // Unlike git, uncommitted changes do not come along: each branch has
     // its own working state. Said once, where a git user would expect them.
     let old = &d.summary.current_branch;
-    if let Some(from) = d
-        .branch_details
-        .iter()
-        .find(|b| create && &b.name == old && b.dirty_bytes > 0)
-    {
+    let from = d.branch_details.iter().find(|b| &b.name == old);
+    if let Some(from) = from.filter(|b| create && b.dirty_bytes > 0) {
         let start = match &from.head {
             Some(h) => format!("starts at {old}'s last commit {}", &h[..h.len().min(12)]),
             None => format!("starts empty ({old} has no commit yet)"),

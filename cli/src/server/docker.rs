@@ -725,21 +725,19 @@ impl Backend for DockerIntegration {
         // (`myapp` and `myapp.__default__`) count as uses too.
         // Docker removes only a name no container uses, so containers that
         // use the mount do so under another of its names: it stays theirs.
-        let users: Option<Vec<String>> = match self.docker.present() {
+        // None when Docker cannot tell.
+        let in_use: Option<bool> = match self.docker.present() {
             true => block_on(self.docker.containers()).ok().map(|cs| {
-                cs.iter()
-                    .filter(|c| {
-                        c.dm_volumes()
-                            .iter()
-                            .any(|v| self.mounts.default_path(v) == path)
-                    })
-                    .map(|c| c.name().trim_start_matches('/').to_string())
-                    .collect()
+                cs.iter().any(|c| {
+                    c.dm_volumes()
+                        .iter()
+                        .any(|v| self.mounts.default_path(v) == path)
+                })
             }),
             false => None,
         };
-        let unused = users.as_ref().is_some_and(|u| u.is_empty());
-        let used_under_other_names = users.as_ref().is_some_and(|u| !u.is_empty());
+        let unused = in_use == Some(false);
+        let used_under_other_names = in_use == Some(true);
         let mut st = self.lock();
         if let Some(r) = st.mounts.get(&path).filter(|r| unused && !r.ids.is_empty()) {
             tracing::warn!(

@@ -331,12 +331,11 @@ fn refuse_open_files(
     what: &str,
     which: impl Fn(&dm_store::VolumeName) -> bool,
 ) -> ApiResult<()> {
-    let open = after_releases(|| st.mounts.open_files_where(&which), |o| !o.is_empty());
-    let Some((path, _)) = open.first() else {
+    let open = files_open(st, RELEASE_WAIT, which);
+    if open.is_empty() {
         return Ok(());
-    };
-    let n: usize = open.iter().map(|(_, n)| n).sum();
-    let paths: Vec<String> = open.iter().map(|(p, _)| p.display().to_string()).collect();
+    }
+    let (n, paths) = files_and_paths(&open);
     let one = paths.len() == 1;
     Err(ApiError::conflict(format!(
         "{what}: {n} file{} open on {} (`fuser -vm {}` names the process{}); nothing was \
@@ -348,11 +347,7 @@ fn refuse_open_files(
         if one { "" } else { "es" },
         if one { "it" } else { "them" },
         if one { "the mount" } else { "each mount" },
-        if one {
-            path.display().to_string()
-        } else {
-            "PATH".to_string()
-        },
+        if one { paths[0].as_str() } else { "PATH" },
         if one { "" } else { " for each" },
     )))
 }
@@ -542,16 +537,9 @@ async fn reset(
             // Asked for a short while only: it is a warning, and the
             // reset waits for it (writes meanwhile are discarded with it).
             let held = match req.hard {
-                true => after_releases_within(
-                    std::time::Duration::from_millis(250),
-                    || {
-                        st.mounts.open_files_where(|v| {
-                            v.dot == dot
-                                && v.branch.as_deref().unwrap_or(current.as_str()) == branch
-                        })
-                    },
-                    |o| !o.is_empty(),
-                ),
+                true => files_open(&st, std::time::Duration::from_millis(250), |v| {
+                    v.dot == dot && v.branch.as_deref().unwrap_or(current.as_str()) == branch
+                }),
                 false => Vec::new(),
             };
             if req.hard {
@@ -716,8 +704,12 @@ async fn unmount(State(st): S, Json(req): Json<UnmountRequest>) -> ApiResult<Jso
 /// counts as open until the kernel's RELEASE, sent after close(2) returns,
 /// arrives, so while `open` holds `probe` is asked again for up to 1 s.
 fn after_releases<T>(probe: impl FnMut() -> T, open: impl Fn(&T) -> bool) -> T {
-    after_releases_within(std::time::Duration::from_secs(1), probe, open)
+    after_releases_within(RELEASE_WAIT, probe, open)
 }
+
+/// How long a refusal over open files waits for the releases of files
+/// closed just before.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// [`after_releases`] asking for up to `wait`.
 fn after_releases_within<T>(
@@ -734,26 +726,45 @@ fn after_releases_within<T>(
     found
 }
 
+/// Files open on the mounts of the volumes `which` picks: (path, how
+/// many) for each mount that has any, once files closed just before are
+/// released (asked again for up to `wait`; see [`after_releases`]).
+fn files_open(
+    st: &AppState,
+    wait: std::time::Duration,
+    which: impl Fn(&dm_store::VolumeName) -> bool,
+) -> Vec<(std::path::PathBuf, usize)> {
+    after_releases_within(
+        wait,
+        || st.mounts.open_files_where(&which),
+        |o| !o.is_empty(),
+    )
+}
+
+/// The number of files in `open` (from [`files_open`]) and its mount paths.
+fn files_and_paths(open: &[(std::path::PathBuf, usize)]) -> (usize, Vec<String>) {
+    let n = open.iter().map(|(_, n)| n).sum();
+    let paths = open.iter().map(|(p, _)| p.display().to_string()).collect();
+    (n, paths)
+}
+
 /// Refuses a checkout of `branch` while processes have files open on a
 /// mount that follows `dot` (after the releases of files just closed, e.g.
 /// by the containers stopped for the switch).
 fn refuse_open_files_following(st: &AppState, dot: &DotName, branch: &str) -> ApiResult<()> {
-    let open = after_releases(|| st.mounts.open_files_following(dot), |o| !o.is_empty());
-    let Some((path, _)) = open.first() else {
+    let open = files_open(st, RELEASE_WAIT, |v| &v.dot == dot && v.branch.is_none());
+    if open.is_empty() {
         return Ok(());
-    };
-    let n: usize = open.iter().map(|(_, n)| n).sum();
+    }
+    let (n, paths) = files_and_paths(&open);
     Err(ApiError::conflict(format!(
         "dot {dot}: {n} file{} open on {} (a process other than a container uses {}; `fuser -vm {}` names it), \
          and a checkout would change the files under it; nothing was changed. Stop it first, or give it a mount \
          that stays on its branch (`dm mount {}@BRANCH PATH`), then check out {branch}",
         if n == 1 { "" } else { "s" },
-        open.iter()
-            .map(|(p, _)| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
-        if open.len() == 1 { "it" } else { "them" },
-        path.display(),
+        paths.join(", "),
+        if paths.len() == 1 { "it" } else { "them" },
+        paths[0],
         dot.name
     )))
 }
