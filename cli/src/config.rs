@@ -2,6 +2,7 @@
 //! (`--config`, `DM_CONFIG`, default `~/.dm/config.toml`), like Dotmesh.
 
 use anyhow::{Context, Result};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -53,32 +54,69 @@ impl Config {
 
     /// Loads `path`; a missing file is an empty config.
     pub fn load(path: &Path) -> Result<Config> {
-        match std::fs::read_to_string(path) {
-            Ok(s) => toml::from_str(&s).with_context(|| {
-                format!(
-                    "reading the config file {} (fix or delete it)",
-                    path.display()
-                )
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-        }
+        load_file(path)
     }
 
-    /// Writes the config atomically (temp file + rename).
-    pub fn save(&self, path: &Path) -> Result<()> {
-        if let Some(dir) = path.parent() {
-            if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-            }
-        }
-        let text = toml::to_string_pretty(self).context("encoding the config")?;
-        let tmp = path.with_extension("toml.tmp");
-        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-        Ok(())
+    /// Changes the config with `f` under the lock (see [`update_file`]).
+    pub fn update(path: &Path, f: impl FnOnce(&mut Config)) -> Result<Config> {
+        update_file(path, |c: &mut Config| {
+            f(c);
+            Ok(())
+        })
+        .map(|(c, ())| c)
     }
+}
+
+/// Loads one of the client's TOML files; a missing file is the default.
+pub fn load_file<T: Default + DeserializeOwned>(path: &Path) -> Result<T> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => toml::from_str(&s)
+            .with_context(|| format!("reading {} (fix or delete it)", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Reads, changes with `f` and writes back one of the client's TOML files
+/// (`config.toml`, `sync.toml`) while holding an exclusive lock on
+/// `FILE.lock` beside it, so that dm commands run at once (scripts, CI)
+/// neither lose each other's changes nor mix their bytes. The file is
+/// replaced atomically by a temp file of its own (mode 0600: `sync.toml`
+/// holds API keys). Nothing is written when `f` fails.
+pub fn update_file<T, R>(path: &Path, f: impl FnOnce(&mut T) -> Result<R>) -> Result<(T, R)>
+where
+    T: Default + Serialize + DeserializeOwned,
+{
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut lock_name = path.as_os_str().to_owned();
+    lock_name.push(".lock");
+    let lock_path = PathBuf::from(lock_name);
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .with_context(|| format!("locking {}", lock_path.display()))?;
+    let mut value: T = load_file(path)?;
+    let r = f(&mut value)?;
+    let text = toml::to_string_pretty(&value)
+        .with_context(|| format!("encoding {}", path.display()))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a temp file in {}", dir.display()))?;
+    tmp.write_all(text.as_bytes())
+        .and_then(|()| tmp.as_file().sync_all())
+        .with_context(|| format!("writing {}", tmp.path().display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok((value, r))
 }
 
 #[cfg(test)]
@@ -102,7 +140,8 @@ mod tests {
                 port: None,
             },
         );
-        c.save(&path).unwrap();
+        let saved = Config::update(&path, |f| *f = c.clone()).unwrap();
+        assert_eq!(saved, c);
         assert_eq!(Config::load(&path).unwrap(), c);
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -103,6 +103,43 @@ fn bad_input_changes_nothing() {
     assert!(err.contains("dm switch"), "{err}");
 }
 
+/// dm commands run at once (a script's `&`, parallel CI jobs) each change
+/// the client's config file: none fails and the file stays whole. They
+/// shared one temp file, so some failed ("writing config.toml: No such
+/// file") and a rename could publish two writers' bytes mixed.
+#[test]
+fn commands_run_at_once_keep_the_config_whole() {
+    let s = Server::start(DM);
+    let long = "b".repeat(64);
+    s.ok(&["init", &long]);
+    s.ok(&["init", "a"]);
+    for round in 0..6 {
+        let children: Vec<_> = (0..16)
+            .map(|i| {
+                let dot = if i % 2 == 0 { "a" } else { long.as_str() };
+                s.dm_command(&["switch", dot])
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("starting dm")
+            })
+            .collect();
+        for c in children {
+            let out = c.wait_with_output().expect("waiting for dm");
+            assert!(
+                out.status.success(),
+                "round {round}: a switch failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let text = std::fs::read_to_string(s.config()).unwrap();
+        assert!(
+            [format!("current_dot = \"a\"\n"), format!("current_dot = \"{long}\"\n")].contains(&text),
+            "round {round}: config.toml holds {text:?}"
+        );
+        s.ok(&["list"]);
+    }
+}
+
 #[test]
 fn server_not_running() {
     let dir = tempfile::tempdir().unwrap();

@@ -153,7 +153,9 @@ impl Server {
     }
 
     /// `dm ARGS` against this server and config, not started yet.
-    fn dm_command(&self, args: &[&str]) -> Command {
+    /// `dm ARGS` against this server and config, to run as the caller likes
+    /// (spawned, with more environment).
+    pub fn dm_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.bin);
         cmd.args(args)
             .env("DM_SOCKET", self.socket())

@@ -102,8 +102,7 @@ pub fn list(ctx: &mut Ctx, scripting: bool) -> Result<()> {
 pub fn switch(ctx: &mut Ctx, dot: &str) -> Result<()> {
     let name = parse_dot(dot)?;
     ctx.dot_detail(&name)?;
-    ctx.config.current_dot = Some(name.to_string());
-    ctx.save_config()
+    ctx.update_config(|c| c.current_dot = Some(name.to_string()))
 }
 
 pub fn show(ctx: &mut Ctx, dot: Option<&str>, scripting: bool) -> Result<()> {
@@ -223,14 +222,16 @@ pub fn delete(ctx: &mut Ctx, dot: &str, force: bool) -> Result<()> {
     let _: Empty = ctx
         .client()?
         .delete(&api::dot_path(&name.namespace, &name.name))?;
-    let cur = ctx
-        .config
-        .current_dot
-        .as_deref()
-        .and_then(|c| DotName::parse(c).ok());
-    if cur.as_ref() == Some(&name) {
-        ctx.config.current_dot = None;
-        ctx.save_config()?;
+    let is_current = |c: &Option<String>| {
+        c.as_deref().and_then(|c| DotName::parse(c).ok()).as_ref() == Some(&name)
+    };
+    if is_current(&ctx.config.current_dot) {
+        // Checked again under the lock: another command may have switched.
+        ctx.update_config(|c| {
+            if is_current(&c.current_dot) {
+                c.current_dot = None;
+            }
+        })?;
     }
     Ok(())
 }

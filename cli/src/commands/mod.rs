@@ -70,9 +70,12 @@ impl Ctx {
         })
     }
 
-    /// Saves the config.
-    pub fn save_config(&self) -> Result<()> {
-        self.config.save(&self.config_path)
+    /// Changes the config file with `f` (under its lock, on what the file
+    /// holds now: another dm command may have changed it since this one
+    /// read it) and keeps the result.
+    pub fn update_config(&mut self, f: impl FnOnce(&mut Config)) -> Result<()> {
+        self.config = Config::update(&self.config_path, f)?;
+        Ok(())
     }
 }
 

@@ -66,32 +66,35 @@ pub fn run(ctx: &mut Ctx, verbose: bool, command: Option<RemoteCommand>) -> Resu
                 // fingerprint checked again); its upstreams stay.
                 super::sync::remote_added(ctx, &name, ca.as_deref())?;
                 println!("Remote {name}: new key saved (upstreams kept)");
-                return ctx.save_config();
+                return Ok(());
             }
-            ctx.config.remotes.insert(name.clone(), remote);
+            ctx.config.remotes.insert(name.clone(), remote.clone());
             // API key and the hub's pinned fingerprint (fails: nothing saved).
             super::sync::remote_added(ctx, &name, ca.as_deref())?;
-            if ctx.config.current_remote.is_none() {
-                ctx.config.current_remote = Some(name);
-            }
-            ctx.save_config()
+            ctx.update_config(|c| {
+                c.remotes.insert(name.clone(), remote);
+                if c.current_remote.is_none() {
+                    c.current_remote = Some(name);
+                }
+            })
         }
         Some(RemoteCommand::Rm { name }) => {
-            if ctx.config.remotes.remove(&name).is_none() {
+            if !ctx.config.remotes.contains_key(&name) {
                 bail!("no remote named {name} (see `dm remote -v`)");
             }
             super::sync::remote_removed(ctx, &name)?;
-            if ctx.config.current_remote.as_deref() == Some(&name) {
-                ctx.config.current_remote = None;
-            }
-            ctx.save_config()
+            ctx.update_config(|c| {
+                c.remotes.remove(&name);
+                if c.current_remote.as_deref() == Some(&name) {
+                    c.current_remote = None;
+                }
+            })
         }
         Some(RemoteCommand::Switch { name }) => {
             if !ctx.config.remotes.contains_key(&name) {
                 bail!("no remote named {name} (see `dm remote -v`, add it with `dm remote add {name} USER@HOST`)");
             }
-            ctx.config.current_remote = Some(name);
-            ctx.save_config()
+            ctx.update_config(|c| c.current_remote = Some(name))
         }
     }
 }

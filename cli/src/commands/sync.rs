@@ -48,26 +48,17 @@ fn sync_path(config_path: &Path) -> PathBuf {
 
 impl SyncConfig {
     fn load(config_path: &Path) -> Result<SyncConfig> {
-        let path = sync_path(config_path);
-        match std::fs::read_to_string(&path) {
-            Ok(s) => toml::from_str(&s)
-                .with_context(|| format!("reading {} (fix or delete it)", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(SyncConfig::default()),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-        }
+        crate::config::load_file(&sync_path(config_path))
     }
 
-    fn save(&self, config_path: &Path) -> Result<()> {
-        let path = sync_path(config_path);
-        if let Some(dir) = path.parent() {
-            if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-            }
-        }
-        let text = toml::to_string_pretty(self).context("encoding sync.toml")?;
-        dm_sync::tls::write_private(&path, text.as_bytes())
-            .with_context(|| format!("writing {}", path.display()))
+    /// Changes `sync.toml` with `f` under its lock (see
+    /// [`crate::config::update_file`]).
+    fn update(config_path: &Path, f: impl FnOnce(&mut SyncConfig)) -> Result<()> {
+        crate::config::update_file(&sync_path(config_path), |sc: &mut SyncConfig| {
+            f(sc);
+            Ok(())
+        })
+        .map(|_| ())
     }
 }
 
@@ -158,16 +149,16 @@ pub fn remote_added(ctx: &mut Ctx, name: &str, ca: Option<&Path>) -> Result<()> 
             conn.fingerprint()
         );
         rt.block_on(conn.close());
-        let mut sc = SyncConfig::load(&ctx.config_path)?;
-        sc.remotes.insert(
-            name.to_string(),
-            RemoteSecret {
-                api_key: key,
-                fingerprint: String::new(),
-                ca_pem: Some(pem),
-            },
-        );
-        return sc.save(&ctx.config_path);
+        return SyncConfig::update(&ctx.config_path, |sc| {
+            sc.remotes.insert(
+                name.to_string(),
+                RemoteSecret {
+                    api_key: key,
+                    fingerprint: String::new(),
+                    ca_pem: Some(pem),
+                },
+            );
+        });
     }
     let fp = rt
         .block_on(dm_sync::probe_fingerprint(&r.hostname, port))
@@ -200,16 +191,16 @@ pub fn remote_added(ctx: &mut Ctx, name: &str, ca: Option<&Path>) -> Result<()> 
         .block_on(dm_sync::Remote::connect(&spec))
         .map_err(|e| anyhow!("{e}"))?;
     rt.block_on(conn.close());
-    let mut sc = SyncConfig::load(&ctx.config_path)?;
-    sc.remotes.insert(
-        name.to_string(),
-        RemoteSecret {
-            api_key: key,
-            fingerprint: fp,
-            ca_pem: None,
-        },
-    );
-    sc.save(&ctx.config_path)?;
+    SyncConfig::update(&ctx.config_path, |sc| {
+        sc.remotes.insert(
+            name.to_string(),
+            RemoteSecret {
+                api_key: key,
+                fingerprint: fp,
+                ca_pem: None,
+            },
+        );
+    })?;
     // Only once the key was accepted and the remote saved.
     println!("(pinned: later connections fail if it changes)");
     Ok(())
@@ -217,11 +208,11 @@ pub fn remote_added(ctx: &mut Ctx, name: &str, ca: Option<&Path>) -> Result<()> 
 
 /// Forgets a removed remote's key and upstreams.
 pub fn remote_removed(ctx: &mut Ctx, name: &str) -> Result<()> {
-    let mut sc = SyncConfig::load(&ctx.config_path)?;
-    sc.remotes.remove(name);
     let suffix = format!(" {name}");
-    sc.upstreams.retain(|k, _| !k.ends_with(&suffix));
-    sc.save(&ctx.config_path)
+    SyncConfig::update(&ctx.config_path, |sc| {
+        sc.remotes.remove(name);
+        sc.upstreams.retain(|k, _| !k.ends_with(&suffix));
+    })
 }
 
 /// Prints the pinned fingerprints (`dm remote -v`).
@@ -319,7 +310,7 @@ pub fn transfer(ctx: &mut Ctx, push: bool, a: TransferArgs) -> Result<()> {
             Err(_) => dm_store::names::MASTER.to_string(),
         },
     };
-    let mut sc = SyncConfig::load(&ctx.config_path)?;
+    let sc = SyncConfig::load(&ctx.config_path)?;
     let rdot = remote_dot(&sc, &local, &a.remote, &r.user, a.remote_name.as_deref())?;
     let req = TransferReq {
         direction: if push { "push" } else { "pull" }.into(),
@@ -346,9 +337,12 @@ pub fn transfer(ctx: &mut Ctx, push: bool, a: TransferArgs) -> Result<()> {
     })?;
     // The first transfer records the upstream.
     let key = upstream_key(&local, &a.remote);
-    if let std::collections::btree_map::Entry::Vacant(e) = sc.upstreams.entry(key) {
-        e.insert(format!("{}/{}", rdot.namespace, rdot.name));
-        sc.save(&ctx.config_path)?;
+    if !sc.upstreams.contains_key(&key) {
+        SyncConfig::update(&ctx.config_path, |sc| {
+            sc.upstreams
+                .entry(key)
+                .or_insert_with(|| format!("{}/{}", rdot.namespace, rdot.name));
+        })?;
     }
     Ok(())
 }
@@ -405,12 +399,12 @@ pub fn clone(
             rdot.namespace, rdot.name
         ),
     )?;
-    let mut sc = SyncConfig::load(&ctx.config_path)?;
-    sc.upstreams.insert(
-        upstream_key(&local, remote),
-        format!("{}/{}", rdot.namespace, rdot.name),
-    );
-    sc.save(&ctx.config_path)
+    SyncConfig::update(&ctx.config_path, |sc| {
+        sc.upstreams.insert(
+            upstream_key(&local, remote),
+            format!("{}/{}", rdot.namespace, rdot.name),
+        );
+    })
 }
 
 /// Fills the hub's generic advice in a failed transfer's message with what
@@ -569,13 +563,14 @@ pub fn set_upstream(
         .cloned()
         .ok_or_else(|| anyhow!("no remote {remote} (see `dm remote`)"))?;
     let local = ctx.dot(dot)?;
-    let mut sc = SyncConfig::load(&ctx.config_path)?;
+    let sc = SyncConfig::load(&ctx.config_path)?;
     let rd = self::remote_dot(&sc, &local, remote, &r.user, Some(remote_dot))?;
-    sc.upstreams.insert(
-        upstream_key(&local, remote),
-        format!("{}/{}", rd.namespace, rd.name),
-    );
-    sc.save(&ctx.config_path)?;
+    SyncConfig::update(&ctx.config_path, |sc| {
+        sc.upstreams.insert(
+            upstream_key(&local, remote),
+            format!("{}/{}", rd.namespace, rd.name),
+        );
+    })?;
     println!(
         "Upstream of {local} on {remote} is now {}/{}",
         rd.namespace, rd.name
