@@ -107,8 +107,8 @@ where
         .with_context(|| format!("locking {}", lock_path.display()))?;
     let mut value: T = load_file(path)?;
     let r = f(&mut value)?;
-    let text = toml::to_string_pretty(&value)
-        .with_context(|| format!("encoding {}", path.display()))?;
+    let text =
+        toml::to_string_pretty(&value).with_context(|| format!("encoding {}", path.display()))?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir)
         .with_context(|| format!("creating a temp file in {}", dir.display()))?;
     tmp.write_all(text.as_bytes())

@@ -133,7 +133,11 @@ fn commands_run_at_once_keep_the_config_whole() {
         }
         let text = std::fs::read_to_string(s.config()).unwrap();
         assert!(
-            [format!("current_dot = \"a\"\n"), format!("current_dot = \"{long}\"\n")].contains(&text),
+            [
+                format!("current_dot = \"a\"\n"),
+                format!("current_dot = \"{long}\"\n")
+            ]
+            .contains(&text),
             "round {round}: config.toml holds {text:?}"
         );
         s.ok(&["list"]);

@@ -231,11 +231,56 @@ fn hub_push_clone_pull_through_the_cli() {
     assert_eq!(read(&mnt.join("small")), b"bob again");
     assert!(alice.ok(&["branch"]).contains("master-DIVERGED-"));
 
+    // The same on push: diverged again, and the hub's master has
+    // uncommitted changes (made through a mount there). The refused push
+    // leaves no stash branch on the hub (each try left one); once the hub
+    // discards them, the push stashes the hub's commits and moves master.
+    write_synced(&mnt.join("small"), b"alice 3");
+    alice.ok(&["commit", "-m", "alice 3"]);
+    write_synced(&bm.join("small"), b"bob 3");
+    bob.ok(&["commit", "-m", "bob 3"]);
+    bob.ok(&["push", "hub"]);
+    let hub_mnt = mount(&hub, "alice/app");
+    write_synced(&hub_mnt.join("hub-draft"), b"on the hub");
+    for _ in 0..2 {
+        let err = alice.fail(&["push", "hub", "--stash-on-divergence"]);
+        assert!(err.contains("uncommitted changes on the hub"), "{err}");
+    }
+    let hub_branches = hub.ok(&["--dot", "alice/app", "branch"]);
+    assert!(!hub_branches.contains("DIVERGED"), "{hub_branches}");
+    hub.ok(&["--dot", "alice/app", "reset", "--hard", "HEAD"]);
+    let out = alice.ok(&["push", "hub", "--stash-on-divergence"]);
+    assert!(out.contains("master-DIVERGED-"), "{out}");
+    assert_eq!(read(&hub_mnt.join("small")), b"alice 3");
+    hub.ok(&["unmount", hub_mnt.to_str().unwrap()]);
+    let hub_branches = hub.ok(&["--dot", "alice/app", "branch"]);
+    assert_eq!(
+        hub_branches.matches("master-DIVERGED-").count(),
+        1,
+        "{hub_branches}"
+    );
+
     // set-upstream: push to another name.
     alice.ok(&["dot", "set-upstream", "app", "hub", "copy"]);
     let out = alice.ok(&["push", "hub"]);
     assert!(out.contains("master:"), "{out}");
     assert!(hub.ok(&["list"]).contains("copy"));
+    // Upstreams belong to a dot: set-upstream needs one, and a deleted
+    // dot's go with it (a new dot of that name pushed to the old one's).
+    let err = alice.fail(&["dot", "set-upstream", "nosuch", "hub", "x"]);
+    assert!(err.contains("nosuch"), "{err}");
+    alice.ok(&["init", "gone"]);
+    alice.ok(&["dot", "set-upstream", "gone", "hub", "copy"]);
+    assert!(alice
+        .ok(&["dot", "show", "gone"])
+        .contains("Upstream on hub: alice/copy"));
+    alice.ok(&["dot", "delete", "-f", "gone"]);
+    alice.ok(&["init", "gone"]);
+    let show = alice.ok(&["dot", "show", "gone"]);
+    assert!(!show.contains("Upstream"), "{show}");
+    assert!(alice
+        .ok(&["dot", "show", "app"])
+        .contains("Upstream on hub: alice/copy"));
 
     // The guide's walk-through (what-is-a-datadot.txt), word for word:
     // alice pushes only newbranch of myapp; bob clones that branch, and

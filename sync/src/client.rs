@@ -636,20 +636,27 @@ pub async fn push(
                 .ok();
         }
     }
-    if let (Some(name), Some(r)) = (&stash, remote_head) {
-        // Expecting no head: a branch of that name that appeared meanwhile
-        // is not moved (the hub answers Moved, and nothing else moves).
-        set_head(remote, remote_dot, name, None, r, block_size)
-            .await
-            .map_err(|e| match e {
-                Error::Refused(_) => Error::Refused(format!(
-                    "branch {name} of {remote_dot} appeared on the hub while pushing, so the diverged work of {branch} was not stashed there and {branch} was not moved: push again"
-                )),
-                e => e,
-            })?;
-        report.stashed = Some(name.clone());
+    match (&stash, remote_head) {
+        (Some(name), Some(r)) => {
+            // One request: the hub creates the stash only once the move
+            // passed its checks (a branch with uncommitted changes there
+            // refuses both), and a name that appeared meanwhile refuses it.
+            let req = Request::SetHeadKeeping {
+                dot: dot_ref(remote_dot),
+                branch: branch.to_string(),
+                expected: r,
+                new: local,
+                block_size,
+                keep_as: name.clone(),
+            };
+            remote
+                .call(&req)
+                .await
+                .map_err(|e| moved_as_refusal(e, remote_dot, branch))?;
+            report.stashed = Some(name.clone());
+        }
+        _ => set_head(remote, remote_dot, branch, remote_head, local, block_size).await?,
     }
-    set_head(remote, remote_dot, branch, remote_head, local, block_size).await?;
     progress.set_phase("done");
     Ok(report)
 }
@@ -714,16 +721,23 @@ async fn set_head(
         .await
     {
         Ok(_) => Ok(()),
-        Err(Error::Remote {
+        Err(e) => Err(moved_as_refusal(e, dot, branch)),
+    }
+}
+
+/// A hub's `Moved` answer to a push's branch move, said for the pusher.
+fn moved_as_refusal(e: Error, dot: &DotName, branch: &str) -> Error {
+    match e {
+        Error::Remote {
             code: ErrorCode::Moved { actual },
             ..
-        }) => Err(Error::Refused(format!(
+        } => Error::Refused(format!(
             "remote branch {branch} of {dot} moved (now at {}) while pushing: pull first",
             actual
                 .map(|a| a.short())
                 .unwrap_or_else(|| "nothing".into())
-        ))),
-        Err(e) => Err(e),
+        )),
+        e => e,
     }
 }
 

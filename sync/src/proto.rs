@@ -109,6 +109,24 @@ pub enum Request {
         /// The sender's block size.
         block_size: u32,
     },
+    /// [`Request::SetHead`] of `branch` from `expected` to `new` that first
+    /// keeps `expected` on the new branch `keep_as` (a push with
+    /// `--stash-on-divergence`): both or neither happen, so a refused move
+    /// leaves no stash branch behind.
+    SetHeadKeeping {
+        /// The dot.
+        dot: DotRef,
+        /// The branch.
+        branch: String,
+        /// The head the client saw, kept on `keep_as`.
+        expected: Id,
+        /// The new head.
+        new: Id,
+        /// The sender's block size.
+        block_size: u32,
+        /// The branch to create at `expected`; must not exist.
+        keep_as: String,
+    },
 }
 
 /// Why the hub refused a request.

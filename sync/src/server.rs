@@ -697,60 +697,117 @@ fn handle_inner(s: &Session, req: Request) -> std::result::Result<Response, Resp
             expected,
             new,
             block_size,
-        } => {
-            let dot = authorize(s, &dot, false)?;
-            if !crate::proto::valid_block_size(block_size) {
+        } => set_head(s, &dot, &branch, expected, new, block_size, None),
+        Request::SetHeadKeeping {
+            dot,
+            branch,
+            expected,
+            new,
+            block_size,
+            keep_as,
+        } => set_head(
+            s,
+            &dot,
+            &branch,
+            Some(expected),
+            new,
+            block_size,
+            Some(&keep_as),
+        ),
+    }
+}
+
+/// `SetHead`, and `SetHeadKeeping` when `keep_as` names the branch that
+/// keeps `expected`: created only once every check of the move passed, and
+/// removed again if the move fails after all.
+fn set_head(
+    s: &Session,
+    dot: &DotRef,
+    branch: &str,
+    expected: Option<dm_store::Id>,
+    new: dm_store::Id,
+    block_size: u32,
+    keep_as: Option<&str>,
+) -> std::result::Result<Response, Response> {
+    let store = &s.store;
+    let dot = authorize(s, dot, false)?;
+    if !crate::proto::valid_block_size(block_size) {
+        return Err(err(
+            ErrorCode::BadRequest,
+            format!("block size {block_size} is not a power of two between 4 KiB and 4 MiB"),
+        ));
+    }
+    s.check_may_name("commit", &new)?;
+    // A move that cannot happen (stale `expected`, uncommitted
+    // changes) is answered before the hub stops any container for
+    // it; the checks are made again, under the branch's lock, by
+    // set_branch_head.
+    let now = match store.branch_info(&dot, branch) {
+        Ok(b) => Some(b.head),
+        Err(e) if e.is_not_found() => None,
+        Err(e) => return Err(store_err(e)),
+    };
+    if let Some(actual) = now.filter(|h| *h != expected) {
+        return Err(moved_err(&dot, branch, actual));
+    }
+    if now.is_some() && store.has_uncommitted(&dot, branch).unwrap_or(false) {
+        return Err(uncommitted_on_hub(&dot, branch));
+    }
+    if let (Some(keep), Some(old)) = (keep_as, expected) {
+        dm_store::names::validate("branch", keep)
+            .map_err(|e| err(ErrorCode::BadRequest, e.to_string()))?;
+        match store
+            .set_branch_head(&dot, keep, None, old, block_size)
+            .map_err(store_err)?
+        {
+            SetHead::Updated => {}
+            SetHead::Moved { .. } => {
                 return Err(err(
-                    ErrorCode::BadRequest,
+                    ErrorCode::Refused,
                     format!(
-                        "block size {block_size} is not a power of two between 4 KiB and 4 MiB"
+                        "branch {keep} of {}/{} appeared on the hub while pushing, so the diverged work of {branch} was not stashed there and {branch} was not moved: push again",
+                        dot.namespace, dot.name
                     ),
-                ));
-            }
-            s.check_may_name("commit", &new)?;
-            // A move that cannot happen (stale `expected`, uncommitted
-            // changes) is answered before the hub stops any container for
-            // it; the checks are made again, under the branch's lock, by
-            // set_branch_head.
-            let now = match store.branch_info(&dot, &branch) {
-                Ok(b) => Some(b.head),
-                Err(e) if e.is_not_found() => None,
-                Err(e) => return Err(store_err(e)),
-            };
-            if let Some(actual) = now.filter(|h| *h != expected) {
-                return Err(moved_err(&dot, &branch, actual));
-            }
-            if now.is_some() && store.has_uncommitted(&dot, &branch).unwrap_or(false) {
-                return Err(uncommitted_on_hub(&dot, &branch));
-            }
-            let moved = s
-                .live
-                .around_move(&dot, &branch, &mut || {
-                    store.set_branch_head(&dot, &branch, expected, new, block_size)
-                })
-                .map_err(|m| err(ErrorCode::Refused, m))?;
-            let moved = match moved {
-                Err(dm_store::Error::Refused(_))
-                    if store.has_uncommitted(&dot, &branch).unwrap_or(false) =>
-                {
-                    return Err(uncommitted_on_hub(&dot, &branch));
-                }
-                r => r.map_err(store_err)?,
-            };
-            match moved {
-                SetHead::Updated => {
-                    tracing::info!(
-                        "hub: user {} moved branch {branch} of {dot} from {} to {}",
-                        s.user.name,
-                        expected.map_or_else(|| "nothing".to_string(), |e| e.short()),
-                        new.short()
-                    );
-                    Ok(Response::Done { new: 1 })
-                }
-                SetHead::Moved { actual } => Err(moved_err(&dot, &branch, actual)),
+                ))
             }
         }
     }
+    let moved = s
+        .live
+        .around_move(&dot, branch, &mut || {
+            store.set_branch_head(&dot, branch, expected, new, block_size)
+        })
+        .map_err(|m| err(ErrorCode::Refused, m));
+    let moved = match moved {
+        Ok(Err(dm_store::Error::Refused(_)))
+            if store.has_uncommitted(&dot, branch).unwrap_or(false) =>
+        {
+            Err(uncommitted_on_hub(&dot, branch))
+        }
+        Ok(r) => r.map_err(store_err),
+        Err(e) => Err(e),
+    };
+    let moved = match moved {
+        Ok(SetHead::Updated) => Ok(()),
+        Ok(SetHead::Moved { actual }) => Err(moved_err(&dot, branch, actual)),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = moved {
+        if let Some(keep) = keep_as {
+            if let Err(d) = store.delete_branch(&dot, keep, true) {
+                tracing::warn!("hub: removing branch {keep} of {dot} after a refused move: {d}");
+            }
+        }
+        return Err(e);
+    }
+    tracing::info!(
+        "hub: user {} moved branch {branch} of {dot} from {} to {}{}",
+        s.user.name,
+        expected.map_or_else(|| "nothing".to_string(), |e| e.short()),
+        new.short(),
+        keep_as.map_or_else(String::new, |k| format!(", keeping the old head on {k}"))
+    );
+    Ok(Response::Done { new: 1 })
 }
 
 #[cfg(test)]

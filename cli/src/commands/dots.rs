@@ -222,6 +222,7 @@ pub fn delete(ctx: &mut Ctx, dot: &str, force: bool) -> Result<()> {
     let _: Empty = ctx
         .client()?
         .delete(&api::dot_path(&name.namespace, &name.name))?;
+    super::sync::dot_deleted(ctx, &name)?;
     let is_current = |c: &Option<String>| {
         c.as_deref().and_then(|c| DotName::parse(c).ok()).as_ref() == Some(&name)
     };

@@ -42,8 +42,14 @@ pub struct SyncConfig {
     pub upstreams: BTreeMap<String, String>,
 }
 
+/// `sync.toml` beside `config.toml`; `NAME.sync.toml` beside any other
+/// config file `NAME.toml`, so that configs sharing a directory (one per
+/// user or per hub) keep their keys apart.
 fn sync_path(config_path: &Path) -> PathBuf {
-    config_path.with_file_name("sync.toml")
+    match config_path.file_stem().and_then(|s| s.to_str()) {
+        Some("config") | None => config_path.with_file_name("sync.toml"),
+        Some(stem) => config_path.with_file_name(format!("{stem}.sync.toml")),
+    }
 }
 
 impl SyncConfig {
@@ -212,6 +218,15 @@ pub fn remote_removed(ctx: &mut Ctx, name: &str) -> Result<()> {
     SyncConfig::update(&ctx.config_path, |sc| {
         sc.remotes.remove(name);
         sc.upstreams.retain(|k, _| !k.ends_with(&suffix));
+    })
+}
+
+/// Forgets the upstreams of a deleted dot: a new dot of that name starts
+/// without them (its pushes went to the old dot's remote dot).
+pub fn dot_deleted(ctx: &Ctx, dot: &DotName) -> Result<()> {
+    let prefix = format!("{dot} ");
+    SyncConfig::update(&ctx.config_path, |sc| {
+        sc.upstreams.retain(|k, _| !k.starts_with(&prefix))
     })
 }
 
@@ -563,6 +578,7 @@ pub fn set_upstream(
         .cloned()
         .ok_or_else(|| anyhow!("no remote {remote} (see `dm remote`)"))?;
     let local = ctx.dot(dot)?;
+    ctx.dot_detail(&local)?;
     let sc = SyncConfig::load(&ctx.config_path)?;
     let rd = self::remote_dot(&sc, &local, remote, &r.user, Some(remote_dot))?;
     SyncConfig::update(&ctx.config_path, |sc| {
@@ -791,6 +807,14 @@ pub fn set_upstream_cmd(ctx: &mut Ctx, args: &[String]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_config_file_has_its_own_sync_file() {
+        let p = |s: &str| sync_path(Path::new(s));
+        assert_eq!(p("/h/.dm/config.toml"), Path::new("/h/.dm/sync.toml"));
+        assert_eq!(p("/h/alice.toml"), Path::new("/h/alice.sync.toml"));
+        assert_ne!(p("/h/alice.toml"), p("/h/bob.toml"));
+    }
 
     #[test]
     fn hints_name_the_remote_and_what_to_run() {
