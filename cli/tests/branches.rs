@@ -122,6 +122,44 @@ fn branch_example() {
     s.ok(&["branch", "-D", "work"]);
     assert_eq!(s.ok(&["branch"]), "* master\n  newbranch\n");
 
+    // A reset moves a branch back along its own commits, or forward to a
+    // commit that continues it; to another branch's commit it would
+    // destroy D without a word (it did): refused, with the way to do it.
+    let err = s.fail(&["reset", "--hard", "newbranch"]);
+    assert!(
+        err.contains("not in master's history")
+            && err.contains("destroy 1 commit of master")
+            && err.contains("then `dm reset --hard newbranch`"),
+        "{err}"
+    );
+    assert_eq!(messages(&s), ["A", "B", "D"]);
+    s.ok(&["checkout", "-b", "ahead"]);
+    commit_letter(&s, &mnt, "F");
+    s.ok(&["checkout", "master"]);
+    let out = s.ok(&["reset", "--hard", "ahead"]);
+    assert!(
+        out.starts_with("HEAD is now at ") && out.trim_end().ends_with(" F"),
+        "{out}"
+    );
+    assert_eq!(messages(&s), ["A", "B", "D", "F"]);
+    let out = s.ok(&["reset", "--hard", "HEAD^^"]);
+    assert!(
+        out.trim_end().ends_with(" B (2 later commits destroyed)"),
+        "{out}"
+    );
+    assert_eq!(messages(&s), ["A", "B"]);
+    // newbranch grew from master at B; reset to A, it grows from A (dot
+    // show named B, a commit it no longer had).
+    s.ok(&["checkout", "newbranch"]);
+    let a = s.ok(&["log"]).lines().next().unwrap()["commit ".len()..].to_string();
+    s.ok(&["reset", "--hard", &a]);
+    let show = s.ok(&["dot", "show"]);
+    assert!(
+        show.contains(&format!("from master at {}", &a[..7])),
+        "{show}"
+    );
+    s.ok(&["checkout", "master"]);
+
     // Unmount a pinned mount.
     s.ok(&["unmount", pinned_new.to_str().unwrap()]);
     assert!(!is_mounted(&pinned_new));

@@ -616,8 +616,14 @@ impl Store {
                 .collect();
             if !deps.is_empty() {
                 return Err(Error::Refused(format!(
-                    "branches {} of dot {dot} were created from {branch}; use -f to delete it anyway",
-                    deps.join(", ")
+                    "{} {} of dot {dot} {} created from {branch}; use -f to delete it anyway",
+                    if deps.len() == 1 {
+                        "branch"
+                    } else {
+                        "branches"
+                    },
+                    deps.join(", "),
+                    if deps.len() == 1 { "was" } else { "were" },
                 )));
             }
             // Unlike a git branch, a dm branch has its own working state:
@@ -967,6 +973,13 @@ impl Store {
         }
         let c = self.db.commit(&target)?;
         fs.keep_inos_unique(&st)?;
+        // Reset to before the commit it grew from, the branch now grows
+        // from `target` (`dm dot show` named a commit it no longer had).
+        if let Some((_, fork)) = &mut rec.origin {
+            if *fork != target && !self.ancestry(Some(target))?.contains(fork) {
+                *fork = target;
+            }
+        }
         rec.head = Some(target);
         rec.root = c.root;
         let mut batch = WriteBatch::default();

@@ -193,6 +193,12 @@ pub struct ResolveResponse {
 pub struct ResetResponse {
     /// The commit the branch now points at (64 hex digits).
     pub id: String,
+    /// That commit's message.
+    #[serde(default)]
+    pub message: String,
+    /// How many commits the reset destroyed (those after `id`).
+    #[serde(default)]
+    pub destroyed: usize,
     /// Mounts showing the branch where processes other than containers
     /// held files open across a hard reset: they now see the reset state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -184,6 +184,18 @@ pub fn reset(ctx: &mut Ctx, rev: &str, hard: bool) -> Result<()> {
             hard,
         },
     )?;
+    // As git says it; and how much the reset threw away, which git's
+    // reflog would keep but dm cannot give back.
+    println!(
+        "HEAD is now at {} {}{}",
+        &r.id[..r.id.len().min(12)],
+        r.message.lines().next().unwrap_or(""),
+        match r.destroyed {
+            0 => String::new(),
+            1 => " (1 later commit destroyed)".to_string(),
+            n => format!(" ({n} later commits destroyed)"),
+        }
+    );
     for h in &r.held_open {
         eprintln!(
             "warning: {} file{} held open on {} across the reset (`fuser -vm {}` names the \

@@ -510,6 +510,44 @@ async fn resolve(
     .await
 }
 
+/// How many commits a reset of `branch` from `head` to `target` destroys:
+/// those after `target` when it is one of the branch's own commits (a roll
+/// back); none when `target` continues the branch (a fast-forward, e.g. to
+/// the head of a branch that grew from it). Any other target is refused:
+/// the branch's commits that `target`'s history lacks would be destroyed
+/// without a word (`dm reset` to another branch's commit did that).
+fn commits_a_reset_destroys(
+    store: &Store,
+    dot: &DotName,
+    branch: &str,
+    head: Option<Id>,
+    target: Id,
+    rev: &str,
+) -> ApiResult<usize> {
+    let Some(head) = head else { return Ok(0) };
+    let ours = store.ancestry(Some(head))?;
+    if let Some(i) = ours.iter().position(|c| *c == target) {
+        return Ok(i);
+    }
+    let theirs: std::collections::HashSet<Id> = store.ancestry(Some(target))?.into_iter().collect();
+    if theirs.contains(&head) {
+        return Ok(0);
+    }
+    let lost = ours.iter().take_while(|c| !theirs.contains(c)).count();
+    let anyway = match ours.get(lost) {
+        Some(common) => format!(
+            "to replace {branch} with it anyway, `dm reset --hard {}` (their latest common commit) first, then `dm reset --hard {rev}`",
+            common.short()
+        ),
+        None => "they share no commit".to_string(),
+    };
+    Err(ApiError::conflict(format!(
+        "not resetting branch {branch} of dot {dot} to {rev} ({}): that commit is not in {branch}'s history, so the reset would destroy {lost} commit{} of {branch} that it lacks. To use that state, check out the branch it is on; {anyway}",
+        target.short(),
+        if lost == 1 { "" } else { "s" }
+    )))
+}
+
 async fn reset(
     State(st): S,
     Path((ns, dot, branch)): Path<(String, String, String)>,
@@ -522,6 +560,7 @@ async fn reset(
         // branch moves before it happens (a commit racing it is kept).
         let head = st.store.branch_info(&dot, &branch)?.head;
         let target = resolve_rev(&st.store, &dot, &branch, &req.rev)?;
+        let destroyed = commits_a_reset_destroys(&st.store, &dot, &branch, head, target, &req.rev)?;
         if !req.hard && st.store.has_uncommitted(&dot, &branch)? {
             return Err(ApiError::conflict(format!(
                 "branch {branch} of dot {dot} has uncommitted changes; commit them (`dm commit`) or discard them (`dm reset --hard`)"
@@ -574,9 +613,15 @@ async fn reset(
         let held = st
             .docker
             .around_branch_change(&dot, &branch, &current, do_reset)?;
-        tracing::info!("dot {dot}@{branch}: reset to {}", target.short());
+        tracing::info!(
+            "dot {dot}@{branch}: reset to {}, {destroyed} later commit(s) destroyed",
+            target.short()
+        );
+        let message = st.store.commit_record(&target)?.message;
         Ok(ResetResponse {
             id: target.to_hex(),
+            message,
+            destroyed,
             held_open: held
                 .into_iter()
                 .map(|(p, files)| HeldOpen {
