@@ -1220,6 +1220,20 @@ fn a_switch_stops_containers_at_once_with_their_own_stop_timeout() {
         (a - b).abs() < 4,
         "stopped one after the other: SIGTERM at {a} and {b}"
     );
+
+    // A checkout of the current branch while another checkout runs waits
+    // for it, then switches back (it said done at once and did nothing,
+    // leaving the dot on the branch the first one chose).
+    let first = s
+        .dm_command(&["checkout", "master"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    s.ok(&["checkout", "other"]);
+    let out = first.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(s.ok(&["branch"]), "  master\n* other\n");
 }
 
 /// Polls `cond` for up to 20 s; panics with `what()` if it never holds.

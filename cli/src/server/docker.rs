@@ -298,12 +298,19 @@ impl DockerIntegration {
     /// subdots included) and starting them again. Containers pinned with
     /// `@branch` keep running. The containers are started again also when
     /// `f` fails.
+    ///
+    /// `pre` runs first, once no other switch of the dot runs (they are
+    /// one at a time): its answer, when it has one (the branch is current
+    /// already, or cannot be checked out), is the switch's, and nothing is
+    /// stopped. Checked before waiting, a checkout of the branch that was
+    /// current while another checkout ran said "done" and did nothing.
     pub fn around_switch<T>(
         &self,
         dot: &DotName,
+        pre: impl FnOnce() -> Result<Option<T>, ApiError>,
         f: impl FnOnce() -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
-        self.around(dot, |c| c.follows_dot(dot), true, f)
+        self.around(dot, |c| c.follows_dot(dot), true, pre, f)
     }
 
     /// Runs `f` (a reset: what `branch` of `dot` holds changes) between
@@ -317,7 +324,13 @@ impl DockerIntegration {
         current: &str,
         f: impl FnOnce() -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
-        self.around(dot, |c| c.shows_branch(dot, branch, current), false, f)
+        self.around(
+            dot,
+            |c| c.shows_branch(dot, branch, current),
+            false,
+            || Ok(None),
+            f,
+        )
     }
 
     /// `pin_helps`: whether pinning the volume to a branch would keep a
@@ -327,11 +340,15 @@ impl DockerIntegration {
         dot: &DotName,
         affected: impl Fn(&Container) -> bool,
         pin_helps: bool,
+        pre: impl FnOnce() -> Result<Option<T>, ApiError>,
         f: impl FnOnce() -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
         // Containers started from here on wait in Mount until the switch is
         // done, then get the new state.
         let switching = self.begin_switch(dot);
+        if let Some(done) = pre()? {
+            return Ok(done);
+        }
         let using: Vec<Container> = self
             .containers_using(dot)
             .into_iter()

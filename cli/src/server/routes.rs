@@ -408,32 +408,34 @@ async fn checkout(
     blocking(move || {
         let dot = dot_name(&ns, &dot)?;
         check_branch(&req.branch)?;
-        let info = st.store.dot_info(&dot)?;
-        // Check first, so that containers are not restarted for nothing.
-        match st.store.branch_info(&dot, &req.branch) {
-            Ok(b) if !req.create && info.current_branch == req.branch => {
-                return Ok(branch_view(&b, &req.branch));
-            }
-            Ok(_) if req.create => {
-                return Err(ApiError::conflict(format!(
+        // Checked first (once no other switch of the dot runs), so that
+        // containers are not restarted for nothing.
+        let pre = || -> ApiResult<Option<BranchView>> {
+            let info = st.store.dot_info(&dot)?;
+            match st.store.branch_info(&dot, &req.branch) {
+                Ok(b) if !req.create && info.current_branch == req.branch => {
+                    Ok(Some(branch_view(&b, &req.branch)))
+                }
+                Ok(_) if req.create => Err(ApiError::conflict(format!(
                     "branch {} of {dot} already exists; check it out without -b",
                     req.branch
-                )))
+                ))),
+                Err(e) if !req.create => Err(e.into()),
+                _ => Ok(None),
             }
-            Err(e) if !req.create => return Err(e.into()),
-            _ => {}
-        }
+        };
         // Containers following the dot are stopped, switched and started;
         // other processes with files open on a followed path are not ours
         // to stop: refused (they would write what they hold of this branch
         // into the other one).
-        st.docker.around_switch(&dot, || {
+        let view = st.docker.around_switch(&dot, pre, || {
             refuse_open_files_following(&st, &dot, &req.branch)?;
-            st.mounts.checkout(&dot, &req.branch, req.create)
+            st.mounts.checkout(&dot, &req.branch, req.create)?;
+            let b = st.store.branch_info(&dot, &req.branch)?;
+            Ok(branch_view(&b, &req.branch))
         })?;
-        let b = st.store.branch_info(&dot, &req.branch)?;
         tracing::info!("dot {dot}: checked out {}", req.branch);
-        Ok(branch_view(&b, &req.branch))
+        Ok(view)
     })
     .await
 }
