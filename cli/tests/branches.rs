@@ -97,7 +97,11 @@ fn branch_example() {
     let held = std::fs::File::open(mnt.join("history")).unwrap();
     let err = s.fail(&["checkout", "-b", "scratch"]);
     assert!(
-        err.contains("1 file open on") && err.contains("nothing was changed"),
+        err.contains(&format!(
+            "(pid {}) has {}",
+            std::process::id(),
+            mnt.join("history").display()
+        )) && err.contains("nothing was changed"),
         "{err}"
     );
     assert_eq!(s.ok(&["branch"]), "* master\n  newbranch\n");

@@ -4,6 +4,7 @@
 pub mod convert;
 pub mod docker;
 pub mod error;
+pub mod host_procs;
 pub mod hub;
 pub mod plugin_proxy;
 pub mod routes;

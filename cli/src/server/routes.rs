@@ -414,15 +414,19 @@ async fn checkout(
             let info = st.store.dot_info(&dot)?;
             match st.store.branch_info(&dot, &req.branch) {
                 Ok(b) if !req.create && info.current_branch == req.branch => {
-                    Ok(Some(branch_view(&b, &req.branch)))
+                    return Ok(Some(branch_view(&b, &req.branch)))
                 }
-                Ok(_) if req.create => Err(ApiError::conflict(format!(
-                    "branch {} of {dot} already exists; check it out without -b",
-                    req.branch
-                ))),
-                Err(e) if !req.create => Err(e.into()),
-                _ => Ok(None),
+                Ok(_) if req.create => {
+                    return Err(ApiError::conflict(format!(
+                        "branch {} of {dot} already exists; check it out without -b",
+                        req.branch
+                    )))
+                }
+                Err(e) if !req.create => return Err(e.into()),
+                _ => {}
             }
+            refuse_host_processes_following(&st, &dot, &req.branch)?;
+            Ok(None)
         };
         // Containers following the dot are stopped, switched and started;
         // other processes with files open on a followed path are not ours
@@ -793,6 +797,41 @@ fn files_and_paths(open: &[(std::path::PathBuf, usize)]) -> (usize, Vec<String>)
     let n = open.iter().map(|(_, n)| n).sum();
     let paths = open.iter().map(|(p, _)| p.display().to_string()).collect();
     (n, paths)
+}
+
+/// Refuses a checkout of `branch`, before any container is stopped for it,
+/// while processes of this host (not a container's) have files open on a
+/// mount that follows `dot`, naming them. Checked only after the stop, the
+/// refusal restarted every container for nothing.
+/// [`refuse_open_files_following`] checks again after the stop (it also
+/// sees what processes opened meanwhile).
+fn refuse_host_processes_following(st: &AppState, dot: &DotName, branch: &str) -> ApiResult<()> {
+    let open = st
+        .mounts
+        .open_files_where(|v| &v.dot == dot && v.branch.is_none());
+    if open.is_empty() {
+        return Ok(());
+    }
+    let paths: Vec<std::path::PathBuf> = open.into_iter().map(|(p, _)| p).collect();
+    let procs = super::host_procs::using(&paths);
+    let Some(first) = procs.first() else {
+        return Ok(());
+    };
+    let names: Vec<String> = procs
+        .iter()
+        .take(5)
+        .map(|h| format!("{} (pid {}) has {} open", h.name, h.pid, h.file.display()))
+        .collect();
+    Err(ApiError::conflict(format!(
+        "dot {dot}: {}{}; a checkout would change the files under {}; nothing was changed (no container was stopped). \
+         Stop {} first, or give {} a mount that stays on its branch (`dm mount {}@BRANCH PATH`), then check out {branch}",
+        names.join(", "),
+        if procs.len() > 5 { format!(" and {} more", procs.len() - 5) } else { String::new() },
+        if procs.len() == 1 { "it" } else { "them" },
+        if procs.len() == 1 { format!("pid {}", first.pid) } else { "them".to_string() },
+        if procs.len() == 1 { "it" } else { "them" },
+        dot.name
+    )))
 }
 
 /// Refuses a checkout of `branch` while processes have files open on a

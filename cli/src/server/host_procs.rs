@@ -1,0 +1,96 @@
+//! Processes of this host that have files open under given paths, read
+//! from `/proc` as `fuser -m` does. Only processes in the server's own
+//! mount namespace count: a container's processes live in namespaces of
+//! their own (Docker stops and starts those around a switch), so what is
+//! left are the host's, which a switch must not pull the files from under.
+
+use std::path::{Path, PathBuf};
+
+/// A host process and one file it has open.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostProcess {
+    /// Its pid.
+    pub pid: u32,
+    /// Its command name (`/proc/PID/comm`).
+    pub name: String,
+    /// One file it has open under the paths asked about.
+    pub file: PathBuf,
+}
+
+/// The processes of this mount namespace, other than this one, with a file
+/// open under one of `paths` (each named once, with the first such file).
+/// Processes that exit or cannot be read meanwhile are skipped.
+pub fn using(paths: &[PathBuf]) -> Vec<HostProcess> {
+    let Ok(ours) = std::fs::read_link("/proc/self/ns/mnt") else {
+        return Vec::new();
+    };
+    let me = std::process::id();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let dir = p.path();
+        if pid == me || std::fs::read_link(dir.join("ns/mnt")).ok().as_ref() != Some(&ours) {
+            continue;
+        }
+        if let Some(file) = open_under(&dir, paths) {
+            let name = std::fs::read_to_string(dir.join("comm"))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default();
+            out.push(HostProcess { pid, name, file });
+        }
+    }
+    out.sort_by_key(|h| h.pid);
+    out
+}
+
+/// The first file the process at `/proc/PID` (`dir`) has open under `paths`.
+fn open_under(dir: &Path, paths: &[PathBuf]) -> Option<PathBuf> {
+    std::fs::read_dir(dir.join("fd"))
+        .ok()?
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .find(|target| paths.iter().any(|p| target.starts_with(p)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_host_process_with_a_file_open_and_not_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("held");
+        std::fs::write(&file, b"x").unwrap();
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("exec 3<'{}'; exec sleep 30", file.display()))
+            .spawn()
+            .unwrap();
+        let want = child.id();
+        let mut found = Vec::new();
+        for _ in 0..100 {
+            found = using(&[dir.path().to_path_buf()]);
+            if found.iter().any(|h| h.pid == want) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let h = found
+            .iter()
+            .find(|h| h.pid == want)
+            .expect("the child is found");
+        assert_eq!(
+            (h.name.as_str(), h.file.as_path()),
+            ("sleep", file.as_path())
+        );
+        assert!(found.iter().all(|h| h.pid != std::process::id()));
+        assert!(using(&[PathBuf::from("/nonexistent-dm-path")]).is_empty());
+    }
+}
