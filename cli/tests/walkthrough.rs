@@ -93,6 +93,26 @@ fn init_commit_log_reset() {
     assert!(status.contains("directory times only"), "{status}");
     s.ok(&["reset", "--hard", "HEAD"]);
     assert_eq!(snapshot(&mnt), second);
+    // A delete writes no data, yet it is uncommitted: dm list says 0 B
+    // where a clean branch has "." (it showed "." too).
+    let row = || {
+        s.ok(&["list"])
+            .lines()
+            .find(|l| l.contains("myapp"))
+            .unwrap()
+            .trim_end()
+            .to_string()
+    };
+    assert!(row().ends_with(" ."), "{}", row());
+    std::fs::remove_file(mnt.join("base/new-table")).unwrap();
+    assert!(row().ends_with(" 0 B"), "{}", row());
+    let show = s.ok(&["dot", "show"]);
+    assert!(
+        show.contains("master (2 commits") && show.contains(", dirty 0 B"),
+        "{show}"
+    );
+    s.ok(&["reset", "--hard", "HEAD"]);
+    assert_eq!(snapshot(&mnt), second);
 
     // dm log: both commits, oldest first, in Dotmesh's format.
     let log = s.ok(&["log"]);

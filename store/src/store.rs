@@ -47,6 +47,9 @@ pub struct BranchInfo {
     pub origin: Option<(String, Id)>,
     /// Bytes of file data written since the head commit.
     pub dirty_bytes: u64,
+    /// Whether anything changed since the head commit, data or not (a
+    /// delete, a truncate, a chmod write no data).
+    pub uncommitted: bool,
     /// Apparent size of the working state's files.
     pub size: u64,
 }
@@ -512,6 +515,7 @@ impl Store {
             commits,
             origin: r.origin.clone(),
             dirty_bytes: dirty,
+            uncommitted: dirty > 0 || Self::uncommitted_in(&fs, &st)?,
             size: (base_size as i128 + delta).max(0) as u64,
         })
     }

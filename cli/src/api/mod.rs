@@ -65,6 +65,9 @@ pub struct DotSummary {
     pub commits: u64,
     /// Uncommitted bytes on the current branch.
     pub dirty_bytes: u64,
+    /// Whether the current branch has uncommitted changes, data or not.
+    #[serde(default)]
+    pub uncommitted: bool,
 }
 
 /// Full description of a dot: `GET /v1/dots/{ns}/{dot}`.
@@ -101,6 +104,9 @@ pub struct BranchView {
     pub origin: Option<Origin>,
     /// Uncommitted bytes.
     pub dirty_bytes: u64,
+    /// Whether it has uncommitted changes, data or not.
+    #[serde(default)]
+    pub uncommitted: bool,
     /// Bytes in the working state.
     pub size: u64,
     /// True for the dot's current branch.

@@ -32,8 +32,10 @@ pub fn init(ctx: &mut Ctx, dot: &str, block_size: Option<u32>) -> Result<()> {
     Ok(())
 }
 
-fn dirty_cell(bytes: u64) -> String {
-    if bytes == 0 {
+/// Uncommitted bytes as `dm list` shows them: `.` for none; changes that
+/// wrote no data (deletes, truncates, chmod) show as `0 B`, not as clean.
+fn dirty_cell(bytes: u64, uncommitted: bool) -> String {
+    if bytes == 0 && !uncommitted {
         ".".to_string()
     } else {
         human_size(bytes)
@@ -92,7 +94,7 @@ pub fn list(ctx: &mut Ctx, scripting: bool) -> Result<()> {
             d.containers.join(","),
             human_size(d.size),
             d.commits.to_string(),
-            dirty_cell(d.dirty_bytes),
+            dirty_cell(d.dirty_bytes, d.uncommitted),
         ]);
     }
     print!("{}", table(&rows));
@@ -144,7 +146,13 @@ pub fn show(ctx: &mut Ctx, dot: Option<&str>, scripting: bool) -> Result<()> {
     println!("  Current branch: {}", s.current_branch);
     println!("  Size:           {}", human_size(s.size));
     println!("  Commits:        {}", s.commits);
-    println!("  Dirty:          {}", human_size(s.dirty_bytes));
+    println!(
+        "  Dirty:          {}",
+        match (s.dirty_bytes, s.uncommitted) {
+            (0, false) => "no".to_string(),
+            (b, _) => format!("{} (uncommitted changes)", human_size(b)),
+        }
+    );
     println!("  Block size:     {}", human_size(s.block_size as u64));
     println!("  Branches:");
     for b in &d.branch_details {
@@ -172,10 +180,13 @@ pub fn show(ctx: &mut Ctx, dot: Option<&str>, scripting: bool) -> Result<()> {
             format!(", containers {}", b.containers.join(","))
         };
         println!(
-            "  {mark} {} ({} commit{plural}{head}, dirty {}{origin}{containers})",
+            "  {mark} {} ({} commit{plural}{head}, {}{origin}{containers})",
             b.name,
             b.commits,
-            human_size(b.dirty_bytes)
+            match (b.dirty_bytes, b.uncommitted) {
+                (0, false) => "clean".to_string(),
+                (n, _) => format!("dirty {}", human_size(n)),
+            }
         );
     }
     if !d.mounts.is_empty() {

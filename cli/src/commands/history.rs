@@ -158,7 +158,7 @@ pub fn checkout(ctx: &mut Ctx, branch: &str, create: bool) -> Result<()> {
     // its own working state. Said once, where a git user would expect them.
     let old = &d.summary.current_branch;
     let from = d.branch_details.iter().find(|b| &b.name == old);
-    if let Some(from) = from.filter(|b| create && b.dirty_bytes > 0) {
+    if let Some(from) = from.filter(|b| create && (b.dirty_bytes > 0 || b.uncommitted)) {
         let start = match &from.head {
             Some(h) => format!("starts at {old}'s last commit {}", &h[..h.len().min(12)]),
             None => format!("starts empty ({old} has no commit yet)"),

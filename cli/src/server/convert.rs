@@ -19,6 +19,7 @@ pub fn dot_summary(info: &DotInfo, current: &BranchInfo, server: &str) -> DotSum
         size: current.size,
         commits: current.commits,
         dirty_bytes: current.dirty_bytes,
+        uncommitted: current.uncommitted,
     }
 }
 
@@ -33,6 +34,7 @@ pub fn branch_view(b: &BranchInfo, current: &str) -> BranchView {
             commit: id.to_hex(),
         }),
         dirty_bytes: b.dirty_bytes,
+        uncommitted: b.uncommitted,
         size: b.size,
         current: b.name == current,
         containers: Vec::new(),
