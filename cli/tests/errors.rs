@@ -134,7 +134,7 @@ fn commands_run_at_once_keep_the_config_whole() {
         let text = std::fs::read_to_string(s.config()).unwrap();
         assert!(
             [
-                format!("current_dot = \"a\"\n"),
+                "current_dot = \"a\"\n".to_string(),
                 format!("current_dot = \"{long}\"\n")
             ]
             .contains(&text),

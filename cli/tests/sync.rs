@@ -260,6 +260,34 @@ fn hub_push_clone_pull_through_the_cli() {
         "{hub_branches}"
     );
 
+    // Force: alice takes back her last pushed commit; the hub is then
+    // ahead of her, and only --force moves it back (destroying it there).
+    alice.ok(&["reset", "--hard", "HEAD^"]);
+    let err = alice.fail(&["push", "hub"]);
+    assert!(err.contains("ahead") && err.contains("--force"), "{err}");
+    let out = alice.ok(&["push", "hub", "--force"]);
+    assert!(
+        out.contains("forced: 1 commit the destination branch had was destroyed"),
+        "{out}"
+    );
+    let hub_log = hub.ok(&["--dot", "alice/app", "log"]);
+    assert!(
+        !hub_log.contains("alice 3") && hub_log.contains("bob again"),
+        "{hub_log}"
+    );
+    // Bob still has bob 3 (stashed on the hub): ahead of the hub, a pull
+    // has nothing to do, and --force moves his branch back to the hub's.
+    let out = bob.ok(&["pull", "hub"]);
+    assert!(
+        out.contains("up to date") && out.contains("--force"),
+        "{out}"
+    );
+    assert_eq!(read(&bm.join("small")), b"bob 3");
+    let out = bob.ok(&["pull", "hub", "--force"]);
+    assert!(out.contains("forced: 1 commit"), "{out}");
+    assert_eq!(read(&bm.join("small")), b"bob again");
+    assert!(!bob.ok(&["log"]).contains("bob 3"));
+
     // set-upstream: push to another name.
     alice.ok(&["dot", "set-upstream", "app", "hub", "copy"]);
     let out = alice.ok(&["push", "hub"]);

@@ -244,6 +244,10 @@ pub struct TransferOptions {
     /// Keep diverged destination work on `BRANCH-DIVERGED-<timestamp>` and
     /// proceed.
     pub stash_on_divergence: bool,
+    /// Move the destination branch to the source's head even when it has
+    /// commits the source lacks (ahead or diverged); those are destroyed
+    /// there, unless `stash_on_divergence` keeps diverged ones.
+    pub force: bool,
     /// Requests in flight at once (QUIC streams).
     pub streams: usize,
     /// Test hook: fail after sending (or fetching) this many chunk bytes.
@@ -256,6 +260,7 @@ impl Default for TransferOptions {
     fn default() -> Self {
         TransferOptions {
             stash_on_divergence: false,
+            force: false,
             streams: 8,
             fail_after_chunk_bytes: None,
             corrupt_chunks: false,
@@ -284,6 +289,8 @@ pub struct TransferReport {
     pub note: Option<String>,
     /// Where diverged destination work was kept.
     pub stashed: Option<String>,
+    /// Commits the destination branch had that a forced move dropped.
+    pub destroyed: usize,
     /// The new head.
     pub head: Option<Id>,
 }
@@ -346,7 +353,8 @@ fn diverged_message(what: &str, dot: &DotName, branch: &str, d: &Divergence, cmd
         "your local commits"
     };
     let how = format!(
-        "Run `{cmd} --stash-on-divergence` to keep {kept} on {branch}-DIVERGED-<timestamp> and proceed"
+        "Run `{cmd} --stash-on-divergence` to keep {kept} on {branch}-DIVERGED-<timestamp> and proceed, \
+         or `{cmd} --force` to overwrite them (they are destroyed)"
     );
     match d {
         Divergence::Diverged { common } => format!(
@@ -414,10 +422,16 @@ pub async fn push(
                 return Ok(report);
             }
             Divergence::FastForward => {}
-            Divergence::Ahead => {
+            Divergence::Ahead if !opts.force => {
                 return Err(Error::Refused(format!(
-                    "branch {branch} of {remote_dot} on the hub has commits that {dot} lacks (it is ahead): `dm pull` first"
+                    "branch {branch} of {remote_dot} on the hub has commits that {dot} lacks (it is ahead): `dm pull` first, \
+                     or `dm push REMOTE {dot} {branch} --force` to move it back to yours (they are destroyed on the hub)"
                 )))
+            }
+            // Forced (diverged work not stashed): the hub's commits that
+            // this branch lacks go.
+            d if d == Divergence::Ahead || (opts.force && !opts.stash_on_divergence) => {
+                report.destroyed = theirs.iter().filter(|c| !ours.contains(c)).count();
             }
             d => {
                 if !opts.stash_on_divergence {
@@ -796,6 +810,7 @@ pub async fn pull(
     progress.set_phase("comparing");
     let remote_anc = remote.ancestry(remote_dot, theirs).await?;
     let mut stash = None;
+    let mut forced = false;
     if let Some(l) = local_head {
         let anc: HashSet<Id> = remote_anc.iter().copied().collect();
         let local_anc = store.ancestry(Some(l))?;
@@ -805,11 +820,22 @@ pub async fn pull(
                 return Ok(report);
             }
             Divergence::FastForward => {}
+            // Forced: the local commits the hub's branch lacks go (as a
+            // `dm reset --hard` to the hub's head would).
+            d if opts.force && (d == Divergence::Ahead || !opts.stash_on_divergence) => {
+                if store.has_uncommitted(dot, branch)? {
+                    return Err(Error::Refused(format!(
+                        "branch {branch} of dot {dot} has uncommitted changes; commit them (or `dm reset --hard HEAD`) first. Nothing was changed"
+                    )));
+                }
+                forced = true;
+                report.destroyed = local_anc.iter().filter(|c| !anc.contains(c)).count();
+            }
             Divergence::Ahead => {
                 report.up_to_date = true;
                 report.head = Some(l);
                 report.note = Some(format!(
-                    "branch {branch} of {dot} is ahead of {remote_dot} on the hub: nothing to pull (`dm push` sends your commits)"
+                    "branch {branch} of {dot} is ahead of {remote_dot} on the hub: nothing to pull (`dm push` sends your commits; `dm pull --force` moves {branch} back to the hub's head, destroying them)"
                 ));
                 return Ok(report);
             }
@@ -976,7 +1002,7 @@ pub async fn pull(
         report.object_bytes += b.len() as u64;
     }
     report.commits = commit_items.len();
-    if let (None, Some(l)) = (&stash, local_head) {
+    if let (None, Some(l), false) = (&stash, local_head, forced) {
         // A fast-forward, as the hub's ancestry said: checked on what
         // arrived, so that a wrong answer cannot move the branch off
         // commits of its own (GC would then reclaim them).

@@ -254,6 +254,8 @@ pub struct TransferArgs {
     pub remote_name: Option<String>,
     /// --stash-on-divergence.
     pub stash_on_divergence: bool,
+    /// --force.
+    pub force: bool,
     /// --all.
     pub all: bool,
 }
@@ -335,6 +337,7 @@ pub fn transfer(ctx: &mut Ctx, push: bool, a: TransferArgs) -> Result<()> {
         branches: if a.all { Vec::new() } else { vec![branch] },
         all: a.all,
         stash_on_divergence: a.stash_on_divergence,
+        force: a.force,
     };
     let verb = if push { "Pushing" } else { "Pulling" };
     let label = format!(
@@ -405,6 +408,7 @@ pub fn clone(
         },
         all,
         stash_on_divergence: false,
+        force: false,
     };
     run(
         ctx,
@@ -552,6 +556,14 @@ fn run(ctx: &mut Ctx, req: &TransferReq, label: &str) -> Result<()> {
         if let Some(s) = &r.stashed {
             println!("  diverged work kept on branch {s}");
         }
+        if r.destroyed > 0 {
+            println!(
+                "  forced: {} commit{} the destination branch had {} destroyed",
+                r.destroyed,
+                if r.destroyed == 1 { "" } else { "s" },
+                if r.destroyed == 1 { "was" } else { "were" }
+            );
+        }
     }
     if let Some(e) = status.error {
         bail!("{e}");
@@ -653,6 +665,11 @@ pub struct PushPullArgs {
     /// On divergence keep the destination's commits on BRANCH-DIVERGED-<timestamp> and proceed.
     #[arg(long)]
     pub stash_on_divergence: bool,
+    /// Move the destination branch to this side's head even when it has commits this side
+    /// lacks (ahead or diverged); those commits are destroyed there, unless
+    /// --stash-on-divergence keeps diverged ones.
+    #[arg(long, short = 'f')]
+    pub force: bool,
     /// Every branch.
     #[arg(long, conflicts_with = "branch")]
     pub all: bool,
@@ -666,6 +683,7 @@ impl From<PushPullArgs> for TransferArgs {
             branch: a.branch,
             remote_name: a.remote_name,
             stash_on_divergence: a.stash_on_divergence,
+            force: a.force,
             all: a.all,
         }
     }

@@ -117,6 +117,9 @@ pub struct TransferReq {
     pub all: bool,
     /// `--stash-on-divergence`.
     pub stash_on_divergence: bool,
+    /// `--force`.
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// What one branch's transfer did.
@@ -139,6 +142,9 @@ pub struct BranchReport {
     pub note: Option<String>,
     /// Where diverged work was kept.
     pub stashed: Option<String>,
+    /// Commits of the destination branch a `--force` move dropped.
+    #[serde(default)]
+    pub destroyed: usize,
     /// The new head (hex).
     pub head: Option<String>,
 }
@@ -498,6 +504,7 @@ async fn run_transfer(
     let remote = Remote::connect(&spec).await?;
     let opts = TransferOptions {
         stash_on_divergence: req.stash_on_divergence,
+        force: req.force,
         ..TransferOptions::default()
     };
     let push = req.direction == "push";
@@ -563,6 +570,7 @@ async fn run_transfer(
                 up_to_date: rep.up_to_date,
                 note: rep.note,
                 stashed: rep.stashed,
+                destroyed: rep.destroyed,
                 head: rep.head.map(|h| h.to_hex()),
             }),
             Err(e) => {
