@@ -100,9 +100,9 @@ pub enum Command {
     },
     /// Snapshot the whole current dot (all subdots) on its current branch.
     Commit {
-        /// Commit message.
-        #[arg(short, long)]
-        message: String,
+        /// Commit message; several -m are joined as paragraphs (as git).
+        #[arg(short, long, required = true, allow_hyphen_values = true)]
+        message: Vec<String>,
         /// Metadata `key=value` (keys start lowercase); repeatable.
         #[arg(short = 'd', long = "metadata", value_name = "KEY=VALUE")]
         metadata: Vec<String>,
@@ -126,16 +126,23 @@ pub enum Command {
         /// The branch to make, or with -d/-D to delete.
         #[arg(value_name = "NAME")]
         name: Option<String>,
+        /// Where the new branch starts: a commit or revision [default: HEAD].
+        #[arg(value_name = "START", requires = "name", conflicts_with = "deleting")]
+        start: Option<String>,
     },
     /// Switch the current dot to BRANCH (moving unpinned mounts with it).
     ///
     /// Uncommitted changes stay on the branch they were made on.
     Checkout {
-        /// Create the branch from the current head first.
+        /// Create the branch first, at START or the current head.
         #[arg(short = 'b')]
         create: bool,
         /// The branch.
         branch: String,
+        /// With -b: where the new branch starts, a commit or revision (e.g. an
+        /// id from `dm log`, or another branch) [default: HEAD].
+        #[arg(value_name = "START", requires = "create")]
+        start: Option<String>,
     },
     /// Move the current branch back to REF, destroying later commits.
     Reset {

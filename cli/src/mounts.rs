@@ -578,12 +578,18 @@ impl MountManager {
             .collect()
     }
 
-    /// Makes `branch` the current branch of `dot` (creating it from the
-    /// current head first when `create`) and moves the unpinned mounts to it.
-    pub fn checkout(&self, dot: &DotName, branch: &str, create: bool) -> ApiResult<()> {
+    /// Makes `branch` the current branch of `dot` (creating it first when
+    /// `create`: at the commit it holds, or the current head) and moves the
+    /// unpinned mounts to it.
+    pub fn checkout(
+        &self,
+        dot: &DotName,
+        branch: &str,
+        create: Option<Option<dm_store::Id>>,
+    ) -> ApiResult<()> {
         let entries = self.lock();
-        if create {
-            self.store.create_branch(dot, branch, None)?;
+        if let Some(from) = create {
+            self.store.create_branch(dot, branch, from)?;
         } else {
             self.store.branch_info(dot, branch)?;
         }

@@ -510,12 +510,101 @@ fn checkout_b_says_uncommitted_changes_stay() {
     assert!(!mnt.join("draft").exists());
     s.ok(&["checkout", "master"]);
     assert_eq!(std::fs::read(mnt.join("draft")).unwrap(), b"draft");
-    // Committed: the new branch starts there, and nothing is said.
+    // Committed: the new branch starts there, and nothing more is said.
     s.ok(&["commit", "-m", "draft"]);
     let out = s.dm(&["checkout", "-b", "clean"]);
-    assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "Switched to a new branch 'clean'\n"
+    );
     // No file open: a hard reset has nothing to warn about.
     let out = s.dm(&["reset", "--hard", "HEAD"]);
     assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
     assert_eq!(std::fs::read(mnt.join("draft")).unwrap(), b"draft");
+}
+
+/// What a git user types: `checkout -b NAME START`, `branch NAME START`,
+/// `checkout` of a commit id (dm has no detached HEAD: it says how to
+/// branch there), `checkout` of the current branch, several `-m`, a
+/// message starting with `-`; each says what it did.
+#[test]
+fn checkout_branch_and_commit_as_git_users_type_them() {
+    let s = Server::start(DM);
+    s.ok(&["init", "g"]);
+    s.ok(&["switch", "g"]);
+    let mnt = PathBuf::from(s.ok(&["mount", "g"]).trim());
+    commit_letter(&s, &mnt, "A");
+    let a = s.ok(&["log"]).lines().next().unwrap()["commit ".len()..].to_string();
+    commit_letter(&s, &mnt, "B");
+    let stderr = |args: &[&str]| {
+        let out = s.dm(args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    assert_eq!(stderr(&["checkout", "master"]), "Already on 'master'\n");
+
+    let err = s.fail(&["checkout", &a[..8]]);
+    assert!(
+        err.contains(&format!("{} is commit {}", &a[..8], &a[..12]))
+            && err.contains(&format!("dm checkout -b NAME {}", &a[..8])),
+        "{err}"
+    );
+    assert!(!s.ok(&["branch"]).contains(&a[..8]), "a branch was made");
+    let err = s.fail(&["reset", "--hard", "ab"]);
+    assert!(err.contains("at least 4 hex digits"), "{err}");
+
+    assert_eq!(
+        stderr(&["checkout", "-b", "old", &a[..8]]),
+        "Switched to a new branch 'old'\n"
+    );
+    assert_eq!(files(&mnt), ["A", "history"]);
+    assert_eq!(messages(&s), ["A"]);
+    let show = s.ok(&["dot", "show"]);
+    assert!(
+        show.contains(&format!("old (1 commit, head {}", &a[..7])),
+        "{show}"
+    );
+    // A branch at another branch's head, without switching: it grew from
+    // that branch (the current one, old, lacks B).
+    s.ok(&["branch", "atb", "master"]);
+    s.ok(&["checkout", "atb"]);
+    assert_eq!(files(&mnt), ["A", "B", "history"]);
+    let show = s.ok(&["dot", "show"]);
+    assert!(
+        show.contains("atb (2 commits") && show.contains(", from master at"),
+        "{show}"
+    );
+    let err = s.fail(&["checkout", "-b", "bad", "nosuchrev"]);
+    assert!(err.contains("nosuchrev"), "{err}");
+    assert!(!s.ok(&["branch"]).contains("bad"));
+
+    // Plain checkout away from uncommitted changes says they stay.
+    write_synced(&mnt.join("draft"), b"d");
+    let err = stderr(&["checkout", "old"]);
+    assert!(
+        err.starts_with("Switched to branch 'old'\n")
+            && err.contains("uncommitted changes on atb stay there"),
+        "{err}"
+    );
+
+    // Several -m are paragraphs; a message may start with '-'; a value
+    // with a newline stays indented in the log; a key twice is refused.
+    write_synced(&mnt.join("fix"), b"f");
+    s.ok(&[
+        "commit",
+        "-m",
+        "-fix",
+        "-m",
+        "why it broke",
+        "-d",
+        "note=one\ntwo",
+    ]);
+    let log = s.ok(&["log"]);
+    assert!(
+        log.contains("note: one\n    two\n\n    -fix\n    \n    why it broke\n"),
+        "{log}"
+    );
+    let err = s.fail(&["commit", "-m", "x", "-d", "k=1", "-d", "k=2"]);
+    assert!(err.contains("given twice"), "{err}");
 }

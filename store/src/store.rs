@@ -534,11 +534,25 @@ impl Store {
                 name: format!("{new} of dot {dot}"),
             });
         }
-        let cur_name = d.current_branch.clone();
+        let mut cur_name = d.current_branch.clone();
         let start = match from {
             Some(id) => Some(id),
             None => self.fs_for(&d, &cur_name)?.head(),
         };
+        // Started at another branch's commit: it grew from that branch.
+        if let Some(id) = from {
+            let has = |head: Option<Id>| -> Result<bool> {
+                Ok(head.is_some() && self.ancestry(head)?.contains(&id))
+            };
+            if !has(self.fs_for(&d, &cur_name)?.head())? {
+                for (name, r) in self.branch_recs(&d)? {
+                    if has(r.head)? {
+                        cur_name = name;
+                        break;
+                    }
+                }
+            }
+        }
         let mut batch = WriteBatch::default();
         let bid = self.next_ids(&mut batch, 1)?;
         let rec = match start {
@@ -874,6 +888,11 @@ impl Store {
                 )))
                 }
             }
+        } else if !base.is_empty() && base.len() < 4 && base.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Err(Error::BadRevision(format!(
+                "{rev:?}: a commit id prefix needs at least 4 hex digits (and no branch is called {base})"
+            )));
         } else {
             return Err(Error::BadRevision(format!(
                 "{rev:?} is not a revision: use HEAD, HEAD^, HEAD~N, a branch name or a commit id"

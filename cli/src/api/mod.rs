@@ -162,6 +162,10 @@ pub struct CheckoutRequest {
     /// Create it from the current branch's head first (`dm checkout -b`).
     #[serde(default)]
     pub create: bool,
+    /// With `create`: the revision it starts at instead (on the current
+    /// branch: `HEAD^`, a commit id, another branch's name).
+    #[serde(default)]
+    pub start: Option<String>,
 }
 
 /// `POST /v1/dots/{ns}/{dot}/branches/{branch}/commits`.

@@ -44,7 +44,11 @@ pub fn fsck(ctx: &mut Ctx) -> Result<()> {
     for p in &r.problems {
         println!("problem: {p}");
     }
-    bail!("fsck found {} problems", r.problems.len())
+    bail!(
+        "fsck found {} problem{}",
+        r.problems.len(),
+        if r.problems.len() == 1 { "" } else { "s" }
+    )
 }
 
 pub fn version(ctx: &mut Ctx) -> Result<()> {

@@ -39,7 +39,9 @@ pub fn commit(ctx: &mut Ctx, message: &str, metadata: &[String]) -> Result<()> {
         if !k.starts_with(|c: char| c.is_ascii_lowercase()) {
             bail!("metadata key {k:?} must start with a lowercase letter");
         }
-        meta.insert(k.to_string(), v.to_string());
+        if meta.insert(k.to_string(), v.to_string()).is_some() {
+            bail!("metadata key {k:?} is given twice; give each key once");
+        }
     }
     let (dot, d) = current(ctx)?;
     let path = format!(
@@ -72,7 +74,9 @@ pub fn log(ctx: &mut Ctx) -> Result<()> {
             c.id, c.author, c.timestamp_ns
         ));
         for (k, v) in &c.metadata {
-            out.push_str(&format!("{k}: {v}\n"));
+            // Further lines of a value indented, so that none reads as a
+            // field of its own (git indents continued trailers the same way).
+            out.push_str(&format!("{k}: {}\n", v.replace('\n', "\n    ")));
         }
         out.push('\n');
         for line in c.message.lines() {
@@ -95,7 +99,7 @@ pub fn list_branches(ctx: &mut Ctx) -> Result<()> {
 
 /// `dm branch NAME`: a new branch at the current head; the current branch
 /// stays (`dm checkout -b NAME` also switches to it).
-pub fn create_branch(ctx: &mut Ctx, branch: &str) -> Result<()> {
+pub fn create_branch(ctx: &mut Ctx, branch: &str, start: Option<&str>) -> Result<()> {
     dm_store::names::validate_new("branch", branch).map_err(|e| anyhow!("{e}"))?;
     let (dot, _) = current(ctx)?;
     let path = format!("{}/branches", api::dot_path(&dot.namespace, &dot.name));
@@ -103,7 +107,7 @@ pub fn create_branch(ctx: &mut Ctx, branch: &str) -> Result<()> {
         &path,
         &api::CreateBranchRequest {
             name: branch.to_string(),
-            from: None,
+            from: start.map(str::to_string),
         },
     )?;
     Ok(())
@@ -131,7 +135,7 @@ pub fn delete_branch(ctx: &mut Ctx, branch: &str, force: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn checkout(ctx: &mut Ctx, branch: &str, create: bool) -> Result<()> {
+pub fn checkout(ctx: &mut Ctx, branch: &str, create: bool, start: Option<&str>) -> Result<()> {
     dm_store::names::validate("branch", branch).map_err(|e| anyhow!("{e}"))?;
     let (dot, d) = current(ctx)?;
     let exists = d.summary.branches.iter().any(|b| b == branch);
@@ -141,10 +145,27 @@ pub fn checkout(ctx: &mut Ctx, branch: &str, create: bool) -> Result<()> {
         );
     }
     if !create && !exists {
+        // A commit, not a branch: dm has no detached HEAD (each branch has
+        // its own working state), so say how to start a branch there.
+        let resolve = format!(
+            "{}/resolve?rev={branch}",
+            api::branch_path(&dot.namespace, &dot.name, &d.summary.current_branch)
+        );
+        if let Ok(r) = ctx.client()?.get::<api::ResolveResponse>(&resolve) {
+            bail!(
+                "{branch} is commit {} of dot {dot}, not a branch; dm has no detached HEAD: \
+                 `dm checkout -b NAME {branch}` makes branch NAME starting there",
+                &r.id[..r.id.len().min(12)]
+            );
+        }
         bail!(
             "branch {branch} not found in dot {dot} (branches: {}); create it with `dm checkout -b {branch}`",
             d.summary.branches.join(", ")
         );
+    }
+    let old = &d.summary.current_branch;
+    if !create && old == branch {
+        eprintln!("Already on '{branch}'");
     }
     let path = format!("{}/checkout", api::dot_path(&dot.namespace, &dot.name));
     let _: BranchView = ctx.client()?.post(
@@ -152,16 +173,27 @@ pub fn checkout(ctx: &mut Ctx, branch: &str, create: bool) -> Result<()> {
         &CheckoutRequest {
             branch: branch.to_string(),
             create,
+            start: start.map(str::to_string),
         },
     )?;
+    if old == branch {
+        return Ok(());
+    }
+    eprintln!(
+        "Switched to {}branch '{branch}'",
+        if create { "a new " } else { "" }
+    );
     // Unlike git, uncommitted changes do not come along: each branch has
-    // its own working state. Said once, where a git user would expect them.
-    let old = &d.summary.current_branch;
+    // its own working state. Said where a git user would expect them.
     let from = d.branch_details.iter().find(|b| &b.name == old);
-    if let Some(from) = from.filter(|b| create && (b.dirty_bytes > 0 || b.uncommitted)) {
-        let start = match &from.head {
-            Some(h) => format!("starts at {old}'s last commit {}", &h[..h.len().min(12)]),
-            None => format!("starts empty ({old} has no commit yet)"),
+    if let Some(from) = from.filter(|b| b.dirty_bytes > 0 || b.uncommitted) {
+        let start = match (&from.head, start) {
+            (_, Some(s)) => format!("starts at {s}"),
+            (Some(h), None) if create => {
+                format!("starts at {old}'s last commit {}", &h[..h.len().min(12)])
+            }
+            (None, None) if create => format!("starts empty ({old} has no commit yet)"),
+            _ => "shows its own working state".to_string(),
         };
         eprintln!(
             "note: the uncommitted changes on {old} stay there (each branch keeps its own \

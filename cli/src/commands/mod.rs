@@ -140,22 +140,29 @@ pub fn run(cli: Cli) -> Result<()> {
             DotCommand::SetUpstream { args } => sync::set_upstream_cmd(&mut ctx, &args),
             DotCommand::Collaborator { command } => sync::collaborator_cmd(&mut ctx, command),
         },
-        Command::Commit { message, metadata } => history::commit(&mut ctx, &message, &metadata),
+        Command::Commit { message, metadata } => {
+            history::commit(&mut ctx, &message.join("\n\n"), &metadata)
+        }
         Command::Log => history::log(&mut ctx),
         Command::Branch {
             delete,
             force_delete,
             force,
             name,
+            start,
         } => match name {
             // clap requires NAME with -d and -D.
             Some(name) if delete || force_delete => {
                 history::delete_branch(&mut ctx, &name, force || force_delete)
             }
-            Some(name) => history::create_branch(&mut ctx, &name),
+            Some(name) => history::create_branch(&mut ctx, &name, start.as_deref()),
             None => history::list_branches(&mut ctx),
         },
-        Command::Checkout { create, branch } => history::checkout(&mut ctx, &branch, create),
+        Command::Checkout {
+            create,
+            branch,
+            start,
+        } => history::checkout(&mut ctx, &branch, create, start.as_deref()),
         Command::Reset { hard, rev } => history::reset(&mut ctx, &rev, hard),
         Command::Diff { from, to } => history::diff(&mut ctx, from.as_deref(), to.as_deref()),
         Command::Status => history::status(&mut ctx),

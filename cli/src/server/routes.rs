@@ -408,6 +408,16 @@ async fn checkout(
     blocking(move || {
         let dot = dot_name(&ns, &dot)?;
         check_branch(&req.branch)?;
+        // Where a new branch starts (`checkout -b NAME START`), resolved
+        // before anything is stopped.
+        let create = match (req.create, &req.start) {
+            (false, _) => None,
+            (true, None) => Some(None),
+            (true, Some(rev)) => {
+                let current = st.store.dot_info(&dot)?.current_branch;
+                Some(Some(resolve_rev(&st.store, &dot, &current, rev)?))
+            }
+        };
         // Checked first (once no other switch of the dot runs), so that
         // containers are not restarted for nothing.
         let pre = || -> ApiResult<Option<BranchView>> {
@@ -434,7 +444,7 @@ async fn checkout(
         // into the other one).
         let view = st.docker.around_switch(&dot, pre, || {
             refuse_open_files_following(&st, &dot, &req.branch)?;
-            st.mounts.checkout(&dot, &req.branch, req.create)?;
+            st.mounts.checkout(&dot, &req.branch, create)?;
             let b = st.store.branch_info(&dot, &req.branch)?;
             Ok(branch_view(&b, &req.branch))
         })?;
