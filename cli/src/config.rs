@@ -22,9 +22,13 @@ pub struct Remote {
 impl Remote {
     /// `USER@HOST[:PORT]`, as `dm remote add` takes it.
     pub fn target(&self) -> String {
+        let host = match self.hostname.contains(':') {
+            true => format!("[{}]", self.hostname),
+            false => self.hostname.clone(),
+        };
         match self.port {
-            Some(p) => format!("{}@{}:{p}", self.user, self.hostname),
-            None => format!("{}@{}", self.user, self.hostname),
+            Some(p) => format!("{}@{host}:{p}", self.user),
+            None => format!("{}@{host}", self.user),
         }
     }
 }

@@ -102,11 +102,22 @@ fn hub_push_clone_pull_through_the_cli() {
         v.starts_with("* hub\talice@127.0.0.1:") && v.contains("sha256:"),
         "{v}"
     );
-    ok_env(
-        &alice,
-        &["remote", "add", "other", &format!("bob@127.0.0.1:{hp}")],
-        &[("DM_API_KEY", &bkey)],
-    );
+    // The key piped on stdin, as `docker login --password-stdin` takes it.
+    let mut add = alice.dm_command(&["remote", "add", "other", &format!("bob@127.0.0.1:{hp}")]);
+    let mut child = add
+        .env_remove("DM_API_KEY")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "{bkey}").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
     alice.ok(&["remote", "switch", "other"]);
     assert!(alice.ok(&["remote"]).contains("* other"));
     alice.ok(&["remote", "rm", "other"]);

@@ -11,15 +11,32 @@ fn parse_target(target: &str) -> Result<Remote> {
     let (user, host) = target.split_once('@').ok_or_else(|| {
         anyhow!("remote {target:?} is not USER@HOST[:PORT] (e.g. alice@dothub.com)")
     })?;
-    let (hostname, port) = match host.rsplit_once(':') {
-        Some((h, p)) => (
-            h,
-            Some(
-                p.parse::<u16>()
-                    .map_err(|_| anyhow!("bad port {p:?} in remote {target:?}"))?,
-            ),
-        ),
-        None => (host, None),
+    let port = |p: &str| {
+        p.parse::<u16>()
+            .map_err(|_| anyhow!("bad port {p:?} in remote {target:?}"))
+    };
+    let (hostname, port) = if let Some(rest) = host.strip_prefix('[') {
+        // An IPv6 address, as in URLs: [::1] or [::1]:PORT.
+        let (h, after) = rest.split_once(']').ok_or_else(|| {
+            anyhow!(
+                "remote {target:?}: an IPv6 address needs its closing ] (e.g. alice@[::1]:32607)"
+            )
+        })?;
+        match after.strip_prefix(':') {
+            Some(p) => (h, Some(port(p)?)),
+            None if after.is_empty() => (h, None),
+            None => bail!("remote {target:?}: expected :PORT after ]"),
+        }
+    } else if host.parse::<std::net::Ipv6Addr>().is_ok() {
+        // A bare IPv6 address: no port (that needs the brackets).
+        (host, None)
+    } else if host.matches(':').count() > 1 {
+        bail!("remote {target:?} is not USER@HOST[:PORT] (an IPv6 address goes in brackets: alice@[::1]:32607)");
+    } else {
+        match host.rsplit_once(':') {
+            Some((h, p)) => (h, Some(port(p)?)),
+            None => (host, None),
+        }
     };
     if user.is_empty() || hostname.is_empty() {
         bail!("remote {target:?} is not USER@HOST[:PORT] (e.g. alice@dothub.com)");
@@ -115,5 +132,21 @@ mod tests {
         assert!(parse_target("dothub.com").is_err());
         assert!(parse_target("a@h:x").is_err());
         assert!(parse_target("@h").is_err());
+        // IPv6, bracketed as in URLs (with a port) or bare (without).
+        for (t, host, port) in [
+            ("c@[::1]:41003", "::1", Some(41003)),
+            ("c@[fe80::2]", "fe80::2", None),
+            ("c@::1", "::1", None),
+        ] {
+            let r = parse_target(t).unwrap();
+            assert_eq!((r.hostname.as_str(), r.port), (host, port), "{t}");
+        }
+        assert_eq!(
+            parse_target("c@[::1]:41003").unwrap().target(),
+            "c@[::1]:41003"
+        );
+        assert!(parse_target("c@[::1").is_err());
+        assert!(parse_target("c@[::1]x").is_err());
+        assert!(parse_target("c@host:1:5").is_err());
     }
 }

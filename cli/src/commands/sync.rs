@@ -92,8 +92,17 @@ fn read_key(name: &str, r: &Remote) -> Result<String> {
     }
     use std::io::{BufRead, IsTerminal, Write};
     if !std::io::stdin().is_terminal() {
+        // Piped in (`... | dm remote add`), as `docker login --password-stdin`.
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("reading the API key from stdin")?;
+        if !line.trim().is_empty() {
+            return Ok(line.trim().to_string());
+        }
         bail!(
-            "no API key for remote {name}: set DM_API_KEY (the key `dm user add {}` printed on {})",
+            "no API key for remote {name}: set DM_API_KEY, or pipe it on stdin (the key `dm user add {}` printed on {})",
             r.user,
             r.hostname
         );
