@@ -150,7 +150,7 @@ pub enum Command {
         #[arg(long)]
         hard: bool,
         /// HEAD, HEAD^, HEAD^^, HEAD~N, a commit id or unique prefix.
-        #[arg(value_name = "REF")]
+        #[arg(value_name = "REF", default_value = "HEAD")]
         rev: String,
     },
     /// Paths changed between two commits, or between a commit and the working state.

@@ -24,6 +24,13 @@ fn bad_input_changes_nothing() {
         assert!(err.contains("invalid"), "init {bad:?}: {err}");
     }
     assert_eq!(s.ok(&["list", "-H"]), "", "bad inits created dots");
+    let err = s.fail(&["init", "myapp.orders-db"]);
+    assert!(
+        err.contains("`dm init myapp`, then use myapp.orders-db"),
+        "{err}"
+    );
+    let err = s.fail(&["mount", "nosuch"]);
+    assert!(err.contains("dm init"), "{err}");
 
     s.ok(&["init", "myapp"]);
     let err = s.fail(&["init", "myapp"]);
@@ -40,6 +47,10 @@ fn bad_input_changes_nothing() {
     s.ok(&["commit", "-m", "one"]);
     write_synced(&mnt.join("f"), b"2");
     s.ok(&["commit", "-m", "two"]);
+    // `dm reset --hard` without REF: HEAD, as git's.
+    write_synced(&mnt.join("f"), b"3");
+    s.ok(&["reset", "--hard"]);
+    assert_eq!(std::fs::read(mnt.join("f")).unwrap(), b"2");
     let log = s.ok(&["log"]);
 
     for bad in ["HEAD^^^", "HEAD~5", "deadbeef", "nonsense", "HEAD^x"] {
@@ -467,6 +478,10 @@ fn mount_refuses_files_and_non_empty_directories() {
     assert!(!dm_tests::is_mounted(&empty));
     drop(open);
     s.ok(&["mount", "app", empty.to_str().unwrap()]);
+    // Through a symlink to the mount (it said nothing was mounted there).
     // Outside the server's directories: the test's cleanup would not see it.
-    s.ok(&["unmount", empty.to_str().unwrap()]);
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&empty, &link).unwrap();
+    s.ok(&["unmount", link.to_str().unwrap()]);
+    assert!(!dm_tests::is_mounted(&empty));
 }

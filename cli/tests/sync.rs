@@ -301,8 +301,19 @@ fn hub_push_clone_pull_through_the_cli() {
 
     // set-upstream: push to another name.
     alice.ok(&["dot", "set-upstream", "app", "hub", "copy"]);
-    let out = alice.ok(&["push", "hub"]);
-    assert!(out.contains("master:"), "{out}");
+    // Uncommitted changes stay behind, and the push says so.
+    write_synced(&mnt.join("wip"), b"not committed");
+    let out = dm_env(&alice, &["push", "hub"], &[]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("master:"),
+        "{out:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("uncommitted changes; they were not pushed"),
+        "{out:?}"
+    );
+    alice.ok(&["reset", "--hard"]);
     assert!(hub.ok(&["list"]).contains("copy"));
     // Upstreams belong to a dot: set-upstream needs one, and a deleted
     // dot's go with it (a new dot of that name pushed to the old one's).

@@ -12,7 +12,13 @@ fn parse_dot(name: &str) -> Result<DotName> {
 }
 
 pub fn init(ctx: &mut Ctx, dot: &str, block_size: Option<u32>) -> Result<()> {
-    let name = parse_dot(dot)?;
+    let name = parse_dot(dot).map_err(|e| match dot.split_once('.') {
+        // `dm init myapp.orders-db`: subdots are made by using them.
+        Some((d, sub)) => anyhow!(
+            "{e}; '.' separates a subdot: `dm init {d}`, then use {d}.{sub} as a volume name or `dm mount {d}.{sub} PATH` (a subdot is made when first used)"
+        ),
+        None => e,
+    })?;
     let _: DotSummary = ctx
         .client()?
         .post(

@@ -34,14 +34,38 @@ pub fn mount(ctx: &mut Ctx, volume: &str, path: Option<PathBuf>) -> Result<()> {
         volume: volume.to_string(),
         path: path.map(|p| p.display().to_string()),
     };
-    let m: MountView = ctx.client()?.post("/v1/mounts", &req)?;
+    let m: MountView = ctx.client()?.post("/v1/mounts", &req).map_err(|e| {
+        let msg = e.to_string();
+        if msg.contains("not found") && msg.contains("dot") {
+            anyhow::anyhow!("{msg} (see `dm list`, or create it with `dm init DOT`)")
+        } else {
+            e
+        }
+    })?;
     println!("{}", m.path);
     Ok(())
 }
 
+/// The mount `p` leads to: a symlink to a mount, or a path through a
+/// symlinked directory, names the mount point itself (the server knows
+/// mounts by it). Left as is where it cannot be resolved (a dead mount).
+fn resolved(p: PathBuf) -> PathBuf {
+    if let Ok(m) = std::fs::symlink_metadata(&p) {
+        if m.file_type().is_symlink() {
+            if let Ok(c) = std::fs::canonicalize(&p) {
+                return c;
+            }
+        }
+    }
+    match (p.parent(), p.file_name()) {
+        (Some(d), Some(n)) => std::fs::canonicalize(d).map_or(p.clone(), |d| d.join(n)),
+        _ => p,
+    }
+}
+
 pub fn unmount(ctx: &mut Ctx, path: &Path, force: bool) -> Result<()> {
     let req = UnmountRequest {
-        path: absolute(path)?.display().to_string(),
+        path: resolved(absolute(path)?).display().to_string(),
         force,
     };
     let _: Empty = ctx.client()?.post("/v1/mounts/unmount", &req)?;

@@ -343,7 +343,11 @@ pub fn transfer(ctx: &mut Ctx, push: bool, a: TransferArgs) -> Result<()> {
         remote: rreq,
         local_dot: local.to_string(),
         remote_dot: format!("{}/{}", rdot.namespace, rdot.name),
-        branches: if a.all { Vec::new() } else { vec![branch] },
+        branches: if a.all {
+            Vec::new()
+        } else {
+            vec![branch.clone()]
+        },
         all: a.all,
         stash_on_divergence: a.stash_on_divergence,
         force: a.force,
@@ -362,6 +366,20 @@ pub fn transfer(ctx: &mut Ctx, push: bool, a: TransferArgs) -> Result<()> {
             with_remote_hints(&format!("{e:#}"), &a.remote, a.remote_name.as_deref(), &r)
         )
     })?;
+    // Only commits travel: say so when the pushed branch has more.
+    if push {
+        let dirty = ctx.dot_detail(&local).ok().and_then(|d| {
+            d.branch_details
+                .into_iter()
+                .find(|b| b.name == branch)
+                .filter(|b| b.dirty_bytes > 0 || b.uncommitted)
+        });
+        if dirty.is_some() {
+            eprintln!(
+                "note: branch {branch} of {local} has uncommitted changes; they were not pushed (only commits are): `dm commit` them, then push again"
+            );
+        }
+    }
     // The first transfer records the upstream.
     let key = upstream_key(&local, &a.remote);
     if !sc.upstreams.contains_key(&key) {
@@ -597,7 +615,9 @@ pub fn set_upstream(
         .remotes
         .get(remote)
         .cloned()
-        .ok_or_else(|| anyhow!("no remote {remote} (see `dm remote`)"))?;
+        .ok_or_else(|| {
+            anyhow!("no remote {remote}: add it with `dm remote add {remote} USER@HOST[:PORT]` (see `dm remote`)")
+        })?;
     let local = ctx.dot(dot)?;
     ctx.dot_detail(&local)?;
     let sc = SyncConfig::load(&ctx.config_path)?;
