@@ -49,7 +49,12 @@ pub enum Command {
         #[arg(long, conflicts_with = "plugin_socket")]
         no_plugin: bool,
         /// The Docker daemon's API socket (containers using dots).
-        #[arg(long, value_name = "PATH", default_value = "/var/run/docker.sock")]
+        #[arg(
+            long,
+            value_name = "PATH",
+            env = "DM_DOCKER_SOCKET",
+            default_value = "/var/run/docker.sock"
+        )]
         docker_socket: PathBuf,
         /// UDP port (or ADDR:PORT) of the hub endpoint for push/pull; `off` disables it.
         #[arg(long, value_name = "PORT", env = "DM_LISTEN", default_value = "32607")]

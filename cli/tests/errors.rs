@@ -155,6 +155,34 @@ fn commands_run_at_once_keep_the_config_whole() {
     }
 }
 
+/// A server whose Docker has no volume of its (`--no-plugin`, or Docker
+/// never used dm) does not ask Docker about containers: a Docker that does
+/// not answer stalled each list, checkout and reset 5 s, and filled the log.
+#[test]
+fn a_server_without_docker_volumes_does_not_ask_docker() {
+    let dir = tempfile::tempdir().unwrap();
+    let docker = dir.path().join("docker.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&docker).unwrap();
+    // Takes connections and never answers.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in listener.incoming() {
+            held.push(c);
+        }
+    });
+    std::env::set_var("DM_DOCKER_SOCKET", &docker);
+    let s = Server::start(DM);
+    std::env::remove_var("DM_DOCKER_SOCKET");
+    s.ok(&["init", "quiet"]);
+    s.ok(&["switch", "quiet"]);
+    s.ok(&["commit", "-m", "empty"]);
+    s.ok(&["list"]);
+    s.ok(&["checkout", "-b", "other"]);
+    s.ok(&["reset", "--hard"]);
+    let log = s.log();
+    assert!(!log.contains("Docker"), "{log}");
+}
+
 #[test]
 fn server_not_running() {
     let dir = tempfile::tempdir().unwrap();

@@ -275,7 +275,11 @@ impl DockerIntegration {
     /// each with only the dm volumes of this server (its volume table):
     /// another dm server on the host may serve volumes of the same names.
     pub fn all_containers(&self) -> Vec<Container> {
-        if !self.docker.present() {
+        // No volume of ours in Docker's hands (`--no-plugin`, or Docker
+        // never asked): no container can use our mounts, and Docker is not
+        // asked (a Docker restarting stalled resets 5 s per question).
+        let known = self.lock().volumes.clone();
+        if known.is_empty() || !self.docker.present() {
             return Vec::new();
         }
         let mut all = match block_on(self.docker.containers()) {
@@ -285,7 +289,6 @@ impl DockerIntegration {
                 return Vec::new();
             }
         };
-        let known = self.lock().volumes.clone();
         for c in &mut all {
             c.mounts
                 .retain(|m| m.driver != dm_volume_plugin::DRIVER_NAME || known.contains(&m.name));
