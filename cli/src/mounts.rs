@@ -696,6 +696,15 @@ impl MountManager {
         let mut entries = self.lock();
         for e in entries.drain(..) {
             let path = e.path.clone();
+            let open = e.mount.open_files();
+            if open > 0 {
+                tracing::warn!(
+                    "unmounting {} with {open} file{} still open: the processes using {} get ENOTCONN from now on (`fuser -vm` named them)",
+                    path.display(),
+                    if open == 1 { "" } else { "s" },
+                    if open == 1 { "it" } else { "them" }
+                );
+            }
             if let Err(err) = e.mount.unmount() {
                 tracing::warn!("unmounting {}: {err}", path.display());
             } else {

@@ -283,3 +283,23 @@ fn a_server_killed_while_waiting_on_its_own_mount_does_not_block_the_next_start(
         eprintln!("note: no kill landed while the server waited on its own mount (8 tries)");
     }
 }
+
+/// A stop with files still open on a mount unmounts it anyway (a writer
+/// then gets ENOTCONN), and the log says so, naming the mount.
+#[test]
+fn a_stop_with_files_open_says_so_in_the_log() {
+    let mut s = Server::start(DM);
+    s.ok(&["init", "busy"]);
+    let mnt = std::path::PathBuf::from(s.ok(&["mount", "busy"]).trim());
+    let held = std::fs::File::create(mnt.join("held")).unwrap();
+    s.stop();
+    let log = s.log();
+    assert!(
+        log.contains(&format!(
+            "unmounting {} with 1 file still open",
+            mnt.display()
+        )),
+        "{log}"
+    );
+    drop(held);
+}
