@@ -159,7 +159,13 @@ fn hub_push_clone_pull_through_the_cli() {
         &[("DM_API_KEY", &bkey)],
     );
     let err = bob.fail(&["clone", "hub", "alice/app"]);
-    assert!(err.contains("no access"), "{err}");
+    // A read hears how to get access, not how to push a new dot.
+    assert!(
+        err.contains("no access")
+            && err.contains("dm dot collaborator add alice/app bob")
+            && !err.contains("push a new dot"),
+        "{err}"
+    );
     let err = bob.fail(&["clone", "hub", "alice/nothing"]);
     assert!(err.contains("no access") || err.contains("no dot"), "{err}");
     hub.ok(&["dot", "collaborator", "add", "alice/app", "bob"]);

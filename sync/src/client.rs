@@ -507,7 +507,9 @@ pub async fn push(
     }
     // Chunks, several requests in flight.
     progress.set_phase("sending");
-    progress.add_total(need.len() as u64 * block_size as u64 / 2 + plan.bytes);
+    // An upper bound (chunks as if incompressible): a bar whose total
+    // grew under it sat at 100% for most of a transfer of random data.
+    progress.add_total(need.len() as u64 * block_size as u64 + plan.bytes);
     let mut sent = 0u64;
     let mut inflight = tokio::task::JoinSet::new();
     let mut batch: Vec<(Id, Vec<u8>)> = Vec::new();
@@ -942,7 +944,7 @@ pub async fn pull(
         need
     };
     progress.set_phase("receiving");
-    progress.add_total(need.len() as u64 * block_size as u64 / 2);
+    progress.add_total(need.len() as u64 * block_size as u64);
     let session = Arc::new(ImportSession::new(store.clone()));
     let mut inflight = tokio::task::JoinSet::new();
     let mut got_bytes = 0u64;

@@ -417,12 +417,20 @@ fn authorize(s: &Session, d: &DotRef, must_exist: bool) -> std::result::Result<D
             // Said without telling whether the dot exists: a collaborator
             // can be added to an existing dot only, and only the
             // namespace's user (or the admin) creates dots in it.
+            // Reads (clone, pull) need an existing dot: only writes (a
+            // push) hear how to make a new one.
+            let new_dot = match must_exist {
+                true => String::new(),
+                false => format!(
+                    "; to push a new dot, name one in your own namespace (`--remote-name {}/{}`): namespace {} belongs to user {} and the hub's admin",
+                    s.user.name, dot.name, dot.namespace, dot.namespace
+                ),
+            };
             return Err(err(
                 ErrorCode::NoAccess,
                 format!(
                     "user {user} has no access to dot {ns}/{name} on this hub: if it exists, ask the hub's admin to run \
-                     `dm dot collaborator add {ns}/{name} {user}` there; to push a new dot, name one in your \
-                     own namespace (`--remote-name {user}/{name}`): namespace {ns} is user {ns}'s and the admin's",
+                     `dm dot collaborator add {ns}/{name} {user}` there{new_dot}",
                     user = s.user.name,
                     ns = dot.namespace,
                     name = dot.name,

@@ -444,7 +444,10 @@ pub fn clone(
             "Cloning {}/{} from {remote} as {local}",
             rdot.namespace, rdot.name
         ),
-    )?;
+    )
+    // A broken connection is said as for push and pull (what broke, and
+    // that running it again goes on from what arrived).
+    .map_err(|e| anyhow!("{}", with_remote_hints(&format!("{e:#}"), remote, None, &r)))?;
     SyncConfig::update(&ctx.config_path, |sc| {
         sc.upstreams.insert(
             upstream_key(&local, remote),
@@ -553,7 +556,7 @@ fn run(ctx: &mut Ctx, req: &TransferReq, label: &str) -> Result<()> {
             break s;
         }
         let s: TransferStatus = ctx.client()?.get(&format!("/v1/sync/transfers/{id}"))?;
-        bar.update(s.done, s.total);
+        bar.update(&s.phase, s.done, s.total);
         if s.finished {
             break s;
         }
