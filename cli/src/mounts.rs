@@ -579,17 +579,18 @@ impl MountManager {
     }
 
     /// Makes `branch` the current branch of `dot` (creating it first when
-    /// `create`: at the commit it holds, or the current head) and moves the
-    /// unpinned mounts to it.
+    /// `create`: at the commit it holds, or the current head, grown from
+    /// the branch it names, see [`dm_store::Store::create_branch_from`])
+    /// and moves the unpinned mounts to it.
     pub fn checkout(
         &self,
         dot: &DotName,
         branch: &str,
-        create: Option<Option<dm_store::Id>>,
+        create: Option<(Option<dm_store::Id>, Option<&str>)>,
     ) -> ApiResult<()> {
         let entries = self.lock();
-        if let Some(from) = create {
-            self.store.create_branch(dot, branch, from)?;
+        if let Some((from, origin)) = create {
+            self.store.create_branch_from(dot, branch, from, origin)?;
         } else {
             self.store.branch_info(dot, branch)?;
         }

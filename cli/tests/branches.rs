@@ -132,7 +132,7 @@ fn branch_example() {
     let err = s.fail(&["reset", "--hard", "newbranch"]);
     assert!(
         err.contains("not in master's history")
-            && err.contains("destroy 1 commit of master")
+            && err.contains("master would lose 1 commit it has (1 of them on no other branch)")
             && err.contains("then `dm reset --hard newbranch`"),
         "{err}"
     );
@@ -147,8 +147,10 @@ fn branch_example() {
     );
     assert_eq!(messages(&s), ["A", "B", "D", "F"]);
     let out = s.ok(&["reset", "--hard", "HEAD^^"]);
+    // D and F left master, but branch ahead has them: nothing destroyed.
     assert!(
-        out.trim_end().ends_with(" B (2 later commits destroyed)"),
+        out.trim_end()
+            .ends_with(" B (2 later commits left it; other branches have them)"),
         "{out}"
     );
     assert_eq!(messages(&s), ["A", "B"]);
@@ -156,7 +158,13 @@ fn branch_example() {
     // show named B, a commit it no longer had).
     s.ok(&["checkout", "newbranch"]);
     let a = s.ok(&["log"]).lines().next().unwrap()["commit ".len()..].to_string();
-    s.ok(&["reset", "--hard", &a]);
+    // B is on master still; C and E were only here.
+    let out = s.ok(&["reset", "--hard", &a]);
+    assert!(
+        out.trim_end()
+            .ends_with("(3 later commits left it; 2 of them, on no other branch, destroyed)"),
+        "{out}"
+    );
     let show = s.ok(&["dot", "show"]);
     assert!(
         show.contains(&format!("from master at {}", &a[..7])),
@@ -575,6 +583,25 @@ fn checkout_branch_and_commit_as_git_users_type_them() {
         show.contains("atb (2 commits") && show.contains(", from master at"),
         "{show}"
     );
+    // Named as START, a branch is where the new one grew from, even when
+    // the current branch (atb) has the same head.
+    s.ok(&["branch", "w4", "master"]);
+    let show = s.ok(&["dot", "show"]);
+    assert!(
+        show.lines()
+            .any(|l| l.contains("w4 (") && l.contains("from master at")),
+        "{show}"
+    );
+    let err = s.fail(&["checkout", "HEAD~1"]);
+    assert!(
+        err.contains("HEAD~1 is commit") && err.contains("no detached HEAD"),
+        "{err}"
+    );
+    let err = s.fail(&["mount", "g@nosuch"]);
+    assert!(
+        err.contains("dm branch NAME") && !err.contains("dm init"),
+        "{err}"
+    );
     let err = s.fail(&["checkout", "-b", "bad", "nosuchrev"]);
     assert!(err.contains("nosuchrev"), "{err}");
     assert!(!s.ok(&["branch"]).contains("bad"));
@@ -595,6 +622,8 @@ fn checkout_branch_and_commit_as_git_users_type_them() {
         "commit",
         "-m",
         "-fix",
+        "-m",
+        "",
         "-m",
         "why it broke",
         "-d",

@@ -228,7 +228,8 @@ fn hub_push_clone_pull_through_the_cli() {
     // The hint repeats the --remote-name given.
     let err = alice.fail(&["push", "hub", "app", "master", "--remote-name", "alice/app"]);
     assert!(
-        err.contains("--remote-name alice/app --stash-on-divergence`"),
+        err.contains("--remote-name alice/app --stash-on-divergence`")
+            && err.contains("--remote-name alice/app --force`"),
         "{err}"
     );
     let err = alice.fail(&["pull", "hub", "app", "master"]);
@@ -284,7 +285,7 @@ fn hub_push_clone_pull_through_the_cli() {
     assert!(err.contains("ahead") && err.contains("--force"), "{err}");
     let out = alice.ok(&["push", "hub", "--force"]);
     assert!(
-        out.contains("forced: 1 commit the destination branch had was destroyed"),
+        out.contains("forced: 1 commit the destination branch had left it"),
         "{out}"
     );
     let hub_log = hub.ok(&["--dot", "alice/app", "log"]);
@@ -296,7 +297,7 @@ fn hub_push_clone_pull_through_the_cli() {
     // has nothing to do, and --force moves his branch back to the hub's.
     let out = bob.ok(&["pull", "hub"]);
     assert!(
-        out.contains("up to date") && out.contains("--force"),
+        out.contains("is ahead") && out.contains("nothing to pull") && out.contains("--force"),
         "{out}"
     );
     assert_eq!(read(&bm.join("small")), b"bob 3");

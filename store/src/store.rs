@@ -523,6 +523,20 @@ impl Store {
     /// Creates `new` from commit `from` (default: the current branch's head).
     /// O(1): no data is copied.
     pub fn create_branch(&self, dot: &DotName, new: &str, from: Option<Id>) -> Result<BranchInfo> {
+        self.create_branch_from(dot, new, from, None)
+    }
+
+    /// [`Store::create_branch`] that records `origin` as the branch it grew
+    /// from when `from` is in that branch's history (the user named it:
+    /// `dm checkout -b NEW origin~2`); otherwise the current branch if it
+    /// has `from`, else a branch that has it.
+    pub fn create_branch_from(
+        &self,
+        dot: &DotName,
+        new: &str,
+        from: Option<Id>,
+        origin: Option<&str>,
+    ) -> Result<BranchInfo> {
         names::validate_new("branch", new)?;
         let _a = self.admin.lock();
         // Ref and object writes finish before a GC starts marking (see Db::gc_barrier).
@@ -544,7 +558,13 @@ impl Store {
             let has = |head: Option<Id>| -> Result<bool> {
                 Ok(head.is_some() && self.ancestry(head)?.contains(&id))
             };
-            if !has(self.fs_for(&d, &cur_name)?.head())? {
+            let named = match origin.map(|o| self.branch_rec(&d, o)) {
+                Some(Ok(r)) => has(r.head)?,
+                _ => false,
+            };
+            if let (true, Some(o)) = (named, origin) {
+                cur_name = o.to_string();
+            } else if !has(self.fs_for(&d, &cur_name)?.head())? {
                 for (name, r) in self.branch_recs(&d)? {
                     if has(r.head)? {
                         cur_name = name;

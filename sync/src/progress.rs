@@ -90,6 +90,8 @@ impl Bar {
         match &self.bar {
             Some(b) if total == 0 => b.set_message(format!("{} ({phase})", self.label)),
             Some(b) => {
+                b.set_length(total);
+                b.set_position(done);
                 if !self.counting {
                     self.counting = true;
                     if let Ok(style) = indicatif::ProgressStyle::with_template(
@@ -99,8 +101,6 @@ impl Bar {
                     }
                     b.set_message(self.label.clone());
                 }
-                b.set_length(total);
-                b.set_position(done);
             }
             None => {
                 if let Some(line) = self.plain_line(phase, done, total, std::time::Instant::now()) {

@@ -206,7 +206,10 @@ pub struct ResetResponse {
     /// That commit's message.
     #[serde(default)]
     pub message: String,
-    /// How many commits the reset destroyed (those after `id`).
+    /// How many commits the branch no longer has (those after `id`).
+    #[serde(default)]
+    pub dropped: usize,
+    /// How many of those no other branch has either: destroyed.
     #[serde(default)]
     pub destroyed: usize,
     /// Mounts showing the branch where processes other than containers

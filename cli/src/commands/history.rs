@@ -136,8 +136,8 @@ pub fn delete_branch(ctx: &mut Ctx, branch: &str, force: bool) -> Result<()> {
 }
 
 pub fn checkout(ctx: &mut Ctx, branch: &str, create: bool, start: Option<&str>) -> Result<()> {
-    dm_store::names::validate("branch", branch).map_err(|e| anyhow!("{e}"))?;
     let (dot, d) = current(ctx)?;
+    let valid = dm_store::names::validate("branch", branch);
     let exists = d.summary.branches.iter().any(|b| b == branch);
     if create && exists {
         bail!(
@@ -145,28 +145,31 @@ pub fn checkout(ctx: &mut Ctx, branch: &str, create: bool, start: Option<&str>) 
         );
     }
     if !create && !exists {
-        // A commit, not a branch: dm has no detached HEAD (each branch has
-        // its own working state), so say how to start a branch there.
+        // A commit (or HEAD~2), not a branch: dm has no detached HEAD
+        // (each branch has its own working state), so say how to start a
+        // branch there.
         let resolve = format!(
-            "{}/resolve?rev={branch}",
-            api::branch_path(&dot.namespace, &dot.name, &d.summary.current_branch)
+            "{}/resolve?rev={}",
+            api::branch_path(&dot.namespace, &dot.name, &d.summary.current_branch),
+            branch.replace('^', "%5E")
         );
-        if let Ok(r) = ctx.client()?.get::<api::ResolveResponse>(&resolve) {
-            bail!(
+        match ctx.client()?.get::<api::ResolveResponse>(&resolve) {
+            Ok(r) => bail!(
                 "{branch} is commit {} of dot {dot}, not a branch; dm has no detached HEAD: \
                  `dm checkout -b NAME {branch}` makes branch NAME starting there",
                 &r.id[..r.id.len().min(12)]
-            );
+            ),
+            Err(e) if e.to_string().contains("ambiguous") => bail!("{e}"),
+            Err(_) => {}
         }
+        valid.map_err(|e| anyhow!("{e}"))?;
         bail!(
             "branch {branch} not found in dot {dot} (branches: {}); create it with `dm checkout -b {branch}`",
             d.summary.branches.join(", ")
         );
     }
+    valid.map_err(|e| anyhow!("{e}"))?;
     let old = &d.summary.current_branch;
-    if !create && old == branch {
-        eprintln!("Already on '{branch}'");
-    }
     let path = format!("{}/checkout", api::dot_path(&dot.namespace, &dot.name));
     let _: BranchView = ctx.client()?.post(
         &path,
@@ -177,6 +180,7 @@ pub fn checkout(ctx: &mut Ctx, branch: &str, create: bool, start: Option<&str>) 
         },
     )?;
     if old == branch {
+        eprintln!("Already on '{branch}'");
         return Ok(());
     }
     eprintln!(
@@ -222,10 +226,14 @@ pub fn reset(ctx: &mut Ctx, rev: &str, hard: bool) -> Result<()> {
         "HEAD is now at {} {}{}",
         &r.id[..r.id.len().min(12)],
         r.message.lines().next().unwrap_or(""),
-        match r.destroyed {
-            0 => String::new(),
-            1 => " (1 later commit destroyed)".to_string(),
-            n => format!(" ({n} later commits destroyed)"),
+        match (r.dropped, r.destroyed) {
+            (0, _) => String::new(),
+            (1, 1) => " (1 later commit destroyed)".to_string(),
+            (n, d) if n == d => format!(" ({n} later commits destroyed)"),
+            (1, 0) => " (1 later commit left it; another branch has it)".to_string(),
+            (n, 0) => format!(" ({n} later commits left it; other branches have them)"),
+            (n, d) =>
+                format!(" ({n} later commits left it; {d} of them, on no other branch, destroyed)"),
         }
     );
     for h in &r.held_open {

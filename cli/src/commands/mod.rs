@@ -141,7 +141,13 @@ pub fn run(cli: Cli) -> Result<()> {
             DotCommand::Collaborator { command } => sync::collaborator_cmd(&mut ctx, command),
         },
         Command::Commit { message, metadata } => {
-            history::commit(&mut ctx, &message.join("\n\n"), &metadata)
+            // Empty -m paragraphs are dropped, as git drops them.
+            let paragraphs: Vec<&str> = message
+                .iter()
+                .map(|m| m.trim_end())
+                .filter(|m| !m.trim().is_empty())
+                .collect();
+            history::commit(&mut ctx, &paragraphs.join("\n\n"), &metadata)
         }
         Command::Log => history::log(&mut ctx),
         Command::Branch {

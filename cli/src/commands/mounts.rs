@@ -36,8 +36,13 @@ pub fn mount(ctx: &mut Ctx, volume: &str, path: Option<PathBuf>) -> Result<()> {
     };
     let m: MountView = ctx.client()?.post("/v1/mounts", &req).map_err(|e| {
         let msg = e.to_string();
-        if msg.contains("not found") && msg.contains("dot") {
-            anyhow::anyhow!("{msg} (see `dm list`, or create it with `dm init DOT`)")
+        let dot = volume.split(['@', '.']).next().unwrap_or(volume);
+        if msg.contains("dot not found") {
+            anyhow::anyhow!("{msg} (see `dm list`, or create it with `dm init {dot}`)")
+        } else if msg.contains("branch not found") {
+            anyhow::anyhow!(
+                "{msg} (see `dm branch`; make it with `dm branch NAME`, or `dm checkout -b NAME`)"
+            )
         } else {
             e
         }

@@ -465,10 +465,9 @@ fn with_remote_hints(msg: &str, remote: &str, remote_name: Option<&str>, r: &Rem
         .replace("`dm push REMOTE ", &format!("`dm push {remote} "))
         .replace("`dm pull REMOTE ", &format!("`dm pull {remote} "));
     if let Some(n) = remote_name {
-        m = m.replace(
-            " --stash-on-divergence`",
-            &format!(" --remote-name {n} --stash-on-divergence`"),
-        );
+        for flag in [" --stash-on-divergence`", " --force`"] {
+            m = m.replace(flag, &format!(" --remote-name {n}{flag}"));
+        }
     }
     let broken = ["connection lost", "receiving:", "sending:", "stream closed"];
     if broken.iter().any(|b| m.starts_with(b)) {
@@ -567,7 +566,7 @@ fn run(ctx: &mut Ctx, req: &TransferReq, label: &str) -> Result<()> {
     for r in &status.reports {
         if r.up_to_date {
             match &r.note {
-                Some(n) => println!("{}: up to date; {n}", r.branch),
+                Some(n) => println!("{}: {n}", r.branch),
                 None => println!("{}: up to date", r.branch),
             }
             continue;
@@ -588,10 +587,10 @@ fn run(ctx: &mut Ctx, req: &TransferReq, label: &str) -> Result<()> {
         }
         if r.destroyed > 0 {
             println!(
-                "  forced: {} commit{} the destination branch had {} destroyed",
+                "  forced: {} commit{} the destination branch had left it (destroyed unless another branch there has {})",
                 r.destroyed,
                 if r.destroyed == 1 { "" } else { "s" },
-                if r.destroyed == 1 { "was" } else { "were" }
+                if r.destroyed == 1 { "it" } else { "them" }
             );
         }
     }

@@ -142,6 +142,12 @@ fn summary(st: &AppState, dot: &DotName) -> ApiResult<DotSummary> {
 }
 
 /// Resolves an optional revision on a branch, with an error naming both.
+/// The branch name a revision starts with (`feature` of `feature~2`), for
+/// recording where a branch made at it grew from.
+fn rev_branch(rev: &str) -> &str {
+    rev.split(['^', '~']).next().unwrap_or(rev)
+}
+
 fn resolve_rev(store: &Store, dot: &DotName, branch: &str, rev: &str) -> ApiResult<Id> {
     store.resolve(dot, branch, rev).map_err(|e| {
         let mut err = ApiError::from(e);
@@ -275,7 +281,8 @@ async fn create_branch(
             Some(rev) => Some(resolve_rev(&st.store, &dot, &info.current_branch, rev)?),
             None => None,
         };
-        let b = st.store.create_branch(&dot, &req.name, from)?;
+        let origin = req.from.as_deref().map(rev_branch);
+        let b = st.store.create_branch_from(&dot, &req.name, from, origin)?;
         Ok(branch_view(&b, &info.current_branch))
     })
     .await?;
@@ -412,10 +419,11 @@ async fn checkout(
         // before anything is stopped.
         let create = match (req.create, &req.start) {
             (false, _) => None,
-            (true, None) => Some(None),
+            (true, None) => Some((None, None)),
             (true, Some(rev)) => {
                 let current = st.store.dot_info(&dot)?.current_branch;
-                Some(Some(resolve_rev(&st.store, &dot, &current, rev)?))
+                let id = resolve_rev(&st.store, &dot, &current, rev)?;
+                Some((Some(id), Some(rev_branch(rev))))
             }
         };
         // Checked first (once no other switch of the dot runs), so that
@@ -526,41 +534,57 @@ async fn resolve(
     .await
 }
 
-/// How many commits a reset of `branch` from `head` to `target` destroys:
-/// those after `target` when it is one of the branch's own commits (a roll
-/// back); none when `target` continues the branch (a fast-forward, e.g. to
-/// the head of a branch that grew from it). Any other target is refused:
-/// the branch's commits that `target`'s history lacks would be destroyed
-/// without a word (`dm reset` to another branch's commit did that).
-fn commits_a_reset_destroys(
+/// What a reset of `branch` from `head` to `target` takes away: the
+/// commits the branch no longer has, and how many of those no other branch
+/// has either (destroyed). Allowed when `target` is one of the branch's own
+/// commits (a roll back) or continues the branch (a fast-forward, e.g. to
+/// the head of a branch that grew from it); any other target is refused:
+/// the branch's commits that `target`'s history lacks would go without a
+/// word (`dm reset` to another branch's commit did that).
+fn what_a_reset_drops(
     store: &Store,
     dot: &DotName,
     branch: &str,
     head: Option<Id>,
     target: Id,
     rev: &str,
-) -> ApiResult<usize> {
-    let Some(head) = head else { return Ok(0) };
+) -> ApiResult<(usize, usize)> {
+    let Some(head) = head else { return Ok((0, 0)) };
     let ours = store.ancestry(Some(head))?;
+    let destroyed = |dropped: &[Id]| -> ApiResult<usize> {
+        if dropped.is_empty() {
+            return Ok(0);
+        }
+        let mut kept = std::collections::HashSet::new();
+        for b in store.list_branches(dot)? {
+            if b.name != branch {
+                kept.extend(store.ancestry(b.head)?);
+            }
+        }
+        Ok(dropped.iter().filter(|c| !kept.contains(*c)).count())
+    };
     if let Some(i) = ours.iter().position(|c| *c == target) {
-        return Ok(i);
+        return Ok((i, destroyed(&ours[..i])?));
     }
     let theirs: std::collections::HashSet<Id> = store.ancestry(Some(target))?.into_iter().collect();
     if theirs.contains(&head) {
-        return Ok(0);
+        return Ok((0, 0));
     }
-    let lost = ours.iter().take_while(|c| !theirs.contains(c)).count();
-    let anyway = match ours.get(lost) {
+    let n = ours.iter().take_while(|c| !theirs.contains(c)).count();
+    let lost = destroyed(&ours[..n])?;
+    let anyway = match ours.get(n) {
         Some(common) => format!(
             "to replace {branch} with it anyway, `dm reset --hard {}` (their latest common commit) first, then `dm reset --hard {rev}`",
             common.short()
         ),
-        None => "they share no commit".to_string(),
+        None => format!(
+            "they share no commit: to keep that state under this name anyway, rename by hand (`dm checkout -b NEW {rev}`, then delete {branch})"
+        ),
     };
     Err(ApiError::conflict(format!(
-        "not resetting branch {branch} of dot {dot} to {rev} ({}): that commit is not in {branch}'s history, so the reset would destroy {lost} commit{} of {branch} that it lacks. To use that state, check out the branch it is on; {anyway}",
+        "not resetting branch {branch} of dot {dot} to {rev} ({}): that commit is not in {branch}'s history, so {branch} would lose {n} commit{} it has ({lost} of them on no other branch). To use that state, check out the branch it is on; {anyway}",
         target.short(),
-        if lost == 1 { "" } else { "s" }
+        if n == 1 { "" } else { "s" }
     )))
 }
 
@@ -576,10 +600,12 @@ async fn reset(
         // branch moves before it happens (a commit racing it is kept).
         let head = st.store.branch_info(&dot, &branch)?.head;
         let target = resolve_rev(&st.store, &dot, &branch, &req.rev)?;
-        let destroyed = commits_a_reset_destroys(&st.store, &dot, &branch, head, target, &req.rev)?;
+        let (dropped, destroyed) =
+            what_a_reset_drops(&st.store, &dot, &branch, head, target, &req.rev)?;
         if !req.hard && st.store.has_uncommitted(&dot, &branch)? {
             return Err(ApiError::conflict(format!(
-                "branch {branch} of dot {dot} has uncommitted changes; commit them (`dm commit`) or discard them (`dm reset --hard`)"
+                "branch {branch} of dot {dot} has uncommitted changes; commit them (`dm commit`) or discard them (`dm reset --hard {}`)",
+                req.rev
             )));
         }
         let current = st.store.dot_info(&dot)?.current_branch;
@@ -630,13 +656,14 @@ async fn reset(
             .docker
             .around_branch_change(&dot, &branch, &current, do_reset)?;
         tracing::info!(
-            "dot {dot}@{branch}: reset to {}, {destroyed} later commit(s) destroyed",
+            "dot {dot}@{branch}: reset to {}, {dropped} later commit(s) dropped, {destroyed} of them destroyed",
             target.short()
         );
         let message = st.store.commit_record(&target)?.message;
         Ok(ResetResponse {
             id: target.to_hex(),
             message,
+            dropped,
             destroyed,
             held_open: held
                 .into_iter()
