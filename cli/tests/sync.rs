@@ -301,8 +301,19 @@ fn hub_push_clone_pull_through_the_cli() {
         "{out}"
     );
     assert_eq!(read(&bm.join("small")), b"bob 3");
-    let out = bob.ok(&["pull", "hub", "--force"]);
-    assert!(out.contains("forced: 1 commit"), "{out}");
+    // A process holding a file open there is warned about, as by a reset.
+    let held = std::fs::File::open(bm.join("small")).unwrap();
+    let out = dm_env(&bob, &["pull", "hub", "--force"], &[]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("forced: 1 commit"),
+        "{out:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("held open on"),
+        "{out:?}"
+    );
+    drop(held);
     assert_eq!(read(&bm.join("small")), b"bob again");
     assert!(!bob.ok(&["log"]).contains("bob 3"));
 

@@ -585,6 +585,9 @@ fn run(ctx: &mut Ctx, req: &TransferReq, label: &str) -> Result<()> {
         if let Some(s) = &r.stashed {
             println!("  diverged work kept on branch {s}");
         }
+        if let Some(n) = &r.note {
+            eprintln!("warning: {}: {n}", r.branch);
+        }
         if r.destroyed > 0 {
             println!(
                 "  forced: {} commit{} the destination branch had left it (destroyed unless another branch there has {})",

@@ -473,11 +473,30 @@ async fn pull_branch(
                 app.mounts.sync_kernel(local, branch);
                 // Ctrl-C: the pull stops here (what arrived stays), and
                 // the containers start again.
-                Ok(rt.block_on(async {
+                let r = rt.block_on(async {
                     tokio::select! {
                         r = pull() => r,
                         () = stopped(stop.clone()) => Err(dm_sync::Error::Refused("stopped (Ctrl-C)".into())),
                     }
+                });
+                // As after `dm reset --hard`: processes other than the
+                // stopped containers that held files open now see the
+                // pulled state under them; the user is told.
+                Ok(r.map(|mut rep| {
+                    let held = super::routes::files_open(
+                        app,
+                        std::time::Duration::from_millis(250),
+                        |v| &v.dot == local && v.branch.as_deref().unwrap_or(current.as_str()) == branch,
+                    );
+                    if !held.is_empty() {
+                        let paths: Vec<String> =
+                            held.iter().map(|(p, _)| p.display().to_string()).collect();
+                        rep.note = Some(format!(
+                            "files were held open on {} across the pull (`fuser -vm` names the processes); they now see the pulled state under them: a database running there must be restarted",
+                            paths.join(", ")
+                        ));
+                    }
+                    rep
                 }))
             })
             .unwrap_or_else(|e| Err(dm_sync::Error::Store(dm_store::Error::Refused(e.message))))

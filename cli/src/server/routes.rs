@@ -817,7 +817,7 @@ fn after_releases_within<T>(
 /// Files open on the mounts of the volumes `which` picks: (path, how
 /// many) for each mount that has any, once files closed just before are
 /// released (asked again for up to `wait`; see [`after_releases`]).
-fn files_open(
+pub(crate) fn files_open(
     st: &AppState,
     wait: std::time::Duration,
     which: impl Fn(&dm_store::VolumeName) -> bool,
