@@ -35,6 +35,14 @@ pub struct Remote {
     user: String,
 }
 
+/// `HOST:PORT`, with an IPv6 address in brackets (`[::1]:32607`).
+pub fn host_port(host: &str, port: u16) -> String {
+    match host.contains(':') {
+        true => format!("[{host}]:{port}"),
+        false => format!("{host}:{port}"),
+    }
+}
+
 async fn resolve(host: &str, port: u16) -> Result<SocketAddr> {
     tokio::net::lookup_host((host, port))
         .await
@@ -64,15 +72,16 @@ async fn open(
     endpoint.set_default_client_config(cfg);
     let connecting = endpoint
         .connect(addr, &server_name)
-        .map_err(|e| Error::Connection(format!("connecting to {host}:{port}: {e}")))?;
+        .map_err(|e| Error::Connection(format!("connecting to {}: {e}", host_port(host, port))))?;
     let conn = tokio::time::timeout(std::time::Duration::from_secs(15), connecting)
         .await
         .map_err(|_| {
             Error::Connection(format!(
-                "no answer from the hub at {host}:{port} (UDP) within 15 s: is `dm server` running there, with that port open?"
+                "no answer from the hub at {} (UDP) within 15 s: is `dm server` running there, with that port open?",
+                host_port(host, port)
             ))
         })?
-        .map_err(|e| Error::Connection(format!("connecting to {host}:{port}: {e}")))?;
+        .map_err(|e| Error::Connection(format!("connecting to {}: {e}", host_port(host, port))))?;
     let fp = conn
         .peer_identity()
         .and_then(|id| {
@@ -1097,5 +1106,15 @@ impl Remote {
             out.extend(got);
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ipv6_hosts_are_bracketed() {
+        assert_eq!(super::host_port("::1", 32607), "[::1]:32607");
+        assert_eq!(super::host_port("hub.example", 1), "hub.example:1");
+        assert_eq!(super::host_port("10.0.0.1", 2), "10.0.0.1:2");
     }
 }

@@ -17,7 +17,7 @@ pub mod tls;
 pub mod users;
 
 pub use client::{
-    probe_fingerprint, pull, push, Remote, RemoteSpec, TransferOptions, TransferReport,
+    host_port, probe_fingerprint, pull, push, Remote, RemoteSpec, TransferOptions, TransferReport,
 };
 pub use error::{Error, Result};
 pub use progress::{Bar, Progress};

@@ -158,8 +158,8 @@ pub fn remote_added(ctx: &mut Ctx, name: &str, ca: Option<&Path>) -> Result<()> 
             .block_on(dm_sync::Remote::connect(&spec))
             .map_err(|e| anyhow!("{e}"))?;
         println!(
-            "The hub {}:{port} has a certificate from the CA in {} (fingerprint {})",
-            r.hostname,
+            "The hub {} has a certificate from the CA in {} (fingerprint {})",
+            dm_sync::host_port(&r.hostname, port),
             ca.display(),
             conn.fingerprint()
         );
@@ -183,16 +183,16 @@ pub fn remote_added(ctx: &mut Ctx, name: &str, ca: Option<&Path>) -> Result<()> 
     if let Some(old) = SyncConfig::load(&ctx.config_path)?.remotes.get(name) {
         if !old.fingerprint.is_empty() && old.fingerprint != fp {
             bail!(
-                "the hub {}:{port} now presents the fingerprint {fp}, not the pinned {}; if its certificate \
+                "the hub {} now presents the fingerprint {fp}, not the pinned {}; if its certificate \
                  was replaced on purpose, `dm remote rm {name}` and add it again (that forgets its upstreams)",
-                r.hostname,
+                dm_sync::host_port(&r.hostname, port),
                 old.fingerprint
             );
         }
     }
     println!(
-        "The hub {}:{port} presents the certificate fingerprint",
-        r.hostname
+        "The hub {} presents the certificate fingerprint",
+        dm_sync::host_port(&r.hostname, port)
     );
     println!("  {fp}");
     let spec = dm_sync::RemoteSpec {
