@@ -128,6 +128,13 @@ pub struct VolumeName {
 }
 
 impl VolumeName {
+    /// True when this volume shows `branch` of `dot`, given the dot's
+    /// current branch: pinned to it, or following the dot while it is
+    /// current.
+    pub fn shows_branch(&self, dot: &DotName, branch: &str, current: &str) -> bool {
+        &self.dot == dot && self.branch.as_deref().unwrap_or(current) == branch
+    }
+
     /// Parses `[namespace/]dot[@branch][.subdot]`.
     pub fn parse(s: &str) -> Result<VolumeName> {
         if s.is_empty() {

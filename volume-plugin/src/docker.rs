@@ -147,13 +147,9 @@ impl Container {
     /// True when the container shows `branch` of `dot`, given the dot's
     /// current branch: pinned to it, or following the dot while it is current.
     pub fn shows_branch(&self, dot: &DotName, branch: &str, current: &str) -> bool {
-        self.dm_volumes().iter().any(|v| {
-            &v.dot == dot
-                && match &v.branch {
-                    Some(b) => b == branch,
-                    None => branch == current,
-                }
-        })
+        self.dm_volumes()
+            .iter()
+            .any(|v| v.shows_branch(dot, branch, current))
     }
 }
 

@@ -190,7 +190,7 @@ pub fn checkout(ctx: &mut Ctx, branch: &str, create: bool, start: Option<&str>) 
     // Unlike git, uncommitted changes do not come along: each branch has
     // its own working state. Said where a git user would expect them.
     let from = d.branch_details.iter().find(|b| &b.name == old);
-    if let Some(from) = from.filter(|b| b.dirty_bytes > 0 || b.uncommitted) {
+    if let Some(from) = from.filter(|b| b.uncommitted) {
         let start = match (&from.head, start) {
             (_, Some(s)) => format!("starts at {s}"),
             (Some(h), None) if create => {

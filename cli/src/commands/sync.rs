@@ -372,7 +372,7 @@ pub fn transfer(ctx: &mut Ctx, push: bool, a: TransferArgs) -> Result<()> {
             d.branch_details
                 .into_iter()
                 .find(|b| b.name == branch)
-                .filter(|b| b.dirty_bytes > 0 || b.uncommitted)
+                .filter(|b| b.uncommitted)
         });
         if dirty.is_some() {
             eprintln!(

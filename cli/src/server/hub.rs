@@ -483,14 +483,9 @@ async fn pull_branch(
                 // stopped containers that held files open now see the
                 // pulled state under them; the user is told.
                 Ok(r.map(|mut rep| {
-                    let held = super::routes::files_open(
-                        app,
-                        std::time::Duration::from_millis(250),
-                        |v| &v.dot == local && v.branch.as_deref().unwrap_or(current.as_str()) == branch,
-                    );
+                    let held = super::routes::held_open_showing(app, local, branch, &current);
                     if !held.is_empty() {
-                        let paths: Vec<String> =
-                            held.iter().map(|(p, _)| p.display().to_string()).collect();
+                        let (_, paths) = super::routes::files_and_paths(&held);
                         rep.note = Some(format!(
                             "files were held open on {} across the pull (`fuser -vm` names the processes); they now see the pulled state under them: a database running there must be restarted",
                             paths.join(", ")

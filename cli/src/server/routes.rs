@@ -141,13 +141,13 @@ fn summary(st: &AppState, dot: &DotName) -> ApiResult<DotSummary> {
     Ok(dot_summary(&info, &cur, &st.server_id))
 }
 
-/// Resolves an optional revision on a branch, with an error naming both.
 /// The branch name a revision starts with (`feature` of `feature~2`), for
 /// recording where a branch made at it grew from.
 fn rev_branch(rev: &str) -> &str {
     rev.split(['^', '~']).next().unwrap_or(rev)
 }
 
+/// Resolves an optional revision on a branch, with an error naming both.
 fn resolve_rev(store: &Store, dot: &DotName, branch: &str, rev: &str) -> ApiResult<Id> {
     store.resolve(dot, branch, rev).map_err(|e| {
         let mut err = ApiError::from(e);
@@ -618,9 +618,7 @@ async fn reset(
             // Asked for a short while only: it is a warning, and the
             // reset waits for it (writes meanwhile are discarded with it).
             let held = match req.hard {
-                true => files_open(&st, std::time::Duration::from_millis(250), |v| {
-                    v.dot == dot && v.branch.as_deref().unwrap_or(current.as_str()) == branch
-                }),
+                true => held_open_showing(&st, &dot, &branch, &current),
                 false => Vec::new(),
             };
             if req.hard {
@@ -817,7 +815,7 @@ fn after_releases_within<T>(
 /// Files open on the mounts of the volumes `which` picks: (path, how
 /// many) for each mount that has any, once files closed just before are
 /// released (asked again for up to `wait`; see [`after_releases`]).
-pub(crate) fn files_open(
+fn files_open(
     st: &AppState,
     wait: std::time::Duration,
     which: impl Fn(&dm_store::VolumeName) -> bool,
@@ -829,8 +827,23 @@ pub(crate) fn files_open(
     )
 }
 
+/// Files held open on the mounts that show `branch` of `dot` (`current`
+/// being the dot's current branch), asked for a short while only (250 ms):
+/// for the warning that a reset or a pull moved the branch under processes
+/// other than the stopped containers, which then see the new state.
+pub(crate) fn held_open_showing(
+    st: &AppState,
+    dot: &DotName,
+    branch: &str,
+    current: &str,
+) -> Vec<(std::path::PathBuf, usize)> {
+    files_open(st, std::time::Duration::from_millis(250), |v| {
+        v.shows_branch(dot, branch, current)
+    })
+}
+
 /// The number of files in `open` (from [`files_open`]) and its mount paths.
-fn files_and_paths(open: &[(std::path::PathBuf, usize)]) -> (usize, Vec<String>) {
+pub(crate) fn files_and_paths(open: &[(std::path::PathBuf, usize)]) -> (usize, Vec<String>) {
     let n = open.iter().map(|(_, n)| n).sum();
     let paths = open.iter().map(|(p, _)| p.display().to_string()).collect();
     (n, paths)
