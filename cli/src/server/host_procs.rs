@@ -75,7 +75,8 @@ mod tests {
         let mut found = Vec::new();
         for _ in 0..100 {
             found = using(&[dir.path().to_path_buf()]);
-            if found.iter().any(|h| h.pid == want) {
+            // sh opens the file and then becomes sleep: wait for both.
+            if found.iter().any(|h| h.pid == want && h.name == "sleep") {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
