@@ -154,7 +154,13 @@ export DM_SOCKET="$WORK/dm.sock" DM_CONFIG="$WORK/dm-config.toml"
     --no-plugin --listen off >"$WORK/dm-server.log" 2>&1 &
 DM_PID=$!
 trap 'kill -TERM "$DM_PID" 2>/dev/null; wait "$DM_PID" 2>/dev/null; cleanup' EXIT
-for _ in $(seq 1 200); do "$DM_BIN" version >/dev/null 2>&1 && break; sleep 0.05; done
+up=0
+for _ in $(seq 1 600); do "$DM_BIN" version >/dev/null 2>&1 && { up=1; break; }; sleep 0.1; done
+if [ "$up" = 0 ]; then
+    echo "fs-suites: dm server did not answer within 60 s; its log:" >&2
+    cat "$WORK/dm-server.log" >&2
+    exit 1
+fi
 "$DM_BIN" init fsxcr >/dev/null
 CR_DIR="$("$DM_BIN" --dot fsxcr mount fsxcr)"
 # Without sendfile here: when sendfile(2) returns short, as a signal may

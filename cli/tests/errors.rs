@@ -170,9 +170,7 @@ fn a_server_without_docker_volumes_does_not_ask_docker() {
             held.push(c);
         }
     });
-    std::env::set_var("DM_DOCKER_SOCKET", &docker);
-    let s = Server::start(DM);
-    std::env::remove_var("DM_DOCKER_SOCKET");
+    let s = Server::start_with_env(DM, &[("DM_DOCKER_SOCKET", docker.to_str().unwrap())]);
     s.ok(&["init", "quiet"]);
     s.ok(&["switch", "quiet"]);
     s.ok(&["commit", "-m", "empty"]);
@@ -205,8 +203,9 @@ fn a_silent_server_is_named_while_the_client_waits() {
     let sock = dir.path().join("silent.sock");
     let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     // `dm ARGS` against the server that accepts and reads, never answers:
-    // whether the client still waits after 3 s, and its stderr.
+    // whether the client still waits 2 s after it said so, and its stderr.
     let call = |args: &[&str]| {
+        use std::io::Read;
         let mut child = std::process::Command::new(DM)
             .args(args)
             .env("DM_SOCKET", &sock)
@@ -217,11 +216,28 @@ fn a_silent_server_is_named_while_the_client_waits() {
             .spawn()
             .unwrap();
         let (_conn, _) = listener.accept().unwrap();
-        std::thread::sleep(std::time::Duration::from_secs(3));
+        let said = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let reader = {
+            let (mut stderr, said) = (child.stderr.take().unwrap(), said.clone());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 512];
+                while let Ok(n @ 1..) = stderr.read(&mut buf) {
+                    said.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            })
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while said.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        // Twice the patience more: no second message, still waiting.
+        std::thread::sleep(std::time::Duration::from_secs(2));
         let waiting = child.try_wait().unwrap().is_none();
         let _ = child.kill();
-        let out = child.wait_with_output().unwrap();
-        (waiting, String::from_utf8_lossy(&out.stderr).into_owned())
+        child.wait().unwrap();
+        reader.join().unwrap();
+        let err = String::from_utf8_lossy(&said.lock().unwrap()).into_owned();
+        (waiting, err)
     };
     let (waiting, err) = call(&["list"]);
     assert!(
@@ -329,8 +345,7 @@ fn the_api_key_prompt_does_not_echo() {
     wait_prompt
         .recv_timeout(std::time::Duration::from_secs(20))
         .expect("no API key prompt");
-    // Echo is turned off right after the prompt is written.
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Echo is off before the prompt is written.
     stdin.write_all(b"SECRET-KEY-4711\n").unwrap();
     drop(stdin);
     let _ = child.wait();

@@ -8,19 +8,18 @@ use std::process::{Command, Output};
 
 const DM: &str = env!("CARGO_BIN_EXE_dm");
 
-fn free_udp_port() -> u16 {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.local_addr().unwrap().port()
+/// N distinct free UDP ports (each socket is held until all are picked).
+fn free_udp_ports<const N: usize>() -> [u16; N] {
+    let socks: Vec<_> = (0..N)
+        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| socks[i].local_addr().unwrap().port())
 }
 
-/// Starts a server whose hub listens on 127.0.0.1:PORT. The listen address
-/// goes through DM_LISTEN, which the child inherits: this is the only test
-/// of this binary, so setting it here races with nothing.
+/// Starts a server whose hub listens on 127.0.0.1:PORT (given through
+/// DM_LISTEN, as a user may).
 fn start(port: u16) -> Server {
-    std::env::set_var("DM_LISTEN", format!("127.0.0.1:{port}"));
-    let s = Server::start(DM);
-    std::env::remove_var("DM_LISTEN");
-    s
+    Server::start_with_env(DM, &[("DM_LISTEN", &format!("127.0.0.1:{port}"))])
 }
 
 fn dm_env(s: &Server, args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -64,7 +63,7 @@ fn read(p: &Path) -> Vec<u8> {
 
 #[test]
 fn hub_push_clone_pull_through_the_cli() {
-    let (hp, ap, bp) = (free_udp_port(), free_udp_port(), free_udp_port());
+    let [hp, ap, bp] = free_udp_ports();
     let hub = start(hp);
     let alice = start(ap);
     let bob = start(bp);

@@ -810,11 +810,11 @@ fn listing_with_attributes_then_switch() {
     mount.unmount().unwrap();
 }
 
-/// Polls `check` for up to 5 s: other mounts learn of a change a moment
+/// Polls `check` for up to 20 s (a loaded machine): other mounts learn of a change a moment
 /// after the call that made it returns (see dm-fs `peers`). Without the
 /// invalidation they would serve their cached answer for the whole TTL.
 fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while !check() {
         assert!(
             std::time::Instant::now() < deadline,
@@ -1115,102 +1115,6 @@ fn sync_before_commit_captures_mmap_writes() {
     mount.unmount().unwrap();
 }
 
-/// The `/dev/fuse` descriptors of this process.
-fn fuse_fds() -> Vec<String> {
-    fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .filter_map(|e| {
-            let e = e.ok()?;
-            let target = fs::read_link(e.path()).ok()?;
-            (target == Path::new("/dev/fuse")).then(|| e.file_name().to_string_lossy().into_owned())
-        })
-        .collect()
-}
-
-/// Whether any of `fds` is open without blocking (O_NONBLOCK in fdinfo's
-/// octal `flags`). A descriptor closed meanwhile counts as blocking.
-fn any_nonblocking(fds: &[String]) -> bool {
-    fds.iter().any(|fd| {
-        let Ok(info) = fs::read_to_string(format!("/proc/self/fdinfo/{fd}")) else {
-            return false;
-        };
-        info.lines()
-            .find_map(|l| l.strip_prefix("flags:"))
-            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
-            .is_some_and(|f| f & libc::O_NONBLOCK as u32 != 0)
-    })
-}
-
-#[test]
-fn device_is_polled_only_while_requests_come() {
-    if !can_mount() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("store")).unwrap();
-    let dot = DotName::new("spin").unwrap();
-    store.create_dot(&dot, None).unwrap();
-    let mnt = dir.path().join("mnt");
-    fs::create_dir(&mnt).unwrap();
-    let before = fuse_fds();
-    let opts = MountOptions {
-        spin: true,
-        ..MountOptions::default()
-    };
-    let mount = Mount::mount(
-        &mnt,
-        store.branch_fs(&dot, "master").unwrap(),
-        "__default__",
-        &opts,
-    )
-    .unwrap();
-    let ours: Vec<String> = fuse_fds()
-        .into_iter()
-        .filter(|fd| !before.contains(fd))
-        .collect();
-    assert!(!ours.is_empty(), "the mount opened no /dev/fuse descriptor");
-
-    // A burst of requests (each a LOOKUP of a name never asked for): one
-    // request loop polls the device meanwhile.
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let prober = {
-        let (stop, mnt) = (stop.clone(), mnt.clone());
-        std::thread::spawn(move || {
-            let mut i = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                i += 1;
-                assert!(fs::symlink_metadata(mnt.join(format!("absent-{i}"))).is_err());
-            }
-        })
-    };
-    let (mut flag, mut fd) = (false, false);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !(flag && fd) && std::time::Instant::now() < deadline {
-        flag |= mount.is_polling();
-        fd |= any_nonblocking(&ours);
-        std::thread::sleep(std::time::Duration::from_micros(200));
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    prober.join().unwrap();
-    assert!(flag, "no request loop polled during a burst of requests");
-    assert!(fd, "the device was never made non-blocking during a burst");
-
-    // Idle again: the device blocks (no CPU spent on an idle mount).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    while (mount.is_polling() || any_nonblocking(&ours)) && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    assert!(!mount.is_polling(), "still polling an idle mount");
-    assert!(
-        !any_nonblocking(&ours),
-        "the device stayed non-blocking when idle"
-    );
-    // The mount still answers after the switch back to blocking reads.
-    fs::write(mnt.join("after"), b"ok").unwrap();
-    assert_eq!(fs::read(mnt.join("after")).unwrap(), b"ok");
-    mount.unmount().unwrap();
-}
-
 /// The byte a writer puts at `off` of segment `seg` (never 0, so that a
 /// stale read of the zeros a segment starts as cannot pass).
 fn wal_byte(seg: u64, off: u64) -> u8 {
@@ -1352,7 +1256,17 @@ fn synced_wal_is_read(dir: &Path, read_dir: &Path) {
     let writer = {
         let (dir, synced, done) = (dir.clone(), synced.clone(), done.clone());
         std::thread::spawn(move || {
-            let end = Instant::now() + Duration::from_secs(10);
+            // 10 s and at least 3 segments synced, whichever comes last
+            // (fsyncs on a loaded disk may be slow), at most 2 minutes;
+            // sooner when the reader has seen enough bad reads.
+            let start = Instant::now();
+            let mut total = 0u64;
+            let going = |total: u64| {
+                let t = start.elapsed();
+                !done.load(Ordering::SeqCst)
+                    && t < Duration::from_secs(120)
+                    && (t < Duration::from_secs(10) || total < 3 * SEG)
+            };
             let mut rnd: u64 = 0x2545_F491_4F6C_DD1D;
             let mut next = move |n: u64| {
                 rnd ^= rnd << 13;
@@ -1361,7 +1275,7 @@ fn synced_wal_is_read(dir: &Path, read_dir: &Path) {
                 rnd % n
             };
             let mut seg = 0u64;
-            while Instant::now() < end {
+            while going(total) {
                 let tmp = dir.join("tmp");
                 let file = File::create(&tmp).unwrap();
                 for i in 0..SEG / 8192 {
@@ -1374,7 +1288,7 @@ fn synced_wal_is_read(dir: &Path, read_dir: &Path) {
                 let file = OpenOptions::new().write(true).open(&path).unwrap();
                 *synced.lock().unwrap() = (seg as i64, 0);
                 let mut off = 0;
-                while off < SEG && Instant::now() < end {
+                while off < SEG && going(total) {
                     let n = match next(3) {
                         0 => 50 + next(3000),
                         1 => 3000 + next(17_000),
@@ -1385,6 +1299,7 @@ fn synced_wal_is_read(dir: &Path, read_dir: &Path) {
                     file.write_all_at(&data, off).unwrap();
                     file.sync_data().unwrap();
                     off += n;
+                    total += n;
                     synced.lock().unwrap().1 = off;
                 }
                 if seg >= 2 {

@@ -856,18 +856,26 @@ mod tests {
         // A caller that gives up does not release the permit early.
         let (limit, running) = (Arc::new(Semaphore::new(1)), running.clone());
         let l = limit.clone();
+        let (started, has_started) = tokio::sync::oneshot::channel();
         let waiter = tokio::spawn(async move {
             bounded_blocking(&l, move || {
                 running.fetch_add(1, Ordering::SeqCst);
-                std::thread::sleep(std::time::Duration::from_millis(200));
+                let _ = started.send(());
+                std::thread::sleep(std::time::Duration::from_millis(1000));
             })
             .await
         });
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        has_started.await.expect("the check started");
         waiter.abort();
         let _ = waiter.await;
         assert_eq!(limit.available_permits(), 0, "still checking");
-        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-        assert_eq!(limit.available_permits(), 1);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while limit.available_permits() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "permit never given back"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 }

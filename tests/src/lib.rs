@@ -20,6 +20,8 @@ pub struct Server {
     plugin_socket: Option<PathBuf>,
     /// The hub's listen address (`None`: the server's default).
     listen: Option<String>,
+    /// Environment variables of the server process (and its restarts).
+    env: Vec<(String, String)>,
 }
 
 impl Server {
@@ -48,20 +50,37 @@ impl Server {
         Server::start_with(bin, None, Some(listen))
     }
 
+    /// A server (no Docker plugin) whose process has the variables `env`
+    /// besides the test's own environment.
+    pub fn start_with_env(bin: &str, env: &[(&str, &str)]) -> Server {
+        let mut s = Server::new(bin, None, None);
+        s.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        s.spawn();
+        s
+    }
+
     fn start_with(bin: &str, plugin_socket: Option<&Path>, listen: Option<&str>) -> Server {
+        let mut s = Server::new(bin, plugin_socket, listen);
+        s.spawn();
+        s
+    }
+
+    fn new(bin: &str, plugin_socket: Option<&Path>, listen: Option<&str>) -> Server {
         let dir = tempfile::Builder::new()
             .prefix("dm-e2e-")
             .tempdir()
             .expect("creating a temp dir");
-        let mut s = Server {
+        Server {
             bin: PathBuf::from(bin),
             child: None,
             dir,
             plugin_socket: plugin_socket.map(Path::to_path_buf),
             listen: listen.map(str::to_string),
-        };
-        s.spawn();
-        s
+            env: Vec::new(),
+        }
     }
 
     /// The temporary directory holding everything.
@@ -120,6 +139,7 @@ impl Server {
         if let Some(l) = &self.listen {
             cmd.arg("--listen").arg(l);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = cmd
             .env("DM_LOG", "info,dm_fs=info")
             .stdin(Stdio::null())

@@ -73,7 +73,7 @@ mod tests {
             .unwrap();
         let want = child.id();
         let mut found = Vec::new();
-        for _ in 0..100 {
+        for _ in 0..500 {
             found = using(&[dir.path().to_path_buf()]);
             // sh opens the file and then becomes sleep: wait for both.
             if found.iter().any(|h| h.pid == want && h.name == "sleep") {
