@@ -112,8 +112,18 @@ pub enum Command {
         #[arg(short = 'd', long = "metadata", value_name = "KEY=VALUE")]
         metadata: Vec<String>,
     },
-    /// Show the commits of the current branch, oldest first.
-    Log,
+    /// Show the commits of the current branch (or BRANCH), oldest first.
+    Log {
+        /// A branch of the current dot [default: the current branch].
+        branch: Option<String>,
+        /// Only the N latest commits.
+        #[arg(short = 'n', long = "max-count", value_name = "N")]
+        max_count: Option<usize>,
+        /// One line per commit: the id's first 12 digits and the message's
+        /// first line.
+        #[arg(long)]
+        oneline: bool,
+    },
     /// List branches; `dm branch NAME` makes branch NAME at the current
     /// head (staying on the current branch, as git); -d deletes one.
     Branch {

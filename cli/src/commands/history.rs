@@ -60,15 +60,40 @@ pub fn commit(ctx: &mut Ctx, message: &str, metadata: &[String]) -> Result<()> {
     Ok(())
 }
 
-pub fn log(ctx: &mut Ctx) -> Result<()> {
+/// `dm log [BRANCH] [-n N] [--oneline]`.
+pub fn log(
+    ctx: &mut Ctx,
+    branch: Option<&str>,
+    max_count: Option<usize>,
+    oneline: bool,
+) -> Result<()> {
     let (dot, d) = current(ctx)?;
+    let branch = match branch {
+        None => d.summary.current_branch.clone(),
+        Some(b) => {
+            dm_store::names::validate("branch", b).map_err(|e| anyhow!("{e}"))?;
+            if !d.summary.branches.iter().any(|x| x == b) {
+                bail!(
+                    "branch {b} not found in dot {dot} (branches: {})",
+                    d.summary.branches.join(", ")
+                );
+            }
+            b.to_string()
+        }
+    };
     let path = format!(
         "{}/commits",
-        api::branch_path(&dot.namespace, &dot.name, &d.summary.current_branch)
+        api::branch_path(&dot.namespace, &dot.name, &branch)
     );
     let commits: Vec<CommitView> = ctx.client()?.get(&path)?;
+    let skip = max_count.map_or(0, |n| commits.len().saturating_sub(n));
     let mut out = String::new();
-    for c in &commits {
+    for c in &commits[skip..] {
+        if oneline {
+            let first = c.message.lines().next().unwrap_or("");
+            out.push_str(&format!("{} {first}\n", &c.id[..c.id.len().min(12)]));
+            continue;
+        }
         out.push_str(&format!(
             "commit {}\nAuthor: {}\nDate: {}\n",
             c.id, c.author, c.timestamp_ns

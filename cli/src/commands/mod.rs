@@ -149,7 +149,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 .collect();
             history::commit(&mut ctx, &paragraphs.join("\n\n"), &metadata)
         }
-        Command::Log => history::log(&mut ctx),
+        Command::Log {
+            branch,
+            max_count,
+            oneline,
+        } => history::log(&mut ctx, branch.as_deref(), max_count, oneline),
         Command::Branch {
             delete,
             force_delete,

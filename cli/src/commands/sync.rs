@@ -107,9 +107,8 @@ fn read_key(name: &str, r: &Remote) -> Result<String> {
             r.hostname
         );
     }
-    eprint!("API key for {}@{}: ", r.user, r.hostname);
-    std::io::stderr().flush().ok();
-    // Not echoed, as a password prompt: the key is a secret.
+    // Not echoed, as a password prompt: the key is a secret. Echo goes off
+    // before the prompt shows, so that nothing typed after it is echoed.
     use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
     let stdin = std::io::stdin();
     let saved = tcgetattr(&stdin).ok();
@@ -118,6 +117,8 @@ fn read_key(name: &str, r: &Remote) -> Result<String> {
         quiet.local_flags.remove(LocalFlags::ECHO);
         let _ = tcsetattr(&stdin, SetArg::TCSANOW, &quiet);
     }
+    eprint!("API key for {}@{}: ", r.user, r.hostname);
+    std::io::stderr().flush().ok();
     let mut line = String::new();
     let read = stdin.lock().read_line(&mut line);
     if let Some(t) = &saved {
@@ -522,6 +523,9 @@ fn on_ctrl_c() -> &'static std::sync::atomic::AtomicBool {
 }
 
 fn run(ctx: &mut Ctx, req: &TransferReq, label: &str) -> Result<()> {
+    // Before the transfer starts: a Ctrl-C while the server starts it
+    // stops it as well, once its id is known (not the client alone).
+    let interrupted = on_ctrl_c();
     let started: serde_json::Value = ctx.client()?.post("/v1/sync/transfers", req)?;
     let id = started
         .get("id")
@@ -529,7 +533,6 @@ fn run(ctx: &mut Ctx, req: &TransferReq, label: &str) -> Result<()> {
         .ok_or_else(|| anyhow!("the server did not start the transfer"))?;
     let mut bar = dm_sync::Bar::new(label);
     let t0 = std::time::Instant::now();
-    let interrupted = on_ctrl_c();
     let status = loop {
         if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
             // The transfer runs in the server: stop it there too, or a
