@@ -237,6 +237,19 @@ pub struct Db {
     pub(crate) synced_bytes: std::sync::atomic::AtomicUsize,
 }
 
+/// The first key after every key that starts with `prefix` (`None`: there
+/// is none, the prefix is all 0xff).
+pub(crate) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
 impl Db {
     pub fn open(dir: &Path, opts: StoreOptions) -> Result<Db> {
         std::fs::create_dir_all(dir).map_err(|source| Error::Io {
@@ -389,6 +402,21 @@ impl Db {
         self.db
             .cf_handle(name)
             .expect("column family created at open")
+    }
+
+    /// An iterator of column family `cf` that ends before `end` (`None`:
+    /// at the end of the family). Without the bound, a scan whose range
+    /// holds nothing more runs on over the keys that follow, deleted ones
+    /// included: a branch's scans crossed every key another branch's
+    /// commit had just deleted (until a flush dropped them), and
+    /// `dm status` of a small dot took seconds after another committed
+    /// 20,000 files.
+    pub(crate) fn iter_until(&self, cf: &str, end: Option<Vec<u8>>) -> rocksdb::DBRawIterator<'_> {
+        let mut opts = rocksdb::ReadOptions::default();
+        if let Some(end) = end {
+            opts.set_iterate_upper_bound(end);
+        }
+        self.db.raw_iterator_cf_opt(self.cf(cf), opts)
     }
 
     /// Writes a batch; `sync` makes it durable before returning. Chunks

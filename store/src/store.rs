@@ -198,7 +198,7 @@ impl Store {
 
     pub(crate) fn meta_scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut out = Vec::new();
-        let mut it = self.db.db.raw_iterator_cf(self.db.cf(CF_META));
+        let mut it = self.db.iter_until(CF_META, crate::db::prefix_end(prefix));
         it.seek(prefix);
         while it.valid() {
             match (it.key(), it.value()) {

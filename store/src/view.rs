@@ -2,12 +2,12 @@
 //! column family (keys `branch id:8 || tree key`, values `0` = deleted or
 //! `1 || value`) on top of the base snapshot tree.
 
-use crate::db::{Db, CF_WORK};
+use crate::db::{prefix_end, Db, CF_WORK};
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::patch::{is_patched, Patched};
 use crate::tree::{self, Cursor};
-use rocksdb::{Direction, IteratorMode, WriteBatch};
+use rocksdb::WriteBatch;
 use std::collections::BTreeMap;
 
 /// Callback of [`View::scan`]: gets (key, value), returns false to stop.
@@ -67,16 +67,19 @@ impl<'a> View<'a> {
     pub fn scan(&self, start: &[u8], end: &[u8], f: &mut ScanFn) -> Result<()> {
         let ostart = overlay_key(self.bid, start);
         let oend = overlay_key(self.bid, end);
-        let mut oit = self.db.db.iterator_cf(
-            self.db.cf(CF_WORK),
-            IteratorMode::From(&ostart, Direction::Forward),
-        );
+        let mut oit = self.db.iter_until(CF_WORK, Some(oend));
+        oit.seek(&ostart);
         let mut next_ov = || -> Result<Option<(Vec<u8>, Vec<u8>)>> {
-            match oit.next() {
-                Some(Ok((k, v))) if *k < *oend => Ok(Some((k[8..].to_vec(), v.to_vec()))),
-                Some(Ok(_)) | None => Ok(None),
-                Some(Err(e)) => Err(Error::db("scanning the working state")(e)),
-            }
+            let entry = match (oit.key(), oit.value()) {
+                (Some(k), Some(v)) => (k[8..].to_vec(), v.to_vec()),
+                _ => {
+                    oit.status()
+                        .map_err(Error::db("scanning the working state"))?;
+                    return Ok(None);
+                }
+            };
+            oit.next();
+            Ok(Some(entry))
         };
         let mut cur = Cursor::seek(self.db, &self.root, start)?;
         let next_base = |cur: &mut Cursor| -> Result<Option<(Vec<u8>, Vec<u8>)>> {
@@ -126,7 +129,7 @@ impl<'a> View<'a> {
     /// deletion), in key order: the changes since the base snapshot.
     pub fn for_each_change(&self, f: &mut ChangeFn) -> Result<()> {
         let prefix = overlay_prefix(self.bid);
-        let mut it = self.db.db.raw_iterator_cf(self.db.cf(CF_WORK));
+        let mut it = self.db.iter_until(CF_WORK, prefix_end(&prefix));
         it.seek(prefix);
         while it.valid() {
             let (Some(k), Some(v)) = (it.key(), it.value()) else {
@@ -147,7 +150,7 @@ impl<'a> View<'a> {
     /// True when the overlay has any entry.
     pub fn has_changes(&self) -> Result<bool> {
         let prefix = overlay_prefix(self.bid);
-        let mut it = self.db.db.raw_iterator_cf(self.db.cf(CF_WORK));
+        let mut it = self.db.iter_until(CF_WORK, prefix_end(&prefix));
         it.seek(prefix);
         let found = it.valid() && it.key().is_some_and(|k| k.starts_with(&prefix));
         it.status()
