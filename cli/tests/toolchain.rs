@@ -179,6 +179,19 @@ fn fallocate_extends_punches_and_zeroes() {
     };
     fa(&["-l", "1MiB"]);
     want.resize(1 << 20, 0);
+    // Times change as on ext4, also where nothing else did (keep-size
+    // past the end).
+    let mtime = || {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&f).unwrap().mtime()
+    };
+    run(
+        &mnt,
+        "touch",
+        &["-m", "-d", "@1000000000", f.to_str().unwrap()],
+    );
+    fa(&["-n", "-o", "2MiB", "-l", "4MiB"]);
+    assert!(mtime() > 1_000_000_000, "fallocate -n left mtime");
     fa(&["-n", "-l", "4MiB"]);
     fa(&["-p", "-o", "4096", "-l", "8192"]);
     want[4096..12288].fill(0);

@@ -403,10 +403,24 @@ fn to_timestamp(t: SystemTime) -> Timestamp {
     }
 }
 
+/// A time the kernel set (utimensat), as fuser 0.18 hands it over: the
+/// kernel's (secs, nsecs) before 1970 mean secs + nsecs/1e9 (secs < 0,
+/// nsecs >= 0), but fuser made them `UNIX_EPOCH - (|secs| + nsecs)`, so
+/// `touch -d @-0.5` was stored as -1.5 s. Undone here.
+fn from_kernel(t: SystemTime) -> Timestamp {
+    match UNIX_EPOCH.duration_since(t) {
+        Ok(d) if t < UNIX_EPOCH => Timestamp {
+            secs: -i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            nanos: d.subsec_nanos(),
+        },
+        _ => to_timestamp(t),
+    }
+}
+
 fn time_set(t: TimeOrNow) -> TimeSet {
     match t {
         TimeOrNow::Now => TimeSet::Now,
-        TimeOrNow::SpecificTime(t) => TimeSet::At(to_timestamp(t)),
+        TimeOrNow::SpecificTime(t) => TimeSet::At(from_kernel(t)),
     }
 }
 
@@ -1453,16 +1467,18 @@ impl fuser::Filesystem for DmFs {
                     at += n;
                 }
             }
-            if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && end > a.size {
-                // Not below what a writer on another descriptor may have
-                // appended since the size above was read.
-                let set = SetAttr {
-                    size: Some(end),
-                    grow_only: true,
-                    ..SetAttr::default()
-                };
-                fs.setattr(ino, &set)?;
-            }
+            // Not below what a writer on another descriptor may have
+            // appended since the size above was read. The file's times
+            // change whatever the mode, as on ext4 (a keep-size call past
+            // the end changed nothing else).
+            let grow = mode & libc::FALLOC_FL_KEEP_SIZE == 0 && end > a.size;
+            let set = SetAttr {
+                size: grow.then_some(end),
+                grow_only: true,
+                mtime: Some(TimeSet::Now),
+                ..SetAttr::default()
+            };
+            fs.setattr(ino, &set)?;
             Ok(())
         });
         match result {

@@ -361,6 +361,24 @@ fn chmod_chown_utimes_truncate() {
     let m = fs::metadata(&p).unwrap();
     assert_eq!((m.atime(), m.atime_nsec()), (1_000_000_000, 5));
     assert_eq!((m.mtime(), m.mtime_nsec()), (1_100_000_000, 7));
+    // Before 1970, with a fraction: -0.5 s is (secs -1, nsecs 500000000);
+    // stored as -1.5 s once (`touch -d @-0.5`).
+    let before = [
+        libc::timespec {
+            tv_sec: -1,
+            tv_nsec: 500_000_000,
+        },
+        libc::timespec {
+            tv_sec: -3,
+            tv_nsec: 250_000_000,
+        },
+    ];
+    // SAFETY: as above.
+    let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), before.as_ptr(), 0) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    let m = fs::metadata(&p).unwrap();
+    assert_eq!((m.atime(), m.atime_nsec()), (-1, 500_000_000));
+    assert_eq!((m.mtime(), m.mtime_nsec()), (-3, 250_000_000));
     // UTIME_NOW.
     let now = [
         libc::timespec {
