@@ -1,7 +1,7 @@
 //! HTTP+JSON client of the local API over the server's unix socket.
 
 use crate::api::ErrorBody;
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
@@ -76,14 +76,38 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes)> {
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot reach the dm server at {}: is `dm server` running? (start it, or point --server / DM_SOCKET at its socket)",
-                    self.socket.display()
-                )
-            })?;
+        let stream = match tokio::net::UnixStream::connect(&self.socket).await {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(
+                "you may not use the dm server socket {} (it belongs to another user, whose \
+                 server it is): run your own `dm server`, or point --server / DM_SOCKET at yours",
+                self.socket.display()
+            ),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "cannot reach the dm server at {}: is `dm server` running? (start it, or point --server / DM_SOCKET at its socket)",
+                        self.socket.display()
+                    )
+                })
+            }
+        };
+        // Only a server of this user or root is told anything (API keys
+        // travel over this socket): a socket another user put where this
+        // user's server keeps it (/tmp/dm-UID) is not.
+        let me = nix::unistd::geteuid().as_raw();
+        let peer = stream
+            .peer_cred()
+            .with_context(|| format!("asking who listens on {}", self.socket.display()))?
+            .uid();
+        if peer != me && peer != 0 {
+            bail!(
+                "the process listening on {} runs as uid {peer}, not as you (uid {me}) or root: \
+                 not talking to it (it could be another user's server posing as yours). Remove \
+                 that socket if it is not yours, or point --server / DM_SOCKET at your own server",
+                self.socket.display()
+            );
+        }
         let io = hyper_util::rt::TokioIo::new(stream);
         let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
             .await

@@ -166,6 +166,13 @@ impl MountManager {
                     continue;
                 }
             };
+            if let Some(why) = self.not_to_restore(&r) {
+                tracing::warn!(
+                    "not restoring the mount of {volume} at {}: {why}",
+                    r.path.display()
+                );
+                continue;
+            }
             // Files put in a server path while it was not mounted (by a
             // writer that went on by path after a crash) would be hidden
             // by the mount: moved aside first.
@@ -205,6 +212,34 @@ impl MountManager {
             }
         }
         self.save(&self.lock());
+    }
+
+    /// Why a saved mount is not to be made again at its path: a server
+    /// path outside this start's mount dir (the server's directories moved),
+    /// or a path that leads elsewhere now through another user's symlink,
+    /// made while dm was down (to get a dot mounted where they can read
+    /// it, or over a system directory).
+    fn not_to_restore(&self, r: &Record) -> Option<String> {
+        if r.managed && !r.path.starts_with(&self.mount_dir) {
+            return Some(format!(
+                "it is outside this server's mount dir {} (Docker and `dm mount` mount the volume there when asked)",
+                self.mount_dir.display()
+            ));
+        }
+        // Symlinks of this user or root are theirs to make (/var/run).
+        use std::os::unix::fs::MetadataExt;
+        let me = nix::unistd::geteuid().as_raw();
+        r.path.ancestors().find_map(|a| {
+            let m = std::fs::symlink_metadata(a).ok()?;
+            (m.file_type().is_symlink() && m.uid() != me && m.uid() != 0).then(|| {
+                format!(
+                    "{} is a symlink of uid {} now, to {}; `dm mount` it again where you mean it",
+                    a.display(),
+                    m.uid(),
+                    std::fs::read_link(a).unwrap_or_default().display()
+                )
+            })
+        })
     }
 
     /// Moves a server mount point that holds files to

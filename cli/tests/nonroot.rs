@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 const DM: &str = env!("CARGO_BIN_EXE_dm");
 const USER: &str = "dmtest-nonroot";
+/// A uid that is neither root nor the test user's.
+const NOBODY: u32 = 65534;
 
 /// The test user, made for the test and removed after it (with its server
 /// and mounts).
@@ -187,6 +189,33 @@ fn a_server_run_by_another_user_than_root() {
         "a server started on a directory others control"
     );
     assert!(u.log().contains("others may write to it"), "{}", u.log());
+    // So is one reached through another user's symlink (it may point it
+    // elsewhere later), even to a directory of the user's own.
+    let own = u.home.join("own-rt");
+    std::fs::create_dir_all(&own).unwrap();
+    std::os::unix::fs::chown(&own, Some(u.uid), None).unwrap();
+    let rt2 = u.home.join("rt2");
+    std::fs::create_dir_all(&rt2).unwrap();
+    std::os::unix::fs::symlink(&own, rt2.join("dm")).unwrap();
+    std::os::unix::fs::lchown(rt2.join("dm"), Some(NOBODY), Some(NOBODY)).unwrap();
+    let mut refused = u.start_server(&[("XDG_RUNTIME_DIR", rt2.to_str().unwrap())]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let st = loop {
+        if let Some(st) = refused.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            stop(&mut refused);
+            panic!("a server started in another user's symlink: {}", u.log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!st.success());
+    assert!(
+        u.log().contains(&format!("belongs to uid {NOBODY}")),
+        "{}",
+        u.log()
+    );
 
     let mut server = u.start_server(&[]);
     u.wait_ready(&mut server);
@@ -253,6 +282,46 @@ fn a_server_run_by_another_user_than_root() {
     assert!(
         !u.log().contains("could not restore"),
         "a mount was not restored: {}",
+        u.log()
+    );
+    // Root's client does not talk to this user's server (nor would the
+    // user's client to another user's: API keys go over the socket).
+    let cfg = tempfile::tempdir().unwrap();
+    let out = Command::new(DM)
+        .arg("list")
+        .env("DM_SOCKET", rt.join("dm.sock"))
+        .env("DM_CONFIG", cfg.path().join("config.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success()
+            && text(&out.stderr).contains(&format!("runs as uid {}, not as you (uid 0)", u.uid)),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A mount whose path another user turned into a symlink while the
+    // server was down is not made again there.
+    let pin = u.home.join("pin2");
+    u.ok(&["mount", "app@master", pin.to_str().unwrap()]);
+    stop(&mut server);
+    let elsewhere = u.home.join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::remove_dir(&pin).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &pin).unwrap();
+    std::os::unix::fs::lchown(&pin, Some(NOBODY), Some(NOBODY)).unwrap();
+    let mut server = u.start_server(&[]);
+    u.wait_ready(&mut server);
+    assert!(dm_tests::is_mounted(&path), "{}", u.log());
+    assert!(!dm_tests::is_mounted(&elsewhere), "{}", u.log());
+    assert!(
+        u.log().contains("not restoring the mount of")
+            && u.log().contains(&format!(
+                "at {}: {} is a symlink of uid {NOBODY}",
+                pin.display(),
+                pin.display()
+            )),
+        "{}",
         u.log()
     );
 

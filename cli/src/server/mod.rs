@@ -85,6 +85,34 @@ fn create_dir_with_mode(dir: &Path, mode: u32) -> Result<()> {
         .with_context(|| format!("creating {}", dir.display()))
 }
 
+/// Creates `dir` with `mode` (before the umask) and missing parents for
+/// the server's own use, refusing a path another user controls: a
+/// component (or symlink) of it owned by another user than this one or
+/// root, or a `dir` writable by others ([`refuse_foreign_dir`]). Checked
+/// before anything is created in it.
+fn create_own_dir(dir: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let abs = std::path::absolute(dir).with_context(|| format!("resolving {}", dir.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    for a in abs.ancestors() {
+        match std::fs::symlink_metadata(a) {
+            Ok(m) if m.uid() != me && m.uid() != 0 => bail!(
+                "{} belongs to uid {}, who could put something else in place of {}; a dm server \
+                 of uid {me} keeps its store, socket and mounts only where no other user can: \
+                 give --data-dir, --socket and --mount-dir elsewhere",
+                a.display(),
+                m.uid(),
+                dir.display()
+            ),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", a.display())),
+        }
+    }
+    create_dir_with_mode(dir, mode)?;
+    refuse_foreign_dir(dir)
+}
+
 /// Refuses a directory for the socket or the mounts that another user
 /// controls: owned by someone else, or writable by others without the
 /// sticky bit (/tmp/dm-UID made in advance by another user would let them
@@ -283,7 +311,10 @@ pub fn run(opts: ServerOptions) -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 
-    create_private_dir(&opts.data_dir)?;
+    // The socket's directory first: by default the mounts are made in it.
+    if let Some(dir) = opts.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+        create_own_dir(dir, 0o700)?;
+    }
     // Root's mounts are allow_other, for containers and services of any
     // uid (PostgreSQL runs as postgres): their directory lets others
     // through. Another user's stay its own.
@@ -292,12 +323,8 @@ pub fn run(opts: ServerOptions) -> Result<()> {
     } else {
         0o700
     };
-    create_dir_with_mode(&opts.mount_dir, mount_dir_mode)?;
-    if let Some(dir) = opts.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
-        create_private_dir(dir)?;
-        refuse_foreign_dir(dir)?;
-    }
-    refuse_foreign_dir(&opts.mount_dir)?;
+    create_own_dir(&opts.mount_dir, mount_dir_mode)?;
+    create_own_dir(&opts.data_dir, 0o700)?;
     claim_socket(
         &opts.socket,
         &opts.mount_dir,
