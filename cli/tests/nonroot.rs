@@ -249,6 +249,15 @@ fn a_server_run_by_another_user_than_root() {
     u.ok(&["commit", "-m", "one"]);
     // allow_other (user_allow_other in /etc/fuse.conf): root reads it too.
     assert_eq!(std::fs::read(path.join("f")).unwrap(), b"hello\n");
+    // A file of another uid (root's here, as in a dot cloned from root's
+    // hub) is shown as the user's, who can read it although it is 0600;
+    // its stored owner stays for commits and pushes.
+    let roots = path.join("roots");
+    std::fs::write(&roots, b"root's\n").unwrap();
+    std::fs::set_permissions(&roots, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(std::fs::metadata(&roots).unwrap().uid(), u.uid);
+    let out = u.sh(&format!("cat {}", roots.display()));
+    assert_eq!(text(&out.stdout), "root's\n", "{}", text(&out.stderr));
 
     // Another mount, then `dm unmount` of it through fusermount3.
     let pin = u.home.join("pin");

@@ -69,6 +69,47 @@ pub struct MountOptions {
     /// Poll `/dev/fuse` without blocking while requests keep coming (see
     /// the `spin` module): fewer wakeups per request, a CPU busy meanwhile.
     pub spin: bool,
+    /// Who the files are shown as belonging to, whatever their stored
+    /// owner (`None`: as stored). A server run by a user other than root
+    /// shows that user as every file's owner, and a file's group as stored
+    /// only when the user is in it, else the user's group: a dot cloned
+    /// from elsewhere keeps other uids (root's, a colleague's), which
+    /// would put its files out of this user's reach (as tar does for a
+    /// user extracting an archive of root's files). The stored owners stay
+    /// for commits and pushes.
+    pub owner: Option<Owner>,
+}
+
+/// The owner shown by a mount of a server run by a user other than root
+/// (see [`MountOptions::owner`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// The user's uid.
+    pub uid: u32,
+    /// The user's group.
+    pub gid: u32,
+    /// The groups the user is in (shown as stored).
+    pub groups: Vec<u32>,
+}
+
+impl Owner {
+    /// The calling process's user, group and supplementary groups.
+    pub fn this_process() -> Owner {
+        // SAFETY: geteuid/getegid have no preconditions and cannot fail.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let groups = nix::unistd::getgroups()
+            .map(|g| g.into_iter().map(|g| g.as_raw()).collect())
+            .unwrap_or_default();
+        Owner { uid, gid, groups }
+    }
+
+    fn shown(&self, gid: u32) -> (u32, u32) {
+        if gid == self.gid || self.groups.contains(&gid) {
+            (self.uid, gid)
+        } else {
+            (self.uid, self.gid)
+        }
+    }
 }
 
 impl Default for MountOptions {
@@ -87,6 +128,7 @@ impl Default for MountOptions {
                 Ok("1") => true,
                 _ => SPIN_DEFAULT,
             },
+            owner: (!is_root()).then(Owner::this_process),
         }
     }
 }
@@ -96,6 +138,8 @@ struct View {
     fs: Arc<BranchFs>,
     /// Store inode number of the mounted subdot's directory (FUSE inode 1).
     root: u64,
+    /// [`MountOptions::owner`].
+    owner: Option<Arc<Owner>>,
 }
 
 impl View {
@@ -123,6 +167,10 @@ impl View {
     }
 
     fn attr(&self, a: &Attr) -> FileAttr {
+        let (uid, gid) = match &self.owner {
+            Some(o) => o.shown(a.gid),
+            None => (a.uid, a.gid),
+        };
         FileAttr {
             ino: self.to_fuse(a.ino),
             size: a.size,
@@ -134,8 +182,8 @@ impl View {
             kind: file_type(a.kind),
             perm: a.perm,
             nlink: a.nlink,
-            uid: a.uid,
-            gid: a.gid,
+            uid,
+            gid,
             rdev: a.rdev,
             blksize: a.blksize,
             flags: 0,
@@ -1566,7 +1614,11 @@ impl Mount {
     ) -> io::Result<Mount> {
         let root = fs.subdot_ino(subdot, true).map_err(store_io_error)?;
         let shared = Arc::new(Shared {
-            view: RwLock::new(View { fs, root }),
+            view: RwLock::new(View {
+                fs,
+                root,
+                owner: opts.owner.clone().map(Arc::new),
+            }),
             subdot: subdot.to_string(),
             writeback: writeback_wanted(),
             known: Mutex::new(Known::default()),
@@ -1691,7 +1743,8 @@ impl Mount {
                     created(dm_store::ROOT_INO, OsStr::new(&self.shared.subdot))
                 });
             }
-            *view = View { fs, root };
+            let owner = view.owner.clone();
+            *view = View { fs, root, owner };
             let mut nc = self.shared.no_caps.lock();
             nc.generation += 1;
             nc.inos.clear();
