@@ -10,6 +10,8 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+mod common;
+use common::can_mount;
 use dm_fs::{cleanup_stale_mount, Mount, MountOptions};
 use dm_store::{CommitRequest, DotName, FileKind, Store};
 
@@ -45,16 +47,6 @@ impl Drop for Fixture {
             }
         }
     }
-}
-
-fn can_mount() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root || !Path::new("/dev/fuse").exists() {
-        eprintln!("skipping: needs root and /dev/fuse");
-        return false;
-    }
-    true
 }
 
 fn setup(subdot: &str) -> Option<Fixture> {

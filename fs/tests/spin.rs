@@ -6,18 +6,10 @@ use std::fs;
 use std::path::Path;
 use std::sync::Arc;
 
+mod common;
+use common::can_mount;
 use dm_fs::{Mount, MountOptions};
 use dm_store::{DotName, Store};
-
-fn can_mount() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root || !Path::new("/dev/fuse").exists() {
-        eprintln!("skipping: needs root and /dev/fuse");
-        return false;
-    }
-    true
-}
 
 /// The `/dev/fuse` descriptors of this process.
 fn fuse_fds() -> Vec<String> {
