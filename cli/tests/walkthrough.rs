@@ -331,3 +331,57 @@ fn a_start_waits_for_a_silent_server_on_its_socket() {
     gone.join().unwrap();
     s.ok(&["version"]);
 }
+
+/// A server started with relative paths works with absolute ones: the
+/// mount paths it hands out (to `dm mount`, to Docker) and saves for the
+/// next start do not depend on the directory it was started from. Root's
+/// server may live in a directory of another user's (`sudo dm server` in
+/// a home directory).
+#[test]
+fn relative_server_paths_are_made_absolute() {
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+    let mut server = std::process::Command::new(DM)
+        .args([
+            "server",
+            "--data-dir",
+            "d",
+            "--mount-dir",
+            "m",
+            "--socket",
+            "run/s.sock",
+        ])
+        .args(["--no-plugin", "--listen", "off"])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("log")).unwrap())
+        .spawn()
+        .unwrap();
+    let log = || std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
+    let dm = |args: &[&str]| {
+        std::process::Command::new(DM)
+            .args(args)
+            .env("DM_SOCKET", dir.path().join("run/s.sock"))
+            .env("DM_CONFIG", dir.path().join("config.toml"))
+            .output()
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !dm(&["version"]).status.success() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server did not answer: {}",
+            log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(dm(&["init", "rel"]).status.success());
+    let out = dm(&["--dot", "rel", "mount", "rel"]);
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status();
+    let _ = server.wait();
+    let want = dir.path().join("m");
+    assert!(path.starts_with(&want), "{}", path.display());
+}

@@ -86,15 +86,18 @@ fn create_dir_with_mode(dir: &Path, mode: u32) -> Result<()> {
 }
 
 /// Creates `dir` with `mode` (before the umask) and missing parents for
-/// the server's own use, refusing a path another user controls: a
-/// component (or symlink) of it owned by another user than this one or
-/// root, or a `dir` writable by others ([`refuse_foreign_dir`]). Checked
-/// before anything is created in it.
+/// the server's own use, refusing a path another user controls: for a
+/// server run by a user other than root, a component (or symlink) of it
+/// owned by another user than this one or root (checked before anything
+/// is created in it); for every server, a `dir` writable by others
+/// ([`refuse_foreign_dir`]). Root may keep its directories in a user's
+/// home (`sudo dm server --data-dir ~/dm`): that user is trusted.
 fn create_own_dir(dir: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let abs = std::path::absolute(dir).with_context(|| format!("resolving {}", dir.display()))?;
     let me = nix::unistd::geteuid().as_raw();
-    for a in abs.ancestors() {
+    let ancestors = if me == 0 { None } else { Some(abs.ancestors()) };
+    for a in ancestors.into_iter().flatten() {
         match std::fs::symlink_metadata(a) {
             Ok(m) if m.uid() != me && m.uid() != 0 => bail!(
                 "{} belongs to uid {}, who could put something else in place of {}; a dm server \
