@@ -33,13 +33,16 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon: the store, the mounts and the local API.
     Server {
-        /// RocksDB and server state [default: /var/lib/dm as root]
+        /// RocksDB and server state [default: /var/lib/dm as root, else
+        /// $XDG_DATA_HOME/dm or ~/.local/share/dm]
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
-        /// Where volumes are mounted [default: /run/dm/mnt as root]
+        /// Where volumes are mounted [default: /run/dm/mnt as root, else
+        /// $XDG_RUNTIME_DIR/dm/mnt or /tmp/dm-UID/mnt]
         #[arg(long, value_name = "DIR")]
         mount_dir: Option<PathBuf>,
-        /// The local API socket [default: /run/dm/dm.sock as root]
+        /// The local API socket [default: /run/dm/dm.sock as root, else
+        /// $XDG_RUNTIME_DIR/dm/dm.sock or /tmp/dm-UID/dm.sock]
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
         /// Docker volume plugin socket [default: /run/docker/plugins/dm.sock as root, none otherwise]

@@ -84,12 +84,24 @@ impl Client {
                 self.socket.display()
             ),
             Err(e) => {
+                // A server started without XDG_RUNTIME_DIR (or with it)
+                // keeps its socket where this client does not look.
+                let elsewhere = crate::paths::other_default_socket()
+                    .filter(|o| *o != self.socket)
+                    .map(|o| {
+                        format!(
+                            "; a socket of a server of yours is at {} (started with another XDG_RUNTIME_DIR): `export DM_SOCKET={}`",
+                            o.display(),
+                            o.display()
+                        )
+                    })
+                    .unwrap_or_default();
                 return Err(e).with_context(|| {
                     format!(
-                        "cannot reach the dm server at {}: is `dm server` running? (start it, or point --server / DM_SOCKET at its socket)",
+                        "cannot reach the dm server at {}: is `dm server` running? (start it, or point --server / DM_SOCKET at its socket){elsewhere}",
                         self.socket.display()
                     )
-                })
+                });
             }
         };
         // Only a server of this user or root is told anything (API keys

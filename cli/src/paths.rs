@@ -16,8 +16,33 @@ fn home() -> PathBuf {
 fn runtime_dir() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) if !d.is_empty() => PathBuf::from(d).join("dm"),
-        _ => PathBuf::from(format!("/tmp/dm-{}", nix::unistd::geteuid())),
+        _ => fallback_runtime_dir(),
     }
+}
+
+/// The runtime directory without `XDG_RUNTIME_DIR` (`su -`, cron, some
+/// ssh logins leave it unset).
+fn fallback_runtime_dir() -> PathBuf {
+    PathBuf::from(format!("/tmp/dm-{}", nix::unistd::geteuid()))
+}
+
+/// Where else a server of this user may keep its socket by default, when
+/// it was started with another `XDG_RUNTIME_DIR` than this client has:
+/// `/tmp/dm-UID/dm.sock` (started without one) or systemd's
+/// `/run/user/UID/dm/dm.sock`; the first that exists (None for root, whose
+/// place is fixed).
+pub fn other_default_socket() -> Option<PathBuf> {
+    if is_root() {
+        return None;
+    }
+    let here = default_socket();
+    let uid = nix::unistd::geteuid();
+    [
+        fallback_runtime_dir().join("dm.sock"),
+        PathBuf::from(format!("/run/user/{uid}/dm/dm.sock")),
+    ]
+    .into_iter()
+    .find(|p| *p != here && p.exists())
 }
 
 /// `/var/lib/dm` for root, `$XDG_DATA_HOME/dm` (or `~/.local/share/dm`) otherwise.
@@ -31,7 +56,7 @@ pub fn default_data_dir() -> PathBuf {
     }
 }
 
-/// `/run/dm/mnt` for root, `$XDG_RUNTIME_DIR/dm/mnt` otherwise.
+/// `/run/dm/mnt` for root, `$XDG_RUNTIME_DIR/dm/mnt` (or `/tmp/dm-UID/mnt`) otherwise.
 pub fn default_mount_dir() -> PathBuf {
     if is_root() {
         PathBuf::from("/run/dm/mnt")
@@ -40,7 +65,7 @@ pub fn default_mount_dir() -> PathBuf {
     }
 }
 
-/// `/run/dm/dm.sock` for root, `$XDG_RUNTIME_DIR/dm/dm.sock` otherwise.
+/// `/run/dm/dm.sock` for root, `$XDG_RUNTIME_DIR/dm/dm.sock` (or `/tmp/dm-UID/dm.sock`) otherwise.
 pub fn default_socket() -> PathBuf {
     if is_root() {
         PathBuf::from("/run/dm/dm.sock")

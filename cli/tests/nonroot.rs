@@ -293,6 +293,22 @@ fn a_server_run_by_another_user_than_root() {
         "a mount was not restored: {}",
         u.log()
     );
+    // A client with another XDG_RUNTIME_DIR than the server had (it
+    // started without one) is told where the server's socket is.
+    let out = u.sh(&format!(
+        "XDG_RUNTIME_DIR={} {} list",
+        u.home.display(),
+        u.bin.display()
+    ));
+    assert!(
+        !out.status.success()
+            && text(&out.stderr).contains(&format!(
+                "a socket of a server of yours is at {}",
+                rt.join("dm.sock").display()
+            )),
+        "{}",
+        text(&out.stderr)
+    );
     // Root's client does not talk to this user's server (nor would the
     // user's client to another user's: API keys go over the socket).
     let cfg = tempfile::tempdir().unwrap();
