@@ -36,15 +36,22 @@ fn dm_env(s: &Server, args: &[&str], env: &[(&str, &str)]) -> Output {
 }
 
 fn ok_env(s: &Server, args: &[&str], env: &[(&str, &str)]) -> String {
+    ok_out(s, args, env).0
+}
+
+/// `dm ARGS`, which must succeed: its stdout and stderr.
+fn ok_out(s: &Server, args: &[&str], env: &[(&str, &str)]) -> (String, String) {
     let out = dm_env(s, args, env);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
     assert!(
         out.status.success(),
-        "dm {args:?} failed:\nstdout: {}\nstderr: {}\nlog: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
+        "dm {args:?} failed:\nstdout: {stdout}\nstderr: {stderr}\nlog: {}",
         s.log()
     );
-    String::from_utf8_lossy(&out.stdout).to_string()
+    (stdout, stderr)
 }
 
 fn fail_env(s: &Server, args: &[&str], env: &[(&str, &str)]) -> String {
@@ -302,16 +309,9 @@ fn hub_push_clone_pull_through_the_cli() {
     assert_eq!(read(&bm.join("small")), b"bob 3");
     // A process holding a file open there is warned about, as by a reset.
     let held = std::fs::File::open(bm.join("small")).unwrap();
-    let out = dm_env(&bob, &["pull", "hub", "--force"], &[]);
-    assert!(out.status.success(), "{out:?}");
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("forced: 1 commit"),
-        "{out:?}"
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("held open on"),
-        "{out:?}"
-    );
+    let (stdout, stderr) = ok_out(&bob, &["pull", "hub", "--force"], &[]);
+    assert!(stdout.contains("forced: 1 commit"), "{stdout}\n{stderr}");
+    assert!(stderr.contains("held open on"), "{stdout}\n{stderr}");
     drop(held);
     assert_eq!(read(&bm.join("small")), b"bob again");
     assert!(!bob.ok(&["log"]).contains("bob 3"));
@@ -320,15 +320,11 @@ fn hub_push_clone_pull_through_the_cli() {
     alice.ok(&["dot", "set-upstream", "app", "hub", "copy"]);
     // Uncommitted changes stay behind, and the push says so.
     write_synced(&mnt.join("wip"), b"not committed");
-    let out = dm_env(&alice, &["push", "hub"], &[]);
-    assert!(out.status.success(), "{out:?}");
+    let (stdout, stderr) = ok_out(&alice, &["push", "hub"], &[]);
+    assert!(stdout.contains("master:"), "{stdout}\n{stderr}");
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("master:"),
-        "{out:?}"
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("uncommitted changes; they were not pushed"),
-        "{out:?}"
+        stderr.contains("uncommitted changes; they were not pushed"),
+        "{stdout}\n{stderr}"
     );
     alice.ok(&["reset", "--hard"]);
     assert!(hub.ok(&["list"]).contains("copy"));
