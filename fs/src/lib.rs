@@ -138,8 +138,6 @@ struct View {
     fs: Arc<BranchFs>,
     /// Store inode number of the mounted subdot's directory (FUSE inode 1).
     root: u64,
-    /// [`MountOptions::owner`].
-    owner: Option<Arc<Owner>>,
 }
 
 impl View {
@@ -167,10 +165,6 @@ impl View {
     }
 
     fn attr(&self, a: &Attr) -> FileAttr {
-        let (uid, gid) = match &self.owner {
-            Some(o) => o.shown(a.gid),
-            None => (a.uid, a.gid),
-        };
         FileAttr {
             ino: self.to_fuse(a.ino),
             size: a.size,
@@ -182,8 +176,8 @@ impl View {
             kind: file_type(a.kind),
             perm: a.perm,
             nlink: a.nlink,
-            uid,
-            gid,
+            uid: a.uid,
+            gid: a.gid,
             rdev: a.rdev,
             blksize: a.blksize,
             flags: 0,
@@ -259,6 +253,8 @@ struct Shared {
     notifier: std::sync::OnceLock<Notifier>,
     /// Adaptive polling of the device, when on (see `spin`).
     spin: std::sync::OnceLock<Arc<spin::Spin>>,
+    /// [`MountOptions::owner`].
+    owner: Option<Owner>,
 }
 
 /// Negative cache for `security.capability` (see [`Shared::no_caps`]).
@@ -658,8 +654,18 @@ impl DmFs {
         }
     }
 
+    /// The attributes the kernel is given for `a`: as stored, with the
+    /// owner shown as [`MountOptions::owner`] says.
+    fn attr(&self, view: &View, a: &Attr) -> FileAttr {
+        let mut attr = view.attr(a);
+        if let Some(o) = &self.shared.owner {
+            (attr.uid, attr.gid) = o.shown(attr.gid);
+        }
+        attr
+    }
+
     fn reply_entry(&self, view: &View, parent: INodeNo, name: &[u8], a: &Attr, reply: ReplyEntry) {
-        let attr = view.attr(a);
+        let attr = self.attr(view, a);
         self.shared.remember(parent, name, attr.ino);
         reply.entry(&TTL, &attr, Generation(0));
     }
@@ -774,7 +780,7 @@ impl fuser::Filesystem for DmFs {
             return reply.error(e);
         }
         match view.fs.getattr(view.to_store(ino)) {
-            Ok(a) => reply.attr(&TTL, &view.attr(&a)),
+            Ok(a) => reply.attr(&TTL, &self.attr(&view, &a)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -830,7 +836,7 @@ impl fuser::Filesystem for DmFs {
                         None => Change::Attr(store_ino),
                     }]
                 });
-                reply.attr(&TTL, &view.attr(&a));
+                reply.attr(&TTL, &self.attr(&view, &a));
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -1241,7 +1247,7 @@ impl fuser::Filesystem for DmFs {
         let result = each_entry(&view.fs, view.to_store(ino), offset, 128, |e| {
             let dots = e.name == b"." || e.name == b"..";
             let attr = match view.fs.getattr(e.ino) {
-                Ok(a) => view.attr(&a),
+                Ok(a) => self.attr(&view, &a),
                 // Removed meanwhile: leave it out.
                 Err(_) if !dots => return Ok(false),
                 Err(err) => return Err(errno(&err)),
@@ -1435,7 +1441,7 @@ impl fuser::Filesystem for DmFs {
             reply.error(errno(&e));
             return;
         }
-        let attr = view.attr(&a);
+        let attr = self.attr(&view, &a);
         self.shared.remember(parent, name.as_bytes(), attr.ino);
         let fh = self.new_handle(view.fs.clone(), a.ino);
         self.tell_peers(&view.fs, || created(p, name));
@@ -1614,11 +1620,8 @@ impl Mount {
     ) -> io::Result<Mount> {
         let root = fs.subdot_ino(subdot, true).map_err(store_io_error)?;
         let shared = Arc::new(Shared {
-            view: RwLock::new(View {
-                fs,
-                root,
-                owner: opts.owner.clone().map(Arc::new),
-            }),
+            view: RwLock::new(View { fs, root }),
+            owner: opts.owner.clone(),
             subdot: subdot.to_string(),
             writeback: writeback_wanted(),
             known: Mutex::new(Known::default()),
@@ -1743,8 +1746,7 @@ impl Mount {
                     created(dm_store::ROOT_INO, OsStr::new(&self.shared.subdot))
                 });
             }
-            let owner = view.owner.clone();
-            *view = View { fs, root, owner };
+            *view = View { fs, root };
             let mut nc = self.shared.no_caps.lock();
             nc.generation += 1;
             nc.inos.clear();

@@ -12,7 +12,7 @@ use crate::api::{self, DotDetail};
 use crate::cli::{Cli, Command, DotCommand};
 use crate::client::Client;
 use crate::config::Config;
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use dm_store::DotName;
 use std::path::PathBuf;
 
@@ -95,15 +95,10 @@ pub fn run(cli: Cli) -> Result<()> {
         listen,
     } = cli.command
     {
-        // Absolute: mount paths go to Docker and into the saved mounts,
-        // which a later start (from another directory) restores.
-        let absolute = |p: PathBuf| -> Result<PathBuf> {
-            std::path::absolute(&p).with_context(|| format!("resolving {}", p.display()))
-        };
         return crate::server::run(crate::server::ServerOptions {
-            data_dir: absolute(data_dir.unwrap_or_else(crate::paths::default_data_dir))?,
-            mount_dir: absolute(mount_dir.unwrap_or_else(crate::paths::default_mount_dir))?,
-            socket: absolute(server_socket.unwrap_or(socket))?,
+            data_dir: data_dir.unwrap_or_else(crate::paths::default_data_dir),
+            mount_dir: mount_dir.unwrap_or_else(crate::paths::default_mount_dir),
+            socket: server_socket.unwrap_or(socket),
             plugin_socket: if no_plugin {
                 None
             } else {

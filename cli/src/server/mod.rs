@@ -33,6 +33,18 @@ pub struct ServerOptions {
     pub listen: Option<std::net::SocketAddr>,
 }
 
+impl ServerOptions {
+    /// The same with absolute data dir, mount dir and socket: mount paths
+    /// go to Docker and into the saved mounts, which a later start (from
+    /// another directory) restores.
+    fn made_absolute(mut self) -> Result<ServerOptions> {
+        for p in [&mut self.data_dir, &mut self.mount_dir, &mut self.socket] {
+            *p = std::path::absolute(&*p).with_context(|| format!("resolving {}", p.display()))?;
+        }
+        Ok(self)
+    }
+}
+
 /// Shared state of the handlers.
 pub struct AppState {
     /// The store.
@@ -91,25 +103,26 @@ fn create_dir_with_mode(dir: &Path, mode: u32) -> Result<()> {
 /// owned by another user than this one or root (checked before anything
 /// is created in it); for every server, a `dir` writable by others
 /// ([`refuse_foreign_dir`]). Root may keep its directories in a user's
-/// home (`sudo dm server --data-dir ~/dm`): that user is trusted.
+/// home (`sudo dm server --data-dir ~/dm`): that user is trusted. `dir`
+/// is absolute ([`ServerOptions::made_absolute`]).
 fn create_own_dir(dir: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let abs = std::path::absolute(dir).with_context(|| format!("resolving {}", dir.display()))?;
     let me = nix::unistd::geteuid().as_raw();
-    let ancestors = if me == 0 { None } else { Some(abs.ancestors()) };
-    for a in ancestors.into_iter().flatten() {
-        match std::fs::symlink_metadata(a) {
-            Ok(m) if m.uid() != me && m.uid() != 0 => bail!(
-                "{} belongs to uid {}, who could put something else in place of {}; a dm server \
-                 of uid {me} keeps its store, socket and mounts only where no other user can: \
-                 give --data-dir, --socket and --mount-dir elsewhere",
-                a.display(),
-                m.uid(),
-                dir.display()
-            ),
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("reading {}", a.display())),
+    if me != 0 {
+        for a in dir.ancestors() {
+            match std::fs::symlink_metadata(a) {
+                Ok(m) if m.uid() != me && m.uid() != 0 => bail!(
+                    "{} belongs to uid {}, who could put something else in place of {}; a dm \
+                     server of uid {me} keeps its store, socket and mounts only where no other \
+                     user can: give --data-dir, --socket and --mount-dir elsewhere",
+                    a.display(),
+                    m.uid(),
+                    dir.display()
+                ),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("reading {}", a.display())),
+            }
         }
     }
     create_dir_with_mode(dir, mode)?;
@@ -314,6 +327,7 @@ pub fn run(opts: ServerOptions) -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 
+    let opts = opts.made_absolute()?;
     // The socket's directory first: by default the mounts are made in it.
     if let Some(dir) = opts.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
         create_own_dir(dir, 0o700)?;
