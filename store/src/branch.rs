@@ -553,7 +553,7 @@ impl BranchFs {
         }
         let ino = self.alloc_ino(&mut tx)?;
         let t = now();
-        rec.parent = if rec.kind == FileKind::Dir { parent } else { 0 };
+        rec.parent = parent;
         if rec.kind == FileKind::Dir {
             p.nlink += 1;
         }
@@ -830,10 +830,10 @@ impl BranchFs {
             tx.put(keys::dirent(new_parent, new_name), src.encode());
             if parent != new_parent {
                 for (e, from, to) in [(src, parent, new_parent), (dst, new_parent, parent)] {
+                    let mut r = Self::load(&tx, e.ino)?;
+                    r.parent = to;
+                    Self::store(&mut tx, e.ino, &r);
                     if e.kind == FileKind::Dir {
-                        let mut r = Self::load(&tx, e.ino)?;
-                        r.parent = to;
-                        Self::store(&mut tx, e.ino, &r);
                         let mut f = Self::load(&tx, from)?;
                         f.nlink = f.nlink.saturating_sub(1);
                         Self::store(&mut tx, from, &f);
@@ -880,8 +880,10 @@ impl BranchFs {
             tx.put(keys::dirent(new_parent, new_name), src.encode());
             let mut r = Self::load(&tx, src.ino)?;
             r.ctime = t;
+            // Of a file, the directory it was last moved to (a hint for
+            // finding its path, see `InodeRec::parent`).
+            r.parent = new_parent;
             if src.kind == FileKind::Dir && parent != new_parent {
-                r.parent = new_parent;
                 let mut p = Self::load(&tx, parent)?;
                 p.nlink = p.nlink.saturating_sub(1);
                 Self::store(&mut tx, parent, &p);

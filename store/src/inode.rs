@@ -76,7 +76,9 @@ pub struct InodeRec {
     pub mtime: Timestamp,
     pub ctime: Timestamp,
     pub crtime: Timestamp,
-    /// Parent directory (directories only; the root is its own parent).
+    /// Parent directory (the root is its own parent). Of other files, a
+    /// hint: the directory they were created in or last moved to (a hard
+    /// link elsewhere does not change it), or 0 (stores before 2026-12).
     pub parent: Ino,
     /// Symlink target (symlinks only).
     pub target: Vec<u8>,

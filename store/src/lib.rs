@@ -11,6 +11,7 @@ pub mod branch;
 pub mod chunk;
 pub mod chunklog;
 pub mod db;
+pub mod diff;
 pub mod error;
 pub mod gc;
 pub mod id;
@@ -30,6 +31,7 @@ pub mod view;
 pub use branch::BranchFs;
 pub use chunk::ChunkStore;
 pub use db::StoreOptions;
+pub use diff::{Change, ChangeKind};
 pub use error::{Error, Result};
 pub use gc::{FsckReport, GcReport};
 pub use id::Id;
@@ -38,7 +40,5 @@ pub use inode::{
     RENAME_NOREPLACE, ROOT_INO, XATTR_CREATE, XATTR_REPLACE,
 };
 pub use names::{DotName, VolumeName};
-pub use store::{
-    BranchInfo, Change, ChangeKind, CommitInfo, CommitRequest, DotInfo, Store, DEFAULT_BLOCK_SIZE,
-};
+pub use store::{BranchInfo, CommitInfo, CommitRequest, DotInfo, Store, DEFAULT_BLOCK_SIZE};
 pub use transfer::{divergence, plan_trees, Divergence, ImportSession, SetHead, TreePlan};
