@@ -8,6 +8,8 @@
 #    data in 1 MiB writes to new files with an fsync each, makes random 8 KiB
 #    overwrites of a 64 MiB file with an fsync every 16 for
 #    SECONDS_PER_ROUND seconds (default 5), deletes the new files, commits.
+#  WORKLOAD=smallfiles: each round creates FILES (default 50000) files of
+#    100 bytes in directories of 100, commits, deletes them all, commits.
 #  WORKLOAD=pgbench: PostgreSQL on the dot (8 KiB blocks), pgbench scale 20
 #    loaded once, then per round SECONDS_PER_ROUND seconds (default 60) of
 #    pgbench with 2 clients and a commit.
@@ -43,6 +45,8 @@ if [ "$WORKLOAD" = pgbench ]; then
   pg_start "$dir/pgdata"
   pgb -i -s 20 -q >/dev/null 2>&1
   echo "Each round: ${SECS} s of pgbench (scale 20, 2 clients) on the dot, then a commit."
+elif [ "$WORKLOAD" = smallfiles ]; then
+  echo "Each round: ${FILES:-50000} files of 100 bytes created in directories of 100, a commit, all deleted, a commit."
 else
   echo "Each round: $MB MiB written to new files and fsynced, ${SECS} s of random 8 KiB writes with an fsync every 16 to a 64 MiB file, the new files deleted, a commit."
 fi
@@ -53,6 +57,18 @@ first=
 for r in $(seq 1 "$ROUNDS"); do
   if [ "$WORKLOAD" = pgbench ]; then
     pgb -c 2 -j 2 -T "$SECS" -n >/dev/null 2>&1
+  elif [ "$WORKLOAD" = smallfiles ]; then
+    python3 - "$dir" "${FILES:-50000}" <<'PY'
+import os, sys
+d, n = sys.argv[1], int(sys.argv[2])
+for i in range(0, n, 100):
+    os.mkdir(os.path.join(d, f"dir-{i}"))
+    for j in range(100):
+        with open(os.path.join(d, f"dir-{i}", f"f{j}"), "wb") as f:
+            f.write(os.urandom(100))
+PY
+    "$DM" --dot rss commit -m "round $r: created" >/dev/null
+    rm -rf "$dir"/dir-*
   else
     python3 - "$dir" "$MB" "$SECS" "$r" <<'PY'
 import os, random, sys, time
