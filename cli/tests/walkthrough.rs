@@ -76,6 +76,17 @@ fn init_commit_log_reset() {
     assert!(diff.contains("M  /__default__/big.bin"), "{diff}");
     assert!(diff.contains("A  /__default__/base/new-table"), "{diff}");
     assert!(diff.contains("D  /__default__/link"), "{diff}");
+    // Names that are not UTF-8 are told apart, quoted with octal escapes
+    // as git does (both showed as one "bad\u{fffd}" path).
+    use std::os::unix::ffi::OsStrExt;
+    let odd = |b: &[u8]| mnt.join(std::ffi::OsStr::from_bytes(b));
+    std::fs::write(odd(b"bad\xff"), b"1").unwrap();
+    std::fs::write(odd(b"bad\xfe"), b"2").unwrap();
+    let diff = s.ok(&["diff"]);
+    assert!(diff.contains("A  \"/__default__/bad\\376\"\n"), "{diff}");
+    assert!(diff.contains("A  \"/__default__/bad\\377\"\n"), "{diff}");
+    std::fs::remove_file(odd(b"bad\xff")).unwrap();
+    std::fs::remove_file(odd(b"bad\xfe")).unwrap();
 
     let id2 = s
         .ok(&["commit", "-m", "some data", "-d", "ticket=16637"])

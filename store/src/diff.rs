@@ -26,14 +26,15 @@ pub enum ChangeKind {
     Added,
     Modified,
     Deleted,
-    Renamed { from: String },
+    Renamed { from: Vec<u8> },
 }
 
-/// One changed path.
+/// One changed path: `/subdot/dir/file`, as bytes (names need not be
+/// UTF-8).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
     pub kind: ChangeKind,
-    pub path: String,
+    pub path: Vec<u8>,
 }
 
 /// The paths that differ from `old` (a snapshot) to `new` (a snapshot or
@@ -137,7 +138,7 @@ impl FileEntry {
 /// tree's at that path or that may have changed ([`Listing::of_changes`]).
 #[derive(Default)]
 struct Listing {
-    paths: BTreeMap<String, Ino>,
+    paths: BTreeMap<Vec<u8>, Ino>,
     files: HashMap<Ino, FileEntry>,
     /// Directories whose entries were listed (a directory reached twice
     /// would be a loop: not entered again).
@@ -146,7 +147,7 @@ struct Listing {
 
 /// Where a directory is in one tree, as [`Finder::dir_path`] tells.
 enum Found {
-    Path(String),
+    Path(Vec<u8>),
     /// Not in this tree.
     Absent,
     /// In this tree, but its path cannot be told from its records.
@@ -158,15 +159,15 @@ impl Listing {
     fn walk(view: &View) -> Result<Listing> {
         let mut out = Listing::default();
         out.entered.insert(ROOT_INO);
-        out.walk_from(view, vec![(ROOT_INO, String::new())])?;
+        out.walk_from(view, vec![(ROOT_INO, Vec::new())])?;
         Ok(out)
     }
 
     /// Adds the paths below each directory of `stack` (ino, path).
-    fn walk_from(&mut self, view: &View, mut stack: Vec<(Ino, String)>) -> Result<()> {
+    fn walk_from(&mut self, view: &View, mut stack: Vec<(Ino, Vec<u8>)>) -> Result<()> {
         while let Some((dir, path)) = stack.pop() {
             for (name, e) in entries(view, dir)? {
-                let p = format!("{path}/{name}");
+                let p = join(&path, &name);
                 self.add(view, p.clone(), e.ino)?;
                 if e.kind == FileKind::Dir && self.entered.insert(e.ino) {
                     stack.push((e.ino, p));
@@ -177,7 +178,7 @@ impl Listing {
     }
 
     /// Adds `path`, naming file `ino`.
-    fn add(&mut self, view: &View, path: String, ino: Ino) -> Result<()> {
+    fn add(&mut self, view: &View, path: Vec<u8>, ino: Ino) -> Result<()> {
         self.paths.insert(path, ino);
         if let Entry::Vacant(v) = self.files.entry(ino) {
             let rec = view.get(&keys::inode(ino))?.unwrap_or_default();
@@ -234,7 +235,7 @@ impl Listing {
                         Found::Absent => continue,
                         Found::Unknown => return Ok(None),
                     };
-                    let p = format!("{parent}/{}", String::from_utf8_lossy(name));
+                    let p = join(&parent, name);
                     out.add(view, p.clone(), e.ino)?;
                     // Everything below a directory that moved, came or went
                     // has another path on one side.
@@ -278,7 +279,7 @@ impl Listing {
                     },
                 };
                 match find.names_of(rec.parent, ino)? {
-                    [name] => format!("{parent}/{name}"),
+                    [name] => join(&parent, name),
                     _ => return Ok(None),
                 }
             };
@@ -288,18 +289,24 @@ impl Listing {
     }
 }
 
+/// `dir/name`.
+fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(dir.len() + 1 + name.len());
+    p.extend_from_slice(dir);
+    p.push(b'/');
+    p.extend_from_slice(name);
+    p
+}
+
 /// A directory's entries as (name, entry).
-fn entries(view: &View, dir: Ino) -> Result<Vec<(String, Dirent)>> {
+fn entries(view: &View, dir: Ino) -> Result<Vec<(Vec<u8>, Dirent)>> {
     let mut out = Vec::new();
     view.scan(
         &keys::prefix(dir, keys::TAG_DIRENT),
         &keys::prefix_end(dir, keys::TAG_DIRENT),
         &mut |k, v| {
             if let Some((_, name)) = keys::parse_dirent(k) {
-                out.push((
-                    String::from_utf8_lossy(name).into_owned(),
-                    Dirent::decode(v)?,
-                ));
+                out.push((name.to_vec(), Dirent::decode(v)?));
             }
             Ok(true)
         },
@@ -311,16 +318,16 @@ fn entries(view: &View, dir: Ino) -> Result<Vec<(String, Dirent)>> {
 /// in a directory, remembering what it read.
 struct Finder<'v, 'a> {
     view: &'v View<'a>,
-    paths: HashMap<Ino, String>,
+    paths: HashMap<Ino, Vec<u8>>,
     /// Names of each file in each directory listed: dir -> ino -> names.
-    names: HashMap<Ino, HashMap<Ino, Vec<String>>>,
+    names: HashMap<Ino, HashMap<Ino, Vec<Vec<u8>>>>,
 }
 
 impl Finder<'_, '_> {
     /// The names of file `ino` in directory `dir`.
-    fn names_of(&mut self, dir: Ino, ino: Ino) -> Result<&[String]> {
+    fn names_of(&mut self, dir: Ino, ino: Ino) -> Result<&[Vec<u8>]> {
         if !self.names.contains_key(&dir) {
-            let mut m: HashMap<Ino, Vec<String>> = HashMap::new();
+            let mut m: HashMap<Ino, Vec<Vec<u8>>> = HashMap::new();
             for (name, e) in entries(self.view, dir)? {
                 m.entry(e.ino).or_default().push(name);
             }
@@ -341,7 +348,7 @@ impl Finder<'_, '_> {
         let mut cur = dir;
         let mut path = loop {
             if cur == ROOT_INO {
-                break String::new();
+                break Vec::new();
             }
             if let Some(p) = self.paths.get(&cur) {
                 break p.clone();
@@ -367,7 +374,7 @@ impl Finder<'_, '_> {
                 [name] => name.clone(),
                 _ => return Ok(Found::Unknown),
             };
-            path = format!("{path}/{name}");
+            path = join(&path, &name);
             self.paths.insert(d, path.clone());
         }
         Ok(Found::Path(path))
@@ -393,14 +400,14 @@ fn compare(o: &View, n: &View, old: &Listing, new: &Listing) -> Result<Vec<Chang
         changed_memo.insert(ino, c);
         Ok(c)
     };
-    let change = |kind: ChangeKind, path: &str| Change {
+    let change = |kind: ChangeKind, path: &[u8]| Change {
         kind,
-        path: path.to_string(),
+        path: path.to_vec(),
     };
     let mut out = Vec::new();
     // Paths new on this side of files that exist on both: renamed to,
     // or added as another hard link.
-    let mut targets: BTreeMap<u64, Vec<&str>> = BTreeMap::new();
+    let mut targets: BTreeMap<u64, Vec<&[u8]>> = BTreeMap::new();
     for (path, &ino) in &new.paths {
         match old.paths.get(path) {
             Some(&oino) if oino == ino && same(ino) => {
@@ -419,7 +426,7 @@ fn compare(o: &View, n: &View, old: &Listing, new: &Listing) -> Result<Vec<Chang
     // Paths gone from this side of files that exist on both: renamed
     // from, or a hard link removed. A path still there is never the
     // source of a rename.
-    let mut sources: HashMap<u64, Vec<&str>> = HashMap::new();
+    let mut sources: HashMap<u64, Vec<&[u8]>> = HashMap::new();
     for (path, &ino) in &old.paths {
         if new.paths.contains_key(path) {
             continue;
@@ -435,12 +442,7 @@ fn compare(o: &View, n: &View, old: &Listing, new: &Listing) -> Result<Vec<Chang
         for (i, path) in to.iter().enumerate() {
             match from.get(i) {
                 Some(f) => {
-                    out.push(change(
-                        ChangeKind::Renamed {
-                            from: f.to_string(),
-                        },
-                        path,
-                    ));
+                    out.push(change(ChangeKind::Renamed { from: f.to_vec() }, path));
                     // Moved and changed: the rename, then the change.
                     if changed(ino)? {
                         out.push(change(ChangeKind::Modified, path));
@@ -611,10 +613,10 @@ mod tests {
         (dir, store, dot, fs)
     }
 
-    fn change(kind: ChangeKind, path: &str) -> Change {
+    fn change(kind: ChangeKind, path: impl AsRef<[u8]>) -> Change {
         Change {
             kind,
-            path: path.into(),
+            path: path.as_ref().to_vec(),
         }
     }
 
@@ -663,6 +665,37 @@ mod tests {
         assert_eq!(
             diff(&store, &dot, "master", None, None),
             (vec![change(ChangeKind::Modified, "/d6/from-d3")], false)
+        );
+    }
+
+    /// Names are bytes: two that are not UTF-8 and differ only there are
+    /// two paths (they were one, both "bad\u{fffd}", and one change hid).
+    #[test]
+    fn names_that_are_not_utf8_stay_apart() {
+        let (_d, store, dot, fs) = tree(1, 1);
+        let d0 = fs.lookup(ROOT_INO, b"d0").unwrap().ino;
+        for name in [&b"bad\xff"[..], b"bad\xfe"] {
+            fs.mknod(d0, name, FileKind::File, 0o644, 0, 0, 0).unwrap();
+        }
+        let (changes, _) = diff(&store, &dot, "master", None, None);
+        assert_eq!(
+            changes,
+            vec![
+                change(ChangeKind::Added, b"/d0/bad\xfe"),
+                change(ChangeKind::Added, b"/d0/bad\xff")
+            ]
+        );
+        commit(&store, &dot, "master");
+        fs.rename(d0, b"bad\xfe", d0, b"bad\xfd", 0).unwrap();
+        let (changes, _) = diff(&store, &dot, "master", None, None);
+        assert_eq!(
+            changes,
+            vec![change(
+                ChangeKind::Renamed {
+                    from: b"/d0/bad\xfe".to_vec()
+                },
+                b"/d0/bad\xfd"
+            )]
         );
     }
 

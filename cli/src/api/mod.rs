@@ -255,6 +255,13 @@ pub struct ChangeView {
     /// Old path of a rename.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
+    /// The path's bytes, when they are not UTF-8 (`path` then shows each
+    /// byte that is not as U+FFFD).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_bytes: Option<Vec<u8>>,
+    /// The old path's bytes, when they are not UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_bytes: Option<Vec<u8>>,
 }
 
 /// `GET .../diff`.

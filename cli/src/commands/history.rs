@@ -276,9 +276,13 @@ pub fn reset(ctx: &mut Ctx, rev: &str, hard: bool) -> Result<()> {
 }
 
 fn change_line(c: &ChangeView) -> String {
-    let path = quote_path(&c.path);
+    let shown = |text: &str, bytes: &Option<Vec<u8>>| match bytes {
+        Some(b) => quote_path(b),
+        None => quote_path(text.as_bytes()),
+    };
+    let path = shown(&c.path, &c.path_bytes);
     match (c.kind.as_str(), &c.from) {
-        ("renamed", Some(from)) => format!("R  {} -> {path}", quote_path(from)),
+        ("renamed", Some(from)) => format!("R  {} -> {path}", shown(from, &c.from_bytes)),
         ("added", _) => format!("A  {path}"),
         ("deleted", _) => format!("D  {path}"),
         ("modified", _) => format!("M  {path}"),
@@ -287,27 +291,33 @@ fn change_line(c: &ChangeView) -> String {
 }
 
 /// A path as git prints it: as is, or in double quotes with C escapes when
-/// it holds a control character, a double quote or a backslash (a name
-/// with a newline took two lines).
-fn quote_path(p: &str) -> String {
-    if !p.chars().any(|c| c.is_control() || c == '"' || c == '\\') {
-        return p.to_string();
-    }
-    let mut out = String::from("\"");
-    for c in p.chars() {
-        match c {
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control() => {
-                let mut buf = [0u8; 4];
-                for b in c.encode_utf8(&mut buf).bytes() {
-                    out.push_str(&format!("\\{b:03o}"));
-                }
-            }
-            c => out.push(c),
+/// it holds a control character, a double quote, a backslash (a name with a
+/// newline took two lines) or bytes that are not UTF-8 (each as `\ooo`).
+fn quote_path(p: &[u8]) -> String {
+    let plain = |c: char| !(c.is_control() || c == '"' || c == '\\');
+    if let Ok(s) = std::str::from_utf8(p) {
+        if s.chars().all(plain) {
+            return s.to_string();
         }
+    }
+    let octal = |out: &mut String, bytes: &[u8]| {
+        for b in bytes {
+            out.push_str(&format!("\\{b:03o}"));
+        }
+    };
+    let mut out = String::from("\"");
+    for chunk in p.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\n' => out.push_str("\\n"),
+                '\t' => out.push_str("\\t"),
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                c if c.is_control() => octal(&mut out, c.encode_utf8(&mut [0u8; 4]).as_bytes()),
+                c => out.push(c),
+            }
+        }
+        octal(&mut out, chunk.invalid());
     }
     out.push('"');
     out
@@ -388,9 +398,15 @@ mod tests {
 
     #[test]
     fn paths_with_newlines_quotes_or_controls_are_quoted_as_git_does() {
-        assert_eq!(quote_path("/__default__/a b/é"), "/__default__/a b/é");
-        assert_eq!(quote_path("/x/new\nline"), "\"/x/new\\nline\"");
-        assert_eq!(quote_path("/x/\"q\"\\"), "\"/x/\\\"q\\\"\\\\\"");
-        assert_eq!(quote_path("/x/\u{1}"), "\"/x/\\001\"");
+        let q = |p: &str| quote_path(p.as_bytes());
+        assert_eq!(q("/__default__/a b/é"), "/__default__/a b/é");
+        assert_eq!(q("/x/new\nline"), "\"/x/new\\nline\"");
+        assert_eq!(q("/x/\"q\"\\"), "\"/x/\\\"q\\\"\\\\\"");
+        assert_eq!(q("/x/\u{1}"), "\"/x/\\001\"");
+        // Not UTF-8: each such byte in octal, as git does.
+        assert_eq!(
+            quote_path(b"/x/bad\xff\xfe-\xc3\xa9"),
+            "\"/x/bad\\377\\376-é\""
+        );
     }
 }

@@ -60,11 +60,16 @@ pub fn change_view(c: &Change) -> ChangeView {
         ChangeKind::Added => ("added", None),
         ChangeKind::Modified => ("modified", None),
         ChangeKind::Deleted => ("deleted", None),
-        ChangeKind::Renamed { from } => ("renamed", Some(from.clone())),
+        ChangeKind::Renamed { from } => ("renamed", Some(from.as_slice())),
     };
+    // Shown as text; the bytes too where that loses some.
+    let text = |p: &[u8]| String::from_utf8_lossy(p).into_owned();
+    let bytes = |p: &[u8]| std::str::from_utf8(p).is_err().then(|| p.to_vec());
     ChangeView {
         kind: kind.to_string(),
-        path: c.path.clone(),
-        from,
+        path: text(&c.path),
+        from: from.map(text),
+        path_bytes: bytes(&c.path),
+        from_bytes: from.and_then(bytes),
     }
 }
