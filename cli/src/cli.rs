@@ -62,6 +62,12 @@ pub enum Command {
         /// UDP port (or ADDR:PORT) of the hub endpoint for push/pull; `off` disables it.
         #[arg(long, value_name = "PORT", env = "DM_LISTEN", default_value = "32607")]
         listen: String,
+        /// Run `dm gc` by itself once the store grew by a quarter and at
+        /// least SIZE since the last one (data written over leaves dead
+        /// chunks), and every minute while the disk is full; `off`: only
+        /// when asked.
+        #[arg(long, value_name = "SIZE", env = "DM_AUTO_GC", default_value = "512M", value_parser = parse_auto_gc)]
+        auto_gc: AutoGc,
     },
     /// (internal) Hold Docker's plugin socket and forward to a dm server.
     #[command(hide = true)]
@@ -285,18 +291,20 @@ pub enum RemoteCommand {
     },
 }
 
-/// Parses a block size: bytes, or a number with K/KiB/M/MiB.
-pub fn parse_block_size(s: &str) -> Result<u32, String> {
+/// Parses a size (`what`, for errors): bytes, or a number with
+/// K/KiB/M/MiB/G/GiB.
+fn parse_size(s: &str, what: &str) -> Result<u64, String> {
     let t = s.trim();
     let (num, mult) = match t.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => {
             let unit = t[i..].to_ascii_lowercase();
             let m = match unit.as_str() {
-                "k" | "kb" | "kib" => 1024,
-                "m" | "mb" | "mib" => 1024 * 1024,
+                "k" | "kb" | "kib" => 1 << 10,
+                "m" | "mb" | "mib" => 1 << 20,
+                "g" | "gb" | "gib" => 1 << 30,
                 _ => {
                     return Err(format!(
-                        "unknown unit {:?} in block size {s:?}: use K or M",
+                        "unknown unit {:?} in {what} {s:?}: use K, M or G",
                         &t[i..]
                     ))
                 }
@@ -305,10 +313,53 @@ pub fn parse_block_size(s: &str) -> Result<u32, String> {
         }
         None => (t, 1),
     };
-    let n: u32 = num
+    let n: u64 = num
         .parse()
-        .map_err(|_| format!("block size {s:?} is not a number"))?;
+        .map_err(|_| format!("{what} {s:?} is not a number"))?;
     n.checked_mul(mult)
-        .filter(|b| b.is_power_of_two() && (4096..=4 << 20).contains(b))
+        .ok_or_else(|| format!("{what} {s:?} is too large"))
+}
+
+/// Parses a block size: bytes, or a number with K/KiB/M/MiB.
+pub fn parse_block_size(s: &str) -> Result<u32, String> {
+    parse_size(s, "block size")?
+        .try_into()
+        .ok()
+        .filter(|b: &u32| b.is_power_of_two() && (4096..=4 << 20).contains(b))
         .ok_or_else(|| format!("block size {s:?} must be a power of two from 4K to 4M"))
+}
+
+/// When `dm server` runs GC by itself: once the store grew by this many
+/// bytes (and a quarter), or never.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AutoGc(pub Option<u64>);
+
+/// Parses `--auto-gc`: a size, or `off`.
+pub fn parse_auto_gc(s: &str) -> Result<AutoGc, String> {
+    if s.trim().eq_ignore_ascii_case("off") {
+        return Ok(AutoGc(None));
+    }
+    parse_size(s, "--auto-gc size").map(|n| AutoGc(Some(n)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units_and_say_what_is_wrong() {
+        assert_eq!(parse_block_size("8K"), Ok(8192));
+        assert_eq!(parse_block_size("65536"), Ok(65536));
+        assert!(parse_block_size("3K").unwrap_err().contains("power of two"));
+        assert!(parse_block_size("1G").unwrap_err().contains("power of two"));
+        assert!(parse_block_size("8Q").unwrap_err().contains("unknown unit"));
+        assert_eq!(parse_auto_gc("512M"), Ok(AutoGc(Some(512 << 20))));
+        assert_eq!(parse_auto_gc("2GiB"), Ok(AutoGc(Some(2 << 30))));
+        assert_eq!(parse_auto_gc("off"), Ok(AutoGc(None)));
+        assert!(parse_auto_gc("lots").unwrap_err().contains("unknown unit"));
+        assert!(parse_auto_gc("M").unwrap_err().contains("not a number"));
+        assert!(parse_auto_gc("99999999999G")
+            .unwrap_err()
+            .contains("too large"));
+    }
 }

@@ -396,3 +396,46 @@ fn relative_server_paths_are_made_absolute() {
     let want = dir.path().join("m");
     assert!(path.starts_with(&want), "{}", path.display());
 }
+
+/// Bytes the files under `dir` hold on the disk (holes not counted).
+fn allocated(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().blocks() * 512)
+        .sum()
+}
+
+/// A file written over and over (a database's, say) leaves dead chunks
+/// behind: the server collects them by itself once the store grew by a
+/// quarter and `--auto-gc` (here 4 MiB), without a `dm gc`.
+#[test]
+fn the_server_collects_garbage_by_itself() {
+    let s = Server::start_with_env(DM, &[("DM_AUTO_GC", "4M")]);
+    s.ok(&["init", "db"]);
+    let mnt = PathBuf::from(s.ok(&["mount", "db"]).trim());
+    let chunks = s.data_dir().join("store/chunks");
+    let mut last = Vec::new();
+    for seed in 0..8 {
+        last = random_bytes(100 + seed, 8 << 20);
+        write_synced(&mnt.join("table"), &last);
+    }
+    let grown = allocated(&chunks);
+    assert!(grown > 48 << 20, "{grown} bytes in the chunk log");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !s.log().contains("automatic gc") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no automatic gc in a minute:\n{}",
+            s.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(
+        allocated(&chunks) + (40 << 20) < grown,
+        "{grown} -> {} bytes",
+        allocated(&chunks)
+    );
+    assert!(std::fs::read(mnt.join("table")).unwrap() == last);
+    s.ok(&["fsck"]);
+}

@@ -18,10 +18,14 @@ use crate::transfer::{leaf_chunks, object_refs};
 use crate::tree::NodeSource;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
 /// An active chunk-log segment at least this large is sealed when GC
 /// starts (smaller ones would leave many small segments behind).
 const GC_SEAL_MIN_BYTES: u64 = 16 << 20;
+
+/// How often [`Store::gc_due`] says yes while the disk is full.
+pub const AUTO_GC_FULL_EVERY: Duration = Duration::from_secs(60);
 
 /// What a GC run reclaimed.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -344,7 +348,32 @@ impl Store {
         // Deleted chunks leave their records in the chunk log; reclaim the
         // segments they made sparse.
         report.log_bytes_freed = db.compact_chunks(compact_before)?;
+        *self.gc_base.lock() = (Instant::now(), self.log_allocated()?);
         Ok(report)
+    }
+
+    /// Bytes the chunk log holds on the disk (holes GC punched not
+    /// counted).
+    pub(crate) fn log_allocated(&self) -> Result<u64> {
+        let mut total = 0;
+        for (seg, _) in self.db.log.segments()? {
+            total += self.db.log.allocated(seg)?;
+        }
+        Ok(total)
+    }
+
+    /// Whether a GC is due, for a server that runs them by itself: the
+    /// chunk log holds a quarter more bytes on the disk than after the
+    /// last GC (or the store's opening), and at least `min_growth` more,
+    /// as data written over leaves dead chunks (a database overwriting its
+    /// files all day would fill the disk with them); or the disk is full
+    /// and the last GC is [`AUTO_GC_FULL_EVERY`] old.
+    pub fn gc_due(&self, min_growth: u64) -> Result<bool> {
+        let (at, base) = *self.gc_base.lock();
+        if self.db.space.is_full() {
+            return Ok(at.elapsed() >= AUTO_GC_FULL_EVERY);
+        }
+        Ok(self.log_allocated()? > base + (base / 4).max(min_growth))
     }
 
     /// Verifies every reachable commit, tree node and chunk against its id,

@@ -109,6 +109,9 @@ pub struct Store {
     /// Serialises changes to dot and branch records.
     pub(crate) admin: Mutex<()>,
     pub(crate) gc_lock: Mutex<()>,
+    /// When the last GC ended (or the store opened), and the bytes its
+    /// chunk log held on the disk then (see [`Store::gc_due`]).
+    pub(crate) gc_base: Mutex<(std::time::Instant, u64)>,
     /// Runs between GC's mark and its sweep (tests of what happens there).
     #[cfg(test)]
     pub(crate) gc_after_mark: Mutex<Option<GcHook>>,
@@ -137,15 +140,18 @@ impl Store {
 
     pub fn open_with(dir: &Path, opts: StoreOptions) -> Result<Arc<Store>> {
         let db = Arc::new(Db::open(dir, opts)?);
-        Ok(Arc::new(Store {
+        let store = Arc::new(Store {
             db,
             dir: dir.to_path_buf(),
             branches: Mutex::new(HashMap::new()),
             admin: Mutex::new(()),
             gc_lock: Mutex::new(()),
+            gc_base: Mutex::new((std::time::Instant::now(), 0)),
             #[cfg(test)]
             gc_after_mark: Mutex::new(None),
-        }))
+        });
+        store.gc_base.lock().1 = store.log_allocated()?;
+        Ok(store)
     }
 
     /// The data directory.

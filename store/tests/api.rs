@@ -634,6 +634,38 @@ fn gc_gives_back_the_active_segment() {
     assert!(store.fsck().unwrap().is_clean());
 }
 
+/// `gc_due` (what `dm server` runs GC by itself on): not while the chunk
+/// log grew by less than the minimum or a quarter since the last GC, and
+/// again once a file written over several times left that much behind;
+/// a GC makes it not due again.
+#[test]
+fn gc_is_due_once_the_chunk_log_grew_by_a_quarter() {
+    let (_dir, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    write_file(&fs, "db", &noise(4 << 20, 10));
+    commit(&store, &dot, "master", "db");
+    store.gc().unwrap();
+    assert!(!store.gc_due(1 << 20).unwrap());
+    // Written over: each version's chunks are dead once the next is there.
+    write_file(&fs, "db", &noise(4 << 20, 20));
+    assert!(
+        !store.gc_due(8 << 20).unwrap(),
+        "grew by less than the minimum"
+    );
+    assert!(
+        store.gc_due(1 << 20).unwrap(),
+        "grew by more than a quarter"
+    );
+    for seed in [30, 40, 50] {
+        write_file(&fs, "db", &noise(4 << 20, seed));
+    }
+    assert!(store.gc_due(8 << 20).unwrap());
+    let r = store.gc().unwrap();
+    assert!(r.log_bytes_freed >= 12 << 20, "{r:?}");
+    assert!(!store.gc_due(1 << 20).unwrap());
+    assert_eq!(read_file(&fs, "db").unwrap(), noise(4 << 20, 50));
+}
+
 #[test]
 fn posix_semantics() {
     let (_d, store, dot) = setup();

@@ -93,6 +93,7 @@ pub fn run(cli: Cli) -> Result<()> {
         no_plugin,
         docker_socket,
         listen,
+        auto_gc,
     } = cli.command
     {
         return crate::server::run(crate::server::ServerOptions {
@@ -106,6 +107,7 @@ pub fn run(cli: Cli) -> Result<()> {
             },
             docker_socket,
             listen: sync::parse_listen(&listen)?,
+            auto_gc: auto_gc.0,
         });
     }
     if let Command::PluginProxy { listen, upstream } = &cli.command {

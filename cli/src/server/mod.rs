@@ -31,6 +31,9 @@ pub struct ServerOptions {
     pub docker_socket: PathBuf,
     /// UDP address of the hub endpoint (push/pull), `None`: no hub.
     pub listen: Option<std::net::SocketAddr>,
+    /// Run GC by itself once the store grew by this many bytes (and a
+    /// quarter) since the last one (see [`Store::gc_due`]); `None`: never.
+    pub auto_gc: Option<u64>,
 }
 
 impl ServerOptions {
@@ -369,6 +372,7 @@ pub fn run(opts: ServerOptions) -> Result<()> {
     ));
     mounts.restore();
     let patches = start_patch_writer(store.clone());
+    let auto_gc = opts.auto_gc.map(|min| start_auto_gc(store.clone(), min));
     tracing::info!(
         data_dir = %opts.data_dir.display(),
         mount_dir = %opts.mount_dir.display(),
@@ -415,6 +419,9 @@ pub fn run(opts: ServerOptions) -> Result<()> {
     tracing::info!("shutting down: unmounting everything");
     mounts.shutdown();
     patches.stop();
+    if let Some(gc) = auto_gc {
+        gc.stop();
+    }
     if let Err(e) = store.sync() {
         tracing::error!("final sync: {e}");
     }
@@ -429,37 +436,71 @@ pub fn run(opts: ServerOptions) -> Result<()> {
 /// (ZFS writes out its intent log's blocks every 5 s too).
 const PATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// The thread that calls [`Store::materialize_patches`] every
-/// [`PATCH_INTERVAL`].
-struct PatchWriter {
+/// A background thread that calls a function every so often until stopped.
+struct Periodic {
     stop: std::sync::mpsc::Sender<()>,
     thread: std::thread::JoinHandle<()>,
 }
 
-impl PatchWriter {
+impl Periodic {
+    fn start(every: std::time::Duration, mut f: impl FnMut() + Send + 'static) -> Periodic {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every)
+            {
+                f();
+            }
+        });
+        Periodic { stop, thread }
+    }
+
+    /// Stops the thread, after the call in progress if any.
     fn stop(self) {
         drop(self.stop);
         let _ = self.thread.join();
     }
 }
 
-fn start_patch_writer(store: Arc<Store>) -> PatchWriter {
-    let (stop, stopped) = std::sync::mpsc::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-            stopped.recv_timeout(PATCH_INTERVAL)
-        {
-            // `DM_LOG=info,dm::memory=debug` shows where the server's
-            // memory goes (bench/mem/rss.sh reads it).
-            tracing::debug!(target: "dm::memory", "{}", store.memory());
-            match store.materialize_patches() {
-                Ok(0) => {}
-                Ok(n) => tracing::debug!("stored {n} patched blocks whole"),
-                Err(e) => tracing::warn!("storing patched blocks whole: {e}"),
-            }
+/// Calls [`Store::materialize_patches`] every [`PATCH_INTERVAL`].
+fn start_patch_writer(store: Arc<Store>) -> Periodic {
+    Periodic::start(PATCH_INTERVAL, move || {
+        // `DM_LOG=info,dm::memory=debug` shows where the server's
+        // memory goes (bench/mem/rss.sh reads it).
+        tracing::debug!(target: "dm::memory", "{}", store.memory());
+        match store.materialize_patches() {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!("stored {n} patched blocks whole"),
+            Err(e) => tracing::warn!("storing patched blocks whole: {e}"),
         }
-    });
-    PatchWriter { stop, thread }
+    })
+}
+
+/// How often the server asks whether a GC is due (a look at the sizes of
+/// the chunk log's files).
+const AUTO_GC_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs a GC whenever [`Store::gc_due`] says so (`min_growth` bytes).
+fn start_auto_gc(store: Arc<Store>, min_growth: u64) -> Periodic {
+    Periodic::start(AUTO_GC_CHECK, move || {
+        match store.gc_due(min_growth) {
+            Ok(false) => return,
+            Ok(true) => {}
+            Err(e) => return tracing::warn!("automatic gc: {e}"),
+        }
+        let t = std::time::Instant::now();
+        match store.gc() {
+            Ok(r) => tracing::info!(
+                "automatic gc (the store grew by a quarter since the last, or the disk is \
+                 full; `dm server --auto-gc off` leaves it to `dm gc`): deleted {} chunks \
+                 and {} objects, gave {} back to the disk, in {:.1?}",
+                r.chunks_deleted,
+                r.objects_deleted,
+                crate::format::human_size(r.log_bytes_freed),
+                t.elapsed()
+            ),
+            Err(e) => tracing::warn!("automatic gc: {e}"),
+        }
+    })
 }
 
 async fn serve(state: Arc<AppState>, socket: &Path) -> Result<()> {
