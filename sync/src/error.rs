@@ -57,19 +57,41 @@ impl Error {
     }
 }
 
+/// Why a connection was lost, in words: a peer that went silent (killed,
+/// frozen, or cut off by the network) shows as a timeout.
+fn lost(e: &quinn::ConnectionError) -> String {
+    match e {
+        quinn::ConnectionError::TimedOut => format!(
+            "no answer from the other side for {} s (stopped, frozen, or cut off by the network)",
+            crate::tls::IDLE_TIMEOUT.as_secs()
+        ),
+        e => e.to_string(),
+    }
+}
+
 impl From<quinn::ConnectionError> for Error {
     fn from(e: quinn::ConnectionError) -> Self {
-        Error::Connection(format!("connection lost: {e}"))
+        Error::Connection(format!("connection lost: {}", lost(&e)))
     }
 }
 impl From<quinn::WriteError> for Error {
     fn from(e: quinn::WriteError) -> Self {
-        Error::Connection(format!("sending: {e}"))
+        match e {
+            quinn::WriteError::ConnectionLost(c) => {
+                Error::Connection(format!("sending: connection lost: {}", lost(&c)))
+            }
+            e => Error::Connection(format!("sending: {e}")),
+        }
     }
 }
 impl From<quinn::ReadExactError> for Error {
     fn from(e: quinn::ReadExactError) -> Self {
-        Error::Connection(format!("receiving: {e}"))
+        match e {
+            quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c)) => {
+                Error::Connection(format!("receiving: connection lost: {}", lost(&c)))
+            }
+            e => Error::Connection(format!("receiving: {e}")),
+        }
     }
 }
 impl From<quinn::ClosedStream> for Error {
@@ -80,5 +102,24 @@ impl From<quinn::ClosedStream> for Error {
 impl From<tokio::task::JoinError> for Error {
     fn from(e: tokio::task::JoinError) -> Self {
         Error::Connection(format!("internal task failed: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+
+    #[test]
+    fn a_silent_peer_is_said_to_be_silent() {
+        let e: Error = quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(
+            quinn::ConnectionError::TimedOut,
+        ))
+        .into();
+        let m = e.to_string();
+        assert!(
+            m.starts_with("receiving: connection lost: no answer"),
+            "{m}"
+        );
+        assert!(m.contains("30 s"), "{m}");
     }
 }

@@ -105,6 +105,10 @@ pub const RECEIVE_WINDOW: u32 = 128 << 20;
 /// `Hello`, nothing to fill its memory with.
 pub const PRE_AUTH_WINDOW: u32 = 64 << 10;
 
+/// A peer silent this long (6 keep-alives missed) is gone: a push to a
+/// hub that died says so after 30 s, not 60.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 fn transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(STREAMS.into());
@@ -112,9 +116,7 @@ fn transport() -> quinn::TransportConfig {
     t.receive_window(RECEIVE_WINDOW.into());
     t.send_window(128 << 20);
     t.keep_alive_interval(Some(Duration::from_secs(5)));
-    // A peer silent this long (6 keep-alives missed) is gone: a push to a
-    // hub that died says so after 30 s, not 60.
-    if let Ok(idle) = Duration::from_secs(30).try_into() {
+    if let Ok(idle) = IDLE_TIMEOUT.try_into() {
         t.max_idle_timeout(Some(idle));
     }
     t

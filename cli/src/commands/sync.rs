@@ -470,6 +470,11 @@ fn with_remote_hints(msg: &str, remote: &str, remote_name: Option<&str>, r: &Rem
             m = m.replace(flag, &format!(" --remote-name {n}{flag}"));
         }
     }
+    m = m.replacen(
+        "the hub's disk is full",
+        &format!("the disk of remote {remote} ({}) is full", r.hostname),
+        1,
+    );
     let broken = ["connection lost", "receiving:", "sending:", "stream closed"];
     if broken.iter().any(|b| m.starts_with(b)) {
         m = format!(
@@ -557,7 +562,20 @@ fn run(ctx: &mut Ctx, req: &TransferReq, label: &str) -> Result<()> {
             }
             break s;
         }
-        let s: TransferStatus = ctx.client()?.get(&format!("/v1/sync/transfers/{id}"))?;
+        let s: TransferStatus = match ctx
+            .client()
+            .and_then(|c| c.get(&format!("/v1/sync/transfers/{id}")))
+        {
+            Ok(s) => s,
+            Err(e) => {
+                bar.finish();
+                return Err(e.context(
+                    "following the transfer in the dm server, which stopped or restarted \
+                     meanwhile, and the transfer with it (its log says why): once it runs, the \
+                     same command goes on from what arrived",
+                ));
+            }
+        };
         bar.update(&s.phase, s.done, s.total);
         if s.finished {
             break s;

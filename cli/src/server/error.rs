@@ -69,10 +69,27 @@ fn disk_full(errno: i32, message: &str) -> Option<ApiError> {
         })
 }
 
-/// The message of a failed background job (a transfer), with what to do
-/// when it failed for a full disk.
-pub fn job_error(message: String) -> String {
-    disk_full(0, &message).map_or(message, |e| e.message)
+/// The message of a failed transfer, with what to do when a disk filled:
+/// this machine's, or (`remote`: the error came from the hub) the hub's,
+/// where nothing done here would help.
+pub fn job_error(message: String, remote: bool) -> String {
+    let Some(full) = disk_full(0, &message) else {
+        return message;
+    };
+    if remote {
+        return format!(
+            "the hub's disk is full: it could not store what was sent ({message}). Nothing on \
+             this machine needs to change: once the hub's admin frees space there (deleting \
+             dots or branches on the hub, then `dm gc` there), the same command goes on from \
+             what arrived"
+        );
+    }
+    format!(
+        "{}. What an interrupted pull or clone received is kept for the next run and takes \
+         room too: `dm gc` frees it (the next run fetches it again), or free space outside dm \
+         and run the same command again to go on from it",
+        full.message
+    )
 }
 
 impl From<dm_store::Error> for ApiError {
@@ -115,5 +132,22 @@ impl IntoResponse for ApiError {
             }),
         )
             .into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::job_error;
+
+    #[test]
+    fn a_full_disk_in_a_transfer_says_whose_and_what_to_do_there() {
+        let msg = "storing the chunks of a transfer: No space left on device (os error 28)";
+        let here = job_error(msg.to_string(), false);
+        assert!(here.contains("dm's data directory is full") && here.contains("`dm gc` frees it"));
+        let hub = job_error(msg.to_string(), true);
+        assert!(hub.starts_with("the hub's disk is full"), "{hub}");
+        assert!(!hub.contains("dm branch -d"), "no local advice: {hub}");
+        let other = "remote branch master moved".to_string();
+        assert_eq!(job_error(other.clone(), true), other);
     }
 }

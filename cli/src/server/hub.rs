@@ -330,7 +330,9 @@ async fn transfer_status(
         .ok_or_else(|| ApiError::not_found(format!("no transfer {id}")))?;
     let mut s = job.status.lock().clone();
     let (done, total) = job.progress.get();
-    s.phase = if s.finished {
+    s.phase = if s.finished && s.error.is_some() {
+        "failed".into()
+    } else if s.finished {
         "done".into()
     } else {
         job.progress.phase()
@@ -396,7 +398,8 @@ async fn start_transfer(
             let mut s = job.status.lock();
             s.finished = true;
             if let Err(e) = result {
-                s.error = Some(super::error::job_error(e.to_string()));
+                let remote = matches!(e, dm_sync::Error::Remote { .. });
+                s.error = Some(super::error::job_error(e.to_string(), remote));
             }
         }
         // A client that stopped polling (Ctrl-C) never asks for the result:
