@@ -479,9 +479,17 @@ fn start_patch_writer(store: Arc<Store>) -> Periodic {
 /// the chunk log's files).
 const AUTO_GC_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long the server waits after an automatic GC failed (said in its
+/// log) before it tries again.
+const AUTO_GC_RETRY: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Runs a GC whenever [`Store::gc_due`] says so (`min_growth` bytes).
 fn start_auto_gc(store: Arc<Store>, min_growth: u64) -> Periodic {
+    let mut failed: Option<std::time::Instant> = None;
     Periodic::start(AUTO_GC_CHECK, move || {
+        if failed.is_some_and(|t| t.elapsed() < AUTO_GC_RETRY) {
+            return;
+        }
         match store.gc_due(min_growth) {
             Ok(false) => return,
             Ok(true) => {}
@@ -498,7 +506,13 @@ fn start_auto_gc(store: Arc<Store>, min_growth: u64) -> Periodic {
                 crate::format::human_size(r.log_bytes_freed),
                 t.elapsed()
             ),
-            Err(e) => tracing::warn!("automatic gc: {e}"),
+            Err(e) => {
+                tracing::warn!(
+                    "automatic gc: {e} (tried again in {} minutes; `dm gc` runs one now)",
+                    AUTO_GC_RETRY.as_secs() / 60
+                );
+                failed = Some(std::time::Instant::now());
+            }
         }
     })
 }
