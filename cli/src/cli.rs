@@ -297,6 +297,11 @@ fn parse_size(s: &str, what: &str) -> Result<u64, String> {
     let t = s.trim();
     let (num, mult) = match t.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => {
+            if t[i..].starts_with('.') {
+                return Err(format!(
+                    "{what} {s:?}: whole numbers only (1536M, not 1.5G)"
+                ));
+            }
             let unit = t[i..].to_ascii_lowercase();
             let m = match unit.as_str() {
                 "k" | "kb" | "kib" => 1 << 10,
@@ -358,6 +363,7 @@ mod tests {
         assert_eq!(parse_auto_gc("off"), Ok(AutoGc(None)));
         assert!(parse_auto_gc("lots").unwrap_err().contains("unknown unit"));
         assert!(parse_auto_gc("M").unwrap_err().contains("not a number"));
+        assert!(parse_auto_gc("1.5G").unwrap_err().contains("whole numbers"));
         assert!(parse_auto_gc("99999999999G")
             .unwrap_err()
             .contains("too large"));

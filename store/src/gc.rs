@@ -18,6 +18,7 @@ use crate::transfer::{leaf_chunks, object_refs};
 use crate::tree::NodeSource;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// An active chunk-log segment at least this large is sealed when GC
@@ -228,6 +229,8 @@ impl Store {
             // are read, and pinners record the id as young after pinning it,
             // so a pin made after this read is recorded there.
             *self.db.young.lock() = Some(HashSet::new());
+            // A delete from now on is after this GC's mark: the next sees it.
+            self.deleted_since_gc.store(false, Ordering::Release);
             // Before the branch records (see `mark`).
             let id_limit = self.id_limit();
             let pinned: Vec<Id> = self.db.pins.lock().keys().copied().collect();
@@ -349,6 +352,9 @@ impl Store {
         // segments they made sparse.
         report.log_bytes_freed = db.compact_chunks(compact_before)?;
         *self.gc_base.lock() = (Instant::now(), self.log_allocated()?);
+        // Writers refused for a full disk take data again now if this made
+        // room, not at the next periodic look.
+        db.space.check_now();
         Ok(report)
     }
 
@@ -366,12 +372,16 @@ impl Store {
     /// chunk log holds a quarter more bytes on the disk than after the
     /// last GC (or the store's opening), and at least `min_growth` more,
     /// as data written over leaves dead chunks (a database overwriting its
-    /// files all day would fill the disk with them); or the disk is full
-    /// and the last GC is [`AUTO_GC_FULL_EVERY`] old.
+    /// files all day would fill the disk with them); a dot or branch was
+    /// deleted (whose space its user expects back, as ZFS gives it); or
+    /// the disk is full and the last GC is [`AUTO_GC_FULL_EVERY`] old.
     pub fn gc_due(&self, min_growth: u64) -> Result<bool> {
         let (at, base) = *self.gc_base.lock();
         if self.db.space.is_full() {
             return Ok(at.elapsed() >= AUTO_GC_FULL_EVERY);
+        }
+        if self.deleted_since_gc.load(Ordering::Acquire) {
+            return Ok(true);
         }
         Ok(self.log_allocated()? > base + (base / 4).max(min_growth))
     }

@@ -112,6 +112,9 @@ pub struct Store {
     /// When the last GC ended (or the store opened), and the bytes its
     /// chunk log held on the disk then (see [`Store::gc_due`]).
     pub(crate) gc_base: Mutex<(std::time::Instant, u64)>,
+    /// A dot or branch was deleted since the last GC started (its data is
+    /// garbage now: see [`Store::gc_due`]).
+    pub(crate) deleted_since_gc: std::sync::atomic::AtomicBool,
     /// Runs between GC's mark and its sweep (tests of what happens there).
     #[cfg(test)]
     pub(crate) gc_after_mark: Mutex<Option<GcHook>>,
@@ -147,6 +150,7 @@ impl Store {
             admin: Mutex::new(()),
             gc_lock: Mutex::new(()),
             gc_base: Mutex::new((std::time::Instant::now(), 0)),
+            deleted_since_gc: Default::default(),
             #[cfg(test)]
             gc_after_mark: Mutex::new(None),
         });
@@ -425,6 +429,8 @@ impl Store {
         // while taking the registry).
         let mut states: Vec<_> = open.iter().map(|fs| fs.state.write()).collect();
         self.db.write(batch, true, what)?;
+        self.deleted_since_gc
+            .store(true, std::sync::atomic::Ordering::Release);
         for st in &mut states {
             st.deleted = true;
         }

@@ -636,10 +636,10 @@ fn gc_gives_back_the_active_segment() {
 
 /// `gc_due` (what `dm server` runs GC by itself on): not while the chunk
 /// log grew by less than the minimum or a quarter since the last GC, and
-/// again once a file written over several times left that much behind;
-/// a GC makes it not due again.
+/// again once a file written over several times left that much behind,
+/// or a branch was deleted; a GC makes it not due again.
 #[test]
-fn gc_is_due_once_the_chunk_log_grew_by_a_quarter() {
+fn gc_is_due_after_a_quarter_of_growth_or_a_delete() {
     let (_dir, store, dot) = setup();
     let fs = store.branch_fs(&dot, "master").unwrap();
     write_file(&fs, "db", &noise(4 << 20, 10));
@@ -664,6 +664,13 @@ fn gc_is_due_once_the_chunk_log_grew_by_a_quarter() {
     assert!(r.log_bytes_freed >= 12 << 20, "{r:?}");
     assert!(!store.gc_due(1 << 20).unwrap());
     assert_eq!(read_file(&fs, "db").unwrap(), noise(4 << 20, 50));
+    // A deleted branch's space is wanted back: due whatever the growth.
+    store.create_branch(&dot, "scratch", None).unwrap();
+    assert!(!store.gc_due(1 << 30).unwrap());
+    store.delete_branch(&dot, "scratch", true).unwrap();
+    assert!(store.gc_due(1 << 30).unwrap());
+    store.gc().unwrap();
+    assert!(!store.gc_due(1 << 30).unwrap());
 }
 
 #[test]
