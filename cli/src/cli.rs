@@ -64,8 +64,8 @@ pub enum Command {
         listen: String,
         /// Run `dm gc` by itself once the store grew by a quarter and at
         /// least SIZE since the last one (data written over leaves dead
-        /// chunks), and every minute while the disk is full; `off`: only
-        /// when asked.
+        /// chunks), after a dot or branch is deleted, and every minute
+        /// while the disk is full; `off`: only when asked.
         #[arg(long, value_name = "SIZE", env = "DM_AUTO_GC", default_value = "512M", value_parser = parse_auto_gc)]
         auto_gc: AutoGc,
     },
