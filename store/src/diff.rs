@@ -109,27 +109,31 @@ struct FileEntry {
 }
 
 impl FileEntry {
-    /// Inode `ino` in `view`, if it is in the tree (an unlinked file held
-    /// open has a record but no path).
-    fn load(view: &View, ino: Ino) -> Result<Option<FileEntry>> {
+    /// The entry of record `rec` of inode `ino`, and the record decoded
+    /// (`None` when it does not decode).
+    fn of(ino: Ino, rec: Vec<u8>) -> (FileEntry, Option<InodeRec>) {
+        let r = InodeRec::decode(ino, &rec).ok();
+        let entry = FileEntry {
+            kind: r.as_ref().map_or(FileKind::File, |r| r.kind),
+            crtime: r.as_ref().map(|r| r.crtime),
+            rec,
+        };
+        (entry, r)
+    }
+
+    /// Inode `ino` in `view` as [`FileEntry::of`], if it is in the tree
+    /// (an unlinked file held open has a record but no path).
+    fn load(view: &View, ino: Ino) -> Result<Option<(FileEntry, Option<InodeRec>)>> {
         let Some(rec) = view.get(&keys::inode(ino))? else {
             return Ok(None);
         };
-        let Ok(r) = InodeRec::decode(ino, &rec) else {
-            return Ok(Some(FileEntry {
-                kind: FileKind::File,
-                crtime: None,
-                rec,
-            }));
-        };
-        if r.kind != FileKind::Dir && r.nlink == 0 {
+        let (entry, r) = FileEntry::of(ino, rec);
+        if r.as_ref()
+            .is_some_and(|r| r.kind != FileKind::Dir && r.nlink == 0)
+        {
             return Ok(None);
         }
-        Ok(Some(FileEntry {
-            kind: r.kind,
-            crtime: Some(r.crtime),
-            rec,
-        }))
+        Ok(Some((entry, r)))
     }
 }
 
@@ -182,12 +186,7 @@ impl Listing {
         self.paths.insert(path, ino);
         if let Entry::Vacant(v) = self.files.entry(ino) {
             let rec = view.get(&keys::inode(ino))?.unwrap_or_default();
-            let r = InodeRec::decode(ino, &rec).ok();
-            v.insert(FileEntry {
-                kind: r.as_ref().map_or(FileKind::File, |r| r.kind),
-                crtime: r.map(|r| r.crtime),
-                rec,
-            });
+            v.insert(FileEntry::of(ino, rec).0);
         }
         Ok(())
     }
@@ -196,7 +195,7 @@ impl Listing {
     fn load_files<'i>(&mut self, view: &View, inos: impl Iterator<Item = &'i Ino>) -> Result<()> {
         for &ino in inos {
             if let Entry::Vacant(e) = self.files.entry(ino) {
-                if let Some(f) = FileEntry::load(view, ino)? {
+                if let Some((f, _)) = FileEntry::load(view, ino)? {
                     e.insert(f);
                 }
             }
@@ -251,10 +250,10 @@ impl Listing {
             if ino == ROOT_INO {
                 continue;
             }
-            let Some(f) = FileEntry::load(view, ino)? else {
+            let Some((f, rec)) = FileEntry::load(view, ino)? else {
                 continue;
             };
-            let Ok(rec) = InodeRec::decode(ino, &f.rec) else {
+            let Some(rec) = rec else {
                 return Ok(None);
             };
             out.files.insert(ino, f);
