@@ -530,6 +530,102 @@ fn file_changed(
     Ok(digest(old_view)? != digest(new_view)?)
 }
 
+/// Most overlay entries that [`has_work`] looks through: a working state
+/// with more holds something besides mount placeholders (each takes three:
+/// the root's entry, the directory's record and the root's record, shared).
+const PLACEHOLDER_SCAN: usize = 64;
+
+/// Whether working state `view` holds anything to commit besides subdot
+/// directories that a mount made (see [`is_mount_placeholder`]): what makes
+/// a branch dirty, so that a pull, a delete or a checkout's note does not
+/// stop at an empty directory that `dm mount dot.sub` made on a branch
+/// without that subdot (the mount makes it again after a reset or pull).
+/// Reads at most [`PLACEHOLDER_SCAN`] overlay entries.
+pub(crate) fn has_work(view: &View) -> Result<bool> {
+    if !view.has_changes()? {
+        return Ok(false);
+    }
+    let Some(entries) = view.changes_upto(PLACEHOLDER_SCAN)? else {
+        return Ok(true);
+    };
+    let superblock = keys::superblock();
+    for (k, v) in &entries {
+        let Some(v) = v else {
+            return Ok(true); // something deleted
+        };
+        let placeholder_part = match keys::parse(k) {
+            // Inode numbers handed out; the root's times and link count.
+            _ if *k == superblock => true,
+            Some((ROOT_INO, keys::TAG_INODE)) => true,
+            Some((ROOT_INO, keys::TAG_DIRENT)) => {
+                let d = Dirent::decode(v)?;
+                tree::get(view.db, &view.root, k)?.is_none() && is_mount_placeholder(view, d.ino)?
+            }
+            Some((ino, keys::TAG_INODE)) => is_mount_placeholder(view, ino)?,
+            _ => false,
+        };
+        if !placeholder_part {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Whether inode `ino` of working state `view` is a directory as a mount
+/// of a missing subdot makes it (`BranchFs::subdot_ino`): new since the
+/// snapshot under the overlay, empty, mode 0755, owned by the store's
+/// owner, without extended attributes. Nobody's work: `dm status` leaves
+/// it out and it does not make the branch dirty.
+pub(crate) fn is_mount_placeholder(view: &View, ino: Ino) -> Result<bool> {
+    let key = keys::inode(ino);
+    let Some(rec) = view.get(&key)? else {
+        return Ok(false);
+    };
+    let rec = InodeRec::decode(ino, &rec)?;
+    if rec.kind != FileKind::Dir
+        || rec.parent != ROOT_INO
+        || rec.perm & 0o777 != 0o755
+        || rec.uid != view.db.opts.owner.0
+        || tree::get(view.db, &view.root, &key)?.is_some()
+    {
+        return Ok(false);
+    }
+    let mut empty = true;
+    for tag in [keys::TAG_DIRENT, keys::TAG_XATTR] {
+        view.scan(
+            &keys::prefix(ino, tag),
+            &keys::prefix_end(ino, tag),
+            &mut |_, _| {
+                empty = false;
+                Ok(false)
+            },
+        )?;
+    }
+    Ok(empty)
+}
+
+/// `changes` of a working state without the subdot directories that
+/// mounts made ([`is_mount_placeholder`]).
+pub(crate) fn work_changes(old: &View, work: &View) -> Result<Vec<Change>> {
+    let mut out = changes(old, work)?;
+    let mut keep = Vec::with_capacity(out.len());
+    for c in out.drain(..) {
+        let top = match (&c.kind, c.path.strip_prefix(b"/")) {
+            (ChangeKind::Added, Some(name)) if !name.contains(&b'/') => Some(name),
+            _ => None,
+        };
+        let placeholder = match top.map(|n| work.get(&keys::dirent(ROOT_INO, n))) {
+            Some(Ok(Some(d))) => is_mount_placeholder(work, Dirent::decode(&d)?.ino)?,
+            Some(Err(e)) => return Err(e),
+            _ => false,
+        };
+        if !placeholder {
+            keep.push(c);
+        }
+    }
+    Ok(keep)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1119,11 +1119,10 @@ impl Store {
             Some(c) => snapshot(Some(c))?,
             None => snapshot(st.head)?,
         };
-        let new_view = match to {
-            Some(c) => snapshot(Some(c))?,
-            None => fs.view(&st),
-        };
-        crate::diff::changes(&old_view, &new_view)
+        match to {
+            Some(c) => crate::diff::changes(&old_view, &snapshot(Some(c))?),
+            None => crate::diff::work_changes(&old_view, &fs.view(&st)),
+        }
     }
 }
 

@@ -627,28 +627,9 @@ impl Store {
         if fs.unflushed_bytes() > 0 {
             return Ok(true);
         }
-        if st.head.is_some() {
-            return fs.view(st).has_changes();
-        }
         // A branch without commits starts with an overlay holding a fresh
-        // superblock and root directory: anything beyond those (or a
-        // superblock that handed out inode numbers) is uncommitted work.
-        let superblock = keys::superblock();
-        let fresh_super = crate::branch::BranchFs::fresh_entries((0, 0))
-            .into_iter()
-            .find(|(k, _)| *k == superblock)
-            .map(|(_, v)| v);
-        let root = keys::inode(crate::inode::ROOT_INO);
-        let mut dirty = false;
-        fs.view(st).for_each_change(&mut |k, v| {
-            if k == superblock.as_slice() {
-                dirty |= v.map(|v| v.to_vec()) != fresh_super;
-            } else if k != root.as_slice() {
-                dirty = true;
-            }
-            Ok(())
-        })?;
-        Ok(dirty)
+        // superblock and root directory, which has_work passes over too.
+        crate::diff::has_work(&fs.view(st))
     }
 
     /// Moves `branch` of `dot` to commit `new` if it is at `expected` (None:

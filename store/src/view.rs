@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 
 /// Callback of [`View::scan`]: gets (key, value), returns false to stop.
 pub type ScanFn<'f> = dyn FnMut(&[u8], &[u8]) -> Result<bool> + 'f;
+/// An overlay entry: a tree key and its value (`None`: deleted).
+pub type OverlayEntry = (Vec<u8>, Option<Vec<u8>>);
 /// Callback of [`View::for_each_change`]: (key, Some(value) or None = deleted).
 pub type ChangeFn<'f> = dyn FnMut(&[u8], Option<&[u8]>) -> Result<()> + 'f;
 
@@ -145,6 +147,35 @@ impl<'a> View<'a> {
             it.next();
         }
         it.status().map_err(Error::db("scanning the working state"))
+    }
+
+    /// The overlay's entries (key, value or `None` for a tombstone) when
+    /// there are at most `limit` of them; `None` when there are more.
+    pub fn changes_upto(&self, limit: usize) -> Result<Option<Vec<OverlayEntry>>> {
+        let prefix = overlay_prefix(self.bid);
+        let mut it = self.db.iter_until(CF_WORK, prefix_end(&prefix));
+        it.seek(prefix);
+        let mut out = Vec::new();
+        while it.valid() {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                break;
+            };
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            if out.len() == limit {
+                return Ok(None);
+            }
+            let v = match v.split_first() {
+                Some((&VALUE, rest)) => Some(rest.to_vec()),
+                _ => None,
+            };
+            out.push((k[8..].to_vec(), v));
+            it.next();
+        }
+        it.status()
+            .map_err(Error::db("scanning the working state"))?;
+        Ok(Some(out))
     }
 
     /// True when the overlay has any entry.

@@ -202,6 +202,84 @@ fn branches_follow_the_seed_example() {
     );
 }
 
+/// A subdot directory that a mount made on a branch without that subdot
+/// (empty, as `subdot_ino` makes it) is nobody's work: it does not make
+/// the branch dirty (a pull, a branch delete and checkout's note stopped at
+/// it for good, since each reset or pull had the mount make it again) and
+/// `dm status` leaves it out; anything more in it, or any other change,
+/// counts.
+#[test]
+fn a_subdot_directory_made_for_a_mount_is_not_uncommitted_work() {
+    let (_d, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    let clean = |why: &str| {
+        assert!(!store.has_uncommitted(&dot, "master").unwrap(), "{why}");
+        assert!(
+            store.diff(&dot, "master", None, None).unwrap().is_empty(),
+            "{why}"
+        );
+        assert!(
+            !store.branch_info(&dot, "master").unwrap().uncommitted,
+            "{why}"
+        );
+    };
+    let dirty = |why: &str| {
+        assert!(store.has_uncommitted(&dot, "master").unwrap(), "{why}");
+        assert!(
+            !store.diff(&dot, "master", None, None).unwrap().is_empty(),
+            "{why}"
+        );
+    };
+    // No commit yet: a mount of the default subdot.
+    fs.subdot_ino("__default__", true).unwrap();
+    clean("a new dot with its default subdot mounted");
+    commit(&store, &dot, "master", "empty");
+    // Committed with the subdot; a new one mounted after.
+    let db = fs.subdot_ino("orders-db", true).unwrap();
+    fs.subdot_ino("catalog-db", true).unwrap();
+    clean("two subdots mounted since the commit");
+    let head = store.resolve(&dot, "master", "HEAD").unwrap();
+    // Anything in one is work.
+    fs.mknod(db, b"x", FileKind::File, 0o644, 0, 0, 0).unwrap();
+    dirty("a file in a mount's subdot");
+    store.reset(&dot, "master", head, true).unwrap();
+    clean("after reset --hard");
+    let db = fs.subdot_ino("orders-db", true).unwrap();
+    clean("mounted again");
+    fs.setxattr(db, b"user.k", b"v", 0).unwrap();
+    dirty("an xattr on a mount's subdot");
+    store.reset(&dot, "master", head, true).unwrap();
+    clean("after reset --hard");
+    // An empty top-level directory made otherwise, or a change elsewhere.
+    fs.mkdir(ROOT_INO, b"private", 0o700, 0, 0).unwrap();
+    dirty("an empty directory of mode 0700");
+    fs.rmdir(ROOT_INO, b"private").unwrap();
+    fs.mkdir(ROOT_INO, b"__default__x", 0o755, 1000, 1000)
+        .unwrap();
+    dirty("an empty directory of another owner");
+    store.reset(&dot, "master", head, true).unwrap();
+    let dflt = fs.subdot_ino("__default__", false).unwrap();
+    fs.mkdir(dflt, b"sub", 0o755, 0, 0).unwrap();
+    dirty("an empty directory inside a subdot");
+    store.reset(&dot, "master", head, true).unwrap();
+    fs.rmdir(ROOT_INO, b"__default__").unwrap();
+    dirty("a committed subdot removed");
+    store.reset(&dot, "master", head, true).unwrap();
+    // A commit takes the placeholders in, like any directory.
+    fs.subdot_ino("logs", true).unwrap();
+    let c = commit(&store, &dot, "master", "with logs");
+    let changes = store
+        .diff(
+            &dot,
+            "master",
+            Some(store.resolve(&dot, "master", "HEAD^").unwrap()),
+            Some(c.id),
+        )
+        .unwrap();
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(changes[0].path, b"/logs");
+}
+
 #[test]
 fn subdots_commit_atomically() {
     let (_d, store, dot) = setup();
