@@ -301,7 +301,8 @@ fn a_mount_gone_behind_dms_back_is_mounted_again() {
 
 /// poll(2) on a file in a mount says "ready", as on any regular file, and
 /// leaves no warning in the server's log (fuser logged three lines for
-/// each call; `docker exec` and `docker cp` poll).
+/// each call; `docker exec` and `docker cp` poll); copy_file_range and
+/// SEEK_HOLE work and are as quiet.
 #[test]
 fn poll_on_a_file_is_ready_and_quiet() {
     use std::os::fd::AsRawFd;
@@ -321,6 +322,33 @@ fn poll_on_a_file_is_ready_and_quiet() {
         assert_eq!(n, 1, "{}", std::io::Error::last_os_error());
         assert!(fds[0].revents & libc::POLLIN != 0);
     }
+    // copy_file_range (`cp` makes it) copies through the kernel's reads
+    // and writes; SEEK_HOLE finds the end (the whole file is data).
+    let data = random_bytes(5, 300_000);
+    write_synced(&mnt.join("src"), &data);
+    let dst = std::fs::File::create(mnt.join("dst")).unwrap();
+    let src = std::fs::File::open(mnt.join("src")).unwrap();
+    let mut copied = 0usize;
+    while copied < data.len() {
+        // SAFETY: two open descriptors; null offsets use and move theirs.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                std::ptr::null_mut(),
+                dst.as_raw_fd(),
+                std::ptr::null_mut(),
+                data.len() - copied,
+                0,
+            )
+        };
+        assert!(n > 0, "{}", std::io::Error::last_os_error());
+        copied += n as usize;
+    }
+    drop(dst);
+    assert_eq!(std::fs::read(mnt.join("dst")).unwrap(), data);
+    // SAFETY: an open descriptor.
+    let hole = unsafe { libc::lseek(src.as_raw_fd(), 0, libc::SEEK_HOLE) };
+    assert_eq!(hole, data.len() as i64);
     let log = s.log();
     assert!(!log.contains("Not Implemented"), "{log}");
 }

@@ -1464,6 +1464,41 @@ impl fuser::Filesystem for DmFs {
         reply.error(Errno::ENOSYS);
     }
 
+    /// No SEEK_DATA/SEEK_HOLE of our own: ENOSYS makes the kernel answer
+    /// them itself from then on (the whole file is data) and stop asking.
+    /// Answered here so that fuser's default does not log a warning.
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: i64,
+        _whence: i32,
+        reply: fuser::ReplyLseek,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    /// No copy_file_range of our own: ENOSYS makes the kernel copy through
+    /// reads and writes from then on (`cp` works as on any filesystem).
+    /// Answered here so that fuser's default does not log a warning.
+    #[allow(clippy::too_many_arguments)] // fuser's signature
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        _fh_in: FileHandle,
+        _offset_in: u64,
+        _ino_out: INodeNo,
+        _fh_out: FileHandle,
+        _offset_out: u64,
+        _len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: fuser::ReplyWrite,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
     /// No ioctls: the answer every program expects for "not a terminal"
     /// (Python's open() asks TCGETS of every file). Answered here so that
     /// fuser's default does not log a warning per call.
