@@ -157,7 +157,8 @@ impl Client {
                     _ => eprintln!(
                         "dm: the server at {} has not answered {method} {path} for {} s; it may be \
                          busy (gc, fsck, a checkout stopping containers) or stuck (see its log). \
-                         Still waiting; Ctrl-C gives up.",
+                         Still waiting; Ctrl-C stops waiting, not the server (a checkout or \
+                         reset it has begun goes on: `dm branch` and its log tell).",
                         self.socket.display(),
                         patience().as_secs()
                     ),
