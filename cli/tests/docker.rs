@@ -504,12 +504,30 @@ fn pull_restarts_the_containers_that_show_the_branch() {
     s.ok(&["commit", "-m", "two"]);
     s.ok(&["push", "hub"]);
     s.ok(&["reset", "--hard", "HEAD^"]);
-    run_detached(&s, name, "myapp:/data", LOOP);
+    // A container that writes as it stops, as a database does.
+    run_detached(
+        &s,
+        name,
+        "myapp:/data",
+        "trap 'echo bye >> /data/stopped; exit 0' TERM; while :; do sleep 0.1; done",
+    );
     assert_eq!(docker_ok(&s, &["exec", name, "cat", "/data/f"]), "one\n");
+    let before = started_at(&s, name);
+    // Uncommitted work refuses the pull before any container stops.
+    docker_ok(&s, &["exec", name, "sh", "-c", "echo wip > /data/wip"]);
+    let err = s.fail(&["pull", "hub", "myapp", "master"]);
+    assert!(err.contains("uncommitted changes"), "{err}");
+    assert_eq!(started_at(&s, name), before, "stopped for a refused pull");
+    s.ok(&["reset", "--hard"]);
+    wait_until(
+        || term_handled(name),
+        || format!("{name} never set its TERM trap again"),
+    );
     let before = started_at(&s, name);
     let out = s.ok(&["pull", "hub", "myapp", "master"]);
     // The commit is in this store already (the hub is the same server):
-    // nothing to transfer, but the branch moves.
+    // nothing to transfer, but the branch moves. What the container wrote
+    // as it stopped did not refuse the pull as uncommitted work.
     assert!(
         out.contains("now at") && !out.contains("up to date"),
         "{out}"
@@ -521,6 +539,9 @@ fn pull_restarts_the_containers_that_show_the_branch() {
         "not restarted around the pull"
     );
     assert_eq!(docker_ok(&s, &["exec", name, "cat", "/data/f"]), "two\n");
+    assert!(!docker(&["exec", name, "test", "-e", "/data/stopped"])
+        .status
+        .success());
     let after = started_at(&s, name);
     assert!(s
         .ok(&["pull", "hub", "myapp", "master"])
@@ -544,7 +565,12 @@ fn pull_restarts_the_containers_that_show_the_branch() {
         "--remote-name",
         "myapp2",
     ]);
-    run_detached(&s, pushed, "myapp2:/data", LOOP);
+    run_detached(
+        &s,
+        pushed,
+        "myapp2:/data",
+        "trap 'echo bye >> /data/stopped; exit 0' TERM; while :; do sleep 0.1; done",
+    );
     assert_eq!(docker_ok(&s, &["exec", pushed, "cat", "/data/f"]), "two\n");
     let before = started_at(&s, pushed);
     run(&s, "myapp", "echo three > /data/f");

@@ -519,3 +519,116 @@ fn hub_push_clone_pull_through_the_cli() {
     let out = bob.ok(&["pull", "hub", "big"]);
     assert!(out.contains("master: 1 commit"), "{out}");
 }
+
+/// What a first hour with dm ran into: a subdot mounted on a branch whose
+/// commits lack it made the branch dirty for good (each pull refused it,
+/// and `dm reset --hard` had the mount make it again); a transfer's summary
+/// counted the commits transferred, not how far the branch moved (0 for a
+/// branch whose commits the store had); and a second pull of a dot while
+/// the first still ran raced it ("moved while pulling").
+#[test]
+fn pulls_pass_mount_placeholders_say_how_far_a_branch_moved_and_wait_for_each_other() {
+    let [hp, ap, bp] = free_udp_ports();
+    let hub = start(hp);
+    let alice = start(ap);
+    let bob = start(bp);
+    for (who, s) in [("alice", &alice), ("bob", &bob)] {
+        let key = hub.ok(&["user", "add", who]).trim().to_string();
+        ok_env(
+            s,
+            &["remote", "add", "hub", &format!("{who}@127.0.0.1:{hp}")],
+            &[("DM_API_KEY", &key)],
+        );
+    }
+    alice.ok(&["init", "app"]);
+    alice.ok(&["switch", "app"]);
+    let am = mount(&alice, "app");
+    write_synced(&am.join("f"), b"one");
+    alice.ok(&["commit", "-m", "one"]);
+    alice.ok(&["push", "hub"]);
+    hub.ok(&["dot", "collaborator", "add", "alice/app", "bob"]);
+    bob.ok(&["clone", "hub", "alice/app"]);
+    bob.ok(&["switch", "app"]);
+
+    // A subdot the commits lack, mounted: nobody's work.
+    let cache = mount(&bob, "app.cache");
+    assert!(cache.is_dir());
+    assert!(bob.ok(&["status"]).contains("Nothing to commit"));
+    write_synced(&am.join("f"), b"two");
+    alice.ok(&["commit", "-m", "two"]);
+    alice.ok(&["push", "hub"]);
+    let out = bob.ok(&["pull", "hub"]);
+    assert!(out.contains("master: 1 commit,"), "{out}");
+    assert!(cache.is_dir(), "the mount made its subdot again");
+    // Anything in it is work, and a pull refuses to drop it.
+    write_synced(&cache.join("entry"), b"cached");
+    write_synced(&am.join("f"), b"three");
+    alice.ok(&["commit", "-m", "three"]);
+    alice.ok(&["push", "hub"]);
+    let err = bob.fail(&["pull", "hub"]);
+    assert!(err.contains("uncommitted changes"), "{err}");
+    bob.ok(&["reset", "--hard"]);
+    assert!(bob.ok(&["pull", "hub"]).contains("master: 1 commit"));
+    assert_eq!(read(&mount(&bob, "app").join("f")), b"three");
+
+    // Commits the store had count as moved, not as transferred.
+    let out = bob.ok(&["clone", "hub", "alice/app", "--local-name", "again"]);
+    assert!(
+        out.contains("master: 3 commits (0 transferred, 3 already stored)"),
+        "{out}"
+    );
+    alice.ok(&["checkout", "-b", "dev"]);
+    write_synced(&am.join("d"), b"dev");
+    alice.ok(&["commit", "-m", "dev"]);
+    alice.ok(&["push", "hub", "app", "dev"]);
+    let out = bob.ok(&["pull", "hub", "app", "dev"]);
+    assert!(
+        out.contains("dev: 4 commits (1 transferred, 3 already stored)"),
+        "{out}"
+    );
+
+    // Two transfers of one dot at once (a rerun while the first still
+    // runs, its client killed): the second waits for the first rather
+    // than racing it into "moved while pushing" / "while pulling".
+    alice.ok(&["checkout", "master"]);
+    write_synced(&am.join("big"), &random_bytes(3, 96 << 20));
+    alice.ok(&["commit", "-m", "big"]);
+    let both = |s: &Server, args: &[&str]| -> Vec<String> {
+        let spawn = || {
+            s.dm_command(args)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let (first, second) = (spawn(), spawn());
+        [first, second]
+            .map(|c| c.wait_with_output().unwrap())
+            .iter()
+            .map(|o| {
+                let (out, err) = (
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr),
+                );
+                assert!(o.status.success(), "dm {args:?}: {out}\n{err}");
+                out.to_string()
+            })
+            .collect()
+    };
+    let outs = both(&alice, &["push", "hub"]);
+    assert!(
+        outs.iter().any(|s| s.contains("master: 1 commit,"))
+            && outs.iter().any(|s| s.contains("master: up to date")),
+        "{outs:?}"
+    );
+    let outs = both(
+        &bob,
+        &["clone", "hub", "alice/app", "--local-name", "twice"],
+    );
+    assert!(
+        outs.iter()
+            .any(|s| s.contains("master: 4 commits (1 transferred, 3 already stored)"))
+            && outs.iter().any(|s| s.contains("master: up to date")),
+        "{outs:?}"
+    );
+}

@@ -282,8 +282,12 @@ impl Default for TransferOptions {
 pub struct TransferReport {
     /// The branch.
     pub branch: String,
-    /// Commits sent (or fetched).
+    /// Commits sent (or fetched): those the destination's store lacked.
     pub commits: usize,
+    /// Commits the destination branch gained (its new head's history
+    /// less its old head's): more than `commits` when the destination had
+    /// some already (another branch's, or an earlier refused transfer's).
+    pub moved: usize,
     /// Tree nodes sent.
     pub objects: usize,
     /// Chunks sent.
@@ -412,18 +416,26 @@ pub async fn push(
         }
     }
     let mut stash = None;
+    let ours: HashSet<Id> = {
+        let st = store.clone();
+        tokio::task::spawn_blocking(move || st.ancestry(Some(local)))
+            .await??
+            .into_iter()
+            .collect()
+    };
+    report.moved = ours.len();
     if let Some(r) = remote_head {
-        let ours: HashSet<Id> = {
-            let st = store.clone();
-            tokio::task::spawn_blocking(move || st.ancestry(Some(local)))
-                .await??
-                .into_iter()
-                .collect()
-        };
         let theirs = if ours.contains(&r) {
+            // A fast-forward: the hub's history is part of ours.
+            let st = store.clone();
+            let had = tokio::task::spawn_blocking(move || st.ancestry(Some(r))).await??;
+            report.moved = ours.len() - had.len();
             vec![r]
         } else {
-            remote.ancestry(remote_dot, r).await?
+            let theirs = remote.ancestry(remote_dot, r).await?;
+            let had: HashSet<&Id> = theirs.iter().collect();
+            report.moved = ours.iter().filter(|c| !had.contains(c)).count();
+            theirs
         };
         match divergence(Some(local), &ours, Some(r), &theirs) {
             Divergence::UpToDate => {
@@ -822,9 +834,12 @@ pub async fn pull(
     let remote_anc = remote.ancestry(remote_dot, theirs).await?;
     let mut stash = None;
     let mut forced = false;
+    report.moved = remote_anc.len();
     if let Some(l) = local_head {
         let anc: HashSet<Id> = remote_anc.iter().copied().collect();
         let local_anc = store.ancestry(Some(l))?;
+        let had: HashSet<&Id> = local_anc.iter().collect();
+        report.moved = remote_anc.iter().filter(|c| !had.contains(c)).count();
         match divergence(Some(theirs), &anc, Some(l), &local_anc) {
             Divergence::UpToDate => {
                 report.up_to_date = true;

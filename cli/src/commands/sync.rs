@@ -593,10 +593,9 @@ fn run(ctx: &mut Ctx, req: &TransferReq, label: &str) -> Result<()> {
             continue;
         }
         println!(
-            "{}: {} commit{}, {} chunk{} ({}), {} of metadata; now at {}",
+            "{}: {}, {} chunk{} ({}), {} of metadata; now at {}",
             r.branch,
-            r.commits,
-            if r.commits == 1 { "" } else { "s" },
+            commits_line(r.moved, r.commits),
             r.chunks,
             if r.chunks == 1 { "" } else { "s" },
             human(r.chunk_bytes),
@@ -627,6 +626,22 @@ fn run(ctx: &mut Ctx, req: &TransferReq, label: &str) -> Result<()> {
         human(status.wire_received)
     );
     Ok(())
+}
+
+/// How many commits a branch gained in a transfer, and how many of them
+/// were transferred: `3 commits (1 transferred, 2 already stored)`, or
+/// `3 commits`.
+fn commits_line(moved: usize, transferred: usize) -> String {
+    // An older server reports no `moved`.
+    let moved = moved.max(transferred);
+    let mut line = format!("{moved} commit{}", if moved == 1 { "" } else { "s" });
+    if moved > transferred {
+        line += &format!(
+            " ({transferred} transferred, {} already stored)",
+            moved - transferred
+        );
+    }
+    line
 }
 
 /// `dm dot set-upstream [DOT] REMOTE REMOTE_DOT`.

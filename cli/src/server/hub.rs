@@ -48,12 +48,56 @@ impl dm_sync::LiveBranches for Live {
             .dot_info(dot)
             .map(|d| d.current_branch)
             .unwrap_or_default();
+        if !clean_before_stop(app, dot, branch) {
+            // Refused as the move itself refuses, with nothing stopped.
+            return Ok(Err(dm_store::Error::Refused(format!(
+                "branch {branch} of dot {dot} has uncommitted changes"
+            ))));
+        }
         app.docker
             .around_branch_change(dot, branch, &current, || {
+                discard_shutdown_writes(app, dot, branch)?;
                 app.mounts.reset(dot, branch, || Ok(set()))
             })
             .map_err(|e| e.message)
     }
+}
+
+/// Whether `branch` of `dot` has nothing uncommitted (what the mounts'
+/// kernels hold written back first). A pull or a push moves a branch
+/// only then, and this is asked before the containers that show it are
+/// stopped, so that a refusal stops none (a database container was
+/// stopped and started again for nothing).
+fn clean_before_stop(app: &AppState, dot: &DotName, branch: &str) -> bool {
+    app.mounts.sync_kernel(dot, branch);
+    // A branch (or dot) not here yet is clean; any other error is the
+    // move's to report.
+    !matches!(app.store.has_uncommitted(dot, branch), Ok(true))
+}
+
+/// Called with the containers stopped, for a branch that
+/// [`clean_before_stop`] found clean: discards what they wrote while they
+/// stopped (a database writes its shutdown checkpoint), which would
+/// otherwise refuse the pull or push as uncommitted work of the user's.
+/// The move replaces the working state with the new head's anyway, as
+/// `dm reset --hard` would.
+fn discard_shutdown_writes(app: &AppState, dot: &DotName, branch: &str) -> ApiResult<()> {
+    app.mounts.sync_kernel(dot, branch);
+    // (A branch not here yet has nothing to discard.)
+    if !matches!(app.store.has_uncommitted(dot, branch), Ok(true)) {
+        return Ok(());
+    }
+    let Some(head) = app.store.branch_info(dot, branch)?.head else {
+        return Ok(());
+    };
+    app.mounts.reset(dot, branch, || {
+        app.store.reset(dot, branch, head, true)?;
+        Ok(())
+    })?;
+    tracing::info!(
+        "{dot}@{branch}: discarded what the containers stopped for a pull or push wrote while they stopped"
+    );
+    Ok(())
 }
 
 /// Starts the hub endpoint on `listen` (inside the runtime). A hub that
@@ -127,8 +171,11 @@ pub struct TransferReq {
 pub struct BranchReport {
     /// Branch.
     pub branch: String,
-    /// Commits transferred.
+    /// Commits transferred (those the destination's store lacked).
     pub commits: usize,
+    /// Commits the destination branch gained (some may have been there).
+    #[serde(default)]
+    pub moved: usize,
     /// Chunks transferred.
     pub chunks: usize,
     /// Stored bytes of the chunks.
@@ -196,6 +243,10 @@ pub struct SyncState {
     app: Arc<AppState>,
     jobs: Arc<Mutex<HashMap<u64, Arc<Job>>>>,
     next: Arc<AtomicU64>,
+    /// One transfer at a time per local dot: a rerun while the first still
+    /// runs (its client killed, say) waits for it, rather than racing it
+    /// into "the branch moved while pulling".
+    dots: Arc<Mutex<HashMap<DotName, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 /// The `/v1/sync/` routes (merged into the local API router).
@@ -204,6 +255,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         app,
         jobs: Arc::new(Mutex::new(HashMap::new())),
         next: Arc::new(AtomicU64::new(1)),
+        dots: Arc::new(Mutex::new(HashMap::new())),
     };
     Router::new()
         .route("/v1/sync/transfers", post(start_transfer))
@@ -391,9 +443,30 @@ async fn start_transfer(
     let app = st.app.clone();
     let jobs = st.jobs.clone();
     let running = job.clone();
+    let dot_lock = st.dots.lock().entry(local.clone()).or_default().clone();
+    let dots = st.dots.clone();
     let task = tokio::spawn(async move {
         let job = running;
+        let guard = match dot_lock.try_lock() {
+            Ok(g) => g,
+            Err(_) => {
+                job.progress.set_phase(&format!(
+                    "waiting for another transfer of {local} to finish"
+                ));
+                let g = dot_lock.lock().await;
+                job.progress.set_phase("connecting");
+                g
+            }
+        };
         let result = run_transfer(&app, &job, &req, &local, &remote_dot).await;
+        drop(guard);
+        // Forget the lock once no transfer holds or waits for it.
+        {
+            let mut d = dots.lock();
+            if Arc::strong_count(&dot_lock) == 2 {
+                d.remove(&local);
+            }
+        }
         {
             let mut s = job.status.lock();
             s.finished = true;
@@ -457,8 +530,12 @@ async fn pull_branch(
             .and_then(|(_, h)| h),
         None => None,
     };
-    if here.is_none() || there.is_none() || here == there {
-        // A new branch here, nothing to do, or the pull's own error.
+    let (Some(h), Some(t)) = (here, there) else {
+        // A new branch here, or the pull's own error.
+        return pull().await;
+    };
+    if tokio::task::block_in_place(|| app.store.ancestry(Some(h)))?.contains(&t) {
+        // Up to date, or ahead of the hub: nothing moves, nothing stops.
         return pull().await;
     }
     let current = app
@@ -468,12 +545,15 @@ async fn pull_branch(
         .unwrap_or_default();
     // The server's runtime has several threads: this task may block its own.
     tokio::task::block_in_place(|| {
+        if !clean_before_stop(app, local, branch) {
+            return Err(dm_sync::Error::Refused(format!(
+                "branch {branch} of dot {local} has uncommitted changes; commit them (or `dm reset --hard HEAD`) first. Nothing was changed"
+            )));
+        }
         let rt = tokio::runtime::Handle::current();
         app.docker
             .around_branch_change(local, branch, &current, || {
-                // Writes the kernel still caches reach the store, so that
-                // the pull sees (and refuses) uncommitted changes.
-                app.mounts.sync_kernel(local, branch);
+                discard_shutdown_writes(app, local, branch)?;
                 // Ctrl-C: the pull stops here (what arrived stays), and
                 // the containers start again.
                 let r = rt.block_on(async {
@@ -581,6 +661,7 @@ async fn run_transfer(
             Ok(rep) => job.status.lock().reports.push(BranchReport {
                 branch: rep.branch,
                 commits: rep.commits,
+                moved: rep.moved,
                 chunks: rep.chunks,
                 chunk_bytes: rep.chunk_bytes,
                 object_bytes: rep.object_bytes,
