@@ -31,6 +31,16 @@ fn bad_input_changes_nothing() {
     );
     let err = s.fail(&["mount", "nosuch"]);
     assert!(err.contains("dm init"), "{err}");
+    // Arguments swapped: the path first.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let err = s.fail(&["mount", d, "myapp"]);
+    assert!(
+        err.contains("looks like a path") && err.contains(&format!("`dm mount myapp {d}`")),
+        "{err}"
+    );
+    let err = s.fail(&["clone", "alice/myapp", "hub"]);
+    assert!(err.contains("the remote comes first"), "{err}");
 
     s.ok(&["init", "myapp"]);
     let err = s.fail(&["init", "myapp"]);

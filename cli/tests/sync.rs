@@ -621,6 +621,15 @@ fn pulls_pass_mount_placeholders_say_how_far_a_branch_moved_and_wait_for_each_ot
             && outs.iter().any(|s| s.contains("master: up to date")),
         "{outs:?}"
     );
+    // A pull of a dot without an upstream says what name it took.
+    bob.ok(&["init", "lonely"]);
+    let err = bob.fail(&["pull", "hub", "lonely"]);
+    assert!(
+        err.contains("bob/lonely")
+            && err.contains("no upstream on hub")
+            && err.contains("--remote-name"),
+        "{err}"
+    );
     let outs = both(
         &bob,
         &["clone", "hub", "alice/app", "--local-name", "twice"],

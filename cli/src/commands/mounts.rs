@@ -29,6 +29,16 @@ fn absolute(p: &Path) -> Result<PathBuf> {
 }
 
 pub fn mount(ctx: &mut Ctx, volume: &str, path: Option<PathBuf>) -> Result<()> {
+    // `dm mount PATH DOT`: the arguments swapped (a dot name has no `/`
+    // but its namespace's, and is no existing path).
+    if volume.starts_with(['/', '.', '~']) || std::path::Path::new(volume).is_dir() {
+        if let Some(p) = &path {
+            anyhow::bail!(
+                "{volume} looks like a path, not a dot: the dot comes first (`dm mount {} {volume}`)",
+                p.display()
+            );
+        }
+    }
     let path = path.map(|p| absolute(&p)).transpose()?;
     let req = MountRequest {
         volume: volume.to_string(),

@@ -270,10 +270,26 @@ pub struct TransferArgs {
     pub all: bool,
 }
 
-fn remote_req(ctx: &Ctx, name: &str) -> Result<(Remote, RemoteReq)> {
-    let r = ctx.config.remotes.get(name).cloned().ok_or_else(|| {
+/// A remote that is not configured: how to add it, or, for a name no
+/// remote has (`alice/myapp`: the arguments swapped), that it comes first.
+fn no_remote(name: &str) -> anyhow::Error {
+    if name.contains('/') {
+        anyhow!(
+            "no remote {name}: that looks like a dot; the remote comes first \
+             (`dm clone REMOTE {name}`, `dm push REMOTE [DOT [BRANCH]]`; see `dm remote`)"
+        )
+    } else {
         anyhow!("no remote {name}: add it with `dm remote add {name} USER@HOST[:PORT]` (see `dm remote`)")
-    })?;
+    }
+}
+
+fn remote_req(ctx: &Ctx, name: &str) -> Result<(Remote, RemoteReq)> {
+    let r = ctx
+        .config
+        .remotes
+        .get(name)
+        .cloned()
+        .ok_or_else(|| no_remote(name))?;
     let sc = SyncConfig::load(&ctx.config_path)?;
     let secret = sc.remotes.get(name).cloned().ok_or_else(|| {
         anyhow!(
@@ -361,11 +377,21 @@ pub fn transfer(ctx: &mut Ctx, push: bool, a: TransferArgs) -> Result<()> {
         rdot.namespace,
         rdot.name
     );
+    // The remote dot's name guessed: no --remote-name, no upstream.
+    let guessed =
+        a.remote_name.is_none() && !sc.upstreams.contains_key(&upstream_key(&local, &a.remote));
     run(ctx, &req, &label).map_err(|e| {
-        anyhow!(
-            "{}",
-            with_remote_hints(&format!("{e:#}"), &a.remote, a.remote_name.as_deref(), &r)
-        )
+        let mut m = with_remote_hints(&format!("{e:#}"), &a.remote, a.remote_name.as_deref(), &r);
+        if guessed && !push && m.contains("no dot ") {
+            m.push_str(&format!(
+                " ({local} has no upstream on {remote}, so its name there was taken to be {ns}/{name}: \
+                 give it with `--remote-name NS/DOT`, or once with `dm dot set-upstream {local} {remote} NS/DOT`)",
+                remote = a.remote,
+                ns = rdot.namespace,
+                name = rdot.name
+            ));
+        }
+        anyhow!("{m}")
     })?;
     // Only commits travel: say so when the pushed branch has more.
     if push {
@@ -656,9 +682,7 @@ pub fn set_upstream(
         .remotes
         .get(remote)
         .cloned()
-        .ok_or_else(|| {
-            anyhow!("no remote {remote}: add it with `dm remote add {remote} USER@HOST[:PORT]` (see `dm remote`)")
-        })?;
+        .ok_or_else(|| no_remote(remote))?;
     let local = ctx.dot(dot)?;
     ctx.dot_detail(&local)?;
     let sc = SyncConfig::load(&ctx.config_path)?;
