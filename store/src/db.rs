@@ -119,6 +119,9 @@ pub struct StoreOptions {
     /// root and its subdots. The server's own user, so that a server run
     /// by a user other than root can write to its new dots.
     pub owner: (u32, u32),
+    /// GC compacts RocksDB's files once it deleted at least this many
+    /// bytes of tree nodes and inline (small) chunks from them.
+    pub compact_after_gc: u64,
 }
 
 impl Default for StoreOptions {
@@ -131,6 +134,7 @@ impl Default for StoreOptions {
             write_buffer_bytes: 64 << 20,
             segment_bytes: crate::chunklog::SEGMENT_BYTES,
             owner: (0, 0),
+            compact_after_gc: 32 << 20,
         }
     }
 }
@@ -751,6 +755,49 @@ impl Db {
     /// The stored length of a chunk, if present (from the index: no read).
     pub fn chunk_len(&self, id: &Id) -> Result<Option<u64>> {
         self.with_placement(id, |p| p.stored_len())
+    }
+
+    /// Compacts the chunk index (inline chunks, their blob files too) and
+    /// the objects whole, so that the keys GC deleted give their space
+    /// back now: RocksDB frees a deleted key's bytes only once a
+    /// compaction rewrites its file, which for a store that stopped
+    /// growing may be never (500,000 small files deleted and collected
+    /// gave back nothing until a restart).
+    pub(crate) fn compact_deleted(&self) -> Result<()> {
+        let mut o = rocksdb::CompactOptions::default();
+        o.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        let index = self.cf(CF_CHUNK_INDEX);
+        // Every blob file is rewritten without its dead blobs, not only
+        // the oldest quarter (RocksDB's default for its own compactions).
+        let cutoff = |v: &str| {
+            self.db
+                .set_options_cf(index, &[("blob_garbage_collection_age_cutoff", v)])
+                .map_err(Error::db("setting the blob GC cutoff"))
+        };
+        cutoff("1.0")?;
+        self.db
+            .compact_range_cf_opt(index, None::<&[u8]>, None::<&[u8]>, &o);
+        cutoff("0.25")?;
+        self.db
+            .compact_range_cf_opt(self.cf(CF_OBJECTS), None::<&[u8]>, None::<&[u8]>, &o);
+        Ok(())
+    }
+
+    /// Bytes of RocksDB's table and blob files (the chunk log not counted).
+    pub(crate) fn table_bytes(&self) -> u64 {
+        [CF_META, CF_OBJECTS, CF_WORK, CF_CHUNK_INDEX]
+            .iter()
+            .map(|name| {
+                let cf = self.cf(name);
+                [
+                    "rocksdb.total-sst-files-size",
+                    "rocksdb.total-blob-file-size",
+                ]
+                .iter()
+                .filter_map(|p| self.db.property_int_value_cf(cf, *p).ok().flatten())
+                .sum::<u64>()
+            })
+            .sum()
     }
 
     /// Reclaims chunk log space in segments older than `before`: those no

@@ -8,6 +8,7 @@
 //! each sweep decision is made under the same lock that chunk writes take.
 
 use crate::chunk::{self, ChunkStore};
+use crate::chunklog::INLINE_MAX;
 use crate::db::{Db, CF_OBJECTS, CF_WORK};
 use crate::error::{Error, Result};
 use crate::id::Id;
@@ -41,6 +42,10 @@ pub struct GcReport {
     /// compacted).
     #[serde(default)]
     pub log_bytes_freed: u64,
+    /// Bytes RocksDB's files shrank by in the compaction GC ran after
+    /// deleting many small chunks and tree nodes (0: none ran).
+    #[serde(default)]
+    pub table_bytes_freed: u64,
     /// Working states of deleted branches removed (left by earlier
     /// versions, which could let a write land after a branch's deletion).
     #[serde(default)]
@@ -289,6 +294,8 @@ impl Store {
         // answer "have it" for an object and trust what it names). Young
         // objects are kept with everything they name: a transfer may have
         // just found one present and be about to make a branch name it.
+        // Bytes deleted from RocksDB's own files (objects, inline chunks).
+        let mut in_tables = 0u64;
         let mut doomed = Vec::new();
         let mut it = db.db.raw_iterator_cf(db.cf(CF_OBJECTS));
         it.seek_to_first();
@@ -320,6 +327,7 @@ impl Store {
                 batch.delete_cf(db.cf(CF_OBJECTS), id.0);
                 report.objects_deleted += 1;
                 report.bytes_freed += len;
+                in_tables += len;
             }
             db.write(batch, false, "deleting unreachable objects")?;
             kept
@@ -347,6 +355,17 @@ impl Store {
             db.delete(&id)?;
             report.chunks_deleted += 1;
             report.bytes_freed += len;
+            if len < INLINE_MAX as u64 {
+                in_tables += len;
+            }
+        }
+        // Those give their space back at a compaction: now, when it is
+        // worth one, and not on a full disk (a compaction writes before it
+        // deletes, and RocksDB stops taking writes when that fails).
+        if in_tables >= self.db.opts.compact_after_gc && !db.space.is_full() {
+            let before = db.table_bytes();
+            db.compact_deleted()?;
+            report.table_bytes_freed = before.saturating_sub(db.table_bytes());
         }
         // Deleted chunks leave their records in the chunk log; reclaim the
         // segments they made sparse.

@@ -342,6 +342,10 @@ pub struct GcResponse {
     /// Chunk log bytes given back to the disk (sparse segments compacted).
     #[serde(default)]
     pub log_bytes_freed: u64,
+    /// Bytes RocksDB's files shrank by (GC compacts them after deleting
+    /// many small chunks and tree nodes).
+    #[serde(default)]
+    pub table_bytes_freed: u64,
     /// Set while the disk is still full: the free bytes it needs before
     /// dm takes new data again.
     #[serde(default)]

@@ -9,12 +9,15 @@ use clap::CommandFactory;
 pub fn gc(ctx: &mut Ctx) -> Result<()> {
     let r: GcResponse = ctx.client()?.post("/v1/gc", &Empty {})?;
     println!(
-        "Deleted {} chunks and {} objects, freed {} ({} of chunk log given back to the disk)",
+        "Deleted {} chunks and {} objects, freed {} ({} given back to the disk)",
         r.chunks_deleted,
         r.objects_deleted,
         human_size(r.bytes_freed),
-        human_size(r.log_bytes_freed)
+        human_size(r.log_bytes_freed + r.table_bytes_freed)
     );
+    if r.chunks_deleted == 0 && r.objects_deleted == 0 {
+        println!("(the server also collects by itself as the store grows and after deletes: its log says when)");
+    }
     if let Some(needed) = r.disk_full {
         println!("{}", still_full(needed));
     }

@@ -503,7 +503,7 @@ fn start_auto_gc(store: Arc<Store>, min_growth: u64) -> Periodic {
                  and {} objects, gave {} back to the disk, in {:.1?}",
                 r.chunks_deleted,
                 r.objects_deleted,
-                crate::format::human_size(r.log_bytes_freed),
+                crate::format::human_size(r.log_bytes_freed + r.table_bytes_freed),
                 t.elapsed()
             ),
             Err(e) => {

@@ -921,6 +921,7 @@ async fn gc(State(st): S) -> ApiResult<Json<GcResponse>> {
             objects_deleted: r.objects_deleted,
             bytes_freed: r.bytes_freed,
             log_bytes_freed: r.log_bytes_freed,
+            table_bytes_freed: r.table_bytes_freed,
             disk_full: st.store.disk_full(),
         })
     })
