@@ -120,6 +120,10 @@ pub enum Command {
         /// Metadata `key=value` (keys start lowercase); repeatable.
         #[arg(short = 'd', long = "metadata", value_name = "KEY=VALUE")]
         metadata: Vec<String>,
+        /// Commit this branch of the dot instead of the current one (what a
+        /// pinned `dot@BRANCH` mount or container wrote).
+        #[arg(long, value_name = "BRANCH")]
+        branch: Option<String>,
     },
     /// Show the commits of the current branch (or BRANCH), oldest first.
     Log {

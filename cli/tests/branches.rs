@@ -687,3 +687,34 @@ fn checkout_branch_and_commit_as_git_users_type_them() {
     let err = s.fail(&["commit", "-m", "x", "-d", "k=1", "-d", "k=2"]);
     assert!(err.contains("given twice"), "{err}");
 }
+
+/// `dm commit --branch B` commits a branch other than the current one:
+/// what a pinned `dot@B` mount (a container's, a second database's) wrote,
+/// without checking B out (refused while the current branch's database
+/// holds files open).
+#[test]
+fn commit_of_a_branch_that_is_not_current() {
+    let s = Server::start(DM);
+    s.ok(&["init", "myapp"]);
+    s.ok(&["switch", "myapp"]);
+    let mnt = PathBuf::from(s.ok(&["mount", "myapp"]).trim());
+    commit_letter(&s, &mnt, "A");
+    s.ok(&["branch", "side"]);
+    let side = s.root().join("side");
+    s.ok(&["mount", "myapp@side", side.to_str().unwrap()]);
+    write_synced(&side.join("S"), b"S");
+    write_synced(&mnt.join("wip"), b"not committed on master");
+    let held = std::fs::File::open(mnt.join("wip")).unwrap();
+    s.ok(&["commit", "--branch", "side", "-m", "S"]);
+    drop(held);
+    let log = s.ok(&["log", "side", "--oneline"]);
+    assert!(log.lines().last().unwrap().ends_with(" S"), "{log}");
+    assert_eq!(s.ok(&["branch"]).lines().next(), Some("* master"));
+    assert!(s.ok(&["status"]).contains("wip"), "master's work stays");
+    assert_eq!(messages(&s), ["A"]);
+    let err = s.fail(&["commit", "--branch", "nosuch", "-m", "x"]);
+    assert!(
+        err.contains("no branch nosuch") && err.contains("side"),
+        "{err}"
+    );
+}

@@ -30,7 +30,12 @@ fn author() -> String {
         .unwrap_or_else(|| "admin".to_string())
 }
 
-pub fn commit(ctx: &mut Ctx, message: &str, metadata: &[String]) -> Result<()> {
+pub fn commit(
+    ctx: &mut Ctx,
+    message: &str,
+    metadata: &[String],
+    branch: Option<&str>,
+) -> Result<()> {
     let mut meta = BTreeMap::new();
     for kv in metadata {
         let Some((k, v)) = kv.split_once('=') else {
@@ -44,9 +49,17 @@ pub fn commit(ctx: &mut Ctx, message: &str, metadata: &[String]) -> Result<()> {
         }
     }
     let (dot, d) = current(ctx)?;
+    let branch = branch.unwrap_or(&d.summary.current_branch);
+    if !d.branch_details.iter().any(|b| b.name == branch) {
+        let names: Vec<&str> = d.branch_details.iter().map(|b| b.name.as_str()).collect();
+        bail!(
+            "dot {dot} has no branch {branch} (its branches: {})",
+            names.join(", ")
+        );
+    }
     let path = format!(
         "{}/commits",
-        api::branch_path(&dot.namespace, &dot.name, &d.summary.current_branch)
+        api::branch_path(&dot.namespace, &dot.name, branch)
     );
     let c: CommitView = ctx.client()?.post(
         &path,

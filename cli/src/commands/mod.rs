@@ -142,14 +142,23 @@ pub fn run(cli: Cli) -> Result<()> {
             DotCommand::SetUpstream { args } => sync::set_upstream_cmd(&mut ctx, &args),
             DotCommand::Collaborator { command } => sync::collaborator_cmd(&mut ctx, command),
         },
-        Command::Commit { message, metadata } => {
+        Command::Commit {
+            message,
+            metadata,
+            branch,
+        } => {
             // Empty -m paragraphs are dropped, as git drops them.
             let paragraphs: Vec<&str> = message
                 .iter()
                 .map(|m| m.trim_end())
                 .filter(|m| !m.trim().is_empty())
                 .collect();
-            history::commit(&mut ctx, &paragraphs.join("\n\n"), &metadata)
+            history::commit(
+                &mut ctx,
+                &paragraphs.join("\n\n"),
+                &metadata,
+                branch.as_deref(),
+            )
         }
         Command::Log {
             branch,
