@@ -149,8 +149,13 @@ fn hub_push_clone_pull_through_the_cli() {
     assert!(alice
         .ok(&["dot", "show"])
         .contains("Upstream on hub: alice/app"));
+    // A new branch on the hub: its history, of which master's commits
+    // were there already.
     let out = alice.ok(&["push", "hub", "app", "feature"]);
-    assert!(out.contains("feature: 1 commit,"), "{out}");
+    assert!(
+        out.contains("feature: 3 commits (1 transferred, 2 already stored),"),
+        "{out}"
+    );
     assert!(alice.ok(&["push", "hub"]).contains("master: up to date"));
     let show = hub.ok(&["dot", "show", "-H", "alice/app"]);
     assert!(
@@ -179,7 +184,8 @@ fn hub_push_clone_pull_through_the_cli() {
     assert!(err.contains("no access") || err.contains("no dot"), "{err}");
     let out = bob.ok(&["clone", "hub", "alice/app", "--local-name", "app2", "--all"]);
     assert!(
-        out.contains("master: 2 commits") && out.contains("feature: 1 commit"),
+        out.contains("master: 2 commits,")
+            && out.contains("feature: 3 commits (1 transferred, 2 already stored)"),
         "{out}"
     );
     // Cloning again under the same local name: refused, with a pull that

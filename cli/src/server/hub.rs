@@ -534,8 +534,9 @@ async fn pull_branch(
         // A new branch here, or the pull's own error.
         return pull().await;
     };
-    if tokio::task::block_in_place(|| app.store.ancestry(Some(h)))?.contains(&t) {
-        // Up to date, or ahead of the hub: nothing moves, nothing stops.
+    if !opts.force && tokio::task::block_in_place(|| app.store.ancestry(Some(h)))?.contains(&t) {
+        // Up to date, or ahead of the hub: nothing moves, nothing stops
+        // (with --force, ahead moves the branch back).
         return pull().await;
     }
     let current = app
