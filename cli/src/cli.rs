@@ -127,7 +127,10 @@ pub enum Command {
     },
     /// Show the commits of the current branch (or BRANCH), oldest first.
     Log {
-        /// A branch of the current dot [default: the current branch].
+        /// A branch of the current dot [default: the current branch], or a
+        /// revision of the current branch (`HEAD~2`, a commit id): the
+        /// commits up to it.
+        #[arg(value_name = "BRANCH|REV")]
         branch: Option<String>,
         /// Only the N latest commits.
         #[arg(short = 'n', long = "max-count", value_name = "N")]

@@ -284,7 +284,7 @@ fn branch_name_makes_a_branch_without_switching() {
 }
 
 /// `dm log` as git users type it: another branch's log without switching,
-/// `-n N` for the N latest commits, `--oneline`.
+/// `-n N` for the N latest commits, `--oneline`, `dm log HEAD^`.
 #[test]
 fn log_of_a_branch_latest_commits_one_line_each() {
     let s = Server::start(DM);
@@ -321,6 +321,14 @@ fn log_of_a_branch_latest_commits_one_line_each() {
         err.contains("branch nope not found in dot app (branches: feature, master)"),
         "{err}"
     );
+    // A revision: the current branch's commits up to it, as `git log REV`.
+    assert_eq!(
+        s.ok(&["log", "--oneline", "HEAD^"]),
+        format!("{} one\n", &ids[0][..12])
+    );
+    assert_eq!(s.ok(&["log", "--oneline", &ids[1][..8]]).lines().count(), 2);
+    let err = s.fail(&["log", &ids[2][..8]]);
+    assert!(err.contains("not on branch master"), "{err}");
 }
 
 /// `O_APPEND` writes land at the end of the file as dm knows it, not at

@@ -429,7 +429,7 @@ pub async fn push(
             // A fast-forward: the hub's history is part of ours.
             let st = store.clone();
             let had = tokio::task::spawn_blocking(move || st.ancestry(Some(r))).await??;
-            report.moved = ours.len() - had.len();
+            report.moved = ours.len().saturating_sub(had.len());
             vec![r]
         } else {
             let theirs = remote.ancestry(remote_dot, r).await?;

@@ -81,24 +81,46 @@ pub fn log(
     oneline: bool,
 ) -> Result<()> {
     let (dot, d) = current(ctx)?;
-    let branch = match branch {
-        None => d.summary.current_branch.clone(),
+    let current_branch = d.summary.current_branch.clone();
+    // BRANCH, or a revision of the current branch (`HEAD~2`, a commit id):
+    // its commits up to that one, as `git log REV`.
+    let (branch, until) = match branch {
+        None => (current_branch, None),
+        Some(b) if d.summary.branches.iter().any(|x| x == b) => (b.to_string(), None),
         Some(b) => {
-            dm_store::names::validate("branch", b).map_err(|e| anyhow!("{e}"))?;
-            if !d.summary.branches.iter().any(|x| x == b) {
-                bail!(
-                    "branch {b} not found in dot {dot} (branches: {})",
-                    d.summary.branches.join(", ")
-                );
+            let resolve = format!(
+                "{}/resolve?rev={}",
+                api::branch_path(&dot.namespace, &dot.name, &current_branch),
+                b.replace('^', "%5E")
+            );
+            match ctx.client()?.get::<api::ResolveResponse>(&resolve) {
+                Ok(r) => (current_branch, Some((b, r.id))),
+                Err(e) if e.to_string().contains("ambiguous") => bail!("{e}"),
+                Err(_) => {
+                    dm_store::names::validate("branch", b).map_err(|e| anyhow!("{e}"))?;
+                    bail!(
+                        "branch {b} not found in dot {dot} (branches: {})",
+                        d.summary.branches.join(", ")
+                    );
+                }
             }
-            b.to_string()
         }
     };
     let path = format!(
         "{}/commits",
         api::branch_path(&dot.namespace, &dot.name, &branch)
     );
-    let commits: Vec<CommitView> = ctx.client()?.get(&path)?;
+    let mut commits: Vec<CommitView> = ctx.client()?.get(&path)?;
+    if let Some((rev, id)) = until {
+        let Some(pos) = commits.iter().position(|c| c.id == id) else {
+            bail!(
+                "{rev} is commit {} of dot {dot}, which is not on branch {branch}: \
+                 `dm log BRANCH` shows another branch's commits",
+                &id[..id.len().min(12)]
+            );
+        };
+        commits.truncate(pos + 1);
+    }
     let skip = max_count.map_or(0, |n| commits.len().saturating_sub(n));
     let mut out = String::new();
     for c in &commits[skip..] {
