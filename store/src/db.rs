@@ -95,6 +95,11 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// The share of the chunk index's blob files, oldest first, whose live
+/// blobs RocksDB's own compactions move out (RocksDB's default; GC's
+/// compaction takes them all, see `Db::compact_deleted`).
+const BLOB_GC_AGE_CUTOFF: f64 = 0.25;
+
 /// Tuning of an open store.
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
@@ -320,6 +325,7 @@ impl Db {
         index_opts.set_min_blob_size(1024);
         index_opts.set_blob_file_size(256 << 20);
         index_opts.set_enable_blob_gc(true);
+        index_opts.set_blob_gc_age_cutoff(BLOB_GC_AGE_CUTOFF);
         index_opts.set_write_buffer_size(64 << 20);
         // Patches added to a patched block are merge operands (view.rs).
         let mut work_opts = filtered();
@@ -777,7 +783,7 @@ impl Db {
         cutoff("1.0")?;
         self.db
             .compact_range_cf_opt(index, None::<&[u8]>, None::<&[u8]>, &o);
-        cutoff("0.25")?;
+        cutoff(&BLOB_GC_AGE_CUTOFF.to_string())?;
         self.db
             .compact_range_cf_opt(self.cf(CF_OBJECTS), None::<&[u8]>, None::<&[u8]>, &o);
         Ok(())

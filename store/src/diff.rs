@@ -542,9 +542,6 @@ const PLACEHOLDER_SCAN: usize = 64;
 /// without that subdot (the mount makes it again after a reset or pull).
 /// Reads at most [`PLACEHOLDER_SCAN`] overlay entries.
 pub(crate) fn has_work(view: &View) -> Result<bool> {
-    if !view.has_changes()? {
-        return Ok(false);
-    }
     let Some(entries) = view.changes_upto(PLACEHOLDER_SCAN)? else {
         return Ok(true);
     };

@@ -14,6 +14,9 @@ use std::collections::BTreeMap;
 pub type ScanFn<'f> = dyn FnMut(&[u8], &[u8]) -> Result<bool> + 'f;
 /// An overlay entry: a tree key and its value (`None`: deleted).
 pub type OverlayEntry = (Vec<u8>, Option<Vec<u8>>);
+/// Callback of `View::scan_overlay`: (key, Some(value) or None = deleted),
+/// returns false to stop.
+type OverlayFn<'f> = dyn FnMut(&[u8], Option<&[u8]>) -> Result<bool> + 'f;
 /// Callback of [`View::for_each_change`]: (key, Some(value) or None = deleted).
 pub type ChangeFn<'f> = dyn FnMut(&[u8], Option<&[u8]>) -> Result<()> + 'f;
 
@@ -127,9 +130,9 @@ impl<'a> View<'a> {
         }
     }
 
-    /// Calls `f` with every overlay entry (key, Some(value) or None for a
-    /// deletion), in key order: the changes since the base snapshot.
-    pub fn for_each_change(&self, f: &mut ChangeFn) -> Result<()> {
+    /// Calls `f` with overlay entries (key, Some(value) or None for a
+    /// deletion), in key order, until it returns false.
+    fn scan_overlay(&self, f: &mut OverlayFn) -> Result<()> {
         let prefix = overlay_prefix(self.bid);
         let mut it = self.db.iter_until(CF_WORK, prefix_end(&prefix));
         it.seek(prefix);
@@ -140,52 +143,46 @@ impl<'a> View<'a> {
             if !k.starts_with(&prefix) {
                 break;
             }
-            match v.split_first() {
-                Some((&VALUE, rest)) => f(&k[8..], Some(rest))?,
-                _ => f(&k[8..], None)?,
+            let value = match v.split_first() {
+                Some((&VALUE, rest)) => Some(rest),
+                _ => None,
+            };
+            if !f(&k[8..], value)? {
+                break;
             }
             it.next();
         }
         it.status().map_err(Error::db("scanning the working state"))
     }
 
+    /// Calls `f` with every overlay entry (key, Some(value) or None for a
+    /// deletion), in key order: the changes since the base snapshot.
+    pub fn for_each_change(&self, f: &mut ChangeFn) -> Result<()> {
+        self.scan_overlay(&mut |k, v| f(k, v).map(|()| true))
+    }
+
     /// The overlay's entries (key, value or `None` for a tombstone) when
     /// there are at most `limit` of them; `None` when there are more.
     pub fn changes_upto(&self, limit: usize) -> Result<Option<Vec<OverlayEntry>>> {
-        let prefix = overlay_prefix(self.bid);
-        let mut it = self.db.iter_until(CF_WORK, prefix_end(&prefix));
-        it.seek(prefix);
         let mut out = Vec::new();
-        while it.valid() {
-            let (Some(k), Some(v)) = (it.key(), it.value()) else {
-                break;
-            };
-            if !k.starts_with(&prefix) {
-                break;
+        let mut more = false;
+        self.scan_overlay(&mut |k, v| {
+            more = out.len() == limit;
+            if !more {
+                out.push((k.to_vec(), v.map(<[u8]>::to_vec)));
             }
-            if out.len() == limit {
-                return Ok(None);
-            }
-            let v = match v.split_first() {
-                Some((&VALUE, rest)) => Some(rest.to_vec()),
-                _ => None,
-            };
-            out.push((k[8..].to_vec(), v));
-            it.next();
-        }
-        it.status()
-            .map_err(Error::db("scanning the working state"))?;
-        Ok(Some(out))
+            Ok(!more)
+        })?;
+        Ok((!more).then_some(out))
     }
 
     /// True when the overlay has any entry.
     pub fn has_changes(&self) -> Result<bool> {
-        let prefix = overlay_prefix(self.bid);
-        let mut it = self.db.iter_until(CF_WORK, prefix_end(&prefix));
-        it.seek(prefix);
-        let found = it.valid() && it.key().is_some_and(|k| k.starts_with(&prefix));
-        it.status()
-            .map_err(Error::db("scanning the working state"))?;
+        let mut found = false;
+        self.scan_overlay(&mut |_, _| {
+            found = true;
+            Ok(false)
+        })?;
         Ok(found)
     }
 }
