@@ -48,7 +48,7 @@ impl dm_sync::LiveBranches for Live {
             .dot_info(dot)
             .map(|d| d.current_branch)
             .unwrap_or_default();
-        if !clean_before_stop(app, dot, branch) {
+        if !is_clean(app, dot, branch) {
             // Refused as the move itself refuses, with nothing stopped.
             return Ok(Err(dm_store::Error::Refused(format!(
                 "branch {branch} of dot {dot} has uncommitted changes"
@@ -65,10 +65,11 @@ impl dm_sync::LiveBranches for Live {
 
 /// Whether `branch` of `dot` has nothing uncommitted (what the mounts'
 /// kernels hold written back first). A pull or a push moves a branch
-/// only then, and this is asked before the containers that show it are
+/// only then: this is asked before the containers that show it are
 /// stopped, so that a refusal stops none (a database container was
-/// stopped and started again for nothing).
-fn clean_before_stop(app: &AppState, dot: &DotName, branch: &str) -> bool {
+/// stopped and started again for nothing), and again once they stopped
+/// ([`discard_shutdown_writes`]).
+fn is_clean(app: &AppState, dot: &DotName, branch: &str) -> bool {
     app.mounts.sync_kernel(dot, branch);
     // A branch (or dot) not here yet is clean; any other error is the
     // move's to report.
@@ -76,15 +77,13 @@ fn clean_before_stop(app: &AppState, dot: &DotName, branch: &str) -> bool {
 }
 
 /// Called with the containers stopped, for a branch that
-/// [`clean_before_stop`] found clean: discards what they wrote while they
+/// [`is_clean`] found clean: discards what they wrote while they
 /// stopped (a database writes its shutdown checkpoint), which would
 /// otherwise refuse the pull or push as uncommitted work of the user's.
 /// The move replaces the working state with the new head's anyway, as
 /// `dm reset --hard` would.
 fn discard_shutdown_writes(app: &AppState, dot: &DotName, branch: &str) -> ApiResult<()> {
-    app.mounts.sync_kernel(dot, branch);
-    // (A branch not here yet has nothing to discard.)
-    if !matches!(app.store.has_uncommitted(dot, branch), Ok(true)) {
+    if is_clean(app, dot, branch) {
         return Ok(());
     }
     let Some(head) = app.store.branch_info(dot, branch)?.head else {
@@ -546,7 +545,7 @@ async fn pull_branch(
         .unwrap_or_default();
     // The server's runtime has several threads: this task may block its own.
     tokio::task::block_in_place(|| {
-        if !clean_before_stop(app, local, branch) {
+        if !is_clean(app, local, branch) {
             return Err(dm_sync::Error::Refused(format!(
                 "branch {branch} of dot {local} has uncommitted changes; commit them (or `dm reset --hard HEAD`) first. Nothing was changed"
             )));
