@@ -1006,7 +1006,7 @@ impl Store {
                 st.head.map(|h| h.short()).unwrap_or_else(|| "no commit".into()),
             )));
         }
-        if !hard && (fs.unflushed_bytes() > 0 || fs.view(&st).has_changes()?) {
+        if !hard && Self::uncommitted_in(&fs, &st)? {
             return Err(Error::Refused(format!(
                 "branch {branch} of dot {dot} has uncommitted changes; commit them, or use `dm reset --hard` to discard them"
             )));

@@ -30,6 +30,14 @@ fn author() -> String {
         .unwrap_or_else(|| "admin".to_string())
 }
 
+/// The one wording of "no such branch", with the dot's branches to pick from.
+fn branch_not_found(dot: &DotName, branch: &str, branches: &[String]) -> String {
+    format!(
+        "branch {branch} not found in dot {dot} (branches: {})",
+        branches.join(", ")
+    )
+}
+
 pub fn commit(
     ctx: &mut Ctx,
     message: &str,
@@ -51,11 +59,7 @@ pub fn commit(
     let (dot, d) = current(ctx)?;
     let branch = branch.unwrap_or(&d.summary.current_branch);
     if !d.branch_details.iter().any(|b| b.name == branch) {
-        let names: Vec<&str> = d.branch_details.iter().map(|b| b.name.as_str()).collect();
-        bail!(
-            "dot {dot} has no branch {branch} (its branches: {})",
-            names.join(", ")
-        );
+        bail!(branch_not_found(&dot, branch, &d.summary.branches));
     }
     let path = format!(
         "{}/commits",
@@ -98,10 +102,7 @@ pub fn log(
                 Err(e) if e.to_string().contains("ambiguous") => bail!("{e}"),
                 Err(_) => {
                     dm_store::names::validate("branch", b).map_err(|e| anyhow!("{e}"))?;
-                    bail!(
-                        "branch {b} not found in dot {dot} (branches: {})",
-                        d.summary.branches.join(", ")
-                    );
+                    bail!(branch_not_found(&dot, b, &d.summary.branches));
                 }
             }
         }
@@ -177,10 +178,7 @@ pub fn delete_branch(ctx: &mut Ctx, branch: &str, force: bool) -> Result<()> {
     dm_store::names::validate("branch", branch).map_err(|e| anyhow!("{e}"))?;
     let (dot, d) = current(ctx)?;
     let Some(b) = d.branch_details.iter().find(|b| b.name == branch) else {
-        bail!(
-            "branch {branch} not found in dot {dot} (branches: {})",
-            d.summary.branches.join(", ")
-        );
+        bail!(branch_not_found(&dot, branch, &d.summary.branches));
     };
     let path = format!(
         "{}?force={force}",
@@ -224,8 +222,8 @@ pub fn checkout(ctx: &mut Ctx, branch: &str, create: bool, start: Option<&str>) 
         }
         valid.map_err(|e| anyhow!("{e}"))?;
         bail!(
-            "branch {branch} not found in dot {dot} (branches: {}); create it with `dm checkout -b {branch}`",
-            d.summary.branches.join(", ")
+            "{}; create it with `dm checkout -b {branch}`",
+            branch_not_found(&dot, branch, &d.summary.branches)
         );
     }
     valid.map_err(|e| anyhow!("{e}"))?;
