@@ -29,7 +29,9 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-start_server DM_LOG=info,dm::memory=debug
+# SERVER_ENV="VAR=VALUE ..." adds variables to the server's environment (MALLOC_ARENA_MAX=2, say).
+# shellcheck disable=SC2086
+start_server DM_LOG=info,dm::memory=debug ${SERVER_ENV:-}
 "$DM" init rss --block-size 8K >/dev/null
 dir=$("$DM" --dot rss mount rss)
 rss() { awk '/^VmRSS/{printf "%.0f", $2/1024}' "/proc/$server/status"; }

@@ -17,6 +17,13 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
+/// How long GC keeps what an interrupted push, pull or clone imported (and
+/// no branch reaches), so that running it again goes on from there.
+pub const RESUME_KEEP: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// At most this many such ids are kept (about 32 MiB of memory), the
+/// oldest transfers' dropped first.
+const RESUME_MAX_IDS: usize = 1 << 20;
+
 /// Column family: dots, branches, counters.
 pub const CF_META: &str = "meta";
 /// Column family: content-addressed objects (tree nodes, commits).
@@ -237,6 +244,10 @@ pub struct Db {
     /// Ids imported by transfers still in progress (not yet reachable from
     /// a branch): GC keeps them (see `transfer`). Id -> number of holders.
     pub(crate) pins: Mutex<std::collections::HashMap<Id, u32>>,
+    /// What interrupted transfers imported and no branch reaches, with
+    /// when each ended: GC keeps them for [`RESUME_KEEP`] (not on a full
+    /// disk), so that the rerun goes on from them (see `transfer`).
+    pub(crate) resumable: Mutex<std::collections::VecDeque<(std::time::Instant, Vec<Id>)>>,
     pub(crate) opts: StoreOptions,
     /// Set when the store closes (see `stage::close`).
     pub(crate) stage_closed: Arc<std::sync::atomic::AtomicBool>,
@@ -400,6 +411,7 @@ impl Db {
             young: Mutex::new(None),
             gc_barrier: parking_lot::RwLock::new(()),
             pins: Mutex::new(std::collections::HashMap::new()),
+            resumable: Mutex::new(std::collections::VecDeque::new()),
             opts,
             stage_closed: Default::default(),
             #[cfg(test)]
@@ -725,6 +737,31 @@ impl Db {
     /// Keeps `id` through every GC until unpinned (one count per call).
     pub(crate) fn pin(&self, id: &Id) {
         *self.pins.lock().entry(*id).or_insert(0) += 1;
+    }
+
+    /// Keeps `ids` (what an interrupted transfer imported) through GCs for
+    /// [`RESUME_KEEP`], the oldest dropped first past [`RESUME_MAX_IDS`].
+    pub(crate) fn keep_for_resume(&self, ids: Vec<Id>) {
+        let mut r = self.resumable.lock();
+        r.push_back((std::time::Instant::now(), ids));
+        let mut total: usize = r.iter().map(|(_, ids)| ids.len()).sum();
+        while total > RESUME_MAX_IDS && r.len() > 1 {
+            if let Some((_, old)) = r.pop_front() {
+                total -= old.len();
+            }
+        }
+    }
+
+    /// The ids kept for resumed transfers that GC must keep now: those
+    /// of the last [`RESUME_KEEP`], none on a full disk (room comes first;
+    /// the rerun sends them again). Forgets the others.
+    pub(crate) fn resumable_ids(&self, disk_full: bool) -> Vec<Id> {
+        let mut r = self.resumable.lock();
+        if disk_full {
+            r.clear();
+        }
+        r.retain(|(at, _)| at.elapsed() < RESUME_KEEP);
+        r.iter().flat_map(|(_, ids)| ids.iter().copied()).collect()
     }
 
     /// Drops one pin of each id.

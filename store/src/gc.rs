@@ -238,7 +238,10 @@ impl Store {
             self.deleted_since_gc.store(false, Ordering::Release);
             // Before the branch records (see `mark`).
             let id_limit = self.id_limit();
-            let pinned: Vec<Id> = self.db.pins.lock().keys().copied().collect();
+            let full = self.db.space.check_now();
+            let mut pinned: Vec<Id> = self.db.pins.lock().keys().copied().collect();
+            // What interrupted transfers brought, for their reruns.
+            pinned.extend(self.db.resumable_ids(full));
             if let Some(young) = self.db.young.lock().as_mut() {
                 young.extend(pinned);
             }
@@ -251,7 +254,6 @@ impl Store {
             // the barrier is held.
             // On a full disk, whatever its size: its dead records may be
             // all the room there is to get back.
-            let full = self.db.space.check_now();
             let seal_min = if full { 1 } else { GC_SEAL_MIN_BYTES };
             self.db
                 .flush_pending()

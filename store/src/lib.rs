@@ -41,4 +41,4 @@ pub use inode::{
 };
 pub use names::{DotName, VolumeName};
 pub use store::{BranchInfo, CommitInfo, CommitRequest, DotInfo, Store, DEFAULT_BLOCK_SIZE};
-pub use transfer::{divergence, plan_trees, Divergence, ImportSession, SetHead, TreePlan};
+pub use transfer::{divergence, plan_trees, Divergence, Hold, ImportSession, SetHead, TreePlan};

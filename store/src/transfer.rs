@@ -16,7 +16,11 @@
 //!
 //! Imports pin what they store until their [`ImportSession`] is dropped, so
 //! a GC running during a transfer does not reclaim objects that no branch
-//! reaches yet.
+//! reaches yet; the session's has-queries pin what they find present, so
+//! that nothing a sender was told is there goes before the transfer ends.
+//! What a session imported and no ref update made reachable (the transfer
+//! was interrupted) GC keeps for [`crate::db::RESUME_KEEP`], for the rerun.
+//! [`Hold`] keeps what a sender is sending.
 
 use crate::chunk::{self, ChunkStore};
 use crate::db::CF_META;
@@ -298,17 +302,17 @@ pub fn divergence(
     }
 }
 
-/// Holds the ids imported by one transfer so that GC keeps them until the
-/// ref update makes them reachable (or the transfer gives up).
-pub struct ImportSession {
+/// Ids kept through GCs while this lives (pinned, and recorded as young
+/// for a GC already running), each checked present once pinned.
+pub struct Hold {
     store: Arc<Store>,
     pinned: parking_lot::Mutex<HashSet<Id>>,
 }
 
-impl ImportSession {
-    /// Starts a session on `store`.
-    pub fn new(store: Arc<Store>) -> ImportSession {
-        ImportSession {
+impl Hold {
+    /// Holds nothing yet.
+    pub fn new(store: Arc<Store>) -> Hold {
+        Hold {
             store,
             pinned: parking_lot::Mutex::new(HashSet::new()),
         }
@@ -318,6 +322,94 @@ impl ImportSession {
         if self.pinned.lock().insert(*id) {
             self.store.db.pin(id);
         }
+    }
+
+    /// Pins `ids` and records them as young, then tells which are present:
+    /// those stay (an object with all it names) until this is dropped; the
+    /// absent ones are let go.
+    fn pin_present(&self, ids: &[Id], present: impl Fn(&[Id]) -> Result<Vec<bool>>) -> Result<Vec<bool>> {
+        for id in ids {
+            self.pin(id);
+            self.store.db.note_young(id);
+        }
+        let found = present(ids)?;
+        let absent: Vec<Id> = ids
+            .iter()
+            .zip(&found)
+            .filter(|(_, p)| !**p)
+            .map(|(id, _)| *id)
+            .collect();
+        if !absent.is_empty() {
+            let mut pinned = self.pinned.lock();
+            let gone: Vec<Id> = absent.into_iter().filter(|id| pinned.remove(id)).collect();
+            self.store.db.unpin(&gone);
+        }
+        Ok(found)
+    }
+
+    /// Which of `objects` are stored, in order; those stay, with all they
+    /// name (a pushed commit's history while it is sent, say).
+    pub fn objects(&self, objects: &[Id]) -> Result<Vec<bool>> {
+        self.pin_present(objects, |ids| self.store.has_objects(ids))
+    }
+
+    /// Which of `chunks` are stored, in order; those stay.
+    pub fn chunks(&self, chunks: &[Id]) -> Result<Vec<bool>> {
+        self.pin_present(chunks, |ids| self.store.has_chunks(ids))
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let mine = std::mem::take(&mut *self.pinned.lock());
+        self.store.db.unpin(&mine);
+    }
+}
+
+/// Holds the ids imported by one transfer so that GC keeps them until the
+/// ref update makes them reachable (or the transfer gives up), and the
+/// ids its has-queries found present.
+pub struct ImportSession {
+    store: Arc<Store>,
+    hold: Hold,
+    /// Ids this session wrote (not already stored).
+    imported: parking_lot::Mutex<HashSet<Id>>,
+    /// Commits that ref updates made branch heads in this session.
+    reached: parking_lot::Mutex<Vec<Id>>,
+}
+
+impl ImportSession {
+    /// Starts a session on `store`.
+    pub fn new(store: Arc<Store>) -> ImportSession {
+        ImportSession {
+            hold: Hold::new(store.clone()),
+            store,
+            imported: Default::default(),
+            reached: Default::default(),
+        }
+    }
+
+    fn pin(&self, id: &Id) {
+        self.hold.pin(id);
+    }
+
+    /// Which of `ids` are stored objects, in order: a sender skips those
+    /// (and all they name), so they stay until the session ends.
+    pub fn has_objects(&self, ids: &[Id]) -> Result<Vec<bool>> {
+        self.hold.objects(ids)
+    }
+
+    /// Which of `ids` are stored chunks, in order; those stay until the
+    /// session ends.
+    pub fn has_chunks(&self, ids: &[Id]) -> Result<Vec<bool>> {
+        self.hold.chunks(ids)
+    }
+
+    /// Records that a ref update made commit `head` a branch head: what
+    /// this session imported for it is reachable, and not kept for a
+    /// rerun when the session ends.
+    pub fn reached(&self, head: Id) {
+        self.reached.lock().push(head);
     }
 
     /// Pins `ids`, records them as young for a running GC, then checks they
@@ -349,6 +441,27 @@ impl ImportSession {
         Ok(stored)
     }
 
+    /// What this session imported that the heads of [`Self::reached`] do
+    /// not reach (walking only through what it imported: what was stored
+    /// before has all it names stored too).
+    fn unreached(&self) -> Result<Vec<Id>> {
+        let mut left = std::mem::take(&mut *self.imported.lock());
+        let mut stack = std::mem::take(&mut *self.reached.lock());
+        while let Some(id) = stack.pop() {
+            if !left.remove(&id) {
+                continue;
+            }
+            if let Some(b) = self.store.object_bytes(&id)? {
+                let (objects, chunks) = object_refs(&id, &b)?;
+                stack.extend(objects);
+                for c in chunks {
+                    left.remove(&c);
+                }
+            }
+        }
+        Ok(left.into_iter().collect())
+    }
+
     /// Indexes the chunks imported so far. Large ones wait unindexed
     /// otherwise (up to 256 MiB, see `Db::add_pending`), and a crash of
     /// this process would then make the resumed transfer send them again.
@@ -367,7 +480,11 @@ impl ImportSession {
             .space
             .refuse_when_full(|| "storing the chunks of a transfer".into())?;
         self.pin(id);
-        self.store.db.put_if_absent(id, stored)
+        let new = self.store.db.put_if_absent(id, stored)?;
+        if new {
+            self.imported.lock().insert(*id);
+        }
+        Ok(new)
     }
 
     /// Verifies an object's stored form against `id` (blake3 of the stored
@@ -412,6 +529,7 @@ impl ImportSession {
         let mut batch = WriteBatch::default();
         self.store.db.put_object(&mut batch, id, stored);
         self.store.db.write(batch, false, "importing an object")?;
+        self.imported.lock().insert(*id);
         Ok(true)
     }
 }
@@ -480,9 +598,14 @@ fn check_commit(id: &Id, c: &Commit, root: &[u8], parents: &[Vec<u8>]) -> Result
 }
 
 impl Drop for ImportSession {
+    /// Keeps what an interrupted transfer imported for its rerun (all it
+    /// imported when that cannot be told); the hold then lets go.
     fn drop(&mut self) {
-        let mine = std::mem::take(&mut *self.pinned.lock());
-        self.store.db.unpin(&mine);
+        let all: Vec<Id> = self.imported.lock().iter().copied().collect();
+        let left = self.unreached().unwrap_or(all);
+        if !left.is_empty() {
+            self.store.db.keep_for_resume(left);
+        }
     }
 }
 
@@ -1035,8 +1158,130 @@ mod tests {
         b.gc().unwrap();
         assert!(b.has_chunks(&plan.chunks).unwrap().iter().all(|p| *p));
         drop(sess);
+        // Kept for a rerun; a day later, not.
+        b.gc().unwrap();
+        assert!(b.has_chunks(&plan.chunks).unwrap().iter().all(|p| *p));
+        b.db.resumable.lock().clear();
         b.gc().unwrap();
         assert!(b.has_chunks(&plan.chunks).unwrap().iter().all(|p| !*p));
+    }
+
+    /// The chunks and tree nodes of commit `c` of `a`, leaves first.
+    fn closure(a: &Store, c: Id) -> TreePlan {
+        let root = a.commit_record(&c).unwrap().root;
+        plan_trees::<Error>(
+            &[root],
+            100,
+            &mut |ids| Ok(vec![false; ids.len()]),
+            &mut |ids| {
+                Ok(ids
+                    .iter()
+                    .map(|id| a.object_bytes(id).unwrap().unwrap())
+                    .collect())
+            },
+        )
+        .unwrap()
+    }
+
+    /// What a session answered "present" stays until it ends (the sender
+    /// skips it), whatever GCs run: a rerun after an interrupted push
+    /// failed with "tree node arrived before its chunk" once a GC had
+    /// taken what the first run brought. What an interrupted session
+    /// imported stays for the rerun; what a finished one imported goes
+    /// with its dot.
+    #[test]
+    fn present_answers_and_interrupted_imports_outlive_gcs() {
+        let da = tempfile::tempdir().unwrap();
+        let db = tempfile::tempdir().unwrap();
+        let a = Store::open(da.path()).unwrap();
+        let b = Store::open(db.path()).unwrap();
+        let dot = DotName::new("app").unwrap();
+        a.create_dot(&dot, None).unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        write_file(&a, &dot, "master", "f", &data);
+        let c1 = commit(&a, &dot, "master", "one");
+        let plan = closure(&a, c1);
+        let chunks = plan.chunks.clone();
+        let all_there = |b: &Store| b.has_chunks(&chunks).unwrap().iter().all(|p| *p);
+        // The first run: the chunks arrive, then the connection drops.
+        let first = ImportSession::new(b.clone());
+        for c in &chunks {
+            first
+                .import_chunk(c, &a.chunk_bytes(c).unwrap().unwrap())
+                .unwrap();
+        }
+        drop(first);
+        b.gc().unwrap();
+        assert!(all_there(&b), "what the first run brought is kept for the rerun");
+        // The rerun is told they are there; they stay while it runs, even
+        // a day later, when they are no longer kept for a rerun.
+        let rerun = ImportSession::new(b.clone());
+        assert!(rerun.has_chunks(&chunks).unwrap().iter().all(|p| *p));
+        b.db.resumable.lock().clear();
+        b.gc().unwrap();
+        assert!(all_there(&b), "a present answer outlives a GC");
+        for level in &plan.levels {
+            for id in level {
+                rerun
+                    .import_object(id, &a.object_bytes(id).unwrap().unwrap())
+                    .unwrap();
+            }
+        }
+        rerun
+            .import_object(&c1, &a.object_bytes(&c1).unwrap().unwrap())
+            .unwrap();
+        assert_eq!(
+            b.set_branch_head(&dot, "master", None, c1, crate::DEFAULT_BLOCK_SIZE)
+                .unwrap(),
+            SetHead::Updated
+        );
+        rerun.reached(c1);
+        drop(rerun);
+        assert!(
+            b.db.resumable.lock().is_empty(),
+            "a finished transfer leaves nothing kept for a rerun"
+        );
+        b.delete_dot(&dot).unwrap();
+        b.gc().unwrap();
+        assert!(b.has_chunks(&chunks).unwrap().iter().all(|p| !*p));
+        // On a full disk, room comes first.
+        let third = ImportSession::new(b.clone());
+        third
+            .import_chunk(&chunks[0], &a.chunk_bytes(&chunks[0]).unwrap().unwrap())
+            .unwrap();
+        drop(third);
+        assert_eq!(b.db.resumable_ids(false), vec![chunks[0]]);
+        assert!(b.db.resumable_ids(true).is_empty());
+    }
+
+    /// A commit being pushed stays with all it names while held, even once
+    /// its dot is deleted and a GC runs (the push failed with "chunk
+    /// missing locally").
+    #[test]
+    fn a_held_commit_outlives_its_dot_until_let_go() {
+        let da = tempfile::tempdir().unwrap();
+        let a = Store::open(da.path()).unwrap();
+        let dot = DotName::new("app").unwrap();
+        a.create_dot(&dot, None).unwrap();
+        write_file(&a, &dot, "master", "f", &[9u8; 200_000]);
+        let c1 = commit(&a, &dot, "master", "one");
+        let plan = closure(&a, c1);
+        let hold = Hold::new(a.clone());
+        assert_eq!(hold.objects(&[c1]).unwrap(), vec![true]);
+        let missing = Id::of(b"nothing stored");
+        assert_eq!(hold.objects(&[missing]).unwrap(), vec![false]);
+        assert!(!a.db.pins.lock().contains_key(&missing), "absent ids are let go");
+        a.delete_dot(&dot).unwrap();
+        a.gc().unwrap();
+        assert!(a.object_bytes(&c1).unwrap().is_some());
+        assert!(a.has_chunks(&plan.chunks).unwrap().iter().all(|p| *p));
+        for level in &plan.levels {
+            assert!(a.has_objects(level).unwrap().iter().all(|p| *p));
+        }
+        drop(hold);
+        a.gc().unwrap();
+        assert!(a.object_bytes(&c1).unwrap().is_none());
+        assert!(a.has_chunks(&plan.chunks).unwrap().iter().all(|p| !*p));
     }
 
     /// Plans `roots` against a receiver that has nothing, from `nodes`.

@@ -6,7 +6,9 @@ use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::proto::{self, DotRef, ErrorCode, Request, Response, BATCH_BYTES, BATCH_IDS};
 use crate::tls::Trust;
-use dm_store::{divergence, plan_trees, Divergence, DotName, Id, ImportSession, SetHead, Store};
+use dm_store::{
+    divergence, plan_trees, Divergence, DotName, Hold, Id, ImportSession, SetHead, Store,
+};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -399,6 +401,15 @@ pub async fn push(
             "branch {branch} of {dot} has no commits to push; `dm commit` first"
         )));
     };
+    // What is pushed stays while it is sent, even if the branch is deleted
+    // or reset meanwhile and a GC runs (it failed as "chunk missing").
+    let hold = Hold::new(store.clone());
+    if hold.objects(&[local])? != [true] {
+        return Err(Error::Refused(format!(
+            "branch {branch} of {dot} moved off commit {} as the push began (deleted, or reset?): push again",
+            local.short()
+        )));
+    }
     let mut report = TransferReport {
         branch: branch.to_string(),
         head: Some(local),
@@ -887,10 +898,13 @@ pub async fn pull(
             }
         }
     }
+    // What this pull finds here stays until it ends, what it brings until
+    // a branch names it (or, if it is interrupted, for the rerun).
+    let session = Arc::new(ImportSession::new(store.clone()));
     // Commits the local store lacks (a present commit has its ancestry).
     let mut missing = Vec::new();
     for part in remote_anc.chunks(BATCH_IDS) {
-        let have = store.has_objects(part)?;
+        let have = session.has_objects(part)?;
         missing.extend(part.iter().zip(have).filter(|(_, h)| !h).map(|(id, _)| *id));
     }
     missing.reverse();
@@ -911,12 +925,12 @@ pub async fn pull(
     }
     let mut node_bytes: HashMap<Id, Vec<u8>> = HashMap::new();
     let plan = {
-        let st = store.clone();
+        let sess = &session;
         let handle = Handle::current();
         let rem: &Remote = remote;
         let nb = &mut node_bytes;
         tokio::task::block_in_place(|| -> Result<_> {
-            let mut has = |ids: &[Id]| -> Result<Vec<bool>> { Ok(st.has_objects(ids)?) };
+            let mut has = |ids: &[Id]| -> Result<Vec<bool>> { Ok(sess.has_objects(ids)?) };
             let mut get = |ids: &[Id]| -> Result<Vec<Vec<u8>>> {
                 let got = handle.block_on(rem.fetch(remote_dot, ids, false))?;
                 let mut out = Vec::with_capacity(got.len());
@@ -962,14 +976,13 @@ pub async fn pull(
     let need: Vec<Id> = {
         let mut need = Vec::new();
         for part in to_check.chunks(BATCH_IDS) {
-            let have = store.has_chunks(part)?;
+            let have = session.has_chunks(part)?;
             need.extend(part.iter().zip(have).filter(|(_, h)| !h).map(|(id, _)| *id));
         }
         need
     };
     progress.set_phase("receiving");
     progress.add_total(need.len() as u64 * block_size as u64);
-    let session = Arc::new(ImportSession::new(store.clone()));
     let mut inflight = tokio::task::JoinSet::new();
     let mut got_bytes = 0u64;
     let per = 32usize;
@@ -1065,7 +1078,10 @@ pub async fn pull(
         report.stashed = Some(name);
     }
     let moved = match store.set_branch_head(dot, branch, local_head, theirs, block_size) {
-        Ok(SetHead::Updated) => Ok(()),
+        Ok(SetHead::Updated) => {
+            session.reached(theirs);
+            Ok(())
+        }
         Ok(SetHead::Moved { .. }) => Err(Error::Refused(format!(
             "branch {branch} of {dot} moved (a commit?) while pulling: pull again"
         ))),

@@ -586,7 +586,9 @@ fn handle_inner(s: &Session, req: Request) -> std::result::Result<Response, Resp
             if ids.len() > BATCH_IDS {
                 return Err(err(ErrorCode::BadRequest, "too many ids in one query"));
             }
-            let mut present = store.has_objects(&ids).map_err(store_err)?;
+            // Present ones stay until this connection ends (the client
+            // skips them and what they name), whatever a GC does meanwhile.
+            let mut present = s.import.has_objects(&ids).map_err(store_err)?;
             // A commit this session may not name counts as absent: the
             // client then sends it, which shows it has it (see `proven`).
             // Tree nodes count as they are: their ids are never shown to
@@ -614,7 +616,9 @@ fn handle_inner(s: &Session, req: Request) -> std::result::Result<Response, Resp
             if ids.len() > BATCH_IDS {
                 return Err(err(ErrorCode::BadRequest, "too many ids in one query"));
             }
-            Ok(Response::Bools(store.has_chunks(&ids).map_err(store_err)?))
+            Ok(Response::Bools(
+                s.import.has_chunks(&ids).map_err(store_err)?,
+            ))
         }
         Request::GetObjects { dot, ids } | Request::GetChunks { dot, ids }
             if ids.len() > BATCH_IDS =>
@@ -808,6 +812,7 @@ fn set_head(
         }
         return Err(e);
     }
+    s.import.reached(new);
     tracing::info!(
         "hub: user {} moved branch {branch} of {dot} from {} to {}{}",
         s.user.name,

@@ -497,6 +497,13 @@ async fn interrupted_push_resumes_without_resending() {
     let first = r.bytes_sent() - before;
     // Nothing is visible on the hub.
     assert!(hub.store.list_dots().unwrap().is_empty());
+    // The connection ends and a GC runs on the hub (its own, set off by
+    // what arrived): what arrived stays for the rerun (a GC took it, and
+    // the rerun resent everything, or failed at its end).
+    r.close().await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    hub.store.gc().unwrap();
+    let r = hub.connect("alice", &key).await;
     let before = r.bytes_sent();
     let rep = push(&a, &r, "app", "master", "alice/app", &opts())
         .await
@@ -518,6 +525,7 @@ async fn interrupted_push_resumes_without_resending() {
         .await
         .unwrap_err();
     assert!(a2.store.branch_info(&app, "master").unwrap().head.is_none());
+    a2.store.gc().unwrap();
     let rep = pull(&a2, &r2, "app", "master", "alice/app", &opts())
         .await
         .unwrap();

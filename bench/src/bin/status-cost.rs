@@ -2,7 +2,9 @@
 //! changed, in dots of 1,000, 10,000 and 100,000 files (100 per directory),
 //! and the ratio to the 1,000-file dot: these should cost what changed,
 //! not what the dot holds. The second set of lines also renames a
-//! directory of 100 files each round (101 paths change).
+//! directory of 100 files each round (101 paths change). The last lines
+//! delete every file and directory (each path a change) and print the
+//! cost per path.
 //!
 //! Run: `cargo run --release -p dm-bench --bin status-cost`
 
@@ -15,9 +17,9 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-/// Median (status, diff of the last commit) over 15 rounds of changing one
-/// file (or, with `rename`, renaming a directory) and committing.
-fn measure(files: usize, rename: bool) -> (Duration, Duration) {
+/// A dot of `files` files of 10 bytes, 100 per directory, committed: its
+/// store (in the temp dir returned with it) and its directories.
+fn dot_of(files: usize) -> (tempfile::TempDir, std::sync::Arc<Store>, DotName, Vec<u64>) {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = Store::open(dir.path()).expect("open store");
     let dot = DotName::new("bench").expect("dot name");
@@ -50,6 +52,40 @@ fn measure(files: usize, rename: bool) -> (Duration, Duration) {
         dirs.push(di);
     }
     store.commit(&dot, "master", req("base")).expect("commit");
+    (dir, store, dot, dirs)
+}
+
+/// (status, diff of the commit) after every file and directory of a dot
+/// of `files` files was deleted (`rm -rf *`): each path is a change.
+fn measure_delete_all(files: usize) -> (Duration, Duration) {
+    let (_dir, store, dot, dirs) = dot_of(files);
+    let fs = store.branch_fs(&dot, "master").expect("branch");
+    for (d, &di) in dirs.iter().enumerate() {
+        for f in 0..100 {
+            fs.unlink(di, format!("f{f}").as_bytes()).expect("unlink");
+        }
+        fs.rmdir(ROOT_INO, format!("d{d}").as_bytes())
+            .expect("rmdir");
+    }
+    let t = Instant::now();
+    let changes = store.diff(&dot, "master", None, None).expect("status");
+    let status = t.elapsed();
+    assert_eq!(changes.len(), files + dirs.len());
+    store.commit(&dot, "master", req("deleted")).expect("commit");
+    let head = store.resolve(&dot, "master", "HEAD").expect("HEAD");
+    let parent = store.resolve(&dot, "master", "HEAD^").expect("HEAD^");
+    let t = Instant::now();
+    store
+        .diff(&dot, "master", Some(parent), Some(head))
+        .expect("diff");
+    (status, t.elapsed())
+}
+
+/// Median (status, diff of the last commit) over 15 rounds of changing one
+/// file (or, with `rename`, renaming a directory) and committing.
+fn measure(files: usize, rename: bool) -> (Duration, Duration) {
+    let (_dir, store, dot, dirs) = dot_of(files);
+    let fs = store.branch_fs(&dot, "master").expect("branch");
     let (mut status, mut diff) = (Vec::new(), Vec::new());
     let mut moved = vec![false; dirs.len()];
     for i in 0..15usize {
@@ -111,5 +147,19 @@ fn main() {
                 d.as_secs_f64() / small.1.as_secs_f64(),
             );
         }
+    }
+    println!();
+    println!("| after deleting every file and directory | paths | dm status | dm diff HEAD^ HEAD | status per path | diff per path |");
+    println!("|---|---|---|---|---|---|");
+    for files in [10_000, 100_000] {
+        let (s, d) = measure_delete_all(files);
+        let paths = (files + files / 100) as f64;
+        println!(
+            "| rm -rf | {paths} | {:.2} s | {:.2} s | {:.1} us | {:.1} us |",
+            s.as_secs_f64(),
+            d.as_secs_f64(),
+            s.as_secs_f64() * 1e6 / paths,
+            d.as_secs_f64() * 1e6 / paths,
+        );
     }
 }
