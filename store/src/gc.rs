@@ -372,7 +372,7 @@ impl Store {
         // Deleted chunks leave their records in the chunk log; reclaim the
         // segments they made sparse.
         report.log_bytes_freed = db.compact_chunks(compact_before)?;
-        *self.gc_base.lock() = (Instant::now(), self.log_allocated()?);
+        *self.gc_base.lock() = (Instant::now(), self.stored_bytes()?);
         // Writers refused for a full disk take data again now if this made
         // room, not at the next periodic look.
         db.space.check_now();
@@ -390,8 +390,8 @@ impl Store {
     }
 
     /// Whether a GC is due, for a server that runs them by itself: the
-    /// chunk log holds a quarter more bytes on the disk than after the
-    /// last GC (or the store's opening), and at least `min_growth` more,
+    /// store holds a quarter more bytes on the disk than after the last
+    /// GC (or the store's opening), and at least `min_growth` more,
     /// as data written over leaves dead chunks (a database overwriting its
     /// files all day would fill the disk with them); a dot or branch was
     /// deleted (whose space its user expects back, as ZFS gives it); or
@@ -404,7 +404,15 @@ impl Store {
         if self.deleted_since_gc.load(Ordering::Acquire) {
             return Ok(true);
         }
-        Ok(self.log_allocated()? > base + (base / 4).max(min_growth))
+        Ok(self.stored_bytes()? > base + (base / 4).max(min_growth))
+    }
+
+    /// Bytes the store holds on the disk: its chunk log (holes GC punched
+    /// not counted) and RocksDB's files, where chunks under 16 KiB live (a
+    /// database writing 4-8 KiB pages rewrites only those: counting the
+    /// log alone, its garbage never made a GC due).
+    pub(crate) fn stored_bytes(&self) -> Result<u64> {
+        Ok(self.log_allocated()? + self.db.table_bytes())
     }
 
     /// Verifies every reachable commit, tree node and chunk against its id,

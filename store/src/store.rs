@@ -109,8 +109,8 @@ pub struct Store {
     /// Serialises changes to dot and branch records.
     pub(crate) admin: Mutex<()>,
     pub(crate) gc_lock: Mutex<()>,
-    /// When the last GC ended (or the store opened), and the bytes its
-    /// chunk log held on the disk then (see [`Store::gc_due`]).
+    /// When the last GC ended (or the store opened), and the bytes it
+    /// held on the disk then (see [`Store::gc_due`]).
     pub(crate) gc_base: Mutex<(std::time::Instant, u64)>,
     /// A dot or branch was deleted since the last GC started (its data is
     /// garbage now: see [`Store::gc_due`]).
@@ -154,7 +154,7 @@ impl Store {
             #[cfg(test)]
             gc_after_mark: Mutex::new(None),
         });
-        store.gc_base.lock().1 = store.log_allocated()?;
+        store.gc_base.lock().1 = store.stored_bytes()?;
         Ok(store)
     }
 
