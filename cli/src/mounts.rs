@@ -405,6 +405,7 @@ impl MountManager {
             }
         }
         Self::check_mount_point(&path)?;
+        check_open_file_room(&volume)?;
         let info = self.store.dot_info(&volume.dot)?;
         let branch = match &volume.branch {
             Some(b) => {
@@ -751,4 +752,37 @@ impl MountManager {
             }
         }
     }
+}
+
+/// Open files a mount must leave the server: for its API socket, its
+/// clients, the store's files (RocksDB opens more as it grows) and
+/// transfers.
+const OPEN_FILES_RESERVE: u64 = 128;
+
+/// Refuses a mount that would leave the server fewer than
+/// [`OPEN_FILES_RESERVE`] open files (each mount takes a few `/dev/fuse`
+/// descriptors): past its limit the server failed to open its own socket
+/// at the next start and exited, leaving dead mounts behind.
+fn check_open_file_room(volume: &VolumeName) -> ApiResult<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Ok(());
+    }
+    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+        return Ok(());
+    };
+    let open = fds.count() as u64;
+    if open + OPEN_FILES_RESERVE <= lim.rlim_cur {
+        return Ok(());
+    }
+    Err(ApiError::conflict(format!(
+        "not mounting {volume}: the dm server has {open} of its {} open files in use (each mount takes a few, \
+         and {OPEN_FILES_RESERVE} stay for its clients and its store); raise the server's open-file limit \
+         (`ulimit -n` before `dm server`, LimitNOFILE= in a systemd unit) and restart it, or unmount others",
+        lim.rlim_cur
+    )))
 }

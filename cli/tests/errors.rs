@@ -538,3 +538,34 @@ fn mount_refuses_files_and_non_empty_directories() {
     s.ok(&["unmount", link.to_str().unwrap()]);
     assert!(!dm_tests::is_mounted(&empty));
 }
+
+/// Mounts that would leave the server too few open files are refused,
+/// naming the limit, and a server started with a lower limit than its
+/// saved mounts need still starts (it exited, unable to open its own
+/// socket, leaving dead mounts behind) and says which it left out.
+#[test]
+fn mounts_past_the_open_file_limit_are_refused_and_the_server_still_starts() {
+    let mut s = Server::start(DM);
+    s.stop();
+    s.set_open_file_limit(220);
+    s.restart();
+    let mut mounted = 0;
+    let mut refusal = String::new();
+    for i in 0..60 {
+        let dot = format!("d{i}");
+        s.ok(&["init", &dot]);
+        let out = s.dm(&["mount", &dot]);
+        if !out.status.success() {
+            refusal = String::from_utf8_lossy(&out.stderr).into_owned();
+            break;
+        }
+        mounted += 1;
+    }
+    assert!(mounted >= 5, "only {mounted} mounts under 220 open files");
+    assert!(refusal.contains("open-file limit"), "{mounted} mounted; {refusal}");
+    s.stop();
+    s.set_open_file_limit(200);
+    s.restart();
+    assert!(s.ok(&["list"]).contains("d0"));
+    assert!(s.log().contains("not mounting"), "{}", s.log());
+}

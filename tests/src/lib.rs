@@ -22,6 +22,8 @@ pub struct Server {
     listen: Option<String>,
     /// Environment variables of the server process (and its restarts).
     env: Vec<(String, String)>,
+    /// The open-file limit (soft and hard) of the server's next starts.
+    open_files: Option<u64>,
 }
 
 impl Server {
@@ -80,7 +82,14 @@ impl Server {
             plugin_socket: plugin_socket.map(Path::to_path_buf),
             listen: listen.map(str::to_string),
             env: Vec::new(),
+            open_files: None,
         }
+    }
+
+    /// Gives the server's next starts at most `n` open files (`ulimit -n`,
+    /// hard limit too, which the server cannot raise).
+    pub fn set_open_file_limit(&mut self, n: u64) {
+        self.open_files = Some(n);
     }
 
     /// The temporary directory holding everything.
@@ -140,6 +149,22 @@ impl Server {
             cmd.arg("--listen").arg(l);
         }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        if let Some(n) = self.open_files {
+            use std::os::unix::process::CommandExt;
+            let lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: only setrlimit (async-signal-safe) between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = cmd
             .env("DM_LOG", "info,dm_fs=info")
             .stdin(Stdio::null())
