@@ -112,6 +112,9 @@ pub(crate) struct BranchState {
     /// state never wade through the keys the last commit absorbed.
     pub bid: u64,
     pub deleted: bool,
+    /// The server is stopping: every operation is refused (see
+    /// [`BranchFs::stop`]).
+    pub stopped: bool,
 }
 
 /// Buffered writes of one file.
@@ -320,6 +323,7 @@ impl BranchFs {
                 root,
                 bid,
                 deleted: false,
+                stopped: false,
             }),
             meta: Mutex::new(()),
             files: Mutex::new(HashMap::new()),
@@ -354,6 +358,12 @@ impl BranchFs {
 
     fn state(&self) -> Result<StateGuard<'_>> {
         let st = self.state.read();
+        if st.stopped {
+            return Err(Error::fs(
+                "the dm server is stopping",
+                crate::error::libc_consts::ESHUTDOWN,
+            ));
+        }
         if st.deleted {
             return Err(Error::NotFound {
                 what: "branch",
@@ -1924,6 +1934,21 @@ impl BranchFs {
     /// Stores every buffered write of this branch (syncfs without the sync).
     pub fn flush_all(&self) -> Result<()> {
         let st = self.state()?;
+        self.flush_all_in(&st)
+    }
+
+    /// Refuses every operation from now on (ESHUTDOWN), once those in
+    /// progress are done, then flushes what was written: what the branch
+    /// acknowledged is in the store when this returns. For a server that
+    /// stops while a mount it detached lazily (files were open) still
+    /// takes writes: a write acknowledged after its last flush was lost.
+    pub fn stop(&self) -> Result<()> {
+        let mut st = self.state.write();
+        st.stopped = true;
+        let st = parking_lot::RwLockWriteGuard::downgrade(st);
+        if st.deleted {
+            return Ok(());
+        }
         self.flush_all_in(&st)
     }
 

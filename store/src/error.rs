@@ -107,6 +107,7 @@ pub mod libc_consts {
     pub const ELOOP: i32 = 40;
     pub const ENODATA: i32 = 61;
     pub const EOPNOTSUPP: i32 = 95;
+    pub const ESHUTDOWN: i32 = 108;
     pub const ESTALE: i32 = 116;
 }
 
@@ -116,6 +117,7 @@ fn errno_name(errno: i32) -> &'static str {
         EPERM => "operation not permitted (EPERM)",
         ENOENT => "no such file or directory (ENOENT)",
         EIO => "I/O error (EIO)",
+        ESHUTDOWN => "the dm server is stopping (ESHUTDOWN)",
         E2BIG => "argument list too long (E2BIG)",
         EBADF => "bad file descriptor (EBADF)",
         EACCES => "permission denied (EACCES)",

@@ -1079,6 +1079,17 @@ impl Store {
         m
     }
 
+    /// Stops every open branch ([`BranchFs::stop`]: what they acknowledged
+    /// is flushed, what comes after is refused) and syncs the WAL: for a
+    /// server that stops.
+    pub fn stop_writes(&self) -> Result<()> {
+        let all: Vec<Arc<BranchFs>> = self.branches.lock().values().cloned().collect();
+        for fs in all {
+            fs.stop()?;
+        }
+        self.db.sync_wal()
+    }
+
     /// Flushes every buffered write of every open branch and syncs the WAL.
     pub fn sync(&self) -> Result<()> {
         let all: Vec<Arc<BranchFs>> = self.branches.lock().values().cloned().collect();

@@ -422,7 +422,10 @@ pub fn run(opts: ServerOptions) -> Result<()> {
     if let Some(gc) = auto_gc {
         gc.stop();
     }
-    if let Err(e) = store.sync() {
+    // Mounts still in use were only detached: their sessions may still
+    // take writes. What they acknowledged is flushed here, what comes
+    // after is refused.
+    if let Err(e) = store.stop_writes() {
         tracing::error!("final sync: {e}");
     }
     let _ = std::fs::remove_file(&opts.socket);
