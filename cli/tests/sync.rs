@@ -524,6 +524,32 @@ fn hub_push_clone_pull_through_the_cli() {
     }
     let out = bob.ok(&["pull", "hub", "big"]);
     assert!(out.contains("master: 1 commit"), "{out}");
+
+    // A `clone --all` cut short once its dot was made (master arrived, a
+    // large branch had not): the same command goes on, as its message
+    // says (it was refused: "a dot named two exists here already").
+    alice.ok(&["init", "two"]);
+    alice.ok(&["switch", "two"]);
+    let twom = mount(&alice, "two");
+    write_synced(&twom.join("small"), b"small");
+    alice.ok(&["commit", "-m", "small"]);
+    alice.ok(&["push", "hub", "two"]);
+    alice.ok(&["checkout", "-b", "large"]);
+    let large = random_bytes(12, 128 << 20);
+    write_synced(&twom.join("large"), &large);
+    alice.ok(&["commit", "-m", "large"]);
+    alice.ok(&["push", "hub", "two", "large"]);
+    hub.ok(&["dot", "collaborator", "add", "alice/two", "bob"]);
+    let clone = ["clone", "hub", "alice/two", "--local-name", "two", "--all"];
+    if interrupted(&bob, &clone) && bob.dm(&["dot", "show", "two"]).status.success() {
+        eprintln!("the clone was cut short after making its dot");
+    }
+    bob.ok(&clone);
+    let err = bob.fail(&clone);
+    assert!(err.contains("exists here already"), "a finished clone is not run again: {err}");
+    bob.ok(&["switch", "two"]);
+    bob.ok(&["checkout", "large"]);
+    assert_eq!(read(&mount(&bob, "two").join("large")), large);
 }
 
 /// What a first hour with dm ran into: a subdot mounted on a branch whose

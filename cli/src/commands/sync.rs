@@ -40,6 +40,10 @@ pub struct SyncConfig {
     /// Upstream dot on a remote, keyed `LOCAL_DOT remote`.
     #[serde(default)]
     pub upstreams: BTreeMap<String, String>,
+    /// Clones cut short after they made their dot (keyed as `upstreams`):
+    /// running the same clone again goes on with them.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub unfinished_clones: std::collections::BTreeSet<String>,
 }
 
 /// `sync.toml` beside `config.toml`; `NAME.sync.toml` beside any other
@@ -436,7 +440,14 @@ pub fn clone(
     }
     .map_err(|e| anyhow!("{e}"))?;
     let local = DotName::new(local_name.unwrap_or(&rdot.name)).map_err(|e| anyhow!("{e}"))?;
-    if ctx.dot_detail(&local).is_ok() {
+    let upstream = format!("{}/{}", rdot.namespace, rdot.name);
+    // The same clone run again after it was cut short goes on (its dot is
+    // there, with this upstream), as the message of the first run said.
+    let key = upstream_key(&local, remote);
+    let sc = SyncConfig::load(&ctx.config_path)?;
+    let rerun = sc.unfinished_clones.contains(&key) && sc.upstreams.get(&key) == Some(&upstream);
+    let exists = ctx.dot_detail(&local).is_ok();
+    if exists && !rerun {
         // The pull finds the remote dot by the upstream, else by the local
         // name: name it when they differ (a clone cut short before it
         // recorded the upstream).
@@ -464,7 +475,12 @@ pub fn clone(
         stash_on_divergence: false,
         force: false,
     };
-    run(
+    // Recorded first: Ctrl-C ends this process inside `run`.
+    SyncConfig::update(&ctx.config_path, |sc| {
+        sc.upstreams.insert(key.clone(), upstream.clone());
+        sc.unfinished_clones.insert(key.clone());
+    })?;
+    let result = run(
         ctx,
         &req,
         &format!(
@@ -474,13 +490,19 @@ pub fn clone(
     )
     // A broken connection is said as for push and pull (what broke, and
     // that running it again goes on from what arrived).
-    .map_err(|e| anyhow!("{}", with_remote_hints(&format!("{e:#}"), remote, None, &r)))?;
+    .map_err(|e| anyhow!("{}", with_remote_hints(&format!("{e:#}"), remote, None, &r)));
+    // Finished: a clone again is refused. Failed before it made the dot:
+    // nothing to go on with, nothing recorded.
+    let cut_short = result.is_err() && ctx.dot_detail(&local).is_ok();
     SyncConfig::update(&ctx.config_path, |sc| {
-        sc.upstreams.insert(
-            upstream_key(&local, remote),
-            format!("{}/{}", rdot.namespace, rdot.name),
-        );
-    })
+        if !cut_short {
+            sc.unfinished_clones.remove(&key);
+        }
+        if result.is_err() && !cut_short && !exists {
+            sc.upstreams.remove(&key);
+        }
+    })?;
+    result
 }
 
 /// Fills the hub's generic advice in a failed transfer's message with what
