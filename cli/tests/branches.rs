@@ -550,7 +550,10 @@ fn deletes_refuse_mounts_with_files_open() {
     assert!(s.ok(&["list"]).contains("busy"));
     assert_eq!(std::fs::read(mnt.join("base")).unwrap(), b"base");
     drop(held);
-    s.ok(&["dot", "delete", "-f", "busy"]);
+    assert_eq!(
+        s.ok(&["dot", "delete", "-f", "busy"]),
+        "Deleted dot busy (1 branch).\n"
+    );
     assert!(!s.ok(&["list"]).contains("busy"));
 }
 

@@ -115,7 +115,16 @@ impl Owner {
 impl Default for MountOptions {
     fn default() -> Self {
         MountOptions {
-            allow_other: is_root() || fuse_conf_allows_other(),
+            allow_other: is_root() || fuse_conf_allows_other() || {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    warn!(
+                        "mounts are this user's alone (root and containers get EACCES): \
+                         /etc/fuse.conf has no `user_allow_other` line, which lets them be shared"
+                    )
+                });
+                false
+            },
             // `DM_FUSE_THREADS` overrides it, for measuring.
             n_threads: std::env::var("DM_FUSE_THREADS")
                 .ok()
@@ -2004,19 +2013,29 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Names what a failed mount lacks, for users other than root (who mount
-/// through fusermount3).
+/// Names what a failed mount lacks: /dev/fuse, or for users other than
+/// root (who mount through fusermount3) the rights to it.
 fn mount_error(e: io::Error) -> io::Error {
-    if is_root() {
+    let hint = if !Path::new("/dev/fuse").exists() {
+        // fuser said only "No such file or directory".
+        "/dev/fuse is missing: load the fuse module (`modprobe fuse`), or give a container \
+         the device (`docker run --device /dev/fuse --cap-add SYS_ADMIN`)"
+    } else if is_root() {
         return e;
-    }
-    let hint = match e.raw_os_error() {
-        Some(libc::EACCES) | Some(libc::EPERM) => {
-            "this user may not open /dev/fuse or run fusermount3 (Debian: /dev/fuse mode 0666 and \
-             fusermount3 setuid root, as package fuse3 installs them)"
+    } else {
+        match e.raw_os_error() {
+            Some(libc::EACCES) | Some(libc::EPERM) => {
+                "this user may not open /dev/fuse or run fusermount3 (Debian: /dev/fuse mode 0666 and \
+                 fusermount3 setuid root, as package fuse3 installs them)"
+            }
+            Some(libc::ENOENT) => "fusermount3 was not found: install it (Debian: apt install fuse3)",
+            // fusermount3's own message, without an errno.
+            _ if e.to_string().contains("Operation not permitted") => {
+                "fusermount3 may not mount for this user: it must be setuid root \
+                 (Debian's fuse3 installs it so: `chmod u+s $(command -v fusermount3)`)"
+            }
+            _ => return e,
         }
-        Some(libc::ENOENT) => "fusermount3 was not found: install it (Debian: apt install fuse3)",
-        _ => return e,
     };
     io::Error::new(e.kind(), format!("{e}: {hint}"))
 }

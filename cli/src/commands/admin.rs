@@ -16,7 +16,7 @@ pub fn gc(ctx: &mut Ctx) -> Result<()> {
         human_size(r.log_bytes_freed + r.table_bytes_freed)
     );
     if r.chunks_deleted == 0 && r.objects_deleted == 0 {
-        println!("(the server also collects by itself as the store grows and after deletes: its log says when)");
+        println!("(unless it runs with --auto-gc off, the server also collects by itself as the store grows and after deletes: its log says when)");
     }
     if let Some(needed) = r.disk_full {
         println!("{}", still_full(needed));

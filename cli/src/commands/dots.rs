@@ -239,6 +239,12 @@ pub fn delete(ctx: &mut Ctx, dot: &str, force: bool) -> Result<()> {
     let _: Empty = ctx
         .client()?
         .delete(&api::dot_path(&name.namespace, &name.name))?;
+    // As `dm branch -D` says it.
+    let n = d.branch_details.len();
+    println!(
+        "Deleted dot {name} ({n} branch{}).",
+        if n == 1 { "" } else { "es" }
+    );
     super::sync::dot_deleted(ctx, &name)?;
     let is_current = |c: &Option<String>| {
         c.as_deref().and_then(|c| DotName::parse(c).ok()).as_ref() == Some(&name)

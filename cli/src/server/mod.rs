@@ -420,6 +420,7 @@ pub fn run(opts: ServerOptions) -> Result<()> {
     mounts.shutdown();
     patches.stop();
     if let Some(gc) = auto_gc {
+        tracing::info!("stopping the automatic GC (one that is running finishes first)");
         gc.stop();
     }
     // Mounts still in use were only detached: their sessions may still
@@ -501,8 +502,8 @@ fn start_auto_gc(store: Arc<Store>, min_growth: u64) -> Periodic {
         let t = std::time::Instant::now();
         match store.gc() {
             Ok(r) => tracing::info!(
-                "automatic gc (the store grew by a quarter since the last, or the disk is \
-                 full; `dm server --auto-gc off` leaves it to `dm gc`): deleted {} chunks \
+                "automatic gc (a dot or branch was deleted, the store grew by a quarter since \
+                 the last, or the disk is full; `dm server --auto-gc off` leaves it to `dm gc`): deleted {} chunks \
                  and {} objects, gave {} back to the disk, in {:.1?}",
                 r.chunks_deleted,
                 r.objects_deleted,
