@@ -562,7 +562,10 @@ fn mounts_past_the_open_file_limit_are_refused_and_the_server_still_starts() {
         mounted += 1;
     }
     assert!(mounted >= 5, "only {mounted} mounts under 220 open files");
-    assert!(refusal.contains("open-file limit"), "{mounted} mounted; {refusal}");
+    assert!(
+        refusal.contains("open-file limit"),
+        "{mounted} mounted; {refusal}"
+    );
     s.stop();
     s.set_open_file_limit(200);
     s.restart();

@@ -546,7 +546,10 @@ fn hub_push_clone_pull_through_the_cli() {
     }
     bob.ok(&clone);
     let err = bob.fail(&clone);
-    assert!(err.contains("exists here already"), "a finished clone is not run again: {err}");
+    assert!(
+        err.contains("exists here already"),
+        "a finished clone is not run again: {err}"
+    );
     bob.ok(&["switch", "two"]);
     bob.ok(&["checkout", "large"]);
     assert_eq!(read(&mount(&bob, "two").join("large")), large);
@@ -672,4 +675,48 @@ fn pulls_pass_mount_placeholders_say_how_far_a_branch_moved_and_wait_for_each_ot
             && outs.iter().any(|s| s.contains("master: up to date")),
         "{outs:?}"
     );
+}
+
+/// A hub that crashed (kill -9) and came back while a push ran: the push
+/// fails at once, its connection reset by the restarted hub (whose
+/// stateless-reset key survives restarts), not after 30 s of silence; the
+/// rerun goes on.
+#[test]
+fn a_push_fails_at_once_when_the_hub_restarts_under_it() {
+    let [hp, ap, _] = free_udp_ports();
+    let mut hub = start(hp);
+    let alice = start(ap);
+    let key = hub.ok(&["user", "add", "alice"]).trim().to_string();
+    ok_env(
+        &alice,
+        &["remote", "add", "hub", &format!("alice@127.0.0.1:{hp}")],
+        &[("DM_API_KEY", &key)],
+    );
+    alice.ok(&["init", "big"]);
+    alice.ok(&["switch", "big"]);
+    let data = random_bytes(21, 256 << 20);
+    write_synced(&mount(&alice, "big").join("data"), &data);
+    alice.ok(&["commit", "-m", "big"]);
+    let push = alice
+        .dm_command(&["push", "hub", "big"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    hub.kill9();
+    hub.restart();
+    let out = push.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        eprintln!("the push finished before the hub was killed");
+    } else {
+        assert!(
+            !err.contains("no answer") && err.contains("Run the same command again"),
+            "{err}"
+        );
+    }
+    alice.ok(&["push", "hub", "big"]);
+    hub.ok(&["switch", "alice/big"]);
+    assert_eq!(read(&mount(&hub, "alice/big").join("data")), data);
 }

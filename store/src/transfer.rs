@@ -327,7 +327,11 @@ impl Hold {
     /// Pins `ids` and records them as young, then tells which are present:
     /// those stay (an object with all it names) until this is dropped; the
     /// absent ones are let go.
-    fn pin_present(&self, ids: &[Id], present: impl Fn(&[Id]) -> Result<Vec<bool>>) -> Result<Vec<bool>> {
+    fn pin_present(
+        &self,
+        ids: &[Id],
+        present: impl Fn(&[Id]) -> Result<Vec<bool>>,
+    ) -> Result<Vec<bool>> {
         for id in ids {
             self.pin(id);
             self.store.db.note_young(id);
@@ -1212,7 +1216,10 @@ mod tests {
         }
         drop(first);
         b.gc().unwrap();
-        assert!(all_there(&b), "what the first run brought is kept for the rerun");
+        assert!(
+            all_there(&b),
+            "what the first run brought is kept for the rerun"
+        );
         // The rerun is told they are there; they stay while it runs, even
         // a day later, when they are no longer kept for a rerun.
         let rerun = ImportSession::new(b.clone());
@@ -1270,7 +1277,10 @@ mod tests {
         assert_eq!(hold.objects(&[c1]).unwrap(), vec![true]);
         let missing = Id::of(b"nothing stored");
         assert_eq!(hold.objects(&[missing]).unwrap(), vec![false]);
-        assert!(!a.db.pins.lock().contains_key(&missing), "absent ids are let go");
+        assert!(
+            !a.db.pins.lock().contains_key(&missing),
+            "absent ids are let go"
+        );
         a.delete_dot(&dot).unwrap();
         a.gc().unwrap();
         assert!(a.object_bytes(&c1).unwrap().is_some());

@@ -93,7 +93,17 @@ impl Hub {
                 users::admin_key_path(data_dir).display()
             );
         }
-        let endpoint = quinn::Endpoint::server(crate::tls::server_config(cert, key)?, listen)
+        let endpoint_config = crate::tls::endpoint_config(&key);
+        let server_config = crate::tls::server_config(cert, key)?;
+        let endpoint = std::net::UdpSocket::bind(listen)
+            .and_then(|socket| {
+                quinn::Endpoint::new(
+                    endpoint_config,
+                    Some(server_config),
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+            })
             .map_err(Error::io(format!("listening on UDP {listen}")))?;
         let ep = endpoint.clone();
         let key_checks = Arc::new(Semaphore::new(MAX_CONCURRENT_KEY_CHECKS));

@@ -71,7 +71,9 @@ fn measure_delete_all(files: usize) -> (Duration, Duration) {
     let changes = store.diff(&dot, "master", None, None).expect("status");
     let status = t.elapsed();
     assert_eq!(changes.len(), files + dirs.len());
-    store.commit(&dot, "master", req("deleted")).expect("commit");
+    store
+        .commit(&dot, "master", req("deleted"))
+        .expect("commit");
     let head = store.resolve(&dot, "master", "HEAD").expect("HEAD");
     let parent = store.resolve(&dot, "master", "HEAD^").expect("HEAD^");
     let t = Instant::now();
