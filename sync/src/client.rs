@@ -539,8 +539,10 @@ pub async fn push(
     }
     // Chunks, several requests in flight.
     progress.set_phase("sending");
-    // An upper bound (chunks as if incompressible): a bar whose total
-    // grew under it sat at 100% for most of a transfer of random data.
+    // Chunks count as a block each, in the total and as they go: what
+    // they take on the wire is known only once read (compressed data
+    // ended a bar at 48%), and a total that grew under the bar sat at
+    // 100% for most of a transfer of random data.
     progress.add_total(need.len() as u64 * block_size as u64 + plan.bytes);
     let mut sent = 0u64;
     let mut inflight = tokio::task::JoinSet::new();
@@ -586,7 +588,7 @@ pub async fn push(
             }
             batch_bytes += bytes.len();
             sent += bytes.len() as u64;
-            progress.add_done(bytes.len() as u64);
+            progress.add_done(block_size as u64);
             batch.push((cid, bytes));
             if batch_bytes >= BATCH_BYTES / 2 {
                 while inflight.len() >= opts.streams.max(1) {
@@ -982,15 +984,19 @@ pub async fn pull(
         need
     };
     progress.set_phase("receiving");
+    // A block per chunk, in the total and as they arrive (see push).
     progress.add_total(need.len() as u64 * block_size as u64);
     let mut inflight = tokio::task::JoinSet::new();
     let mut got_bytes = 0u64;
+    let mut got_chunks = 0u64;
     let per = 32usize;
     for part in need.chunks(per) {
         while inflight.len() >= opts.streams.max(1) {
             if let Some(r) = inflight.join_next().await {
-                got_bytes += r??;
-                progress.set_done(got_bytes);
+                let (bytes, chunks) = r??;
+                got_bytes += bytes;
+                got_chunks += chunks;
+                progress.set_done(got_chunks * block_size as u64);
             }
         }
         let conn = remote.conn.clone();
@@ -999,15 +1005,16 @@ pub async fn pull(
         let rdot = remote_dot.clone();
         inflight.spawn(async move {
             let r = Remote::fetch_on(&conn, &rdot, &ids).await?;
-            tokio::task::spawn_blocking(move || -> Result<u64> {
+            tokio::task::spawn_blocking(move || -> Result<(u64, u64)> {
                 let mut n = 0;
+                let count = r.len() as u64;
                 for (id, b) in r {
                     sess.import_chunk(&id, &b)?;
                     n += b.len() as u64;
                 }
                 // Found by a resumed pull even if this process crashes.
                 sess.index_received()?;
-                Ok(n)
+                Ok((n, count))
             })
             .await?
         });
@@ -1021,8 +1028,10 @@ pub async fn pull(
         }
     }
     while let Some(r) = inflight.join_next().await {
-        got_bytes += r??;
-        progress.set_done(got_bytes);
+        let (bytes, chunks) = r??;
+        got_bytes += bytes;
+        got_chunks += chunks;
+        progress.set_done(got_chunks * block_size as u64);
     }
     report.chunks = need.len();
     report.chunk_bytes = got_bytes;

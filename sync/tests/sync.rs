@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use dm_sync::proto::{DotRef, ErrorCode, Request};
-use dm_sync::{Error, Remote, TransferOptions};
+use dm_sync::{Error, Progress, Remote, TransferOptions};
 
 fn opts() -> TransferOptions {
     TransferOptions::default()
@@ -1049,4 +1049,57 @@ async fn unauthenticated_peers_are_bounded() {
     // Others still get in.
     let k = hub.add_user("carol");
     hub.connect("carol", &k).await;
+}
+
+/// The progress of a push and of a pull of compressible data ends at its
+/// total: chunks count as a block each in both (the bar stopped at 48%,
+/// its total counting blocks and its progress the compressed bytes sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_of_compressible_data_ends_at_its_total() {
+    let hub = Node::start();
+    let a = Node::start();
+    let b = Node::start();
+    let key = hub.add_user("alice");
+    let app = dot("app");
+    a.store.create_dot(&app, None).unwrap();
+    let text: Vec<u8> = (0..400_000u32)
+        .flat_map(|i| format!("line {i} of a log\n").into_bytes())
+        .collect();
+    write(&a.store, &app, "master", "log", 0, &text);
+    commit(&a.store, &app, "master", "log");
+    let r = hub.connect("alice", &key).await;
+    let progress = Progress::new();
+    let rep = dm_sync::push(
+        a.store.clone(),
+        &r,
+        &app,
+        "master",
+        &dot("alice/app"),
+        &opts(),
+        &progress,
+    )
+    .await
+    .unwrap();
+    assert!(
+        rep.chunk_bytes * 2 < text.len() as u64,
+        "compressed: {rep:?}"
+    );
+    let (done, total) = progress.get();
+    assert!(total > 0 && done == total, "push: {done} of {total}");
+    b.store.create_dot(&app, None).unwrap();
+    let progress = Progress::new();
+    dm_sync::pull(
+        b.store.clone(),
+        &r,
+        &app,
+        "master",
+        &dot("alice/app"),
+        &opts(),
+        &progress,
+    )
+    .await
+    .unwrap();
+    let (done, total) = progress.get();
+    assert!(total > 0 && done == total, "pull: {done} of {total}");
+    assert_eq!(read(&b.store, &app, "master", "log"), text);
 }
