@@ -725,7 +725,7 @@ fn commit_of_a_branch_that_is_not_current() {
     assert_eq!(messages(&s), ["A"]);
     let err = s.fail(&["commit", "--branch", "nosuch", "-m", "x"]);
     assert!(
-        err.contains("no branch nosuch") && err.contains("side"),
+        err.contains("branch nosuch not found in dot myapp") && err.contains("side"),
         "{err}"
     );
 }
