@@ -67,20 +67,25 @@ fn measure_delete_all(files: usize) -> (Duration, Duration) {
         fs.rmdir(ROOT_INO, format!("d{d}").as_bytes())
             .expect("rmdir");
     }
+    let (status, diff, changes) = status_commit_diff(&store, &dot);
+    assert_eq!(changes, files + dirs.len());
+    (status, diff)
+}
+
+/// Times `dm status` of the branch master, commits, and times `dm diff
+/// HEAD^ HEAD`; returns both and how many paths status listed.
+fn status_commit_diff(store: &Store, dot: &DotName) -> (Duration, Duration, usize) {
     let t = Instant::now();
-    let changes = store.diff(&dot, "master", None, None).expect("status");
+    let changes = store.diff(dot, "master", None, None).expect("status");
     let status = t.elapsed();
-    assert_eq!(changes.len(), files + dirs.len());
-    store
-        .commit(&dot, "master", req("deleted"))
-        .expect("commit");
-    let head = store.resolve(&dot, "master", "HEAD").expect("HEAD");
-    let parent = store.resolve(&dot, "master", "HEAD^").expect("HEAD^");
+    store.commit(dot, "master", req("c")).expect("commit");
+    let head = store.resolve(dot, "master", "HEAD").expect("HEAD");
+    let parent = store.resolve(dot, "master", "HEAD^").expect("HEAD^");
     let t = Instant::now();
     store
-        .diff(&dot, "master", Some(parent), Some(head))
+        .diff(dot, "master", Some(parent), Some(head))
         .expect("diff");
-    (status, t.elapsed())
+    (status, t.elapsed(), changes.len())
 }
 
 /// Median (status, diff of the last commit) over 15 rounds of changing one
@@ -109,18 +114,10 @@ fn measure(files: usize, rename: bool) -> (Duration, Duration) {
         fs.write(f, 0, format!("round {i}").as_bytes())
             .expect("write");
         fs.release(f).expect("release");
-        let t = Instant::now();
-        let changes = store.diff(&dot, "master", None, None).expect("status");
-        status.push(t.elapsed());
-        assert!(!changes.is_empty());
-        store.commit(&dot, "master", req("c")).expect("commit");
-        let head = store.resolve(&dot, "master", "HEAD").expect("HEAD");
-        let parent = store.resolve(&dot, "master", "HEAD^").expect("HEAD^");
-        let t = Instant::now();
-        store
-            .diff(&dot, "master", Some(parent), Some(head))
-            .expect("diff");
-        diff.push(t.elapsed());
+        let (s, d, changes) = status_commit_diff(&store, &dot);
+        assert!(changes > 0);
+        status.push(s);
+        diff.push(d);
     }
     (median(status), median(diff))
 }
