@@ -161,6 +161,9 @@ fn mark(store: &Store, id_limit: u64, verify: bool, problems: &mut Vec<String>) 
         if !m.objects.insert(id) {
             continue;
         }
+        if !verify && m.objects.len() % 4096 == 0 {
+            store.gc_go_on()?;
+        }
         let node = if verify {
             match db.get_object(&id).and_then(|b| {
                 if Id::of(&b) != id {
@@ -221,10 +224,35 @@ struct Reached {
 }
 
 impl Store {
+    /// Has a running GC stop at its next step (between marking and
+    /// sweeping, every few thousand tree nodes or chunks, before it
+    /// compacts), and every later one refuse to start: for a server that
+    /// is stopping (one waited 92 s for its automatic GC). What a stopped
+    /// GC did not delete, a later one does.
+    pub fn stop_gc(&self) {
+        self.gc_stopped.store(true, Ordering::Release);
+    }
+
+    /// Whether [`Store::stop_gc`] was called.
+    pub fn gc_is_stopped(&self) -> bool {
+        self.gc_stopped.load(Ordering::Acquire)
+    }
+
+    /// An error once [`Store::stop_gc`] was called.
+    fn gc_go_on(&self) -> Result<()> {
+        if self.gc_is_stopped() {
+            return Err(Error::Refused(
+                "GC stopped: the dm server is stopping (the next GC collects the rest)".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Deletes every chunk and object that no branch, commit or working
     /// state reaches. Safe while branches are written.
     pub fn gc(&self) -> Result<GcReport> {
         let _g = self.gc_lock.lock();
+        self.gc_go_on()?;
         let compact_before = {
             // Writers that decided "chunk already stored" finish first.
             let _barrier = self.db.gc_barrier.write();
@@ -280,6 +308,7 @@ impl Store {
         if let Some(f) = self.gc_after_mark.lock().as_ref() {
             f(self);
         }
+        self.gc_go_on()?;
         let db = &self.db;
         let mut report = GcReport::default();
         // Working states of deleted branches: nothing reads or writes them.
@@ -344,7 +373,10 @@ impl Store {
             }
             Ok(())
         })?;
-        for id in doomed {
+        for (i, id) in doomed.into_iter().enumerate() {
+            if i % 4096 == 0 {
+                self.gc_go_on()?;
+            }
             // Holding the young lock: a concurrent store_chunk of this id
             // either recorded it already (kept) or waits until it is gone
             // (and then writes it again).
@@ -364,6 +396,7 @@ impl Store {
         // Those give their space back at a compaction: now, when it is
         // worth one, and not on a full disk (a compaction writes before it
         // deletes, and RocksDB stops taking writes when that fails).
+        self.gc_go_on()?;
         if in_tables >= self.db.opts.compact_after_gc && !db.space.is_full() {
             let before = db.table_bytes();
             db.compact_deleted()?;

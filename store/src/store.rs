@@ -115,6 +115,8 @@ pub struct Store {
     /// A dot or branch was deleted since the last GC started (its data is
     /// garbage now: see [`Store::gc_due`]).
     pub(crate) deleted_since_gc: std::sync::atomic::AtomicBool,
+    /// Set by [`Store::stop_gc`]: a running GC stops at its next step.
+    pub(crate) gc_stopped: std::sync::atomic::AtomicBool,
     /// Runs between GC's mark and its sweep (tests of what happens there).
     #[cfg(test)]
     pub(crate) gc_after_mark: Mutex<Option<GcHook>>,
@@ -151,6 +153,7 @@ impl Store {
             gc_lock: Mutex::new(()),
             gc_base: Mutex::new((std::time::Instant::now(), 0)),
             deleted_since_gc: Default::default(),
+            gc_stopped: Default::default(),
             #[cfg(test)]
             gc_after_mark: Mutex::new(None),
         });
@@ -1439,6 +1442,27 @@ pub(crate) mod tests {
         let ino = fs.lookup(ROOT_INO, b"f").unwrap().ino;
         assert!(fs.read(ino, 0, 300_000).unwrap() == data);
         store.gc().unwrap();
+    }
+
+    /// A GC told to stop (the server is stopping) ends at its next step,
+    /// with an error, leaving a store fsck finds clean and the rest of its
+    /// garbage for a later GC; every GC after refuses to start. A server's
+    /// stop waited 92 s for its automatic GC.
+    #[test]
+    fn a_stopped_gc_ends_early_and_leaves_a_clean_store() {
+        let (_dir, store, dot) = app_store();
+        commit_only_a_deleted_branch_reached(&store, &dot, 11);
+        *store.gc_after_mark.lock() = Some(Box::new(|s: &Store| s.stop_gc()));
+        let err = store.gc().unwrap_err();
+        *store.gc_after_mark.lock() = None;
+        assert!(err.to_string().contains("stopped"), "{err}");
+        assert!(store.fsck().unwrap().is_clean());
+        assert!(store.gc().is_err(), "no GC starts after a stop");
+        store
+            .gc_stopped
+            .store(false, std::sync::atomic::Ordering::Release);
+        let r = store.gc().unwrap();
+        assert!(r.chunks_deleted >= 1, "the garbage is still there: {r:?}");
     }
 
     /// An object that becomes young between GC's mark and its sweep (a

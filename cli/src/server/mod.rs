@@ -419,8 +419,9 @@ pub fn run(opts: ServerOptions) -> Result<()> {
     tracing::info!("shutting down: unmounting everything");
     mounts.shutdown();
     patches.stop();
+    // A GC running (automatic, or `dm gc`) stops at its next step.
+    store.stop_gc();
     if let Some(gc) = auto_gc {
-        tracing::info!("stopping the automatic GC (one that is running finishes first)");
         gc.stop();
     }
     // Mounts still in use were only detached: their sessions may still
@@ -510,6 +511,7 @@ fn start_auto_gc(store: Arc<Store>, min_growth: u64) -> Periodic {
                 crate::format::human_size(r.log_bytes_freed + r.table_bytes_freed),
                 t.elapsed()
             ),
+            Err(e) if store.gc_is_stopped() => tracing::info!("automatic gc: {e}"),
             Err(e) => {
                 tracing::warn!(
                     "automatic gc: {e} (tried again in {} minutes; `dm gc` runs one now)",
