@@ -17,9 +17,13 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
-/// How long GC keeps what an interrupted push, pull or clone imported (and
-/// no branch reaches), so that running it again goes on from there.
+/// How long GC keeps the chunks an interrupted push, pull or clone
+/// imported (at most: see [`Db::resumable`]), so that running it again goes
+/// on from there.
 pub const RESUME_KEEP: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// The chunks one interrupted transfer left, and when it ended.
+pub(crate) type Leftover = (std::time::Instant, Vec<Id>);
+
 /// At most this many such ids are kept (about 32 MiB of memory), the
 /// oldest transfers' dropped first.
 const RESUME_MAX_IDS: usize = 1 << 20;
@@ -244,10 +248,12 @@ pub struct Db {
     /// Ids imported by transfers still in progress (not yet reachable from
     /// a branch): GC keeps them (see `transfer`). Id -> number of holders.
     pub(crate) pins: Mutex<std::collections::HashMap<Id, u32>>,
-    /// What interrupted transfers imported and no branch reaches, with
-    /// when each ended: GC keeps them for [`RESUME_KEEP`] (not on a full
-    /// disk), so that the rerun goes on from them (see `transfer`).
-    pub(crate) resumable: Mutex<std::collections::VecDeque<(std::time::Instant, Vec<Id>)>>,
+    /// The chunks interrupted transfers imported, by the dot they went
+    /// to, with when each transfer ended: GC keeps them for
+    /// [`RESUME_KEEP`], until a transfer into that dot moves a branch, or
+    /// the dot is deleted (not on a full disk), so that the rerun goes on
+    /// from them (see `transfer`).
+    pub(crate) resumable: Mutex<std::collections::HashMap<String, Vec<Leftover>>>,
     pub(crate) opts: StoreOptions,
     /// Set when the store closes (see `stage::close`).
     pub(crate) stage_closed: Arc<std::sync::atomic::AtomicBool>,
@@ -411,7 +417,7 @@ impl Db {
             young: Mutex::new(None),
             gc_barrier: parking_lot::RwLock::new(()),
             pins: Mutex::new(std::collections::HashMap::new()),
-            resumable: Mutex::new(std::collections::VecDeque::new()),
+            resumable: Mutex::new(std::collections::HashMap::new()),
             opts,
             stage_closed: Default::default(),
             #[cfg(test)]
@@ -739,29 +745,52 @@ impl Db {
         *self.pins.lock().entry(*id).or_insert(0) += 1;
     }
 
-    /// Keeps `ids` (what an interrupted transfer imported) through GCs for
-    /// [`RESUME_KEEP`], the oldest dropped first past [`RESUME_MAX_IDS`].
-    pub(crate) fn keep_for_resume(&self, ids: Vec<Id>) {
+    /// Keeps `chunks` (what an interrupted transfer into `dot` imported)
+    /// through GCs (see [`Db::resumable`]); past [`RESUME_MAX_IDS`] in all,
+    /// the oldest transfers' are dropped first.
+    pub(crate) fn keep_for_resume(&self, dot: &str, chunks: Vec<Id>) {
         let mut r = self.resumable.lock();
-        r.push_back((std::time::Instant::now(), ids));
-        let mut total: usize = r.iter().map(|(_, ids)| ids.len()).sum();
-        while total > RESUME_MAX_IDS && r.len() > 1 {
-            if let Some((_, old)) = r.pop_front() {
-                total -= old.len();
+        r.entry(dot.to_string())
+            .or_default()
+            .push((std::time::Instant::now(), chunks));
+        let mut total: usize = r.values().flatten().map(|(_, ids)| ids.len()).sum();
+        while total > RESUME_MAX_IDS {
+            let oldest = r
+                .iter()
+                .filter_map(|(d, v)| v.first().map(|(at, _)| (*at, d.clone())))
+                .min();
+            let Some((_, d)) = oldest else { break };
+            if let Some(v) = r.get_mut(&d) {
+                total -= v.remove(0).1.len();
+                if v.is_empty() {
+                    r.remove(&d);
+                }
             }
         }
     }
 
-    /// The ids kept for resumed transfers that GC must keep now: those
-    /// of the last [`RESUME_KEEP`], none on a full disk (room comes first;
-    /// the rerun sends them again). Forgets the others.
+    /// Drops what interrupted transfers into `dot` left: a transfer into
+    /// it moved a branch (the rerun is done), or it was deleted.
+    pub(crate) fn forget_resumable(&self, dot: &str) {
+        self.resumable.lock().remove(dot);
+    }
+
+    /// The chunks kept for reruns that GC must keep now: those of the last
+    /// [`RESUME_KEEP`], none on a full disk (room comes first; the rerun
+    /// sends them again). Forgets the others.
     pub(crate) fn resumable_ids(&self, disk_full: bool) -> Vec<Id> {
         let mut r = self.resumable.lock();
         if disk_full {
             r.clear();
         }
-        r.retain(|(at, _)| at.elapsed() < RESUME_KEEP);
-        r.iter().flat_map(|(_, ids)| ids.iter().copied()).collect()
+        for v in r.values_mut() {
+            v.retain(|(at, _)| at.elapsed() < RESUME_KEEP);
+        }
+        r.retain(|_, v| !v.is_empty());
+        r.values()
+            .flatten()
+            .flat_map(|(_, ids)| ids.iter().copied())
+            .collect()
     }
 
     /// Drops one pin of each id.

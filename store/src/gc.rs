@@ -268,8 +268,9 @@ impl Store {
             let id_limit = self.id_limit();
             let full = self.db.space.check_now();
             let mut pinned: Vec<Id> = self.db.pins.lock().keys().copied().collect();
-            // What interrupted transfers brought, for their reruns.
-            pinned.extend(self.db.resumable_ids(full));
+            // What interrupted transfers brought, for their reruns (not on
+            // a disk short of room, whoever filled it).
+            pinned.extend(self.db.resumable_ids(full || self.db.space.short_of_room()));
             if let Some(young) = self.db.young.lock().as_mut() {
                 young.extend(pinned);
             }

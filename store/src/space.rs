@@ -200,6 +200,12 @@ impl Space {
         self.full_looking_after(RECHECK)
     }
 
+    /// Whether the disk has less room than dm needs to take new data now,
+    /// whether or not a write met that yet (another program filled it).
+    pub(crate) fn short_of_room(&self) -> bool {
+        self.free_bytes() < self.room_needed()
+    }
+
     /// Whether the store is full, looking at the free space now if it was.
     pub(crate) fn check_now(&self) -> bool {
         self.full_looking_after(Duration::ZERO)

@@ -405,7 +405,10 @@ impl Store {
         }
         batch.delete_cf(self.db.cf(CF_META), meta::dot_key(&d.namespace, &d.name));
         let names: Vec<String> = recs.into_iter().map(|(n, _)| n).collect();
-        self.write_deleting_branches(d.id, &names, batch, &format!("deleting dot {dot}"))
+        self.write_deleting_branches(d.id, &names, batch, &format!("deleting dot {dot}"))?;
+        // What interrupted transfers into it left goes too.
+        self.db.forget_resumable(&dot.to_string());
+        Ok(())
     }
 
     /// Writes `batch` (which deletes the records and overlays of dot

@@ -18,8 +18,11 @@
 //! a GC running during a transfer does not reclaim objects that no branch
 //! reaches yet; the session's has-queries pin what they find present, so
 //! that nothing a sender was told is there goes before the transfer ends.
-//! What a session imported and no ref update made reachable (the transfer
-//! was interrupted) GC keeps for [`crate::db::RESUME_KEEP`], for the rerun.
+//! The chunks a session imported before it ended without moving a branch
+//! (the transfer was interrupted) GC keeps for the rerun: until a transfer
+//! into the same dot moves a branch, the dot is deleted, the disk is full,
+//! or [`crate::db::RESUME_KEEP`] passed. Only chunks: a kept tree node or
+//! commit would keep all it names, other snapshots' data with it.
 //! [`Hold`] keeps what a sender is sending.
 
 use crate::chunk::{self, ChunkStore};
@@ -376,10 +379,11 @@ impl Drop for Hold {
 pub struct ImportSession {
     store: Arc<Store>,
     hold: Hold,
-    /// Ids this session wrote (not already stored).
-    imported: parking_lot::Mutex<HashSet<Id>>,
-    /// Commits that ref updates made branch heads in this session.
-    reached: parking_lot::Mutex<Vec<Id>>,
+    /// The dot it imports into (see [`ImportSession::into_dot`]).
+    dot: parking_lot::Mutex<Option<String>>,
+    /// Chunks this session received since it last moved a branch: kept
+    /// for a rerun if it ends without moving one.
+    imported_chunks: parking_lot::Mutex<Vec<Id>>,
 }
 
 impl ImportSession {
@@ -388,9 +392,15 @@ impl ImportSession {
         ImportSession {
             hold: Hold::new(store.clone()),
             store,
-            imported: Default::default(),
-            reached: Default::default(),
+            dot: Default::default(),
+            imported_chunks: Default::default(),
         }
+    }
+
+    /// Names the dot this session imports into: what it leaves if it is
+    /// interrupted is kept for a rerun into that dot.
+    pub fn into_dot(&self, dot: &DotName) {
+        *self.dot.lock() = Some(dot.to_string());
     }
 
     fn pin(&self, id: &Id) {
@@ -409,11 +419,12 @@ impl ImportSession {
         self.hold.chunks(ids)
     }
 
-    /// Records that a ref update made commit `head` a branch head: what
-    /// this session imported for it is reachable, and not kept for a
-    /// rerun when the session ends.
-    pub fn reached(&self, head: Id) {
-        self.reached.lock().push(head);
+    /// Records that a ref update moved a branch of `dot`: the transfer (or
+    /// the rerun of an interrupted one) is done, what it imported is
+    /// reachable, and nothing is kept for a rerun into that dot any more.
+    pub fn moved_branch(&self, dot: &DotName) {
+        self.imported_chunks.lock().clear();
+        self.store.db.forget_resumable(&dot.to_string());
     }
 
     /// Pins `ids`, records them as young for a running GC, then checks they
@@ -445,27 +456,6 @@ impl ImportSession {
         Ok(stored)
     }
 
-    /// What this session imported that the heads of [`Self::reached`] do
-    /// not reach (walking only through what it imported: what was stored
-    /// before has all it names stored too).
-    fn unreached(&self) -> Result<Vec<Id>> {
-        let mut left = std::mem::take(&mut *self.imported.lock());
-        let mut stack = std::mem::take(&mut *self.reached.lock());
-        while let Some(id) = stack.pop() {
-            if !left.remove(&id) {
-                continue;
-            }
-            if let Some(b) = self.store.object_bytes(&id)? {
-                let (objects, chunks) = object_refs(&id, &b)?;
-                stack.extend(objects);
-                for c in chunks {
-                    left.remove(&c);
-                }
-            }
-        }
-        Ok(left.into_iter().collect())
-    }
-
     /// Indexes the chunks imported so far. Large ones wait unindexed
     /// otherwise (up to 256 MiB, see `Db::add_pending`), and a crash of
     /// this process would then make the resumed transfer send them again.
@@ -485,9 +475,8 @@ impl ImportSession {
             .refuse_when_full(|| "storing the chunks of a transfer".into())?;
         self.pin(id);
         let new = self.store.db.put_if_absent(id, stored)?;
-        if new {
-            self.imported.lock().insert(*id);
-        }
+        // Also when it was stored already: it may be garbage a GC takes.
+        self.imported_chunks.lock().push(*id);
         Ok(new)
     }
 
@@ -533,7 +522,6 @@ impl ImportSession {
         let mut batch = WriteBatch::default();
         self.store.db.put_object(&mut batch, id, stored);
         self.store.db.write(batch, false, "importing an object")?;
-        self.imported.lock().insert(*id);
         Ok(true)
     }
 }
@@ -602,13 +590,13 @@ fn check_commit(id: &Id, c: &Commit, root: &[u8], parents: &[Vec<u8>]) -> Result
 }
 
 impl Drop for ImportSession {
-    /// Keeps what an interrupted transfer imported for its rerun (all it
-    /// imported when that cannot be told); the hold then lets go.
+    /// Keeps the chunks an interrupted transfer imported for its rerun;
+    /// the hold then lets go.
     fn drop(&mut self) {
-        let all: Vec<Id> = self.imported.lock().iter().copied().collect();
-        let left = self.unreached().unwrap_or(all);
-        if !left.is_empty() {
-            self.store.db.keep_for_resume(left);
+        let chunks = std::mem::take(&mut *self.imported_chunks.lock());
+        if !chunks.is_empty() {
+            let dot = self.dot.lock().clone().unwrap_or_default();
+            self.store.db.keep_for_resume(&dot, chunks);
         }
     }
 }
@@ -1190,9 +1178,12 @@ mod tests {
     /// What a session answered "present" stays until it ends (the sender
     /// skips it), whatever GCs run: a rerun after an interrupted push
     /// failed with "tree node arrived before its chunk" once a GC had
-    /// taken what the first run brought. What an interrupted session
-    /// imported stays for the rerun; what a finished one imported goes
-    /// with its dot.
+    /// taken what the first run brought. The chunks an interrupted session
+    /// imported stay for the rerun until a transfer into that dot moves a
+    /// branch (they stayed 24 h, after the rerun and a delete of the dot),
+    /// or the dot is deleted, or the disk is full; its tree nodes and
+    /// commits do not (a kept commit kept its whole history, other
+    /// transfers' data with it).
     #[test]
     fn present_answers_and_interrupted_imports_outlive_gcs() {
         let da = tempfile::tempdir().unwrap();
@@ -1206,23 +1197,37 @@ mod tests {
         let c1 = commit(&a, &dot, "master", "one");
         let plan = closure(&a, c1);
         let chunks = plan.chunks.clone();
+        let leaf = plan.levels[0][0];
         let all_there = |b: &Store| b.has_chunks(&chunks).unwrap().iter().all(|p| *p);
-        // The first run: the chunks arrive, then the connection drops.
+        let none_there = |b: &Store| b.has_chunks(&chunks).unwrap().iter().all(|p| !*p);
+        let import_chunks = |s: &ImportSession| {
+            for c in &chunks {
+                s.import_chunk(c, &a.chunk_bytes(c).unwrap().unwrap())
+                    .unwrap();
+            }
+        };
+        // The first run: the chunks and a tree node arrive, then the
+        // connection drops.
         let first = ImportSession::new(b.clone());
-        for c in &chunks {
-            first
-                .import_chunk(c, &a.chunk_bytes(c).unwrap().unwrap())
-                .unwrap();
-        }
+        first.into_dot(&dot);
+        import_chunks(&first);
+        first
+            .import_object(&leaf, &a.object_bytes(&leaf).unwrap().unwrap())
+            .unwrap();
         drop(first);
         b.gc().unwrap();
         assert!(
             all_there(&b),
             "what the first run brought is kept for the rerun"
         );
+        assert!(
+            b.object_bytes(&leaf).unwrap().is_none(),
+            "tree nodes are not kept"
+        );
         // The rerun is told they are there; they stay while it runs, even
-        // a day later, when they are no longer kept for a rerun.
+        // once they are no longer kept for a rerun (a day later).
         let rerun = ImportSession::new(b.clone());
+        rerun.into_dot(&dot);
         assert!(rerun.has_chunks(&chunks).unwrap().iter().all(|p| *p));
         b.db.resumable.lock().clear();
         b.gc().unwrap();
@@ -1242,23 +1247,47 @@ mod tests {
                 .unwrap(),
             SetHead::Updated
         );
-        rerun.reached(c1);
+        rerun.moved_branch(&dot);
         drop(rerun);
-        assert!(
-            b.db.resumable.lock().is_empty(),
-            "a finished transfer leaves nothing kept for a rerun"
-        );
         b.delete_dot(&dot).unwrap();
         b.gc().unwrap();
-        assert!(b.has_chunks(&chunks).unwrap().iter().all(|p| !*p));
-        // On a full disk, room comes first.
-        let third = ImportSession::new(b.clone());
-        third
-            .import_chunk(&chunks[0], &a.chunk_bytes(&chunks[0]).unwrap().unwrap())
-            .unwrap();
-        drop(third);
-        assert_eq!(b.db.resumable_ids(false), vec![chunks[0]]);
-        assert!(b.db.resumable_ids(true).is_empty());
+        assert!(none_there(&b), "deleting the dot gives it all back");
+        // An interrupted run, then its rerun moves the branch: what the
+        // first run left is not kept any more.
+        let first = ImportSession::new(b.clone());
+        first.into_dot(&dot);
+        import_chunks(&first);
+        drop(first);
+        assert!(!b.db.resumable_ids(false).is_empty());
+        let rerun = ImportSession::new(b.clone());
+        rerun.moved_branch(&dot);
+        drop(rerun);
+        assert!(
+            b.db.resumable_ids(false).is_empty(),
+            "released by the rerun"
+        );
+        b.gc().unwrap();
+        assert!(none_there(&b));
+        // Deleting the dot releases them too; a full disk as well.
+        let first = ImportSession::new(b.clone());
+        first.into_dot(&dot);
+        import_chunks(&first);
+        drop(first);
+        b.create_dot(&dot, None).unwrap();
+        b.delete_dot(&dot).unwrap();
+        assert!(
+            b.db.resumable_ids(false).is_empty(),
+            "released by the delete"
+        );
+        let first = ImportSession::new(b.clone());
+        first.into_dot(&dot);
+        import_chunks(&first);
+        drop(first);
+        assert!(!b.db.resumable_ids(false).is_empty());
+        assert!(
+            b.db.resumable_ids(true).is_empty(),
+            "dropped on a full disk"
+        );
     }
 
     /// A commit being pushed stays with all it names while held, even once

@@ -779,13 +779,19 @@ async fn set_head(
 fn moved_as_refusal(e: Error, dot: &DotName, branch: &str) -> Error {
     match e {
         Error::Remote {
-            code: ErrorCode::Moved { actual },
+            code: ErrorCode::Moved { actual: Some(a) },
             ..
         } => Error::Refused(format!(
             "remote branch {branch} of {dot} moved (now at {}) while pushing: pull first",
-            actual
-                .map(|a| a.short())
-                .unwrap_or_else(|| "nothing".into())
+            a.short()
+        )),
+        // Nothing to pull: "pull first" sent users looking for commits.
+        Error::Remote {
+            code: ErrorCode::Moved { actual: None },
+            ..
+        } => Error::Refused(format!(
+            "remote branch {branch} of {dot} was deleted on the hub while pushing (the branch or \
+             the whole dot, by someone else): push again to make it anew"
         )),
         e => e,
     }
@@ -903,6 +909,7 @@ pub async fn pull(
     // What this pull finds here stays until it ends, what it brings until
     // a branch names it (or, if it is interrupted, for the rerun).
     let session = Arc::new(ImportSession::new(store.clone()));
+    session.into_dot(dot);
     // Commits the local store lacks (a present commit has its ancestry).
     let mut missing = Vec::new();
     for part in remote_anc.chunks(BATCH_IDS) {
@@ -1088,7 +1095,7 @@ pub async fn pull(
     }
     let moved = match store.set_branch_head(dot, branch, local_head, theirs, block_size) {
         Ok(SetHead::Updated) => {
-            session.reached(theirs);
+            session.moved_branch(dot);
             Ok(())
         }
         Ok(SetHead::Moved { .. }) => Err(Error::Refused(format!(

@@ -680,7 +680,7 @@ fn handle_inner(s: &Session, req: Request) -> std::result::Result<Response, Resp
             Ok(Response::Blobs(out))
         }
         Request::PutObjects { dot, items } => {
-            authorize(s, &dot, false)?;
+            s.import.into_dot(&authorize(s, &dot, false)?);
             let mut new = 0;
             for (id, bytes) in items {
                 let parents = dm_store::transfer::commit_parents(&id, &bytes).map_err(store_err)?;
@@ -702,7 +702,7 @@ fn handle_inner(s: &Session, req: Request) -> std::result::Result<Response, Resp
             Ok(Response::Done { new })
         }
         Request::PutChunks { dot, items } => {
-            authorize(s, &dot, false)?;
+            s.import.into_dot(&authorize(s, &dot, false)?);
             let mut new = 0;
             for (id, bytes) in items {
                 if s.import.import_chunk(&id, &bytes).map_err(store_err)? {
@@ -822,7 +822,7 @@ fn set_head(
         }
         return Err(e);
     }
-    s.import.reached(new);
+    s.import.moved_branch(&dot);
     tracing::info!(
         "hub: user {} moved branch {branch} of {dot} from {} to {}{}",
         s.user.name,
