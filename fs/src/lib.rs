@@ -654,6 +654,51 @@ impl DmFs {
     /// Owner and extra mode bits of a new inode in `parent`: the caller's
     /// uid/gid, except that a set-group-ID directory passes on its group
     /// (and, to new directories, its S_ISGID bit).
+    /// For `create` of `name` in `parent` that another mount made first:
+    /// the file there, if the caller may open it so (the kernel checked
+    /// only the directory), truncated for O_TRUNC.
+    fn open_made_meanwhile(
+        view: &View,
+        req: &Request,
+        parent: u64,
+        name: &OsStr,
+        flags: i32,
+    ) -> Result<dm_store::Attr, Errno> {
+        let a = view
+            .fs
+            .lookup(parent, name.as_bytes())
+            .map_err(|e| errno(&e))?;
+        match a.kind {
+            FileKind::File => {}
+            FileKind::Dir => return Err(Errno::EISDIR),
+            _ => return Err(Errno::EEXIST),
+        }
+        let want: u16 = match flags & libc::O_ACCMODE {
+            libc::O_RDONLY => 0o4,
+            libc::O_WRONLY => 0o2,
+            _ => 0o6,
+        };
+        let bits = if req.uid() == a.uid {
+            (a.perm >> 6) & 0o7
+        } else if req.gid() == a.gid {
+            (a.perm >> 3) & 0o7
+        } else {
+            a.perm & 0o7
+        };
+        if req.uid() != 0 && bits & want != want {
+            return Err(Errno::EACCES);
+        }
+        if flags & libc::O_TRUNC == 0 {
+            return Ok(a);
+        }
+        let set = SetAttr {
+            size: Some(0),
+            kill_setid: req.uid() != 0,
+            ..SetAttr::default()
+        };
+        view.fs.setattr(a.ino, &set).map_err(|e| errno(&e))
+    }
+
     fn new_owner(view: &View, req: &Request, parent: u64, is_dir: bool) -> (u32, u32, u32) {
         match view.fs.getattr(parent) {
             Ok(p) if u32::from(p.perm) & libc::S_ISGID != 0 => {
@@ -1441,6 +1486,18 @@ impl fuser::Filesystem for DmFs {
             .mknod(p, name.as_bytes(), FileKind::File, perm, 0, uid, gid)
         {
             Ok(a) => a,
+            // Another mount of the branch made it since this kernel looked
+            // (two writers opening one log at once): without O_EXCL the
+            // open opens it, as on a local filesystem (it failed EEXIST).
+            Err(e) if e.errno() == libc::EEXIST && flags & libc::O_EXCL == 0 => {
+                match Self::open_made_meanwhile(&view, req, p, name, flags) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        reply.error(e);
+                        return;
+                    }
+                }
+            }
             Err(e) => {
                 reply.error(errno(&e));
                 return;

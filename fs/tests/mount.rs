@@ -1359,3 +1359,52 @@ fn synced_wal_is_read(dir: &Path, read_dir: &Path) {
         bad.join("\n")
     );
 }
+
+/// Two writers open one file with O_CREAT (no O_EXCL) at once, each
+/// through another mount of the branch: both opens succeed, as on a local
+/// filesystem. The second failed with EEXIST (88 of 300 races), crashing a
+/// log appender; O_EXCL still refuses, and O_TRUNC truncates what the other
+/// made.
+#[test]
+fn creates_racing_on_two_mounts_both_open_the_file() {
+    let Some(f) = setup("__default__") else {
+        return;
+    };
+    let (other, m2) = second_mount(&f);
+    let open = |p: PathBuf, extra: i32| {
+        let c = cpath(&p);
+        // SAFETY: a valid C string; the descriptor is closed below.
+        let fd = unsafe { libc::open(c.as_ptr(), libc::O_WRONLY | libc::O_CREAT | extra, 0o644) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd was just opened by us.
+        unsafe { libc::close(fd) };
+        Ok(())
+    };
+    for i in 0..200 {
+        let name = format!("log{i}");
+        // Both kernels cache the name as absent first.
+        assert!(!f.p(&name).exists() && !other.join(&name).exists());
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let (b, p) = (barrier.clone(), other.join(&name));
+        let t = std::thread::spawn(move || {
+            b.wait();
+            open(p, libc::O_APPEND)
+        });
+        barrier.wait();
+        let here = open(f.p(&name), libc::O_APPEND);
+        let there = t.join().unwrap();
+        assert!(
+            here.is_ok() && there.is_ok(),
+            "race {i}: {here:?} {there:?}"
+        );
+    }
+    fs::write(f.p("made"), b"data").unwrap();
+    // The other mount may still cache "made" as absent.
+    let err = open(other.join("made"), libc::O_EXCL);
+    assert!(err.is_err(), "O_EXCL opened an existing file");
+    open(other.join("made"), libc::O_TRUNC).unwrap();
+    assert_eq!(fs::read(f.p("made")).unwrap(), b"");
+    m2.unmount().unwrap();
+}
