@@ -651,13 +651,36 @@ impl DmFs {
         }
     }
 
-    /// Owner and extra mode bits of a new inode in `parent`: the caller's
-    /// uid/gid, except that a set-group-ID directory passes on its group
-    /// (and, to new directories, its S_ISGID bit).
+    /// Truncates `ino` for an open with O_TRUNC (the kernel leaves it to
+    /// us, FUSE_ATOMIC_O_TRUNC, once it checked write permission) and
+    /// tells the branch's other mounts.
+    fn truncate_for_open(
+        &self,
+        view: &View,
+        req: &Request,
+        ino: u64,
+    ) -> Result<dm_store::Attr, Errno> {
+        let set = SetAttr {
+            size: Some(0),
+            kill_setid: req.uid() != 0,
+            ..SetAttr::default()
+        };
+        let a = view.fs.setattr(ino, &set).map_err(|e| errno(&e))?;
+        self.tell_peers(&view.fs, || {
+            vec![Change::Data {
+                ino,
+                offset: 0,
+                len: 0,
+            }]
+        });
+        Ok(a)
+    }
+
     /// For `create` of `name` in `parent` that another mount made first:
     /// the file there, if the caller may open it so (the kernel checked
     /// only the directory), truncated for O_TRUNC.
     fn open_made_meanwhile(
+        &self,
         view: &View,
         req: &Request,
         parent: u64,
@@ -691,14 +714,12 @@ impl DmFs {
         if flags & libc::O_TRUNC == 0 {
             return Ok(a);
         }
-        let set = SetAttr {
-            size: Some(0),
-            kill_setid: req.uid() != 0,
-            ..SetAttr::default()
-        };
-        view.fs.setattr(a.ino, &set).map_err(|e| errno(&e))
+        self.truncate_for_open(view, req, a.ino)
     }
 
+    /// Owner and extra mode bits of a new inode in `parent`: the caller's
+    /// uid/gid, except that a set-group-ID directory passes on its group
+    /// (and, to new directories, its S_ISGID bit).
     fn new_owner(view: &View, req: &Request, parent: u64, is_dir: bool) -> (u32, u32, u32) {
         match view.fs.getattr(parent) {
             Ok(p) if u32::from(p.perm) & libc::S_ISGID != 0 => {
@@ -1091,27 +1112,13 @@ impl fuser::Filesystem for DmFs {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let view = self.view();
         let ino = view.to_store(ino);
-        // FUSE_ATOMIC_O_TRUNC: the kernel leaves O_TRUNC to us (it has
-        // already checked write permission).
         // Linux truncates also for O_RDONLY|O_TRUNC (the kernel asked for
         // write permission then).
         if flags.0 & libc::O_TRUNC != 0 {
-            let set = SetAttr {
-                size: Some(0),
-                kill_setid: req.uid() != 0,
-                ..SetAttr::default()
-            };
-            if let Err(e) = view.fs.setattr(ino, &set) {
-                reply.error(errno(&e));
+            if let Err(e) = self.truncate_for_open(&view, req, ino) {
+                reply.error(e);
                 return;
             }
-            self.tell_peers(&view.fs, || {
-                vec![Change::Data {
-                    ino,
-                    offset: 0,
-                    len: 0,
-                }]
-            });
         }
         match view.fs.open(ino) {
             Ok(()) => reply.opened(
@@ -1490,7 +1497,7 @@ impl fuser::Filesystem for DmFs {
             // (two writers opening one log at once): without O_EXCL the
             // open opens it, as on a local filesystem (it failed EEXIST).
             Err(e) if e.errno() == libc::EEXIST && flags & libc::O_EXCL == 0 => {
-                match Self::open_made_meanwhile(&view, req, p, name, flags) {
+                match self.open_made_meanwhile(&view, req, p, name, flags) {
                     Ok(a) => a,
                     Err(e) => {
                         reply.error(e);
