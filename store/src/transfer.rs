@@ -327,6 +327,15 @@ impl Hold {
         }
     }
 
+    /// Pins `ids`, then records them as young for a GC already running
+    /// (the order GC relies on): once they are found present, they stay.
+    fn pin_young<'i>(&self, ids: impl IntoIterator<Item = &'i Id>) {
+        for id in ids {
+            self.pin(id);
+            self.store.db.note_young(id);
+        }
+    }
+
     /// Pins `ids` and records them as young, then tells which are present:
     /// those stay (an object with all it names) until this is dropped; the
     /// absent ones are let go.
@@ -335,10 +344,7 @@ impl Hold {
         ids: &[Id],
         present: impl Fn(&[Id]) -> Result<Vec<bool>>,
     ) -> Result<Vec<bool>> {
-        for id in ids {
-            self.pin(id);
-            self.store.db.note_young(id);
-        }
+        self.pin_young(ids);
         let found = present(ids)?;
         let absent: Vec<Id> = ids
             .iter()
@@ -431,10 +437,7 @@ impl ImportSession {
     /// are present: after this returns Ok they stay until the session ends.
     /// Returns the stored forms of `objects` (in order).
     fn hold_present(&self, of: &Id, objects: &[Id], chunks: &[Id]) -> Result<Vec<Vec<u8>>> {
-        for id in objects.iter().chain(chunks) {
-            self.pin(id);
-            self.store.db.note_young(id);
-        }
+        self.hold.pin_young(objects.iter().chain(chunks));
         let mut stored = Vec::with_capacity(objects.len());
         for (id, b) in objects.iter().zip(self.store.objects_stored(objects)?) {
             let Some(b) = b else {
