@@ -979,6 +979,17 @@ mod tests {
         .id
     }
 
+    /// A sender store with dot `app` and an empty receiver store (and the
+    /// temporary directories that hold them).
+    fn sender_and_receiver() -> ([tempfile::TempDir; 2], Arc<Store>, Arc<Store>, DotName) {
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let a = Store::open(dirs[0].path()).unwrap();
+        let b = Store::open(dirs[1].path()).unwrap();
+        let dot = DotName::new("app").unwrap();
+        a.create_dot(&dot, None).unwrap();
+        (dirs, a, b, dot)
+    }
+
     /// Copies `head` from `a` to `b` the way a transfer does: missing
     /// commits, planned trees bottom-up, chunks first.
     fn copy(a: &Store, b: &Arc<Store>, head: Id) -> (usize, u64) {
@@ -1021,12 +1032,7 @@ mod tests {
 
     #[test]
     fn transfer_round_trip_and_divergence() {
-        let da = tempfile::tempdir().unwrap();
-        let db = tempfile::tempdir().unwrap();
-        let a = Store::open(da.path()).unwrap();
-        let b = Store::open(db.path()).unwrap();
-        let dot = DotName::new("app").unwrap();
-        a.create_dot(&dot, None).unwrap();
+        let (_dirs, a, b, dot) = sender_and_receiver();
         let big: Vec<u8> = (0..(1u32 << 20)).map(|i| (i * 7 % 251) as u8).collect();
         write_file(&a, &dot, "master", "f", &big);
         let c1 = commit(&a, &dot, "master", "one");
@@ -1111,12 +1117,7 @@ mod tests {
 
     #[test]
     fn imports_are_verified_and_ordered() {
-        let da = tempfile::tempdir().unwrap();
-        let db = tempfile::tempdir().unwrap();
-        let a = Store::open(da.path()).unwrap();
-        let b = Store::open(db.path()).unwrap();
-        let dot = DotName::new("app").unwrap();
-        a.create_dot(&dot, None).unwrap();
+        let (_dirs, a, b, dot) = sender_and_receiver();
         write_file(&a, &dot, "master", "f", &[5u8; 100_000]);
         let c1 = commit(&a, &dot, "master", "one");
         let sess = ImportSession::new(b.clone());
@@ -1189,12 +1190,7 @@ mod tests {
     /// transfers' data with it).
     #[test]
     fn present_answers_and_interrupted_imports_outlive_gcs() {
-        let da = tempfile::tempdir().unwrap();
-        let db = tempfile::tempdir().unwrap();
-        let a = Store::open(da.path()).unwrap();
-        let b = Store::open(db.path()).unwrap();
-        let dot = DotName::new("app").unwrap();
-        a.create_dot(&dot, None).unwrap();
+        let (_dirs, a, b, dot) = sender_and_receiver();
         let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
         write_file(&a, &dot, "master", "f", &data);
         let c1 = commit(&a, &dot, "master", "one");
