@@ -199,7 +199,7 @@ pub enum Command {
         #[command(subcommand)]
         command: DotCommand,
     },
-    /// Remotes (hubs) to push to and pull from: list, add, rm, switch.
+    /// Remotes (hubs) to push to and pull from: list, add, set-url, rm, switch.
     Remote {
         /// Show the user and host of each remote.
         #[arg(short, long)]
@@ -282,6 +282,19 @@ pub enum RemoteCommand {
         target: String,
         /// Trust hub certificates issued by this CA (PEM) instead of pinning
         /// the hub's self-signed certificate.
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
+    },
+    /// Change a remote's `USER@HOST[:PORT]` (a hub that moved, or a new
+    /// hub certificate to pin), keeping its key (for the same user) and
+    /// its upstreams.
+    SetUrl {
+        /// The remote.
+        name: String,
+        /// The new `USER@HOST[:PORT]`.
+        target: String,
+        /// Trust hub certificates issued by this CA (PEM) [default: the CA
+        /// the remote trusted, else pin the hub's certificate].
         #[arg(long, value_name = "FILE")]
         ca: Option<PathBuf>,
     },

@@ -365,7 +365,12 @@ fn hub_push_clone_pull_through_the_cli() {
     write_synced(&am.join("C"), b"C");
     alice.ok(&["commit", "-m", "C"]);
     let out = alice.ok(&["push", "hub", "myapp", "newbranch"]);
-    assert!(out.contains("newbranch: 3 commits"), "{out}");
+    // Master, which the guide says goes first up to B, is made there and
+    // the push says so.
+    assert!(
+        out.contains("newbranch: 3 commits") && out.contains("created branch master there at"),
+        "{out}"
+    );
     hub.ok(&["dot", "collaborator", "add", "alice/myapp", "bob"]);
     bob.ok(&["clone", "hub", "alice/myapp", "newbranch"]);
     write_synced(&am.join("E"), b"E");
@@ -426,7 +431,10 @@ fn hub_push_clone_pull_through_the_cli() {
         &["remote", "add", "hub", &format!("bob@127.0.0.1:{ap}")],
         &[("DM_API_KEY", &new_key)],
     );
-    assert!(err.contains("already exists as bob@127.0.0.1:"), "{err}");
+    assert!(
+        err.contains("already exists as bob@127.0.0.1:") && err.contains("dm remote set-url hub"),
+        "{err}"
+    );
     let out = ok_env(
         &bob,
         &["remote", "add", "hub", &format!("bob@127.0.0.1:{hp}")],
@@ -719,4 +727,82 @@ fn a_push_fails_at_once_when_the_hub_restarts_under_it() {
     alice.ok(&["push", "hub", "big"]);
     hub.ok(&["switch", "alice/big"]);
     assert_eq!(read(&mount(&hub, "alice/big").join("data")), data);
+}
+
+/// A hub that moved to another address is followed with `dm remote
+/// set-url`, which keeps the key and the upstreams (the push goes on into
+/// the same remote dot), and pins a new certificate only when told so.
+#[test]
+fn a_moved_hub_is_followed_with_remote_set_url() {
+    let [hp, ap, moved] = free_udp_ports();
+    let mut hub = start(hp);
+    let alice = start(ap);
+    let key = hub.ok(&["user", "add", "alice"]).trim().to_string();
+    ok_env(
+        &alice,
+        &["remote", "add", "hub", &format!("alice@127.0.0.1:{hp}")],
+        &[("DM_API_KEY", &key)],
+    );
+    alice.ok(&["init", "app"]);
+    alice.ok(&["switch", "app"]);
+    let m = mount(&alice, "app");
+    write_synced(&m.join("f"), b"one");
+    alice.ok(&["commit", "-m", "one"]);
+    alice.ok(&["push", "hub", "--remote-name", "alice/shared"]);
+
+    // Unknown remotes and bad targets are refused; nothing changes.
+    let err = alice.fail(&["remote", "set-url", "nohub", "alice@127.0.0.1:1"]);
+    assert!(err.contains("no remote named nohub"), "{err}");
+    let err = alice.fail(&["remote", "set-url", "hub", "127.0.0.1"]);
+    assert!(err.contains("USER@HOST"), "{err}");
+
+    hub.stop();
+    hub.set_env("DM_LISTEN", &format!("127.0.0.1:{moved}"));
+    hub.restart();
+    // Nothing answers at the old address: refused before anything is saved.
+    let err = alice.fail(&["remote", "set-url", "hub", &format!("alice@127.0.0.1:{hp}")]);
+    assert!(!err.is_empty());
+    // No key given: the saved one serves (stdin is empty, so a prompt fails).
+    let out = alice.ok(&[
+        "remote",
+        "set-url",
+        "hub",
+        &format!("alice@127.0.0.1:{moved}"),
+    ]);
+    assert!(
+        out.contains(&format!("now alice@127.0.0.1:{moved}"))
+            && !out.contains("not the one pinned"),
+        "{out}"
+    );
+    assert!(alice
+        .ok(&["remote", "-v"])
+        .contains(&format!("127.0.0.1:{moved}")));
+    write_synced(&m.join("f"), b"two");
+    alice.ok(&["commit", "-m", "two"]);
+    // The upstream was kept: no --remote-name needed.
+    alice.ok(&["push", "hub"]);
+    hub.ok(&["switch", "alice/shared"]);
+    assert_eq!(hub.ok(&["log", "--oneline"]).lines().count(), 2);
+
+    // A hub with a new certificate (its data dir's TLS key replaced) is
+    // refused by `remote add` with the same target, and pinned anew by
+    // set-url, which says so.
+    hub.stop();
+    for f in ["hub-cert.der", "hub-key.der"] {
+        std::fs::remove_file(hub.data_dir().join(f)).unwrap();
+    }
+    hub.restart();
+    let target = format!("alice@127.0.0.1:{moved}");
+    let err = fail_env(
+        &alice,
+        &["remote", "add", "hub", &target],
+        &[("DM_API_KEY", &key)],
+    );
+    assert!(
+        err.contains("not the pinned") && err.contains("dm remote set-url hub"),
+        "{err}"
+    );
+    let out = alice.ok(&["remote", "set-url", "hub", &target]);
+    assert!(out.contains("not the one pinned"), "{out}");
+    assert!(alice.ok(&["push", "hub"]).contains("up to date"));
 }

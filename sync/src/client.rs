@@ -308,6 +308,9 @@ pub struct TransferReport {
     pub destroyed: usize,
     /// The new head.
     pub head: Option<Id>,
+    /// The branch this one grew from, created on the hub at the fork
+    /// commit because the hub lacked it (a push of a new branch).
+    pub origin_created: Option<(String, Id)>,
 }
 
 /// Names tried for one stash: `BRANCH-DIVERGED-<secs>`, then with `-2`,
@@ -681,9 +684,13 @@ pub async fn push(
             .as_ref()
             .is_some_and(|(_, b)| b.iter().any(|(n, _)| n == origin));
         if !has_origin && origin != branch {
-            set_head(remote, remote_dot, origin, None, *fork, block_size)
+            // Best effort: the branch may have appeared there meanwhile.
+            if set_head(remote, remote_dot, origin, None, *fork, block_size)
                 .await
-                .ok();
+                .is_ok()
+            {
+                report.origin_created = Some((origin.clone(), *fork));
+            }
         }
     }
     match (&stash, remote_head) {

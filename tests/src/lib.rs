@@ -86,6 +86,13 @@ impl Server {
         }
     }
 
+    /// Sets the variable `key` of the server's next starts (a hub moved
+    /// with `DM_LISTEN`).
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
     /// Gives the server's next starts at most `n` open files (`ulimit -n`,
     /// hard limit too, which the server cannot raise).
     pub fn set_open_file_limit(&mut self, n: u64) {

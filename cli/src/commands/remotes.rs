@@ -75,7 +75,8 @@ pub fn run(ctx: &mut Ctx, verbose: bool, command: Option<RemoteCommand>) -> Resu
             if let Some(old) = ctx.config.remotes.get(&name) {
                 if *old != remote {
                     bail!(
-                        "remote {name} already exists as {}; remove it first with `dm remote rm {name}` (that also forgets the upstreams recorded on it)",
+                        "remote {name} already exists as {}; `dm remote set-url {name} {target}` changes it \
+                         (keeping the upstreams recorded on it), or add it under another name",
                         old.target()
                     );
                 }
@@ -93,6 +94,17 @@ pub fn run(ctx: &mut Ctx, verbose: bool, command: Option<RemoteCommand>) -> Resu
                 if c.current_remote.is_none() {
                     c.current_remote = Some(name);
                 }
+            })
+        }
+        Some(RemoteCommand::SetUrl { name, target, ca }) => {
+            let Some(old) = ctx.config.remotes.get(&name).cloned() else {
+                bail!("no remote named {name} (see `dm remote -v`, add it with `dm remote add {name} {target}`)");
+            };
+            let new = parse_target(&target)?;
+            super::sync::remote_moved(ctx, &name, &old, &new, ca.as_deref())?;
+            println!("Remote {name} is now {} (upstreams kept)", new.target());
+            ctx.update_config(|c| {
+                c.remotes.insert(name, new);
             })
         }
         Some(RemoteCommand::Rm { name }) => {

@@ -137,6 +137,16 @@ fn read_key(name: &str, r: &Remote) -> Result<String> {
     Ok(k)
 }
 
+/// Reads a CA file given with `--ca`.
+fn read_ca(ca: Option<&Path>) -> Result<Option<(String, String)>> {
+    ca.map(|ca| {
+        std::fs::read_to_string(ca)
+            .map(|pem| (pem, ca.display().to_string()))
+            .with_context(|| format!("reading the CA file {}", ca.display()))
+    })
+    .transpose()
+}
+
 /// The second half of `dm remote add NAME`: reads the key, fetches and
 /// shows the hub's fingerprint, checks the key, and pins both.
 pub fn remote_added(ctx: &mut Ctx, name: &str, ca: Option<&Path>) -> Result<()> {
@@ -147,11 +157,55 @@ pub fn remote_added(ctx: &mut Ctx, name: &str, ca: Option<&Path>) -> Result<()> 
         .cloned()
         .ok_or_else(|| anyhow!("no remote {name}"))?;
     let key = read_key(name, &r)?;
+    check_and_pin(ctx, name, &r, key, read_ca(ca)?, false)
+}
+
+/// The second half of `dm remote set-url NAME TARGET` (a hub that moved,
+/// or a new certificate): checks the hub at `new` as `dm remote add` does
+/// and pins it for `name`, keeping the remote's upstreams. The saved key
+/// serves while the user stays the same (DM_API_KEY replaces it); the CA
+/// the remote trusted serves unless `--ca` gives another. A hub presenting
+/// another fingerprint than the pinned one is pinned anew, and said so.
+pub fn remote_moved(
+    ctx: &Ctx,
+    name: &str,
+    old: &Remote,
+    new: &Remote,
+    ca: Option<&Path>,
+) -> Result<()> {
+    let saved = SyncConfig::load(&ctx.config_path)?
+        .remotes
+        .get(name)
+        .cloned();
+    let from_env = std::env::var("DM_API_KEY").is_ok_and(|k| !k.trim().is_empty());
+    let key = match &saved {
+        Some(s) if old.user == new.user && !from_env => s.api_key.clone(),
+        _ => read_key(name, new)?,
+    };
+    let ca = match read_ca(ca)? {
+        Some(ca) => Some(ca),
+        None => saved
+            .and_then(|s| s.ca_pem)
+            .map(|pem| (pem, format!("the CA remote {name} trusted"))),
+    };
+    check_and_pin(ctx, name, new, key, ca, true)
+}
+
+/// Connects to the hub `r` with `key`, trusting the CA `ca` (PEM, and
+/// where it came from) or else the fingerprint the hub presents (shown),
+/// and saves both for remote `name`. A fingerprint other than the one
+/// pinned for `name` is refused unless `repin`.
+fn check_and_pin(
+    ctx: &Ctx,
+    name: &str,
+    r: &Remote,
+    key: String,
+    ca: Option<(String, String)>,
+    repin: bool,
+) -> Result<()> {
     let rt = runtime()?;
-    let port = port_of(&r);
-    if let Some(ca) = ca {
-        let pem = std::fs::read_to_string(ca)
-            .with_context(|| format!("reading the CA file {}", ca.display()))?;
+    let port = port_of(r);
+    if let Some((pem, ca)) = ca {
         let spec = dm_sync::RemoteSpec {
             host: r.hostname.clone(),
             port,
@@ -163,9 +217,8 @@ pub fn remote_added(ctx: &mut Ctx, name: &str, ca: Option<&Path>) -> Result<()> 
             .block_on(dm_sync::Remote::connect(&spec))
             .map_err(|e| anyhow!("{e}"))?;
         println!(
-            "The hub {} has a certificate from the CA in {} (fingerprint {})",
+            "The hub {} has a certificate from {ca} (fingerprint {})",
             dm_sync::host_port(&r.hostname, port),
-            ca.display(),
             conn.fingerprint()
         );
         rt.block_on(conn.close());
@@ -185,21 +238,27 @@ pub fn remote_added(ctx: &mut Ctx, name: &str, ca: Option<&Path>) -> Result<()> 
         .map_err(|e| anyhow!("{e}"))?;
     // Adding the same remote again (a new key) keeps trusting the same hub
     // only: another certificate is not pinned silently.
-    if let Some(old) = SyncConfig::load(&ctx.config_path)?.remotes.get(name) {
-        if !old.fingerprint.is_empty() && old.fingerprint != fp {
-            bail!(
-                "the hub {} now presents the fingerprint {fp}, not the pinned {}; if its certificate \
-                 was replaced on purpose, `dm remote rm {name}` and add it again (that forgets its upstreams)",
-                dm_sync::host_port(&r.hostname, port),
-                old.fingerprint
-            );
-        }
+    let pinned = SyncConfig::load(&ctx.config_path)?
+        .remotes
+        .get(name)
+        .map(|old| old.fingerprint.clone())
+        .filter(|old| !old.is_empty() && *old != fp);
+    if let (Some(old), false) = (&pinned, repin) {
+        bail!(
+            "the hub {} now presents the fingerprint {fp}, not the pinned {old}; if its certificate \
+             was replaced on purpose, `dm remote set-url {name} {}` pins the new one (upstreams kept)",
+            dm_sync::host_port(&r.hostname, port),
+            r.target()
+        );
     }
     println!(
         "The hub {} presents the certificate fingerprint",
         dm_sync::host_port(&r.hostname, port)
     );
     println!("  {fp}");
+    if let Some(old) = &pinned {
+        println!("which is not the one pinned for remote {name} until now ({old})");
+    }
     let spec = dm_sync::RemoteSpec {
         host: r.hostname.clone(),
         port,
@@ -652,6 +711,13 @@ fn run(ctx: &mut Ctx, req: &TransferReq, label: &str) -> Result<()> {
         );
         if let Some(s) = &r.stashed {
             println!("  diverged work kept on branch {s}");
+        }
+        if let Some((origin, fork)) = &r.origin_created {
+            println!(
+                "  created branch {origin} there at {}, where {} grew from (the remote lacked it)",
+                &fork[..fork.len().min(12)],
+                r.branch
+            );
         }
         if let Some(n) = &r.note {
             eprintln!("warning: {}: {n}", r.branch);

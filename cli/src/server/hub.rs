@@ -193,6 +193,10 @@ pub struct BranchReport {
     pub destroyed: usize,
     /// The new head (hex).
     pub head: Option<String>,
+    /// The branch the pushed one grew from and the fork commit (hex), when
+    /// the push created it on the hub.
+    #[serde(default)]
+    pub origin_created: Option<(String, String)>,
 }
 
 /// `GET /v1/sync/transfers/{id}`.
@@ -670,6 +674,7 @@ async fn run_transfer(
                 stashed: rep.stashed,
                 destroyed: rep.destroyed,
                 head: rep.head.map(|h| h.to_hex()),
+                origin_created: rep.origin_created.map(|(b, c)| (b, c.to_hex())),
             }),
             Err(e) => {
                 // A broken connection or a refused key ends it all; a
