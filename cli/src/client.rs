@@ -70,38 +70,57 @@ impl Client {
         }
     }
 
+    /// The error of a socket nothing listens on.
+    fn unreachable(&self, e: std::io::Error) -> anyhow::Error {
+        // A server started without XDG_RUNTIME_DIR (or with it) keeps its
+        // socket where this client does not look.
+        let elsewhere = crate::paths::other_default_socket()
+            .filter(|o| *o != self.socket)
+            .map(|o| {
+                format!(
+                    "; a socket of a server of yours is at {} (started with another XDG_RUNTIME_DIR): `export DM_SOCKET={}`",
+                    o.display(),
+                    o.display()
+                )
+            })
+            .unwrap_or_default();
+        anyhow::Error::new(e).context(format!(
+            "cannot reach the dm server at {}: is `dm server` running? (start it, or point --server / DM_SOCKET at its socket){elsewhere}",
+            self.socket.display()
+        ))
+    }
+
     async fn send(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes)> {
-        let stream = match tokio::net::UnixStream::connect(&self.socket).await {
-            Ok(s) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(
-                "you may not use the dm server socket {} (it belongs to another user, whose \
-                 server it is): run your own `dm server`, or point --server / DM_SOCKET at yours",
-                self.socket.display()
-            ),
-            Err(e) => {
-                // A server started without XDG_RUNTIME_DIR (or with it)
-                // keeps its socket where this client does not look.
-                let elsewhere = crate::paths::other_default_socket()
-                    .filter(|o| *o != self.socket)
-                    .map(|o| {
-                        format!(
-                            "; a socket of a server of yours is at {} (started with another XDG_RUNTIME_DIR): `export DM_SOCKET={}`",
-                            o.display(),
-                            o.display()
-                        )
-                    })
-                    .unwrap_or_default();
-                return Err(e).with_context(|| {
-                    format!(
-                        "cannot reach the dm server at {}: is `dm server` running? (start it, or point --server / DM_SOCKET at its socket){elsewhere}",
-                        self.socket.display()
-                    )
-                });
+        let mut told = false;
+        let stream = loop {
+            match tokio::net::UnixStream::connect(&self.socket).await {
+                Ok(s) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(
+                    "you may not use the dm server socket {} (it belongs to another user, whose \
+                     server it is): run your own `dm server`, or point --server / DM_SOCKET at yours",
+                    self.socket.display()
+                ),
+                Err(e) => {
+                    // A server still opening its store or restoring its
+                    // mounts: waited for (as long as it lives).
+                    if let Some(pid) = crate::paths::starting_server(&self.socket) {
+                        if !told {
+                            eprintln!(
+                                "dm: the dm server (pid {pid}) is starting (opening the store, \
+                                 restoring its mounts); waiting for it (Ctrl-C stops waiting)"
+                            );
+                            told = true;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                    return Err(self.unreachable(e));
+                }
             }
         };
         // Only a server of this user or root is told anything (API keys

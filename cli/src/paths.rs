@@ -1,7 +1,7 @@
 //! Default locations of the server's data, mounts and socket: system paths
 //! for root, XDG paths for other users.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
@@ -72,6 +72,30 @@ pub fn default_socket() -> PathBuf {
     } else {
         runtime_dir().join("dm.sock")
     }
+}
+
+/// `SOCKET.starting` beside the socket: the pid of a server that is
+/// starting (opening the store, restoring its mounts) and does not listen
+/// yet, so that clients wait for it instead of saying no server runs.
+pub fn starting_marker(socket: &Path) -> PathBuf {
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".starting");
+    PathBuf::from(name)
+}
+
+/// The pid in `socket`'s [`starting_marker`], if that process is alive and
+/// a `dm server` (not a reused pid).
+pub fn starting_server(socket: &Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(starting_marker(socket))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    cmdline
+        .split(|b| *b == 0)
+        .any(|arg| arg == b"server")
+        .then_some(pid)
 }
 
 /// `/run/docker/plugins/dm.sock` (where Docker looks for the `dm` volume

@@ -572,3 +572,53 @@ fn mounts_past_the_open_file_limit_are_refused_and_the_server_still_starts() {
     assert!(s.ok(&["list"]).contains("d0"));
     assert!(s.log().contains("not mounting"), "{}", s.log());
 }
+
+/// While a restarted server restores its mounts (seconds for hundreds),
+/// its socket does not listen yet: a client waits for it and says so,
+/// rather than saying no server runs. A second server for the same socket
+/// is refused meanwhile (and after, as the socket listens then).
+#[test]
+fn clients_wait_for_a_server_restoring_its_mounts() {
+    let mut s = Server::start(DM);
+    for i in 0..150 {
+        s.ok(&["init", &format!("d{i}")]);
+        s.ok(&["mount", &format!("d{i}")]);
+    }
+    s.stop();
+    let marker = PathBuf::from(format!("{}.starting", s.socket().display()));
+    for attempt in 0.. {
+        s.restart_in_background();
+        let t = std::time::Instant::now();
+        while !marker.exists() && t.elapsed() < std::time::Duration::from_secs(10) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let second = std::process::Command::new(DM)
+            .args(["server", "--no-plugin", "--socket"])
+            .arg(s.socket())
+            .arg("--data-dir")
+            .arg(s.root().join("other-data"))
+            .arg("--mount-dir")
+            .arg(s.root().join("other-mnt"))
+            .output()
+            .unwrap();
+        assert!(!second.status.success());
+        let out = s.dm(&["list"]);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "{stderr}\n{}", s.log());
+        assert!(stdout.contains("d149"), "{stdout}");
+        if stderr.contains("is starting") {
+            let err = String::from_utf8_lossy(&second.stderr);
+            assert!(
+                !second.status.success() && err.contains("is starting"),
+                "{err}"
+            );
+            assert!(!marker.exists());
+            break;
+        }
+        assert!(attempt < 3, "never caught the server starting: {stderr}");
+        s.stop();
+    }
+}

@@ -135,6 +135,12 @@ impl Server {
     }
 
     fn spawn(&mut self) {
+        self.spawn_in_background();
+        self.wait_ready();
+    }
+
+    /// Starts the server process without waiting for it to answer.
+    fn spawn_in_background(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -180,11 +186,10 @@ impl Server {
             .spawn()
             .expect("starting dm server");
         self.child = Some(child);
-        self.wait_ready();
     }
 
     /// Polls `dm version` until the server answers (30 s at most).
-    fn wait_ready(&mut self) {
+    pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(child) = self.child.as_mut() {
@@ -322,6 +327,13 @@ impl Server {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "restart: the server is still running");
         self.spawn();
+    }
+
+    /// [`Server::restart`] without waiting for the server to answer
+    /// ([`Server::wait_ready`] does).
+    pub fn restart_in_background(&mut self) {
+        assert!(self.child.is_none(), "restart: the server is still running");
+        self.spawn_in_background();
     }
 }
 

@@ -331,6 +331,12 @@ pub fn run(opts: ServerOptions) -> Result<()> {
         .try_init();
 
     let opts = opts.made_absolute()?;
+    if let Some(pid) = crate::paths::starting_server(&opts.socket) {
+        bail!(
+            "another dm server (pid {pid}) is starting on {}; stop it first or use --socket",
+            opts.socket.display()
+        );
+    }
     // The socket's directory first: by default the mounts are made in it.
     if let Some(dir) = opts.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
         create_own_dir(dir, 0o700)?;
@@ -350,6 +356,9 @@ pub fn run(opts: ServerOptions) -> Result<()> {
         &opts.mount_dir,
         &opts.data_dir.join("mounts.json"),
     )?;
+    // Until the socket listens, clients wait for this server rather than
+    // say none runs (restoring hundreds of mounts takes seconds).
+    let starting = StartingMarker::create(&opts.socket);
     raise_open_file_limit();
     // The store holds every dot's data: only this user reads it.
     create_private_dir(&opts.data_dir.join("store"))?;
@@ -408,7 +417,7 @@ pub fn run(opts: ServerOptions) -> Result<()> {
         }
         None => None,
     };
-    let served = rt.block_on(serve(state, &opts.socket));
+    let served = rt.block_on(serve(state, &opts.socket, starting));
     if let Some(h) = hub {
         h.close();
     }
@@ -523,7 +532,32 @@ fn start_auto_gc(store: Arc<Store>, min_growth: u64) -> Periodic {
     })
 }
 
-async fn serve(state: Arc<AppState>, socket: &Path) -> Result<()> {
+/// The server's [`crate::paths::starting_marker`], removed when dropped.
+struct StartingMarker(Option<PathBuf>);
+
+impl StartingMarker {
+    fn create(socket: &Path) -> StartingMarker {
+        let path = crate::paths::starting_marker(socket);
+        match std::fs::write(&path, std::process::id().to_string()) {
+            Ok(()) => StartingMarker(Some(path)),
+            Err(e) => {
+                // Clients then say no server runs until it listens.
+                tracing::warn!("writing {}: {e}", path.display());
+                StartingMarker(None)
+            }
+        }
+    }
+}
+
+impl Drop for StartingMarker {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+async fn serve(state: Arc<AppState>, socket: &Path, starting: StartingMarker) -> Result<()> {
     // Create the socket with no access for others from the start, then set
     // the final mode explicitly.
     let old_mask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
@@ -532,6 +566,7 @@ async fn serve(state: Arc<AppState>, socket: &Path) -> Result<()> {
     let listener = listener.with_context(|| format!("listening on {}", socket.display()))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", socket.display()))?;
+    drop(starting);
     let app = routes::router(state.clone()).merge(hub::router(state));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
