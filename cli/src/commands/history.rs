@@ -132,7 +132,9 @@ pub fn log(
         }
         out.push_str(&format!(
             "commit {}\nAuthor: {}\nDate: {}\n",
-            c.id, c.author, c.timestamp_ns
+            c.id,
+            c.author,
+            log_date(c.timestamp_ns)
         ));
         for (k, v) in &c.metadata {
             // Further lines of a value indented, so that none reads as a
@@ -147,6 +149,18 @@ pub fn log(
     }
     print!("{out}");
     Ok(())
+}
+
+/// A commit's time as `dm log` shows it: RFC 2822 in UTC, as git's
+/// `--date=rfc` (Dotmesh printed nanoseconds since 1970).
+fn log_date(ns: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns))
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc2822)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{ns} ns after 1970"))
 }
 
 pub fn list_branches(ctx: &mut Ctx) -> Result<()> {
@@ -427,7 +441,15 @@ pub fn status(ctx: &mut Ctx) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::quote_path;
+    use super::{log_date, quote_path};
+
+    #[test]
+    fn log_dates_read_as_dates() {
+        assert_eq!(
+            log_date(1_796_554_820_123_456_789),
+            "Sun, 06 Dec 2026 11:00:20 +0000"
+        );
+    }
 
     #[test]
     fn paths_with_newlines_quotes_or_controls_are_quoted_as_git_does() {
