@@ -527,7 +527,7 @@ pub async fn push(
         let st = store.clone();
         let new_nodes: Vec<Id> = plan.levels.iter().flatten().copied().collect();
         let commit_set: HashSet<Id> = commits.iter().copied().collect();
-        tokio::task::block_in_place(|| -> Result<Vec<Id>> {
+        tokio::task::block_in_place(|| -> Result<Vec<(Id, u32)>> {
             let bases = base_roots(&st, &commits, &commit_set)?;
             let mut read = |id: &Id| -> Result<Option<Vec<u8>>> { Ok(st.object_bytes(id)?) };
             crate::delta::chunks_to_check(&new_nodes, &bases, &mut read)
@@ -535,18 +535,17 @@ pub async fn push(
     };
     let mut need = Vec::new();
     for part in to_check.chunks(BATCH_IDS) {
-        let have = remote
-            .bools(Request::HasChunks { ids: part.to_vec() }, part.len())
-            .await?;
-        need.extend(part.iter().zip(have).filter(|(_, h)| !h).map(|(id, _)| *id));
+        let ids: Vec<Id> = part.iter().map(|(id, _)| *id).collect();
+        let have = remote.bools(Request::HasChunks { ids }, part.len()).await?;
+        need.extend(part.iter().zip(have).filter(|(_, h)| !h).map(|(c, _)| *c));
     }
     // Chunks, several requests in flight.
     progress.set_phase("sending");
-    // Chunks count as a block each, in the total and as they go: what
-    // they take on the wire is known only once read (compressed data
+    // Chunks count as the data they hold, in the total and as they go:
+    // what they take on the wire is known only once read (compressed data
     // ended a bar at 48%), and a total that grew under the bar sat at
     // 100% for most of a transfer of random data.
-    progress.add_total(need.len() as u64 * block_size as u64 + plan.bytes);
+    progress.add_total(data_bytes(&need) + plan.bytes);
     let mut sent = 0u64;
     let mut inflight = tokio::task::JoinSet::new();
     let mut batch: Vec<(Id, Vec<u8>)> = Vec::new();
@@ -568,7 +567,7 @@ pub async fn push(
     // per group), send them in batches of about BATCH_BYTES / 2.
     for group in need.chunks(64) {
         let st = store.clone();
-        let ids = group.to_vec();
+        let ids: Vec<Id> = group.iter().map(|(id, _)| *id).collect();
         let items = tokio::task::spawn_blocking(move || -> Result<Vec<(Id, Vec<u8>)>> {
             ids.iter()
                 .map(|id| {
@@ -583,7 +582,7 @@ pub async fn push(
                 .collect()
         })
         .await??;
-        for (cid, mut bytes) in items {
+        for ((cid, mut bytes), (_, len)) in items.into_iter().zip(group) {
             if opts.corrupt_chunks {
                 if let Some(b) = bytes.last_mut() {
                     *b ^= 1;
@@ -591,7 +590,7 @@ pub async fn push(
             }
             batch_bytes += bytes.len();
             sent += bytes.len() as u64;
-            progress.add_done(block_size as u64);
+            progress.add_done(u64::from(*len));
             batch.push((cid, bytes));
             if batch_bytes >= BATCH_BYTES / 2 {
                 while inflight.len() >= opts.streams.max(1) {
@@ -716,6 +715,11 @@ pub async fn push(
     }
     progress.set_phase("done");
     Ok(report)
+}
+
+/// The data chunks hold, by their blocks' valid lengths.
+fn data_bytes(chunks: &[(Id, u32)]) -> u64 {
+    chunks.iter().map(|(_, len)| u64::from(*len)).sum()
 }
 
 /// Most parent snapshots used to skip has-queries (see [`crate::delta`]).
@@ -979,7 +983,7 @@ pub async fn pull(
             }
         }
         let nb = &node_bytes;
-        tokio::task::block_in_place(|| -> Result<Vec<Id>> {
+        tokio::task::block_in_place(|| -> Result<Vec<(Id, u32)>> {
             let mut read = |id: &Id| -> Result<Option<Vec<u8>>> {
                 match nb.get(id) {
                     Some(b) => Ok(Some(b.clone())),
@@ -989,46 +993,45 @@ pub async fn pull(
             crate::delta::chunks_to_check(&new_nodes, &bases, &mut read)
         })?
     };
-    let need: Vec<Id> = {
+    let need: Vec<(Id, u32)> = {
         let mut need = Vec::new();
         for part in to_check.chunks(BATCH_IDS) {
-            let have = session.has_chunks(part)?;
-            need.extend(part.iter().zip(have).filter(|(_, h)| !h).map(|(id, _)| *id));
+            let ids: Vec<Id> = part.iter().map(|(id, _)| *id).collect();
+            let have = session.has_chunks(&ids)?;
+            need.extend(part.iter().zip(have).filter(|(_, h)| !h).map(|(c, _)| *c));
         }
         need
     };
     progress.set_phase("receiving");
-    // A block per chunk, in the total and as they arrive (see push).
-    progress.add_total(need.len() as u64 * block_size as u64);
+    // The data the chunks hold, in the total and as they arrive (see push).
+    progress.add_total(data_bytes(&need));
     let mut inflight = tokio::task::JoinSet::new();
     let mut got_bytes = 0u64;
-    let mut got_chunks = 0u64;
     let per = 32usize;
     for part in need.chunks(per) {
         while inflight.len() >= opts.streams.max(1) {
             if let Some(r) = inflight.join_next().await {
-                let (bytes, chunks) = r??;
+                let (bytes, data) = r??;
                 got_bytes += bytes;
-                got_chunks += chunks;
-                progress.set_done(got_chunks * block_size as u64);
+                progress.add_done(data);
             }
         }
         let conn = remote.conn.clone();
-        let ids = part.to_vec();
+        let ids: Vec<Id> = part.iter().map(|(id, _)| *id).collect();
+        let data = data_bytes(part);
         let sess = session.clone();
         let rdot = remote_dot.clone();
         inflight.spawn(async move {
             let r = Remote::fetch_on(&conn, &rdot, &ids).await?;
             tokio::task::spawn_blocking(move || -> Result<(u64, u64)> {
                 let mut n = 0;
-                let count = r.len() as u64;
                 for (id, b) in r {
                     sess.import_chunk(&id, &b)?;
                     n += b.len() as u64;
                 }
                 // Found by a resumed pull even if this process crashes.
                 sess.index_received()?;
-                Ok((n, count))
+                Ok((n, data))
             })
             .await?
         });
@@ -1042,10 +1045,9 @@ pub async fn pull(
         }
     }
     while let Some(r) = inflight.join_next().await {
-        let (bytes, chunks) = r??;
+        let (bytes, data) = r??;
         got_bytes += bytes;
-        got_chunks += chunks;
-        progress.set_done(got_chunks * block_size as u64);
+        progress.add_done(data);
     }
     report.chunks = need.len();
     report.chunk_bytes = got_bytes;

@@ -62,9 +62,15 @@ impl Reader<'_, '_> {
 }
 
 /// The chunks named by the leaves among `new_nodes` whose block entries do
-/// not appear unchanged in any of the `bases` (parent snapshot roots).
-/// `read` returns the stored form of a node (new or base).
-pub fn chunks_to_check(new_nodes: &[Id], bases: &[Id], read: &mut ReadFn<'_>) -> Result<Vec<Id>> {
+/// not appear unchanged in any of the `bases` (parent snapshot roots),
+/// each with the length of data it holds (its block's valid length, for
+/// progress: a chunk of a 2 KiB file is no whole block). `read` returns
+/// the stored form of a node (new or base).
+pub fn chunks_to_check(
+    new_nodes: &[Id],
+    bases: &[Id],
+    read: &mut ReadFn<'_>,
+) -> Result<Vec<(Id, u32)>> {
     let mut r = Reader {
         read,
         cache: HashMap::new(),
@@ -80,7 +86,7 @@ pub fn chunks_to_check(new_nodes: &[Id], bases: &[Id], read: &mut ReadFn<'_>) ->
             if !matches!(keys::parse(k), Some((_, keys::TAG_BLOCK))) {
                 continue;
             }
-            let Some((cid, _)) = keys::parse_block_value(v) else {
+            let Some((cid, len)) = keys::parse_block_value(v) else {
                 continue;
             };
             if seen.contains(&cid) {
@@ -95,7 +101,7 @@ pub fn chunks_to_check(new_nodes: &[Id], bases: &[Id], read: &mut ReadFn<'_>) ->
             }
             if !known {
                 seen.insert(cid);
-                out.push(cid);
+                out.push((cid, len));
             }
         }
     }

@@ -1066,6 +1066,15 @@ async fn progress_of_compressible_data_ends_at_its_total() {
         .flat_map(|i| format!("line {i} of a log\n").into_bytes())
         .collect();
     write(&a.store, &app, "master", "log", 0, &text);
+    // Small files: a chunk each, far less than a block of data (the total
+    // counted a whole block per chunk, 5x too high for a dot of 2-30 KB
+    // files).
+    let mut data = text.len() as u64;
+    for i in 0..200u32 {
+        let small = format!("small file {i}\n").repeat(60).into_bytes();
+        data += small.len() as u64;
+        write(&a.store, &app, "master", &format!("small-{i}"), 0, &small);
+    }
     commit(&a.store, &app, "master", "log");
     let r = hub.connect("alice", &key).await;
     let progress = Progress::new();
@@ -1086,6 +1095,11 @@ async fn progress_of_compressible_data_ends_at_its_total() {
     );
     let (done, total) = progress.get();
     assert!(total > 0 && done == total, "push: {done} of {total}");
+    // The data, plus the tree nodes and commits.
+    assert!(
+        total >= data && total < data + (1 << 20),
+        "push: a total of {total} for {data} bytes of data"
+    );
     b.store.create_dot(&app, None).unwrap();
     let progress = Progress::new();
     dm_sync::pull(
@@ -1100,6 +1114,9 @@ async fn progress_of_compressible_data_ends_at_its_total() {
     .await
     .unwrap();
     let (done, total) = progress.get();
-    assert!(total > 0 && done == total, "pull: {done} of {total}");
+    assert!(
+        total == data && done == total,
+        "pull: {done} of {total} for {data}"
+    );
     assert_eq!(read(&b.store, &app, "master", "log"), text);
 }
