@@ -729,3 +729,43 @@ fn commit_of_a_branch_that_is_not_current() {
         "{err}"
     );
 }
+
+/// Two checkouts at once: each says what it did as the server ran it. A
+/// checkout of the current branch that ran after the other switched away
+/// switches back, and says "Switched", not "Already on" (it said "Already
+/// on 'feat'" while the dot ended on feat after the other said it switched
+/// to ahead).
+#[test]
+fn racing_checkouts_each_say_what_they_did() {
+    let s = Server::start(DM);
+    s.ok(&["init", "race"]);
+    s.ok(&["switch", "race"]);
+    s.ok(&["commit", "-m", "a"]);
+    s.ok(&["branch", "ahead"]);
+    s.ok(&["checkout", "-b", "feat"]);
+    for _ in 0..20 {
+        let spawn = |b: &str| {
+            s.dm_command(&["checkout", b])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let (stay, away) = (spawn("feat"), spawn("ahead"));
+        let stay = stay.wait_with_output().unwrap();
+        let away = away.wait_with_output().unwrap();
+        assert!(stay.status.success() && away.status.success());
+        let stay = String::from_utf8_lossy(&stay.stderr).to_string();
+        let away = String::from_utf8_lossy(&away.stderr).to_string();
+        assert!(away.contains("Switched to branch 'ahead'"), "{away}");
+        let branches = s.ok(&["branch"]);
+        if branches.contains("* feat") {
+            // ahead ran first, feat switched back.
+            assert!(stay.contains("Switched to branch 'feat'"), "{stay}");
+        } else {
+            assert!(branches.contains("* ahead"), "{branches}");
+            assert!(stay.contains("Already on 'feat'"), "{stay}");
+            s.ok(&["checkout", "feat"]);
+        }
+    }
+}

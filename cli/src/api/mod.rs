@@ -113,6 +113,11 @@ pub struct BranchView {
     pub current: bool,
     /// Containers using this branch (Docker integration; empty for now).
     pub containers: Vec<String>,
+    /// In a checkout's answer: the branch that was current until this
+    /// checkout made this one current (none when it was current already,
+    /// perhaps made so by another checkout that ran meanwhile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switched_from: Option<String>,
 }
 
 /// A commit.

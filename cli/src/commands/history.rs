@@ -241,9 +241,8 @@ pub fn checkout(ctx: &mut Ctx, branch: &str, create: bool, start: Option<&str>) 
         );
     }
     valid.map_err(|e| anyhow!("{e}"))?;
-    let old = &d.summary.current_branch;
     let path = format!("{}/checkout", api::dot_path(&dot.namespace, &dot.name));
-    let _: BranchView = ctx.client()?.post(
+    let view: BranchView = ctx.client()?.post(
         &path,
         &CheckoutRequest {
             branch: branch.to_string(),
@@ -251,10 +250,12 @@ pub fn checkout(ctx: &mut Ctx, branch: &str, create: bool, start: Option<&str>) 
             start: start.map(str::to_string),
         },
     )?;
-    if old == branch {
+    // What the server did decides (another checkout may have run since
+    // this one read the current branch).
+    let Some(old) = &view.switched_from else {
         eprintln!("Already on '{branch}'");
         return Ok(());
-    }
+    };
     eprintln!(
         "Switched to {}branch '{branch}'",
         if create { "a new " } else { "" }

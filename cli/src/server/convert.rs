@@ -38,6 +38,7 @@ pub fn branch_view(b: &BranchInfo, current: &str) -> BranchView {
         size: b.size,
         current: b.name == current,
         containers: Vec::new(),
+        switched_from: None,
     }
 }
 

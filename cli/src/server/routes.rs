@@ -452,9 +452,13 @@ async fn checkout(
         // into the other one).
         let view = st.docker.around_switch(&dot, pre, || {
             refuse_open_files_following(&st, &dot, &req.branch)?;
+            let old = st.store.dot_info(&dot)?.current_branch;
             st.mounts.checkout(&dot, &req.branch, create)?;
             let b = st.store.branch_info(&dot, &req.branch)?;
-            Ok(branch_view(&b, &req.branch))
+            Ok(BranchView {
+                switched_from: Some(old),
+                ..branch_view(&b, &req.branch)
+            })
         })?;
         tracing::info!("dot {dot}: checked out {}", req.branch);
         Ok(view)
