@@ -175,12 +175,14 @@ pub enum Command {
         #[arg(value_name = "START", requires = "create")]
         start: Option<String>,
     },
-    /// Move the current branch back to REF, destroying later commits.
+    /// Move the current branch to REF (back, or forward along a branch grown
+    /// from it); its files become REF's (dm has no mixed reset).
     Reset {
-        /// Discard uncommitted changes too (refused without it when dirty).
+        /// Destroy uncommitted changes and later commits no other branch has
+        /// (without it the reset is refused when it would destroy any).
         #[arg(long)]
         hard: bool,
-        /// HEAD, HEAD^, HEAD^^, HEAD~N, a commit id or unique prefix.
+        /// HEAD, HEAD^, HEAD^^, HEAD~N, a branch, a commit id or unique prefix.
         #[arg(value_name = "REF", default_value = "HEAD")]
         rev: String,
     },

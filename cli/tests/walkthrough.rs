@@ -148,6 +148,24 @@ fn init_commit_log_reset() {
     assert_eq!(std::fs::read(mnt.join("scratch")).unwrap(), b"uncommitted");
     assert_eq!(s.ok(&["log"]), log, "a refused reset changed the log");
 
+    // Nor, without --hard, a commit no other branch has (dm keeps no
+    // reflog): a git user's `git reset HEAD^` keeps the files, dm's would
+    // have destroyed them.
+    s.ok(&["reset", "--hard", "HEAD"]);
+    let err = s.fail(&["reset", "HEAD^"]);
+    assert!(
+        err.contains("would destroy 1 commit") && err.contains("`dm branch NAME`"),
+        "{err}"
+    );
+    assert_eq!(s.ok(&["log"]), log, "a refused reset changed the log");
+    // Kept on a branch, it goes without --hard, and comes back.
+    s.ok(&["branch", "kept"]);
+    s.ok(&["reset", "HEAD^"]);
+    assert_eq!(snapshot(&mnt), first);
+    s.ok(&["reset", "kept"]);
+    assert_eq!(s.ok(&["log"]), log);
+    s.ok(&["branch", "-D", "kept"]);
+
     // Rollback: byte for byte the first state, at the same path.
     s.ok(&["reset", "--hard", "HEAD^"]);
     assert_eq!(snapshot(&mnt), first);

@@ -608,8 +608,23 @@ async fn reset(
             what_a_reset_drops(&st.store, &dot, &branch, head, target, &req.rev)?;
         if !req.hard && st.store.has_uncommitted(&dot, &branch)? {
             return Err(ApiError::conflict(format!(
-                "branch {branch} of dot {dot} has uncommitted changes; commit them (`dm commit`) or discard them (`dm reset --hard {}`)",
-                req.rev
+                "branch {branch} of dot {dot} has uncommitted changes; commit them (`dm commit`), or discard them (`dm reset --hard HEAD`), then reset"
+            )));
+        }
+        // Without --hard nothing is destroyed: dm keeps no reflog to give
+        // commits back, and a git user's `git reset HEAD^` keeps the files
+        // (dm has no mixed reset: the files become REF's either way).
+        if !req.hard && destroyed > 0 {
+            return Err(ApiError::conflict(format!(
+                "resetting branch {branch} of dot {dot} to {} would destroy {destroyed} commit{} that no other branch has, and dm keeps no reflog to get {} back; \
+                 `dm branch NAME` keeps {} on a branch first, or `dm reset --hard {}` destroys {}. \
+                 (Unlike git's, a reset always makes the files those of the commit it goes to.)",
+                req.rev,
+                if destroyed == 1 { "" } else { "s" },
+                if destroyed == 1 { "it" } else { "them" },
+                if destroyed == 1 { "it" } else { "them" },
+                req.rev,
+                if destroyed == 1 { "it" } else { "them" },
             )));
         }
         let current = st.store.dot_info(&dot)?.current_branch;
