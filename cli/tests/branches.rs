@@ -318,7 +318,8 @@ fn log_of_a_branch_latest_commits_one_line_each() {
     assert_eq!(s.ok(&["log", "-n", "0"]), "");
     let err = s.fail(&["log", "nope"]);
     assert!(
-        err.contains("branch nope not found in dot app (branches: feature, master)"),
+        err.contains("branch nope not found in dot app (branches: feature, master)")
+            && err.contains("nor is it a revision"),
         "{err}"
     );
     // A revision: the current branch's commits up to it, as `git log REV`.
@@ -329,6 +330,12 @@ fn log_of_a_branch_latest_commits_one_line_each() {
     assert_eq!(s.ok(&["log", "--oneline", &ids[1][..8]]).lines().count(), 2);
     let err = s.fail(&["log", &ids[2][..8]]);
     assert!(err.contains("not on branch master"), "{err}");
+    // A revision past the first commit is named as one (it was called an
+    // invalid branch name), and so is `HEAD@{1}` (which dm lacks).
+    let err = s.fail(&["log", "HEAD~99"]);
+    assert!(err.contains("no commit matches HEAD~99"), "{err}");
+    let err = s.fail(&["log", "HEAD@{1}"]);
+    assert!(!err.contains("invalid branch name"), "{err}");
 }
 
 /// `O_APPEND` writes land at the end of the file as dm knows it, not at

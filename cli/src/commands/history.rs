@@ -95,15 +95,18 @@ pub fn log(
             let resolve = format!(
                 "{}/resolve?rev={}",
                 api::branch_path(&dot.namespace, &dot.name, &current_branch),
-                b.replace('^', "%5E")
+                api::encode(b)
             );
             match ctx.client()?.get::<api::ResolveResponse>(&resolve) {
                 Ok(r) => (current_branch, Some((b, r.id))),
                 Err(e) if e.to_string().contains("ambiguous") => bail!("{e}"),
-                Err(_) => {
-                    dm_store::names::validate("branch", b).map_err(|e| anyhow!("{e}"))?;
-                    bail!(branch_not_found(&dot, b, &d.summary.branches));
-                }
+                // Not a branch name: the revision's own error (`HEAD~99`
+                // past the first commit said "invalid branch name").
+                Err(e) if dm_store::names::validate("branch", b).is_err() => bail!("{e}"),
+                Err(e) => bail!(
+                    "{}; nor is it a revision ({e})",
+                    branch_not_found(&dot, b, &d.summary.branches)
+                ),
             }
         }
     };
@@ -223,7 +226,7 @@ pub fn checkout(ctx: &mut Ctx, branch: &str, create: bool, start: Option<&str>) 
         let resolve = format!(
             "{}/resolve?rev={}",
             api::branch_path(&dot.namespace, &dot.name, &d.summary.current_branch),
-            branch.replace('^', "%5E")
+            api::encode(branch)
         );
         match ctx.client()?.get::<api::ResolveResponse>(&resolve) {
             Ok(r) => bail!(
