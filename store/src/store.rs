@@ -613,8 +613,10 @@ impl Store {
         self.branch_info_of(&d, new, &rec)
     }
 
-    /// Deletes a branch. Refuses the dot's current branch, and branches other
-    /// branches were created from unless `force`.
+    /// Deletes a branch. Refuses the dot's current branch, and unless
+    /// `force` a branch with uncommitted changes or with commits no other
+    /// branch has (as git's `branch -d`). Branches that grew from it lose
+    /// their origin.
     pub fn delete_branch(&self, dot: &DotName, branch: &str, force: bool) -> Result<()> {
         let _a = self.admin.lock();
         // Ref and object writes finish before a GC starts marking (see Db::gc_barrier).
@@ -624,6 +626,15 @@ impl Store {
         self.refuse_branch_delete(&d, branch, force)?;
         let mut batch = WriteBatch::default();
         batch.delete_cf(self.db.cf(CF_META), meta::branch_key(d.id, branch));
+        // The branches that grew from it no longer name it as their origin
+        // (`dm dot show` would name a branch that is gone, and a push would
+        // make it again on the hub).
+        for (name, mut r) in self.branch_recs(&d)? {
+            if r.origin.as_ref().is_some_and(|(o, _)| o == branch) {
+                r.origin = None;
+                self.meta_put(&mut batch, &meta::branch_key(d.id, &name), &r);
+            }
+        }
         clear_overlay(&self.db, &mut batch, rec.bid);
         self.write_deleting_branches(
             d.id,
@@ -649,25 +660,9 @@ impl Store {
             )));
         }
         if !force {
-            let deps: Vec<String> = self
-                .branch_recs(d)?
-                .into_iter()
-                .filter(|(_, r)| r.origin.as_ref().is_some_and(|(o, _)| o == branch))
-                .map(|(n, _)| n)
-                .collect();
-            if !deps.is_empty() {
-                return Err(Error::Refused(format!(
-                    "{} {} of dot {dot} {} created from {branch}; use -f to delete it anyway",
-                    if deps.len() == 1 {
-                        "branch"
-                    } else {
-                        "branches"
-                    },
-                    deps.join(", "),
-                    if deps.len() == 1 { "was" } else { "were" },
-                )));
-            }
-            // Unlike a git branch, a dm branch has its own working state:
+            // Branches that grew from it keep their commits (their origin,
+            // which names it, is cleared by the delete): no reason to
+            // refuse. Unlike a git branch, a dm branch has its own working state:
             // deleting it would discard what was not committed there.
             let fs = self.fs_for(d, branch)?;
             let (uncommitted, head) = {

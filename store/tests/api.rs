@@ -200,6 +200,24 @@ fn branches_follow_the_seed_example() {
         nb.lookup(ROOT_INO, b"f").is_err(),
         "deleted branch still readable"
     );
+    // A branch others grew from goes like any other once its commits are
+    // theirs too (it was refused, naming the other branch); they no
+    // longer name it as their origin.
+    let head = store.resolve(&dot, "master", "HEAD").unwrap();
+    store.create_branch(&dot, "kid", Some(head)).unwrap();
+    store.create_branch(&dot, "sibling", Some(head)).unwrap();
+    let origin = store.branch_info(&dot, "sibling").unwrap().origin;
+    assert_eq!(origin, Some(("master".to_string(), head)));
+    store.set_current_branch(&dot, "kid").unwrap();
+    store.create_branch(&dot, "kid2", Some(head)).unwrap();
+    assert_eq!(
+        store.branch_info(&dot, "kid2").unwrap().origin,
+        Some(("kid".to_string(), head))
+    );
+    store.set_current_branch(&dot, "master").unwrap();
+    store.delete_branch(&dot, "kid", false).unwrap();
+    assert_eq!(store.branch_info(&dot, "kid2").unwrap().origin, None);
+    assert!(store.branch_info(&dot, "sibling").unwrap().origin.is_some());
 }
 
 /// A subdot directory that a mount made on a branch without that subdot
