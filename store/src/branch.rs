@@ -202,7 +202,16 @@ impl FileBuf {
     fn insert_block(&mut self, idx: u64, data: Arc<Vec<u8>>) {
         if self.blocks.insert(idx, data).is_none() {
             self.counter.fetch_add(self.block_size, Ordering::Relaxed);
+            (self.db.buffered_total).fetch_add(self.block_size, Ordering::Relaxed);
         }
+    }
+
+    /// `blocks` blocks left the buffer: taken off the branch's and the
+    /// store's counts.
+    fn released(&self, blocks: usize) {
+        let n = blocks * self.block_size;
+        self.counter.fetch_sub(n, Ordering::Relaxed);
+        (self.db.buffered_total).fetch_sub(n, Ordering::Relaxed);
     }
 
     fn remove_block(&mut self, idx: u64) -> Option<Arc<Vec<u8>>> {
@@ -210,7 +219,7 @@ impl FileBuf {
         self.origins.remove(&idx);
         let b = self.blocks.remove(&idx);
         if b.is_some() {
-            self.counter.fetch_sub(self.block_size, Ordering::Relaxed);
+            self.released(1);
         }
         b
     }
@@ -232,8 +241,7 @@ impl FileBuf {
         self.staged.clear();
         self.origins.clear();
         let blocks = std::mem::take(&mut self.blocks);
-        self.counter
-            .fetch_sub(blocks.len() * self.block_size, Ordering::Relaxed);
+        self.released(blocks.len());
         blocks
     }
 
@@ -253,8 +261,7 @@ impl FileBuf {
 
 impl Drop for FileBuf {
     fn drop(&mut self) {
-        self.counter
-            .fetch_sub(self.blocks.len() * self.block_size, Ordering::Relaxed);
+        self.released(self.blocks.len());
         self.clear_spilled();
     }
 }
@@ -1565,7 +1572,9 @@ impl BranchFs {
         g.size = g.size.max(end);
         g.mtime = Some(now());
         let mine = g.blocks.len() * bs as usize;
-        let pressed = self.buffered.load(Ordering::Relaxed) >= self.db.opts.write_buffer_bytes;
+        let pressed = self.buffered.load(Ordering::Relaxed) >= self.db.opts.write_buffer_bytes
+            || self.db.buffered_total.load(Ordering::Relaxed)
+                >= self.db.opts.total_write_buffer_bytes;
         if mine >= FILE_BUFFER_MAX || pressed {
             if g.spilled.len() < SPILLED_MAX {
                 // Blocks the stage workers are still on stay buffered (the

@@ -128,6 +128,10 @@ pub struct StoreOptions {
     /// Buffered (not yet chunked) write bytes per branch before the written
     /// file's whole blocks are spilled to the chunk log (see `BranchFs`).
     pub write_buffer_bytes: usize,
+    /// Buffered write bytes of all branches together past which the
+    /// written file's whole blocks are spilled, whatever its branch holds
+    /// (400 mounts written at once held 4 GiB).
+    pub total_write_buffer_bytes: usize,
     /// Size at which a chunk log segment stops taking appends (GC reclaims
     /// space a segment at a time).
     pub segment_bytes: u64,
@@ -148,6 +152,7 @@ impl Default for StoreOptions {
             memtable_bytes: 128 << 20,
             block_cache_bytes: 32 << 20,
             write_buffer_bytes: 64 << 20,
+            total_write_buffer_bytes: 256 << 20,
             segment_bytes: crate::chunklog::SEGMENT_BYTES,
             owner: (0, 0),
             compact_after_gc: 32 << 20,
@@ -254,6 +259,9 @@ pub struct Db {
     /// the dot is deleted (not on a full disk), so that the rerun goes on
     /// from them (see `transfer`).
     pub(crate) resumable: Mutex<std::collections::HashMap<String, Vec<Leftover>>>,
+    /// Buffered (not yet chunked) write bytes of every branch together
+    /// (see `StoreOptions::total_write_buffer_bytes`).
+    pub(crate) buffered_total: std::sync::atomic::AtomicUsize,
     pub(crate) opts: StoreOptions,
     /// Set when the store closes (see `stage::close`).
     pub(crate) stage_closed: Arc<std::sync::atomic::AtomicBool>,
@@ -418,6 +426,7 @@ impl Db {
             gc_barrier: parking_lot::RwLock::new(()),
             pins: Mutex::new(std::collections::HashMap::new()),
             resumable: Mutex::new(std::collections::HashMap::new()),
+            buffered_total: std::sync::atomic::AtomicUsize::new(0),
             opts,
             stage_closed: Default::default(),
             #[cfg(test)]

@@ -1088,6 +1088,52 @@ fn spilling_store(dir: &std::path::Path) -> (Arc<Store>, DotName) {
     (store, dot)
 }
 
+/// Buffered writes are bounded for all branches together, not only per
+/// branch: 400 mounts each written a few MiB (each under its branch's
+/// bound) held 4 GiB. Past the store-wide bound the written file's whole
+/// blocks are spilled; the data reads back and commits whole.
+#[test]
+fn write_buffers_of_all_branches_together_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StoreOptions {
+        write_buffer_bytes: 4 << 20,
+        total_write_buffer_bytes: 4 << 20,
+        ..Default::default()
+    };
+    let store = Store::open_with(dir.path(), opts).unwrap();
+    let dot = DotName::new("many").unwrap();
+    store.create_dot(&dot, None).unwrap();
+    let mut written = Vec::new();
+    for b in 0..8u64 {
+        let name = format!("b{b}");
+        store.create_branch(&dot, &name, None).unwrap();
+        let fs = store.branch_fs(&dot, &name).unwrap();
+        let ino = fs
+            .mknod(ROOT_INO, b"f", FileKind::File, 0o644, 0, 0, 0)
+            .unwrap()
+            .ino;
+        // 3 MiB: under the branch's bound and a file buffer's (8 MiB).
+        let data = noise(3 << 20, b);
+        write_in_pieces(&fs, ino, &data, 1 << 20);
+        written.push((name, fs, data));
+    }
+    let total: usize = written.iter().map(|(_, fs, _)| fs.buffered_bytes()).sum();
+    // The bound, plus at most a write's worth for the branch that crossed it.
+    assert!(total <= 6 << 20, "{} MiB buffered", total >> 20);
+    for (name, fs, data) in &written {
+        assert_eq!(read_file(fs, "f").unwrap(), *data, "{name}");
+        commit(&store, &dot, name, "c");
+    }
+    drop(written);
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    for b in 0..8u64 {
+        let fs = store.branch_fs(&dot, &format!("b{b}")).unwrap();
+        assert_eq!(read_file(&fs, "f").unwrap(), noise(3 << 20, b));
+    }
+    assert!(store.fsck().unwrap().is_clean());
+}
+
 /// Writes `data` at 0 in unaligned pieces (without flushing).
 fn write_in_pieces(fs: &BranchFs, ino: u64, data: &[u8], piece: usize) {
     for (i, part) in data.chunks(piece).enumerate() {
