@@ -1374,4 +1374,30 @@ fn a_second_server_leaves_the_plugin_to_the_first() {
             )
         },
     );
+    // A proxy another server took over (told to exit while this one ran,
+    // then started anew by the other: it forwarded there for good, and
+    // Docker's volumes were the other's) is taken back once nothing
+    // answers there; meanwhile the log says whose it is.
+    let other = second.root().join("other-plugin.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&other).unwrap();
+    plugin_call(
+        "dm-proxy/upstream",
+        &serde_json::json!({ "upstream": other }).to_string(),
+    );
+    wait_until(
+        || second.log().contains("forwards to another dm server"),
+        || {
+            format!(
+                "the server did not say whose the proxy is\n{}",
+                second.log()
+            )
+        },
+    );
+    assert_eq!(upstream(), other.display().to_string());
+    drop(listener);
+    std::fs::remove_file(&other).unwrap();
+    wait_until(
+        || upstream() == ours(&second),
+        || format!("the proxy was not taken back\n{}", second.log()),
+    );
 }

@@ -1072,25 +1072,43 @@ pub async fn start_plugin(
         Err(e) => tracing::error!("Docker volume plugin: {e}"),
     }
     // A proxy killed meanwhile (OOM killer, kill -9) would leave every dm
-    // volume failing until this server restarts: start another.
+    // volume failing until this server restarts: start another. One that
+    // another server took over (told to exit, then started anew by it)
+    // forwarded there for good, even once that server stopped: taken
+    // back once nothing answers there, and said so while something does.
     let watchdog = tokio::spawn(async move {
+        let mut told = false;
         loop {
             tokio::time::sleep(PROXY_CHECK).await;
             let (ps, is, dd) = (ps.clone(), is.clone(), dd.clone());
-            let _ = tokio::task::spawn_blocking(move || {
-                if std::os::unix::net::UnixStream::connect(&ps).is_ok() {
-                    return;
-                }
-                tracing::warn!(
-                    "the Docker plugin proxy on {} stopped answering; starting another",
-                    ps.display()
-                );
-                match crate::server::plugin_proxy::ensure(&ps, &is, &dd) {
+            told = tokio::task::spawn_blocking(move || {
+                use crate::server::plugin_proxy::{ensure, live_other_upstream, upstream_of};
+                let why = if std::os::unix::net::UnixStream::connect(&ps).is_err() {
+                    "stopped answering; starting another"
+                } else if let Some(other) = live_other_upstream(&ps, &is) {
+                    if !told {
+                        tracing::warn!(
+                            "the Docker plugin proxy on {} forwards to another dm server ({}): \
+                             Docker's dm volumes are that server's, not this one's, until it stops",
+                            ps.display(),
+                            other.display()
+                        );
+                    }
+                    return true;
+                } else if upstream_of(&ps).is_some_and(|u| u != is) {
+                    "forwards to a dm server that stopped; taking it back"
+                } else {
+                    return false;
+                };
+                tracing::warn!("the Docker plugin proxy on {} {why}", ps.display());
+                match ensure(&ps, &is, &dd) {
                     Ok(msg) => tracing::info!("{msg}"),
                     Err(e) => tracing::error!("Docker volume plugin: {e:#}"),
                 }
+                false
             })
-            .await;
+            .await
+            .unwrap_or(told);
         }
     });
     Some(PluginHandle {

@@ -133,15 +133,20 @@ pub fn ensure(plugin_socket: &Path, upstream: &Path, data_dir: &Path) -> Result<
     ))
 }
 
-/// The upstream of the proxy on `plugin_socket`, when it is not `ours` and
-/// a server answers there.
-fn live_other_upstream(plugin_socket: &Path, ours: &Path) -> Option<PathBuf> {
+/// Where the proxy on `plugin_socket` forwards to (none: no proxy answers).
+pub fn upstream_of(plugin_socket: &Path) -> Option<PathBuf> {
     let (status, info) = raw_request(plugin_socket, "GET", "/dm-proxy/info", "").ok()?;
     if status != 200 {
         return None;
     }
     let v: serde_json::Value = serde_json::from_str(&info).ok()?;
-    let other = PathBuf::from(v.get("upstream")?.as_str()?);
+    Some(PathBuf::from(v.get("upstream")?.as_str()?))
+}
+
+/// The upstream of the proxy on `plugin_socket`, when it is not `ours` and
+/// a server answers there.
+pub fn live_other_upstream(plugin_socket: &Path, ours: &Path) -> Option<PathBuf> {
+    let other = upstream_of(plugin_socket)?;
     (other != ours && std::os::unix::net::UnixStream::connect(&other).is_ok()).then_some(other)
 }
 
