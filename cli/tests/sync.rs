@@ -806,3 +806,53 @@ fn a_moved_hub_is_followed_with_remote_set_url() {
     assert!(out.contains("not the one pinned"), "{out}");
     assert!(alice.ok(&["push", "hub"]).contains("up to date"));
 }
+
+/// `--all` asks the hub for its branch list once, not once per branch:
+/// a push of 2,700 branches with nothing to send received 276 MiB (the
+/// whole list for each branch). Branches made on the hub by the run itself
+/// (an origin a later branch grew from) are known to the rest of it.
+#[test]
+fn all_branches_cost_one_branch_list() {
+    let [hp, ap, _] = free_udp_ports();
+    let hub = start(hp);
+    let alice = start(ap);
+    let key = hub.ok(&["user", "add", "alice"]).trim().to_string();
+    ok_env(
+        &alice,
+        &["remote", "add", "hub", &format!("alice@127.0.0.1:{hp}")],
+        &[("DM_API_KEY", &key)],
+    );
+    alice.ok(&["init", "many"]);
+    alice.ok(&["switch", "many"]);
+    let m = mount(&alice, "many");
+    write_synced(&m.join("f"), b"base");
+    alice.ok(&["commit", "-m", "base"]);
+    // zeta grew from alpha, which is pushed after it when both are new
+    // (master first, then by name: alpha < zeta, so make zeta's origin
+    // come later: "yy" from "zz").
+    alice.ok(&["checkout", "-b", "zz"]);
+    write_synced(&m.join("f"), b"zz");
+    alice.ok(&["commit", "-m", "zz"]);
+    alice.ok(&["checkout", "-b", "yy"]);
+    write_synced(&m.join("f"), b"yy");
+    alice.ok(&["commit", "-m", "yy"]);
+    alice.ok(&["checkout", "master"]);
+    for i in 0..200 {
+        alice.ok(&["branch", &format!("b{i:03}")]);
+    }
+    let out = alice.ok(&["push", "hub", "--all"]);
+    assert!(out.contains("yy: ") && out.contains("zz: "), "{out}");
+    assert!(!out.contains("not transferred"), "{out}");
+    // Nothing to send: a few KiB, not the list once per branch (1.7 MiB).
+    let out = alice.ok(&["push", "hub", "--all"]);
+    let received = out
+        .lines()
+        .find(|l| l.contains(" received in "))
+        .unwrap_or_default();
+    assert!(
+        received.contains(" KiB received") || received.contains(" B received"),
+        "{out}"
+    );
+    hub.ok(&["switch", "alice/many"]);
+    assert_eq!(hub.ok(&["branch"]).lines().count(), 203);
+}

@@ -611,6 +611,9 @@ async fn run_transfer(
     let push = req.direction == "push";
     let mut branches = req.branches.clone();
     if req.all {
+        // One list of the hub's branches for the whole run, not one per
+        // branch (quadratic).
+        remote.remember_branches();
         branches = if push {
             app.store
                 .list_branches(local)?
