@@ -776,3 +776,47 @@ fn racing_checkouts_each_say_what_they_did() {
         }
     }
 }
+
+/// A process working in a directory of a mount (a shell, make, git) keeps
+/// its working directory across a reset or checkout that leaves that
+/// directory where it was: every reset and checkout made it "(deleted)"
+/// (getcwd: ENOENT; git refused to run) until something looked it up by
+/// name again.
+#[test]
+fn working_directories_survive_resets_and_checkouts() {
+    let s = Server::start(DM);
+    s.ok(&["init", "cwd"]);
+    s.ok(&["switch", "cwd"]);
+    let mnt = PathBuf::from(s.ok(&["mount", "cwd"]).trim());
+    s.ok(&["commit", "-m", "empty"]);
+    let dir = mnt.join("sub/deeper");
+    std::fs::create_dir_all(&dir).unwrap();
+    write_synced(&mnt.join("sub/f"), b"1");
+    s.ok(&["commit", "-m", "one"]);
+    s.ok(&["branch", "other"]);
+    let mut child = std::process::Command::new("sleep")
+        .arg("60")
+        .current_dir(&dir)
+        .spawn()
+        .unwrap();
+    let cwd = |pid: u32| std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap();
+    let pid = child.id();
+    for step in [
+        &["reset", "--hard", "HEAD"][..],
+        &["checkout", "other"],
+        &["checkout", "master"],
+        &["reset", "HEAD"],
+    ] {
+        s.ok(step);
+        assert_eq!(cwd(pid), dir, "after {step:?}");
+    }
+    // Gone from the state reset to: deleted, as it is.
+    s.ok(&["reset", "--hard", "HEAD^"]);
+    assert!(
+        cwd(pid).to_string_lossy().ends_with("(deleted)"),
+        "{:?}",
+        cwd(pid)
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -207,6 +207,9 @@ struct Known {
     /// forgets the parent (its dentries went first).
     negatives: HashMap<u64, HashSet<Vec<u8>>>,
     n_negatives: usize,
+    /// Inodes the kernel got as directories: their entries outlive a
+    /// switch that leaves them where they were (see [`Mount::switch`]).
+    dirs: HashSet<u64>,
 }
 
 impl Known {
@@ -289,11 +292,15 @@ fn is_acl(name: &OsStr) -> bool {
 }
 
 impl Shared {
-    /// Records that the kernel got an entry for `ino` under `(parent, name)`.
-    fn remember(&self, parent: INodeNo, name: &[u8], ino: INodeNo) {
+    /// Records that the kernel got an entry for `attr` under `(parent, name)`.
+    fn remember(&self, parent: INodeNo, name: &[u8], attr: &FileAttr) {
+        let ino = attr.ino;
         let mut known = self.known.lock();
         *known.lookups.entry(ino.0).or_insert(0) += 1;
         known.add_name(parent.0, name, ino.0);
+        if attr.kind == FileType::Directory {
+            known.dirs.insert(ino.0);
+        }
     }
 
     /// Records a name for `ino` without a lookup count (rename: the kernel
@@ -332,6 +339,7 @@ impl Shared {
         if gone {
             known.lookups.remove(&ino.0);
             known.names.remove(&ino.0);
+            known.dirs.remove(&ino.0);
             if let Some(names) = known.negatives.remove(&ino.0) {
                 known.n_negatives -= names.len();
             }
@@ -741,7 +749,7 @@ impl DmFs {
 
     fn reply_entry(&self, view: &View, parent: INodeNo, name: &[u8], a: &Attr, reply: ReplyEntry) {
         let attr = self.attr(view, a);
-        self.shared.remember(parent, name, attr.ino);
+        self.shared.remember(parent, name, &attr);
         reply.entry(&TTL, &attr, Generation(0));
     }
 }
@@ -1319,7 +1327,7 @@ impl fuser::Filesystem for DmFs {
                 return Ok(true);
             }
             if !dots {
-                self.shared.remember(ino, &e.name, attr.ino);
+                self.shared.remember(ino, &e.name, &attr);
             }
             Ok(false)
         });
@@ -1515,7 +1523,7 @@ impl fuser::Filesystem for DmFs {
             return;
         }
         let attr = self.attr(&view, &a);
-        self.shared.remember(parent, name.as_bytes(), attr.ino);
+        self.shared.remember(parent, name.as_bytes(), &attr);
         let fh = self.new_handle(view.fs.clone(), a.ino);
         self.tell_peers(&view.fs, || created(p, name));
         reply.created(&TTL, &attr, Generation(0), fh, self.open_flags(flags));
@@ -1861,24 +1869,43 @@ impl Mount {
         }
         // Snapshot what the kernel knows; notify without holding any lock
         // (the kernel may need a request of ours to finish first).
-        let (entries, inodes): (Vec<(u64, Vec<u8>)>, Vec<u64>) = {
+        let (mut entries, dirs, inodes) = {
             let mut known = self.shared.known.lock();
             let negatives = std::mem::take(&mut known.negatives);
             known.n_negatives = 0;
-            let entries = known
-                .names
-                .values()
-                .flatten()
-                .cloned()
-                .chain(
-                    negatives
-                        .into_iter()
-                        .flat_map(|(p, names)| names.into_iter().map(move |n| (p, n))),
-                )
-                .collect();
-            let inodes = known.lookups.keys().copied().collect();
-            (entries, inodes)
+            let mut entries = Vec::new();
+            let mut dirs = Vec::new();
+            for (ino, names) in &known.names {
+                for (parent, name) in names {
+                    match known.dirs.contains(ino) {
+                        true => dirs.push((*ino, *parent, name.clone())),
+                        false => entries.push((*parent, name.clone())),
+                    }
+                }
+            }
+            for (parent, names) in negatives {
+                entries.extend(names.into_iter().map(|n| (parent, n)));
+            }
+            let inodes: Vec<u64> = known.lookups.keys().copied().collect();
+            (entries, dirs, inodes)
         };
+        // A directory the new state has at the same place, as the same
+        // inode, keeps its entry (its attributes and listing are dropped
+        // below with every inode's): dropping it unhashed it, and a process
+        // working in it (a shell, make, git) found its working directory
+        // "deleted" (getcwd: ENOENT) although it was still there.
+        {
+            let view = self.shared.view.read();
+            for (ino, parent, name) in dirs {
+                let same = view
+                    .fs
+                    .lookup(view.to_store(INodeNo(parent)), &name)
+                    .is_ok_and(|a| a.kind == FileKind::Dir && view.to_fuse(a.ino).0 == ino);
+                if !same {
+                    entries.push((parent, name));
+                }
+            }
+        }
         for (parent, name) in &entries {
             if let Err(e) = self
                 .notifier
