@@ -781,7 +781,7 @@ fn racing_checkouts_each_say_what_they_did() {
 /// its working directory across a reset or checkout that leaves that
 /// directory where it was: every reset and checkout made it "(deleted)"
 /// (getcwd: ENOENT; git refused to run) until something looked it up by
-/// name again.
+/// name again. Nor is a mount a process works in unmounted under it.
 #[test]
 fn working_directories_survive_resets_and_checkouts() {
     let s = Server::start(DM);
@@ -819,4 +819,19 @@ fn working_directories_survive_resets_and_checkouts() {
     );
     child.kill().unwrap();
     child.wait().unwrap();
+    // `dm unmount` of a mount a process works in (no file open) is refused
+    // (it was detached lazily, and the process went on changing the dot).
+    let user = s.root().join("user-mount");
+    s.ok(&["mount", "cwd", user.to_str().unwrap()]);
+    let mut shell = std::process::Command::new("sleep")
+        .arg("60")
+        .current_dir(&user)
+        .spawn()
+        .unwrap();
+    let err = s.fail(&["unmount", user.to_str().unwrap()]);
+    assert!(err.contains("in use") && err.contains("--force"), "{err}");
+    assert!(is_mounted(&user));
+    shell.kill().unwrap();
+    shell.wait().unwrap();
+    s.ok(&["unmount", user.to_str().unwrap()]);
 }

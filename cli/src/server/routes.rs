@@ -799,6 +799,19 @@ async fn unmount(State(st): S, Json(req): Json<UnmountRequest>) -> ApiResult<Jso
                 path.display()
             )));
         }
+        // No file open, but a process working in it (a shell cd'ed there):
+        // the unmount detached it lazily and that process went on changing
+        // the dot through it, unseen.
+        if !req.force && st.mounts.is_busy(path) {
+            return Err(ApiError::conflict(format!(
+                "{} is in use: a process works in it (a shell's or a program's working directory) \
+                 or something is mounted inside it (`fuser -vm {}` names it): leave it first, or \
+                 `dm unmount --force {}` to detach the mount now",
+                path.display(),
+                path.display(),
+                path.display()
+            )));
+        }
         st.mounts.unmount(path)?;
         Ok(Empty {})
     })
