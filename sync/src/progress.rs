@@ -84,7 +84,8 @@ impl Bar {
     }
 
     /// Shows an update: the phase, and the bytes moved of an estimated
-    /// total (an upper bound: chunks as if incompressible).
+    /// total (the data the chunks hold, before compression, and the
+    /// metadata).
     pub fn update(&mut self, phase: &str, done: u64, total: u64) {
         let phase = if phase.is_empty() { "starting" } else { phase };
         match &self.bar {
@@ -128,7 +129,11 @@ impl Bar {
         self.last_shown = shown;
         Some(match total {
             0 => format!("  {phase}"),
-            _ => format!("  {phase}: {done} of ~{total} bytes"),
+            _ => format!(
+                "  {phase}: {} of ~{}",
+                indicatif::HumanBytes(done),
+                indicatif::HumanBytes(total)
+            ),
         })
     }
 
@@ -159,12 +164,12 @@ mod tests {
         assert_eq!(b.plain_line("sending", 10, 100, at(1)), None, "under 2 s");
         assert_eq!(
             b.plain_line("sending", 10, 100, at(2)).as_deref(),
-            Some("  sending: 10 of ~100 bytes")
+            Some("  sending: 10 B of ~100 B")
         );
         assert_eq!(b.plain_line("sending", 10, 100, at(9)), None, "stalled");
         assert_eq!(
             b.plain_line("sending", 50, 100, at(10)).as_deref(),
-            Some("  sending: 50 of ~100 bytes")
+            Some("  sending: 50 B of ~100 B")
         );
         assert_eq!(
             b.plain_line("connecting", 0, 0, at(20)).as_deref(),
