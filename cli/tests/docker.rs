@@ -1401,3 +1401,43 @@ fn a_second_server_leaves_the_plugin_to_the_first() {
         || format!("the proxy was not taken back\n{}", second.log()),
     );
 }
+
+/// A server stopped (SIGTERM) while a checkout stops its containers leaves
+/// them stopped and says so, rather than starting them on mounts the stop
+/// removes a moment later (a database died there on "Transport endpoint
+/// is not connected", and stayed down after the next start).
+#[test]
+fn a_stopping_server_leaves_the_containers_of_a_switch_stopped() {
+    let Some(_lock) = setup() else { return };
+    let _proxy = ProxyGuard;
+    let mut s = start_server();
+    let c = "dmtest-stop-during-switch";
+    let _clean = Cleanup::new(&[c], &["stopsw"]);
+    run(&s, "stopsw", "true");
+    s.ok(&["switch", "stopsw"]);
+    s.ok(&["commit", "-m", "base"]);
+    run_detached(
+        &s,
+        c,
+        "stopsw:/data",
+        "trap 'sleep 3; exit 0' TERM; while :; do sleep 0.1; done",
+    );
+    let checkout = s
+        .dm_command(&["checkout", "-b", "other"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(
+        || s.log().contains("stopping container"),
+        || format!("the checkout stopped nothing:\n{}", s.log()),
+    );
+    assert_eq!(s.stop(), Some(0));
+    let out = checkout.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("the dm server is stopping"),
+        "{err}"
+    );
+    assert!(!running(&s, c));
+}

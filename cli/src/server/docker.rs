@@ -59,6 +59,10 @@ pub struct DockerIntegration {
     /// instead of being switched under its feet.
     switching: Mutex<BTreeSet<DotName>>,
     switched: Condvar,
+    /// The server is stopping (SIGTERM, Ctrl-C): a switch in progress
+    /// leaves the containers it stopped stopped (see
+    /// [`DockerIntegration::server_stopping`]).
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// How long a Mount waits for a switch of its dot to end: under Docker's
@@ -106,6 +110,7 @@ impl DockerIntegration {
             state: Mutex::new(state),
             switching: Mutex::new(BTreeSet::new()),
             switched: Condvar::new(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -307,6 +312,15 @@ impl DockerIntegration {
     /// already, or cannot be checked out), is the switch's, and nothing is
     /// stopped. Checked before waiting, a checkout of the branch that was
     /// current while another checkout ran said "done" and did nothing.
+    /// The server is stopping: a checkout or reset in progress does not
+    /// start the containers it stopped again. Started, they ran on mounts
+    /// the stop removed a moment later (a database exited on "Transport
+    /// endpoint is not connected", one step from an entrypoint's initdb).
+    pub fn server_stopping(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     pub fn around_switch<T>(
         &self,
         dot: &DotName,
@@ -413,7 +427,7 @@ impl DockerIntegration {
             results.sort_by_key(|(i, _)| *i);
             results
         });
-        let mut stopped = Vec::new();
+        let mut stopped: Vec<&Container> = Vec::new();
         let mut stop_err = None;
         for (i, result) in results {
             match (followers.get(i), result) {
@@ -433,6 +447,18 @@ impl DockerIntegration {
         // Mounts go on (the containers started below mount again).
         drop(switching);
         let mut start_errs = Vec::new();
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            for c in stopped.drain(..) {
+                tracing::warn!(
+                    "dot {dot}: the server is stopping: container {} left stopped",
+                    c.name()
+                );
+                start_errs.push(format!(
+                    "{} (the dm server is stopping and its mounts go with it: start it once the server runs again)",
+                    c.name()
+                ));
+            }
+        }
         for c in stopped {
             tracing::info!("dot {dot}: starting container {}", c.name());
             match block_on(self.docker.start(&c.id)) {

@@ -567,9 +567,15 @@ async fn serve(state: Arc<AppState>, socket: &Path, starting: StartingMarker) ->
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", socket.display()))?;
     drop(starting);
+    let docker = state.docker.clone();
     let app = routes::router(state.clone()).merge(hub::router(state));
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            // Before the requests in progress end (a checkout stopping
+            // containers): it must not start them on mounts going away.
+            docker.server_stopping();
+        })
         .await
         .context("serving the API")?;
     Ok(())
