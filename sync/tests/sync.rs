@@ -514,7 +514,10 @@ async fn interrupted_push_resumes_without_resending() {
         rep.chunk_bytes
     );
     assert!(first >= 8 << 20);
-    assert!(second < (10 << 20), "resumed push resent data: {second}");
+    // Half the data, and the protocol around it: a whole resend would be
+    // over 16 MiB. (The wire count also holds QUIC's retransmissions,
+    // which a loaded machine makes: 10.49 MB once, under a 10 MiB bound.)
+    assert!(second < (13 << 20), "resumed push resent data: {second}");
     assert!(rep.chunk_bytes < (9 << 20));
     assert_eq!(read(&hub.store, &dot("alice/app"), "master", "big"), data);
     // Also from a new connection (the hub's session ended).
