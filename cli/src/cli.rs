@@ -276,7 +276,9 @@ pub enum DotCommand {
 /// `dm remote ...` (client-side state in the config file).
 #[derive(Subcommand, Debug)]
 pub enum RemoteCommand {
-    /// Add a remote `USER@HOST[:PORT]`.
+    /// Add a remote `USER@HOST[:PORT]`: checks the API key (`dm user add`
+    /// on the hub printed it), read from DM_API_KEY, stdin or a prompt, and
+    /// pins the hub's certificate.
     Add {
         /// Local name of the remote.
         name: String,

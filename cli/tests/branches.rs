@@ -672,6 +672,15 @@ fn checkout_branch_and_commit_as_git_users_type_them() {
     );
     let err = s.fail(&["checkout", "-b", "bad", "nosuchrev"]);
     assert!(err.contains("nosuchrev"), "{err}");
+    // A missing branch is offered to be made, unless its name could not
+    // be a new branch's (`dm checkout -`, git's previous branch).
+    let err = s.fail(&["checkout", "nosuch"]);
+    assert!(err.contains("`dm checkout -b nosuch`"), "{err}");
+    let err = s.fail(&["checkout", "-"]);
+    assert!(
+        err.contains("not found") && !err.contains("checkout -b"),
+        "{err}"
+    );
     assert!(!s.ok(&["branch"]).contains("bad"));
 
     // Plain checkout away from uncommitted changes says they stay.

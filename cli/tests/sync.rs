@@ -555,7 +555,7 @@ fn hub_push_clone_pull_through_the_cli() {
     bob.ok(&clone);
     let err = bob.fail(&clone);
     assert!(
-        err.contains("exists here already"),
+        err.contains("exists here already") && err.contains("`dm pull hub two --all"),
         "a finished clone is not run again: {err}"
     );
     bob.ok(&["switch", "two"]);

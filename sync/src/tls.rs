@@ -215,7 +215,7 @@ impl ServerCertVerifier for PinVerifier {
                 "internal: CA trust uses the WebPKI verifier".into(),
             )),
             Trust::Pinned(want) => Err(rustls::Error::General(format!(
-                "the hub's certificate fingerprint is {fp}, not the pinned {want}: the hub changed or someone is in between; if it really changed, remove and re-add the remote"
+                "the hub's certificate fingerprint is {fp}, not the pinned {want}: the hub changed or someone is in between; if it really changed, `dm remote set-url REMOTE USER@HOST[:PORT]` pins the new one (upstreams kept)"
             ))),
         }
     }

@@ -238,6 +238,11 @@ pub fn checkout(ctx: &mut Ctx, branch: &str, create: bool, start: Option<&str>) 
             Err(_) => {}
         }
         valid.map_err(|e| anyhow!("{e}"))?;
+        // Only a name a new branch may have is offered (`dm checkout -`,
+        // git's previous branch, was told to make a branch "-").
+        if dm_store::names::validate_new("branch", branch).is_err() {
+            bail!(branch_not_found(&dot, branch, &d.summary.branches));
+        }
         bail!(
             "{}; create it with `dm checkout -b {branch}`",
             branch_not_found(&dot, branch, &d.summary.branches)

@@ -507,14 +507,20 @@ pub fn clone(
     let rerun = sc.unfinished_clones.contains(&key) && sc.upstreams.get(&key) == Some(&upstream);
     let exists = ctx.dot_detail(&local).is_ok();
     if exists && !rerun {
+        // With the branch asked for (`dm pull hub myapp` pulls master).
+        let branch = match (&branch, all) {
+            (_, true) => " --all".to_string(),
+            (Some(b), false) => format!(" {b}"),
+            (None, false) => String::new(),
+        };
         // The pull finds the remote dot by the upstream, else by the local
         // name: name it when they differ (a clone cut short before it
         // recorded the upstream).
         let pull = if rdot.name == local.name && rdot.namespace == r.user {
-            format!("dm pull {remote} {local}")
+            format!("dm pull {remote} {local}{branch}")
         } else {
             format!(
-                "dm pull {remote} {local} --remote-name {}/{}",
+                "dm pull {remote} {local}{branch} --remote-name {}/{}",
                 rdot.namespace, rdot.name
             )
         };
@@ -571,7 +577,11 @@ pub fn clone(
 fn with_remote_hints(msg: &str, remote: &str, remote_name: Option<&str>, r: &Remote) -> String {
     let mut m = msg
         .replace("`dm push REMOTE ", &format!("`dm push {remote} "))
-        .replace("`dm pull REMOTE ", &format!("`dm pull {remote} "));
+        .replace("`dm pull REMOTE ", &format!("`dm pull {remote} "))
+        .replace(
+            "`dm remote set-url REMOTE USER@HOST[:PORT]`",
+            &format!("`dm remote set-url {remote} {}`", r.target()),
+        );
     if let Some(n) = remote_name {
         for flag in [" --stash-on-divergence`", " --force`"] {
             m = m.replace(flag, &format!(" --remote-name {n}{flag}"));
@@ -839,7 +849,8 @@ pub struct PushPullArgs {
     pub remote: String,
     /// The local dot [default: the current dot].
     pub dot: Option<String>,
-    /// The branch [default: master with DOT, else the current branch].
+    /// The branch [default: master with DOT (the current branch of a dot
+    /// without master), else the current branch].
     pub branch: Option<String>,
     /// The dot on the remote, `[NS/]DOT` [default: the upstream, else REMOTE_USER/DOT].
     #[arg(long, value_name = "NS/DOT")]
@@ -1042,6 +1053,18 @@ mod tests {
         let m = with_remote_hints("wrong API key for user \"alice\": ...", "hub", None, &r);
         assert!(
             m.contains("`dm remote add hub alice@hub.example` again") && !m.contains("remote rm"),
+            "{m}"
+        );
+        // A hub whose certificate changed: set-url, named for this remote.
+        let m = with_remote_hints(
+            "the hub's certificate fingerprint is sha256:b, not the pinned sha256:a: ... \
+             `dm remote set-url REMOTE USER@HOST[:PORT]` pins the new one (upstreams kept)",
+            "hub",
+            None,
+            &r,
+        );
+        assert!(
+            m.contains("`dm remote set-url hub alice@hub.example` pins"),
             "{m}"
         );
     }

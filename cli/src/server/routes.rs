@@ -792,7 +792,8 @@ async fn unmount(State(st): S, Json(req): Json<UnmountRequest>) -> ApiResult<Jso
             return Err(ApiError::conflict(format!(
                 "{} has {open} open file{} (a process is using it; `fuser -vm {}` names it): \
                  stop it first, or `dm unmount --force {}` to detach the mount now (the process \
-                 keeps the files it has open, and its new writes go nowhere)",
+                 keeps the files it has open there, and what it writes to them still goes to \
+                 the dot)",
                 path.display(),
                 if open == 1 { "" } else { "s" },
                 path.display(),
