@@ -853,6 +853,9 @@ fn all_branches_cost_one_branch_list() {
         received.contains(" KiB received") || received.contains(" B received"),
         "{out}"
     );
+    // A pull of every branch with nothing new asks only for the list.
+    let out = alice.ok(&["pull", "hub", "many", "--all"]);
+    assert_eq!(out.matches(": up to date").count(), 203, "{out}");
     hub.ok(&["switch", "alice/many"]);
     assert_eq!(hub.ok(&["branch"]).lines().count(), 203);
 }

@@ -901,6 +901,13 @@ pub async fn pull(
         ..Default::default()
     };
     progress.set_phase("comparing");
+    // Up to date: the hub's history is not asked for (it checks the commit
+    // against every branch of the dot: a pull --all of 2,700 branches
+    // with nothing new took 48 s, mostly on the hub).
+    if local_head == Some(theirs) {
+        report.up_to_date = true;
+        return Ok(report);
+    }
     let remote_anc = remote.ancestry(remote_dot, theirs).await?;
     let mut stash = None;
     let mut forced = false;
