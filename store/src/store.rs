@@ -945,8 +945,17 @@ impl Store {
                     Some(p) => id = *p,
                     None => {
                         let total = c.generation + steps;
+                        // What the steps went back from (`master~1` on
+                        // another current branch named that one).
+                        let from = if base == "HEAD" || base.is_empty() {
+                            format!("branch {branch}")
+                        } else if self.branch_rec(&d, base).is_ok() {
+                            format!("branch {base}")
+                        } else {
+                            format!("the history of commit {base}")
+                        };
                         return Err(Error::BadRevision(format!(
-                            "no commit matches {rev}: branch {branch} of dot {dot} has {total} commit{}",
+                            "no commit matches {rev}: {from} of dot {dot} has {total} commit{}",
                             if total == 1 { "" } else { "s" }
                         )));
                     }

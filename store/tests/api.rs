@@ -107,6 +107,18 @@ fn seed_walkthrough_commit_log_reset() {
         e.contains("no commit matches HEAD^^^: branch master of dot myapp has 2 commits"),
         "{e}"
     );
+    // Steps back from another branch name that branch (they named the
+    // branch the revision was resolved on).
+    store.create_branch(&dot, "other", None).unwrap();
+    let e = store
+        .resolve(&dot, "other", "master~5")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no commit matches master~5: branch master of dot myapp has 2 commits"),
+        "{e}"
+    );
+    store.delete_branch(&dot, "other", true).unwrap();
     assert!(store.resolve(&dot, "master", "nonsense!").is_err());
 
     // Dirty working state: plain reset refuses, --hard discards.
