@@ -60,6 +60,23 @@ fn fail_env(s: &Server, args: &[&str], env: &[(&str, &str)]) -> String {
     String::from_utf8_lossy(&out.stderr).to_string()
 }
 
+/// A hub on port `hp` and alice's server on `ap`: alice is a user of the
+/// hub, which is her remote `hub`, and her new dot `dot` is current.
+/// Returns (hub, alice, alice's key).
+fn hub_and_alice(hp: u16, ap: u16, dot: &str) -> (Server, Server, String) {
+    let hub = start(hp);
+    let alice = start(ap);
+    let key = hub.ok(&["user", "add", "alice"]).trim().to_string();
+    ok_env(
+        &alice,
+        &["remote", "add", "hub", &format!("alice@127.0.0.1:{hp}")],
+        &[("DM_API_KEY", &key)],
+    );
+    alice.ok(&["init", dot]);
+    alice.ok(&["switch", dot]);
+    (hub, alice, key)
+}
+
 fn mount(s: &Server, dot: &str) -> PathBuf {
     PathBuf::from(s.ok(&["mount", dot]).trim())
 }
@@ -692,16 +709,7 @@ fn pulls_pass_mount_placeholders_say_how_far_a_branch_moved_and_wait_for_each_ot
 #[test]
 fn a_push_fails_at_once_when_the_hub_restarts_under_it() {
     let [hp, ap, _] = free_udp_ports();
-    let mut hub = start(hp);
-    let alice = start(ap);
-    let key = hub.ok(&["user", "add", "alice"]).trim().to_string();
-    ok_env(
-        &alice,
-        &["remote", "add", "hub", &format!("alice@127.0.0.1:{hp}")],
-        &[("DM_API_KEY", &key)],
-    );
-    alice.ok(&["init", "big"]);
-    alice.ok(&["switch", "big"]);
+    let (mut hub, alice, _) = hub_and_alice(hp, ap, "big");
     let data = random_bytes(21, 256 << 20);
     write_synced(&mount(&alice, "big").join("data"), &data);
     alice.ok(&["commit", "-m", "big"]);
@@ -735,16 +743,7 @@ fn a_push_fails_at_once_when_the_hub_restarts_under_it() {
 #[test]
 fn a_moved_hub_is_followed_with_remote_set_url() {
     let [hp, ap, moved] = free_udp_ports();
-    let mut hub = start(hp);
-    let alice = start(ap);
-    let key = hub.ok(&["user", "add", "alice"]).trim().to_string();
-    ok_env(
-        &alice,
-        &["remote", "add", "hub", &format!("alice@127.0.0.1:{hp}")],
-        &[("DM_API_KEY", &key)],
-    );
-    alice.ok(&["init", "app"]);
-    alice.ok(&["switch", "app"]);
+    let (mut hub, alice, key) = hub_and_alice(hp, ap, "app");
     let m = mount(&alice, "app");
     write_synced(&m.join("f"), b"one");
     alice.ok(&["commit", "-m", "one"]);
@@ -814,16 +813,7 @@ fn a_moved_hub_is_followed_with_remote_set_url() {
 #[test]
 fn all_branches_cost_one_branch_list() {
     let [hp, ap, _] = free_udp_ports();
-    let hub = start(hp);
-    let alice = start(ap);
-    let key = hub.ok(&["user", "add", "alice"]).trim().to_string();
-    ok_env(
-        &alice,
-        &["remote", "add", "hub", &format!("alice@127.0.0.1:{hp}")],
-        &[("DM_API_KEY", &key)],
-    );
-    alice.ok(&["init", "many"]);
-    alice.ok(&["switch", "many"]);
+    let (hub, alice, _) = hub_and_alice(hp, ap, "many");
     let m = mount(&alice, "many");
     write_synced(&m.join("f"), b"base");
     alice.ok(&["commit", "-m", "base"]);
