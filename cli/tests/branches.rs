@@ -844,3 +844,48 @@ fn working_directories_survive_resets_and_checkouts() {
     shell.wait().unwrap();
     s.ok(&["unmount", user.to_str().unwrap()]);
 }
+
+/// A descriptor of a file a reset discarded stays stale (ESTALE) even once
+/// a later reset brings a file of the same inode number (each branch
+/// numbers its new files on its own): its writes landed in that other
+/// file.
+#[test]
+fn a_descriptor_a_reset_made_stale_never_reaches_another_file() {
+    use std::io::Write;
+    use std::os::unix::fs::MetadataExt;
+    let s = Server::start(DM);
+    s.ok(&["init", "revive"]);
+    s.ok(&["switch", "revive"]);
+    let mnt = PathBuf::from(s.ok(&["mount", "revive"]).trim());
+    s.ok(&["commit", "-m", "base"]);
+    s.ok(&["checkout", "-b", "p"]);
+    write_synced(&mnt.join("pf"), b"p-data\n");
+    s.ok(&["commit", "-m", "p"]);
+    let pf_ino = std::fs::metadata(mnt.join("pf")).unwrap().ino();
+    s.ok(&["checkout", "master"]);
+    let mut u = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(mnt.join("u"))
+        .unwrap();
+    u.write_all(b"u-data\n").unwrap();
+    assert_eq!(
+        u.metadata().unwrap().ino(),
+        pf_ino,
+        "the scenario needs u to get pf's number"
+    );
+    s.ok(&["reset", "--hard", "HEAD"]);
+    assert_eq!(
+        u.write_all(b"x").unwrap_err().raw_os_error(),
+        Some(libc::ESTALE)
+    );
+    // Forward to p: pf, number and all.
+    s.ok(&["reset", "--hard", "p"]);
+    let err = u.write_all(b"LANDS-IN-PF\n").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ESTALE), "{err}");
+    assert_eq!(std::fs::read(mnt.join("pf")).unwrap(), b"p-data\n");
+    // The file itself opens and writes as usual.
+    write_synced(&mnt.join("pf"), b"p-data\nmore\n");
+    drop(u);
+    assert_eq!(std::fs::read(mnt.join("pf")).unwrap(), b"p-data\nmore\n");
+}

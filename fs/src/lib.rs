@@ -258,7 +258,7 @@ struct Shared {
     /// Open files: FUSE file handle -> the branch and store inode it was
     /// opened on. I/O and release on a handle go to that branch even after
     /// switch(), so open counts (unlinked-but-open files) stay balanced.
-    handles: RwLock<HashMap<u64, (Arc<BranchFs>, u64)>>,
+    handles: RwLock<HashMap<u64, Handle>>,
     next_fh: std::sync::atomic::AtomicU64,
     /// Set once the session exists; used by other mounts of the same branch
     /// to invalidate this mount's kernel caches (see `peers`).
@@ -268,6 +268,10 @@ struct Shared {
     /// [`MountOptions::owner`].
     owner: Option<Owner>,
 }
+
+/// An open file handle: the branch and store inode it was opened on, and
+/// the branch's count of resets at the open (see [`BranchFs::is_revoked`]).
+type Handle = (Arc<BranchFs>, u64, u64);
 
 /// Negative cache for `security.capability` (see [`Shared::no_caps`]).
 #[derive(Default)]
@@ -598,13 +602,24 @@ impl DmFs {
     }
 
     /// Registers an open file and returns its handle.
-    fn new_handle(&self, fs: Arc<BranchFs>, ino: u64) -> FileHandle {
+    fn new_handle(&self, fs: Arc<BranchFs>, ino: u64, opened_at: u64) -> FileHandle {
         let fh = self
             .shared
             .next_fh
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.shared.handles.write().insert(fh, (fs, ino));
+        self.shared.handles.write().insert(fh, (fs, ino, opened_at));
         FileHandle(fh)
+    }
+
+    /// Whether `fh` is a handle of a file that a reset of its branch
+    /// discarded since it was opened (ESTALE for good, even once a file of
+    /// the same number is back).
+    fn revoked(&self, fh: FileHandle) -> bool {
+        self.shared
+            .handles
+            .read()
+            .get(&fh.0)
+            .is_some_and(|(fs, ino, at)| fs.is_revoked(*ino, *at))
     }
 
     /// The branch and store inode of an open file handle, whichever branch
@@ -617,7 +632,7 @@ impl DmFs {
     /// [`Self::handle`] with the view already held.
     fn handle_in(&self, view: &View, fh: FileHandle, ino: INodeNo) -> (Arc<BranchFs>, u64) {
         match self.shared.handles.read().get(&fh.0) {
-            Some((fs, ino)) => (fs.clone(), *ino),
+            Some((fs, ino, _)) => (fs.clone(), *ino),
             None => (view.fs.clone(), view.to_store(ino)),
         }
     }
@@ -636,6 +651,9 @@ impl DmFs {
         if !Arc::ptr_eq(&fs, &view.fs) {
             return Err(Errno::EIO);
         }
+        if self.revoked(fh) {
+            return Err(Errno::ESTALE);
+        }
         Ok(OpenFile {
             _view: view,
             fs,
@@ -652,9 +670,10 @@ impl DmFs {
                 .handles
                 .read()
                 .get(&fh.0)
-                .map(|(fs, _)| fs.clone())
+                .map(|(fs, _, _)| fs.clone())
         }) {
             Some(fs) if !Arc::ptr_eq(&fs, &view.fs) => Err(Errno::EIO),
+            _ if fh.is_some_and(|fh| self.revoked(fh)) => Err(Errno::ESTALE),
             _ => Ok(()),
         }
     }
@@ -1128,9 +1147,9 @@ impl fuser::Filesystem for DmFs {
                 return;
             }
         }
-        match view.fs.open(ino) {
-            Ok(()) => reply.opened(
-                self.new_handle(view.fs.clone(), ino),
+        match view.fs.open_at(ino) {
+            Ok(at) => reply.opened(
+                self.new_handle(view.fs.clone(), ino, at),
                 self.open_flags(flags.0),
             ),
             Err(e) => reply.error(errno(&e)),
@@ -1518,13 +1537,16 @@ impl fuser::Filesystem for DmFs {
                 return;
             }
         };
-        if let Err(e) = view.fs.open(a.ino) {
-            reply.error(errno(&e));
-            return;
-        }
+        let opened_at = match view.fs.open_at(a.ino) {
+            Ok(at) => at,
+            Err(e) => {
+                reply.error(errno(&e));
+                return;
+            }
+        };
         let attr = self.attr(&view, &a);
         self.shared.remember(parent, name.as_bytes(), &attr);
-        let fh = self.new_handle(view.fs.clone(), a.ino);
+        let fh = self.new_handle(view.fs.clone(), a.ino, opened_at);
         self.tell_peers(&view.fs, || created(p, name));
         reply.created(&TTL, &attr, Generation(0), fh, self.open_flags(flags));
     }
@@ -1944,8 +1966,8 @@ impl Mount {
                 .handles
                 .read()
                 .values()
-                .filter(|(fs, _)| Arc::ptr_eq(fs, &view.fs))
-                .map(|(_, ino)| view.to_fuse(*ino).0)
+                .filter(|(fs, _, _)| Arc::ptr_eq(fs, &view.fs))
+                .map(|(_, ino, _)| view.to_fuse(*ino).0)
                 .collect()
         };
         if let Some(notifier) = self.shared.notifier.get() {

@@ -286,6 +286,12 @@ pub struct BranchFs {
     /// still hold open (its kernel inode, its handle) never names another
     /// file of this branch. In memory only: open files end with the server.
     ino_floor: AtomicU64,
+    /// Resets of this branch since it was opened (see [`BranchFs::open_at`]).
+    resets: AtomicU64,
+    /// Open files a reset discarded, with the reset count from which their
+    /// handles are stale (see [`BranchFs::is_revoked`]); dropped with the
+    /// last release.
+    revoked: Mutex<HashMap<Ino, u64>>,
 }
 
 type StateGuard<'a> = RwLockReadGuard<'a, BranchState>;
@@ -336,6 +342,8 @@ impl BranchFs {
             files: Mutex::new(HashMap::new()),
             buffered: Arc::new(AtomicUsize::new(0)),
             open: Mutex::new(HashMap::new()),
+            resets: AtomicU64::new(0),
+            revoked: Mutex::new(HashMap::new()),
             patched: Mutex::new(HashMap::new()),
             ino_floor: AtomicU64::new(0),
         };
@@ -1113,10 +1121,43 @@ impl BranchFs {
 
     /// Marks `ino` open (unlinked files live until their last release).
     pub fn open(&self, ino: Ino) -> Result<()> {
+        self.open_at(ino).map(|_| ())
+    }
+
+    /// [`BranchFs::open`], returning the branch's count of resets at the
+    /// open, for [`BranchFs::is_revoked`].
+    pub fn open_at(&self, ino: Ino) -> Result<u64> {
         let st = self.state()?;
         Self::load_view(&self.view(&st), ino)?;
         *self.open.lock().entry(ino).or_insert(0) += 1;
-        Ok(())
+        // Read under the state lock, which a reset holds while it counts.
+        Ok(self.resets.load(Ordering::Acquire))
+    }
+
+    /// Whether a handle of `ino` opened at reset count `opened_at` is
+    /// stale: a reset since discarded its file. Its number may name another
+    /// file by now (one that a later reset or pull brought from another
+    /// branch or server numbers its files on its own), which the handle
+    /// reached: writes landed in that other file.
+    pub fn is_revoked(&self, ino: Ino, opened_at: u64) -> bool {
+        self.revoked
+            .lock()
+            .get(&ino)
+            .is_some_and(|r| opened_at < *r)
+    }
+
+    /// After a reset to the working state `st` (under its write lock):
+    /// counts the reset and revokes the handles of the open files it
+    /// discarded (see [`BranchFs::is_revoked`]).
+    pub(crate) fn reset_done(&self, st: &BranchState) {
+        let n = self.resets.fetch_add(1, Ordering::AcqRel) + 1;
+        let open: Vec<Ino> = self.open.lock().keys().copied().collect();
+        let view = self.view(st);
+        for ino in open {
+            if !matches!(view.get(&keys::inode(ino)), Ok(Some(_))) {
+                self.revoked.lock().insert(ino, n);
+            }
+        }
     }
 
     /// Drops one open reference; flushes and frees what is no longer needed.
@@ -1130,6 +1171,7 @@ impl BranchFs {
                 }
                 Some(_) => {
                     open.remove(&ino);
+                    self.revoked.lock().remove(&ino);
                     true
                 }
                 None => false,
@@ -1989,7 +2031,6 @@ impl BranchFs {
         self.buffered_bytes() as u64 + spilled
     }
 
-    /// Drops every buffer (reset): the working state is being replaced.
     /// Before a reset discards the working state `st`: new files will get
     /// numbers above every one it used (see [`BranchFs::ino_floor`]).
     pub(crate) fn keep_inos_unique(&self, st: &BranchState) -> Result<()> {
@@ -1998,6 +2039,7 @@ impl BranchFs {
         Ok(())
     }
 
+    /// Drops every buffer (reset): the working state is being replaced.
     pub(crate) fn drop_buffers(&self) {
         // Their bytes leave the count as the buffers are dropped.
         self.files.lock().clear();

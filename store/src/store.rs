@@ -1044,6 +1044,7 @@ impl Store {
         st.head = Some(target);
         st.root = c.root;
         st.bid = rec.bid;
+        fs.reset_done(&st);
         Ok(())
     }
 

@@ -893,6 +893,7 @@ impl Store {
                 st.head = Some(new);
                 st.root = commit.root;
                 st.bid = rec.bid;
+                fs.reset_done(&st);
                 Ok(SetHead::Updated)
             }
         }
