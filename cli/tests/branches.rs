@@ -15,6 +15,16 @@ fn commit_letter(s: &Server, mnt: &Path, letter: &str) {
     s.ok(&["commit", "-m", letter]);
 }
 
+/// A server whose new dot `dot` is the current one, and the path of the
+/// dot's mount.
+fn server_with_dot(dot: &str) -> (Server, PathBuf) {
+    let s = Server::start(DM);
+    s.ok(&["init", dot]);
+    s.ok(&["switch", dot]);
+    let mnt = PathBuf::from(s.ok(&["mount", dot]).trim());
+    (s, mnt)
+}
+
 fn files(mnt: &Path) -> Vec<String> {
     snapshot(mnt).into_keys().collect()
 }
@@ -29,10 +39,7 @@ fn messages(s: &Server) -> Vec<String> {
 
 #[test]
 fn branch_example() {
-    let s = Server::start(DM);
-    s.ok(&["init", "myapp"]);
-    s.ok(&["switch", "myapp"]);
-    let mnt = PathBuf::from(s.ok(&["mount", "myapp"]).trim());
+    let (s, mnt) = server_with_dot("myapp");
 
     commit_letter(&s, &mnt, "A");
     let pinned_master = s.root().join("pinned-master");
@@ -347,10 +354,7 @@ fn log_of_a_branch_latest_commits_one_line_each() {
 #[test]
 fn o_append_writes_at_the_end_dm_knows() {
     use std::io::Write;
-    let s = Server::start(DM);
-    s.ok(&["init", "logs"]);
-    s.ok(&["switch", "logs"]);
-    let mnt = PathBuf::from(s.ok(&["mount", "logs"]).trim());
+    let (s, mnt) = server_with_dot("logs");
     let log = mnt.join("log");
     write_synced(&log, b"base\n");
     s.ok(&["commit", "-m", "base"]);
@@ -458,10 +462,7 @@ fn o_append_writes_at_the_end_dm_knows() {
 /// ESTALE, so the kernel looks the path up again and creates the file.
 #[test]
 fn creates_racing_resets_never_fail() {
-    let s = Server::start(DM);
-    s.ok(&["init", "creates"]);
-    s.ok(&["switch", "creates"]);
-    let mnt = PathBuf::from(s.ok(&["mount", "creates"]).trim());
+    let (s, mnt) = server_with_dot("creates");
     write_synced(&mnt.join("base"), b"base");
     s.ok(&["commit", "-m", "base"]);
     let stop = std::sync::atomic::AtomicBool::new(false);
@@ -525,10 +526,7 @@ fn creates_racing_resets_never_fail() {
 /// is gone or the mount is detached on purpose (`dm unmount --force`).
 #[test]
 fn deletes_refuse_mounts_with_files_open() {
-    let s = Server::start(DM);
-    s.ok(&["init", "busy"]);
-    s.ok(&["switch", "busy"]);
-    let mnt = PathBuf::from(s.ok(&["mount", "busy"]).trim());
+    let (s, mnt) = server_with_dot("busy");
     write_synced(&mnt.join("base"), b"base");
     s.ok(&["commit", "-m", "base"]);
     s.ok(&["branch", "exp"]);
@@ -569,10 +567,7 @@ fn deletes_refuse_mounts_with_files_open() {
 /// new branch without a word, and the data seemed gone).
 #[test]
 fn checkout_b_says_uncommitted_changes_stay() {
-    let s = Server::start(DM);
-    s.ok(&["init", "notes"]);
-    s.ok(&["switch", "notes"]);
-    let mnt = PathBuf::from(s.ok(&["mount", "notes"]).trim());
+    let (s, mnt) = server_with_dot("notes");
     write_synced(&mnt.join("draft"), b"draft");
     let out = s.dm(&["checkout", "-b", "feat"]);
     assert!(out.status.success());
@@ -606,10 +601,7 @@ fn checkout_b_says_uncommitted_changes_stay() {
 /// message starting with `-`; each says what it did.
 #[test]
 fn checkout_branch_and_commit_as_git_users_type_them() {
-    let s = Server::start(DM);
-    s.ok(&["init", "g"]);
-    s.ok(&["switch", "g"]);
-    let mnt = PathBuf::from(s.ok(&["mount", "g"]).trim());
+    let (s, mnt) = server_with_dot("g");
     commit_letter(&s, &mnt, "A");
     let a = s.ok(&["log"]).lines().next().unwrap()["commit ".len()..].to_string();
     commit_letter(&s, &mnt, "B");
@@ -721,10 +713,7 @@ fn checkout_branch_and_commit_as_git_users_type_them() {
 /// holds files open).
 #[test]
 fn commit_of_a_branch_that_is_not_current() {
-    let s = Server::start(DM);
-    s.ok(&["init", "myapp"]);
-    s.ok(&["switch", "myapp"]);
-    let mnt = PathBuf::from(s.ok(&["mount", "myapp"]).trim());
+    let (s, mnt) = server_with_dot("myapp");
     commit_letter(&s, &mnt, "A");
     s.ok(&["branch", "side"]);
     let side = s.root().join("side");
@@ -793,10 +782,7 @@ fn racing_checkouts_each_say_what_they_did() {
 /// name again. Nor is a mount a process works in unmounted under it.
 #[test]
 fn working_directories_survive_resets_and_checkouts() {
-    let s = Server::start(DM);
-    s.ok(&["init", "cwd"]);
-    s.ok(&["switch", "cwd"]);
-    let mnt = PathBuf::from(s.ok(&["mount", "cwd"]).trim());
+    let (s, mnt) = server_with_dot("cwd");
     s.ok(&["commit", "-m", "empty"]);
     let dir = mnt.join("sub/deeper");
     std::fs::create_dir_all(&dir).unwrap();
@@ -853,10 +839,7 @@ fn working_directories_survive_resets_and_checkouts() {
 fn a_descriptor_a_reset_made_stale_never_reaches_another_file() {
     use std::io::Write;
     use std::os::unix::fs::MetadataExt;
-    let s = Server::start(DM);
-    s.ok(&["init", "revive"]);
-    s.ok(&["switch", "revive"]);
-    let mnt = PathBuf::from(s.ok(&["mount", "revive"]).trim());
+    let (s, mnt) = server_with_dot("revive");
     s.ok(&["commit", "-m", "base"]);
     s.ok(&["checkout", "-b", "p"]);
     write_synced(&mnt.join("pf"), b"p-data\n");
