@@ -205,83 +205,69 @@ fn check_and_pin(
 ) -> Result<()> {
     let rt = runtime()?;
     let port = port_of(r);
-    if let Some((pem, ca)) = ca {
-        let spec = dm_sync::RemoteSpec {
-            host: r.hostname.clone(),
-            port,
-            user: r.user.clone(),
-            key: key.clone(),
-            trust: dm_sync::Trust::Ca(pem.clone()),
-        };
-        let conn = rt
-            .block_on(dm_sync::Remote::connect(&spec))
-            .map_err(|e| anyhow!("{e}"))?;
-        println!(
-            "The hub {} has a certificate from {ca} (fingerprint {})",
-            dm_sync::host_port(&r.hostname, port),
-            conn.fingerprint()
-        );
-        rt.block_on(conn.close());
-        return SyncConfig::update(&ctx.config_path, |sc| {
-            sc.remotes.insert(
-                name.to_string(),
-                RemoteSecret {
-                    api_key: key,
-                    fingerprint: String::new(),
-                    ca_pem: Some(pem),
-                },
-            );
-        });
-    }
-    let fp = rt
-        .block_on(dm_sync::probe_fingerprint(&r.hostname, port))
-        .map_err(|e| anyhow!("{e}"))?;
-    // Adding the same remote again (a new key) keeps trusting the same hub
-    // only: another certificate is not pinned silently.
-    let pinned = SyncConfig::load(&ctx.config_path)?
-        .remotes
-        .get(name)
-        .map(|old| old.fingerprint.clone())
-        .filter(|old| !old.is_empty() && *old != fp);
-    if let (Some(old), false) = (&pinned, repin) {
-        bail!(
-            "the hub {} now presents the fingerprint {fp}, not the pinned {old}; if its certificate \
-             was replaced on purpose, `dm remote set-url {name} {}` pins the new one (upstreams kept)",
-            dm_sync::host_port(&r.hostname, port),
-            r.target()
-        );
-    }
-    println!(
-        "The hub {} presents the certificate fingerprint",
-        dm_sync::host_port(&r.hostname, port)
-    );
-    println!("  {fp}");
-    if let Some(old) = &pinned {
-        println!("which is not the one pinned for remote {name} until now ({old})");
-    }
+    let hub = dm_sync::host_port(&r.hostname, port);
+    // How the hub is trusted, and what is saved for it: a CA, or the
+    // fingerprint it presents now (shown before the key is tried).
+    let (trust, fingerprint) = match &ca {
+        Some((pem, _)) => (dm_sync::Trust::Ca(pem.clone()), String::new()),
+        None => {
+            let fp = rt
+                .block_on(dm_sync::probe_fingerprint(&r.hostname, port))
+                .map_err(|e| anyhow!("{e}"))?;
+            // Adding the same remote again (a new key) keeps trusting the
+            // same hub only: another certificate is not pinned silently.
+            let pinned = SyncConfig::load(&ctx.config_path)?
+                .remotes
+                .get(name)
+                .map(|old| old.fingerprint.clone())
+                .filter(|old| !old.is_empty() && *old != fp);
+            if let (Some(old), false) = (&pinned, repin) {
+                bail!(
+                    "the hub {hub} now presents the fingerprint {fp}, not the pinned {old}; if its certificate \
+                     was replaced on purpose, `dm remote set-url {name} {}` pins the new one (upstreams kept)",
+                    r.target()
+                );
+            }
+            println!("The hub {hub} presents the certificate fingerprint");
+            println!("  {fp}");
+            if let Some(old) = &pinned {
+                println!("which is not the one pinned for remote {name} until now ({old})");
+            }
+            (dm_sync::Trust::Pinned(fp.clone()), fp)
+        }
+    };
     let spec = dm_sync::RemoteSpec {
         host: r.hostname.clone(),
         port,
         user: r.user.clone(),
         key: key.clone(),
-        trust: dm_sync::Trust::Pinned(fp.clone()),
+        trust,
     };
     let conn = rt
         .block_on(dm_sync::Remote::connect(&spec))
         .map_err(|e| anyhow!("{e}"))?;
+    if let Some((_, from)) = &ca {
+        println!(
+            "The hub {hub} has a certificate from {from} (fingerprint {})",
+            conn.fingerprint()
+        );
+    }
     rt.block_on(conn.close());
+    let pinned = ca.is_none();
     SyncConfig::update(&ctx.config_path, |sc| {
         sc.remotes.insert(
             name.to_string(),
             RemoteSecret {
                 api_key: key,
-                fingerprint: fp,
-                ca_pem: None,
+                fingerprint,
+                ca_pem: ca.map(|(pem, _)| pem),
             },
         );
     })?;
     // Only once the key was accepted and the remote saved.
-    println!("(pinned: later connections fail if it changes)");
+    if pinned {
+        println!("(pinned: later connections fail if it changes)");
+    }
     Ok(())
 }
 
