@@ -399,6 +399,9 @@ impl Store {
         // deletes, and RocksDB stops taking writes when that fails).
         self.gc_go_on()?;
         if in_tables >= self.db.opts.compact_after_gc && !db.space.is_full() {
+            // What the memtables hold counts in `before`: the compaction
+            // flushes them first.
+            db.flush_tables()?;
             let before = db.table_bytes();
             db.compact_deleted()?;
             report.table_bytes_freed = before.saturating_sub(db.table_bytes());
@@ -406,6 +409,12 @@ impl Store {
         // Deleted chunks leave their records in the chunk log; reclaim the
         // segments they made sparse.
         report.log_bytes_freed = db.compact_chunks(compact_before)?;
+        // The next `gc_due` measures growth from here: what the memtables
+        // hold now is in the files first (flushed later, it would count
+        // as growth).
+        if !db.space.is_full() {
+            db.flush_tables()?;
+        }
         *self.gc_base.lock() = (Instant::now(), self.stored_bytes()?);
         // Writers refused for a full disk take data again now if this made
         // room, not at the next periodic look.
