@@ -335,6 +335,10 @@ fn log_of_a_branch_latest_commits_one_line_each() {
         format!("{} one\n", &ids[0][..12])
     );
     assert_eq!(s.ok(&["log", "--oneline", &ids[1][..8]]).lines().count(), 2);
+    assert_eq!(
+        s.ok(&["log", "--oneline", "-n", "1", &ids[1][..8]]),
+        format!("{} two\n", &ids[1][..12])
+    );
     let err = s.fail(&["log", &ids[2][..8]]);
     assert!(err.contains("not on branch master"), "{err}");
     // A revision past the first commit is named as one (it was called an

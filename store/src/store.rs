@@ -798,11 +798,42 @@ impl Store {
 
     /// The branch's commits, oldest first (its whole first-parent ancestry).
     pub fn log(&self, dot: &DotName, branch: &str) -> Result<Vec<CommitInfo>> {
+        self.log_until(dot, branch, None, None)
+    }
+
+    /// The branch's first-parent history up to commit `until` (the head
+    /// when `None`), only its `max` latest commits when given, oldest
+    /// first. Reads the commits it returns and those after `until`, not
+    /// the whole history (`dm log -n 5` of a long-lived branch). A
+    /// `NotFound` error when `until` is not on that line.
+    pub fn log_until(
+        &self,
+        dot: &DotName,
+        branch: &str,
+        until: Option<&Id>,
+        max: Option<usize>,
+    ) -> Result<Vec<CommitInfo>> {
         let d = self.dot_rec(dot)?;
-        let head = self.fs_for(&d, branch)?.head();
+        let mut cur = self.fs_for(&d, branch)?.head();
+        if let Some(until) = until {
+            loop {
+                match cur {
+                    Some(id) if id == *until => break,
+                    Some(id) => cur = self.db.commit(&id)?.parents.first().copied(),
+                    None => {
+                        return Err(Error::NotFound {
+                            what: "commit on the branch",
+                            name: format!("{} on {dot}@{branch}", until.short()),
+                        })
+                    }
+                }
+            }
+        }
         let mut out = Vec::new();
-        let mut cur = head;
         while let Some(id) = cur {
+            if max.is_some_and(|n| out.len() >= n) {
+                break;
+            }
             let c = self.db.commit(&id)?;
             cur = c.parents.first().copied();
             out.push(CommitInfo::from(id, c));

@@ -92,6 +92,28 @@ fn seed_walkthrough_commit_log_reset() {
         ["empty state", "some data"]
     );
     assert_eq!(log[1].parents, vec![c1.id]);
+    // Part of the history: the latest N, or up to a commit.
+    let messages = |until: Option<&Id>, max| {
+        store
+            .log_until(&dot, "master", until, max)
+            .unwrap()
+            .into_iter()
+            .map(|c| c.message)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(messages(None, Some(1)), ["some data"]);
+    assert_eq!(messages(None, Some(0)), Vec::<String>::new());
+    assert_eq!(messages(None, Some(5)), ["empty state", "some data"]);
+    assert_eq!(messages(Some(&c1.id), None), ["empty state"]);
+    assert_eq!(messages(Some(&c2.id), Some(1)), ["some data"]);
+    store.create_branch(&dot, "aside", None).unwrap();
+    let aside = store.branch_fs(&dot, "aside").unwrap();
+    write_file(&aside, "f", b"elsewhere");
+    let c3 = commit(&store, &dot, "aside", "elsewhere");
+    let err = store
+        .log_until(&dot, "master", Some(&c3.id), None)
+        .unwrap_err();
+    assert!(err.is_not_found(), "{err}");
     assert_eq!(store.resolve(&dot, "master", "HEAD").unwrap(), c2.id);
     assert_eq!(store.resolve(&dot, "master", "HEAD^").unwrap(), c1.id);
     assert_eq!(store.resolve(&dot, "master", "HEAD~1").unwrap(), c1.id);

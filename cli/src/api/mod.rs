@@ -232,6 +232,17 @@ pub struct HeldOpen {
     pub files: usize,
 }
 
+/// Query of `GET .../commits`: without it, the branch's whole history.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LogQuery {
+    /// Up to this commit (full id) of the branch instead of its head.
+    #[serde(default)]
+    pub until: Option<String>,
+    /// Only the N latest commits (of those up to `until`).
+    #[serde(default)]
+    pub max: Option<usize>,
+}
+
 /// Query of `GET .../resolve`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ResolveQuery {

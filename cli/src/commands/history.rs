@@ -110,24 +110,26 @@ pub fn log(
             }
         }
     };
-    let path = format!(
-        "{}/commits",
-        api::branch_path(&dot.namespace, &dot.name, &branch)
-    );
-    let mut commits: Vec<CommitView> = ctx.client()?.get(&path)?;
-    if let Some((rev, id)) = until {
-        let Some(pos) = commits.iter().position(|c| c.id == id) else {
-            bail!(
-                "{rev} is commit {} of dot {dot}, which is not on branch {branch}: \
-                 `dm log BRANCH` shows another branch's commits",
-                &id[..id.len().min(12)]
-            );
-        };
-        commits.truncate(pos + 1);
+    // The server reads only the commits asked for (-n of a long history).
+    let mut query = Vec::new();
+    if let Some((_, id)) = &until {
+        query.push(format!("until={id}"));
     }
-    let skip = max_count.map_or(0, |n| commits.len().saturating_sub(n));
+    if let Some(n) = max_count {
+        query.push(format!("max={n}"));
+    }
+    let path = format!(
+        "{}/commits{}{}",
+        api::branch_path(&dot.namespace, &dot.name, &branch),
+        if query.is_empty() { "" } else { "?" },
+        query.join("&")
+    );
+    let commits: Vec<CommitView> = ctx.client()?.get(&path).map_err(|e| match &until {
+        Some((rev, _)) => anyhow!("{rev}: {e}"),
+        None => e,
+    })?;
     let mut out = String::new();
-    for c in &commits[skip..] {
+    for c in &commits {
         if oneline {
             let first = c.message.lines().next().unwrap_or("");
             out.push_str(&format!("{} {first}\n", &c.id[..c.id.len().min(12)]));

@@ -469,16 +469,30 @@ async fn checkout(
 async fn log(
     State(st): S,
     Path((ns, dot, branch)): Path<(String, String, String)>,
+    Query(q): Query<LogQuery>,
 ) -> ApiResult<Json<Vec<CommitView>>> {
     blocking(move || {
         let dot = dot_name(&ns, &dot)?;
         check_branch(&branch)?;
-        Ok(st
+        let until = q.until.as_deref().map(Id::from_hex).transpose()?;
+        let commits = st
             .store
-            .log(&dot, &branch)?
-            .iter()
-            .map(commit_view)
-            .collect())
+            .log_until(&dot, &branch, until.as_ref(), q.max)
+            .map_err(|e| match (e, &until) {
+                (
+                    dm_store::Error::NotFound {
+                        what: "commit on the branch",
+                        ..
+                    },
+                    Some(id),
+                ) => ApiError::not_found(format!(
+                    "commit {} of dot {dot} is not on branch {branch}: `dm log BRANCH` \
+                         shows another branch's commits",
+                    id.short()
+                )),
+                (e, _) => e.into(),
+            })?;
+        Ok(commits.iter().map(commit_view).collect())
     })
     .await
 }
