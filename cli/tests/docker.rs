@@ -1050,8 +1050,8 @@ fn docker_cp_rm_containers_options_anonymous_and_deleted_dots() {
     let s = start_server();
     let (c, rm, pinned) = ("dmtest-cp", "dmtest-autoremove", "dmtest-cp-pinned");
     let _clean = Cleanup::new(
-        &[c, rm, pinned],
-        &["cpvol", "cpvol@side", "rmvol", "bs8", "gone"],
+        &[c, rm, pinned, "dmtest-anon"],
+        &["cpvol", "cpvol@side", "rmvol", "bs8", "gone", "keep"],
     );
 
     // `docker cp` on a running container mounts its volumes again with the
@@ -1147,6 +1147,32 @@ fn docker_cp_rm_containers_options_anonymous_and_deleted_dots() {
         "an anonymous volume's dot was left:\n{list}"
     );
 
+    // ... but not while its dot is mounted elsewhere (`dm mount` of it):
+    // the volume goes, its dot stays with what was written there.
+    let anon = "dmtest-anon";
+    run_detached_with(&s, &["-v", "/scratch"], anon, "keep:/unused", LOOP);
+    let name = docker_ok(
+        &s,
+        &[
+            "inspect",
+            "-f",
+            "{{range .Mounts}}{{if eq .Destination \"/scratch\"}}{{.Name}}{{end}}{{end}}",
+            anon,
+        ],
+    );
+    let name = name.trim();
+    let host = tempfile::tempdir().unwrap();
+    s.ok(&["mount", name, host.path().to_str().unwrap()]);
+    std::fs::write(host.path().join("hostfile"), "host data").unwrap();
+    docker_ok(&s, &["rm", "-f", "-v", anon]);
+    assert_eq!(
+        std::fs::read_to_string(host.path().join("hostfile")).unwrap(),
+        "host data"
+    );
+    assert!(s.log().contains("is kept, in use at"), "{}", s.log());
+    s.ok(&["unmount", host.path().to_str().unwrap()]);
+    s.ok(&["dot", "delete", "-f", name]);
+
     // A dot deleted behind Docker's back is made again when Docker mounts
     // the volume it still knows.
     docker_ok(&s, &["volume", "create", "-d", "dm", "gone"]);
@@ -1225,13 +1251,27 @@ fn switch_waits_for_containers_starting_meanwhile_and_refuses_paused_ones() {
 
     // A paused container cannot be stopped: refused, nothing switched.
     run_detached(&s, paused, "pz:/data", LOOP);
+    docker_ok(&s, &["exec", paused, "sh", "-c", "echo kept > /data/f"]);
     s.ok(&["switch", "pz"]);
     s.ok(&["commit", "-m", "one"]);
     docker_ok(&s, &["pause", paused]);
     let err = s.fail(&["checkout", "-b", "x"]);
     assert!(err.contains("paused") && err.contains(paused), "{err}");
     assert!(!s.ok(&["branch"]).contains('x'));
-    docker_ok(&s, &["unpause", paused]);
+    // Nor is its dot deleted under it (unpaused, it went on without its
+    // files).
+    let err = s.fail(&["dot", "delete", "-f", "pz"]);
+    assert!(err.contains(&format!("{paused} (paused)")), "{err}");
+    // A server that restarts restarts it too: its mount died with the
+    // previous server (unpaused, it failed at its first file access).
+    let mut s = s;
+    s.kill9();
+    s.restart();
+    wait_until(
+        || running(&s, paused) && docker(&["exec", paused, "cat", "/data/f"]).stdout == b"kept\n",
+        || format!("{paused} was left on a dead mount:\n{}", s.log()),
+    );
+    assert!(s.log().contains("it was paused"), "{}", s.log());
 }
 
 /// A switch stops the containers that use the dot all at once, each as

@@ -122,6 +122,12 @@ impl Container {
         self.state == "paused"
     }
 
+    /// True when the container holds its mounts: running, or paused (it
+    /// goes on where it stopped once unpaused).
+    pub fn is_up(&self) -> bool {
+        self.is_running() || self.is_paused()
+    }
+
     /// The dm volumes this container mounts (names that do not parse are skipped).
     pub fn dm_volumes(&self) -> Vec<VolumeName> {
         self.mounts

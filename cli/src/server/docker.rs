@@ -238,7 +238,8 @@ impl DockerIntegration {
         Ok(view)
     }
 
-    /// The running containers (names) whose dm volumes are mounted at `path`.
+    /// The running or paused containers (names) whose dm volumes are
+    /// mounted at `path`.
     pub fn containers_on(&self, path: &Path) -> Vec<String> {
         if self
             .lock()
@@ -251,7 +252,7 @@ impl DockerIntegration {
         self.all_containers()
             .into_iter()
             .filter(|c| {
-                c.is_running()
+                c.is_up()
                     && c.dm_volumes()
                         .iter()
                         .any(|v| self.mounts.default_path(v) == path)
@@ -542,8 +543,8 @@ impl DockerIntegration {
         }
     }
 
-    /// At startup: forgets the mount requests of paths no running container
-    /// uses (their Unmount came while no server ran: `docker stop`, or a
+    /// At startup: forgets the mount requests of paths no running (or
+    /// paused) container uses (their Unmount came while no server ran: `docker stop`, or a
     /// container that exited when its mount died), unmounting what the
     /// plugin mounted for them, so that they neither pin the mount nor
     /// block `docker volume rm`. Running containers keep theirs, and so do
@@ -562,7 +563,7 @@ impl DockerIntegration {
         };
         let in_use: BTreeSet<PathBuf> = containers
             .iter()
-            .filter(|c| c.is_running())
+            .filter(|c| c.is_up())
             .flat_map(|c| c.dm_volumes())
             .map(|v| self.mounts.default_path(&v))
             .collect();
@@ -582,7 +583,7 @@ impl DockerIntegration {
                 continue;
             };
             tracing::info!(
-                "docker: {} had {} mount request(s) whose Unmount came while no server ran; no running container uses it",
+                "docker: {} had {} mount request(s) whose Unmount came while no server ran; no running or paused container uses it",
                 p.display(),
                 refs.ids.len()
             );
@@ -595,9 +596,11 @@ impl DockerIntegration {
         self.save(&st);
     }
 
-    /// At startup: running containers that use a volume of this server were
-    /// started against the previous server's mounts, which died with it.
-    /// Restart them so that they get live mounts again.
+    /// At startup: running (or paused) containers that use a volume of this
+    /// server were started against the previous server's mounts, which died
+    /// with it. Restart them so that they get live mounts again (a paused
+    /// one runs afterwards: unpaused on its dead mount, it failed at its
+    /// first file access, a database with a PANIC).
     pub fn restart_stale_containers(&self) {
         if self.lock().volumes.is_empty() {
             return;
@@ -616,12 +619,12 @@ impl DockerIntegration {
         // another in its place).
         let mut stale = Vec::new();
         for c in ours {
-            let given_up = !c.is_running()
+            let given_up = !c.is_up()
                 && c.state != "created"
                 && block_on(self.docker.details(&c.id)).is_ok_and(|d| {
                     d.restarts() && d.error.contains(crate::server::plugin_proxy::SERVER_DOWN)
                 });
-            if c.is_running() || given_up {
+            if c.is_up() || given_up {
                 stale.push(c);
             }
         }
@@ -637,6 +640,8 @@ impl DockerIntegration {
                     c.name(),
                     if c.is_running() {
                         ""
+                    } else if c.is_paused() {
+                        " (it was paused: it runs after the restart)"
                     } else {
                         " (Docker gave up restarting it while no server ran)"
                     }
@@ -812,11 +817,33 @@ impl Backend for DockerIntegration {
         // Docker's own name for an image's VOLUME or `-v /path`: removed
         // with its container (`--rm`, `docker rm -v`), as Docker removes its
         // local anonymous volumes. Kept once committed to.
-        let anonymous = is_anonymous(&volume.name)
-            && !used_under_other_names
-            && self.never_committed(&volume.parsed.dot);
+        // Not while its dot is mounted elsewhere (`dm mount` of it) or has
+        // files open: that was deleted with the volume, under the writers.
+        let dot = &volume.parsed.dot;
+        let elsewhere: Vec<String> = self
+            .mounts
+            .list_dot(dot)
+            .into_iter()
+            .map(|m| m.path)
+            .filter(|p| Path::new(p) != path)
+            .chain(
+                self.mounts
+                    .open_files_where(|v| v.dot == *dot)
+                    .into_iter()
+                    .map(|(p, n)| {
+                        format!(
+                            "{} ({n} open file{})",
+                            p.display(),
+                            if n == 1 { "" } else { "s" }
+                        )
+                    }),
+            )
+            .collect();
+        let anonymous =
+            is_anonymous(&volume.name) && !used_under_other_names && self.never_committed(dot);
+        let kept_for = (anonymous && !elsewhere.is_empty()).then(|| elsewhere.join(", "));
+        let anonymous = anonymous && kept_for.is_none();
         if anonymous {
-            let dot = &volume.parsed.dot;
             self.mounts
                 .unmount_dot(dot)
                 .map_err(|e| PluginError::Backend(e.message))?;
@@ -830,6 +857,12 @@ impl Backend for DockerIntegration {
         if anonymous {
             tracing::info!(
                 "docker: anonymous volume {} removed with its dot",
+                volume.name
+            );
+        } else if let Some(users) = kept_for {
+            tracing::warn!(
+                "docker: anonymous volume {} removed; its dot {dot} is kept, in use at {users} \
+                 (`dm dot delete {dot}` deletes it)",
                 volume.name
             );
         } else {

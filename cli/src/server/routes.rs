@@ -117,8 +117,9 @@ fn check_branch(branch: &str) -> ApiResult<()> {
     Ok(dm_store::names::validate("branch", branch)?)
 }
 
-/// Names of the running containers (from Docker) that use `dot`, and of
-/// those that show `branch` of it (`current` is the dot's current branch).
+/// Names of the running or paused containers (from Docker) that use `dot`,
+/// and of those that show `branch` of it (`current` is the dot's current
+/// branch).
 fn container_names(
     containers: &[dm_volume_plugin::Container],
     dot: &DotName,
@@ -126,7 +127,7 @@ fn container_names(
 ) -> Vec<String> {
     containers
         .iter()
-        .filter(|c| c.is_running())
+        .filter(|c| c.is_up())
         .filter(|c| match branch {
             Some((b, current)) => c.shows_branch(dot, b, current),
             None => c.uses_dot(dot),
@@ -303,8 +304,9 @@ async fn get_branch(
     .await
 }
 
-/// Refuses (naming them) when running containers that use `dot` and match
-/// `uses` exist: `what` is what they use, for the message.
+/// Refuses (naming them) when running or paused containers that use `dot`
+/// and match `uses` exist: `what` is what they use, for the message (a
+/// paused one deleted under went on with its files gone when unpaused).
 fn refuse_if_running(
     st: &AppState,
     dot: &DotName,
@@ -315,16 +317,26 @@ fn refuse_if_running(
         .docker
         .containers_using(dot)
         .into_iter()
-        .filter(|c| c.is_running() && uses(c))
-        .map(|c| c.name().trim_start_matches('/').to_string())
+        .filter(|c| c.is_up() && uses(c))
+        .map(|c| {
+            let name = c.name().trim_start_matches('/').to_string();
+            match c.is_paused() {
+                true => format!("{name} (paused)"),
+                false => name,
+            }
+        })
         .collect();
     if running.is_empty() {
         return Ok(());
     }
+    let names: Vec<&str> = running
+        .iter()
+        .map(|n| n.trim_end_matches(" (paused)"))
+        .collect();
     Err(ApiError::conflict(format!(
-        "{what} is in use by running containers {}; stop them first (`docker stop {}`)",
+        "{what} is in use by containers {}; stop them first (`docker stop {}`)",
         running.join(", "),
-        running.join(" ")
+        names.join(" ")
     )))
 }
 
