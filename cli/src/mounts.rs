@@ -183,7 +183,7 @@ impl MountManager {
             // was not mounted) is not hidden by a mount; forgotten.
             if !r.managed && holds_files(&r.path) {
                 tracing::warn!(
-                    "could not restore the mount of {volume} at {}: it holds files now, not mounted again over them (`dm mount` {volume} elsewhere)",
+                    "could not restore the mount of {volume} at {}: it holds files now, not mounted again over them (`dm mount {volume} PATH` elsewhere)",
                     r.path.display()
                 );
                 continue;
@@ -353,6 +353,9 @@ impl MountManager {
     /// volume at the same path again answers the existing mount.
     pub fn mount(&self, volume: &str, path: Option<PathBuf>) -> ApiResult<MountView> {
         let volume = VolumeName::parse(volume)?;
+        // The dot first: `dm mount PATH DOT` (swapped) is told it names no
+        // dot, not that DOT's path is taken.
+        self.store.dot_info(&volume.dot)?;
         let (path, managed) = match path {
             Some(p) => {
                 if !p.is_absolute() {

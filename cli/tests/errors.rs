@@ -490,6 +490,54 @@ fn a_full_disk_is_named_and_freed_inside_dm() {
 
 /// `dm mount` onto a file, or onto a directory with files in it (which the
 /// mount would hide): refused, naming the path; nothing is mounted.
+/// `dm mount DOT PATH` where the current directory has a directory named
+/// like the dot (where it was mounted before) mounts it (it was refused as
+/// arguments swapped); `..` after a symlink goes where the shell goes.
+#[test]
+fn mount_paths_are_read_as_the_shell_reads_them() {
+    let s = Server::start(DM);
+    s.ok(&["init", "webdb"]);
+    let here = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        s.dm_command(args)
+            .current_dir(here.path())
+            .output()
+            .unwrap()
+    };
+    assert!(run(&["mount", "webdb", "webdb"]).status.success());
+    let out = run(&["mount", "webdb", "copy"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        here.path().join("copy").to_str().unwrap()
+    );
+    // Swapped for real: no dot of that name, and a directory here.
+    std::fs::create_dir(here.path().join("plain")).unwrap();
+    let out = run(&["mount", "plain", "webdb"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("`dm mount webdb plain`"),
+        "{err}"
+    );
+    // `link/..` is the parent of the link's target.
+    std::fs::create_dir_all(here.path().join("proj/sub")).unwrap();
+    std::os::unix::fs::symlink(here.path().join("proj/sub"), here.path().join("link")).unwrap();
+    let out = run(&["mount", "webdb", "link/../lexi"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        here.path().join("proj/lexi").to_str().unwrap(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for m in ["webdb", "copy", "proj/lexi"] {
+        s.ok(&["unmount", here.path().join(m).to_str().unwrap()]);
+    }
+}
+
 #[test]
 fn mount_refuses_files_and_non_empty_directories() {
     let s = Server::start(DM);

@@ -6,7 +6,9 @@ use anyhow::{Context, Result};
 use std::path::{Component, Path, PathBuf};
 
 /// Makes `p` absolute against the current directory, lexically (no stat:
-/// the path may be a FUSE mount whose server is busy or gone).
+/// the path may be a FUSE mount whose server is busy or gone), except
+/// that `..` after an existing directory leads where the kernel goes:
+/// `link/..` is the parent of the symlink's target, not the link's.
 fn absolute(p: &Path) -> Result<PathBuf> {
     let joined = if p.is_absolute() {
         p.to_path_buf()
@@ -19,6 +21,9 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     for c in joined.components() {
         match c {
             Component::ParentDir => {
+                if let Ok(real) = std::fs::canonicalize(&out) {
+                    out = real;
+                }
                 out.pop();
             }
             Component::CurDir => {}
@@ -30,15 +35,15 @@ fn absolute(p: &Path) -> Result<PathBuf> {
 
 pub fn mount(ctx: &mut Ctx, volume: &str, path: Option<PathBuf>) -> Result<()> {
     // `dm mount PATH DOT`: the arguments swapped (a dot name has no `/`
-    // but its namespace's, and is no existing path).
-    if volume.starts_with(['/', '.', '~']) || std::path::Path::new(volume).is_dir() {
-        if let Some(p) = &path {
-            anyhow::bail!(
-                "{volume} looks like a path, not a dot: the dot comes first (`dm mount {} {volume}`)",
-                p.display()
-            );
-        }
+    // but its namespace's, and starts with none of these). A directory
+    // named like the dot (where it was mounted before) is no sign of it:
+    // that is only said when no such dot exists.
+    let swapped = |p: &Path| format!("the dot comes first (`dm mount {} {volume}`)", p.display());
+    if let (true, Some(p)) = (volume.starts_with(['/', '.', '~']), &path) {
+        anyhow::bail!("{volume} looks like a path, not a dot: {}", swapped(p));
     }
+    let is_dir_here = Path::new(volume).is_dir();
+    let swapped = path.as_deref().map(swapped);
     let path = path.map(|p| absolute(&p)).transpose()?;
     let req = MountRequest {
         volume: volume.to_string(),
@@ -47,7 +52,10 @@ pub fn mount(ctx: &mut Ctx, volume: &str, path: Option<PathBuf>) -> Result<()> {
     let m: MountView = ctx.client()?.post("/v1/mounts", &req).map_err(|e| {
         let msg = e.to_string();
         let dot = volume.split(['@', '.']).next().unwrap_or(volume);
-        if msg.contains("dot not found") {
+        if let (true, true, Some(swapped)) = (msg.contains("dot not found"), is_dir_here, &swapped)
+        {
+            anyhow::anyhow!("{msg}, and {volume} is a directory here: {swapped}")
+        } else if msg.contains("dot not found") {
             anyhow::anyhow!("{msg} (see `dm list`, or create it with `dm init {dot}`)")
         } else if msg.contains("branch not found") {
             anyhow::anyhow!(
