@@ -70,11 +70,10 @@ impl Client {
         }
     }
 
-    /// The error of a socket nothing listens on.
-    fn unreachable(&self, e: std::io::Error) -> anyhow::Error {
-        // A server started without XDG_RUNTIME_DIR (or with it) keeps its
-        // socket where this client does not look.
-        let elsewhere = crate::paths::other_default_socket()
+    /// Where a server of this user started with another XDG_RUNTIME_DIR
+    /// (or none) keeps its socket, as a hint for a message; empty if none.
+    fn elsewhere(&self) -> String {
+        crate::paths::other_default_socket()
             .filter(|o| *o != self.socket)
             .map(|o| {
                 format!(
@@ -83,11 +82,40 @@ impl Client {
                     o.display()
                 )
             })
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    /// The error of a socket nothing listens on.
+    fn unreachable(&self, e: std::io::Error) -> anyhow::Error {
         anyhow::Error::new(e).context(format!(
-            "cannot reach the dm server at {}: is `dm server` running? (start it, or point --server / DM_SOCKET at its socket){elsewhere}",
-            self.socket.display()
+            "cannot reach the dm server at {}: is `dm server` running? (start it, or point --server / DM_SOCKET at its socket){}",
+            self.socket.display(),
+            self.elsewhere()
         ))
+    }
+
+    /// The error of a socket in a directory this user may not enter: no
+    /// server of another user's, but (after `su` without `-`) another
+    /// user's XDG_RUNTIME_DIR.
+    fn closed_directory(&self) -> anyhow::Error {
+        let dir = self.socket.parent().unwrap_or(Path::new("/"));
+        let xdg = std::env::var_os("XDG_RUNTIME_DIR")
+            .filter(|x| !x.is_empty() && self.socket.starts_with(x))
+            .map(|x| {
+                format!(
+                    " (it is under XDG_RUNTIME_DIR={}, which is another user's: after `su` without `-` it \
+                     still names the first user's; `su - USER` or `unset XDG_RUNTIME_DIR`)",
+                    Path::new(&x).display()
+                )
+            })
+            .unwrap_or_default();
+        anyhow!(
+            "cannot reach the dm server socket {}: you may not enter {}{xdg}; point --server / DM_SOCKET \
+             at the socket of your own `dm server`{}",
+            self.socket.display(),
+            dir.display(),
+            self.elsewhere()
+        )
     }
 
     async fn send(
@@ -100,6 +128,14 @@ impl Client {
         let stream = loop {
             match tokio::net::UnixStream::connect(&self.socket).await {
                 Ok(s) => break s,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::PermissionDenied
+                        && std::fs::symlink_metadata(&self.socket).is_err_and(|m| {
+                            m.kind() == std::io::ErrorKind::PermissionDenied
+                        }) =>
+                {
+                    return Err(self.closed_directory())
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(
                     "you may not use the dm server socket {} (it belongs to another user, whose \
                      server it is): run your own `dm server`, or point --server / DM_SOCKET at yours",

@@ -50,10 +50,7 @@ pub struct Config {
 impl Config {
     /// The default config path: `~/.dm/config.toml`.
     pub fn default_path() -> PathBuf {
-        let home = std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/root"));
-        home.join(".dm").join("config.toml")
+        crate::paths::home().join(".dm").join("config.toml")
     }
 
     /// Loads `path`; a missing file is an empty config.

@@ -7,10 +7,17 @@ fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-fn home() -> PathBuf {
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp"))
+/// The user's home: `$HOME`, else the password database's (`env -i`,
+/// some service managers: a server fell back to /tmp for its store, a
+/// client to /root for its config). `/` when neither knows one.
+pub fn home() -> PathBuf {
+    match std::env::var_os("HOME") {
+        Some(h) if !h.is_empty() => PathBuf::from(h),
+        _ => nix::unistd::User::from_uid(nix::unistd::geteuid())
+            .ok()
+            .flatten()
+            .map_or_else(|| PathBuf::from("/"), |u| u.dir),
+    }
 }
 
 fn runtime_dir() -> PathBuf {

@@ -234,6 +234,12 @@ fn a_server_run_by_another_user_than_root() {
         );
     }
 
+    // Without HOME (`env -i`, some service managers): the home of the
+    // password database (the client looked for its config in /root, the
+    // server put its store under /tmp).
+    let out = u.sh(&format!("unset HOME; {} list", u.bin.display()));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
     // A new dot is this user's to write (its root and subdot directories
     // are theirs, not root's).
     u.ok(&["init", "app"]);
@@ -263,6 +269,21 @@ fn a_server_run_by_another_user_than_root() {
     let pin = u.home.join("pin");
     u.ok(&["mount", "app@master", pin.to_str().unwrap()]);
     assert!(dm_tests::is_mounted(&pin));
+    // Refused while a shell of the user works in it (it was detached
+    // lazily, and the shell went on changing the dot through it, unseen).
+    let mut shell = u
+        .command(Path::new("/bin/sh"))
+        .args(["-c", &format!("cd {} && sleep 4", pin.display())])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let out = u.dm(&["unmount", pin.to_str().unwrap()]);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("is in use"),
+        "{}",
+        text(&out.stderr)
+    );
+    shell.wait().unwrap();
     u.ok(&["unmount", pin.to_str().unwrap()]);
     assert!(!dm_tests::is_mounted(&pin));
 
@@ -308,6 +329,24 @@ fn a_server_run_by_another_user_than_root() {
             )),
         "{}",
         text(&out.stderr)
+    );
+    // Nor is the user told of another user's server when the directory
+    // (another user's XDG_RUNTIME_DIR, after `su` without `-`) is closed.
+    let closed = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(closed.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out = u.sh(&format!(
+        "XDG_RUNTIME_DIR={} {} list",
+        closed.path().display(),
+        u.bin.display()
+    ));
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("you may not enter")
+            && err.contains("su -")
+            && err.contains(&rt.join("dm.sock").display().to_string())
+            && !err.contains("belongs to another user"),
+        "{err}"
     );
     // Root's client does not talk to this user's server (nor would the
     // user's client to another user's: API keys go over the socket).

@@ -2013,10 +2013,11 @@ impl Mount {
     /// working directory or another mount inside it. Asked of the kernel
     /// as root (it knows at once when a process closed or exited, where
     /// our count of open files waits for the RELEASE); unprivileged
-    /// servers count open files only.
+    /// servers count open files and look for working directories inside
+    /// it among the processes /proc lets them see (their user's own).
     pub fn is_busy(&self) -> bool {
         if !is_root() || !self.shows_this_mount() {
-            return self.open_files() > 0;
+            return self.open_files() > 0 || working_directory_inside(&self.path);
         }
         // MNT_EXPIRE unmounts nothing the first time: EBUSY if the mount is
         // in use, else EAGAIN with the mount marked as expired (any use
@@ -2119,6 +2120,22 @@ fn syncfs(path: &Path) -> io::Result<()> {
 fn fuse_conf_allows_other() -> bool {
     std::fs::read_to_string("/etc/fuse.conf")
         .is_ok_and(|t| t.lines().any(|l| l.trim() == "user_allow_other"))
+}
+
+/// Whether a process this one may inspect has its working directory at or
+/// below `path` (its user's own, for a server that is not root).
+fn working_directory_inside(path: &Path) -> bool {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    procs
+        .flatten()
+        .filter(|p| {
+            p.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .any(|p| std::fs::read_link(p.path().join("cwd")).is_ok_and(|cwd| cwd.starts_with(path)))
 }
 
 fn is_root() -> bool {
