@@ -251,7 +251,8 @@ fn hub_push_clone_pull_through_the_cli() {
     assert!(
         err.contains("diverged")
             && err.contains("`dm push hub app master --stash-on-divergence`")
-            && err.contains("keep the hub's commits"),
+            && err.contains("keep the hub's commits")
+            && err.contains("`dm pull hub app master --stash-on-divergence` first"),
         "{err}"
     );
     // The hint repeats the --remote-name given.
@@ -274,7 +275,10 @@ fn hub_push_clone_pull_through_the_cli() {
     );
     alice.ok(&["reset", "--hard", "HEAD"]);
     let out = alice.ok(&["pull", "hub", "app", "master", "--stash-on-divergence"]);
-    assert!(out.contains("master-DIVERGED-"), "{out}");
+    assert!(
+        out.contains("your diverged commits kept on branch master-DIVERGED-"),
+        "{out}"
+    );
     assert_eq!(read(&mnt.join("small")), b"bob again");
     assert!(alice.ok(&["branch"]).contains("master-DIVERGED-"));
 
@@ -297,7 +301,10 @@ fn hub_push_clone_pull_through_the_cli() {
     assert!(!hub_branches.contains("DIVERGED"), "{hub_branches}");
     hub.ok(&["--dot", "alice/app", "reset", "--hard", "HEAD"]);
     let out = alice.ok(&["push", "hub", "--stash-on-divergence"]);
-    assert!(out.contains("master-DIVERGED-"), "{out}");
+    assert!(
+        out.contains("the hub's diverged commits kept on branch master-DIVERGED-"),
+        "{out}"
+    );
     assert_eq!(read(&hub_mnt.join("small")), b"alice 3");
     hub.ok(&["unmount", hub_mnt.to_str().unwrap()]);
     let hub_branches = hub.ok(&["--dot", "alice/app", "branch"]);

@@ -405,10 +405,20 @@ fn diverged_message(what: &str, dot: &DotName, branch: &str, d: &Divergence, cmd
     } else {
         "your local commits"
     };
-    let how = format!(
+    let mut how = format!(
         "Run `{cmd} --stash-on-divergence` to keep {kept} on {branch}-DIVERGED-<timestamp> and proceed, \
          or `{cmd} --force` to overwrite them (they are destroyed)"
     );
+    // dm does not merge: a push that would keep both sides goes through a
+    // pull that keeps this side's commits aside.
+    if let Some(pull) = cmd.strip_prefix("dm push ") {
+        how.push_str(&format!(
+            ". To keep both sides' work (dm does not merge), `dm pull {pull} --stash-on-divergence` \
+             first: it brings the hub's commits onto {branch} here and keeps yours on \
+             {branch}-DIVERGED-<timestamp>; take your changes over from there (`dm diff`, \
+             `dm mount DOT@BRANCH DIR`), commit, and push"
+        ));
+    }
     match d {
         Divergence::Diverged { common } => format!(
             "{what}: branch {branch} of {dot} has diverged: both sides have commits the other lacks; the latest common commit is {}. {how}",

@@ -706,7 +706,12 @@ fn run(ctx: &mut Ctx, req: &TransferReq, label: &str) -> Result<()> {
             r.head.as_deref().unwrap_or("-")
         );
         if let Some(s) = &r.stashed {
-            println!("  diverged work kept on branch {s}");
+            match req.direction.as_str() {
+                "push" => println!(
+                    "  the hub's diverged commits kept on branch {s} there (`dm pull` of {s} brings them)"
+                ),
+                _ => println!("  your diverged commits kept on branch {s} here"),
+            }
         }
         if let Some((origin, fork)) = &r.origin_created {
             println!(
