@@ -744,6 +744,102 @@ fn a_push_fails_at_once_when_the_hub_restarts_under_it() {
     assert_eq!(read(&mount(&hub, "alice/big").join("data")), data);
 }
 
+/// A self-signed CA.
+fn new_ca() -> (rcgen::Certificate, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    (params.self_signed(&key).unwrap(), key)
+}
+
+/// Makes `ca` issue a certificate for localhost to the hub: the PEM pair
+/// in its data dir, which it reads when it starts.
+fn give_hub_certificate(hub: &mut Server, ca: &(rcgen::Certificate, rcgen::KeyPair)) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca.0, &ca.1)
+        .unwrap();
+    hub.stop();
+    std::fs::write(hub.data_dir().join("hub-cert.pem"), cert.pem()).unwrap();
+    std::fs::write(hub.data_dir().join("hub-key.pem"), key.serialize_pem()).unwrap();
+    hub.restart();
+}
+
+/// A hub with a certificate from a CA (the PEM pair in its data dir) is
+/// added with `dm remote add --ca`: the chain and the host name are
+/// checked, and pushes go through; another CA, or a host name the
+/// certificate does not carry, is refused and nothing is saved.
+#[test]
+fn a_hub_with_a_ca_certificate_is_added_with_ca() {
+    let [hp, ap] = free_udp_ports();
+    let mut hub = start(hp);
+    let alice = start(ap);
+    let key = hub.ok(&["user", "add", "alice"]).trim().to_string();
+    let ca = new_ca();
+    give_hub_certificate(&mut hub, &ca);
+    let pem = |name: &str, text: &str| {
+        let p = alice.root().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let (ca_path, other_ca) = (
+        pem("ca.pem", &ca.0.pem()),
+        pem("other.pem", &new_ca().0.pem()),
+    );
+    let localhost = format!("alice@localhost:{hp}");
+    let api_key = [("DM_API_KEY", key.as_str())];
+
+    let err = fail_env(
+        &alice,
+        &["remote", "add", "hub", &localhost, "--ca", &other_ca],
+        &api_key,
+    );
+    assert!(err.contains("certificate"), "{err}");
+    let by_address = format!("alice@127.0.0.1:{hp}");
+    let err = fail_env(
+        &alice,
+        &["remote", "add", "hub", &by_address, "--ca", &ca_path],
+        &api_key,
+    );
+    assert!(err.contains("certificate"), "{err}");
+    let err = fail_env(
+        &alice,
+        &[
+            "remote",
+            "add",
+            "hub",
+            &localhost,
+            "--ca",
+            "/nonexistent/ca.pem",
+        ],
+        &api_key,
+    );
+    assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+    assert!(alice.ok(&["remote"]).is_empty());
+
+    let out = ok_env(
+        &alice,
+        &["remote", "add", "hub", &localhost, "--ca", &ca_path],
+        &api_key,
+    );
+    assert!(out.contains("has a certificate from"), "{out}");
+    alice.ok(&["init", "app"]);
+    alice.ok(&["switch", "app"]);
+    write_synced(&mount(&alice, "app").join("f"), b"signed");
+    alice.ok(&["commit", "-m", "one"]);
+    alice.ok(&["push", "hub"]);
+    hub.ok(&["switch", "alice/app"]);
+    assert_eq!(read(&mount(&hub, "alice/app").join("f")), b"signed");
+    // The CA is trusted, not one certificate: the hub's next one from
+    // it needs no new `remote add`.
+    give_hub_certificate(&mut hub, &ca);
+    write_synced(&mount(&alice, "app").join("f"), b"signed again");
+    alice.ok(&["commit", "-m", "two"]);
+    alice.ok(&["push", "hub"]);
+    assert_eq!(read(&mount(&hub, "alice/app").join("f")), b"signed again");
+}
+
 /// A hub that moved to another address is followed with `dm remote
 /// set-url`, which keeps the key and the upstreams (the push goes on into
 /// the same remote dot), and pins a new certificate only when told so.
