@@ -54,6 +54,9 @@ struct Record {
     volume: String,
     path: PathBuf,
     managed: bool,
+    /// Why the last start could not mount it again (not saved).
+    #[serde(skip)]
+    failed: String,
 }
 
 struct Entry {
@@ -81,6 +84,7 @@ impl Entry {
             volume: self.volume.to_string(),
             path: self.path.clone(),
             managed: self.managed,
+            failed: String::new(),
         }
     }
 }
@@ -206,7 +210,10 @@ impl MountManager {
                         }
                     );
                     if still_here {
-                        self.unrestored_lock().push(r);
+                        self.unrestored_lock().push(Record {
+                            failed: e.message,
+                            ..r
+                        });
                     }
                 }
             }
@@ -338,6 +345,22 @@ impl MountManager {
     /// Every mount.
     pub fn list(&self) -> Vec<MountView> {
         self.lock().iter().map(Entry::view).collect()
+    }
+
+    /// The mounts of `dot` that the last start could not restore (kept
+    /// for the next; `dm unmount PATH` forgets one): (volume, path, why).
+    pub fn unrestored_of(&self, dot: &DotName) -> Vec<(String, String, String)> {
+        self.unrestored_lock()
+            .iter()
+            .filter(|r| VolumeName::parse(&r.volume).is_ok_and(|v| &v.dot == dot))
+            .map(|r| {
+                (
+                    r.volume.clone(),
+                    r.path.display().to_string(),
+                    r.failed.clone(),
+                )
+            })
+            .collect()
     }
 
     /// The mounts of one dot.

@@ -119,6 +119,11 @@ fn a_mount_that_cannot_come_back_is_kept_for_the_next_start() {
         "{}",
         s.log()
     );
+    // `dm dot show` says so (only the log did).
+    let show = s.ok(&["dot", "show", "app"]);
+    assert!(show.contains("Not mounted") && show.contains(ps), "{show}");
+    let show = s.ok(&["dot", "show", "-H", "app"]);
+    assert!(show.contains(&format!("unrestored\tapp\t{ps}\t")), "{show}");
     s.stop();
     std::fs::remove_file(&p).unwrap();
     s.restart();

@@ -80,6 +80,21 @@ pub struct DotDetail {
     pub branch_details: Vec<BranchView>,
     /// Mounts of this dot on this server.
     pub mounts: Vec<MountView>,
+    /// Mounts the server's last start could not make again (kept for the
+    /// next start; `dm unmount PATH` forgets one).
+    #[serde(default)]
+    pub unrestored: Vec<UnrestoredMount>,
+}
+
+/// A mount that a start could not restore.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UnrestoredMount {
+    /// Volume name.
+    pub volume: String,
+    /// Host path.
+    pub path: String,
+    /// Why it could not be mounted.
+    pub error: String,
 }
 
 /// Where a branch grew from.

@@ -140,6 +140,9 @@ pub fn show(ctx: &mut Ctx, dot: Option<&str>, scripting: bool) -> Result<()> {
         for m in &d.mounts {
             println!("mount\t{}\t{}\t{}", m.volume, m.branch, m.path);
         }
+        for m in &d.unrestored {
+            println!("unrestored\t{}\t{}\t{}", m.volume, m.path, m.error);
+        }
         for (remote, rdot) in super::sync::upstreams_of(ctx, &name) {
             println!("upstream\t{remote}\t{rdot}");
         }
@@ -204,6 +207,12 @@ pub fn show(ctx: &mut Ctx, dot: Option<&str>, scripting: bool) -> Result<()> {
                 format!("follows the current branch, now {}", m.branch)
             };
             println!("    {}  {} ({how})", m.path, m.volume);
+        }
+    }
+    if !d.unrestored.is_empty() {
+        println!("  Not mounted (the server's start could not; it tries again at the next, `dm unmount PATH` forgets one):");
+        for m in &d.unrestored {
+            println!("    {}  {}: {}", m.path, m.volume, m.error);
         }
     }
     for (remote, rdot) in super::sync::upstreams_of(ctx, &name) {

@@ -224,10 +224,21 @@ async fn get_dot(
             })
             .collect();
         let mounts = st.mounts.list_dot(&dot);
+        let unrestored = st
+            .mounts
+            .unrestored_of(&dot)
+            .into_iter()
+            .map(|(volume, path, error)| UnrestoredMount {
+                volume,
+                path,
+                error,
+            })
+            .collect();
         Ok(DotDetail {
             summary,
             branch_details,
             mounts,
+            unrestored,
         })
     })
     .await
