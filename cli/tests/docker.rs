@@ -1177,6 +1177,9 @@ fn docker_cp_rm_containers_options_anonymous_and_deleted_dots() {
     // the volume it still knows.
     docker_ok(&s, &["volume", "create", "-d", "dm", "gone"]);
     s.ok(&["dot", "delete", "-f", "gone"]);
+    // Listed meanwhile, as inspect shows it (a cleanup by `ls` missed it).
+    let ls = docker_ok(&s, &["volume", "ls", "-q", "--filter", "driver=dm"]);
+    assert!(ls.lines().any(|l| l == "gone"), "{ls}");
     assert_eq!(
         run(&s, "gone", "echo back > /data/f; cat /data/f"),
         "back\n"

@@ -204,6 +204,15 @@ impl DockerIntegration {
         status.insert("pinned".to_string(), v.branch.is_some().into());
         match self.branch_of(v) {
             Ok(b) => status.insert("branch".to_string(), b.into()),
+            Err(e) if self.store.dot_info(&v.dot).is_err_and(|e| e.is_not_found()) => status
+                .insert(
+                    "error".to_string(),
+                    format!(
+                        "{e}: deleted with `dm dot delete`; a container that mounts the volume makes \
+                         it again, `docker volume rm {name}` forgets it"
+                    )
+                    .into(),
+                ),
             Err(e) => status.insert("error".to_string(), e.to_string().into()),
         };
         let created_at = self.store.dot_info(&v.dot).ok().and_then(|d| {
@@ -977,13 +986,15 @@ impl Backend for DockerIntegration {
         Ok(self.info(&volume.name, &volume.parsed, &mounted))
     }
 
+    /// Every remembered volume, those whose dot `dm dot delete` removed
+    /// too (as `inspect` shows them: hidden from `ls` alone, a cleanup by
+    /// `docker volume ls -q | xargs docker volume rm` missed them).
     fn list(&self) -> Result<Vec<VolumeInfo>, PluginError> {
         let names: Vec<String> = self.lock().volumes.iter().cloned().collect();
         let mounted = self.mounted_paths();
         Ok(names
             .iter()
             .filter_map(|n| VolumeName::parse(n).ok().map(|v| (n, v)))
-            .filter(|(_, v)| self.store.dot_info(&v.dot).is_ok())
             .map(|(n, v)| self.info(n, &v, &mounted))
             .collect())
     }
