@@ -284,6 +284,20 @@ fn a_server_run_by_another_user_than_root() {
         text(&out.stderr)
     );
     shell.wait().unwrap();
+    // So is one holding a directory of it open (not its working directory).
+    let mut reader = u
+        .command(Path::new("/bin/sh"))
+        .args(["-c", &format!("exec 3< {}; sleep 4", pin.display())])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let out = u.dm(&["unmount", pin.to_str().unwrap()]);
+    assert!(
+        !out.status.success() && text(&out.stderr).contains("holds a directory of it open"),
+        "{}",
+        text(&out.stderr)
+    );
+    reader.wait().unwrap();
     u.ok(&["unmount", pin.to_str().unwrap()]);
     assert!(!dm_tests::is_mounted(&pin));
 

@@ -752,16 +752,35 @@ fn new_ca() -> (rcgen::Certificate, rcgen::KeyPair) {
     (params.self_signed(&key).unwrap(), key)
 }
 
-/// Makes `ca` issue a certificate for localhost to the hub: the PEM pair
-/// in its data dir, which it reads when it starts.
-fn give_hub_certificate(hub: &mut Server, ca: &(rcgen::Certificate, rcgen::KeyPair)) {
+/// An intermediate CA that `ca` issued.
+fn new_intermediate(
+    ca: &(rcgen::Certificate, rcgen::KeyPair),
+) -> (rcgen::Certificate, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    (params.signed_by(&key, &ca.0, &ca.1).unwrap(), key)
+}
+
+/// Makes `issuer` issue a certificate for localhost to the hub: the PEM
+/// pair in its data dir (the certificate followed by `chain`, the
+/// intermediates), which it reads when it starts.
+fn give_hub_certificate(
+    hub: &mut Server,
+    issuer: &(rcgen::Certificate, rcgen::KeyPair),
+    chain: &[&rcgen::Certificate],
+) {
     let key = rcgen::KeyPair::generate().unwrap();
     let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
         .unwrap()
-        .signed_by(&key, &ca.0, &ca.1)
+        .signed_by(&key, &issuer.0, &issuer.1)
         .unwrap();
+    let mut pem = cert.pem();
+    for c in chain {
+        pem.push_str(&c.pem());
+    }
     hub.stop();
-    std::fs::write(hub.data_dir().join("hub-cert.pem"), cert.pem()).unwrap();
+    std::fs::write(hub.data_dir().join("hub-cert.pem"), pem).unwrap();
     std::fs::write(hub.data_dir().join("hub-key.pem"), key.serialize_pem()).unwrap();
     hub.restart();
 }
@@ -777,7 +796,7 @@ fn a_hub_with_a_ca_certificate_is_added_with_ca() {
     let alice = start(ap);
     let key = hub.ok(&["user", "add", "alice"]).trim().to_string();
     let ca = new_ca();
-    give_hub_certificate(&mut hub, &ca);
+    give_hub_certificate(&mut hub, &ca, &[]);
     let pem = |name: &str, text: &str| {
         let p = alice.root().join(name);
         std::fs::write(&p, text).unwrap();
@@ -832,12 +851,41 @@ fn a_hub_with_a_ca_certificate_is_added_with_ca() {
     hub.ok(&["switch", "alice/app"]);
     assert_eq!(read(&mount(&hub, "alice/app").join("f")), b"signed");
     // The CA is trusted, not one certificate: the hub's next one from
-    // it needs no new `remote add`.
-    give_hub_certificate(&mut hub, &ca);
+    // it, here through an intermediate CA as real CAs issue them (the hub
+    // sent its own certificate alone, which never verified), needs no new
+    // `remote add`.
+    let intermediate = new_intermediate(&ca);
+    give_hub_certificate(&mut hub, &intermediate, &[&intermediate.0]);
     write_synced(&mount(&alice, "app").join("f"), b"signed again");
     alice.ok(&["commit", "-m", "two"]);
     alice.ok(&["push", "hub"]);
     assert_eq!(read(&mount(&hub, "alice/app").join("f")), b"signed again");
+    // Half a pair is named (the hub served its self-signed certificate
+    // without a word).
+    hub.stop();
+    std::fs::remove_file(hub.data_dir().join("hub-key.pem")).unwrap();
+    hub.restart();
+    assert!(
+        hub.log().contains("hub-key.pem is missing"),
+        "{}",
+        hub.log()
+    );
+    // A CA file that is not PEM text.
+    let der = alice.root().join("ca.der");
+    std::fs::write(&der, [0x30u8, 0x82, 0xff, 0xfe, 0x00]).unwrap();
+    let err = fail_env(
+        &alice,
+        &[
+            "remote",
+            "add",
+            "hub2",
+            &localhost,
+            "--ca",
+            der.to_str().unwrap(),
+        ],
+        &api_key,
+    );
+    assert!(err.contains("is not PEM text"), "{err}");
 }
 
 /// A hub that moved to another address is followed with `dm remote

@@ -259,6 +259,9 @@ struct Shared {
     /// opened on. I/O and release on a handle go to that branch even after
     /// switch(), so open counts (unlinked-but-open files) stay balanced.
     handles: RwLock<HashMap<u64, Handle>>,
+    /// Directories open through this mount (opendir without releasedir):
+    /// a use an unprivileged server's busy check must see.
+    open_dirs: std::sync::atomic::AtomicUsize,
     next_fh: std::sync::atomic::AtomicU64,
     /// Set once the session exists; used by other mounts of the same branch
     /// to invalidate this mount's kernel caches (see `peers`).
@@ -1136,6 +1139,31 @@ impl fuser::Filesystem for DmFs {
         }
     }
 
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.shared
+            .open_dirs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        reply.opened(FileHandle(0), FopenFlags::empty());
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        // Never below zero: a mount restored after a crash may see the
+        // release of a directory the previous server opened.
+        let _ = self.shared.open_dirs.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |n| n.checked_sub(1),
+        );
+        reply.ok();
+    }
+
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let view = self.view();
         let ino = view.to_store(ino);
@@ -1765,6 +1793,7 @@ impl Mount {
             known: Mutex::new(Known::default()),
             no_caps: Mutex::new(NoCaps::default()),
             handles: RwLock::new(HashMap::new()),
+            open_dirs: std::sync::atomic::AtomicUsize::new(0),
             next_fh: std::sync::atomic::AtomicU64::new(1),
             notifier: std::sync::OnceLock::new(),
             spin: std::sync::OnceLock::new(),
@@ -2013,11 +2042,19 @@ impl Mount {
     /// working directory or another mount inside it. Asked of the kernel
     /// as root (it knows at once when a process closed or exited, where
     /// our count of open files waits for the RELEASE); unprivileged
-    /// servers count open files and look for working directories inside
-    /// it among the processes /proc lets them see (their user's own).
+    /// servers count open files and directories and look for working
+    /// directories inside it among the processes /proc lets them see
+    /// (their user's own: another user's working directory there, through
+    /// allow_other, goes unseen).
     pub fn is_busy(&self) -> bool {
         if !is_root() || !self.shows_this_mount() {
-            return self.open_files() > 0 || working_directory_inside(&self.path);
+            return self.open_files() > 0
+                || self
+                    .shared
+                    .open_dirs
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    > 0
+                || working_directory_inside(&self.path);
         }
         // MNT_EXPIRE unmounts nothing the first time: EBUSY if the mount is
         // in use, else EAGAIN with the mount marked as expired (any use

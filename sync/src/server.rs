@@ -85,8 +85,11 @@ impl Hub {
         listen: SocketAddr,
         live: Arc<dyn LiveBranches>,
     ) -> Result<Hub> {
-        let (cert, key) = crate::tls::load_or_create_cert(data_dir)?;
-        let fingerprint = crate::tls::fingerprint(&cert);
+        let (chain, key) = crate::tls::load_or_create_cert(data_dir)?;
+        // load_or_create_cert returns the leaf at least.
+        let fingerprint = chain
+            .first()
+            .map_or_else(String::new, |c| crate::tls::fingerprint(c));
         if let Some(_key) = users::ensure_admin(&store, data_dir)? {
             tracing::info!(
                 "created the hub's admin user; its API key is in {}",
@@ -94,7 +97,7 @@ impl Hub {
             );
         }
         let endpoint_config = crate::tls::endpoint_config(&key);
-        let server_config = crate::tls::server_config(cert, key)?;
+        let server_config = crate::tls::server_config(chain, key)?;
         let endpoint = std::net::UdpSocket::bind(listen)
             .and_then(|socket| {
                 quinn::Endpoint::new(

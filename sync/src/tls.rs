@@ -28,15 +28,31 @@ pub fn fingerprint(der: &[u8]) -> String {
 }
 
 /// Loads the hub certificate from `dir`, generating it on first use.
-/// Returns (certificate, private key).
+/// Returns (certificate chain, leaf first; private key).
 pub fn load_or_create_cert(
     dir: &Path,
-) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>)> {
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
     // A CA-issued certificate (chain) and key dropped into the data dir win
     // over the self-signed one (clients then use `dm remote add --ca`).
     let (pem_cert, pem_key) = (dir.join("hub-cert.pem"), dir.join("hub-key.pem"));
-    if pem_cert.exists() && pem_key.exists() {
-        return load_pem(&pem_cert, &pem_key);
+    match (pem_cert.exists(), pem_key.exists()) {
+        (true, true) => return load_pem(&pem_cert, &pem_key),
+        (false, false) => {}
+        // Half a pair served the self-signed certificate without a word,
+        // and clients with --ca were told only "UnknownIssuer".
+        (cert, _) => {
+            let (there, missing) = match cert {
+                true => (&pem_cert, &pem_key),
+                false => (&pem_key, &pem_cert),
+            };
+            return Err(Error::Tls(format!(
+                "{} is there but {} is missing: a hub with a CA-issued certificate needs both \
+                 (PEM; the key unencrypted); remove {} to use the self-signed certificate",
+                there.display(),
+                missing.display(),
+                there.display()
+            )));
+        }
     }
     let cert_path = dir.join("hub-cert.der");
     let key_path = dir.join("hub-key.der");
@@ -46,7 +62,7 @@ pub fn load_or_create_cert(
         let key = std::fs::read(&key_path)
             .map_err(Error::io(format!("reading {}", key_path.display())))?;
         return Ok((
-            CertificateDer::from(cert),
+            vec![CertificateDer::from(cert)],
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
         ));
     }
@@ -59,23 +75,33 @@ pub fn load_or_create_cert(
     std::fs::write(&cert_path, &cert)
         .map_err(Error::io(format!("writing {}", cert_path.display())))?;
     Ok((
-        CertificateDer::from(cert),
+        vec![CertificateDer::from(cert)],
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
     ))
 }
 
-/// Loads a PEM certificate chain and key: (leaf, key). The chain beyond the
-/// leaf is not sent (clients trust the CA directly).
-fn load_pem(cert: &Path, key: &Path) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>)> {
+/// Loads a PEM certificate chain (the hub's certificate first, then the
+/// intermediate CAs that issued it, all sent to clients: a CA's
+/// certificates come from intermediates, and a leaf alone never verified)
+/// and its key.
+fn load_pem(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
     use rustls::pki_types::pem::PemObject;
-    let leaf = CertificateDer::pem_file_iter(cert)
+    let chain = CertificateDer::pem_file_iter(cert)
         .map_err(|e| Error::Tls(format!("reading {}: {e}", cert.display())))?
-        .next()
-        .ok_or_else(|| Error::Tls(format!("{} holds no certificate", cert.display())))?
+        .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| Error::Tls(format!("reading {}: {e}", cert.display())))?;
+    if chain.is_empty() {
+        return Err(Error::Tls(format!(
+            "{} holds no PEM certificate",
+            cert.display()
+        )));
+    }
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| Error::Tls(format!("reading {}: {e}", key.display())))?;
-    Ok((leaf, key))
+    Ok((chain, key))
 }
 
 /// Writes a file readable by its owner only (created 0600 from the start).
@@ -153,14 +179,14 @@ pub fn endpoint_config(key: &PrivateKeyDer<'_>) -> quinn::EndpointConfig {
 
 /// The QUIC server config of a hub.
 pub fn server_config(
-    cert: CertificateDer<'static>,
+    chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<quinn::ServerConfig> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::Tls(e.to_string()))?
         .with_no_client_auth()
-        .with_single_cert(vec![cert], key)
+        .with_single_cert(chain, key)
         .map_err(|e| Error::Tls(e.to_string()))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)

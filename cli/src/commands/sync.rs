@@ -139,10 +139,15 @@ fn read_key(name: &str, r: &Remote) -> Result<String> {
 
 /// Reads a CA file given with `--ca`.
 fn read_ca(ca: Option<&Path>) -> Result<Option<(String, String)>> {
-    ca.map(|ca| {
-        std::fs::read_to_string(ca)
-            .map(|pem| (pem, ca.display().to_string()))
-            .with_context(|| format!("reading the CA file {}", ca.display()))
+    ca.map(|ca| match std::fs::read_to_string(ca) {
+        Ok(pem) => Ok((pem, ca.display().to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => bail!(
+            "the CA file {} is not PEM text (a DER certificate? `openssl x509 -inform der -in {} \
+                 -out ca.pem` converts it)",
+            ca.display(),
+            ca.display()
+        ),
+        Err(e) => Err(e).with_context(|| format!("reading the CA file {}", ca.display())),
     })
     .transpose()
 }

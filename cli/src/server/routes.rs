@@ -842,8 +842,8 @@ async fn unmount(State(st): S, Json(req): Json<UnmountRequest>) -> ApiResult<Jso
         // the dot through it, unseen.
         if !req.force && st.mounts.is_busy(path) {
             return Err(ApiError::conflict(format!(
-                "{} is in use: a process works in it (a shell's or a program's working directory) \
-                 or something is mounted inside it (`fuser -vm {}` names it): leave it first, or \
+                "{} is in use: a process works in it (a shell's or a program's working directory), \
+                 holds a directory of it open, or something is mounted inside it (`fuser -vm {}` names it): leave it first, or \
                  `dm unmount --force {}` to detach the mount now",
                 path.display(),
                 path.display(),
