@@ -99,23 +99,34 @@ impl Client {
     /// user's XDG_RUNTIME_DIR.
     fn closed_directory(&self) -> anyhow::Error {
         let dir = self.socket.parent().unwrap_or(Path::new("/"));
-        let xdg = std::env::var_os("XDG_RUNTIME_DIR")
-            .filter(|x| !x.is_empty() && self.socket.starts_with(x))
-            .map(|x| {
-                format!(
-                    " (it is under XDG_RUNTIME_DIR={}, which is another user's: after `su` without `-` it \
-                     still names the first user's; `su - USER` or `unset XDG_RUNTIME_DIR`)",
-                    Path::new(&x).display()
-                )
-            })
-            .unwrap_or_default();
         anyhow!(
-            "cannot reach the dm server socket {}: you may not enter {}{xdg}; point --server / DM_SOCKET \
+            "cannot reach the dm server socket {}: you may not enter {}{}; point --server / DM_SOCKET \
              at the socket of your own `dm server`{}",
             self.socket.display(),
             dir.display(),
+            self.xdg_hint(),
             self.elsewhere()
         )
+    }
+
+    /// When the socket is under XDG_RUNTIME_DIR, which then is another
+    /// user's: the likely reason, for a message; empty otherwise.
+    fn xdg_hint(&self) -> String {
+        std::env::var_os("XDG_RUNTIME_DIR")
+            .filter(|x| !x.is_empty() && self.socket.starts_with(x))
+            .filter(|x| {
+                use std::os::unix::fs::MetadataExt;
+                std::fs::metadata(x)
+                    .map_or(true, |m| m.uid() != nix::unistd::geteuid().as_raw())
+            })
+            .map(|x| {
+                format!(
+                    "; it is under XDG_RUNTIME_DIR={}, another user's directory: after `su` without `-` it \
+                     still names the first user's; `su - USER` or `unset XDG_RUNTIME_DIR`",
+                    Path::new(&x).display()
+                )
+            })
+            .unwrap_or_default()
     }
 
     async fn send(
@@ -138,8 +149,10 @@ impl Client {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(
                     "you may not use the dm server socket {} (it belongs to another user, whose \
-                     server it is): run your own `dm server`, or point --server / DM_SOCKET at yours",
-                    self.socket.display()
+                     server it is{}): run your own `dm server`, or point --server / DM_SOCKET at yours{}",
+                    self.socket.display(),
+                    self.xdg_hint(),
+                    self.elsewhere()
                 ),
                 Err(e) => {
                     // A server still opening its store or restoring its

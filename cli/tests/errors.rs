@@ -533,6 +533,14 @@ fn mount_paths_are_read_as_the_shell_reads_them() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // `..` after a symlink to nothing is refused, as mkdir refuses it.
+    std::os::unix::fs::symlink("nowhere/deep", here.path().join("dangling")).unwrap();
+    let out = run(&["mount", "webdb", "dangling/../z"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("symlink to nothing"),
+        "{err}"
+    );
     for m in ["webdb", "copy", "proj/lexi"] {
         s.ok(&["unmount", here.path().join(m).to_str().unwrap()]);
     }

@@ -362,6 +362,26 @@ fn a_server_run_by_another_user_than_root() {
             && !err.contains("belongs to another user"),
         "{err}"
     );
+    // Nor when that directory is open and holds another user's socket.
+    let open = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(open.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir(open.path().join("dm")).unwrap();
+    let _roots = std::os::unix::net::UnixListener::bind(open.path().join("dm/dm.sock")).unwrap();
+    std::fs::set_permissions(
+        open.path().join("dm/dm.sock"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let out = u.sh(&format!(
+        "XDG_RUNTIME_DIR={} {} list",
+        open.path().display(),
+        u.bin.display()
+    ));
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("belongs to another user") && err.contains("su -"),
+        "{err}"
+    );
     // Root's client does not talk to this user's server (nor would the
     // user's client to another user's: API keys go over the socket).
     let cfg = tempfile::tempdir().unwrap();

@@ -8,12 +8,20 @@ use clap::CommandFactory;
 
 pub fn gc(ctx: &mut Ctx) -> Result<()> {
     let r: GcResponse = ctx.client()?.post("/v1/gc", &Empty {})?;
+    let given_back = r.log_bytes_freed + r.table_bytes_freed;
     println!(
-        "Deleted {} chunks and {} objects, freed {} ({} given back to the disk)",
+        "Deleted {} chunks and {} objects, freed {} ({} given back to the disk{})",
         r.chunks_deleted,
         r.objects_deleted,
         human_size(r.bytes_freed),
-        human_size(r.log_bytes_freed + r.table_bytes_freed)
+        human_size(given_back),
+        // Space a GC freed but could not give back (stopped, or a busy
+        // segment) comes back at a later one.
+        if given_back > r.bytes_freed {
+            ", with what earlier collections had freed"
+        } else {
+            ""
+        }
     );
     if r.chunks_deleted == 0 && r.objects_deleted == 0 {
         println!("(unless it runs with --auto-gc off, the server also collects by itself as the store grows and after deletes: its log says when)");

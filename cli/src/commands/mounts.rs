@@ -21,8 +21,17 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     for c in joined.components() {
         match c {
             Component::ParentDir => {
-                if let Ok(real) = std::fs::canonicalize(&out) {
-                    out = real;
+                match std::fs::canonicalize(&out) {
+                    Ok(real) => out = real,
+                    // The kernel and mkdir refuse `dangling/..`.
+                    Err(_) if std::fs::symlink_metadata(&out).is_ok_and(|m| m.is_symlink()) => {
+                        anyhow::bail!(
+                            "{}: {} is a symlink to nothing (`..` after it leads nowhere)",
+                            p.display(),
+                            out.display()
+                        )
+                    }
+                    Err(_) => {}
                 }
                 out.pop();
             }

@@ -206,13 +206,13 @@ impl DockerIntegration {
             Ok(b) => status.insert("branch".to_string(), b.into()),
             Err(e) if self.store.dot_info(&v.dot).is_err_and(|e| e.is_not_found()) => status
                 .insert(
-                "error".to_string(),
-                format!(
+                    "error".to_string(),
+                    format!(
                     "{e}: deleted with `dm dot delete`; a container that mounts the volume makes \
                          it again, `docker volume rm {name}` forgets it"
                 )
-                .into(),
-            ),
+                    .into(),
+                ),
             Err(e) => status.insert("error".to_string(), e.to_string().into()),
         };
         let created_at = self.store.dot_info(&v.dot).ok().and_then(|d| {
