@@ -204,15 +204,13 @@ impl DockerIntegration {
         status.insert("pinned".to_string(), v.branch.is_some().into());
         match self.branch_of(v) {
             Ok(b) => status.insert("branch".to_string(), b.into()),
-            Err(e) if self.store.dot_info(&v.dot).is_err_and(|e| e.is_not_found()) => status
-                .insert(
-                    "error".to_string(),
-                    format!(
-                    "{e}: deleted with `dm dot delete`; a container that mounts the volume makes \
-                         it again, `docker volume rm {name}` forgets it"
-                )
-                    .into(),
-                ),
+            Err(e) if self.store.dot_info(&v.dot).is_err_and(|e| e.is_not_found()) => {
+                let why = format!(
+                    "{e}: deleted with `dm dot delete`; a container that mounts the volume \
+                     makes it again, `docker volume rm {name}` forgets it"
+                );
+                status.insert("error".to_string(), why.into())
+            }
             Err(e) => status.insert("error".to_string(), e.to_string().into()),
         };
         let created_at = self.store.dot_info(&v.dot).ok().and_then(|d| {
@@ -553,12 +551,12 @@ impl DockerIntegration {
     }
 
     /// At startup: forgets the mount requests of paths no running (or
-    /// paused) container uses (their Unmount came while no server ran: `docker stop`, or a
-    /// container that exited when its mount died), unmounting what the
-    /// plugin mounted for them, so that they neither pin the mount nor
-    /// block `docker volume rm`. Running containers keep theirs, and so do
-    /// paths Docker mounted since this server started (a container starting
-    /// meanwhile is not running yet).
+    /// paused) container uses (their Unmount came while no server ran:
+    /// `docker stop`, or a container that exited when its mount died),
+    /// unmounting what the plugin mounted for them, so that they neither
+    /// pin the mount nor block `docker volume rm`. Running containers keep
+    /// theirs, and so do paths Docker mounted since this server started (a
+    /// container starting meanwhile is not running yet).
     pub fn forget_unmounted_requests(&self) {
         if !self.docker.present() {
             return;
