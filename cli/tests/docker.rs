@@ -1050,7 +1050,7 @@ fn docker_cp_rm_containers_options_anonymous_and_deleted_dots() {
     let s = start_server();
     let (c, rm, pinned) = ("dmtest-cp", "dmtest-autoremove", "dmtest-cp-pinned");
     let _clean = Cleanup::new(
-        &[c, rm, pinned, "dmtest-anon"],
+        &[c, rm, pinned, "dmtest-anon", "dmtest-anon-pinned"],
         &["cpvol", "cpvol@side", "rmvol", "bs8", "gone", "keep"],
     );
 
@@ -1147,31 +1147,90 @@ fn docker_cp_rm_containers_options_anonymous_and_deleted_dots() {
         "an anonymous volume's dot was left:\n{list}"
     );
 
-    // ... but not while its dot is mounted elsewhere (`dm mount` of it):
-    // the volume goes, its dot stays with what was written there.
-    let anon = "dmtest-anon";
-    run_detached_with(&s, &["-v", "/scratch"], anon, "keep:/unused", LOOP);
-    let name = docker_ok(
-        &s,
-        &[
-            "inspect",
-            "-f",
-            "{{range .Mounts}}{{if eq .Destination \"/scratch\"}}{{.Name}}{{end}}{{end}}",
-            anon,
-        ],
-    );
-    let name = name.trim();
-    let host = tempfile::tempdir().unwrap();
-    s.ok(&["mount", name, host.path().to_str().unwrap()]);
-    std::fs::write(host.path().join("hostfile"), "host data").unwrap();
-    docker_ok(&s, &["rm", "-f", "-v", anon]);
-    assert_eq!(
-        std::fs::read_to_string(host.path().join("hostfile")).unwrap(),
-        "host data"
-    );
-    assert!(s.log().contains("is kept, in use at"), "{}", s.log());
-    s.ok(&["unmount", host.path().to_str().unwrap()]);
-    s.ok(&["dot", "delete", "-f", name]);
+    // ... but not while its dot is in use otherwise: the volume goes, its
+    // dot stays with what was written there. Used by a `dm mount` of it,
+    // by a shell working in its mount, or by another volume name Docker
+    // remembers for a stopped container.
+    let (anon, pinned_user) = ("dmtest-anon", "dmtest-anon-pinned");
+    for (i, user) in ["dm mount", "shell", "volume name"].into_iter().enumerate() {
+        run_detached_with(&s, &["-v", "/scratch"], anon, "keep:/unused", LOOP);
+        let name = docker_ok(
+            &s,
+            &[
+                "inspect",
+                "-f",
+                "{{range .Mounts}}{{if eq .Destination \"/scratch\"}}{{.Name}}{{end}}{{end}}",
+                anon,
+            ],
+        );
+        let name = name.trim().to_string();
+        // Docker's .Source is empty for a plugin's volume: its mountpoint.
+        let source = docker_ok(&s, &["volume", "inspect", "-f", "{{.Mountpoint}}", &name]);
+        let source = source.trim();
+        docker_ok(&s, &["exec", anon, "sh", "-c", "echo kept > /scratch/f"]);
+        let host = tempfile::tempdir().unwrap();
+        let mut shell = None;
+        match user {
+            "dm mount" => {
+                s.ok(&["mount", &name, host.path().to_str().unwrap()]);
+            }
+            "shell" => {
+                shell = Some(
+                    Command::new("sh")
+                        .args(["-c", &format!("cd {source} && sleep 6")])
+                        .spawn()
+                        .unwrap(),
+                );
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            _ => {
+                let volume = format!("{name}@master:/y");
+                docker_ok(
+                    &s,
+                    &[
+                        "run",
+                        "--name",
+                        pinned_user,
+                        "--volume-driver",
+                        "dm",
+                        "-v",
+                        &volume,
+                        IMAGE,
+                        "true",
+                    ],
+                );
+            }
+        }
+        docker_ok(&s, &["rm", "-f", "-v", anon]);
+        assert!(
+            s.ok(&["list", "-H"]).contains(&name),
+            "{user}: the dot went with the volume:\n{}",
+            s.log()
+        );
+        assert_eq!(
+            s.log().matches("is kept, in use at").count(),
+            i + 1,
+            "{}",
+            s.log()
+        );
+        match user {
+            "dm mount" => {
+                assert_eq!(
+                    std::fs::read_to_string(host.path().join("f")).unwrap(),
+                    "kept\n"
+                );
+                s.ok(&["unmount", host.path().to_str().unwrap()]);
+            }
+            "shell" => {
+                shell.unwrap().wait().unwrap();
+            }
+            _ => {
+                docker_ok(&s, &["rm", "-v", pinned_user]);
+                docker_ok(&s, &["volume", "rm", &format!("{name}@master")]);
+            }
+        }
+        s.ok(&["dot", "delete", "-f", &name]);
+    }
 
     // A dot deleted behind Docker's back is made again when Docker mounts
     // the volume it still knows.

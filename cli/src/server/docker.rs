@@ -205,9 +205,15 @@ impl DockerIntegration {
         match self.branch_of(v) {
             Ok(b) => status.insert("branch".to_string(), b.into()),
             Err(e) if self.store.dot_info(&v.dot).is_err_and(|e| e.is_not_found()) => {
+                let again = match &v.branch {
+                    Some(b) if b != "master" => format!(
+                        "make the dot and its branch {b} again to use it (`dm init`, `dm branch {b}`)"
+                    ),
+                    _ => "a container that mounts the volume makes it again".to_string(),
+                };
                 let why = format!(
-                    "{e}: deleted with `dm dot delete`; a container that mounts the volume \
-                     makes it again, `docker volume rm {name}` forgets it"
+                    "{e}: deleted (`dm dot delete`, or with its anonymous volume); {again}, \
+                     `docker volume rm {name}` forgets it"
                 );
                 status.insert("error".to_string(), why.into())
             }
@@ -824,28 +830,26 @@ impl Backend for DockerIntegration {
         // Docker's own name for an image's VOLUME or `-v /path`: removed
         // with its container (`--rm`, `docker rm -v`), as Docker removes its
         // local anonymous volumes. Kept once committed to.
-        // Not while its dot is mounted elsewhere (`dm mount` of it) or has
-        // files open: that was deleted with the volume, under the writers.
+        // Not while its dot is in use otherwise: mounted elsewhere (`dm
+        // mount` of it), its mount here busy (a file open, a shell working
+        // in it), or named by another volume Docker remembers (`V@master`
+        // of a stopped container): it was deleted under them.
         let dot = &volume.parsed.dot;
-        let elsewhere: Vec<String> = self
-            .mounts
-            .list_dot(dot)
-            .into_iter()
-            .map(|m| m.path)
-            .filter(|p| Path::new(p) != path)
-            .chain(
-                self.mounts
-                    .open_files_where(|v| v.dot == *dot)
-                    .into_iter()
-                    .map(|(p, n)| {
-                        format!(
-                            "{} ({n} open file{})",
-                            p.display(),
-                            if n == 1 { "" } else { "s" }
-                        )
-                    }),
-            )
-            .collect();
+        let mut elsewhere: Vec<String> = Vec::new();
+        for m in self.mounts.list_dot(dot) {
+            if Path::new(&m.path) != path {
+                elsewhere.push(m.path);
+            } else if self.mounts.is_busy(&path) {
+                elsewhere.push(format!("{} (a process uses it)", m.path));
+            }
+        }
+        elsewhere.extend(
+            st.volumes
+                .iter()
+                .filter(|n| **n != volume.name)
+                .filter(|n| VolumeName::parse(n).is_ok_and(|v| v.dot == *dot))
+                .map(|n| format!("Docker volume {n}")),
+        );
         let anonymous =
             is_anonymous(&volume.name) && !used_under_other_names && self.never_committed(dot);
         let kept_for = (anonymous && !elsewhere.is_empty()).then(|| elsewhere.join(", "));
