@@ -150,6 +150,12 @@ impl Remote {
         self.conn.stats().udp_tx.bytes
     }
 
+    /// Bytes of the packets QUIC declared lost so far on this connection
+    /// (sent again: in [`Remote::bytes_sent`] twice).
+    pub fn bytes_lost(&self) -> u64 {
+        self.conn.stats().path.lost_bytes
+    }
+
     /// UDP bytes received so far on this connection.
     pub fn bytes_received(&self) -> u64 {
         self.conn.stats().udp_rx.bytes
