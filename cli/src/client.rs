@@ -109,23 +109,11 @@ impl Client {
         )
     }
 
-    /// When the socket is under XDG_RUNTIME_DIR, which then is another
-    /// user's: the likely reason, for a message; empty otherwise.
+    /// When the socket is under another user's XDG_RUNTIME_DIR: the likely
+    /// reason, for a message; empty otherwise.
     fn xdg_hint(&self) -> String {
-        std::env::var_os("XDG_RUNTIME_DIR")
-            .filter(|x| !x.is_empty() && self.socket.starts_with(x))
-            .filter(|x| {
-                use std::os::unix::fs::MetadataExt;
-                std::fs::metadata(x)
-                    .map_or(true, |m| m.uid() != nix::unistd::geteuid().as_raw())
-            })
-            .map(|x| {
-                format!(
-                    "; it is under XDG_RUNTIME_DIR={}, another user's directory: after `su` without `-` it \
-                     still names the first user's; `su - USER` or `unset XDG_RUNTIME_DIR`",
-                    Path::new(&x).display()
-                )
-            })
+        crate::paths::foreign_runtime_dir_hint(&self.socket)
+            .map(|h| format!("; {h}"))
             .unwrap_or_default()
     }
 

@@ -6,7 +6,7 @@
 //! so that mounts come back after a restart (also after a crash, once the
 //! stale FUSE mounts are cleaned up).
 
-use crate::api::MountView;
+use crate::api::{MountView, UnrestoredMount};
 use crate::server::error::{ApiError, ApiResult};
 use dm_fs::{Mount, MountOptions};
 use dm_store::{DotName, Store, VolumeName};
@@ -348,17 +348,15 @@ impl MountManager {
     }
 
     /// The mounts of `dot` that the last start could not restore (kept
-    /// for the next; `dm unmount PATH` forgets one): (volume, path, why).
-    pub fn unrestored_of(&self, dot: &DotName) -> Vec<(String, String, String)> {
+    /// for the next; `dm unmount PATH` forgets one).
+    pub fn unrestored_of(&self, dot: &DotName) -> Vec<UnrestoredMount> {
         self.unrestored_lock()
             .iter()
             .filter(|r| VolumeName::parse(&r.volume).is_ok_and(|v| &v.dot == dot))
-            .map(|r| {
-                (
-                    r.volume.clone(),
-                    r.path.display().to_string(),
-                    r.failed.clone(),
-                )
+            .map(|r| UnrestoredMount {
+                volume: r.volume.clone(),
+                path: r.path.display().to_string(),
+                error: r.failed.clone(),
             })
             .collect()
     }

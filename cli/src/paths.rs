@@ -20,6 +20,24 @@ pub fn home() -> PathBuf {
     }
 }
 
+/// When `path` is under an `XDG_RUNTIME_DIR` that is not this user's (after
+/// `su` without `-` it still names the first user's), the likely reason a
+/// socket or directory there is closed to them, and what to do: for a
+/// message. None otherwise.
+pub fn foreign_runtime_dir_hint(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let x = std::env::var_os("XDG_RUNTIME_DIR").filter(|x| !x.is_empty())?;
+    let x = Path::new(&x);
+    let mine = std::fs::metadata(x).is_ok_and(|m| m.uid() == nix::unistd::geteuid().as_raw());
+    (path.starts_with(x) && !mine).then(|| {
+        format!(
+            "it is under XDG_RUNTIME_DIR={}, another user's directory: after `su` without `-` it \
+             still names the first user's; `su - USER` or `unset XDG_RUNTIME_DIR`",
+            x.display()
+        )
+    })
+}
+
 fn runtime_dir() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(d) if !d.is_empty() => PathBuf::from(d).join("dm"),

@@ -37,6 +37,8 @@ pub const CF_WORK: &str = "work";
 /// Column family: chunk id -> where its stored form is ([`Placement`]:
 /// inline, or a record in the chunk log).
 pub const CF_CHUNK_INDEX: &str = "chunk-index";
+/// Every column family.
+const COLUMN_FAMILIES: [&str; 4] = [CF_META, CF_OBJECTS, CF_WORK, CF_CHUNK_INDEX];
 
 /// Bytes of log records that may wait for their index entries (chunks
 /// stored one at a time, and blocks spilled from write buffers) before a
@@ -843,10 +845,7 @@ impl Db {
     /// flushes in the background, which a busy machine leaves megabytes
     /// behind).
     pub(crate) fn flush_tables(&self) -> Result<()> {
-        let cfs: Vec<_> = [CF_META, CF_OBJECTS, CF_WORK, CF_CHUNK_INDEX]
-            .iter()
-            .map(|name| self.cf(name))
-            .collect();
+        let cfs: Vec<_> = COLUMN_FAMILIES.iter().map(|name| self.cf(name)).collect();
         self.db
             .flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())
             .map_err(|e| self.db_error("flushing the memtables", e))
@@ -883,7 +882,7 @@ impl Db {
     /// that a background job still holds a moment (counting those, a
     /// compaction seemed to free a third of what it did on a busy machine).
     pub(crate) fn table_bytes(&self) -> u64 {
-        [CF_META, CF_OBJECTS, CF_WORK, CF_CHUNK_INDEX]
+        COLUMN_FAMILIES
             .iter()
             .map(|name| {
                 let cf = self.cf(name);
@@ -1053,7 +1052,7 @@ impl Db {
     /// and the memory benchmark).
     pub fn memory(&self) -> Memory {
         let prop = |name: &str| -> u64 {
-            [CF_META, CF_OBJECTS, CF_WORK, CF_CHUNK_INDEX]
+            COLUMN_FAMILIES
                 .iter()
                 .filter_map(|cf| {
                     self.db

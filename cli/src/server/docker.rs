@@ -830,29 +830,35 @@ impl Backend for DockerIntegration {
         // Docker's own name for an image's VOLUME or `-v /path`: removed
         // with its container (`--rm`, `docker rm -v`), as Docker removes its
         // local anonymous volumes. Kept once committed to.
-        // Not while its dot is in use otherwise: mounted elsewhere (`dm
-        // mount` of it), its mount here busy (a file open, a shell working
-        // in it), or named by another volume Docker remembers (`V@master`
-        // of a stopped container): it was deleted under them.
         let dot = &volume.parsed.dot;
-        let mut elsewhere: Vec<String> = Vec::new();
-        for m in self.mounts.list_dot(dot) {
-            if Path::new(&m.path) != path {
-                elsewhere.push(m.path);
-            } else if self.mounts.is_busy(&path) {
-                elsewhere.push(format!("{} (a process uses it)", m.path));
-            }
-        }
-        elsewhere.extend(
-            st.volumes
-                .iter()
-                .filter(|n| **n != volume.name)
-                .filter(|n| VolumeName::parse(n).is_ok_and(|v| v.dot == *dot))
-                .map(|n| format!("Docker volume {n}")),
-        );
         let anonymous =
             is_anonymous(&volume.name) && !used_under_other_names && self.never_committed(dot);
-        let kept_for = (anonymous && !elsewhere.is_empty()).then(|| elsewhere.join(", "));
+        // Not while its dot is in use otherwise (asked only of an anonymous
+        // one): mounted elsewhere (`dm mount` of it), its mount here busy
+        // (a file open, a shell working in it), or named by another volume
+        // Docker remembers (`V@master` of a stopped container): it was
+        // deleted under them.
+        let kept_for = anonymous
+            .then(|| {
+                let mut users: Vec<String> = Vec::new();
+                for m in self.mounts.list_dot(dot) {
+                    if Path::new(&m.path) != path {
+                        users.push(m.path);
+                    } else if self.mounts.is_busy(&path) {
+                        users.push(format!("{} (a process uses it)", m.path));
+                    }
+                }
+                users.extend(
+                    st.volumes
+                        .iter()
+                        .filter(|n| **n != volume.name)
+                        .filter(|n| VolumeName::parse(n).is_ok_and(|v| v.dot == *dot))
+                        .map(|n| format!("Docker volume {n}")),
+                );
+                users
+            })
+            .filter(|users| !users.is_empty())
+            .map(|users| users.join(", "));
         let anonymous = anonymous && kept_for.is_none();
         if anonymous {
             self.mounts

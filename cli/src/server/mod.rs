@@ -125,18 +125,8 @@ fn create_own_dir(dir: &Path, mode: u32) -> Result<()> {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    // After `su` without `-`, XDG_RUNTIME_DIR still names
-                    // the first user's directory.
-                    let xdg = std::env::var_os("XDG_RUNTIME_DIR")
-                        .filter(|x| !x.is_empty() && a.starts_with(x))
-                        .map(|x| {
-                            format!(
-                                " (under XDG_RUNTIME_DIR={}, another user's directory: after `su` \
-                                 without `-` it still names the first user's; `su - USER`, \
-                                 `unset XDG_RUNTIME_DIR`, or give --socket and --mount-dir)",
-                                Path::new(&x).display()
-                            )
-                        })
+                    let xdg = crate::paths::foreign_runtime_dir_hint(a)
+                        .map(|h| format!(" ({h}; or give --socket and --mount-dir)"))
                         .unwrap_or_default();
                     return Err(e).with_context(|| format!("reading {}{xdg}", a.display()));
                 }

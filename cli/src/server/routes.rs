@@ -224,21 +224,11 @@ async fn get_dot(
             })
             .collect();
         let mounts = st.mounts.list_dot(&dot);
-        let unrestored = st
-            .mounts
-            .unrestored_of(&dot)
-            .into_iter()
-            .map(|(volume, path, error)| UnrestoredMount {
-                volume,
-                path,
-                error,
-            })
-            .collect();
         Ok(DotDetail {
             summary,
             branch_details,
             mounts,
-            unrestored,
+            unrestored: st.mounts.unrestored_of(&dot),
         })
     })
     .await
@@ -324,29 +314,27 @@ fn refuse_if_running(
     what: &str,
     uses: impl Fn(&dm_volume_plugin::Container) -> bool,
 ) -> ApiResult<()> {
-    let running: Vec<String> = st
+    let running: Vec<(String, bool)> = st
         .docker
         .containers_using(dot)
         .into_iter()
         .filter(|c| c.is_up() && uses(c))
-        .map(|c| {
-            let name = c.name().trim_start_matches('/').to_string();
-            match c.is_paused() {
-                true => format!("{name} (paused)"),
-                false => name,
-            }
-        })
+        .map(|c| (c.name().trim_start_matches('/').to_string(), c.is_paused()))
         .collect();
     if running.is_empty() {
         return Ok(());
     }
-    let names: Vec<&str> = running
+    let described: Vec<String> = running
         .iter()
-        .map(|n| n.trim_end_matches(" (paused)"))
+        .map(|(name, paused)| match paused {
+            true => format!("{name} (paused)"),
+            false => name.clone(),
+        })
         .collect();
+    let names: Vec<&str> = running.iter().map(|(name, _)| name.as_str()).collect();
     Err(ApiError::conflict(format!(
         "{what} is in use by containers {}; stop them first (`docker stop {}`)",
-        running.join(", "),
+        described.join(", "),
         names.join(" ")
     )))
 }
