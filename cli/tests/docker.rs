@@ -1233,8 +1233,21 @@ fn docker_cp_rm_containers_options_anonymous_and_deleted_dots() {
     }
 
     // A dot deleted behind Docker's back is made again when Docker mounts
-    // the volume it still knows.
-    docker_ok(&s, &["volume", "create", "-d", "dm", "gone"]);
+    // the volume it still knows, with the options the volume was created
+    // with (Docker shows them still and does not call Create again), also
+    // through another name of the dot.
+    docker_ok(
+        &s,
+        &[
+            "volume",
+            "create",
+            "-d",
+            "dm",
+            "-o",
+            "block-size=8K",
+            "gone",
+        ],
+    );
     s.ok(&["dot", "delete", "-f", "gone"]);
     // Listed meanwhile, as inspect shows it (a cleanup by `ls` missed it).
     let ls = docker_ok(&s, &["volume", "ls", "-q", "--filter", "driver=dm"]);
@@ -1243,6 +1256,12 @@ fn docker_cp_rm_containers_options_anonymous_and_deleted_dots() {
         run(&s, "gone", "echo back > /data/f; cat /data/f"),
         "back\n"
     );
+    let show = s.ok(&["dot", "show", "-H", "gone"]);
+    assert!(show.contains("block_size\t8192"), "{show}");
+    s.ok(&["dot", "delete", "-f", "gone"]);
+    assert_eq!(run(&s, "gone@master", "ls /data"), "");
+    let show = s.ok(&["dot", "show", "-H", "gone"]);
+    assert!(show.contains("block_size\t8192"), "{show}");
 }
 
 #[test]

@@ -39,6 +39,12 @@ pub const VOLUME_TABLE: &str = "docker-volumes.json";
 struct State {
     /// Volume names as Docker spells them.
     volumes: BTreeSet<String>,
+    /// The driver options a volume was created with (`-o block-size=8K`),
+    /// by volume name, for volumes created with some: a dot that
+    /// `dm dot delete` removed is made again with them when Docker mounts
+    /// the volume it still knows (Docker does not call Create again).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    options: BTreeMap<String, BTreeMap<String, String>>,
     /// Mount path -> requests.
     mounts: BTreeMap<PathBuf, MountRefs>,
     /// Paths mounted for Docker since this server started (not saved).
@@ -112,6 +118,23 @@ impl DockerIntegration {
             switched: Condvar::new(),
             stopping: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// The options `volume`, or else another remembered volume of its dot
+    /// (`app` for `app@master`), was created with.
+    fn options_of_dot(&self, volume: &Volume) -> BTreeMap<String, String> {
+        let st = self.lock();
+        st.options
+            .get(&volume.name)
+            .or_else(|| {
+                st.options.iter().find_map(|(n, o)| {
+                    VolumeName::parse(n)
+                        .is_ok_and(|v| v.dot == volume.parsed.dot)
+                        .then_some(o)
+                })
+            })
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn switching_lock(&self) -> MutexGuard<'_, BTreeSet<DotName>> {
@@ -760,6 +783,12 @@ impl Backend for DockerIntegration {
                         how_to_make_branch(&v.dot, b, false)
                     )));
                 }
+                // Made again after `dm dot delete`: as the volumes that
+                // name it were created.
+                let block_size = match block_size {
+                    Some(b) => Some(b),
+                    None => volume_block_size(&self.options_of_dot(volume)).unwrap_or(None),
+                };
                 match self.store.create_dot(&v.dot, block_size) {
                     Ok(_) => tracing::info!("docker: created dot {}", v.dot),
                     // Created meanwhile by another request.
@@ -775,6 +804,9 @@ impl Backend for DockerIntegration {
         let mut st = self.lock();
         if st.volumes.insert(volume.name.clone()) {
             tracing::info!("docker: volume {} created", volume.name);
+        }
+        if !opts.is_empty() {
+            st.options.insert(volume.name.clone(), opts.clone());
         }
         self.save(&st);
         Ok(())
@@ -870,6 +902,7 @@ impl Backend for DockerIntegration {
             }
         }
         st.volumes.remove(&volume.name);
+        st.options.remove(&volume.name);
         self.save(&st);
         if anonymous {
             tracing::info!(
