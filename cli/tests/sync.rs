@@ -585,6 +585,41 @@ fn hub_push_clone_pull_through_the_cli() {
     bob.ok(&["switch", "two"]);
     bob.ok(&["checkout", "large"]);
     assert_eq!(read(&mount(&bob, "two").join("large")), large);
+
+    // `dm user rm`: bob's key stops working and his grants go; the dots
+    // of his namespace stay; added again, he has his namespace back but
+    // none of the grants.
+    bob.ok(&["init", "own"]);
+    bob.ok(&["--dot", "own", "commit", "-m", "own"]);
+    bob.ok(&["push", "hub", "own"]);
+    let out = hub.ok(&["user", "rm", "bob"]);
+    assert!(
+        out.contains("removed user bob") && out.contains("collaborator of 4 dots"),
+        "{out}"
+    );
+    assert!(!hub.ok(&["user", "list"]).contains("bob"));
+    let err = bob.fail(&["pull", "hub", "two", "large"]);
+    assert!(err.contains("wrong API key"), "{err}");
+    assert!(hub.ok(&["list"]).contains("bob/own"));
+    for dot in ["alice/two", "alice/big", "alice/multi", "alice/myapp"] {
+        let list = hub.ok(&["dot", "collaborator", "list", dot]);
+        assert!(!list.contains("bob"), "{dot}: {list}");
+    }
+    let err = hub.fail(&["user", "rm", "bob"]);
+    assert!(err.contains("no user bob"), "{err}");
+    let err = hub.fail(&["user", "rm", "admin"]);
+    assert!(err.contains("cannot be removed"), "{err}");
+    let key = hub.ok(&["user", "add", "bob"]).trim().to_string();
+    let out = ok_env(
+        &bob,
+        &["remote", "add", "hub", &format!("bob@127.0.0.1:{hp}")],
+        &[("DM_API_KEY", &key)],
+    );
+    assert!(out.contains("upstreams kept"), "{out}");
+    bob.ok(&["--dot", "own", "commit", "-m", "again"]);
+    bob.ok(&["push", "hub", "own"]);
+    let err = bob.fail(&["pull", "hub", "two", "large"]);
+    assert!(err.contains("no access"), "{err}");
 }
 
 /// What a first hour with dm ran into: a subdot mounted on a branch whose
@@ -744,10 +779,14 @@ fn a_push_fails_at_once_when_the_hub_restarts_under_it() {
     assert_eq!(read(&mount(&hub, "alice/big").join("data")), data);
 }
 
-/// A self-signed CA.
-fn new_ca() -> (rcgen::Certificate, rcgen::KeyPair) {
+/// A self-signed CA called `name`.
+fn new_ca(name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
     let key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     (params.self_signed(&key).unwrap(), key)
 }
@@ -769,12 +808,15 @@ fn give_hub_certificate(
     hub: &mut Server,
     issuer: &(rcgen::Certificate, rcgen::KeyPair),
     chain: &[&rcgen::Certificate],
+    expired: bool,
 ) {
     let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .signed_by(&key, &issuer.0, &issuer.1)
-        .unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    if expired {
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    }
+    let cert = params.signed_by(&key, &issuer.0, &issuer.1).unwrap();
     let mut pem = cert.pem();
     for c in chain {
         pem.push_str(&c.pem());
@@ -795,33 +837,56 @@ fn a_hub_with_a_ca_certificate_is_added_with_ca() {
     let mut hub = start(hp);
     let alice = start(ap);
     let key = hub.ok(&["user", "add", "alice"]).trim().to_string();
-    let ca = new_ca();
-    give_hub_certificate(&mut hub, &ca, &[]);
+    let ca = new_ca("dm test CA");
     let pem = |name: &str, text: &str| {
         let p = alice.root().join(name);
         std::fs::write(&p, text).unwrap();
         p.to_str().unwrap().to_string()
     };
-    let (ca_path, other_ca) = (
+    let (ca_path, other_ca, same_name) = (
         pem("ca.pem", &ca.0.pem()),
-        pem("other.pem", &new_ca().0.pem()),
+        pem("other.pem", &new_ca("another CA").0.pem()),
+        pem("same-name.pem", &new_ca("dm test CA").0.pem()),
     );
     let localhost = format!("alice@localhost:{hp}");
     let api_key = [("DM_API_KEY", key.as_str())];
+    // A hub on dm's own self-signed certificate, added with --ca.
+    let err = fail_env(
+        &alice,
+        &["remote", "add", "hub", &localhost, "--ca", &ca_path],
+        &api_key,
+    );
+    assert!(
+        err.contains("not issued by the CA given with --ca") && err.contains("without --ca"),
+        "{err}"
+    );
+    give_hub_certificate(&mut hub, &ca, &[], false);
 
     let err = fail_env(
         &alice,
         &["remote", "add", "hub", &localhost, "--ca", &other_ca],
         &api_key,
     );
-    assert!(err.contains("certificate"), "{err}");
+    assert!(
+        err.contains("not issued by the CA given with --ca"),
+        "{err}"
+    );
+    let err = fail_env(
+        &alice,
+        &["remote", "add", "hub", &localhost, "--ca", &same_name],
+        &api_key,
+    );
+    assert!(err.contains("but that CA's key did not sign it"), "{err}");
     let by_address = format!("alice@127.0.0.1:{hp}");
     let err = fail_env(
         &alice,
         &["remote", "add", "hub", &by_address, "--ca", &ca_path],
         &api_key,
     );
-    assert!(err.contains("certificate"), "{err}");
+    assert!(
+        err.contains("does not name 127.0.0.1 (it names localhost)"),
+        "{err}"
+    );
     let err = fail_env(
         &alice,
         &[
@@ -855,11 +920,19 @@ fn a_hub_with_a_ca_certificate_is_added_with_ca() {
     // sent its own certificate alone, which never verified), needs no new
     // `remote add`.
     let intermediate = new_intermediate(&ca);
-    give_hub_certificate(&mut hub, &intermediate, &[&intermediate.0]);
+    give_hub_certificate(&mut hub, &intermediate, &[&intermediate.0], false);
     write_synced(&mount(&alice, "app").join("f"), b"signed again");
     alice.ok(&["commit", "-m", "two"]);
     alice.ok(&["push", "hub"]);
     assert_eq!(read(&mount(&hub, "alice/app").join("f")), b"signed again");
+    // An expired certificate is named with its date (rustls gives seconds
+    // since 1970).
+    give_hub_certificate(&mut hub, &ca, &[], true);
+    let err = alice.fail(&["push", "hub"]);
+    assert!(
+        err.contains("expired at 2021-01-01T00:00:00Z (it is 20"),
+        "{err}"
+    );
     // Half a pair is named (the hub served its self-signed certificate
     // without a word).
     hub.stop();

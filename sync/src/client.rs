@@ -89,7 +89,10 @@ async fn open(
                 host_port(host, port)
             ))
         })?
-        .map_err(|e| Error::Connection(format!("connecting to {}: {e}", host_port(host, port))))?;
+        .map_err(|e| {
+            let why = seen.problem().unwrap_or_else(|| e.to_string());
+            Error::Connection(format!("connecting to {}: {why}", host_port(host, port)))
+        })?;
     let fp = conn
         .peer_identity()
         .and_then(|id| {

@@ -213,37 +213,131 @@ pub enum Trust {
     Ca(String),
 }
 
-/// Checks the hub's certificate against a pinned fingerprint.
+/// Checks the hub's certificate against a pinned fingerprint, or through
+/// `webpki` against the CA certificates of [`Trust::Ca`], and keeps what
+/// was wrong with it in words for the user (rustls says only
+/// `UnknownIssuer`, or an expiry in epoch seconds).
 #[derive(Debug)]
 struct PinVerifier {
     trust: Trust,
     seen: Mutex<Option<String>>,
+    problem: Mutex<Option<String>>,
     provider: Arc<CryptoProvider>,
+    webpki: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+}
+
+/// A UTC time as RFC 3339 (`2026-12-06T17:00:00Z`).
+fn utc(t: UnixTime) -> String {
+    i64::try_from(t.as_secs())
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{} s after 1970", t.as_secs()))
+}
+
+/// What is wrong with a hub's certificate that did not verify against the
+/// CA of `dm remote add --ca`, and what to do.
+fn explain_ca_failure(e: &rustls::Error, name: &ServerName<'_>) -> String {
+    use rustls::CertificateError as C;
+    let name = name.to_str();
+    let rustls::Error::InvalidCertificate(c) = e else {
+        return format!("the hub's certificate did not verify: {e}");
+    };
+    match c {
+        C::UnknownIssuer => "the hub's certificate was not issued by the CA given with --ca \
+             (nor through an intermediate certificate the hub sent): give the CA that issued it; \
+             a hub using dm's own self-signed certificate is added without --ca (its fingerprint is pinned)"
+            .to_string(),
+        C::BadSignature => "the hub's certificate names a CA of the file given with --ca as its issuer, \
+             but that CA's key did not sign it (a CA made again under the same name?): give the CA \
+             that issued it"
+            .to_string(),
+        C::ExpiredContext { time, not_after } => format!(
+            "the hub's certificate expired at {} (it is {} here): the hub needs a new one \
+             (hub-cert.pem in its data dir), or this machine's clock is wrong",
+            utc(*not_after),
+            utc(*time)
+        ),
+        C::Expired => "the hub's certificate has expired: the hub needs a new one \
+             (hub-cert.pem in its data dir), or this machine's clock is wrong"
+            .to_string(),
+        C::NotValidYetContext { time, not_before } => format!(
+            "the hub's certificate is valid only from {} (it is {} here): check this machine's clock and the hub's",
+            utc(*not_before),
+            utc(*time)
+        ),
+        C::NotValidYet => "the hub's certificate is not valid yet: check this machine's clock and the hub's"
+            .to_string(),
+        C::NotValidForNameContext { presented, .. } => format!(
+            "the hub's certificate does not name {name} (it names {}): use a name it has in the \
+             remote's address (`dm remote set-url`), or give the hub a certificate for {name}",
+            match presented.is_empty() {
+                true => "no host".to_string(),
+                // Shown as `DnsName("localhost")`, `IpAddress(10.0.0.1)`.
+                false => presented
+                    .iter()
+                    .map(|p| {
+                        p.split_once('(')
+                            .and_then(|(_, rest)| rest.strip_suffix(')'))
+                            .map_or(p.as_str(), |inner| inner.trim_matches('"'))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }
+        ),
+        C::NotValidForName => format!(
+            "the hub's certificate does not name {name}: use a name it has in the remote's address \
+             (`dm remote set-url`), or give the hub a certificate for {name}"
+        ),
+        other => format!("the hub's certificate did not verify against the CA given with --ca: {other:?}"),
+    }
 }
 
 impl ServerCertVerifier for PinVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
         let fp = fingerprint(end_entity);
         *self.seen.lock() = Some(fp.clone());
-        match &self.trust {
-            Trust::FirstUse => Ok(ServerCertVerified::assertion()),
+        let problem = match &self.trust {
+            Trust::FirstUse => return Ok(ServerCertVerified::assertion()),
             Trust::Pinned(want) if want.eq_ignore_ascii_case(&fp) => {
-                Ok(ServerCertVerified::assertion())
+                return Ok(ServerCertVerified::assertion())
             }
-            Trust::Ca(_) => Err(rustls::Error::General(
-                "internal: CA trust uses the WebPKI verifier".into(),
-            )),
-            Trust::Pinned(want) => Err(rustls::Error::General(format!(
+            Trust::Ca(_) => {
+                let Some(webpki) = &self.webpki else {
+                    return Err(rustls::Error::General(
+                        "internal: CA trust without a CA verifier".into(),
+                    ));
+                };
+                match webpki.verify_server_cert(
+                    end_entity,
+                    intermediates,
+                    server_name,
+                    ocsp,
+                    now,
+                ) {
+                    Ok(v) => return Ok(v),
+                    Err(e) => {
+                        *self.problem.lock() = Some(explain_ca_failure(&e, server_name));
+                        return Err(e);
+                    }
+                }
+            }
+            Trust::Pinned(want) => format!(
                 "the hub's certificate fingerprint is {fp}, not the pinned {want}: the hub changed or someone is in between; if it really changed, `dm remote set-url REMOTE USER@HOST[:PORT]` pins the new one (upstreams kept)"
-            ))),
-        }
+            ),
+        };
+        *self.problem.lock() = Some(problem.clone());
+        Err(rustls::Error::General(problem))
     }
 
     fn verify_tls12_signature(
@@ -285,15 +379,7 @@ impl ServerCertVerifier for PinVerifier {
 /// fingerprint the hub presented.
 pub fn client_config(trust: Trust) -> Result<(quinn::ClientConfig, Arc<PinSeen>)> {
     let provider = provider();
-    let verifier = Arc::new(PinVerifier {
-        trust,
-        seen: Mutex::new(None),
-        provider: provider.clone(),
-    });
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| Error::Tls(e.to_string()))?;
-    let mut tls = match &verifier.trust {
+    let webpki = match &trust {
         Trust::Ca(pem) => {
             use rustls::pki_types::pem::PemObject;
             let mut roots = rustls::RootCertStore::empty();
@@ -306,19 +392,30 @@ pub fn client_config(trust: Trust) -> Result<(quinn::ClientConfig, Arc<PinSeen>)
             if roots.is_empty() {
                 return Err(Error::Tls("the CA file holds no certificate".into()));
             }
-            let v = rustls::client::WebPkiServerVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider,
+            Some(
+                rustls::client::WebPkiServerVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider.clone(),
+                )
+                .build()
+                .map_err(|e| Error::Tls(e.to_string()))?,
             )
-            .build()
-            .map_err(|e| Error::Tls(e.to_string()))?;
-            builder.with_webpki_verifier(v).with_no_client_auth()
         }
-        _ => builder
-            .dangerous()
-            .with_custom_certificate_verifier(verifier.clone())
-            .with_no_client_auth(),
+        _ => None,
     };
+    let verifier = Arc::new(PinVerifier {
+        trust,
+        seen: Mutex::new(None),
+        problem: Mutex::new(None),
+        provider: provider.clone(),
+        webpki,
+    });
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| Error::Tls(e.to_string()))?;
@@ -334,5 +431,10 @@ impl PinSeen {
     /// `sha256:HEX`, once the handshake got that far.
     pub fn get(&self) -> Option<String> {
         self.0.seen.lock().clone()
+    }
+
+    /// Why the hub's certificate was refused, in words, if it was.
+    pub fn problem(&self) -> Option<String> {
+        self.0.problem.lock().clone()
     }
 }

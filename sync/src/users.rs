@@ -125,6 +125,36 @@ fn set_key(store: &Store, name: &str, existing: bool) -> Result<String> {
     Ok(key)
 }
 
+/// Removes user `name`: their API key stops working and their grants
+/// as a collaborator go. The dots of their namespace stay (the admin
+/// reaches them; `dm dot delete` deletes them), and a user added again
+/// under the name owns them again. A connection they already have open
+/// keeps its transfer going. Returns how many grants went.
+pub fn remove_user(store: &Store, name: &str) -> Result<usize> {
+    dm_store::names::validate("user", name)?;
+    if name == ADMIN {
+        return Err(Error::Refused(
+            "the admin user cannot be removed (its key is in DATA_DIR/admin-key)".into(),
+        ));
+    }
+    if store.setting(&user_key(name))?.is_none() {
+        return Err(Error::Refused(format!(
+            "no user {name} on this server (see `dm user list`)"
+        )));
+    }
+    store.delete_setting(&user_key(name))?;
+    let suffix = format!("/{name}");
+    let mut grants = 0;
+    for (k, _) in store.settings_with_prefix("collab/")? {
+        // collab/NS/DOT/USER: names have no `/`, so the last part is the user.
+        if k.ends_with(&suffix) && k.matches('/').count() == 3 {
+            store.delete_setting(&k)?;
+            grants += 1;
+        }
+    }
+    Ok(grants)
+}
+
 /// The user names of the hub.
 pub fn list_users(store: &Store) -> Result<Vec<String>> {
     Ok(store

@@ -11,7 +11,7 @@
 use super::Ctx;
 use crate::config::Remote;
 use crate::server::hub::{
-    CollaboratorReq, RemoteReq, TransferReq, TransferStatus, UserKey, UserReq,
+    CollaboratorReq, RemoteReq, TransferReq, TransferStatus, UserKey, UserRemoved, UserReq,
 };
 use anyhow::{anyhow, bail, Context, Result};
 use dm_store::DotName;
@@ -906,6 +906,13 @@ pub enum UserCommand {
         #[arg(long)]
         new_key: bool,
     },
+    /// Remove a user: their API key stops working and their collaborator
+    /// grants go; the dots of their namespace stay.
+    #[command(alias = "remove")]
+    Rm {
+        /// User name.
+        name: String,
+    },
     /// List the users.
     #[command(alias = "ls")]
     List,
@@ -966,6 +973,20 @@ pub fn clone_cmd(ctx: &mut Ctx, a: CloneArgs) -> Result<()> {
 pub fn user_cmd(ctx: &mut Ctx, c: UserCommand) -> Result<()> {
     match c {
         UserCommand::Add { name, new_key } => user_add(ctx, &name, new_key),
+        UserCommand::Rm { name } => {
+            dm_store::names::validate("user", &name).map_err(|e| anyhow!("{e}"))?;
+            let r: UserRemoved = ctx.client()?.delete(&format!("/v1/sync/users/{name}"))?;
+            println!(
+                "removed user {name}: their API key no longer works{}; the dots of namespace {name} \
+                 are kept (`dm dot delete {name}/DOT` deletes one)",
+                match r.grants {
+                    0 => String::new(),
+                    1 => ", and they are no longer a collaborator of 1 dot".to_string(),
+                    n => format!(", and they are no longer a collaborator of {n} dots"),
+                }
+            );
+            Ok(())
+        }
         UserCommand::List => {
             let users: Vec<String> = ctx.client()?.get("/v1/sync/users")?;
             for u in users {

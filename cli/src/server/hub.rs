@@ -7,7 +7,7 @@
 use super::error::{ApiError, ApiResult};
 use super::AppState;
 use axum::extract::{Path as UrlPath, Query, State};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use dm_store::DotName;
 use dm_sync::{Progress, Remote, RemoteSpec, TransferOptions, Trust};
@@ -267,6 +267,7 @@ pub fn router(app: Arc<AppState>) -> Router {
             get(transfer_status).delete(cancel_transfer),
         )
         .route("/v1/sync/users", post(add_user).get(list_users))
+        .route("/v1/sync/users/{name}", delete(remove_user))
         .route(
             "/v1/sync/collaborators",
             post(add_collaborator)
@@ -320,6 +321,28 @@ async fn add_user(
         name: req.name,
         key,
     }))
+}
+
+/// `DELETE /v1/sync/users/{name}` answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UserRemoved {
+    /// User name.
+    pub name: String,
+    /// Collaborator grants that went with the user.
+    pub grants: usize,
+}
+
+async fn remove_user(
+    State(st): State<SyncState>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Json<UserRemoved>> {
+    let store = st.app.store.clone();
+    let who = name.clone();
+    let grants = tokio::task::spawn_blocking(move || dm_sync::users::remove_user(&store, &who))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(sync_err)?;
+    Ok(Json(UserRemoved { name, grants }))
 }
 
 async fn list_users(State(st): State<SyncState>) -> ApiResult<Json<Vec<String>>> {
