@@ -2,7 +2,8 @@
 # PostgreSQL on dm vs on a native directory, in the same run (issue 6):
 #  - pgbench TPS (scale 10, 2 clients, fixed time) on a native dir and on dm
 #    mounts with block sizes 8K, 16K, 64K, 128K; ratio dm/native;
-#  - the time of `dm commit` while pgbench runs;
+#  - the time of `dm commit` while pgbench runs, and pgbench's TPS with a
+#    commit every COMMIT_EVERY (2) seconds against without;
 #  - the store's size after 10 commits of a growing pgbench database vs 10
 #    full copies of the data directory (dedup at work).
 # Prints a Markdown report on stdout. Run as root:
@@ -78,10 +79,42 @@ done
 pg_stop "$dir"
 sleep 2
 after=$(du -sb "$work/data" | cut -f1)
+
+# Throughput while someone commits every COMMIT_EVERY seconds, against
+# the same dot without commits, alternating (the commits hold the
+# branch's writers while they store what changed).
+every="${COMMIT_EVERY:-2}"
+pg_start "$dir"
+quiet_tps=(); busy_tps=(); ctimes=()
+for round in 1 2; do
+  quiet_tps+=($(pgb -c 2 -j 2 -T "$SECS" -n 2>&1 | sed -n 's/^tps = \([0-9.]*\).*/\1/p' | tail -1))
+  pgb -c 2 -j 2 -T "$SECS" -n >"$work/busy.out" 2>&1 &
+  bench=$!
+  while kill -0 "$bench" 2>/dev/null; do
+    sleep "$every"
+    kill -0 "$bench" 2>/dev/null || break
+    t0=$(date +%s%N)
+    "$DM" --dot "$dot" commit -m "under load $round" >/dev/null
+    ctimes+=($(( ($(date +%s%N) - t0) / 1000000 )))
+  done
+  wait "$bench"
+  busy_tps+=($(sed -n 's/^tps = \([0-9.]*\).*/\1/p' "$work/busy.out" | tail -1))
+done
+pg_stop "$dir"
 sorted=$(printf '%s\n' "${times[@]}" | sort -n | tr '\n' ' ')
 echo "## dm commit while pgbench runs"
 echo
 echo "10 commits during pgbench (ms, sorted): $sorted"
+echo
+echo "## TPS with a \`dm commit\` every ${every} s"
+echo
+echo "| round | TPS without commits | TPS with commits | ratio |"
+echo "|---|---|---|---|"
+for i in 0 1; do
+  echo "| $((i + 1)) | ${quiet_tps[$i]} | ${busy_tps[$i]} | $(awk -v a="${busy_tps[$i]}" -v b="${quiet_tps[$i]}" 'BEGIN{printf "%.2f", a/b}') |"
+done
+echo
+echo "${#ctimes[@]} commits meanwhile (ms, sorted): $(printf '%s\n' "${ctimes[@]}" | sort -n | tr '\n' ' ')"
 echo
 echo "## Space: 10 commits of a growing pgbench database"
 echo

@@ -724,12 +724,26 @@ impl Store {
                 )));
             }
         }
+        let started = std::time::Instant::now();
+        // The buffered writes are stored first while writers go on (a
+        // database under load has up to the buffer limit of them), so that
+        // the write lock below, which holds every writer of the branch,
+        // stores only what came in meanwhile; and before the admin lock,
+        // which holds every other dot's commits, branches and checkouts.
+        // Likewise the blocks fsyncs left as patches are stored whole (the
+        // commit stores those patched meanwhile; a failure here leaves it
+        // all of them). (A failed lookup is reported below.)
+        if let Ok(fs) = self.dot_rec(dot).and_then(|d| self.fs_for(&d, branch)) {
+            fs.flush_all()?;
+            let _ = fs.materialize_patches();
+        }
         let _a = self.admin.lock();
         // Ref and object writes finish before a GC starts marking (see Db::gc_barrier).
         let _b = self.db.gc_barrier.read_recursive();
         let d = self.dot_rec(dot)?;
         let mut rec = self.branch_rec(&d, branch)?;
         let fs = self.fs_for(&d, branch)?;
+        let flushed = started.elapsed();
         let mut st = fs.state.write();
         fs.flush_all_in(&st)?;
         let view = fs.view(&st);
@@ -741,6 +755,7 @@ impl Store {
             None => (Vec::new(), 1, 0),
         };
         let mut muts = Vec::new();
+        let mut patched = 0usize;
         let mut delta: i128 = 0;
         // Chunks of patched blocks (left by fsyncs) join the commit's batch.
         let mut batch = WriteBatch::default();
@@ -752,6 +767,7 @@ impl Store {
                 }
                 Some((_, keys::TAG_BLOCK)) => {
                     if let Some(v) = v.filter(|v| crate::patch::is_patched(v)) {
+                        patched += 1;
                         muts.push((k.to_vec(), Some(fs.materialize(&mut batch, v)?)));
                         return Ok(());
                     }
@@ -789,6 +805,15 @@ impl Store {
         st.head = Some(id);
         st.root = root;
         st.bid = rec.bid;
+        tracing::debug!(
+            "commit {} of {dot}@{branch}: {} paths changed, {} patched blocks stored whole; \
+             {:?} before holding the branch (flushing, waiting for locks), {:?} holding it",
+            id.short(),
+            muts.len(),
+            patched,
+            flushed,
+            started.elapsed() - flushed
+        );
         Ok(CommitInfo::from(id, commit))
     }
 
