@@ -1148,11 +1148,14 @@ fn docker_cp_rm_containers_options_anonymous_and_deleted_dots() {
     );
 
     // ... but not while its dot is in use otherwise: the volume goes, its
-    // dot stays with what was written there. Used by a `dm mount` of it,
-    // by a shell working in its mount, or by another volume name Docker
-    // remembers for a stopped container.
+    // dot stays with what was written there. Used by a `dm mount` of it
+    // (at a path of the user's, or at dm's own path, which the plugin's
+    // mount has: it was deleted under that), by a shell working in its
+    // mount, or by another volume name Docker remembers for a stopped
+    // container.
     let (anon, pinned_user) = ("dmtest-anon", "dmtest-anon-pinned");
-    for (i, user) in ["dm mount", "shell", "volume name"].into_iter().enumerate() {
+    let users = ["dm mount", "dm mount at dm's path", "shell", "volume name"];
+    for (i, user) in users.into_iter().enumerate() {
         run_detached_with(&s, &["-v", "/scratch"], anon, "keep:/unused", LOOP);
         let name = docker_ok(
             &s,
@@ -1173,6 +1176,9 @@ fn docker_cp_rm_containers_options_anonymous_and_deleted_dots() {
         match user {
             "dm mount" => {
                 s.ok(&["mount", &name, host.path().to_str().unwrap()]);
+            }
+            "dm mount at dm's path" => {
+                assert_eq!(s.ok(&["mount", &name]).trim(), source);
             }
             "shell" => {
                 shell = Some(
@@ -1220,6 +1226,12 @@ fn docker_cp_rm_containers_options_anonymous_and_deleted_dots() {
                     "kept\n"
                 );
                 s.ok(&["unmount", host.path().to_str().unwrap()]);
+            }
+            "dm mount at dm's path" => {
+                assert_eq!(
+                    std::fs::read_to_string(Path::new(source).join("f")).unwrap(),
+                    "kept\n"
+                );
             }
             "shell" => {
                 shell.unwrap().wait().unwrap();

@@ -873,8 +873,11 @@ impl Backend for DockerIntegration {
         let kept_for = anonymous
             .then(|| {
                 let mut users: Vec<String> = Vec::new();
+                // The plugin's mount path is the one `dm mount DOT` uses
+                // too: mounted and not the plugin's, it is the user's.
+                let plugins = st.mounts.get(&path).is_some_and(|r| r.owned);
                 for m in self.mounts.list_dot(dot) {
-                    if Path::new(&m.path) != path {
+                    if Path::new(&m.path) != path || !plugins {
                         users.push(m.path);
                     } else if self.mounts.is_busy(&path) {
                         users.push(format!("{} (a process uses it)", m.path));
