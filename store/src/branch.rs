@@ -1128,8 +1128,16 @@ impl BranchFs {
     /// open, for [`BranchFs::is_revoked`].
     pub fn open_at(&self, ino: Ino) -> Result<u64> {
         let st = self.state()?;
-        Self::load_view(&self.view(&st), ino)?;
-        *self.open.lock().entry(ino).or_insert(0) += 1;
+        {
+            // Under `meta`, as an unlink or a rename decides under it
+            // whether the file's last link frees it or leaves it to its
+            // open handles: checked and counted apart, an open racing a
+            // save by rename over the file got a handle on a freed file
+            // (reads failed with ESTALE).
+            let _m = self.meta.lock();
+            Self::load_view(&self.view(&st), ino)?;
+            *self.open.lock().entry(ino).or_insert(0) += 1;
+        }
         // Read under the state lock, which a reset holds while it counts.
         Ok(self.resets.load(Ordering::Acquire))
     }

@@ -1744,3 +1744,52 @@ fn gc_gives_back_the_space_of_small_files() {
     let after = dir_bytes(&dir.path().join("db"));
     assert!(after < before / 2, "{before} -> {after}");
 }
+
+/// A save by write-then-rename over a file that another thread opens and
+/// reads: an open may lose the race to the rename (ESTALE: the kernel looks
+/// the name up again), but a handle it got reads the file it opened. The
+/// open checked the file and counted the handle apart, so a rename in
+/// between freed the file under the new handle.
+#[test]
+fn a_file_opened_while_renamed_over_stays_readable() {
+    let (_d, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    write_file(&fs, "f", b"0");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let saver = {
+        let (fs, stop) = (fs.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 20_000 {
+                i += 1;
+                write_file(&fs, "t", i.to_string().as_bytes());
+                fs.rename(ROOT_INO, b"t", ROOT_INO, b"f", 0).unwrap();
+            }
+        })
+    };
+    let (mut opened, mut lost) = (0, 0);
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_secs(3) {
+        let Ok(a) = fs.lookup(ROOT_INO, b"f") else {
+            continue;
+        };
+        match fs.open_at(a.ino) {
+            Ok(_) => {}
+            Err(e) if e.errno() == libc::ESTALE => {
+                lost += 1;
+                continue;
+            }
+            Err(e) => panic!("open: {e}"),
+        }
+        opened += 1;
+        let data = fs
+            .read(a.ino, 0, 64)
+            .unwrap_or_else(|e| panic!("reading a file opened before it was renamed over: {e}"));
+        assert!(!data.is_empty());
+        fs.release(a.ino).unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    saver.join().unwrap();
+    eprintln!("{opened} opens, {lost} lost to the rename");
+    assert!(opened > 100);
+}
