@@ -149,16 +149,17 @@ impl MountManager {
             }),
             Err(_) => Vec::new(),
         };
-        for r in &records {
+        // Each path's dead mount (after a crash) is detached right before
+        // the path is mounted again: detached all first, writers going on
+        // by path (getting ENOTCONN until then) filled the bare
+        // directories meanwhile, and their later writes went there.
+        for r in records {
             match dm_fs::cleanup_stale_mount(&r.path) {
                 // A clean stop removed the server's own mount paths.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => tracing::warn!("cleaning up {}: {e}", r.path.display()),
                 Ok(_) => {}
             }
-        }
-        self.cleanup_dead_under_mount_dir();
-        for r in records {
             let volume = match VolumeName::parse(&r.volume) {
                 Ok(v) => v,
                 Err(e) => {
@@ -183,9 +184,10 @@ impl MountManager {
             if r.managed && holds_files(&r.path) {
                 self.move_aside(&r.path, &volume);
             }
-            // A path of the user's that holds files now (put there while it
-            // was not mounted) is not hidden by a mount; forgotten.
-            if !r.managed && holds_files(&r.path) {
+            // Likewise a path of the user's (`dm mount` took it empty, so
+            // what is there now was put there while it was not mounted);
+            // if that fails, it is not mounted again over them.
+            if !r.managed && holds_files(&r.path) && !self.move_aside_users(&r.path, &volume) {
                 tracing::warn!(
                     "could not restore the mount of {volume} at {}: it holds files now, not mounted again over them (`dm mount {volume} PATH` elsewhere)",
                     r.path.display()
@@ -218,6 +220,7 @@ impl MountManager {
                 }
             }
         }
+        self.cleanup_dead_under_mount_dir();
         self.save(&self.lock());
     }
 
@@ -280,6 +283,70 @@ impl MountManager {
                 dest.display()
             ),
         }
+    }
+
+    /// Moves a mount point of the user's that holds files to
+    /// `MOUNT_DIR/lost+found/<seconds since 1970>/<its absolute path>`, or
+    /// beside it as `NAME.dm-lost+found-<seconds>` on another file system,
+    /// and makes it again, empty, with its mode and owner. False (and
+    /// logged) if that fails.
+    fn move_aside_users(&self, path: &Path, volume: &VolumeName) -> bool {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let Ok(meta) = std::fs::metadata(path) else {
+            return false;
+        };
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let found = self
+            .mount_dir
+            .join("lost+found")
+            .join(secs.to_string())
+            .join(path.strip_prefix("/").unwrap_or(path));
+        let beside = path.with_file_name(format!(
+            "{}.dm-lost+found-{secs}",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        let moved = found
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::rename(path, &found))
+            .map(|()| found.clone())
+            .or_else(|e| match e.raw_os_error() {
+                Some(libc::EXDEV) => std::fs::rename(path, &beside).map(|()| beside.clone()),
+                _ => Err(e),
+            });
+        let dest = match moved {
+            Ok(dest) => dest,
+            Err(e) => {
+                tracing::warn!(
+                    "{} holds files written while {volume} was not mounted there (outside the dot); \
+                     moving them to {} failed: {e}",
+                    path.display(),
+                    found.display()
+                );
+                return false;
+            }
+        };
+        let made = std::fs::create_dir(path)
+            .and_then(|()| {
+                std::fs::set_permissions(
+                    path,
+                    std::fs::Permissions::from_mode(meta.mode() & 0o7777),
+                )
+            })
+            .and_then(|()| std::os::unix::fs::chown(path, Some(meta.uid()), Some(meta.gid())));
+        if let Err(e) = made {
+            tracing::warn!("making {} again: {e}", path.display());
+            return false;
+        }
+        tracing::warn!(
+            "{} held files written while {volume} was not mounted there (outside the dot): \
+             moved to {}",
+            path.display(),
+            dest.display()
+        );
+        true
     }
 
     /// Removes a server mount point once unmounted, and its parents up to

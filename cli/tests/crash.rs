@@ -159,22 +159,32 @@ fn a_mount_that_cannot_come_back_is_kept_for_the_next_start() {
 /// the restored mount.
 /// The same for the server's path named explicitly (`dm mount y PATH`): it
 /// is the server's path all the same (it was kept as the user's, and a
-/// start that found files in it left the dot unmounted there).
+/// start that found files in it left the dot unmounted there); and for a
+/// path of the user's (`dm mount x PATH`), which dm took empty: after a
+/// kill -9 its mount was dropped and a writer going on by path wrote on
+/// the host disk from then on.
 #[test]
 fn files_left_in_a_server_path_are_moved_aside() {
     let mut s = Server::start(DM);
     s.ok(&["init", "z"]);
     s.ok(&["init", "y"]);
+    s.ok(&["init", "x"]);
     let z = PathBuf::from(s.ok(&["mount", "z"]).trim());
     let y = s.mount_dir().join("admin/y/__default__");
     s.ok(&["mount", "y", y.to_str().unwrap()]);
-    for (dot, p) in [("z", &z), ("y", &y)] {
+    let users = tempfile::tempdir().unwrap();
+    let x = users.path().join("x");
+    std::fs::create_dir(&x).unwrap();
+    s.ok(&["mount", "x", x.to_str().unwrap()]);
+    for (dot, p) in [("z", &z), ("y", &y), ("x", &x)] {
         write_synced(&p.join("f"), b"in the dot");
         s.ok(&["commit", "--dot", dot, "-m", "f"]);
     }
     s.stop();
-    for p in [&z, &y] {
-        assert!(!p.exists(), "{} is left after the stop", p.display());
+    for p in [&z, &y, &x] {
+        if p != &x {
+            assert!(!p.exists(), "{} is left after the stop", p.display());
+        }
         // As after a kill -9: the directory is there, and a writer fills it.
         std::fs::create_dir_all(p).unwrap();
         std::fs::write(p.join("stray"), b"outside the dot").unwrap();
@@ -184,7 +194,7 @@ fn files_left_in_a_server_path_are_moved_aside() {
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
-    for p in [&z, &y] {
+    for p in [&z, &y, &x] {
         assert!(
             dm_tests::is_mounted(p),
             "{} not mounted\n{}",
@@ -193,7 +203,9 @@ fn files_left_in_a_server_path_are_moved_aside() {
         );
         assert_eq!(std::fs::read(p.join("f")).unwrap(), b"in the dot");
         assert!(!p.join("stray").exists());
-        let rel = p.strip_prefix(s.mount_dir()).unwrap();
+        let rel = p
+            .strip_prefix(s.mount_dir())
+            .unwrap_or_else(|_| p.strip_prefix("/").unwrap());
         let moved: Vec<_> = found
             .iter()
             .map(|d| d.join(rel).join("stray"))
