@@ -1051,7 +1051,15 @@ fn docker_cp_rm_containers_options_anonymous_and_deleted_dots() {
     let (c, rm, pinned) = ("dmtest-cp", "dmtest-autoremove", "dmtest-cp-pinned");
     let _clean = Cleanup::new(
         &[c, rm, pinned, "dmtest-anon", "dmtest-anon-pinned"],
-        &["cpvol", "cpvol@side", "rmvol", "bs8", "gone", "keep"],
+        &[
+            "cpvol",
+            "cpvol@side",
+            "rmvol",
+            "bs8",
+            "gone",
+            "gone@master",
+            "keep",
+        ],
     );
 
     // `docker cp` on a running container mounts its volumes again with the

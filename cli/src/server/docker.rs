@@ -62,8 +62,14 @@ pub struct DockerIntegration {
     /// Dots whose containers are being stopped, switched and started
     /// ([`DockerIntegration::around`]): a Mount of one of their volumes
     /// waits, so that a container started meanwhile gets the new branch
-    /// instead of being switched under its feet.
-    switching: Mutex<BTreeSet<DotName>>,
+    /// instead of being switched under its feet. With each, the ids of the
+    /// containers whose stops are under way: one of those that exited
+    /// meanwhile and that Docker restarts (its restart policy) holds its
+    /// stop until its Mount answers, so that Mount goes ahead (on the
+    /// state before the switch; the stop then stops it and the switch
+    /// starts it again). Waiting, each held the other for the stop's 40 s,
+    /// and the stop then hit the restarted container, left down.
+    switching: Mutex<BTreeMap<DotName, BTreeSet<String>>>,
     switched: Condvar,
     /// The server is stopping (SIGTERM, Ctrl-C): a switch in progress
     /// leaves the containers it stopped stopped (see
@@ -114,7 +120,7 @@ impl DockerIntegration {
             docker: DockerClient::new(docker_socket),
             state_file: state_file.to_path_buf(),
             state: Mutex::new(state),
-            switching: Mutex::new(BTreeSet::new()),
+            switching: Mutex::new(BTreeMap::new()),
             switched: Condvar::new(),
             stopping: std::sync::atomic::AtomicBool::new(false),
         }
@@ -137,28 +143,46 @@ impl DockerIntegration {
             .unwrap_or_default()
     }
 
-    fn switching_lock(&self) -> MutexGuard<'_, BTreeSet<DotName>> {
+    fn switching_lock(&self) -> MutexGuard<'_, BTreeMap<DotName, BTreeSet<String>>> {
         self.switching.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Marks `dot` as switching (waiting for another switch of it first).
     fn begin_switch(&self, dot: &DotName) -> Switching<'_> {
         let mut set = self.switching_lock();
-        while set.contains(dot) {
+        while set.contains_key(dot) {
             set = self.switched.wait(set).unwrap_or_else(|p| p.into_inner());
         }
-        set.insert(dot.clone());
+        set.insert(dot.clone(), BTreeSet::new());
         Switching {
             docker: self,
             dot: dot.clone(),
         }
     }
 
-    /// Waits until no switch of `dot` runs (up to [`SWITCH_WAIT`]).
-    fn wait_for_switch(&self, dot: &DotName) -> Result<(), PluginError> {
+    /// Waits until no switch of `dot` runs (up to [`SWITCH_WAIT`]), unless
+    /// the Mount (at `path`) is that of a container the switch is stopping
+    /// and Docker is restarting (see [`DockerIntegration::switching`]).
+    fn wait_for_switch(&self, dot: &DotName, path: &Path) -> Result<(), PluginError> {
         let deadline = Instant::now() + SWITCH_WAIT;
         let mut set = self.switching_lock();
-        while set.contains(dot) {
+        while let Some(stopping) = set.get(dot) {
+            if !stopping.is_empty() {
+                let stopping = stopping.clone();
+                drop(set);
+                if let Some(c) = self.restarting_among(&stopping, path) {
+                    tracing::info!(
+                        "docker: container {} restarts while dm stops it for a switch of {dot}: \
+                         its mount goes ahead, for the stop",
+                        c.name()
+                    );
+                    return Ok(());
+                }
+                set = self.switching_lock();
+                if !set.contains_key(dot) {
+                    break;
+                }
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(PluginError::Backend(format!(
@@ -166,13 +190,26 @@ impl DockerIntegration {
                     SWITCH_WAIT.as_secs()
                 )));
             }
+            // Looked at again each second while stops are under way.
             set = self
                 .switched
-                .wait_timeout(set, left)
+                .wait_timeout(set, left.min(Duration::from_secs(1)))
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
         Ok(())
+    }
+
+    /// A container of `ids` that Docker is restarting (restart policy)
+    /// and that mounts `path`.
+    fn restarting_among(&self, ids: &BTreeSet<String>, path: &Path) -> Option<Container> {
+        self.all_containers().into_iter().find(|c| {
+            c.state == "restarting"
+                && ids.contains(&c.id)
+                && c.dm_volumes()
+                    .iter()
+                    .any(|v| self.mounts.default_path(v) == path)
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -447,6 +484,9 @@ impl DockerIntegration {
                 auto_removed.join(", "),
             )));
         }
+        if let Some(ids) = self.switching_lock().get_mut(dot) {
+            ids.extend(followers.iter().map(|c| c.id.clone()));
+        }
         // All at once: each may take its own stop timeout.
         let results = block_on(async {
             let mut set = tokio::task::JoinSet::new();
@@ -464,6 +504,10 @@ impl DockerIntegration {
             results.sort_by_key(|(i, _)| *i);
             results
         });
+        // Stopped: from here on their starts wait for the switch too.
+        if let Some(ids) = self.switching_lock().get_mut(dot) {
+            ids.clear();
+        }
         let mut stopped: Vec<&Container> = Vec::new();
         let mut stop_err = None;
         for (i, result) in results {
@@ -918,6 +962,11 @@ impl Backend for DockerIntegration {
                  (`dm dot delete {dot}` deletes it)",
                 volume.name
             );
+        } else if self.store.dot_info(dot).is_err_and(|e| e.is_not_found()) {
+            tracing::info!(
+                "docker: volume {} removed (its dot {dot} was deleted before)",
+                volume.name
+            );
         } else {
             tracing::info!(
                 "docker: volume {} removed; dot {} and its data are kept (`dm dot delete` deletes them)",
@@ -935,9 +984,9 @@ impl Backend for DockerIntegration {
         if self.store.dot_info(&v.dot).is_err_and(|e| e.is_not_found()) {
             self.create(volume, &BTreeMap::new())?;
         }
-        self.wait_for_switch(&v.dot)?;
-        self.branch_of(v)?;
         let path = self.mounts.default_path(v);
+        self.wait_for_switch(&v.dot, &path)?;
+        self.branch_of(v)?;
         // An id counted already: `docker cp` of a running container mounts
         // again with its id (then each running container has a request at
         // least); otherwise it is a container started again after an
