@@ -416,6 +416,17 @@ impl Store {
             db.flush_tables()?;
         }
         *self.gc_base.lock() = (Instant::now(), self.stored_bytes()?);
+        {
+            // No delete since this GC's mark (deletes write under the
+            // barrier): what it made due is done.
+            let _barrier = self.db.gc_barrier.write();
+            if !self.deleted_since_gc.load(Ordering::Acquire) {
+                self.db
+                    .db
+                    .delete_cf(self.db.cf(crate::db::CF_META), crate::meta::GC_DUE_KEY)
+                    .map_err(crate::Error::db("recording that no GC is due"))?;
+            }
+        }
         // Writers refused for a full disk take data again now if this made
         // room, not at the next periodic look.
         db.space.check_now();
@@ -447,7 +458,7 @@ impl Store {
         if self.deleted_since_gc.load(Ordering::Acquire) {
             return Ok(true);
         }
-        Ok(self.stored_bytes()? > base + (base / 4).max(min_growth))
+        Ok(self.stored_bytes()? > base.saturating_add((base / 4).max(min_growth)))
     }
 
     /// Bytes the store holds on the disk: its chunk log (holes GC punched

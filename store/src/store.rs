@@ -158,6 +158,17 @@ impl Store {
             gc_after_mark: Mutex::new(None),
         });
         store.gc_base.lock().1 = store.stored_bytes()?;
+        if store
+            .db
+            .db
+            .get_cf(store.db.cf(CF_META), meta::GC_DUE_KEY)
+            .map_err(Error::db("reading whether a GC is due"))?
+            .is_some()
+        {
+            store
+                .deleted_since_gc
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
         Ok(store)
     }
 
@@ -423,9 +434,10 @@ impl Store {
         &self,
         dot_id: u64,
         names: &[String],
-        batch: WriteBatch,
+        mut batch: WriteBatch,
         what: &str,
     ) -> Result<()> {
+        batch.put_cf(self.db.cf(CF_META), meta::GC_DUE_KEY, b"");
         let mut reg = self.branches.lock();
         let open: Vec<Arc<BranchFs>> = names
             .iter()

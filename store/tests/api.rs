@@ -1793,3 +1793,25 @@ fn a_file_opened_while_renamed_over_stays_readable() {
     eprintln!("{opened} opens, {lost} lost to the rename");
     assert!(opened > 100);
 }
+
+/// The GC a deletion makes due is due after a restart too (the server
+/// runs it by itself): a crash or stop right after a `dm dot delete` left
+/// the dot's data on the disk until someone ran `dm gc`.
+#[test]
+fn a_gc_made_due_by_a_delete_survives_a_restart() {
+    let (dir, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    write_file(&fs, "f", &noise(1 << 20, 7));
+    drop(fs);
+    assert!(!store.gc_due(u64::MAX).unwrap(), "nothing deleted yet");
+    store.delete_dot(&dot).unwrap();
+    assert!(store.gc_due(u64::MAX).unwrap());
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert!(store.gc_due(u64::MAX).unwrap(), "forgotten by the restart");
+    store.gc().unwrap();
+    assert!(!store.gc_due(u64::MAX).unwrap());
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert!(!store.gc_due(u64::MAX).unwrap(), "due again after the GC");
+}
