@@ -2,7 +2,7 @@
 //! `dm server`: init, write through the mount, two commits, log, rollback.
 
 use dm_tests::{random_bytes, snapshot, write_synced, Server};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 const DM: &str = env!("CARGO_BIN_EXE_dm");
 
@@ -103,6 +103,30 @@ fn init_commit_log_reset() {
     let status = s.ok(&["status"]);
     assert!(status.contains("directory times only"), "{status}");
     s.ok(&["reset", "--hard", "HEAD"]);
+    assert_eq!(snapshot(&mnt), second);
+    // A file saved again unchanged, its time set back: bytes were written,
+    // no path differs, and status says so (it said "6 B in 0 paths").
+    std::fs::write(mnt.join("same"), b"hello\n").unwrap();
+    s.ok(&["commit", "-m", "same"]);
+    let stamp = format!("@{}", 1_700_000_000);
+    let touch = |p: &Path| {
+        let ok = std::process::Command::new("touch")
+            .args(["-d", &stamp])
+            .arg(p)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    touch(&mnt.join("same"));
+    s.ok(&["commit", "-m", "same time"]);
+    std::fs::write(mnt.join("same"), b"hello\n").unwrap();
+    touch(&mnt.join("same"));
+    let status = s.ok(&["status"]);
+    assert!(
+        status.contains("6 B written, but no path differs from HEAD"),
+        "{status}"
+    );
+    s.ok(&["reset", "--hard", "HEAD~2"]);
     assert_eq!(snapshot(&mnt), second);
     // A delete writes no data, yet it is uncommitted: dm list says 0 B
     // where a clean branch has "." (it showed "." too).

@@ -68,13 +68,33 @@ pub fn commit(
     let c: CommitView = ctx.client()?.post(
         &path,
         &CommitRequest {
-            message: message.to_string(),
+            message: clean_message(message),
             author: Some(author()),
             metadata: meta,
         },
     )?;
     println!("{}", c.id);
     Ok(())
+}
+
+/// A commit message as git's `--cleanup=whitespace` leaves it: no
+/// trailing whitespace, no blank lines before or after, runs of blank lines
+/// as one (`-m $'\nsubject'` showed an empty subject in `dm log --oneline`).
+fn clean_message(m: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    let mut blank = false;
+    for line in m.lines().map(str::trim_end) {
+        if line.is_empty() {
+            blank = !out.is_empty();
+            continue;
+        }
+        if blank {
+            out.push("");
+            blank = false;
+        }
+        out.push(line);
+    }
+    out.join("\n")
 }
 
 /// `dm log [BRANCH] [-n N] [--oneline]`.
@@ -136,7 +156,7 @@ pub fn log(
             continue;
         }
         out.push_str(&format!(
-            "commit {}\nAuthor: {}\nDate: {}\n",
+            "commit {}\nAuthor: {}\nDate:   {}\n",
             c.id,
             c.author,
             log_date(c.timestamp_ns)
@@ -158,14 +178,21 @@ pub fn log(
 
 /// A commit's time as `dm log` shows it: RFC 2822 in UTC, as git's
 /// `--date=rfc` (Dotmesh printed nanoseconds since 1970).
+/// As git's `--date=rfc` (RFC 2822, the day of the month unpadded), in UTC.
 fn log_date(ns: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns))
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc2822)
-                .ok()
-        })
-        .unwrap_or_else(|| format!("{ns} ns after 1970"))
+    match time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns)) {
+        Ok(t) => format!(
+            "{}, {} {} {} {:02}:{:02}:{:02} +0000",
+            &t.weekday().to_string()[..3],
+            t.day(),
+            &t.month().to_string()[..3],
+            t.year(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ),
+        Err(_) => format!("{ns} ns after 1970"),
+    }
 }
 
 pub fn list_branches(ctx: &mut Ctx) -> Result<()> {
@@ -348,11 +375,15 @@ fn change_line(c: &ChangeView) -> String {
     }
 }
 
-/// A path as git prints it: as is, or in double quotes with C escapes when
-/// it holds a control character, a double quote, a backslash (a name with a
-/// newline took two lines) or bytes that are not UTF-8 (each as `\ooo`).
+/// A path as git's `status --short` prints it: as is, or in double quotes
+/// with C escapes when it holds a space (`R  a -> b` lines split on
+/// spaces), a control character, a double quote, a backslash (a name with
+/// a newline took two lines), an invisible formatting character (a
+/// right-to-left override showed the name reversed) or bytes that are not
+/// UTF-8 (each as `\ooo`).
 fn quote_path(p: &[u8]) -> String {
-    let plain = |c: char| !(c.is_control() || c == '"' || c == '\\');
+    let invisible = |c: char| matches!(c, '\u{ad}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{feff}');
+    let plain = |c: char| !(c.is_control() || invisible(c) || c == '"' || c == '\\' || c == ' ');
     if let Ok(s) = std::str::from_utf8(p) {
         if s.chars().all(plain) {
             return s.to_string();
@@ -371,7 +402,9 @@ fn quote_path(p: &[u8]) -> String {
                 '\t' => out.push_str("\\t"),
                 '"' => out.push_str("\\\""),
                 '\\' => out.push_str("\\\\"),
-                c if c.is_control() => octal(&mut out, c.encode_utf8(&mut [0u8; 4]).as_bytes()),
+                c if c.is_control() || invisible(c) => {
+                    octal(&mut out, c.encode_utf8(&mut [0u8; 4]).as_bytes())
+                }
                 c => out.push(c),
             }
         }
@@ -439,6 +472,15 @@ pub fn status(ctx: &mut Ctx) -> Result<()> {
         );
         return Ok(());
     }
+    if paths == 0 {
+        // Written, but to what it was (a file saved unchanged, its times
+        // set back): no path differs ("6 B in 0 paths" read as a bug).
+        println!(
+            "Uncommitted changes: {} written, but no path differs from HEAD (the same bytes written again, or a change undone; commit them with `dm commit -m MSG`{discard})",
+            human_size(s.dirty_bytes)
+        );
+        return Ok(());
+    }
     println!(
         "Uncommitted changes: {} in {paths} path{} (commit them with `dm commit -m MSG`{discard})",
         human_size(s.dirty_bytes),
@@ -452,20 +494,33 @@ pub fn status(ctx: &mut Ctx) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{log_date, quote_path};
+    use super::{clean_message, log_date, quote_path};
+
+    #[test]
+    fn commit_messages_are_cleaned_up_as_git_does() {
+        assert_eq!(
+            clean_message("\n\n  subject  \n\n\n\nbody\t\n\n"),
+            "  subject\n\nbody"
+        );
+        assert_eq!(clean_message("one line"), "one line");
+        assert_eq!(clean_message(" \n\t\n"), "");
+    }
 
     #[test]
     fn log_dates_read_as_dates() {
         assert_eq!(
             log_date(1_796_554_820_123_456_789),
-            "Sun, 06 Dec 2026 11:00:20 +0000"
+            "Sun, 6 Dec 2026 11:00:20 +0000"
         );
     }
 
     #[test]
     fn paths_with_newlines_quotes_or_controls_are_quoted_as_git_does() {
         let q = |p: &str| quote_path(p.as_bytes());
-        assert_eq!(q("/__default__/a b/é"), "/__default__/a b/é");
+        assert_eq!(q("/__default__/ab/é"), "/__default__/ab/é");
+        assert_eq!(q("/__default__/a b/é"), "\"/__default__/a b/é\"");
+        assert_eq!(q("/x/q -> r"), "\"/x/q -> r\"");
+        assert_eq!(q("/x/\u{202e}txt.exe"), "\"/x/\\342\\200\\256txt.exe\"");
         assert_eq!(q("/x/new\nline"), "\"/x/new\\nline\"");
         assert_eq!(q("/x/\"q\"\\"), "\"/x/\\\"q\\\"\\\\\"");
         assert_eq!(q("/x/\u{1}"), "\"/x/\\001\"");
