@@ -222,7 +222,15 @@ impl Client {
                 answer.await
             }
         }
-        .context("the dm server closed the connection (did it crash? see its log)")?;
+        .with_context(|| match method {
+            // What it was doing may have happened whole before it died.
+            Method::GET => "the dm server closed the connection (did it crash? see its log)".to_string(),
+            _ => format!(
+                "the dm server closed the connection while answering {method} {path} (did it crash? \
+                 see its log); that may have been done or not: once a server runs again, \
+                 `dm list`, `dm log` and `dm branch` tell"
+            ),
+        })?;
         let status = resp.status();
         let bytes = resp
             .into_body()

@@ -128,8 +128,9 @@ fn set_key(store: &Store, name: &str, existing: bool) -> Result<String> {
 /// Removes user `name`: their API key stops working and their grants
 /// as a collaborator go. The dots of their namespace stay (the admin
 /// reaches them; `dm dot delete` deletes them), and a user added again
-/// under the name owns them again. A connection they already have open
-/// keeps its transfer going. Returns how many grants went.
+/// under the name owns them again. Grants are checked at each request,
+/// so a transfer of theirs under way into a shared dot fails at its next
+/// one. Returns how many grants went.
 pub fn remove_user(store: &Store, name: &str) -> Result<usize> {
     dm_store::names::validate("user", name)?;
     if name == ADMIN {

@@ -53,7 +53,7 @@ impl ApiError {
 
 /// What a full disk under the data directory needs from the user.
 const DISK_FULL: &str =
-    "the disk that holds dm's data directory is full. dm now refuses new data and keeps the \
+    "The disk that holds dm's data directory is full. dm now refuses new data and keeps the \
      room it reserved for freeing space: delete files in the dot, branches (`dm branch -d`) or \
      dots (`dm dot delete`), or `dm reset --hard` away uncommitted data, then run `dm gc` (or free \
      space outside dm); new data is taken again once enough is free (`dm gc` and `dm version` \
@@ -79,9 +79,10 @@ pub fn job_error(message: String, remote: bool) -> String {
     if remote {
         return format!(
             "the hub's disk is full: it could not store what was sent ({message}). Nothing on \
-             this machine needs to change: once the hub's admin frees space there (deleting \
-             dots or branches on the hub, then `dm gc` there), the same command goes on from \
-             what arrived"
+             this machine needs to change: once the hub's admin frees space there, the same \
+             command goes on from what arrived. Space freed outside dm keeps that; deleting \
+             dots or branches on the hub and then `dm gc` there also drops what this transfer \
+             sent so far (it holds no branch yet), and the command starts over"
         );
     }
     format!(

@@ -54,12 +54,39 @@ fn open_under(dir: &Path, paths: &[PathBuf]) -> Option<PathBuf> {
         .ok()?
         .flatten()
         .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .map(undeleted)
         .find(|target| paths.iter().any(|p| target.starts_with(p)))
+}
+
+/// A `/proc/PID/fd` target without the " (deleted)" the kernel adds once
+/// the name's dentry was dropped, when the path is there: dm drops them on
+/// other mounts after each commit (to refresh what they cached), so every
+/// file open on the followed mount showed as "(deleted)" in the messages.
+fn undeleted(target: PathBuf) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    match target.as_os_str().as_bytes().strip_suffix(b" (deleted)") {
+        Some(p) if Path::new(std::ffi::OsStr::from_bytes(p)).exists() => {
+            PathBuf::from(std::ffi::OsStr::from_bytes(p))
+        }
+        _ => target,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_still_there_is_not_named_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("held");
+        std::fs::write(&file, b"x").unwrap();
+        let shown = |p: &Path| PathBuf::from(format!("{} (deleted)", p.display()));
+        assert_eq!(undeleted(shown(&file)), file);
+        let gone = dir.path().join("gone");
+        assert_eq!(undeleted(shown(&gone)), shown(&gone));
+        assert_eq!(undeleted(file.clone()), file);
+    }
 
     #[test]
     fn finds_a_host_process_with_a_file_open_and_not_itself() {

@@ -320,16 +320,26 @@ fn raise_open_file_limit() {
 pub fn run(opts: ServerOptions) -> Result<()> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DM_LOG")
-                // fuser warns "Unmount failed: Invalid argument" whenever a
-                // session ends that dm had already unmounted itself (every
-                // clean unmount and shutdown): not a failure, so not shown.
-                // fuser also logs an error for every reply the kernel no
-                // longer waits for (ENOENT: the caller was interrupted by a
-                // signal, dozens a minute under PostgreSQL): not shown either.
-                .unwrap_or_else(|_| {
-                    tracing_subscriber::EnvFilter::new("info,fuser::mnt=error,fuser::reply=off")
-                }),
+            // fuser warns "Unmount failed: Invalid argument" whenever a
+            // session ends that dm had already unmounted itself (every
+            // clean unmount and shutdown): not a failure, so not shown.
+            // fuser also logs an error for every reply the kernel no
+            // longer waits for (ENOENT: the caller was interrupted by a
+            // signal, dozens a minute under PostgreSQL): not shown either.
+            // Also under a DM_LOG that does not name fuser (`DM_LOG=info`
+            // showed them all).
+            {
+                const QUIET: &str = "fuser::mnt=error,fuser::reply=off";
+                let filter = match std::env::var("DM_LOG") {
+                    Ok(f) if f.contains("fuser") => f,
+                    Ok(f) if !f.trim().is_empty() => format!("{f},{QUIET}"),
+                    _ => format!("info,{QUIET}"),
+                };
+                tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|e| {
+                    eprintln!("DM_LOG={filter:?} is not a log filter ({e}); logging at info");
+                    tracing_subscriber::EnvFilter::new(format!("info,{QUIET}"))
+                })
+            },
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
