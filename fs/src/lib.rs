@@ -199,6 +199,10 @@ impl View {
 #[derive(Default)]
 struct Known {
     lookups: HashMap<u64, u64>,
+    /// Files (not directories) the kernel knows, with the branch and store
+    /// inode it got them from ([`BranchFs::hold`]), to let go of at its
+    /// forget or at the unmount (the branch may have switched meanwhile).
+    held: HashMap<u64, (Arc<BranchFs>, u64)>,
     names: HashMap<u64, Vec<(u64, Vec<u8>)>>,
     /// Names the kernel caches as absent (negative entries), by parent, so
     /// that [`Mount::switch`] can drop them with the rest. At most
@@ -299,11 +303,18 @@ fn is_acl(name: &OsStr) -> bool {
 }
 
 impl Shared {
-    /// Records that the kernel got an entry for `attr` under `(parent, name)`.
-    fn remember(&self, parent: INodeNo, name: &[u8], attr: &FileAttr) {
+    /// Records that the kernel got an entry for `attr` under `(parent, name)`
+    /// from `view`.
+    fn remember(&self, view: &View, parent: INodeNo, name: &[u8], attr: &FileAttr) {
         let ino = attr.ino;
         let mut known = self.known.lock();
-        *known.lookups.entry(ino.0).or_insert(0) += 1;
+        let count = known.lookups.entry(ino.0).or_insert(0);
+        *count += 1;
+        if *count == 1 && attr.kind != FileType::Directory {
+            let sino = view.to_store(ino);
+            view.fs.hold(sino);
+            known.held.insert(ino.0, (view.fs.clone(), sino));
+        }
         known.add_name(parent.0, name, ino.0);
         if attr.kind == FileType::Directory {
             known.dirs.insert(ino.0);
@@ -343,12 +354,30 @@ impl Shared {
             }
             None => false,
         };
+        let mut held = None;
         if gone {
             known.lookups.remove(&ino.0);
             known.names.remove(&ino.0);
             known.dirs.remove(&ino.0);
             if let Some(names) = known.negatives.remove(&ino.0) {
                 known.n_negatives -= names.len();
+            }
+            held = known.held.remove(&ino.0);
+        }
+        drop(known);
+        if let Some((fs, sino)) = held {
+            if let Err(e) = fs.unhold(sino) {
+                debug!("forget({}): {e}", ino.0);
+            }
+        }
+    }
+
+    /// Lets go of every file the kernel knew (the mount is gone).
+    fn unhold_all(&self) {
+        let held = std::mem::take(&mut self.known.lock().held);
+        for (fs, sino) in held.into_values() {
+            if let Err(e) = fs.unhold(sino) {
+                debug!("unmount: letting go of {sino}: {e}");
             }
         }
     }
@@ -771,7 +800,7 @@ impl DmFs {
 
     fn reply_entry(&self, view: &View, parent: INodeNo, name: &[u8], a: &Attr, reply: ReplyEntry) {
         let attr = self.attr(view, a);
-        self.shared.remember(parent, name, &attr);
+        self.shared.remember(view, parent, name, &attr);
         reply.entry(&TTL, &attr, Generation(0));
     }
 }
@@ -1374,7 +1403,7 @@ impl fuser::Filesystem for DmFs {
                 return Ok(true);
             }
             if !dots {
-                self.shared.remember(ino, &e.name, &attr);
+                self.shared.remember(&view, ino, &e.name, &attr);
             }
             Ok(false)
         });
@@ -1573,7 +1602,7 @@ impl fuser::Filesystem for DmFs {
             }
         };
         let attr = self.attr(&view, &a);
-        self.shared.remember(parent, name.as_bytes(), &attr);
+        self.shared.remember(&view, parent, name.as_bytes(), &attr);
         let fh = self.new_handle(view.fs.clone(), a.ino, opened_at);
         self.tell_peers(&view.fs, || created(p, name));
         reply.created(&TTL, &attr, Generation(0), fh, self.open_flags(flags));
@@ -2131,6 +2160,7 @@ impl Drop for Mount {
                 warn!("FUSE session for {} ended with {e}", self.path.display());
             }
         }
+        self.shared.unhold_all();
     }
 }
 

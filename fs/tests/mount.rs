@@ -9,6 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 mod common;
 use common::can_mount;
@@ -296,6 +297,74 @@ fn rename_and_overwrite() {
     assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
     assert_eq!(fs::read(f.p("x")).unwrap(), b"Y");
     assert_eq!(fs::read(f.p("y")).unwrap(), b"X");
+}
+
+/// Readers of a file that another process saves by write-then-rename
+/// (editors, config writers, package managers) read the old or the new
+/// file, never ESTALE: the file a reader's kernel found stays until the
+/// kernel forgets it, as on a native file system. Once nobody knows the
+/// replaced files, they are freed (the store keeps no orphan).
+#[test]
+fn a_file_saved_by_rename_over_it_stays_readable_for_readers() {
+    let Some(f) = setup("__default__") else {
+        return;
+    };
+    fs::write(f.p("f"), b"0").unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let saver = {
+        let (t, target, stop) = (f.p("t"), f.p("f"), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                fs::write(&t, i.to_string()).unwrap();
+                fs::rename(&t, &target).unwrap();
+            }
+            i
+        })
+    };
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let path = f.p("f");
+            std::thread::spawn(move || {
+                let started = std::time::Instant::now();
+                let (mut reads, mut errors) = (0u64, Vec::new());
+                while started.elapsed() < Duration::from_secs(4) {
+                    match fs::read(&path) {
+                        Ok(data) => assert!(!data.is_empty()),
+                        Err(e) => errors.push(e.to_string()),
+                    }
+                    reads += 1;
+                }
+                (reads, errors)
+            })
+        })
+        .collect();
+    for r in readers {
+        let (reads, errors) = r.join().unwrap();
+        assert!(
+            errors.is_empty(),
+            "{} of {reads} reads failed: {:?}",
+            errors.len(),
+            &errors[..errors.len().min(3)]
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let saves = saver.join().unwrap();
+    assert!(saves > 100, "{saves} saves");
+    // The replaced files go once the kernel forgets them.
+    let branch = f.store.branch_fs(&f.dot, "master").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while branch.orphan_count() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} replaced files kept",
+            branch.orphan_count()
+        );
+        fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(fs::read(f.p("f")).unwrap(), saves.to_string().as_bytes());
 }
 
 #[test]

@@ -278,6 +278,17 @@ pub struct BranchFs {
     files: Mutex<HashMap<Ino, Arc<Mutex<FileBuf>>>>,
     buffered: Arc<AtomicUsize>,
     open: Mutex<HashMap<Ino, u32>>,
+    /// Files the kernels of this branch's mounts know (looked up and not
+    /// yet forgotten; [`BranchFs::hold`]), by how many mounts: a last link
+    /// removed leaves such a file an orphan, as an open one, until the
+    /// last kernel forgets it. Freed at once, a reader that had looked the
+    /// name up just before a save by rename replaced it got ESTALE, where
+    /// a native file system opens the file it found.
+    held: Mutex<HashMap<Ino, u32>>,
+    /// Orphans (no link left, kept for an open handle or a kernel that
+    /// knows them) made since the branch was opened: those a last release
+    /// or forget may free.
+    orphans: Mutex<std::collections::HashSet<Ino>>,
     /// Blocks an fsync stored as patches, for [`BranchFs::materialize_patches`]
     /// (may name blocks stored whole since: it checks).
     patched: Mutex<HashMap<Ino, std::collections::BTreeSet<u64>>>,
@@ -342,6 +353,8 @@ impl BranchFs {
             files: Mutex::new(HashMap::new()),
             buffered: Arc::new(AtomicUsize::new(0)),
             open: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
+            orphans: Mutex::new(std::collections::HashSet::new()),
             resets: AtomicU64::new(0),
             revoked: Mutex::new(HashMap::new()),
             patched: Mutex::new(HashMap::new()),
@@ -730,9 +743,12 @@ impl BranchFs {
         rec.nlink = rec.nlink.saturating_sub(1);
         rec.ctime = t;
         if rec.nlink == 0 {
-            if self.open.lock().get(&ino).copied().unwrap_or(0) > 0 {
+            if self.open.lock().get(&ino).copied().unwrap_or(0) > 0
+                || self.held.lock().contains_key(&ino)
+            {
                 Self::store(tx, ino, &rec);
                 tx.put(keys::orphan(ino), Vec::new());
+                self.orphans.lock().insert(ino);
             } else {
                 self.destroy(tx, ino)?;
             }
@@ -1191,19 +1207,14 @@ impl BranchFs {
             {
                 let _m = self.meta.lock();
                 // Reopened since (the kernel releases in the background
-                // after close(2)): the new handle's release frees it.
-                // Checked under `meta`, as unlink decides under it.
-                if self.open.lock().contains_key(&ino) {
+                // after close(2)): the new handle's release frees it; or
+                // a kernel still knows it: its forget does. Checked under
+                // `meta`, as unlink decides under it.
+                if self.open.lock().contains_key(&ino) || self.held.lock().contains_key(&ino) {
                     return Ok(());
                 }
-                let mut tx = Tx::new(self.view(&st));
-                if let Ok(rec) = Self::load(&tx, ino) {
-                    if rec.nlink == 0 {
-                        self.destroy(&mut tx, ino)?;
-                        tx.delete(keys::orphan(ino));
-                        tx.commit(false, "freeing an unlinked file")?;
-                        return Ok(());
-                    }
+                if self.free_orphan_in(&st, ino)? {
+                    return Ok(());
                 }
             }
             // Forget the buffer if it is clean; a writer racing with this
@@ -1216,6 +1227,83 @@ impl BranchFs {
             }
         }
         Ok(())
+    }
+
+    /// Frees `ino` if it is an orphan (no link left); call under `meta`,
+    /// with no open handle or kernel holding it. True when it was freed.
+    fn free_orphan_in(&self, st: &BranchState, ino: Ino) -> Result<bool> {
+        let mut tx = Tx::new(self.view(st));
+        let freed = match Self::load(&tx, ino) {
+            Ok(rec) if rec.nlink == 0 => {
+                self.destroy(&mut tx, ino)?;
+                tx.delete(keys::orphan(ino));
+                tx.commit(false, "freeing an unlinked file")?;
+                true
+            }
+            _ => false,
+        };
+        self.orphans.lock().remove(&ino);
+        Ok(freed)
+    }
+
+    /// Before a commit (under the state's write lock `st`): frees the
+    /// orphans no handle has open, kept only for kernels that may still
+    /// know them, so that a file deleted just before the commit is not in
+    /// it (with its data) for want of the kernel's forget. A kernel that
+    /// uses one after all gets ESTALE, and looks the name up again.
+    pub(crate) fn free_unopened_orphans(&self, st: &BranchState) -> Result<()> {
+        let candidates: Vec<Ino> = self.orphans.lock().iter().copied().collect();
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let _m = self.meta.lock();
+        for ino in candidates {
+            if !self.open.lock().contains_key(&ino) {
+                self.free_orphan_in(st, ino)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Files with no link left that are kept for an open handle or for a
+    /// kernel that knows them.
+    pub fn orphan_count(&self) -> usize {
+        self.orphans.lock().len()
+    }
+
+    /// A mount's kernel got `ino` (a lookup, a create, a readdirplus entry)
+    /// and holds it until it forgets it ([`BranchFs::unhold`]): removing
+    /// its last link leaves it an orphan until then.
+    pub fn hold(&self, ino: Ino) {
+        *self.held.lock().entry(ino).or_insert(0) += 1;
+    }
+
+    /// A mount's kernel forgot `ino`: frees it if it was an orphan that no
+    /// other kernel knows and nothing has open.
+    pub fn unhold(&self, ino: Ino) -> Result<()> {
+        {
+            let mut held = self.held.lock();
+            match held.get_mut(&ino) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    return Ok(());
+                }
+                Some(_) => {
+                    held.remove(&ino);
+                }
+                None => return Ok(()),
+            }
+        }
+        // Most forgotten files are not orphans: no lock, no read.
+        if !self.orphans.lock().contains(&ino) {
+            return Ok(());
+        }
+        let st = self.state()?;
+        let _m = self.meta.lock();
+        if self.open.lock().contains_key(&ino) || self.held.lock().contains_key(&ino) {
+            return Ok(());
+        }
+        self.free_orphan_in(&st, ino).map(|_| ())
     }
 
     /// An empty write buffer for a file of this branch.

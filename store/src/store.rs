@@ -737,18 +737,6 @@ impl Store {
             }
         }
         let started = std::time::Instant::now();
-        // The buffered writes are stored first while writers go on (a
-        // database under load has up to the buffer limit of them), so that
-        // the write lock below, which holds every writer of the branch,
-        // stores only what came in meanwhile; and before the admin lock,
-        // which holds every other dot's commits, branches and checkouts.
-        // Likewise the blocks fsyncs left as patches are stored whole (the
-        // commit stores those patched meanwhile; a failure here leaves it
-        // all of them). (A failed lookup is reported below.)
-        if let Ok(fs) = self.dot_rec(dot).and_then(|d| self.fs_for(&d, branch)) {
-            fs.flush_all()?;
-            let _ = fs.materialize_patches();
-        }
         let _a = self.admin.lock();
         // Ref and object writes finish before a GC starts marking (see Db::gc_barrier).
         let _b = self.db.gc_barrier.read_recursive();
@@ -758,6 +746,7 @@ impl Store {
         let flushed = started.elapsed();
         let mut st = fs.state.write();
         fs.flush_all_in(&st)?;
+        fs.free_unopened_orphans(&st)?;
         let view = fs.view(&st);
         let (parents, generation, base_size) = match st.head {
             Some(h) => {
@@ -819,7 +808,7 @@ impl Store {
         st.bid = rec.bid;
         tracing::debug!(
             "commit {} of {dot}@{branch}: {} paths changed, {} patched blocks stored whole; \
-             {:?} before holding the branch (flushing, waiting for locks), {:?} holding it",
+             {:?} waiting for locks, {:?} holding the branch's writers",
             id.short(),
             muts.len(),
             patched,

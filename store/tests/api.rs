@@ -1815,3 +1815,27 @@ fn a_gc_made_due_by_a_delete_survives_a_restart() {
     let store = Store::open(dir.path()).unwrap();
     assert!(!store.gc_due(u64::MAX).unwrap(), "due again after the GC");
 }
+
+/// A file a kernel still knows (looked up, not yet forgotten) stays, with
+/// no link left, until the kernel forgets it; a commit meanwhile frees it
+/// rather than keeping it, and its data, in the commit.
+#[test]
+fn a_file_a_kernel_knows_outlives_its_unlink_until_forgotten_or_a_commit() {
+    let (_d, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    let a = write_file(&fs, "a", b"kept for the kernel");
+    let b = write_file(&fs, "b", b"freed by the commit");
+    fs.hold(a);
+    fs.hold(b);
+    fs.unlink(ROOT_INO, b"a").unwrap();
+    fs.unlink(ROOT_INO, b"b").unwrap();
+    assert_eq!(fs.orphan_count(), 2);
+    assert_eq!(fs.read(a, 0, 64).unwrap(), b"kept for the kernel");
+    fs.unhold(a).unwrap();
+    assert_eq!(fs.orphan_count(), 1);
+    assert_eq!(fs.getattr(a).unwrap_err().errno(), libc::ESTALE);
+    commit(&store, &dot, "master", "without b");
+    assert_eq!(fs.orphan_count(), 0);
+    assert_eq!(fs.getattr(b).unwrap_err().errno(), libc::ESTALE);
+    fs.unhold(b).unwrap();
+}
