@@ -54,6 +54,11 @@ struct Record {
     volume: String,
     path: PathBuf,
     managed: bool,
+    /// Written by a clean stop, which unmounted it: the path was a plain
+    /// directory since, which its user may have used. Without it (a
+    /// crash), what the path holds came after the mount died.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    stopped: bool,
     /// Why the last start could not mount it again (not saved).
     #[serde(skip)]
     failed: String,
@@ -84,6 +89,7 @@ impl Entry {
             volume: self.volume.to_string(),
             path: self.path.clone(),
             managed: self.managed,
+            stopped: false,
             failed: String::new(),
         }
     }
@@ -184,10 +190,16 @@ impl MountManager {
             if r.managed && holds_files(&r.path) {
                 self.move_aside(&r.path, &volume);
             }
-            // Likewise a path of the user's (`dm mount` took it empty, so
-            // what is there now was put there while it was not mounted);
-            // if that fails, it is not mounted again over them.
-            if !r.managed && holds_files(&r.path) && !self.move_aside_users(&r.path, &volume) {
+            // Likewise a path of the user's whose mount died with a crash
+            // (it was empty under the mount: `dm mount` takes it empty, so
+            // what is there now came since the detach above, from writers
+            // going on by path). After a clean stop it was a plain
+            // directory, which may have been used on purpose since: it is
+            // not mounted again over files then.
+            if !r.managed
+                && holds_files(&r.path)
+                && !(!r.stopped && self.move_aside_users(&r.path, &volume))
+            {
                 tracing::warn!(
                     "could not restore the mount of {volume} at {}: it holds files now, not mounted again over them (`dm mount {volume} PATH` elsewhere)",
                     r.path.display()
@@ -397,6 +409,11 @@ impl MountManager {
         // A path mounted again since is the new mount's.
         unrestored.retain(|r| entries.iter().all(|e| e.path != r.path));
         records.extend(unrestored.iter().cloned());
+        drop(unrestored);
+        self.save_records(&records);
+    }
+
+    fn save_records(&self, records: &[Record]) {
         let res = serde_json::to_vec_pretty(&records)
             .map_err(std::io::Error::other)
             .and_then(|bytes| {
@@ -822,6 +839,13 @@ impl MountManager {
     /// mounts come back at the next start.
     pub fn shutdown(&self) {
         let mut entries = self.lock();
+        // Saved as stopped: the paths of the user's are plain directories
+        // from now on (see `Record::stopped`).
+        let mut records: Vec<Record> = entries.iter().map(Entry::record).collect();
+        records.extend(self.unrestored_lock().iter().cloned());
+        for r in &mut records {
+            r.stopped = true;
+        }
         for e in entries.drain(..) {
             let path = e.path.clone();
             let open = e.mount.open_files();
@@ -842,6 +866,7 @@ impl MountManager {
                 tracing::info!("unmounted {}", path.display());
             }
         }
+        self.save_records(&records);
     }
 }
 

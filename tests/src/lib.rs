@@ -352,6 +352,14 @@ pub fn is_mounted(path: &Path) -> bool {
     mounts_under(path).iter().any(|p| p == path)
 }
 
+/// Detaches the mount at `path` (`umount -l`), if any.
+pub fn unmount_lazily(path: &Path) {
+    if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
+        // SAFETY: c is a valid C string for the call.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
@@ -359,10 +367,7 @@ impl Drop for Server {
         let mut left = mounts_under(self.root());
         left.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
         for p in left {
-            if let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) {
-                // SAFETY: c is a valid C string for the call.
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            }
+            unmount_lazily(&p);
         }
     }
 }
