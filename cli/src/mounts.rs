@@ -198,7 +198,7 @@ impl MountManager {
             // not mounted again over files then.
             if !r.managed
                 && holds_files(&r.path)
-                && !(!r.stopped && self.move_aside_users(&r.path, &volume))
+                && (r.stopped || !self.move_aside_users(&r.path, &volume))
             {
                 tracing::warn!(
                     "could not restore the mount of {volume} at {}: it holds files now, not mounted again over them (`dm mount {volume} PATH` elsewhere)",
