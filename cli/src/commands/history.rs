@@ -176,9 +176,9 @@ pub fn log(
     Ok(())
 }
 
-/// A commit's time as `dm log` shows it: RFC 2822 in UTC, as git's
-/// `--date=rfc` (Dotmesh printed nanoseconds since 1970).
-/// As git's `--date=rfc` (RFC 2822, the day of the month unpadded), in UTC.
+/// A commit's time as `dm log` shows it: RFC 2822 in UTC as git's
+/// `--date=rfc` prints it, the day of the month unpadded (Dotmesh printed
+/// nanoseconds since 1970).
 fn log_date(ns: u64) -> String {
     match time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns)) {
         Ok(t) => format!(
