@@ -337,15 +337,17 @@ fn a_server_run_by_another_user_than_root() {
     // (another user's XDG_RUNTIME_DIR, after `su` without `-`) is closed.
     let closed = tempfile::tempdir().unwrap();
     std::fs::set_permissions(closed.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-    let out = u.sh(&format!(
-        "XDG_RUNTIME_DIR={} {} list",
-        closed.path().display(),
-        u.bin.display()
-    ));
-    let err = text(&out.stderr);
+    let list_under = |xdg: &Path| {
+        let out = u.sh(&format!(
+            "XDG_RUNTIME_DIR={} {} list",
+            xdg.display(),
+            u.bin.display()
+        ));
+        (out.status.success(), text(&out.stderr))
+    };
+    let (ok, err) = list_under(closed.path());
     assert!(
-        !out.status.success()
-            && err.contains("you may not enter")
+        !ok && err.contains("you may not enter")
             && err.contains("su -")
             && err.contains(&rt.join("dm.sock").display().to_string())
             && !err.contains("belongs to another user"),
@@ -361,14 +363,9 @@ fn a_server_run_by_another_user_than_root() {
         std::fs::Permissions::from_mode(0o600),
     )
     .unwrap();
-    let out = u.sh(&format!(
-        "XDG_RUNTIME_DIR={} {} list",
-        open.path().display(),
-        u.bin.display()
-    ));
-    let err = text(&out.stderr);
+    let (ok, err) = list_under(open.path());
     assert!(
-        !out.status.success() && err.contains("belongs to another user") && err.contains("su -"),
+        !ok && err.contains("belongs to another user") && err.contains("su -"),
         "{err}"
     );
     // Root's client does not talk to this user's server (nor would the

@@ -743,9 +743,7 @@ impl BranchFs {
         rec.nlink = rec.nlink.saturating_sub(1);
         rec.ctime = t;
         if rec.nlink == 0 {
-            if self.open.lock().get(&ino).copied().unwrap_or(0) > 0
-                || self.held.lock().contains_key(&ino)
-            {
+            if self.in_use(ino) {
                 Self::store(tx, ino, &rec);
                 tx.put(keys::orphan(ino), Vec::new());
                 self.orphans.lock().insert(ino);
@@ -1210,7 +1208,7 @@ impl BranchFs {
                 // after close(2)): the new handle's release frees it; or
                 // a kernel still knows it: its forget does. Checked under
                 // `meta`, as unlink decides under it.
-                if self.open.lock().contains_key(&ino) || self.held.lock().contains_key(&ino) {
+                if self.in_use(ino) {
                     return Ok(());
                 }
                 if self.free_orphan_in(&st, ino)? {
@@ -1300,10 +1298,16 @@ impl BranchFs {
         }
         let st = self.state()?;
         let _m = self.meta.lock();
-        if self.open.lock().contains_key(&ino) || self.held.lock().contains_key(&ino) {
+        if self.in_use(ino) {
             return Ok(());
         }
         self.free_orphan_in(&st, ino).map(|_| ())
+    }
+
+    /// Whether a handle has `ino` open or a mount's kernel knows it (check
+    /// under `meta`, as unlink decides under it).
+    fn in_use(&self, ino: Ino) -> bool {
+        self.open.lock().contains_key(&ino) || self.held.lock().contains_key(&ino)
     }
 
     /// An empty write buffer for a file of this branch.

@@ -159,10 +159,7 @@ impl Store {
         });
         store.gc_base.lock().1 = store.stored_bytes()?;
         if store
-            .db
-            .db
-            .get_cf(store.db.cf(CF_META), meta::GC_DUE_KEY)
-            .map_err(Error::db("reading whether a GC is due"))?
+            .meta_get::<()>(meta::GC_DUE_KEY, "whether a GC is due")?
             .is_some()
         {
             store
@@ -437,7 +434,7 @@ impl Store {
         mut batch: WriteBatch,
         what: &str,
     ) -> Result<()> {
-        batch.put_cf(self.db.cf(CF_META), meta::GC_DUE_KEY, b"");
+        self.meta_put(&mut batch, meta::GC_DUE_KEY, &());
         let mut reg = self.branches.lock();
         let open: Vec<Arc<BranchFs>> = names
             .iter()
@@ -743,7 +740,7 @@ impl Store {
         let d = self.dot_rec(dot)?;
         let mut rec = self.branch_rec(&d, branch)?;
         let fs = self.fs_for(&d, branch)?;
-        let flushed = started.elapsed();
+        let waited = started.elapsed();
         let mut st = fs.state.write();
         fs.flush_all_in(&st)?;
         fs.free_unopened_orphans(&st)?;
@@ -812,8 +809,8 @@ impl Store {
             id.short(),
             muts.len(),
             patched,
-            flushed,
-            started.elapsed() - flushed
+            waited,
+            started.elapsed() - waited
         );
         Ok(CommitInfo::from(id, commit))
     }

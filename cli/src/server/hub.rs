@@ -5,6 +5,7 @@
 //! `GET /v1/sync/transfers/{id}` for progress and the result.
 
 use super::error::{ApiError, ApiResult};
+use super::routes::blocking;
 use super::AppState;
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::routing::{delete, get, post};
@@ -309,18 +310,18 @@ async fn add_user(
     Json(req): Json<UserReq>,
 ) -> ApiResult<Json<UserKey>> {
     let store = st.app.store.clone();
-    let (name, rotate) = (req.name.clone(), req.new_key);
-    let key = tokio::task::spawn_blocking(move || match rotate {
-        true => dm_sync::users::new_key_for(&store, &name),
-        false => dm_sync::users::add_user(&store, &name),
+    blocking(move || {
+        let key = match req.new_key {
+            true => dm_sync::users::new_key_for(&store, &req.name),
+            false => dm_sync::users::add_user(&store, &req.name),
+        }
+        .map_err(sync_err)?;
+        Ok(UserKey {
+            name: req.name,
+            key,
+        })
     })
     .await
-    .map_err(|e| ApiError::internal(e.to_string()))?
-    .map_err(sync_err)?;
-    Ok(Json(UserKey {
-        name: req.name,
-        key,
-    }))
 }
 
 /// `DELETE /v1/sync/users/{name}` answer.
@@ -337,12 +338,11 @@ async fn remove_user(
     UrlPath(name): UrlPath<String>,
 ) -> ApiResult<Json<UserRemoved>> {
     let store = st.app.store.clone();
-    let who = name.clone();
-    let grants = tokio::task::spawn_blocking(move || dm_sync::users::remove_user(&store, &who))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(sync_err)?;
-    Ok(Json(UserRemoved { name, grants }))
+    blocking(move || {
+        let grants = dm_sync::users::remove_user(&store, &name).map_err(sync_err)?;
+        Ok(UserRemoved { name, grants })
+    })
+    .await
 }
 
 async fn list_users(State(st): State<SyncState>) -> ApiResult<Json<Vec<String>>> {

@@ -100,7 +100,7 @@ async fn not_found(uri: axum::http::Uri) -> ApiError {
 }
 
 /// Runs blocking store work off the async threads.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> ApiResult<T> + Send + 'static,
 ) -> ApiResult<Json<T>> {
     match tokio::task::spawn_blocking(f).await {
