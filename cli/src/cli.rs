@@ -168,7 +168,7 @@ pub enum Command {
         /// Create the branch first, at START or the current head.
         #[arg(short = 'b')]
         create: bool,
-        /// The branch.
+        /// The branch; `-` is the branch checked out before this one.
         branch: String,
         /// With -b: where the new branch starts, a commit or revision (e.g. an
         /// id from `dm log`, or another branch) [default: HEAD].
@@ -245,7 +245,8 @@ pub enum Command {
 pub enum DotCommand {
     /// Details of a dot (the current one by default).
     Show {
-        /// Scripting output: `key<TAB>value` lines, raw numbers.
+        /// Scripting output: `key<TAB>value` lines, raw numbers; a path or
+        /// message holding a tab or newline is double-quoted, C-escaped.
         #[arg(short = 'H')]
         scripting: bool,
         /// The dot.

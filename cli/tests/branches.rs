@@ -615,6 +615,8 @@ fn checkout_branch_and_commit_as_git_users_type_them() {
         String::from_utf8_lossy(&out.stderr).to_string()
     };
     assert_eq!(stderr(&["checkout", "master"]), "Already on 'master'\n");
+    let err = s.fail(&["checkout", "-"]);
+    assert!(err.contains("no previous branch in dot g"), "{err}");
 
     let err = s.fail(&["checkout", &a[..8]]);
     assert!(
@@ -669,15 +671,26 @@ fn checkout_branch_and_commit_as_git_users_type_them() {
     let err = s.fail(&["checkout", "-b", "bad", "nosuchrev"]);
     assert!(err.contains("nosuchrev"), "{err}");
     // A missing branch is offered to be made, unless its name could not
-    // be a new branch's (`dm checkout -`, git's previous branch).
+    // be a new branch's.
     let err = s.fail(&["checkout", "nosuch"]);
     assert!(err.contains("`dm checkout -b nosuch`"), "{err}");
-    let err = s.fail(&["checkout", "-"]);
+    let err = s.fail(&["checkout", "head"]);
     assert!(
         err.contains("not found") && !err.contains("checkout -b"),
         "{err}"
     );
     assert!(!s.ok(&["branch"]).contains("bad"));
+    // git's `checkout -`: back to the branch checked out before (old, then
+    // atb again); a deleted one is not offered.
+    assert_eq!(stderr(&["checkout", "-"]), "Switched to branch 'old'\n");
+    assert_eq!(files(&mnt), ["A", "history"]);
+    assert_eq!(stderr(&["checkout", "-"]), "Switched to branch 'atb'\n");
+    assert_eq!(files(&mnt), ["A", "B", "history"]);
+    s.ok(&["checkout", "w4"]);
+    s.ok(&["checkout", "atb"]);
+    s.ok(&["branch", "-D", "w4"]);
+    let err = s.fail(&["checkout", "-"]);
+    assert!(err.contains("no previous branch") && err.contains("deleted"), "{err}");
 
     // Plain checkout away from uncommitted changes says they stay.
     write_synced(&mnt.join("draft"), b"d");

@@ -106,6 +106,20 @@ fn bad_input_changes_nothing() {
     assert!(err.contains("unmount"), "{err}");
     let err = s.fail(&["unmount", "/nonexistent/path"]);
     assert!(err.contains("/nonexistent/path"), "{err}");
+    // A path with a tab or newline is one field of `dm dot show -H`
+    // (quoted), a path with a space as is.
+    let odd = tempfile::tempdir().unwrap();
+    for (name, field) in [("a\tb", "\"{}/a\\tb\""), ("a b", "{}/a b")] {
+        let p = odd.path().join(name);
+        s.ok(&["mount", "myapp", p.to_str().unwrap()]);
+        let want = field.replace("{}", odd.path().to_str().unwrap());
+        let show = s.ok(&["dot", "show", "-H"]);
+        assert!(
+            show.lines().any(|l| l == format!("mount\tmyapp\tmaster\t{want}")),
+            "{show}"
+        );
+        s.ok(&["unmount", p.to_str().unwrap()]);
+    }
 
     let err = s.fail(&["commit", "-m", "x", "-d", "Upper=1"]);
     assert!(err.contains("lowercase"), "{err}");

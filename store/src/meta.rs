@@ -5,6 +5,7 @@
 //! | `d 00 namespace 00 name` | [`DotRec`] |
 //! | `b 00 dot id:8 name` | [`BranchRec`] |
 //! | `n 00 next-id` | next dot/branch id (u64 BE) |
+//! | `p 00 dot id:8` | the branch checked out before the current one (`dm checkout -`) |
 
 use crate::id::Id;
 use serde::{Deserialize, Serialize};
@@ -53,6 +54,14 @@ pub fn branch_key(dot_id: u64, name: &str) -> Vec<u8> {
 }
 
 pub const BRANCH_PREFIX: &[u8] = b"b\0";
+
+/// Where the dot's previous branch is kept (a key of its own, so that
+/// [`DotRec`]s written before it still decode).
+pub fn previous_branch_key(dot_id: u64) -> Vec<u8> {
+    let mut k = b"p\0".to_vec();
+    k.extend_from_slice(&dot_id.to_be_bytes());
+    k
+}
 pub const NEXT_ID_KEY: &[u8] = b"n\0next-id";
 /// Present from a dot or branch deletion until a GC that started after it
 /// finishes: the GC it makes due is run by the next start too, after a

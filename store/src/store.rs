@@ -34,6 +34,9 @@ pub struct DotInfo {
     pub block_size: u32,
     pub created_ns: u64,
     pub current_branch: String,
+    /// The branch checked out before the current one, while it exists
+    /// (git's `@{-1}`, for `dm checkout -`).
+    pub previous_branch: Option<String>,
     pub branches: Vec<String>,
 }
 
@@ -298,13 +301,18 @@ impl Store {
     }
 
     fn dot_info_of(&self, d: &DotRec) -> Result<DotInfo> {
+        let branches: Vec<String> = self.branch_recs(d)?.into_iter().map(|(n, _)| n).collect();
+        let previous_branch = self
+            .meta_get::<String>(&meta::previous_branch_key(d.id), "the previous branch")?
+            .filter(|p| *p != d.current_branch && branches.contains(p));
         Ok(DotInfo {
             name: dot_name(d),
             id: d.id,
             block_size: d.block_size,
             created_ns: d.created_ns,
             current_branch: d.current_branch.clone(),
-            branches: self.branch_recs(d)?.into_iter().map(|(n, _)| n).collect(),
+            previous_branch,
+            branches,
         })
     }
 
@@ -412,6 +420,7 @@ impl Store {
             clear_overlay(&self.db, &mut batch, rec.bid);
         }
         batch.delete_cf(self.db.cf(CF_META), meta::dot_key(&d.namespace, &d.name));
+        batch.delete_cf(self.db.cf(CF_META), meta::previous_branch_key(d.id));
         let names: Vec<String> = recs.into_iter().map(|(n, _)| n).collect();
         self.write_deleting_branches(d.id, &names, batch, &format!("deleting dot {dot}"))?;
         // What interrupted transfers into it left goes too.
@@ -466,8 +475,11 @@ impl Store {
         let _b = self.db.gc_barrier.read_recursive();
         let mut d = self.dot_rec(dot)?;
         self.branch_rec(&d, branch)?;
-        d.current_branch = branch.to_string();
         let mut batch = WriteBatch::default();
+        if d.current_branch != branch {
+            self.meta_put(&mut batch, &meta::previous_branch_key(d.id), &d.current_branch);
+        }
+        d.current_branch = branch.to_string();
         self.meta_put(&mut batch, &meta::dot_key(&d.namespace, &d.name), &d);
         self.db.write(batch, true, "switching branch")
     }

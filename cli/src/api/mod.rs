@@ -53,6 +53,9 @@ pub struct DotSummary {
     pub created_ns: u64,
     /// The branch unpinned mounts follow.
     pub current_branch: String,
+    /// The branch checked out before it, while it exists (`dm checkout -`).
+    #[serde(default)]
+    pub previous_branch: Option<String>,
     /// All branch names.
     pub branches: Vec<String>,
     /// Server id holding the current branch.

@@ -2,7 +2,7 @@
 
 use super::Ctx;
 use crate::api::{self, CreateDotRequest, DotSummary, Empty};
-use crate::format::{human_size, table};
+use crate::format::{human_size, table, tsv_field};
 use anyhow::{anyhow, bail, Context, Result};
 use dm_store::DotName;
 use std::io::{BufRead, IsTerminal, Write};
@@ -138,10 +138,15 @@ pub fn show(ctx: &mut Ctx, dot: Option<&str>, scripting: bool) -> Result<()> {
             );
         }
         for m in &d.mounts {
-            println!("mount\t{}\t{}\t{}", m.volume, m.branch, m.path);
+            println!("mount\t{}\t{}\t{}", m.volume, m.branch, tsv_field(&m.path));
         }
         for m in &d.unrestored {
-            println!("unrestored\t{}\t{}\t{}", m.volume, m.path, m.error);
+            println!(
+                "unrestored\t{}\t{}\t{}",
+                m.volume,
+                tsv_field(&m.path),
+                tsv_field(&m.error)
+            );
         }
         for (remote, rdot) in super::sync::upstreams_of(ctx, &name) {
             println!("upstream\t{remote}\t{rdot}");

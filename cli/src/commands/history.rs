@@ -6,7 +6,7 @@ use crate::api::{
     self, BranchView, ChangeView, CheckoutRequest, CommitRequest, CommitView, DiffResponse,
     DotDetail, Empty, ResetRequest, ResetResponse, StatusResponse,
 };
-use crate::format::human_size;
+use crate::format::{human_size, quote_path};
 use anyhow::{anyhow, bail, Result};
 use dm_store::DotName;
 use std::collections::BTreeMap;
@@ -241,6 +241,20 @@ pub fn delete_branch(ctx: &mut Ctx, branch: &str, force: bool) -> Result<()> {
 
 pub fn checkout(ctx: &mut Ctx, branch: &str, create: bool, start: Option<&str>) -> Result<()> {
     let (dot, d) = current(ctx)?;
+    // git's `git checkout -`: back to the branch checked out before.
+    let previous;
+    let branch = if branch == "-" && !create {
+        previous = d.summary.previous_branch.clone().ok_or_else(|| {
+            anyhow!(
+                "no previous branch in dot {dot}: `dm checkout -` goes back to the branch \
+                 checked out before {}, and there is none (or it was deleted)",
+                d.summary.current_branch
+            )
+        })?;
+        previous.as_str()
+    } else {
+        branch
+    };
     let valid = dm_store::names::validate("branch", branch);
     let exists = d.summary.branches.iter().any(|b| b == branch);
     if create && exists {
@@ -267,8 +281,8 @@ pub fn checkout(ctx: &mut Ctx, branch: &str, create: bool, start: Option<&str>) 
             Err(_) => {}
         }
         valid.map_err(|e| anyhow!("{e}"))?;
-        // Only a name a new branch may have is offered (`dm checkout -`,
-        // git's previous branch, was told to make a branch "-").
+        // Only a name a new branch may have is offered (`dm checkout -b -`
+        // was told to make a branch "-").
         if dm_store::names::validate_new("branch", branch).is_err() {
             bail!(branch_not_found(&dot, branch, &d.summary.branches));
         }
@@ -375,45 +389,6 @@ fn change_line(c: &ChangeView) -> String {
     }
 }
 
-/// A path as git's `status --short` prints it: as is, or in double quotes
-/// with C escapes when it holds a space (`R  a -> b` lines split on
-/// spaces), a control character, a double quote, a backslash (a name with
-/// a newline took two lines), an invisible formatting character (a
-/// right-to-left override showed the name reversed) or bytes that are not
-/// UTF-8 (each as `\ooo`).
-fn quote_path(p: &[u8]) -> String {
-    let invisible = |c: char| matches!(c, '\u{ad}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{feff}');
-    let plain = |c: char| !(c.is_control() || invisible(c) || c == '"' || c == '\\' || c == ' ');
-    if let Ok(s) = std::str::from_utf8(p) {
-        if s.chars().all(plain) {
-            return s.to_string();
-        }
-    }
-    let octal = |out: &mut String, bytes: &[u8]| {
-        for b in bytes {
-            out.push_str(&format!("\\{b:03o}"));
-        }
-    };
-    let mut out = String::from("\"");
-    for chunk in p.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            match c {
-                '\n' => out.push_str("\\n"),
-                '\t' => out.push_str("\\t"),
-                '"' => out.push_str("\\\""),
-                '\\' => out.push_str("\\\\"),
-                c if c.is_control() || invisible(c) => {
-                    octal(&mut out, c.encode_utf8(&mut [0u8; 4]).as_bytes())
-                }
-                c => out.push(c),
-            }
-        }
-        octal(&mut out, chunk.invalid());
-    }
-    out.push('"');
-    out
-}
-
 pub fn diff(ctx: &mut Ctx, from: Option<&str>, to: Option<&str>) -> Result<()> {
     let (dot, d) = current(ctx)?;
     let mut path = format!(
@@ -494,7 +469,7 @@ pub fn status(ctx: &mut Ctx) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{clean_message, log_date, quote_path};
+    use super::{clean_message, log_date};
 
     #[test]
     fn commit_messages_are_cleaned_up_as_git_does() {
@@ -511,23 +486,6 @@ mod tests {
         assert_eq!(
             log_date(1_796_554_820_123_456_789),
             "Sun, 6 Dec 2026 11:00:20 +0000"
-        );
-    }
-
-    #[test]
-    fn paths_with_newlines_quotes_or_controls_are_quoted_as_git_does() {
-        let q = |p: &str| quote_path(p.as_bytes());
-        assert_eq!(q("/__default__/ab/é"), "/__default__/ab/é");
-        assert_eq!(q("/__default__/a b/é"), "\"/__default__/a b/é\"");
-        assert_eq!(q("/x/q -> r"), "\"/x/q -> r\"");
-        assert_eq!(q("/x/\u{202e}txt.exe"), "\"/x/\\342\\200\\256txt.exe\"");
-        assert_eq!(q("/x/new\nline"), "\"/x/new\\nline\"");
-        assert_eq!(q("/x/\"q\"\\"), "\"/x/\\\"q\\\"\\\\\"");
-        assert_eq!(q("/x/\u{1}"), "\"/x/\\001\"");
-        // Not UTF-8: each such byte in octal, as git does.
-        assert_eq!(
-            quote_path(b"/x/bad\xff\xfe-\xc3\xa9"),
-            "\"/x/bad\\377\\376-é\""
         );
     }
 }

@@ -13,6 +13,7 @@ pub fn dot_summary(info: &DotInfo, current: &BranchInfo, server: &str) -> DotSum
         block_size: info.block_size,
         created_ns: info.created_ns,
         current_branch: info.current_branch.clone(),
+        previous_branch: info.previous_branch.clone(),
         branches: info.branches.clone(),
         server: server.to_string(),
         containers: Vec::new(),
