@@ -80,7 +80,7 @@ pub enum Command {
         upstream: PathBuf,
     },
     /// Send the commits a remote lacks: `dm push REMOTE [DOT [BRANCH]]`.
-    Push(crate::commands::sync::PushPullArgs),
+    Push(crate::commands::sync::PushArgs),
     /// Fetch new commits from a remote: `dm pull REMOTE [DOT [BRANCH]]`.
     Pull(crate::commands::sync::PushPullArgs),
     /// First download of a dot: `dm clone REMOTE [NS/]DOT [BRANCH]`.

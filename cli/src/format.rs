@@ -117,7 +117,10 @@ mod tests {
     fn tab_separated_fields_are_quoted_only_when_they_would_split_a_line() {
         assert_eq!(tsv_field("/mnt/my data"), "/mnt/my data");
         assert_eq!(tsv_field("/mnt/a\tb"), "\"/mnt/a\\tb\"");
-        assert_eq!(tsv_field("failed:\nno such file"), "\"failed:\\nno such file\"");
+        assert_eq!(
+            tsv_field("failed:\nno such file"),
+            "\"failed:\\nno such file\""
+        );
         assert_eq!(tsv_field("\"x"), "\"\\\"x\"");
     }
 

@@ -690,7 +690,10 @@ fn checkout_branch_and_commit_as_git_users_type_them() {
     s.ok(&["checkout", "atb"]);
     s.ok(&["branch", "-D", "w4"]);
     let err = s.fail(&["checkout", "-"]);
-    assert!(err.contains("no previous branch") && err.contains("deleted"), "{err}");
+    assert!(
+        err.contains("no previous branch") && err.contains("deleted"),
+        "{err}"
+    );
 
     // Plain checkout away from uncommitted changes says they stay.
     write_synced(&mnt.join("draft"), b"d");

@@ -115,7 +115,8 @@ fn bad_input_changes_nothing() {
         let want = field.replace("{}", odd.path().to_str().unwrap());
         let show = s.ok(&["dot", "show", "-H"]);
         assert!(
-            show.lines().any(|l| l == format!("mount\tmyapp\tmaster\t{want}")),
+            show.lines()
+                .any(|l| l == format!("mount\tmyapp\tmaster\t{want}")),
             "{show}"
         );
         s.ok(&["unmount", p.to_str().unwrap()]);

@@ -1073,3 +1073,74 @@ fn all_branches_cost_one_branch_list() {
     hub.ok(&["switch", "alice/many"]);
     assert_eq!(hub.ok(&["branch"]).lines().count(), 203);
 }
+
+/// `dm push REMOTE --delete BRANCH`, as git's: deletes the hub's branch;
+/// refused for the hub's current branch, one mounted there, one whose
+/// commits no other branch there has (unless --force), and one that is
+/// not there; the local branch stays.
+#[test]
+fn push_delete_removes_a_branch_on_the_hub() {
+    let [hp, ap, _] = free_udp_ports();
+    let (hub, alice, _) = hub_and_alice(hp, ap, "del");
+    let m = mount(&alice, "del");
+    write_synced(&m.join("f"), b"base");
+    alice.ok(&["commit", "-m", "base"]);
+    alice.ok(&["checkout", "-b", "merged"]);
+    alice.ok(&["checkout", "-b", "own"]);
+    write_synced(&m.join("f"), b"own");
+    alice.ok(&["commit", "-m", "only on own"]);
+    alice.ok(&["push", "hub", "--all"]);
+    let hub_branches = || {
+        hub.ok(&["switch", "alice/del"]);
+        hub.ok(&["branch"])
+    };
+    assert_eq!(hub_branches(), "* master\n  merged\n  own\n");
+
+    // One name after REMOTE is the branch of the current dot.
+    let out = alice.ok(&["push", "hub", "--delete", "merged"]);
+    assert!(
+        out.starts_with("Deleted branch merged of alice/del on hub (was "),
+        "{out}"
+    );
+    assert_eq!(hub_branches(), "* master\n  own\n");
+    assert!(
+        alice.ok(&["branch"]).contains("merged"),
+        "the local branch went"
+    );
+
+    let err = alice.fail(&["push", "hub", "del", "own", "--delete"]);
+    assert!(
+        err.contains("commits no other branch there has")
+            && err.contains("\"only on own\"")
+            && err.contains("--force"),
+        "{err}"
+    );
+    let err = alice.fail(&["push", "hub", "--delete", "master"]);
+    assert!(
+        err.contains("current branch of alice/del on the hub"),
+        "{err}"
+    );
+    let err = alice.fail(&["push", "hub", "--delete", "nosuch"]);
+    assert!(err.contains("has no branch nosuch"), "{err}");
+    let err = alice.fail(&["push", "hub", "--delete"]);
+    assert!(err.contains("name the branch to delete"), "{err}");
+    // In use on the hub: refused, and kept.
+    let on_hub = tempfile::tempdir().unwrap();
+    let p = on_hub.path().join("own");
+    hub.ok(&["mount", "alice/del@own", p.to_str().unwrap()]);
+    let err = alice.fail(&["push", "hub", "--delete", "own", "--force"]);
+    assert!(
+        err.contains("mounted at") && err.contains("on the hub"),
+        "{err}"
+    );
+    hub.ok(&["unmount", p.to_str().unwrap()]);
+    assert_eq!(hub_branches(), "* master\n  own\n");
+
+    let out = alice.ok(&["push", "hub", "--delete", "own", "--force"]);
+    assert!(out.contains("Deleted branch own"), "{out}");
+    assert_eq!(hub_branches(), "* master\n");
+    // Pushed again from alice's copy, it is back whole.
+    alice.ok(&["push", "hub", "del", "own"]);
+    let on_hub = mount(&hub, "alice/del@own");
+    assert_eq!(read(&on_hub.join("f")), b"own");
+}

@@ -477,7 +477,11 @@ impl Store {
         self.branch_rec(&d, branch)?;
         let mut batch = WriteBatch::default();
         if d.current_branch != branch {
-            self.meta_put(&mut batch, &meta::previous_branch_key(d.id), &d.current_branch);
+            self.meta_put(
+                &mut batch,
+                &meta::previous_branch_key(d.id),
+                &d.current_branch,
+            );
         }
         d.current_branch = branch.to_string();
         self.meta_put(&mut batch, &meta::dot_key(&d.namespace, &d.name), &d);
@@ -698,20 +702,41 @@ impl Store {
                 )));
             }
             // As git's `branch -d`: commits no other branch has would go.
-            if let Some(h) = head {
-                if self.reachable_from_others(d, &h, Some(branch))? {
-                    return Ok(());
-                }
-                let c = self.db.commit(&h)?;
+            if let Some((h, subject)) = self.unique_head_of(d, branch, head)? {
                 return Err(Error::Refused(format!(
-                    "branch {branch} of dot {dot} has commits no other branch has (head {}, \"{}\"); \
+                    "branch {branch} of dot {dot} has commits no other branch has (head {}, \"{subject}\"); \
                      deleting it destroys them: use `dm branch -D {branch}` to delete it anyway",
                     &h.to_hex()[..12],
-                    c.message.lines().next().unwrap_or("")
                 )));
             }
         }
         Ok(())
+    }
+
+    /// The head of `branch` and its subject line when the branch has
+    /// commits no other branch of the dot reaches (deleting it would
+    /// destroy them); None when it has none of its own.
+    pub fn unique_head(&self, dot: &DotName, branch: &str) -> Result<Option<(Id, String)>> {
+        let d = self.dot_rec(dot)?;
+        let head = self.branch_rec(&d, branch)?.head;
+        self.unique_head_of(&d, branch, head)
+    }
+
+    fn unique_head_of(
+        &self,
+        d: &DotRec,
+        branch: &str,
+        head: Option<Id>,
+    ) -> Result<Option<(Id, String)>> {
+        let Some(h) = head else { return Ok(None) };
+        if self.reachable_from_others(d, &h, Some(branch))? {
+            return Ok(None);
+        }
+        let c = self.db.commit(&h)?;
+        Ok(Some((
+            h,
+            c.message.lines().next().unwrap_or("").to_string(),
+        )))
     }
 
     /// The working state of a branch, as a filesystem. One object per branch.

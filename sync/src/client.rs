@@ -437,6 +437,38 @@ fn diverged_message(what: &str, dot: &DotName, branch: &str, d: &Divergence, cmd
     }
 }
 
+/// Deletes `branch` of `remote_dot` on the hub (`dm push --delete`); the
+/// hub refuses, saying why, when the branch is its current one, has
+/// uncommitted changes or is in use there, or (without `force`) has
+/// commits no other branch there has. Returns the branch's head.
+pub async fn delete_branch(
+    remote: &Remote,
+    remote_dot: &DotName,
+    branch: &str,
+    force: bool,
+) -> Result<Option<Id>> {
+    let req = Request::DeleteBranch {
+        dot: dot_ref(remote_dot),
+        branch: branch.to_string(),
+        force,
+    };
+    match remote.call(&req).await? {
+        Response::Ids(ids) if ids.len() <= 1 => {
+            if let Some((_, branches)) = remote
+                .memo
+                .lock()
+                .as_mut()
+                .and_then(|m| m.get_mut(&remote_dot.to_string()))
+                .and_then(|known| known.as_mut())
+            {
+                branches.retain(|(n, _)| n != branch);
+            }
+            Ok(ids.first().copied())
+        }
+        other => Err(unexpected(&other)),
+    }
+}
+
 /// Pushes `branch` of local `dot` to `remote_dot` on the hub: the commits
 /// the hub lacks (including those of the branches it grew from), their
 /// changed tree nodes and the chunks the hub does not have, then a

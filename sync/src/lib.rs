@@ -17,7 +17,8 @@ pub mod tls;
 pub mod users;
 
 pub use client::{
-    host_port, probe_fingerprint, pull, push, Remote, RemoteSpec, TransferOptions, TransferReport,
+    delete_branch, host_port, probe_fingerprint, pull, push, Remote, RemoteSpec, TransferOptions,
+    TransferReport,
 };
 pub use error::{Error, Result};
 pub use progress::{Bar, Progress};

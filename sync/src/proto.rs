@@ -127,6 +127,19 @@ pub enum Request {
         /// The branch to create at `expected`; must not exist.
         keep_as: String,
     },
+    /// Deletes a branch of the dot (write access; `dm push --delete`).
+    /// Answered with `Ids` holding its head (empty: it had no commit).
+    /// Refused for the dot's current branch on the hub, one with
+    /// uncommitted changes or in use there, and, without `force`, one with
+    /// commits no other branch of the dot has.
+    DeleteBranch {
+        /// The dot.
+        dot: DotRef,
+        /// The branch.
+        branch: String,
+        /// Delete it even if its commits are on no other branch.
+        force: bool,
+    },
 }
 
 /// Why the hub refused a request.

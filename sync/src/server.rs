@@ -46,6 +46,16 @@ pub trait LiveBranches: Send + Sync {
         branch: &str,
         set: &mut dyn FnMut() -> dm_store::Result<SetHead>,
     ) -> std::result::Result<dm_store::Result<SetHead>, String>;
+
+    /// Runs `delete`, which deletes `branch` of `dot`, unless something
+    /// here uses the branch (a container, a mount, open files): then the
+    /// refusal, saying what.
+    fn around_delete(
+        &self,
+        dot: &DotName,
+        branch: &str,
+        delete: &mut dyn FnMut() -> dm_store::Result<()>,
+    ) -> std::result::Result<dm_store::Result<()>, String>;
 }
 
 /// A hub whose branches nothing else uses (tests, tools).
@@ -59,6 +69,15 @@ impl LiveBranches for Unused {
         set: &mut dyn FnMut() -> dm_store::Result<SetHead>,
     ) -> std::result::Result<dm_store::Result<SetHead>, String> {
         Ok(set())
+    }
+
+    fn around_delete(
+        &self,
+        _dot: &DotName,
+        _branch: &str,
+        delete: &mut dyn FnMut() -> dm_store::Result<()>,
+    ) -> std::result::Result<dm_store::Result<()>, String> {
+        Ok(delete())
     }
 }
 
@@ -739,6 +758,7 @@ fn handle_inner(s: &Session, req: Request) -> std::result::Result<Response, Resp
             block_size,
             Some(&keep_as),
         ),
+        Request::DeleteBranch { dot, branch, force } => delete_branch(s, &dot, &branch, force),
     }
 }
 
@@ -834,6 +854,66 @@ fn set_head(
         keep_as.map_or_else(String::new, |k| format!(", keeping the old head on {k}"))
     );
     Ok(Response::Done { new: 1 })
+}
+
+/// `DeleteBranch` (`dm push --delete`).
+fn delete_branch(
+    s: &Session,
+    dot: &DotRef,
+    branch: &str,
+    force: bool,
+) -> std::result::Result<Response, Response> {
+    let store = &s.store;
+    let dot = authorize(s, dot, true)?;
+    let (ns, name) = (&dot.namespace, &dot.name);
+    let head = match store.branch_info(&dot, branch) {
+        Ok(b) => b.head,
+        Err(e) if e.is_not_found() => {
+            return Err(err(
+                ErrorCode::UnknownDot,
+                format!("dot {ns}/{name} on the hub has no branch {branch}: nothing to delete"),
+            ))
+        }
+        Err(e) => return Err(store_err(e)),
+    };
+    if store.dot_info(&dot).map_err(store_err)?.current_branch == branch {
+        return Err(err(
+            ErrorCode::Refused,
+            format!(
+                "branch {branch} is the current branch of {ns}/{name} on the hub (what a clone \
+                 starts from); it cannot be deleted from here: the hub's admin can check out \
+                 another branch there first"
+            ),
+        ));
+    }
+    if store.has_uncommitted(&dot, branch).unwrap_or(false) {
+        return Err(uncommitted_on_hub(&dot, branch));
+    }
+    if !force {
+        if let Some((h, subject)) = store.unique_head(&dot, branch).map_err(store_err)? {
+            return Err(err(
+                ErrorCode::Refused,
+                format!(
+                    "branch {branch} of {ns}/{name} on the hub has commits no other branch there has \
+                     (head {}, \"{subject}\"); deleting it destroys them there: pull it first to keep \
+                     them, or add --force to delete it anyway",
+                    h.short()
+                ),
+            ));
+        }
+    }
+    s.live
+        .around_delete(&dot, branch, &mut || {
+            store.delete_branch(&dot, branch, true)
+        })
+        .map_err(|m| err(ErrorCode::Refused, m))?
+        .map_err(store_err)?;
+    tracing::info!(
+        "hub: user {} deleted branch {branch} of {dot} (was at {})",
+        s.user.name,
+        head.map_or_else(|| "no commit".to_string(), |h| h.short())
+    );
+    Ok(Response::Ids(head.into_iter().collect()))
 }
 
 #[cfg(test)]

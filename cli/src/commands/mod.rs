@@ -129,7 +129,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Server { .. } | Command::Completions { .. } | Command::PluginProxy { .. } => {
             unreachable!("handled above")
         }
-        Command::Push(a) => sync::transfer(&mut ctx, true, a.into()),
+        Command::Push(a) if a.delete => sync::delete_remote_branch(&mut ctx, a.common),
+        Command::Push(a) => sync::transfer(&mut ctx, true, a.common.into()),
         Command::Pull(a) => sync::transfer(&mut ctx, false, a.into()),
         Command::Clone(a) => sync::clone_cmd(&mut ctx, a),
         Command::User { command } => sync::user_cmd(&mut ctx, command),

@@ -11,7 +11,8 @@
 use super::Ctx;
 use crate::config::Remote;
 use crate::server::hub::{
-    CollaboratorReq, RemoteReq, TransferReq, TransferStatus, UserKey, UserRemoved, UserReq,
+    BranchDeleted, BranchDeletionReq, CollaboratorReq, RemoteReq, TransferReq, TransferStatus,
+    UserKey, UserRemoved, UserReq,
 };
 use anyhow::{anyhow, bail, Context, Result};
 use dm_store::DotName;
@@ -835,6 +836,71 @@ pub fn collaborator_add(ctx: &mut Ctx, dot: &str, user: &str) -> Result<()> {
         },
     )?;
     println!("{user} may now push to and pull from {d}");
+    Ok(())
+}
+
+/// `dm push` arguments.
+#[derive(clap::Args, Debug)]
+pub struct PushArgs {
+    /// The push itself.
+    #[command(flatten)]
+    pub common: PushPullArgs,
+    /// Delete BRANCH on the remote instead (`dm push REMOTE [DOT] BRANCH
+    /// --delete`, as git's `push --delete`); refused there for a branch with commits no
+    /// other branch there has, unless --force.
+    #[arg(long, conflicts_with_all = ["all", "stash_on_divergence"])]
+    pub delete: bool,
+}
+
+/// `dm push REMOTE [DOT] BRANCH --delete`: one BRANCH after REMOTE is
+/// the branch (of the current dot), as in git.
+pub fn delete_remote_branch(ctx: &mut Ctx, a: PushPullArgs) -> Result<()> {
+    let (dot, branch) = match (a.dot, a.branch) {
+        (Some(d), Some(b)) => (Some(d), b),
+        (Some(b), None) => (None, b),
+        (None, _) => bail!(
+            "name the branch to delete on remote {remote}: `dm push {remote} --delete BRANCH`",
+            remote = a.remote
+        ),
+    };
+    dm_store::names::validate("branch", &branch).map_err(|e| anyhow!("{e}"))?;
+    let (r, rreq) = remote_req(ctx, &a.remote)?;
+    let local = ctx.dot(dot.as_deref())?;
+    let sc = SyncConfig::load(&ctx.config_path)?;
+    let rdot = remote_dot(&sc, &local, &a.remote, &r.user, a.remote_name.as_deref())?;
+    let req = BranchDeletionReq {
+        remote: rreq,
+        remote_dot: format!("{}/{}", rdot.namespace, rdot.name),
+        branch: branch.clone(),
+        force: a.force,
+    };
+    let done: BranchDeleted = ctx
+        .client()?
+        .post("/v1/sync/branch-deletions", &req)
+        .map_err(|e| {
+            let mut m =
+                with_remote_hints(&format!("{e:#}"), &a.remote, a.remote_name.as_deref(), &r);
+            if m.contains("malformed frame") {
+                m.push_str(" (the hub runs a dm older than `push --delete`)");
+            }
+            anyhow!(
+                "deleting branch {branch} of {}/{} on remote {}: {m}",
+                rdot.namespace,
+                rdot.name,
+                a.remote
+            )
+        })?;
+    // As git says it: the id undoes a mistake (push it back from a clone
+    // that has it).
+    println!(
+        "Deleted branch {branch} of {}/{} on {} (was {}).",
+        rdot.namespace,
+        rdot.name,
+        a.remote,
+        done.head
+            .as_deref()
+            .map_or("no commits", |h| &h[..h.len().min(12)])
+    );
     Ok(())
 }
 

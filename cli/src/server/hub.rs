@@ -62,6 +62,28 @@ impl dm_sync::LiveBranches for Live {
             })
             .map_err(|e| e.message)
     }
+
+    fn around_delete(
+        &self,
+        dot: &DotName,
+        branch: &str,
+        delete: &mut dyn FnMut() -> dm_store::Result<()>,
+    ) -> Result<dm_store::Result<()>, String> {
+        let mut result = None;
+        super::routes::around_branch_delete(
+            &self.0,
+            dot,
+            branch,
+            super::routes::Deleter::Push,
+            || {
+                result = Some(delete());
+                Ok(())
+            },
+        )
+        .map_err(|e| e.message)?;
+        // Set by the closure, which ran since no refusal came back.
+        Ok(result.unwrap_or(Ok(())))
+    }
 }
 
 /// Whether `branch` of `dot` has nothing uncommitted (what the mounts'
@@ -142,6 +164,60 @@ pub struct RemoteReq {
     /// Or: CA certificates (PEM) the hub's certificate must chain to.
     #[serde(default)]
     pub ca_pem: Option<String>,
+}
+
+impl RemoteReq {
+    fn spec(&self) -> RemoteSpec {
+        RemoteSpec {
+            host: self.host.clone(),
+            port: self.port,
+            user: self.user.clone(),
+            key: self.key.clone(),
+            trust: match &self.ca_pem {
+                Some(pem) => Trust::Ca(pem.clone()),
+                None => Trust::Pinned(self.fingerprint.clone()),
+            },
+        }
+    }
+}
+
+/// `POST /v1/sync/branch-deletions` (`dm push --delete`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BranchDeletionReq {
+    /// The hub.
+    pub remote: RemoteReq,
+    /// Dot on the hub `ns/dot`.
+    pub remote_dot: String,
+    /// The branch to delete there.
+    pub branch: String,
+    /// Delete it even if its commits are on no other branch there.
+    pub force: bool,
+}
+
+/// `POST /v1/sync/branch-deletions` answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BranchDeleted {
+    /// The deleted branch's head on the hub (None: it had no commit).
+    pub head: Option<String>,
+}
+
+/// Deletes a branch on a hub: one request, no transfer.
+async fn delete_remote_branch(
+    Json(req): Json<BranchDeletionReq>,
+) -> ApiResult<Json<BranchDeleted>> {
+    let remote_dot = DotName::parse(&req.remote_dot)?;
+    let run = async {
+        let remote = Remote::connect(&req.remote.spec()).await?;
+        let head = dm_sync::delete_branch(&remote, &remote_dot, &req.branch, req.force).await;
+        remote.close().await;
+        head
+    };
+    match run.await {
+        Ok(head) => Ok(Json(BranchDeleted {
+            head: head.map(|h| h.to_hex()),
+        })),
+        Err(e) => Err(ApiError::conflict(e.to_string())),
+    }
 }
 
 /// `POST /v1/sync/transfers`.
@@ -267,6 +343,7 @@ pub fn router(app: Arc<AppState>) -> Router {
             "/v1/sync/transfers/{id}",
             get(transfer_status).delete(cancel_transfer),
         )
+        .route("/v1/sync/branch-deletions", post(delete_remote_branch))
         .route("/v1/sync/users", post(add_user).get(list_users))
         .route("/v1/sync/users/{name}", delete(remove_user))
         .route(
@@ -615,17 +692,7 @@ async fn run_transfer(
     local: &DotName,
     remote_dot: &DotName,
 ) -> dm_sync::Result<()> {
-    let spec = RemoteSpec {
-        host: req.remote.host.clone(),
-        port: req.remote.port,
-        user: req.remote.user.clone(),
-        key: req.remote.key.clone(),
-        trust: match &req.remote.ca_pem {
-            Some(pem) => Trust::Ca(pem.clone()),
-            None => Trust::Pinned(req.remote.fingerprint.clone()),
-        },
-    };
-    let remote = Remote::connect(&spec).await?;
+    let remote = Remote::connect(&req.remote.spec()).await?;
     let opts = TransferOptions {
         stash_on_divergence: req.stash_on_divergence,
         force: req.force,

@@ -386,36 +386,70 @@ async fn delete_branch(
         check_branch(&branch)?;
         // Refusals first: nothing is unmounted for a deletion that fails.
         st.store.check_branch_delete(&dot, &branch, q.force)?;
-        // As `dm dot delete`: never under a running container, -f or not.
-        refuse_if_running(&st, &dot, &format!("branch {branch} of {dot}"), |c| {
-            c.dm_volumes()
-                .iter()
-                .any(|v| v.branch.as_deref() == Some(branch.as_str()))
+        let by = match q.force {
+            true => Deleter::LocalForced,
+            false => Deleter::Local,
+        };
+        around_branch_delete(&st, &dot, &branch, by, || {
+            Ok(st.store.delete_branch(&dot, &branch, q.force)?)
         })?;
-        refuse_open_files(&st, &format!("branch {branch} of {dot}"), |v| {
-            v.dot == dot && v.branch.as_deref() == Some(branch.as_str())
-        })?;
-        let pinned = st.mounts.pinned_paths(&dot, &branch);
-        if !pinned.is_empty() {
-            if !q.force {
-                return Err(ApiError::conflict(format!(
-                    "branch {branch} of {dot} is mounted at {}; unmount it first (`dm unmount PATH`) or use -f",
-                    pinned
-                        .iter()
-                        .map(|p| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            }
-            for p in pinned {
-                st.mounts.unmount(&p)?;
-            }
-        }
-        st.store.delete_branch(&dot, &branch, q.force)?;
         tracing::info!("deleted branch {branch} of {dot}");
         Ok(Empty {})
     })
     .await
+}
+
+/// Who deletes a branch, for [`around_branch_delete`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Deleter {
+    /// `dm branch -d` here: refused while the branch is mounted at a path.
+    Local,
+    /// `dm branch -D` here: those mounts are unmounted first.
+    LocalForced,
+    /// A `dm push --delete` to this hub: refused while mounted here.
+    Push,
+}
+
+/// Runs `delete` (which deletes `branch` of `dot`) unless a running
+/// container uses the branch (never, as `dm dot delete`), a process has
+/// files open on it, or it is mounted at a path (see [`Deleter`]): then
+/// refused, saying which.
+pub(crate) fn around_branch_delete(
+    st: &AppState,
+    dot: &DotName,
+    branch: &str,
+    by: Deleter,
+    delete: impl FnOnce() -> ApiResult<()>,
+) -> ApiResult<()> {
+    refuse_if_running(st, dot, &format!("branch {branch} of {dot}"), |c| {
+        c.dm_volumes()
+            .iter()
+            .any(|v| v.branch.as_deref() == Some(branch))
+    })?;
+    refuse_open_files(st, &format!("branch {branch} of {dot}"), |v| {
+        v.dot == *dot && v.branch.as_deref() == Some(branch)
+    })?;
+    let pinned = st.mounts.pinned_paths(dot, branch);
+    if !pinned.is_empty() {
+        if by != Deleter::LocalForced {
+            return Err(ApiError::conflict(format!(
+                "branch {branch} of {dot} is mounted at {}{}",
+                pinned
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                match by {
+                    Deleter::Push => " on the hub; it can be deleted once unmounted there",
+                    _ => "; unmount it first (`dm unmount PATH`) or use -f",
+                }
+            )));
+        }
+        for p in pinned {
+            st.mounts.unmount(&p)?;
+        }
+    }
+    delete()
 }
 
 async fn checkout(
