@@ -297,11 +297,12 @@ impl MountManager {
         }
     }
 
-    /// Moves a mount point of the user's that holds files to
-    /// `MOUNT_DIR/lost+found/<seconds since 1970>/<its absolute path>`, or
-    /// beside it as `NAME.dm-lost+found-<seconds>` on another file system,
-    /// and makes it again, empty, with its mode and owner. False (and
-    /// logged) if that fails.
+    /// Moves a mount point of the user's that holds files beside it, as
+    /// `NAME.dm-lost+found-<seconds since 1970>` (where the user looks, on
+    /// their file system: under the mount dir they went to `/tmp` for a
+    /// user without `XDG_RUNTIME_DIR`, which a reboot empties), and makes
+    /// it again, empty, with its mode and owner. False (and logged, the
+    /// files left where they are, not mounted over) if that fails.
     fn move_aside_users(&self, path: &Path, volume: &VolumeName) -> bool {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let Ok(meta) = std::fs::metadata(path) else {
@@ -310,36 +311,19 @@ impl MountManager {
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let found = self
-            .mount_dir
-            .join("lost+found")
-            .join(secs.to_string())
-            .join(path.strip_prefix("/").unwrap_or(path));
-        let beside = path.with_file_name(format!(
+        let dest = path.with_file_name(format!(
             "{}.dm-lost+found-{secs}",
             path.file_name().unwrap_or_default().to_string_lossy()
         ));
-        let moved = found
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| std::fs::rename(path, &found))
-            .map(|()| found.clone())
-            .or_else(|e| match e.raw_os_error() {
-                Some(libc::EXDEV) => std::fs::rename(path, &beside).map(|()| beside.clone()),
-                _ => Err(e),
-            });
-        let dest = match moved {
-            Ok(dest) => dest,
-            Err(e) => {
-                tracing::warn!(
-                    "{} holds files written while {volume} was not mounted there (outside the dot); \
-                     moving them to {} failed: {e}",
-                    path.display(),
-                    found.display()
-                );
-                return false;
-            }
-        };
+        if let Err(e) = std::fs::rename(path, &dest) {
+            tracing::warn!(
+                "{} holds files written while {volume} was not mounted there (outside the dot); \
+                 moving them to {} failed: {e}",
+                path.display(),
+                dest.display()
+            );
+            return false;
+        }
         let made = std::fs::create_dir(path)
             .and_then(|()| {
                 std::fs::set_permissions(
@@ -569,7 +553,31 @@ impl MountManager {
             )));
         }
         drop(entries);
+        Self::check_own_dir(path)?;
         Self::check_empty_dir(path, volume)
+    }
+
+    /// A server not run as root mounts only over directories of its own
+    /// user: over another's (one it may write to, mode 777) that user saw
+    /// this server's files in their own directory, and could neither write
+    /// there nor unmount it.
+    fn check_own_dir(path: &Path) -> ApiResult<()> {
+        use std::os::unix::fs::MetadataExt;
+        let me = nix::unistd::geteuid();
+        match std::fs::metadata(path) {
+            Ok(m) if !me.is_root() && m.uid() != me.as_raw() => {
+                let owner = nix::unistd::User::from_uid(m.uid().into())
+                    .ok()
+                    .flatten()
+                    .map_or_else(|| format!("uid {}", m.uid()), |u| u.name);
+                Err(ApiError::bad_request(format!(
+                    "{} belongs to {owner}: this dm server runs as uid {me} and mounts only into \
+                     directories of its own user; give a path of yours",
+                    path.display()
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// `path` is missing, or an empty directory (a symlink to one too).

@@ -26,8 +26,8 @@ pub fn home() -> PathBuf {
 /// message. None otherwise.
 pub fn foreign_runtime_dir_hint(path: &Path) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
-    let x = std::env::var_os("XDG_RUNTIME_DIR").filter(|x| !x.is_empty())?;
-    let x = Path::new(&x);
+    let x = xdg_dir("XDG_RUNTIME_DIR")?;
+    let x = x.as_path();
     let mine = std::fs::metadata(x).is_ok_and(|m| m.uid() == nix::unistd::geteuid().as_raw());
     (path.starts_with(x) && !mine).then(|| {
         format!(
@@ -38,10 +38,22 @@ pub fn foreign_runtime_dir_hint(path: &Path) -> Option<String> {
     })
 }
 
+/// An XDG base directory variable's value, when set to an absolute path:
+/// the spec says to ignore relative ones (taken as they were, a server
+/// started from another directory found another store, and the dots seemed
+/// gone).
+fn xdg_dir(var: &str) -> Option<PathBuf> {
+    absolute(std::env::var_os(var))
+}
+
+fn absolute(value: Option<std::ffi::OsString>) -> Option<PathBuf> {
+    value.map(PathBuf::from).filter(|d| d.is_absolute())
+}
+
 fn runtime_dir() -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) if !d.is_empty() => PathBuf::from(d).join("dm"),
-        _ => fallback_runtime_dir(),
+    match xdg_dir("XDG_RUNTIME_DIR") {
+        Some(d) => d.join("dm"),
+        None => fallback_runtime_dir(),
     }
 }
 
@@ -75,9 +87,9 @@ pub fn default_data_dir() -> PathBuf {
     if is_root() {
         return PathBuf::from("/var/lib/dm");
     }
-    match std::env::var_os("XDG_DATA_HOME") {
-        Some(d) if !d.is_empty() => PathBuf::from(d).join("dm"),
-        _ => home().join(".local/share/dm"),
+    match xdg_dir("XDG_DATA_HOME") {
+        Some(d) => d.join("dm"),
+        None => home().join(".local/share/dm"),
     }
 }
 
@@ -127,4 +139,17 @@ pub fn starting_server(socket: &Path) -> Option<u32> {
 /// plugin) for root; none otherwise (Docker runs as root).
 pub fn default_plugin_socket() -> Option<PathBuf> {
     is_root().then(|| PathBuf::from("/run/docker/plugins/dm.sock"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn relative_or_empty_xdg_values_are_ignored() {
+        let v = |s: &str| super::absolute(Some(s.into()));
+        assert_eq!(v("/run/user/1000"), Some("/run/user/1000".into()));
+        assert_eq!(v("reldata"), None);
+        assert_eq!(v("./x"), None);
+        assert_eq!(v(""), None);
+        assert_eq!(super::absolute(None), None);
+    }
 }

@@ -371,7 +371,9 @@ fn o_append_writes_at_the_end_dm_knows() {
     assert!(
         out.status.success()
             && err.contains("1 file was held open on")
-            && err.contains("restarted"),
+            && err.contains("writes it back, also as it stops")
+            && err.contains("then run `dm reset --hard ")
+            && err.contains("` again"),
         "{err}"
     );
     f.write_all(b"after\n").unwrap();

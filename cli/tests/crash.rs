@@ -209,9 +209,10 @@ fn files_left_in_a_server_path_are_moved_aside() {
         );
         assert_eq!(std::fs::read(p.join("f")).unwrap(), b"in the dot");
         assert!(!p.join("stray").exists());
-        let rel = p
-            .strip_prefix(s.mount_dir())
-            .unwrap_or_else(|_| p.strip_prefix("/").unwrap());
+    }
+    // Server paths' files go under the mount dir's lost+found.
+    for p in [&z, &y] {
+        let rel = p.strip_prefix(s.mount_dir()).unwrap();
         let moved: Vec<_> = found
             .iter()
             .map(|d| d.join(rel).join("stray"))
@@ -220,6 +221,23 @@ fn files_left_in_a_server_path_are_moved_aside() {
         assert_eq!(moved.len(), 1, "{found:?}");
         assert_eq!(std::fs::read(&moved[0]).unwrap(), b"outside the dot");
     }
+    // The user's beside their path, on their file system (the mount dir
+    // may be under /tmp).
+    let beside: Vec<_> = std::fs::read_dir(s.root())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("users-x.dm-lost+found-")
+        })
+        .collect();
+    assert_eq!(beside.len(), 1, "{}", s.log());
+    assert_eq!(
+        std::fs::read(beside[0].join("stray")).unwrap(),
+        b"outside the dot"
+    );
     assert!(s.log().contains("moved to"), "{}", s.log());
 }
 
@@ -366,4 +384,24 @@ fn a_stop_keeps_every_write_it_acknowledged() {
             "round {round}: {acked} writes returned, {lines} lines stored"
         );
     }
+}
+
+/// A SIGHUP (the terminal of a user who logs out) stops the server as
+/// SIGTERM does: mounts unmounted, not left dead; it ended the server at
+/// once.
+#[test]
+fn sighup_stops_the_server_cleanly() {
+    let mut s = Server::start(DM);
+    s.ok(&["init", "hup"]);
+    let p = s.root().join("hup");
+    std::fs::create_dir(&p).unwrap();
+    s.ok(&["mount", "hup", p.to_str().unwrap()]);
+    write_synced(&p.join("f"), b"kept");
+    assert_eq!(s.stop_with(nix::sys::signal::Signal::SIGHUP), Some(0));
+    assert!(s.log().contains("SIGHUP received"), "{}", s.log());
+    assert!(!dm_tests::is_mounted(&p), "{}", s.log());
+    // A plain directory again (a dead mount gives ENOTCONN).
+    assert_eq!(std::fs::read_dir(&p).unwrap().count(), 0);
+    s.restart();
+    assert_eq!(std::fs::read(p.join("f")).unwrap(), b"kept");
 }

@@ -547,6 +547,23 @@ fn pull_restarts_the_containers_that_show_the_branch() {
         .ok(&["pull", "hub", "myapp", "master"])
         .contains("up to date"));
     assert_eq!(started_at(&s, name), after, "restarted for nothing");
+    // Diverged (the hub has "hub", this branch "mine" instead): the pull
+    // is refused without stopping the container.
+    run(&s, "myapp", "echo hub > /data/f");
+    s.ok(&["commit", "-m", "hub"]);
+    s.ok(&["push", "hub"]);
+    s.ok(&["reset", "--hard", "HEAD^"]);
+    run(&s, "myapp", "echo mine > /data/f");
+    s.ok(&["commit", "-m", "mine"]);
+    wait_until(
+        || term_handled(name),
+        || format!("{name} never set its TERM trap again"),
+    );
+    let before = started_at(&s, name);
+    let err = s.fail(&["pull", "hub", "myapp", "master"]);
+    assert!(err.contains("diverged"), "{err}");
+    assert_eq!(started_at(&s, name), before, "stopped for a refused pull");
+    s.ok(&["reset", "--hard", "HEAD^"]);
 
     // A push into a dot that containers on the hub use moves their branch
     // as a reset would: they are stopped and started again around it (the
@@ -1332,10 +1349,14 @@ fn switch_waits_for_containers_starting_meanwhile_and_refuses_paused_ones() {
         &format!("echo started > /data/late; {LOOP}"),
     );
     let out = checkout.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "checkout failed: {err}");
+    // Not silent for the 10 s.
     assert!(
-        out.status.success(),
-        "checkout failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        err.contains(&format!(
+            "waiting for the containers using sep to stop ({slow})"
+        )),
+        "{err}"
     );
     let inspect = tempfile::tempdir().unwrap();
     let master = inspect.path();

@@ -265,6 +265,21 @@ fn a_server_run_by_another_user_than_root() {
     let out = u.sh(&format!("cat {}", roots.display()));
     assert_eq!(text(&out.stdout), "root's\n", "{}", text(&out.stderr));
 
+    // Not over another user's directory, even one open to all (that user
+    // saw this server's files in it, and could not unmount them).
+    let theirs = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(theirs.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::os::unix::fs::chown(theirs.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    let out = u.dm(&["mount", "app", theirs.path().to_str().unwrap()]);
+    assert!(
+        !out.status.success()
+            && text(&out.stderr).contains("belongs to")
+            && text(&out.stderr).contains("directories of its own user"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!dm_tests::is_mounted(theirs.path()));
+
     // Another mount, then `dm unmount` of it through fusermount3.
     let pin = u.home.join("pin");
     u.ok(&["mount", "app@master", pin.to_str().unwrap()]);

@@ -196,10 +196,21 @@ fn hub_push_clone_pull_through_the_cli() {
     );
     let err = bob.fail(&["clone", "hub", "alice/nothing"]);
     assert!(err.contains("no access") || err.contains("no dot"), "{err}");
+    // Before alice's first push of it, her dot is not on the hub yet.
+    let err = hub.fail(&["dot", "collaborator", "add", "alice/nothing", "bob"]);
+    assert!(err.contains("first `dm push`"), "{err}");
     hub.ok(&["dot", "collaborator", "add", "alice/app", "bob"]);
     let err = bob.fail(&["clone", "hub", "alice/nothing"]);
     assert!(err.contains("no access") || err.contains("no dot"), "{err}");
-    let out = bob.ok(&["clone", "hub", "alice/app", "--local-name", "app2", "--all"]);
+    let (out, err) = ok_out(
+        &bob,
+        &["clone", "hub", "alice/app", "--local-name", "app2", "--all"],
+        &[],
+    );
+    assert!(
+        err.contains("`dm switch app2` makes it the current dot"),
+        "{err}"
+    );
     assert!(
         out.contains("master: 2 commits,")
             && out.contains("feature: 3 commits (1 transferred, 2 already stored)"),

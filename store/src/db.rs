@@ -398,8 +398,12 @@ impl Db {
         let db = opened.map_err(|e| {
             // RocksDB's LOCK file: another process has the store open.
             if e.as_ref().contains("lock file") && e.as_ref().contains("temporarily unavailable") {
+                let holder = lock_holder(&path.join("LOCK")).map_or_else(
+                    || "another process (another `dm server` with this --data-dir?)".to_string(),
+                    |(pid, cmd)| format!("process {pid} (`{cmd}`)"),
+                );
                 Error::Refused(format!(
-                    "the store at {} is in use by another process (another `dm server` with this --data-dir?); stop it, or give this one another --data-dir",
+                    "the store at {} is in use by {holder}; stop it, or give this one another --data-dir",
                     path.display()
                 ))
             } else {
@@ -1200,6 +1204,29 @@ impl ChunkStore for Db {
         }
         it.status().map_err(Error::db("listing chunks"))
     }
+}
+
+/// The process holding RocksDB's `LOCK` file (a POSIX lock, listed in
+/// /proc/locks by inode) and its command line, when this process can see
+/// it: a server whose socket went with its runtime directory is still
+/// found by its store.
+fn lock_holder(lock: &Path) -> Option<(u32, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(lock).ok()?.ino();
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    let pid = locks.lines().find_map(|l| {
+        // `1: POSIX  ADVISORY  WRITE 1234 08:01:5678 0 EOF`
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let file_ino = f.get(5)?.rsplit(':').next()?.parse::<u64>().ok()?;
+        (file_ino == ino).then(|| f.get(4)?.parse::<u32>().ok())?
+    })?;
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let cmd: Vec<String> = cmd
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    Some((pid, cmd.join(" ")))
 }
 
 #[cfg(test)]

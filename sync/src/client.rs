@@ -229,7 +229,8 @@ impl Remote {
         }
     }
 
-    async fn ancestry(&self, dot: &DotName, head: Id) -> Result<Vec<Id>> {
+    /// The commit ids of `head`'s ancestry on the hub, newest first.
+    pub async fn ancestry(&self, dot: &DotName, head: Id) -> Result<Vec<Id>> {
         match self
             .call(&Request::Ancestry {
                 dot: dot_ref(dot),

@@ -172,7 +172,17 @@ pub fn add_collaborator(store: &Store, dot: &DotName, user: &str) -> Result<()> 
             "no user {user} on this server; add it with `dm user add {user}`"
         )));
     }
-    let id = store.dot_info(dot)?.id;
+    let id = match store.dot_info(dot) {
+        Ok(d) => d.id,
+        Err(e) if e.is_not_found() => {
+            return Err(Error::Refused(format!(
+                "no dot {}/{} on this server: a dot of user {} appears here with their first \
+                 `dm push` to it; add collaborators after that",
+                dot.namespace, dot.name, dot.namespace
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    };
     if user == dot.namespace || user == ADMIN {
         return Err(Error::Refused(format!(
             "{user} may push to and pull from {}/{} already (as {}); collaborators are other users",

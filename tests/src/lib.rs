@@ -280,6 +280,11 @@ impl Server {
     }
 
     /// Kills the server with SIGKILL (a crash) and waits for it.
+    /// The server's pid (0 when it is not running).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -306,9 +311,14 @@ impl Server {
 
     /// Stops the server with SIGTERM and returns its exit code.
     pub fn stop(&mut self) -> Option<i32> {
+        self.stop_with(nix::sys::signal::Signal::SIGTERM)
+    }
+
+    /// Stops the server with `signal` and returns its exit code.
+    pub fn stop_with(&mut self, signal: nix::sys::signal::Signal) -> Option<i32> {
         let mut child = self.child.take()?;
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(pid, signal);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -317,7 +327,7 @@ impl Server {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("dm server ignored SIGTERM for 30 s:\n{}", self.log());
+                panic!("dm server ignored {signal} for 30 s:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -60,7 +60,7 @@ pub struct DotSummary {
     pub branches: Vec<String>,
     /// Server id holding the current branch.
     pub server: String,
-    /// Containers using the dot (filled by the Docker integration; empty for now).
+    /// Running Docker containers using the dot.
     pub containers: Vec<String>,
     /// Bytes in the current branch's working state.
     pub size: u64,
@@ -129,7 +129,7 @@ pub struct BranchView {
     pub size: u64,
     /// True for the dot's current branch.
     pub current: bool,
-    /// Containers using this branch (Docker integration; empty for now).
+    /// Running Docker containers using this branch.
     pub containers: Vec<String>,
     /// In a checkout's answer: the branch that was current until this
     /// checkout made this one current (none when it was current already,

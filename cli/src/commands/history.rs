@@ -293,6 +293,7 @@ pub fn checkout(ctx: &mut Ctx, branch: &str, create: bool, start: Option<&str>) 
     }
     valid.map_err(|e| anyhow!("{e}"))?;
     let path = format!("{}/checkout", api::dot_path(&dot.namespace, &dot.name));
+    let note = super::SlowNote::for_containers(&dot, &d.summary.containers);
     let view: BranchView = ctx.client()?.post(
         &path,
         &CheckoutRequest {
@@ -301,6 +302,7 @@ pub fn checkout(ctx: &mut Ctx, branch: &str, create: bool, start: Option<&str>) 
             start: start.map(str::to_string),
         },
     )?;
+    drop(note);
     // What the server did decides (another checkout may have run since
     // this one read the current branch).
     let Some(old) = &view.switched_from else {
@@ -337,6 +339,7 @@ pub fn reset(ctx: &mut Ctx, rev: &str, hard: bool) -> Result<()> {
         "{}/reset",
         api::branch_path(&dot.namespace, &dot.name, &d.summary.current_branch)
     );
+    let note = super::SlowNote::for_containers(&dot, &d.summary.containers);
     let r: ResetResponse = ctx.client()?.post(
         &path,
         &ResetRequest {
@@ -344,6 +347,7 @@ pub fn reset(ctx: &mut Ctx, rev: &str, hard: bool) -> Result<()> {
             hard,
         },
     )?;
+    drop(note);
     // As git says it; and how much the reset threw away, which git's
     // reflog would keep but dm cannot give back.
     println!(
@@ -360,15 +364,20 @@ pub fn reset(ctx: &mut Ctx, rev: &str, hard: bool) -> Result<()> {
                 format!(" ({n} later commits left it; {d} of them, on no other branch, destroyed)"),
         }
     );
+    // A database keeps the old state in memory and writes it back, also
+    // as it stops cleanly: restarted as the warning once said, it undid
+    // the reset. Stopped first, the same reset again gives the commit.
     for h in &r.held_open {
         eprintln!(
             "warning: {} file{} held open on {} across the reset (`fuser -vm {}` names the \
-             process); it now sees the reset state under it. A database running there must \
-             be restarted (stop it before a reset next time).",
+             process); it now sees the reset state under it. A database running there still \
+             holds the old state and writes it back, also as it stops: stop it, then run \
+             `dm reset --hard {}` again (and stop it before a reset next time).",
             h.files,
             if h.files == 1 { " was" } else { "s were" },
             h.path,
-            h.path
+            h.path,
+            &r.id[..r.id.len().min(12)],
         );
     }
     Ok(())

@@ -16,6 +16,47 @@ use anyhow::{anyhow, Result};
 use dm_store::DotName;
 use std::path::PathBuf;
 
+/// Says a note on stderr when a request is still waiting after 2 s;
+/// dropped when it ends. A checkout or reset stops the containers using
+/// the dot and waits for Docker's stop timeout (10 s by default for one
+/// that ignores SIGTERM) with nothing shown: it looked hung.
+pub(crate) struct SlowNote(Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>);
+
+impl SlowNote {
+    pub(crate) fn after_2s(note: String) -> SlowNote {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                rx.recv_timeout(std::time::Duration::from_secs(2))
+            {
+                eprintln!("{note}");
+            }
+        });
+        SlowNote(Some((tx, t)))
+    }
+
+    /// For a switch of `dot` that stops `containers` (none: no note).
+    pub(crate) fn for_containers(dot: &DotName, containers: &[String]) -> SlowNote {
+        if containers.is_empty() {
+            return SlowNote(None);
+        }
+        SlowNote::after_2s(format!(
+            "waiting for the containers using {dot} to stop ({}): Docker gives each its stop \
+             timeout (10 s unless `docker run --stop-timeout`) to exit on SIGTERM...",
+            containers.join(", ")
+        ))
+    }
+}
+
+impl Drop for SlowNote {
+    fn drop(&mut self) {
+        if let Some((tx, t)) = self.0.take() {
+            drop(tx);
+            let _ = t.join();
+        }
+    }
+}
+
 /// What every command needs: the config and a way to reach the server.
 pub struct Ctx {
     /// Where the config lives.

@@ -559,6 +559,15 @@ pub fn clone(
             sc.upstreams.remove(&key);
         }
     })?;
+    // `dm log` right after a clone said only "no current dot".
+    let current = ctx
+        .config
+        .current_dot
+        .as_deref()
+        .and_then(|c| DotName::parse(c).ok());
+    if result.is_ok() && current.as_ref() != Some(&local) {
+        eprintln!("Cloned as dot {local}; `dm switch {local}` makes it the current dot");
+    }
     result
 }
 

@@ -642,6 +642,15 @@ async fn pull_branch(
         // (with --force, ahead moves the branch back).
         return pull().await;
     }
+    if !opts.force
+        && !opts.stash_on_divergence
+        && !remote.ancestry(remote_dot, t).await?.contains(&h)
+    {
+        // Diverged: the pull refuses, and nothing stops for it (the
+        // containers were restarted, and what they wrote as they stopped
+        // discarded, for a pull that then changed nothing).
+        return pull().await;
+    }
     let current = app
         .store
         .dot_info(local)
@@ -674,7 +683,7 @@ async fn pull_branch(
                     if !held.is_empty() {
                         let (_, paths) = super::routes::files_and_paths(&held);
                         rep.note = Some(format!(
-                            "files were held open on {} across the pull (`fuser -vm` names the processes); they now see the pulled state under them: a database running there must be restarted",
+                            "files were held open on {} across the pull (`fuser -vm` names the processes); they now see the pulled state under them; a database running there still holds the old state and writes it back, also as it stops: stop it, then `dm reset --hard HEAD` (the pulled head)",
                             paths.join(", ")
                         ));
                     }

@@ -1,5 +1,5 @@
 //! `dm server`: opens the store, restores the mounts and serves the local
-//! API on a unix socket until SIGINT/SIGTERM.
+//! API on a unix socket until SIGINT/SIGTERM/SIGHUP.
 
 pub mod convert;
 pub mod docker;
@@ -316,7 +316,7 @@ fn raise_open_file_limit() {
     }
 }
 
-/// Runs the server until SIGINT or SIGTERM.
+/// Runs the server until SIGINT, SIGTERM or SIGHUP.
 pub fn run(opts: ServerOptions) -> Result<()> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -374,6 +374,14 @@ pub fn run(opts: ServerOptions) -> Result<()> {
     // Until the socket listens, clients wait for this server rather than
     // say none runs (restoring hundreds of mounts takes seconds).
     let starting = StartingMarker::create(&opts.socket);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let stop = {
+        let _in_rt = rt.enter();
+        StopSignals::catch()?
+    };
     raise_open_file_limit();
     // The store holds every dot's data: only this user reads it.
     create_private_dir(&opts.data_dir.join("store"))?;
@@ -417,10 +425,6 @@ pub fn run(opts: ServerOptions) -> Result<()> {
         server_id,
         docker: docker.clone(),
     });
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
     let plugin = match &opts.plugin_socket {
         Some(p) => rt.block_on(docker::start_plugin(docker, p, &opts.data_dir)),
         None => None,
@@ -432,7 +436,7 @@ pub fn run(opts: ServerOptions) -> Result<()> {
         }
         None => None,
     };
-    let served = rt.block_on(serve(state, &opts.socket, starting));
+    let served = rt.block_on(serve(state, &opts.socket, starting, stop));
     if let Some(h) = hub {
         h.close();
     }
@@ -572,7 +576,12 @@ impl Drop for StartingMarker {
     }
 }
 
-async fn serve(state: Arc<AppState>, socket: &Path, starting: StartingMarker) -> Result<()> {
+async fn serve(
+    state: Arc<AppState>,
+    socket: &Path,
+    starting: StartingMarker,
+    stop: StopSignals,
+) -> Result<()> {
     // Create the socket with no access for others from the start, then set
     // the final mode explicitly.
     let old_mask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
@@ -586,7 +595,7 @@ async fn serve(state: Arc<AppState>, socket: &Path, starting: StartingMarker) ->
     let app = routes::router(state.clone()).merge(hub::router(state));
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
-            shutdown_signal().await;
+            stop.recv().await;
             // Before the requests in progress end (a checkout stopping
             // containers): it must not start them on mounts going away.
             docker.server_stopping();
@@ -596,18 +605,35 @@ async fn serve(state: Arc<AppState>, socket: &Path, starting: StartingMarker) ->
     Ok(())
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("cannot watch SIGTERM: {e}");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        _ = term.recv() => tracing::info!("SIGTERM received"),
+/// The signals that stop the server cleanly: SIGINT, SIGTERM and SIGHUP
+/// (the terminal of a user who logs out: by default it ended the server
+/// with its mounts dead). Caught from the start, so that one arriving
+/// while the mounts are restored stops the server once it listens.
+struct StopSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Call inside the runtime.
+    fn catch() -> Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let catch =
+            |kind: SignalKind, name: &str| signal(kind).with_context(|| format!("catching {name}"));
+        Ok(StopSignals {
+            int: catch(SignalKind::interrupt(), "SIGINT")?,
+            term: catch(SignalKind::terminate(), "SIGTERM")?,
+            hup: catch(SignalKind::hangup(), "SIGHUP")?,
+        })
+    }
+
+    async fn recv(mut self) {
+        let name = tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.hup.recv() => "SIGHUP",
+        };
+        tracing::info!("{name} received");
     }
 }
