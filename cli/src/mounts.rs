@@ -642,8 +642,9 @@ impl MountManager {
             .is_some_and(|e| e.mount.is_busy())
     }
 
-    /// Unmounts the mount at `path`.
-    pub fn unmount(&self, path: &Path) -> ApiResult<()> {
+    /// Unmounts the mount at `path`; true if it was busy and only detached
+    /// lazily (a process this server cannot see still works in it).
+    pub fn unmount(&self, path: &Path) -> ApiResult<bool> {
         let mut entries = self.lock();
         let Some(i) = entries.iter().position(|e| e.path == path) else {
             let forgotten = {
@@ -654,7 +655,7 @@ impl MountManager {
             };
             if forgotten {
                 self.save(&entries);
-                return Ok(());
+                return Ok(false);
             }
             return Err(ApiError::not_found(format!(
                 "nothing is mounted by dm at {} (see `dm dot show` for the mounts)",
@@ -667,9 +668,9 @@ impl MountManager {
         res
     }
 
-    fn unmount_entry(&self, entry: Entry) -> ApiResult<()> {
+    fn unmount_entry(&self, entry: Entry) -> ApiResult<bool> {
         let path = entry.path.clone();
-        entry.mount.unmount().map_err(|e| {
+        let detached = entry.mount.unmount().map_err(|e| {
             ApiError::internal(format!(
                 "unmounting {}: {e} (is a process still using it? try `{} {}`)",
                 path.display(),
@@ -685,7 +686,7 @@ impl MountManager {
             self.remove_mount_point(&path);
         }
         tracing::info!("unmounted {}", path.display());
-        Ok(())
+        Ok(detached)
     }
 
     /// Unmounts every mount of `dot` (before deleting it).

@@ -302,7 +302,21 @@ fn a_server_run_by_another_user_than_root() {
         );
         user.wait().unwrap();
     }
-    u.ok(&["unmount", pin.to_str().unwrap()]);
+    // Another user's process working in it (root's, through allow_other)
+    // is not this server's to see: the mount is detached lazily, and
+    // `dm unmount` says so (it said nothing).
+    let mut other = Command::new("sh")
+        .args(["-c", &format!("cd {} && sleep 3", pin.display())])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let out = u.dm(&["unmount", pin.to_str().unwrap()]);
+    assert!(
+        out.status.success() && text(&out.stderr).contains("detached lazily"),
+        "{}",
+        text(&out.stderr)
+    );
+    other.wait().unwrap();
     assert!(!dm_tests::is_mounted(&pin));
 
     // kill -9, then a restart: the dead mount is cleaned up (fusermount3

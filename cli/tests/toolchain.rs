@@ -210,6 +210,22 @@ fn fallocate_extends_punches_and_zeroes() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // More than the disk holds: ENOSPC, as on ext4, with or without
+    // keeping the size; nothing changed.
+    for keep in [&[][..], &["-n"][..]] {
+        let out = Command::new("fallocate")
+            .args(keep)
+            .args(["-l", "1PiB"])
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("No space left"),
+            "{keep:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(std::fs::metadata(&f).unwrap().len(), want.len() as u64);
     // What the server stored, not what this kernel cached.
     std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
     assert_eq!(std::fs::read(&f).unwrap(), want);

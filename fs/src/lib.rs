@@ -291,6 +291,15 @@ struct NoCaps {
 
 const XATTR_CAPS: &[u8] = b"security.capability";
 
+/// An xattr name outside the namespaces Linux knows (`user.`, `trusted.`,
+/// `security.`, `system.`): refused with EOPNOTSUPP as ext4 does (FUSE
+/// passes any name through; `foo` was stored and listed).
+fn unknown_namespace(name: &OsStr) -> bool {
+    !["user.", "trusted.", "security.", "system."]
+        .iter()
+        .any(|ns| name.as_bytes().starts_with(ns.as_bytes()))
+}
+
 /// POSIX ACLs are not supported, as on a filesystem mounted `noacl`: their
 /// xattrs are refused with EOPNOTSUPP. Stored as plain values they took no
 /// effect, and `cp -p`, `cp -a` and `mv`, which set the access ACL instead
@@ -584,6 +593,42 @@ impl DmFs {
                 reply.ok();
             }
             Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    /// Removes `ino`'s `security.capability` xattr, as a write must
+    /// (skipped for files known to have none; a file found to have none is
+    /// remembered so).
+    fn drop_caps(&self, fs: &Arc<BranchFs>, ino: u64) -> dm_store::Result<()> {
+        let generation = {
+            let nc = self.shared.no_caps.lock();
+            if nc.inos.contains(&ino) {
+                return Ok(());
+            }
+            nc.generation
+        };
+        match fs.getxattr(ino, XATTR_CAPS) {
+            Err(e) if e.errno() == libc::ENODATA => {
+                let mut nc = self.shared.no_caps.lock();
+                if nc.generation == generation {
+                    nc.inos.insert(ino);
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+            Ok(_) => {}
+        }
+        self.caps_changed(ino);
+        let res = fs.removexattr(ino, XATTR_CAPS);
+        self.caps_changed(ino);
+        match res {
+            Ok(()) => {
+                self.tell_peers(fs, || xattr_changes(ino, OsStr::from_bytes(XATTR_CAPS)));
+                Ok(())
+            }
+            // Removed meanwhile by another writer.
+            Err(e) if e.errno() == libc::ENODATA => Ok(()),
+            Err(e) => Err(e),
         }
     }
 
@@ -1271,6 +1316,15 @@ impl fuser::Filesystem for DmFs {
         let append = flags.0 & libc::O_APPEND != 0
             && !self.shared.writeback
             && !write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
+        // Such files bypass the page cache, and the kernel's direct-I/O
+        // write path leaves file capabilities to us (its page-cache path
+        // drops them itself): any write drops them, also root's.
+        if append {
+            if let Err(e) = self.drop_caps(fs, ino) {
+                reply.error(errno(&e));
+                return;
+            }
+        }
         let written = match append {
             true => fs.append(ino, data),
             false => fs.write(ino, offset, data).map(|n| (offset, n)),
@@ -1449,7 +1503,7 @@ impl fuser::Filesystem for DmFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        if is_acl(name) {
+        if is_acl(name) || unknown_namespace(name) {
             reply.error(Errno::EOPNOTSUPP);
             return;
         }
@@ -1475,7 +1529,7 @@ impl fuser::Filesystem for DmFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        if is_acl(name) {
+        if is_acl(name) || unknown_namespace(name) {
             reply.error(Errno::EOPNOTSUPP);
             return;
         }
@@ -1523,7 +1577,7 @@ impl fuser::Filesystem for DmFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        if is_acl(name) {
+        if is_acl(name) || unknown_namespace(name) {
             reply.error(Errno::EOPNOTSUPP);
             return;
         }
@@ -1677,8 +1731,9 @@ impl fuser::Filesystem for DmFs {
     }
 
     /// fallocate(2): mode 0 extends the file (dm allocates nothing ahead:
-    /// blocks are stored when written), `FALLOC_FL_KEEP_SIZE` alone does
-    /// nothing, `FALLOC_FL_PUNCH_HOLE` and `FALLOC_FL_ZERO_RANGE` write
+    /// blocks are stored when written; ENOSPC only when the disk has less
+    /// room than the extension), `FALLOC_FL_KEEP_SIZE` alone does
+    /// nothing (the same ENOSPC check), `FALLOC_FL_PUNCH_HOLE` and `FALLOC_FL_ZERO_RANGE` write
     /// zeros over the range within the file (stored as one deduplicated
     /// zero chunk per block). Collapsing and inserting ranges: EOPNOTSUPP.
     /// (glibc's posix_fallocate emulated mode 0 with a one-byte write per
@@ -1706,6 +1761,16 @@ impl fuser::Filesystem for DmFs {
             return reply.error(Errno::EFBIG);
         };
         let result = fs.getattr(ino).and_then(|a| {
+            // Nothing is reserved (blocks are stored when written), but a
+            // preallocation the disk could never hold fails as on ext4
+            // (posix_fallocate of 100 GiB on a disk with 57 GiB free said
+            // yes, and the program met ENOSPC later instead).
+            if mode & zero == 0 && end > a.size {
+                let st = fs.statfs()?;
+                if end - a.size > st.bavail.saturating_mul(u64::from(st.frsize)) {
+                    return Err(dm_store::Error::fs("fallocate", libc::ENOSPC));
+                }
+            }
             if mode & zero != 0 {
                 const PIECE: u64 = 1 << 20;
                 let zeros = vec![0u8; PIECE as usize];
@@ -1837,6 +1902,9 @@ impl Mount {
             MountOption::Subtype("dm".to_string()),
             MountOption::DefaultPermissions,
             MountOption::RW,
+            // dm keeps no access times (FUSE leaves them to the server):
+            // said, rather than `relatime` with atimes that never move.
+            MountOption::NoAtime,
         ];
         if is_root() {
             // Device files and set-id programs work on the mount (as on a
@@ -2092,12 +2160,13 @@ impl Mount {
     }
 
     /// Unmounts. If the mount is busy it is detached lazily (the kernel drops
-    /// it when the last user goes away) and this returns without waiting.
-    pub fn unmount(self) -> io::Result<()> {
+    /// it when the last user goes away) and this returns true without
+    /// waiting.
+    pub fn unmount(self) -> io::Result<bool> {
         self.stop_spin();
         peers::leave_all(&self.shared);
         let Some(bg) = self.session.lock().take() else {
-            return Ok(());
+            return Ok(false);
         };
         if !self.shows_this_mount() {
             // Unmounted behind our back, or another mount is on top: not
@@ -2107,7 +2176,7 @@ impl Mount {
                 self.path.display()
             );
             drop(bg);
-            return Ok(());
+            return Ok(false);
         }
         match unmount_path(&self.path, 0) {
             Ok(()) => {}
@@ -2116,12 +2185,12 @@ impl Mount {
                 unmount_path(&self.path, libc::MNT_DETACH)?;
                 // The request loops end when the last user closes; don't wait.
                 drop(bg);
-                return Ok(());
+                return Ok(true);
             }
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {} // not mounted any more
             Err(e) => return Err(e),
         }
-        join_or_leave(bg, &self.path)
+        join_or_leave(bg, &self.path).map(|()| false)
     }
 }
 

@@ -531,6 +531,21 @@ fn xattrs() {
     setxattr(&p, "user.one", b"1", 0).unwrap();
     setxattr(&p, "user.two", b"second", 0).unwrap();
     assert_eq!(getxattr(&p, "user.one").unwrap(), b"1");
+    // Names outside Linux's namespaces are refused, as by ext4.
+    for bad in ["foo", "bogus.x"] {
+        assert_eq!(
+            setxattr(&p, bad, b"1", 0).unwrap_err().raw_os_error(),
+            Some(libc::EOPNOTSUPP),
+            "{bad}"
+        );
+    }
+    // No access times are kept: the mount says noatime.
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == f.mnt.to_str())
+        .unwrap();
+    assert!(line.contains("noatime"), "{line}");
     let mut names = listxattr(&p);
     names.sort();
     assert_eq!(names, ["user.one", "user.two"]);
@@ -840,6 +855,40 @@ fn writes_and_chown_clear_setid_bits() {
     fs::set_permissions(f.p("sgid-dir"), fs::Permissions::from_mode(0o2775)).unwrap();
     std::os::unix::fs::chown(f.p("sgid-dir"), Some(65534), None).unwrap();
     assert_eq!(mode(&f.p("sgid-dir")), 0o2775);
+    // Any write drops file capabilities, root's too, appends included (they
+    // bypass the page cache, whose write path the kernel drops them in).
+    // VFS_CAP_REVISION_2, CAP_NET_BIND_SERVICE permitted.
+    let cap = [1u8, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    fs::write(f.p("capped"), b"x").unwrap();
+    fs::set_permissions(f.p("capped"), fs::Permissions::from_mode(0o777)).unwrap();
+    let has_cap = || getxattr(&f.p("capped"), "security.capability").is_ok();
+    for (how, write) in [
+        (
+            "root's append",
+            &(|| {
+                OpenOptions::new()
+                    .append(true)
+                    .open(f.p("capped"))
+                    .unwrap()
+                    .write_all(b"root")
+                    .unwrap()
+            }) as &dyn Fn(),
+        ),
+        ("nobody's append", &|| write_as_nobody(&f.p("capped"), ">>")),
+        ("root's overwrite", &|| {
+            OpenOptions::new()
+                .write(true)
+                .open(f.p("capped"))
+                .unwrap()
+                .write_all(b"r")
+                .unwrap()
+        }),
+    ] {
+        setxattr(&f.p("capped"), "security.capability", &cap, 0).unwrap();
+        assert!(has_cap());
+        write();
+        assert!(!has_cap(), "{how} kept security.capability");
+    }
 }
 
 /// `ls -l` of a big directory (readdirplus hands out attributes with the

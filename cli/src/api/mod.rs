@@ -347,6 +347,16 @@ pub struct UnmountRequest {
     pub force: bool,
 }
 
+/// Answer of `POST /v1/mounts/unmount`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct UnmountResponse {
+    /// The mount was in use (by a process the server cannot see: another
+    /// user's, when it does not run as root) and was only detached lazily:
+    /// that process goes on using the dot through it until it leaves.
+    #[serde(default)]
+    pub detached_busy: bool,
+}
+
 /// A mount of a dot on this server.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MountView {

@@ -43,7 +43,11 @@ impl SlowNote {
         SlowNote::after_2s(format!(
             "waiting for the containers using {dot} to stop ({}): Docker gives each its stop \
              timeout (10 s unless `docker run --stop-timeout`) to exit on SIGTERM...",
-            containers.join(", ")
+            containers
+                .iter()
+                .map(|c| c.trim_start_matches('/'))
+                .collect::<Vec<_>>()
+                .join(", ")
         ))
     }
 }

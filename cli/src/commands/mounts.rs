@@ -1,7 +1,7 @@
 //! `dm mount`, `dm unmount`.
 
 use super::Ctx;
-use crate::api::{Empty, MountRequest, MountView, UnmountRequest};
+use crate::api::{MountRequest, MountView, UnmountRequest, UnmountResponse};
 use anyhow::{Context, Result};
 use std::path::{Component, Path, PathBuf};
 
@@ -100,6 +100,14 @@ pub fn unmount(ctx: &mut Ctx, path: &Path, force: bool) -> Result<()> {
         path: resolved(absolute(path)?).display().to_string(),
         force,
     };
-    let _: Empty = ctx.client()?.post("/v1/mounts/unmount", &req)?;
+    let r: UnmountResponse = ctx.client()?.post("/v1/mounts/unmount", &req)?;
+    if r.detached_busy {
+        eprintln!(
+            "warning: {} was still in use (by a process this server cannot see, such as another \
+             user's working directory): it was detached lazily, and that process goes on using \
+             the dot through it until it leaves",
+            req.path
+        );
+    }
     Ok(())
 }

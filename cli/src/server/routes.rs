@@ -831,7 +831,10 @@ async fn mount(State(st): S, Json(req): Json<MountRequest>) -> ApiResult<Json<Mo
     .await
 }
 
-async fn unmount(State(st): S, Json(req): Json<UnmountRequest>) -> ApiResult<Json<Empty>> {
+async fn unmount(
+    State(st): S,
+    Json(req): Json<UnmountRequest>,
+) -> ApiResult<Json<UnmountResponse>> {
     blocking(move || {
         let path = std::path::Path::new(&req.path);
         let users = st.docker.containers_on(path);
@@ -872,8 +875,8 @@ async fn unmount(State(st): S, Json(req): Json<UnmountRequest>) -> ApiResult<Jso
                 path.display()
             )));
         }
-        st.mounts.unmount(path)?;
-        Ok(Empty {})
+        let detached_busy = st.mounts.unmount(path)?;
+        Ok(UnmountResponse { detached_busy })
     })
     .await
 }
