@@ -412,7 +412,35 @@ impl MountManager {
 
     /// Every mount.
     pub fn list(&self) -> Vec<MountView> {
+        self.forget_unmounted();
         self.lock().iter().map(Entry::view).collect()
+    }
+
+    /// Forgets the user's mounts that were unmounted outside dm
+    /// (`fusermount3 -u`, `umount`): still listed, they said the path
+    /// showed the dot while what was written there went to the host disk.
+    /// (dm's own paths are Docker's and the server's: left to them.)
+    fn forget_unmounted(&self) {
+        let mut entries = self.lock();
+        let (gone, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut *entries)
+            .into_iter()
+            .partition(|e| !e.managed && !e.mount.is_alive());
+        *entries = kept;
+        if gone.is_empty() {
+            return;
+        }
+        for e in gone {
+            tracing::warn!(
+                "{} was unmounted outside dm: forgotten (`dm mount {} {}` mounts it again)",
+                e.path.display(),
+                e.volume,
+                e.path.display()
+            );
+            if let Err(err) = e.mount.unmount() {
+                tracing::warn!("ending the session of {}: {err}", e.path.display());
+            }
+        }
+        self.save(&entries);
     }
 
     /// The mounts of `dot` that the last start could not restore (kept
@@ -431,6 +459,7 @@ impl MountManager {
 
     /// The mounts of one dot.
     pub fn list_dot(&self, dot: &DotName) -> Vec<MountView> {
+        self.forget_unmounted();
         self.lock()
             .iter()
             .filter(|e| &e.volume.dot == dot)

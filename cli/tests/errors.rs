@@ -121,6 +121,13 @@ fn bad_input_changes_nothing() {
         );
         s.ok(&["unmount", p.to_str().unwrap()]);
     }
+    // Unmounted outside dm: no longer listed as showing the dot.
+    let gone = odd.path().join("gone");
+    s.ok(&["mount", "myapp", gone.to_str().unwrap()]);
+    dm_tests::unmount_lazily(&gone);
+    let show = s.ok(&["dot", "show", "-H"]);
+    assert!(!show.contains("/gone"), "{show}");
+    assert!(s.log().contains("was unmounted outside dm"), "{}", s.log());
 
     let err = s.fail(&["commit", "-m", "x", "-d", "Upper=1"]);
     assert!(err.contains("lowercase"), "{err}");
