@@ -1135,10 +1135,17 @@ fn push_delete_removes_a_branch_on_the_hub() {
     assert!(err.contains("has no branch nosuch"), "{err}");
     let err = alice.fail(&["push", "hub", "--delete"]);
     assert!(err.contains("name the branch to delete"), "{err}");
-    // In use on the hub: refused, and kept.
+    // In use on the hub: refused, and kept; said as the pusher can act on it.
     let on_hub = tempfile::tempdir().unwrap();
     let p = on_hub.path().join("own");
     hub.ok(&["mount", "alice/del@own", p.to_str().unwrap()]);
+    let held = std::fs::File::open(p.join("f")).unwrap();
+    let err = alice.fail(&["push", "hub", "--delete", "own", "--force"]);
+    assert!(
+        err.contains("is in use on the hub") && !err.contains("dm unmount"),
+        "{err}"
+    );
+    drop(held);
     let err = alice.fail(&["push", "hub", "--delete", "own", "--force"]);
     assert!(
         err.contains("mounted at") && err.contains("on the hub"),

@@ -667,7 +667,12 @@ fn handle_inner(s: &Session, req: Request) -> std::result::Result<Response, Resp
                 let b = store.object_bytes(&id).map_err(store_err)?.ok_or_else(|| {
                     err(
                         ErrorCode::UnknownDot,
-                        format!("no object {} on the hub", id.short()),
+                        format!(
+                            "no object {} on the hub any more: the branch being fetched was \
+                             deleted or moved there meanwhile, and the hub's GC freed what it \
+                             held; run the same command again (it fetches what is there now)",
+                            id.short()
+                        ),
                     )
                 })?;
                 let (objects, chunks) =
@@ -690,7 +695,12 @@ fn handle_inner(s: &Session, req: Request) -> std::result::Result<Response, Resp
                 let b = store.chunk_bytes(&id).map_err(store_err)?.ok_or_else(|| {
                     err(
                         ErrorCode::UnknownDot,
-                        format!("no chunk {} on the hub", id.short()),
+                        format!(
+                            "no chunk {} on the hub any more: the branch being fetched was \
+                             deleted or moved there meanwhile, and the hub's GC freed what it \
+                             held; run the same command again (it fetches what is there now)",
+                            id.short()
+                        ),
                     )
                 })?;
                 size += b.len();
@@ -904,6 +914,15 @@ fn delete_branch(
     }
     s.live
         .around_delete(&dot, branch, &mut || {
+            // What was checked above is what goes: a push that moved the
+            // branch meanwhile is not deleted unseen.
+            if store.branch_info(&dot, branch)?.head != head {
+                return Err(dm_store::Error::Refused(format!(
+                    "branch {branch} of {ns}/{name} moved on the hub while it was being deleted \
+                     (someone pushed): nothing was deleted; look again (`dm pull`) and run the \
+                     same command again if it should still go"
+                )));
+            }
             store.delete_branch(&dot, branch, true)
         })
         .map_err(|m| err(ErrorCode::Refused, m))?

@@ -241,7 +241,7 @@ pub fn authenticate(store: &Store, name: &str, key: &str) -> Result<User> {
         Error::Remote {
         code: ErrorCode::BadKey,
         message: format!(
-            "wrong API key for user {name:?}: ask the hub's admin for a key (on the hub, `dm user add {name} --new-key` gives an existing user a new one, `dm user add {name}` makes a new user)"
+            "wrong API key for user {name:?}, or no such user on the hub (never added, or removed with `dm user rm`; the hub does not say which): ask the hub's admin for a key (on the hub, `dm user add {name} --new-key` gives an existing user a new one, `dm user add {name}` makes a new user)"
         ),
     }
     };

@@ -892,6 +892,12 @@ pub fn delete_remote_branch(ctx: &mut Ctx, a: PushPullArgs) -> Result<()> {
             if m.contains("malformed frame") {
                 m.push_str(" (the hub runs a dm older than `push --delete`)");
             }
+            // A delete is whole or not at all: nothing to go on from.
+            m = m.replace(
+                "Run the same command again: it goes on from what arrived",
+                "The branch was deleted there whole or not at all: run the same command again \
+                 (it says the hub has no such branch if it was)",
+            );
             anyhow!(
                 "deleting branch {branch} of {}/{} on remote {}: {m}",
                 rdot.namespace,

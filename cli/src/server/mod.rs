@@ -374,14 +374,6 @@ pub fn run(opts: ServerOptions) -> Result<()> {
     // Until the socket listens, clients wait for this server rather than
     // say none runs (restoring hundreds of mounts takes seconds).
     let starting = StartingMarker::create(&opts.socket);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    let stop = {
-        let _in_rt = rt.enter();
-        StopSignals::catch()?
-    };
     raise_open_file_limit();
     // The store holds every dot's data: only this user reads it.
     create_private_dir(&opts.data_dir.join("store"))?;
@@ -425,6 +417,10 @@ pub fn run(opts: ServerOptions) -> Result<()> {
         server_id,
         docker: docker.clone(),
     });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
     let plugin = match &opts.plugin_socket {
         Some(p) => rt.block_on(docker::start_plugin(docker, p, &opts.data_dir)),
         None => None,
@@ -436,7 +432,7 @@ pub fn run(opts: ServerOptions) -> Result<()> {
         }
         None => None,
     };
-    let served = rt.block_on(serve(state, &opts.socket, starting, stop));
+    let served = rt.block_on(serve(state, &opts.socket, starting));
     if let Some(h) = hub {
         h.close();
     }
@@ -576,12 +572,8 @@ impl Drop for StartingMarker {
     }
 }
 
-async fn serve(
-    state: Arc<AppState>,
-    socket: &Path,
-    starting: StartingMarker,
-    stop: StopSignals,
-) -> Result<()> {
+async fn serve(state: Arc<AppState>, socket: &Path, starting: StartingMarker) -> Result<()> {
+    let stop = StopSignals::catch()?;
     // Create the socket with no access for others from the start, then set
     // the final mode explicitly.
     let old_mask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
@@ -605,10 +597,11 @@ async fn serve(
     Ok(())
 }
 
-/// The signals that stop the server cleanly: SIGINT, SIGTERM and SIGHUP
-/// (the terminal of a user who logs out: by default it ended the server
-/// with its mounts dead). Caught from the start, so that one arriving
-/// while the mounts are restored stops the server once it listens.
+/// The signals that stop the server cleanly once it serves: SIGINT,
+/// SIGTERM and SIGHUP (the terminal of a user who logs out: by default it
+/// ended the server with its mounts dead). Before, while the mounts are
+/// restored, they end it as by default (a start stuck on a mount can be
+/// interrupted).
 struct StopSignals {
     int: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,

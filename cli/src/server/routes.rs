@@ -421,14 +421,24 @@ pub(crate) fn around_branch_delete(
     by: Deleter,
     delete: impl FnOnce() -> ApiResult<()>,
 ) -> ApiResult<()> {
+    // A pusher cannot run the hub's commands the local refusals name.
+    let in_use = |e: ApiError| match by {
+        Deleter::Push => ApiError::conflict(format!(
+            "branch {branch} of {dot} is in use on the hub (a container or a process there uses \
+             its files); it can be deleted once they stop there"
+        )),
+        _ => e,
+    };
     refuse_if_running(st, dot, &format!("branch {branch} of {dot}"), |c| {
         c.dm_volumes()
             .iter()
             .any(|v| v.branch.as_deref() == Some(branch))
-    })?;
+    })
+    .map_err(in_use)?;
     refuse_open_files(st, &format!("branch {branch} of {dot}"), |v| {
         v.dot == *dot && v.branch.as_deref() == Some(branch)
-    })?;
+    })
+    .map_err(in_use)?;
     let pinned = st.mounts.pinned_paths(dot, branch);
     if !pinned.is_empty() {
         if by != Deleter::LocalForced {
