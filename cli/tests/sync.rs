@@ -1161,4 +1161,18 @@ fn push_delete_removes_a_branch_on_the_hub() {
     alice.ok(&["push", "hub", "del", "own"]);
     let on_hub = mount(&hub, "alice/del@own");
     assert_eq!(read(&on_hub.join("f")), b"own");
+    // A push that moves it under a file held open there: the hub's log
+    // warns, as a pull or reset warns its user.
+    let held = std::fs::File::open(on_hub.join("f")).unwrap();
+    alice.ok(&["checkout", "own"]);
+    write_synced(&m.join("f"), b"own 2");
+    alice.ok(&["commit", "-m", "own 2"]);
+    alice.ok(&["push", "hub", "del", "own"]);
+    assert!(
+        hub.log().contains("across a push that moved alice/del@own"),
+        "{}",
+        hub.log()
+    );
+    drop(held);
+    assert_eq!(read(&on_hub.join("f")), b"own 2");
 }

@@ -58,7 +58,21 @@ impl dm_sync::LiveBranches for Live {
         app.docker
             .around_branch_change(dot, branch, &current, || {
                 discard_shutdown_writes(app, dot, branch)?;
-                app.mounts.reset(dot, branch, || Ok(set()))
+                // As a pull or reset here warns its user: the hub's admin
+                // hears of processes that now see the pushed state.
+                let held = super::routes::held_open_showing(app, dot, branch, &current);
+                let moved = app.mounts.reset(dot, branch, || Ok(set()))?;
+                if !held.is_empty() && matches!(moved, Ok(dm_store::SetHead::Updated)) {
+                    let (_, paths) = super::routes::files_and_paths(&held);
+                    tracing::warn!(
+                        "files were held open on {} across a push that moved {dot}@{branch}; \
+                         they now see the pushed state under them; a database running there \
+                         still holds the old state and writes it back, also as it stops: stop \
+                         it, then `dm reset --hard HEAD` on that branch",
+                        paths.join(", ")
+                    );
+                }
+                Ok(moved)
             })
             .map_err(|e| e.message)
     }
