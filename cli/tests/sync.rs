@@ -1118,6 +1118,11 @@ fn push_delete_removes_a_branch_on_the_hub() {
         alice.ok(&["branch"]).contains("merged"),
         "the local branch went"
     );
+    let err = alice.fail(&["pull", "hub", "del", "merged"]);
+    assert!(
+        err.contains("has no branch merged (its branches: master, own)"),
+        "{err}"
+    );
 
     let err = alice.fail(&["push", "hub", "del", "own", "--delete"]);
     assert!(

@@ -924,12 +924,19 @@ pub async fn pull(
             "the hub reports block size {block_size} for {remote_dot}, which no dot can have"
         )));
     }
-    let Some(Some(theirs)) = branches.iter().find(|(n, _)| n == branch).map(|(_, h)| *h) else {
+    let found = branches.iter().find(|(n, _)| n == branch).map(|(_, h)| *h);
+    let Some(Some(theirs)) = found else {
         let names: Vec<&str> = branches.iter().map(|(n, _)| n.as_str()).collect();
+        // Named as the user would fetch one (`dm pull`/`dm clone` with
+        // the branch); "no commits" was said of a branch not there at all.
         return Err(Error::Remote {
             code: ErrorCode::UnknownDot,
             message: format!(
-                "{remote_dot} on the hub has no commits on branch {branch} (its branches: {})",
+                "{remote_dot} on the hub {} (its branches: {}); name one of them as BRANCH",
+                match found {
+                    Some(None) => format!("has no commits on branch {branch} yet"),
+                    _ => format!("has no branch {branch}"),
+                },
                 names.join(", ")
             ),
         });
