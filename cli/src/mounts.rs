@@ -311,10 +311,15 @@ impl MountManager {
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let dest = path.with_file_name(format!(
-            "{}.dm-lost+found-{secs}",
-            path.file_name().unwrap_or_default().to_string_lossy()
-        ));
+        // Never onto an earlier one (two crashes in a second): -2, -3...
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let dest = (1..100)
+            .map(|n| match n {
+                1 => path.with_file_name(format!("{name}.dm-lost+found-{secs}")),
+                n => path.with_file_name(format!("{name}.dm-lost+found-{secs}-{n}")),
+            })
+            .find(|d| std::fs::symlink_metadata(d).is_err())
+            .unwrap_or_else(|| path.with_file_name(format!("{name}.dm-lost+found-{secs}")));
         if let Err(e) = std::fs::rename(path, &dest) {
             tracing::warn!(
                 "{} holds files written while {volume} was not mounted there (outside the dot); \
@@ -419,12 +424,15 @@ impl MountManager {
     /// Forgets the user's mounts that were unmounted outside dm
     /// (`fusermount3 -u`, `umount`): still listed, they said the path
     /// showed the dot while what was written there went to the host disk.
-    /// (dm's own paths are Docker's and the server's: left to them.)
+    /// Only those whose FUSE session ended: one merely hidden by a mount
+    /// the user put over it still runs (and forgetting it unmounted the
+    /// user's file system at the path). dm's own paths are Docker's and
+    /// the server's: left to them.
     fn forget_unmounted(&self) {
         let mut entries = self.lock();
         let (gone, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut *entries)
             .into_iter()
-            .partition(|e| !e.managed && !e.mount.is_alive());
+            .partition(|e| !e.managed && e.mount.session_ended());
         *entries = kept;
         if gone.is_empty() {
             return;
@@ -691,6 +699,16 @@ impl MountManager {
                 path.display()
             )));
         };
+        if entries[i].mount.is_covered() {
+            // An unmount of the path would take the user's mount on top.
+            return Err(ApiError::conflict(format!(
+                "another file system is mounted over dm's mount at {}: unmount that first \
+                 (`umount {}`), then `dm unmount {}`",
+                path.display(),
+                path.display(),
+                path.display()
+            )));
+        }
         let entry = entries.remove(i);
         let res = self.unmount_entry(entry);
         self.save(&entries);

@@ -128,6 +128,38 @@ fn bad_input_changes_nothing() {
     let show = s.ok(&["dot", "show", "-H"]);
     assert!(!show.contains("/gone"), "{show}");
     assert!(s.log().contains("was unmounted outside dm"), "{}", s.log());
+    // What the user mounts there next is theirs: not unmounted by dm
+    // forgetting its own (a bind mount went), nor by `dm unmount` of dm's
+    // mount under it (refused until theirs is gone).
+    let theirs = odd.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::fs::write(theirs.join("file"), b"user's").unwrap();
+    let mount_bind = |at: &std::path::Path| {
+        let st = std::process::Command::new("mount")
+            .arg("--bind")
+            .arg(&theirs)
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    let again = odd.path().join("again");
+    s.ok(&["mount", "myapp", again.to_str().unwrap()]);
+    dm_tests::unmount_lazily(&again);
+    mount_bind(&again);
+    s.ok(&["dot", "show", "-H"]);
+    assert_eq!(std::fs::read(again.join("file")).unwrap(), b"user's");
+    dm_tests::unmount_lazily(&again);
+    let covered = odd.path().join("covered");
+    s.ok(&["mount", "myapp", covered.to_str().unwrap()]);
+    mount_bind(&covered);
+    let show = s.ok(&["dot", "show", "-H"]);
+    assert!(show.contains("/covered"), "{show}");
+    let err = s.fail(&["unmount", covered.to_str().unwrap()]);
+    assert!(err.contains("another file system is mounted over"), "{err}");
+    assert_eq!(std::fs::read(covered.join("file")).unwrap(), b"user's");
+    dm_tests::unmount_lazily(&covered);
+    s.ok(&["unmount", covered.to_str().unwrap()]);
 
     let err = s.fail(&["commit", "-m", "x", "-d", "Upper=1"]);
     assert!(err.contains("lowercase"), "{err}");

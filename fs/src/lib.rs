@@ -295,9 +295,26 @@ const XATTR_CAPS: &[u8] = b"security.capability";
 /// `security.`, `system.`): refused with EOPNOTSUPP as ext4 does (FUSE
 /// passes any name through; `foo` was stored and listed).
 fn unknown_namespace(name: &OsStr) -> bool {
-    !["user.", "trusted.", "security.", "system."]
+    !XATTR_NAMESPACES
         .iter()
         .any(|ns| name.as_bytes().starts_with(ns.as_bytes()))
+}
+
+const XATTR_NAMESPACES: [&str; 4] = ["user.", "trusted.", "security.", "system."];
+
+/// The errno for an xattr name dm does not take: outside the namespaces
+/// (or an ACL), EOPNOTSUPP; a namespace alone (`user.`), EINVAL, as ext4.
+fn bad_xattr_name(name: &OsStr) -> Option<Errno> {
+    if is_acl(name) || unknown_namespace(name) {
+        Some(Errno::EOPNOTSUPP)
+    } else if XATTR_NAMESPACES
+        .iter()
+        .any(|ns| name.as_bytes() == ns.as_bytes())
+    {
+        Some(Errno::EINVAL)
+    } else {
+        None
+    }
 }
 
 /// POSIX ACLs are not supported, as on a filesystem mounted `noacl`: their
@@ -1503,8 +1520,8 @@ impl fuser::Filesystem for DmFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        if is_acl(name) || unknown_namespace(name) {
-            reply.error(Errno::EOPNOTSUPP);
+        if let Some(e) = bad_xattr_name(name) {
+            reply.error(e);
             return;
         }
         let view = self.view();
@@ -1529,8 +1546,8 @@ impl fuser::Filesystem for DmFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        if is_acl(name) || unknown_namespace(name) {
-            reply.error(Errno::EOPNOTSUPP);
+        if let Some(e) = bad_xattr_name(name) {
+            reply.error(e);
             return;
         }
         let view = self.view();
@@ -1560,13 +1577,18 @@ impl fuser::Filesystem for DmFs {
         }
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let view = self.view();
+        // `trusted.` names are listed to root only, as ext4 lists them to
+        // CAP_SYS_ADMIN (the kernel leaves the listing to us).
+        let trusted = req.uid() == 0;
         match view.fs.listxattr(view.to_store(ino)) {
             Ok(names) => {
                 let mut buf = Vec::new();
                 // ACLs stored before they were refused stay hidden.
-                for n in names.iter().filter(|n| !is_acl(OsStr::from_bytes(n))) {
+                for n in names.iter().filter(|n| {
+                    !is_acl(OsStr::from_bytes(n)) && (trusted || !n.starts_with(b"trusted."))
+                }) {
                     buf.extend_from_slice(n);
                     buf.push(0);
                 }
@@ -1577,8 +1599,8 @@ impl fuser::Filesystem for DmFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        if is_acl(name) || unknown_namespace(name) {
-            reply.error(Errno::EOPNOTSUPP);
+        if let Some(e) = bad_xattr_name(name) {
+            reply.error(e);
             return;
         }
         let view = self.view();
@@ -1978,6 +2000,24 @@ impl Mount {
         running && self.shows_this_mount()
     }
 
+    /// True once the FUSE session has ended: the kernel's side of the
+    /// mount is gone (unmounted outside dm, also lazily once its last user
+    /// left; aborted). Dropping such a mount unmounts nothing (fuser checks
+    /// the connection first), unlike one only hidden by another mount.
+    pub fn session_ended(&self) -> bool {
+        !self
+            .session
+            .lock()
+            .as_ref()
+            .is_some_and(|bg| !bg.guard.is_finished())
+    }
+
+    /// True while the session runs but the mount point shows something
+    /// else: another file system was mounted over this one.
+    pub fn is_covered(&self) -> bool {
+        !self.session_ended() && !self.shows_this_mount()
+    }
+
     /// Whether the mount point's device is this mount's.
     fn shows_this_mount(&self) -> bool {
         std::fs::metadata(&self.path)
@@ -2175,7 +2215,7 @@ impl Mount {
                 "{} no longer shows this mount; leaving it",
                 self.path.display()
             );
-            drop(bg);
+            let_go(bg);
             return Ok(false);
         }
         match unmount_path(&self.path, 0) {
@@ -2221,7 +2261,7 @@ impl Drop for Mount {
         if let Some(bg) = self.session.lock().take() {
             if !self.shows_this_mount() {
                 // Not ours to unmount (see `unmount`).
-                drop(bg);
+                let_go(bg);
             } else if unmount_path(&self.path, 0).is_err() {
                 let _ = unmount_path(&self.path, libc::MNT_DETACH);
                 drop(bg);
@@ -2231,6 +2271,16 @@ impl Drop for Mount {
         }
         self.shared.unhold_all();
     }
+}
+
+/// Lets a session go whose mount point no longer shows it, without
+/// dropping it: fuser's drop unmounts the path, which now holds something
+/// else (a user's bind mount or tmpfs went). Its thread ends, and its
+/// device closes, when the kernel ends the connection (at once if it was
+/// unmounted; once the last user leaves if it was detached or covered);
+/// the handle's few bytes are not given back.
+fn let_go(bg: BackgroundSession) {
+    std::mem::forget(bg);
 }
 
 fn store_io_error(e: dm_store::Error) -> io::Error {

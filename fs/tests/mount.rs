@@ -531,14 +531,43 @@ fn xattrs() {
     setxattr(&p, "user.one", b"1", 0).unwrap();
     setxattr(&p, "user.two", b"second", 0).unwrap();
     assert_eq!(getxattr(&p, "user.one").unwrap(), b"1");
-    // Names outside Linux's namespaces are refused, as by ext4.
-    for bad in ["foo", "bogus.x"] {
+    // Names outside Linux's namespaces are refused, as by ext4, and a
+    // namespace alone.
+    for (bad, errno) in [
+        ("foo", libc::EOPNOTSUPP),
+        ("bogus.x", libc::EOPNOTSUPP),
+        ("user.", libc::EINVAL),
+    ] {
         assert_eq!(
             setxattr(&p, bad, b"1", 0).unwrap_err().raw_os_error(),
-            Some(libc::EOPNOTSUPP),
+            Some(errno),
             "{bad}"
         );
     }
+    // trusted.* names are listed to root only.
+    setxattr(&p, "trusted.t", b"1", 0).unwrap();
+    let listed_by_nobody = {
+        use std::os::unix::process::CommandExt;
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import os, sys; print(sorted(os.listxattr(sys.argv[1])))",
+            ])
+            .arg(&p)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(listed_by_nobody, "['user.one', 'user.two']");
+    assert!(listxattr(&p).contains(&"trusted.t".to_string()));
+    let t = CString::new("trusted.t").unwrap();
+    // SAFETY: valid C strings.
+    assert_eq!(
+        unsafe { libc::removexattr(cpath(&p).as_ptr(), t.as_ptr()) },
+        0
+    );
     // No access times are kept: the mount says noatime.
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
     let line = mountinfo
