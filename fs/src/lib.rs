@@ -2005,11 +2005,10 @@ impl Mount {
     /// left; aborted). Dropping such a mount unmounts nothing (fuser checks
     /// the connection first), unlike one only hidden by another mount.
     pub fn session_ended(&self) -> bool {
-        !self
-            .session
+        self.session
             .lock()
             .as_ref()
-            .is_some_and(|bg| !bg.guard.is_finished())
+            .is_none_or(|bg| bg.guard.is_finished())
     }
 
     /// True while the session runs but the mount point shows something
