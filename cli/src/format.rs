@@ -41,6 +41,11 @@ pub fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
+/// A commit id as dm prints it: its first 12 hex digits.
+pub fn short_id(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
 /// A path as git's `status --short` prints it: as is, or in double quotes
 /// with C escapes when it holds a space (`R  a -> b` lines split on
 /// spaces), a control character, a double quote, a backslash (a name with

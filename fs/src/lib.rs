@@ -291,29 +291,23 @@ struct NoCaps {
 
 const XATTR_CAPS: &[u8] = b"security.capability";
 
-/// An xattr name outside the namespaces Linux knows (`user.`, `trusted.`,
-/// `security.`, `system.`): refused with EOPNOTSUPP as ext4 does (FUSE
-/// passes any name through; `foo` was stored and listed).
-fn unknown_namespace(name: &OsStr) -> bool {
-    !XATTR_NAMESPACES
-        .iter()
-        .any(|ns| name.as_bytes().starts_with(ns.as_bytes()))
-}
-
+/// The namespaces of xattr names Linux knows.
 const XATTR_NAMESPACES: [&str; 4] = ["user.", "trusted.", "security.", "system."];
 
-/// The errno for an xattr name dm does not take: outside the namespaces
-/// (or an ACL), EOPNOTSUPP; a namespace alone (`user.`), EINVAL, as ext4.
+/// The errno for an xattr name dm does not take, as ext4 answers it: a
+/// name outside [`XATTR_NAMESPACES`] (FUSE passes any name through; `foo`
+/// was stored and listed) or an ACL's, EOPNOTSUPP; a namespace alone
+/// (`user.`), EINVAL.
 fn bad_xattr_name(name: &OsStr) -> Option<Errno> {
-    if is_acl(name) || unknown_namespace(name) {
-        Some(Errno::EOPNOTSUPP)
-    } else if XATTR_NAMESPACES
+    let b = name.as_bytes();
+    match XATTR_NAMESPACES
         .iter()
-        .any(|ns| name.as_bytes() == ns.as_bytes())
+        .find(|ns| b.starts_with(ns.as_bytes()))
     {
-        Some(Errno::EINVAL)
-    } else {
-        None
+        None => Some(Errno::EOPNOTSUPP),
+        _ if is_acl(name) => Some(Errno::EOPNOTSUPP),
+        Some(ns) if b.len() == ns.len() => Some(Errno::EINVAL),
+        Some(_) => None,
     }
 }
 
@@ -613,39 +607,57 @@ impl DmFs {
         }
     }
 
-    /// Removes `ino`'s `security.capability` xattr, as a write must
-    /// (skipped for files known to have none; a file found to have none is
-    /// remembered so).
-    fn drop_caps(&self, fs: &Arc<BranchFs>, ino: u64) -> dm_store::Result<()> {
+    /// `ino`'s `security.capability`, None when it has none: from the
+    /// negative cache, which a read that finds none fills (unless a change
+    /// raced it).
+    fn caps(&self, fs: &BranchFs, ino: u64) -> dm_store::Result<Option<Vec<u8>>> {
         let generation = {
             let nc = self.shared.no_caps.lock();
             if nc.inos.contains(&ino) {
-                return Ok(());
+                return Ok(None);
             }
             nc.generation
         };
         match fs.getxattr(ino, XATTR_CAPS) {
+            Ok(v) => Ok(Some(v)),
             Err(e) if e.errno() == libc::ENODATA => {
                 let mut nc = self.shared.no_caps.lock();
                 if nc.generation == generation {
                     nc.inos.insert(ino);
                 }
-                return Ok(());
+                Ok(None)
             }
-            Err(e) => return Err(e),
-            Ok(_) => {}
+            Err(e) => Err(e),
         }
-        self.caps_changed(ino);
-        let res = fs.removexattr(ino, XATTR_CAPS);
-        self.caps_changed(ino);
-        match res {
-            Ok(()) => {
-                self.tell_peers(fs, || xattr_changes(ino, OsStr::from_bytes(XATTR_CAPS)));
-                Ok(())
-            }
+    }
+
+    /// Removes xattr `name` of `ino`, keeping the capability cache right,
+    /// and tells the other mounts.
+    fn remove_xattr(&self, fs: &Arc<BranchFs>, ino: u64, name: &OsStr) -> dm_store::Result<()> {
+        let caps = name.as_bytes() == XATTR_CAPS;
+        if caps {
+            self.caps_changed(ino);
+        }
+        let res = fs.removexattr(ino, name.as_bytes());
+        // Again after the change: a getxattr that read the old value
+        // after the first bump must not cache it.
+        if caps {
+            self.caps_changed(ino);
+        }
+        res?;
+        self.tell_peers(fs, || xattr_changes(ino, name));
+        Ok(())
+    }
+
+    /// Removes `ino`'s `security.capability` xattr, as a write must.
+    fn drop_caps(&self, fs: &Arc<BranchFs>, ino: u64) -> dm_store::Result<()> {
+        if self.caps(fs, ino)?.is_none() {
+            return Ok(());
+        }
+        match self.remove_xattr(fs, ino, OsStr::from_bytes(XATTR_CAPS)) {
             // Removed meanwhile by another writer.
             Err(e) if e.errno() == libc::ENODATA => Ok(()),
-            Err(e) => Err(e),
+            r => r,
         }
     }
 
@@ -1552,28 +1564,15 @@ impl fuser::Filesystem for DmFs {
         }
         let view = self.view();
         let ino = view.to_store(ino);
-        let caps = name.as_bytes() == XATTR_CAPS;
-        let generation = if caps {
-            let nc = self.shared.no_caps.lock();
-            if nc.inos.contains(&ino) {
-                reply.error(Errno::ENODATA);
-                return;
-            }
-            nc.generation
-        } else {
-            0
+        let value = match name.as_bytes() == XATTR_CAPS {
+            true => self
+                .caps(&view.fs, ino)
+                .and_then(|v| v.ok_or_else(|| dm_store::Error::fs("getxattr", libc::ENODATA))),
+            false => view.fs.getxattr(ino, name.as_bytes()),
         };
-        match view.fs.getxattr(ino, name.as_bytes()) {
+        match value {
             Ok(v) => reply_xattr(&v, size, reply),
-            Err(e) => {
-                if caps && e.errno() == libc::ENODATA {
-                    let mut nc = self.shared.no_caps.lock();
-                    if nc.generation == generation {
-                        nc.inos.insert(ino);
-                    }
-                }
-                reply.error(errno(&e))
-            }
+            Err(e) => reply.error(errno(&e)),
         }
     }
 
@@ -1604,22 +1603,8 @@ impl fuser::Filesystem for DmFs {
             return;
         }
         let view = self.view();
-        let ino = view.to_store(ino);
-        let caps = name.as_bytes() == XATTR_CAPS;
-        if caps {
-            self.caps_changed(ino);
-        }
-        let res = view.fs.removexattr(ino, name.as_bytes());
-        // Again after the change: a getxattr that read the old value
-        // after the first bump must not cache it.
-        if caps {
-            self.caps_changed(ino);
-        }
-        match res {
-            Ok(()) => {
-                self.tell_peers(&view.fs, || xattr_changes(ino, name));
-                reply.ok();
-            }
+        match self.remove_xattr(&view.fs, view.to_store(ino), name) {
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -1992,18 +1977,12 @@ impl Mount {
     /// was unmounted behind dm's back (`umount`, a crash of the session) or
     /// another file system was mounted over it.
     pub fn is_alive(&self) -> bool {
-        let running = self
-            .session
-            .lock()
-            .as_ref()
-            .is_some_and(|bg| !bg.guard.is_finished());
-        running && self.shows_this_mount()
+        !self.session_ended() && self.shows_this_mount()
     }
 
     /// True once the FUSE session has ended: the kernel's side of the
     /// mount is gone (unmounted outside dm, also lazily once its last user
-    /// left; aborted). Dropping such a mount unmounts nothing (fuser checks
-    /// the connection first), unlike one only hidden by another mount.
+    /// left; aborted), not only hidden by another mount.
     pub fn session_ended(&self) -> bool {
         self.session
             .lock()
@@ -2274,10 +2253,11 @@ impl Drop for Mount {
 
 /// Lets a session go whose mount point no longer shows it, without
 /// dropping it: fuser's drop unmounts the path, which now holds something
-/// else (a user's bind mount or tmpfs went). Its thread ends, and its
-/// device closes, when the kernel ends the connection (at once if it was
-/// unmounted; once the last user leaves if it was detached or covered);
-/// the handle's few bytes are not given back.
+/// else (a user's bind mount or tmpfs went, also after the session had
+/// ended). Its thread ends when the kernel ends the connection (at once if
+/// it was unmounted; once the last user leaves if it was detached or
+/// covered); its device's descriptor and the handle's few bytes stay,
+/// one of each per mount let go.
 fn let_go(bg: BackgroundSession) {
     std::mem::forget(bg);
 }

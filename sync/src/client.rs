@@ -229,6 +229,16 @@ impl Remote {
         }
     }
 
+    /// Notes that this connection deleted `branch` of `dot` on the hub
+    /// (see [`Remote::remember_branches`]).
+    fn deleted(&self, dot: &DotName, branch: &str) {
+        let mut memo = self.memo.lock();
+        let known = memo.as_mut().and_then(|m| m.get_mut(&dot.to_string()));
+        if let Some(Some((_, branches))) = known {
+            branches.retain(|(n, _)| n != branch);
+        }
+    }
+
     /// The commit ids of `head`'s ancestry on the hub, newest first.
     pub async fn ancestry(&self, dot: &DotName, head: Id) -> Result<Vec<Id>> {
         match self
@@ -455,15 +465,7 @@ pub async fn delete_branch(
     };
     match remote.call(&req).await? {
         Response::Ids(ids) if ids.len() <= 1 => {
-            if let Some((_, branches)) = remote
-                .memo
-                .lock()
-                .as_mut()
-                .and_then(|m| m.get_mut(&remote_dot.to_string()))
-                .and_then(|known| known.as_mut())
-            {
-                branches.retain(|(n, _)| n != branch);
-            }
+            remote.deleted(remote_dot, branch);
             Ok(ids.first().copied())
         }
         other => Err(unexpected(&other)),

@@ -6,7 +6,7 @@ use crate::api::{
     self, BranchView, ChangeView, CheckoutRequest, CommitRequest, CommitView, DiffResponse,
     DotDetail, Empty, ResetRequest, ResetResponse, StatusResponse,
 };
-use crate::format::{human_size, quote_path};
+use crate::format::{human_size, quote_path, short_id};
 use anyhow::{anyhow, bail, Result};
 use dm_store::DotName;
 use std::collections::BTreeMap;
@@ -152,7 +152,7 @@ pub fn log(
     for c in &commits {
         if oneline {
             let first = c.message.lines().next().unwrap_or("");
-            out.push_str(&format!("{} {first}\n", &c.id[..c.id.len().min(12)]));
+            out.push_str(&format!("{} {first}\n", short_id(&c.id)));
             continue;
         }
         out.push_str(&format!(
@@ -233,7 +233,7 @@ pub fn delete_branch(ctx: &mut Ctx, branch: &str, force: bool) -> Result<()> {
     let _: Empty = ctx.client()?.delete(&path)?;
     // As git says it, so that a mistake can be undone from the id.
     match &b.head {
-        Some(h) => println!("Deleted branch {branch} (was {}).", &h[..h.len().min(12)]),
+        Some(h) => println!("Deleted branch {branch} (was {}).", short_id(h)),
         None => println!("Deleted branch {branch} (no commits)."),
     }
     Ok(())
@@ -275,7 +275,7 @@ pub fn checkout(ctx: &mut Ctx, branch: &str, create: bool, start: Option<&str>) 
             Ok(r) => bail!(
                 "{branch} is commit {} of dot {dot}, not a branch; dm has no detached HEAD: \
                  `dm checkout -b NAME {branch}` makes branch NAME starting there",
-                &r.id[..r.id.len().min(12)]
+                short_id(&r.id)
             ),
             Err(e) if e.to_string().contains("ambiguous") => bail!("{e}"),
             Err(_) => {}
@@ -320,7 +320,7 @@ pub fn checkout(ctx: &mut Ctx, branch: &str, create: bool, start: Option<&str>) 
         let start = match (&from.head, start) {
             (_, Some(s)) => format!("starts at {s}"),
             (Some(h), None) if create => {
-                format!("starts at {old}'s last commit {}", &h[..h.len().min(12)])
+                format!("starts at {old}'s last commit {}", short_id(h))
             }
             (None, None) if create => format!("starts empty ({old} has no commit yet)"),
             _ => "shows its own working state".to_string(),
@@ -352,7 +352,7 @@ pub fn reset(ctx: &mut Ctx, rev: &str, hard: bool) -> Result<()> {
     // reflog would keep but dm cannot give back.
     println!(
         "HEAD is now at {} {}{}",
-        &r.id[..r.id.len().min(12)],
+        short_id(&r.id),
         r.message.lines().next().unwrap_or(""),
         match (r.dropped, r.destroyed) {
             (0, _) => String::new(),
@@ -377,7 +377,7 @@ pub fn reset(ctx: &mut Ctx, rev: &str, hard: bool) -> Result<()> {
             if h.files == 1 { " was" } else { "s were" },
             h.path,
             h.path,
-            &r.id[..r.id.len().min(12)],
+            short_id(&r.id),
         );
     }
     Ok(())

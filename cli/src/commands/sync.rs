@@ -10,6 +10,7 @@
 
 use super::Ctx;
 use crate::config::Remote;
+use crate::format::short_id;
 use crate::server::hub::{
     BranchDeleted, BranchDeletionReq, CollaboratorReq, RemoteReq, TransferReq, TransferStatus,
     UserKey, UserRemoved, UserReq,
@@ -576,6 +577,23 @@ pub fn clone(
 /// `--remote-name` given, and how to replace a refused API key (push and
 /// pull use the key saved by `dm remote add`, not DM_API_KEY).
 fn with_remote_hints(msg: &str, remote: &str, remote_name: Option<&str>, r: &Remote) -> String {
+    remote_hints(
+        msg,
+        remote,
+        remote_name,
+        r,
+        "Run the same command again: it goes on from what arrived",
+    )
+}
+
+/// [`with_remote_hints`], with `rerun` said after a broken connection.
+fn remote_hints(
+    msg: &str,
+    remote: &str,
+    remote_name: Option<&str>,
+    r: &Remote,
+    rerun: &str,
+) -> String {
     let mut m = msg
         .replace("`dm push REMOTE ", &format!("`dm push {remote} "))
         .replace("`dm pull REMOTE ", &format!("`dm pull {remote} "))
@@ -596,7 +614,7 @@ fn with_remote_hints(msg: &str, remote: &str, remote_name: Option<&str>, r: &Rem
     let broken = ["connection lost", "receiving:", "sending:", "stream closed"];
     if broken.iter().any(|b| m.starts_with(b)) {
         m = format!(
-            "the connection to remote {remote} ({}) broke: {m}. Run the same command again: it goes on from what arrived",
+            "the connection to remote {remote} ({}) broke: {m}. {rerun}",
             r.hostname
         );
     }
@@ -731,7 +749,7 @@ fn run(ctx: &mut Ctx, req: &TransferReq, label: &str) -> Result<()> {
         if let Some((origin, fork)) = &r.origin_created {
             println!(
                 "  created branch {origin} there at {}, where {} grew from (the remote lacked it)",
-                &fork[..fork.len().min(12)],
+                short_id(fork),
                 r.branch
             );
         }
@@ -887,17 +905,18 @@ pub fn delete_remote_branch(ctx: &mut Ctx, a: PushPullArgs) -> Result<()> {
         .client()?
         .post("/v1/sync/branch-deletions", &req)
         .map_err(|e| {
-            let mut m =
-                with_remote_hints(&format!("{e:#}"), &a.remote, a.remote_name.as_deref(), &r);
-            if m.contains("malformed frame") {
-                m.push_str(" (the hub runs a dm older than `push --delete`)");
-            }
             // A delete is whole or not at all: nothing to go on from.
-            m = m.replace(
-                "Run the same command again: it goes on from what arrived",
+            let mut m = remote_hints(
+                &format!("{e:#}"),
+                &a.remote,
+                a.remote_name.as_deref(),
+                &r,
                 "The branch was deleted there whole or not at all: run the same command again \
                  (it says the hub has no such branch if it was)",
             );
+            if m.contains("malformed frame") {
+                m.push_str(" (the hub runs a dm older than `push --delete`)");
+            }
             anyhow!(
                 "deleting branch {branch} of {}/{} on remote {}: {m}",
                 rdot.namespace,
@@ -912,9 +931,7 @@ pub fn delete_remote_branch(ctx: &mut Ctx, a: PushPullArgs) -> Result<()> {
         rdot.namespace,
         rdot.name,
         a.remote,
-        done.head
-            .as_deref()
-            .map_or("no commits", |h| &h[..h.len().min(12)])
+        done.head.as_deref().map_or("no commits", short_id)
     );
     Ok(())
 }

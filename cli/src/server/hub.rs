@@ -62,15 +62,10 @@ impl dm_sync::LiveBranches for Live {
                 // hears of processes that now see the pushed state.
                 let held = super::routes::held_open_showing(app, dot, branch, &current);
                 let moved = app.mounts.reset(dot, branch, || Ok(set()))?;
-                if !held.is_empty() && matches!(moved, Ok(dm_store::SetHead::Updated)) {
-                    let (_, paths) = super::routes::files_and_paths(&held);
-                    tracing::warn!(
-                        "files were held open on {} across a push that moved {dot}@{branch}; \
-                         they now see the pushed state under them; a database running there \
-                         still holds the old state and writes it back, also as it stops: stop \
-                         it, then `dm reset --hard HEAD` on that branch",
-                        paths.join(", ")
-                    );
+                if let Some(note) = held_across(&held, &format!("a push that moved {dot}@{branch}"))
+                    .filter(|_| matches!(moved, Ok(dm_store::SetHead::Updated)))
+                {
+                    tracing::warn!("{note}");
                 }
                 Ok(moved)
             })
@@ -98,6 +93,22 @@ impl dm_sync::LiveBranches for Live {
         // Set by the closure, which ran since no refusal came back.
         Ok(result.unwrap_or(Ok(())))
     }
+}
+
+/// What to say of files `held` open (by mount path) across `what`, which
+/// moved the branch they show: none when there were none. As a reset
+/// says it.
+fn held_across(held: &[(std::path::PathBuf, usize)], what: &str) -> Option<String> {
+    if held.is_empty() {
+        return None;
+    }
+    let (_, paths) = super::routes::files_and_paths(held);
+    Some(format!(
+        "files were held open on {} across {what} (`fuser -vm` names the processes); they now \
+         see the new state under them; a database running there still holds the old state and \
+         writes it back, also as it stops: stop it, then `dm reset --hard HEAD` on that branch",
+        paths.join(", ")
+    ))
 }
 
 /// Whether `branch` of `dot` has nothing uncommitted (what the mounts'
@@ -694,12 +705,8 @@ async fn pull_branch(
                 // pulled state under them; the user is told.
                 Ok(r.map(|mut rep| {
                     let held = super::routes::held_open_showing(app, local, branch, &current);
-                    if !held.is_empty() {
-                        let (_, paths) = super::routes::files_and_paths(&held);
-                        rep.note = Some(format!(
-                            "files were held open on {} across the pull (`fuser -vm` names the processes); they now see the pulled state under them; a database running there still holds the old state and writes it back, also as it stops: stop it, then `dm reset --hard HEAD` (the pulled head)",
-                            paths.join(", ")
-                        ));
+                    if let Some(note) = held_across(&held, "the pull") {
+                        rep.note = Some(note);
                     }
                     rep
                 }))
