@@ -268,9 +268,7 @@ impl MountManager {
     /// `MOUNT_DIR/lost+found/<seconds since 1970>/<its path under MOUNT_DIR>`
     /// (on the same file system), and says so in the log.
     fn move_aside(&self, path: &Path, volume: &VolumeName) {
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let secs = unix_secs();
         let rel = path.strip_prefix(&self.mount_dir).unwrap_or(path);
         let dest = self
             .mount_dir
@@ -308,9 +306,7 @@ impl MountManager {
         let Ok(meta) = std::fs::metadata(path) else {
             return false;
         };
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let secs = unix_secs();
         // Never onto an earlier one (two crashes in a second): -2, -3...
         let name = path.file_name().unwrap_or_default().to_string_lossy();
         let dest = (1..100)
@@ -513,6 +509,9 @@ impl MountManager {
         let mut entries = self.lock();
         if let Some(i) = entries.iter().position(|e| e.path == path) {
             let e = &entries[i];
+            if e.mount.is_covered() {
+                return Err(covered(&path));
+            }
             if !e.mount.is_alive() {
                 // Unmounted behind dm's back (`umount`): mounted again
                 // below, or writes would go to the bare directory.
@@ -701,13 +700,7 @@ impl MountManager {
         };
         if entries[i].mount.is_covered() {
             // An unmount of the path would take the user's mount on top.
-            return Err(ApiError::conflict(format!(
-                "another file system is mounted over dm's mount at {}: unmount that first \
-                 (`umount {}`), then `dm unmount {}`",
-                path.display(),
-                path.display(),
-                path.display()
-            )));
+            return Err(covered(path));
         }
         let entry = entries.remove(i);
         let res = self.unmount_entry(entry);
@@ -957,4 +950,21 @@ fn check_open_file_room(volume: &VolumeName) -> ApiResult<()> {
          (`ulimit -n` before `dm server`, LimitNOFILE= in a systemd unit) and restart it, or unmount others",
         lim.rlim_cur
     )))
+}
+
+/// Seconds since 1970, naming the lost+found directories.
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The refusal to unmount, or mount again, a mount that another file
+/// system covers (what either did to the path would hit the one on top).
+fn covered(path: &Path) -> ApiError {
+    ApiError::conflict(format!(
+        "another file system is mounted over dm's mount at {}: unmount that first (`umount {}`)",
+        path.display(),
+        path.display()
+    ))
 }

@@ -155,8 +155,13 @@ fn bad_input_changes_nothing() {
     mount_bind(&covered);
     let show = s.ok(&["dot", "show", "-H"]);
     assert!(show.contains("/covered"), "{show}");
-    let err = s.fail(&["unmount", covered.to_str().unwrap()]);
-    assert!(err.contains("another file system is mounted over"), "{err}");
+    for cmd in ["unmount", "mount"] {
+        let err = match cmd {
+            "mount" => s.fail(&["mount", "myapp", covered.to_str().unwrap()]),
+            _ => s.fail(&["unmount", covered.to_str().unwrap()]),
+        };
+        assert!(err.contains("another file system is mounted over"), "{err}");
+    }
     assert_eq!(std::fs::read(covered.join("file")).unwrap(), b"user's");
     dm_tests::unmount_lazily(&covered);
     s.ok(&["unmount", covered.to_str().unwrap()]);
