@@ -1740,9 +1740,10 @@ impl fuser::Filesystem for DmFs {
     /// fallocate(2): mode 0 extends the file (dm allocates nothing ahead:
     /// blocks are stored when written; ENOSPC only when the disk has less
     /// room than the extension), `FALLOC_FL_KEEP_SIZE` alone does
-    /// nothing (the same ENOSPC check), `FALLOC_FL_PUNCH_HOLE` and `FALLOC_FL_ZERO_RANGE` write
-    /// zeros over the range within the file (stored as one deduplicated
-    /// zero chunk per block). Collapsing and inserting ranges: EOPNOTSUPP.
+    /// nothing (the same ENOSPC check), `FALLOC_FL_PUNCH_HOLE` and
+    /// `FALLOC_FL_ZERO_RANGE` drop the whole blocks within the range
+    /// (holes) and write zeros over the rest of it within the file
+    /// ([`dm_store::BranchFs::punch`]). Collapsing and inserting ranges: EOPNOTSUPP.
     /// (glibc's posix_fallocate emulated mode 0 with a one-byte write per
     /// 4 KiB, a FUSE round trip each.)
     fn fallocate(
@@ -1779,14 +1780,7 @@ impl fuser::Filesystem for DmFs {
                 }
             }
             if mode & zero != 0 {
-                const PIECE: u64 = 1 << 20;
-                let zeros = vec![0u8; PIECE as usize];
-                let mut at = offset;
-                while at < end.min(a.size) {
-                    let n = (end.min(a.size) - at).min(PIECE);
-                    fs.write(ino, at, &zeros[..n as usize])?;
-                    at += n;
-                }
+                fs.punch(ino, offset, length)?;
             }
             // Not below what a writer on another descriptor may have
             // appended since the size above was read. The file's times

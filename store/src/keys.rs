@@ -88,6 +88,13 @@ pub fn parse_block(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(key[9..17].try_into().ok()?))
 }
 
+/// The smallest key after `key` (for going on with a scan past it).
+pub fn next_key(key: &[u8]) -> Vec<u8> {
+    let mut k = key.to_vec();
+    k.push(0);
+    k
+}
+
 pub fn xattr(ino: u64, name: &[u8]) -> Vec<u8> {
     let mut k = prefix(ino, TAG_XATTR);
     k.extend_from_slice(name);

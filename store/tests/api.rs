@@ -1846,3 +1846,90 @@ fn a_file_a_kernel_knows_outlives_its_unlink_until_forgotten_or_a_commit() {
     assert_eq!(fs.getattr(b).unwrap_err().errno(), libc::ESTALE);
     fs.unhold(b).unwrap();
 }
+
+/// A punch (fallocate's PUNCH_HOLE and ZERO_RANGE) reads back as zeros
+/// over its range and leaves the rest, whether the blocks it meets are
+/// committed, stored by a close, patched by an fsync or still buffered,
+/// and whether it starts and ends inside blocks or on their edges.
+#[test]
+fn punch_zeroes_ranges_over_every_kind_of_block() {
+    let (dir, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    let bs = fs.block_size() as u64;
+    let mut want = noise(12 * bs as usize + 777, 11);
+    let ino = write_file(&fs, "f", &want);
+    commit(&store, &dot, "master", "base");
+    // Block 3 patched by an fsync, block 6 stored by a close, block 9
+    // buffered, block 11 rewritten whole and buffered.
+    let mut put = |at: u64, data: &[u8]| {
+        fs.write(ino, at, data).unwrap();
+        want[at as usize..at as usize + data.len()].copy_from_slice(data);
+    };
+    put(3 * bs + 100, &[7u8; 300]);
+    fs.fsync(ino, false).unwrap();
+    put(6 * bs + 5, &[8u8; 10]);
+    fs.flush(ino).unwrap();
+    put(9 * bs + 1000, &[9u8; 4000]);
+    put(11 * bs, &noise(bs as usize, 12));
+    let size = want.len() as u64;
+    let mut zero = |from: u64, len: u64| {
+        fs.punch(ino, from, len).unwrap();
+        let to = (from + len).min(size);
+        want[from as usize..to as usize].fill(0);
+        assert_eq!(
+            fs.read(ino, 0, size as u32 + 10).unwrap(),
+            want,
+            "after punching {from}+{len}"
+        );
+    };
+    zero(bs / 2, 10); // inside one block
+    zero(2 * bs + 3, 2 * bs); // over the patched block, ends inside one
+    zero(5 * bs, 2 * bs); // whole blocks: the closed one
+    zero(9 * bs - 1, bs + 2); // the buffered block and a byte each side
+    zero(11 * bs + 10, 1 << 40); // past the end: cut at it
+    assert_eq!(fs.getattr(ino).unwrap().size, size);
+    // Writes after a punch land over its holes.
+    fs.write(ino, 5 * bs + 1, b"back").unwrap();
+    want[5 * bs as usize + 1..5 * bs as usize + 5].copy_from_slice(b"back");
+    fs.flush(ino).unwrap();
+    commit(&store, &dot, "master", "punched");
+    drop(fs);
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    assert_eq!(read_file(&fs, "f").unwrap(), want);
+    assert!(store.fsck().unwrap().is_clean());
+}
+
+/// A punch drops the whole blocks in its range instead of storing zeros
+/// over them: punching a 4 GiB sparse file whole stores nothing (zeros
+/// written over it stored 65,536 block entries and took 4 GiB of writes).
+#[test]
+fn punch_of_a_sparse_range_stores_no_blocks() {
+    let (_dir, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    let ino = write_file(&fs, "sparse", b"head");
+    let size = 4u64 << 30;
+    fs.setattr(
+        ino,
+        &SetAttr {
+            size: Some(size),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    fs.write(ino, size - 4, b"tail").unwrap();
+    fs.flush(ino).unwrap();
+    commit(&store, &dot, "master", "sparse");
+    let before = store.fsck().unwrap().objects_checked;
+    fs.punch(ino, 0, size).unwrap();
+    fs.flush(ino).unwrap();
+    commit(&store, &dot, "master", "punched");
+    let after = store.fsck().unwrap().objects_checked;
+    // One more commit and a tree of the same shape.
+    assert!(after <= before * 2 + 2, "objects {before} -> {after}");
+    let a = fs.getattr(ino).unwrap();
+    assert_eq!(a.size, size);
+    assert_eq!(fs.read(ino, size - 8, 8).unwrap(), vec![0u8; 8]);
+    assert_eq!(fs.read(ino, 0, 4).unwrap(), vec![0u8; 4]);
+}
