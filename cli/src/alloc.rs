@@ -55,6 +55,31 @@ unsafe impl GlobalAlloc for Allocator {
     }
 }
 
+/// What jemalloc holds, for the server's memory log: the bytes the
+/// process has allocated (Rust's and RocksDB's C++ alike), the pages those
+/// sit in (`active`: allocated plus fragmentation), the pages resident
+/// (also freed ones not yet given back), jemalloc's own metadata, and
+/// mappings kept but given back (`retained`, not resident).
+pub fn stats() -> String {
+    use tikv_jemalloc_ctl::{epoch, stats};
+    // Statistics are cached until the epoch advances.
+    if let Err(e) = epoch::advance() {
+        return format!("allocator statistics unavailable: {e}");
+    }
+    let mib = |r: tikv_jemalloc_ctl::Result<usize>| match r {
+        Ok(b) => format!("{:.1} MiB", b as f64 / (1 << 20) as f64),
+        Err(_) => "?".to_string(),
+    };
+    format!(
+        "allocated {}, active {}, resident {}, metadata {}, retained {}",
+        mib(stats::allocated::read()),
+        mib(stats::active::read()),
+        mib(stats::resident::read()),
+        mib(stats::metadata::read()),
+        mib(stats::retained::read()),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     /// Memory given back dirty and asked for again zeroed reads as zeros,

@@ -666,7 +666,7 @@ fn pulls_pass_mount_placeholders_say_how_far_a_branch_moved_and_wait_for_each_ot
     // A subdot the commits lack, mounted: nobody's work.
     let cache = mount(&bob, "app.cache");
     assert!(cache.is_dir());
-    assert!(bob.ok(&["status"]).contains("Nothing to commit"));
+    assert!(bob.ok(&["status"]).contains("No changes"));
     write_synced(&am.join("f"), b"two");
     alice.ok(&["commit", "-m", "two"]);
     alice.ok(&["push", "hub"]);

@@ -1205,19 +1205,23 @@ impl BranchFs {
             {
                 let _m = self.meta.lock();
                 // Reopened since (the kernel releases in the background
-                // after close(2)): the new handle's release frees it; or
-                // a kernel still knows it: its forget does. Checked under
-                // `meta`, as unlink decides under it.
-                if self.in_use(ino) {
+                // after close(2)): the new handle's release does all
+                // this. Checked under `meta`, as unlink decides under it.
+                if self.open.lock().contains_key(&ino) {
                     return Ok(());
                 }
-                if self.free_orphan_in(&st, ino)? {
+                // An orphan a kernel still knows is freed by its forget.
+                if !self.in_use(ino) && self.free_orphan_in(&st, ino)? {
                     return Ok(());
                 }
             }
-            // Forget the buffer if it is clean; a writer racing with this
-            // sees `detached` and starts a fresh one. Locks in the order
-            // above: the buffer (no `meta` held), then the `files` map.
+            // Forget the buffer if it is clean, also while a kernel knows
+            // the file (it may for as long as it likes: buffers kept for
+            // those, each with copies of its last blocks, took 64 KiB per
+            // file written, 22 GiB for 340,000 small files); a writer
+            // racing with this sees `detached` and starts a fresh one.
+            // Locks in the order above: the buffer (no `meta` held), then
+            // the `files` map.
             let fb = self.files.lock().get(&ino).cloned();
             if let Some(fb) = fb {
                 let mut g = fb.lock();
@@ -2434,6 +2438,37 @@ mod tests {
         assert_eq!(fs.setattr(f, &grow(200)).unwrap().size, 200);
         fs.flush(f).unwrap();
         assert_eq!(fs.getattr(f).unwrap().size, 200);
+    }
+
+    /// A file written and closed leaves no buffer behind, also while a
+    /// mount's kernel knows it (as it knows every file it created until
+    /// it forgets): each such buffer kept copies of the file's last
+    /// blocks, 64 KiB per small file, until the server stopped.
+    #[test]
+    fn closed_files_leave_no_buffers_while_kernels_know_them() {
+        let (_dir, _store, fs) = fresh();
+        for i in 0..100u32 {
+            let name = format!("f{i}");
+            let f = fs
+                .mknod(ROOT_INO, name.as_bytes(), FileKind::File, 0o644, 0, 0, 0)
+                .unwrap()
+                .ino;
+            fs.hold(f);
+            fs.open(f).unwrap();
+            fs.write(f, 0, name.as_bytes()).unwrap();
+            fs.release(f).unwrap();
+        }
+        assert_eq!(fs.files.lock().len(), 0, "buffers kept after close");
+        // Open files keep theirs, and their data reads back.
+        let f = fs.lookup(ROOT_INO, b"f7").unwrap().ino;
+        fs.open(f).unwrap();
+        fs.write(f, 2, b"X").unwrap();
+        fs.open(f).unwrap();
+        fs.release(f).unwrap();
+        assert_eq!(fs.files.lock().len(), 1);
+        fs.release(f).unwrap();
+        assert_eq!(fs.files.lock().len(), 0);
+        assert_eq!(fs.read(f, 0, 10).unwrap(), b"f7X");
     }
 
     /// `df -i` shows the inode numbers used, not half of them.

@@ -58,9 +58,12 @@ pub fn commit(
     }
     let (dot, d) = current(ctx)?;
     let branch = branch.unwrap_or(&d.summary.current_branch);
-    if !d.branch_details.iter().any(|b| b.name == branch) {
+    let Some(before) = d.branch_details.iter().find(|b| b.name == branch) else {
         bail!(branch_not_found(&dot, branch, &d.summary.branches));
-    }
+    };
+    // As seen just before: a write meanwhile makes the note wrong, never
+    // the commit.
+    let unchanged = before.head.is_some() && !before.uncommitted;
     let path = format!(
         "{}/commits",
         api::branch_path(&dot.namespace, &dot.name, branch)
@@ -74,6 +77,15 @@ pub fn commit(
         },
     )?;
     println!("{}", c.id);
+    if unchanged {
+        // dm commits a snapshot whatever changed (as Dotmesh); git would
+        // have refused without --allow-empty.
+        eprintln!(
+            "note: nothing had changed on {dot}@{branch} since its last commit: \
+             this commit has the same files (writes to another branch's mount \
+             do not show here)"
+        );
+    }
     Ok(())
 }
 
@@ -432,7 +444,7 @@ pub fn status(ctx: &mut Ctx) -> Result<()> {
         None => println!("HEAD: none (no commits yet)"),
     }
     if !s.dirty {
-        println!("Nothing to commit: the working state matches HEAD");
+        println!("No changes: the working state matches HEAD");
         return Ok(());
     }
     // Before the first commit there is no HEAD to go back to.

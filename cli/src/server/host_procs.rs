@@ -49,25 +49,36 @@ pub fn using(paths: &[PathBuf]) -> Vec<HostProcess> {
 }
 
 /// The first file the process at `/proc/PID` (`dir`) has open under `paths`.
+/// Only the links are read (no file system is asked) until one is under
+/// `paths`: a file open on a hung mount elsewhere (another FUSE server
+/// that stopped answering) held a checkout up for minutes.
 fn open_under(dir: &Path, paths: &[PathBuf]) -> Option<PathBuf> {
     std::fs::read_dir(dir.join("fd"))
         .ok()?
         .flatten()
         .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .find(|target| {
+            let path = without_deleted(target).unwrap_or(target);
+            paths.iter().any(|p| path.starts_with(p))
+        })
         .map(undeleted)
-        .find(|target| paths.iter().any(|p| target.starts_with(p)))
 }
 
 /// A `/proc/PID/fd` target without the " (deleted)" the kernel adds once
-/// the name's dentry was dropped, when the path is there: dm drops them on
-/// other mounts after each commit (to refresh what they cached), so every
-/// file open on the followed mount showed as "(deleted)" in the messages.
-fn undeleted(target: PathBuf) -> PathBuf {
+/// the name's dentry was dropped, if it has one.
+fn without_deleted(target: &Path) -> Option<&Path> {
     use std::os::unix::ffi::OsStrExt;
-    match target.as_os_str().as_bytes().strip_suffix(b" (deleted)") {
-        Some(p) if Path::new(std::ffi::OsStr::from_bytes(p)).exists() => {
-            PathBuf::from(std::ffi::OsStr::from_bytes(p))
-        }
+    let p = target.as_os_str().as_bytes().strip_suffix(b" (deleted)")?;
+    Some(Path::new(std::ffi::OsStr::from_bytes(p)))
+}
+
+/// A `/proc/PID/fd` target without its " (deleted)" when the path is
+/// there: dm drops the dentries on other mounts after each commit (to
+/// refresh what they cached), so every file open on the followed mount
+/// showed as "(deleted)" in the messages.
+fn undeleted(target: PathBuf) -> PathBuf {
+    match without_deleted(&target) {
+        Some(p) if p.exists() => p.to_path_buf(),
         _ => target,
     }
 }

@@ -495,7 +495,12 @@ fn start_patch_writer(store: Arc<Store>) -> Periodic {
     Periodic::start(PATCH_INTERVAL, move || {
         // `DM_LOG=info,dm::memory=debug` shows where the server's
         // memory goes (bench/mem/rss.sh reads it).
-        tracing::debug!(target: "dm::memory", "{}", store.memory());
+        tracing::debug!(
+            target: "dm::memory",
+            "{}; allocator: {}",
+            store.memory(),
+            crate::alloc::stats()
+        );
         match store.materialize_patches() {
             Ok(0) => {}
             Ok(n) => tracing::debug!("stored {n} patched blocks whole"),
