@@ -71,7 +71,10 @@ fn init_commit_log_reset() {
     std::fs::remove_file(mnt.join("link")).unwrap();
 
     let status = s.ok(&["status"]);
-    assert!(status.contains("Uncommitted"), "{status}");
+    assert!(
+        status.contains("Uncommitted changes in 3 paths,"),
+        "{status}"
+    );
     let diff = s.ok(&["diff"]);
     assert!(diff.contains("M  /__default__/big.bin"), "{diff}");
     assert!(diff.contains("A  /__default__/base/new-table"), "{diff}");

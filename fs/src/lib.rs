@@ -1476,8 +1476,12 @@ impl fuser::Filesystem for DmFs {
             let dots = e.name == b"." || e.name == b"..";
             let attr = match view.fs.getattr(e.ino) {
                 Ok(a) => self.attr(&view, &a),
-                // Removed meanwhile: leave it out.
-                Err(_) if !dots => return Ok(false),
+                // Removed meanwhile: leave it out. Any other error (a
+                // damaged record: EIO) fails the listing, which left such
+                // a file out without a word (tar and rsync skipped it).
+                Err(err) if !dots && matches!(err.errno(), libc::ESTALE | libc::ENOENT) => {
+                    return Ok(false)
+                }
                 Err(err) => return Err(errno(&err)),
             };
             let off = u64::try_from(e.offset).unwrap_or(0);

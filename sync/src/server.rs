@@ -559,11 +559,19 @@ fn uncommitted_on_hub(dot: &DotName, branch: &str) -> Response {
 
 fn store_err(e: dm_store::Error) -> Response {
     match e {
-        dm_store::Error::Corrupt(m) => err(ErrorCode::Corrupt, m),
+        dm_store::Error::Corrupt(m) => {
+            // The hub's own failures go to its log too: its admin is the
+            // one to act (a damaged chunk failed clones without a word here).
+            tracing::warn!("answering a request: {m}");
+            err(ErrorCode::Corrupt, m)
+        }
         dm_store::Error::Refused(m) => err(ErrorCode::Refused, m),
         e @ dm_store::Error::InvalidName { .. } => err(ErrorCode::BadRequest, e.to_string()),
         e if e.is_not_found() => err(ErrorCode::UnknownDot, e.to_string()),
-        e => err(ErrorCode::Internal, e.to_string()),
+        e => {
+            tracing::warn!("answering a request: {e}");
+            err(ErrorCode::Internal, e.to_string())
+        }
     }
 }
 

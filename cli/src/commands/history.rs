@@ -477,10 +477,12 @@ pub fn status(ctx: &mut Ctx) -> Result<()> {
         );
         return Ok(());
     }
+    // Paths first: deletes write no data ("0 B in 223 paths" read as if
+    // nothing had changed).
     println!(
-        "Uncommitted changes: {} in {paths} path{} (commit them with `dm commit -m MSG`{discard})",
-        human_size(s.dirty_bytes),
-        if paths == 1 { "" } else { "s" }
+        "Uncommitted changes in {paths} path{}, {} of data written (commit them with `dm commit -m MSG`{discard})",
+        if paths == 1 { "" } else { "s" },
+        human_size(s.dirty_bytes)
     );
     for c in &s.changes {
         println!("  {}", change_line(c));

@@ -72,11 +72,20 @@ fn disk_full(errno: i32, message: &str) -> Option<ApiError> {
 /// The message of a failed transfer, with what to do when a disk filled:
 /// this machine's, or (`remote`: the error came from the hub) the hub's,
 /// where nothing done here would help.
-pub fn job_error(message: String, remote: bool) -> String {
+pub fn job_error(message: String, remote: Option<&dm_sync::proto::ErrorCode>) -> String {
+    use dm_sync::proto::ErrorCode;
     let Some(full) = disk_full(0, &message) else {
-        return message;
+        return match remote {
+            // Said as the hub's: the same words from this machine's store
+            // sent users to check theirs, which was fine.
+            Some(ErrorCode::Corrupt | ErrorCode::Internal) => format!(
+                "the hub could not serve this: {message}. That is the hub's store, not this \
+                 machine's; its admin can run `dm fsck` there"
+            ),
+            _ => message,
+        };
     };
-    if remote {
+    if remote.is_some() {
         return format!(
             "the hub's disk is full: it could not store what was sent ({message}). Nothing on \
              this machine needs to change: once the hub's admin frees space there, the same \
@@ -86,9 +95,9 @@ pub fn job_error(message: String, remote: bool) -> String {
         );
     }
     format!(
-        "{}. What an interrupted pull or clone received is kept for the next run and takes \
-         room too: `dm gc` frees it (the next run fetches it again), or free space outside dm \
-         and run the same command again to go on from it",
+        "{}. What this pull or clone received is not kept on a full disk: the GC that the \
+         server runs every minute while the disk is full frees it, and the next run fetches \
+         it again; free space outside dm (or in dm, as above), then run the same command again",
         full.message
     )
 }
@@ -139,16 +148,24 @@ impl IntoResponse for ApiError {
 #[cfg(test)]
 mod tests {
     use super::job_error;
+    use dm_sync::proto::ErrorCode;
 
     #[test]
     fn a_full_disk_in_a_transfer_says_whose_and_what_to_do_there() {
         let msg = "storing the chunks of a transfer: No space left on device (os error 28)";
-        let here = job_error(msg.to_string(), false);
-        assert!(here.contains("dm's data directory is full") && here.contains("`dm gc` frees it"));
-        let hub = job_error(msg.to_string(), true);
+        let here = job_error(msg.to_string(), None);
+        assert!(here.contains("dm's data directory is full") && here.contains("not kept"));
+        let hub = job_error(msg.to_string(), Some(&ErrorCode::Internal));
         assert!(hub.starts_with("the hub's disk is full"), "{hub}");
         assert!(!hub.contains("dm branch -d"), "no local advice: {hub}");
         let other = "remote branch master moved".to_string();
-        assert_eq!(job_error(other.clone(), true), other);
+        assert_eq!(job_error(other.clone(), Some(&ErrorCode::Refused)), other);
+        let bad = "chunk 49a2e89 in segment 00000002.log at offset 12: checksum mismatch";
+        let hub = job_error(bad.to_string(), Some(&ErrorCode::Corrupt));
+        assert!(
+            hub.starts_with("the hub could not serve this: chunk"),
+            "{hub}"
+        );
+        assert_eq!(job_error(bad.to_string(), None), bad);
     }
 }

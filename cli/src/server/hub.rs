@@ -599,8 +599,7 @@ async fn start_transfer(
             let mut s = job.status.lock();
             s.finished = true;
             if let Err(e) = result {
-                let remote = matches!(e, dm_sync::Error::Remote { .. });
-                s.error = Some(super::error::job_error(e.to_string(), remote));
+                s.error = Some(super::error::job_error(e.to_string(), e.code()));
             }
         }
         // A client that stopped polling (Ctrl-C) never asks for the result:
