@@ -60,6 +60,8 @@ pub struct FsckReport {
     pub chunks_checked: u64,
     /// Each problem, naming the object or chunk.
     pub problems: Vec<String>,
+    /// What the store cannot tell from a problem (see `Db::wal_drops`).
+    pub notes: Vec<String>,
 }
 
 impl FsckReport {
@@ -483,6 +485,20 @@ impl Store {
         let mut report = FsckReport {
             commits_checked: marks.commits.len() as u64,
             objects_checked: marks.objects.len() as u64,
+            notes: self
+                .db
+                .wal_drops
+                .iter()
+                .map(|d| {
+                    format!(
+                        "when the store was opened, RocksDB dropped records of its write-ahead \
+                         log that did not check out, and the changes after them: {d}. After a \
+                         crash or power loss that is a write cut short (never acknowledged); \
+                         otherwise the disk damaged it, and changes made before the last stop, \
+                         commits included, are gone"
+                    )
+                })
+                .collect(),
             ..Default::default()
         };
         for id in &marks.chunks {

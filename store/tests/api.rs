@@ -1740,7 +1740,11 @@ fn gc_gives_back_the_space_of_small_files() {
     store.delete_dot(&dot).unwrap();
     let r = store.gc().unwrap();
     assert!(r.chunks_deleted >= 4000, "{r:?}");
-    assert!(r.table_bytes_freed > 8 << 20, "{r:?}");
+    // What GC's compaction freed, by its report: on a loaded host
+    // RocksDB's own compaction after the flush may free most of it first
+    // (20 KB reported once, with the space given back), so the space is
+    // what counts below.
+    assert!(r.table_bytes_freed > 0, "{r:?}");
     // The compacted-away files go in the background: on a loaded host
     // (tests in parallel) a moment later.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);

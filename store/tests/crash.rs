@@ -301,3 +301,89 @@ fn fsynced_small_writes_survive_sigkill() {
     }
     assert!(synced_total >= 50, "too few fsyncs: {synced_total}");
 }
+
+const WAL_ENV: &str = "DM_CRASH_WAL_CHILD";
+
+/// The child of [`a_damaged_write_ahead_log_is_reported`]: three commits,
+/// then waits to be killed.
+#[test]
+fn wal_child() {
+    let Ok(dir) = std::env::var(WAL_ENV) else {
+        return;
+    };
+    let store = Store::open(std::path::Path::new(&dir)).unwrap();
+    let dot = DotName::new("wal").unwrap();
+    store.create_dot(&dot, None).unwrap();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    for k in 0..3u64 {
+        let name = format!("f{k}");
+        let a = fs
+            .mknod(ROOT_INO, name.as_bytes(), FileKind::File, 0o644, 0, 0, 0)
+            .unwrap();
+        fs.write(a.ino, 0, &content(k)).unwrap();
+        fs.fsync(a.ino, false).unwrap();
+        store
+            .commit(
+                &dot,
+                "master",
+                CommitRequest {
+                    message: format!("c{k}"),
+                    author: "wal".into(),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+    }
+    println!("READY");
+    std::io::stdout().flush().unwrap();
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+/// Bytes damaged in RocksDB's write-ahead log (the disk's fault, after a
+/// crash) make its recovery stop at the damage and drop the changes from
+/// there on: two synced commits and a whole dot went without a word, and
+/// fsck said the store was fine. fsck now notes it.
+#[test]
+fn a_damaged_write_ahead_log_is_reported() {
+    if std::env::var(WAL_ENV).is_ok() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["wal_child", "--exact", "--nocapture", "--test-threads=1"])
+        .env(WAL_ENV, dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // After the test harness's own lines.
+    let ready = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l.ends_with("READY"));
+    assert!(ready, "the child stopped before its commits");
+    child.kill().unwrap(); // SIGKILL: the commits are in the log only
+    child.wait().unwrap();
+    // (crash_atomicity checks that an undamaged log after a kill is no
+    // problem.) Damage the largest log there is, as the disk would.
+    let wal = std::fs::read_dir(dir.path().join("db"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .expect("a write-ahead log");
+    let mut bytes = std::fs::read(&wal).unwrap();
+    let at = bytes.len() * 3 / 4;
+    for b in &mut bytes[at..at + 4] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&wal, bytes).unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let report = store.fsck().unwrap();
+    assert!(
+        report.notes.iter().any(|p| p.contains("write-ahead log")),
+        "{:?}",
+        report.notes
+    );
+}

@@ -405,6 +405,10 @@ pub struct FsckResponse {
     pub chunks_checked: u64,
     /// Problems found (empty = healthy).
     pub problems: Vec<String>,
+    /// What fsck cannot call a problem or not (changes RocksDB's
+    /// recovery dropped at the last start).
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 /// Empty success body `{}`.

@@ -48,6 +48,9 @@ pub fn fsck(ctx: &mut Ctx) -> Result<()> {
         "Checked {} objects and {} chunks",
         r.objects_checked, r.chunks_checked
     );
+    for n in &r.notes {
+        println!("note: {n}");
+    }
     if r.problems.is_empty() {
         println!("No problems found");
         return Ok(());

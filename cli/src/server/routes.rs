@@ -1040,6 +1040,7 @@ async fn fsck(State(st): S) -> ApiResult<Json<FsckResponse>> {
             objects_checked: r.objects_checked,
             chunks_checked: r.chunks_checked,
             problems: r.problems,
+            notes: r.notes,
         })
     })
     .await
