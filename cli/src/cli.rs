@@ -291,8 +291,8 @@ pub enum RemoteCommand {
         ca: Option<PathBuf>,
     },
     /// Change a remote's `USER@HOST[:PORT]` (a hub that moved, or a new
-    /// hub certificate to pin), keeping its key (for the same user) and
-    /// its upstreams.
+    /// hub certificate to pin), keeping its key (for the same user; a new
+    /// one from DM_API_KEY when set) and its upstreams.
     SetUrl {
         /// The remote.
         name: String,

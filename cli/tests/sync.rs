@@ -105,6 +105,10 @@ fn hub_push_clone_pull_through_the_cli() {
         &[("DM_API_KEY", "bad")],
     );
     assert!(err.contains("wrong API key"), "{err}");
+    assert!(
+        err.contains(&format!("`DM_API_KEY=<key> dm remote add hub {target}`")),
+        "{err}"
+    );
     assert!(alice.ok(&["remote"]).is_empty());
     // The hub keeps a record of who tried.
     assert!(
@@ -1034,6 +1038,18 @@ fn a_moved_hub_is_followed_with_remote_set_url() {
     );
     assert!(
         err.contains("not the pinned") && err.contains("dm remote set-url hub"),
+        "{err}"
+    );
+    // A new key as well (a reinstalled hub): set-url says how to give it.
+    let err = fail_env(
+        &alice,
+        &["remote", "set-url", "hub", &target],
+        &[("DM_API_KEY", "bad")],
+    );
+    assert!(
+        err.contains(&format!(
+            "`DM_API_KEY=<key> dm remote set-url hub {target}`"
+        )),
         "{err}"
     );
     let out = alice.ok(&["remote", "set-url", "hub", &target]);

@@ -887,7 +887,9 @@ fn moved_as_refusal(e: Error, dot: &DotName, branch: &str) -> Error {
             code: ErrorCode::Moved { actual: Some(a) },
             ..
         } => Error::Refused(format!(
-            "remote branch {branch} of {dot} moved (now at {}) while pushing: pull first",
+            "remote branch {branch} of {dot} moved (now at {}) while pushing: someone pushed \
+             to it meanwhile. Pull it (with --stash-on-divergence if your commits and theirs \
+             diverged: yours stay on {branch}-DIVERGED-<time>), then push again",
             a.short()
         )),
         // Nothing to pull: "pull first" sent users looking for commits.

@@ -898,9 +898,9 @@ fn delete_branch(
         return Err(err(
             ErrorCode::Refused,
             format!(
-                "branch {branch} is the current branch of {ns}/{name} on the hub (what a clone \
-                 starts from); it cannot be deleted from here: the hub's admin can check out \
-                 another branch there first"
+                "branch {branch} is the current branch of {ns}/{name} on the hub (what the \
+                 dot's mounts and containers there show, as a git remote's HEAD); it cannot be \
+                 deleted from here: the hub's admin can check out another branch there first"
             ),
         ));
     }

@@ -231,7 +231,8 @@ fn check_and_pin(
             if let (Some(old), false) = (&pinned, repin) {
                 bail!(
                     "the hub {hub} now presents the fingerprint {fp}, not the pinned {old}; if its certificate \
-                     was replaced on purpose, `dm remote set-url {name} {}` pins the new one (upstreams kept)",
+                     was replaced on purpose, `dm remote set-url {name} {}` pins the new one (upstreams kept; \
+                     with DM_API_KEY set it saves that key too)",
                     r.target()
                 );
             }
@@ -252,7 +253,17 @@ fn check_and_pin(
     };
     let conn = rt
         .block_on(dm_sync::Remote::connect(&spec))
-        .map_err(|e| anyhow!("{e}"))?;
+        .map_err(|e| match e.code() {
+            // The key the command tried: say how to give another (a hub
+            // reinstalled with a new certificate and new keys sent users
+            // from set-url to remote add and back).
+            Some(dm_sync::proto::ErrorCode::BadKey) => anyhow!(
+                "{e}. Nothing was saved; with the new key run `DM_API_KEY=<key> dm remote {} {name} {}`",
+                if repin { "set-url" } else { "add" },
+                r.target()
+            ),
+            _ => anyhow!("{e}"),
+        })?;
     if let Some((_, from)) = &ca {
         println!(
             "The hub {hub} has a certificate from {from} (fingerprint {})",
@@ -620,7 +631,8 @@ fn remote_hints(
     }
     if m.contains("wrong API key") {
         m.push_str(&format!(
-            ". The key saved for remote {remote} was refused: with a new key from the hub's admin, run `dm remote add {remote} {}` again (it asks for the key, or reads DM_API_KEY; upstreams are kept)",
+            ". The key saved for remote {remote} was refused: with a new key from the hub's admin, run `dm remote add {remote} {}` again (it asks for the key, or reads DM_API_KEY; upstreams are kept); if the hub's certificate changed too, `DM_API_KEY=<key> dm remote set-url {remote} {}` pins it and saves the key",
+            r.target(),
             r.target()
         ));
     }
