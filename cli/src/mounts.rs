@@ -567,6 +567,19 @@ impl MountManager {
     /// holds nothing, or is already the mount of this volume; a mount over
     /// files would hide them until the unmount.
     fn check_user_path(&self, path: &Path, volume: &VolumeName) -> ApiResult<()> {
+        // Asked of the file system before the mount table is locked: a
+        // path inside a mount that hangs (another FUSE server, stopped)
+        // blocks whoever looks at it, and held the table, and with it
+        // every dm command, until that server went on.
+        if !answers_soon(path) {
+            return Err(ApiError::conflict(format!(
+                "{} does not answer within {} s: it is in a file system that hangs (another \
+                 FUSE server that stopped?); give a path elsewhere",
+                path.display(),
+                PATH_PATIENCE.as_secs()
+            )));
+        }
+        let real = nearest_real(path);
         let entries = self.lock();
         if entries.iter().any(|e| e.path == path) {
             // Mounted by dm: mount_inner answers (the same volume, or who).
@@ -575,7 +588,6 @@ impl MountManager {
         // Inside another of dm's mounts: the mount point would be a
         // directory of that dot (committed with it), and a checkout of it
         // would take the mount away.
-        let real = nearest_real(path);
         let inside = |p: &Path, outer: &Path| p.starts_with(outer) && p != outer;
         if let Some(outer) = entries
             .iter()
@@ -967,4 +979,26 @@ fn covered(path: &Path) -> ApiError {
         path.display(),
         path.display()
     ))
+}
+
+/// How long `dm mount` waits for a path of the user's to answer.
+const PATH_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether a `stat` of `path` returns (whatever it says) within
+/// [`PATH_PATIENCE`]. The thread that asks stays behind if it does not,
+/// until the file system answers.
+fn answers_soon(path: &Path) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = path.to_path_buf();
+    let asked = std::thread::Builder::new()
+        .name("dm-path-probe".into())
+        .spawn(move || {
+            let _ = std::fs::symlink_metadata(&p);
+            let _ = tx.send(());
+        });
+    // No thread to spare: ask here, as before.
+    if asked.is_err() {
+        return true;
+    }
+    rx.recv_timeout(PATH_PATIENCE).is_ok()
 }

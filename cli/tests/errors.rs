@@ -737,3 +737,44 @@ fn clients_wait_for_a_server_restoring_its_mounts() {
         s.stop();
     }
 }
+
+/// `dm mount` at a path inside a file system that hangs (another dm
+/// server, stopped) is refused after a few seconds, and the server's other
+/// commands go on meanwhile: the path was looked at with the mount table
+/// locked, which held up every command until the other server went on
+/// (and then mounted there after the client had given up).
+#[test]
+fn mount_in_a_hung_file_system_is_refused_without_holding_others_up() {
+    let a = Server::start(DM);
+    let b = Server::start(DM);
+    a.ok(&["init", "here"]);
+    b.ok(&["init", "there"]);
+    let theirs = PathBuf::from(b.ok(&["mount", "there"]).trim());
+    std::fs::create_dir(theirs.join("empty")).unwrap();
+    let target = theirs.join("empty");
+    let stop = |sig| {
+        // SAFETY: kill(2) on the pid of a child server this test started.
+        assert_eq!(unsafe { libc::kill(b.pid() as i32, sig) }, 0);
+    };
+    stop(libc::SIGSTOP);
+    let mount = a
+        .dm_command(&["mount", "here", target.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let list = a.dm(&["list"]);
+    let done = mount.wait_with_output();
+    stop(libc::SIGCONT);
+    assert!(list.status.success(), "{list:?}");
+    let out = done.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("does not answer"),
+        "{err}"
+    );
+    assert!(!a
+        .ok(&["dot", "show", "here"])
+        .contains(target.to_str().unwrap()));
+}

@@ -132,20 +132,36 @@ pub fn decode(stored: &[u8], max_len: usize) -> Result<Vec<u8>> {
     }
 }
 
-/// zstd-decompresses a chunk's payload with this thread's context.
+/// zstd-decompresses a chunk's payload with this thread's context, into a
+/// buffer of the size its frame gives (dm writes it in every frame): one of
+/// `max_len` (4 MiB) for each chunk read kept that much allocated for as
+/// long as the chunk cache held a chunk of a few hundred bytes (a million
+/// small files read back: a terabyte allocated, gigabytes resident).
 fn zstd_decompress(payload: &[u8], max_len: usize) -> Result<Vec<u8>> {
-    DECOMPRESSOR
+    let capacity = match zstd::zstd_safe::get_frame_content_size(payload) {
+        Ok(Some(n)) if n <= max_len as u64 => n as usize,
+        Ok(Some(n)) => {
+            return Err(Error::Corrupt(format!(
+                "zstd chunk of {n} bytes is larger than {max_len}"
+            )))
+        }
+        // No size in the frame (not written by dm): the bound, trimmed after.
+        _ => max_len,
+    };
+    let mut data = DECOMPRESSOR
         .with(|cell| {
             let mut slot = cell.borrow_mut();
             if slot.is_none() {
                 *slot = Some(zstd::bulk::Decompressor::new()?);
             }
             match slot.as_mut() {
-                Some(d) => d.decompress(payload, max_len),
-                None => zstd::bulk::decompress(payload, max_len),
+                Some(d) => d.decompress(payload, capacity),
+                None => zstd::bulk::decompress(payload, capacity),
             }
         })
-        .map_err(|e| Error::Corrupt(format!("zstd chunk does not decompress: {e}")))
+        .map_err(|e| Error::Corrupt(format!("zstd chunk does not decompress: {e}")))?;
+    data.shrink_to_fit();
+    Ok(data)
 }
 
 /// [`decode`] of a stored form given as its codec byte and payload; a raw
@@ -280,6 +296,21 @@ pub(crate) mod tests {
         assert!(decode(&[], MAX_CHUNK).is_err());
         assert!(decode(&[9, 1, 2], MAX_CHUNK).is_err());
         assert!(decode(&[CODEC_ZSTD, 1, 2, 3], MAX_CHUNK).is_err());
+    }
+
+    /// A decompressed chunk takes what it holds, not the 4 MiB bound:
+    /// every small chunk read kept 4 MiB allocated while cached.
+    #[test]
+    fn decompressed_chunks_take_their_size() {
+        let data = b"unique words, again and again; ".repeat(20);
+        let stored = encode(&data);
+        assert_eq!(stored[0], CODEC_ZSTD, "compressible data is compressed");
+        let back = decode(&stored, MAX_CHUNK).unwrap();
+        assert_eq!(back, data);
+        assert!(back.capacity() < 4096, "capacity {}", back.capacity());
+        // A frame that says more than the bound is refused at once.
+        let big = encode(&vec![7u8; 1 << 20]);
+        assert!(decode(&big, 1000).is_err());
         // Raw chunks are bounded too, as decode_parts bounds them.
         let raw = stored_form(CODEC_RAW, &pseudo_random(2000, 1));
         assert!(decode(&raw, 1999).is_err(), "raw larger than max_len");

@@ -268,7 +268,7 @@ pub struct Db {
     /// Set when the store closes (see `stage::close`).
     pub(crate) stage_closed: Arc<std::sync::atomic::AtomicBool>,
     /// What RocksDB's recovery at this open dropped from its write-ahead
-    /// log as damaged (see [`wal_drops`]); `fsck` reports them.
+    /// log as damaged (see [`wal_drops`]); `fsck` notes them.
     pub(crate) wal_drops: Vec<String>,
     /// Bytes of the batches written durably (what fsyncs cost in RocksDB's
     /// log), for tests.
