@@ -567,18 +567,6 @@ impl MountManager {
     /// holds nothing, or is already the mount of this volume; a mount over
     /// files would hide them until the unmount.
     fn check_user_path(&self, path: &Path, volume: &VolumeName) -> ApiResult<()> {
-        // Asked of the file system before the mount table is locked: a
-        // path inside a mount that hangs (another FUSE server, stopped)
-        // blocks whoever looks at it, and held the table, and with it
-        // every dm command, until that server went on.
-        if !answers_soon(path) {
-            return Err(ApiError::conflict(format!(
-                "{} does not answer within {} s: it is in a file system that hangs (another \
-                 FUSE server that stopped?); give a path elsewhere",
-                path.display(),
-                PATH_PATIENCE.as_secs()
-            )));
-        }
         let real = nearest_real(path);
         let entries = self.lock();
         if entries.iter().any(|e| e.path == path) {
@@ -984,16 +972,49 @@ fn covered(path: &Path) -> ApiError {
 /// How long `dm mount` waits for a path of the user's to answer.
 const PATH_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Whether a `stat` of `path` returns (whatever it says) within
-/// [`PATH_PATIENCE`]. The thread that asks stays behind if it does not,
-/// until the file system answers.
+/// Refuses a mount path that does not answer within [`PATH_PATIENCE`]: one
+/// inside a file system that hangs (another FUSE server, stopped) blocks
+/// whoever looks at it, and `dm mount` looked with the mount table (and
+/// Docker's) locked, which held every other command up until that server
+/// went on, and then mounted there after the client had given up. Call
+/// before taking those locks.
+pub fn check_answers(path: &Path) -> ApiResult<()> {
+    if answers_soon(path) {
+        return Ok(());
+    }
+    Err(ApiError::conflict(format!(
+        "{} does not answer within {} s: it is in a file system that hangs (another FUSE \
+         server that stopped?); give a path elsewhere",
+        path.display(),
+        PATH_PATIENCE.as_secs()
+    )))
+}
+
+/// Whether the nearest directory at or above `path` that exists can be
+/// listed within [`PATH_PATIENCE`] (a listing asks the file system; a
+/// `stat` may be answered from the kernel's cache). The thread that asks
+/// stays behind if it cannot, until the file system answers.
 fn answers_soon(path: &Path) -> bool {
     let (tx, rx) = std::sync::mpsc::channel();
     let p = path.to_path_buf();
     let asked = std::thread::Builder::new()
         .name("dm-path-probe".into())
         .spawn(move || {
-            let _ = std::fs::symlink_metadata(&p);
+            let mut at = p.as_path();
+            loop {
+                match std::fs::read_dir(at) {
+                    Ok(mut entries) => {
+                        let _ = entries.next();
+                        break;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => match at.parent() {
+                        Some(parent) => at = parent,
+                        None => break,
+                    },
+                    // A file, or no permission: it answered.
+                    Err(_) => break,
+                }
+            }
             let _ = tx.send(());
         });
     // No thread to spare: ask here, as before.

@@ -756,6 +756,9 @@ fn mount_in_a_hung_file_system_is_refused_without_holding_others_up() {
         // SAFETY: kill(2) on the pid of a child server this test started.
         assert_eq!(unsafe { libc::kill(b.pid() as i32, sig) }, 0);
     };
+    // Its attributes in the kernel's cache: a stat of it answers even
+    // once the server stops (the first fix asked only that).
+    std::fs::metadata(&target).unwrap();
     stop(libc::SIGSTOP);
     let mount = a
         .dm_command(&["mount", "here", target.to_str().unwrap()])
@@ -765,9 +768,14 @@ fn mount_in_a_hung_file_system_is_refused_without_holding_others_up() {
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));
     let list = a.dm(&["list"]);
+    // Answered while the mount still waits for the path (the mount
+    // waited holding Docker's lock, which `dm list` takes too).
+    let mut mount = mount;
+    let waiting = mount.try_wait().unwrap().is_none();
     let done = mount.wait_with_output();
     stop(libc::SIGCONT);
     assert!(list.status.success(), "{list:?}");
+    assert!(waiting, "dm list waited for the mount");
     let out = done.unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -833,6 +833,12 @@ async fn list_mounts(State(st): S) -> ApiResult<Json<Vec<MountView>>> {
 
 async fn mount(State(st): S, Json(req): Json<MountRequest>) -> ApiResult<Json<MountView>> {
     blocking(move || {
+        // Before any lock: a path that hangs holds up only this request.
+        if let Some(p) = req.path.as_deref().map(std::path::Path::new) {
+            if p.is_absolute() {
+                crate::mounts::check_answers(p)?;
+            }
+        }
         st.docker.user_mount(|| {
             st.mounts
                 .mount(&req.volume, req.path.map(std::path::PathBuf::from))
