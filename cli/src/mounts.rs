@@ -1017,7 +1017,8 @@ fn answers_soon(path: &Path) -> bool {
             }
             let _ = tx.send(());
         });
-    // No thread to spare: ask here, as before.
+    // No thread to spare: go on (the mount then looks at the path itself,
+    // as it did before this check).
     if asked.is_err() {
         return true;
     }
