@@ -63,6 +63,26 @@ fn read_file(fs: &BranchFs, name: &str) -> Option<Vec<u8>> {
     Some(fs.read(a.ino, 0, a.size as u32 + 10).unwrap())
 }
 
+/// Closes `store` (and `fs`, a branch of it), opens the store in `dir`
+/// again, and checks that `name` on master reads `want` and that fsck is
+/// clean. Returns the reopened store.
+fn reopened_reads(
+    dir: &std::path::Path,
+    store: Arc<Store>,
+    fs: Arc<BranchFs>,
+    dot: &DotName,
+    name: &str,
+    want: &[u8],
+) -> Arc<Store> {
+    drop(fs);
+    drop(store);
+    let store = Store::open(dir).unwrap();
+    let fs = store.branch_fs(dot, "master").unwrap();
+    assert_eq!(read_file(&fs, name).unwrap(), want, "after a reopen");
+    assert!(store.fsck().unwrap().is_clean());
+    store
+}
+
 fn commit(store: &Store, dot: &DotName, branch: &str, msg: &str) -> CommitInfo {
     store
         .commit(
@@ -733,12 +753,7 @@ fn gc_gives_back_dead_blocks_of_sparse_segments() {
     assert!(total >= 300_000, "keep's records were moved: {after:?}");
     let fs = store.branch_fs(&dot, "master").unwrap();
     assert_eq!(read_file(&fs, "keep").unwrap(), keep);
-    drop(fs);
-    drop(store);
-    let store = Store::open(dir.path()).unwrap();
-    let fs = store.branch_fs(&dot, "master").unwrap();
-    assert_eq!(read_file(&fs, "keep").unwrap(), keep, "after a reopen");
-    assert!(store.fsck().unwrap().is_clean());
+    let store = reopened_reads(dir.path(), store, fs, &dot, "keep", &keep);
     // Nothing left to reclaim: a second GC moves nothing.
     assert_eq!(store.gc().unwrap().log_bytes_freed, 0);
 }
@@ -1111,12 +1126,7 @@ fn partial_whole_and_partial_again_writes_to_one_block_read_back() {
     fs.fsync(ino, false).unwrap();
     assert_eq!(fs.read(ino, 0, 3 * bs as u32).unwrap(), want);
     commit(&store, &dot, "master", "c");
-    drop(fs);
-    drop(store);
-    let store = Store::open(dir.path()).unwrap();
-    let fs = store.branch_fs(&dot, "master").unwrap();
-    assert_eq!(read_file(&fs, "f").unwrap(), want);
-    assert!(store.fsck().unwrap().is_clean());
+    reopened_reads(dir.path(), store, fs, &dot, "f", &want);
 }
 
 /// A store whose write buffers spill after 256 KiB, with 256 KiB segments.
@@ -1435,12 +1445,7 @@ fn patches_are_stored_whole_later_except_blocks_being_written() {
     fs.fsync(gone, false).unwrap();
     fs.unlink(ROOT_INO, b"gone").unwrap();
     assert_eq!(store.materialize_patches().unwrap(), 0);
-    drop(fs);
-    drop(store);
-    let store = Store::open(dir.path()).unwrap();
-    let fs = store.branch_fs(&dot, "master").unwrap();
-    assert_eq!(read_file(&fs, "f").unwrap(), want, "after a reopen");
-    assert!(store.fsck().unwrap().is_clean());
+    reopened_reads(dir.path(), store, fs, &dot, "f", &want);
 }
 
 /// Attributes and extended attributes are part of a file (a change is a
@@ -1897,12 +1902,7 @@ fn punch_zeroes_ranges_over_every_kind_of_block() {
     want[5 * bs as usize + 1..5 * bs as usize + 5].copy_from_slice(b"back");
     fs.flush(ino).unwrap();
     commit(&store, &dot, "master", "punched");
-    drop(fs);
-    drop(store);
-    let store = Store::open(dir.path()).unwrap();
-    let fs = store.branch_fs(&dot, "master").unwrap();
-    assert_eq!(read_file(&fs, "f").unwrap(), want);
-    assert!(store.fsck().unwrap().is_clean());
+    reopened_reads(dir.path(), store, fs, &dot, "f", &want);
 }
 
 /// A punch drops the whole blocks in its range instead of storing zeros
