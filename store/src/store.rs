@@ -17,7 +17,7 @@ use crate::view::{clear_overlay, View};
 use parking_lot::Mutex;
 use rocksdb::WriteBatch;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -552,6 +552,35 @@ impl Store {
     /// O(1): no data is copied.
     pub fn create_branch(&self, dot: &DotName, new: &str, from: Option<Id>) -> Result<BranchInfo> {
         self.create_branch_from(dot, new, from, None)
+    }
+
+    /// Keeps the fork point of branch record `rec` (the commit it grew
+    /// from) in its history once its head moves to `head` (a reset, or a
+    /// pull or push that replaced the branch): a fork point the new
+    /// history lacks becomes the newest commit of that history the origin
+    /// branch also has (`dm dot show` named a commit the branch no longer
+    /// had, and a push to a hub without the origin branch made it there at
+    /// that commit); with none in common, the branch no longer grows from
+    /// it.
+    pub(crate) fn refork(&self, d: &DotRec, rec: &mut BranchRec, head: Id) -> Result<()> {
+        let Some((origin, fork)) = &rec.origin else {
+            return Ok(());
+        };
+        let history = self.ancestry(Some(head))?;
+        if history.contains(fork) {
+            return Ok(());
+        }
+        let theirs: HashSet<Id> = match self.branch_rec(d, origin) {
+            Ok(r) => self.ancestry(r.head)?.into_iter().collect(),
+            Err(Error::NotFound { .. }) => HashSet::new(),
+            Err(e) => return Err(e),
+        };
+        // Newest first (see `ancestry`).
+        rec.origin = history
+            .into_iter()
+            .find(|c| theirs.contains(c))
+            .map(|c| (origin.clone(), c));
+        Ok(())
     }
 
     /// [`Store::create_branch`] that records `origin` as the branch it grew
@@ -1114,13 +1143,7 @@ impl Store {
         }
         let c = self.db.commit(&target)?;
         fs.keep_inos_unique(&st)?;
-        // Reset to before the commit it grew from, the branch now grows
-        // from `target` (`dm dot show` named a commit it no longer had).
-        if let Some((_, fork)) = &mut rec.origin {
-            if *fork != target && !self.ancestry(Some(target))?.contains(fork) {
-                *fork = target;
-            }
-        }
+        self.refork(&d, &mut rec, target)?;
         rec.head = Some(target);
         rec.root = c.root;
         let mut batch = WriteBatch::default();

@@ -880,6 +880,7 @@ impl Store {
                 // As a reset: files a process still has open keep numbers
                 // no new file gets.
                 fs.keep_inos_unique(&st)?;
+                self.refork(&d, &mut rec, new)?;
                 rec.head = Some(new);
                 rec.root = commit.root;
                 self.fresh_working_state(&mut batch, &mut rec)?;

@@ -274,6 +274,58 @@ fn branches_follow_the_seed_example() {
     assert!(store.branch_info(&dot, "sibling").unwrap().origin.is_some());
 }
 
+/// A branch's fork point stays in its history when its head moves: a reset
+/// to before it, and a pull or push that replaces the branch with another
+/// history, make it the newest commit that history shares with the origin
+/// branch (it named a commit the branch no longer had, and a push to a hub
+/// without the origin branch made that branch there at it).
+#[test]
+fn fork_points_follow_moved_heads() {
+    let (_d, store, dot) = setup();
+    let master = store.branch_fs(&dot, "master").unwrap();
+    write_file(&master, "f", b"A");
+    let a = commit(&store, &dot, "master", "A");
+    write_file(&master, "f", b"B");
+    let b = commit(&store, &dot, "master", "B");
+    store.create_branch(&dot, "kid", Some(b.id)).unwrap();
+    let origin = |br| store.branch_info(&dot, br).unwrap().origin;
+    assert_eq!(origin("kid"), Some(("master".into(), b.id)));
+    let kid = store.branch_fs(&dot, "kid").unwrap();
+    write_file(&kid, "f", b"C");
+    let c = commit(&store, &dot, "kid", "C");
+    // A move that keeps the fork point in the history keeps it.
+    write_file(&kid, "f", b"D");
+    let d = commit(&store, &dot, "kid", "D");
+    store.reset(&dot, "kid", c.id, true).unwrap();
+    assert_eq!(origin("kid"), Some(("master".into(), b.id)));
+    // A history that left B out (another branch's, grown from A), as a
+    // forced push or a pull brings it: the fork point is A.
+    store.create_branch(&dot, "other", Some(a.id)).unwrap();
+    let other = store.branch_fs(&dot, "other").unwrap();
+    write_file(&other, "f", b"E");
+    let e = commit(&store, &dot, "other", "E");
+    let bs = kid.block_size();
+    store
+        .set_branch_head(&dot, "kid", Some(c.id), e.id, bs)
+        .unwrap();
+    assert_eq!(origin("kid"), Some(("master".into(), a.id)));
+    // The origin branch as it is now counts: grown from kid at E, reset
+    // to B once kid moved to D, grandkid grows from kid at B.
+    store.set_current_branch(&dot, "kid").unwrap();
+    store.create_branch(&dot, "grandkid", Some(e.id)).unwrap();
+    assert_eq!(origin("grandkid"), Some(("kid".into(), e.id)));
+    store.set_current_branch(&dot, "master").unwrap();
+    store
+        .set_branch_head(&dot, "kid", Some(e.id), d.id, bs)
+        .unwrap();
+    store.reset(&dot, "grandkid", b.id, true).unwrap();
+    assert_eq!(origin("grandkid"), Some(("kid".into(), b.id)));
+    // A reset to before the fork point: the branch grows from there.
+    store.create_branch(&dot, "late", Some(b.id)).unwrap();
+    store.reset(&dot, "late", a.id, true).unwrap();
+    assert_eq!(origin("late"), Some(("master".into(), a.id)));
+}
+
 /// A subdot directory that a mount made on a branch without that subdot
 /// (empty, as `subdot_ino` makes it) is nobody's work: it does not make
 /// the branch dirty (a pull, a branch delete and checkout's note stopped at
