@@ -1292,6 +1292,12 @@ impl BranchFs {
                 }
                 Some(_) => {
                     held.remove(&ino);
+                    // The map keeps its largest size otherwise (a kernel
+                    // that once knew a million files).
+                    if held.capacity() > 4096 && held.len() * 4 < held.capacity() {
+                        let len = held.len();
+                        held.shrink_to(len * 2);
+                    }
                 }
                 None => return Ok(()),
             }
