@@ -160,12 +160,6 @@ impl MountManager {
         // by path (getting ENOTCONN until then) filled the bare
         // directories meanwhile, and their later writes went there.
         for r in records {
-            match dm_fs::cleanup_stale_mount(&r.path) {
-                // A clean stop removed the server's own mount paths.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => tracing::warn!("cleaning up {}: {e}", r.path.display()),
-                Ok(_) => {}
-            }
             let volume = match VolumeName::parse(&r.volume) {
                 Ok(v) => v,
                 Err(e) => {
@@ -177,12 +171,30 @@ impl MountManager {
                     continue;
                 }
             };
+            // Before any cleanup: a path this start does not mount again is
+            // left as it is (a server started on a copy of the data dir
+            // detached the original server's mounts there).
             if let Some(why) = self.not_to_restore(&r) {
                 tracing::warn!(
                     "not restoring the mount of {volume} at {}: {why}",
                     r.path.display()
                 );
                 continue;
+            }
+            match dm_fs::cleanup_stale_mount(&r.path) {
+                // A clean stop removed the server's own mount paths.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!("cleaning up {}: {e}", r.path.display()),
+                Ok(dm_fs::Leftover::Live) => {
+                    tracing::warn!(
+                        "not restoring the mount of {volume} at {}: a file system that answers is \
+                         mounted there (another dm server's, one started on a copy of this data \
+                         dir or with the same mount dir?); left alone and forgotten",
+                        r.path.display()
+                    );
+                    continue;
+                }
+                Ok(_) => {}
             }
             // Files put in a server path while it was not mounted (by a
             // writer that went on by path after a crash) would be hidden
@@ -642,7 +654,7 @@ impl MountManager {
             Ok(m) => m,
             // A dead FUSE mount (its daemon crashed): unmounted.
             Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-                return dm_fs::cleanup_stale_mount(path).map_err(|e| {
+                return dm_fs::cleanup_stale_mount(path).map(|_| ()).map_err(|e| {
                     ApiError::internal(format!("cleaning up {}: {e}", path.display()))
                 });
             }

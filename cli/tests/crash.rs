@@ -152,6 +152,78 @@ fn a_mount_that_cannot_come_back_is_kept_for_the_next_start() {
     );
 }
 
+/// A server started on a copy of a running server's data dir (a restored
+/// backup) leaves the running server's mounts alone: it detached them
+/// (they were in its saved table), and the writers' files went to the disk
+/// below. A server given the same mount dir as a running one is refused:
+/// it took over the mounts there.
+#[test]
+fn a_server_on_a_copy_of_the_data_dir_leaves_the_first_ones_mounts_alone() {
+    let a = Server::start(DM);
+    a.ok(&["init", "app"]);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p");
+    a.ok(&["mount", "app", p.to_str().unwrap()]);
+    let followed = a.ok(&["mount", "app"]);
+    let followed = PathBuf::from(followed.trim());
+    dm_tests::write_synced(&p.join("f"), b"one");
+    a.ok(&["--dot", "app", "commit", "-m", "one"]);
+    let mut b = Server::start(DM);
+    b.stop();
+    std::fs::remove_dir_all(b.data_dir()).unwrap();
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(a.data_dir())
+        .arg(b.data_dir())
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    b.restart();
+    assert!(
+        b.log()
+            .contains("a file system that answers is mounted there"),
+        "{}",
+        b.log()
+    );
+    // Both of the first server's mounts still show its dot.
+    for at in [&p, &followed] {
+        assert!(dm_tests::is_mounted(at), "{}", at.display());
+        dm_tests::write_synced(&at.join("g"), b"two");
+    }
+    let status = a.ok(&["--dot", "app", "status"]);
+    assert!(status.contains("/g"), "{status}");
+    a.ok(&["--dot", "app", "commit", "-m", "two"]);
+    assert!(
+        !b.log().contains("unmounting leftover mount"),
+        "{}",
+        b.log()
+    );
+    // The copy shows the first commit.
+    let log = b.ok(&["--dot", "app", "log"]);
+    assert!(log.contains("one") && !log.contains("two"), "{log}");
+    // A third server on the first one's mount dir is refused.
+    let c = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(DM)
+        .arg("server")
+        .arg("--data-dir")
+        .arg(c.path().join("data"))
+        .arg("--mount-dir")
+        .arg(a.mount_dir())
+        .arg("--socket")
+        .arg(c.path().join("dm.sock"))
+        .args(["--no-plugin", "--listen", "off"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("(pid {}) uses the mount dir", a.pid())),
+        "{err}"
+    );
+    assert!(err.contains("--mount-dir"), "{err}");
+    assert_eq!(std::fs::read(followed.join("g")).unwrap(), b"two");
+}
+
 /// A server mount path is removed when the server stops, so a writer that
 /// goes on by path fails instead of writing outside the dot; files put
 /// there while it was not mounted (after a crash) are moved to

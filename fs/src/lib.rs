@@ -227,6 +227,16 @@ impl Known {
         }
     }
 
+    /// Gives back the room of the maps once the kernel forgot most of what
+    /// they held (a map keeps its largest size: a mount whose kernel once
+    /// knew a million files kept about 200 MiB for them).
+    fn shrink(&mut self) {
+        shrink_map(&mut self.lookups);
+        shrink_map(&mut self.held);
+        shrink_map(&mut self.names);
+        shrink_set(&mut self.dirs);
+    }
+
     /// Drops the record of a negative entry (the name now exists).
     fn drop_negative(&mut self, parent: u64, name: &[u8]) {
         if self.n_negatives == 0 {
@@ -246,6 +256,25 @@ impl Known {
 /// Most negative entries a mount lets the kernel cache (about 5 MiB of
 /// names).
 const NEGATIVE_MAX: usize = 1 << 16;
+
+/// Maps of [`Known`] at most this large keep their room (shrinking costs a
+/// copy; small ones cost little).
+const SHRINK_FLOOR: usize = 4096;
+
+/// Shrinks a map using a quarter or less of its room to twice its length
+/// (see [`Known::shrink`]).
+fn shrink_map<K: std::hash::Hash + Eq, V>(m: &mut HashMap<K, V>) {
+    if m.capacity() > SHRINK_FLOOR && m.len() * 4 < m.capacity() {
+        m.shrink_to(m.len() * 2);
+    }
+}
+
+/// [`shrink_map`] for a set.
+fn shrink_set<K: std::hash::Hash + Eq>(m: &mut HashSet<K>) {
+    if m.capacity() > SHRINK_FLOOR && m.len() * 4 < m.capacity() {
+        m.shrink_to(m.len() * 2);
+    }
+}
 
 /// State shared between the FUSE request loops and the [`Mount`] handle.
 struct Shared {
@@ -383,9 +412,16 @@ impl Shared {
                 known.n_negatives -= names.len();
             }
             held = known.held.remove(&ino.0);
+            known.shrink();
         }
         drop(known);
         if let Some((fs, sino)) = held {
+            // Only files are written, and the next write looks the file
+            // up again (the set kept every file ever written).
+            let mut nc = self.no_caps.lock();
+            nc.inos.remove(&sino);
+            shrink_set(&mut nc.inos);
+            drop(nc);
             if let Err(e) = fs.unhold(sino) {
                 debug!("forget({}): {e}", ino.0);
             }
@@ -2498,9 +2534,28 @@ pub fn abort_connection(path: &Path) -> io::Result<bool> {
     Ok(true)
 }
 
-/// If `path` is a dead FUSE mount left by a crashed daemon (stat gives
-/// ENOTCONN) or any leftover mount, unmount it (lazily) so it can be reused.
-pub fn cleanup_stale_mount(path: &Path) -> io::Result<()> {
+/// What [`cleanup_stale_mount`] found at a path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Leftover {
+    /// Nothing was mounted there.
+    None,
+    /// A mount whose server is gone (or does not answer) was detached.
+    Detached,
+    /// A file system that answers is mounted there: another live server's
+    /// (another dm server, started on a copy of the data dir or with the
+    /// same mount dir), left alone.
+    Live,
+}
+
+/// How long [`cleanup_stale_mount`] waits for a mount to answer.
+const LEFTOVER_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Unmounts (lazily) a mount left at `path` by a server that is gone (a
+/// lookup there gives ENOTCONN, or no answer within 5 s: a server that
+/// hangs), so that the path can be mounted again. A mount that answers is
+/// another live server's, and is left alone ([`Leftover::Live`]): detaching
+/// it sent its writers' files to the disk below.
+pub fn cleanup_stale_mount(path: &Path) -> io::Result<Leftover> {
     // Absolute path without following the (possibly dead) last component.
     let abs = match (path.parent(), path.file_name()) {
         (Some(parent), Some(name)) if !parent.as_os_str().is_empty() => {
@@ -2513,15 +2568,51 @@ pub fn cleanup_stale_mount(path: &Path) -> io::Result<()> {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN)
     );
     let mounted = mount_points()?.contains(&abs);
-    if dead || mounted {
-        warn!("unmounting leftover mount at {}", abs.display());
-        match unmount_path(&abs, libc::MNT_DETACH) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {} // raced: already gone
-            Err(e) => return Err(e),
-        }
+    if !dead && !mounted {
+        return Ok(Leftover::None);
     }
-    Ok(())
+    if !dead && answers(&abs, LEFTOVER_PATIENCE) == Some(true) {
+        return Ok(Leftover::Live);
+    }
+    warn!("unmounting leftover mount at {}", abs.display());
+    match unmount_path(&abs, libc::MNT_DETACH) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {} // raced: already gone
+        Err(e) => return Err(e),
+    }
+    Ok(Leftover::Detached)
+}
+
+/// Whether the file system at `dir` answers within `patience`: a lookup of
+/// a name nobody uses, which no cache of the kernel answers (the root's
+/// attributes may be cached long after its server died). Some(false): its
+/// server is gone (ENOTCONN, ECONNABORTED); None: no answer in time (the
+/// thread that asked stays behind until it comes).
+fn answers(dir: &Path, patience: Duration) -> Option<bool> {
+    let probe = dir.join(format!(
+        ".dm-probe-{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let asked = std::thread::Builder::new()
+        .name("dm-mount-probe".into())
+        .spawn(move || {
+            let alive = match std::fs::symlink_metadata(&probe) {
+                Err(e) => !matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)
+                ),
+                Ok(_) => true,
+            };
+            let _ = tx.send(alive);
+        });
+    // No thread to spare: taken as no answer (detached, as before the
+    // probe).
+    asked.ok()?;
+    rx.recv_timeout(patience).ok()
 }
 
 #[cfg(test)]

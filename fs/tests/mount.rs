@@ -13,7 +13,7 @@ use std::time::Duration;
 
 mod common;
 use common::can_mount;
-use dm_fs::{cleanup_stale_mount, Mount, MountOptions};
+use dm_fs::{cleanup_stale_mount, Leftover, Mount, MountOptions};
 use dm_store::{CommitRequest, DotName, FileKind, Store};
 
 struct Fixture {
@@ -676,11 +676,12 @@ fn root_subdot_and_stale_cleanup() {
     assert_eq!(fs::read(dir.path().join("f")).unwrap(), b"x");
     assert_eq!(m2.path(), dir.path());
     assert_eq!(m2.branch(), "master");
-    // A leftover mount gets cleaned up; the guard's own unmount then tolerates it.
-    cleanup_stale_mount(dir.path()).unwrap();
-    assert!(!dir.path().join("f").exists());
+    // A mount that answers is a live server's: left alone.
+    assert_eq!(cleanup_stale_mount(dir.path()).unwrap(), Leftover::Live);
+    assert_eq!(fs::read(dir.path().join("f")).unwrap(), b"x");
     m2.unmount().unwrap();
-    cleanup_stale_mount(dir.path()).unwrap(); // not mounted: a no-op
+    // Not mounted: a no-op.
+    assert_eq!(cleanup_stale_mount(dir.path()).unwrap(), Leftover::None);
 }
 
 #[test]
@@ -1179,7 +1180,7 @@ fn dead_mount_is_cleaned_up() {
     // (The root's attributes may still be cached by the kernel: ask for a name.)
     let e = fs::metadata(mnt.join("not-cached")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN));
-    cleanup_stale_mount(&mnt).unwrap();
+    assert_eq!(cleanup_stale_mount(&mnt).unwrap(), Leftover::Detached);
     assert!(fs::metadata(&mnt).unwrap().is_dir());
     // The path can be mounted again.
     let store = Store::open(&dir.path().join("store")).unwrap();

@@ -166,6 +166,48 @@ fn refuse_foreign_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Takes the mount dir for this server (a lock on `MOUNT_DIR/.dm-server.lock`
+/// held while it runs, with its pid in it), refusing one another server
+/// uses: a second server given the same mount dir (started on a copy of
+/// the data dir, with only --data-dir and --socket changed) took over the
+/// first one's mounts, and its writers' files went into the copy.
+fn lock_mount_dir(mount_dir: &Path) -> Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    let path = mount_dir.join(".dm-server.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            bail!(
+                "another dm server{} uses the mount dir {}; give this one its own --mount-dir",
+                if pid.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {pid})")
+                },
+                mount_dir.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(file)
+}
+
 /// Removes a socket file left by a dead server; fails if a server answers.
 /// `mount_dir` and `mounts_file` (the saved mounts) name the mounts of a
 /// server of this data directory, for [`unstick_dead_server`].
@@ -388,6 +430,9 @@ pub fn run(opts: ServerOptions) -> Result<()> {
         },
     )
     .with_context(|| format!("opening the store in {}", opts.data_dir.display()))?;
+    // After the store: a server that died stuck on its own mount holds
+    // both until `claim_socket` unstuck it.
+    let _mount_dir_lock = lock_mount_dir(&opts.mount_dir)?;
     let server_id = server_id(&opts.data_dir)?;
     let mounts = Arc::new(MountManager::new(
         store.clone(),
