@@ -364,13 +364,16 @@ impl ChunkLog {
     /// Segments take appends until they reach `segment_bytes`. They are
     /// written with O_DIRECT unless the filesystem refuses it (tmpfs) or
     /// `DM_CHUNKLOG_DIRECT=0` is set (for measuring).
-    pub fn open(dir: &Path, segment_bytes: u64) -> Result<ChunkLog> {
+    /// The new segment's number is above every segment file there and at
+    /// least `lowest` (the number after every segment the index ever named:
+    /// one whose file is missing is not taken again).
+    pub fn open(dir: &Path, segment_bytes: u64, lowest: u32) -> Result<ChunkLog> {
         let direct = std::env::var("DM_CHUNKLOG_DIRECT").as_deref() != Ok("0");
-        Self::open_with(dir, segment_bytes, direct)
+        Self::open_with(dir, segment_bytes, direct, lowest)
     }
 
     /// [`ChunkLog::open`], asking for O_DIRECT or not.
-    fn open_with(dir: &Path, segment_bytes: u64, wanted: bool) -> Result<ChunkLog> {
+    fn open_with(dir: &Path, segment_bytes: u64, wanted: bool, lowest: u32) -> Result<ChunkLog> {
         std::fs::create_dir_all(dir).map_err(io(format!(
             "creating the chunk directory {}",
             dir.display()
@@ -386,10 +389,12 @@ impl ChunkLog {
                     .map_err(io(format!("removing the empty segment {}", path.display())))?;
             }
         }
-        let seg = last.map_or(Ok(1), |s| {
-            s.checked_add(1)
-                .ok_or_else(|| Error::Corrupt("chunk segment numbers are exhausted".into()))
-        })?;
+        let seg = last
+            .map_or(Ok(1), |s| {
+                s.checked_add(1)
+                    .ok_or_else(|| Error::Corrupt("chunk segment numbers are exhausted".into()))
+            })?
+            .max(lowest);
         let file = Arc::new(Self::create(dir, seg)?);
         let path = dir.join(segment_name(seg));
         let (direct, out) = match writer(&path, &file, wanted) {
@@ -910,7 +915,7 @@ mod tests {
         let a = Id::of(b"a");
         let b = Id::of(b"b");
         let (la, lb) = {
-            let log = ChunkLog::open(dir.path(), SEGMENT_BYTES).unwrap();
+            let log = ChunkLog::open(dir.path(), SEGMENT_BYTES, 0).unwrap();
             let la = log.append(&a, 0, b"aaaa").unwrap();
             let lb = log.append(&b, 0, b"bb").unwrap();
             log.sync().unwrap();
@@ -924,14 +929,14 @@ mod tests {
             );
             (la, lb)
         };
-        let log = ChunkLog::open(dir.path(), SEGMENT_BYTES).unwrap();
+        let log = ChunkLog::open(dir.path(), SEGMENT_BYTES, 0).unwrap();
         assert_eq!(
             log.active_segment(),
             la.seg + 1,
             "a reopen starts a segment"
         );
         drop(log);
-        let log = ChunkLog::open(dir.path(), SEGMENT_BYTES).unwrap();
+        let log = ChunkLog::open(dir.path(), SEGMENT_BYTES, 0).unwrap();
         assert_eq!(log.active_segment(), la.seg + 2);
         assert_eq!(
             log.segments().unwrap().len(),
@@ -951,7 +956,7 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[HEADER + 2] ^= 1;
         std::fs::write(&path, bytes).unwrap();
-        let log = ChunkLog::open(dir.path(), SEGMENT_BYTES).unwrap();
+        let log = ChunkLog::open(dir.path(), SEGMENT_BYTES, 0).unwrap();
         let err = log.read_parts(&a, la).unwrap_err().to_string();
         assert!(err.contains("checksum"), "{err}");
         // A removed segment reads as gone, not as an error.
@@ -970,7 +975,7 @@ mod tests {
     fn staged_records_are_readable_and_every_write_is_aligned() {
         for direct in [true, false] {
             let dir = tempfile::tempdir().unwrap();
-            let log = ChunkLog::open_with(dir.path(), SEGMENT_BYTES, direct).unwrap();
+            let log = ChunkLog::open_with(dir.path(), SEGMENT_BYTES, direct, 0).unwrap();
             let seg_path = dir.path().join(segment_name(log.active_segment()));
             let mut locs = Vec::new();
             // 100 records of 20-84 KiB: several buffers' worth, each record
@@ -1000,7 +1005,7 @@ mod tests {
             assert_eq!(next.off, len);
             log.sync().unwrap();
             drop(log);
-            let log = ChunkLog::open_with(dir.path(), SEGMENT_BYTES, direct).unwrap();
+            let log = ChunkLog::open_with(dir.path(), SEGMENT_BYTES, direct, 0).unwrap();
             for (id, p, loc) in &locs {
                 assert_eq!(&log.read_parts(id, *loc).unwrap().unwrap().1, p);
             }
@@ -1012,7 +1017,7 @@ mod tests {
     fn concurrent_appends_and_reads_across_segments() {
         let dir = tempfile::tempdir().unwrap();
         // Small segments: rotations happen under the concurrent appends.
-        let log = Arc::new(ChunkLog::open(dir.path(), 3 << 20).unwrap());
+        let log = Arc::new(ChunkLog::open(dir.path(), 3 << 20, 0).unwrap());
         let threads: Vec<_> = (0..4u32)
             .map(|t| {
                 let log = log.clone();
@@ -1041,7 +1046,7 @@ mod tests {
         log.sync().unwrap();
         assert!(log.segments().unwrap().len() > 2, "the segments rotated");
         drop(log);
-        let log = ChunkLog::open(dir.path(), 3 << 20).unwrap();
+        let log = ChunkLog::open(dir.path(), 3 << 20, 0).unwrap();
         for (id, p, loc) in &all {
             assert_eq!(&log.read_parts(id, *loc).unwrap().unwrap().1, p);
         }
@@ -1050,7 +1055,7 @@ mod tests {
     #[test]
     fn a_failed_write_keeps_its_records_readable_and_fails_syncs_until_retried() {
         let dir = tempfile::tempdir().unwrap();
-        let log = ChunkLog::open(dir.path(), SEGMENT_BYTES).unwrap();
+        let log = ChunkLog::open(dir.path(), SEGMENT_BYTES, 0).unwrap();
         let mut recs = Vec::new();
         let mut add = |log: &ChunkLog, i: u32| {
             let p = payload(i, 60_000);
@@ -1083,7 +1088,7 @@ mod tests {
         log.sync().unwrap();
         assert!(!log.has_unsynced());
         drop(log);
-        let log = ChunkLog::open(dir.path(), SEGMENT_BYTES).unwrap();
+        let log = ChunkLog::open(dir.path(), SEGMENT_BYTES, 0).unwrap();
         for (id, p, loc) in &recs {
             assert_eq!(&log.read_parts(id, *loc).unwrap().unwrap().1, p);
         }

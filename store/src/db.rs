@@ -7,6 +7,7 @@ use crate::chunk::{self, ChunkStore};
 use crate::chunklog::{record_crc, ChunkLog, Loc, Placement, INLINE_MAX};
 use crate::error::{Error, Result};
 use crate::id::Id;
+use crate::meta;
 use crate::object::{self, Node};
 use crate::space::{is_no_space, Space};
 use crate::stage::Prepared;
@@ -242,6 +243,10 @@ pub struct Db {
     /// (see `spill_prepared`). Their index entries are written together,
     /// after one sync of the log, with the next batch.
     pending: Mutex<Pending>,
+    /// What [`meta::NEXT_SEGMENT_KEY`] holds, as far as this process wrote
+    /// or read it; a batch written while the active segment is at or past
+    /// it raises it.
+    next_segment: std::sync::atomic::AtomicU32,
     nodes: quick_cache::sync::Cache<Id, Arc<Node>, NodeLen>,
     chunks: quick_cache::sync::Cache<Id, Arc<Vec<u8>>, ByLen>,
     /// While a GC runs: every id written or re-referenced since it began,
@@ -412,6 +417,7 @@ impl Db {
                 path.display()
             )));
         }
+        refuse_chunks_without_database(dir, &path)?;
         let opened = DB::open_cf_descriptors(&db_opts, &path, cfs());
         // A disk that filled up while no server ran: the reserve is the
         // room to open in (the store starts full, see `space`).
@@ -444,7 +450,27 @@ impl Db {
                  or damage by the disk; `dm fsck` lists this until the next start)"
             );
         }
-        let log = ChunkLog::open(&dir.join("chunks"), opts.segment_bytes)?;
+        let next_segment = match db
+            .get_cf(
+                // Created at open (create_missing_column_families).
+                db.cf_handle(CF_META)
+                    .expect("column family created at open"),
+                meta::NEXT_SEGMENT_KEY,
+            )
+            .map_err(Error::db("reading the next chunk segment number"))?
+        {
+            Some(v) => <[u8; 4]>::try_from(v.as_slice())
+                .map(u32::from_le_bytes)
+                .map_err(|_| {
+                    Error::Corrupt(format!(
+                        "the next chunk segment number is {} bytes long, not 4",
+                        v.len()
+                    ))
+                })?,
+            // A store written before the key: the files tell.
+            None => 0,
+        };
+        let log = ChunkLog::open(&dir.join("chunks"), opts.segment_bytes, next_segment)?;
         let space = Arc::new(Space::open(dir));
         log.set_space(space.clone());
         Ok(Db {
@@ -452,6 +478,7 @@ impl Db {
             log,
             space,
             pending: Mutex::new(Default::default()),
+            next_segment: next_segment.into(),
             nodes: quick_cache::sync::Cache::with_weighter(
                 (opts.node_cache_bytes / 8192).max(16) as usize,
                 opts.node_cache_bytes,
@@ -523,6 +550,14 @@ impl Db {
         for (id, loc) in &pending {
             batch.put_cf(cf, id.0, Placement::log_value(*loc));
         }
+        // Every index entry is written here, after its record was appended
+        // to the active segment (or an older one): recording the number
+        // after the active one with it keeps every named segment below it.
+        let next = self.log.active_segment().saturating_add(1);
+        let raised = next > self.next_segment.load(std::sync::atomic::Ordering::Acquire);
+        if raised {
+            batch.put_cf(self.cf(CF_META), meta::NEXT_SEGMENT_KEY, next.to_le_bytes());
+        }
         #[cfg(test)]
         if sync {
             self.synced_bytes
@@ -533,6 +568,10 @@ impl Db {
         self.db
             .write_opt(batch, &wo)
             .map_err(|e| self.db_error(what, e))?;
+        if raised {
+            self.next_segment
+                .fetch_max(next, std::sync::atomic::Ordering::AcqRel);
+        }
         if !pending.is_empty() {
             let mut p = self.pending.lock();
             for (id, loc) in &pending {
@@ -1239,6 +1278,36 @@ impl ChunkStore for Db {
         }
         it.status().map_err(Error::db("listing chunks"))
     }
+}
+
+/// Refuses a store whose chunk directory holds segments while its
+/// database is missing (a partial copy or restore): started, it ran as an
+/// empty store, and its first GC removed the segments for good.
+fn refuse_chunks_without_database(dir: &Path, db: &Path) -> Result<()> {
+    if db.join("CURRENT").exists() {
+        return Ok(());
+    }
+    let chunks = dir.join("chunks");
+    let Ok(entries) = std::fs::read_dir(&chunks) else {
+        return Ok(());
+    };
+    let segments = entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+        .filter(|e| e.metadata().is_ok_and(|m| m.len() > 0))
+        .count();
+    if segments == 0 {
+        return Ok(());
+    }
+    Err(Error::Refused(format!(
+        "the store at {} is incomplete: its chunk directory {} holds {segments} segment file(s) \
+         but its database {} is missing (a partial copy or restore?); put the database back, \
+         or move {} away to start with an empty store",
+        dir.display(),
+        chunks.display(),
+        db.display(),
+        chunks.display()
+    )))
 }
 
 /// The process holding RocksDB's `LOCK` file (a POSIX lock, listed in

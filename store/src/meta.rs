@@ -68,3 +68,9 @@ pub const NEXT_ID_KEY: &[u8] = b"n\0next-id";
 /// crash or stop took the one due away (an 11 GiB store kept 3.7 GiB of a
 /// deleted dot across restarts).
 pub const GC_DUE_KEY: &[u8] = b"n\0gc-due";
+/// The lowest chunk segment number a new segment may take (LE u32), above
+/// every segment an index entry ever named: a segment file lost from the
+/// chunk directory (a partial restore) leaves its number unused, so that
+/// putting the file back later restores its chunks (a new segment of that
+/// number took them over).
+pub const NEXT_SEGMENT_KEY: &[u8] = b"n\0next-segment";

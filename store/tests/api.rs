@@ -1989,3 +1989,64 @@ fn punch_of_a_sparse_range_stores_no_blocks() {
     assert_eq!(fs.read(ino, size - 8, 8).unwrap(), vec![0u8; 8]);
     assert_eq!(fs.read(ino, 0, 4).unwrap(), vec![0u8; 4]);
 }
+
+/// A store whose database is missing while its chunk segments are there (a
+/// partial restore) is refused: it opened as an empty store, and its first
+/// GC removed the segments for good.
+#[test]
+fn a_store_without_its_database_is_refused() {
+    let (dir, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    write_file(&fs, "f", &noise(1 << 20, 7));
+    commit(&store, &dot, "master", "data");
+    drop(fs);
+    drop(store);
+    std::fs::rename(dir.path().join("db"), dir.path().join("db.away")).unwrap();
+    let e = Store::open(dir.path())
+        .err()
+        .expect("opened without its database");
+    let e = e.to_string();
+    assert!(e.contains("is incomplete") && e.contains("database"), "{e}");
+    std::fs::rename(dir.path().join("db.away"), dir.path().join("db")).unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    assert_eq!(read_file(&fs, "f").unwrap(), noise(1 << 20, 7));
+}
+
+/// A chunk segment file missing at a start (a partial restore) keeps its
+/// number: the segment the start makes took it, so that putting the file
+/// back later found another segment's records there, and the data written
+/// meanwhile was lost with them.
+#[test]
+fn a_missing_chunk_segment_keeps_its_number() {
+    let (dir, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    write_file(&fs, "old", &noise(1 << 20, 1));
+    commit(&store, &dot, "master", "old");
+    drop(fs);
+    drop(store);
+    let chunks = dir.path().join("chunks");
+    let away = dir.path().join("chunks.away");
+    std::fs::rename(&chunks, &away).unwrap();
+    std::fs::create_dir(&chunks).unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    let a = fs.lookup(ROOT_INO, b"old").unwrap();
+    let e = fs.read(a.ino, 0, a.size as u32).unwrap_err().to_string();
+    assert!(e.contains("is missing"), "{e}");
+    write_file(&fs, "new", &noise(1 << 20, 2));
+    commit(&store, &dot, "master", "new");
+    drop(fs);
+    drop(store);
+    for f in std::fs::read_dir(&away).unwrap() {
+        let f = f.unwrap();
+        let to = chunks.join(f.file_name());
+        assert!(!to.exists(), "{} was taken again", to.display());
+        std::fs::rename(f.path(), to).unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    assert_eq!(read_file(&fs, "old").unwrap(), noise(1 << 20, 1));
+    assert_eq!(read_file(&fs, "new").unwrap(), noise(1 << 20, 2));
+    assert!(store.fsck().unwrap().is_clean());
+}
