@@ -225,6 +225,10 @@ impl Client {
         .with_context(|| match method {
             // What it was doing may have happened whole before it died.
             Method::GET => "the dm server closed the connection (did it crash? see its log)".to_string(),
+            // A check changes nothing: run again.
+            _ if path == "/v1/fsck" => "the dm server closed the connection during the fsck \
+                 (did it crash? see its log); run `dm fsck` again once a server runs"
+                .to_string(),
             _ => format!(
                 "the dm server closed the connection while answering {method} {path} (did it crash? \
                  see its log); that may have been done or not: once a server runs again, \

@@ -772,14 +772,14 @@ fn docker_volume_ls_inspect_rm_and_bad_names() {
     let out = docker(&["volume", "create", "-d", "dm", "myapp@nosuch"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && err.contains("`dm checkout -b nosuch`"),
+        !out.status.success() && err.contains("`dm --dot myapp branch nosuch`"),
         "{err}"
     );
     // No advice to make a branch that cannot be made.
     let out = docker(&["volume", "create", "-d", "dm", "myapp@HEAD"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && !err.contains("checkout -b HEAD") && err.contains("HEAD"),
+        !out.status.success() && !err.contains("branch HEAD`") && err.contains("HEAD"),
         "{err}"
     );
     let out = docker(&["volume", "create", "-d", "dm", "x.y.z"]);

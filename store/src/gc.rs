@@ -163,8 +163,12 @@ fn mark(store: &Store, id_limit: u64, verify: bool, problems: &mut Vec<String>) 
         if !m.objects.insert(id) {
             continue;
         }
-        if !verify && m.objects.len() % 4096 == 0 {
-            store.gc_go_on()?;
+        if m.objects.len() % 4096 == 0 {
+            if verify {
+                store.fsck_go_on()?;
+            } else {
+                store.gc_go_on()?;
+            }
         }
         let node = if verify {
             match db.get_object(&id).and_then(|b| {
@@ -228,9 +232,9 @@ struct Reached {
 impl Store {
     /// Has a running GC stop at its next step (between marking and
     /// sweeping, every few thousand tree nodes or chunks, before it
-    /// compacts), and every later one refuse to start: for a server that
-    /// is stopping (one waited 92 s for its automatic GC). What a stopped
-    /// GC did not delete, a later one does.
+    /// compacts), and every later one refuse to start, and likewise fsck:
+    /// for a server that is stopping (one waited 92 s for its automatic
+    /// GC). What a stopped GC did not delete, a later one does.
     pub fn stop_gc(&self) {
         self.gc_stopped.store(true, Ordering::Release);
     }
@@ -245,6 +249,17 @@ impl Store {
         if self.gc_is_stopped() {
             return Err(Error::Refused(
                 "GC stopped: the dm server is stopping (the next GC collects the rest)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// [`Store::gc_go_on`] for fsck, which [`Store::stop_gc`] stops too (a
+    /// server waited a minute for one to finish before it stopped).
+    fn fsck_go_on(&self) -> Result<()> {
+        if self.gc_is_stopped() {
+            return Err(Error::Refused(
+                "fsck stopped: the dm server is stopping; run `dm fsck` again once it runs".into(),
             ));
         }
         Ok(())
@@ -502,6 +517,9 @@ impl Store {
             ..Default::default()
         };
         for id in &marks.chunks {
+            if report.chunks_checked % 4096 == 0 {
+                self.fsck_go_on()?;
+            }
             report.chunks_checked += 1;
             match self.db.get(id) {
                 Ok(Some(stored)) => {

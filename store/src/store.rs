@@ -726,7 +726,7 @@ impl Store {
             if uncommitted {
                 return Err(Error::Refused(format!(
                     "branch {branch} of dot {dot} has uncommitted changes, which deleting it destroys: \
-                     commit them on it (`dm checkout {branch}`, `dm commit -m MSG`), or use \
+                     commit them on it (`dm --dot {dot} commit --branch {branch} -m MSG`), or use \
                      `dm branch -D {branch}` to delete it anyway"
                 )));
             }

@@ -2050,3 +2050,19 @@ fn a_missing_chunk_segment_keeps_its_number() {
     assert_eq!(read_file(&fs, "new").unwrap(), noise(1 << 20, 2));
     assert!(store.fsck().unwrap().is_clean());
 }
+
+/// A stopping server stops GC and fsck at their next step (it waited a
+/// minute for a `dm fsck` before it stopped).
+#[test]
+fn gc_and_fsck_stop_when_told() {
+    let (_dir, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    write_file(&fs, "f", &noise(1 << 20, 3));
+    commit(&store, &dot, "master", "data");
+    assert!(store.fsck().unwrap().is_clean());
+    store.stop_gc();
+    let e = store.fsck().unwrap_err().to_string();
+    assert!(e.contains("fsck stopped") && e.contains("dm fsck"), "{e}");
+    let e = store.gc().unwrap_err().to_string();
+    assert!(e.contains("GC stopped"), "{e}");
+}

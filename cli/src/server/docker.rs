@@ -746,11 +746,13 @@ impl DockerIntegration {
 /// first unless it exists), or why there can be no such branch.
 fn how_to_make_branch(dot: &DotName, b: &str, dot_exists: bool) -> String {
     match dm_store::names::validate_new("branch", b) {
-        Ok(()) if dot_exists => format!(
-            "create it with `dm checkout -b {b}` on dot {dot}, or use the volume without @{b}"
-        ),
+        // `dm branch`, not `checkout -b`: a switch stops and starts every
+        // container that follows the dot.
+        Ok(()) if dot_exists => {
+            format!("create it with `dm --dot {dot} branch {b}`, or use the volume without @{b}")
+        }
         Ok(()) => format!(
-            "create the dot, then the branch (`dm init {dot}`, then `dm checkout -b {b}` on it), \
+            "create the dot, then the branch (`dm init {dot}`, then `dm --dot {dot} branch {b}`), \
              or use the volume without @{b}"
         ),
         Err(e) => format!("{e}; name an existing branch after @, or none"),

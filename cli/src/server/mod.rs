@@ -634,6 +634,7 @@ async fn serve(state: Arc<AppState>, socket: &Path, starting: StartingMarker) ->
         .with_context(|| format!("restricting {}", socket.display()))?;
     drop(starting);
     let docker = state.docker.clone();
+    let store = state.store.clone();
     let app = routes::router(state.clone()).merge(hub::router(state));
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -641,6 +642,8 @@ async fn serve(state: Arc<AppState>, socket: &Path, starting: StartingMarker) ->
             // Before the requests in progress end (a checkout stopping
             // containers): it must not start them on mounts going away.
             docker.server_stopping();
+            // Nor wait for a `dm gc` or `dm fsck` to finish (a minute).
+            store.stop_gc();
         })
         .await
         .context("serving the API")?;
