@@ -263,7 +263,10 @@ impl MountManager {
         // Symlinks of this user or root are theirs to make (/var/run).
         use std::os::unix::fs::MetadataExt;
         let me = nix::unistd::geteuid().as_raw();
-        r.path.ancestors().find_map(|a| {
+        // A FUSE mount there is no symlink, and its server may be stopped
+        // (looking at it would wait as long): only the ancestors then.
+        let mounted = dm_fs::fuse_mount_points().is_ok_and(|m| m.contains(&r.path));
+        r.path.ancestors().skip(usize::from(mounted)).find_map(|a| {
             let m = std::fs::symlink_metadata(a).ok()?;
             (m.file_type().is_symlink() && m.uid() != me && m.uid() != 0).then(|| {
                 format!(

@@ -3,6 +3,7 @@
 
 use dm_tests::{is_mounted, random_bytes, write_synced, Server};
 use std::path::PathBuf;
+use std::time::Duration;
 
 const DM: &str = env!("CARGO_BIN_EXE_dm");
 
@@ -222,6 +223,32 @@ fn a_server_on_a_copy_of_the_data_dir_leaves_the_first_ones_mounts_alone() {
     );
     assert!(err.contains("--mount-dir"), "{err}");
     assert_eq!(std::fs::read(followed.join("g")).unwrap(), b"two");
+    // A server that does not answer (stopped) is taken for gone, within
+    // 5 s: a copy started meanwhile waited as long as it stayed stopped.
+    let mut d = Server::start(DM);
+    d.stop();
+    std::fs::remove_dir_all(d.data_dir()).unwrap();
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(a.data_dir())
+        .arg(d.data_dir())
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let pid = nix::unistd::Pid::from_raw(a.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let started = std::time::Instant::now();
+    d.restart();
+    let took = started.elapsed();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(took < Duration::from_secs(20), "{took:?}\n{}", d.log());
+    assert!(
+        d.log()
+            .contains(&format!("unmounting leftover mount at {}", p.display())),
+        "{}",
+        d.log()
+    );
+    assert_eq!(std::fs::read(p.join("g")).unwrap(), b"two");
 }
 
 /// A server mount path is removed when the server stops, so a writer that

@@ -2563,15 +2563,13 @@ pub fn cleanup_stale_mount(path: &Path) -> io::Result<Leftover> {
         }
         _ => std::env::current_dir()?.join(path),
     };
-    let dead = matches!(
-        std::fs::metadata(&abs),
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN)
-    );
-    let mounted = mount_points()?.contains(&abs);
-    if !dead && !mounted {
+    // Nothing here looks at the path itself but the bounded probe: a
+    // `stat` of a mount whose server is stopped (SIGSTOP) waited as long
+    // as it stayed stopped, and the start with it.
+    if !mount_points()?.contains(&abs) {
         return Ok(Leftover::None);
     }
-    if !dead && answers(&abs, LEFTOVER_PATIENCE) == Some(true) {
+    if answers(&abs, LEFTOVER_PATIENCE) == Some(true) {
         return Ok(Leftover::Live);
     }
     warn!("unmounting leftover mount at {}", abs.display());

@@ -2389,7 +2389,7 @@ impl BranchFs {
         if rc != 0 {
             return Err(Error::Io {
                 context: format!("statfs of {}", self.data_dir.display()),
-                source: std::io::Error::last_os_error(),
+                cause: std::io::Error::last_os_error(),
             });
         }
         let frsize = s.f_frsize as u64;

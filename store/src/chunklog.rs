@@ -308,10 +308,10 @@ pub struct ChunkLog {
 }
 
 fn io(context: String) -> impl FnOnce(std::io::Error) -> Error {
-    move |source| Error::Io { context, source }
+    move |cause| Error::Io { context, cause }
 }
 
-fn segment_name(seg: u32) -> String {
+pub(crate) fn segment_name(seg: u32) -> String {
     format!("{seg:08}.log")
 }
 
@@ -572,8 +572,8 @@ impl ChunkLog {
         }
         match self.write_out_once(writing) {
             // The disk is full: with the reserve given back, once more.
-            Err(Error::Io { source, .. })
-                if is_enospc(&source) && self.space.get().is_some_and(|s| s.release()) =>
+            Err(Error::Io { cause, .. })
+                if is_enospc(&cause) && self.space.get().is_some_and(|s| s.release()) =>
             {
                 self.write_out_once(writing)
             }
@@ -739,6 +739,11 @@ impl ChunkLog {
         out.is_some_and(|o| o.copy(seg, off, head, body))
     }
 
+    /// Whether segment `seg` is there (its file, or the active one).
+    pub fn has_segment(&self, seg: u32) -> Result<bool> {
+        Ok(seg == self.active_segment() || self.file(seg)?.is_some())
+    }
+
     fn file(&self, seg: u32) -> Result<Option<Arc<File>>> {
         if let Some(f) = self.files.read().get(&seg) {
             return Ok(Some(f.clone()));
@@ -753,7 +758,7 @@ impl ChunkLog {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::Io {
                 context: format!("opening chunk segment {}", path.display()),
-                source: e,
+                cause: e,
             }),
         }
     }
@@ -788,7 +793,7 @@ impl ChunkLog {
                 Err(e) => {
                     return Err(Error::Io {
                         context: format!("reading chunk {}", id.short()),
-                        source: e,
+                        cause: e,
                     })
                 }
             }
@@ -899,7 +904,7 @@ impl ChunkLog {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Error::Io {
                 context: format!("removing chunk segment {}", path.display()),
-                source: e,
+                cause: e,
             }),
         }
     }

@@ -319,9 +319,9 @@ pub(crate) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 
 impl Db {
     pub fn open(dir: &Path, opts: StoreOptions) -> Result<Db> {
-        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        std::fs::create_dir_all(dir).map_err(|cause| Error::Io {
             context: format!("creating the data directory {}", dir.display()),
-            source,
+            cause,
         })?;
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
@@ -471,6 +471,28 @@ impl Db {
             None => 0,
         };
         let log = ChunkLog::open(&dir.join("chunks"), opts.segment_bytes, next_segment)?;
+        // Recorded now, not only by the first write: a start that wrote
+        // nothing left its (empty) segment's number free for the next, and
+        // the old file put back later replaced the new one.
+        let next = log.active_segment().saturating_add(1).max(next_segment);
+        let mut synced = WriteOptions::default();
+        synced.set_sync(true);
+        let next_segment = match db.put_cf_opt(
+            // Created at open (create_missing_column_families).
+            db.cf_handle(CF_META)
+                .expect("column family created at open"),
+            meta::NEXT_SEGMENT_KEY,
+            next.to_le_bytes(),
+            &synced,
+        ) {
+            Ok(()) => next,
+            // Not fatal (a full disk): the first write that indexes a
+            // record of this segment records it.
+            Err(e) => {
+                tracing::warn!("recording the next chunk segment number ({next}): {e}");
+                next_segment
+            }
+        };
         let space = Arc::new(Space::open(dir));
         log.set_space(space.clone());
         Ok(Db {
@@ -674,7 +696,7 @@ impl Db {
     pub(crate) fn stage_chunk_inline(&self, batch: &mut WriteBatch, data: &[u8]) -> Result<Id> {
         let id = Id::of(data);
         self.note_young(&id);
-        if self.chunk_len(&id)?.is_some() {
+        if self.is_stored(&id)? {
             return Ok(id);
         }
         let (codec, payload) = chunk::encode_parts(data);
@@ -698,7 +720,7 @@ impl Db {
         // Presence is asked of the index, never of the read cache: a cache
         // entry can outlive a GC deletion (a read that raced with it), and
         // trusting it would leave a block naming a deleted chunk.
-        if self.chunk_len(&id)?.is_some() {
+        if self.is_stored(&id)? {
             return Ok(id);
         }
         self.place(batch, &id, p.codec, p.payload(data), p.crc)?;
@@ -749,7 +771,7 @@ impl Db {
 
     /// Encodes and stores a block unless present.
     fn put_chunk_data(&self, id: &Id, data: &[u8]) -> Result<bool> {
-        if self.chunk_len(id)?.is_some() {
+        if self.is_stored(id)? {
             return Ok(false);
         }
         let (codec, payload) = chunk::encode_parts(data);
@@ -758,7 +780,7 @@ impl Db {
 
     /// Stores a stored form unless present.
     fn put_chunk_raw(&self, id: &Id, stored: &[u8]) -> Result<bool> {
-        if self.chunk_len(id)?.is_some() {
+        if self.is_stored(id)? {
             return Ok(false);
         }
         let (&codec, payload) = stored
@@ -812,7 +834,7 @@ impl Db {
         self.pin(&id);
         self.note_young(&id);
         let stored = (|| {
-            if self.chunk_len(&id)?.is_some() {
+            if self.is_stored(&id)? {
                 return Ok(());
             }
             let payload = p.payload(data);
@@ -916,6 +938,57 @@ impl Db {
     /// The stored length of a chunk, if present (from the index: no read).
     pub fn chunk_len(&self, id: &Id) -> Result<Option<u64>> {
         self.with_placement(id, |p| p.stored_len())
+    }
+
+    /// The segment of chunk `id` when its file is missing (a partial
+    /// restore).
+    pub(crate) fn missing_segment(&self, id: &Id) -> Result<Option<u32>> {
+        match self.with_placement(id, |p| match p {
+            Placement::Log(loc) => Some(loc.seg),
+            Placement::Inline(_) => None,
+        })? {
+            Some(Some(seg)) if !self.log.has_segment(seg)? => Ok(Some(seg)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Segments the index names whose files are missing, with how many
+    /// chunks each holds (one pass over the index).
+    pub(crate) fn missing_segments(&self) -> Result<std::collections::BTreeMap<u32, u64>> {
+        let mut missing = std::collections::BTreeMap::new();
+        let mut present = HashSet::new();
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_CHUNK_INDEX));
+        it.seek_to_first();
+        while it.valid() {
+            if let Some(Placement::Log(loc)) = it.value().and_then(Placement::decode) {
+                if !present.contains(&loc.seg) {
+                    if self.log.has_segment(loc.seg)? {
+                        present.insert(loc.seg);
+                    } else {
+                        *missing.entry(loc.seg).or_insert(0u64) += 1;
+                    }
+                }
+            }
+            it.next();
+        }
+        it.status().map_err(Error::db("listing chunks"))?;
+        Ok(missing)
+    }
+
+    /// Whether a chunk is stored, for a writer that would store it
+    /// otherwise: indexed, in a segment file that is there. One whose
+    /// segment is missing (a partial restore) is written again: data
+    /// written meanwhile was taken as stored, and unreadable after a
+    /// restart.
+    fn is_stored(&self, id: &Id) -> Result<bool> {
+        match self.with_placement(id, |p| match p {
+            Placement::Inline(_) => None,
+            Placement::Log(loc) => Some(loc.seg),
+        })? {
+            None => Ok(false),
+            Some(None) => Ok(true),
+            Some(Some(seg)) => self.log.has_segment(seg),
+        }
     }
 
     /// Writes every column family's memtables to its files and waits:
@@ -1252,8 +1325,15 @@ impl ChunkStore for Db {
             .into_iter()
             .zip(indexed)
             .map(|(pending, r)| {
-                r.map(|v| pending || v.is_some())
-                    .map_err(Error::db("checking which chunks are present"))
+                let v = r.map_err(Error::db("checking which chunks are present"))?;
+                // Not in a segment that is missing (see `is_stored`): a
+                // peer sends it again.
+                match v.as_deref().and_then(Placement::decode) {
+                    _ if pending => Ok(true),
+                    None => Ok(v.is_some()),
+                    Some(Placement::Inline(_)) => Ok(true),
+                    Some(Placement::Log(loc)) => self.log.has_segment(loc.seg),
+                }
             })
             .collect()
     }
@@ -1280,29 +1360,53 @@ impl ChunkStore for Db {
     }
 }
 
-/// Refuses a store whose chunk directory holds segments while its
-/// database is missing (a partial copy or restore): started, it ran as an
-/// empty store, and its first GC removed the segments for good.
+/// Refuses a store whose database is incomplete (files of it without its
+/// `CURRENT`: RocksDB starts a new, empty one there) or missing while its
+/// chunk directory holds segments (a partial copy or restore): started,
+/// it ran as an empty store, and its first GC removed the segments.
 fn refuse_chunks_without_database(dir: &Path, db: &Path) -> Result<()> {
     if db.join("CURRENT").exists() {
         return Ok(());
     }
-    let chunks = dir.join("chunks");
-    let Ok(entries) = std::fs::read_dir(&chunks) else {
-        return Ok(());
+    let count = |d: &Path, of: &dyn Fn(&str, u64) -> bool| -> usize {
+        std::fs::read_dir(d).map_or(0, |entries| {
+            entries
+                .flatten()
+                .filter(|e| {
+                    let len = e.metadata().map_or(0, |m| m.len());
+                    of(&e.file_name().to_string_lossy(), len)
+                })
+                .count()
+        })
     };
-    let segments = entries
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
-        .filter(|e| e.metadata().is_ok_and(|m| m.len() > 0))
-        .count();
+    // Tables, blob files, write-ahead logs, manifests.
+    let db_files = count(db, &|name, _| {
+        name.starts_with("MANIFEST-")
+            || [".sst", ".blob", ".log"].iter().any(|ext| {
+                name.ends_with(ext)
+                    && name[..name.len() - ext.len()]
+                        .bytes()
+                        .all(|b| b.is_ascii_digit())
+            })
+    });
+    if db_files > 0 {
+        return Err(Error::Refused(format!(
+            "the store at {} is incomplete: its database {} holds {db_files} of its files \
+             (tables, logs) but not its CURRENT file (a partial copy or restore?); put the whole \
+             directory back from one copy",
+            dir.display(),
+            db.display()
+        )));
+    }
+    let chunks = dir.join("chunks");
+    let segments = count(&chunks, &|name, len| name.ends_with(".log") && len > 0);
     if segments == 0 {
         return Ok(());
     }
     Err(Error::Refused(format!(
         "the store at {} is incomplete: its chunk directory {} holds {segments} segment file(s) \
-         but its database {} is missing (a partial copy or restore?); put the database back, \
-         or move {} away to start with an empty store",
+         but there is no database in {} (no CURRENT file: a partial copy or restore?); put the \
+         database back, or move {} away to start with an empty store",
         dir.display(),
         chunks.display(),
         db.display(),

@@ -36,18 +36,18 @@ pub enum Error {
     #[error("corrupt store: {0}")]
     Corrupt(String),
     /// RocksDB failed.
-    #[error("database error while {context}: {source}")]
+    /// (The cause is in the message, not a `source`: shown by a chain of
+    /// causes, it read twice.)
+    #[error("database error while {context}: {cause}")]
     Db {
         context: String,
-        #[source]
-        source: rocksdb::Error,
+        cause: rocksdb::Error,
     },
     /// An I/O error outside RocksDB (opening the data directory, ...).
-    #[error("I/O error while {context}: {source}")]
+    #[error("I/O error while {context}: {cause}")]
     Io {
         context: String,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -60,8 +60,8 @@ impl Error {
             Error::AlreadyExists { .. } => libc_consts::EEXIST,
             Error::InvalidName { .. } => libc_consts::EINVAL,
             Error::Refused(_) | Error::BadRevision(_) => libc_consts::EINVAL,
-            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc_consts::EIO),
-            Error::Db { source, .. } if crate::space::is_no_space(source) => libc_consts::ENOSPC,
+            Error::Io { cause, .. } => cause.raw_os_error().unwrap_or(libc_consts::EIO),
+            Error::Db { cause, .. } if crate::space::is_no_space(cause) => libc_consts::ENOSPC,
             Error::Db { .. } | Error::Corrupt(_) => libc_consts::EIO,
         }
     }
@@ -73,7 +73,7 @@ impl Error {
 
     pub(crate) fn db(context: impl fmt::Display) -> impl FnOnce(rocksdb::Error) -> Error {
         let context = context.to_string();
-        move |source| Error::Db { context, source }
+        move |cause| Error::Db { context, cause }
     }
 
     /// True for "does not exist" errors, and for inode numbers that name

@@ -248,7 +248,7 @@ impl Space {
                 what(),
                 self.room_needed() >> 20
             ),
-            source: std::io::Error::from_raw_os_error(ENOSPC),
+            cause: std::io::Error::from_raw_os_error(ENOSPC),
         })
     }
 

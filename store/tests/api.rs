@@ -2006,8 +2006,21 @@ fn a_store_without_its_database_is_refused() {
         .err()
         .expect("opened without its database");
     let e = e.to_string();
-    assert!(e.contains("is incomplete") && e.contains("database"), "{e}");
+    assert!(
+        e.contains("is incomplete") && e.contains("no database"),
+        "{e}"
+    );
     std::fs::rename(dir.path().join("db.away"), dir.path().join("db")).unwrap();
+    // Without its CURRENT file, RocksDB made a new database beside the
+    // old one's files (and a small store's data, all in the database,
+    // was gone).
+    let current = dir.path().join("db/CURRENT");
+    std::fs::rename(&current, dir.path().join("CURRENT.away")).unwrap();
+    let e = Store::open(dir.path())
+        .err()
+        .expect("opened without CURRENT");
+    assert!(e.to_string().contains("not its CURRENT file"), "{e}");
+    std::fs::rename(dir.path().join("CURRENT.away"), &current).unwrap();
     let store = Store::open(dir.path()).unwrap();
     let fs = store.branch_fs(&dot, "master").unwrap();
     assert_eq!(read_file(&fs, "f").unwrap(), noise(1 << 20, 7));
@@ -2016,7 +2029,10 @@ fn a_store_without_its_database_is_refused() {
 /// A chunk segment file missing at a start (a partial restore) keeps its
 /// number: the segment the start makes took it, so that putting the file
 /// back later found another segment's records there, and the data written
-/// meanwhile was lost with them.
+/// meanwhile was lost with them; an empty segment (a start that wrote
+/// nothing) keeps its number too. Data written meanwhile that has chunks
+/// in the missing segment is stored again (it was taken as stored, and
+/// unreadable after a restart).
 #[test]
 fn a_missing_chunk_segment_keeps_its_number() {
     let (dir, store, dot) = setup();
@@ -2025,6 +2041,8 @@ fn a_missing_chunk_segment_keeps_its_number() {
     commit(&store, &dot, "master", "old");
     drop(fs);
     drop(store);
+    // A start that writes nothing leaves an empty segment.
+    drop(Store::open(dir.path()).unwrap());
     let chunks = dir.path().join("chunks");
     let away = dir.path().join("chunks.away");
     std::fs::rename(&chunks, &away).unwrap();
@@ -2034,8 +2052,23 @@ fn a_missing_chunk_segment_keeps_its_number() {
     let a = fs.lookup(ROOT_INO, b"old").unwrap();
     let e = fs.read(a.ino, 0, a.size as u32).unwrap_err().to_string();
     assert!(e.contains("is missing"), "{e}");
+    // Said once per segment (fsck said it once per chunk).
+    let missing = store.missing_segments().unwrap();
+    assert_eq!(missing.len(), 1, "{missing:?}");
+    assert!(
+        missing[0].contains("00000001.log is missing"),
+        "{missing:?}"
+    );
+    assert!(missing[0].contains("16 chunk(s)"), "{missing:?}");
+    assert_eq!(store.fsck().unwrap().problems, missing);
+    write_file(&fs, "again", &noise(1 << 20, 1));
     write_file(&fs, "new", &noise(1 << 20, 2));
     commit(&store, &dot, "master", "new");
+    drop(fs);
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    assert_eq!(read_file(&fs, "again").unwrap(), noise(1 << 20, 1));
     drop(fs);
     drop(store);
     for f in std::fs::read_dir(&away).unwrap() {

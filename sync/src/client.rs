@@ -766,6 +766,9 @@ pub async fn push(
         send_batch(items, false).await?;
     }
     report.commits = commits.len();
+    // From here the hub is asked to move branches: a stop (Ctrl-C) no
+    // longer takes that back (the hub may wait for its containers first).
+    progress.set_phase(crate::progress::MOVING);
     // The branch it grew from, when the hub lacks it.
     if let Some((origin, fork)) = &info.origin {
         let has_origin = remote_state

@@ -28,13 +28,13 @@ pub enum Error {
     #[error("{0}")]
     Connection(String),
     /// A local file (certificate, key) could not be read or written.
-    #[error("{context}: {source}")]
+    #[error("{context}: {cause}")]
     Io {
         /// What we were doing.
         context: String,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
+        /// The cause (in the message, not a `source`: shown by a chain of
+        /// causes, it read twice).
+        cause: std::io::Error,
     },
     /// TLS setup failed.
     #[error("TLS: {0}")]
@@ -45,7 +45,7 @@ impl Error {
     /// Shorthand for an I/O error with context.
     pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
         let context = context.into();
-        move |source| Error::Io { context, source }
+        move |cause| Error::Io { context, cause }
     }
 
     /// The remote error code, if this came from the remote.

@@ -177,3 +177,6 @@ mod tests {
         );
     }
 }
+
+/// The phase of a push once the hub has been asked to move its branch.
+pub const MOVING: &str = "moving the hub's branch";

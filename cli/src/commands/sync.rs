@@ -703,9 +703,18 @@ fn run(ctx: &mut Ctx, req: &TransferReq, label: &str) -> Result<()> {
                     std::process::exit(130);
                 }
             };
-            if s.error.as_deref() == Some("stopped (Ctrl-C)") {
+            if s.error.as_deref() == Some(crate::server::hub::STOPPED) {
                 bar.finish();
                 eprintln!("stopped; what arrived is kept, and the same command goes on from there");
+                std::process::exit(130);
+            }
+            if s.error.as_deref() == Some(crate::server::hub::STOPPED_MOVING) {
+                bar.finish();
+                eprintln!(
+                    "stopped, but the data had arrived and the hub had been asked to move its \
+                     branch: it may still do so (it waits for containers using the branch to \
+                     stop first); the same command tells where it is"
+                );
                 std::process::exit(130);
             }
             break s;

@@ -322,6 +322,12 @@ pub struct TransferStatus {
     pub wire_received: u64,
 }
 
+/// A stopped transfer's error.
+pub const STOPPED: &str = "stopped (Ctrl-C)";
+/// A stopped push's error once the hub had been asked to move its branch
+/// (it may still: the request was sent).
+pub const STOPPED_MOVING: &str = "stopped (Ctrl-C) after the hub was asked to move its branch";
+
 /// How long a finished transfer's result waits for its client.
 const FINISHED_JOBS_KEPT: std::time::Duration = std::time::Duration::from_secs(600);
 
@@ -333,6 +339,19 @@ struct Job {
     /// Set by the same DELETE, for a pull running where aborting the task
     /// does not reach (see `pull_branch`).
     stop: tokio::sync::watch::Sender<bool>,
+    /// When it finished, for [`forget_old_jobs`].
+    finished_at: Mutex<Option<std::time::Instant>>,
+}
+
+/// Forgets the results of transfers that finished long ago: a client that
+/// stopped polling (Ctrl-C) never asks for them. (A timer per transfer
+/// did it, which panicked when the server stopped meanwhile.)
+fn forget_old_jobs(jobs: &Mutex<HashMap<u64, Arc<Job>>>) {
+    jobs.lock().retain(|_, j| {
+        j.finished_at
+            .lock()
+            .is_none_or(|t| t.elapsed() < FINISHED_JOBS_KEPT)
+    });
 }
 
 /// Resolves once `stop` is set (never, if its sender is gone).
@@ -545,7 +564,11 @@ async fn cancel_transfer(
     let mut s = job.status.lock().clone();
     if !s.finished {
         s.finished = true;
-        s.error = Some("stopped (Ctrl-C)".into());
+        s.error = Some(if job.progress.phase() == dm_sync::progress::MOVING {
+            STOPPED_MOVING.into()
+        } else {
+            STOPPED.into()
+        });
     }
     Ok(Json(s))
 }
@@ -565,11 +588,12 @@ async fn start_transfer(
         status: Mutex::new(TransferStatus::default()),
         abort: Mutex::new(None),
         stop: tokio::sync::watch::channel(false).0,
+        finished_at: Mutex::new(None),
     });
     job.progress.set_phase("connecting");
+    forget_old_jobs(&st.jobs);
     st.jobs.lock().insert(id, job.clone());
     let app = st.app.clone();
-    let jobs = st.jobs.clone();
     let running = job.clone();
     let dot_lock = st.dots.lock().entry(local.clone()).or_default().clone();
     let dots = st.dots.clone();
@@ -602,10 +626,7 @@ async fn start_transfer(
                 s.error = Some(super::error::job_error(e.to_string(), e.code()));
             }
         }
-        // A client that stopped polling (Ctrl-C) never asks for the result:
-        // forgotten after a while, as a client that asks would have it.
-        tokio::time::sleep(FINISHED_JOBS_KEPT).await;
-        jobs.lock().remove(&id);
+        *job.finished_at.lock() = Some(std::time::Instant::now());
     });
     *job.abort.lock() = Some(task.abort_handle());
     Ok(Json(serde_json::json!({ "id": id })))

@@ -433,6 +433,22 @@ pub fn run(opts: ServerOptions) -> Result<()> {
     // After the store: a server that died stuck on its own mount holds
     // both until `claim_socket` unstuck it.
     let _mount_dir_lock = lock_mount_dir(&opts.mount_dir)?;
+    // Segment files missing from the chunk directory (a partial restore):
+    // said in the log, which said nothing while reads failed. One pass
+    // over the index, beside the start.
+    {
+        let store = store.clone();
+        let _ = std::thread::Builder::new()
+            .name("dm-segment-check".into())
+            .spawn(move || match store.missing_segments() {
+                Ok(missing) => {
+                    for m in missing {
+                        tracing::error!("{m}; `dm fsck` lists this too");
+                    }
+                }
+                Err(e) => tracing::warn!("checking the chunk segments: {e}"),
+            });
+    }
     let server_id = server_id(&opts.data_dir)?;
     let mounts = Arc::new(MountManager::new(
         store.clone(),
