@@ -534,7 +534,7 @@ impl Store {
         // each (a missing segment printed a line per chunk, thousands).
         let mut missing: std::collections::BTreeMap<u32, u64> = Default::default();
         for id in &marks.chunks {
-            if report.chunks_checked % 4096 == 0 {
+            if report.chunks_checked.is_multiple_of(4096) {
                 self.fsck_go_on()?;
             }
             report.chunks_checked += 1;

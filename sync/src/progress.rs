@@ -145,6 +145,9 @@ impl Bar {
     }
 }
 
+/// The phase of a push once the hub has been asked to move its branch.
+pub const MOVING: &str = "moving the hub's branch";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,6 +180,3 @@ mod tests {
         );
     }
 }
-
-/// The phase of a push once the hub has been asked to move its branch.
-pub const MOVING: &str = "moving the hub's branch";
