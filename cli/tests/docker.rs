@@ -1370,6 +1370,28 @@ fn switch_waits_for_containers_starting_meanwhile_and_refuses_paused_ones() {
         docker_ok(&s, &["exec", late, "cat", "/data/late"]),
         "started\n"
     );
+    // A client interrupted while the switch waits says that it goes on in
+    // the server (it ended without a word, and the dot switched later).
+    let before = stops(&s);
+    let child = s
+        .dm_command(&["checkout", "master"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(
+        || stops(&s) > before,
+        || format!("the checkout never stopped {slow}:\n{}", s.log()),
+    );
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("the server goes on with the switch"), "{err}");
+    wait_until(
+        || s.ok(&["branch"]).contains("* master"),
+        || format!("the interrupted checkout did not go on:\n{}", s.log()),
+    );
 
     // A paused container cannot be stopped: refused, nothing switched.
     run_detached(&s, paused, "pz:/data", LOOP);

@@ -35,11 +35,15 @@ impl SlowNote {
         SlowNote(Some((tx, t)))
     }
 
-    /// For a switch of `dot` that stops `containers` (none: no note).
+    /// For a switch of `dot` that stops `containers` (none: no note). An
+    /// interruption of the client meanwhile (Ctrl-C, SIGTERM, SIGHUP) says
+    /// that the switch goes on in the server: it ended the client without
+    /// a word, and the dot changed branch a few seconds later.
     pub(crate) fn for_containers(dot: &DotName, containers: &[String]) -> SlowNote {
         if containers.is_empty() {
             return SlowNote(None);
         }
+        say_when_interrupted();
         SlowNote::after_2s(format!(
             "waiting for the containers using {dot} to stop ({}): Docker gives each its stop \
              timeout (10 s unless `docker run --stop-timeout`) to exit on SIGTERM...",
@@ -49,6 +53,33 @@ impl SlowNote {
                 .collect::<Vec<_>>()
                 .join(", ")
         ))
+    }
+}
+
+/// From now on SIGINT, SIGTERM and SIGHUP end the client saying that the
+/// server goes on with the switch it asked for (see
+/// [`SlowNote::for_containers`]).
+fn say_when_interrupted() {
+    extern "C" fn say(_: libc::c_int) {
+        const NOTE: &[u8] = b"\ndm: interrupted; the server goes on with the switch (it waits for \
+            the containers to stop, then starts them on the new state): `dm branch` and \
+            `dm log` tell when it is done\n";
+        // SAFETY: write(2) and _exit(2) are async-signal-safe; NOTE is a
+        // static buffer of NOTE.len() bytes.
+        unsafe {
+            libc::write(2, NOTE.as_ptr().cast(), NOTE.len());
+            libc::_exit(130);
+        }
+    }
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the struct is zeroed, then filled as sigaction(2)
+        // describes; the handler only makes async-signal-safe calls.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = say as *const () as libc::sighandler_t;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
     }
 }
 
