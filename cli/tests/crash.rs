@@ -202,26 +202,38 @@ fn a_server_on_a_copy_of_the_data_dir_leaves_the_first_ones_mounts_alone() {
     // The copy shows the first commit.
     let log = b.ok(&["--dot", "app", "log"]);
     assert!(log.contains("one") && !log.contains("two"), "{log}");
-    // A third server on the first one's mount dir is refused.
+    // A third server on the first one's mount dir is refused, and one
+    // with its mount dir inside the first one's, or inside a dot (its lock
+    // file landed in the dot).
     let c = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(DM)
-        .arg("server")
-        .arg("--data-dir")
-        .arg(c.path().join("data"))
-        .arg("--mount-dir")
-        .arg(a.mount_dir())
-        .arg("--socket")
-        .arg(c.path().join("dm.sock"))
-        .args(["--no-plugin", "--listen", "off"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    let refused = |mount_dir: &std::path::Path| {
+        let out = std::process::Command::new(DM)
+            .arg("server")
+            .arg("--data-dir")
+            .arg(c.path().join("data"))
+            .arg("--mount-dir")
+            .arg(mount_dir)
+            .arg("--socket")
+            .arg(c.path().join("dm.sock"))
+            .args(["--no-plugin", "--listen", "off"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{err}");
+        assert!(err.contains("--mount-dir"), "{err}");
+        err
+    };
+    let err = refused(&a.mount_dir());
     assert!(
         err.contains(&format!("(pid {}) uses the mount dir", a.pid())),
         "{err}"
     );
-    assert!(err.contains("--mount-dir"), "{err}");
+    let err = refused(&a.mount_dir().join("nested"));
+    assert!(err.contains("the mount dir of another dm server"), "{err}");
+    let err = refused(&followed.join("nested"));
+    assert!(err.contains("is inside a dm mount"), "{err}");
+    let status = a.ok(&["--dot", "app", "status"]);
+    assert!(!status.contains("nested"), "{status}");
     assert_eq!(std::fs::read(followed.join("g")).unwrap(), b"two");
     // A server that does not answer (stopped) is taken for gone, within
     // 5 s: a copy started meanwhile waited as long as it stayed stopped.

@@ -2434,6 +2434,8 @@ struct MountInfo {
     /// The device number (for a FUSE mount, its connection in fusectl).
     dev: u64,
     fstype: String,
+    /// What is mounted (`dm:DOT` for dm's mounts).
+    source: String,
 }
 
 fn mountinfo() -> io::Result<Vec<MountInfo>> {
@@ -2448,10 +2450,13 @@ fn parse_mountinfo(line: &str) -> Option<MountInfo> {
     let (major, minor) = fields.nth(2)?.split_once(':')?;
     let (major, minor): (u64, u64) = (major.parse().ok()?, minor.parse().ok()?);
     let point = PathBuf::from(OsStr::from_bytes(&unescape_mountinfo(fields.nth(1)?)));
+    let mut fs = fs.split(' ');
     Some(MountInfo {
         point,
         dev: (major << 20) | minor,
-        fstype: fs.split(' ').next()?.to_string(),
+        fstype: fs.next()?.to_string(),
+        source: String::from_utf8_lossy(&unescape_mountinfo(fs.next().unwrap_or_default()))
+            .into_owned(),
     })
 }
 
@@ -2488,6 +2493,18 @@ fn fuse_mounts() -> io::Result<Vec<(PathBuf, u64)>> {
         .filter(|m| m.fstype == "fuse" || m.fstype.starts_with("fuse."))
         .map(|m| (m.point, m.dev))
         .collect())
+}
+
+/// The mount point of the dm mount (of any dm server) that `path` is at
+/// or under, if any: from /proc/self/mountinfo, without looking at the
+/// path (its server may hang).
+pub fn dm_mount_holding(path: &Path) -> io::Result<Option<PathBuf>> {
+    Ok(mountinfo()?
+        .into_iter()
+        .filter(|m| m.fstype.starts_with("fuse") && m.source.starts_with("dm:"))
+        .map(|m| m.point)
+        .filter(|p| path.starts_with(p))
+        .max_by_key(|p| p.as_os_str().len()))
 }
 
 /// Mount points of every FUSE filesystem mounted here.
@@ -2624,6 +2641,7 @@ mod tests {
             point: PathBuf::from("/var/tmp/a b"),
             dev: 40,
             fstype: "fuse".to_string(),
+            source: "dm:z".to_string(),
         };
         assert_eq!(parse_mountinfo(line), Some(fuse));
         let other = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw";
@@ -2631,6 +2649,7 @@ mod tests {
             point: PathBuf::from("/"),
             dev: (8 << 20) | 1,
             fstype: "ext4".to_string(),
+            source: "/dev/sda1".to_string(),
         };
         assert_eq!(parse_mountinfo(other), Some(ext4));
     }

@@ -166,6 +166,35 @@ fn refuse_foreign_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a mount dir inside a dm mount (a dot of this or another
+/// server: its lock file and mounts landed in that dot as files) or inside
+/// the mount dir of another running server.
+fn refuse_nested_mount_dir(mount_dir: &Path) -> Result<()> {
+    if let Some(at) = dm_fs::dm_mount_holding(mount_dir).context("reading the mount table")? {
+        bail!(
+            "the mount dir {} is inside a dm mount (at {}): its mounts would land in that dot; \
+             give a --mount-dir outside dm's mounts",
+            mount_dir.display(),
+            at.display()
+        );
+    }
+    for above in mount_dir.ancestors().skip(1) {
+        let lock = above.join(".dm-server.lock");
+        let Ok(file) = std::fs::File::open(&lock) else {
+            continue;
+        };
+        if let Err(std::fs::TryLockError::WouldBlock) = file.try_lock_shared() {
+            bail!(
+                "the mount dir {} is inside {}, the mount dir of another dm server that runs; \
+                 give a --mount-dir outside it",
+                mount_dir.display(),
+                above.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Takes the mount dir for this server (a lock on `MOUNT_DIR/.dm-server.lock`
 /// held while it runs, with its pid in it), refusing one another server
 /// uses: a second server given the same mount dir (started on a copy of
@@ -406,6 +435,7 @@ pub fn run(opts: ServerOptions) -> Result<()> {
     } else {
         0o700
     };
+    refuse_nested_mount_dir(&opts.mount_dir)?;
     create_own_dir(&opts.mount_dir, mount_dir_mode)?;
     create_own_dir(&opts.data_dir, 0o700)?;
     claim_socket(
