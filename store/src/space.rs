@@ -36,6 +36,8 @@ pub(crate) struct Space {
     /// space (milliseconds after it), for [`Space::watch`].
     opened: Instant,
     watched: AtomicU64,
+    /// Whether the log said that the data directory is gone.
+    gone_said: AtomicBool,
 }
 
 /// Total and available bytes of the filesystem holding `dir`.
@@ -73,6 +75,7 @@ impl Space {
             checked: Mutex::new(None),
             opened: Instant::now(),
             watched: AtomicU64::new(0),
+            gone_said: AtomicBool::new(false),
         };
         // A store that gave its reserve back to open starts full.
         let free = space.free_bytes();
@@ -179,6 +182,19 @@ impl Space {
         {
             return;
         }
+        // A data directory moved or deleted while the server runs is no
+        // full disk (the log and `dm version` said so, with advice to
+        // delete files).
+        if std::fs::metadata(&self.dir).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+            if !self.gone_said.swap(true, Ordering::Relaxed) {
+                tracing::error!(
+                    "the data directory {} is gone (moved or deleted while the server runs?): \
+                     stop the server and start it with --data-dir where the directory is now",
+                    self.dir.display()
+                );
+            }
+            return;
+        }
         let free = self.free_bytes();
         if self.reserve_kept(free) && free >= self.size {
             return;
@@ -253,8 +269,10 @@ impl Space {
     }
 
     /// Bytes free on the filesystem (0 if it cannot tell).
+    /// Free bytes of the filesystem holding the store; when that cannot
+    /// be told (the directory is gone), not a full disk.
     pub(crate) fn free_bytes(&self) -> u64 {
-        statvfs(&self.dir).map(|(_, free)| free).unwrap_or(0)
+        statvfs(&self.dir).map_or(u64::MAX, |(_, free)| free)
     }
 
     /// Free bytes the filesystem needs before a full store takes new data.
@@ -287,6 +305,21 @@ mod tests {
         // The test's disk has room: the reserve is made again.
         assert!(!space.is_full());
         assert_eq!(std::fs::metadata(&reserve).unwrap().len(), space.size);
+        assert!(space.refuse_when_full(|| "writing".into()).is_ok());
+    }
+
+    /// A data directory moved away while the server runs is no full disk
+    /// (writes were refused with ENOSPC, and the log advised deletions).
+    #[test]
+    fn a_data_dir_moved_away_is_no_full_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let space = Space::open(&data);
+        std::fs::rename(&data, dir.path().join("moved")).unwrap();
+        space.watch();
+        assert!(!space.is_full());
+        assert!(!space.short_of_room());
         assert!(space.refuse_when_full(|| "writing".into()).is_ok());
     }
 }

@@ -59,7 +59,10 @@ pub fn commit(
     let (dot, d) = current(ctx)?;
     let branch = branch.unwrap_or(&d.summary.current_branch);
     let Some(before) = d.branch_details.iter().find(|b| b.name == branch) else {
-        bail!(branch_not_found(&dot, branch, &d.summary.branches));
+        // The details' names: the summary's, read a moment earlier, still
+        // named a branch deleted meanwhile.
+        let names: Vec<String> = d.branch_details.iter().map(|b| b.name.clone()).collect();
+        bail!(branch_not_found(&dot, branch, &names));
     };
     // As seen just before: a write meanwhile makes the note wrong, never
     // the commit.
