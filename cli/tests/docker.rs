@@ -1306,11 +1306,19 @@ fn switch_waits_for_containers_starting_meanwhile_and_refuses_paused_ones() {
     let Some(_lock) = setup() else { return };
     let _proxy = ProxyGuard;
     let s = start_server();
-    let (slow, late, paused) = ("dmtest-slow-stop", "dmtest-late", "dmtest-paused");
-    let _clean = Cleanup::new(&[slow, late, paused], &["sep", "pz"]);
+    let (slow, late, paused, pinned) = (
+        "dmtest-slow-stop",
+        "dmtest-late",
+        "dmtest-paused",
+        "dmtest-pinned",
+    );
+    let _clean = Cleanup::new(&[slow, late, paused, pinned], &["sep", "pz"]);
     run(&s, "sep", "echo base > /data/f");
     s.ok(&["switch", "sep"]);
     s.ok(&["commit", "-m", "base"]);
+    // Pinned: a checkout leaves it running, and its note does not name it
+    // (it named every container of the dot).
+    run_detached(&s, pinned, "sep@master:/data", LOOP);
     // Ignores SIGTERM: the stop around the checkout takes Docker's 10 s.
     run_detached(
         &s,

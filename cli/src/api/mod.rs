@@ -87,6 +87,10 @@ pub struct DotDetail {
     /// next start; `dm unmount PATH` forgets one).
     #[serde(default)]
     pub unrestored: Vec<UnrestoredMount>,
+    /// Running containers that follow the dot's current branch (not
+    /// pinned with `@branch`): those a checkout stops and starts again.
+    #[serde(default)]
+    pub following: Vec<String>,
 }
 
 /// A mount that a start could not restore.

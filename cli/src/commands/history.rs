@@ -308,7 +308,8 @@ pub fn checkout(ctx: &mut Ctx, branch: &str, create: bool, start: Option<&str>) 
     }
     valid.map_err(|e| anyhow!("{e}"))?;
     let path = format!("{}/checkout", api::dot_path(&dot.namespace, &dot.name));
-    let note = super::SlowNote::for_containers(&dot, &d.summary.containers);
+    // Those it stops: the ones following the dot (pinned ones stay).
+    let note = super::SlowNote::for_containers(&dot, &d.following);
     let view: BranchView = ctx.client()?.post(
         &path,
         &CheckoutRequest {
@@ -354,7 +355,13 @@ pub fn reset(ctx: &mut Ctx, rev: &str, hard: bool) -> Result<()> {
         "{}/reset",
         api::branch_path(&dot.namespace, &dot.name, &d.summary.current_branch)
     );
-    let note = super::SlowNote::for_containers(&dot, &d.summary.containers);
+    // Those it stops: the ones showing the branch (pinned to it too).
+    let shown: &[String] = d
+        .branch_details
+        .iter()
+        .find(|b| b.current)
+        .map_or(&[], |b| &b.containers);
+    let note = super::SlowNote::for_containers(&dot, shown);
     let r: ResetResponse = ctx.client()?.post(
         &path,
         &ResetRequest {

@@ -224,10 +224,16 @@ async fn get_dot(
             })
             .collect();
         let mounts = st.mounts.list_dot(&dot);
+        let following = containers
+            .iter()
+            .filter(|c| c.is_up() && c.follows_dot(&dot))
+            .map(|c| c.name())
+            .collect();
         Ok(DotDetail {
             summary,
             branch_details,
             mounts,
+            following,
             unrestored: st.mounts.unrestored_of(&dot),
         })
     })
