@@ -604,6 +604,24 @@ impl MountManager {
             )));
         }
         drop(entries);
+        // Another dm server's mount (not in this one's table), at or
+        // above the path: said as such, not as a directory with files.
+        if let Ok(Some(at)) = dm_fs::dm_mount_holding(path) {
+            return Err(ApiError::conflict(if at == path {
+                format!(
+                    "{} is the mount of another dm server's dot (a server on another data \
+                     dir); unmount it there, or give another path",
+                    path.display()
+                )
+            } else {
+                format!(
+                    "{} is inside the mount of another dm server's dot at {}: give a path \
+                     outside dm's mounts",
+                    path.display(),
+                    at.display()
+                )
+            }));
+        }
         Self::check_own_dir(path)?;
         Self::check_empty_dir(path, volume)
     }

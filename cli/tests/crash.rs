@@ -199,6 +199,17 @@ fn a_server_on_a_copy_of_the_data_dir_leaves_the_first_ones_mounts_alone() {
         "{}",
         b.log()
     );
+    // Mounting there on the copy is refused as another server's mount.
+    let err = b.fail(&["mount", "app", p.to_str().unwrap()]);
+    assert!(
+        err.contains("is the mount of another dm server's dot"),
+        "{err}"
+    );
+    let err = b.fail(&["mount", "app", p.join("sub").to_str().unwrap()]);
+    assert!(
+        err.contains("inside the mount of another dm server's dot"),
+        "{err}"
+    );
     // The copy shows the first commit.
     let log = b.ok(&["--dot", "app", "log"]);
     assert!(log.contains("one") && !log.contains("two"), "{log}");
