@@ -153,6 +153,22 @@ fn a_mount_that_cannot_come_back_is_kept_for_the_next_start() {
     );
 }
 
+/// A server (stopped) whose data dir is a copy (`cp -a`) of `of`'s, made
+/// while `of` runs.
+fn stopped_server_on_a_copy_of(of: &Server) -> Server {
+    let mut s = Server::start(DM);
+    s.stop();
+    std::fs::remove_dir_all(s.data_dir()).unwrap();
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(of.data_dir())
+        .arg(s.data_dir())
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    s
+}
+
 /// A server started on a copy of a running server's data dir (a restored
 /// backup) leaves the running server's mounts alone: it detached them
 /// (they were in its saved table), and the writers' files went to the disk
@@ -169,16 +185,7 @@ fn a_server_on_a_copy_of_the_data_dir_leaves_the_first_ones_mounts_alone() {
     let followed = PathBuf::from(followed.trim());
     dm_tests::write_synced(&p.join("f"), b"one");
     a.ok(&["--dot", "app", "commit", "-m", "one"]);
-    let mut b = Server::start(DM);
-    b.stop();
-    std::fs::remove_dir_all(b.data_dir()).unwrap();
-    let copied = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(a.data_dir())
-        .arg(b.data_dir())
-        .status()
-        .unwrap();
-    assert!(copied.success());
+    let mut b = stopped_server_on_a_copy_of(&a);
     b.restart();
     assert!(
         b.log()
@@ -248,16 +255,7 @@ fn a_server_on_a_copy_of_the_data_dir_leaves_the_first_ones_mounts_alone() {
     assert_eq!(std::fs::read(followed.join("g")).unwrap(), b"two");
     // A server that does not answer (stopped) is taken for gone, within
     // 5 s: a copy started meanwhile waited as long as it stayed stopped.
-    let mut d = Server::start(DM);
-    d.stop();
-    std::fs::remove_dir_all(d.data_dir()).unwrap();
-    let copied = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(a.data_dir())
-        .arg(d.data_dir())
-        .status()
-        .unwrap();
-    assert!(copied.success());
+    let mut d = stopped_server_on_a_copy_of(&a);
     let pid = nix::unistd::Pid::from_raw(a.pid() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
     let started = std::time::Instant::now();
