@@ -159,7 +159,37 @@ impl MountManager {
         // the path is mounted again: detached all first, writers going on
         // by path (getting ENOTCONN until then) filled the bare
         // directories meanwhile, and their later writes went there.
-        for r in records {
+        // Every saved path, and the directory holding it, asked at once,
+        // with one deadline: a stopped FUSE server (its mount at a saved
+        // path, or the file system the path is in) held the start as long
+        // as it stayed stopped, or 5 s per dead mount when each was asked
+        // in turn.
+        let probed: Vec<PathBuf> = records
+            .iter()
+            .flat_map(|r| {
+                let parent = r.path.parent().unwrap_or(&r.path).to_path_buf();
+                [r.path.clone(), parent]
+            })
+            .collect();
+        let answers = dm_fs::answer_all(&probed, PATH_PATIENCE);
+        for (i, r) in records.into_iter().enumerate() {
+            if answers[2 * i + 1] != Some(true) {
+                let parent = r.path.parent().unwrap_or(&r.path);
+                tracing::warn!(
+                    "could not restore the mount of {} at {}: {} does not answer within {} s \
+                     (a file system that hangs: another FUSE server, stopped?) (kept: the next \
+                     start tries again; `dm unmount PATH` forgets it)",
+                    r.volume,
+                    r.path.display(),
+                    parent.display(),
+                    PATH_PATIENCE.as_secs()
+                );
+                self.unrestored_lock().push(Record {
+                    failed: format!("{} did not answer", parent.display()),
+                    ..r
+                });
+                continue;
+            }
             let volume = match VolumeName::parse(&r.volume) {
                 Ok(v) => v,
                 Err(e) => {
@@ -181,7 +211,7 @@ impl MountManager {
                 );
                 continue;
             }
-            match dm_fs::cleanup_stale_mount(&r.path) {
+            match dm_fs::cleanup_stale_mount_probed(&r.path, answers[2 * i]) {
                 // A clean stop removed the server's own mount paths.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => tracing::warn!("cleaning up {}: {e}", r.path.display()),
