@@ -274,6 +274,17 @@ fn a_server_on_a_copy_of_the_data_dir_leaves_the_first_ones_mounts_alone() {
         d.log()
     );
     assert_eq!(std::fs::read(p.join("g")).unwrap(), b"two");
+    // Dead mounts stay at p and q once all three servers stopped (not
+    // explained yet: the copy that took them over unmounts them when it
+    // stops): not left behind on the machine.
+    drop(d);
+    drop(a);
+    drop(b);
+    for at in [&p, &q] {
+        if dm_tests::is_mounted(at) {
+            dm_tests::unmount_lazily(at);
+        }
+    }
 }
 
 /// A server mount path is removed when the server stops, so a writer that
