@@ -450,13 +450,12 @@ impl Db {
                  or damage by the disk; `dm fsck` lists this until the next start)"
             );
         }
+        // Created at open (create_missing_column_families).
+        let meta_cf = db
+            .cf_handle(CF_META)
+            .expect("column family created at open");
         let next_segment = match db
-            .get_cf(
-                // Created at open (create_missing_column_families).
-                db.cf_handle(CF_META)
-                    .expect("column family created at open"),
-                meta::NEXT_SEGMENT_KEY,
-            )
+            .get_cf(meta_cf, meta::NEXT_SEGMENT_KEY)
             .map_err(Error::db("reading the next chunk segment number"))?
         {
             Some(v) => <[u8; 4]>::try_from(v.as_slice())
@@ -477,22 +476,16 @@ impl Db {
         let next = log.active_segment().saturating_add(1).max(next_segment);
         let mut synced = WriteOptions::default();
         synced.set_sync(true);
-        let next_segment = match db.put_cf_opt(
-            // Created at open (create_missing_column_families).
-            db.cf_handle(CF_META)
-                .expect("column family created at open"),
-            meta::NEXT_SEGMENT_KEY,
-            next.to_le_bytes(),
-            &synced,
-        ) {
-            Ok(()) => next,
-            // Not fatal (a full disk): the first write that indexes a
-            // record of this segment records it.
-            Err(e) => {
-                tracing::warn!("recording the next chunk segment number ({next}): {e}");
-                next_segment
-            }
-        };
+        let next_segment =
+            match db.put_cf_opt(meta_cf, meta::NEXT_SEGMENT_KEY, next.to_le_bytes(), &synced) {
+                Ok(()) => next,
+                // Not fatal (a full disk): the first write that indexes a
+                // record of this segment records it.
+                Err(e) => {
+                    tracing::warn!("recording the next chunk segment number ({next}): {e}");
+                    next_segment
+                }
+            };
         let space = Arc::new(Space::open(dir));
         log.set_space(space.clone());
         Ok(Db {
@@ -943,12 +936,22 @@ impl Db {
     /// The segment of chunk `id` when its file is missing (a partial
     /// restore).
     pub(crate) fn missing_segment(&self, id: &Id) -> Result<Option<u32>> {
-        match self.with_placement(id, |p| match p {
+        let seg = self.with_placement(id, |p| match p {
             Placement::Log(loc) => Some(loc.seg),
             Placement::Inline(_) => None,
-        })? {
-            Some(Some(seg)) if !self.log.has_segment(seg)? => Ok(Some(seg)),
+        })?;
+        match seg.flatten() {
+            Some(seg) if !self.log.has_segment(seg)? => Ok(Some(seg)),
             _ => Ok(None),
+        }
+    }
+
+    /// Whether a chunk placed at `p` can be read: inline, or in a segment
+    /// file that is there.
+    fn readable(&self, p: Placement<'_>) -> Result<bool> {
+        match p {
+            Placement::Inline(_) => Ok(true),
+            Placement::Log(loc) => self.log.has_segment(loc.seg),
         }
     }
 
@@ -981,14 +984,8 @@ impl Db {
     /// written meanwhile was taken as stored, and unreadable after a
     /// restart.
     fn is_stored(&self, id: &Id) -> Result<bool> {
-        match self.with_placement(id, |p| match p {
-            Placement::Inline(_) => None,
-            Placement::Log(loc) => Some(loc.seg),
-        })? {
-            None => Ok(false),
-            Some(None) => Ok(true),
-            Some(Some(seg)) => self.log.has_segment(seg),
-        }
+        self.with_placement(id, |p| self.readable(p))?
+            .unwrap_or(Ok(false))
     }
 
     /// Writes every column family's memtables to its files and waits:
@@ -1331,8 +1328,7 @@ impl ChunkStore for Db {
                 match v.as_deref().and_then(Placement::decode) {
                     _ if pending => Ok(true),
                     None => Ok(v.is_some()),
-                    Some(Placement::Inline(_)) => Ok(true),
-                    Some(Placement::Log(loc)) => self.log.has_segment(loc.seg),
+                    Some(p) => self.readable(p),
                 }
             })
             .collect()

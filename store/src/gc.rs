@@ -538,10 +538,6 @@ impl Store {
                 self.fsck_go_on()?;
             }
             report.chunks_checked += 1;
-            if let Some(seg) = self.db.missing_segment(id)? {
-                *missing.entry(seg).or_default() += 1;
-                continue;
-            }
             match self.db.get(id) {
                 Ok(Some(stored)) => {
                     if let Err(e) = chunk::decode_verified(id, &stored, chunk::MAX_CHUNK) {
@@ -549,7 +545,11 @@ impl Store {
                     }
                 }
                 Ok(None) => problems.push(format!("chunk {} is missing", id.to_hex())),
-                Err(e) => problems.push(format!("chunk {}: {e}", id.to_hex())),
+                // Looked up only for a chunk that failed: most read whole.
+                Err(e) => match self.db.missing_segment(id)? {
+                    Some(seg) => *missing.entry(seg).or_default() += 1,
+                    None => problems.push(format!("chunk {}: {e}", id.to_hex())),
+                },
             }
         }
         for (seg, n) in missing {
