@@ -612,6 +612,159 @@ fn pull_restarts_the_containers_that_show_the_branch() {
     );
 }
 
+/// A pull downloads with the containers that show its branch running and
+/// stops them only around the branch's move (they waited for the whole
+/// download before). A writer server pushes 256 MiB through a separate hub;
+/// while the pull says it is receiving, the container runs, unrestarted.
+/// A paused container refuses the pull before the download (it refused
+/// after it); a Ctrl-C while the containers stop for the move moves
+/// nothing (the pull moved the branch, and said it had stopped).
+#[test]
+fn a_pull_downloads_before_it_stops_the_containers() {
+    let Some(_lock) = setup() else { return };
+    let _proxy = ProxyGuard;
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|u| u.local_addr())
+        .unwrap()
+        .port();
+    let hub = Server::start_with_hub(DM, &format!("127.0.0.1:{port}"));
+    let writer = Server::start(DM);
+    let s = start_server();
+    let name = "dmtest-fetchfirst";
+    let slow = "dmtest-fetchfirst-slow";
+    let _clean = Cleanup::new(&[name, slow], &["bigapp"]);
+    let key = hub.ok(&["user", "add", "alice"]).trim().to_string();
+    for x in [&writer, &s] {
+        x.remote_add("hub", &format!("alice@127.0.0.1:{port}"), &key);
+    }
+    writer.ok(&["init", "bigapp"]);
+    let path = PathBuf::from(writer.ok(&["mount", "bigapp"]).trim());
+    std::fs::write(path.join("f"), "one\n").unwrap();
+    writer.ok(&["commit", "--dot", "bigapp", "-m", "one"]);
+    writer.ok(&["push", "hub", "bigapp"]);
+    s.ok(&["clone", "hub", "bigapp"]);
+    run_detached(&s, name, "bigapp:/data", LOOP);
+    assert_eq!(docker_ok(&s, &["exec", name, "cat", "/data/f"]), "one\n");
+    const BIG: usize = 256 << 20;
+    std::fs::write(path.join("big"), dm_tests::random_bytes(7, BIG)).unwrap();
+    writer.ok(&["commit", "--dot", "bigapp", "-m", "big"]);
+    writer.ok(&["push", "hub", "bigapp"]);
+
+    let before = started_at(&s, name);
+    let mut pull = s.dm_spawn(&["pull", "hub", "bigapp", "master"]);
+    // The transfer's phase, from the API (a finished one is forgotten
+    // when read: polled only while it receives, never once it moves on).
+    // The pulls here are the server's transfers 2 to 5.
+    let phase = || {
+        (1..=6)
+            .map(|id| s.api("GET", &format!("/v1/sync/transfers/{id}"), None))
+            .find(|(code, v)| *code == 200 && v["finished"] == false)
+            .map(|(_, v)| v["phase"].as_str().unwrap_or("").to_string())
+    };
+    let mut seen = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the pull never got past receiving"
+        );
+        let p1 = phase();
+        if !matches!(
+            p1.as_deref(),
+            None | Some("" | "connecting" | "comparing" | "receiving")
+        ) {
+            break;
+        }
+        if p1.as_deref() != Some("receiving") {
+            if pull.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        let (up, at) = (running(&s, name), started_at(&s, name));
+        if phase().as_deref() == Some("receiving") {
+            assert!(
+                up && at == before,
+                "the container was stopped during the download"
+            );
+            seen += 1;
+        }
+    }
+    assert!(pull.wait().unwrap().success(), "{}", s.log());
+    assert!(
+        seen > 0,
+        "the download was never seen under way (too fast?)"
+    );
+    assert!(running(&s, name));
+    assert_ne!(
+        started_at(&s, name),
+        before,
+        "not restarted around the move"
+    );
+    assert_eq!(
+        docker_ok(&s, &["exec", name, "wc", "-c", "/data/big"]).trim(),
+        format!("{BIG} /data/big")
+    );
+
+    // A paused container that shows the branch refuses the pull before
+    // the download (the next pull downloads it all).
+    std::fs::write(path.join("big2"), dm_tests::random_bytes(8, 32 << 20)).unwrap();
+    writer.ok(&["commit", "--dot", "bigapp", "-m", "big2"]);
+    writer.ok(&["push", "hub", "bigapp"]);
+    docker_ok(&s, &["pause", name]);
+    let err = s.fail(&["pull", "hub", "bigapp", "master"]);
+    assert!(err.contains("paused"), "{err}");
+    docker_ok(&s, &["unpause", name]);
+    let out = s.ok(&["pull", "hub", "bigapp", "master"]);
+    assert!(out.contains("MiB)") && !out.contains(" 0 chunks"), "{out}");
+
+    // Ctrl-C while the containers stop for the move (one takes 3 s): the
+    // branch does not move, they start again, and the rerun moves it.
+    std::fs::write(path.join("c3"), "three\n").unwrap();
+    writer.ok(&["commit", "--dot", "bigapp", "-m", "c3"]);
+    writer.ok(&["push", "hub", "bigapp"]);
+    run_detached_with(
+        &s,
+        &["--stop-timeout", "3"],
+        slow,
+        "bigapp:/data",
+        "while :; do sleep 0.1; done",
+    );
+    let before_slow = started_at(&s, slow);
+    let pull = s
+        .dm_command(&["pull", "hub", "bigapp", "master"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(
+        || phase().is_some_and(|p| p.starts_with("stopping") && p.contains(slow)),
+        || "the pull never said it stops the containers".into(),
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pull.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = pull.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("stopped; what arrived is kept"),
+        "{err}"
+    );
+    wait_until(
+        || running(&s, slow) && started_at(&s, slow) != before_slow,
+        || format!("{slow} was not started again"),
+    );
+    assert!(!docker(&["exec", name, "test", "-e", "/data/c3"])
+        .status
+        .success());
+    let out = s.ok(&["pull", "hub", "bigapp", "master"]);
+    assert!(out.contains("now at"), "{out}");
+    assert_eq!(docker_ok(&s, &["exec", slow, "cat", "/data/c3"]), "three\n");
+}
+
 /// `docker compose` when it works, else `docker-compose`.
 fn compose_cmd() -> Vec<String> {
     let v2 = Command::new("docker")

@@ -911,6 +911,7 @@ fn moved_as_refusal(e: Error, dot: &DotName, branch: &str) -> Error {
 /// the dot and branch when missing: a clone). Fetches only the commits,
 /// tree nodes and chunks the local store lacks; moves the local branch
 /// only after everything is stored, and never over uncommitted changes.
+/// [`fetch_for_pull`] then [`FetchedPull::finish`].
 pub async fn pull(
     store: Arc<Store>,
     remote: &Remote,
@@ -920,6 +921,142 @@ pub async fn pull(
     opts: &TransferOptions,
     progress: &Progress,
 ) -> Result<TransferReport> {
+    let fetched = fetch_for_pull(
+        store,
+        remote,
+        dot,
+        branch,
+        remote_dot,
+        opts,
+        progress,
+        &|| Ok(()),
+    )
+    .await?;
+    let report = tokio::task::block_in_place(|| fetched.finish())?;
+    progress.set_phase("done");
+    Ok(report)
+}
+
+/// A pull whose data is all stored here, its branch not moved yet: what
+/// it brought stays (held from GC) until [`FetchedPull::finish`] or drop.
+pub struct FetchedPull {
+    report: TransferReport,
+    /// None: nothing to move (up to date, or ahead of the hub).
+    moving: Option<Move>,
+}
+
+/// The branch move a fetched pull makes.
+struct Move {
+    store: Arc<Store>,
+    session: Arc<ImportSession>,
+    dot: DotName,
+    branch: String,
+    /// The local head the fetch found (None: a new branch here).
+    expected: Option<Id>,
+    theirs: Id,
+    block_size: u32,
+    /// The branch that keeps diverged local work (first choice).
+    stash: Option<String>,
+}
+
+impl FetchedPull {
+    /// True when [`FetchedPull::finish`] moves a branch that has commits
+    /// here (not a new one): what shows it sees its files replaced.
+    pub fn moves_existing_branch(&self) -> bool {
+        self.moving.as_ref().is_some_and(|m| m.expected.is_some())
+    }
+
+    /// The local head the fetch found, when it moves a branch that has one:
+    /// [`FetchedPull::finish`] refuses if the branch left it meanwhile.
+    pub fn expected_head(&self) -> Option<Id> {
+        self.moving.as_ref().and_then(|m| m.expected)
+    }
+
+    /// Moves the branch (stashing diverged local work first when asked).
+    /// Blocking (store writes); refused, changing nothing, when the branch
+    /// moved or has uncommitted changes.
+    pub fn finish(self) -> Result<TransferReport> {
+        let FetchedPull { mut report, moving } = self;
+        let Some(m) = moving else {
+            return Ok(report);
+        };
+        let Move {
+            store,
+            session,
+            dot,
+            branch,
+            expected,
+            theirs,
+            block_size,
+            stash,
+        } = m;
+        let (dot, branch) = (&dot, branch.as_str());
+        if let (Some(first), Some(l)) = (stash, expected) {
+            // Expecting no head: a branch of that name made meanwhile (another
+            // diverged pull in the same second) is never moved; pick another.
+            let mut name = first;
+            let mut tries = 0;
+            loop {
+                match store.set_branch_head(dot, &name, None, l, block_size)? {
+                    SetHead::Updated => break,
+                    SetHead::Moved { .. } if tries < 3 => {
+                        tries += 1;
+                        name = choose_stash_name(dot, branch, &mut |n| {
+                            local_branch_exists(&store, dot, n)
+                        })?;
+                    }
+                    SetHead::Moved { actual } => {
+                        return Err(Error::Refused(format!(
+                            "branch {name} of {dot} appeared while pulling (at {}), so the diverged work of {branch} was not stashed there and {branch} was not moved: pull again",
+                            actual.map(|a| a.short()).unwrap_or_else(|| "no commit".into())
+                        )))
+                    }
+                }
+            }
+            report.stashed = Some(name);
+        }
+        let moved = match store.set_branch_head(dot, branch, expected, theirs, block_size) {
+            Ok(SetHead::Updated) => {
+                session.moved_branch(dot);
+                Ok(())
+            }
+            Ok(SetHead::Moved { .. }) => Err(Error::Refused(format!(
+                "branch {branch} of {dot} moved (a commit?) while pulling: pull again"
+            ))),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = moved {
+            // The stash kept the branch's own head, which the branch still has.
+            if let Some(name) = &report.stashed {
+                if let Err(d) = store.delete_branch(dot, name, true) {
+                    tracing::warn!(
+                        "removing stash branch {name} of {dot} after a refused pull: {d}"
+                    );
+                }
+            }
+            return Err(e);
+        }
+        Ok(report)
+    }
+}
+
+/// The first part of [`pull`]: compares, refuses what it would refuse
+/// (diverged, uncommitted work a forced move would drop), and stores every
+/// commit, tree node and chunk the move needs, moving nothing.
+/// `before_download` is asked once it is known that the pull moves a
+/// branch that has commits here, before anything is fetched: its error
+/// ends the pull.
+#[allow(clippy::too_many_arguments)] // a pull's parts, and the caller's check
+pub async fn fetch_for_pull(
+    store: Arc<Store>,
+    remote: &Remote,
+    dot: &DotName,
+    branch: &str,
+    remote_dot: &DotName,
+    opts: &TransferOptions,
+    progress: &Progress,
+    before_download: &(dyn Fn() -> Result<()> + Sync),
+) -> Result<FetchedPull> {
     let Some((block_size, branches)) = remote.branches(remote_dot).await? else {
         return Err(Error::Remote {
             code: ErrorCode::UnknownDot,
@@ -972,7 +1109,10 @@ pub async fn pull(
     // with nothing new took 48 s, mostly on the hub).
     if local_head == Some(theirs) {
         report.up_to_date = true;
-        return Ok(report);
+        return Ok(FetchedPull {
+            report,
+            moving: None,
+        });
     }
     let remote_anc = remote.ancestry(remote_dot, theirs).await?;
     let mut stash = None;
@@ -986,7 +1126,10 @@ pub async fn pull(
         match divergence(Some(theirs), &anc, Some(l), &local_anc) {
             Divergence::UpToDate => {
                 report.up_to_date = true;
-                return Ok(report);
+                return Ok(FetchedPull {
+                    report,
+                    moving: None,
+                });
             }
             Divergence::FastForward => {}
             // Forced: the local commits the hub's branch lacks go (as a
@@ -1006,7 +1149,10 @@ pub async fn pull(
                 report.note = Some(format!(
                     "branch {branch} of {dot} is ahead of {remote_dot} on the hub: nothing to pull (`dm push` sends your commits; `dm pull --force` moves {branch} back to the hub's head, destroying them)"
                 ));
-                return Ok(report);
+                return Ok(FetchedPull {
+                    report,
+                    moving: None,
+                });
             }
             d => {
                 if !opts.stash_on_divergence {
@@ -1029,6 +1175,9 @@ pub async fn pull(
                 })?);
             }
         }
+    }
+    if local_head.is_some() {
+        before_download()?;
     }
     // What this pull finds here stays until it ends, what it brings until
     // a branch names it (or, if it is interrupted, for the rerun).
@@ -1191,51 +1340,19 @@ pub async fn pull(
             )));
         }
     }
-    if let (Some(first), Some(l)) = (stash, local_head) {
-        // Expecting no head: a branch of that name made meanwhile (another
-        // diverged pull in the same second) is never moved; pick another.
-        let mut name = first;
-        let mut tries = 0;
-        loop {
-            match store.set_branch_head(dot, &name, None, l, block_size)? {
-                SetHead::Updated => break,
-                SetHead::Moved { .. } if tries < 3 => {
-                    tries += 1;
-                    name = choose_stash_name(dot, branch, &mut |n| {
-                        local_branch_exists(&store, dot, n)
-                    })?;
-                }
-                SetHead::Moved { actual } => {
-                    return Err(Error::Refused(format!(
-                        "branch {name} of {dot} appeared while pulling (at {}), so the diverged work of {branch} was not stashed there and {branch} was not moved: pull again",
-                        actual.map(|a| a.short()).unwrap_or_else(|| "no commit".into())
-                    )))
-                }
-            }
-        }
-        report.stashed = Some(name);
-    }
-    let moved = match store.set_branch_head(dot, branch, local_head, theirs, block_size) {
-        Ok(SetHead::Updated) => {
-            session.moved_branch(dot);
-            Ok(())
-        }
-        Ok(SetHead::Moved { .. }) => Err(Error::Refused(format!(
-            "branch {branch} of {dot} moved (a commit?) while pulling: pull again"
-        ))),
-        Err(e) => Err(e.into()),
-    };
-    if let Err(e) = moved {
-        // The stash kept the branch's own head, which the branch still has.
-        if let Some(name) = &report.stashed {
-            if let Err(d) = store.delete_branch(dot, name, true) {
-                tracing::warn!("removing stash branch {name} of {dot} after a refused pull: {d}");
-            }
-        }
-        return Err(e);
-    }
-    progress.set_phase("done");
-    Ok(report)
+    Ok(FetchedPull {
+        report,
+        moving: Some(Move {
+            store,
+            session,
+            dot: dot.clone(),
+            branch: branch.to_string(),
+            expected: local_head,
+            theirs,
+            block_size,
+            stash,
+        }),
+    })
 }
 
 impl Remote {

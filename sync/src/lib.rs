@@ -17,8 +17,8 @@ pub mod tls;
 pub mod users;
 
 pub use client::{
-    delete_branch, host_port, probe_fingerprint, pull, push, Remote, RemoteSpec, TransferOptions,
-    TransferReport,
+    delete_branch, fetch_for_pull, host_port, probe_fingerprint, pull, push, FetchedPull, Remote,
+    RemoteSpec, TransferOptions, TransferReport,
 };
 pub use error::{Error, Result};
 pub use progress::{Bar, Progress};

@@ -100,8 +100,14 @@ impl Bar {
                     ) {
                         b.set_style(style.progress_chars("=> "));
                     }
-                    b.set_message(self.label.clone());
                 }
+                // After the bytes, what a pull waits for (its containers
+                // stopping, its branch moving) is said.
+                b.set_message(if matches!(phase, "sending" | "receiving") {
+                    self.label.clone()
+                } else {
+                    format!("{} ({phase})", self.label)
+                });
             }
             None => {
                 if let Some(line) = self.plain_line(phase, done, total, std::time::Instant::now()) {

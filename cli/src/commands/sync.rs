@@ -708,6 +708,14 @@ fn run(ctx: &mut Ctx, req: &TransferReq, label: &str) -> Result<()> {
                 eprintln!("stopped; what arrived is kept, and the same command goes on from there");
                 std::process::exit(130);
             }
+            if s.error.as_deref() == Some(crate::server::hub::STOPPED_PULL_MOVING) {
+                bar.finish();
+                eprintln!(
+                    "stopped, but the containers had stopped for the branch's move, which may \
+                     have happened (`dm log` tells); they start again either way"
+                );
+                std::process::exit(130);
+            }
             if s.error.as_deref() == Some(crate::server::hub::STOPPED_MOVING) {
                 bar.finish();
                 eprintln!(

@@ -424,6 +424,81 @@ impl DockerIntegration {
         )
     }
 
+    /// Refuses a switch or branch change that would have to stop the
+    /// containers in `using` (those it affects) when one of them cannot
+    /// be stopped safely: paused, or started with `--rm`. Nothing is
+    /// stopped.
+    fn refuse_blockers(
+        &self,
+        dot: &DotName,
+        using: &[Container],
+        pin_helps: bool,
+    ) -> Result<(), ApiError> {
+        // A paused container cannot stop; switched under it, it would wake
+        // up to files that changed (and EIO on the ones it has open).
+        let paused: Vec<String> = using
+            .iter()
+            .filter(|c| c.is_paused())
+            .map(|c| c.name())
+            .collect();
+        if !paused.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "dot {dot}: {} paused and cannot be stopped for the switch; nothing was changed. \
+                 Unpause (`docker unpause`) or stop {}, then retry",
+                paused.join(", "),
+                if paused.len() == 1 { "it" } else { "them" }
+            )));
+        }
+        // Docker deletes a `--rm` container when it stops: refuse rather
+        // than lose it (nothing is stopped or switched yet).
+        let auto_removed: Vec<String> = using
+            .iter()
+            .filter(|c| c.is_running())
+            .filter(|c| block_on(self.docker.auto_removes(&c.id)).unwrap_or(false))
+            .map(|c| c.name())
+            .collect();
+        if !auto_removed.is_empty() {
+            let (noun, them, were) = match auto_removed.len() {
+                1 => ("container", "it", "was"),
+                _ => ("containers", "them", "were"),
+            };
+            let pin = if pin_helps {
+                format!(", or pin the volume to a branch (`{}@BRANCH`)", dot.name)
+            } else {
+                String::new()
+            };
+            return Err(ApiError::conflict(format!(
+                "dot {dot}: {noun} {} {were} started with --rm, and stopping {them} for the switch would delete {them}; \
+                 nothing was changed. Stop {them} yourself (`docker stop`), run {them} without --rm{pin}, then retry",
+                auto_removed.join(", "),
+            )));
+        }
+        Ok(())
+    }
+
+    /// What [`Self::around_branch_change`] would find, asked ahead (a pull
+    /// asks before its download): refused as it would refuse (a paused or
+    /// `--rm` container shows the branch), else the names of the running
+    /// containers it would stop.
+    pub fn ahead_of_branch_change(
+        &self,
+        dot: &DotName,
+        branch: &str,
+        current: &str,
+    ) -> Result<Vec<String>, ApiError> {
+        let using: Vec<Container> = self
+            .containers_using(dot)
+            .into_iter()
+            .filter(|c| c.shows_branch(dot, branch, current))
+            .collect();
+        self.refuse_blockers(dot, &using, false)?;
+        Ok(using
+            .iter()
+            .filter(|c| c.is_running())
+            .map(|c| c.name().trim_start_matches('/').to_string())
+            .collect())
+    }
+
     /// `pin_helps`: whether pinning the volume to a branch would keep a
     /// container out of it (a checkout; not a reset of that branch).
     fn around<T>(
@@ -445,45 +520,8 @@ impl DockerIntegration {
             .into_iter()
             .filter(|c| affected(c))
             .collect();
-        // A paused container cannot stop; switched under it, it would wake
-        // up to files that changed (and EIO on the ones it has open).
-        let paused: Vec<String> = using
-            .iter()
-            .filter(|c| c.is_paused())
-            .map(|c| c.name())
-            .collect();
-        if !paused.is_empty() {
-            return Err(ApiError::conflict(format!(
-                "dot {dot}: {} paused and cannot be stopped for the switch; nothing was changed. \
-                 Unpause (`docker unpause`) or stop {}, then retry",
-                paused.join(", "),
-                if paused.len() == 1 { "it" } else { "them" }
-            )));
-        }
+        self.refuse_blockers(dot, &using, pin_helps)?;
         let followers: Vec<Container> = using.into_iter().filter(|c| c.is_running()).collect();
-        // Docker deletes a `--rm` container when it stops: refuse rather
-        // than lose it (nothing is stopped or switched yet).
-        let auto_removed: Vec<String> = followers
-            .iter()
-            .filter(|c| block_on(self.docker.auto_removes(&c.id)).unwrap_or(false))
-            .map(|c| c.name())
-            .collect();
-        if !auto_removed.is_empty() {
-            let (noun, them, were) = match auto_removed.len() {
-                1 => ("container", "it", "was"),
-                _ => ("containers", "them", "were"),
-            };
-            let pin = if pin_helps {
-                format!(", or pin the volume to a branch (`{}@BRANCH`)", dot.name)
-            } else {
-                String::new()
-            };
-            return Err(ApiError::conflict(format!(
-                "dot {dot}: {noun} {} {were} started with --rm, and stopping {them} for the switch would delete {them}; \
-                 nothing was changed. Stop {them} yourself (`docker stop`), run {them} without --rm{pin}, then retry",
-                auto_removed.join(", "),
-            )));
-        }
         if let Some(ids) = self.switching_lock().get_mut(dot) {
             ids.extend(followers.iter().map(|c| c.id.clone()));
         }

@@ -328,6 +328,10 @@ pub const STOPPED: &str = "stopped (Ctrl-C)";
 /// (it may still: the request was sent).
 pub const STOPPED_MOVING: &str = "stopped (Ctrl-C) after the hub was asked to move its branch";
 
+/// A stopped pull's error once its containers had stopped for the move
+/// (it may have moved its branch).
+pub const STOPPED_PULL_MOVING: &str = "stopped (Ctrl-C) as the pull moved its branch";
+
 /// How long a finished transfer's result waits for its client.
 const FINISHED_JOBS_KEPT: std::time::Duration = std::time::Duration::from_secs(600);
 
@@ -564,8 +568,11 @@ async fn cancel_transfer(
     let mut s = job.status.lock().clone();
     if !s.finished {
         s.finished = true;
-        s.error = Some(if job.progress.phase() == dm_sync::progress::MOVING {
+        let phase = job.progress.phase();
+        s.error = Some(if phase == dm_sync::progress::MOVING {
             STOPPED_MOVING.into()
+        } else if phase == PULL_MOVING || phase == PULL_RESTARTING {
+            STOPPED_PULL_MOVING.into()
         } else {
             STOPPED.into()
         });
@@ -632,11 +639,12 @@ async fn start_transfer(
     Ok(Json(serde_json::json!({ "id": id })))
 }
 
-/// Pulls `branch` of `local`. When that moves a branch that exists here,
-/// the running containers that show it are stopped around the move and
-/// started again after it (as around a reset), so that no database sees
-/// its files replaced under it; mounts showing the branch drop their
-/// cached view.
+/// Pulls `branch` of `local`: fetches first, with everything still
+/// running, then, when that moves a branch that has commits here, stops
+/// the running containers that show it around the move alone and starts
+/// them again (as around a reset), so that no database sees its files
+/// replaced under it and none waits for a download; mounts showing the
+/// branch drop their cached view.
 #[allow(clippy::too_many_arguments)] // a pull's parts, and how to stop it
 async fn pull_branch(
     app: &Arc<AppState>,
@@ -648,78 +656,95 @@ async fn pull_branch(
     progress: &Progress,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> dm_sync::Result<dm_sync::TransferReport> {
-    let pull = || async {
-        let r = dm_sync::pull(
-            app.store.clone(),
-            remote,
-            local,
-            branch,
-            remote_dot,
-            opts,
-            progress,
-        )
-        .await;
-        if r.is_ok() {
-            if let Err(e) = app.mounts.reset(local, branch, || Ok(())) {
-                tracing::warn!("refreshing mounts of {local}@{branch}: {}", e.message);
+    let current = || {
+        app.store
+            .dot_info(local)
+            .map(|d| d.current_branch)
+            .unwrap_or_default()
+    };
+    // What refuses a move (uncommitted work; a paused or `--rm` container
+    // showing the branch) is said before a download that would then wait
+    // for nothing, and before any container stops. The names of the
+    // running containers the move stops.
+    let ready = || {
+        tokio::task::block_in_place(|| {
+            if !is_clean(app, local, branch) {
+                return Err(uncommitted(app, local, branch, &current()));
+            }
+            app.docker
+                .ahead_of_branch_change(local, branch, &current())
+                .map_err(|e| dm_sync::Error::Refused(e.message))
+        })
+    };
+    let before_download = || ready().map(|_| ());
+    // Ctrl-C: the pull stops here; what arrived stays for a rerun.
+    let fetch = dm_sync::fetch_for_pull(
+        app.store.clone(),
+        remote,
+        local,
+        branch,
+        remote_dot,
+        opts,
+        progress,
+        &before_download,
+    );
+    let fetched = tokio::select! {
+        r = fetch => r?,
+        () = stopped(stop.clone()) => return Err(dm_sync::Error::Refused(STOPPED.into())),
+    };
+    let refresh = |r: dm_sync::Result<dm_sync::TransferReport>| {
+        if let Ok(rep) = &r {
+            if !rep.up_to_date {
+                if let Err(e) = app.mounts.reset(local, branch, || Ok(())) {
+                    tracing::warn!("refreshing mounts of {local}@{branch}: {}", e.message);
+                }
             }
         }
         r
     };
-    let here = app
-        .store
-        .branch_info(local, branch)
-        .ok()
-        .and_then(|b| b.head);
-    let there = match remote.branches(remote_dot).await? {
-        Some((_, branches)) => branches
-            .into_iter()
-            .find(|(n, _)| n == branch)
-            .and_then(|(_, h)| h),
-        None => None,
-    };
-    let (Some(h), Some(t)) = (here, there) else {
-        // A new branch here, or the pull's own error.
-        return pull().await;
-    };
-    if !opts.force && tokio::task::block_in_place(|| app.store.ancestry(Some(h)))?.contains(&t) {
-        // Up to date, or ahead of the hub: nothing moves, nothing stops
-        // (with --force, ahead moves the branch back).
-        return pull().await;
+    if !fetched.moves_existing_branch() {
+        // Up to date, ahead of the hub, or a branch new here: no
+        // container shows its files change.
+        let r = refresh(tokio::task::block_in_place(|| fetched.finish()));
+        progress.set_phase("done");
+        return r;
     }
-    if !opts.force
-        && !opts.stash_on_divergence
-        && !remote.ancestry(remote_dot, t).await?.contains(&h)
-    {
-        // Diverged: the pull refuses, and nothing stops for it (the
-        // containers were restarted, and what they wrote as they stopped
-        // discarded, for a pull that then changed nothing).
-        return pull().await;
-    }
-    let current = app
-        .store
-        .dot_info(local)
-        .map(|d| d.current_branch)
-        .unwrap_or_default();
+    // Asked again: the download took its time.
+    let names = ready()?;
+    let current = current();
     // The server's runtime has several threads: this task may block its own.
-    tokio::task::block_in_place(|| {
-        if !is_clean(app, local, branch) {
+    let r = tokio::task::block_in_place(|| {
+        if app
+            .store
+            .branch_info(local, branch)
+            .ok()
+            .and_then(|b| b.head)
+            != fetched.expected_head()
+        {
             return Err(dm_sync::Error::Refused(format!(
-                "branch {branch} of dot {local} has uncommitted changes; commit them (or `dm reset --hard HEAD`) first. Nothing was changed"
+                "branch {branch} of {local} moved (a commit?) while pulling: pull again (what arrived is kept)"
             )));
         }
-        let rt = tokio::runtime::Handle::current();
+        if !names.is_empty() {
+            progress.set_phase(&format!(
+                "stopping {} (each gets its stop timeout)",
+                names.join(", ")
+            ));
+        }
         app.docker
             .around_branch_change(local, branch, &current, || {
                 discard_shutdown_writes(app, local, branch)?;
-                // Ctrl-C: the pull stops here (what arrived stays), and
-                // the containers start again.
-                let r = rt.block_on(async {
-                    tokio::select! {
-                        r = pull() => r,
-                        () = stopped(stop.clone()) => Err(dm_sync::Error::Refused("stopped (Ctrl-C)".into())),
-                    }
-                });
+                // The phase first, then the stop asked: a Ctrl-C that
+                // comes later finds the phase and says the branch may
+                // have moved.
+                progress.set_phase(PULL_MOVING);
+                if *stop.borrow() {
+                    return Ok(Err(dm_sync::Error::Refused(STOPPED.into())));
+                }
+                let r = refresh(fetched.finish());
+                if !names.is_empty() {
+                    progress.set_phase(PULL_RESTARTING);
+                }
                 // As after `dm reset --hard`: processes other than the
                 // stopped containers that held files open now see the
                 // pulled state under them; the user is told.
@@ -732,7 +757,36 @@ async fn pull_branch(
                 }))
             })
             .unwrap_or_else(|e| Err(dm_sync::Error::Store(dm_store::Error::Refused(e.message))))
-    })
+    });
+    progress.set_phase("done");
+    r
+}
+
+/// A pull's phase once it moves its branch (containers stopped).
+pub const PULL_MOVING: &str = "moving the branch";
+/// A pull's phase once its branch moved, while the containers it stopped
+/// start again.
+pub const PULL_RESTARTING: &str = "starting the containers again";
+
+/// The refusal of a pull into a branch with uncommitted changes, naming
+/// the running containers that show it (one that writes all the time
+/// makes it dirty again after a commit or reset).
+fn uncommitted(app: &AppState, dot: &DotName, branch: &str, current: &str) -> dm_sync::Error {
+    let names = app
+        .docker
+        .ahead_of_branch_change(dot, branch, current)
+        .unwrap_or_default();
+    let writers = if names.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " The running containers that show it ({}) may be writing: stop them first (`docker stop`), then commit their work or discard it, pull, and start them again.",
+            names.join(", ")
+        )
+    };
+    dm_sync::Error::Refused(format!(
+        "branch {branch} of dot {dot} has uncommitted changes; commit them (or `dm reset --hard HEAD`) first. Nothing was changed.{writers}"
+    ))
 }
 
 async fn run_transfer(
