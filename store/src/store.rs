@@ -554,33 +554,66 @@ impl Store {
         self.create_branch_from(dot, new, from, None)
     }
 
-    /// Keeps the fork point of branch record `rec` (the commit it grew
-    /// from) in its history once its head moves to `head` (a reset, or a
-    /// pull or push that replaced the branch): a fork point the new
-    /// history lacks becomes the newest commit of that history the origin
-    /// branch also has (`dm dot show` named a commit the branch no longer
-    /// had, and a push to a hub without the origin branch made it there at
-    /// that commit); with none in common, the branch no longer grows from
-    /// it.
+    /// The fork point of branch record `rec` (the commit it grew from)
+    /// once its head moves to `head` (a reset, or a pull or push that
+    /// replaced the branch): the newest commit of the new history that the
+    /// origin branch has, as git's merge-base (`dm dot show` named a commit
+    /// the branch no longer had, and a push to a hub without the origin
+    /// branch made it there at that commit); with none in common, the
+    /// branch no longer grows from it.
     pub(crate) fn refork(&self, d: &DotRec, rec: &mut BranchRec, head: Id) -> Result<()> {
-        let Some((origin, fork)) = &rec.origin else {
+        let Some((origin, _)) = &rec.origin else {
             return Ok(());
         };
-        let history = self.ancestry(Some(head))?;
-        if history.contains(fork) {
-            return Ok(());
-        }
         let theirs: HashSet<Id> = match self.branch_rec(d, origin) {
             Ok(r) => self.ancestry(r.head)?.into_iter().collect(),
             Err(Error::NotFound { .. }) => HashSet::new(),
             Err(e) => return Err(e),
         };
-        // Newest first (see `ancestry`).
-        rec.origin = history
-            .into_iter()
-            .find(|c| theirs.contains(c))
+        rec.origin = self
+            .newest_shared(Some(head), &theirs)?
             .map(|c| (origin.clone(), c));
         Ok(())
+    }
+
+    /// The other side of [`Store::refork`]: once `branch` moves to `head`
+    /// (a reset, a pull), the branches grown from it grow from the newest
+    /// commit of their history the new one has (the origin reset to before
+    /// a fork point left it stale), or from none. Puts the changed records
+    /// into `batch`.
+    pub(crate) fn refork_grown_from(
+        &self,
+        d: &DotRec,
+        batch: &mut WriteBatch,
+        branch: &str,
+        head: Id,
+    ) -> Result<()> {
+        let grown: Vec<(String, BranchRec)> = self
+            .branch_recs(d)?
+            .into_iter()
+            .filter(|(_, r)| r.origin.as_ref().is_some_and(|(o, _)| o == branch))
+            .collect();
+        if grown.is_empty() {
+            return Ok(());
+        }
+        let theirs: HashSet<Id> = self.ancestry(Some(head))?.into_iter().collect();
+        for (name, mut r) in grown {
+            let fork = self.newest_shared(r.head, &theirs)?;
+            if r.origin.as_ref().map(|(_, f)| *f) != fork {
+                r.origin = fork.map(|c| (branch.to_string(), c));
+                self.meta_put(batch, &meta::branch_key(d.id, &name), &r);
+            }
+        }
+        Ok(())
+    }
+
+    /// The newest commit of `head`'s history that is in `theirs`.
+    fn newest_shared(&self, head: Option<Id>, theirs: &HashSet<Id>) -> Result<Option<Id>> {
+        // Newest first (see `ancestry`).
+        Ok(self
+            .ancestry(head)?
+            .into_iter()
+            .find(|c| theirs.contains(c)))
     }
 
     /// [`Store::create_branch`] that records `origin` as the branch it grew
@@ -1147,6 +1180,7 @@ impl Store {
         rec.head = Some(target);
         rec.root = c.root;
         let mut batch = WriteBatch::default();
+        self.refork_grown_from(&d, &mut batch, branch, target)?;
         self.fresh_working_state(&mut batch, &mut rec)?;
         self.meta_put(&mut batch, &meta::branch_key(d.id, branch), &rec);
         self.db.write(

@@ -881,6 +881,7 @@ impl Store {
                 // no new file gets.
                 fs.keep_inos_unique(&st)?;
                 self.refork(&d, &mut rec, new)?;
+                self.refork_grown_from(&d, &mut batch, branch, new)?;
                 rec.head = Some(new);
                 rec.root = commit.root;
                 self.fresh_working_state(&mut batch, &mut rec)?;

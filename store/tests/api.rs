@@ -324,6 +324,23 @@ fn fork_points_follow_moved_heads() {
     store.create_branch(&dot, "late", Some(b.id)).unwrap();
     store.reset(&dot, "late", a.id, true).unwrap();
     assert_eq!(origin("late"), Some(("master".into(), a.id)));
+    // The origin moved off a fork point (a forced pull brings E, A; a
+    // reset to A): what grew from it grows from the newest commit both
+    // have.
+    store.create_branch(&dot, "late2", Some(b.id)).unwrap();
+    assert_eq!(origin("late2"), Some(("master".into(), b.id)));
+    store
+        .set_branch_head(&dot, "master", Some(b.id), e.id, bs)
+        .unwrap();
+    assert_eq!(origin("late2"), Some(("master".into(), a.id)));
+    assert_eq!(origin("late"), Some(("master".into(), a.id)));
+    // As git's merge-base: back at B, master shares B with late2 again.
+    store.reset(&dot, "master", b.id, true).unwrap();
+    assert_eq!(origin("late2"), Some(("master".into(), b.id)));
+    store.create_branch(&dot, "late3", Some(b.id)).unwrap();
+    store.reset(&dot, "master", a.id, true).unwrap();
+    assert_eq!(origin("late3"), Some(("master".into(), a.id)));
+    assert_eq!(origin("late2"), Some(("master".into(), a.id)));
 }
 
 /// A subdot directory that a mount made on a branch without that subdot
