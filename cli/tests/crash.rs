@@ -274,9 +274,9 @@ fn a_server_on_a_copy_of_the_data_dir_leaves_the_first_ones_mounts_alone() {
         d.log()
     );
     assert_eq!(std::fs::read(p.join("g")).unwrap(), b"two");
-    // Dead mounts stay at p and q once all three servers stopped (not
-    // explained yet: the copy that took them over unmounts them when it
-    // stops): not left behind on the machine.
+    // A dropped test server is killed (kill -9) and only what it left under
+    // its own directories is detached: the copy's mounts at p and q, outside
+    // them, would stay behind dead.
     drop(d);
     drop(a);
     drop(b);
