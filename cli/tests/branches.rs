@@ -894,3 +894,31 @@ fn a_descriptor_a_reset_made_stale_never_reaches_another_file() {
     drop(u);
     assert_eq!(std::fs::read(mnt.join("pf")).unwrap(), b"p-data\nmore\n");
 }
+
+/// A file deleted while a process keeps it open (git's and databases'
+/// temporary files) is not in the commit made meanwhile: a branch made
+/// from that commit had uncommitted changes at once, and could not be
+/// deleted (nor pushed to, on a hub). The process reads it on; the
+/// branch stays clean after it closes, and across a restart.
+#[test]
+fn a_file_deleted_while_open_leaves_commits_clean() {
+    let (mut s, mnt) = server_with_dot("app");
+    write_synced(&mnt.join("tmp"), b"held open");
+    s.ok(&["commit", "-m", "with tmp"]);
+    let mut held = std::fs::File::open(mnt.join("tmp")).unwrap();
+    std::fs::remove_file(mnt.join("tmp")).unwrap();
+    s.ok(&["commit", "-m", "without tmp"]);
+    s.ok(&["branch", "from-here"]);
+    s.ok(&["branch", "-d", "from-here"]);
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut held, &mut text).unwrap();
+    assert_eq!(text, "held open");
+    assert!(s.ok(&["status"]).contains("No changes"));
+    drop(held);
+    assert!(s.ok(&["status"]).contains("No changes"));
+    s.stop();
+    s.restart();
+    assert!(s.ok(&["status"]).contains("No changes"));
+    s.ok(&["branch", "from-here"]);
+    s.ok(&["branch", "-d", "from-here"]);
+}

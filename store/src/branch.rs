@@ -1267,6 +1267,12 @@ impl BranchFs {
         Ok(())
     }
 
+    /// The files with no link left kept for an open handle or a kernel
+    /// (after [`Self::free_unopened_orphans`], for an open handle).
+    pub(crate) fn orphan_set(&self) -> std::collections::HashSet<Ino> {
+        self.orphans.lock().clone()
+    }
+
     /// Files with no link left that are kept for an open handle or for a
     /// kernel that knows them.
     pub fn orphan_count(&self) -> usize {
@@ -1361,17 +1367,15 @@ impl BranchFs {
     fn purge_orphans(&self) -> Result<()> {
         let st = self.state.read();
         let view = self.view(&st);
+        // Only the working state's own: a commit made before commits left
+        // orphans out holds some, which the next commit drops (freed
+        // here, they made every branch from that commit dirty).
         let mut orphans = Vec::new();
-        view.scan(
-            &keys::prefix(keys::SUPER_INO, keys::TAG_ORPHAN),
-            &keys::prefix_end(keys::SUPER_INO, keys::TAG_ORPHAN),
-            &mut |k, _| {
-                if k.len() == 17 {
-                    orphans.push(u64::from_be_bytes(k[9..17].try_into().unwrap_or_default()));
-                }
-                Ok(true)
-            },
-        )?;
+        for ino in crate::diff::orphan_inos(&view)? {
+            if crate::tree::get(&*self.db, &st.root, &keys::orphan(ino))?.is_none() {
+                orphans.push(ino);
+            }
+        }
         if orphans.is_empty() {
             return Ok(());
         }

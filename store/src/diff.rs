@@ -546,8 +546,17 @@ pub(crate) fn has_work(view: &View) -> Result<bool> {
         return Ok(true);
     };
     let superblock = keys::superblock();
+    let orphans = orphan_inos(view)?;
     for (k, v) in &entries {
+        if is_orphan_key(k, &orphans) {
+            continue;
+        }
         let Some(v) = v else {
+            // A deletion of what the snapshot never had (a file made and
+            // removed again, an open orphan closed) changes nothing.
+            if tree::get(view.db, &view.root, k)?.is_none() {
+                continue;
+            }
             return Ok(true); // something deleted
         };
         let placeholder_part = match keys::parse(k) {
@@ -566,6 +575,29 @@ pub(crate) fn has_work(view: &View) -> Result<bool> {
         }
     }
     Ok(false)
+}
+
+/// The files of working state `view` with no link left (orphans) that a
+/// process still has open: never part of a commit, and no one's work.
+pub(crate) fn orphan_inos(view: &View) -> Result<HashSet<Ino>> {
+    let mut out = HashSet::new();
+    view.scan(
+        &keys::prefix(keys::SUPER_INO, keys::TAG_ORPHAN),
+        &keys::prefix_end(keys::SUPER_INO, keys::TAG_ORPHAN),
+        &mut |k, _| {
+            if let Some(ino) = keys::parse_orphan(k) {
+                out.insert(ino);
+            }
+            Ok(true)
+        },
+    )?;
+    Ok(out)
+}
+
+/// Whether `key` is an orphan's marker or belongs to one of `orphans`.
+pub(crate) fn is_orphan_key(key: &[u8], orphans: &HashSet<Ino>) -> bool {
+    keys::parse_orphan(key).is_some()
+        || keys::parse(key).is_some_and(|(ino, _)| ino != keys::SUPER_INO && orphans.contains(&ino))
 }
 
 /// Whether inode `ino` of working state `view` is a directory as a mount

@@ -107,6 +107,16 @@ pub fn orphan(ino: u64) -> Vec<u8> {
     k
 }
 
+/// The inode number an orphan marker key ([`orphan`]) names.
+pub fn parse_orphan(key: &[u8]) -> Option<u64> {
+    match (parse(key), key.len()) {
+        (Some((SUPER_INO, TAG_ORPHAN)), 17) => {
+            Some(u64::from_be_bytes(key[9..17].try_into().ok()?))
+        }
+        _ => None,
+    }
+}
+
 /// The inode number and tag of any tree key.
 pub fn parse(key: &[u8]) -> Option<(u64, u8)> {
     if key.len() < 9 {

@@ -520,7 +520,12 @@ impl Store {
         let view = fs.view(&st);
         let mut dirty = fs.unflushed_bytes();
         let mut delta: i128 = 0;
+        // Open files with no link left are no one's work (see commit).
+        let orphans = crate::diff::orphan_inos(&view)?;
         view.for_each_change(&mut |k, v| {
+            if crate::diff::is_orphan_key(k, &orphans) {
+                return Ok(());
+            }
             match keys::parse(k) {
                 Some((_, keys::TAG_BLOCK)) => match v {
                     Some(v) if crate::patch::is_patched(v) => {
@@ -854,9 +859,45 @@ impl Store {
         let mut muts = Vec::new();
         let mut patched = 0usize;
         let mut delta: i128 = 0;
+        // Files with no link left are never part of a commit: a branch made
+        // from one freed them at once, uncommitted changes no one made
+        // (which refused pushes and deletes there). Those a process still
+        // has open go on in the next working state.
+        let orphans = crate::diff::orphan_inos(&view)?;
+        let open = fs.orphan_set();
+        let mut carried: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        for &ino in &orphans {
+            let (start, end) = (keys::prefix(ino, 0), keys::prefix(ino, u8::MAX));
+            if open.contains(&ino) {
+                view.scan(&start, &end, &mut |k, v| {
+                    carried.push((k.to_vec(), v.to_vec()));
+                    Ok(true)
+                })?;
+                carried.push((keys::orphan(ino), Vec::new()));
+            }
+            // What the snapshot has of it (a commit made before orphans
+            // were left out) goes.
+            let mut cur = tree::Cursor::seek(&*self.db, &st.root, &start)?;
+            while let Some((k, v)) = cur.next()? {
+                if k >= end {
+                    break;
+                }
+                if keys::parse(&k) == Some((ino, keys::TAG_INODE)) {
+                    delta -= file_size(ino, Some(&v))? as i128;
+                }
+                muts.push((k, None));
+            }
+            let marker = keys::orphan(ino);
+            if tree::get(&*self.db, &st.root, &marker)?.is_some() {
+                muts.push((marker, None));
+            }
+        }
         // Chunks of patched blocks (left by fsyncs) join the commit's batch.
         let mut batch = WriteBatch::default();
         view.for_each_change(&mut |k, v| {
+            if crate::diff::is_orphan_key(k, &orphans) {
+                return Ok(());
+            }
             match keys::parse(k) {
                 Some((ino, keys::TAG_INODE)) if ino != keys::SUPER_INO => {
                     delta += file_size(ino, v)? as i128;
@@ -874,6 +915,9 @@ impl Store {
             muts.push((k.to_vec(), v.map(|v| v.to_vec())));
             Ok(())
         })?;
+        // Sorted and key-unique, as apply wants (the orphans' keys were
+        // left out of the changes).
+        muts.sort_by(|a, b| a.0.cmp(&b.0));
         let (root, nodes) = tree::apply(&*self.db, &st.root, &muts)?;
         let commit = Commit {
             root,
@@ -893,6 +937,17 @@ impl Store {
         rec.head = Some(id);
         rec.root = root;
         self.fresh_working_state(&mut batch, &mut rec)?;
+        if !carried.is_empty() {
+            let mut tx = crate::view::Tx::new(View {
+                db: &self.db,
+                bid: rec.bid,
+                root,
+            });
+            for (k, v) in carried {
+                tx.put(k, v);
+            }
+            tx.write_into(&mut batch);
+        }
         self.meta_put(&mut batch, &meta::branch_key(d.id, branch), &rec);
         self.db.write(
             batch,

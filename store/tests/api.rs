@@ -1925,6 +1925,60 @@ fn a_file_a_kernel_knows_outlives_its_unlink_until_forgotten_or_a_commit() {
     fs.unhold(b).unwrap();
 }
 
+/// A file with no link left that a process still has open is never part
+/// of a commit: a branch made from such a commit (a clone, a branch, the
+/// hub's after a restart) freed it at its start, uncommitted changes no
+/// one made, which refused pushes, pulls and deletes there. The handle
+/// reads its file across the commit; the branch stays clean while it is
+/// open, after it closes, and after a restart with it open.
+#[test]
+fn an_open_file_with_no_link_left_stays_out_of_commits() {
+    let (dir, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    write_file(&fs, "keep", b"kept");
+    let data = noise(300 << 10, 3);
+    let a = write_file(&fs, "a", &data);
+    let b = write_file(&fs, "b", b"closed after the commit");
+    commit(&store, &dot, "master", "with a and b");
+    for (ino, name) in [(a, "a"), (b, "b")] {
+        fs.open(ino).unwrap();
+        fs.unlink(ROOT_INO, name.as_bytes()).unwrap();
+    }
+    let c = commit(&store, &dot, "master", "without a and b");
+    assert_eq!(fs.read(a, 0, data.len() as u32).unwrap(), data);
+    let clean = |store: &Store, branch: &str, why: &str| {
+        assert!(!store.has_uncommitted(&dot, branch).unwrap(), "{why}");
+        let info = store.branch_info(&dot, branch).unwrap();
+        assert!(!info.uncommitted && info.dirty_bytes == 0, "{why}");
+        let changes = store.diff(&dot, branch, None, None).unwrap();
+        assert!(changes.is_empty(), "{why}: {changes:?}");
+    };
+    clean(&store, "master", "an open orphan");
+    store.create_branch(&dot, "from-c", Some(c.id)).unwrap();
+    clean(&store, "from-c", "a branch from the commit");
+    store.delete_branch(&dot, "from-c", false).unwrap();
+    fs.release(b).unwrap();
+    clean(&store, "master", "an orphan closed");
+    drop(fs);
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    clean(&store, "master", "a restart with an orphan open");
+    store.create_branch(&dot, "from-c", Some(c.id)).unwrap();
+    clean(
+        &store,
+        "from-c",
+        "a branch from the commit, after a restart",
+    );
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    assert_eq!(fs.lookup(ROOT_INO, b"a").unwrap_err().errno(), libc::ENOENT);
+    assert_eq!(fs.read(a, 0, 4).unwrap_err().errno(), libc::ESTALE);
+    let next = commit(&store, &dot, "master", "nothing");
+    let changes = store
+        .diff(&dot, "master", Some(c.id), Some(next.id))
+        .unwrap();
+    assert!(changes.is_empty(), "{changes:?}");
+}
+
 /// A punch (fallocate's PUNCH_HOLE and ZERO_RANGE) reads back as zeros
 /// over its range and leaves the rest, whether the blocks it meets are
 /// committed, stored by a close, patched by an fsync or still buffered,
