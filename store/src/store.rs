@@ -1036,7 +1036,7 @@ impl Store {
             if except == Some(name.as_str()) {
                 continue;
             }
-            let mut stack: Vec<Id> = self.fs_for(d, &name)?.head().into_iter().collect();
+            let mut stack: Vec<Id> = self.head_unless_gone(d, &name)?.into_iter().collect();
             let mut seen = std::collections::HashSet::new();
             while let Some(id) = stack.pop() {
                 if id == *target {
@@ -1054,11 +1054,22 @@ impl Store {
         Ok(false)
     }
 
+    /// The head of branch `name`, None when it has none or was deleted
+    /// since it was listed (a `dm branch NEW COMMIT` failed naming another
+    /// client's branch it was deleting).
+    fn head_unless_gone(&self, d: &DotRec, name: &str) -> Result<Option<Id>> {
+        match self.fs_for(d, name) {
+            Ok(fs) => Ok(fs.head()),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Every commit reachable from any branch of the dot.
     fn dot_commits(&self, d: &DotRec) -> Result<HashMap<Id, Commit>> {
         let mut seen = HashMap::new();
         for (name, _) in self.branch_recs(d)? {
-            let mut stack: Vec<Id> = self.fs_for(d, &name)?.head().into_iter().collect();
+            let mut stack: Vec<Id> = self.head_unless_gone(d, &name)?.into_iter().collect();
             while let Some(id) = stack.pop() {
                 if seen.contains_key(&id) {
                     continue;

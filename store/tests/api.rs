@@ -2170,3 +2170,40 @@ fn gc_and_fsck_stop_when_told() {
     let e = store.gc().unwrap_err().to_string();
     assert!(e.contains("GC stopped"), "{e}");
 }
+
+/// Resolving a commit id walks every branch of the dot: one that another
+/// client deleted meanwhile is passed over (`dm branch NEW COMMIT` failed
+/// with "branch not found", naming the other client's branch).
+#[test]
+fn resolving_an_id_passes_over_branches_deleted_meanwhile() {
+    let (_d, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    write_file(&fs, "f", b"x");
+    let c = commit(&store, &dot, "master", "c");
+    let prefix = c.id.to_hex()[..12].to_string();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let name = format!("t{}", i % 8);
+                store.create_branch(&dot, &name, Some(c.id)).unwrap();
+                store.delete_branch(&dot, &name, true).unwrap();
+                i += 1;
+            }
+        });
+        let mut fails = Vec::new();
+        for _ in 0..10_000 {
+            if let Err(e) = store.resolve(&dot, "master", &prefix) {
+                fails.push(e.to_string());
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            fails.is_empty(),
+            "{} failed: {:?}",
+            fails.len(),
+            fails.first()
+        );
+    });
+}
