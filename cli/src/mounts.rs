@@ -59,6 +59,11 @@ struct Record {
     /// crash), what the path holds came after the mount died.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     stopped: bool,
+    /// The data dir of the server that saved it (none in tables saved
+    /// before it was kept): a server started on a copy of that data dir
+    /// leaves the user's paths to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    data_dir: Option<PathBuf>,
     /// Why the last start could not mount it again (not saved).
     #[serde(skip)]
     failed: String,
@@ -90,6 +95,7 @@ impl Entry {
             path: self.path.clone(),
             managed: self.managed,
             stopped: false,
+            data_dir: None,
             failed: String::new(),
         }
     }
@@ -290,6 +296,21 @@ impl MountManager {
                 self.mount_dir.display()
             ));
         }
+        // A user's path saved by the server of another data dir that is
+        // still there: this one is a copy of it (a restored backup tried
+        // elsewhere), whose start took the path over from it.
+        if let (false, Some(made_in)) = (r.managed, &r.data_dir) {
+            if made_in.join("store").is_dir() && !same_dir(made_in, self.state_file.parent()?) {
+                return Some(format!(
+                    "the server of {} mounted it, and this data dir is a copy of that one (a \
+                     restored backup?); that server mounts it again when it starts (`dm mount {} \
+                     {}` mounts it from here instead)",
+                    made_in.display(),
+                    r.volume,
+                    r.path.display()
+                ));
+            }
+        }
         // Symlinks of this user or root are theirs to make (/var/run).
         use std::os::unix::fs::MetadataExt;
         let me = nix::unistd::geteuid().as_raw();
@@ -307,6 +328,11 @@ impl MountManager {
                 )
             })
         })
+    }
+
+    /// This server's data dir (where `mounts.json` is), canonical.
+    fn data_dir(&self) -> Option<PathBuf> {
+        std::fs::canonicalize(self.state_file.parent()?).ok()
     }
 
     /// Moves a server mount point that holds files to
@@ -444,6 +470,14 @@ impl MountManager {
     }
 
     fn save_records(&self, records: &[Record]) {
+        let here = self.data_dir();
+        let records: Vec<Record> = records
+            .iter()
+            .map(|r| Record {
+                data_dir: here.clone(),
+                ..r.clone()
+            })
+            .collect();
         let res = serde_json::to_vec_pretty(&records)
             .map_err(std::io::Error::other)
             .and_then(|bytes| {
@@ -1086,4 +1120,14 @@ fn answers_soon(path: &Path) -> bool {
         return true;
     }
     rx.recv_timeout(PATH_PATIENCE).is_ok()
+}
+
+/// Whether `a` and `b` are the same directory (device and inode: a data
+/// dir reached through a symlink or a bind mount is the same one).
+fn same_dir(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
 }

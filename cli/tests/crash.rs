@@ -172,7 +172,7 @@ fn stopped_server_on_a_copy_of(of: &Server) -> Server {
 /// A server started on a copy of a running server's data dir (a restored
 /// backup) leaves the running server's mounts alone: it detached them
 /// (they were in its saved table), and the writers' files went to the disk
-/// below. A server given the same mount dir as a running one is refused:
+/// below; while that server was stopped, it mounted its own there. A server given the same mount dir as a running one is refused:
 /// it took over the mounts there.
 #[test]
 fn a_server_on_a_copy_of_the_data_dir_leaves_the_first_ones_mounts_alone() {
@@ -188,6 +188,16 @@ fn a_server_on_a_copy_of_the_data_dir_leaves_the_first_ones_mounts_alone() {
     dm_tests::write_synced(&p.join("f"), b"one");
     a.ok(&["--dot", "app", "commit", "-m", "one"]);
     let mut b = stopped_server_on_a_copy_of(&a);
+    // As a table saved before the servers kept their data dir in it: the
+    // paths are asked whether they answer.
+    let table = b.data_dir().join("mounts.json");
+    let mut records: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(&table).unwrap()).unwrap();
+    for r in &mut records {
+        assert!(r["data_dir"].is_string(), "{r}");
+        r.as_object_mut().unwrap().remove("data_dir");
+    }
+    std::fs::write(&table, serde_json::to_vec(&records).unwrap()).unwrap();
     b.restart();
     assert!(
         b.log()
@@ -255,9 +265,11 @@ fn a_server_on_a_copy_of_the_data_dir_leaves_the_first_ones_mounts_alone() {
     let status = a.ok(&["--dot", "app", "status"]);
     assert!(!status.contains("nested"), "{status}");
     assert_eq!(std::fs::read(followed.join("g")).unwrap(), b"two");
-    // A server that does not answer (stopped) is taken for gone, within
-    // 5 s for all its mounts: a copy started meanwhile waited as long as it
-    // stayed stopped.
+    // A copy started while the first server is stopped (SIGSTOP: its
+    // mounts do not answer) leaves the user's paths, saved by the server
+    // of a data dir that is still there, to it: it detached them and
+    // mounted its own there. All its paths are asked at once, within 5 s
+    // (a copy waited as long as the first server stayed stopped).
     let mut d = stopped_server_on_a_copy_of(&a);
     let pid = nix::unistd::Pid::from_raw(a.pid() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
@@ -265,18 +277,29 @@ fn a_server_on_a_copy_of_the_data_dir_leaves_the_first_ones_mounts_alone() {
     d.restart();
     let took = started.elapsed();
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
-    // Its two paths asked at once (5 s each, one after the other, before).
     assert!(took < Duration::from_secs(9), "{took:?}\n{}", d.log());
+    for at in [&p, &q] {
+        assert!(
+            d.log().contains(&format!(
+                "not restoring the mount of app at {}: the server of",
+                at.display()
+            )),
+            "{}",
+            d.log()
+        );
+    }
     assert!(
-        d.log()
-            .contains(&format!("unmounting leftover mount at {}", p.display())),
+        !d.log().contains("unmounting leftover mount"),
         "{}",
         d.log()
     );
     assert_eq!(std::fs::read(p.join("g")).unwrap(), b"two");
+    dm_tests::write_synced(&q.join("h"), b"three");
+    let status = a.ok(&["--dot", "app", "status"]);
+    assert!(status.contains("/h"), "{status}");
     // A dropped test server is killed (kill -9) and only what it left under
-    // its own directories is detached: the copy's mounts at p and q, outside
-    // them, would stay behind dead.
+    // its own directories is detached: its mounts at p and q, outside them,
+    // would stay behind dead.
     drop(d);
     drop(a);
     drop(b);

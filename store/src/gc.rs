@@ -522,9 +522,10 @@ impl Store {
                     format!(
                         "when the store was opened, RocksDB dropped records of its write-ahead \
                          log that did not check out, and the changes after them: {d}. After a \
-                         crash or power loss that is a write cut short (never acknowledged); \
-                         otherwise the disk damaged it, and changes made before the last stop, \
-                         commits included, are gone"
+                         crash of the server (kill -9, out of memory) or of the machine, that \
+                         is a write cut short, never acknowledged: nothing acknowledged is lost. \
+                         Without a crash, the disk damaged it, and changes made before the last \
+                         stop, commits included, are gone"
                     )
                 })
                 .collect(),
