@@ -445,4 +445,31 @@ fn a_server_run_by_another_user_than_root() {
         "{:?}",
         dm_tests::mounts_under(&rt)
     );
+
+    // A mount dir of root's that this user cannot write in is said as
+    // such (it was "Permission denied" on a lock file).
+    let roots = tempfile::tempdir_in("/var/tmp").unwrap();
+    std::fs::set_permissions(roots.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = u
+        .command(&u.bin)
+        .arg("server")
+        .arg("--mount-dir")
+        .arg(roots.path())
+        .arg("--data-dir")
+        .arg(u.home.join("data2"))
+        .arg("--socket")
+        .arg(u.home.join("dm2.sock"))
+        .args(["--listen", "off", "--no-plugin"])
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains(&format!(
+                "uid {}, cannot write in the mount dir {}",
+                u.uid,
+                roots.path().display()
+            )),
+        "{err}"
+    );
 }

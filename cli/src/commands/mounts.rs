@@ -102,10 +102,15 @@ pub fn unmount(ctx: &mut Ctx, path: &Path, force: bool) -> Result<()> {
     };
     let r: UnmountResponse = ctx.client()?.post("/v1/mounts/unmount", &req)?;
     if r.detached_busy {
+        // Without --force the server found no process using it.
+        let by = if force {
+            ""
+        } else {
+            " (by a process this server cannot see, such as another user's working directory)"
+        };
         eprintln!(
-            "warning: {} was still in use (by a process this server cannot see, such as another \
-             user's working directory): it was detached lazily, and that process goes on using \
-             the dot through it until it leaves",
+            "warning: {} was still in use{by}: it was detached lazily, and what uses it goes on \
+             using the dot through it until it leaves",
             req.path
         );
     }

@@ -209,7 +209,18 @@ fn lock_mount_dir(mount_dir: &Path) -> Result<std::fs::File> {
         .create(true)
         .truncate(false)
         .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
+        .map_err(|e| {
+            let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+                format!(
+                    " (this server, uid {}, cannot write in the mount dir {}: give a --mount-dir of its own)",
+                    nix::unistd::geteuid(),
+                    mount_dir.display()
+                )
+            } else {
+                String::new()
+            };
+            anyhow::Error::new(e).context(format!("opening {}{hint}", path.display()))
+        })?;
     match file.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
