@@ -446,8 +446,9 @@ fn a_server_run_by_another_user_than_root() {
         dm_tests::mounts_under(&rt)
     );
 
-    // A mount dir of root's that this user cannot write in is said as
-    // such (it was "Permission denied" on a lock file).
+    // A mount dir (or data dir) of root's that this user cannot write in
+    // is said as such (it was "Permission denied" on a lock file, or on
+    // RocksDB's files).
     let roots = tempfile::tempdir_in("/var/tmp").unwrap();
     std::fs::set_permissions(roots.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let out = u
@@ -466,7 +467,7 @@ fn a_server_run_by_another_user_than_root() {
     assert!(
         !out.status.success()
             && err.contains(&format!(
-                "uid {}, cannot write in the mount dir {}",
+                "(uid {}) cannot write in {}, which belongs to uid 0",
                 u.uid,
                 roots.path().display()
             )),

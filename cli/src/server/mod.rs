@@ -134,6 +134,22 @@ fn create_own_dir(dir: &Path, mode: u32) -> Result<()> {
         }
     }
     create_dir_with_mode(dir, mode)?;
+    // Root's (a copy made as root): said before RocksDB or a lock file
+    // fails on it with a bare "Permission denied".
+    if me != 0
+        && nix::unistd::access(
+            dir,
+            nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+        )
+        .is_err()
+    {
+        bail!(
+            "this dm server (uid {me}) cannot write in {}, which belongs to uid {}: `chown -R` it \
+             to this user, or give another directory",
+            dir.display(),
+            std::fs::metadata(dir).map(|m| m.uid()).unwrap_or(0)
+        );
+    }
     refuse_foreign_dir(dir)
 }
 
@@ -209,18 +225,7 @@ fn lock_mount_dir(mount_dir: &Path) -> Result<std::fs::File> {
         .create(true)
         .truncate(false)
         .open(&path)
-        .map_err(|e| {
-            let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
-                format!(
-                    " (this server, uid {}, cannot write in the mount dir {}: give a --mount-dir of its own)",
-                    nix::unistd::geteuid(),
-                    mount_dir.display()
-                )
-            } else {
-                String::new()
-            };
-            anyhow::Error::new(e).context(format!("opening {}{hint}", path.display()))
-        })?;
+        .with_context(|| format!("opening {}", path.display()))?;
     match file.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
