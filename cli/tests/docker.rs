@@ -204,6 +204,14 @@ impl Drop for ProxyGuard {
     }
 }
 
+/// A UDP port free on 127.0.0.1 (for a hub).
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|u| u.local_addr())
+        .unwrap()
+        .port()
+}
+
 fn start_server() -> Server {
     Server::start_with_plugin(DM, Path::new(PLUGIN_SOCKET))
 }
@@ -482,10 +490,7 @@ fn removing_one_name_of_a_mount_leaves_it_to_the_other() {
 fn pull_restarts_the_containers_that_show_the_branch() {
     let Some(_lock) = setup() else { return };
     let _proxy = ProxyGuard;
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|u| u.local_addr())
-        .unwrap()
-        .port();
+    let port = free_udp_port();
     let s = Server::start_with_plugin_and_hub(
         DM,
         Path::new(PLUGIN_SOCKET),
@@ -623,10 +628,7 @@ fn pull_restarts_the_containers_that_show_the_branch() {
 fn a_pull_downloads_before_it_stops_the_containers() {
     let Some(_lock) = setup() else { return };
     let _proxy = ProxyGuard;
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|u| u.local_addr())
-        .unwrap()
-        .port();
+    let port = free_udp_port();
     let hub = Server::start_with_hub(DM, &format!("127.0.0.1:{port}"));
     let writer = Server::start(DM);
     let s = start_server();
