@@ -533,6 +533,8 @@ fn file_changed(
 /// Most overlay entries that [`has_work`] looks through: a working state
 /// with more holds something besides mount placeholders (each takes three:
 /// the root's entry, the directory's record and the root's record, shared).
+/// Deletions of what the snapshot never had, and open orphans, are passed
+/// over without counting.
 const PLACEHOLDER_SCAN: usize = 64;
 
 /// Whether working state `view` holds anything to commit besides subdot
@@ -540,28 +542,43 @@ const PLACEHOLDER_SCAN: usize = 64;
 /// a branch dirty, so that a pull, a delete or a checkout's note does not
 /// stop at an empty directory that `dm mount dot.sub` made on a branch
 /// without that subdot (the mount makes it again after a reset or pull).
-/// Reads at most [`PLACEHOLDER_SCAN`] overlay entries.
+/// Files no name reaches are no one's work either: those deleted while
+/// open (orphans, never committed), and their deletions once closed.
 pub(crate) fn has_work(view: &View) -> Result<bool> {
-    let Some(entries) = view.changes_upto(PLACEHOLDER_SCAN)? else {
-        return Ok(true);
-    };
     let superblock = keys::superblock();
     let orphans = orphan_inos(view)?;
-    for (k, v) in &entries {
+    // A file whose record the snapshot never had: the deletions of its
+    // other keys (a closed orphan's blocks, after its record's) are no
+    // change either, and not looked up one by one.
+    let mut never_had: Option<Ino> = None;
+    let mut looked = 0usize;
+    let mut work = false;
+    view.changes_while(&mut |k, v| {
         if is_orphan_key(k, &orphans) {
-            continue;
+            return Ok(true);
         }
+        let parsed = keys::parse(k);
         let Some(v) = v else {
-            // A deletion of what the snapshot never had (a file made and
-            // removed again, an open orphan closed) changes nothing.
-            if tree::get(view.db, &view.root, k)?.is_none() {
-                continue;
+            if parsed.is_some_and(|(ino, _)| Some(ino) == never_had) {
+                return Ok(true);
             }
-            return Ok(true); // something deleted
+            if tree::get(view.db, &view.root, k)?.is_some() {
+                work = true; // something deleted
+                return Ok(false);
+            }
+            if let Some((ino, keys::TAG_INODE)) = parsed {
+                never_had = Some(ino);
+            }
+            return Ok(true);
         };
-        let placeholder_part = match keys::parse(k) {
+        looked += 1;
+        if looked > PLACEHOLDER_SCAN {
+            work = true;
+            return Ok(false);
+        }
+        let placeholder_part = match parsed {
             // Inode numbers handed out; the root's times and link count.
-            _ if *k == superblock => true,
+            _ if k == superblock.as_slice() => true,
             Some((ROOT_INO, keys::TAG_INODE)) => true,
             Some((ROOT_INO, keys::TAG_DIRENT)) => {
                 let d = Dirent::decode(v)?;
@@ -571,10 +588,12 @@ pub(crate) fn has_work(view: &View) -> Result<bool> {
             _ => false,
         };
         if !placeholder_part {
-            return Ok(true);
+            work = true;
+            return Ok(false);
         }
-    }
-    Ok(false)
+        Ok(true)
+    })?;
+    Ok(work)
 }
 
 /// The files of working state `view` with no link left (orphans) that a

@@ -176,6 +176,15 @@ impl<'a> View<'a> {
         Ok((!more).then_some(out))
     }
 
+    /// Calls `f` with overlay entries as [`View::for_each_change`] does,
+    /// until it returns false.
+    pub fn changes_while(
+        &self,
+        f: &mut dyn FnMut(&[u8], Option<&[u8]>) -> Result<bool>,
+    ) -> Result<()> {
+        self.scan_overlay(f)
+    }
+
     /// True when the overlay has any entry.
     pub fn has_changes(&self) -> Result<bool> {
         let mut found = false;

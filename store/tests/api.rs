@@ -1936,7 +1936,9 @@ fn an_open_file_with_no_link_left_stays_out_of_commits() {
     let (dir, store, dot) = setup();
     let fs = store.branch_fs(&dot, "master").unwrap();
     write_file(&fs, "keep", b"kept");
-    let data = noise(300 << 10, 3);
+    // More blocks than has_work looked through (it found the branch
+    // dirty from a few MiB on, for good).
+    let data = noise(9 << 20, 3);
     let a = write_file(&fs, "a", &data);
     let b = write_file(&fs, "b", b"closed after the commit");
     commit(&store, &dot, "master", "with a and b");
@@ -1959,6 +1961,13 @@ fn an_open_file_with_no_link_left_stays_out_of_commits() {
     store.delete_branch(&dot, "from-c", false).unwrap();
     fs.release(b).unwrap();
     clean(&store, "master", "an orphan closed");
+    fs.release(a).unwrap();
+    clean(&store, "master", "a large orphan closed");
+    let a = write_file(&fs, "a2", &data);
+    fs.open(a).unwrap();
+    fs.unlink(ROOT_INO, b"a2").unwrap();
+    let c = commit(&store, &dot, "master", "without a2");
+    clean(&store, "master", "a large orphan open");
     drop(fs);
     drop(store);
     let store = Store::open(dir.path()).unwrap();
