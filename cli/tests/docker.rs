@@ -623,7 +623,8 @@ fn pull_restarts_the_containers_that_show_the_branch() {
 /// while the pull says it is receiving, the container runs, unrestarted.
 /// A paused container refuses the pull before the download (it refused
 /// after it); a Ctrl-C while the containers stop for the move moves
-/// nothing (the pull moved the branch, and said it had stopped).
+/// nothing (the pull moved the branch, and said it had stopped) and keeps
+/// what they wrote as they stopped (it was discarded).
 #[test]
 fn a_pull_downloads_before_it_stops_the_containers() {
     let Some(_lock) = setup() else { return };
@@ -634,7 +635,8 @@ fn a_pull_downloads_before_it_stops_the_containers() {
     let s = start_server();
     let name = "dmtest-fetchfirst";
     let slow = "dmtest-fetchfirst-slow";
-    let _clean = Cleanup::new(&[name, slow], &["bigapp"]);
+    let bye = "dmtest-fetchfirst-bye";
+    let _clean = Cleanup::new(&[name, slow, bye], &["bigapp"]);
     let key = hub.ok(&["user", "add", "alice"]).trim().to_string();
     for x in [&writer, &s] {
         x.remote_add("hub", &format!("alice@127.0.0.1:{port}"), &key);
@@ -733,6 +735,13 @@ fn a_pull_downloads_before_it_stops_the_containers() {
         "bigapp:/data",
         "while :; do sleep 0.1; done",
     );
+    // One that writes as it stops, as a database does.
+    run_detached(
+        &s,
+        bye,
+        "bigapp:/data",
+        "trap 'echo bye >> /data/bye; exit 0' TERM; while :; do sleep 0.1; done",
+    );
     let before_slow = started_at(&s, slow);
     let pull = s
         .dm_command(&["pull", "hub", "bigapp", "master"])
@@ -752,7 +761,7 @@ fn a_pull_downloads_before_it_stops_the_containers() {
     let out = pull.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && err.contains("stopped; what arrived is kept"),
+        !out.status.success() && err.contains("stopped; nothing moved"),
         "{err}"
     );
     wait_until(
@@ -762,6 +771,10 @@ fn a_pull_downloads_before_it_stops_the_containers() {
     assert!(!docker(&["exec", name, "test", "-e", "/data/c3"])
         .status
         .success());
+    // What it wrote as it stopped stays: nothing moved (it was discarded).
+    let status = s.ok(&["--dot", "bigapp", "status"]);
+    assert!(status.contains("bye"), "{status}");
+    s.ok(&["--dot", "bigapp", "reset", "--hard"]);
     let out = s.ok(&["pull", "hub", "bigapp", "master"]);
     assert!(out.contains("now at"), "{out}");
     assert_eq!(docker_ok(&s, &["exec", slow, "cat", "/data/c3"]), "three\n");

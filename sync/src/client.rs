@@ -1021,7 +1021,7 @@ impl FetchedPull {
                 Ok(())
             }
             Ok(SetHead::Moved { .. }) => Err(Error::Refused(format!(
-                "branch {branch} of {dot} moved (a commit?) while pulling: pull again"
+                "branch {branch} of {dot} moved (a commit or a reset?) while pulling: pull again (what arrived is kept)"
             ))),
             Err(e) => Err(e.into()),
         };

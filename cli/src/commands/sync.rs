@@ -12,8 +12,8 @@ use super::Ctx;
 use crate::config::Remote;
 use crate::format::short_id;
 use crate::server::hub::{
-    BranchDeleted, BranchDeletionReq, CollaboratorReq, RemoteReq, TransferReq, TransferStatus,
-    UserKey, UserRemoved, UserReq,
+    BranchDeleted, BranchDeletionReq, BranchReport, CollaboratorReq, RemoteReq, TransferReq,
+    TransferStatus, UserKey, UserRemoved, UserReq,
 };
 use anyhow::{anyhow, bail, Context, Result};
 use dm_store::DotName;
@@ -703,29 +703,34 @@ fn run(ctx: &mut Ctx, req: &TransferReq, label: &str) -> Result<()> {
                     std::process::exit(130);
                 }
             };
-            if s.error.as_deref() == Some(crate::server::hub::STOPPED) {
-                bar.finish();
-                eprintln!("stopped; what arrived is kept, and the same command goes on from there");
-                std::process::exit(130);
-            }
-            if s.error.as_deref() == Some(crate::server::hub::STOPPED_PULL_MOVING) {
-                bar.finish();
-                eprintln!(
+            use crate::server::hub::{
+                STOPPED, STOPPED_MOVING, STOPPED_PULL_MOVING, STOPPED_PULL_STOPPING,
+            };
+            let said = match s.error.as_deref() {
+                Some(STOPPED) => {
+                    "stopped; what arrived is kept, and the same command goes on from there"
+                }
+                Some(STOPPED_PULL_STOPPING) => {
+                    "stopped; nothing moved: the containers stopped for the move start again once \
+                     stopped (Docker gives each its stop timeout); what arrived is kept, and the \
+                     same command goes on from there"
+                }
+                Some(STOPPED_PULL_MOVING) => {
                     "stopped, but the containers had stopped for the branch's move, which may \
                      have happened (`dm log` tells); they start again either way"
-                );
-                std::process::exit(130);
-            }
-            if s.error.as_deref() == Some(crate::server::hub::STOPPED_MOVING) {
-                bar.finish();
-                eprintln!(
+                }
+                Some(STOPPED_MOVING) => {
                     "stopped, but the data had arrived and the hub had been asked to move its \
                      branch: it may still do so (it waits for containers using the branch to \
                      stop first); the same command tells where it is"
-                );
-                std::process::exit(130);
-            }
-            break s;
+                }
+                _ => break s,
+            };
+            bar.finish();
+            // The branches done before the stop (`--all`) moved.
+            print_reports(&s.reports, &req.direction);
+            eprintln!("{said}");
+            std::process::exit(130);
         }
         let s: TransferStatus = match ctx
             .client()
@@ -749,7 +754,22 @@ fn run(ctx: &mut Ctx, req: &TransferReq, label: &str) -> Result<()> {
     };
     bar.finish();
     let secs = t0.elapsed().as_secs_f64();
-    for r in &status.reports {
+    print_reports(&status.reports, &req.direction);
+    if let Some(e) = status.error {
+        bail!("{e}");
+    }
+    println!(
+        "{} sent, {} received in {secs:.1} s",
+        human(status.wire_sent),
+        human(status.wire_received)
+    );
+    Ok(())
+}
+
+/// What each branch of a transfer did (also the branches done before a
+/// Ctrl-C stopped the rest: `--all`).
+fn print_reports(reports: &[BranchReport], direction: &str) {
+    for r in reports {
         if r.up_to_date {
             match &r.note {
                 Some(n) => println!("{}: {n}", r.branch),
@@ -768,7 +788,7 @@ fn run(ctx: &mut Ctx, req: &TransferReq, label: &str) -> Result<()> {
             r.head.as_deref().unwrap_or("-")
         );
         if let Some(s) = &r.stashed {
-            match req.direction.as_str() {
+            match direction {
                 "push" => println!(
                     "  the hub's diverged commits kept on branch {s} there (`dm pull` of {s} brings them)"
                 ),
@@ -794,15 +814,6 @@ fn run(ctx: &mut Ctx, req: &TransferReq, label: &str) -> Result<()> {
             );
         }
     }
-    if let Some(e) = status.error {
-        bail!("{e}");
-    }
-    println!(
-        "{} sent, {} received in {secs:.1} s",
-        human(status.wire_sent),
-        human(status.wire_received)
-    );
-    Ok(())
 }
 
 /// How many commits a branch gained in a transfer, and how many of them

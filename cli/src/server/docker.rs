@@ -434,6 +434,12 @@ impl DockerIntegration {
         using: &[Container],
         pin_helps: bool,
     ) -> Result<(), ApiError> {
+        // A checkout switches the dot; a reset, pull or push moves a branch.
+        let what = if pin_helps {
+            "the switch"
+        } else {
+            "the branch's move"
+        };
         // A paused container cannot stop; switched under it, it would wake
         // up to files that changed (and EIO on the ones it has open).
         let paused: Vec<String> = using
@@ -443,7 +449,7 @@ impl DockerIntegration {
             .collect();
         if !paused.is_empty() {
             return Err(ApiError::conflict(format!(
-                "dot {dot}: {} paused and cannot be stopped for the switch; nothing was changed. \
+                "dot {dot}: {} paused and cannot be stopped for {what}; nothing was changed. \
                  Unpause (`docker unpause`) or stop {}, then retry",
                 paused.join(", "),
                 if paused.len() == 1 { "it" } else { "them" }
@@ -468,7 +474,7 @@ impl DockerIntegration {
                 String::new()
             };
             return Err(ApiError::conflict(format!(
-                "dot {dot}: {noun} {} {were} started with --rm, and stopping {them} for the switch would delete {them}; \
+                "dot {dot}: {noun} {} {were} started with --rm, and stopping {them} for {what} would delete {them}; \
                  nothing was changed. Stop {them} yourself (`docker stop`), run {them} without --rm{pin}, then retry",
                 auto_removed.join(", "),
             )));

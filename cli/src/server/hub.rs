@@ -328,6 +328,10 @@ pub const STOPPED: &str = "stopped (Ctrl-C)";
 /// (it may still: the request was sent).
 pub const STOPPED_MOVING: &str = "stopped (Ctrl-C) after the hub was asked to move its branch";
 
+/// A stopped pull's error while the containers that show its branch
+/// stop for the move: nothing moves, and they start again once stopped.
+pub const STOPPED_PULL_STOPPING: &str =
+    "stopped (Ctrl-C) while the containers stopped for the pull's move";
 /// A stopped pull's error once its containers had stopped for the move
 /// (it may have moved its branch).
 pub const STOPPED_PULL_MOVING: &str = "stopped (Ctrl-C) as the pull moved its branch";
@@ -573,6 +577,8 @@ async fn cancel_transfer(
             STOPPED_MOVING.into()
         } else if phase == PULL_MOVING || phase == PULL_RESTARTING {
             STOPPED_PULL_MOVING.into()
+        } else if phase.starts_with(PULL_STOPPING) {
+            STOPPED_PULL_STOPPING.into()
         } else {
             STOPPED.into()
         });
@@ -722,25 +728,27 @@ async fn pull_branch(
             != fetched.expected_head()
         {
             return Err(dm_sync::Error::Refused(format!(
-                "branch {branch} of {local} moved (a commit?) while pulling: pull again (what arrived is kept)"
+                "branch {branch} of {local} moved (a commit or a reset?) while pulling: pull again (what arrived is kept)"
             )));
         }
         if !names.is_empty() {
             progress.set_phase(&format!(
-                "stopping {} (each gets its stop timeout)",
+                "{PULL_STOPPING}{} (each gets its stop timeout)",
                 names.join(", ")
             ));
         }
         app.docker
             .around_branch_change(local, branch, &current, || {
-                discard_shutdown_writes(app, local, branch)?;
                 // The phase first, then the stop asked: a Ctrl-C that
                 // comes later finds the phase and says the branch may
-                // have moved.
+                // have moved. Stopped, nothing moves, and what the
+                // containers wrote as they stopped stays (it was
+                // discarded for a move that did not come).
                 progress.set_phase(PULL_MOVING);
                 if *stop.borrow() {
                     return Ok(Err(dm_sync::Error::Refused(STOPPED.into())));
                 }
+                discard_shutdown_writes(app, local, branch)?;
                 let r = refresh(fetched.finish());
                 if !names.is_empty() {
                     progress.set_phase(PULL_RESTARTING);
@@ -762,6 +770,9 @@ async fn pull_branch(
     r
 }
 
+/// The start of a pull's phase while it stops the containers that show
+/// its branch (their names follow).
+pub const PULL_STOPPING: &str = "stopping ";
 /// A pull's phase once it moves its branch (containers stopped).
 pub const PULL_MOVING: &str = "moving the branch";
 /// A pull's phase once its branch moved, while the containers it stopped
