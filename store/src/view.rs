@@ -16,7 +16,7 @@ pub type ScanFn<'f> = dyn FnMut(&[u8], &[u8]) -> Result<bool> + 'f;
 pub type OverlayEntry = (Vec<u8>, Option<Vec<u8>>);
 /// Callback of `View::scan_overlay`: (key, Some(value) or None = deleted),
 /// returns false to stop.
-type OverlayFn<'f> = dyn FnMut(&[u8], Option<&[u8]>) -> Result<bool> + 'f;
+pub(crate) type OverlayFn<'f> = dyn FnMut(&[u8], Option<&[u8]>) -> Result<bool> + 'f;
 /// Callback of [`View::for_each_change`]: (key, Some(value) or None = deleted).
 pub type ChangeFn<'f> = dyn FnMut(&[u8], Option<&[u8]>) -> Result<()> + 'f;
 
@@ -178,10 +178,7 @@ impl<'a> View<'a> {
 
     /// Calls `f` with overlay entries as [`View::for_each_change`] does,
     /// until it returns false.
-    pub fn changes_while(
-        &self,
-        f: &mut dyn FnMut(&[u8], Option<&[u8]>) -> Result<bool>,
-    ) -> Result<()> {
+    pub(crate) fn changes_while(&self, f: &mut OverlayFn) -> Result<()> {
         self.scan_overlay(f)
     }
 
