@@ -582,10 +582,10 @@ impl Store {
     }
 
     /// The other side of [`Store::refork`]: once `branch` moves to `head`
-    /// (a reset, a pull), the branches grown from it grow from the newest
-    /// commit of their history the new one has (the origin reset to before
-    /// a fork point left it stale), or from none. Puts the changed records
-    /// into `batch`.
+    /// (a reset, a pull), the branches grown from it at a commit the new
+    /// history lacks grow from the newest commit of their history the new
+    /// one has (the origin reset to before a fork point left it stale), or
+    /// from none. Puts the changed records into `batch`.
     pub(crate) fn refork_grown_from(
         &self,
         d: &DotRec,
@@ -603,6 +603,12 @@ impl Store {
         }
         let theirs: HashSet<Id> = self.ancestry(Some(head))?.into_iter().collect();
         for (name, mut r) in grown {
+            // Still shared (a commit or fast-forward of the origin): kept,
+            // without a walk of each branch's history (a hub's master with
+            // thousands of branches grown from it).
+            if r.origin.as_ref().is_some_and(|(_, f)| theirs.contains(f)) {
+                continue;
+            }
             let fork = self.newest_shared(r.head, &theirs)?;
             if r.origin.as_ref().map(|(_, f)| *f) != fork {
                 r.origin = fork.map(|c| (branch.to_string(), c));
