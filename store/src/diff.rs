@@ -553,7 +553,7 @@ pub(crate) fn has_work(view: &View) -> Result<bool> {
     let mut never_had: Option<Ino> = None;
     let mut looked = 0usize;
     let mut work = false;
-    view.changes_while(&mut |k, v| {
+    view.scan_overlay(&mut |k, v| {
         if is_orphan_key(k, &orphans) {
             return Ok(true);
         }

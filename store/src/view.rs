@@ -12,8 +12,6 @@ use std::collections::BTreeMap;
 
 /// Callback of [`View::scan`]: gets (key, value), returns false to stop.
 pub type ScanFn<'f> = dyn FnMut(&[u8], &[u8]) -> Result<bool> + 'f;
-/// An overlay entry: a tree key and its value (`None`: deleted).
-pub type OverlayEntry = (Vec<u8>, Option<Vec<u8>>);
 /// Callback of `View::scan_overlay`: (key, Some(value) or None = deleted),
 /// returns false to stop.
 pub(crate) type OverlayFn<'f> = dyn FnMut(&[u8], Option<&[u8]>) -> Result<bool> + 'f;
@@ -132,7 +130,7 @@ impl<'a> View<'a> {
 
     /// Calls `f` with overlay entries (key, Some(value) or None for a
     /// deletion), in key order, until it returns false.
-    fn scan_overlay(&self, f: &mut OverlayFn) -> Result<()> {
+    pub(crate) fn scan_overlay(&self, f: &mut OverlayFn) -> Result<()> {
         let prefix = overlay_prefix(self.bid);
         let mut it = self.db.iter_until(CF_WORK, prefix_end(&prefix));
         it.seek(prefix);
@@ -159,27 +157,6 @@ impl<'a> View<'a> {
     /// deletion), in key order: the changes since the base snapshot.
     pub fn for_each_change(&self, f: &mut ChangeFn) -> Result<()> {
         self.scan_overlay(&mut |k, v| f(k, v).map(|()| true))
-    }
-
-    /// The overlay's entries (key, value or `None` for a tombstone) when
-    /// there are at most `limit` of them; `None` when there are more.
-    pub fn changes_upto(&self, limit: usize) -> Result<Option<Vec<OverlayEntry>>> {
-        let mut out = Vec::new();
-        let mut more = false;
-        self.scan_overlay(&mut |k, v| {
-            more = out.len() == limit;
-            if !more {
-                out.push((k.to_vec(), v.map(<[u8]>::to_vec)));
-            }
-            Ok(!more)
-        })?;
-        Ok((!more).then_some(out))
-    }
-
-    /// Calls `f` with overlay entries as [`View::for_each_change`] does,
-    /// until it returns false.
-    pub(crate) fn changes_while(&self, f: &mut OverlayFn) -> Result<()> {
-        self.scan_overlay(f)
     }
 
     /// True when the overlay has any entry.
