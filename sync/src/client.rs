@@ -960,6 +960,15 @@ struct Move {
 }
 
 impl FetchedPull {
+    /// Up to date, or ahead of the hub: [`FetchedPull::finish`] answers
+    /// `report` as it is.
+    fn nothing_to_move(report: TransferReport) -> FetchedPull {
+        FetchedPull {
+            report,
+            moving: None,
+        }
+    }
+
     /// True when [`FetchedPull::finish`] moves a branch that has commits
     /// here (not a new one): what shows it sees its files replaced.
     pub fn moves_existing_branch(&self) -> bool {
@@ -1109,10 +1118,7 @@ pub async fn fetch_for_pull(
     // with nothing new took 48 s, mostly on the hub).
     if local_head == Some(theirs) {
         report.up_to_date = true;
-        return Ok(FetchedPull {
-            report,
-            moving: None,
-        });
+        return Ok(FetchedPull::nothing_to_move(report));
     }
     let remote_anc = remote.ancestry(remote_dot, theirs).await?;
     let mut stash = None;
@@ -1126,10 +1132,7 @@ pub async fn fetch_for_pull(
         match divergence(Some(theirs), &anc, Some(l), &local_anc) {
             Divergence::UpToDate => {
                 report.up_to_date = true;
-                return Ok(FetchedPull {
-                    report,
-                    moving: None,
-                });
+                return Ok(FetchedPull::nothing_to_move(report));
             }
             Divergence::FastForward => {}
             // Forced: the local commits the hub's branch lacks go (as a
@@ -1149,10 +1152,7 @@ pub async fn fetch_for_pull(
                 report.note = Some(format!(
                     "branch {branch} of {dot} is ahead of {remote_dot} on the hub: nothing to pull (`dm push` sends your commits; `dm pull --force` moves {branch} back to the hub's head, destroying them)"
                 ));
-                return Ok(FetchedPull {
-                    report,
-                    moving: None,
-                });
+                return Ok(FetchedPull::nothing_to_move(report));
             }
             d => {
                 if !opts.stash_on_divergence {
