@@ -997,7 +997,7 @@ impl MountManager {
             let open = e.mount.open_files();
             if open > 0 {
                 tracing::warn!(
-                    "unmounting {} with {open} file{} still open: the processes using {} get ENOTCONN from now on (`fuser -vm` named them)",
+                    "unmounting {} with {open} file{} still open: their next requests fail (ESHUTDOWN while the server stops, ENOTCONN once it is gone) for the processes using {} (`fuser -vm` named them)",
                     path.display(),
                     if open == 1 { "" } else { "s" },
                     if open == 1 { "it" } else { "them" }

@@ -903,6 +903,66 @@ fn a_descriptor_a_reset_made_stale_never_reaches_another_file() {
     assert_eq!(std::fs::read(mnt.join("pf")).unwrap(), b"p-data\nmore\n");
 }
 
+/// A reset that brings back a file deleted while open (or replaced by a
+/// save by rename) gives the old descriptor ESTALE: it wrote into the
+/// restored file. A directory removed while the kernel still held it (a
+/// file in it open, or a shell's working directory) comes back usable on
+/// the same mount: the kernel kept it as dead, listed nothing and created
+/// nothing in it, until the mount was made again.
+#[test]
+fn a_reset_brings_back_files_and_directories_deleted_while_in_use() {
+    use std::io::Write;
+    let (s, mnt) = server_with_dot("undelete");
+    write_synced(&mnt.join("f"), b"committed\n");
+    std::fs::create_dir(mnt.join("logs")).unwrap();
+    write_synced(&mnt.join("logs/app.log"), b"line 1\n");
+    s.ok(&["commit", "-m", "base"]);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(mnt.join("f"))
+        .unwrap();
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(mnt.join("logs/app.log"))
+        .unwrap();
+    std::fs::remove_file(mnt.join("f")).unwrap();
+    std::fs::remove_dir_all(mnt.join("logs")).unwrap();
+    s.ok(&["reset", "--hard", "HEAD"]);
+    let err = f.write_all(b"via the deleted file\n").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ESTALE), "{err}");
+    let err = log.write_all(b"line 2\n").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ESTALE), "{err}");
+    assert_eq!(std::fs::read(mnt.join("f")).unwrap(), b"committed\n");
+    let names: Vec<_> = std::fs::read_dir(mnt.join("logs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["app.log"]);
+    assert_eq!(
+        std::fs::read(mnt.join("logs/app.log")).unwrap(),
+        b"line 1\n"
+    );
+    write_synced(&mnt.join("logs/new.log"), b"new\n");
+    drop((f, log));
+    assert!(s.ok(&["status"]).contains("A  /__default__/logs/new.log"));
+    // A directory that was a shell's working directory, twice over.
+    std::fs::create_dir(mnt.join("work")).unwrap();
+    s.ok(&["commit", "-m", "work"]);
+    let mut shell = std::process::Command::new("sleep")
+        .arg("60")
+        .current_dir(mnt.join("work"))
+        .spawn()
+        .unwrap();
+    for _ in 0..2 {
+        std::fs::remove_dir(mnt.join("work")).unwrap();
+        s.ok(&["reset", "--hard", "HEAD"]);
+        write_synced(&mnt.join("work/x"), b"x");
+        std::fs::remove_file(mnt.join("work/x")).unwrap();
+    }
+    shell.kill().unwrap();
+    shell.wait().unwrap();
+}
+
 /// A file deleted while a process keeps it open (git's and databases'
 /// temporary files) is not in the commit made meanwhile: a branch made
 /// from that commit had uncommitted changes at once, and could not be
@@ -913,7 +973,11 @@ fn a_file_deleted_while_open_leaves_commits_clean() {
     let (mut s, mnt) = server_with_dot("app");
     write_synced(&mnt.join("tmp"), b"held open");
     s.ok(&["commit", "-m", "with tmp"]);
-    let mut held = std::fs::File::open(mnt.join("tmp")).unwrap();
+    let mut held = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(mnt.join("tmp"))
+        .unwrap();
     std::fs::remove_file(mnt.join("tmp")).unwrap();
     s.ok(&["commit", "-m", "without tmp"]);
     s.ok(&["branch", "from-here"]);
@@ -922,6 +986,10 @@ fn a_file_deleted_while_open_leaves_commits_clean() {
     std::io::Read::read_to_string(&mut held, &mut text).unwrap();
     assert_eq!(text, "held open");
     assert!(s.ok(&["status"]).contains("No changes"));
+    // Its writes, still in the server's buffers, are no one's work either.
+    std::io::Write::write_all(&mut held, &vec![7u8; 3 << 20]).unwrap();
+    let status = s.ok(&["status"]);
+    assert!(status.contains("No changes"), "{status}");
     drop(held);
     assert!(s.ok(&["status"]).contains("No changes"));
     s.stop();

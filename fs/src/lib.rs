@@ -214,6 +214,17 @@ struct Known {
     /// Inodes the kernel got as directories: their entries outlive a
     /// switch that leaves them where they were (see [`Mount::switch`]).
     dirs: HashSet<u64>,
+    /// Directories removed through this mount (rmdir, or replaced by a
+    /// rename) while the kernel knew them. The kernel keeps such an inode
+    /// dead (it lists nothing and creates nothing in it) for as long as
+    /// something holds it: a file in it open, a working directory.
+    removed_dirs: HashSet<u64>,
+    /// The generation given for an inode, where not 0. A switch raises it
+    /// for each of `removed_dirs` that the kernel still holds, so that the
+    /// next lookup makes the kernel drop its dead inode for a new one: it
+    /// took the directory a reset brought back for the dead one, which
+    /// showed empty and took no file until the mount was made again.
+    generations: HashMap<u64, u64>,
 }
 
 impl Known {
@@ -235,6 +246,7 @@ impl Known {
         shrink_map(&mut self.held);
         shrink_map(&mut self.names);
         shrink_set(&mut self.dirs);
+        shrink_map(&mut self.generations);
     }
 
     /// Drops the record of a negative entry (the name now exists).
@@ -353,8 +365,8 @@ fn is_acl(name: &OsStr) -> bool {
 
 impl Shared {
     /// Records that the kernel got an entry for `attr` under `(parent, name)`
-    /// from `view`.
-    fn remember(&self, view: &View, parent: INodeNo, name: &[u8], attr: &FileAttr) {
+    /// from `view`; returns the inode's generation.
+    fn remember(&self, view: &View, parent: INodeNo, name: &[u8], attr: &FileAttr) -> Generation {
         let ino = attr.ino;
         let mut known = self.known.lock();
         let count = known.lookups.entry(ino.0).or_insert(0);
@@ -367,6 +379,28 @@ impl Shared {
         known.add_name(parent.0, name, ino.0);
         if attr.kind == FileType::Directory {
             known.dirs.insert(ino.0);
+        }
+        Generation(known.generations.get(&ino.0).copied().unwrap_or(0))
+    }
+
+    /// The generation given for `ino` (see [`Known::generations`]).
+    fn generation(&self, ino: INodeNo) -> Generation {
+        Generation(
+            self.known
+                .lock()
+                .generations
+                .get(&ino.0)
+                .copied()
+                .unwrap_or(0),
+        )
+    }
+
+    /// Records that directory `ino` was removed through this mount (see
+    /// [`Known::removed_dirs`]).
+    fn removed_dir(&self, ino: INodeNo) {
+        let mut known = self.known.lock();
+        if known.lookups.contains_key(&ino.0) {
+            known.removed_dirs.insert(ino.0);
         }
     }
 
@@ -408,6 +442,8 @@ impl Shared {
             known.lookups.remove(&ino.0);
             known.names.remove(&ino.0);
             known.dirs.remove(&ino.0);
+            known.removed_dirs.remove(&ino.0);
+            known.generations.remove(&ino.0);
             if let Some(names) = known.negatives.remove(&ino.0) {
                 known.n_negatives -= names.len();
             }
@@ -609,23 +645,25 @@ impl DmFs {
         peers::publish(fs, &self.shared, changes);
     }
 
-    /// unlink and rmdir: removes `name` from `parent` with `op`, then tells
-    /// the other mounts of the branch.
-    fn remove(
-        &self,
-        parent: INodeNo,
-        name: &OsStr,
-        reply: ReplyEmpty,
-        op: fn(&BranchFs, u64, &[u8]) -> dm_store::Result<()>,
-    ) {
+    /// unlink, or rmdir when `dir`: removes `name` from `parent`, then
+    /// tells the other mounts of the branch.
+    fn remove(&self, parent: INodeNo, name: &OsStr, reply: ReplyEmpty, dir: bool) {
         let view = self.view();
         let p = view.to_store(parent);
-        // Other mounts may cache the inode under another name (hard links).
-        let child = peers::active()
+        // Other mounts may cache the inode under another name (hard links);
+        // a removed directory is dead to the kernel.
+        let child = (peers::active() || dir)
             .then(|| view.fs.lookup(p, name.as_bytes()).ok())
             .flatten();
-        match op(&view.fs, p, name.as_bytes()) {
+        let removed = match dir {
+            true => view.fs.rmdir(p, name.as_bytes()),
+            false => view.fs.unlink(p, name.as_bytes()),
+        };
+        match removed {
             Ok(()) => {
+                if let Some(a) = child.as_ref().filter(|a| a.kind == FileKind::Dir) {
+                    self.shared.removed_dir(view.to_fuse(a.ino));
+                }
                 self.tell_peers(&view.fs, || {
                     let mut c = vec![
                         Change::Entry {
@@ -910,8 +948,8 @@ impl DmFs {
 
     fn reply_entry(&self, view: &View, parent: INodeNo, name: &[u8], a: &Attr, reply: ReplyEntry) {
         let attr = self.attr(view, a);
-        self.shared.remember(view, parent, name, &attr);
-        reply.entry(&TTL, &attr, Generation(0));
+        let generation = self.shared.remember(view, parent, name, &attr);
+        reply.entry(&TTL, &attr, generation);
     }
 }
 
@@ -1151,11 +1189,11 @@ impl fuser::Filesystem for DmFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.remove(parent, name, reply, BranchFs::unlink);
+        self.remove(parent, name, reply, false);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.remove(parent, name, reply, BranchFs::rmdir);
+        self.remove(parent, name, reply, true);
     }
 
     fn symlink(
@@ -1208,8 +1246,8 @@ impl fuser::Filesystem for DmFs {
         let view = self.view();
         let (p, np) = (view.to_store(parent), view.to_store(newparent));
         // A file the rename replaces loses a link: other mounts cache its
-        // link count.
-        let replaced = (peers::active() && store_flags & dm_store::RENAME_EXCHANGE == 0)
+        // link count; a directory it replaces is dead to the kernel.
+        let replaced = (store_flags & dm_store::RENAME_EXCHANGE == 0)
             .then(|| view.fs.lookup(np, newname.as_bytes()).ok())
             .flatten();
         match view
@@ -1217,6 +1255,9 @@ impl fuser::Filesystem for DmFs {
             .rename(p, name.as_bytes(), np, newname.as_bytes(), store_flags)
         {
             Ok(()) => {
+                if let Some(a) = replaced.as_ref().filter(|a| a.kind == FileKind::Dir) {
+                    self.shared.removed_dir(view.to_fuse(a.ino));
+                }
                 // The kernel moves its dentries without a lookup: remember
                 // the new names so that switch() can invalidate them.
                 let mut moved = Vec::new();
@@ -1522,7 +1563,8 @@ impl fuser::Filesystem for DmFs {
             };
             let off = u64::try_from(e.offset).unwrap_or(0);
             let name = OsStr::from_bytes(&e.name);
-            if reply.add(attr.ino, off, name, &TTL, &attr, Generation(0)) {
+            let generation = self.shared.generation(attr.ino);
+            if reply.add(attr.ino, off, name, &TTL, &attr, generation) {
                 return Ok(true);
             }
             if !dots {
@@ -1703,10 +1745,10 @@ impl fuser::Filesystem for DmFs {
             }
         };
         let attr = self.attr(&view, &a);
-        self.shared.remember(&view, parent, name.as_bytes(), &attr);
+        let generation = self.shared.remember(&view, parent, name.as_bytes(), &attr);
         let fh = self.new_handle(view.fs.clone(), a.ino, opened_at);
         self.tell_peers(&view.fs, || created(p, name));
-        reply.created(&TTL, &attr, Generation(0), fh, self.open_flags(flags));
+        reply.created(&TTL, &attr, generation, fh, self.open_flags(flags));
     }
 
     /// No poll: ENOSYS makes the kernel treat the mount's files as always
@@ -2073,6 +2115,13 @@ impl Mount {
             let mut known = self.shared.known.lock();
             let negatives = std::mem::take(&mut known.negatives);
             known.n_negatives = 0;
+            // The directories removed through this mount that the kernel
+            // keeps dead get a new generation (see `Known::generations`).
+            for ino in std::mem::take(&mut known.removed_dirs) {
+                if known.lookups.contains_key(&ino) {
+                    *known.generations.entry(ino).or_insert(0) += 1;
+                }
+            }
             let mut entries = Vec::new();
             let mut dirs = Vec::new();
             for (ino, names) in &known.names {

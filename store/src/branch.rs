@@ -1170,13 +1170,19 @@ impl BranchFs {
 
     /// After a reset to the working state `st` (under its write lock):
     /// counts the reset and revokes the handles of the open files it
-    /// discarded (see [`BranchFs::is_revoked`]).
+    /// discarded (see [`BranchFs::is_revoked`]): those it has no file for,
+    /// and those that had no link left (deleted while open, or replaced by
+    /// a rename), also where it brings back the file of that number (the
+    /// one deleted): their holders had a file no one else could reach,
+    /// and wrote into the restored one. A new working state has no
+    /// orphans.
     pub(crate) fn reset_done(&self, st: &BranchState) {
         let n = self.resets.fetch_add(1, Ordering::AcqRel) + 1;
+        let orphans = std::mem::take(&mut *self.orphans.lock());
         let open: Vec<Ino> = self.open.lock().keys().copied().collect();
         let view = self.view(st);
         for ino in open {
-            if !matches!(view.get(&keys::inode(ino)), Ok(Some(_))) {
+            if orphans.contains(&ino) || !matches!(view.get(&keys::inode(ino)), Ok(Some(_))) {
                 self.revoked.lock().insert(ino, n);
             }
         }
@@ -2238,14 +2244,29 @@ impl BranchFs {
 
     /// Bytes written to open files that the working state does not name
     /// yet: buffered in memory, or spilled to the chunk log under memory
-    /// pressure (named only by their file's buffer until its flush).
+    /// pressure (named only by their file's buffer until its flush). Not
+    /// those of files with no link left: no one's work (see `commit`),
+    /// they made `dm status` say there was some until they were flushed.
     pub fn unflushed_bytes(&self) -> u64 {
-        let buffers: Vec<_> = self.files.lock().values().cloned().collect();
-        let spilled: u64 = buffers
+        let orphans = self.orphan_set();
+        let buffers: Vec<_> = self
+            .files
+            .lock()
             .iter()
-            .map(|b| b.lock().spilled.len() as u64 * u64::from(self.block_size))
-            .sum();
-        self.buffered_bytes() as u64 + spilled
+            .map(|(ino, b)| (*ino, b.clone()))
+            .collect();
+        let bs = u64::from(self.block_size);
+        let (mut spilled, mut orphaned) = (0, 0);
+        for (ino, b) in &buffers {
+            let g = b.lock();
+            let n = g.spilled.len() as u64 * bs;
+            if orphans.contains(ino) {
+                orphaned += g.blocks.len() as u64 * bs;
+            } else {
+                spilled += n;
+            }
+        }
+        (self.buffered_bytes() as u64).saturating_sub(orphaned) + spilled
     }
 
     /// Before a reset discards the working state `st`: new files will get
