@@ -2244,29 +2244,28 @@ impl BranchFs {
 
     /// Bytes written to open files that the working state does not name
     /// yet: buffered in memory, or spilled to the chunk log under memory
-    /// pressure (named only by their file's buffer until its flush). Not
-    /// those of files with no link left: no one's work (see `commit`),
-    /// they made `dm status` say there was some until they were flushed.
+    /// pressure (named only by their file's buffer until its flush), in
+    /// whole blocks but not past each file's end (a small file counted as
+    /// a whole block: 300 files of 150 bytes said 18.75 MiB). Not those of
+    /// files with no link left: no one's work (see `commit`), they made
+    /// `dm status` say there was some until they were flushed.
     pub fn unflushed_bytes(&self) -> u64 {
         let orphans = self.orphan_set();
         let buffers: Vec<_> = self
             .files
             .lock()
             .iter()
-            .map(|(ino, b)| (*ino, b.clone()))
+            .filter(|(ino, _)| !orphans.contains(ino))
+            .map(|(_, b)| b.clone())
             .collect();
         let bs = u64::from(self.block_size);
-        let (mut spilled, mut orphaned) = (0, 0);
-        for (ino, b) in &buffers {
+        let mut n = 0;
+        for b in &buffers {
             let g = b.lock();
-            let n = g.spilled.len() as u64 * bs;
-            if orphans.contains(ino) {
-                orphaned += g.blocks.len() as u64 * bs;
-            } else {
-                spilled += n;
-            }
+            let data = |idx: &u64| g.size.saturating_sub(idx * bs).min(bs);
+            n += g.blocks.keys().map(data).sum::<u64>() + g.spilled.keys().map(data).sum::<u64>();
         }
-        (self.buffered_bytes() as u64).saturating_sub(orphaned) + spilled
+        n
     }
 
     /// Before a reset discards the working state `st`: new files will get

@@ -1636,6 +1636,22 @@ fn listings_skip_what_is_deleted_meanwhile() {
     assert!(listings > 0, "no listing ran");
 }
 
+/// Unflushed writes count as the data they hold, not as whole blocks:
+/// 300 small files held open said 18.75 MiB written.
+#[test]
+fn unflushed_small_files_count_as_their_bytes() {
+    let (_d, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    let inos: Vec<u64> = (0..3)
+        .map(|i| created_open(&fs, &format!("small{i}"), &[b'x'; 150]))
+        .collect();
+    let info = store.branch_info(&dot, "master").unwrap();
+    assert_eq!(info.dirty_bytes, 450);
+    for ino in inos {
+        fs.release(ino).unwrap();
+    }
+}
+
 /// Data written to open files counts as uncommitted also once spilled to
 /// the chunk log under memory pressure (named only by the file's buffer
 /// until its flush): in a branch's dirty bytes (`dm status` showed 63 of
