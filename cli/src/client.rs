@@ -229,6 +229,11 @@ impl Client {
             _ if path == "/v1/fsck" => "the dm server closed the connection during the fsck \
                  (did it crash? see its log); run `dm fsck` again once a server runs"
                 .to_string(),
+            // A GC cut short lost nothing; the next one finishes its work.
+            _ if path == "/v1/gc" => "the dm server closed the connection during the GC \
+                 (did it crash? see its log); nothing is lost by that: run `dm gc` again once a \
+                 server runs"
+                .to_string(),
             _ => format!(
                 "the dm server closed the connection while answering {method} {path} (did it crash? \
                  see its log); that may have been done or not: once a server runs again, \

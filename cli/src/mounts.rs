@@ -337,15 +337,20 @@ impl MountManager {
 
     /// Moves a server mount point that holds files to
     /// `MOUNT_DIR/lost+found/<seconds since 1970>/<its path under MOUNT_DIR>`
-    /// (on the same file system), and says so in the log.
+    /// (on the same file system; `<seconds>-2`, `-3`... when taken: two
+    /// stops in a second), and says so in the log.
     fn move_aside(&self, path: &Path, volume: &VolumeName) {
         let secs = unix_secs();
         let rel = path.strip_prefix(&self.mount_dir).unwrap_or(path);
-        let dest = self
-            .mount_dir
-            .join("lost+found")
-            .join(secs.to_string())
-            .join(rel.strip_prefix("/").unwrap_or(rel));
+        let rel = rel.strip_prefix("/").unwrap_or(rel);
+        let found = self.mount_dir.join("lost+found");
+        let dest = (1..100)
+            .map(|n| match n {
+                1 => found.join(secs.to_string()).join(rel),
+                n => found.join(format!("{secs}-{n}")).join(rel),
+            })
+            .find(|d| std::fs::symlink_metadata(d).is_err())
+            .unwrap_or_else(|| found.join(secs.to_string()).join(rel));
         let moved = dest
             .parent()
             .map_or(Ok(()), std::fs::create_dir_all)
@@ -358,8 +363,8 @@ impl MountManager {
                 dest.display()
             ),
             Err(e) => tracing::warn!(
-                "{} holds files written while {volume} was not mounted there (outside the dot), \
-                 hidden by the mount until it is unmounted; moving them to {} failed: {e}",
+                "{} holds files written while {volume} was not mounted there (outside the dot); \
+                 moving them to {} failed: {e} (a mount there hides them until it is unmounted)",
                 path.display(),
                 dest.display()
             ),
@@ -421,8 +426,20 @@ impl MountManager {
     /// the mount dir while they are empty: a writer going on by path while
     /// the server is stopped then fails, rather than filling a directory
     /// the next mount would hide; and deleted dots leave nothing behind.
-    fn remove_mount_point(&self, path: &Path) {
-        let mut at = Some(path);
+    /// What such a writer put there between the unmount and the removal
+    /// is moved aside (see [`Self::move_aside`]): left there, the
+    /// directory took its writes, thousands of files after a stop, with no
+    /// error.
+    fn remove_mount_point(&self, path: &Path, volume: &VolumeName) {
+        if !path.starts_with(&self.mount_dir) || path == self.mount_dir {
+            return;
+        }
+        match std::fs::remove_dir(path) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => self.move_aside(path, volume),
+            Err(_) => return,
+        }
+        let mut at = path.parent();
         while let Some(dir) = at.filter(|d| d.starts_with(&self.mount_dir) && *d != self.mount_dir)
         {
             if std::fs::remove_dir(dir).is_err() {
@@ -820,7 +837,7 @@ impl MountManager {
             ))
         })?;
         if entry.managed {
-            self.remove_mount_point(&path);
+            self.remove_mount_point(&path, &entry.volume);
         }
         tracing::info!("unmounted {}", path.display());
         Ok(detached)
@@ -1007,7 +1024,7 @@ impl MountManager {
                 tracing::warn!("unmounting {}: {err}", path.display());
             } else {
                 if e.managed {
-                    self.remove_mount_point(&path);
+                    self.remove_mount_point(&path, &e.volume);
                 }
                 tracing::info!("unmounted {}", path.display());
             }

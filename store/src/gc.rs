@@ -284,6 +284,9 @@ impl Store {
     pub fn gc(&self) -> Result<GcReport> {
         let _g = self.gc_lock.lock();
         self.gc_go_on()?;
+        for fs in self.loaded_branches() {
+            fs.free_unopened_orphans_now()?;
+        }
         let compact_before = {
             // Writers that decided "chunk already stored" finish first.
             let _barrier = self.db.gc_barrier.write();

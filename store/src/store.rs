@@ -1268,12 +1268,18 @@ impl Store {
         Ok(())
     }
 
+    /// The branches whose working state is loaded (mounted or used since
+    /// the start).
+    pub(crate) fn loaded_branches(&self) -> Vec<Arc<BranchFs>> {
+        self.branches.lock().values().cloned().collect()
+    }
+
     /// Stores the blocks that fsyncs left as patches in every open branch
     /// as whole chunks (see [`BranchFs::materialize_patches`]); returns how
     /// many, or the first error (after trying every branch). `dm server`
     /// calls it every few seconds.
     pub fn materialize_patches(&self) -> Result<usize> {
-        let all: Vec<Arc<BranchFs>> = self.branches.lock().values().cloned().collect();
+        let all = self.loaded_branches();
         let mut n = 0;
         let mut first_error = None;
         for fs in all {
@@ -1314,7 +1320,7 @@ impl Store {
     /// is flushed, what comes after is refused) and syncs the WAL: for a
     /// server that stops.
     pub fn stop_writes(&self) -> Result<()> {
-        let all: Vec<Arc<BranchFs>> = self.branches.lock().values().cloned().collect();
+        let all = self.loaded_branches();
         for fs in all {
             fs.stop()?;
         }
@@ -1323,7 +1329,7 @@ impl Store {
 
     /// Flushes every buffered write of every open branch and syncs the WAL.
     pub fn sync(&self) -> Result<()> {
-        let all: Vec<Arc<BranchFs>> = self.branches.lock().values().cloned().collect();
+        let all = self.loaded_branches();
         for fs in all {
             if !fs.state.read().deleted {
                 fs.flush_all()?;

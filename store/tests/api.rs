@@ -1940,6 +1940,15 @@ fn a_file_a_kernel_knows_outlives_its_unlink_until_forgotten_or_a_commit() {
     assert_eq!(fs.orphan_count(), 0);
     assert_eq!(fs.getattr(b).unwrap_err().errno(), libc::ESTALE);
     fs.unhold(b).unwrap();
+    // A GC frees such a file too, and its data: `rm BIG; dm gc` freed
+    // nothing while the kernel's forget was on its way.
+    let c = write_file(&fs, "c", &noise(1 << 20, 3));
+    fs.hold(c);
+    fs.unlink(ROOT_INO, b"c").unwrap();
+    let r = store.gc().unwrap();
+    assert!(r.bytes_freed >= 1 << 20, "{r:?}");
+    assert_eq!(fs.orphan_count(), 0);
+    fs.unhold(c).unwrap();
 }
 
 /// A file with no link left that a process still has open is never part
