@@ -1765,7 +1765,8 @@ fn a_second_server_leaves_the_plugin_to_the_first() {
 /// A server stopped (SIGTERM) while a checkout stops its containers leaves
 /// them stopped and says so, rather than starting them on mounts the stop
 /// removes a moment later (a database died there on "Transport endpoint
-/// is not connected", and stayed down after the next start).
+/// is not connected"), and starts them at its next start (they stayed
+/// down, a pull's too, and nothing said so).
 #[test]
 fn a_stopping_server_leaves_the_containers_of_a_switch_stopped() {
     let Some(_lock) = setup() else { return };
@@ -1796,8 +1797,21 @@ fn a_stopping_server_leaves_the_containers_of_a_switch_stopped() {
     let out = checkout.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && err.contains("the dm server is stopping"),
+        !out.status.success()
+            && err.contains("the dm server is stopping")
+            && err.contains("starts it again when it next starts"),
         "{err}"
     );
     assert!(!running(&s, c));
+    // The next start starts it again (it stayed down with no one told).
+    s.restart();
+    wait_until(
+        || running(&s, c),
+        || format!("the next start left it down:\n{}", s.log()),
+    );
+    assert!(
+        s.log().contains("the previous server stopped it"),
+        "{}",
+        s.log()
+    );
 }

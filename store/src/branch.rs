@@ -18,7 +18,7 @@ use crate::patch::{Patched, Ranges};
 use crate::stage;
 use crate::view::{Tx, View};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -2261,22 +2261,33 @@ impl BranchFs {
     /// files with no link left: no one's work (see `commit`), they made
     /// `dm status` say there was some until they were flushed.
     pub fn unflushed_bytes(&self) -> u64 {
+        self.unflushed().0
+    }
+
+    /// [`Self::unflushed_bytes`], and the blocks (inode, index) they are
+    /// in: the working state may hold an older version of those, which
+    /// the buffer's replaces (counted both, 100 bytes written and 50 more
+    /// said 250).
+    pub(crate) fn unflushed(&self) -> (u64, HashSet<(Ino, u64)>) {
         let orphans = self.orphan_set();
         let buffers: Vec<_> = self
             .files
             .lock()
             .iter()
             .filter(|(ino, _)| !orphans.contains(ino))
-            .map(|(_, b)| b.clone())
+            .map(|(ino, b)| (*ino, b.clone()))
             .collect();
         let bs = u64::from(self.block_size);
-        let mut n = 0;
-        for b in &buffers {
+        let (mut n, mut blocks) = (0, HashSet::new());
+        for (ino, b) in &buffers {
             let g = b.lock();
-            let data = |idx: &u64| g.size.saturating_sub(idx * bs).min(bs);
-            n += g.blocks.keys().map(data).sum::<u64>() + g.spilled.keys().map(data).sum::<u64>();
+            for idx in g.blocks.keys().chain(g.spilled.keys()) {
+                if blocks.insert((*ino, *idx)) {
+                    n += g.size.saturating_sub(idx * bs).min(bs);
+                }
+            }
         }
-        n
+        (n, blocks)
     }
 
     /// Before a reset discards the working state `st`: new files will get

@@ -274,11 +274,29 @@ pub struct Db {
     pub(crate) stage_closed: Arc<std::sync::atomic::AtomicBool>,
     /// What RocksDB's recovery at this open dropped from its write-ahead
     /// log as damaged (see [`wal_drops`]); `fsck` notes them.
-    pub(crate) wal_drops: Vec<String>,
+    pub(crate) wal_drops: Vec<WalDrop>,
     /// Bytes of the batches written durably (what fsyncs cost in RocksDB's
     /// log), for tests.
     #[cfg(test)]
     pub(crate) synced_bytes: std::sync::atomic::AtomicUsize,
+}
+
+/// A record RocksDB's recovery dropped (see [`wal_drops`]).
+pub(crate) struct WalDrop {
+    /// As RocksDB's log words it.
+    pub(crate) record: String,
+    /// The run before did not close the store (see [`closed_last_time`]).
+    pub(crate) after_unclean_end: bool,
+}
+
+/// Whether the last run that had the store at `db_dir` open closed it: its
+/// RocksDB log (`LOG`, renamed at the next open) ends with "Shutdown
+/// complete". Not after a crash, nor after a stop that left a mount in use
+/// (its session holds the store). Then a recovery that drops the torn end
+/// of a reused log file is no news; after a close it is damage. True for a
+/// new store.
+fn closed_last_time(db_dir: &Path) -> bool {
+    std::fs::read_to_string(db_dir.join("LOG")).map_or(true, |t| t.contains("Shutdown complete"))
 }
 
 /// The records RocksDB's recovery dropped from its write-ahead log at the
@@ -418,6 +436,7 @@ impl Db {
             )));
         }
         refuse_chunks_without_database(dir, &path)?;
+        let closed_before = closed_last_time(&path);
         let opened = DB::open_cf_descriptors(&db_opts, &path, cfs());
         // A disk that filled up while no server ran: the reserve is the
         // room to open in (the store starts full, see `space`).
@@ -442,12 +461,25 @@ impl Db {
                 Error::db(format!("opening the store at {}", path.display()))(e)
             }
         })?;
-        let wal_drops = wal_drops(&path);
+        let wal_drops = wal_drops(&path)
+            .into_iter()
+            .map(|d| WalDrop {
+                record: d,
+                after_unclean_end: !closed_before,
+            })
+            .collect::<Vec<_>>();
         for d in &wal_drops {
             tracing::warn!(
                 "RocksDB's recovery dropped records of its write-ahead log that did not \
-                 check out, and the changes after them: {d} (a write cut short by a crash, \
-                 or damage by the disk; `dm fsck` lists this until the next start)"
+                 check out, and the changes after them: {} ({}; `dm fsck` lists this until \
+                 the next start)",
+                d.record,
+                match d.after_unclean_end {
+                    true =>
+                        "the last run did not close the store: a crash, or a stop with files \
+                             still open on a mount; a write cut short, nothing acknowledged lost",
+                    false => "the last run closed the store: damage by the disk",
+                }
             );
         }
         // Created at open (create_missing_column_families).

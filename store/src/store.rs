@@ -518,7 +518,7 @@ impl Store {
             None => (0, 0),
         };
         let view = fs.view(&st);
-        let mut dirty = fs.unflushed_bytes();
+        let (mut dirty, buffered) = fs.unflushed();
         let mut delta: i128 = 0;
         // Open files with no link left are no one's work (see commit).
         let orphans = crate::diff::orphan_inos(&view)?;
@@ -527,6 +527,9 @@ impl Store {
                 return Ok(());
             }
             match keys::parse(k) {
+                // Counted as buffered.
+                Some((ino, keys::TAG_BLOCK))
+                    if keys::parse_block(k).is_some_and(|i| buffered.contains(&(ino, i))) => {}
                 Some((_, keys::TAG_BLOCK)) => match v {
                     Some(v) if crate::patch::is_patched(v) => {
                         dirty += crate::patch::Patched::parse(v, fs.block_size)?.len as u64;

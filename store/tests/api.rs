@@ -1647,6 +1647,12 @@ fn unflushed_small_files_count_as_their_bytes() {
         .collect();
     let info = store.branch_info(&dot, "master").unwrap();
     assert_eq!(info.dirty_bytes, 450);
+    // Flushed (a status asked for it, or an fsync), then written on: the
+    // working state's block is counted once, the buffer's version.
+    fs.fsync(inos[0], false).unwrap();
+    fs.write(inos[0], 150, &[b'y'; 50]).unwrap();
+    let info = store.branch_info(&dot, "master").unwrap();
+    assert_eq!(info.dirty_bytes, 500);
     for ino in inos {
         fs.release(ino).unwrap();
     }

@@ -704,7 +704,8 @@ fn run(ctx: &mut Ctx, req: &TransferReq, label: &str) -> Result<()> {
                 }
             };
             use crate::server::hub::{
-                STOPPED, STOPPED_MOVING, STOPPED_PULL_MOVING, STOPPED_PULL_STOPPING,
+                STOPPED, STOPPED_MOVING, STOPPED_PULL_MOVING, STOPPED_PULL_RESTARTING,
+                STOPPED_PULL_STOPPING,
             };
             let said = match s.error.as_deref() {
                 Some(STOPPED) => {
@@ -718,6 +719,10 @@ fn run(ctx: &mut Ctx, req: &TransferReq, label: &str) -> Result<()> {
                 Some(STOPPED_PULL_MOVING) => {
                     "stopped, but the containers had stopped for the branch's move, which may \
                      have happened (`dm log` tells); they start again either way"
+                }
+                Some(STOPPED_PULL_RESTARTING) => {
+                    "stopped, but the pull had moved the branch already (`dm log` shows it); \
+                     the containers stopped for the move start again"
                 }
                 Some(STOPPED_MOVING) => {
                     "stopped, but the data had arrived and the hub had been asked to move its \

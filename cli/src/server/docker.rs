@@ -47,6 +47,12 @@ struct State {
     options: BTreeMap<String, BTreeMap<String, String>>,
     /// Mount path -> requests.
     mounts: BTreeMap<PathBuf, MountRefs>,
+    /// Containers a checkout, reset, pull or push stopped and has not
+    /// started again yet (id -> dot): the server stopped or died between
+    /// the two, and they stayed down with no one told. The next start
+    /// starts them (see [`DockerIntegration::restart_stale_containers`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    stopped_for_switch: BTreeMap<String, String>,
     /// Paths mounted for Docker since this server started (not saved).
     #[serde(skip)]
     mounted_since_start: BTreeSet<PathBuf>,
@@ -186,7 +192,7 @@ impl DockerIntegration {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(PluginError::Backend(format!(
-                    "dot {dot} is being switched to another branch (dm checkout or reset) for over {} s; start the container again when that is done",
+                    "dot {dot} is being switched to another branch or its branch moved (dm checkout, reset or pull) for over {} s; start the container again when that is done",
                     SWITCH_WAIT.as_secs()
                 )));
             }
@@ -531,6 +537,13 @@ impl DockerIntegration {
         if let Some(ids) = self.switching_lock().get_mut(dot) {
             ids.extend(followers.iter().map(|c| c.id.clone()));
         }
+        if !followers.is_empty() {
+            let mut st = self.lock();
+            for c in &followers {
+                st.stopped_for_switch.insert(c.id.clone(), dot.to_string());
+            }
+            self.save(&st);
+        }
         // All at once: each may take its own stop timeout.
         let results = block_on(async {
             let mut set = tokio::task::JoinSet::new();
@@ -554,10 +567,19 @@ impl DockerIntegration {
         }
         let mut stopped: Vec<&Container> = Vec::new();
         let mut stop_err = None;
+        // Those left down stay recorded, for the next start.
+        let mut left_down = BTreeSet::new();
         for (i, result) in results {
             match (followers.get(i), result) {
                 (Some(c), Ok(())) => stopped.push(c),
-                (_, Err(e)) => {
+                (c, Err(e)) => {
+                    // The server stops under the call: Docker may go on
+                    // stopping it.
+                    if let Some(c) =
+                        c.filter(|_| self.stopping.load(std::sync::atomic::Ordering::SeqCst))
+                    {
+                        left_down.insert(c.id.clone());
+                    }
                     stop_err.get_or_insert(ApiError::internal(format!(
                         "{e}; nothing was switched (the containers stopped were started again)"
                     )));
@@ -575,13 +597,14 @@ impl DockerIntegration {
         if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             for c in stopped.drain(..) {
                 tracing::warn!(
-                    "dot {dot}: the server is stopping: container {} left stopped",
+                    "dot {dot}: the server is stopping: container {} left stopped; the server starts it again when it next starts",
                     c.name()
                 );
                 start_errs.push(format!(
-                    "{} (the dm server is stopping and its mounts go with it: start it once the server runs again)",
+                    "{} (the dm server is stopping and its mounts go with it: it starts it again when it next starts)",
                     c.name()
                 ));
+                left_down.insert(c.id.clone());
             }
         }
         for c in stopped {
@@ -596,11 +619,29 @@ impl DockerIntegration {
                 {
                     tracing::info!("dot {dot}: container {} was removed meanwhile", c.name());
                 }
+                // The server stops under the call (its runtime goes).
+                Err(e) if self.stopping.load(std::sync::atomic::Ordering::SeqCst) => {
+                    tracing::warn!(
+                        "dot {dot}: the server is stopping: starting container {} failed ({e}); the server starts it again when it next starts",
+                        c.name()
+                    );
+                    start_errs.push(format!("{} ({e})", c.name()));
+                    left_down.insert(c.id.clone());
+                }
                 Err(e) => {
                     tracing::error!("{e}");
                     start_errs.push(format!("{} ({e})", c.name()));
                 }
             }
+        }
+        if !followers.is_empty() {
+            let mut st = self.lock();
+            for c in &followers {
+                if !left_down.contains(&c.id) {
+                    st.stopped_for_switch.remove(&c.id);
+                }
+            }
+            self.save(&st);
         }
         match out {
             Ok(v) if start_errs.is_empty() => Ok(v),
@@ -729,6 +770,7 @@ impl DockerIntegration {
         if self.lock().volumes.is_empty() {
             return;
         }
+        let recorded = self.lock().stopped_for_switch.clone();
         // all_containers() keeps only the volumes of this server's table.
         let ours: Vec<Container> = self
             .all_containers()
@@ -741,6 +783,8 @@ impl DockerIntegration {
         // and gave up. Not one that never ran ("created": its first start
         // failed for want of a server; the user was told and may have run
         // another in its place).
+        // Or stopped by a checkout, reset, pull or push that the previous
+        // server did not live to finish (see `State::stopped_for_switch`).
         let mut stale = Vec::new();
         for c in ours {
             let given_up = !c.is_up()
@@ -748,7 +792,8 @@ impl DockerIntegration {
                 && block_on(self.docker.details(&c.id)).is_ok_and(|d| {
                     d.restarts() && d.error.contains(crate::server::plugin_proxy::SERVER_DOWN)
                 });
-            if c.is_up() || given_up {
+            let left_down = !c.is_up() && c.state == "exited" && recorded.contains_key(&c.id);
+            if c.is_up() || given_up || left_down {
                 stale.push(c);
             }
         }
@@ -759,17 +804,25 @@ impl DockerIntegration {
         block_on(async {
             let mut restarts = tokio::task::JoinSet::new();
             for c in stale {
-                tracing::info!(
-                    "restarting container {}: its dm mount died with the previous server{}",
-                    c.name(),
-                    if c.is_running() {
-                        ""
-                    } else if c.is_paused() {
-                        " (it was paused: it runs after the restart)"
-                    } else {
-                        " (Docker gave up restarting it while no server ran)"
-                    }
-                );
+                match recorded.get(&c.id).filter(|_| !c.is_up()) {
+                    Some(dot) => tracing::info!(
+                        "starting container {} again: the previous server stopped it for a change \
+                         of dot {dot}'s branch (checkout, reset, pull or push) and stopped itself \
+                         before starting it again",
+                        c.name()
+                    ),
+                    None => tracing::info!(
+                        "restarting container {}: its dm mount died with the previous server{}",
+                        c.name(),
+                        if c.is_running() {
+                            ""
+                        } else if c.is_paused() {
+                            " (it was paused: it runs after the restart)"
+                        } else {
+                            " (Docker gave up restarting it while no server ran)"
+                        }
+                    ),
+                }
                 let docker = self.docker.clone();
                 restarts.spawn(async move { (docker.restart(&c.id).await, c.name()) });
             }
@@ -783,6 +836,12 @@ impl DockerIntegration {
                 }
             }
         });
+        if !recorded.is_empty() {
+            let mut st = self.lock();
+            st.stopped_for_switch
+                .retain(|id, _| !recorded.contains_key(id));
+            self.save(&st);
+        }
     }
 }
 

@@ -335,6 +335,10 @@ pub const STOPPED_PULL_STOPPING: &str =
 /// A stopped pull's error once its containers had stopped for the move
 /// (it may have moved its branch).
 pub const STOPPED_PULL_MOVING: &str = "stopped (Ctrl-C) as the pull moved its branch";
+/// A stopped pull's error once its branch had moved, while the containers
+/// it stopped start again.
+pub const STOPPED_PULL_RESTARTING: &str =
+    "stopped (Ctrl-C) after the pull moved its branch, as its containers start again";
 
 /// How long a finished transfer's result waits for its client.
 const FINISHED_JOBS_KEPT: std::time::Duration = std::time::Duration::from_secs(600);
@@ -575,8 +579,10 @@ async fn cancel_transfer(
         let phase = job.progress.phase();
         s.error = Some(if phase == dm_sync::progress::MOVING {
             STOPPED_MOVING.into()
-        } else if phase == PULL_MOVING || phase == PULL_RESTARTING {
+        } else if phase == PULL_MOVING {
             STOPPED_PULL_MOVING.into()
+        } else if phase == PULL_RESTARTING {
+            STOPPED_PULL_RESTARTING.into()
         } else if phase.starts_with(PULL_STOPPING) {
             STOPPED_PULL_STOPPING.into()
         } else {
