@@ -61,3 +61,24 @@ fn subdots_commit_and_reset_atomically() {
     assert_ne!(full_orders, empty_orders);
     assert_ne!(full_catalog, empty_catalog);
 }
+
+/// A subdot mount whose directory was removed through a mount of the whole
+/// dot answers ESTALE (its root is gone), and `dm unmount` takes it away:
+/// it said another file system was mounted over it, also with --force.
+#[test]
+fn a_subdot_mount_whose_directory_was_removed_unmounts() {
+    let s = Server::start(DM);
+    s.ok(&["init", "gone"]);
+    s.ok(&["switch", "gone"]);
+    let db = s.root().join("db");
+    let whole = s.root().join("whole");
+    s.ok(&["mount", "gone.db", db.to_str().unwrap()]);
+    s.ok(&["mount", "gone.__root__", whole.to_str().unwrap()]);
+    write_synced(&db.join("a"), b"1");
+    s.ok(&["commit", "-m", "a"]);
+    std::fs::remove_dir_all(whole.join("db")).unwrap();
+    let err = std::fs::read_dir(&db).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ESTALE), "{err}");
+    s.ok(&["unmount", db.to_str().unwrap()]);
+    assert!(!dm_tests::is_mounted(&db));
+}

@@ -392,7 +392,8 @@ pub fn reset(ctx: &mut Ctx, rev: &str, hard: bool) -> Result<()> {
     for h in &r.held_open {
         eprintln!(
             "warning: {} file{} held open on {} across the reset (`fuser -vm {}` names the \
-             process); it now sees the reset state under it. A database running there still \
+             process); it now sees the reset state under it (a file deleted while open ends: \
+             ESTALE, and SIGBUS in a mapping of it). A database running there still \
              holds the old state and writes it back, also as it stops: stop it, then run \
              `dm reset --hard {}` again (and stop it before a reset next time).",
             h.files,

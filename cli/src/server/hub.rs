@@ -105,7 +105,8 @@ fn held_across(held: &[(std::path::PathBuf, usize)], what: &str) -> Option<Strin
     let (_, paths) = super::routes::files_and_paths(held);
     Some(format!(
         "files were held open on {} across {what} (`fuser -vm` names the processes); they now \
-         see the new state under them; a database running there still holds the old state and \
+         see the new state under them (a file deleted while open ends: ESTALE, and SIGBUS in a \
+         mapping of it); a database running there still holds the old state and \
          writes it back, also as it stops: stop it, then `dm reset --hard HEAD` on that branch",
         paths.join(", ")
     ))
