@@ -124,6 +124,11 @@ pub enum Command {
         /// pinned `dot@BRANCH` mount or container wrote).
         #[arg(long, value_name = "BRANCH")]
         branch: Option<String>,
+        /// The commit's author, as `dm log` shows it [default: `admin` for
+        /// root, else the user name], as git's `--author`; a team sharing
+        /// a hub sets it (or DM_AUTHOR) to tell its commits apart.
+        #[arg(long, env = "DM_AUTHOR", value_name = "NAME", hide_env_values = true)]
+        author: Option<String>,
     },
     /// Show the commits of the current branch (or BRANCH), oldest first.
     Log {

@@ -998,3 +998,37 @@ fn a_file_deleted_while_open_leaves_commits_clean() {
     s.ok(&["branch", "from-here"]);
     s.ok(&["branch", "-d", "from-here"]);
 }
+
+/// `--author` (or DM_AUTHOR) names a commit's author, as git's: a team
+/// sharing a hub saw `admin` on every commit, whoever made it.
+#[test]
+fn commit_author_comes_from_the_flag_or_the_environment() {
+    let (s, mnt) = server_with_dot("authors");
+    write_synced(&mnt.join("a"), b"a");
+    s.ok(&[
+        "commit",
+        "-m",
+        "by alice",
+        "--author",
+        "Alice <alice@example.com>",
+    ]);
+    let out = s
+        .dm_command(&["commit", "-m", "by bob"])
+        .env("DM_AUTHOR", "bob")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    s.ok(&["commit", "-m", "by default"]);
+    let log = s.ok(&["log"]);
+    let authors: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.strip_prefix("Author: "))
+        .collect();
+    assert_eq!(
+        authors,
+        ["Alice <alice@example.com>", "bob", "admin"],
+        "{log}"
+    );
+    let err = s.fail(&["commit", "-m", "x", "--author", "two\nlines"]);
+    assert!(err.contains("is not a name"), "{err}");
+}

@@ -118,6 +118,14 @@ fn hub_push_clone_pull_through_the_cli() {
     );
     let err = fail_env(&alice, &["remote", "add", "hub", &target], &[]);
     assert!(err.contains("DM_API_KEY"), "{err}");
+    // A pasted file is no key (17,000 characters broke the connection).
+    let err = fail_env(
+        &alice,
+        &["remote", "add", "hub", &target],
+        &[("DM_API_KEY", &"a".repeat(17_000))],
+    );
+    assert!(err.contains("that is not an API key"), "{err}");
+    assert!(alice.ok(&["remote"]).is_empty());
     let out = ok_env(
         &alice,
         &["remote", "add", "hub", &target],
@@ -694,6 +702,9 @@ fn pulls_pass_mount_placeholders_say_how_far_a_branch_moved_and_wait_for_each_ot
         out.contains("master: 3 commits (0 transferred, 3 already stored)"),
         "{out}"
     );
+    // In a namespace of its own, as `dm pull` makes one.
+    bob.ok(&["clone", "hub", "alice/app", "--local-name", "team/app"]);
+    assert_eq!(read(&mount(&bob, "team/app").join("f")), b"three");
     alice.ok(&["checkout", "-b", "dev"]);
     write_synced(&am.join("d"), b"dev");
     alice.ok(&["commit", "-m", "dev"]);

@@ -1140,7 +1140,7 @@ pub async fn fetch_for_pull(
             d if opts.force && (d == Divergence::Ahead || !opts.stash_on_divergence) => {
                 if store.has_uncommitted(dot, branch)? {
                     return Err(Error::Refused(format!(
-                        "branch {branch} of dot {dot} has uncommitted changes; commit them (or `dm reset --hard HEAD`) first. Nothing was changed"
+                        "branch {branch} of dot {dot} has uncommitted changes; commit them (or `dm reset --hard HEAD`) first. Nothing was changed on that branch"
                     )));
                 }
                 forced = true;

@@ -549,8 +549,8 @@ fn uncommitted_on_hub(dot: &DotName, branch: &str) -> Response {
         ErrorCode::Refused,
         format!(
             "branch {branch} of {ns}/{name} has uncommitted changes on the hub (made there, e.g. through a mount); \
-             it takes pushes once the hub's admin commits or discards them there: `dm switch {ns}/{name}`, \
-             `dm checkout {branch}`, then `dm commit -m ...` or `dm reset --hard HEAD`",
+             it takes pushes once the hub's admin commits them there (`dm commit --dot {ns}/{name} \
+             --branch {branch} -m ...`) or discards them (`dm reset --hard HEAD` with {branch} checked out)",
             ns = dot.namespace,
             name = dot.name
         ),

@@ -18,9 +18,9 @@ fn current(ctx: &mut Ctx) -> Result<(DotName, DotDetail)> {
     Ok((dot, detail))
 }
 
-/// The author of commits: `admin` for root on the local socket (like
-/// Dotmesh), the user name otherwise.
-fn author() -> String {
+/// The author of commits without `--author`: `admin` for root on the
+/// local socket (like Dotmesh), the user name otherwise.
+fn default_author() -> String {
     if nix::unistd::geteuid().is_root() {
         return "admin".to_string();
     }
@@ -43,7 +43,15 @@ pub fn commit(
     message: &str,
     metadata: &[String],
     branch: Option<&str>,
+    author: Option<&str>,
 ) -> Result<()> {
+    let author = match author.map(str::trim) {
+        None => default_author(),
+        Some(a) if a.is_empty() || a.len() > 256 || a.chars().any(char::is_control) => {
+            bail!("author {a:?} is not a name: give 1 to 256 characters on one line (--author or DM_AUTHOR)")
+        }
+        Some(a) => a.to_string(),
+    };
     let mut meta = BTreeMap::new();
     for kv in metadata {
         let Some((k, v)) = kv.split_once('=') else {
@@ -75,7 +83,7 @@ pub fn commit(
         &path,
         &CommitRequest {
             message: clean_message(message),
-            author: Some(author()),
+            author: Some(author),
             metadata: meta,
         },
     )?;

@@ -223,6 +223,7 @@ pub fn run(cli: Cli) -> Result<()> {
             message,
             metadata,
             branch,
+            author,
         } => {
             // Empty -m paragraphs are dropped, as git drops them.
             let paragraphs: Vec<&str> = message
@@ -235,6 +236,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 &paragraphs.join("\n\n"),
                 &metadata,
                 branch.as_deref(),
+                author.as_deref(),
             )
         }
         Command::Log {

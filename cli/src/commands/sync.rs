@@ -90,7 +90,25 @@ fn port_of(r: &Remote) -> u16 {
     r.port.unwrap_or(dm_sync::proto::DEFAULT_PORT)
 }
 
+/// The API key for remote `name`, from DM_API_KEY, stdin or a prompt;
+/// refused when it cannot be one (a pasted file: a 17,000-character key
+/// broke the connection with "closed by peer: 0").
 fn read_key(name: &str, r: &Remote) -> Result<String> {
+    let k = read_key_as_given(name, r)?;
+    if k.len() > 1024 || k.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        bail!(
+            "that is not an API key ({} characters{}): give the one line `dm user add {}` printed on {} \
+             (via DM_API_KEY, stdin or the prompt)",
+            k.chars().count(),
+            if k.chars().any(char::is_whitespace) { ", with spaces or line breaks" } else { "" },
+            r.user,
+            r.hostname
+        );
+    }
+    Ok(k)
+}
+
+fn read_key_as_given(name: &str, r: &Remote) -> Result<String> {
     if let Ok(k) = std::env::var("DM_API_KEY") {
         if !k.trim().is_empty() {
             return Ok(k.trim().to_string());
@@ -502,7 +520,13 @@ pub fn clone(
         DotName::parse(&format!("{}/{dot}", r.user))
     }
     .map_err(|e| anyhow!("{e}"))?;
-    let local = DotName::new(local_name.unwrap_or(&rdot.name)).map_err(|e| anyhow!("{e}"))?;
+    // `--local-name` as any dot name, a namespace included (`team/hist`,
+    // as `dm pull` makes one).
+    let local = match local_name {
+        Some(n) => DotName::parse(n),
+        None => DotName::new(&rdot.name),
+    }
+    .map_err(|e| anyhow!("{e}"))?;
     let upstream = format!("{}/{}", rdot.namespace, rdot.name);
     // The same clone run again after it was cut short goes on (its dot is
     // there, with this upstream), as the message of the first run said.

@@ -803,7 +803,7 @@ fn uncommitted(app: &AppState, dot: &DotName, branch: &str, current: &str) -> dm
         )
     };
     dm_sync::Error::Refused(format!(
-        "branch {branch} of dot {dot} has uncommitted changes; commit them (or `dm reset --hard HEAD`) first. Nothing was changed.{writers}"
+        "branch {branch} of dot {dot} has uncommitted changes; commit them (or `dm reset --hard HEAD`) first. Nothing was changed on that branch.{writers}"
     ))
 }
 
