@@ -425,6 +425,21 @@ fn hub_push_clone_pull_through_the_cli() {
     alice.ok(&["push", "hub", "myapp", "newbranch"]);
     let out = bob.ok(&["pull", "hub", "myapp"]);
     assert!(out.contains("newbranch: 1 commit,"), "{out}");
+    // Made at a branch's first push only: one deleted on the hub since
+    // stays deleted (it came back with every push of side2).
+    alice.ok(&["checkout", "-b", "side"]);
+    alice.ok(&["checkout", "-b", "side2"]);
+    write_synced(&am.join("S"), b"S");
+    alice.ok(&["commit", "-m", "S"]);
+    let out = alice.ok(&["push", "hub", "myapp", "side2"]);
+    assert!(out.contains("created branch side there"), "{out}");
+    alice.ok(&["push", "hub", "myapp", "side", "--delete"]);
+    write_synced(&am.join("T"), b"T");
+    alice.ok(&["commit", "-m", "T"]);
+    let out = alice.ok(&["push", "hub", "myapp", "side2"]);
+    assert!(!out.contains("created branch"), "{out}");
+    let hub_branches = hub.ok(&["branch", "--dot", "alice/myapp"]);
+    assert!(!hub_branches.contains("side\n"), "{hub_branches}");
     assert!(bob
         .ok(&["dot", "show", "myapp"])
         .contains("Upstream on hub: alice/myapp"));

@@ -769,8 +769,10 @@ pub async fn push(
     // From here the hub is asked to move branches: a stop (Ctrl-C) no
     // longer takes that back (the hub may wait for its containers first).
     progress.set_phase(crate::progress::MOVING);
-    // The branch it grew from, when the hub lacks it.
-    if let Some((origin, fork)) = &info.origin {
+    // The branch it grew from, when the hub lacks it, at the branch's
+    // first push only: one deleted on the hub since (`push --delete`) came
+    // back with every later push of a branch grown from it.
+    if let Some((origin, fork)) = info.origin.as_ref().filter(|_| remote_head.is_none()) {
         let has_origin = remote_state
             .as_ref()
             .is_some_and(|(_, b)| b.iter().any(|(n, _)| n == origin));
