@@ -2075,8 +2075,8 @@ impl Mount {
     /// Whether the mount point's device is this mount's. A stat that fails
     /// is this mount's answer (a file system mounted over it would answer
     /// itself): a subdot mount whose directory was removed through a mount
-    /// of the whole dot answers ESTALE, and `dm unmount` said another file
-    /// system was mounted over it.
+    /// of the whole dot answers ENOENT or ESTALE, and `dm unmount` said
+    /// another file system was mounted over it.
     fn shows_this_mount(&self) -> bool {
         std::fs::metadata(&self.path).map_or(true, |m| {
             std::os::unix::fs::MetadataExt::dev(&m) == self.dev

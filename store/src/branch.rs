@@ -27,6 +27,9 @@ use std::sync::Arc;
 const XATTR_MAX: usize = 64 * 1024;
 /// Clean block copies kept per file (see `FileBuf::clean`).
 const CLEAN_BLOCKS: usize = 2;
+/// Directories removed that [`BranchFs`] remembers (see its `removed_dirs`).
+const REMOVED_DIRS_KEPT: usize = 1024;
+
 /// A file's buffered blocks are chunked once they pass this many bytes.
 const FILE_BUFFER_MAX: usize = 8 << 20;
 /// Spilled blocks a file's buffer may hold before a flush indexes them.
@@ -289,6 +292,12 @@ pub struct BranchFs {
     /// knows them) made since the branch was opened: those a last release
     /// or forget may free.
     orphans: Mutex<std::collections::HashSet<Ino>>,
+    /// The directories removed last in this working state (at most
+    /// [`REMOVED_DIRS_KEPT`]; a reset empties it): an operation in one
+    /// fails with ENOENT, as in a removed directory of a local file system,
+    /// where ESTALE (a number the state does not have) sent `rm -rf` racing
+    /// another `rm -rf` into "Stale file handle".
+    removed_dirs: Mutex<std::collections::VecDeque<Ino>>,
     /// Blocks an fsync stored as patches, for [`BranchFs::materialize_patches`]
     /// (may name blocks stored whole since: it checks).
     patched: Mutex<HashMap<Ino, std::collections::BTreeSet<u64>>>,
@@ -355,6 +364,7 @@ impl BranchFs {
             open: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
             orphans: Mutex::new(std::collections::HashSet::new()),
+            removed_dirs: Mutex::new(std::collections::VecDeque::new()),
             resets: AtomicU64::new(0),
             revoked: Mutex::new(HashMap::new()),
             patched: Mutex::new(HashMap::new()),
@@ -434,8 +444,13 @@ impl BranchFs {
         tx.put(keys::inode(ino), rec.encode());
     }
 
-    fn dir(tx: &Tx, ino: Ino) -> Result<InodeRec> {
-        let rec = Self::load(tx, ino)?;
+    fn dir(&self, tx: &Tx, ino: Ino) -> Result<InodeRec> {
+        let rec = match Self::load(tx, ino) {
+            Err(e) if e.errno() == ESTALE && self.removed_dirs.lock().contains(&ino) => {
+                return Err(Error::fs("directory", ENOENT));
+            }
+            r => r?,
+        };
         if rec.kind != FileKind::Dir {
             return Err(Error::fs("directory", ENOTDIR));
         }
@@ -528,7 +543,7 @@ impl BranchFs {
         if name == b"." {
             return self.getattr_in(&tx, parent);
         }
-        let pdir = Self::dir(&tx, parent)?;
+        let pdir = self.dir(&tx, parent)?;
         if name == b".." {
             return self.getattr_in(&tx, pdir.parent);
         }
@@ -543,7 +558,14 @@ impl BranchFs {
     pub fn getattr(&self, ino: Ino) -> Result<Attr> {
         let st = self.state()?;
         let view = self.view(&st);
-        self.attr_fresh(ino, || Self::load_view(&view, ino))
+        match self.attr_fresh(ino, || Self::load_view(&view, ino)) {
+            // The kernel asks for a directory's attributes before it
+            // removes an entry in it (see `removed_dirs`).
+            Err(e) if e.errno() == ESTALE && self.removed_dirs.lock().contains(&ino) => {
+                Err(Error::fs("getattr", ENOENT))
+            }
+            r => r,
+        }
     }
 
     /// The attributes of `ino` for a reader that holds no `meta` lock: the
@@ -585,7 +607,7 @@ impl BranchFs {
         let st = self.state()?;
         let _m = self.meta.lock();
         let mut tx = Tx::new(self.view(&st));
-        let mut p = Self::dir(&tx, parent)?;
+        let mut p = self.dir(&tx, parent)?;
         if Self::entry(&tx, parent, name)?.is_some() {
             return Err(Error::fs(op, EEXIST));
         }
@@ -689,7 +711,7 @@ impl BranchFs {
         if rec.nlink >= 65_000 {
             return Err(Error::fs("link", EMLINK));
         }
-        let mut p = Self::dir(&tx, new_parent)?;
+        let mut p = self.dir(&tx, new_parent)?;
         if Self::entry(&tx, new_parent, new_name)?.is_some() {
             return Err(Error::fs("link", EEXIST));
         }
@@ -773,7 +795,7 @@ impl BranchFs {
         let st = self.state()?;
         let _m = self.meta.lock();
         let mut tx = Tx::new(self.view(&st));
-        let mut p = Self::dir(&tx, parent)?;
+        let mut p = self.dir(&tx, parent)?;
         let e = Self::entry(&tx, parent, name)?.ok_or(Error::fs("unlink", ENOENT))?;
         if e.kind == FileKind::Dir {
             return Err(Error::fs("unlink", EISDIR));
@@ -797,7 +819,7 @@ impl BranchFs {
         let st = self.state()?;
         let _m = self.meta.lock();
         let mut tx = Tx::new(self.view(&st));
-        let mut p = Self::dir(&tx, parent)?;
+        let mut p = self.dir(&tx, parent)?;
         let e = Self::entry(&tx, parent, name)?.ok_or(Error::fs("rmdir", ENOENT))?;
         if e.kind != FileKind::Dir {
             return Err(Error::fs("rmdir", ENOTDIR));
@@ -812,7 +834,13 @@ impl BranchFs {
         p.ctime = t;
         Self::store(&mut tx, parent, &p);
         self.destroy(&mut tx, e.ino)?;
-        tx.commit(false, "removing a directory")
+        tx.commit(false, "removing a directory")?;
+        let mut removed = self.removed_dirs.lock();
+        if removed.len() >= REMOVED_DIRS_KEPT {
+            removed.pop_front();
+        }
+        removed.push_back(e.ino);
+        Ok(())
     }
 
     /// True when `ino` is `ancestor` or inside it.
@@ -849,8 +877,8 @@ impl BranchFs {
         let st = self.state()?;
         let _m = self.meta.lock();
         let mut tx = Tx::new(self.view(&st));
-        Self::dir(&tx, parent)?;
-        Self::dir(&tx, new_parent)?;
+        self.dir(&tx, parent)?;
+        self.dir(&tx, new_parent)?;
         let src = Self::entry(&tx, parent, name)?.ok_or(Error::fs("rename", ENOENT))?;
         let dst = Self::entry(&tx, new_parent, new_name)?;
         if parent == new_parent && name == new_name {
@@ -1179,6 +1207,7 @@ impl BranchFs {
     pub(crate) fn reset_done(&self, st: &BranchState) {
         let n = self.resets.fetch_add(1, Ordering::AcqRel) + 1;
         let orphans = std::mem::take(&mut *self.orphans.lock());
+        self.removed_dirs.lock().clear();
         let open: Vec<Ino> = self.open.lock().keys().copied().collect();
         let view = self.view(st);
         for ino in open {

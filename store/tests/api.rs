@@ -2248,3 +2248,21 @@ fn resolving_an_id_passes_over_branches_deleted_meanwhile() {
         );
     });
 }
+
+/// Operations in and on a directory just removed fail with ENOENT, as in a
+/// removed directory of a local file system (two `rm -rf` racing printed
+/// "Stale file handle"); after a reset, numbers the state lacks are
+/// ESTALE again (the kernel then looks the path up anew).
+#[test]
+fn a_removed_directory_is_enoent_until_a_reset() {
+    let (_d, store, dot) = setup();
+    let fs = store.branch_fs(&dot, "master").unwrap();
+    let d = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0).unwrap().ino;
+    fs.rmdir(ROOT_INO, b"d").unwrap();
+    assert_eq!(fs.getattr(d).unwrap_err().errno(), libc::ENOENT);
+    assert_eq!(fs.unlink(d, b"x").unwrap_err().errno(), libc::ENOENT);
+    assert_eq!(fs.lookup(d, b"x").unwrap_err().errno(), libc::ENOENT);
+    let c = commit(&store, &dot, "master", "empty");
+    store.reset(&dot, "master", c.id, true).unwrap();
+    assert_eq!(fs.getattr(d).unwrap_err().errno(), libc::ESTALE);
+}
