@@ -874,13 +874,13 @@ impl MountManager {
             .collect()
     }
 
-    /// The mounts of volumes that `which` picks and that have files open,
-    /// with how many.
+    /// The mounts of volumes that `which` picks and that have files or
+    /// directories open, with how many.
     pub fn open_files_where(&self, which: impl Fn(&VolumeName) -> bool) -> Vec<(PathBuf, usize)> {
         self.lock()
             .iter()
             .filter(|e| which(&e.volume))
-            .map(|e| (e.path.clone(), e.mount.open_files()))
+            .map(|e| (e.path.clone(), e.mount.open_files_and_dirs()))
             .filter(|(_, n)| *n > 0)
             .collect()
     }

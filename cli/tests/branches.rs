@@ -1032,3 +1032,21 @@ fn commit_author_comes_from_the_flag_or_the_environment() {
     let err = s.fail(&["commit", "-m", "x", "--author", "two\nlines"]);
     assert!(err.contains("is not a name"), "{err}");
 }
+
+/// A directory being listed counts as a file open: a checkout is refused
+/// while a host process lists one (a `find` during a checkout failed
+/// partway with "Stale file handle" and listed a third of the files).
+#[test]
+fn a_checkout_is_refused_while_a_directory_is_being_listed() {
+    let (s, mnt) = server_with_dot("listing");
+    std::fs::create_dir(mnt.join("dir")).unwrap();
+    write_synced(&mnt.join("dir/a"), b"a");
+    s.ok(&["commit", "-m", "a"]);
+    s.ok(&["branch", "other"]);
+    let listing = std::fs::read_dir(mnt.join("dir")).unwrap();
+    let err = s.fail(&["checkout", "other"]);
+    assert!(err.contains("nothing was changed"), "{err}");
+    assert!(s.ok(&["branch"]).contains("* master"));
+    drop(listing);
+    s.ok(&["checkout", "other"]);
+}

@@ -2241,6 +2241,17 @@ impl Mount {
         self.shared.handles.read().len()
     }
 
+    /// Files and directories open through this mount: a directory being
+    /// listed (`find`, `tar`, `rsync`) is in use as much as a file read
+    /// (a checkout under a `find` made it fail partway with ESTALE).
+    pub fn open_files_and_dirs(&self) -> usize {
+        self.open_files()
+            + self
+                .shared
+                .open_dirs
+                .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Whether a process uses the mount: a file open through it, or a
     /// working directory or another mount inside it. Asked of the kernel
     /// as root (it knows at once when a process closed or exited, where
