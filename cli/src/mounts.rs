@@ -344,13 +344,7 @@ impl MountManager {
         let rel = path.strip_prefix(&self.mount_dir).unwrap_or(path);
         let rel = rel.strip_prefix("/").unwrap_or(rel);
         let found = self.mount_dir.join("lost+found");
-        let dest = (1..100)
-            .map(|n| match n {
-                1 => found.join(secs.to_string()).join(rel),
-                n => found.join(format!("{secs}-{n}")).join(rel),
-            })
-            .find(|d| std::fs::symlink_metadata(d).is_err())
-            .unwrap_or_else(|| found.join(secs.to_string()).join(rel));
+        let dest = first_free(|suffix| found.join(format!("{secs}{suffix}")).join(rel));
         let moved = dest
             .parent()
             .map_or(Ok(()), std::fs::create_dir_all)
@@ -383,15 +377,10 @@ impl MountManager {
             return false;
         };
         let secs = unix_secs();
-        // Never onto an earlier one (two crashes in a second): -2, -3...
         let name = path.file_name().unwrap_or_default().to_string_lossy();
-        let dest = (1..100)
-            .map(|n| match n {
-                1 => path.with_file_name(format!("{name}.dm-lost+found-{secs}")),
-                n => path.with_file_name(format!("{name}.dm-lost+found-{secs}-{n}")),
-            })
-            .find(|d| std::fs::symlink_metadata(d).is_err())
-            .unwrap_or_else(|| path.with_file_name(format!("{name}.dm-lost+found-{secs}")));
+        let dest = first_free(|suffix| {
+            path.with_file_name(format!("{name}.dm-lost+found-{secs}{suffix}"))
+        });
         if let Err(e) = std::fs::rename(path, &dest) {
             tracing::warn!(
                 "{} holds files written while {volume} was not mounted there (outside the dot); \
@@ -1064,6 +1053,19 @@ fn check_open_file_room(volume: &VolumeName) -> ApiResult<()> {
          (`ulimit -n` before `dm server`, LimitNOFILE= in a systemd unit) and restart it, or unmount others",
         lim.rlim_cur
     )))
+}
+
+/// The first of `make("")`, `make("-2")`, `make("-3")`... that names
+/// nothing yet (the first when all of 99 do): never onto an earlier
+/// lost+found (two stops or crashes in a second).
+fn first_free(make: impl Fn(&str) -> PathBuf) -> PathBuf {
+    (1..100)
+        .map(|n| match n {
+            1 => make(""),
+            n => make(&format!("-{n}")),
+        })
+        .find(|d| std::fs::symlink_metadata(d).is_err())
+        .unwrap_or_else(|| make(""))
 }
 
 /// Seconds since 1970, naming the lost+found directories.

@@ -444,13 +444,17 @@ impl BranchFs {
         tx.put(keys::inode(ino), rec.encode());
     }
 
+    /// `e`, or ENOENT where it is ESTALE for a directory just removed
+    /// (see `removed_dirs`).
+    fn in_removed_dir(&self, e: Error, ino: Ino, what: &'static str) -> Error {
+        match e.errno() == ESTALE && self.removed_dirs.lock().contains(&ino) {
+            true => Error::fs(what, ENOENT),
+            false => e,
+        }
+    }
+
     fn dir(&self, tx: &Tx, ino: Ino) -> Result<InodeRec> {
-        let rec = match Self::load(tx, ino) {
-            Err(e) if e.errno() == ESTALE && self.removed_dirs.lock().contains(&ino) => {
-                return Err(Error::fs("directory", ENOENT));
-            }
-            r => r?,
-        };
+        let rec = Self::load(tx, ino).map_err(|e| self.in_removed_dir(e, ino, "directory"))?;
         if rec.kind != FileKind::Dir {
             return Err(Error::fs("directory", ENOTDIR));
         }
@@ -558,14 +562,10 @@ impl BranchFs {
     pub fn getattr(&self, ino: Ino) -> Result<Attr> {
         let st = self.state()?;
         let view = self.view(&st);
-        match self.attr_fresh(ino, || Self::load_view(&view, ino)) {
-            // The kernel asks for a directory's attributes before it
-            // removes an entry in it (see `removed_dirs`).
-            Err(e) if e.errno() == ESTALE && self.removed_dirs.lock().contains(&ino) => {
-                Err(Error::fs("getattr", ENOENT))
-            }
-            r => r,
-        }
+        // The kernel asks for a directory's attributes before it removes
+        // an entry in it.
+        self.attr_fresh(ino, || Self::load_view(&view, ino))
+            .map_err(|e| self.in_removed_dir(e, ino, "getattr"))
     }
 
     /// The attributes of `ino` for a reader that holds no `meta` lock: the

@@ -289,6 +289,24 @@ pub(crate) struct WalDrop {
     pub(crate) after_unclean_end: bool,
 }
 
+impl WalDrop {
+    /// What the drop means, as the log and `fsck` say it.
+    pub(crate) fn cause(&self) -> &'static str {
+        match self.after_unclean_end {
+            true => {
+                "The run of the server before did not close the store (a crash: kill -9, out \
+                 of memory, the machine; or a stop with files still open on a mount, which \
+                 keeps the store open): that is a write cut short, never acknowledged; nothing \
+                 acknowledged is lost"
+            }
+            false => {
+                "The run of the server before closed the store cleanly, so the disk damaged \
+                 it, and changes made before that stop, commits included, are gone"
+            }
+        }
+    }
+}
+
 /// Whether the last run that had the store at `db_dir` open closed it: its
 /// RocksDB log (`LOG`, renamed at the next open) ends with "Shutdown
 /// complete". Not after a crash, nor after a stop that left a mount in use
@@ -471,15 +489,10 @@ impl Db {
         for d in &wal_drops {
             tracing::warn!(
                 "RocksDB's recovery dropped records of its write-ahead log that did not \
-                 check out, and the changes after them: {} ({}; `dm fsck` lists this until \
+                 check out, and the changes after them: {}. {} (`dm fsck` lists this until \
                  the next start)",
                 d.record,
-                match d.after_unclean_end {
-                    true =>
-                        "the last run did not close the store: a crash, or a stop with files \
-                             still open on a mount; a write cut short, nothing acknowledged lost",
-                    false => "the last run closed the store: damage by the disk",
-                }
+                d.cause()
             );
         }
         // Created at open (create_missing_column_families).

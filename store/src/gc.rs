@@ -522,23 +522,11 @@ impl Store {
                 .wal_drops
                 .iter()
                 .map(|d| {
-                    let why = match d.after_unclean_end {
-                        true => {
-                            "The run of the server before did not close the store (a crash: \
-                             kill -9, out of memory, the machine; or a stop with files still \
-                             open on a mount, which keeps the store open): that is a write cut \
-                             short, never acknowledged; nothing acknowledged is lost"
-                        }
-                        false => {
-                            "The run of the server before closed the store cleanly, so the \
-                             disk damaged it, and changes made before that stop, commits \
-                             included, are gone"
-                        }
-                    };
                     format!(
                         "when the store was opened, RocksDB dropped records of its write-ahead \
-                         log that did not check out, and the changes after them: {}. {why}",
-                        d.record
+                         log that did not check out, and the changes after them: {}. {}",
+                        d.record,
+                        d.cause()
                     )
                 })
                 .collect(),

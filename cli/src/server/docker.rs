@@ -401,6 +401,11 @@ impl DockerIntegration {
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Whether [`Self::server_stopping`] was called.
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn around_switch<T>(
         &self,
         dot: &DotName,
@@ -575,9 +580,7 @@ impl DockerIntegration {
                 (c, Err(e)) => {
                     // The server stops under the call: Docker may go on
                     // stopping it.
-                    if let Some(c) =
-                        c.filter(|_| self.stopping.load(std::sync::atomic::Ordering::SeqCst))
-                    {
+                    if let Some(c) = c.filter(|_| self.is_stopping()) {
                         left_down.insert(c.id.clone());
                     }
                     stop_err.get_or_insert(ApiError::internal(format!(
@@ -594,7 +597,7 @@ impl DockerIntegration {
         // Mounts go on (the containers started below mount again).
         drop(switching);
         let mut start_errs = Vec::new();
-        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.is_stopping() {
             for c in stopped.drain(..) {
                 tracing::warn!(
                     "dot {dot}: the server is stopping: container {} left stopped; the server starts it again when it next starts",
@@ -620,7 +623,7 @@ impl DockerIntegration {
                     tracing::info!("dot {dot}: container {} was removed meanwhile", c.name());
                 }
                 // The server stops under the call (its runtime goes).
-                Err(e) if self.stopping.load(std::sync::atomic::Ordering::SeqCst) => {
+                Err(e) if self.is_stopping() => {
                     tracing::warn!(
                         "dot {dot}: the server is stopping: starting container {} failed ({e}); the server starts it again when it next starts",
                         c.name()
