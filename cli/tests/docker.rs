@@ -1799,7 +1799,8 @@ fn a_stopping_server_leaves_the_containers_of_a_switch_stopped() {
     assert!(
         !out.status.success()
             && err.contains("the dm server is stopping")
-            && err.contains("starts it again when it next starts"),
+            && err.contains("starts it again when it next starts")
+            && !err.contains("docker start"),
         "{err}"
     );
     assert!(!running(&s, c));
@@ -1813,5 +1814,148 @@ fn a_stopping_server_leaves_the_containers_of_a_switch_stopped() {
         s.log().contains("the previous server stopped it"),
         "{}",
         s.log()
+    );
+}
+
+/// A relay of Docker's API socket that can stop answering: the server's
+/// view of a Docker daemon that hangs, over the real engine (whose
+/// containers go on running, as they do when dockerd hangs or dies).
+struct DockerRelay {
+    dir: tempfile::TempDir,
+    hung: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl DockerRelay {
+    fn start() -> DockerRelay {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let listener = UnixListener::bind(dir.path().join("docker.sock")).unwrap();
+        let hung = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let h = hung.clone();
+        std::thread::spawn(move || {
+            // Connections taken while hung: held open, never answered.
+            let mut held = Vec::new();
+            for conn in listener.incoming() {
+                let Ok(client) = conn else { return };
+                if h.load(Ordering::SeqCst) {
+                    held.push(client);
+                    continue;
+                }
+                let Ok(docker) = UnixStream::connect("/var/run/docker.sock") else {
+                    continue;
+                };
+                let (mut c2, mut d2) = (client.try_clone().unwrap(), docker.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c2, &mut d2);
+                    let _ = d2.shutdown(std::net::Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    let (mut client, mut docker) = (client, docker);
+                    let _ = std::io::copy(&mut docker, &mut client);
+                    let _ = client.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        DockerRelay { dir, hung }
+    }
+
+    fn socket(&self) -> String {
+        self.dir.path().join("docker.sock").display().to_string()
+    }
+
+    fn hang(&self, hung: bool) {
+        self.hung.store(hung, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Docker hung (or dead: its containers run on under their shims) is no
+/// container using the dot: a checkout or a delete of a dot that Docker has
+/// mounted for containers is refused until Docker answers (a checkout
+/// switched under a writer, which then wrote into the new branch, and a
+/// delete removed the dot of a running container). A dot Docker has no
+/// mount of is not held up. Containers a stopping server left down for a
+/// switch are started once Docker answers at the next start (started with
+/// Docker down, the server forgot them).
+#[test]
+fn a_docker_that_does_not_answer_holds_up_changes_under_its_containers() {
+    let Some(_lock) = setup() else { return };
+    let _proxy = ProxyGuard;
+    let relay = DockerRelay::start();
+    let mut s = start_server();
+    s.set_env("DM_DOCKER_SOCKET", &relay.socket());
+    s.stop();
+    s.restart();
+    let c = "dmtest-docker-hung";
+    let _clean = Cleanup::new(&[c], &["hungdot"]);
+    run(&s, "hungdot", "true");
+    s.ok(&["switch", "hungdot"]);
+    s.ok(&["commit", "-m", "base"]);
+    run_detached(
+        &s,
+        c,
+        "hungdot:/data",
+        "trap 'sleep 2; exit 0' TERM; while :; do echo x >> /data/log; sleep 0.1; done",
+    );
+    relay.hang(true);
+    for args in [
+        &["checkout", "-b", "other"][..],
+        &["reset", "--hard", "HEAD"],
+        &["dot", "delete", "-f", "hungdot"],
+    ] {
+        let err = s.fail(args);
+        assert!(
+            err.contains("Docker did not answer")
+                && err.contains("hungdot")
+                && err.contains("nothing was changed"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(s.ok(&["branch"]).contains("* master"));
+    assert!(!s.ok(&["branch"]).contains("other"));
+    assert!(running(&s, c));
+    // A dot Docker has not mounted: Docker's silence holds nothing up.
+    s.ok(&["init", "idle"]);
+    s.ok(&["switch", "idle"]);
+    s.ok(&["commit", "-m", "idle"]);
+    s.ok(&["checkout", "-b", "b2"]);
+    s.ok(&["dot", "delete", "-f", "idle"]);
+    // Docker answers again: the checkout stops and starts the container.
+    relay.hang(false);
+    s.ok(&["switch", "hungdot"]);
+    s.ok(&["checkout", "-b", "other"]);
+    assert!(running(&s, c));
+    // A server stopped during a switch, started again while Docker hangs.
+    let stops = || s.log().matches("stopping container").count();
+    let before = stops();
+    let checkout = s
+        .dm_command(&["checkout", "master"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(
+        || stops() > before,
+        || format!("the checkout stopped nothing:\n{}", s.log()),
+    );
+    assert_eq!(s.stop(), Some(0));
+    let out = checkout.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("it starts it again when it next starts") && !err.contains("docker start"),
+        "{err}"
+    );
+    assert!(!running(&s, c));
+    relay.hang(true);
+    s.restart();
+    wait_until(
+        || s.log().contains("are started once Docker answers"),
+        || format!("no word of the containers left down:\n{}", s.log()),
+    );
+    assert!(!running(&s, c));
+    relay.hang(false);
+    wait_until(
+        || running(&s, c),
+        || format!("not started once Docker answered:\n{}", s.log()),
     );
 }

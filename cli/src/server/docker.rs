@@ -356,29 +356,81 @@ impl DockerIntegration {
             .collect()
     }
 
+    /// [`Self::containers_using`] for a change that takes the dot's files
+    /// from under its containers (checkout, reset, pull, push, delete):
+    /// refused, naming the reason, when Docker is there but does not answer
+    /// while Docker has volumes of `dot` mounted (Mount without Unmount).
+    /// A Docker that hangs or died leaves its containers running (their
+    /// shims go on); taken as none, a checkout switched under a writer
+    /// and a delete removed a dot a container was writing to.
+    pub fn containers_using_checked(&self, dot: &DotName) -> Result<Vec<Container>, ApiError> {
+        match self.try_all_containers() {
+            Ok(all) => Ok(all.into_iter().filter(|c| c.uses_dot(dot)).collect()),
+            Err(e) => {
+                let in_use = self.mounted_for_docker(dot);
+                if in_use.is_empty() {
+                    tracing::warn!("{e} (no volume of dot {dot} is mounted for Docker: going on)");
+                    return Ok(Vec::new());
+                }
+                Err(ApiError::conflict(format!(
+                    "dot {dot}: {e}, and Docker has {} of this dot mounted for containers ({}), \
+                     which may still run; nothing was changed. Retry once Docker answers \
+                     (`docker ps`)",
+                    match in_use.len() {
+                        1 => "a volume".to_string(),
+                        n => format!("{n} volumes"),
+                    },
+                    in_use.join(", ")
+                )))
+            }
+        }
+    }
+
+    /// Volumes of `dot` that Docker has mounted (a Mount not yet undone by
+    /// an Unmount), as Docker names them.
+    fn mounted_for_docker(&self, dot: &DotName) -> Vec<String> {
+        let st = self.lock();
+        st.volumes
+            .iter()
+            .filter(|name| {
+                VolumeName::parse(name).is_ok_and(|v| {
+                    &v.dot == dot
+                        && st
+                            .mounts
+                            .get(&self.mounts.default_path(&v))
+                            .is_some_and(|r| !r.ids.is_empty())
+                })
+            })
+            .cloned()
+            .collect()
+    }
+
     /// Every container, or none when Docker is absent or fails (logged),
     /// each with only the dm volumes of this server (its volume table):
     /// another dm server on the host may serve volumes of the same names.
     pub fn all_containers(&self) -> Vec<Container> {
+        self.try_all_containers().unwrap_or_else(|e| {
+            tracing::warn!("{e}");
+            Vec::new()
+        })
+    }
+
+    /// [`Self::all_containers`], with Docker's failure to answer as an
+    /// error (none when Docker is absent).
+    fn try_all_containers(&self) -> Result<Vec<Container>, String> {
         // No volume of ours in Docker's hands (`--no-plugin`, or Docker
         // never asked): no container can use our mounts, and Docker is not
         // asked (a Docker restarting stalled resets 5 s per question).
         let known = self.lock().volumes.clone();
         if known.is_empty() || !self.docker.present() {
-            return Vec::new();
+            return Ok(Vec::new());
         }
-        let mut all = match block_on(self.docker.containers()) {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!("{e}");
-                return Vec::new();
-            }
-        };
+        let mut all = block_on(self.docker.containers()).map_err(|e| e.to_string())?;
         for c in &mut all {
             c.mounts
                 .retain(|m| m.driver != dm_volume_plugin::DRIVER_NAME || known.contains(&m.name));
         }
-        all
+        Ok(all)
     }
 
     /// Runs `f` (a checkout: the dot's current branch changes) between
@@ -504,7 +556,7 @@ impl DockerIntegration {
         current: &str,
     ) -> Result<Vec<String>, ApiError> {
         let using: Vec<Container> = self
-            .containers_using(dot)
+            .containers_using_checked(dot)?
             .into_iter()
             .filter(|c| c.shows_branch(dot, branch, current))
             .collect();
@@ -533,7 +585,7 @@ impl DockerIntegration {
             return Ok(done);
         }
         let using: Vec<Container> = self
-            .containers_using(dot)
+            .containers_using_checked(dot)?
             .into_iter()
             .filter(|c| affected(c))
             .collect();
@@ -597,16 +649,15 @@ impl DockerIntegration {
         // Mounts go on (the containers started below mount again).
         drop(switching);
         let mut start_errs = Vec::new();
+        // Left for the next start of the server (it is stopping).
+        let mut next_start = Vec::new();
         if self.is_stopping() {
             for c in stopped.drain(..) {
                 tracing::warn!(
                     "dot {dot}: the server is stopping: container {} left stopped; the server starts it again when it next starts",
                     c.name()
                 );
-                start_errs.push(format!(
-                    "{} (the dm server is stopping and its mounts go with it: it starts it again when it next starts)",
-                    c.name()
-                ));
+                next_start.push(c.name());
                 left_down.insert(c.id.clone());
             }
         }
@@ -628,7 +679,7 @@ impl DockerIntegration {
                         "dot {dot}: the server is stopping: starting container {} failed ({e}); the server starts it again when it next starts",
                         c.name()
                     );
-                    start_errs.push(format!("{} ({e})", c.name()));
+                    next_start.push(c.name());
                     left_down.insert(c.id.clone());
                 }
                 Err(e) => {
@@ -646,11 +697,28 @@ impl DockerIntegration {
             }
             self.save(&st);
         }
+        let next_start = match next_start.len() {
+            0 => String::new(),
+            n => format!(
+                "the dm server is stopping and its mounts go with it: it starts {} again when it \
+                 next starts ({})",
+                if n == 1 { "it" } else { "them" },
+                next_start.join(", ")
+            ),
+        };
         match out {
-            Ok(v) if start_errs.is_empty() => Ok(v),
+            Ok(v) if start_errs.is_empty() && next_start.is_empty() => Ok(v),
+            Ok(_) if start_errs.is_empty() => {
+                Err(ApiError::internal(format!("switched, but {next_start}")))
+            }
             Ok(_) => Err(ApiError::internal(format!(
-                "switched, but could not start again: {}; start them with `docker start`",
-                start_errs.join(", ")
+                "switched, but could not start again: {}; start them with `docker start`{}",
+                start_errs.join(", "),
+                if next_start.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {next_start}")
+                }
             ))),
             Err(e) => Err(e),
         }
@@ -774,9 +842,44 @@ impl DockerIntegration {
             return;
         }
         let recorded = self.lock().stopped_for_switch.clone();
+        // Docker down or hung (dm started before it, at boot): the
+        // containers left down for a switch wait for it; dropped from the
+        // record, they stayed down for good.
+        let mut told = false;
+        let all = loop {
+            match self.try_all_containers() {
+                Ok(all) => break all,
+                Err(e) if recorded.is_empty() => {
+                    tracing::warn!("{e}");
+                    return;
+                }
+                Err(e) => {
+                    if !told {
+                        tracing::warn!(
+                            "{e}; the containers the previous server stopped for a switch ({}) \
+                             are started once Docker answers",
+                            recorded
+                                .keys()
+                                .map(|id| &id[..id.len().min(12)])
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        );
+                        told = true;
+                    }
+                    for _ in 0..5 {
+                        if self.is_stopping() {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
+            }
+        };
+        if told {
+            tracing::info!("Docker answers again");
+        }
         // all_containers() keeps only the volumes of this server's table.
-        let ours: Vec<Container> = self
-            .all_containers()
+        let ours: Vec<Container> = all
             .into_iter()
             .filter(|c| !c.dm_volumes().is_empty())
             .collect();

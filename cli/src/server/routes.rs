@@ -322,7 +322,7 @@ fn refuse_if_running(
 ) -> ApiResult<()> {
     let running: Vec<(String, bool)> = st
         .docker
-        .containers_using(dot)
+        .containers_using_checked(dot)?
         .into_iter()
         .filter(|c| c.is_up() && uses(c))
         .map(|c| (c.name().trim_start_matches('/').to_string(), c.is_paused()))
