@@ -963,6 +963,52 @@ fn a_reset_brings_back_files_and_directories_deleted_while_in_use() {
     shell.wait().unwrap();
 }
 
+/// Writes and truncates racing the reset through a descriptor of a file
+/// deleted while open never reach the file the reset brings back: a write
+/// that passed the stale-handle check while the reset swapped the state
+/// landed there (`EVILitted`, in every round).
+#[test]
+fn writes_racing_a_reset_through_a_deleted_file_stay_out_of_the_restored_one() {
+    use std::os::unix::fs::FileExt;
+    let (s, mnt) = server_with_dot("race");
+    write_synced(&mnt.join("g"), b"committed\n");
+    s.ok(&["commit", "-m", "g"]);
+    for round in 0..6 {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(mnt.join("g"))
+            .unwrap();
+        std::fs::remove_file(mnt.join("g")).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let writer = std::thread::spawn(move || {
+            let mut stale = 0;
+            while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+                let r = match stale % 2 {
+                    0 => f.write_at(b"EVIL", 0).map(|_| ()),
+                    _ => f.set_len(3),
+                };
+                if r.is_err() {
+                    stale += 1;
+                }
+            }
+            stale
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        s.ok(&["reset", "--hard", "HEAD"]);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(writer.join().unwrap() > 0, "round {round}: never stale");
+        assert_eq!(
+            std::fs::read(mnt.join("g")).unwrap(),
+            b"committed\n",
+            "round {round}"
+        );
+        assert!(s.ok(&["status"]).contains("No changes"), "round {round}");
+    }
+}
+
 /// A file deleted while a process keeps it open (git's and databases'
 /// temporary files) is not in the commit made meanwhile: a branch made
 /// from that commit had uncommitted changes at once, and could not be

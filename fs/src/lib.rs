@@ -478,6 +478,8 @@ impl Shared {
 /// An open file, for one request on its handle (see [`DmFs::open_file`]).
 struct OpenFile<'a> {
     _view: parking_lot::RwLockReadGuard<'a, View>,
+    /// A reset of the branch waits for the request (see [`BranchFs::io_guard`]).
+    _io: dm_store::IoGuard,
     fs: Arc<BranchFs>,
     ino: u64,
 }
@@ -831,11 +833,13 @@ impl DmFs {
         if !Arc::ptr_eq(&fs, &view.fs) {
             return Err(Errno::EIO);
         }
+        let io = fs.io_guard();
         if self.revoked(fh) {
             return Err(Errno::ESTALE);
         }
         Ok(OpenFile {
             _view: view,
+            _io: io,
             fs,
             ino,
         })
@@ -844,17 +848,31 @@ impl DmFs {
     /// EIO when `fh` (given with a getattr or setattr: fstat, ftruncate,
     /// fchmod...) is a handle opened on a branch the mount no longer shows;
     /// the inode number would name another file now (see [`Self::open_file`]).
-    fn check_handle(&self, view: &View, fh: Option<FileHandle>) -> Result<(), Errno> {
-        match fh.and_then(|fh| {
-            self.shared
-                .handles
-                .read()
-                .get(&fh.0)
-                .map(|(fs, _, _)| fs.clone())
-        }) {
+    /// ESTALE when a reset discarded its file; else a hold that a reset
+    /// waits for, to keep while the request runs.
+    fn check_handle(
+        &self,
+        view: &View,
+        fh: Option<FileHandle>,
+    ) -> Result<Option<dm_store::IoGuard>, Errno> {
+        let Some(fh) = fh else {
+            return Ok(None);
+        };
+        let fs = self
+            .shared
+            .handles
+            .read()
+            .get(&fh.0)
+            .map(|(fs, _, _)| fs.clone());
+        match fs {
             Some(fs) if !Arc::ptr_eq(&fs, &view.fs) => Err(Errno::EIO),
-            _ if fh.is_some_and(|fh| self.revoked(fh)) => Err(Errno::ESTALE),
-            _ => Ok(()),
+            _ => {
+                let io = view.fs.io_guard();
+                match self.revoked(fh) {
+                    true => Err(Errno::ESTALE),
+                    false => Ok(Some(io)),
+                }
+            }
         }
     }
 
@@ -1058,9 +1076,10 @@ impl fuser::Filesystem for DmFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let view = self.view();
-        if let Err(e) = self.check_handle(&view, fh) {
-            return reply.error(e);
-        }
+        let _io = match self.check_handle(&view, fh) {
+            Ok(io) => io,
+            Err(e) => return reply.error(e),
+        };
         match view.fs.getattr(view.to_store(ino)) {
             Ok(a) => reply.attr(&TTL, &self.attr(&view, &a)),
             Err(e) => reply.error(errno(&e)),
@@ -1086,9 +1105,10 @@ impl fuser::Filesystem for DmFs {
         reply: ReplyAttr,
     ) {
         let view = self.view();
-        if let Err(e) = self.check_handle(&view, fh) {
-            return reply.error(e);
-        }
+        let _io = match self.check_handle(&view, fh) {
+            Ok(io) => io,
+            Err(e) => return reply.error(e),
+        };
         let set = SetAttr {
             mode: mode.map(|m| m & 0o7777),
             uid,

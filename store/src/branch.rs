@@ -312,7 +312,15 @@ pub struct BranchFs {
     /// handles are stale (see [`BranchFs::is_revoked`]); dropped with the
     /// last release.
     revoked: Mutex<HashMap<Ino, u64>>,
+    /// Held (read) by I/O through an open handle from its check of
+    /// [`BranchFs::is_revoked`] to its end, and (write) by a reset around
+    /// its switch of the state: a write that passed the check while the
+    /// reset swapped the state landed in the file it brought back.
+    io: Arc<parking_lot::RwLock<()>>,
 }
+
+/// A hold on a branch that a reset waits for (see [`BranchFs::io_guard`]).
+pub type IoGuard = parking_lot::ArcRwLockReadGuard<parking_lot::RawRwLock, ()>;
 
 type StateGuard<'a> = RwLockReadGuard<'a, BranchState>;
 
@@ -367,6 +375,7 @@ impl BranchFs {
             removed_dirs: Mutex::new(std::collections::VecDeque::new()),
             resets: AtomicU64::new(0),
             revoked: Mutex::new(HashMap::new()),
+            io: Arc::new(parking_lot::RwLock::new(())),
             patched: Mutex::new(HashMap::new()),
             ino_floor: AtomicU64::new(0),
         };
@@ -1194,6 +1203,21 @@ impl BranchFs {
             .lock()
             .get(&ino)
             .is_some_and(|r| opened_at < *r)
+    }
+
+    /// A hold that a reset of this branch waits for: taken before a
+    /// handle's [`BranchFs::is_revoked`] check and kept until its I/O ends,
+    /// it keeps a reset from discarding the file in between (the write
+    /// then landed in the file the reset brought back). Not taken again
+    /// while held (a reset waiting in between would deadlock).
+    pub fn io_guard(&self) -> IoGuard {
+        self.io.read_arc()
+    }
+
+    /// The hold of a reset (see [`BranchFs::io_guard`]), taken before
+    /// the state's write lock.
+    pub(crate) fn io_exclusive(&self) -> parking_lot::RwLockWriteGuard<'_, ()> {
+        self.io.write()
     }
 
     /// After a reset to the working state `st` (under its write lock):

@@ -28,7 +28,7 @@ pub mod transfer;
 pub mod tree;
 pub mod view;
 
-pub use branch::BranchFs;
+pub use branch::{BranchFs, IoGuard};
 pub use chunk::ChunkStore;
 pub use db::StoreOptions;
 pub use diff::{Change, ChangeKind};

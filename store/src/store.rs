@@ -1236,6 +1236,7 @@ impl Store {
                 name: format!("{} in dot {dot}", target.to_hex()),
             });
         }
+        let _io = fs.io_exclusive();
         let mut st = fs.state.write();
         if let Some(head) = expected.filter(|h| *h != st.head) {
             return Err(Error::Refused(format!(
