@@ -1065,6 +1065,16 @@ fn commit_author_comes_from_the_flag_or_the_environment() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     s.ok(&["commit", "-m", "by default"]);
+    // Set but empty: as if unset.
+    let out = s
+        .dm_command(&["commit", "-m", "empty DM_AUTHOR"])
+        .env("DM_AUTHOR", "")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // 256 characters, not bytes.
+    let long = "é".repeat(256);
+    s.ok(&["commit", "-m", "long name", "--author", &long]);
     let log = s.ok(&["log"]);
     let authors: Vec<&str> = log
         .lines()
@@ -1072,11 +1082,20 @@ fn commit_author_comes_from_the_flag_or_the_environment() {
         .collect();
     assert_eq!(
         authors,
-        ["Alice <alice@example.com>", "bob", "admin"],
+        [
+            "Alice <alice@example.com>",
+            "bob",
+            "admin",
+            "admin",
+            long.as_str()
+        ],
         "{log}"
     );
     let err = s.fail(&["commit", "-m", "x", "--author", "two\nlines"]);
     assert!(err.contains("is not a name"), "{err}");
+    // Too long: refused without repeating it whole.
+    let err = s.fail(&["commit", "-m", "x", "--author", &"é".repeat(5000)]);
+    assert!(err.contains("is not a name") && err.len() < 400, "{err}");
 }
 
 /// A directory being listed counts as a file open: a checkout is refused

@@ -720,6 +720,18 @@ fn pulls_pass_mount_placeholders_say_how_far_a_branch_moved_and_wait_for_each_ot
     // In a namespace of its own, as `dm pull` makes one.
     bob.ok(&["clone", "hub", "alice/app", "--local-name", "team/app"]);
     assert_eq!(read(&mount(&bob, "team/app").join("f")), b"three");
+    // A namespace that reads as an option is refused before anything
+    // starts; a name taken by a clone of another dot is said as such.
+    let err = bob.fail(&["clone", "hub", "alice/app", "--local-name=-team/app"]);
+    assert!(
+        err.contains("read as an option") && !err.contains("Cloning"),
+        "{err}"
+    );
+    let err = bob.fail(&["clone", "hub", "alice/other", "--local-name", "team/app"]);
+    assert!(
+        err.contains("a clone of alice/app") && !err.contains("dm pull"),
+        "{err}"
+    );
     alice.ok(&["checkout", "-b", "dev"]);
     write_synced(&am.join("d"), b"dev");
     alice.ok(&["commit", "-m", "dev"]);

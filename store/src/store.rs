@@ -347,7 +347,7 @@ impl Store {
 
     /// Creates a dot with an empty `master` branch.
     pub fn create_dot(&self, dot: &DotName, block_size: Option<u32>) -> Result<DotInfo> {
-        names::validate("namespace", &dot.namespace)?;
+        names::validate_new("namespace", &dot.namespace)?;
         names::validate_new("dot", &dot.name)?;
         let block_size = block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
         if !(4096..=MAX_BLOCK_SIZE).contains(&block_size) || !block_size.is_power_of_two() {

@@ -822,6 +822,7 @@ impl Store {
                 }
                 // New names follow the rules `dm init` and `dm checkout -b`
                 // apply (a peer's transfer is no way around them).
+                names::validate_new("namespace", &dot.namespace)?;
                 names::validate_new("dot", &dot.name)?;
                 let id = self.next_ids(&mut batch, 2)?;
                 new_bid = Some(id + 1);

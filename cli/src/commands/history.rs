@@ -46,9 +46,14 @@ pub fn commit(
     author: Option<&str>,
 ) -> Result<()> {
     let author = match author.map(str::trim) {
-        None => default_author(),
-        Some(a) if a.is_empty() || a.len() > 256 || a.chars().any(char::is_control) => {
-            bail!("author {a:?} is not a name: give 1 to 256 characters on one line (--author or DM_AUTHOR)")
+        // DM_AUTHOR set but empty: as if unset, as git's GIT_AUTHOR_NAME.
+        None | Some("") => default_author(),
+        Some(a) if a.chars().count() > 256 || a.chars().any(char::is_control) => {
+            let shown: String = a.chars().take(40).collect();
+            let more = if shown.len() < a.len() { "..." } else { "" };
+            bail!(
+                "author {shown:?}{more} is not a name: give 1 to 256 characters on one line, no tabs (--author or DM_AUTHOR)"
+            )
         }
         Some(a) => a.to_string(),
     };

@@ -534,6 +534,17 @@ pub fn clone(
     let sc = SyncConfig::load(&ctx.config_path)?;
     let rerun = sc.unfinished_clones.contains(&key) && sc.upstreams.get(&key) == Some(&upstream);
     let exists = ctx.dot_detail(&local).is_ok();
+    if let Some(other) = sc.upstreams.get(&key).filter(|u| exists && **u != upstream) {
+        bail!(
+            "a dot named {local} exists here already, a clone of {other} on {remote}: clone {upstream} under another name with --local-name"
+        );
+    }
+    if !exists {
+        // Said before "Cloning ..." (the server refuses them too).
+        dm_store::names::validate_new("namespace", &local.namespace)
+            .and_then(|()| dm_store::names::validate_new("dot", &local.name))
+            .map_err(|e| anyhow!("{e}"))?;
+    }
     if exists && !rerun {
         // With the branch asked for (`dm pull hub myapp` pulls master).
         let branch = match (&branch, all) {
