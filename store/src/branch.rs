@@ -2362,7 +2362,17 @@ impl BranchFs {
     pub fn readdir(&self, ino: Ino, offset: i64, max: usize) -> Result<Vec<DirEntry>> {
         let st = self.state()?;
         let view = self.view(&st);
-        let rec = Self::load_view(&view, ino)?;
+        let rec = match Self::load_view(&view, ino) {
+            Ok(rec) => rec,
+            // Removed (through another mount: this one's kernel knows it
+            // is dead and does not ask): nothing in it, as a local file
+            // system lists a removed directory still open. ESTALE made
+            // two `rm -rf` racing on two mounts fail.
+            Err(e) if e.errno() == ESTALE && self.removed_dirs.lock().contains(&ino) => {
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(e),
+        };
         if rec.kind != FileKind::Dir {
             return Err(Error::fs("readdir", ENOTDIR));
         }

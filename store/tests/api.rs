@@ -2262,7 +2262,11 @@ fn a_removed_directory_is_enoent_until_a_reset() {
     assert_eq!(fs.getattr(d).unwrap_err().errno(), libc::ENOENT);
     assert_eq!(fs.unlink(d, b"x").unwrap_err().errno(), libc::ENOENT);
     assert_eq!(fs.lookup(d, b"x").unwrap_err().errno(), libc::ENOENT);
+    // Listed (still open on another mount): empty, as a local file
+    // system lists it.
+    assert!(fs.readdir(d, 0, 100).unwrap().is_empty());
     let c = commit(&store, &dot, "master", "empty");
     store.reset(&dot, "master", c.id, true).unwrap();
     assert_eq!(fs.getattr(d).unwrap_err().errno(), libc::ESTALE);
+    assert_eq!(fs.readdir(d, 0, 100).unwrap_err().errno(), libc::ESTALE);
 }
