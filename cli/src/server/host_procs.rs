@@ -37,7 +37,7 @@ pub fn using(paths: &[PathBuf]) -> Vec<HostProcess> {
         if pid == me || std::fs::read_link(dir.join("ns/mnt")).ok().as_ref() != Some(&ours) {
             continue;
         }
-        if let Some(file) = open_under(&dir, paths) {
+        if let Some(file) = open_under(&dir, paths).or_else(|| mapped_under(&dir, paths)) {
             let name = std::fs::read_to_string(dir.join("comm"))
                 .map(|s| s.trim().to_string())
                 .unwrap_or_default();
@@ -57,6 +57,25 @@ fn open_under(dir: &Path, paths: &[PathBuf]) -> Option<PathBuf> {
         .ok()?
         .flatten()
         .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .find(|target| {
+            let path = without_deleted(target).unwrap_or(target);
+            paths.iter().any(|p| path.starts_with(p))
+        })
+        .map(undeleted)
+}
+
+/// The first file the process at `/proc/PID` (`dir`) has mapped (its
+/// program, its libraries, `mmap`) under `paths`: such a process has no
+/// descriptor there but holds the files open (a Python process that had
+/// imported a package from a venv in a dot was not named).
+fn mapped_under(dir: &Path, paths: &[PathBuf]) -> Option<PathBuf> {
+    let maps = std::fs::read_to_string(dir.join("maps")).ok()?;
+    maps.lines()
+        .filter_map(|line| {
+            // address perms offset dev inode path
+            let path = line.splitn(6, char::is_whitespace).nth(5)?.trim_start();
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
         .find(|target| {
             let path = without_deleted(target).unwrap_or(target);
             paths.iter().any(|p| path.starts_with(p))
@@ -131,5 +150,40 @@ mod tests {
         );
         assert!(found.iter().all(|h| h.pid != std::process::id()));
         assert!(using(&[PathBuf::from("/nonexistent-dm-path")]).is_empty());
+    }
+
+    #[test]
+    fn finds_a_host_process_that_only_maps_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("lib data.so");
+        std::fs::write(&file, vec![7u8; 8192]).unwrap();
+        // Maps the file, closes its descriptor, and waits.
+        let script = "import mmap,os,sys,time\n\
+                      fd=os.open(sys.argv[1],os.O_RDONLY)\n\
+                      m=mmap.mmap(fd,0,prot=mmap.PROT_READ)\n\
+                      os.close(fd)\n\
+                      print('mapped',flush=True)\n\
+                      time.sleep(30)";
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", script])
+            .arg(&file)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let found = using(&[dir.path().to_path_buf()]);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(line.trim(), "mapped");
+        let h = found
+            .iter()
+            .find(|h| h.pid == child.id())
+            .expect("the child is found");
+        assert_eq!(h.file, file);
     }
 }
