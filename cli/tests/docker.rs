@@ -1235,8 +1235,16 @@ fn docker_cp_rm_containers_options_anonymous_and_deleted_dots() {
     let s = start_server();
     let (c, rm, pinned) = ("dmtest-cp", "dmtest-autoremove", "dmtest-cp-pinned");
     let _clean = Cleanup::new(
-        &[c, rm, pinned, "dmtest-anon", "dmtest-anon-pinned"],
         &[
+            c,
+            rm,
+            pinned,
+            "dmtest-anon",
+            "dmtest-anon-pinned",
+            "dmtest-cp-twice",
+        ],
+        &[
+            "cptwice",
             "cpvol",
             "cpvol@side",
             "rmvol",
@@ -1264,6 +1272,43 @@ fn docker_cp_rm_containers_options_anonymous_and_deleted_dots() {
         std::fs::read_to_string(Path::new(mnt.trim()).join("f")).unwrap(),
         "after\n"
     );
+    // One volume at two mount points of a container: a `docker cp` into it
+    // leaves the mount (it took both of the container's requests away).
+    let twice = "dmtest-cp-twice";
+    docker_ok(
+        &s,
+        &[
+            "run",
+            "-d",
+            "--name",
+            twice,
+            "--volume-driver",
+            "dm",
+            "-v",
+            "cptwice:/a",
+            "-v",
+            "cptwice:/b",
+            IMAGE,
+            "sh",
+            "-c",
+            LOOP,
+        ],
+    );
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("z"), "copied in\n").unwrap();
+    let from = src.path().join("z").display().to_string();
+    docker_ok(&s, &["cp", &from, &format!("{twice}:/b/z1")]);
+    let mnt2 = docker_ok(
+        &s,
+        &["volume", "inspect", "-f", "{{.Mountpoint}}", "cptwice"],
+    );
+    assert!(
+        mnt2.trim().ends_with("admin/cptwice/__default__")
+            && Path::new(mnt2.trim()).join("z1").exists(),
+        "docker cp unmounted a volume mounted twice: {mnt2:?}\n{}",
+        s.log()
+    );
+    docker_ok(&s, &["rm", "-f", twice]);
     // Neither `dm unmount` nor `dm branch -d -f` pulls a mount from under
     // a running container.
     let err = s.fail(&["unmount", mnt.trim()]);

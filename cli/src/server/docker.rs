@@ -340,6 +340,30 @@ impl DockerIntegration {
             .collect()
     }
 
+    /// How many mount points of running or paused containers show `path`
+    /// (a container may mount one volume at several points: `-v app:/a
+    /// -v app:/b`, each its own Mount with its own id).
+    fn mount_points_on(&self, path: &Path) -> usize {
+        if self
+            .lock()
+            .mounts
+            .get(path)
+            .is_none_or(|r| r.ids.is_empty())
+        {
+            return 0;
+        }
+        self.all_containers()
+            .iter()
+            .filter(|c| c.is_up())
+            .map(|c| {
+                c.dm_volumes()
+                    .iter()
+                    .filter(|v| self.mounts.default_path(v) == path)
+                    .count()
+            })
+            .sum()
+    }
+
     /// True when `dot` has only its first branch and no commit on it.
     fn never_committed(&self, dot: &DotName) -> bool {
         self.store
@@ -1199,17 +1223,20 @@ impl Backend for DockerIntegration {
         self.wait_for_switch(&v.dot, &path)?;
         self.branch_of(v)?;
         // An id counted already: `docker cp` of a running container mounts
-        // again with its id (then each running container has a request at
-        // least); otherwise it is a container started again after an
-        // Unmount that never reached dm (no server ran), and that old
-        // request, one more than the running containers, is this one.
+        // again with its id (then each mount point of a running container
+        // has a request at least); otherwise it is a container started
+        // again after an Unmount that never reached dm (no server ran), and
+        // that old request, one more than the running mount points, is
+        // this one. Counted by containers, a container that mounts the
+        // volume twice had one request too many: a `docker cp` into it
+        // took both away, and the mount went from under it.
         let counted = self
             .lock()
             .mounts
             .get(&path)
             .filter(|r| r.ids.iter().any(|x| x == id))
             .map_or(0, |r| r.ids.len());
-        let again = counted > 0 && counted > self.containers_on(&path).len();
+        let again = counted > 0 && counted > self.mount_points_on(&path);
         let mut st = self.lock();
         let was_mounted = self.mounted_paths().contains(&path);
         let view = self
