@@ -1807,6 +1807,34 @@ fn a_second_server_leaves_the_plugin_to_the_first() {
     );
 }
 
+/// Runs `dm ARGS` (a checkout), stops the server (SIGTERM) while the
+/// checkout stops the containers, and checks what the checkout said: that
+/// the server starts them again when it next starts.
+fn stop_during_checkout(s: &mut Server, args: &[&str]) {
+    let stops = |s: &Server| s.log().matches("stopping container").count();
+    let before = stops(s);
+    let checkout = s
+        .dm_command(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(
+        || stops(s) > before,
+        || format!("the checkout stopped nothing:\n{}", s.log()),
+    );
+    assert_eq!(s.stop(), Some(0));
+    let out = checkout.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("the dm server is stopping")
+            && err.contains("starts it again when it next starts")
+            && !err.contains("docker start"),
+        "{err}"
+    );
+}
+
 /// A server stopped (SIGTERM) while a checkout stops its containers leaves
 /// them stopped and says so, rather than starting them on mounts the stop
 /// removes a moment later (a database died there on "Transport endpoint
@@ -1828,26 +1856,7 @@ fn a_stopping_server_leaves_the_containers_of_a_switch_stopped() {
         "stopsw:/data",
         "trap 'sleep 3; exit 0' TERM; while :; do sleep 0.1; done",
     );
-    let checkout = s
-        .dm_command(&["checkout", "-b", "other"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_until(
-        || s.log().contains("stopping container"),
-        || format!("the checkout stopped nothing:\n{}", s.log()),
-    );
-    assert_eq!(s.stop(), Some(0));
-    let out = checkout.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success()
-            && err.contains("the dm server is stopping")
-            && err.contains("starts it again when it next starts")
-            && !err.contains("docker start"),
-        "{err}"
-    );
+    stop_during_checkout(&mut s, &["checkout", "-b", "other"]);
     assert!(!running(&s, c));
     // The next start starts it again (it stayed down with no one told).
     s.restart();
@@ -1971,25 +1980,7 @@ fn a_docker_that_does_not_answer_holds_up_changes_under_its_containers() {
     s.ok(&["checkout", "-b", "other"]);
     assert!(running(&s, c));
     // A server stopped during a switch, started again while Docker hangs.
-    let stops = || s.log().matches("stopping container").count();
-    let before = stops();
-    let checkout = s
-        .dm_command(&["checkout", "master"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_until(
-        || stops() > before,
-        || format!("the checkout stopped nothing:\n{}", s.log()),
-    );
-    assert_eq!(s.stop(), Some(0));
-    let out = checkout.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("it starts it again when it next starts") && !err.contains("docker start"),
-        "{err}"
-    );
+    stop_during_checkout(&mut s, &["checkout", "master"]);
     assert!(!running(&s, c));
     relay.hang(true);
     s.restart();
