@@ -884,7 +884,7 @@ impl DockerIntegration {
                              are started once Docker answers",
                             recorded
                                 .keys()
-                                .map(|id| &id[..id.len().min(12)])
+                                .map(|id| id.chars().take(12).collect::<String>())
                                 .collect::<Vec<_>>()
                                 .join(", ")
                         );
