@@ -1058,20 +1058,18 @@ fn commit_author_comes_from_the_flag_or_the_environment() {
         "--author",
         "Alice <alice@example.com>",
     ]);
-    let out = s
-        .dm_command(&["commit", "-m", "by bob"])
-        .env("DM_AUTHOR", "bob")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    let commit_with_env = |message: &str, author: &str| {
+        let out = s
+            .dm_command(&["commit", "-m", message])
+            .env("DM_AUTHOR", author)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    commit_with_env("by bob", "bob");
     s.ok(&["commit", "-m", "by default"]);
     // Set but empty: as if unset.
-    let out = s
-        .dm_command(&["commit", "-m", "empty DM_AUTHOR"])
-        .env("DM_AUTHOR", "")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    commit_with_env("empty DM_AUTHOR", "");
     // 256 characters, not bytes.
     let long = "é".repeat(256);
     s.ok(&["commit", "-m", "long name", "--author", &long]);

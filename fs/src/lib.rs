@@ -833,10 +833,7 @@ impl DmFs {
         if !Arc::ptr_eq(&fs, &view.fs) {
             return Err(Errno::EIO);
         }
-        let io = fs.io_guard();
-        if self.revoked(fh) {
-            return Err(Errno::ESTALE);
-        }
+        let io = self.hold_unless_revoked(&fs, fh)?;
         Ok(OpenFile {
             _view: view,
             _io: io,
@@ -866,13 +863,22 @@ impl DmFs {
             .map(|(fs, _, _)| fs.clone());
         match fs {
             Some(fs) if !Arc::ptr_eq(&fs, &view.fs) => Err(Errno::EIO),
-            _ => {
-                let io = view.fs.io_guard();
-                match self.revoked(fh) {
-                    true => Err(Errno::ESTALE),
-                    false => Ok(Some(io)),
-                }
-            }
+            _ => self.hold_unless_revoked(&view.fs, fh).map(Some),
+        }
+    }
+
+    /// A hold on `fs` that a reset waits for, taken before the check that
+    /// `fh` is not revoked (ESTALE) and kept for the request: a reset
+    /// cannot discard the file between the check and the I/O.
+    fn hold_unless_revoked(
+        &self,
+        fs: &BranchFs,
+        fh: FileHandle,
+    ) -> Result<dm_store::IoGuard, Errno> {
+        let io = fs.io_guard();
+        match self.revoked(fh) {
+            true => Err(Errno::ESTALE),
+            false => Ok(io),
         }
     }
 

@@ -456,10 +456,15 @@ impl BranchFs {
     /// `e`, or ENOENT where it is ESTALE for a directory just removed
     /// (see `removed_dirs`).
     fn in_removed_dir(&self, e: Error, ino: Ino, what: &'static str) -> Error {
-        match e.errno() == ESTALE && self.removed_dirs.lock().contains(&ino) {
+        match self.is_removed_dir(&e, ino) {
             true => Error::fs(what, ENOENT),
             false => e,
         }
+    }
+
+    /// Whether `e`, met on `ino`, is that of a directory just removed.
+    fn is_removed_dir(&self, e: &Error, ino: Ino) -> bool {
+        e.errno() == ESTALE && self.removed_dirs.lock().contains(&ino)
     }
 
     fn dir(&self, tx: &Tx, ino: Ino) -> Result<InodeRec> {
@@ -1214,10 +1219,17 @@ impl BranchFs {
         self.io.read_arc()
     }
 
-    /// The hold of a reset (see [`BranchFs::io_guard`]), taken before
-    /// the state's write lock.
-    pub(crate) fn io_exclusive(&self) -> parking_lot::RwLockWriteGuard<'_, ()> {
-        self.io.write()
+    /// What a reset or a pull that moves the branch holds while it
+    /// replaces the working state: the hold I/O through handles waits for
+    /// (see [`BranchFs::io_guard`]), then the state's write lock.
+    pub(crate) fn lock_for_reset(
+        &self,
+    ) -> (
+        parking_lot::RwLockWriteGuard<'_, ()>,
+        parking_lot::RwLockWriteGuard<'_, BranchState>,
+    ) {
+        let io = self.io.write();
+        (io, self.state.write())
     }
 
     /// After a reset to the working state `st` (under its write lock):
@@ -2368,7 +2380,7 @@ impl BranchFs {
             // is dead and does not ask): nothing in it, as a local file
             // system lists a removed directory still open. ESTALE made
             // two `rm -rf` racing on two mounts fail.
-            Err(e) if e.errno() == ESTALE && self.removed_dirs.lock().contains(&ino) => {
+            Err(e) if self.is_removed_dir(&e, ino) => {
                 return Ok(Vec::new());
             }
             Err(e) => return Err(e),

@@ -1236,8 +1236,7 @@ impl Store {
                 name: format!("{} in dot {dot}", target.to_hex()),
             });
         }
-        let _io = fs.io_exclusive();
-        let mut st = fs.state.write();
+        let (_io, mut st) = fs.lock_for_reset();
         if let Some(head) = expected.filter(|h| *h != st.head) {
             return Err(Error::Refused(format!(
                 "branch {branch} of dot {dot} moved while the reset was being prepared (from {} to {}: a commit?); nothing was discarded: run the reset again",

@@ -869,8 +869,7 @@ impl Store {
                 // Held until the move is written: no write can land between
                 // the check for uncommitted changes and the move (it would
                 // be discarded with the old working state).
-                let _io = fs.io_exclusive();
-                let mut st = fs.state.write();
+                let (_io, mut st) = fs.lock_for_reset();
                 if st.head != expected {
                     return Ok(SetHead::Moved { actual: st.head });
                 }

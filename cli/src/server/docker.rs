@@ -320,6 +320,23 @@ impl DockerIntegration {
     /// The running or paused containers (names) whose dm volumes are
     /// mounted at `path`.
     pub fn containers_on(&self, path: &Path) -> Vec<String> {
+        self.up_on(path)
+            .into_iter()
+            .map(|(c, _)| c.name().trim_start_matches('/').to_string())
+            .collect()
+    }
+
+    /// How many mount points of running or paused containers show `path`
+    /// (a container may mount one volume at several points: `-v app:/a
+    /// -v app:/b`, each its own Mount with its own id).
+    fn mount_points_on(&self, path: &Path) -> usize {
+        self.up_on(path).iter().map(|(_, n)| n).sum()
+    }
+
+    /// The running or paused containers that mount `path`, each with how
+    /// many of its mount points do. Docker is not asked when the plugin
+    /// has no Mount of `path`.
+    fn up_on(&self, path: &Path) -> Vec<(Container, usize)> {
         if self
             .lock()
             .mounts
@@ -330,38 +347,17 @@ impl DockerIntegration {
         }
         self.all_containers()
             .into_iter()
-            .filter(|c| {
-                c.is_up()
-                    && c.dm_volumes()
-                        .iter()
-                        .any(|v| self.mounts.default_path(v) == path)
-            })
-            .map(|c| c.name().trim_start_matches('/').to_string())
-            .collect()
-    }
-
-    /// How many mount points of running or paused containers show `path`
-    /// (a container may mount one volume at several points: `-v app:/a
-    /// -v app:/b`, each its own Mount with its own id).
-    fn mount_points_on(&self, path: &Path) -> usize {
-        if self
-            .lock()
-            .mounts
-            .get(path)
-            .is_none_or(|r| r.ids.is_empty())
-        {
-            return 0;
-        }
-        self.all_containers()
-            .iter()
             .filter(|c| c.is_up())
             .map(|c| {
-                c.dm_volumes()
+                let n = c
+                    .dm_volumes()
                     .iter()
                     .filter(|v| self.mounts.default_path(v) == path)
-                    .count()
+                    .count();
+                (c, n)
             })
-            .sum()
+            .filter(|(_, n)| *n > 0)
+            .collect()
     }
 
     /// True when `dot` has only its first branch and no commit on it.

@@ -53,10 +53,16 @@ pub fn using(paths: &[PathBuf]) -> Vec<HostProcess> {
 /// `paths`: a file open on a hung mount elsewhere (another FUSE server
 /// that stopped answering) held a checkout up for minutes.
 fn open_under(dir: &Path, paths: &[PathBuf]) -> Option<PathBuf> {
-    std::fs::read_dir(dir.join("fd"))
+    let targets = std::fs::read_dir(dir.join("fd"))
         .ok()?
         .flatten()
-        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok());
+    first_under(targets, paths)
+}
+
+/// The first of `targets` (as `/proc` shows them) under one of `paths`.
+fn first_under(mut targets: impl Iterator<Item = PathBuf>, paths: &[PathBuf]) -> Option<PathBuf> {
+    targets
         .find(|target| {
             let path = without_deleted(target).unwrap_or(target);
             paths.iter().any(|p| path.starts_with(p))
@@ -70,17 +76,12 @@ fn open_under(dir: &Path, paths: &[PathBuf]) -> Option<PathBuf> {
 /// imported a package from a venv in a dot was not named).
 fn mapped_under(dir: &Path, paths: &[PathBuf]) -> Option<PathBuf> {
     let maps = std::fs::read_to_string(dir.join("maps")).ok()?;
-    maps.lines()
-        .filter_map(|line| {
-            // address perms offset dev inode path
-            let path = line.splitn(6, char::is_whitespace).nth(5)?.trim_start();
-            path.starts_with('/').then(|| PathBuf::from(path))
-        })
-        .find(|target| {
-            let path = without_deleted(target).unwrap_or(target);
-            paths.iter().any(|p| path.starts_with(p))
-        })
-        .map(undeleted)
+    let targets = maps.lines().filter_map(|line| {
+        // address perms offset dev inode path
+        let path = line.splitn(6, char::is_whitespace).nth(5)?.trim_start();
+        path.starts_with('/').then(|| PathBuf::from(path))
+    });
+    first_under(targets, paths)
 }
 
 /// A `/proc/PID/fd` target without the " (deleted)" the kernel adds once
