@@ -292,12 +292,14 @@ pub struct BranchFs {
     /// knows them) made since the branch was opened: those a last release
     /// or forget may free.
     orphans: Mutex<std::collections::HashSet<Ino>>,
-    /// The directories removed last in this working state (at most
-    /// [`REMOVED_DIRS_KEPT`]; a reset empties it): an operation in one
-    /// fails with ENOENT, as in a removed directory of a local file system,
-    /// where ESTALE (a number the state does not have) sent `rm -rf` racing
-    /// another `rm -rf` into "Stale file handle".
-    removed_dirs: Mutex<std::collections::VecDeque<Ino>>,
+    /// The directories removed last in this working state, with their
+    /// attributes as they went (at most [`REMOVED_DIRS_KEPT`]; a reset
+    /// empties it): an operation in one fails with ENOENT, as in a removed
+    /// directory of a local file system, where ESTALE (a number the state
+    /// does not have) sent `rm -rf` racing another `rm -rf` into "Stale
+    /// file handle"; its attributes are those of an empty directory with
+    /// no link left (see [`BranchFs::getattr`]).
+    removed_dirs: Mutex<std::collections::VecDeque<(Ino, Attr)>>,
     /// Blocks an fsync stored as patches, for [`BranchFs::materialize_patches`]
     /// (may name blocks stored whole since: it checks).
     patched: Mutex<HashMap<Ino, std::collections::BTreeSet<u64>>>,
@@ -464,7 +466,17 @@ impl BranchFs {
 
     /// Whether `e`, met on `ino`, is that of a directory just removed.
     fn is_removed_dir(&self, e: &Error, ino: Ino) -> bool {
-        e.errno() == ESTALE && self.removed_dirs.lock().contains(&ino)
+        self.removed_dir_attr(e, ino).is_some()
+    }
+
+    /// The attributes `ino` had as it was removed, where `e` (met on it)
+    /// is that of a directory just removed.
+    fn removed_dir_attr(&self, e: &Error, ino: Ino) -> Option<Attr> {
+        if e.errno() != ESTALE {
+            return None;
+        }
+        let removed = self.removed_dirs.lock();
+        removed.iter().find(|(i, _)| *i == ino).map(|(_, a)| *a)
     }
 
     fn dir(&self, tx: &Tx, ino: Ino) -> Result<InodeRec> {
@@ -578,8 +590,14 @@ impl BranchFs {
         let view = self.view(&st);
         // The kernel asks for a directory's attributes before it removes
         // an entry in it.
+        // A directory removed through another mount, which this one's
+        // kernel may still list for a moment: a directory with no link
+        // left, as fstat(2) shows one on a local file system. ENOENT made
+        // `rm -rf` racing another mount's take it for a file and fail
+        // with "Is a directory" (the kernel's entry said directory), and
+        // leave part of the tree.
         self.attr_fresh(ino, || Self::load_view(&view, ino))
-            .map_err(|e| self.in_removed_dir(e, ino, "getattr"))
+            .or_else(|e| self.removed_dir_attr(&e, ino).ok_or(e))
     }
 
     /// The attributes of `ino` for a reader that holds no `meta` lock: the
@@ -842,6 +860,8 @@ impl BranchFs {
             return Err(Error::fs("rmdir", ENOTEMPTY));
         }
         let t = now();
+        let mut gone = Self::load(&tx, e.ino)?.attr(e.ino, self.block_size);
+        (gone.nlink, gone.size, gone.blocks, gone.ctime) = (0, 0, 0, t);
         tx.delete(keys::dirent(parent, name));
         p.nlink = p.nlink.saturating_sub(1);
         p.mtime = t;
@@ -853,7 +873,7 @@ impl BranchFs {
         if removed.len() >= REMOVED_DIRS_KEPT {
             removed.pop_front();
         }
-        removed.push_back(e.ino);
+        removed.push_back((e.ino, gone));
         Ok(())
     }
 

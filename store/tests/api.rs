@@ -2249,17 +2249,32 @@ fn resolving_an_id_passes_over_branches_deleted_meanwhile() {
     });
 }
 
-/// Operations in and on a directory just removed fail with ENOENT, as in a
+/// Operations in a directory just removed fail with ENOENT, as in a
 /// removed directory of a local file system (two `rm -rf` racing printed
-/// "Stale file handle"); after a reset, numbers the state lacks are
-/// ESTALE again (the kernel then looks the path up anew).
+/// "Stale file handle"), and its attributes are those of a directory with
+/// no link left, as fstat(2) shows one (with ENOENT, `rm -rf` racing
+/// another mount's took it for a file: "Is a directory"); after a reset,
+/// numbers the state lacks are ESTALE again (the kernel then looks the
+/// path up anew).
 #[test]
 fn a_removed_directory_is_enoent_until_a_reset() {
     let (_d, store, dot) = setup();
     let fs = store.branch_fs(&dot, "master").unwrap();
-    let d = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0).unwrap().ino;
+    let made = fs.mkdir(ROOT_INO, b"d", 0o750, 7, 8).unwrap();
+    let d = made.ino;
     fs.rmdir(ROOT_INO, b"d").unwrap();
-    assert_eq!(fs.getattr(d).unwrap_err().errno(), libc::ENOENT);
+    let gone = fs.getattr(d).unwrap();
+    assert_eq!(
+        (
+            gone.kind,
+            gone.perm & 0o7777,
+            gone.nlink,
+            gone.uid,
+            gone.gid
+        ),
+        (FileKind::Dir, 0o750, 0, 7, 8)
+    );
+    assert_eq!(gone.crtime, made.crtime);
     assert_eq!(fs.unlink(d, b"x").unwrap_err().errno(), libc::ENOENT);
     assert_eq!(fs.lookup(d, b"x").unwrap_err().errno(), libc::ENOENT);
     // Listed (still open on another mount): empty, as a local file
