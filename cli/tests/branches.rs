@@ -903,6 +903,61 @@ fn a_descriptor_a_reset_made_stale_never_reaches_another_file() {
     assert_eq!(std::fs::read(mnt.join("pf")).unwrap(), b"p-data\nmore\n");
 }
 
+/// A working directory, and a descriptor, that a checkout leaves on a
+/// number the new branch gives another file never reach that file: each
+/// branch numbers its new files on its own, and a shell left in a
+/// directory of one branch created its files in the other branch's
+/// directory of the same number.
+#[test]
+fn a_working_directory_a_checkout_removed_never_reaches_another_branch() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let (s, mnt) = server_with_dot("numbers");
+    s.ok(&["commit", "-m", "base"]);
+    s.ok(&["checkout", "-b", "a"]);
+    std::fs::create_dir(mnt.join("on-a")).unwrap();
+    s.ok(&["commit", "-m", "a"]);
+    let a_ino = std::fs::metadata(mnt.join("on-a")).unwrap().ino();
+    s.ok(&["checkout", "master"]);
+    s.ok(&["checkout", "-b", "b"]);
+    std::fs::create_dir(mnt.join("on-b")).unwrap();
+    write_synced(&mnt.join("on-b/notes"), b"b\n");
+    s.ok(&["commit", "-m", "b"]);
+    assert_eq!(
+        std::fs::metadata(mnt.join("on-b")).unwrap().ino(),
+        a_ino,
+        "the scenario needs on-b to get on-a's number"
+    );
+    let mut shell = std::process::Command::new("sleep")
+        .arg("60")
+        .current_dir(mnt.join("on-b"))
+        .spawn()
+        .unwrap();
+    let cwd = PathBuf::from(format!("/proc/{}/cwd", shell.id()));
+    s.ok(&["checkout", "a"]);
+    let err = std::fs::write(cwd.join("stray"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ESTALE), "{err}");
+    let listing = std::fs::read_dir(&cwd).and_then(|d| d.collect::<Result<Vec<_>, _>>());
+    assert!(listing.is_err(), "{listing:?}");
+    let on_a: Vec<_> = std::fs::read_dir(mnt.join("on-a"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(on_a.is_empty(), "{on_a:?}");
+    // The directory of branch a works by its path, under another number.
+    write_synced(&mnt.join("on-a/mine"), b"a\n");
+    std::fs::set_permissions(mnt.join("on-a"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    assert!(s.ok(&["status"]).contains("/__default__/on-a/mine"));
+    shell.kill().unwrap();
+    shell.wait().unwrap();
+    // Back on b, a new shell there works as usual.
+    s.ok(&["commit", "-m", "mine"]);
+    s.ok(&["checkout", "b"]);
+    assert_eq!(std::fs::read(mnt.join("on-b/notes")).unwrap(), b"b\n");
+    assert!(!mnt.join("on-b/stray").exists());
+    write_synced(&mnt.join("on-b/more"), b"more\n");
+    assert!(s.ok(&["status"]).contains("/__default__/on-b/more"));
+}
+
 /// A reset that brings back a file deleted while open (or replaced by a
 /// save by rename) gives the old descriptor ESTALE: it wrote into the
 /// restored file. A directory removed while the kernel still held it (a
@@ -933,6 +988,17 @@ fn a_reset_brings_back_files_and_directories_deleted_while_in_use() {
     let err = log.write_all(b"line 2\n").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::ESTALE), "{err}");
     assert_eq!(std::fs::read(mnt.join("f")).unwrap(), b"committed\n");
+    // Nor do changes of its metadata (the kernel sends those by inode, not
+    // by descriptor): fchmod changed the file brought back.
+    let mode = std::fs::metadata(mnt.join("f")).unwrap().permissions();
+    let err = f
+        .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ESTALE), "{err}");
+    assert_eq!(
+        std::fs::metadata(mnt.join("f")).unwrap().permissions(),
+        mode
+    );
     let names: Vec<_> = std::fs::read_dir(mnt.join("logs"))
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -1094,6 +1160,64 @@ fn commit_author_comes_from_the_flag_or_the_environment() {
     // Too long: refused without repeating it whole.
     let err = s.fail(&["commit", "-m", "x", "--author", &"é".repeat(5000)]);
     assert!(err.contains("is not a name") && err.len() < 400, "{err}");
+}
+
+/// Two `rm -rf` of one tree racing on two mounts of a branch both
+/// succeed and leave nothing: one found a directory the other had just
+/// removed gone (ENOENT) while its kernel still listed it, took it for a
+/// file and failed with "Is a directory", leaving part of the tree (both
+/// failed in a fifth of the rounds).
+#[test]
+fn rm_rf_racing_on_two_mounts_removes_the_whole_tree() {
+    let (s, mnt) = server_with_dot("rmrace");
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other");
+    s.ok(&["mount", "rmrace@master", other.to_str().unwrap()]);
+    let mut failures = Vec::new();
+    for round in 0..12 {
+        let top = mnt.join("tree");
+        for i in 0..30 {
+            let d = top.join(format!("d{i}/e{}", i % 3));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("f"), b"x").unwrap();
+        }
+        // Both kernels know the tree.
+        for m in [&mnt, &other] {
+            let n = walk(&m.join("tree"));
+            assert!(n >= 90, "round {round}: {n} entries seen");
+        }
+        let rm = |m: &Path| {
+            std::process::Command::new("rm")
+                .arg("-rf")
+                .arg(m.join("tree"))
+                .spawn()
+                .unwrap()
+        };
+        let (a, b) = (rm(&mnt), rm(&other));
+        for (child, m) in [(a, &mnt), (b, &other)] {
+            let out = child.wait_with_output().unwrap();
+            if !out.status.success() {
+                failures.push(format!("round {round}, {}", m.display()));
+            }
+        }
+        assert!(!top.exists(), "round {round}: part of the tree is left");
+    }
+    assert!(failures.is_empty(), "rm -rf failed: {failures:?}");
+}
+
+/// Entries under `dir`, counted by walking it.
+fn walk(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            1 + if e.file_type().unwrap().is_dir() {
+                walk(&e.path())
+            } else {
+                0
+            }
+        })
+        .sum()
 }
 
 /// A directory being listed counts as a file open: a checkout is refused

@@ -147,12 +147,91 @@ struct View {
     fs: Arc<BranchFs>,
     /// Store inode number of the mounted subdot's directory (FUSE inode 1).
     root: u64,
+    /// The mount's dead node ids and aliases (kept across switches).
+    ids: Arc<Ids>,
+}
+
+/// First node id given as an alias (store inode numbers stay below).
+const ALIAS_BASE: u64 = 1 << 63;
+
+/// Node ids that a checkout or reset made name nothing, and the node ids
+/// given instead to the files of the new state that have their numbers.
+///
+/// The kernel keeps one inode per node id, found again by the number a
+/// lookup answers. Each branch numbers its new files on its own, and a
+/// reset brings back files deleted while open under their old numbers, so
+/// after a switch a number the kernel still holds (a shell's working
+/// directory, a descriptor) may belong to another file: a shell left in a
+/// directory of one branch created its files in the other branch's
+/// directory of that number, and `fchmod` through a descriptor of a
+/// discarded file changed the file brought back. [`Mount::switch`] marks
+/// such node ids dead: every request on one fails with ESTALE until the
+/// kernel forgets it, and the new state's file of that number gets an
+/// alias (from [`ALIAS_BASE`] up), a node id of its own.
+#[derive(Default)]
+struct Ids {
+    /// Whether `maps` holds anything: until a switch kills a node id, ids
+    /// map without taking the lock.
+    any: std::sync::atomic::AtomicBool,
+    maps: Mutex<IdMaps>,
+}
+
+#[derive(Default)]
+struct IdMaps {
+    /// Node ids the kernel holds that name nothing any more.
+    dead: HashSet<u64>,
+    /// Store inode -> its alias, and back.
+    aliases: HashMap<u64, u64>,
+    stores: HashMap<u64, u64>,
+    next: u64,
+}
+
+impl IdMaps {
+    fn is_empty(&self) -> bool {
+        self.dead.is_empty() && self.stores.is_empty()
+    }
+}
+
+impl Ids {
+    fn maps(&self) -> Option<parking_lot::MutexGuard<'_, IdMaps>> {
+        use std::sync::atomic::Ordering;
+        self.any.load(Ordering::Acquire).then(|| self.maps.lock())
+    }
+
+    /// Records the maps' emptiness for the lock-free path (call with the
+    /// lock held, after a change).
+    fn settle(&self, maps: &IdMaps) {
+        self.any
+            .store(!maps.is_empty(), std::sync::atomic::Ordering::Release);
+    }
+
+    /// The kernel forgot node id `f`: it names nothing from now on.
+    fn forget(&self, f: u64, still_known: impl Fn(u64) -> bool) {
+        let Some(mut m) = self.maps() else { return };
+        if m.dead.remove(&f) {
+            // The alias of the file that has this number now is not
+            // needed once the kernel holds neither.
+            if let Some(a) = m.aliases.get(&f).copied() {
+                if !still_known(a) {
+                    m.aliases.remove(&f);
+                    m.stores.remove(&a);
+                }
+            }
+        }
+        if let Some(s) = m.stores.remove(&f) {
+            m.aliases.remove(&s);
+        }
+        shrink_set(&mut m.dead);
+        shrink_map(&mut m.aliases);
+        shrink_map(&mut m.stores);
+        self.settle(&m);
+    }
 }
 
 impl View {
-    /// FUSE inode -> store inode (swap 1 <-> root).
-    fn to_store(&self, ino: INodeNo) -> u64 {
-        let ino = ino.0;
+    /// The root swap: FUSE inode 1 is the mounted subdot's directory, and
+    /// that directory's number is the store's root (its own inverse).
+    fn swap(&self, ino: u64) -> u64 {
         if ino == fuser::INodeNo::ROOT.0 {
             self.root
         } else if ino == self.root {
@@ -162,15 +241,37 @@ impl View {
         }
     }
 
-    /// Store inode -> FUSE inode (the same swap; it is its own inverse).
-    fn to_fuse(&self, ino: u64) -> INodeNo {
-        if ino == self.root {
-            INodeNo::ROOT
-        } else if ino == dm_store::ROOT_INO {
-            INodeNo(self.root)
-        } else {
-            INodeNo(ino)
+    /// FUSE inode -> store inode; ESTALE for a node id a switch made
+    /// dead (see [`Ids`]).
+    fn to_store(&self, ino: INodeNo) -> Result<u64, Errno> {
+        if let Some(m) = self.ids.maps() {
+            if let Some(s) = m.stores.get(&ino.0) {
+                return Ok(*s);
+            }
+            if m.dead.contains(&ino.0) {
+                return Err(Errno::ESTALE);
+            }
         }
+        Ok(self.swap(ino.0))
+    }
+
+    /// Store inode -> FUSE inode: its alias where the kernel holds its
+    /// number dead (one is made then).
+    fn to_fuse(&self, ino: u64) -> INodeNo {
+        let f = self.swap(ino);
+        if let Some(mut m) = self.ids.maps() {
+            if let Some(a) = m.aliases.get(&ino) {
+                return INodeNo(*a);
+            }
+            if m.dead.contains(&f) {
+                let a = ALIAS_BASE + m.next;
+                m.next += 1;
+                m.aliases.insert(ino, a);
+                m.stores.insert(a, ino);
+                return INodeNo(a);
+            }
+        }
+        INodeNo(f)
     }
 
     fn attr(&self, a: &Attr) -> FileAttr {
@@ -219,12 +320,10 @@ struct Known {
     /// dead (it lists nothing and creates nothing in it) for as long as
     /// something holds it: a file in it open, a working directory.
     removed_dirs: HashSet<u64>,
-    /// The generation given for an inode, where not 0. A switch raises it
-    /// for each of `removed_dirs` that the kernel still holds, so that the
-    /// next lookup makes the kernel drop its dead inode for a new one: it
-    /// took the directory a reset brought back for the dead one, which
-    /// showed empty and took no file until the mount was made again.
-    generations: HashMap<u64, u64>,
+    /// The kind and birth time of each node id given, to tell at a switch
+    /// whether the new state's inode of its number is the same file (see
+    /// [`Ids`]).
+    born: HashMap<u64, (FileType, SystemTime)>,
 }
 
 impl Known {
@@ -246,7 +345,7 @@ impl Known {
         shrink_map(&mut self.held);
         shrink_map(&mut self.names);
         shrink_set(&mut self.dirs);
-        shrink_map(&mut self.generations);
+        shrink_map(&mut self.born);
     }
 
     /// Drops the record of a negative entry (the name now exists).
@@ -291,6 +390,9 @@ fn shrink_set<K: std::hash::Hash + Eq>(m: &mut HashSet<K>) {
 /// State shared between the FUSE request loops and the [`Mount`] handle.
 struct Shared {
     view: RwLock<View>,
+    /// The views' dead node ids and aliases (see [`Ids`]); taken after
+    /// `known` where both are.
+    ids: Arc<Ids>,
     /// Ask for the kernel writeback cache in init (dirty pages then live in
     /// the kernel until written back; see [`Mount::sync`]).
     writeback: bool,
@@ -365,34 +467,26 @@ fn is_acl(name: &OsStr) -> bool {
 
 impl Shared {
     /// Records that the kernel got an entry for `attr` under `(parent, name)`
-    /// from `view`; returns the inode's generation.
-    fn remember(&self, view: &View, parent: INodeNo, name: &[u8], attr: &FileAttr) -> Generation {
+    /// from `view` (an inode of the store, by [`View::to_fuse`]).
+    fn remember(&self, view: &View, parent: INodeNo, name: &[u8], attr: &FileAttr) {
         let ino = attr.ino;
         let mut known = self.known.lock();
         let count = known.lookups.entry(ino.0).or_insert(0);
         *count += 1;
-        if *count == 1 && attr.kind != FileType::Directory {
-            let sino = view.to_store(ino);
-            view.fs.hold(sino);
-            known.held.insert(ino.0, (view.fs.clone(), sino));
+        if *count == 1 {
+            known.born.insert(ino.0, (attr.kind, attr.crtime));
+            if attr.kind != FileType::Directory {
+                // Given by to_fuse under the view held: it names a file.
+                if let Ok(sino) = view.to_store(ino) {
+                    view.fs.hold(sino);
+                    known.held.insert(ino.0, (view.fs.clone(), sino));
+                }
+            }
         }
         known.add_name(parent.0, name, ino.0);
         if attr.kind == FileType::Directory {
             known.dirs.insert(ino.0);
         }
-        Generation(known.generations.get(&ino.0).copied().unwrap_or(0))
-    }
-
-    /// The generation given for `ino` (see [`Known::generations`]).
-    fn generation(&self, ino: INodeNo) -> Generation {
-        Generation(
-            self.known
-                .lock()
-                .generations
-                .get(&ino.0)
-                .copied()
-                .unwrap_or(0),
-        )
     }
 
     /// Records that directory `ino` was removed through this mount (see
@@ -443,7 +537,8 @@ impl Shared {
             known.names.remove(&ino.0);
             known.dirs.remove(&ino.0);
             known.removed_dirs.remove(&ino.0);
-            known.generations.remove(&ino.0);
+            known.born.remove(&ino.0);
+            self.ids.forget(ino.0, |a| known.lookups.contains_key(&a));
             if let Some(names) = known.negatives.remove(&ino.0) {
                 known.n_negatives -= names.len();
             }
@@ -482,6 +577,17 @@ struct OpenFile<'a> {
     _io: dm_store::IoGuard,
     fs: Arc<BranchFs>,
     ino: u64,
+}
+
+/// The store inode of FUSE node `$ino` in `$view`; replies ESTALE (and
+/// returns) for a node id a switch made dead (see [`Ids`]).
+macro_rules! store_ino {
+    ($view:expr, $ino:expr, $reply:expr) => {
+        match $view.to_store($ino) {
+            Ok(ino) => ino,
+            Err(e) => return $reply.error(e),
+        }
+    };
 }
 
 /// The `fuser::Filesystem` implementation: a thin translation layer.
@@ -651,7 +757,7 @@ impl DmFs {
     /// tells the other mounts of the branch.
     fn remove(&self, parent: INodeNo, name: &OsStr, reply: ReplyEmpty, dir: bool) {
         let view = self.view();
-        let p = view.to_store(parent);
+        let p = store_ino!(view, parent, reply);
         // Other mounts may cache the inode under another name (hard links);
         // a removed directory is dead to the kernel.
         let child = (peers::active() || dir)
@@ -807,15 +913,20 @@ impl DmFs {
     /// The branch and store inode of an open file handle, whichever branch
     /// the mount shows now (for release and fsync). Unknown handles (not
     /// issued by us) fall back to the current branch.
-    fn handle(&self, fh: FileHandle, ino: INodeNo) -> (Arc<BranchFs>, u64) {
+    fn handle(&self, fh: FileHandle, ino: INodeNo) -> Result<(Arc<BranchFs>, u64), Errno> {
         self.handle_in(&self.view(), fh, ino)
     }
 
     /// [`Self::handle`] with the view already held.
-    fn handle_in(&self, view: &View, fh: FileHandle, ino: INodeNo) -> (Arc<BranchFs>, u64) {
+    fn handle_in(
+        &self,
+        view: &View,
+        fh: FileHandle,
+        ino: INodeNo,
+    ) -> Result<(Arc<BranchFs>, u64), Errno> {
         match self.shared.handles.read().get(&fh.0) {
-            Some((fs, ino, _)) => (fs.clone(), *ino),
-            None => (view.fs.clone(), view.to_store(ino)),
+            Some((fs, ino, _)) => Ok((fs.clone(), *ino)),
+            None => Ok((view.fs.clone(), view.to_store(ino)?)),
         }
     }
 
@@ -829,7 +940,7 @@ impl DmFs {
     /// files it discards are never given to new ones.)
     fn open_file(&self, fh: FileHandle, ino: INodeNo) -> Result<OpenFile<'_>, Errno> {
         let view = self.view();
-        let (fs, ino) = self.handle_in(&view, fh, ino);
+        let (fs, ino) = self.handle_in(&view, fh, ino)?;
         if !Arc::ptr_eq(&fs, &view.fs) {
             return Err(Errno::EIO);
         }
@@ -972,8 +1083,8 @@ impl DmFs {
 
     fn reply_entry(&self, view: &View, parent: INodeNo, name: &[u8], a: &Attr, reply: ReplyEntry) {
         let attr = self.attr(view, a);
-        let generation = self.shared.remember(view, parent, name, &attr);
-        reply.entry(&TTL, &attr, generation);
+        self.shared.remember(view, parent, name, &attr);
+        reply.entry(&TTL, &attr, Generation(0));
     }
 }
 
@@ -1059,7 +1170,10 @@ impl fuser::Filesystem for DmFs {
             return;
         }
         let view = self.view();
-        match view.fs.lookup(view.to_store(parent), name.as_bytes()) {
+        match view
+            .fs
+            .lookup(store_ino!(view, parent, reply), name.as_bytes())
+        {
             Ok(a) => self.reply_entry(&view, parent, name.as_bytes(), &a, reply),
             // A negative entry (node id 0 with a cache time): the kernel
             // then answers lookups of the name itself (compilers, shells and
@@ -1086,7 +1200,7 @@ impl fuser::Filesystem for DmFs {
             Ok(io) => io,
             Err(e) => return reply.error(e),
         };
-        match view.fs.getattr(view.to_store(ino)) {
+        match view.fs.getattr(store_ino!(view, ino, reply)) {
             Ok(a) => reply.attr(&TTL, &self.attr(&view, &a)),
             Err(e) => reply.error(errno(&e)),
         }
@@ -1129,7 +1243,7 @@ impl fuser::Filesystem for DmFs {
             kill_setid: size.is_some() && req.uid() != 0,
             grow_only: false,
         };
-        let store_ino = view.to_store(ino);
+        let store_ino = store_ino!(view, ino, reply);
         match view.fs.setattr(store_ino, &set) {
             Ok(a) => {
                 // Before the reply, as for a write: an fsync after a
@@ -1152,7 +1266,7 @@ impl fuser::Filesystem for DmFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let view = self.view();
-        match view.fs.readlink(view.to_store(ino)) {
+        match view.fs.readlink(store_ino!(view, ino, reply)) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(&e)),
         }
@@ -1177,7 +1291,7 @@ impl fuser::Filesystem for DmFs {
             return;
         }
         let view = self.view();
-        let p = view.to_store(parent);
+        let p = store_ino!(view, parent, reply);
         let (uid, gid, _) = Self::new_owner(&view, req, p, false);
         let perm = mode & 0o7777 & !umask;
         match view
@@ -1202,7 +1316,7 @@ impl fuser::Filesystem for DmFs {
         reply: ReplyEntry,
     ) {
         let view = self.view();
-        let p = view.to_store(parent);
+        let p = store_ino!(view, parent, reply);
         let (uid, gid, extra) = Self::new_owner(&view, req, p, true);
         let perm = (mode & 0o7777 & !umask) | extra;
         match view.fs.mkdir(p, name.as_bytes(), perm, uid, gid) {
@@ -1231,7 +1345,7 @@ impl fuser::Filesystem for DmFs {
         reply: ReplyEntry,
     ) {
         let view = self.view();
-        let p = view.to_store(parent);
+        let p = store_ino!(view, parent, reply);
         let (uid, gid, _) = Self::new_owner(&view, req, p, false);
         match view.fs.symlink(
             p,
@@ -1270,7 +1384,10 @@ impl fuser::Filesystem for DmFs {
             return;
         }
         let view = self.view();
-        let (p, np) = (view.to_store(parent), view.to_store(newparent));
+        let (p, np) = (
+            store_ino!(view, parent, reply),
+            store_ino!(view, newparent, reply),
+        );
         // A file the rename replaces loses a link: other mounts cache its
         // link count; a directory it replaces is dead to the kernel.
         let replaced = (store_flags & dm_store::RENAME_EXCHANGE == 0)
@@ -1331,7 +1448,10 @@ impl fuser::Filesystem for DmFs {
         reply: ReplyEntry,
     ) {
         let view = self.view();
-        let (target, np) = (view.to_store(ino), view.to_store(newparent));
+        let (target, np) = (
+            store_ino!(view, ino, reply),
+            store_ino!(view, newparent, reply),
+        );
         match view.fs.link(target, np, newname.as_bytes()) {
             Ok(a) => {
                 self.tell_peers(&view.fs, || {
@@ -1372,7 +1492,7 @@ impl fuser::Filesystem for DmFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let view = self.view();
-        let ino = view.to_store(ino);
+        let ino = store_ino!(view, ino, reply);
         // Linux truncates also for O_RDONLY|O_TRUNC (the kernel asked for
         // write permission then).
         if flags.0 & libc::O_TRUNC != 0 {
@@ -1515,7 +1635,10 @@ impl fuser::Filesystem for DmFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let (fs, ino) = self.handle(fh, ino);
+        let (fs, ino) = match self.handle(fh, ino) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
         self.shared.handles.write().remove(&fh.0);
         match fs.release(ino) {
             Ok(()) => reply.ok(),
@@ -1531,7 +1654,10 @@ impl fuser::Filesystem for DmFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let (fs, ino) = self.handle(fh, ino);
+        let (fs, ino) = match self.handle(fh, ino) {
+            Ok(h) => h,
+            Err(e) => return reply.error(e),
+        };
         match fs.fsync(ino, datasync) {
             Ok(()) => {
                 // Other mounts of the branch show what was synced.
@@ -1551,7 +1677,7 @@ impl fuser::Filesystem for DmFs {
         mut reply: ReplyDirectory,
     ) {
         let view = self.view();
-        let result = each_entry(&view.fs, view.to_store(ino), offset, 256, |e| {
+        let result = each_entry(&view.fs, store_ino!(view, ino, reply), offset, 256, |e| {
             // Offsets come from the store and are >= 1 (0 = start).
             let off = u64::try_from(e.offset).unwrap_or(0);
             let name = OsStr::from_bytes(&e.name);
@@ -1575,7 +1701,7 @@ impl fuser::Filesystem for DmFs {
         mut reply: fuser::ReplyDirectoryPlus,
     ) {
         let view = self.view();
-        let result = each_entry(&view.fs, view.to_store(ino), offset, 128, |e| {
+        let result = each_entry(&view.fs, store_ino!(view, ino, reply), offset, 128, |e| {
             let dots = e.name == b"." || e.name == b"..";
             let attr = match view.fs.getattr(e.ino) {
                 Ok(a) => self.attr(&view, &a),
@@ -1589,8 +1715,7 @@ impl fuser::Filesystem for DmFs {
             };
             let off = u64::try_from(e.offset).unwrap_or(0);
             let name = OsStr::from_bytes(&e.name);
-            let generation = self.shared.generation(attr.ino);
-            if reply.add(attr.ino, off, name, &TTL, &attr, generation) {
+            if reply.add(attr.ino, off, name, &TTL, &attr, Generation(0)) {
                 return Ok(true);
             }
             if !dots {
@@ -1614,7 +1739,7 @@ impl fuser::Filesystem for DmFs {
     ) {
         let view = self.view();
         // Directory changes are metadata: fsync on the directory makes them durable.
-        match view.fs.fsync(view.to_store(ino), datasync) {
+        match view.fs.fsync(store_ino!(view, ino, reply), datasync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -1645,7 +1770,7 @@ impl fuser::Filesystem for DmFs {
             return;
         }
         let view = self.view();
-        let ino = view.to_store(ino);
+        let ino = store_ino!(view, ino, reply);
         let caps = name.as_bytes() == XATTR_CAPS;
         if caps {
             self.caps_changed(ino);
@@ -1671,7 +1796,7 @@ impl fuser::Filesystem for DmFs {
             return;
         }
         let view = self.view();
-        let ino = view.to_store(ino);
+        let ino = store_ino!(view, ino, reply);
         let value = match name.as_bytes() == XATTR_CAPS {
             true => self
                 .caps(&view.fs, ino)
@@ -1689,7 +1814,7 @@ impl fuser::Filesystem for DmFs {
         // `trusted.` names are listed to root only, as ext4 lists them to
         // CAP_SYS_ADMIN (the kernel leaves the listing to us).
         let trusted = req.uid() == 0;
-        match view.fs.listxattr(view.to_store(ino)) {
+        match view.fs.listxattr(store_ino!(view, ino, reply)) {
             Ok(names) => {
                 let mut buf = Vec::new();
                 // ACLs stored before they were refused stay hidden.
@@ -1711,7 +1836,7 @@ impl fuser::Filesystem for DmFs {
             return;
         }
         let view = self.view();
-        match self.remove_xattr(&view.fs, view.to_store(ino), name) {
+        match self.remove_xattr(&view.fs, store_ino!(view, ino, reply), name) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -1721,7 +1846,7 @@ impl fuser::Filesystem for DmFs {
         // With default_permissions the kernel checks permissions itself;
         // only existence is ours to answer.
         let view = self.view();
-        match view.fs.getattr(view.to_store(ino)) {
+        match view.fs.getattr(store_ino!(view, ino, reply)) {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -1738,7 +1863,7 @@ impl fuser::Filesystem for DmFs {
         reply: ReplyCreate,
     ) {
         let view = self.view();
-        let p = view.to_store(parent);
+        let p = store_ino!(view, parent, reply);
         let (uid, gid, _) = Self::new_owner(&view, req, p, false);
         let perm = mode & 0o7777 & !umask;
         let a = match view
@@ -1771,10 +1896,10 @@ impl fuser::Filesystem for DmFs {
             }
         };
         let attr = self.attr(&view, &a);
-        let generation = self.shared.remember(&view, parent, name.as_bytes(), &attr);
+        self.shared.remember(&view, parent, name.as_bytes(), &attr);
         let fh = self.new_handle(view.fs.clone(), a.ino, opened_at);
         self.tell_peers(&view.fs, || created(p, name));
-        reply.created(&TTL, &attr, generation, fh, self.open_flags(flags));
+        reply.created(&TTL, &attr, Generation(0), fh, self.open_flags(flags));
     }
 
     /// No poll: ENOSYS makes the kernel treat the mount's files as always
@@ -1988,8 +2113,14 @@ impl Mount {
         opts: &MountOptions,
     ) -> io::Result<Mount> {
         let root = fs.subdot_ino(subdot, true).map_err(store_io_error)?;
+        let ids = Arc::new(Ids::default());
         let shared = Arc::new(Shared {
-            view: RwLock::new(View { fs, root }),
+            view: RwLock::new(View {
+                fs,
+                root,
+                ids: ids.clone(),
+            }),
+            ids,
             owner: opts.owner.clone(),
             subdot: subdot.to_string(),
             writeback: writeback_wanted(),
@@ -2124,7 +2255,9 @@ impl Mount {
         if let Err(e) = self.sync() {
             debug!("syncfs before switch of {}: {e}", self.path.display());
         }
-        {
+        // Snapshot what the kernel knows; notify without holding any lock
+        // (the kernel may need a request of ours to finish first).
+        let (mut entries, dirs, inodes) = {
             // Waits for requests in flight on the old branch to finish.
             let mut view = self.shared.view.write();
             peers::leave(&view.fs, &self.shared);
@@ -2135,24 +2268,22 @@ impl Mount {
                     created(dm_store::ROOT_INO, OsStr::new(&self.shared.subdot))
                 });
             }
-            *view = View { fs, root };
-            let mut nc = self.shared.no_caps.lock();
-            nc.generation += 1;
-            nc.inos.clear();
-        }
-        // Snapshot what the kernel knows; notify without holding any lock
-        // (the kernel may need a request of ours to finish first).
-        let (mut entries, dirs, inodes) = {
+            let new = View {
+                fs,
+                root,
+                ids: self.shared.ids.clone(),
+            };
+            let old = std::mem::replace(&mut *view, new);
+            {
+                let mut nc = self.shared.no_caps.lock();
+                nc.generation += 1;
+                nc.inos.clear();
+            }
             let mut known = self.shared.known.lock();
+            self.kill_stale_ids(&old, &view, &known);
+            known.removed_dirs.clear();
             let negatives = std::mem::take(&mut known.negatives);
             known.n_negatives = 0;
-            // The directories removed through this mount that the kernel
-            // keeps dead get a new generation (see `Known::generations`).
-            for ino in std::mem::take(&mut known.removed_dirs) {
-                if known.lookups.contains_key(&ino) {
-                    *known.generations.entry(ino).or_insert(0) += 1;
-                }
-            }
             let mut entries = Vec::new();
             let mut dirs = Vec::new();
             for (ino, names) in &known.names {
@@ -2178,9 +2309,10 @@ impl Mount {
             let view = self.shared.view.read();
             for (ino, parent, name) in dirs {
                 let same = view
-                    .fs
-                    .lookup(view.to_store(INodeNo(parent)), &name)
-                    .is_ok_and(|a| a.kind == FileKind::Dir && view.to_fuse(a.ino).0 == ino);
+                    .to_store(INodeNo(parent))
+                    .ok()
+                    .and_then(|p| view.fs.lookup(p, &name).ok())
+                    .is_some_and(|a| a.kind == FileKind::Dir && view.to_fuse(a.ino).0 == ino);
                 if !same {
                     entries.push((parent, name));
                 }
@@ -2201,6 +2333,54 @@ impl Mount {
             }
         }
         Ok(())
+    }
+
+    /// At a switch from `old` to `new` (under the view's write lock): marks
+    /// dead each node id the kernel holds whose number does not name the
+    /// same file in `new` (see [`Ids`]): gone, of another kind or birth
+    /// time (each branch numbers its new files on its own), discarded by
+    /// the reset although back under its number (deleted while open: its
+    /// handles are revoked), a directory removed through this mount (the
+    /// kernel keeps that inode dead), or given another meaning by the new
+    /// root of a subdot. One store read per node id.
+    fn kill_stale_ids(&self, old: &View, new: &View, known: &Known) {
+        let revoked: HashSet<u64> = self
+            .shared
+            .handles
+            .read()
+            .values()
+            .filter(|(fs, ino, at)| Arc::ptr_eq(fs, &new.fs) && fs.is_revoked(*ino, *at))
+            .map(|(_, ino, _)| *ino)
+            .collect();
+        let mut m = self.shared.ids.maps.lock();
+        let mut dead = Vec::new();
+        for &f in known.lookups.keys() {
+            if f == INodeNo::ROOT.0 || m.dead.contains(&f) {
+                continue;
+            }
+            let (was, is) = match m.stores.get(&f) {
+                Some(s) => (*s, *s),
+                None => (old.swap(f), new.swap(f)),
+            };
+            let same = was == is
+                && !revoked.contains(&was)
+                && !known.removed_dirs.contains(&f)
+                && new.fs.getattr(was).is_ok_and(|a| {
+                    known.born.get(&f).is_none_or(|(kind, crtime)| {
+                        *kind == file_type(a.kind) && *crtime == to_system_time(a.crtime)
+                    })
+                });
+            if !same {
+                dead.push((f, was));
+            }
+        }
+        for (f, was) in dead {
+            m.dead.insert(f);
+            if m.stores.remove(&f).is_some() {
+                m.aliases.remove(&was);
+            }
+        }
+        self.shared.ids.settle(&m);
     }
 
     /// Writes back everything the kernel still caches dirty for this mount
