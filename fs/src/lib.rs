@@ -164,22 +164,38 @@ const ALIAS_BASE: u64 = 1 << 63;
 /// directory, a descriptor) may belong to another file: a shell left in a
 /// directory of one branch created its files in the other branch's
 /// directory of that number, and `fchmod` through a descriptor of a
-/// discarded file changed the file brought back. [`Mount::switch`] marks
-/// such node ids dead: every request on one fails with ESTALE until the
-/// kernel forgets it, and the new state's file of that number gets an
-/// alias (from [`ALIAS_BASE`] up), a node id of its own.
+/// discarded file changed the file brought back. Such node ids are dead:
+/// every request on one fails with ESTALE until the kernel forgets it, and
+/// the new state's file of that number gets an alias (from [`ALIAS_BASE`]
+/// up), a node id of its own (and so another `st_ino`, as the kernel
+/// shows the node id).
+///
+/// [`Mount::switch`] kills at once the node ids it knows to be stale (a
+/// file the reset discarded, a directory removed through this mount, a
+/// number the new root of a subdot takes); the others it holds are
+/// suspects, checked at their first use (one store read): alive while the
+/// new state's inode of that number has the kind and birth time the kernel
+/// was given. Checking them all at the switch took a store read per inode
+/// the kernel knew, and doubled the time of a checkout with 150,000 files
+/// known.
 #[derive(Default)]
 struct Ids {
-    /// Whether `maps` holds anything: until a switch kills a node id, ids
-    /// map without taking the lock.
+    /// Whether `maps` holds anything: until a switch, ids map without
+    /// taking the lock.
     any: std::sync::atomic::AtomicBool,
     maps: Mutex<IdMaps>,
 }
+
+/// A file's identity, as the kernel was given it: its kind and birth time.
+type Born = (FileType, SystemTime);
 
 #[derive(Default)]
 struct IdMaps {
     /// Node ids the kernel holds that name nothing any more.
     dead: HashSet<u64>,
+    /// Node ids to check at their first use since a switch, with the
+    /// identity the kernel knows them by.
+    suspects: HashMap<u64, Born>,
     /// Store inode -> its alias, and back.
     aliases: HashMap<u64, u64>,
     stores: HashMap<u64, u64>,
@@ -188,7 +204,16 @@ struct IdMaps {
 
 impl IdMaps {
     fn is_empty(&self) -> bool {
-        self.dead.is_empty() && self.stores.is_empty()
+        self.dead.is_empty() && self.stores.is_empty() && self.suspects.is_empty()
+    }
+
+    /// Node id `f`, the kernel's for store inode `s`, names nothing now.
+    fn kill(&mut self, f: u64, s: u64) {
+        self.suspects.remove(&f);
+        self.dead.insert(f);
+        if self.stores.remove(&f).is_some() {
+            self.aliases.remove(&s);
+        }
     }
 }
 
@@ -208,6 +233,7 @@ impl Ids {
     /// The kernel forgot node id `f`: it names nothing from now on.
     fn forget(&self, f: u64, still_known: impl Fn(u64) -> bool) {
         let Some(mut m) = self.maps() else { return };
+        m.suspects.remove(&f);
         if m.dead.remove(&f) {
             // The alias of the file that has this number now is not
             // needed once the kernel holds neither.
@@ -222,6 +248,7 @@ impl Ids {
             m.aliases.remove(&s);
         }
         shrink_set(&mut m.dead);
+        shrink_map(&mut m.suspects);
         shrink_map(&mut m.aliases);
         shrink_map(&mut m.stores);
         self.settle(&m);
@@ -241,42 +268,74 @@ impl View {
         }
     }
 
-    /// FUSE inode -> store inode; ESTALE for a node id a switch made
-    /// dead (see [`Ids`]).
+    /// Whether store inode `s` (its attributes `attr`, read when None) is
+    /// the file known as `born`.
+    fn is(&self, s: u64, born: Born, attr: Option<&Attr>) -> bool {
+        let same = |a: &Attr| file_type(a.kind) == born.0 && to_system_time(a.crtime) == born.1;
+        match attr {
+            Some(a) => same(a),
+            None => self.fs.getattr(s).is_ok_and(|a| same(&a)),
+        }
+    }
+
+    /// FUSE inode -> store inode; ESTALE for a node id that names nothing
+    /// since a switch (see [`Ids`]).
     fn to_store(&self, ino: INodeNo) -> Result<u64, Errno> {
-        if let Some(m) = self.ids.maps() {
-            if let Some(s) = m.stores.get(&ino.0) {
-                return Ok(*s);
+        let f = ino.0;
+        let Some(mut m) = self.ids.maps() else {
+            return Ok(self.swap(f));
+        };
+        let s = match m.stores.get(&f) {
+            Some(s) => *s,
+            None if m.dead.contains(&f) => return Err(Errno::ESTALE),
+            None => self.swap(f),
+        };
+        if let Some(born) = m.suspects.remove(&f) {
+            let alive = self.is(s, born, None);
+            if !alive {
+                m.kill(f, s);
             }
-            if m.dead.contains(&ino.0) {
+            self.ids.settle(&m);
+            if !alive {
                 return Err(Errno::ESTALE);
             }
         }
-        Ok(self.swap(ino.0))
+        Ok(s)
     }
 
     /// Store inode -> FUSE inode: its alias where the kernel holds its
-    /// number dead (one is made then).
-    fn to_fuse(&self, ino: u64) -> INodeNo {
+    /// number dead (one is made then). `attr`: the inode's attributes, if
+    /// at hand (a suspect is checked against them).
+    fn to_fuse_of(&self, ino: u64, attr: Option<&Attr>) -> INodeNo {
         let f = self.swap(ino);
-        if let Some(mut m) = self.ids.maps() {
-            if let Some(a) = m.aliases.get(&ino) {
-                return INodeNo(*a);
-            }
-            if m.dead.contains(&f) {
-                let a = ALIAS_BASE + m.next;
-                m.next += 1;
-                m.aliases.insert(ino, a);
-                m.stores.insert(a, ino);
-                return INodeNo(a);
+        let Some(mut m) = self.ids.maps() else {
+            return INodeNo(f);
+        };
+        let mut id = m.aliases.get(&ino).copied().unwrap_or(f);
+        if let Some(born) = m.suspects.remove(&id) {
+            if !self.is(ino, born, attr) {
+                m.kill(id, ino);
+                id = f;
             }
         }
-        INodeNo(f)
+        if m.dead.contains(&id) {
+            id = ALIAS_BASE + m.next;
+            m.next += 1;
+            m.aliases.insert(ino, id);
+            m.stores.insert(id, ino);
+        }
+        self.ids.settle(&m);
+        INodeNo(id)
+    }
+
+    /// [`Self::to_fuse_of`] without the attributes at hand.
+    fn to_fuse(&self, ino: u64) -> INodeNo {
+        self.to_fuse_of(ino, None)
     }
 
     fn attr(&self, a: &Attr) -> FileAttr {
         FileAttr {
-            ino: self.to_fuse(a.ino),
+            ino: self.to_fuse_of(a.ino, Some(a)),
             size: a.size,
             blocks: a.blocks,
             atime: to_system_time(a.atime),
@@ -323,7 +382,7 @@ struct Known {
     /// The kind and birth time of each node id given, to tell at a switch
     /// whether the new state's inode of its number is the same file (see
     /// [`Ids`]).
-    born: HashMap<u64, (FileType, SystemTime)>,
+    born: HashMap<u64, Born>,
 }
 
 impl Known {
@@ -2232,7 +2291,7 @@ impl Mount {
     /// Whether the mount point's device is this mount's. A stat that fails
     /// is this mount's answer (a file system mounted over it would answer
     /// itself): a subdot mount whose directory was removed through a mount
-    /// of the whole dot answers ENOENT or ESTALE, and `dm unmount` said
+    /// of the whole dot answers ESTALE once a reset forgot it, and `dm unmount` said
     /// another file system was mounted over it.
     fn shows_this_mount(&self) -> bool {
         std::fs::metadata(&self.path).map_or(true, |m| {
@@ -2336,13 +2395,13 @@ impl Mount {
     }
 
     /// At a switch from `old` to `new` (under the view's write lock): marks
-    /// dead each node id the kernel holds whose number does not name the
-    /// same file in `new` (see [`Ids`]): gone, of another kind or birth
-    /// time (each branch numbers its new files on its own), discarded by
-    /// the reset although back under its number (deleted while open: its
-    /// handles are revoked), a directory removed through this mount (the
-    /// kernel keeps that inode dead), or given another meaning by the new
-    /// root of a subdot. One store read per node id.
+    /// dead each node id the kernel holds that is known to name another
+    /// file, or nothing, in `new` (see [`Ids`]): a file the reset discarded
+    /// although it brings one back under its number (deleted while open:
+    /// its handles are revoked), a directory removed through this mount
+    /// (the kernel keeps that inode dead), a number the new root of a
+    /// subdot gives another meaning. The others become suspects, checked
+    /// at their first use. No store reads.
     fn kill_stale_ids(&self, old: &View, new: &View, known: &Known) {
         let revoked: HashSet<u64> = self
             .shared
@@ -2353,7 +2412,6 @@ impl Mount {
             .map(|(_, ino, _)| *ino)
             .collect();
         let mut m = self.shared.ids.maps.lock();
-        let mut dead = Vec::new();
         for &f in known.lookups.keys() {
             if f == INodeNo::ROOT.0 || m.dead.contains(&f) {
                 continue;
@@ -2362,22 +2420,12 @@ impl Mount {
                 Some(s) => (*s, *s),
                 None => (old.swap(f), new.swap(f)),
             };
-            let same = was == is
-                && !revoked.contains(&was)
-                && !known.removed_dirs.contains(&f)
-                && new.fs.getattr(was).is_ok_and(|a| {
-                    known.born.get(&f).is_none_or(|(kind, crtime)| {
-                        *kind == file_type(a.kind) && *crtime == to_system_time(a.crtime)
-                    })
-                });
-            if !same {
-                dead.push((f, was));
-            }
-        }
-        for (f, was) in dead {
-            m.dead.insert(f);
-            if m.stores.remove(&f).is_some() {
-                m.aliases.remove(&was);
+            let stale = was != is || revoked.contains(&was) || known.removed_dirs.contains(&f);
+            match known.born.get(&f) {
+                Some(born) if !stale => {
+                    m.suspects.insert(f, *born);
+                }
+                _ => m.kill(f, was),
             }
         }
         self.shared.ids.settle(&m);
@@ -2440,6 +2488,14 @@ impl Mount {
     /// The branch currently shown.
     pub fn branch(&self) -> String {
         self.shared.view.read().fs.branch().to_string()
+    }
+
+    /// How many node ids a switch made dead the kernel still holds, and
+    /// how many aliases are given (see the crate's `Ids`): both go once the
+    /// kernel forgets them.
+    pub fn stale_ids(&self) -> (usize, usize) {
+        let m = self.shared.ids.maps.lock();
+        (m.dead.len(), m.stores.len())
     }
 
     /// Files open through this mount (by any process), directories aside.

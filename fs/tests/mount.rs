@@ -738,6 +738,49 @@ fn switch_between_branches_and_after_reset() {
     mount.unmount().unwrap();
 }
 
+/// A reset that brings back a file deleted while open gives the restored
+/// file another node id (the old one is dead: ESTALE), and both are let go
+/// once the kernel forgets them.
+#[test]
+fn node_ids_a_reset_made_dead_are_let_go() {
+    let Some(mut f) = setup("__default__") else {
+        return;
+    };
+    fs::write(f.p("f"), b"committed").unwrap();
+    let c1 = f.commit("one");
+    let mount = f.mount.take().expect("mounted");
+    let stale = File::open(f.p("f")).unwrap();
+    let old_ino = stale.metadata().unwrap().ino();
+    fs::remove_file(f.p("f")).unwrap();
+    f.store.reset(&f.dot, "master", c1.id, true).unwrap();
+    mount
+        .switch(f.store.branch_fs(&f.dot, "master").unwrap())
+        .unwrap();
+    let err = stale.set_permissions(PermissionsExt::from_mode(0o600));
+    assert_eq!(err.unwrap_err().raw_os_error(), Some(libc::ESTALE));
+    let back = fs::metadata(f.p("f")).unwrap();
+    assert_ne!(
+        back.ino(),
+        old_ino,
+        "the restored file shares the dead node id"
+    );
+    assert_eq!(back.mode() & 0o777, 0o644);
+    assert_eq!(fs::read(f.p("f")).unwrap(), b"committed");
+    assert_eq!(mount.stale_ids(), (1, 1));
+    drop(stale);
+    let mut left = mount.stale_ids();
+    for _ in 0..50 {
+        fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        left = mount.stale_ids();
+        if left == (0, 0) {
+            break;
+        }
+    }
+    assert_eq!(left, (0, 0), "dead node ids and aliases kept");
+    mount.unmount().unwrap();
+}
+
 /// Files open across a checkout (another branch) and a reset (the same
 /// branch, an earlier state).
 #[test]

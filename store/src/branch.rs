@@ -577,8 +577,18 @@ impl BranchFs {
         if name == b".." {
             return self.getattr_in(&tx, pdir.parent);
         }
-        let e = Self::entry(&tx, parent, name)?.ok_or(Error::fs("lookup", ENOENT))?;
-        self.getattr_in(&tx, e.ino)
+        // The entry and its inode are read one after the other: another
+        // mount may remove or replace the file in between (ESTALE made
+        // `rm -rf` racing another mount's fail with "Stale file handle").
+        // Read the entry again then: gone, ENOENT.
+        let mut tries = 0;
+        loop {
+            let e = Self::entry(&tx, parent, name)?.ok_or(Error::fs("lookup", ENOENT))?;
+            match self.getattr_in(&tx, e.ino) {
+                Err(err) if err.errno() == ESTALE && tries < 3 => tries += 1,
+                r => return r,
+            }
+        }
     }
 
     fn getattr_in(&self, tx: &Tx, ino: Ino) -> Result<Attr> {
@@ -868,13 +878,18 @@ impl BranchFs {
         p.ctime = t;
         Self::store(&mut tx, parent, &p);
         self.destroy(&mut tx, e.ino)?;
-        tx.commit(false, "removing a directory")?;
-        let mut removed = self.removed_dirs.lock();
-        if removed.len() >= REMOVED_DIRS_KEPT {
-            removed.pop_front();
+        // Recorded before the removal is seen: readers hold no `meta`
+        // lock, and one in between found the directory neither there nor
+        // removed (ESTALE: "Stale file handle" in `rm -rf` racing another
+        // mount's). Only read where the directory is missing.
+        {
+            let mut removed = self.removed_dirs.lock();
+            if removed.len() >= REMOVED_DIRS_KEPT {
+                removed.pop_front();
+            }
+            removed.push_back((e.ino, gone));
         }
-        removed.push_back((e.ino, gone));
-        Ok(())
+        tx.commit(false, "removing a directory")
     }
 
     /// True when `ino` is `ancestor` or inside it.
