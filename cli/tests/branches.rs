@@ -1156,10 +1156,15 @@ fn commit_author_comes_from_the_flag_or_the_environment() {
         "{log}"
     );
     let err = s.fail(&["commit", "-m", "x", "--author", "two\nlines"]);
-    assert!(err.contains("is not a name"), "{err}");
+    assert!(err.contains("has a control character ('\\n')"), "{err}");
+    let err = s.fail(&["commit", "-m", "x", "--author", "bell\x07"]);
+    assert!(err.contains("has a control character ('\\u{7}')"), "{err}");
     // Too long: refused without repeating it whole.
     let err = s.fail(&["commit", "-m", "x", "--author", &"é".repeat(5000)]);
-    assert!(err.contains("is not a name") && err.len() < 400, "{err}");
+    assert!(
+        err.contains("is 5000 characters long") && err.len() < 400,
+        "{err}"
+    );
 }
 
 /// Two `rm -rf` of one tree racing on two mounts of a branch both

@@ -51,8 +51,12 @@ pub fn commit(
         Some(a) if a.chars().count() > 256 || a.chars().any(char::is_control) => {
             let shown: String = a.chars().take(40).collect();
             let more = if shown.len() < a.len() { "..." } else { "" };
+            let problem = match a.chars().find(|c| c.is_control()) {
+                Some(c) => format!("has a control character ({:?})", c),
+                None => format!("is {} characters long", a.chars().count()),
+            };
             bail!(
-                "author {shown:?}{more} is not a name: give 1 to 256 characters on one line, no tabs (--author or DM_AUTHOR)"
+                "author {shown:?}{more} {problem}: give a name of 1 to 256 characters on one line, with no tabs or other control characters (--author or DM_AUTHOR)"
             )
         }
         Some(a) => a.to_string(),
