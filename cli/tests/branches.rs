@@ -903,6 +903,43 @@ fn a_descriptor_a_reset_made_stale_never_reaches_another_file() {
     assert_eq!(std::fs::read(mnt.join("pf")).unwrap(), b"p-data\nmore\n");
 }
 
+/// A reset onto another branch's commit brings that branch's files under
+/// the numbers it gave them, on its own: a descriptor of a file the reset
+/// discards gets ESTALE also where the reset gives its number to another
+/// file (its writes, truncates and mmap stores landed in that file).
+#[test]
+fn a_reset_onto_another_branch_keeps_old_descriptors_out_of_its_files() {
+    use std::io::Write;
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let (s, mnt) = server_with_dot("forward");
+    s.ok(&["commit", "-m", "base"]);
+    s.ok(&["checkout", "-b", "a"]);
+    write_synced(&mnt.join("fa"), b"A-COMMITTED\n");
+    s.ok(&["commit", "-m", "a"]);
+    let fa_ino = std::fs::metadata(mnt.join("fa")).unwrap().ino();
+    s.ok(&["checkout", "master"]);
+    let mut fb = std::fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .open(mnt.join("fb"))
+        .unwrap();
+    fb.write_all(b"B-UNCOMMITTED\n").unwrap();
+    assert_eq!(
+        fb.metadata().unwrap().ino(),
+        fa_ino,
+        "the scenario needs fb to get fa's number"
+    );
+    s.ok(&["reset", "--hard", "a"]);
+    let err = fb.write_at(b"OVERWRITE", 0).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ESTALE), "{err}");
+    let err = fb.set_len(1).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ESTALE), "{err}");
+    drop(fb);
+    assert_eq!(std::fs::read(mnt.join("fa")).unwrap(), b"A-COMMITTED\n");
+    assert!(!s.ok(&["status"]).contains("fa"), "{}", s.ok(&["status"]));
+}
+
 /// A working directory, and a descriptor, that a checkout leaves on a
 /// number the new branch gives another file never reach that file: each
 /// branch numbers its new files on its own, and a shell left in a
@@ -956,6 +993,25 @@ fn a_working_directory_a_checkout_removed_never_reaches_another_branch() {
     assert!(!mnt.join("on-b/stray").exists());
     write_synced(&mnt.join("on-b/more"), b"more\n");
     assert!(s.ok(&["status"]).contains("/__default__/on-b/more"));
+    // A directory the branch checked out removed (it still remembers it
+    // as removed, and listed it empty) is dead too.
+    std::fs::create_dir(mnt.join("on-b/sub")).unwrap();
+    s.ok(&["commit", "-m", "sub"]);
+    s.ok(&["checkout", "-b", "nosub"]);
+    std::fs::remove_dir(mnt.join("on-b/sub")).unwrap();
+    s.ok(&["commit", "-m", "no sub"]);
+    s.ok(&["checkout", "b"]);
+    let mut shell = std::process::Command::new("sleep")
+        .arg("60")
+        .current_dir(mnt.join("on-b/sub"))
+        .spawn()
+        .unwrap();
+    let cwd = PathBuf::from(format!("/proc/{}/cwd", shell.id()));
+    s.ok(&["checkout", "nosub"]);
+    let err = std::fs::write(cwd.join("x"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ESTALE), "{err}");
+    shell.kill().unwrap();
+    shell.wait().unwrap();
 }
 
 /// A reset that brings back a file deleted while open (or replaced by a

@@ -2,7 +2,9 @@
 //!
 //! Translates kernel FUSE requests into calls on a [`dm_store::BranchFs`]
 //! (the working state of one branch of a dot). The adapter is thin: it maps
-//! inode numbers (the FUSE root is the mounted subdot's directory), converts
+//! inode numbers (the FUSE root is the mounted subdot's directory; a number a
+//! switch left the kernel holding for another file is dead, and that file
+//! gets an alias: see `Ids`), converts
 //! attributes and errors, and keeps just enough bookkeeping (which inodes and
 //! directory entries the kernel has cached) to invalidate the kernel's caches
 //! when the mount is switched to another branch or the branch is reset.
@@ -151,8 +153,11 @@ struct View {
     ids: Arc<Ids>,
 }
 
-/// First node id given as an alias (store inode numbers stay below).
-const ALIAS_BASE: u64 = 1 << 63;
+/// First node id given as an alias. Store inode numbers stay far below
+/// (each branch counts from 1); below 2^53 all the same, which JavaScript
+/// (Node's `fs.stat`) reads exactly: from 2^63 up, every alias read as
+/// the same number.
+const ALIAS_BASE: u64 = 1 << 52;
 
 /// Node ids that a checkout or reset made name nothing, and the node ids
 /// given instead to the files of the new state that have their numbers.
@@ -269,9 +274,13 @@ impl View {
     }
 
     /// Whether store inode `s` (its attributes `attr`, read when None) is
-    /// the file known as `born`.
+    /// the file known as `born`, with a link: a directory the new state
+    /// has as removed (through a mount of it) is dead, as a reset makes
+    /// one dead.
     fn is(&self, s: u64, born: Born, attr: Option<&Attr>) -> bool {
-        let same = |a: &Attr| file_type(a.kind) == born.0 && to_system_time(a.crtime) == born.1;
+        let same = |a: &Attr| {
+            file_type(a.kind) == born.0 && to_system_time(a.crtime) == born.1 && a.nlink > 0
+        };
         match attr {
             Some(a) => same(a),
             None => self.fs.getattr(s).is_ok_and(|a| same(&a)),

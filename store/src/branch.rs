@@ -23,6 +23,12 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+/// The identities (kind, birth time) of the files open as a reset began
+/// (see [`BranchFs::before_reset`]).
+pub(crate) struct Discarded {
+    born: HashMap<Ino, (FileKind, Timestamp)>,
+}
+
 /// Largest xattr value accepted.
 const XATTR_MAX: usize = 64 * 1024;
 /// Clean block copies kept per file (see `FileBuf::clean`).
@@ -1270,19 +1276,24 @@ impl BranchFs {
     /// After a reset to the working state `st` (under its write lock):
     /// counts the reset and revokes the handles of the open files it
     /// discarded (see [`BranchFs::is_revoked`]): those it has no file for,
-    /// and those that had no link left (deleted while open, or replaced by
-    /// a rename), also where it brings back the file of that number (the
-    /// one deleted): their holders had a file no one else could reach,
-    /// and wrote into the restored one. A new working state has no
-    /// orphans.
-    pub(crate) fn reset_done(&self, st: &BranchState) {
+    /// those whose number it gives another file (of another kind or birth
+    /// time: a reset onto another branch's commit, whose new files were
+    /// numbered on their own, or a pull; writes through the handle landed
+    /// in that file), and those that had no link left (deleted while open,
+    /// or replaced by a rename), also where it brings back the file of
+    /// that number (the one deleted): their holders had a file no one else
+    /// could reach, and wrote into the restored one. A new working state
+    /// has no orphans.
+    pub(crate) fn reset_done(&self, st: &BranchState, before: Discarded) {
         let n = self.resets.fetch_add(1, Ordering::AcqRel) + 1;
         let orphans = std::mem::take(&mut *self.orphans.lock());
         self.removed_dirs.lock().clear();
         let open: Vec<Ino> = self.open.lock().keys().copied().collect();
         let view = self.view(st);
         for ino in open {
-            if orphans.contains(&ino) || !matches!(view.get(&keys::inode(ino)), Ok(Some(_))) {
+            let same = Self::load_view(&view, ino)
+                .is_ok_and(|r| before.born.get(&ino) == Some(&(r.kind, r.crtime)));
+            if orphans.contains(&ino) || !same {
                 self.revoked.lock().insert(ino, n);
             }
         }
@@ -2390,12 +2401,22 @@ impl BranchFs {
         (n, blocks)
     }
 
-    /// Before a reset discards the working state `st`: new files will get
-    /// numbers above every one it used (see [`BranchFs::ino_floor`]).
-    pub(crate) fn keep_inos_unique(&self, st: &BranchState) -> Result<()> {
-        let next = Self::superblock(&Tx::new(self.view(st)))?.next_ino;
+    /// Before a reset discards the working state `st` (under its write
+    /// lock): new files will get numbers above every one it used (see
+    /// [`BranchFs::ino_floor`]), and the open files' identities are kept
+    /// for [`BranchFs::reset_done`].
+    pub(crate) fn before_reset(&self, st: &BranchState) -> Result<Discarded> {
+        let view = self.view(st);
+        let next = Self::superblock(&Tx::new(view))?.next_ino;
         self.ino_floor.fetch_max(next, Ordering::Relaxed);
-        Ok(())
+        let open: Vec<Ino> = self.open.lock().keys().copied().collect();
+        let mut born = HashMap::new();
+        for ino in open {
+            if let Ok(rec) = Self::load_view(&view, ino) {
+                born.insert(ino, (rec.kind, rec.crtime));
+            }
+        }
+        Ok(Discarded { born })
     }
 
     /// Drops every buffer (reset): the working state is being replaced.

@@ -1250,7 +1250,7 @@ impl Store {
             )));
         }
         let c = self.db.commit(&target)?;
-        fs.keep_inos_unique(&st)?;
+        let before = fs.before_reset(&st)?;
         self.refork(&d, &mut rec, target)?;
         rec.head = Some(target);
         rec.root = c.root;
@@ -1267,7 +1267,7 @@ impl Store {
         st.head = Some(target);
         st.root = c.root;
         st.bid = rec.bid;
-        fs.reset_done(&st);
+        fs.reset_done(&st, before);
         Ok(())
     }
 

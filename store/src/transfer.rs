@@ -880,7 +880,7 @@ impl Store {
                 }
                 // As a reset: files a process still has open keep numbers
                 // no new file gets.
-                fs.keep_inos_unique(&st)?;
+                let before = fs.before_reset(&st)?;
                 self.refork(&d, &mut rec, new)?;
                 self.refork_grown_from(&d, &mut batch, branch, new)?;
                 rec.head = Some(new);
@@ -896,7 +896,7 @@ impl Store {
                 st.head = Some(new);
                 st.root = commit.root;
                 st.bid = rec.bid;
-                fs.reset_done(&st);
+                fs.reset_done(&st, before);
                 Ok(SetHead::Updated)
             }
         }
