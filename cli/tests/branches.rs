@@ -919,7 +919,7 @@ fn a_reset_onto_another_branch_keeps_old_descriptors_out_of_its_files() {
     let fa_ino = std::fs::metadata(mnt.join("fa")).unwrap().ino();
     s.ok(&["checkout", "master"]);
     let mut fb = std::fs::OpenOptions::new()
-        .create(true)
+        .create_new(true)
         .read(true)
         .write(true)
         .open(mnt.join("fb"))
