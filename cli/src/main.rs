@@ -41,6 +41,15 @@ fn main() {
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
+        // Descriptors inherited from the caller (a shell's `exec 7<FILE`)
+        // are of no use to a client, and one on a dot's mount made the
+        // client name itself among the processes that hold files open
+        // there ("dm (pid N) has ... open"). Nothing is open yet but the
+        // standard streams; a kernel without close_range keeps them.
+        // SAFETY: a plain syscall on descriptors this process does not use.
+        unsafe {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        }
     }
     if let Err(e) = commands::run(cli) {
         eprintln!("error: {e:#}");

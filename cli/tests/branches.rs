@@ -1286,6 +1286,37 @@ fn walk(dir: &Path) -> usize {
         .sum()
 }
 
+/// A checkout refused for a file a shell holds open names the shell, not
+/// the `dm` client it ran, which inherited the descriptor ("dm (pid N) has
+/// ... open").
+#[test]
+fn a_refused_checkout_names_the_shell_not_the_client() {
+    let (s, mnt) = server_with_dot("inherit");
+    write_synced(&mnt.join("f"), b"x");
+    s.ok(&["commit", "-m", "f"]);
+    s.ok(&["branch", "other"]);
+    let dm = s.dm_command(&["checkout", "other"]);
+    let mut sh = std::process::Command::new("sh");
+    sh.args(["-c", "exec 7<\"$1\"; shift; \"$@\"", "sh"])
+        .arg(mnt.join("f"))
+        .arg(dm.get_program())
+        .args(dm.get_args());
+    for (k, v) in dm.get_envs() {
+        match v {
+            Some(v) => sh.env(k, v),
+            None => sh.env_remove(k),
+        };
+    }
+    let out = sh.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("sh (pid ") && !err.contains("dm (pid "),
+        "{err}"
+    );
+    assert!(s.ok(&["branch"]).contains("* master"));
+}
+
 /// A directory being listed counts as a file open: a checkout is refused
 /// while a host process lists one (a `find` during a checkout failed
 /// partway with "Stale file handle" and listed a third of the files).
