@@ -376,6 +376,14 @@ fn o_append_writes_at_the_end_dm_knows() {
             && err.contains("` again"),
         "{err}"
     );
+    // Named, with the pid to stop it by (a database's own stop command
+    // reads a PID file that is the reset's by then).
+    let me = std::process::id();
+    assert!(
+        err.contains(&format!(" (pid {me}) across the reset"))
+            && err.contains(&format!("`kill {me}`")),
+        "{err}"
+    );
     f.write_all(b"after\n").unwrap();
     f.sync_all().unwrap();
     drop(f);

@@ -364,7 +364,11 @@ fn hub_push_clone_pull_through_the_cli() {
     let held = std::fs::File::open(bm.join("small")).unwrap();
     let (stdout, stderr) = ok_out(&bob, &["pull", "hub", "--force"], &[]);
     assert!(stdout.contains("forced: 1 commit"), "{stdout}\n{stderr}");
-    assert!(stderr.contains("held open on"), "{stdout}\n{stderr}");
+    let me = format!(" (pid {}) across", std::process::id());
+    assert!(
+        stderr.contains("held open on") && stderr.contains(&me),
+        "{stdout}\n{stderr}"
+    );
     drop(held);
     assert_eq!(read(&bm.join("small")), b"bob again");
     assert!(!bob.ok(&["log"]).contains("bob 3"));

@@ -252,6 +252,10 @@ pub struct HeldOpen {
     pub path: String,
     /// How many files were open there.
     pub files: usize,
+    /// The host processes that held them, as "NAME (pid N)" (servers
+    /// before 2026-12-07 send none).
+    #[serde(default)]
+    pub processes: Vec<String>,
 }
 
 /// Query of `GET .../commits`: without it, the branch's whole history.

@@ -407,15 +407,34 @@ pub fn reset(ctx: &mut Ctx, rev: &str, hard: bool) -> Result<()> {
     // as it stops cleanly: restarted as the warning once said, it undid
     // the reset. Stopped first, the same reset again gives the commit.
     for h in &r.held_open {
+        let (by, stop) = match h.processes.as_slice() {
+            [] => (
+                format!(" (`fuser -vm {}` names the process)", h.path),
+                "stop it by its process id".to_string(),
+            ),
+            procs => (
+                format!(" by {}", procs.join(", ")),
+                format!(
+                    "stop it by its process id (`kill {}`)",
+                    procs
+                        .iter()
+                        .filter_map(|p| p
+                            .rsplit_once("(pid ")
+                            .map(|(_, n)| n.trim_end_matches(')')))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ),
+            ),
+        };
         eprintln!(
-            "warning: {} file{} held open on {} across the reset (`fuser -vm {}` names the \
-             process); it now sees the reset state under it (a file deleted while open ends: \
-             ESTALE, and SIGBUS in a mapping of it). A database running there still \
-             holds the old state and writes it back, also as it stops: stop it, then run \
+            "warning: {} file{} held open on {}{by} across the reset; it now sees the reset \
+             state under it (a file deleted while open ends: ESTALE, and SIGBUS in a mapping \
+             of it). A database running there still holds the old state and writes it back, \
+             also as it stops: {stop}, as its own stop command reads a PID file that now is \
+             the reset's (`pg_ctl stop` finds none, or a stale one), then run \
              `dm reset --hard {}` again (and stop it before a reset next time).",
             h.files,
             if h.files == 1 { " was" } else { "s were" },
-            h.path,
             h.path,
             short_id(&r.id),
         );

@@ -103,11 +103,20 @@ fn held_across(held: &[(std::path::PathBuf, usize)], what: &str) -> Option<Strin
         return None;
     }
     let (_, paths) = super::routes::files_and_paths(held);
+    let procs: Vec<String> = super::routes::held_open_by(held.to_vec())
+        .into_iter()
+        .flat_map(|h| h.processes)
+        .collect();
+    let by = match procs.is_empty() {
+        true => " (`fuser -vm` names the processes)".to_string(),
+        false => format!(" by {}", procs.join(", ")),
+    };
     Some(format!(
-        "files were held open on {} across {what} (`fuser -vm` names the processes); they now \
-         see the new state under them (a file deleted while open ends: ESTALE, and SIGBUS in a \
-         mapping of it); a database running there still holds the old state and \
-         writes it back, also as it stops: stop it, then `dm reset --hard HEAD` on that branch",
+        "files were held open on {}{by} across {what}; they now see the new state under them \
+         (a file deleted while open ends: ESTALE, and SIGBUS in a mapping of it); a database \
+         running there still holds the old state and writes it back, also as it stops: stop it \
+         by its process id (its own stop command reads a PID file that now is the new state's), \
+         then `dm reset --hard HEAD` on that branch",
         paths.join(", ")
     ))
 }

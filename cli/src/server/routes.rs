@@ -757,13 +757,7 @@ async fn reset(
             message,
             dropped,
             destroyed,
-            held_open: held
-                .into_iter()
-                .map(|(p, files)| HeldOpen {
-                    path: p.display().to_string(),
-                    files,
-                })
-                .collect(),
+            held_open: held_open_by(held),
         })
     })
     .await
@@ -942,6 +936,28 @@ fn files_open(
         || st.mounts.open_files_where(&which),
         |o| !o.is_empty(),
     )
+}
+
+/// `held` (mount path, files open) for the API, with the host processes
+/// that hold them: a database's own stop command may not find it once the
+/// branch moved (its PID file is the new state's), so the user needs its pid.
+pub(crate) fn held_open_by(held: Vec<(std::path::PathBuf, usize)>) -> Vec<HeldOpen> {
+    let paths: Vec<std::path::PathBuf> = held.iter().map(|(p, _)| p.clone()).collect();
+    let procs = match paths.is_empty() {
+        true => Vec::new(),
+        false => super::host_procs::using(&paths),
+    };
+    held.into_iter()
+        .map(|(p, files)| HeldOpen {
+            processes: procs
+                .iter()
+                .filter(|h| h.file.starts_with(&p))
+                .map(|h| format!("{} (pid {})", h.name, h.pid))
+                .collect(),
+            path: p.display().to_string(),
+            files,
+        })
+        .collect()
 }
 
 /// Files held open on the mounts that show `branch` of `dot` (`current`
