@@ -1877,6 +1877,7 @@ fn a_stopping_server_leaves_the_containers_of_a_switch_stopped() {
 struct DockerRelay {
     dir: tempfile::TempDir,
     hung: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    slow_stops: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl DockerRelay {
@@ -1887,6 +1888,8 @@ impl DockerRelay {
         let listener = UnixListener::bind(dir.path().join("docker.sock")).unwrap();
         let hung = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let h = hung.clone();
+        let slow_stops = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let slow = slow_stops.clone();
         std::thread::spawn(move || {
             // Connections taken while hung: held open, never answered.
             let mut held = Vec::new();
@@ -1900,18 +1903,60 @@ impl DockerRelay {
                     continue;
                 };
                 let (mut c2, mut d2) = (client.try_clone().unwrap(), docker.try_clone().unwrap());
+                // Set when a stop request passes while stops are slow: its
+                // answer is held back 6 s (Docker stops the container).
+                let held_back = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let (hb, hb2, slow) = (held_back.clone(), held_back, slow.clone());
                 std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut c2, &mut d2);
+                    use std::io::{Read, Write};
+                    let mut buf = vec![0u8; 64 << 10];
+                    while let Ok(n) = c2.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        let stop = buf[..n]
+                            .windows(6)
+                            .any(|w| w == b"/stop?" || w == b"/stop ");
+                        if stop && slow.load(Ordering::SeqCst) {
+                            hb.store(true, Ordering::SeqCst);
+                        }
+                        if d2.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
                     let _ = d2.shutdown(std::net::Shutdown::Write);
                 });
                 std::thread::spawn(move || {
+                    use std::io::{Read, Write};
                     let (mut client, mut docker) = (client, docker);
-                    let _ = std::io::copy(&mut docker, &mut client);
+                    let mut buf = vec![0u8; 64 << 10];
+                    while let Ok(n) = docker.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        if hb2.swap(false, Ordering::SeqCst) {
+                            std::thread::sleep(std::time::Duration::from_secs(6));
+                        }
+                        if client.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
                     let _ = client.shutdown(std::net::Shutdown::Write);
                 });
             }
         });
-        DockerRelay { dir, hung }
+        DockerRelay {
+            dir,
+            hung,
+            slow_stops,
+        }
+    }
+
+    /// Holds back Docker's answers to stop requests for 6 s (Docker
+    /// stops the containers, late for dm).
+    fn slow_stops(&self, slow: bool) {
+        self.slow_stops
+            .store(slow, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn socket(&self) -> String {
@@ -1921,6 +1966,50 @@ impl DockerRelay {
     fn hang(&self, hung: bool) {
         self.hung.store(hung, std::sync::atomic::Ordering::SeqCst);
     }
+}
+
+/// A switch given up because Docker did not stop a container in time (a
+/// `docker cp` into it held the stop up until the copy ended; here Docker's
+/// answer is held back) leaves the container running: Docker stopped it
+/// later, and it stayed down although nothing was switched.
+#[test]
+fn a_container_whose_stop_outlasts_a_switch_runs_again() {
+    let Some(_lock) = setup() else { return };
+    let _proxy = ProxyGuard;
+    let relay = DockerRelay::start();
+    let mut s = start_server();
+    s.set_env("DM_DOCKER_SOCKET", &relay.socket());
+    s.set_env("DM_DOCKER_STOP_SLACK_SECS", "2");
+    s.stop();
+    s.restart();
+    let c = "dmtest-slowstop";
+    let _clean = Cleanup::new(&[c], &["slowstop"]);
+    run(&s, "slowstop", "true");
+    s.ok(&["switch", "slowstop"]);
+    s.ok(&["commit", "-m", "base"]);
+    run_detached_with(&s, &["--stop-timeout", "1"], c, "slowstop:/data", LOOP);
+    let started = started_at(&s, c);
+    relay.slow_stops(true);
+    let err = s.fail(&["checkout", "-b", "other"]);
+    relay.slow_stops(false);
+    assert!(
+        err.contains("nothing was switched")
+            && err
+                .contains("Docker may still stop dmtest-slowstop: dm starts it again once it has"),
+        "{err}"
+    );
+    assert!(s.ok(&["branch"]).contains("* master"));
+    // Stopped by Docker, then started again by dm.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(running(&s, c) && started_at(&s, c) != started) {
+        assert!(
+            Instant::now() < deadline,
+            "{c} not started again\nserver log:\n{}",
+            s.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(s.log().contains("was started again"), "{}", s.log());
 }
 
 /// Docker hung (or dead: its containers run on under their shims) is no

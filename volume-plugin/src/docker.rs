@@ -418,7 +418,14 @@ impl DockerClient {
 /// How long to wait for Docker to stop a container whose stop timeout is
 /// `timeout` (seconds; `None`: Docker's default; negative: no limit).
 fn stop_wait(timeout: Option<i64>) -> Duration {
-    let slack = Duration::from_secs(30);
+    // Past the container's own stop timeout, for Docker to answer (30 s;
+    // `DM_DOCKER_STOP_SLACK_SECS` sets it, for tests).
+    let slack = Duration::from_secs(
+        std::env::var("DM_DOCKER_STOP_SLACK_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(30),
+    );
     match timeout {
         None => Duration::from_secs(STOP_TIMEOUT_SECS) + slack,
         Some(t) => u64::try_from(t)

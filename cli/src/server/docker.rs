@@ -627,12 +627,18 @@ impl DockerIntegration {
             for (i, c) in followers.iter().enumerate() {
                 tracing::info!("dot {dot}: stopping container {}", c.name());
                 let (docker, id) = (self.docker.clone(), c.id.clone());
-                set.spawn(async move { (i, docker.stop(&id).await.map_err(|e| e.to_string())) });
+                set.spawn(async move { (i, docker.stop(&id).await) });
             }
             let mut results = Vec::new();
             while let Some(joined) = set.join_next().await {
                 // A stop task that panicked: its container's state is unknown.
-                results.push(joined.unwrap_or_else(|e| (usize::MAX, Err(e.to_string()))));
+                results.push(joined.unwrap_or_else(|e| {
+                    let e = dm_volume_plugin::docker::DockerError::Transport {
+                        what: "stopping a container".into(),
+                        reason: e.to_string(),
+                    };
+                    (usize::MAX, Err(e))
+                }));
             }
             // Those stopped are started again in the order Docker listed them.
             results.sort_by_key(|(i, _)| *i);
@@ -655,8 +661,23 @@ impl DockerIntegration {
                     if let Some(c) = c.filter(|_| self.is_stopping()) {
                         left_down.insert(c.id.clone());
                     }
+                    // Docker may still stop it (a `docker cp` into it held
+                    // the stop up past dm's wait: it stopped a moment
+                    // later, and stayed down although nothing switched).
+                    let pending =
+                        matches!(e, dm_volume_plugin::docker::DockerError::Timeout { .. });
+                    let later = match c.filter(|_| pending && !self.is_stopping()) {
+                        Some(c) => {
+                            self.start_once_stopped(dot, c);
+                            format!(
+                                "; Docker may still stop {}: dm starts it again once it has",
+                                c.name().trim_start_matches('/')
+                            )
+                        }
+                        None => String::new(),
+                    };
                     stop_err.get_or_insert(ApiError::internal(format!(
-                        "{e}; nothing was switched (the containers stopped were started again)"
+                        "{e}; nothing was switched (the containers stopped were started again{later})"
                     )));
                 }
                 (None, Ok(())) => {}
@@ -742,6 +763,50 @@ impl DockerIntegration {
             ))),
             Err(e) => Err(e),
         }
+    }
+}
+
+impl DockerIntegration {
+    /// For a container whose stop Docker did not finish within dm's wait,
+    /// in a switch given up for it: Docker goes on stopping it, so it is
+    /// started again once it has stopped (looked at every 2 s, for up to
+    /// 10 minutes), as the switch that was not made left the others.
+    fn start_once_stopped(&self, dot: &DotName, c: &Container) {
+        let (docker, id, name, dot) = (
+            self.docker.clone(),
+            c.id.clone(),
+            c.name().trim_start_matches('/').to_string(),
+            dot.to_string(),
+        );
+        std::thread::spawn(move || {
+            for _ in 0..300 {
+                std::thread::sleep(Duration::from_secs(2));
+                let Ok(all) = block_on(docker.containers()) else {
+                    continue;
+                };
+                let Some(now) = all.iter().find(|x| x.id == id) else {
+                    return; // removed
+                };
+                if now.state != "exited" {
+                    continue;
+                }
+                match block_on(docker.start(&id)) {
+                    Ok(()) => tracing::info!(
+                        "dot {dot}: container {name}, which Docker stopped after the switch that \
+                         waited for it was given up, was started again"
+                    ),
+                    Err(e) => tracing::error!(
+                        "dot {dot}: container {name} stopped after the switch that waited for it \
+                         was given up; starting it again failed: {e}; start it with `docker start`"
+                    ),
+                }
+                return;
+            }
+            tracing::warn!(
+                "dot {dot}: container {name}: Docker had not stopped it 10 minutes after the switch \
+                 that waited for it was given up; left as it is"
+            );
+        });
     }
 }
 
