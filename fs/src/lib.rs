@@ -154,9 +154,9 @@ struct View {
 }
 
 /// First node id given as an alias. Store inode numbers stay far below
-/// (each branch counts from 1); below 2^53 all the same, which JavaScript
-/// (Node's `fs.stat`) reads exactly: from 2^63 up, every alias read as
-/// the same number.
+/// (each branch counts up from 2), and aliases below 2^53, which
+/// JavaScript (Node's `fs.stat`) reads exactly: from 2^63, every alias
+/// read as the same number.
 const ALIAS_BASE: u64 = 1 << 52;
 
 /// Node ids that a checkout or reset made name nothing, and the node ids
@@ -1004,8 +1004,8 @@ impl DmFs {
     /// the kernel keeps one inode per number, so its reads would fill the
     /// page cache of the new branch's file of the same number, and its
     /// writes would land where no path of the mount shows them. (A reset
-    /// keeps the branch: inode numbers keep naming the same files, and
-    /// files it discards are never given to new ones.)
+    /// keeps the branch: the store revokes the handles of the files it
+    /// discards, also where it gives their numbers to other files: ESTALE.)
     fn open_file(&self, fh: FileHandle, ino: INodeNo) -> Result<OpenFile<'_>, Errno> {
         let view = self.view();
         let (fs, ino) = self.handle_in(&view, fh, ino)?;

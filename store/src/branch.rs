@@ -605,11 +605,10 @@ impl BranchFs {
         let st = self.state()?;
         let view = self.view(&st);
         // The kernel asks for a directory's attributes before it removes
-        // an entry in it.
-        // A directory removed through another mount, which this one's
-        // kernel may still list for a moment: a directory with no link
-        // left, as fstat(2) shows one on a local file system. ENOENT made
-        // `rm -rf` racing another mount's take it for a file and fail
+        // an entry in it. One removed through another mount, which this
+        // one's kernel may still list for a moment, is a directory with no
+        // link left, as fstat(2) shows one on a local file system: ENOENT
+        // made `rm -rf` racing another mount's take it for a file and fail
         // with "Is a directory" (the kernel's entry said directory), and
         // leave part of the tree.
         self.attr_fresh(ino, || Self::load_view(&view, ino))

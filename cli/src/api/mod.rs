@@ -252,10 +252,24 @@ pub struct HeldOpen {
     pub path: String,
     /// How many files were open there.
     pub files: usize,
-    /// The host processes that held them, as "NAME (pid N)" (servers
-    /// before 2026-12-07 send none).
+    /// The host processes that held them (servers before 2026-12-07 send
+    /// none).
     #[serde(default)]
-    pub processes: Vec<String>,
+    pub processes: Vec<HeldBy>,
+}
+
+/// A process that holds files open.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HeldBy {
+    /// Its command name.
+    pub name: String,
+    pub pid: u32,
+}
+
+impl std::fmt::Display for HeldBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (pid {})", self.name, self.pid)
+    }
 }
 
 /// Query of `GET .../commits`: without it, the branch's whole history.

@@ -413,14 +413,19 @@ pub fn reset(ctx: &mut Ctx, rev: &str, hard: bool) -> Result<()> {
                 "stop it by its process id".to_string(),
             ),
             procs => (
-                format!(" by {}", procs.join(", ")),
+                format!(
+                    " by {}",
+                    procs
+                        .iter()
+                        .map(|p| p.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
                 format!(
                     "stop it by its process id (`kill {}`)",
                     procs
                         .iter()
-                        .filter_map(|p| p
-                            .rsplit_once("(pid ")
-                            .map(|(_, n)| n.trim_end_matches(')')))
+                        .map(|p| p.pid.to_string())
                         .collect::<Vec<_>>()
                         .join(" ")
                 ),

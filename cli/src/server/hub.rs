@@ -106,6 +106,7 @@ fn held_across(held: &[(std::path::PathBuf, usize)], what: &str) -> Option<Strin
     let procs: Vec<String> = super::routes::held_open_by(held.to_vec())
         .into_iter()
         .flat_map(|h| h.processes)
+        .map(|p| p.to_string())
         .collect();
     let by = match procs.is_empty() {
         true => " (`fuser -vm` names the processes)".to_string(),

@@ -952,7 +952,10 @@ pub(crate) fn held_open_by(held: Vec<(std::path::PathBuf, usize)>) -> Vec<HeldOp
             processes: procs
                 .iter()
                 .filter(|h| h.file.starts_with(&p))
-                .map(|h| format!("{} (pid {})", h.name, h.pid))
+                .map(|h| HeldBy {
+                    name: h.name.clone(),
+                    pid: h.pid,
+                })
                 .collect(),
             path: p.display().to_string(),
             files,
