@@ -869,15 +869,13 @@ fn working_directories_survive_resets_and_checkouts() {
     shell.wait().unwrap();
 }
 
-/// A descriptor of a file a reset discarded stays stale (ESTALE) even once
-/// a later reset brings a file of the same inode number (each branch
-/// numbers its new files on its own): its writes landed in that other
-/// file.
-#[test]
-fn a_descriptor_a_reset_made_stale_never_reaches_another_file() {
+/// A dot whose branch `p` has a committed file `pf`, checked out on
+/// master with a new file `u` open (read and append) that master numbered
+/// as `p` numbered `pf` (each branch numbers its new files on its own).
+fn open_on_the_number_of_pf(dot: &str) -> (Server, PathBuf, std::fs::File) {
     use std::io::Write;
     use std::os::unix::fs::MetadataExt;
-    let (s, mnt) = server_with_dot("revive");
+    let (s, mnt) = server_with_dot(dot);
     s.ok(&["commit", "-m", "base"]);
     s.ok(&["checkout", "-b", "p"]);
     write_synced(&mnt.join("pf"), b"p-data\n");
@@ -885,7 +883,8 @@ fn a_descriptor_a_reset_made_stale_never_reaches_another_file() {
     let pf_ino = std::fs::metadata(mnt.join("pf")).unwrap().ino();
     s.ok(&["checkout", "master"]);
     let mut u = std::fs::OpenOptions::new()
-        .create(true)
+        .create_new(true)
+        .read(true)
         .append(true)
         .open(mnt.join("u"))
         .unwrap();
@@ -895,6 +894,17 @@ fn a_descriptor_a_reset_made_stale_never_reaches_another_file() {
         pf_ino,
         "the scenario needs u to get pf's number"
     );
+    (s, mnt, u)
+}
+
+/// A descriptor of a file a reset discarded stays stale (ESTALE) even once
+/// a later reset brings a file of the same inode number (each branch
+/// numbers its new files on its own): its writes landed in that other
+/// file.
+#[test]
+fn a_descriptor_a_reset_made_stale_never_reaches_another_file() {
+    use std::io::Write;
+    let (s, mnt, mut u) = open_on_the_number_of_pf("revive");
     s.ok(&["reset", "--hard", "HEAD"]);
     assert_eq!(
         u.write_all(b"x").unwrap_err().raw_os_error(),
@@ -917,36 +927,17 @@ fn a_descriptor_a_reset_made_stale_never_reaches_another_file() {
 /// file (its writes, truncates and mmap stores landed in that file).
 #[test]
 fn a_reset_onto_another_branch_keeps_old_descriptors_out_of_its_files() {
-    use std::io::Write;
-    use std::os::unix::fs::{FileExt, MetadataExt};
-    let (s, mnt) = server_with_dot("forward");
-    s.ok(&["commit", "-m", "base"]);
-    s.ok(&["checkout", "-b", "a"]);
-    write_synced(&mnt.join("fa"), b"A-COMMITTED\n");
-    s.ok(&["commit", "-m", "a"]);
-    let fa_ino = std::fs::metadata(mnt.join("fa")).unwrap().ino();
-    s.ok(&["checkout", "master"]);
-    let mut fb = std::fs::OpenOptions::new()
-        .create_new(true)
-        .read(true)
-        .write(true)
-        .open(mnt.join("fb"))
-        .unwrap();
-    fb.write_all(b"B-UNCOMMITTED\n").unwrap();
-    assert_eq!(
-        fb.metadata().unwrap().ino(),
-        fa_ino,
-        "the scenario needs fb to get fa's number"
-    );
-    s.ok(&["reset", "--hard", "a"]);
+    use std::os::unix::fs::FileExt;
+    let (s, mnt, fb) = open_on_the_number_of_pf("forward");
+    s.ok(&["reset", "--hard", "p"]);
     let err = fb.write_at(b"OVERWRITE", 0).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::ESTALE), "{err}");
     let err = fb.set_len(1).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::ESTALE), "{err}");
     drop(fb);
-    assert_eq!(std::fs::read(mnt.join("fa")).unwrap(), b"A-COMMITTED\n");
+    assert_eq!(std::fs::read(mnt.join("pf")).unwrap(), b"p-data\n");
     let status = s.ok(&["status"]);
-    assert!(!status.contains("__default__/fa"), "{status}");
+    assert!(!status.contains("__default__/pf"), "{status}");
 }
 
 /// A working directory, and a descriptor, that a checkout leaves on a
