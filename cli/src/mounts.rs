@@ -967,16 +967,20 @@ impl MountManager {
                 tracing::warn!("syncing {} before a reset: {err}", e.path.display());
             }
         }
-        let out = f()?;
         let shown: Vec<&Entry> = entries
             .iter()
             .filter(|e| &e.volume.dot == dot && e.mount.branch() == branch)
             .collect();
+        // Their requests wait while the branch is reset: one that raced
+        // the reset reached the reset state by a node id the switch then
+        // found stale (see `Mount::freeze`).
+        let frozen: Vec<_> = shown.iter().map(|e| e.mount.freeze()).collect();
+        let out = f()?;
         if !shown.is_empty() {
             let fs = self.store.branch_fs(dot, branch)?;
-            for e in shown {
+            for (e, frozen) in shown.into_iter().zip(frozen) {
                 fs.subdot_ino(&e.volume.subdot, true)?;
-                e.mount.switch(fs.clone()).map_err(|err| {
+                e.mount.switch_frozen(frozen, fs.clone()).map_err(|err| {
                     ApiError::internal(format!(
                         "refreshing the mount at {}: {err}",
                         e.path.display()

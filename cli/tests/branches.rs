@@ -940,6 +940,44 @@ fn a_reset_onto_another_branch_keeps_old_descriptors_out_of_its_files() {
     assert!(!status.contains("__default__/pf"), "{status}");
 }
 
+/// An `fchmod` through a stale descriptor racing the reset never reaches
+/// the file that takes its number: the one that raced it (sent by inode,
+/// between the reset and the mount's switch) changed that file's mode.
+#[test]
+fn fchmod_racing_a_reset_never_reaches_the_file_that_takes_its_number() {
+    use std::os::unix::fs::PermissionsExt;
+    let (s, mnt, u) = open_on_the_number_of_pf("chmodrace");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let looper = std::thread::spawn(move || {
+        let mut n = 0u32;
+        while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+            let mode = if n.is_multiple_of(2) { 0o600 } else { 0o777 };
+            if let Err(e) = u.set_permissions(std::fs::Permissions::from_mode(mode)) {
+                return (n, e.raw_os_error());
+            }
+            n += 1;
+        }
+        (n, None)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    s.ok(&["reset", "--hard", "p"]);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (n, err) = looper.join().unwrap();
+    assert!(
+        n > 0 && err == Some(libc::ESTALE),
+        "{n} calls, then {err:?}"
+    );
+    let mode = std::fs::metadata(mnt.join("pf"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o644, "pf's mode changed");
+    let status = s.ok(&["status"]);
+    assert!(!status.contains("__default__/pf"), "{status}");
+}
+
 /// A working directory, and a descriptor, that a checkout leaves on a
 /// number the new branch gives another file never reach that file: each
 /// branch numbers its new files on its own, and a shell left in a

@@ -658,6 +658,9 @@ macro_rules! store_ino {
     };
 }
 
+/// A mount's requests held off (see [`Mount::freeze`]).
+pub struct Frozen<'a>(parking_lot::RwLockWriteGuard<'a, View>);
+
 /// The `fuser::Filesystem` implementation: a thin translation layer.
 struct DmFs {
     shared: Arc<Shared>,
@@ -2312,9 +2315,6 @@ impl Mount {
     /// a reset: swaps the BranchFs and invalidates every inode and directory
     /// entry the kernel has cached, so the same path shows the new state.
     pub fn switch(&self, fs: Arc<BranchFs>) -> io::Result<()> {
-        let root = fs
-            .subdot_ino(&self.shared.subdot, true)
-            .map_err(store_io_error)?;
         // Dirty pages (mmap writes, or any write with the writeback cache)
         // and times cached by the kernel belong to the old branch: write
         // them back before swapping. Errors are expected for inodes deleted
@@ -2323,11 +2323,31 @@ impl Mount {
         if let Err(e) = self.sync() {
             debug!("syncfs before switch of {}: {e}", self.path.display());
         }
+        self.switch_frozen(self.freeze(), fs)
+    }
+
+    /// Holds this mount's requests off (they wait) until the guard goes,
+    /// given to [`Mount::switch_frozen`] or dropped: a reset of the branch
+    /// shown runs in between, so that no request reaches the reset state
+    /// by a node id the switch then finds stale (an `fchmod`, or a create
+    /// in a working directory, racing the reset landed on the file or in
+    /// the directory that took its number). Waits for the requests in
+    /// flight. [`Mount::sync`] first: the kernel's writeback needs
+    /// requests. Do not call other methods of the mount while it is held.
+    pub fn freeze(&self) -> Frozen<'_> {
+        Frozen(self.shared.view.write())
+    }
+
+    /// [`Mount::switch`] with the mount's requests held off by `frozen`
+    /// (see [`Mount::freeze`]), synced before.
+    pub fn switch_frozen(&self, frozen: Frozen<'_>, fs: Arc<BranchFs>) -> io::Result<()> {
+        let root = fs
+            .subdot_ino(&self.shared.subdot, true)
+            .map_err(store_io_error)?;
         // Snapshot what the kernel knows; notify without holding any lock
         // (the kernel may need a request of ours to finish first).
         let (mut entries, dirs, inodes) = {
-            // Waits for requests in flight on the old branch to finish.
-            let mut view = self.shared.view.write();
+            let mut view = frozen.0;
             peers::leave(&view.fs, &self.shared);
             peers::join(&fs, &self.shared);
             // The subdot may be new on this branch (as in mount()).
