@@ -432,8 +432,8 @@ pub fn reset(ctx: &mut Ctx, rev: &str, hard: bool) -> Result<()> {
             ),
         };
         eprintln!(
-            "warning: {} file{} held open on {}{by} across the reset; it now sees the reset \
-             state under it (a file deleted while open ends: ESTALE, and SIGBUS in a mapping \
+            "warning: {} file{} held open on {}{by} across the reset; {} now the reset \
+             state under {} (a file deleted while open ends: ESTALE, and SIGBUS in a mapping \
              of it). A database running there still holds the old state and writes it back, \
              also as it stops: {stop}, as its own stop command reads a PID file that now is \
              the reset's (`pg_ctl stop` finds none, or a stale one), then run \
@@ -441,6 +441,12 @@ pub fn reset(ctx: &mut Ctx, rev: &str, hard: bool) -> Result<()> {
             h.files,
             if h.files == 1 { " was" } else { "s were" },
             h.path,
+            if h.processes.len() > 1 {
+                "they see"
+            } else {
+                "it sees"
+            },
+            if h.processes.len() > 1 { "them" } else { "it" },
             short_id(&r.id),
         );
     }

@@ -48,6 +48,50 @@ pub fn using(paths: &[PathBuf]) -> Vec<HostProcess> {
     out
 }
 
+/// The process to stop for `h` to stop: its parent, and so on up, while
+/// that one has the same name and works (its working directory) or holds
+/// files under `paths`. A database's children hold its files while its
+/// main process only works in its data directory: PostgreSQL's postmaster
+/// was not named, and stopping the children it named (the checkpointer,
+/// the autovacuum launcher) did not stop it. A shell that ran a program
+/// there has another name and is left out.
+pub fn top_of(h: &HostProcess, paths: &[PathBuf]) -> HostProcess {
+    let mut top = h.clone();
+    for _ in 0..64 {
+        let Some(parent) = parent_of(top.pid) else {
+            break;
+        };
+        let dir = PathBuf::from(format!("/proc/{parent}"));
+        let name = std::fs::read_to_string(dir.join("comm"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        if parent <= 1 || name != top.name {
+            break;
+        }
+        let works_there = std::fs::read_link(dir.join("cwd"))
+            .is_ok_and(|cwd| paths.iter().any(|p| cwd.starts_with(p)));
+        let file = match open_under(&dir, paths) {
+            Some(f) => f,
+            None if works_there => top.file.clone(),
+            None => break,
+        };
+        top = HostProcess {
+            pid: parent,
+            name,
+            file,
+        };
+    }
+    top
+}
+
+/// The parent pid of `pid` (`/proc/PID/stat`, after the command name,
+/// which may hold spaces and parentheses).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// The first file the process at `/proc/PID` (`dir`) has open under `paths`.
 /// Only the links are read (no file system is asked) until one is under
 /// `paths`: a file open on a hung mount elsewhere (another FUSE server
@@ -106,6 +150,43 @@ fn undeleted(target: PathBuf) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_parent_of_the_same_name_that_works_there_is_the_one_to_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = [dir.path().to_path_buf()];
+        std::fs::write(dir.path().join("f"), b"x").unwrap();
+        // A shell working in the directory whose child shell holds the
+        // file: the parent is the one to stop. The test process above it,
+        // of another name, is not.
+        let mut parent = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("(exec 3<f; while :; do sleep 1; done) & wait")
+            .current_dir(dir.path())
+            .spawn()
+            .unwrap();
+        let mut child = None;
+        for _ in 0..100 {
+            child = using(&paths)
+                .into_iter()
+                .find(|h| h.name == "sh" && h.pid != parent.id());
+            if child.is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let child = child.expect("the child holding f");
+        let top = top_of(&child, &paths);
+        let _ = std::process::Command::new("pkill")
+            .args(["-P", &child.pid.to_string()])
+            .status();
+        let _ = std::process::Command::new("kill")
+            .arg(child.pid.to_string())
+            .status();
+        let _ = parent.kill();
+        let _ = parent.wait();
+        assert_eq!(top.pid, parent.id(), "{top:?}");
+    }
 
     #[test]
     fn a_file_still_there_is_not_named_deleted() {

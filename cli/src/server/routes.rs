@@ -947,16 +947,27 @@ pub(crate) fn held_open_by(held: Vec<(std::path::PathBuf, usize)>) -> Vec<HeldOp
         true => Vec::new(),
         false => super::host_procs::using(&paths),
     };
+    // Each named by the process to stop (a database's main process, not
+    // the children that hold its files).
+    let tops: Vec<_> = procs
+        .iter()
+        .map(|h| super::host_procs::top_of(h, &paths))
+        .collect();
     held.into_iter()
-        .map(|(p, files)| HeldOpen {
-            processes: procs
-                .iter()
-                .filter(|h| h.file.starts_with(&p))
-                .map(|h| HeldBy {
-                    name: h.name.clone(),
-                    pid: h.pid,
-                })
-                .collect(),
+        .map(|(p, files)| {
+            let mut by: Vec<HeldBy> = Vec::new();
+            for h in tops.iter().filter(|h| h.file.starts_with(&p)) {
+                if !by.iter().any(|b| b.pid == h.pid) {
+                    by.push(HeldBy {
+                        name: h.name.clone(),
+                        pid: h.pid,
+                    });
+                }
+            }
+            (p, files, by)
+        })
+        .map(|(p, files, by)| HeldOpen {
+            processes: by,
             path: p.display().to_string(),
             files,
         })
