@@ -15,6 +15,16 @@ fn commit_letter(s: &Server, mnt: &Path, letter: &str) {
     s.ok(&["commit", "-m", letter]);
 }
 
+/// A process that sleeps for 60 s with `dir` as its working directory (a
+/// shell left there).
+fn sleeper_in(dir: &Path) -> std::process::Child {
+    std::process::Command::new("sleep")
+        .arg("60")
+        .current_dir(dir)
+        .spawn()
+        .unwrap()
+}
+
 /// A server whose new dot `dot` is the current one, and the path of the
 /// dot's mount.
 fn server_with_dot(dot: &str) -> (Server, PathBuf) {
@@ -819,11 +829,7 @@ fn working_directories_survive_resets_and_checkouts() {
     write_synced(&mnt.join("sub/f"), b"1");
     s.ok(&["commit", "-m", "one"]);
     s.ok(&["branch", "other"]);
-    let mut child = std::process::Command::new("sleep")
-        .arg("60")
-        .current_dir(&dir)
-        .spawn()
-        .unwrap();
+    let mut child = sleeper_in(&dir);
     let cwd = |pid: u32| std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap();
     let pid = child.id();
     for step in [
@@ -848,11 +854,7 @@ fn working_directories_survive_resets_and_checkouts() {
     // (it was detached lazily, and the process went on changing the dot).
     let user = s.root().join("user-mount");
     s.ok(&["mount", "cwd", user.to_str().unwrap()]);
-    let mut shell = std::process::Command::new("sleep")
-        .arg("60")
-        .current_dir(&user)
-        .spawn()
-        .unwrap();
+    let mut shell = sleeper_in(&user);
     let err = s.fail(&["unmount", user.to_str().unwrap()]);
     assert!(err.contains("in use") && err.contains("--force"), "{err}");
     assert!(is_mounted(&user));
@@ -1002,11 +1004,7 @@ fn a_working_directory_a_checkout_removed_never_reaches_another_branch() {
         a_ino,
         "the scenario needs on-b to get on-a's number"
     );
-    let mut shell = std::process::Command::new("sleep")
-        .arg("60")
-        .current_dir(mnt.join("on-b"))
-        .spawn()
-        .unwrap();
+    let mut shell = sleeper_in(&mnt.join("on-b"));
     let cwd = PathBuf::from(format!("/proc/{}/cwd", shell.id()));
     s.ok(&["checkout", "a"]);
     let err = std::fs::write(cwd.join("stray"), b"x").unwrap_err();
@@ -1039,11 +1037,7 @@ fn a_working_directory_a_checkout_removed_never_reaches_another_branch() {
     std::fs::remove_dir(mnt.join("on-b/sub")).unwrap();
     s.ok(&["commit", "-m", "no sub"]);
     s.ok(&["checkout", "b"]);
-    let mut shell = std::process::Command::new("sleep")
-        .arg("60")
-        .current_dir(mnt.join("on-b/sub"))
-        .spawn()
-        .unwrap();
+    let mut shell = sleeper_in(&mnt.join("on-b/sub"));
     let cwd = PathBuf::from(format!("/proc/{}/cwd", shell.id()));
     s.ok(&["checkout", "nosub"]);
     let err = std::fs::write(cwd.join("x"), b"x").unwrap_err();
@@ -1108,11 +1102,7 @@ fn a_reset_brings_back_files_and_directories_deleted_while_in_use() {
     // A directory that was a shell's working directory, twice over.
     std::fs::create_dir(mnt.join("work")).unwrap();
     s.ok(&["commit", "-m", "work"]);
-    let mut shell = std::process::Command::new("sleep")
-        .arg("60")
-        .current_dir(mnt.join("work"))
-        .spawn()
-        .unwrap();
+    let mut shell = sleeper_in(&mnt.join("work"));
     for _ in 0..2 {
         std::fs::remove_dir(mnt.join("work")).unwrap();
         s.ok(&["reset", "--hard", "HEAD"]);

@@ -48,18 +48,22 @@ pub fn commit(
     let author = match author.map(str::trim) {
         // DM_AUTHOR set but empty: as if unset, as git's GIT_AUTHOR_NAME.
         None | Some("") => default_author(),
-        Some(a) if a.chars().count() > 256 || a.chars().any(char::is_control) => {
-            let shown: String = a.chars().take(40).collect();
-            let more = if shown.len() < a.len() { "..." } else { "" };
+        Some(a) => {
+            let n = a.chars().count();
             let problem = match a.chars().find(|c| c.is_control()) {
-                Some(c) => format!("has a control character ({:?})", c),
-                None => format!("is {} characters long", a.chars().count()),
+                Some(c) => Some(format!("has a control character ({c:?})")),
+                None if n > 256 => Some(format!("is {n} characters long")),
+                None => None,
             };
-            bail!(
-                "author {shown:?}{more} {problem}: give a name of 1 to 256 characters on one line, with no tabs or other control characters (--author or DM_AUTHOR)"
-            )
+            if let Some(problem) = problem {
+                let shown: String = a.chars().take(40).collect();
+                let more = if shown.len() < a.len() { "..." } else { "" };
+                bail!(
+                    "author {shown:?}{more} {problem}: give a name of 1 to 256 characters on one line, with no tabs or other control characters (--author or DM_AUTHOR)"
+                )
+            }
+            a.to_string()
         }
-        Some(a) => a.to_string(),
     };
     let mut meta = BTreeMap::new();
     for kv in metadata {

@@ -764,9 +764,7 @@ impl DockerIntegration {
             Err(e) => Err(e),
         }
     }
-}
 
-impl DockerIntegration {
     /// For a container whose stop Docker did not finish within dm's wait,
     /// in a switch given up for it: Docker goes on stopping it, so it is
     /// started again once it has stopped (looked at every 2 s, for up to

@@ -58,14 +58,14 @@ pub fn using(paths: &[PathBuf]) -> Vec<HostProcess> {
 pub fn top_of(h: &HostProcess, paths: &[PathBuf]) -> HostProcess {
     let mut top = h.clone();
     for _ in 0..64 {
-        let Some(parent) = parent_of(top.pid) else {
+        let Some(parent) = parent_of(top.pid).filter(|p| *p > 1) else {
             break;
         };
         let dir = PathBuf::from(format!("/proc/{parent}"));
         let name = std::fs::read_to_string(dir.join("comm"))
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
-        if parent <= 1 || name != top.name {
+        if name != top.name {
             break;
         }
         let works_there = std::fs::read_link(dir.join("cwd"))

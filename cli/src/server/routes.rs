@@ -955,21 +955,20 @@ pub(crate) fn held_open_by(held: Vec<(std::path::PathBuf, usize)>) -> Vec<HeldOp
         .collect();
     held.into_iter()
         .map(|(p, files)| {
-            let mut by: Vec<HeldBy> = Vec::new();
+            let mut processes: Vec<HeldBy> = Vec::new();
             for h in tops.iter().filter(|h| h.file.starts_with(&p)) {
-                if !by.iter().any(|b| b.pid == h.pid) {
-                    by.push(HeldBy {
+                if !processes.iter().any(|b| b.pid == h.pid) {
+                    processes.push(HeldBy {
                         name: h.name.clone(),
                         pid: h.pid,
                     });
                 }
             }
-            (p, files, by)
-        })
-        .map(|(p, files, by)| HeldOpen {
-            processes: by,
-            path: p.display().to_string(),
-            files,
+            HeldOpen {
+                processes,
+                path: p.display().to_string(),
+                files,
+            }
         })
         .collect()
 }
