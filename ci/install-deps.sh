@@ -2,7 +2,7 @@
 # Installs the system packages dm needs to build and test (Debian, as root).
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
-pkgs=(libclang-dev fuse3 attr fio git postgresql postgresql-contrib busybox-static python3)
+pkgs=(libclang-dev fuse3 attr fio git postgresql postgresql-contrib busybox-static python3 procps)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -128,7 +128,7 @@ impl Pg {
             .output();
     }
 
-    /// Kills the postmaster (and so its backends) with SIGKILL: its data
+    /// Kills the postmaster and its backends with SIGKILL: its data
     /// directory vanished with the dm daemon. The PID comes from the socket
     /// lock file, which lives outside the mount.
     fn kill9(&self) {
@@ -140,7 +140,19 @@ impl Pg {
             .ok()
             .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<i32>().ok()));
         if let Some(pid) = pid {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            // Its children too: they exit when they notice the postmaster
+            // is gone, but one (the walwriter) was seen left running after
+            // the suite, in a data directory whose mount was gone.
+            let children = Command::new("pgrep")
+                .args(["-P", &pid.to_string()])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let _ = Command::new("kill")
+                .arg("-9")
+                .arg(pid.to_string())
+                .args(children.split_whitespace())
+                .status();
             let deadline = Instant::now() + Duration::from_secs(30);
             while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));

@@ -1280,3 +1280,80 @@ fn push_delete_removes_a_branch_on_the_hub() {
     drop(held);
     assert_eq!(read(&on_hub.join("f")), b"own 2");
 }
+
+/// An `fchmod` through a descriptor of a file deleted while open, racing a
+/// pull, never reaches the pulled file that takes its number: the pull
+/// moved the branch before the mounts' switch, and a request by that node
+/// id in between changed the pulled file's mode.
+#[test]
+fn fchmod_racing_a_pull_never_reaches_the_file_that_takes_its_number() {
+    use std::io::Write;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let [hp, ap, bp] = free_udp_ports();
+    let (hub, alice, _) = hub_and_alice(hp, ap, "race");
+    let am = mount(&alice, "race");
+    alice.ok(&["commit", "-m", "base"]);
+    alice.ok(&["push", "hub"]);
+    // Bob's clone numbers its new file pf as alice's master numbers u:
+    // each numbers its new files on its own.
+    let bob = start(bp);
+    let bkey = hub.ok(&["user", "add", "bob"]).trim().to_string();
+    hub.ok(&["dot", "collaborator", "add", "alice/race", "bob"]);
+    ok_env(
+        &bob,
+        &["remote", "add", "hub", &format!("bob@127.0.0.1:{hp}")],
+        &[("DM_API_KEY", &bkey)],
+    );
+    bob.ok(&["clone", "hub", "alice/race", "--local-name", "race"]);
+    bob.ok(&["switch", "race"]);
+    let bm = mount(&bob, "race");
+    write_synced(&bm.join("pf"), b"p-data\n");
+    bob.ok(&["commit", "-m", "pf"]);
+    bob.ok(&["push", "hub"]);
+    let mut u = std::fs::OpenOptions::new()
+        .create_new(true)
+        .read(true)
+        .append(true)
+        .open(am.join("u"))
+        .unwrap();
+    u.write_all(b"u-data\n").unwrap();
+    // Deleted while open, u is no one's work (never committed): the pull
+    // is not refused for it, nor for its changes of mode.
+    std::fs::remove_file(am.join("u")).unwrap();
+    alice.ok(&["commit", "-m", "the directory's times"]);
+    assert_eq!(
+        u.metadata().unwrap().ino(),
+        std::fs::metadata(bm.join("pf")).unwrap().ino(),
+        "the scenario needs u to get pf's number"
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let looper = std::thread::spawn(move || {
+        let mut n = 0u32;
+        while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+            let mode = if n.is_multiple_of(2) { 0o600 } else { 0o777 };
+            if let Err(e) = u.set_permissions(std::fs::Permissions::from_mode(mode)) {
+                return (n, e.raw_os_error());
+            }
+            n += 1;
+        }
+        (n, None)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let out = alice.ok(&["pull", "hub", "race", "master", "--stash-on-divergence"]);
+    assert!(out.contains("master-DIVERGED-"), "{out}");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (n, err) = looper.join().unwrap();
+    assert!(
+        n > 0 && err == Some(libc::ESTALE),
+        "{n} calls, then {err:?}"
+    );
+    let mode = std::fs::metadata(am.join("pf"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o644, "pf's mode changed");
+    let status = alice.ok(&["status"]);
+    assert!(!status.contains("/pf"), "{status}");
+}

@@ -971,6 +971,11 @@ impl FetchedPull {
         }
     }
 
+    /// True when [`FetchedPull::finish`] moves a branch (or makes one).
+    pub fn moves(&self) -> bool {
+        self.moving.is_some()
+    }
+
     /// True when [`FetchedPull::finish`] moves a branch that has commits
     /// here (not a new one): what shows it sees its files replaced.
     pub fn moves_existing_branch(&self) -> bool {

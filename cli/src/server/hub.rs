@@ -715,20 +715,10 @@ async fn pull_branch(
         r = fetch => r?,
         () = stopped(stop.clone()) => return Err(dm_sync::Error::Refused(STOPPED.into())),
     };
-    let refresh = |r: dm_sync::Result<dm_sync::TransferReport>| {
-        if let Ok(rep) = &r {
-            if !rep.up_to_date {
-                if let Err(e) = app.mounts.reset(local, branch, || Ok(())) {
-                    tracing::warn!("refreshing mounts of {local}@{branch}: {}", e.message);
-                }
-            }
-        }
-        r
-    };
     if !fetched.moves_existing_branch() {
         // Up to date, ahead of the hub, or a branch new here: no
         // container shows its files change.
-        let r = refresh(tokio::task::block_in_place(|| fetched.finish()));
+        let r = tokio::task::block_in_place(|| finish_held_off(app, local, branch, fetched));
         progress.set_phase("done");
         return r;
     }
@@ -766,7 +756,7 @@ async fn pull_branch(
                     return Ok(Err(dm_sync::Error::Refused(STOPPED.into())));
                 }
                 discard_shutdown_writes(app, local, branch)?;
-                let r = refresh(fetched.finish());
+                let r = finish_held_off(app, local, branch, fetched);
                 if !names.is_empty() {
                     progress.set_phase(PULL_RESTARTING);
                 }
@@ -785,6 +775,33 @@ async fn pull_branch(
     });
     progress.set_phase("done");
     r
+}
+
+/// Moves the branch of a fetched pull with the mounts that show it held
+/// off, as a reset does: a request by a node id that raced the move before
+/// the mounts' switch reached the pulled state by a number that may now
+/// name another file (see `Mount::freeze`).
+fn finish_held_off(
+    app: &AppState,
+    local: &DotName,
+    branch: &str,
+    fetched: dm_sync::FetchedPull,
+) -> dm_sync::Result<dm_sync::TransferReport> {
+    if !fetched.moves() {
+        return fetched.finish();
+    }
+    let mut moved = None;
+    if let Err(e) = app.mounts.reset(local, branch, || {
+        moved = Some(fetched.finish());
+        Ok(())
+    }) {
+        tracing::warn!("refreshing mounts of {local}@{branch}: {}", e.message);
+    }
+    moved.unwrap_or_else(|| {
+        Err(dm_sync::Error::Refused(format!(
+            "{local}@{branch} did not move: its mounts could not be held off (the server's log says why); pull again"
+        )))
+    })
 }
 
 /// The start of a pull's phase while it stops the containers that show
