@@ -1811,7 +1811,13 @@ impl fuser::Filesystem for DmFs {
         let view = self.view();
         // Directory changes are metadata: fsync on the directory makes them durable.
         match view.fs.fsync(store_ino!(view, ino, reply), datasync) {
-            Ok(()) => reply.ok(),
+            Ok(()) => {
+                // Other mounts of the branch show the names as synced: a
+                // write by path there right after a save by rename went to
+                // the replaced file, and was lost with it.
+                peers::wait_delivered();
+                reply.ok()
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
