@@ -676,7 +676,14 @@ impl MountManager {
         drop(entries);
         // Another dm server's mount (not in this one's table), at or
         // above the path: said as such, not as a directory with files.
+        // One whose server is gone is no one's (a server killed between
+        // mounting it and saving its table left it, which the next start
+        // knew nothing of): detached, and the path mounted.
         if let Ok(Some(at)) = dm_fs::dm_mount_holding(path) {
+            if at == path && detach_dead(path) {
+                return Self::check_own_dir(path)
+                    .and_then(|()| Self::check_empty_dir(path, volume));
+            }
             return Err(ApiError::conflict(if at == path {
                 format!(
                     "{} is the mount of another dm server's dot (a server on another data \
@@ -794,6 +801,11 @@ impl MountManager {
             };
             if forgotten {
                 self.save(&entries);
+                return Ok(false);
+            }
+            if matches!(dm_fs::dm_mount_holding(path), Ok(Some(at)) if at == path)
+                && detach_dead(path)
+            {
                 return Ok(false);
             }
             return Err(ApiError::not_found(format!(
@@ -1023,6 +1035,25 @@ impl MountManager {
             }
         }
         self.save_records(&records);
+    }
+}
+
+/// Detaches the dm mount at `path` if its server is gone (ENOTCONN, or
+/// no answer within 5 s); true when it did.
+fn detach_dead(path: &Path) -> bool {
+    match dm_fs::cleanup_stale_mount(path) {
+        Ok(dm_fs::Leftover::Detached) => {
+            tracing::info!(
+                "detached the dead dm mount at {} (its server is gone; it was in no server's table)",
+                path.display()
+            );
+            true
+        }
+        Ok(_) => false,
+        Err(e) => {
+            tracing::warn!("detaching the dead mount at {}: {e}", path.display());
+            false
+        }
     }
 }
 

@@ -647,3 +647,40 @@ fn sighup_stops_the_server_cleanly() {
     s.restart();
     assert_eq!(std::fs::read(p.join("f")).unwrap(), b"kept");
 }
+
+/// A dead dm mount at a path of the user's that no server's table holds
+/// (its server was killed between mounting it and saving its table, or is
+/// gone): `dm mount` mounts there, and `dm unmount` detaches it. They said
+/// it was another live server's, and that nothing was mounted there.
+#[test]
+fn a_dead_mount_no_table_holds_is_taken_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p");
+    let ps = p.to_str().unwrap();
+    let dead_mount_at_p = || {
+        let mut gone = Server::start(DM);
+        gone.ok(&["init", "other"]);
+        gone.ok(&["mount", "other", ps]);
+        gone.kill9();
+        // A listing reaches the server (the kernel may still cache the
+        // root's attributes).
+        let err = std::fs::read_dir(&p).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
+    };
+    let s = Server::start(DM);
+    s.ok(&["init", "app"]);
+    dead_mount_at_p();
+    s.ok(&["mount", "app", ps]);
+    write_synced(&p.join("f"), b"mine");
+    assert!(
+        s.log().contains("detached the dead dm mount"),
+        "{}",
+        s.log()
+    );
+    s.ok(&["unmount", ps]);
+    assert!(!is_mounted(&p));
+    dead_mount_at_p();
+    let out = s.ok(&["unmount", ps]);
+    assert!(!is_mounted(&p), "{out}");
+    assert!(s.fail(&["unmount", ps]).contains("nothing is mounted"));
+}
