@@ -844,14 +844,23 @@ impl MountManager {
         Ok(detached)
     }
 
-    /// Unmounts every mount of `dot` (before deleting it).
-    pub fn unmount_dot(&self, dot: &DotName) -> ApiResult<()> {
+    /// Unmounts every mount of `dot`, then deletes it with `delete`. The
+    /// table is saved once the delete is done: saved before it, a server
+    /// killed in between came back with the dot and without its mounts. A
+    /// delete that fails keeps them for the next start to mount again.
+    pub fn unmount_dot_then<T>(
+        &self,
+        dot: &DotName,
+        delete: impl FnOnce() -> ApiResult<T>,
+    ) -> ApiResult<T> {
         let mut entries = self.lock();
         let mut first_err = None;
+        let mut records = Vec::new();
         let mut i = 0;
         while i < entries.len() {
             if &entries[i].volume.dot == dot {
                 let e = entries.remove(i);
+                records.push(e.record());
                 if let Err(err) = self.unmount_entry(e) {
                     first_err.get_or_insert(err);
                 }
@@ -859,11 +868,24 @@ impl MountManager {
                 i += 1;
             }
         }
-        // Mounts of it that a start could not restore go too.
-        self.unrestored_lock()
-            .retain(|r| VolumeName::parse(&r.volume).map_or(true, |v| &v.dot != dot));
+        let out = match first_err {
+            Some(err) => Err(err),
+            None => delete(),
+        };
+        let mut unrestored = self.unrestored_lock();
+        match &out {
+            // Mounts of it that a start could not restore go too.
+            Ok(_) => {
+                unrestored.retain(|r| VolumeName::parse(&r.volume).map_or(true, |v| &v.dot != dot))
+            }
+            Err(e) => unrestored.extend(records.into_iter().map(|r| Record {
+                failed: format!("unmounted for a delete of {dot} that failed: {}", e.message),
+                ..r
+            })),
+        }
+        drop(unrestored);
         self.save(&entries);
-        first_err.map_or(Ok(()), Err)
+        out
     }
 
     /// Paths of the mounts pinned to `branch` of `dot`.
@@ -1183,5 +1205,51 @@ fn same_dir(a: &Path, b: &Path) -> bool {
     match (std::fs::metadata(a), std::fs::metadata(b)) {
         (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table lists a dot's mounts until its delete is done, and keeps
+    /// them when the delete fails: saved before the delete, a server killed
+    /// in between came back with the dot and without its mounts.
+    #[test]
+    fn a_dot_delete_saves_the_table_once_the_dot_is_gone() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/fuse").exists() {
+            eprintln!("skipping: needs root and /dev/fuse");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let dot = DotName::new("gone").unwrap();
+        store.create_dot(&dot, None).unwrap();
+        let state = dir.path().join("mounts.json");
+        let m = MountManager::new(store.clone(), &dir.path().join("mnt"), &state);
+        let user = dir.path().join("user");
+        m.mount("gone", Some(user.clone())).unwrap();
+        let path = m.mount("gone", None).unwrap().path;
+        let saved = || {
+            let mut p = saved_paths(&state);
+            p.sort();
+            p
+        };
+        let both = saved();
+        assert_eq!(both.len(), 2, "{both:?}");
+        let failed = m.unmount_dot_then(&dot, || -> ApiResult<()> {
+            assert_eq!(saved(), both, "saved before the delete");
+            Err(ApiError::internal("the delete failed".to_string()))
+        });
+        assert!(failed.is_err());
+        assert_eq!(saved(), both, "a failed delete forgot the mounts");
+        assert_eq!(m.unrestored_of(&dot).len(), 2);
+        assert!(!dm_fs::fuse_mount_points().unwrap().contains(&user));
+        m.unmount_dot_then(&dot, || Ok(store.delete_dot(&dot)?))
+            .unwrap();
+        assert!(saved().is_empty());
+        assert!(m.unrestored_of(&dot).is_empty());
+        assert!(!Path::new(&path).exists());
     }
 }

@@ -1235,12 +1235,11 @@ impl Backend for DockerIntegration {
         let anonymous = anonymous && kept_for.is_none();
         if anonymous {
             self.mounts
-                .unmount_dot(dot)
+                .unmount_dot_then(dot, || match self.store.delete_dot(dot) {
+                    Ok(()) | Err(dm_store::Error::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(e.into()),
+                })
                 .map_err(|e| PluginError::Backend(e.message))?;
-            match self.store.delete_dot(dot) {
-                Ok(()) | Err(dm_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(backend_err(e)),
-            }
         }
         st.volumes.remove(&volume.name);
         st.options.remove(&volume.name);

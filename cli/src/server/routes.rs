@@ -251,8 +251,8 @@ async fn delete_dot(
         // files vanish under it loses what it has not written yet.
         refuse_if_running(&st, &dot, &format!("dot {dot}"), |_| true)?;
         refuse_open_files(&st, &format!("dot {dot}"), |v| v.dot == dot)?;
-        st.mounts.unmount_dot(&dot)?;
-        st.store.delete_dot(&dot)?;
+        st.mounts
+            .unmount_dot_then(&dot, || Ok(st.store.delete_dot(&dot)?))?;
         tracing::info!("deleted dot {dot}");
         Ok(Empty {})
     })
