@@ -643,6 +643,17 @@ impl BranchFs {
 
     // ---- creation ----
 
+    /// Refuses (ENOSPC) a new file, link or extended attribute while the
+    /// store refuses new data: they grow RocksDB too, and creating files on
+    /// a full disk used up the room dm keeps for deletions, then its
+    /// reserve, until RocksDB itself met the full disk (and then nothing,
+    /// deletions included, worked until space was freed outside dm).
+    fn refuse_new_records_when_full(&self, op: &str) -> Result<()> {
+        self.db
+            .space
+            .refuse_when_full(|| format!("{op} in {}@{}", self.dot, self.branch))
+    }
+
     fn create_node(
         &self,
         parent: Ino,
@@ -658,6 +669,7 @@ impl BranchFs {
         if Self::entry(&tx, parent, name)?.is_some() {
             return Err(Error::fs(op, EEXIST));
         }
+        self.refuse_new_records_when_full(op)?;
         let ino = self.alloc_ino(&mut tx)?;
         let t = now();
         rec.parent = parent;
@@ -758,6 +770,7 @@ impl BranchFs {
         if rec.nlink >= 65_000 {
             return Err(Error::fs("link", EMLINK));
         }
+        self.refuse_new_records_when_full("link")?;
         let mut p = self.dir(&tx, new_parent)?;
         if Self::entry(&tx, new_parent, new_name)?.is_some() {
             return Err(Error::fs("link", EEXIST));
@@ -2503,6 +2516,7 @@ impl BranchFs {
         if value.len() > XATTR_MAX {
             return Err(Error::fs("setxattr", E2BIG));
         }
+        self.refuse_new_records_when_full("setxattr")?;
         let st = self.state()?;
         let _m = self.meta.lock();
         let mut tx = Tx::new(self.view(&st));
