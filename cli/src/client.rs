@@ -164,10 +164,10 @@ impl Client {
         // travel over this socket): a socket another user put where this
         // user's server keeps it (/tmp/dm-UID) is not.
         let me = nix::unistd::geteuid().as_raw();
-        let peer = stream
+        let cred = stream
             .peer_cred()
-            .with_context(|| format!("asking who listens on {}", self.socket.display()))?
-            .uid();
+            .with_context(|| format!("asking who listens on {}", self.socket.display()))?;
+        let (peer, server_pid) = (cred.uid(), cred.pid());
         if peer != me && peer != 0 {
             bail!(
                 "the process listening on {} runs as uid {peer}, not as you (uid {me}) or root: \
@@ -201,6 +201,10 @@ impl Client {
         let resp = match tokio::time::timeout(patience(), &mut answer).await {
             Ok(resp) => resp,
             Err(_) => {
+                let dead = || server_pid.is_some_and(is_zombie);
+                if dead() {
+                    bail!(died_waiting(server_pid.unwrap_or(0), &method, path));
+                }
                 match path {
                     // Long by nature: they read the whole store.
                     "/v1/fsck" | "/v1/gc" => eprintln!(
@@ -219,7 +223,18 @@ impl Client {
                         patience().as_secs()
                     ),
                 }
-                answer.await
+                // A server that died meanwhile never answers: said, rather
+                // than waited on for good.
+                loop {
+                    tokio::select! {
+                        resp = &mut answer => break resp,
+                        () = tokio::time::sleep(std::time::Duration::from_secs(2)) => {
+                            if dead() {
+                                bail!(died_waiting(server_pid.unwrap_or(0), &method, path));
+                            }
+                        }
+                    }
+                }
             }
         }
         .with_context(|| match method {
@@ -249,6 +264,26 @@ impl Client {
             .to_bytes();
         Ok((status, bytes))
     }
+}
+
+/// Whether process `pid` died and cannot finish exiting (a zombie): a dm
+/// server killed while one of its threads waited on one of its own mounts
+/// (see README) keeps its socket, and its clients waited on it for good.
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+        s.lines()
+            .any(|l| l.starts_with("State:") && l.contains("zombie"))
+    })
+}
+
+/// What a client says of a server that died under its call.
+fn died_waiting(pid: i32, method: &Method, path: &str) -> String {
+    format!(
+        "the dm server (pid {pid}) died while answering {method} {path}, and cannot finish exiting \
+         (one of its threads waits on one of its own mounts): it will never answer. Start `dm server` \
+         again (it clears the dead one, keeping the store), then see whether that was done: \
+         `dm list`, `dm log` and `dm branch` tell"
+    )
 }
 
 /// How long a call waits before saying that the server has not answered

@@ -457,6 +457,35 @@ fn a_server_killed_while_waiting_on_its_own_mount_does_not_block_the_next_start(
         let mut old = s.kill9_no_wait().unwrap();
         std::thread::sleep(Duration::from_millis(1000));
         let zombie = is_zombie(old.id());
+        if zombie {
+            // Its clients are told it died, and what to do; they waited
+            // for good.
+            let mut client = s
+                .dm_command(&["list"])
+                .env("DM_CLIENT_PATIENCE_SECS", "1")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while client.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = client.kill();
+                    panic!("a client of the dead server waited 30 s");
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let out = client.wait_with_output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success()
+                    && (err.contains("Start `dm server` again")
+                        // It went by itself meanwhile.
+                        || err.contains("cannot reach")
+                        || err.contains("closed the connection")),
+                "{err}"
+            );
+        }
         let _ = dirtier.kill();
         // The next start, on a thread: a start that fails to free the old
         // server would wait on it for good.
