@@ -81,18 +81,24 @@ async fn open(
     let connecting = endpoint
         .connect(addr, &server_name)
         .map_err(|e| Error::Connection(format!("connecting to {}: {e}", host_port(host, port))))?;
-    let conn = tokio::time::timeout(std::time::Duration::from_secs(15), connecting)
-        .await
-        .map_err(|_| {
-            Error::Connection(format!(
-                "no answer from the hub at {} (UDP) within 15 s: is `dm server` running there, with that port open?",
-                host_port(host, port)
-            ))
-        })?
-        .map_err(|e| {
-            let why = seen.problem().unwrap_or_else(|| e.to_string());
-            Error::Connection(format!("connecting to {}: {why}", host_port(host, port)))
-        })?;
+    let handshake = tokio::time::timeout(std::time::Duration::from_secs(15), connecting);
+    let conn = tokio::select! {
+        biased;
+        why = not_a_hub(addr, bind) => {
+            return Err(Error::Connection(format!("no dm hub at {}: {why}", host_port(host, port))));
+        }
+        r = handshake => r,
+    }
+    .map_err(|_| {
+        Error::Connection(format!(
+            "no answer from the hub at {} (UDP) within 15 s: is `dm server` running there, with that port open?",
+            host_port(host, port)
+        ))
+    })?
+    .map_err(|e| {
+        let why = seen.problem().unwrap_or_else(|| e.to_string());
+        Error::Connection(format!("connecting to {}: {why}", host_port(host, port)))
+    })?;
     let fp = conn
         .peer_identity()
         .and_then(|id| {
@@ -103,6 +109,33 @@ async fn open(
         .or_else(|| seen.get())
         .unwrap_or_default();
     Ok((endpoint, conn, fp))
+}
+
+/// What a datagram of one byte to `addr` finds while the QUIC handshake
+/// waits, if it tells that no hub is there: nothing listening (the host
+/// answers "port unreachable", as on loopback and most LANs), or a service
+/// that answers it (a hub drops it unanswered). Pending otherwise. A port
+/// of the wrong service, or of nothing, waited 15 s for "no answer".
+async fn not_a_hub(addr: SocketAddr, bind: SocketAddr) -> &'static str {
+    let probe = async {
+        let sock = tokio::net::UdpSocket::bind(bind).await.ok()?;
+        sock.connect(addr).await.ok()?;
+        sock.send(&[0u8]).await.ok()?;
+        let mut buf = [0u8; 64];
+        match sock.recv(&mut buf).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                Some("nothing listens on that UDP port (its host said so): is `dm server` running there, and is that its hub port (`--listen`)?")
+            }
+            Ok(_) => Some(
+                "something else answers on that UDP port (a dm hub speaks QUIC, and ignores what it cannot read): is that the hub's port (`--listen`)?",
+            ),
+            Err(_) => None,
+        }
+    };
+    match probe.await {
+        Some(why) => why,
+        None => std::future::pending().await,
+    }
 }
 
 /// Connects without a pinned fingerprint and returns the hub's fingerprint

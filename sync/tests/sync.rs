@@ -1128,3 +1128,36 @@ async fn progress_of_compressible_data_ends_at_its_total() {
     );
     assert_eq!(read(&b.store, &app, "master", "log"), text);
 }
+
+/// A port where nothing listens, or where another service answers, is
+/// named as such at once: both waited 15 s for "no answer from the hub".
+/// A hub, which ignores the probe's datagram, still connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_without_a_hub_is_named_at_once() {
+    let hub = Node::start();
+    let key = hub.add_user("alice");
+    let mut spec = hub.spec("alice", &key);
+    let free = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    spec.port = free.local_addr().unwrap().port();
+    drop(free);
+    let t = std::time::Instant::now();
+    let err = Remote::connect(&spec).await.err().unwrap();
+    assert!(err.to_string().contains("nothing listens"), "{err}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        t.elapsed()
+    );
+    // An echo service.
+    let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    spec.port = echo.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf) {
+            let _ = echo.send_to(&buf[..n], from);
+        }
+    });
+    let err = Remote::connect(&spec).await.err().unwrap();
+    assert!(err.to_string().contains("something else answers"), "{err}");
+    hub.connect("alice", &key).await;
+}
