@@ -59,13 +59,26 @@ const DISK_FULL: &str =
      space outside dm); new data is taken again once enough is free (`dm gc` and `dm version` \
      say how much)";
 
+/// What a full disk needs once RocksDB itself met it (its own words,
+/// "IO error: No space left on device"): it then takes no write, a
+/// deletion's included, so the advice to delete in dm failed every time.
+const DISK_FULL_DATABASE: &str =
+    "The disk that holds dm's data directory is full, and dm's database met it: it takes no      writes, deletions included, until space is freed outside dm (about 64 MiB: what else is on      that disk). dm goes on by itself then; `dm version` says whether the disk is still full";
+
 /// The answer to an error of a full disk (ENOSPC, from the chunk log or
 /// RocksDB), if it is one.
 fn disk_full(errno: i32, message: &str) -> Option<ApiError> {
     (errno == dm_store::error::libc_consts::ENOSPC || message.contains("No space left on device"))
         .then(|| ApiError {
             status: StatusCode::INSUFFICIENT_STORAGE,
-            message: format!("{message}. {DISK_FULL}"),
+            message: format!(
+                "{message}. {}",
+                if message.contains("IO error: No space left on device") {
+                    DISK_FULL_DATABASE
+                } else {
+                    DISK_FULL
+                }
+            ),
         })
 }
 
@@ -167,5 +180,24 @@ mod tests {
             "{hub}"
         );
         assert_eq!(job_error(bad.to_string(), None), bad);
+    }
+
+    /// Once RocksDB itself met the full disk, nothing deleted in dm helps:
+    /// the advice is to free space outside it (it was to delete in dm,
+    /// which failed every time).
+    #[test]
+    fn a_full_disk_the_database_met_is_freed_outside_dm() {
+        let db = "database error while committing branch master of dot app: IO error: No space \
+                  left on device: While appending to file: /d/store/db/000053.log: No space left \
+                  on device";
+        let e = super::disk_full(0, db).expect("a full disk");
+        assert!(
+            e.message.contains("space is freed outside dm") && !e.message.contains("dm branch -d"),
+            "{}",
+            e.message
+        );
+        let chunks = "writing to app@master: No space left on device (os error 28)";
+        let e = super::disk_full(28, chunks).expect("a full disk");
+        assert!(e.message.contains("dm branch -d"), "{}", e.message);
     }
 }
