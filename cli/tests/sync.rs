@@ -1326,25 +1326,10 @@ fn fchmod_racing_a_pull_never_reaches_the_file_that_takes_its_number() {
         std::fs::metadata(bm.join("pf")).unwrap().ino(),
         "the scenario needs u to get pf's number"
     );
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let looper = std::thread::spawn(move || {
-        let mut n = 0u32;
-        while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
-            let mode = if n.is_multiple_of(2) { 0o600 } else { 0o777 };
-            if let Err(e) = u.set_permissions(std::fs::Permissions::from_mode(mode)) {
-                return (n, e.raw_os_error());
-            }
-            n += 1;
-        }
-        (n, None)
-    });
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    let looper = dm_tests::FchmodLoop::start(u);
     let out = alice.ok(&["pull", "hub", "race", "master", "--stash-on-divergence"]);
     assert!(out.contains("master-DIVERGED-"), "{out}");
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (n, err) = looper.join().unwrap();
+    let (n, err) = looper.finish();
     assert!(
         n > 0 && err == Some(libc::ESTALE),
         "{n} calls, then {err:?}"

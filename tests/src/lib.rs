@@ -469,3 +469,42 @@ impl Server {
         (status, json)
     }
 }
+
+/// `fchmod` of an open file in a loop, from a thread of its own, between
+/// 0600 and 0777, until [`FchmodLoop::finish`] or a call fails: for tests
+/// of requests by inode racing a reset or a pull.
+pub struct FchmodLoop {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(u32, Option<i32>)>,
+}
+
+impl FchmodLoop {
+    /// Starts the loop on `file`, and lets it run 200 ms.
+    pub fn start(file: std::fs::File) -> FchmodLoop {
+        use std::os::unix::fs::PermissionsExt;
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut n = 0u32;
+            while !stopped.load(Ordering::SeqCst) {
+                let mode = if n.is_multiple_of(2) { 0o600 } else { 0o777 };
+                if let Err(e) = file.set_permissions(std::fs::Permissions::from_mode(mode)) {
+                    return (n, e.raw_os_error());
+                }
+                n += 1;
+            }
+            (n, None)
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        FchmodLoop { stop, thread }
+    }
+
+    /// After 200 ms more, stops the loop: how many calls succeeded, and
+    /// the errno of the one that failed (None: none did).
+    pub fn finish(self) -> (u32, Option<i32>) {
+        std::thread::sleep(Duration::from_millis(200));
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().expect("the fchmod loop panicked")
+    }
+}

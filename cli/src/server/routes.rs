@@ -660,8 +660,15 @@ fn what_a_reset_drops(
             "they share no commit: to keep that state under this name anyway, rename by hand (`dm checkout -b NEW {rev}`, then delete {branch})"
         ),
     };
+    let kept = match (lost, n) {
+        (0, 1) => "another branch has it".to_string(),
+        (0, _) => "other branches have them all".to_string(),
+        (1, 1) => "on no other branch".to_string(),
+        (l, n) if l == n => "none of them on another branch".to_string(),
+        (l, _) => format!("{l} of them on no other branch"),
+    };
     Err(ApiError::conflict(format!(
-        "not resetting branch {branch} of dot {dot} to {rev} ({}): that commit is not in {branch}'s history, so {branch} would lose {n} commit{} it has ({lost} of them on no other branch). To use that state, check out the branch it is on; {anyway}",
+        "not resetting branch {branch} of dot {dot} to {rev} ({}): that commit is not in {branch}'s history, so {branch} would lose {n} commit{} it has ({kept}). To use that state, check out the branch it is on; {anyway}",
         target.short(),
         if n == 1 { "" } else { "s" }
     )))
