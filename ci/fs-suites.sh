@@ -43,7 +43,9 @@ done
 # --- mount -------------------------------------------------------------------
 # MOUNT_BIN overrides the helper (e.g. one built against another store).
 if [ -z "${MOUNT_BIN:-}" ]; then
-    (cd "$ROOT" && cargo build --release -p dm-fs --example mount)
+    # The whole workspace, as ci/test.sh builds it: a build of one package
+    # resolves other features and rebuilt half the dependencies.
+    (cd "$ROOT" && cargo build --release --workspace --all-targets)
     MOUNT_BIN="$CARGO_TARGET_DIR/release/examples/mount"
 fi
 
@@ -145,7 +147,7 @@ fi
 
 # --- fsx across commits and resets (real daemon) -----------------------------------
 if [ -z "${DM_BIN:-}" ]; then
-    (cd "$ROOT" && cargo build --release -p dm-cli)
+    (cd "$ROOT" && cargo build --release --workspace --all-targets)
     DM_BIN="$CARGO_TARGET_DIR/release/dm"
 fi
 FSX_CR_OPS="${FSX_CR_OPS:-60000}"
