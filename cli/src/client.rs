@@ -201,9 +201,10 @@ impl Client {
         let resp = match tokio::time::timeout(patience(), &mut answer).await {
             Ok(resp) => resp,
             Err(_) => {
-                let dead = || server_pid.is_some_and(is_zombie);
-                if dead() {
-                    bail!(died_waiting(server_pid.unwrap_or(0), &method, path));
+                // The server's pid, once it died.
+                let dead = || server_pid.filter(|pid| is_zombie(*pid));
+                if let Some(pid) = dead() {
+                    bail!(died_waiting(pid, &method, path));
                 }
                 match path {
                     // Long by nature: they read the whole store.
@@ -229,8 +230,8 @@ impl Client {
                     tokio::select! {
                         resp = &mut answer => break resp,
                         () = tokio::time::sleep(std::time::Duration::from_secs(2)) => {
-                            if dead() {
-                                bail!(died_waiting(server_pid.unwrap_or(0), &method, path));
+                            if let Some(pid) = dead() {
+                                bail!(died_waiting(pid, &method, path));
                             }
                         }
                     }

@@ -679,11 +679,11 @@ impl MountManager {
         // One whose server is gone is no one's (a server killed between
         // mounting it and saving its table left it, which the next start
         // knew nothing of): detached, and the path mounted.
-        if let Ok(Some(at)) = dm_fs::dm_mount_holding(path) {
-            if at == path && detach_dead(path) {
-                return Self::check_own_dir(path)
-                    .and_then(|()| Self::check_empty_dir(path, volume));
-            }
+        if let Some(at) = dm_fs::dm_mount_holding(path)
+            .ok()
+            .flatten()
+            .filter(|at| !(at == path && detach_dead(path)))
+        {
             return Err(ApiError::conflict(if at == path {
                 format!(
                     "{} is the mount of another dm server's dot (a server on another data \

@@ -63,7 +63,9 @@ const DISK_FULL: &str =
 /// "IO error: No space left on device"): it then takes no write, a
 /// deletion's included, so the advice to delete in dm failed every time.
 const DISK_FULL_DATABASE: &str =
-    "The disk that holds dm's data directory is full, and dm's database met it: it takes no      writes, deletions included, until space is freed outside dm (about 64 MiB: what else is on      that disk). dm goes on by itself then; `dm version` says whether the disk is still full";
+    "The disk that holds dm's data directory is full, and dm's database met it: it takes no \
+     writes, deletions included, until space is freed outside dm (about 64 MiB: what else is on \
+     that disk). dm goes on by itself then; `dm version` says whether the disk is still full";
 
 /// The answer to an error of a full disk (ENOSPC, from the chunk log or
 /// RocksDB), if it is one.
