@@ -121,6 +121,37 @@ fn api_contract() {
         "unpinned mount follows checkout: {m}"
     );
 
+    // A dot's details, all branches' or those asked for (commands about
+    // one branch ask for it alone).
+    for b in ["qa", "staging"] {
+        let (st, v) = s.api(
+            "POST",
+            "/v1/dots/admin/myapp/branches",
+            Some(&format!(r#"{{"name":"{b}"}}"#)),
+        );
+        assert_eq!(st, 201, "{v}");
+    }
+    let details = |query: &str| -> Vec<String> {
+        let (st, v) = s.api("GET", &format!("/v1/dots/admin/myapp{query}"), None);
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(
+            v["branches"],
+            serde_json::json!(["dev", "master", "qa", "staging"]),
+            "{v}"
+        );
+        v["branch_details"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(details(""), ["dev", "master", "qa", "staging"]);
+    assert_eq!(details("?branch="), ["dev"]);
+    assert_eq!(details("?branch=qa"), ["dev", "qa"]);
+    assert_eq!(details("?branch=dev"), ["dev"]);
+    assert_eq!(details("?branch=nosuch"), ["dev"]);
+
     let (st, v) = s.api(
         "POST",
         "/v1/mounts/unmount",

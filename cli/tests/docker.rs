@@ -1829,7 +1829,7 @@ fn stop_during_checkout(s: &mut Server, args: &[&str]) {
     assert!(
         !out.status.success()
             && err.contains("the dm server is stopping")
-            && err.contains("starts it again when it next starts")
+            && err.contains("stays stopped until the next `dm server` starts it")
             && !err.contains("docker start"),
         "{err}"
     );

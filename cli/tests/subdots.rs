@@ -84,3 +84,43 @@ fn a_subdot_mount_whose_directory_was_removed_unmounts() {
     s.ok(&["unmount", db.to_str().unwrap()]);
     assert!(!dm_tests::is_mounted(&db));
 }
+
+/// The empty directory a mount of a missing subdot makes is no change
+/// (`dm status` clean, no dirty branch), but the next commit records it:
+/// status and the commit's note say so (they said nothing had changed,
+/// and `dm diff HEAD^ HEAD` then showed the directory added).
+#[test]
+fn a_subdot_directory_a_mount_made_is_named_by_status_and_the_commit() {
+    let s = Server::start(DM);
+    s.ok(&["init", "sd"]);
+    s.ok(&["switch", "sd"]);
+    let p = PathBuf::from(s.ok(&["mount", "sd"]).trim());
+    write_synced(&p.join("f"), b"1");
+    s.ok(&["commit", "-m", "one"]);
+    let status = s.ok(&["status"]);
+    assert!(!status.contains("subdot"), "{status}");
+
+    s.ok(&["mount", "sd.sub"]);
+    let status = s.ok(&["status"]);
+    assert!(status.contains("No changes"), "{status}");
+    assert!(
+        status.contains("the next commit records it: /sub"),
+        "{status}"
+    );
+    let out = s.dm(&["commit", "-m", "two"]);
+    assert!(out.status.success(), "{out:?}");
+    let note = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        note.contains(
+            "but the empty subdot directories that mounts made, which this commit records: /sub"
+        ),
+        "{note}"
+    );
+    assert_eq!(s.ok(&["diff", "HEAD^", "HEAD"]).trim(), "A  /sub");
+    let status = s.ok(&["status"]);
+    assert!(!status.contains("subdot"), "{status}");
+    // Nothing at all: the plain note.
+    let out = s.dm(&["commit", "-m", "three"]);
+    let note = String::from_utf8_lossy(&out.stderr);
+    assert!(note.contains("this commit has the same files"), "{note}");
+}

@@ -268,6 +268,21 @@ impl FileBuf {
     }
 }
 
+/// What a branch's write buffers hold that its working state does not
+/// have yet ([`BranchFs::unflushed`]).
+#[derive(Default)]
+pub(crate) struct Unflushed {
+    /// Bytes of the blocks buffered.
+    pub bytes: u64,
+    /// The blocks (inode, index) buffered: the working state may hold an
+    /// older version of those, which the buffer's replaces (counted both,
+    /// 100 bytes written and 50 more said 250).
+    pub blocks: HashSet<(Ino, u64)>,
+    /// The size of each file with buffered writes: its record's is older
+    /// (a file being written showed 0 B in `dm list` until closed).
+    pub sizes: HashMap<Ino, u64>,
+}
+
 impl Drop for FileBuf {
     fn drop(&mut self) {
         self.released(self.blocks.len());
@@ -2384,14 +2399,12 @@ impl BranchFs {
     /// files with no link left: no one's work (see `commit`), they made
     /// `dm status` say there was some until they were flushed.
     pub fn unflushed_bytes(&self) -> u64 {
-        self.unflushed().0
+        self.unflushed().bytes
     }
 
-    /// [`Self::unflushed_bytes`], and the blocks (inode, index) they are
-    /// in: the working state may hold an older version of those, which
-    /// the buffer's replaces (counted both, 100 bytes written and 50 more
-    /// said 250).
-    pub(crate) fn unflushed(&self) -> (u64, HashSet<(Ino, u64)>) {
+    /// [`Self::unflushed_bytes`], the blocks they are in, and the sizes of
+    /// the files buffered.
+    pub(crate) fn unflushed(&self) -> Unflushed {
         let orphans = self.orphan_set();
         let buffers: Vec<_> = self
             .files
@@ -2401,16 +2414,19 @@ impl BranchFs {
             .map(|(ino, b)| (*ino, b.clone()))
             .collect();
         let bs = u64::from(self.block_size);
-        let (mut n, mut blocks) = (0, HashSet::new());
+        let mut out = Unflushed::default();
         for (ino, b) in &buffers {
             let g = b.lock();
+            if !g.detached && !g.is_clean() {
+                out.sizes.insert(*ino, g.size);
+            }
             for idx in g.blocks.keys().chain(g.spilled.keys()) {
-                if blocks.insert((*ino, *idx)) {
-                    n += g.size.saturating_sub(idx * bs).min(bs);
+                if out.blocks.insert((*ino, *idx)) {
+                    out.bytes += g.size.saturating_sub(idx * bs).min(bs);
                 }
             }
         }
-        (n, blocks)
+        out
     }
 
     /// Before a reset discards the working state `st` (under its write

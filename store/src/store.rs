@@ -518,7 +518,8 @@ impl Store {
             None => (0, 0),
         };
         let view = fs.view(&st);
-        let (mut dirty, buffered) = fs.unflushed();
+        let unflushed = fs.unflushed();
+        let (mut dirty, buffered) = (unflushed.bytes, unflushed.blocks);
         let mut delta: i128 = 0;
         // Open files with no link left are no one's work (see commit).
         let orphans = crate::diff::orphan_inos(&view)?;
@@ -545,6 +546,13 @@ impl Store {
             }
             Ok(())
         })?;
+        // Files being written: their buffers' sizes, not their records'.
+        for (ino, size) in unflushed.sizes {
+            if !orphans.contains(&ino) {
+                let rec = view.get(&keys::inode(ino))?;
+                delta += size as i128 - file_size(ino, rec.as_deref())? as i128;
+            }
+        }
         Ok(BranchInfo {
             name: name.to_string(),
             head: st.head,
@@ -1342,6 +1350,15 @@ impl Store {
     }
 
     // ---- diff ----
+
+    /// The empty subdot directories that mounts made on `branch` and its
+    /// head lacks (`/sub`): [`Store::diff`] leaves them out and they do
+    /// not make the branch dirty, but the next commit records them.
+    pub fn mount_made_dirs(&self, dot: &DotName, branch: &str) -> Result<Vec<Vec<u8>>> {
+        let fs = self.branch_fs(dot, branch)?;
+        let st = fs.state.read();
+        crate::diff::mount_made_dirs(&fs.view(&st))
+    }
 
     /// Paths that differ between `from` (default: the branch head) and `to`
     /// (default: the branch's working state).

@@ -380,10 +380,14 @@ fn a_subdot_directory_made_for_a_mount_is_not_uncommitted_work() {
     let db = fs.subdot_ino("orders-db", true).unwrap();
     fs.subdot_ino("catalog-db", true).unwrap();
     clean("two subdots mounted since the commit");
+    // Named apart, as the next commit records them.
+    let made = || store.mount_made_dirs(&dot, "master").unwrap();
+    assert_eq!(made(), [b"/catalog-db".to_vec(), b"/orders-db".to_vec()]);
     let head = store.resolve(&dot, "master", "HEAD").unwrap();
     // Anything in one is work.
     fs.mknod(db, b"x", FileKind::File, 0o644, 0, 0, 0).unwrap();
     dirty("a file in a mount's subdot");
+    assert_eq!(made(), [b"/catalog-db".to_vec()]);
     store.reset(&dot, "master", head, true).unwrap();
     clean("after reset --hard");
     fs.subdot_ino("orders-db", true).unwrap();
@@ -424,6 +428,7 @@ fn a_subdot_directory_made_for_a_mount_is_not_uncommitted_work() {
         .unwrap();
     assert_eq!(changes.len(), 1, "{changes:?}");
     assert_eq!(changes[0].path, b"/logs");
+    assert!(made().is_empty());
 }
 
 #[test]
@@ -1647,6 +1652,9 @@ fn unflushed_small_files_count_as_their_bytes() {
         .collect();
     let info = store.branch_info(&dot, "master").unwrap();
     assert_eq!(info.dirty_bytes, 450);
+    // The files' sizes are their buffers' (`dm list` showed 0 B while a
+    // file was being written).
+    assert_eq!(info.size, 450);
     // Flushed (a status asked for it, or an fsync), then written on: the
     // working state's block is counted once, the buffer's version.
     fs.fsync(inos[0], false).unwrap();

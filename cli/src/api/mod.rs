@@ -346,6 +346,10 @@ pub struct StatusResponse {
     pub dirty_bytes: u64,
     /// Changed paths since the head.
     pub changes: Vec<ChangeView>,
+    /// Empty subdot directories that mounts made (`/sub`): not changes
+    /// (neither in `changes` nor `dirty`), but the next commit records them.
+    #[serde(default)]
+    pub mount_made: Vec<String>,
 }
 
 /// `POST /v1/mounts`.

@@ -109,7 +109,7 @@ pub fn list(ctx: &mut Ctx, scripting: bool) -> Result<()> {
 
 pub fn switch(ctx: &mut Ctx, dot: &str) -> Result<()> {
     let name = parse_dot(dot)?;
-    ctx.dot_detail(&name)?;
+    ctx.dot_brief(&name)?;
     ctx.update_config(|c| c.current_dot = Some(name.to_string()))
 }
 
@@ -228,14 +228,14 @@ pub fn show(ctx: &mut Ctx, dot: Option<&str>, scripting: bool) -> Result<()> {
 
 pub fn delete(ctx: &mut Ctx, dot: &str, force: bool) -> Result<()> {
     let name = parse_dot(dot)?;
-    let d = ctx.dot_detail(&name)?;
+    let d = ctx.dot_brief(&name)?;
     if !force {
         if !std::io::stdin().is_terminal() {
             bail!(
                 "not deleting dot {name}: confirmation needs a terminal; use `dm dot delete -f {name}` to delete without asking"
             );
         }
-        let n = d.branch_details.len();
+        let n = d.summary.branches.len();
         print!(
             "Delete dot {name} with its {n} branch{} and all their commits? This cannot be undone. Type the dot name to confirm: ",
             if n == 1 { "" } else { "es" }
@@ -254,7 +254,7 @@ pub fn delete(ctx: &mut Ctx, dot: &str, force: bool) -> Result<()> {
         .client()?
         .delete(&api::dot_path(&name.namespace, &name.name))?;
     // As `dm branch -D` says it.
-    let n = d.branch_details.len();
+    let n = d.summary.branches.len();
     println!(
         "Deleted dot {name} ({n} branch{}).",
         if n == 1 { "" } else { "es" }

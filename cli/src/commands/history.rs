@@ -12,9 +12,15 @@ use dm_store::DotName;
 use std::collections::BTreeMap;
 
 /// The current dot and its details.
+/// The current dot, with its current branch's details only.
 fn current(ctx: &mut Ctx) -> Result<(DotName, DotDetail)> {
+    current_with(ctx, None)
+}
+
+/// The current dot, with the details of its current branch and of `branch`.
+fn current_with(ctx: &mut Ctx, branch: Option<&str>) -> Result<(DotName, DotDetail)> {
     let dot = ctx.dot(None)?;
-    let detail = ctx.dot_detail(&dot)?;
+    let detail = ctx.dot_detail_of(&dot, Some(branch.unwrap_or("")))?;
     Ok((dot, detail))
 }
 
@@ -77,12 +83,18 @@ pub fn commit(
             bail!("metadata key {k:?} is given twice; give each key once");
         }
     }
-    let (dot, d) = current(ctx)?;
+    let (dot, d) = current_with(ctx, branch)?;
     let branch = branch.unwrap_or(&d.summary.current_branch);
     let Some(before) = d.branch_details.iter().find(|b| b.name == branch) else {
-        // The details' names: the summary's, read a moment earlier, still
-        // named a branch deleted meanwhile.
-        let names: Vec<String> = d.branch_details.iter().map(|b| b.name.clone()).collect();
+        // The summary, read a moment before the details, may still name a
+        // branch deleted meanwhile.
+        let names: Vec<String> = d
+            .summary
+            .branches
+            .iter()
+            .filter(|b| *b != branch)
+            .cloned()
+            .collect();
         bail!(branch_not_found(&dot, branch, &names));
     };
     // As seen just before: a write meanwhile makes the note wrong, never
@@ -101,14 +113,39 @@ pub fn commit(
         },
     )?;
     println!("{}", c.id);
-    if unchanged {
+    if let (true, Some(parent)) = (unchanged, &before.head) {
         // dm commits a snapshot whatever changed (as Dotmesh); git would
-        // have refused without --allow-empty.
-        eprintln!(
-            "note: nothing had changed on {dot}@{branch} since its last commit: \
-             this commit has the same files (writes to another branch's mount \
-             do not show here)"
+        // have refused without --allow-empty. What it recorded: nothing
+        // new, or the empty subdot directories that mounts made (which
+        // are no one's change, but are recorded).
+        let path = format!(
+            "{}/diff?from={parent}&to={}",
+            api::branch_path(&dot.namespace, &dot.name, branch),
+            c.id
         );
+        // The commit is made: a failure here only leaves the note out.
+        let Ok(diff) = ctx.client()?.get::<DiffResponse>(&path) else {
+            return Ok(());
+        };
+        let recorded: Vec<&str> = diff.changes.iter().map(|c| c.path.as_str()).collect();
+        if recorded.is_empty() {
+            eprintln!(
+                "note: nothing had changed on {dot}@{branch} since its last commit: \
+                 this commit has the same files (writes to another branch's mount \
+                 do not show here)"
+            );
+        } else if diff
+            .changes
+            .iter()
+            .all(|c| c.kind == "added" && c.path.rfind('/') == Some(0))
+        {
+            eprintln!(
+                "note: nothing had changed on {dot}@{branch} since its last commit but \
+                 the empty subdot directories that mounts made, which this commit \
+                 records: {}",
+                recorded.join(", ")
+            );
+        }
     }
     Ok(())
 }
@@ -233,9 +270,13 @@ fn log_date(ns: u64) -> String {
 
 pub fn list_branches(ctx: &mut Ctx) -> Result<()> {
     let (_, d) = current(ctx)?;
-    for b in &d.branch_details {
-        let mark = if b.current { "*" } else { " " };
-        println!("{mark} {}", b.name);
+    for b in &d.summary.branches {
+        let mark = if *b == d.summary.current_branch {
+            "*"
+        } else {
+            " "
+        };
+        println!("{mark} {b}");
     }
     Ok(())
 }
@@ -258,7 +299,7 @@ pub fn create_branch(ctx: &mut Ctx, branch: &str, start: Option<&str>) -> Result
 
 pub fn delete_branch(ctx: &mut Ctx, branch: &str, force: bool) -> Result<()> {
     dm_store::names::validate("branch", branch).map_err(|e| anyhow!("{e}"))?;
-    let (dot, d) = current(ctx)?;
+    let (dot, d) = current_with(ctx, Some(branch))?;
     let Some(b) = d.branch_details.iter().find(|b| b.name == branch) else {
         bail!(branch_not_found(&dot, branch, &d.summary.branches));
     };
@@ -500,6 +541,25 @@ pub fn status(ctx: &mut Ctx) -> Result<()> {
         api::branch_path(&dot.namespace, &dot.name, &d.summary.current_branch)
     );
     let s: StatusResponse = ctx.client()?.get(&path)?;
+    print_status(&s);
+    if !s.mount_made.is_empty() {
+        println!(
+            "Empty subdot director{} made by a mount, not counted as changes; the next \
+             commit records {}: {}",
+            if s.mount_made.len() == 1 { "y" } else { "ies" },
+            if s.mount_made.len() == 1 {
+                "it"
+            } else {
+                "them"
+            },
+            s.mount_made.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `dm status`'s lines about the head and the changes.
+fn print_status(s: &StatusResponse) {
     println!("On dot {}, branch {}", s.dot, s.branch);
     match &s.head {
         Some(h) => println!("HEAD: {h}"),
@@ -507,7 +567,7 @@ pub fn status(ctx: &mut Ctx) -> Result<()> {
     }
     if !s.dirty {
         println!("No changes: the working state matches HEAD");
-        return Ok(());
+        return;
     }
     // Before the first commit there is no HEAD to go back to.
     let discard = match s.head {
@@ -528,7 +588,7 @@ pub fn status(ctx: &mut Ctx) -> Result<()> {
         println!(
             "Uncommitted changes: directory times only (e.g. a file created and removed again; commit them with `dm commit -m MSG`{discard})"
         );
-        return Ok(());
+        return;
     }
     if paths == 0 {
         // Written, but to what it was (a file saved unchanged, its times
@@ -537,7 +597,7 @@ pub fn status(ctx: &mut Ctx) -> Result<()> {
             "Uncommitted changes: {} written, but no path differs from HEAD (the same bytes written again, or a change undone; commit them with `dm commit -m MSG`{discard})",
             human_size(s.dirty_bytes)
         );
-        return Ok(());
+        return;
     }
     // Paths first: deletes write no data ("0 B in 223 paths" read as if
     // nothing had changed).
@@ -549,7 +609,6 @@ pub fn status(ctx: &mut Ctx) -> Result<()> {
     for c in &s.changes {
         println!("  {}", change_line(c));
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -132,8 +132,25 @@ impl Ctx {
 
     /// The details of a dot, with an error that says what to do when it is missing.
     pub fn dot_detail(&mut self, dot: &DotName) -> Result<DotDetail> {
+        self.dot_detail_of(dot, None)
+    }
+
+    /// [`Ctx::dot_detail`] with the current branch's details only (the
+    /// summary still names every branch).
+    pub fn dot_brief(&mut self, dot: &DotName) -> Result<DotDetail> {
+        self.dot_detail_of(dot, Some(""))
+    }
+
+    /// [`Ctx::dot_detail`] with the details of the current branch and of
+    /// `branch` only (`summary.branches` still names them all): what a
+    /// command about one branch needs, at a cost that does not grow with
+    /// the number of branches.
+    pub fn dot_detail_of(&mut self, dot: &DotName, branch: Option<&str>) -> Result<DotDetail> {
         let current = self.config.current_dot.clone();
-        let path = api::dot_path(&dot.namespace, &dot.name);
+        let mut path = api::dot_path(&dot.namespace, &dot.name);
+        if let Some(b) = branch {
+            path.push_str(&format!("?branch={}", api::encode(b)));
+        }
         self.client()?.get(&path).map_err(|e| {
             let msg = e.to_string();
             if msg.contains("not found") && current.as_deref() == Some(&dot.to_string()) {

@@ -421,18 +421,19 @@ pub fn transfer(ctx: &mut Ctx, push: bool, a: TransferArgs) -> Result<()> {
         // `master`, as in Dotmesh; but a dot cloned as one other branch
         // (`dm clone hub alice/myapp newbranch`, then `dm pull hub myapp`)
         // has no master here: its current branch, then.
-        (None, Some(_)) => match ctx.dot_detail(&local) {
+        (None, Some(_)) => match ctx.dot_brief(&local) {
             Ok(d)
                 if !d
-                    .branch_details
+                    .summary
+                    .branches
                     .iter()
-                    .any(|b| b.name == dm_store::names::MASTER) =>
+                    .any(|b| b == dm_store::names::MASTER) =>
             {
                 d.summary.current_branch
             }
             _ => dm_store::names::MASTER.to_string(),
         },
-        (None, None) => match ctx.dot_detail(&local) {
+        (None, None) => match ctx.dot_brief(&local) {
             Ok(d) => d.summary.current_branch,
             Err(e) if push => return Err(e),
             Err(_) => dm_store::names::MASTER.to_string(),
@@ -480,7 +481,7 @@ pub fn transfer(ctx: &mut Ctx, push: bool, a: TransferArgs) -> Result<()> {
     })?;
     // Only commits travel: say so when the pushed branch has more.
     if push {
-        let dirty = ctx.dot_detail(&local).ok().and_then(|d| {
+        let dirty = ctx.dot_detail_of(&local, Some(&branch)).ok().and_then(|d| {
             d.branch_details
                 .into_iter()
                 .find(|b| b.name == branch)
@@ -533,7 +534,7 @@ pub fn clone(
     let key = upstream_key(&local, remote);
     let sc = SyncConfig::load(&ctx.config_path)?;
     let rerun = sc.unfinished_clones.contains(&key) && sc.upstreams.get(&key) == Some(&upstream);
-    let exists = ctx.dot_detail(&local).is_ok();
+    let exists = ctx.dot_brief(&local).is_ok();
     if let Some(other) = sc.upstreams.get(&key).filter(|u| exists && **u != upstream) {
         bail!(
             "a dot named {local} exists here already, a clone of {other} on {remote}: clone {upstream} under another name with --local-name"
@@ -597,7 +598,7 @@ pub fn clone(
     .map_err(|e| anyhow!("{}", with_remote_hints(&format!("{e:#}"), remote, None, &r)));
     // Finished: a clone again is refused. Failed before it made the dot:
     // nothing to go on with, nothing recorded.
-    let cut_short = result.is_err() && ctx.dot_detail(&local).is_ok();
+    let cut_short = result.is_err() && ctx.dot_brief(&local).is_ok();
     SyncConfig::update(&ctx.config_path, |sc| {
         if !cut_short {
             sc.unfinished_clones.remove(&key);
@@ -886,7 +887,7 @@ pub fn set_upstream(
         .cloned()
         .ok_or_else(|| no_remote(remote))?;
     let local = ctx.dot(dot)?;
-    ctx.dot_detail(&local)?;
+    ctx.dot_brief(&local)?;
     let sc = SyncConfig::load(&ctx.config_path)?;
     let rd = self::remote_dot(&sc, &local, remote, &r.user, Some(remote_dot))?;
     SyncConfig::update(&ctx.config_path, |sc| {

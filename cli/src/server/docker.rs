@@ -741,10 +741,12 @@ impl DockerIntegration {
         let next_start = match next_start.len() {
             0 => String::new(),
             n => format!(
-                "the dm server is stopping and its mounts go with it: it starts {} again when it \
-                 next starts ({})",
+                "the dm server is stopping (its mounts go with it), so container{} {} stay{} \
+                 stopped until the next `dm server` starts {}",
+                if n == 1 { "" } else { "s" },
+                next_start.join(", "),
+                if n == 1 { "s" } else { "" },
                 if n == 1 { "it" } else { "them" },
-                next_start.join(", ")
             ),
         };
         match out {

@@ -203,9 +203,18 @@ async fn create_dot(
     Ok((StatusCode::CREATED, out))
 }
 
+/// `?branch=NAME` on a dot's details: only the current branch's and
+/// NAME's (a command about one branch; each branch's details cost a read
+/// of its working state, so a dot of 3,000 branches took 0.1 s per command).
+#[derive(Deserialize)]
+struct DotQuery {
+    branch: Option<String>,
+}
+
 async fn get_dot(
     State(st): S,
     Path((ns, dot)): Path<(String, String)>,
+    Query(q): Query<DotQuery>,
 ) -> ApiResult<Json<DotDetail>> {
     blocking(move || {
         let dot = dot_name(&ns, &dot)?;
@@ -213,9 +222,24 @@ async fn get_dot(
         let containers = st.docker.containers_using(&dot);
         summary.containers = container_names(&containers, &dot, None);
         let current = summary.current_branch.clone();
-        let branch_details = st
-            .store
-            .list_branches(&dot)?
+        let branches = match &q.branch {
+            None => st.store.list_branches(&dot)?,
+            Some(named) => {
+                let mut out = Vec::new();
+                for b in &summary.branches {
+                    if *b == current || b == named {
+                        // Deleted since the summary was read: left out.
+                        if let Some(info) =
+                            dm_store::store::gone_meanwhile(st.store.branch_info(&dot, b))?
+                        {
+                            out.push(info);
+                        }
+                    }
+                }
+                out
+            }
+        };
+        let branch_details = branches
             .iter()
             .map(|b| {
                 let mut v = branch_view(b, &current);
@@ -814,7 +838,12 @@ async fn status(
         let b = st.store.branch_info(&dot, &branch)?;
         let dirty = st.store.has_uncommitted(&dot, &branch)?;
         let changes = st.store.diff(&dot, &branch, None, None)?;
+        let mount_made = st.store.mount_made_dirs(&dot, &branch)?;
         Ok(StatusResponse {
+            mount_made: mount_made
+                .iter()
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .collect(),
             dot: dot.to_string(),
             branch,
             head: b.head.map(|h| h.to_hex()),
