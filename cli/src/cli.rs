@@ -101,7 +101,7 @@ pub enum Command {
         block_size: Option<u32>,
     },
     /// List the dots.
-    #[command(alias = "ls")]
+    #[command(visible_alias = "ls")]
     List {
         /// Scripting output: tab-separated, raw byte counts, no header.
         #[arg(short = 'H')]
@@ -149,11 +149,12 @@ pub enum Command {
     /// head (staying on the current branch, as git); -d deletes one.
     Branch {
         /// Delete branch NAME (`dm branch -d NAME`, flags in any order, as in
-        /// git); refused when it has commits no other branch has.
+        /// git); refused when it has commits no other branch has, or
+        /// uncommitted changes.
         #[arg(short = 'd', long = "delete", requires = "name", group = "deleting")]
         delete: bool,
-        /// Delete even if it has commits no other branch has, other
-        /// branches grew from it, or it is mounted (`-d -f`).
+        /// Delete even if it has commits no other branch has, uncommitted
+        /// changes, other branches grew from it, or it is mounted (`-d -f`).
         #[arg(short = 'D', requires = "name", group = "deleting")]
         force_delete: bool,
         /// With -d: as -D.
@@ -187,6 +188,12 @@ pub enum Command {
         /// (without it the reset is refused when it would destroy any).
         #[arg(long)]
         hard: bool,
+        /// git's; refused with what dm does instead.
+        #[arg(long, hide = true, conflicts_with = "hard")]
+        soft: bool,
+        /// git's; refused with what dm does instead.
+        #[arg(long, hide = true, conflicts_with = "hard")]
+        mixed: bool,
         /// HEAD, HEAD^, HEAD^^, HEAD~N, a branch, a commit id or unique prefix.
         #[arg(value_name = "REF", default_value = "HEAD")]
         rev: String,
@@ -258,9 +265,10 @@ pub enum DotCommand {
         dot: Option<String>,
     },
     /// Default upstream for push/pull: `dm dot set-upstream [DOT] REMOTE REMOTE_DOT`.
+    #[command(override_usage = "dm dot set-upstream [OPTIONS] [DOT] <REMOTE> <REMOTE_DOT>")]
     SetUpstream {
-        /// `[DOT] REMOTE REMOTE_DOT`.
-        #[arg(num_args = 2..=3, required = true, value_name = "ARGS")]
+        /// `[DOT] REMOTE REMOTE_DOT` (DOT: the current dot when left out).
+        #[arg(num_args = 2..=3, required = true, value_name = "ARG")]
         args: Vec<String>,
     },
     /// Collaborators of a dot on this server's hub.

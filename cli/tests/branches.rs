@@ -307,6 +307,11 @@ fn log_of_a_branch_latest_commits_one_line_each() {
     let s = Server::start(DM);
     s.ok(&["init", "app"]);
     s.ok(&["switch", "app"]);
+    // No commit yet: said (on stderr), as git says it.
+    let out = s.dm(&["log"]);
+    assert!(out.status.success() && out.stdout.is_empty(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err, "branch master of dot app has no commits yet\n");
     for m in ["one", "two"] {
         s.ok(&["commit", "-m", m]);
     }
@@ -408,6 +413,11 @@ fn o_append_writes_at_the_end_dm_knows() {
     // Whole pages appended across a reset, read back at once through the
     // same mount: its kernel cached them where it thought the end was.
     let mut f = append(&log);
+    // A reset to the state the branch has changes nothing under the file
+    // held open: no warning to stop a database and reset again.
+    let out = s.dm(&["reset", "--hard", "HEAD"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.is_empty(), "{err}");
     f.write_all(&[b'y'; 64 << 10]).unwrap();
     f.sync_all().unwrap();
     s.ok(&["reset", "--hard", "HEAD"]);

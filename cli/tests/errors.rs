@@ -50,6 +50,11 @@ fn bad_input_changes_nothing() {
     );
     let err = s.fail(&["switch", "nosuch"]);
     assert!(err.contains("nosuch"), "{err}");
+    // The name in another namespace is offered.
+    s.ok(&["init", "ns1/other"]);
+    let err = s.fail(&["switch", "other"]);
+    assert!(err.contains("in another namespace: ns1/other"), "{err}");
+    s.ok(&["dot", "delete", "-f", "ns1/other"]);
     s.ok(&["switch", "myapp"]);
 
     let mnt = PathBuf::from(s.ok(&["mount", "myapp"]).trim());
@@ -74,6 +79,16 @@ fn bad_input_changes_nothing() {
     }
     let err = s.fail(&["diff", "HEAD~9"]);
     assert!(err.contains("HEAD~9"), "{err}");
+    // git's soft and mixed resets: what dm does instead.
+    for how in ["soft", "mixed"] {
+        let err = s.fail(&["reset", &format!("--{how}"), "HEAD^"]);
+        assert!(
+            err.contains(&format!("dm has no --{how} reset"))
+                && err.contains("`dm reset --hard HEAD^`"),
+            "{err}"
+        );
+    }
+    assert_eq!(s.ok(&["log"]), log);
 
     // Names a command line would read as something else.
     let err = s.fail(&["checkout", "-b", "HEAD"]);

@@ -197,8 +197,11 @@ pub fn log(
                 // past the first commit said "invalid branch name").
                 Err(e) if dm_store::names::validate("branch", b).is_err() => bail!("{e}"),
                 Err(e) => bail!(
-                    "{}; nor is it a revision ({e})",
-                    branch_not_found(&dot, b, &d.summary.branches)
+                    "{}; nor is it a revision: {}",
+                    branch_not_found(&dot, b, &d.summary.branches),
+                    // Said once already.
+                    e.to_string()
+                        .replace(&format!(" (and no branch is called {b})"), "")
                 ),
             }
         }
@@ -221,6 +224,12 @@ pub fn log(
         Some((rev, _)) => anyhow!("{rev}: {e}"),
         None => e,
     })?;
+    if commits.is_empty() && max_count != Some(0) {
+        // As git says it (it prints nothing only for `-n 0`); on stderr,
+        // so a script reading the log reads nothing.
+        eprintln!("branch {branch} of dot {dot} has no commits yet");
+        return Ok(());
+    }
     let mut out = String::new();
     for c in &commits {
         if oneline {

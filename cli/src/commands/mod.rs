@@ -8,11 +8,11 @@ mod mounts;
 mod remotes;
 pub mod sync;
 
-use crate::api::{self, DotDetail};
+use crate::api::{self, DotDetail, DotSummary};
 use crate::cli::{Cli, Command, DotCommand};
 use crate::client::Client;
 use crate::config::Config;
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use dm_store::DotName;
 use std::path::PathBuf;
 
@@ -118,7 +118,7 @@ impl Ctx {
         let name = match given.or(self.on_dot.as_deref()) {
             Some(d) => d.to_string(),
             None => self.config.current_dot.clone().ok_or_else(|| {
-                anyhow!("no current dot: choose one with `dm switch DOT` (see `dm list`), or create one with `dm init DOT`")
+                anyhow!("no current dot: choose one with `dm switch DOT` (see `dm list`), or create one with `dm init DOT` and then `dm switch DOT`")
             })?,
         };
         if let Some((dot, branch)) = name.split_once('@') {
@@ -151,14 +151,31 @@ impl Ctx {
         if let Some(b) = branch {
             path.push_str(&format!("?branch={}", api::encode(b)));
         }
-        self.client()?.get(&path).map_err(|e| {
+        let client = self.client()?;
+        client.get(&path).map_err(|e| {
             let msg = e.to_string();
-            if msg.contains("not found") && current.as_deref() == Some(&dot.to_string()) {
-                anyhow!("{msg}: the current dot {dot} does not exist any more; choose another with `dm switch DOT` (see `dm list`)")
-            } else if msg.contains("not found") {
-                anyhow!("{msg} (see `dm list`, or create it with `dm init {dot}`)")
+            if !msg.contains("not found") {
+                return e;
+            }
+            // The same name in another namespace (`dm switch d` for ns1/d).
+            let elsewhere: Vec<String> = client
+                .get::<Vec<DotSummary>>("/v1/dots")
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|d| d.name == dot.name && d.namespace != dot.namespace)
+                .map(|d| d.full_name)
+                .collect();
+            let hint = match elsewhere.as_slice() {
+                [] => String::new(),
+                names => format!(
+                    "; in another namespace: {} (a namespace is part of the name)",
+                    names.join(", ")
+                ),
+            };
+            if current.as_deref() == Some(&dot.to_string()) {
+                anyhow!("{msg}: the current dot {dot} does not exist any more; choose another with `dm switch DOT` (see `dm list`){hint}")
             } else {
-                e
+                anyhow!("{msg} (see `dm list`, or create it with `dm init {dot}`){hint}")
             }
         })
     }
@@ -280,7 +297,16 @@ pub fn run(cli: Cli) -> Result<()> {
             branch,
             start,
         } => history::checkout(&mut ctx, &branch, create, start.as_deref()),
-        Command::Reset { hard, rev } => history::reset(&mut ctx, &rev, hard),
+        Command::Reset {
+            soft, mixed, rev, ..
+        } if soft || mixed => bail!(
+            "dm has no --{} reset: a branch's files are its head's plus its uncommitted \
+             changes, so `dm reset {rev}` moves the branch and its files there when \
+             that loses nothing (else it is refused, saying what would be lost), and `dm reset --hard {rev}` also discards \
+             the uncommitted changes",
+            if soft { "soft" } else { "mixed" }
+        ),
+        Command::Reset { hard, rev, .. } => history::reset(&mut ctx, &rev, hard),
         Command::Diff { from, to } => history::diff(&mut ctx, from.as_deref(), to.as_deref()),
         Command::Status => history::status(&mut ctx),
         Command::Remote { verbose, command } => remotes::run(&mut ctx, verbose, command),

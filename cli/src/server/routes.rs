@@ -734,6 +734,10 @@ async fn reset(
             )));
         }
         let current = st.store.dot_info(&dot)?.current_branch;
+        // To the state the branch has (`dm reset --hard HEAD` with nothing
+        // changed): the files held open see no other state, so no warning
+        // (it told to stop a database and reset again, for nothing).
+        let same_state = head == Some(target) && !st.store.has_uncommitted(&dot, &branch)?;
         let do_reset = || {
             // Files held open by processes other than the containers just
             // stopped (whose releases may still be on their way): those
@@ -742,7 +746,7 @@ async fn reset(
             // after the reset content), but the user is told.
             // Asked for a short while only: it is a warning, and the
             // reset waits for it (writes meanwhile are discarded with it).
-            let held = match req.hard {
+            let held = match req.hard && !same_state {
                 true => held_open_showing(&st, &dot, &branch, &current),
                 false => Vec::new(),
             };
