@@ -133,8 +133,8 @@ pub enum Command {
     /// Show the commits of the current branch (or BRANCH), oldest first.
     Log {
         /// A branch of the current dot [default: the current branch], or a
-        /// revision of the current branch (`HEAD~2`, a commit id): the
-        /// commits up to it.
+        /// revision (`HEAD~2`, `feature^`, a commit id): the commits up to
+        /// it.
         #[arg(value_name = "BRANCH|REV")]
         branch: Option<String>,
         /// Only the N latest commits.

@@ -560,23 +560,30 @@ async fn log(
         let dot = dot_name(&ns, &dot)?;
         check_branch(&branch)?;
         let until = q.until.as_deref().map(Id::from_hex).transpose()?;
-        let commits = st
-            .store
-            .log_until(&dot, &branch, until.as_ref(), q.max)
-            .map_err(|e| match (e, &until) {
-                (
-                    dm_store::Error::NotFound {
-                        what: "commit on the branch",
-                        ..
-                    },
-                    Some(id),
-                ) => ApiError::not_found(format!(
-                    "commit {} of dot {dot} is not on branch {branch}: `dm log BRANCH` \
-                         shows another branch's commits",
-                    id.short()
-                )),
-                (e, _) => e.into(),
-            })?;
+        let mut found = st.store.log_until(&dot, &branch, until.as_ref(), q.max);
+        // A commit of another branch (`dm log side~0`, or its id): its
+        // history up to it, as `git log REV`, from a branch that has it.
+        if let (Err(dm_store::Error::NotFound { .. }), Some(id)) = (&found, &until) {
+            for other in st.store.dot_info(&dot)?.branches {
+                if let Ok(c) = st.store.log_until(&dot, &other, Some(id), q.max) {
+                    found = Ok(c);
+                    break;
+                }
+            }
+        }
+        let commits = found.map_err(|e| match (e, &until) {
+            (
+                dm_store::Error::NotFound {
+                    what: "commit on the branch",
+                    ..
+                },
+                Some(id),
+            ) => ApiError::not_found(format!(
+                "commit {} of dot {dot} is on no branch",
+                id.short()
+            )),
+            (e, _) => e.into(),
+        })?;
         Ok(commits.iter().map(commit_view).collect())
     })
     .await
