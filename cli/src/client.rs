@@ -202,7 +202,7 @@ impl Client {
             Ok(resp) => resp,
             Err(_) => {
                 // The server's pid, once it died.
-                let dead = || server_pid.filter(|pid| is_zombie(*pid));
+                let dead = || server_pid.filter(|pid| crate::paths::is_zombie(*pid));
                 if let Some(pid) = dead() {
                     bail!(died_waiting(pid, &method, path));
                 }
@@ -265,16 +265,6 @@ impl Client {
             .to_bytes();
         Ok((status, bytes))
     }
-}
-
-/// Whether process `pid` died and cannot finish exiting (a zombie): a dm
-/// server killed while one of its threads waited on one of its own mounts
-/// (see README) keeps its socket, and its clients waited on it for good.
-fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
-        s.lines()
-            .any(|l| l.starts_with("State:") && l.contains("zombie"))
-    })
 }
 
 /// What a client says of a server that died under its call.

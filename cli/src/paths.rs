@@ -120,14 +120,28 @@ pub fn starting_marker(socket: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// The pid in `socket`'s [`starting_marker`], if that process is alive and
-/// a `dm server` (not a reused pid).
+/// Whether process `pid` died and cannot finish exiting (a zombie): a dm
+/// server killed while one of its threads waited on one of its own mounts
+/// (see README) keeps its socket, and its clients waited on it for good.
+pub fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+        s.lines()
+            .any(|l| l.starts_with("State:") && l.contains("zombie"))
+    })
+}
+
+/// The pid in `socket`'s [`starting_marker`], if that process is alive
+/// (not a zombie: one killed while it started, which the next server
+/// clears) and a `dm server` (not a reused pid).
 pub fn starting_server(socket: &Path) -> Option<u32> {
     let pid: u32 = std::fs::read_to_string(starting_marker(socket))
         .ok()?
         .trim()
         .parse()
         .ok()?;
+    if is_zombie(pid as i32) {
+        return None;
+    }
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     cmdline
         .split(|b| *b == 0)

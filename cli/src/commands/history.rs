@@ -11,7 +11,6 @@ use anyhow::{anyhow, bail, Result};
 use dm_store::DotName;
 use std::collections::BTreeMap;
 
-/// The current dot and its details.
 /// The current dot, with its current branch's details only.
 fn current(ctx: &mut Ctx) -> Result<(DotName, DotDetail)> {
     current_with(ctx, None)
