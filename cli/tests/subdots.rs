@@ -95,6 +95,9 @@ fn a_subdot_directory_a_mount_made_is_named_by_status_and_the_commit() {
     s.ok(&["init", "sd"]);
     s.ok(&["switch", "sd"]);
     let p = PathBuf::from(s.ok(&["mount", "sd"]).trim());
+    // Not the default subdot's, which is never seen as a directory.
+    let status = s.ok(&["status"]);
+    assert!(!status.contains("subdot"), "{status}");
     write_synced(&p.join("f"), b"1");
     s.ok(&["commit", "-m", "one"]);
     let status = s.ok(&["status"]);

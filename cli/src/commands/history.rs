@@ -550,17 +550,23 @@ pub fn status(ctx: &mut Ctx) -> Result<()> {
     );
     let s: StatusResponse = ctx.client()?.get(&path)?;
     print_status(&s);
-    if !s.mount_made.is_empty() {
+    // The default subdot's directory is never seen as one (a mount of the
+    // plain dot name shows what is in it): not named, a new dot's first
+    // status said it.
+    let made: Vec<&str> = s
+        .mount_made
+        .iter()
+        .map(String::as_str)
+        .filter(|p| *p != "/__default__")
+        .collect();
+    let one = made.len() == 1;
+    if !made.is_empty() {
         println!(
             "Empty subdot director{} made by a mount, not counted as changes; the next \
              commit records {}: {}",
-            if s.mount_made.len() == 1 { "y" } else { "ies" },
-            if s.mount_made.len() == 1 {
-                "it"
-            } else {
-                "them"
-            },
-            s.mount_made.join(", ")
+            if one { "y" } else { "ies" },
+            if one { "it" } else { "them" },
+            made.join(", ")
         );
     }
     Ok(())
