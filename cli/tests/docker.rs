@@ -285,6 +285,16 @@ fn commit_and_reset_hard_with_containers() {
     let out = s.dm(&["reset", "--hard", "HEAD"]);
     assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
     assert!(running(&s, c));
+    // A checkout says what it wrote as it stopped stays on the branch left
+    // (read after the stop: the note said nothing, the branch clean before).
+    let out = s.dm(&["checkout", "-b", "other"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success()
+            && err.contains("the uncommitted changes on master, written as its containers stopped"),
+        "{err}"
+    );
+    assert!(running(&s, c));
 }
 
 #[test]
@@ -338,6 +348,11 @@ fn checkout_restarts_followers_and_leaves_pinned_running() {
         before[2],
         "the pinned container was restarted"
     );
+    // dm list says which branch the pinned one uses (beside the current
+    // branch, it read as if it used that one).
+    let list = s.ok(&["list"]);
+    assert!(list.contains(&format!("/{pinned}@master")), "{list}");
+    assert!(!list.contains(&format!("/{follow}@")), "{list}");
 
     docker_ok(
         &s,
@@ -374,19 +389,39 @@ fn checkout_restarts_followers_and_leaves_pinned_running() {
     assert!(line("master").contains(&format!("/{pinned}")), "{show}");
     assert!(!line("master").contains(&format!("/{follow}")), "{show}");
 
-    // Back to master: the follower sees master again, the pinned one never moved.
+    // Back to master would start the follower on the files the pinned
+    // one runs on (two databases on one data directory corrupt it):
+    // refused, naming both, before anything stops.
+    let err = s.fail(&["checkout", "master"]);
+    assert!(
+        err.contains(&format!(
+            "would start container /{follow} (following the dot)"
+        )) && err.contains(&format!(
+            "container /{pinned} runs on (pinned to myapp@master)"
+        )),
+        "{err}"
+    );
+    assert_eq!(started_at(&s, follow), on_other, "stopped for a refusal");
+    assert_eq!(started_at(&s, pinned), before[2]);
+    // Once the pinned one is stopped, the follower sees master again.
+    docker_ok(&s, &["stop", "-t", "1", pinned]);
     s.ok(&["checkout", "master"]);
     assert_eq!(
         docker_ok(&s, &["exec", follow, "cat", "/data/f"]),
         "master-data\n"
     );
-    assert_eq!(started_at(&s, pinned), before[2]);
+    docker_ok(&s, &["start", pinned]);
+    let pinned_started = started_at(&s, pinned);
     // A reset changes what the container pinned to the branch shows too:
     // it is stopped and started around it, like the follower.
     let follower_before = started_at(&s, follow);
     s.ok(&["reset", "--hard", "HEAD"]);
     assert!(running(&s, pinned) && running(&s, follow));
-    assert_ne!(started_at(&s, pinned), before[2], "pinned: not restarted");
+    assert_ne!(
+        started_at(&s, pinned),
+        pinned_started,
+        "pinned: not restarted"
+    );
     assert_ne!(
         started_at(&s, follow),
         follower_before,
@@ -1591,6 +1626,9 @@ fn switch_waits_for_containers_starting_meanwhile_and_refuses_paused_ones() {
         docker_ok(&s, &["exec", late, "cat", "/data/late"]),
         "started\n"
     );
+    // Back on master the followers would run on the pinned one's files:
+    // refused until it stops (see checkout_restarts_followers_and_leaves_pinned_running).
+    docker_ok(&s, &["stop", "-t", "1", pinned]);
     // A client interrupted while the switch waits says that it goes on in
     // the server (it ended without a word, and the dot switched later).
     let before = stops(&s);

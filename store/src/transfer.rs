@@ -385,8 +385,9 @@ impl Drop for Hold {
 pub struct ImportSession {
     store: Arc<Store>,
     hold: Hold,
-    /// The dot it imports into (see [`ImportSession::into_dot`]).
-    dot: parking_lot::Mutex<Option<String>>,
+    /// The dot it imports into (see [`ImportSession::into_dot`]), with its
+    /// id if it existed then.
+    dot: parking_lot::Mutex<Option<(DotName, Option<u64>)>>,
     /// Chunks this session received since it last moved a branch: kept
     /// for a rerun if it ends without moving one.
     imported_chunks: parking_lot::Mutex<Vec<Id>>,
@@ -406,7 +407,8 @@ impl ImportSession {
     /// Names the dot this session imports into: what it leaves if it is
     /// interrupted is kept for a rerun into that dot.
     pub fn into_dot(&self, dot: &DotName) {
-        *self.dot.lock() = Some(dot.to_string());
+        let id = self.store.dot_info(dot).ok().map(|d| d.id);
+        *self.dot.lock() = Some((dot.clone(), id));
     }
 
     fn pin(&self, id: &Id) {
@@ -597,10 +599,21 @@ impl Drop for ImportSession {
     /// the hold then lets go.
     fn drop(&mut self) {
         let chunks = std::mem::take(&mut *self.imported_chunks.lock());
-        if !chunks.is_empty() {
-            let dot = self.dot.lock().clone().unwrap_or_default();
-            self.store.db.keep_for_resume(&dot, chunks);
+        if chunks.is_empty() {
+            return;
         }
+        let dot = self.dot.lock().clone();
+        // A dot deleted during the transfer (it existed when the transfer
+        // began): nothing to resume into, and its delete had let go of
+        // what earlier transfers left (a hub kept 400 MiB of a push cut by
+        // the delete through every GC).
+        if let Some((name, Some(id))) = &dot {
+            if !self.store.dot_info(name).is_ok_and(|d| d.id == *id) {
+                return;
+            }
+        }
+        let key = dot.map(|(name, _)| name.to_string()).unwrap_or_default();
+        self.store.db.keep_for_resume(&key, chunks);
     }
 }
 
@@ -1281,6 +1294,18 @@ mod tests {
         assert!(
             b.db.resumable_ids(false).is_empty(),
             "released by the delete"
+        );
+        // Deleted while the transfer runs (it existed when it began): not
+        // kept when it ends (a hub kept them through every GC).
+        b.create_dot(&dot, None).unwrap();
+        let first = ImportSession::new(b.clone());
+        first.into_dot(&dot);
+        import_chunks(&first);
+        b.delete_dot(&dot).unwrap();
+        drop(first);
+        assert!(
+            b.db.resumable_ids(false).is_empty(),
+            "kept for a dot deleted during the transfer"
         );
         let first = ImportSession::new(b.clone());
         first.into_dot(&dot);

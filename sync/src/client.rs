@@ -43,6 +43,25 @@ pub struct Remote {
 /// A remote dot's block size and branch heads.
 pub type RemoteBranches = (u32, Vec<(String, Option<Id>)>);
 
+/// The refusal of a pull whose local branch changed while it downloaded:
+/// moved (a commit or a reset), or deleted with its dot (which read as a
+/// move, and "pull again" then found no upstream).
+pub fn moved_while_pulling(store: &Store, dot: &DotName, branch: &str) -> Error {
+    let what = match (store.dot_info(dot), store.branch_info(dot, branch)) {
+        (Err(_), _) => {
+            return Error::Refused(format!(
+                "dot {dot} was deleted while pulling into it: nothing was pulled (`dm clone` \
+                 makes it again)"
+            ))
+        }
+        (_, Err(_)) => "was deleted",
+        _ => "moved (a commit or a reset?)",
+    };
+    Error::Refused(format!(
+        "branch {branch} of {dot} {what} while pulling: pull again (what arrived is kept)"
+    ))
+}
+
 /// `HOST:PORT`, with an IPv6 address in brackets (`[::1]:32607`).
 pub fn host_port(host: &str, port: u16) -> String {
     match host.contains(':') {
@@ -1069,9 +1088,7 @@ impl FetchedPull {
                 session.moved_branch(dot);
                 Ok(())
             }
-            Ok(SetHead::Moved { .. }) => Err(Error::Refused(format!(
-                "branch {branch} of {dot} moved (a commit or a reset?) while pulling: pull again (what arrived is kept)"
-            ))),
+            Ok(SetHead::Moved { .. }) => Err(moved_while_pulling(&store, dot, branch)),
             Err(e) => Err(e.into()),
         };
         if let Err(e) = moved {
@@ -1442,5 +1459,25 @@ mod tests {
         assert_eq!(super::host_port("::1", 32607), "[::1]:32607");
         assert_eq!(super::host_port("hub.example", 1), "hub.example:1");
         assert_eq!(super::host_port("10.0.0.1", 2), "10.0.0.1:2");
+    }
+
+    /// A pull whose branch changed under it says how: moved, or deleted
+    /// with its dot (which read as a move).
+    #[test]
+    fn a_pull_cut_by_a_change_says_which() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dm_store::Store::open(dir.path()).unwrap();
+        let dot = dm_store::DotName::new("app").unwrap();
+        store.create_dot(&dot, None).unwrap();
+        let said = || super::moved_while_pulling(&store, &dot, "master").to_string();
+        assert!(said().contains("branch master of app moved"), "{}", said());
+        let side = super::moved_while_pulling(&store, &dot, "gone").to_string();
+        assert!(side.contains("branch gone of app was deleted"), "{side}");
+        store.delete_dot(&dot).unwrap();
+        assert!(
+            said().contains("dot app was deleted while pulling"),
+            "{}",
+            said()
+        );
     }
 }

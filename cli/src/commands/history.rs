@@ -401,7 +401,15 @@ pub fn checkout(ctx: &mut Ctx, branch: &str, create: bool, start: Option<&str>) 
     );
     // Unlike git, uncommitted changes do not come along: each branch has
     // its own working state. Said where a git user would expect them.
-    let from = d.branch_details.iter().find(|b| &b.name == old);
+    let before = d.branch_details.iter().find(|b| &b.name == old);
+    // Read again after the switch: what its containers wrote as they
+    // stopped (a database's shutdown checkpoint) counts too.
+    let after = ctx.dot_detail_of(&dot, Some(old)).ok();
+    let from = after
+        .as_ref()
+        .and_then(|a| a.branch_details.iter().find(|b| &b.name == old))
+        .or(before);
+    let by_stop = before.is_some_and(|b| !b.uncommitted) && !d.following.is_empty();
     if let Some(from) = from.filter(|b| b.uncommitted) {
         let start = match (&from.head, start) {
             (_, Some(s)) => format!("starts at {s}"),
@@ -412,8 +420,13 @@ pub fn checkout(ctx: &mut Ctx, branch: &str, create: bool, start: Option<&str>) 
             _ => "shows its own working state".to_string(),
         };
         eprintln!(
-            "note: the uncommitted changes on {old} stay there (each branch keeps its own \
-             working state); {branch} {start}. `dm checkout {old}` goes back to them."
+            "note: the uncommitted changes on {old}{} stay there (each branch keeps its own \
+             working state); {branch} {start}. `dm checkout {old}` goes back to them.",
+            if by_stop {
+                ", written as its containers stopped (a database's shutdown checkpoint),"
+            } else {
+                ""
+            }
         );
     }
     Ok(())

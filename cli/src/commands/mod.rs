@@ -46,7 +46,7 @@ impl SlowNote {
         say_when_interrupted();
         SlowNote::after_2s(format!(
             "waiting for the containers using {dot} to stop ({}): Docker gives each its stop \
-             timeout (10 s unless `docker run --stop-timeout`) to exit on SIGTERM...",
+             timeout (10 s unless `docker run --stop-timeout`) to exit on its stop signal (SIGTERM unless the image sets another)...",
             containers
                 .iter()
                 .map(|c| c.trim_start_matches('/'))

@@ -734,9 +734,9 @@ async fn pull_branch(
             .and_then(|b| b.head)
             != fetched.expected_head()
         {
-            return Err(dm_sync::Error::Refused(format!(
-                "branch {branch} of {local} moved (a commit or a reset?) while pulling: pull again (what arrived is kept)"
-            )));
+            return Err(dm_sync::client::moved_while_pulling(
+                &app.store, local, branch,
+            ));
         }
         if !names.is_empty() {
             progress.set_phase(&format!(

@@ -117,22 +117,28 @@ fn check_branch(branch: &str) -> ApiResult<()> {
     Ok(dm_store::names::validate("branch", branch)?)
 }
 
-/// Names of the running or paused containers (from Docker) that use `dot`,
-/// and of those that show `branch` of it (`current` is the dot's current
-/// branch).
+/// Names of the running or paused containers (from Docker) that use `dot`
+/// (with `@BRANCH` for one pinned to a branch other than the current one,
+/// `current`: `dm list` showed them beside the current branch as if they
+/// used it), or of those that show `branch` of it.
 fn container_names(
     containers: &[dm_volume_plugin::Container],
     dot: &DotName,
-    branch: Option<(&str, &str)>,
+    current: &str,
+    branch: Option<&str>,
 ) -> Vec<String> {
     containers
         .iter()
         .filter(|c| c.is_up())
-        .filter(|c| match branch {
-            Some((b, current)) => c.shows_branch(dot, b, current),
-            None => c.uses_dot(dot),
+        .filter_map(|c| match branch {
+            Some(b) => c.shows_branch(dot, b, current).then(|| c.name()),
+            None if c.shows_branch(dot, current, current) => Some(c.name()),
+            None => c
+                .dm_volumes()
+                .into_iter()
+                .find_map(|v| v.branch.filter(|_| &v.dot == dot))
+                .map(|b| format!("{}@{b}", c.name())),
         })
-        .map(|c| c.name())
         .collect()
 }
 
@@ -182,7 +188,7 @@ async fn list_dots(State(st): S) -> ApiResult<Json<Vec<DotSummary>>> {
                 continue;
             };
             let mut s = dot_summary(&info, &cur, &st.server_id);
-            s.containers = container_names(&containers, &info.name, None);
+            s.containers = container_names(&containers, &info.name, &info.current_branch, None);
             out.push(s);
         }
         Ok(out)
@@ -220,8 +226,8 @@ async fn get_dot(
         let dot = dot_name(&ns, &dot)?;
         let mut summary = summary(&st, &dot)?;
         let containers = st.docker.containers_using(&dot);
-        summary.containers = container_names(&containers, &dot, None);
         let current = summary.current_branch.clone();
+        summary.containers = container_names(&containers, &dot, &current, None);
         let branches = match &q.branch {
             None => st.store.list_branches(&dot)?,
             Some(named) => {
@@ -243,7 +249,7 @@ async fn get_dot(
             .iter()
             .map(|b| {
                 let mut v = branch_view(b, &current);
-                v.containers = container_names(&containers, &dot, Some((&b.name, &current)));
+                v.containers = container_names(&containers, &dot, &current, Some(&b.name));
                 v
             })
             .collect();
@@ -529,6 +535,7 @@ async fn checkout(
                 _ => {}
             }
             refuse_host_processes_following(&st, &dot, &req.branch)?;
+            refuse_two_containers_on_one_branch(&st, &dot, &req.branch)?;
             Ok(None)
         };
         // Containers following the dot are stopped, switched and started;
@@ -1040,6 +1047,66 @@ pub(crate) fn files_and_paths(open: &[(std::path::PathBuf, usize)]) -> (usize, V
     let n = open.iter().map(|(_, n)| n).sum();
     let paths = open.iter().map(|(p, _)| p.display().to_string()).collect();
     (n, paths)
+}
+
+/// Refuses a checkout of `branch` that would start the running containers
+/// that follow `dot` on the files of a running container pinned to that
+/// branch (`dot@branch`): two programs on one branch's files (two
+/// PostgreSQL servers ran on one data directory, and corrupted it).
+/// Subdots apart do not meet; `__root__` meets every subdot.
+fn refuse_two_containers_on_one_branch(
+    st: &AppState,
+    dot: &DotName,
+    branch: &str,
+) -> ApiResult<()> {
+    use dm_store::names::ROOT_SUBDOT;
+    let containers: Vec<_> = st
+        .docker
+        .containers_using(dot)
+        .into_iter()
+        .filter(|c| c.is_up())
+        .collect();
+    let following: Vec<(String, String)> = containers
+        .iter()
+        .flat_map(|c| {
+            c.dm_volumes()
+                .into_iter()
+                .filter(|v| &v.dot == dot && v.branch.is_none())
+                .map(|v| (c.name(), v.subdot))
+        })
+        .collect();
+    for pinned in &containers {
+        for v in pinned.dm_volumes() {
+            if &v.dot != dot || v.branch.as_deref() != Some(branch) {
+                continue;
+            }
+            let meets = |s: &str| s == v.subdot || s == ROOT_SUBDOT || v.subdot == ROOT_SUBDOT;
+            let mut movers: Vec<&str> = following
+                .iter()
+                .filter(|(n, s)| *n != pinned.name() && meets(s))
+                .map(|(n, _)| n.as_str())
+                .collect();
+            movers.dedup();
+            if !movers.is_empty() {
+                return Err(ApiError::conflict(format!(
+                    "checking out branch {branch} of dot {dot} would start {} {} (following \
+                     the dot) on the files that container {} runs on (pinned to {dot}@{branch}): \
+                     two programs on one branch's files, as two databases on one data \
+                     directory, corrupt them. Stop {} first (`docker stop`), or check out \
+                     another branch",
+                    if movers.len() == 1 {
+                        "container"
+                    } else {
+                        "containers"
+                    },
+                    movers.join(", "),
+                    pinned.name(),
+                    pinned.name(),
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a checkout of `branch`, before any container is stopped for it,
