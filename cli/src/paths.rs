@@ -130,16 +130,35 @@ pub fn is_zombie(pid: i32) -> bool {
     })
 }
 
+/// Whether process `pid` is gone or on its way out: a zombie, or exiting
+/// (PF_EXITING in `/proc/PID/stat`'s flags: killed, it tears down).
+fn is_exiting(pid: u32) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    // After the command name (which may hold spaces and parentheses):
+    // state, ppid, pgrp, session, tty_nr, tpgid, flags.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first().copied().unwrap_or("");
+    let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
+    matches!(state, "Z" | "X") || flags & PF_EXITING != 0
+}
+
 /// The pid in `socket`'s [`starting_marker`], if that process is alive
-/// (not a zombie: one killed while it started, which the next server
-/// clears) and a `dm server` (not a reused pid).
+/// (not a zombie or exiting: one killed while it started, which the next
+/// server clears; a restart right after such a `kill -9` was refused) and
+/// a `dm server` (not a reused pid).
 pub fn starting_server(socket: &Path) -> Option<u32> {
     let pid: u32 = std::fs::read_to_string(starting_marker(socket))
         .ok()?
         .trim()
         .parse()
         .ok()?;
-    if is_zombie(pid as i32) {
+    if is_exiting(pid) {
         return None;
     }
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
@@ -157,6 +176,21 @@ pub fn default_plugin_socket() -> Option<PathBuf> {
 
 #[cfg(test)]
 mod tests {
+    /// A live process is not exiting; a zombie (exited, not reaped) and a
+    /// pid that is gone are.
+    #[test]
+    fn exiting_processes_are_told_from_live_ones() {
+        assert!(!super::is_exiting(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let t = std::time::Instant::now();
+        while !super::is_exiting(child.id()) {
+            assert!(t.elapsed().as_secs() < 10, "never seen exiting");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        child.wait().unwrap();
+        assert!(super::is_exiting(child.id()));
+    }
+
     #[test]
     fn relative_or_empty_xdg_values_are_ignored() {
         let v = |s: &str| super::absolute(Some(s.into()));

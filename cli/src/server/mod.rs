@@ -433,17 +433,7 @@ pub fn run(opts: ServerOptions) -> Result<()> {
         .try_init();
 
     let opts = opts.made_absolute()?;
-    // One killed a moment ago may still be exiting (a restart right after
-    // a `kill -9` of a starting server was refused): given 2 s.
-    let mut starting = crate::paths::starting_server(&opts.socket);
-    for _ in 0..20 {
-        if starting.is_none() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        starting = crate::paths::starting_server(&opts.socket);
-    }
-    if let Some(pid) = starting {
+    if let Some(pid) = crate::paths::starting_server(&opts.socket) {
         bail!(
             "another dm server (pid {pid}) is starting on {}; stop it first or use --socket",
             opts.socket.display()
