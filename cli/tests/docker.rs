@@ -1560,7 +1560,7 @@ fn switch_waits_for_containers_starting_meanwhile_and_refuses_paused_ones() {
         "dmtest-paused",
         "dmtest-pinned",
     );
-    let _clean = Cleanup::new(&[slow, late, paused, pinned], &["sep", "pz"]);
+    let _clean = Cleanup::new(&[slow, late, paused, pinned], &["sep", "sep@master", "pz"]);
     run(&s, "sep", "echo base > /data/f");
     s.ok(&["switch", "sep"]);
     s.ok(&["commit", "-m", "base"]);
