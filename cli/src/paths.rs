@@ -120,32 +120,38 @@ pub fn starting_marker(socket: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Process `pid`'s state letter and flags from `/proc/PID/stat` (`None`
+/// once it is gone; an empty state and no flags if the line does not
+/// parse).
+fn proc_stat(pid: u32) -> Option<(String, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name (which may hold spaces and parentheses):
+    // state, ppid, pgrp, session, tty_nr, tpgid, flags.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return Some((String::new(), 0));
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first().copied().unwrap_or("").to_string();
+    let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
+    Some((state, flags))
+}
+
 /// Whether process `pid` died and cannot finish exiting (a zombie): a dm
 /// server killed while one of its threads waited on one of its own mounts
 /// (see README) keeps its socket, and its clients waited on it for good.
 pub fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
-        s.lines()
-            .any(|l| l.starts_with("State:") && l.contains("zombie"))
-    })
+    u32::try_from(pid)
+        .ok()
+        .and_then(proc_stat)
+        .is_some_and(|(state, _)| state == "Z")
 }
 
 /// Whether process `pid` is gone or on its way out: a zombie, or exiting
-/// (PF_EXITING in `/proc/PID/stat`'s flags: killed, it tears down).
+/// (PF_EXITING in its flags: killed, it tears down).
 fn is_exiting(pid: u32) -> bool {
     const PF_EXITING: u64 = 0x4;
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return true;
-    };
-    // After the command name (which may hold spaces and parentheses):
-    // state, ppid, pgrp, session, tty_nr, tpgid, flags.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return false;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let state = fields.first().copied().unwrap_or("");
-    let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
-    matches!(state, "Z" | "X") || flags & PF_EXITING != 0
+    proc_stat(pid)
+        .is_none_or(|(state, flags)| matches!(state.as_str(), "Z" | "X") || flags & PF_EXITING != 0)
 }
 
 /// The pid in `socket`'s [`starting_marker`], if that process is alive

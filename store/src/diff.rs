@@ -652,34 +652,14 @@ pub(crate) fn is_mount_placeholder(view: &View, ino: Ino) -> Result<bool> {
     Ok(empty)
 }
 
-/// The top-level directories of working state `work` that mounts made
-/// ([`is_mount_placeholder`]), as paths (`/sub`): no one's work, so
-/// [`work_changes`] leaves them out and they do not make the branch dirty,
-/// but the next commit records them (as Dotmesh's subdot directories).
-pub(crate) fn mount_made_dirs(work: &View) -> Result<Vec<Vec<u8>>> {
-    let mut new_entries = Vec::new();
-    work.for_each_change(&mut |k, v| {
-        if let (Some((ROOT_INO, keys::TAG_DIRENT)), Some(v)) = (keys::parse(k), v) {
-            if let Some((_, name)) = keys::parse_dirent(k) {
-                new_entries.push((k.to_vec(), name.to_vec(), Dirent::decode(v)?.ino));
-            }
-        }
-        Ok(())
-    })?;
-    let mut out = Vec::new();
-    for (key, name, ino) in new_entries {
-        if tree::get(work.db, &work.root, &key)?.is_none() && is_mount_placeholder(work, ino)? {
-            out.push(join(b"", &name));
-        }
-    }
-    Ok(out)
-}
-
 /// `changes` of a working state without the subdot directories that
-/// mounts made ([`is_mount_placeholder`]).
-pub(crate) fn work_changes(old: &View, work: &View) -> Result<Vec<Change>> {
+/// mounts made ([`is_mount_placeholder`]), and those directories' paths
+/// (`/sub`): no one's work, so they do not make the branch dirty either,
+/// but the next commit records them (as Dotmesh's subdot directories).
+pub(crate) fn work_changes(old: &View, work: &View) -> Result<(Vec<Change>, Vec<Vec<u8>>)> {
     let mut out = changes(old, work)?;
     let mut keep = Vec::with_capacity(out.len());
+    let mut made = Vec::new();
     for c in out.drain(..) {
         let top = match (&c.kind, c.path.strip_prefix(b"/")) {
             (ChangeKind::Added, Some(name)) if !name.contains(&b'/') => Some(name),
@@ -690,11 +670,13 @@ pub(crate) fn work_changes(old: &View, work: &View) -> Result<Vec<Change>> {
             Some(Err(e)) => return Err(e),
             _ => false,
         };
-        if !placeholder {
+        if placeholder {
+            made.push(c.path);
+        } else {
             keep.push(c);
         }
     }
-    Ok(keep)
+    Ok((keep, made))
 }
 
 #[cfg(test)]

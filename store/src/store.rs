@@ -1351,15 +1351,6 @@ impl Store {
 
     // ---- diff ----
 
-    /// The empty subdot directories that mounts made on `branch` and its
-    /// head lacks (`/sub`): [`Store::diff`] leaves them out and they do
-    /// not make the branch dirty, but the next commit records them.
-    pub fn mount_made_dirs(&self, dot: &DotName, branch: &str) -> Result<Vec<Vec<u8>>> {
-        let fs = self.branch_fs(dot, branch)?;
-        let st = fs.state.read();
-        crate::diff::mount_made_dirs(&fs.view(&st))
-    }
-
     /// Paths that differ between `from` (default: the branch head) and `to`
     /// (default: the branch's working state).
     pub fn diff(
@@ -1369,6 +1360,20 @@ impl Store {
         from: Option<Id>,
         to: Option<Id>,
     ) -> Result<Vec<Change>> {
+        Ok(self.diff_and_mount_made(dot, branch, from, to)?.0)
+    }
+
+    /// [`Store::diff`], and, to the working state, the empty subdot
+    /// directories that mounts made there (`/sub`), which it leaves out
+    /// and which do not make the branch dirty, but which the next commit
+    /// records.
+    pub fn diff_and_mount_made(
+        &self,
+        dot: &DotName,
+        branch: &str,
+        from: Option<Id>,
+        to: Option<Id>,
+    ) -> Result<(Vec<Change>, Vec<Vec<u8>>)> {
         let fs = self.branch_fs(dot, branch)?;
         fs.flush_all()?;
         let st = fs.state.read();
@@ -1388,7 +1393,10 @@ impl Store {
             None => snapshot(st.head)?,
         };
         match to {
-            Some(c) => crate::diff::changes(&old_view, &snapshot(Some(c))?),
+            Some(c) => Ok((
+                crate::diff::changes(&old_view, &snapshot(Some(c))?)?,
+                Vec::new(),
+            )),
             None => crate::diff::work_changes(&old_view, &fs.view(&st)),
         }
     }

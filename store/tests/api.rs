@@ -381,7 +381,12 @@ fn a_subdot_directory_made_for_a_mount_is_not_uncommitted_work() {
     fs.subdot_ino("catalog-db", true).unwrap();
     clean("two subdots mounted since the commit");
     // Named apart, as the next commit records them.
-    let made = || store.mount_made_dirs(&dot, "master").unwrap();
+    let made = || {
+        store
+            .diff_and_mount_made(&dot, "master", None, None)
+            .unwrap()
+            .1
+    };
     assert_eq!(made(), [b"/catalog-db".to_vec(), b"/orders-db".to_vec()]);
     let head = store.resolve(&dot, "master", "HEAD").unwrap();
     // Anything in one is work.

@@ -224,24 +224,27 @@ async fn get_dot(
 ) -> ApiResult<Json<DotDetail>> {
     blocking(move || {
         let dot = dot_name(&ns, &dot)?;
-        let mut summary = summary(&st, &dot)?;
+        let info = st.store.dot_info(&dot)?;
+        let cur = st.store.branch_info(&dot, &info.current_branch)?;
+        let mut summary = dot_summary(&info, &cur, &st.server_id);
         let containers = st.docker.containers_using(&dot);
         let current = summary.current_branch.clone();
         summary.containers = container_names(&containers, &dot, &current, None);
         let branches = match &q.branch {
             None => st.store.list_branches(&dot)?,
+            // The current branch's, as the summary read them (not read
+            // twice), and NAME's, in name order.
             Some(named) => {
-                let mut out = Vec::new();
-                for b in &summary.branches {
-                    if *b == current || b == named {
-                        // Deleted since the summary was read: left out.
-                        if let Some(info) =
-                            dm_store::store::gone_meanwhile(st.store.branch_info(&dot, b))?
-                        {
-                            out.push(info);
-                        }
+                let mut out = vec![cur];
+                if *named != current && info.branches.contains(named) {
+                    // Deleted since the summary was read: left out.
+                    if let Some(b) =
+                        dm_store::store::gone_meanwhile(st.store.branch_info(&dot, named))?
+                    {
+                        out.push(b);
                     }
                 }
+                out.sort_by(|a, b| a.name.cmp(&b.name));
                 out
             }
         };
@@ -855,8 +858,7 @@ async fn status(
         st.mounts.sync_kernel(&dot, &branch);
         let b = st.store.branch_info(&dot, &branch)?;
         let dirty = st.store.has_uncommitted(&dot, &branch)?;
-        let changes = st.store.diff(&dot, &branch, None, None)?;
-        let mount_made = st.store.mount_made_dirs(&dot, &branch)?;
+        let (changes, mount_made) = st.store.diff_and_mount_made(&dot, &branch, None, None)?;
         Ok(StatusResponse {
             mount_made: mount_made
                 .iter()
